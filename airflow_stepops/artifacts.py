@@ -1,0 +1,112 @@
+"""Artifact store I/O on the worker, and ``ArtifactRef`` for results that do not belong in XCom.
+
+Everything goes through ``airflow.sdk.ObjectStoragePath`` (fsspec), so any store Airflow can reach
+works: ``file://``, ``s3://``, ``gs://``, ``abfs://``...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from typing import IO, Any
+
+from airflow.sdk import ObjectStoragePath
+
+from airflow_stepops.exceptions import StepOperatorConfigError
+
+CHUNK = 8 << 20
+
+
+def default_local_store() -> str:
+    """``file://`` URI of the default store, a directory under ``AIRFLOW_HOME``."""
+    from airflow.sdk.configuration import conf
+
+    home = conf.get("core", "airflow_home", fallback=None) or os.environ.get("AIRFLOW_HOME") or os.path.expanduser(
+        "~/airflow"
+    )
+    return "file://" + os.path.join(os.path.abspath(home), "stepops", "artifacts")
+
+
+def store_path(uri: str) -> ObjectStoragePath:
+    try:
+        return ObjectStoragePath(uri)
+    except Exception as exc:  # noqa: BLE001 - fsspec raises many types for a bad URI
+        raise StepOperatorConfigError(f"artifact_store: cannot open {uri!r}: {exc}") from exc
+
+
+def local_path(path: ObjectStoragePath) -> str | None:
+    """The filesystem path of a ``file://`` location, None for remote stores."""
+    return path.path if path.protocol in ("file", "local", "") else None
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """A step result kept in the artifact store; XCom carries only this reference.
+
+    Downstream step tasks receive the value itself (the reference is resolved remotely); in a
+    normal task call ``ref.load()``. The sha256 is checked on every read.
+    """
+
+    __version__ = 1
+
+    uri: str
+    type: str
+    size: int
+    sha256: str
+
+    @property
+    def path(self) -> ObjectStoragePath:
+        return ObjectStoragePath(self.uri)
+
+    def open(self) -> IO[bytes]:
+        """A binary file object on the stored pickle (streams; nothing is loaded)."""
+        return self.path.open("rb")
+
+    def verify(self) -> None:
+        digest = hashlib.sha256()
+        with self.open() as fh:
+            while chunk := fh.read(CHUNK):
+                digest.update(chunk)
+        if digest.hexdigest() != self.sha256:
+            raise ValueError(f"artifact {self.uri} does not match its sha256 {self.sha256}: it was modified")
+
+    def load(self) -> Any:
+        """Unpickle the value. Only call this for artifacts your own steps produced."""
+        import cloudpickle
+
+        self.verify()
+        with self.open() as fh:
+            return cloudpickle.load(fh)
+
+    def copy_to(self, destination: str | os.PathLike[str]) -> None:
+        """Stream the stored bytes to a local file, checking the sha256."""
+        digest = hashlib.sha256()
+        with self.open() as src, open(destination, "wb") as dst:
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+                dst.write(chunk)
+        if digest.hexdigest() != self.sha256:
+            raise ValueError(f"artifact {self.uri} does not match its sha256 {self.sha256}")
+
+    def __str__(self) -> str:
+        return f"ArtifactRef({self.type}, {self.size} bytes, {self.uri})"
+
+
+def copy_file(src: ObjectStoragePath, dst: ObjectStoragePath) -> None:
+    """Stream one file between stores without holding it in memory."""
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        shutil.copyfileobj(fin, fout, CHUNK)
+
+
+def _allow_deserialization() -> None:
+    """Let Airflow's serde rebuild ArtifactRef from XCom in any process that imported us."""
+    try:
+        from airflow.sdk.serde import allow_class
+    except ImportError:  # Airflow < 3.3: configure [core] allowed_deserialization_classes instead
+        return
+    allow_class(ArtifactRef)
+
+
+_allow_deserialization()

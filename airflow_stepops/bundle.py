@@ -1,0 +1,243 @@
+"""Step bundles (callable + arguments + metadata) and the result protocol, worker side.
+
+Layout under the artifact store, one directory per try so a retry never overwrites what an
+earlier try's job may still be reading::
+
+    <store>/<dag_id>/<run_id>/<task_id>/<map_index>/try-<n>/bundle/{meta.json,payload.pkl,bootstrap.py}
+    <store>/<dag_id>/<run_id>/<task_id>/<map_index>/try-<n>/output/{result.json|error.json,*.pkl}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+import sysconfig
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from airflow.sdk import ObjectStoragePath
+
+from airflow_stepops.artifacts import ArtifactRef
+from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.runtime import bootstrap
+
+RUNTIME_SOURCE = Path(bootstrap.__file__)
+_UNSAFE = re.compile(r"[^A-Za-z0-9._:+=-]")
+
+
+@dataclass(frozen=True)
+class StepIdentity:
+    """Who a job belongs to; every backend derives its deterministic job name from this."""
+
+    dag_id: str
+    run_id: str
+    task_id: str
+    map_index: int
+    try_number: int
+
+    @classmethod
+    def from_context(cls, context: Any) -> StepIdentity:
+        ti = context["ti"]
+        map_index = getattr(ti, "map_index", -1)
+        return cls(ti.dag_id, ti.run_id, ti.task_id, -1 if map_index is None else map_index, ti.try_number)
+
+    def for_try(self, try_number: int) -> StepIdentity:
+        return StepIdentity(self.dag_id, self.run_id, self.task_id, self.map_index, try_number)
+
+    @property
+    def digest(self) -> str:
+        raw = json.dumps([self.dag_id, self.run_id, self.task_id, self.map_index, self.try_number])
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+    def job_name(self, max_length: int = 63, allowed: str = r"[^a-z0-9-]") -> str:
+        """Readable, deterministic name: ``<dag>-<task>-<map>-t<try>-<hash>`` cut to ``max_length``."""
+        suffix = f"-m{self.map_index}-t{self.try_number}-{self.digest[:10]}" if self.map_index >= 0 else (
+            f"-t{self.try_number}-{self.digest[:10]}"
+        )
+        stem = re.sub(allowed, "-", f"{self.dag_id}-{self.task_id}".lower()).strip("-") or "step"
+        stem = re.sub("-+", "-", stem)[: max_length - len(suffix)].rstrip("-")
+        return f"{stem}{suffix}"
+
+    def labels(self) -> dict[str, str]:
+        return {"dag_id": self.dag_id, "task_id": self.task_id, "run_id": self.run_id,
+                "map_index": str(self.map_index), "try_number": str(self.try_number)}
+
+    def prefix(self, root: ObjectStoragePath) -> ObjectStoragePath:
+        parts = [self.dag_id, self.run_id, self.task_id, str(self.map_index)]
+        path = root
+        for part in parts:
+            path = path / _UNSAFE.sub("_", part)
+        return path / f"try-{self.try_number}"
+
+
+@dataclass
+class PreparedBundle:
+    payload: bytes
+    meta: dict[str, Any]
+    refs: list[ArtifactRef] = field(default_factory=list)
+
+
+def _marker(refs: list[ArtifactRef], ref: ArtifactRef) -> dict[str, int]:
+    refs.append(ref)
+    return {bootstrap.REF_MARKER: len(refs) - 1}
+
+
+def replace_refs(value: Any, refs: list[ArtifactRef], depth: int = 0) -> Any:
+    """Swap ArtifactRefs in arguments for markers the runtime resolves from staged files."""
+    if depth > 64:
+        return value
+    if isinstance(value, ArtifactRef):
+        return _marker(refs, value)
+    if type(value) is dict:
+        return {k: replace_refs(v, refs, depth + 1) for k, v in value.items()}
+    if type(value) is list:
+        return [replace_refs(v, refs, depth + 1) for v in value]
+    if type(value) is tuple:
+        return tuple(replace_refs(v, refs, depth + 1) for v in value)
+    return value
+
+
+def _is_installed(module: ModuleType) -> bool:
+    """Modules from site-packages or the stdlib can be imported remotely; DAG code cannot."""
+    filename = getattr(module, "__file__", None)
+    if not filename:
+        return True
+    roots = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return any(str(Path(filename).resolve()).startswith(str(Path(r).resolve())) for r in roots)
+
+
+def register_by_value(fn: Any) -> None:
+    """Pickle the DAG module (and the callable's other non-installed modules) by value."""
+    import cloudpickle
+
+    module = sys.modules.get(getattr(fn, "__module__", "") or "")
+    if module is None or module.__name__ == "__main__" or _is_installed(module):
+        return
+    if module.__name__.split(".")[0] == "airflow_stepops":
+        return
+    try:
+        cloudpickle.register_pickle_by_value(module)
+    except ValueError:
+        pass
+
+
+def pickle_payload(fn: Any, args: list[Any], kwargs: dict[str, Any]) -> bytes:
+    """cloudpickle the call; on failure name the argument that cannot be serialised."""
+    import cloudpickle
+
+    register_by_value(fn)
+    try:
+        return cloudpickle.dumps({"callable": fn, "args": args, "kwargs": kwargs}, protocol=5)
+    except Exception as exc:  # noqa: BLE001 - pickling raises many types
+        culprit = find_unpicklable(fn, args, kwargs)
+        raise StepOperatorConfigError(
+            f"{culprit or 'the step'} cannot be serialised by cloudpickle ({type(exc).__name__}: {exc}); "
+            "pass plain data, or an ArtifactRef, or create the object inside the step"
+        ) from exc
+
+
+def find_unpicklable(fn: Any, args: Any, kwargs: dict[str, Any]) -> str | None:
+    import cloudpickle
+
+    candidates: list[tuple[str, Any]] = [(f"op_args[{i}]", a) for i, a in enumerate(args)]
+    candidates += [(f"op_kwargs[{k!r}]", v) for k, v in kwargs.items()]
+    candidates.append(("python_callable", fn))
+    for name, value in candidates:
+        try:
+            cloudpickle.dumps(value)
+        except Exception:  # noqa: BLE001
+            return name
+    return None
+
+
+def check_literal_args_picklable(fn: Any, op_args: Any, op_kwargs: Any) -> None:
+    """Parse-time check for arguments written literally in the DAG file (XComArgs are skipped)."""
+    from airflow.sdk.definitions._internal.mixins import ResolveMixin
+
+    def simple(value: Any, depth: int = 0) -> bool:
+        if depth > 8:
+            return False
+        if value is None or isinstance(value, (str, int, float, bool, bytes, ResolveMixin, ArtifactRef)):
+            return True
+        if isinstance(value, (list, tuple, set, frozenset)):
+            return all(simple(v, depth + 1) for v in value)
+        if isinstance(value, dict):
+            return all(simple(k, depth + 1) and simple(v, depth + 1) for k, v in value.items())
+        return False
+
+    items = [(f"op_args[{i}]", a) for i, a in enumerate(op_args or ())]
+    items += [(f"op_kwargs[{k!r}]", v) for k, v in (op_kwargs or {}).items()]
+    import cloudpickle
+
+    for name, value in items:
+        if simple(value):
+            continue
+        try:
+            cloudpickle.dumps(value)
+        except Exception as exc:  # noqa: BLE001
+            raise StepOperatorConfigError(
+                f"{name} cannot be serialised by cloudpickle ({type(exc).__name__}: {exc}); "
+                "pass plain data, or create the object inside the step"
+            ) from exc
+
+
+def build_meta(identity: StepIdentity, *, multiple_outputs: bool, max_result_bytes: int,
+               inline_result_max_bytes: int, task_label: str) -> dict[str, Any]:
+    return {
+        "format_version": bootstrap.FORMAT_VERSION,
+        "python_version": list(sys.version_info[:3]),
+        "multiple_outputs": multiple_outputs,
+        "max_result_bytes": max_result_bytes,
+        "inline_result_max_bytes": inline_result_max_bytes,
+        "task_label": task_label,
+        "identity": asdict(identity),
+    }
+
+
+def write_bundle(bundle_dir: ObjectStoragePath, payload: bytes, meta: dict[str, Any]) -> None:
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    (bundle_dir / "payload.pkl").write_bytes(payload)
+    (bundle_dir / "bootstrap.py").write_bytes(RUNTIME_SOURCE.read_bytes())
+    # meta.json last: its presence means the bundle is complete
+    (bundle_dir / "meta.json").write_text(json.dumps(meta))
+
+
+@dataclass
+class StepOutcome:
+    """What the runtime left in the output directory, read without unpickling anything."""
+
+    ok: bool
+    outputs: dict[str, Any] = field(default_factory=dict)
+    multiple_outputs: bool = False
+    error: dict[str, Any] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def value(self) -> Any:
+        return self.outputs if self.multiple_outputs else self.outputs.get("return_value")
+
+
+def read_outcome(output_dir: ObjectStoragePath) -> StepOutcome | None:
+    """Parse result.json or error.json; None if the runtime left neither."""
+    result_file = output_dir / bootstrap.RESULT_FILE
+    if result_file.exists():
+        data = json.loads(result_file.read_text())
+        outputs: dict[str, Any] = {}
+        for name, entry in data["outputs"].items():
+            if entry["kind"] == "json":
+                outputs[name] = entry["value"]
+            else:
+                outputs[name] = ArtifactRef(
+                    uri=str(output_dir / entry["path"]), type=entry["type"], size=entry["size"],
+                    sha256=entry["sha256"],
+                )
+        info = {k: v for k, v in data.items() if k not in ("outputs",)}
+        return StepOutcome(ok=True, outputs=outputs, multiple_outputs=data.get("multiple_outputs", False), info=info)
+    error_file = output_dir / bootstrap.ERROR_FILE
+    if error_file.exists():
+        return StepOutcome(ok=False, error=json.loads(error_file.read_text()))
+    return None

@@ -1,0 +1,84 @@
+"""``@task.step_operator``: a ``@task`` whose body runs on a registered step operator."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk.bases.decorator import DecoratedOperator, task_decorator_factory
+
+from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.operators.base import StepOperator
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+    from airflow.sdk.bases.decorator import TaskDecorator
+
+#: context values that mean the same thing remotely and can travel in a bundle
+PORTABLE_CONTEXT_KEYS = frozenset({
+    "params", "ds", "ds_nodash", "ts", "ts_nodash", "ts_nodash_with_tz", "logical_date", "run_id",
+    "data_interval_start", "data_interval_end", "prev_data_interval_start_success",
+    "prev_data_interval_end_success", "dag_run_conf", "map_index_template",
+})
+
+
+def _check_context_parameters(fn: Callable[..., Any]) -> None:
+    from airflow.sdk.definitions.context import KNOWN_CONTEXT_KEYS
+
+    for name in inspect.signature(fn).parameters:
+        if name in KNOWN_CONTEXT_KEYS and name not in PORTABLE_CONTEXT_KEYS:
+            raise StepOperatorConfigError(
+                f"parameter {name!r} of {fn.__name__}: the Airflow context value {name!r} does not exist where "
+                f"a step runs; take the values you need as arguments instead (context values a step can "
+                f"receive: {', '.join(sorted(PORTABLE_CONTEXT_KEYS))})"
+            )
+
+
+class _StepOperatorDecoratedOperator(DecoratedOperator, StepOperator):
+    custom_operator_name = "@task.step_operator"
+    template_fields: Sequence[str] = StepOperator.template_fields
+    template_fields_renderers = StepOperator.template_fields_renderers
+
+    def __init__(
+        self,
+        *,
+        python_callable: Callable[..., Any],
+        op_args: Collection[Any] | None = None,
+        op_kwargs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        _check_context_parameters(python_callable)
+        super().__init__(
+            python_callable=python_callable,
+            op_args=op_args,
+            op_kwargs=op_kwargs,
+            kwargs_to_upstream={"python_callable": python_callable, "op_args": op_args, "op_kwargs": op_kwargs},
+            **kwargs,
+        )
+
+    def call_arguments(self, context: Context) -> tuple[list[Any], dict[str, Any]]:
+        kwargs = dict(self.determine_kwargs(context))
+        for name in list(kwargs):
+            if name in PORTABLE_CONTEXT_KEYS and name not in self.op_kwargs:
+                value = kwargs[name]
+                kwargs[name] = dict(value) if name == "params" and value is not None else value
+        return list(self.op_args), kwargs
+
+
+def step_operator_task(
+    python_callable: Callable[..., Any] | None = None,
+    multiple_outputs: bool | None = None,
+    **kwargs: Any,
+) -> TaskDecorator:
+    """Run the decorated function on a step operator: ``@task.step_operator(step_operator="gpu")``.
+
+    Accepts everything ``StepOperator`` does (``step_operator``, ``settings``, ``resources``,
+    ``deferrable``, ``poll_interval``) plus the usual operator arguments (retries, pool, ...).
+    """
+    return task_decorator_factory(
+        python_callable=python_callable,
+        multiple_outputs=multiple_outputs,
+        decorated_operator_class=_StepOperatorDecoratedOperator,
+        **kwargs,
+    )

@@ -1,0 +1,66 @@
+"""Errors raised by step operators; each names what went wrong and what is allowed."""
+
+from __future__ import annotations
+
+from airflow.sdk.exceptions import AirflowException
+
+
+class StepOperatorConfigError(ValueError):
+    """Invalid settings, connection or arguments: raised before anything is submitted."""
+
+
+class StepPreemptedError(AirflowException):
+    """The backend took the machine away (spot/preemptible capacity, eviction): not a user error."""
+
+
+class StepTimeoutError(AirflowException):
+    """The step ran past its Airflow ``execution_timeout``; the remote job was stopped."""
+
+
+class StepFailedError(AirflowException):
+    """The remote job failed without a Python exception from the step (crash, OOM kill, cancel)."""
+
+
+class RemoteStepError(AirflowException):
+    """The step's own code raised remotely; carries the remote type, message and traceback."""
+
+    def __init__(self, remote_type: str, message: str, remote_traceback: str = "") -> None:
+        self.remote_type = remote_type
+        self.remote_message = message
+        self.remote_traceback = remote_traceback
+        text = f"{remote_type}: {message}"
+        if remote_traceback:
+            text += f"\n\nRemote traceback:\n{remote_traceback.rstrip()}"
+        super().__init__(text)
+
+    def __reduce__(self):  # keep picklable despite the custom __init__
+        return (rebuild_remote_error, (self.remote_type, self.remote_message, self.remote_traceback))
+
+
+_BUILTIN_EXCEPTIONS = {
+    name: obj
+    for name, obj in vars(__import__("builtins")).items()
+    if isinstance(obj, type) and issubclass(obj, Exception)
+}
+_REMOTE_CLASSES: dict[str, type[RemoteStepError]] = {}
+
+
+def rebuild_remote_error(remote_type: str, message: str, remote_traceback: str = "") -> RemoteStepError:
+    """Build the exception to raise for a remote one.
+
+    A remote builtin exception (``ValueError`` ...) comes back as a class that is both a
+    ``RemoteStepError`` and that builtin, so ``except ValueError`` in callers and retry policies
+    keeps working. Other types are carried by name only: remote bytes are never unpickled.
+    """
+    short = remote_type.removeprefix("builtins.")
+    builtin = _BUILTIN_EXCEPTIONS.get(short)
+    if builtin is None or builtin is Exception:
+        return RemoteStepError(remote_type, message, remote_traceback)
+    cls = _REMOTE_CLASSES.get(short)
+    if cls is None:
+        try:
+            cls = type(f"Remote{short}", (RemoteStepError, builtin), {"__module__": __name__})
+        except TypeError:  # layout conflict with some builtin (e.g. OSError subclasses)
+            return RemoteStepError(remote_type, message, remote_traceback)
+        _REMOTE_CLASSES[short] = cls
+    return cls(remote_type, message, remote_traceback)

@@ -1,0 +1,228 @@
+"""The contract every flavor's hook fulfils: submit / status / cancel / logs, sync and async.
+
+Hooks are the only modules that talk to a backend. The operator and the trigger work only with
+``StepSpec``, job handles (JSON dicts) and ``JobStatus``, so the lifecycle is written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import cached_property
+from typing import Any, ClassVar
+
+from airflow.sdk import BaseHook
+from pydantic import ValidationError
+
+from airflow_stepops.artifacts import ArtifactRef, default_local_store, store_path
+from airflow_stepops.bundle import StepIdentity
+from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.flavors import FLAVORS, flavor_for_conn_type, get_flavor
+from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, format_validation_error
+
+JobHandle = dict[str, Any]
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    PREEMPTED = "preempted"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (JobState.QUEUED, JobState.RUNNING)
+
+
+@dataclass
+class JobStatus:
+    state: JobState
+    message: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"state": self.state.value, "message": self.message, "details": self.details}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobStatus:
+        return cls(JobState(data["state"]), data.get("message", ""), data.get("details") or {})
+
+
+@dataclass
+class StepSpec:
+    """Everything a backend needs to run one step; built by the operator, rendered by the hook."""
+
+    identity: StepIdentity
+    bundle_uri: str
+    output_uri: str
+    resources: ResourceSettings
+    settings: BaseStepOperatorSettings
+    refs: list[ArtifactRef] = field(default_factory=list)
+    task_label: str = ""
+
+
+def registered_step_operators() -> dict[str, str]:
+    """Connection id -> flavor of every step operator this process can see (DB and env)."""
+    found: dict[str, str] = {}
+    prefix = "AIRFLOW_CONN_"
+    for key, value in os.environ.items():
+        if key.startswith(prefix):
+            conn_type = _conn_type_of_env(value)
+            flavor = flavor_for_conn_type(conn_type)
+            if flavor:
+                found[key[len(prefix):].lower()] = flavor.name
+    try:  # the metadata DB is reachable from the CLI and the scheduler, not always from a worker
+        from airflow.models import Connection
+        from airflow.utils.session import create_session
+
+        with create_session() as session:
+            rows = session.query(Connection.conn_id, Connection.conn_type).filter(
+                Connection.conn_type.like("stepops_%")
+            )
+            for conn_id, conn_type in rows:
+                flavor = flavor_for_conn_type(conn_type)
+                if flavor:
+                    found[conn_id] = flavor.name
+    except Exception:  # noqa: BLE001 - listing is best effort, for error messages
+        pass
+    return dict(sorted(found.items()))
+
+
+def _conn_type_of_env(value: str) -> str | None:
+    value = value.strip()
+    if value.startswith("{"):
+        import json
+
+        try:
+            return json.loads(value).get("conn_type")
+        except ValueError:
+            return None
+    scheme = value.split("://", 1)[0]
+    return scheme.replace("-", "_") if "://" in value else None
+
+
+def _registered_hint() -> str:
+    known = registered_step_operators()
+    if not known:
+        return "no step operators are registered yet"
+    return "registered step operators: " + ", ".join(f"{k} ({v})" for k, v in known.items())
+
+
+def load_step_operator_connection(conn_id: str, expected_flavor: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Return (flavor, extras) of a step operator connection, or raise a clear error."""
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        if expected_flavor and conn_id == get_flavor(expected_flavor).default_conn_id:
+            return expected_flavor, {}
+        raise StepOperatorConfigError(
+            f"step_operator {conn_id!r}: no Airflow connection with this id; {_registered_hint()}. "
+            f"Register one with: airflow connections add {conn_id} --conn-type stepops_<flavor> "
+            f"--conn-extra '{{...}}' (flavors: {', '.join(sorted(FLAVORS))})"
+        ) from None
+    return _flavor_and_extras(conn_id, conn.conn_type, conn.extra_dejson, expected_flavor)
+
+
+def _flavor_and_extras(conn_id: str, conn_type: str | None, extras: dict[str, Any],
+                       expected_flavor: str | None) -> tuple[str, dict[str, Any]]:
+    flavor = flavor_for_conn_type(conn_type)
+    if flavor is None:
+        allowed = ", ".join(f.conn_type for f in FLAVORS.values())
+        raise StepOperatorConfigError(
+            f"step_operator {conn_id!r}: connection type {conn_type!r} is not a step operator; "
+            f"step operator connections have one of the types: {allowed}"
+        )
+    if expected_flavor and flavor.name != expected_flavor:
+        raise StepOperatorConfigError(
+            f"step_operator {conn_id!r} is of flavor {flavor.name!r} but this operator runs "
+            f"{expected_flavor!r} steps; use {flavor.operator_class.rsplit('.', 1)[1]} or "
+            "@task.step_operator, or a step operator of the right flavor"
+        )
+    return flavor.name, dict(extras or {})
+
+
+def parse_config(flavor: str, conn_id: str, extras: dict[str, Any]) -> BaseStepOperatorConfig:
+    model = get_flavor(flavor).config_model()
+    try:
+        return model.model_validate(extras)
+    except ValidationError as err:
+        raise StepOperatorConfigError(
+            format_validation_error(err, f"connection {conn_id!r} ({get_flavor(flavor).conn_type}) extra")
+        ) from None
+
+
+class StepOperatorHook(BaseHook):
+    """Base hook of one flavor, bound to a registered step operator (an Airflow connection)."""
+
+    flavor: ClassVar[str] = ""
+    conn_name_attr = "step_operator_conn_id"
+    default_conn_name = ""
+    conn_type = ""
+    hook_name = ""
+
+    def __init__(self, step_operator_conn_id: str | None = None,
+                 config: BaseStepOperatorConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.step_operator_conn_id = step_operator_conn_id or self.default_conn_name
+        if config is not None:
+            self.__dict__["config"] = config
+
+    @cached_property
+    def config(self) -> BaseStepOperatorConfig:
+        _, extras = load_step_operator_connection(self.step_operator_conn_id, self.flavor)
+        return parse_config(self.flavor, self.step_operator_conn_id, extras)
+
+    async def aconfig(self) -> BaseStepOperatorConfig:
+        if "config" not in self.__dict__:
+            self.__dict__["config"] = await asyncio.to_thread(lambda: self.config)
+        return self.config
+
+    def artifact_root(self) -> Any:
+        return store_path(self.config.artifact_store or default_local_store())
+
+    # ---- to implement per flavor ------------------------------------------------------------
+    def render(self, spec: StepSpec) -> dict[str, Any]:
+        """The exact request that ``submit`` would send, as JSON (for ``stepops render``)."""
+        raise NotImplementedError
+
+    def find_job(self, identity: StepIdentity) -> JobHandle | None:
+        """The job of exactly this identity (same try) if it exists: re-attach instead of submitting."""
+        raise NotImplementedError
+
+    def submit(self, spec: StepSpec) -> JobHandle:
+        raise NotImplementedError
+
+    def get_status(self, handle: JobHandle) -> JobStatus:
+        raise NotImplementedError
+
+    def cancel(self, handle: JobHandle) -> None:
+        raise NotImplementedError
+
+    def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
+        """New log lines since ``cursor`` and the cursor to pass next time."""
+        return [], cursor
+
+    def console_url(self, handle: JobHandle) -> str | None:
+        return None
+
+    # ---- async side, used by triggers; default to the sync calls in a thread ----------------
+    async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus]:
+        """Status of many jobs at once: shared polling calls this once per round per backend."""
+        return list(await asyncio.gather(*(asyncio.to_thread(self.get_status, h) for h in handles)))
+
+    async def acancel(self, handle: JobHandle) -> None:
+        await asyncio.to_thread(self.cancel, handle)
+
+    async def aread_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
+        return await asyncio.to_thread(self.read_logs, handle, cursor)
+
+    def polling_key(self) -> tuple[Any, ...]:
+        """Triggers whose hooks share this key share one status-polling loop."""
+        return (type(self).__module__, type(self).__qualname__, self.step_operator_conn_id)

@@ -1,0 +1,25 @@
+"""Extra link from a step task to its job in the backend's console."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from airflow.sdk import BaseOperatorLink
+
+if TYPE_CHECKING:
+    from airflow.models.taskinstancekey import TaskInstanceKey
+    from airflow.sdk import BaseOperator
+
+
+class StepJobLink(BaseOperatorLink):
+    """Opens the remote job (SageMaker, Vertex, Azure ML, Kubernetes dashboard, Modal...)."""
+
+    name = "Step job"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        from airflow.sdk.execution_time.xcom import XCom
+
+        info = XCom.get_value(ti_key=ti_key, key="stepops_job")
+        if isinstance(info, dict):
+            return info.get("console_url") or ""
+        return ""

@@ -1,0 +1,350 @@
+"""``StepOperator``: the whole lifecycle of one step, shared by every flavor.
+
+prepare (validate, bundle) -> submit exactly once (or re-attach) -> wait (deferred by default, the
+same trigger code polls in-process when ``deferrable=False``) -> finish (result, remote error or
+preemption) -> stop the remote job on kill, mark-failed and timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow.sdk import BaseOperator
+
+from airflow_stepops.bundle import (
+    StepIdentity,
+    build_meta,
+    check_literal_args_picklable,
+    pickle_payload,
+    read_outcome,
+    replace_refs,
+    write_bundle,
+)
+from airflow_stepops.exceptions import (
+    StepFailedError,
+    StepOperatorConfigError,
+    StepPreemptedError,
+    StepTimeoutError,
+    rebuild_remote_error,
+)
+from airflow_stepops.flavors import get_flavor
+from airflow_stepops.links import StepJobLink
+from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.settings.step import StepSettings, parse_step_settings
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from airflow_stepops.hooks.base import JobHandle, StepOperatorHook, StepSpec
+
+#: task_state_store key of the current job handle (kept across retries of one task instance)
+STATE_KEY = "stepops_job"
+#: XCom key with flavor, job id and console URL (read by the extra link)
+XCOM_JOB_KEY = "stepops_job"
+
+
+def _default_deferrable() -> bool:
+    """True unless ``[operators] default_deferrable`` is explicitly set to false."""
+    explicit = os.environ.get("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE")
+    if explicit is None:
+        from airflow.sdk.configuration import conf
+
+        try:
+            from configparser import ConfigParser
+
+            if ConfigParser.has_option(conf, "operators", "default_deferrable"):
+                explicit = ConfigParser.get(conf, "operators", "default_deferrable")
+        except Exception:  # noqa: BLE001 - unusual config parsers: keep our default
+            explicit = None
+    return True if explicit is None else explicit.strip().lower() in ("1", "true", "t", "yes", "y", "on")
+
+
+class StepOperator(BaseOperator):
+    """Run ``python_callable`` on a registered step operator instead of on this worker.
+
+    :param python_callable: the function to run remotely (pickled with cloudpickle)
+    :param op_args: positional arguments (templated; XComArgs resolved on the worker)
+    :param op_kwargs: keyword arguments (templated)
+    :param step_operator: id of an Airflow connection of type ``stepops_<flavor>``
+    :param settings: ZenML-style dict: ``{"resources": ResourceSettings(...),
+        "step_operator.<flavor>": <Flavor>StepOperatorSettings(...)}``
+    :param resources: shorthand for ``settings["resources"]``
+    :param deferrable: wait in the triggerer (default True, honouring ``[operators] default_deferrable``)
+    :param poll_interval: seconds between status polls
+    """
+
+    #: set by flavor subclasses; None means "whatever flavor the connection has"
+    flavor: ClassVar[str | None] = None
+
+    template_fields: Sequence[str] = ("op_args", "op_kwargs")
+    template_fields_renderers = {"op_args": "py", "op_kwargs": "py"}
+    shallow_copy_attrs: Sequence[str] = ("python_callable",)
+    operator_extra_links = (StepJobLink(),)
+    ui_color = "#d8e8f8"
+
+    def __init__(
+        self,
+        *,
+        python_callable: Callable[..., Any],
+        op_args: Collection[Any] | None = None,
+        op_kwargs: Mapping[str, Any] | None = None,
+        step_operator: str | None = None,
+        settings: Mapping[str, Any] | None = None,
+        resources: ResourceSettings | Mapping[str, Any] | None = None,
+        deferrable: bool | None = None,
+        poll_interval: float = 5.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not callable(python_callable):
+            raise StepOperatorConfigError(f"python_callable: expected a function, got {type(python_callable).__name__}")
+        if step_operator is None:
+            if self.flavor is None:
+                raise StepOperatorConfigError(
+                    "step_operator: required; give the id of a registered step operator (an Airflow "
+                    "connection of type stepops_<flavor>), e.g. step_operator='local_step_operator'"
+                )
+            step_operator = get_flavor(self.flavor).default_conn_id
+        if poll_interval <= 0:
+            raise StepOperatorConfigError(f"poll_interval: must be > 0 seconds, got {poll_interval!r}")
+        self.python_callable = python_callable
+        self.op_args = list(op_args or [])
+        self.op_kwargs = dict(op_kwargs or {})
+        self.step_operator = step_operator
+        self.step_settings: StepSettings = parse_step_settings(settings, resources, flavor=self.flavor)
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
+        if not kwargs.get("_airflow_mapped_validation_only"):
+            check_literal_args_picklable(python_callable, self.op_args, self.op_kwargs)
+        self._handle: JobHandle | None = None
+        self._hook: StepOperatorHook | None = None
+
+    # ---- prepare ----------------------------------------------------------------------------
+    def get_hook(self) -> StepOperatorHook:
+        """The hook of this step's flavor, bound to its connection (validated)."""
+        if self._hook is None:
+            from airflow_stepops.hooks.base import load_step_operator_connection, parse_config
+
+            flavor, extras = load_step_operator_connection(self.step_operator, self.flavor)
+            config = parse_config(flavor, self.step_operator, extras)
+            self._hook = get_flavor(flavor).hook()(step_operator_conn_id=self.step_operator, config=config)
+        return self._hook
+
+    def call_arguments(self, context: Context) -> tuple[list[Any], dict[str, Any]]:
+        """Arguments for the callable; the decorated variant adds context-keyed parameters."""
+        return list(self.op_args), dict(self.op_kwargs)
+
+    @property
+    def task_label(self) -> str:
+        return f"{self.dag_id}.{self.task_id}" if self.has_dag() else self.task_id
+
+    def build_spec(self, hook: StepOperatorHook, identity: StepIdentity, refs: list[Any]) -> StepSpec:
+        from airflow_stepops.hooks.base import StepSpec
+
+        flavor_settings = self.step_settings.for_flavor(hook.flavor, step_operator=self.step_operator)
+        prefix = identity.prefix(hook.artifact_root())
+        return StepSpec(identity=identity, bundle_uri=str(prefix / "bundle"), output_uri=str(prefix / "output"),
+                        resources=self.step_settings.resources, settings=flavor_settings, refs=refs,
+                        task_label=self.task_label)
+
+    def write_step_bundle(self, context: Context, hook: StepOperatorHook, identity: StepIdentity) -> StepSpec:
+        args, kwargs = self.call_arguments(context)
+        refs: list[Any] = []
+        args, kwargs = replace_refs(args, refs), replace_refs(kwargs, refs)
+        spec = self.build_spec(hook, identity, refs)
+        payload = pickle_payload(self.python_callable, args, kwargs)
+        meta = build_meta(identity, multiple_outputs=bool(self.multiple_outputs),
+                          max_result_bytes=hook.config.max_result_bytes,
+                          inline_result_max_bytes=hook.config.inline_result_max_bytes, task_label=self.task_label)
+        hook.render(spec)  # validates the whole backend request before anything is written or started
+        from airflow_stepops.artifacts import store_path
+
+        write_bundle(store_path(spec.bundle_uri), payload, meta)
+        self.log.info("Wrote step bundle (%d bytes, %d input artifact(s)) to %s", len(payload), len(refs),
+                      spec.bundle_uri)
+        return spec
+
+    # ---- submit exactly once ----------------------------------------------------------------
+    def _reattachable(self, hook: StepOperatorHook, handle: JobHandle, *, allow_succeeded: bool) -> bool:
+        try:
+            status = hook.get_status(handle)
+        except Exception as exc:  # noqa: BLE001 - a vanished job is simply not re-attachable
+            self.log.warning("Cannot get status of earlier job %s: %s", handle.get("job_id"), exc)
+            return False
+        from airflow_stepops.hooks.base import JobState
+
+        if not status.state.terminal or (allow_succeeded and status.state is JobState.SUCCEEDED):
+            self.log.info("Re-attaching to job %s of try %s (%s)", handle.get("job_id"),
+                          handle.get("try_number"), status.state.value)
+            return True
+        return False
+
+    def find_or_submit(self, context: Context, hook: StepOperatorHook) -> JobHandle:
+        identity = StepIdentity.from_context(context)
+        store = context.get("task_state_store")  # type: ignore[call-overload]
+        if store is not None:
+            previous = store.get(STATE_KEY)
+            if previous and previous.get("conn_id") == self.step_operator and self._reattachable(
+                hook, previous, allow_succeeded=True
+            ):
+                return previous
+        else:  # Airflow < 3.3: look for earlier tries' jobs by their deterministic names
+            for try_number in range(identity.try_number - 1, 0, -1):
+                earlier = hook.find_job(identity.for_try(try_number))
+                if earlier and self._reattachable(hook, earlier, allow_succeeded=False):
+                    return earlier
+        handle = hook.find_job(identity)
+        if handle is not None:
+            self.log.info("Job %s of this try already exists: re-attaching", handle.get("job_id"))
+        else:
+            spec = self.write_step_bundle(context, hook, identity)
+            handle = hook.submit(spec)
+            self.log.info("Submitted step %s to %s step operator %r as job %s", self.task_label, hook.flavor,
+                          self.step_operator, handle.get("job_id"))
+        if store is not None:
+            store.set(STATE_KEY, handle)
+        return handle
+
+    def _publish(self, context: Context, hook: StepOperatorHook, handle: JobHandle) -> None:
+        info = {"flavor": hook.flavor, "step_operator": self.step_operator, "job_id": handle.get("job_id"),
+                "console_url": hook.console_url(handle)}
+        context["ti"].xcom_push(key=XCOM_JOB_KEY, value=info)
+
+    # ---- the lifecycle ----------------------------------------------------------------------
+    def execute(self, context: Context) -> Any:
+        hook = self.get_hook()
+        handle = self.find_or_submit(context, hook)
+        self._handle = handle
+        self._publish(context, hook, handle)
+        trigger = self.make_trigger(hook, handle, context)
+        deferrable = _default_deferrable() if self.deferrable is None else self.deferrable
+        if deferrable:
+            self._warn_if_no_trigger_on_kill()
+            self.defer(trigger=trigger, method_name="execute_complete", timeout=self._defer_timeout(trigger))
+        try:
+            event = asyncio.run(_first_event(trigger))
+        except BaseException:
+            self.log.warning("Stopping remote job %s", handle.get("job_id"))
+            self._cancel_quietly(hook, handle)
+            raise
+        return self.execute_complete(context, event)
+
+    def make_trigger(self, hook: StepOperatorHook, handle: JobHandle, context: Context) -> Any:
+        deadline = None
+        if self.execution_timeout is not None:
+            start = getattr(context["ti"], "start_date", None)
+            begun = start.timestamp() if start else time.time()
+            deadline = begun + self.execution_timeout.total_seconds()
+        trigger_cls = get_flavor(hook.flavor).trigger()
+        return trigger_cls(conn_id=self.step_operator, handle=handle, poll_interval=self.poll_interval,
+                           deadline=deadline)
+
+    @staticmethod
+    def _defer_timeout(trigger: Any) -> Any:
+        if trigger.deadline is None:
+            return None
+        from datetime import timedelta
+
+        # the trigger stops the job itself at the deadline; Airflow's own timeout is the backstop
+        return timedelta(seconds=max(trigger.deadline - time.time(), 0) + 120)
+
+    def _warn_if_no_trigger_on_kill(self) -> None:
+        from airflow.triggers.base import BaseTrigger
+
+        if not hasattr(BaseTrigger, "on_kill"):
+            self.log.warning(
+                "This Airflow has no trigger on_kill (added in 3.3): marking this deferred step failed "
+                "will not stop its remote job; upgrade Airflow or run with deferrable=False"
+            )
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
+        handle = event["handle"]
+        self._handle = handle
+        status = event["status"]
+        details = event.get("details") or {}
+        hook = self.get_hook()
+        if status == "succeeded":
+            from airflow_stepops.artifacts import store_path
+
+            outcome = read_outcome(store_path(handle["output_uri"]))
+            if outcome is None or not outcome.ok:
+                raise StepFailedError(
+                    f"job {handle.get('job_id')} succeeded but left no result in {handle['output_uri']}"
+                    + _tail(event)
+                )
+            self.log.info("Step ran as %s job %s on %s in %ss; result: %s", hook.flavor, handle.get("job_id"),
+                          outcome.info.get("host"), outcome.info.get("duration_seconds"),
+                          _summary(outcome.value))
+            self._record(context, hook, handle, details)
+            store = context.get("task_state_store")  # type: ignore[call-overload]
+            if store is not None:
+                store.delete(STATE_KEY)  # a cleared task must run again, not re-use this job
+            return outcome.value
+        self._record(context, hook, handle, details)
+        message = event.get("message") or ""
+        if status == "timeout":
+            raise StepTimeoutError(f"{message} (job {handle.get('job_id')})" + _tail(event))
+        if status == "preempted":
+            raise StepPreemptedError(
+                f"job {handle.get('job_id')} was preempted by {hook.flavor}: {message}; retry it" + _tail(event)
+            )
+        if status == "failed":
+            from airflow_stepops.artifacts import store_path
+
+            outcome = read_outcome(store_path(handle["output_uri"]))
+            if outcome is not None and outcome.error:
+                err = outcome.error
+                raise rebuild_remote_error(err.get("type", "Exception"), err.get("message", ""),
+                                           err.get("traceback", ""))
+            raise StepFailedError(f"job {handle.get('job_id')} failed: {message}" + _tail(event))
+        if status == "cancelled":
+            raise StepFailedError(f"job {handle.get('job_id')} was cancelled: {message}" + _tail(event))
+        raise StepFailedError(f"waiting for job {handle.get('job_id')} failed: {message}" + _tail(event))
+
+    def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Context) -> Any:
+        if next_method == "__fail__" and self._handle is None:
+            # Airflow's own deferral timeout fired (the trigger could not): stop the job too
+            store = context.get("task_state_store")  # type: ignore[call-overload]
+            handle = store.get(STATE_KEY) if store is not None else None
+            if handle:
+                self._cancel_quietly(self.get_hook(), handle)
+        return super().resume_execution(next_method, next_kwargs, context)
+
+    def _record(self, context: Context, hook: StepOperatorHook, handle: JobHandle, details: dict[str, Any]) -> None:
+        info = {"flavor": hook.flavor, "step_operator": self.step_operator, "job_id": handle.get("job_id"),
+                "console_url": hook.console_url(handle), **{k: v for k, v in details.items() if v is not None}}
+        started, finished = details.get("started_at"), details.get("finished_at")
+        if started and finished:
+            info["run_seconds"] = round(finished - started, 3)
+        context["ti"].xcom_push(key=XCOM_JOB_KEY, value=info)
+
+    def _cancel_quietly(self, hook: StepOperatorHook, handle: JobHandle) -> None:
+        try:
+            hook.cancel(handle)
+        except Exception:  # noqa: BLE001 - we are already failing; say so and move on
+            self.log.exception("Could not stop remote job %s", handle.get("job_id"))
+
+    def on_kill(self) -> None:
+        if self._handle is not None:
+            self.log.info("Task killed: stopping remote job %s", self._handle.get("job_id"))
+            self._cancel_quietly(self.get_hook(), self._handle)
+
+
+async def _first_event(trigger: Any) -> dict[str, Any]:
+    async for event in trigger.run():
+        return event.payload
+    raise StepFailedError("the trigger ended without an event")
+
+
+def _tail(event: dict[str, Any]) -> str:
+    lines = event.get("log_tail") or []
+    return ("\nLast remote log lines:\n" + "\n".join(lines)) if lines else ""
+
+
+def _summary(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."

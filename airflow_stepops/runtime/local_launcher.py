@@ -1,0 +1,192 @@
+"""Supervise one local step as a detached process: limits, timeout, cancellation, final status.
+
+Usage: ``python local_launcher.py JOB_DIR [--detach]``
+
+Started by the local hook, it outlives the Airflow worker (its own session, re-parented to init), so
+a retried task can re-attach through the files it keeps in JOB_DIR:
+
+- ``spec.json``     what to run and with which limits (written by the hook)
+- ``launcher.json`` pid and start time of this supervisor
+- ``child.json``    pid of the step process
+- ``step.log``      the step's stdout and stderr
+- ``status.json``   the terminal state, written once, atomically
+
+Stdlib-only, like the rest of ``runtime/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+POLL_SECONDS = 0.2
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh)
+    os.replace(tmp, path)
+
+
+def process_start_time(pid: int) -> str | None:
+    """Kernel start time of ``pid`` (tells a live process from a recycled pid); None if gone/zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    if fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
+
+
+def _group_rss_bytes(pgid: int) -> int:
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += int(fields[21]) * page
+    return total
+
+
+class Launcher:
+    def __init__(self, job_dir: str) -> None:
+        self.job_dir = job_dir
+        with open(os.path.join(job_dir, "spec.json"), encoding="utf-8") as fh:
+            self.spec = json.load(fh)
+        self.stop_reason: str | None = None
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.job_dir, name)
+
+    def _limit_child(self) -> None:
+        """Runs in the child between fork and exec (the launcher is single-threaded)."""
+        os.setsid()
+        cpu_ids = self.spec.get("cpu_ids")
+        if cpu_ids:
+            os.sched_setaffinity(0, cpu_ids)
+        limit = self.spec.get("memory_limit_bytes")
+        if limit and self.spec.get("limit_address_space", True):
+            resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+        if self.spec.get("nice"):
+            os.nice(int(self.spec["nice"]))
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        self.stop_reason = self.stop_reason or "cancelled"
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        started = time.time()
+        with open(self.path("step.log"), "ab", buffering=0) as log:
+            try:
+                child = subprocess.Popen(
+                    self.spec["argv"],
+                    cwd=self.spec.get("cwd") or self.job_dir,
+                    env=self.spec["env"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=self._limit_child,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                _write_json(self.path("status.json"), {
+                    "state": "failed", "exit_code": None, "reason": f"cannot start step process: {exc}",
+                    "started_at": started, "finished_at": time.time(),
+                })
+                return 1
+        _write_json(self.path("child.json"), {"pid": child.pid, "started_at": started})
+        deadline = started + self.spec["max_runtime_seconds"] if self.spec.get("max_runtime_seconds") else None
+        memory_limit = self.spec.get("memory_limit_bytes")
+        peak_rss = 0
+        killed_at: float | None = None
+        while True:
+            code = child.poll()
+            if code is not None:
+                break
+            if memory_limit:
+                rss = _group_rss_bytes(child.pid)
+                peak_rss = max(peak_rss, rss)
+                if rss > memory_limit and self.stop_reason is None:
+                    self.stop_reason = "oom_killed"
+                    killed_at = self._kill(child, signal.SIGKILL)
+            if deadline and time.time() > deadline and self.stop_reason is None:
+                self.stop_reason = "timed_out"
+            if self.stop_reason and killed_at is None:
+                killed_at = self._kill(child, signal.SIGTERM)
+            if killed_at is not None and time.time() - killed_at > float(self.spec.get("cancel_grace_seconds", 10)):
+                self._kill(child, signal.SIGKILL)
+            time.sleep(POLL_SECONDS)
+        # the step's own children may outlive it; the whole group goes with the step
+        self._kill(child, signal.SIGKILL)
+        state = self.stop_reason or ("succeeded" if code == 0 else "failed")
+        reasons = {
+            "oom_killed": f"the step used more than its memory limit of {memory_limit} bytes and was killed",
+            "timed_out": f"the step ran longer than max_runtime_in_seconds={self.spec.get('max_runtime_seconds')}",
+            "cancelled": "the step was stopped on request",
+        }
+        reason = reasons.get(state) or (
+            "" if code == 0 else f"step process exited with code {code}" if code > 0
+            else f"step process was killed by signal {-code}"
+        )
+        _write_json(self.path("status.json"), {
+            "state": state, "exit_code": code, "reason": reason, "started_at": started,
+            "finished_at": time.time(), "peak_rss_bytes": peak_rss or None,
+        })
+        return 0
+
+    @staticmethod
+    def _kill(child: subprocess.Popen, sig: int) -> float:
+        try:
+            os.killpg(child.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return time.time()
+
+
+def main(argv: list[str]) -> int:
+    job_dir = os.path.abspath(argv[0])
+    if "--detach" in argv[1:]:
+        read_fd, write_fd = os.pipe()
+        if os.fork():  # parent: return once the supervisor has recorded itself
+            os.close(write_fd)
+            os.read(read_fd, 1)
+            return 0
+        os.close(read_fd)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        _write_json(os.path.join(job_dir, "launcher.json"),
+                    {"pid": os.getpid(), "start_time": process_start_time(os.getpid())})
+        os.write(write_fd, b"1")
+        os.close(write_fd)
+        try:
+            code = Launcher(job_dir).run()
+        except BaseException as exc:  # noqa: BLE001 - leave a status whatever happens
+            _write_json(os.path.join(job_dir, "status.json"),
+                        {"state": "failed", "exit_code": None, "reason": f"launcher crashed: {exc!r}",
+                         "started_at": time.time(), "finished_at": time.time()})
+            code = 1
+        os._exit(code)
+    _write_json(os.path.join(job_dir, "launcher.json"),
+                {"pid": os.getpid(), "start_time": process_start_time(os.getpid())})
+    return Launcher(job_dir).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,28 @@
+"""Settings models, imported lazily so a DAG file pays only for the flavors it uses."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from airflow_stepops.resources import ResourceSettings
+    from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings
+    from airflow_stepops.settings.local import LocalStepOperatorConfig, LocalStepOperatorSettings
+
+_EXPORTS = {
+    "ResourceSettings": "airflow_stepops.resources",
+    "BaseStepOperatorSettings": "airflow_stepops.settings.base",
+    "BaseStepOperatorConfig": "airflow_stepops.settings.base",
+    "LocalStepOperatorSettings": "airflow_stepops.settings.local",
+    "LocalStepOperatorConfig": "airflow_stepops.settings.local",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        from importlib import import_module
+
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,91 @@
+"""Base models for per-step settings and for a registered step operator's configuration."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from airflow_stepops.resources import parse_size
+
+
+def format_validation_error(error: ValidationError, where: str) -> str:
+    """One line per problem, each naming the field path and what is allowed."""
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(p) for p in item["loc"]) or "(root)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            model = error.title
+            message = f"unknown field; {allowed_fields_hint(model)}"
+        elif item["type"] == "literal_error" or item["type"] == "enum":
+            message = f"{message}"
+        lines.append(f"{where}.{path}: {message} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+_MODEL_FIELDS: dict[str, list[str]] = {}
+
+
+def allowed_fields_hint(model_name: str) -> str:
+    fields = _MODEL_FIELDS.get(model_name)
+    return f"allowed: {', '.join(fields)}" if fields else "see the documentation for allowed fields"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        _MODEL_FIELDS[cls.__name__] = list(cls.model_fields)
+
+
+class BaseStepOperatorSettings(_Strict):
+    """Per-step settings of one flavor, given as ``settings={"step_operator.<flavor>": ...}``."""
+
+    flavor: ClassVar[str] = ""
+
+    max_runtime_in_seconds: int | None = Field(
+        default=None, gt=0, description="Hard limit enforced by the backend; the job is stopped after it."
+    )
+    environment: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment variables for the step (no secrets)."
+    )
+
+
+class BaseStepOperatorConfig(_Strict):
+    """A registered step operator: the extras of an Airflow connection of type ``stepops_<flavor>``."""
+
+    flavor: ClassVar[str] = ""
+
+    artifact_store: str | None = Field(
+        default=None, description="URI where bundles and results live (s3://, gs://, abfs://, file://)."
+    )
+    max_result_size: str = Field(
+        default="10GB", description="Largest result a step may store; bigger results fail clearly."
+    )
+    inline_result_max_size: str = Field(
+        default="48KB", description="JSON results up to this size go to XCom directly; larger become ArtifactRefs."
+    )
+
+    @field_validator("max_result_size", "inline_result_max_size")
+    @classmethod
+    def _size(cls, value: str, info: Any) -> str:
+        parse_size(value, field=info.field_name)
+        return value
+
+    @property
+    def max_result_bytes(self) -> int:
+        return parse_size(self.max_result_size, field="max_result_size")
+
+    @property
+    def inline_result_max_bytes(self) -> int:
+        return parse_size(self.inline_result_max_size, field="inline_result_max_size")
+
+    def credentials_source(self) -> str:
+        """Where this step operator's credentials come from, for ``stepops list``."""
+        return "none"

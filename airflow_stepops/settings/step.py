@@ -1,0 +1,141 @@
+"""Parse the ZenML-style ``settings={...}`` dict of one step into validated models.
+
+Runs when the DAG file is parsed, so every mistake surfaces there with the key or field named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from pydantic import ValidationError
+
+from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.flavors import FLAVORS, get_flavor
+from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.settings.base import BaseStepOperatorSettings, format_validation_error
+
+RESOURCES_KEY = "resources"
+FLAVOR_KEY_PREFIX = "step_operator."
+
+
+def _allowed_keys() -> str:
+    keys = [RESOURCES_KEY, "step_operator"] + [FLAVOR_KEY_PREFIX + name for name in sorted(FLAVORS)]
+    return ", ".join(repr(k) for k in keys)
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """Validated settings of one step: resources plus at most one flavor's settings."""
+
+    resources: ResourceSettings = field(default_factory=ResourceSettings)
+    flavor_settings: BaseStepOperatorSettings | None = None
+
+    @property
+    def flavor(self) -> str | None:
+        return None if self.flavor_settings is None else self.flavor_settings.flavor
+
+    def for_flavor(self, flavor: str, *, step_operator: str) -> BaseStepOperatorSettings:
+        """The flavor's settings (defaults if none were given); refuse another flavor's settings."""
+        if self.flavor_settings is None:
+            return get_flavor(flavor).settings_model()()
+        if self.flavor_settings.flavor != flavor:
+            raise StepOperatorConfigError(
+                f"settings: 'step_operator.{self.flavor_settings.flavor}' settings were given, but step "
+                f"operator {step_operator!r} is of flavor {flavor!r}; use 'step_operator.{flavor}' "
+                f"({get_flavor(flavor).settings_model().__name__}) or pick a {self.flavor_settings.flavor} "
+                "step operator"
+            )
+        return self.flavor_settings
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {RESOURCES_KEY: self.resources.model_dump(exclude_none=True)}
+        if self.flavor_settings is not None:
+            data[FLAVOR_KEY_PREFIX + self.flavor_settings.flavor] = self.flavor_settings.model_dump(mode="json")
+        return data
+
+
+def _resources(value: Any, where: str) -> ResourceSettings:
+    if isinstance(value, ResourceSettings):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return ResourceSettings.model_validate(dict(value))
+        except ValidationError as err:
+            raise StepOperatorConfigError(format_validation_error(err, where)) from None
+    raise StepOperatorConfigError(
+        f"{where}: expected ResourceSettings(...) or a dict of its fields, got {type(value).__name__}"
+    )
+
+
+def _flavor_settings(flavor: str, value: Any, where: str) -> BaseStepOperatorSettings:
+    model = get_flavor(flavor).settings_model()
+    if isinstance(value, BaseStepOperatorSettings):
+        if not isinstance(value, model):
+            raise StepOperatorConfigError(
+                f"{where}: expected {model.__name__}, got {type(value).__name__} "
+                f"(settings of flavor {value.flavor!r})"
+            )
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return model.model_validate(dict(value))
+        except ValidationError as err:
+            raise StepOperatorConfigError(format_validation_error(err, where)) from None
+    raise StepOperatorConfigError(f"{where}: expected {model.__name__}(...) or a dict, got {type(value).__name__}")
+
+
+def parse_step_settings(
+    settings: Mapping[str, Any] | None = None,
+    resources: ResourceSettings | Mapping[str, Any] | None = None,
+    *,
+    flavor: str | None = None,
+) -> StepSettings:
+    """Validate ``settings``/``resources``; ``flavor`` is set when the operator class fixes it."""
+    if settings is not None and not isinstance(settings, Mapping):
+        raise StepOperatorConfigError(
+            f"settings: expected a dict with keys {_allowed_keys()}, got {type(settings).__name__}"
+        )
+    settings = dict(settings or {})
+    parsed_resources: ResourceSettings | None = None
+    if resources is not None:
+        if RESOURCES_KEY in settings:
+            raise StepOperatorConfigError(
+                "resources: given both as resources= and as settings['resources']; give it once"
+            )
+        parsed_resources = _resources(resources, "resources")
+
+    found: list[BaseStepOperatorSettings] = []
+    for key, value in settings.items():
+        if key == RESOURCES_KEY:
+            parsed_resources = _resources(value, f"settings[{key!r}]")
+        elif key == "step_operator":
+            if not isinstance(value, BaseStepOperatorSettings):
+                raise StepOperatorConfigError(
+                    "settings['step_operator']: expected a flavor settings object such as "
+                    "LocalStepOperatorSettings(...); for a dict use the key 'step_operator.<flavor>'"
+                )
+            found.append(value)
+        elif isinstance(key, str) and key.startswith(FLAVOR_KEY_PREFIX):
+            name = key[len(FLAVOR_KEY_PREFIX):]
+            if name not in FLAVORS:
+                raise StepOperatorConfigError(
+                    f"settings: unknown flavor in key {key!r}; allowed keys: {_allowed_keys()}"
+                )
+            found.append(_flavor_settings(name, value, f"settings[{key!r}]"))
+        else:
+            raise StepOperatorConfigError(f"settings: unknown key {key!r}; allowed keys: {_allowed_keys()}")
+
+    if len(found) > 1:
+        names = ", ".join(sorted(repr(s.flavor) for s in found))
+        raise StepOperatorConfigError(
+            f"settings: settings for several flavors ({names}) were given, but a step runs on one step "
+            "operator; keep only the settings of its flavor"
+        )
+    flavor_settings = found[0] if found else None
+    if flavor and flavor_settings is not None and flavor_settings.flavor != flavor:
+        raise StepOperatorConfigError(
+            f"settings: 'step_operator.{flavor_settings.flavor}' settings were given to a {flavor} step "
+            f"operator; use 'step_operator.{flavor}'"
+        )
+    return StepSettings(resources=parsed_resources or ResourceSettings(), flavor_settings=flavor_settings)

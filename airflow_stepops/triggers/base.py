@@ -1,0 +1,175 @@
+"""The polling trigger shared by every flavor.
+
+Status polling is shared: all triggers of one backend (same hook class and step operator) in a
+triggerer process subscribe to one ``SharedStatusPoller``, which asks the backend about all their
+jobs in one ``aget_statuses`` call per round. A thousand deferred steps cost one status call per
+round, not a thousand. Log lines are read per job and written to the task log as they appear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook
+
+LOG_TAIL_LINES = 40
+MAX_CONSECUTIVE_POLL_ERRORS = 10
+
+
+class SharedStatusPoller:
+    """One polling loop per backend per event loop, fanning statuses out to subscribed triggers."""
+
+    _pollers: ClassVar[dict[tuple[Any, ...], SharedStatusPoller]] = {}
+    #: status calls made by all pollers of this process (benchmarks read it)
+    calls: ClassVar[int] = 0
+
+    def __init__(self, key: tuple[Any, ...], hook: StepOperatorHook, interval: float) -> None:
+        self.key = key
+        self.hook = hook
+        self.interval = interval
+        self.subscribers: dict[int, tuple[JobHandle, asyncio.Queue[JobStatus | BaseException]]] = {}
+        self._next_token = 0
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def for_hook(cls, hook: StepOperatorHook, interval: float) -> SharedStatusPoller:
+        loop = asyncio.get_running_loop()
+        key = (id(loop), hook.polling_key(), interval)
+        poller = cls._pollers.get(key)
+        if poller is None:
+            poller = cls._pollers[key] = cls(key, hook, interval)
+        return poller
+
+    def subscribe(self, handle: JobHandle) -> tuple[int, asyncio.Queue[JobStatus | BaseException]]:
+        token = self._next_token
+        self._next_token += 1
+        queue: asyncio.Queue[JobStatus | BaseException] = asyncio.Queue()
+        self.subscribers[token] = (handle, queue)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"stepops-poller-{self.key[1]}")
+        return token, queue
+
+    def unsubscribe(self, token: int) -> None:
+        self.subscribers.pop(token, None)
+        if not self.subscribers:
+            self._pollers.pop(self.key, None)
+            if self._task is not None and self._task is not asyncio.current_task():
+                self._task.cancel()
+
+    async def _run(self) -> None:
+        while self.subscribers:
+            batch = list(self.subscribers.items())
+            try:
+                SharedStatusPoller.calls += 1
+                statuses: list[JobStatus | BaseException] = list(
+                    await self.hook.aget_statuses([handle for _, (handle, _) in batch])
+                )
+            except Exception as exc:  # noqa: BLE001 - delivered to every waiting trigger
+                statuses = [exc] * len(batch)
+            for (token, (_, queue)), status in zip(batch, statuses):
+                if token in self.subscribers:
+                    queue.put_nowait(status)
+            await asyncio.sleep(self.interval)
+
+
+class StepOperatorTrigger(BaseTrigger):
+    """Waits for one remote step, streaming its log lines into the task log."""
+
+    hook_class_path: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        *,
+        conn_id: str,
+        handle: JobHandle,
+        poll_interval: float = 5.0,
+        deadline: float | None = None,
+        log_cursor: Any = None,
+        hook_class: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.conn_id = conn_id
+        self.handle = handle
+        self.poll_interval = poll_interval
+        self.deadline = deadline
+        self.log_cursor = log_cursor
+        self.hook_class = hook_class or self.hook_class_path
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {"conn_id": self.conn_id, "handle": self.handle, "poll_interval": self.poll_interval,
+             "deadline": self.deadline, "log_cursor": self.log_cursor, "hook_class": self.hook_class},
+        )
+
+    def get_hook(self) -> StepOperatorHook:
+        from airflow_stepops.flavors import _import
+
+        return _import(self.hook_class)(step_operator_conn_id=self.conn_id)
+
+    async def _stream_logs(self, hook: StepOperatorHook, cursor: Any, tail: deque[str]) -> Any:
+        try:
+            lines, cursor = await hook.aread_logs(self.handle, cursor)
+        except Exception as exc:  # noqa: BLE001 - logs are best effort, the status decides
+            self.log.warning("Could not read remote logs of %s: %s", self.handle.get("job_id"), exc)
+            return cursor
+        for line in lines:
+            tail.append(line)
+            self.log.info("[%s] %s", self.handle.get("flavor", "remote"), line)
+        return cursor
+
+    def _event(self, status: str, message: str, tail: deque[str], **extra: Any) -> TriggerEvent:
+        return TriggerEvent({"status": status, "message": message, "handle": self.handle,
+                             "log_tail": list(tail), **extra})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        hook = self.get_hook()
+        poller = SharedStatusPoller.for_hook(hook, self.poll_interval)
+        token, queue = poller.subscribe(self.handle)
+        cursor = self.log_cursor
+        tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        errors = 0
+        try:
+            while True:
+                remaining = None if self.deadline is None else self.deadline - time.time()
+                try:
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError
+                    status = await asyncio.wait_for(queue.get(), timeout=remaining)
+                except TimeoutError:
+                    self.log.error("Step %s passed its execution_timeout: stopping the remote job",
+                                   self.handle.get("job_id"))
+                    await hook.acancel(self.handle)
+                    cursor = await self._stream_logs(hook, cursor, tail)
+                    yield self._event("timeout", "the step ran past its execution_timeout and was stopped", tail)
+                    return
+                if isinstance(status, BaseException):
+                    errors += 1
+                    self.log.warning("Status poll failed (%d/%d): %s", errors, MAX_CONSECUTIVE_POLL_ERRORS, status)
+                    if errors >= MAX_CONSECUTIVE_POLL_ERRORS:
+                        yield self._event("error", f"status polling failed repeatedly: {status!r}", tail)
+                        return
+                    continue
+                errors = 0
+                cursor = await self._stream_logs(hook, cursor, tail)
+                if status.state.terminal:
+                    cursor = await self._stream_logs(hook, cursor, tail)
+                    yield self._event(status.state.value, status.message, tail, details=status.details)
+                    return
+        finally:
+            poller.unsubscribe(token)
+
+    async def on_kill(self) -> None:
+        """Mark-failed / clear of a deferred step (Airflow >= 3.3): stop the remote job."""
+        self.log.info("Task killed while deferred: stopping remote job %s", self.handle.get("job_id"))
+        await self.get_hook().acancel(self.handle)
+
+
+def is_terminal(state: str) -> bool:
+    return JobState(state).terminal

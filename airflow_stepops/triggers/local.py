@@ -1,0 +1,9 @@
+"""Trigger of the ``local`` flavor."""
+
+from __future__ import annotations
+
+from airflow_stepops.triggers.base import StepOperatorTrigger
+
+
+class LocalStepOperatorTrigger(StepOperatorTrigger):
+    hook_class_path = "airflow_stepops.hooks.local.LocalStepOperatorHook"
