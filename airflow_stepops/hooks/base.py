@@ -166,6 +166,8 @@ class StepOperatorHook(BaseHook):
     default_conn_name = ""
     conn_type = ""
     hook_name = ""
+    #: seconds between status polls unless the task sets poll_interval
+    default_poll_interval: ClassVar[float] = 10.0
 
     def __init__(self, step_operator_conn_id: str | None = None,
                  config: BaseStepOperatorConfig | None = None, **kwargs: Any) -> None:

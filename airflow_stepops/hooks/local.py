@@ -93,6 +93,7 @@ class LocalStepOperatorHook(StepOperatorHook):
     conn_type = "stepops_local"
     default_conn_name = "stepops_local_default"
     hook_name = "Step operator: local subprocess"
+    default_poll_interval: ClassVar[float] = 0.5
 
     config: LocalStepOperatorConfig  # type: ignore[assignment]
 

@@ -74,7 +74,7 @@ class StepOperator(BaseOperator):
         "step_operator.<flavor>": <Flavor>StepOperatorSettings(...)}``
     :param resources: shorthand for ``settings["resources"]``
     :param deferrable: wait in the triggerer (default True, honouring ``[operators] default_deferrable``)
-    :param poll_interval: seconds between status polls
+    :param poll_interval: seconds between status polls (default: the flavor's own, e.g. 0.5 for local)
     """
 
     #: set by flavor subclasses; None means "whatever flavor the connection has"
@@ -96,7 +96,7 @@ class StepOperator(BaseOperator):
         settings: Mapping[str, Any] | None = None,
         resources: ResourceSettings | Mapping[str, Any] | None = None,
         deferrable: bool | None = None,
-        poll_interval: float = 5.0,
+        poll_interval: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -109,7 +109,7 @@ class StepOperator(BaseOperator):
                     "connection of type stepops_<flavor>), e.g. step_operator='local_step_operator'"
                 )
             step_operator = get_flavor(self.flavor).default_conn_id
-        if poll_interval <= 0:
+        if poll_interval is not None and poll_interval <= 0:
             raise StepOperatorConfigError(f"poll_interval: must be > 0 seconds, got {poll_interval!r}")
         self.python_callable = python_callable
         self.op_args = list(op_args or [])
@@ -240,8 +240,8 @@ class StepOperator(BaseOperator):
             begun = start.timestamp() if start else time.time()
             deadline = begun + self.execution_timeout.total_seconds()
         trigger_cls = get_flavor(hook.flavor).trigger()
-        return trigger_cls(conn_id=self.step_operator, handle=handle, poll_interval=self.poll_interval,
-                           deadline=deadline)
+        return trigger_cls(conn_id=self.step_operator, handle=handle,
+                           poll_interval=self.poll_interval or hook.default_poll_interval, deadline=deadline)
 
     @staticmethod
     def _defer_timeout(trigger: Any) -> Any:

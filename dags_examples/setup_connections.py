@@ -1,0 +1,32 @@
+"""Register the example step operators as Airflow connections (idempotent).
+
+``python dags_examples/setup_connections.py [FLAVOR]`` registers ``local_step_operator`` (flavor
+``local``, artifacts under ``$AIRFLOW_HOME/stepops``) and points the examples at the flavor asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+CONNECTIONS = json.loads((Path(__file__).with_name("connections.json")).read_text())
+
+
+def main(flavor: str = "local") -> None:
+    from airflow.models import Connection
+    from airflow.utils.session import create_session
+
+    wanted = {cid: spec for cid, spec in CONNECTIONS.items() if spec["conn_type"] == f"stepops_{flavor}"}
+    if not wanted:
+        raise SystemExit(f"no example step operator of flavor {flavor!r} in connections.json")
+    with create_session() as session:
+        for conn_id, spec in wanted.items():
+            session.query(Connection).filter(Connection.conn_id == conn_id).delete()
+            session.add(Connection(conn_id=conn_id, conn_type=spec["conn_type"],
+                                   description=spec.get("description"), extra=json.dumps(spec.get("extra", {}))))
+            print(f"registered step operator {conn_id!r} ({spec['conn_type']})")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:2])
