@@ -32,7 +32,7 @@ def default_local_store() -> str:
 def store_path(uri: str) -> ObjectStoragePath:
     try:
         return ObjectStoragePath(uri)
-    except Exception as exc:  # noqa: BLE001 - fsspec raises many types for a bad URI
+    except Exception as exc:
         raise StepOperatorConfigError(f"artifact_store: cannot open {uri!r}: {exc}") from exc
 
 

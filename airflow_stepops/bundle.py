@@ -132,7 +132,7 @@ def pickle_payload(fn: Any, args: list[Any], kwargs: dict[str, Any]) -> bytes:
     register_by_value(fn)
     try:
         return cloudpickle.dumps({"callable": fn, "args": args, "kwargs": kwargs}, protocol=5)
-    except Exception as exc:  # noqa: BLE001 - pickling raises many types
+    except Exception as exc:
         culprit = find_unpicklable(fn, args, kwargs)
         raise StepOperatorConfigError(
             f"{culprit or 'the step'} cannot be serialised by cloudpickle ({type(exc).__name__}: {exc}); "
@@ -149,7 +149,7 @@ def find_unpicklable(fn: Any, args: Any, kwargs: dict[str, Any]) -> str | None:
     for name, value in candidates:
         try:
             cloudpickle.dumps(value)
-        except Exception:  # noqa: BLE001
+        except Exception:
             return name
     return None
 
@@ -178,7 +178,7 @@ def check_literal_args_picklable(fn: Any, op_args: Any, op_kwargs: Any) -> None:
             continue
         try:
             cloudpickle.dumps(value)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise StepOperatorConfigError(
                 f"{name} cannot be serialised by cloudpickle ({type(exc).__name__}: {exc}); "
                 "pass plain data, or create the object inside the step"

@@ -9,9 +9,9 @@ def main(dag_id: str) -> int:
     from airflow.models import DagRun, TaskInstance
     from airflow.models.xcom import XComModel
     from airflow.sdk.serde import deserialize
+    from airflow.utils.session import create_session
 
     import airflow_stepops.artifacts  # noqa: F401  (lets serde rebuild ArtifactRef results)
-    from airflow.utils.session import create_session
 
     with create_session() as session:
         run = session.query(DagRun).filter(DagRun.dag_id == dag_id).order_by(DagRun.id.desc()).first()

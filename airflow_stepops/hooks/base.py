@@ -88,7 +88,7 @@ def registered_step_operators() -> dict[str, str]:
                 flavor = flavor_for_conn_type(conn_type)
                 if flavor:
                     found[conn_id] = flavor.name
-    except Exception:  # noqa: BLE001 - listing is best effort, for error messages
+    except Exception:
         pass
     return dict(sorted(found.items()))
 
@@ -118,7 +118,7 @@ def load_step_operator_connection(conn_id: str, expected_flavor: str | None = No
     from airflow.sdk.exceptions import AirflowNotFoundException
 
     try:
-        conn = BaseHook.get_connection(conn_id)
+        conn = _get_connection(conn_id)
     except AirflowNotFoundException:
         if expected_flavor and conn_id == get_flavor(expected_flavor).default_conn_id:
             return expected_flavor, {}
@@ -128,6 +128,25 @@ def load_step_operator_connection(conn_id: str, expected_flavor: str | None = No
             f"--conn-extra '{{...}}' (flavors: {', '.join(sorted(FLAVORS))})"
         ) from None
     return _flavor_and_extras(conn_id, conn.conn_type, conn.extra_dejson, expected_flavor)
+
+
+def _get_connection(conn_id: str) -> Any:
+    """The connection from the task SDK, or from Airflow's secrets backends and metadata DB when
+    called outside a task (``stepops`` CLI, DAG processor)."""
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        return BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        from airflow.sdk.execution_time import task_runner
+
+        if getattr(task_runner, "SUPERVISOR_COMMS", None) is not None:
+            raise
+    try:
+        from airflow.models.connection import Connection
+    except ImportError:
+        raise AirflowNotFoundException(conn_id) from None
+    return Connection.get_connection_from_secrets(conn_id)
 
 
 def _flavor_and_extras(conn_id: str, conn_type: str | None, extras: dict[str, Any],

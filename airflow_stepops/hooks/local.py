@@ -143,7 +143,7 @@ class LocalStepOperatorHook(StepOperatorHook):
             )
 
     def _running_specs(self, exclude: str | None = None) -> list[dict[str, Any]]:
-        specs = []
+        specs: list[dict[str, Any]] = []
         if not os.path.isdir(self.jobs_dir):
             return specs
         for name in os.listdir(self.jobs_dir):

@@ -58,7 +58,7 @@ def _default_deferrable() -> bool:
 
             if ConfigParser.has_option(conf, "operators", "default_deferrable"):
                 explicit = ConfigParser.get(conf, "operators", "default_deferrable")
-        except Exception:  # noqa: BLE001 - unusual config parsers: keep our default
+        except Exception:
             explicit = None
     return True if explicit is None else explicit.strip().lower() in ("1", "true", "t", "yes", "y", "on")
 
@@ -112,8 +112,8 @@ class StepOperator(BaseOperator):
         if poll_interval is not None and poll_interval <= 0:
             raise StepOperatorConfigError(f"poll_interval: must be > 0 seconds, got {poll_interval!r}")
         self.python_callable = python_callable
-        self.op_args = list(op_args or [])
-        self.op_kwargs = dict(op_kwargs or {})
+        self.op_args: Collection[Any] = list(op_args or [])
+        self.op_kwargs: Mapping[str, Any] = dict(op_kwargs or {})
         self.step_operator = step_operator
         self.step_settings: StepSettings = parse_step_settings(settings, resources, flavor=self.flavor)
         self.deferrable = deferrable
@@ -172,7 +172,7 @@ class StepOperator(BaseOperator):
     def _reattachable(self, hook: StepOperatorHook, handle: JobHandle, *, allow_succeeded: bool) -> bool:
         try:
             status = hook.get_status(handle)
-        except Exception as exc:  # noqa: BLE001 - a vanished job is simply not re-attachable
+        except Exception as exc:
             self.log.warning("Cannot get status of earlier job %s: %s", handle.get("job_id"), exc)
             return False
         from airflow_stepops.hooks.base import JobState
@@ -188,7 +188,7 @@ class StepOperator(BaseOperator):
         store = context.get("task_state_store")  # type: ignore[call-overload]
         if store is not None:
             previous = store.get(STATE_KEY)
-            if previous and previous.get("conn_id") == self.step_operator and self._reattachable(
+            if isinstance(previous, dict) and previous.get("conn_id") == self.step_operator and self._reattachable(
                 hook, previous, allow_succeeded=True
             ):
                 return previous
@@ -310,7 +310,7 @@ class StepOperator(BaseOperator):
             # Airflow's own deferral timeout fired (the trigger could not): stop the job too
             store = context.get("task_state_store")  # type: ignore[call-overload]
             handle = store.get(STATE_KEY) if store is not None else None
-            if handle:
+            if isinstance(handle, dict):
                 self._cancel_quietly(self.get_hook(), handle)
         return super().resume_execution(next_method, next_kwargs, context)
 
@@ -325,7 +325,7 @@ class StepOperator(BaseOperator):
     def _cancel_quietly(self, hook: StepOperatorHook, handle: JobHandle) -> None:
         try:
             hook.cancel(handle)
-        except Exception:  # noqa: BLE001 - we are already failing; say so and move on
+        except Exception:
             self.log.exception("Could not stop remote job %s", handle.get("job_id"))
 
     def on_kill(self) -> None:

@@ -189,7 +189,7 @@ def run(bundle_dir: str, output_dir: str, refs: dict[int, str]) -> int:
             payload = cloudpickle.load(fh)
         args = _resolve_refs(list(payload["args"]), refs, cloudpickle)
         kwargs = _resolve_refs(dict(payload["kwargs"]), refs, cloudpickle)
-    except BaseException as exc:  # noqa: BLE001 - every failure must reach the operator
+    except BaseException as exc:
         _write_json(os.path.join(output_dir, ERROR_FILE), {**base, "phase": "load", **_error_record(exc)})
         print(f"[stepops] cannot start step: {_qualname(exc)}: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -198,7 +198,7 @@ def run(bundle_dir: str, output_dir: str, refs: dict[int, str]) -> int:
     try:
         value = payload["callable"](*args, **kwargs)
         outputs = write_result(value, output_dir, meta, cloudpickle)
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         sys.stdout.flush()
         traceback.print_exc()
         sys.stderr.flush()

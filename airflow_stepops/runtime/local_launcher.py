@@ -177,7 +177,7 @@ def main(argv: list[str]) -> int:
         os.close(write_fd)
         try:
             code = Launcher(job_dir).run()
-        except BaseException as exc:  # noqa: BLE001 - leave a status whatever happens
+        except BaseException as exc:
             _write_json(os.path.join(job_dir, "status.json"),
                         {"state": "failed", "exit_code": None, "reason": f"launcher crashed: {exc!r}",
                          "started_at": time.time(), "finished_at": time.time()})

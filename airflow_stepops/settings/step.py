@@ -5,8 +5,9 @@ Runs when the DAG file is parsed, so every mistake surfaces there with the key o
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from pydantic import ValidationError
 

@@ -70,7 +70,7 @@ class SharedStatusPoller:
                 statuses: list[JobStatus | BaseException] = list(
                     await self.hook.aget_statuses([handle for _, (handle, _) in batch])
                 )
-            except Exception as exc:  # noqa: BLE001 - delivered to every waiting trigger
+            except Exception as exc:
                 statuses = [exc] * len(batch)
             for (token, (_, queue)), status in zip(batch, statuses):
                 if token in self.subscribers:
@@ -116,7 +116,7 @@ class StepOperatorTrigger(BaseTrigger):
     async def _stream_logs(self, hook: StepOperatorHook, cursor: Any, tail: deque[str]) -> Any:
         try:
             lines, cursor = await hook.aread_logs(self.handle, cursor)
-        except Exception as exc:  # noqa: BLE001 - logs are best effort, the status decides
+        except Exception as exc:
             self.log.warning("Could not read remote logs of %s: %s", self.handle.get("job_id"), exc)
             return cursor
         for line in lines:
