@@ -1,0 +1,1 @@
+../../../dags_examples/mixed_pipeline.py

@@ -1,0 +1,166 @@
+"""The remote side: the bootstrap runs a bundle with nothing but the stdlib and cloudpickle."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from airflow_stepops.bundle import RUNTIME_SOURCE, StepIdentity, build_meta, pickle_payload
+from airflow_stepops.runtime import bootstrap
+
+RUNTIME_DIR = Path(bootstrap.__file__).parent
+
+
+def test_runtime_imports_only_the_standard_library():
+    for path in RUNTIME_DIR.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            for name in names:
+                top = name.split(".")[0]
+                assert top in sys.stdlib_module_names or top in {"cloudpickle", "__future__"}, (path.name, name)
+
+
+def _bundle(tmp_path: Path, fn, *args, multiple_outputs=False, max_result_bytes=10**9, inline=48_000,
+            python_version=None, **kwargs) -> tuple[Path, Path]:
+    bundle_dir, output_dir = tmp_path / "bundle", tmp_path / "output"
+    bundle_dir.mkdir()
+    meta = build_meta(StepIdentity("d", "r", "t", -1, 1), multiple_outputs=multiple_outputs,
+                      max_result_bytes=max_result_bytes, inline_result_max_bytes=inline, task_label="d.t")
+    if python_version:
+        meta["python_version"] = python_version
+    (bundle_dir / "meta.json").write_text(json.dumps(meta))
+    (bundle_dir / "payload.pkl").write_bytes(pickle_payload(fn, list(args), kwargs))
+    (bundle_dir / "bootstrap.py").write_bytes(RUNTIME_SOURCE.read_bytes())
+    return bundle_dir, output_dir
+
+
+def _run_isolated(bundle_dir: Path, output_dir: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Run bootstrap.py with site-packages switched off and only cloudpickle on the path."""
+    only = tmp_path / "only-cloudpickle"
+    only.mkdir(exist_ok=True)
+    link = only / "cloudpickle"
+    if not link.exists():
+        link.symlink_to(Path(cloudpickle.__file__).parent)
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(only)}
+    return subprocess.run([sys.executable, "-S", str(bundle_dir / "bootstrap.py"), "--bundle", str(bundle_dir),
+                           "--output", str(output_dir), *extra], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_json_result_without_airflow_or_site_packages(tmp_path):
+    def step(a, b=1):
+        import sys
+
+        # (no assert here: pytest rewrites asserts into calls to its own helpers)
+        loaded = sorted(m for m in ("airflow", "pydantic", "airflow_stepops") if m in sys.modules)
+        return {"sum": a + b, "loaded": loaded}
+
+    bundle_dir, output_dir = _bundle(tmp_path, step, 2, b=3)
+    proc = _run_isolated(bundle_dir, output_dir, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((output_dir / "result.json").read_text())
+    assert result["outputs"]["return_value"] == {"kind": "json", "value": {"sum": 5, "loaded": []}}
+
+
+def test_non_json_result_becomes_an_artifact_with_checksum(tmp_path):
+    import hashlib
+
+    bundle_dir, output_dir = _bundle(tmp_path, lambda: {1, 2, 3})
+    assert _run_isolated(bundle_dir, output_dir, tmp_path).returncode == 0
+    entry = json.loads((output_dir / "result.json").read_text())["outputs"]["return_value"]
+    data = (output_dir / entry["path"]).read_bytes()
+    assert entry["kind"] == "artifact" and entry["type"] == "builtins.set"
+    assert entry["size"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert cloudpickle.loads(data) == {1, 2, 3}
+
+
+def test_large_json_result_goes_to_the_store(tmp_path):
+    bundle_dir, output_dir = _bundle(tmp_path, lambda: list(range(1000)), inline=100)
+    assert _run_isolated(bundle_dir, output_dir, tmp_path).returncode == 0
+    entry = json.loads((output_dir / "result.json").read_text())["outputs"]["return_value"]
+    assert entry["kind"] == "artifact" and entry["type"] == "builtins.list"
+
+
+def test_multiple_outputs_are_stored_per_key(tmp_path):
+    bundle_dir, output_dir = _bundle(tmp_path, lambda: {"small": 1, "big": b"x" * 10}, multiple_outputs=True)
+    assert _run_isolated(bundle_dir, output_dir, tmp_path).returncode == 0
+    outputs = json.loads((output_dir / "result.json").read_text())["outputs"]
+    assert outputs["small"] == {"kind": "json", "value": 1}
+    assert outputs["big"]["kind"] == "artifact"
+
+
+def test_multiple_outputs_needs_a_dict(tmp_path):
+    bundle_dir, output_dir = _bundle(tmp_path, lambda: [1], multiple_outputs=True)
+    assert _run_isolated(bundle_dir, output_dir, tmp_path).returncode == 1
+    error = json.loads((output_dir / "error.json").read_text())
+    assert "multiple_outputs=True needs the step to return a dict" in error["message"]
+
+
+def test_remote_exception_is_recorded_with_type_and_traceback(tmp_path):
+    def step():
+        def inner():
+            raise KeyError("missing-column")
+
+        inner()
+
+    bundle_dir, output_dir = _bundle(tmp_path, step)
+    proc = _run_isolated(bundle_dir, output_dir, tmp_path)
+    assert proc.returncode == 1
+    error = json.loads((output_dir / "error.json").read_text())
+    assert error["type"] == "builtins.KeyError"
+    assert "missing-column" in error["message"]
+    assert "in inner" in error["traceback"]
+    assert "KeyError" in proc.stderr  # the traceback is in the step's log too
+
+
+def test_python_version_mismatch_fails_clearly(tmp_path):
+    bundle_dir, output_dir = _bundle(tmp_path, lambda: 1, python_version=[3, 99, 0])
+    proc = _run_isolated(bundle_dir, output_dir, tmp_path)
+    assert proc.returncode == 2
+    error = json.loads((output_dir / "error.json").read_text())
+    assert error["type"].endswith("StepEnvironmentError")
+    assert "differs from the worker's Python 3.99" in error["message"]
+
+
+def test_missing_cloudpickle_fails_clearly(tmp_path):
+    bundle_dir, output_dir = _bundle(tmp_path, lambda: 1)
+    proc = subprocess.run([sys.executable, "-S", str(bundle_dir / "bootstrap.py"), "--bundle", str(bundle_dir),
+                           "--output", str(output_dir)], capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"]}, timeout=60)
+    assert proc.returncode == 2
+    assert "cloudpickle is not installed" in json.loads((output_dir / "error.json").read_text())["message"]
+
+
+def test_result_too_large_for_the_store(tmp_path):
+    bundle_dir, output_dir = _bundle(tmp_path, lambda: b"x" * 5000, max_result_bytes=1000)
+    assert _run_isolated(bundle_dir, output_dir, tmp_path).returncode == 1
+    error = json.loads((output_dir / "error.json").read_text())
+    assert error["type"].endswith("ResultTooLargeError")
+    assert "larger than max_result_size (1000 bytes)" in error["message"]
+    assert not (output_dir / "return_value.pkl").exists()
+
+
+def test_input_artifacts_are_resolved_from_staged_paths(tmp_path):
+    staged = tmp_path / "ref0.pkl"
+    staged.write_bytes(cloudpickle.dumps({"model": [1, 2]}))
+    marker = {bootstrap.REF_MARKER: 0}
+    bundle_dir, output_dir = _bundle(tmp_path, lambda m, rows: len(m["model"]) + len(rows), marker, rows=[marker])
+    proc = _run_isolated(bundle_dir, output_dir, tmp_path, "--ref", f"0={staged}")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((output_dir / "result.json").read_text())["outputs"]["return_value"]["value"] == 3
+
+
+@pytest.mark.parametrize("value", [float("nan"), (1, 2), {1: "a"}])
+def test_values_json_cannot_round_trip_are_not_inlined(value):
+    assert not bootstrap._is_json_value(value)
