@@ -58,10 +58,11 @@ class _StepOperatorDecoratedOperator(DecoratedOperator, StepOperator):
         )
 
     def call_arguments(self, context: Context) -> tuple[list[Any], dict[str, Any]]:
-        kwargs = dict(self.determine_kwargs(context))
-        for name in list(kwargs):
-            if name in PORTABLE_CONTEXT_KEYS and name not in self.op_kwargs:
-                value = kwargs[name]
+        """op_args/op_kwargs plus the portable context values the function asks for by name."""
+        kwargs = dict(self.op_kwargs)
+        for name in inspect.signature(self.python_callable).parameters:
+            if name in PORTABLE_CONTEXT_KEYS and name not in kwargs and name in context:
+                value = context[name]  # type: ignore[literal-required]
                 kwargs[name] = dict(value) if name == "params" and value is not None else value
         return list(self.op_args), kwargs
 

@@ -1,0 +1,125 @@
+"""Step tasks through Airflow's own ``dag.test()``: XCom args, templating, mapping, outputs, errors."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from airflow_stepops import ArtifactRef, RemoteStepError, StepOperatorConfigError
+from airflow_stepops.exceptions import rebuild_remote_error
+from airflow_stepops.operators.local import LocalStepOperator
+from tests.dags import step_features
+
+pytestmark = pytest.mark.usefixtures("airflow_db")
+
+
+def _run(dag, **conf):
+    run = dag.test(run_conf=conf or None)
+    tis = {ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]": ti for ti in run.get_task_instances()}
+    return run, tis
+
+
+def _xcom(ti, key="return_value"):
+    from airflow.models.xcom import XComModel
+    from airflow.sdk.serde import deserialize
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = session.query(XComModel).filter_by(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
+                                                 map_index=ti.map_index, key=key).one()
+        value = XComModel.deserialize_value(row)
+    return deserialize(value) if isinstance(value, dict) and "__classname__" in value else value
+
+
+def test_xcom_args_templating_multiple_outputs_and_mapping():
+    run, tis = _run(step_features.step_features)
+    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert _xcom(tis["collect"]) == {"total": 60, "label": "run 10", "squares": [1, 4, 9]}
+    assert _xcom(tis["stats"], key="pid") != os.getpid()
+    job = _xcom(tis["stats"], key="stepops_job")
+    assert job["flavor"] == "local" and job["step_operator"] == "local_step_operator" and job["job_id"]
+    assert {tis[f"square[{i}]"].state for i in range(3)} == {"success"}
+
+
+def test_artifacts_pass_between_steps_and_load_in_normal_tasks():
+    run, tis = _run(step_features.step_artifacts)
+    assert run.state == "success"
+    ref = _xcom(tis["make"])
+    assert isinstance(ref, ArtifactRef) and ref.type == "builtins.set" and ref.uri.startswith("file://")
+    assert _xcom(tis["consume"]) == ["a", "b", "set"]
+    assert _xcom(tis["inspect_ref"]) == {"is_ref": "ArtifactRef", "value": ["a", "b"], "size": ref.size}
+
+
+def test_remote_exception_fails_the_task_and_retries_run_again(tmp_path):
+    marker = tmp_path / "attempts"
+    run, tis = _run(step_features.step_errors, marker=str(marker))
+    assert tis["broken"].state == "failed"
+    assert tis["flaky"].state == "success" and _xcom(tis["flaky"]) == "second try ok"
+    assert marker.read_text() == "xx"
+
+
+def test_remote_errors_keep_type_message_and_traceback():
+    err = rebuild_remote_error("builtins.ValueError", "bad row", "Traceback...\n  File step.py, in train\n")
+    assert isinstance(err, ValueError) and isinstance(err, RemoteStepError)
+    assert "ValueError: bad row" in str(err) and "in train" in str(err)
+    custom = rebuild_remote_error("mylib.TrainingDiverged", "loss is nan", "tb")
+    assert type(custom) is RemoteStepError and custom.remote_type == "mylib.TrainingDiverged"
+
+
+def test_execution_timeout_stops_the_remote_job(tmp_path):
+    from airflow_stepops.runtime.local_launcher import process_start_time
+
+    pid_file = tmp_path / "pid"
+    run, tis = _run(step_features.step_timeout, pid_file=str(pid_file))
+    assert tis["slow"].state == "failed"
+    assert process_start_time(int(pid_file.read_text())) is None, "remote step still running after the timeout"
+
+
+def test_artifact_ref_survives_airflow_serde():
+    from airflow.sdk.serde import deserialize, serialize
+
+    ref = ArtifactRef(uri="file:///x/y.pkl", type="builtins.set", size=3, sha256="ab")
+    assert deserialize(serialize(ref)) == ref
+
+
+def test_unknown_connection_lists_registered_step_operators(monkeypatch):
+    from airflow_stepops.hooks.base import load_step_operator_connection
+
+    monkeypatch.setenv("AIRFLOW_CONN_GPU_BOX", '{"conn_type": "stepops_local"}')
+    with pytest.raises(StepOperatorConfigError) as info:
+        load_step_operator_connection("gpu_bx")
+    text = str(info.value)
+    assert "step_operator 'gpu_bx': no Airflow connection with this id" in text
+    assert "gpu_box (local)" in text and "local_step_operator (local)" in text
+
+
+def test_connection_of_another_type_is_refused(monkeypatch):
+    from airflow_stepops.hooks.base import load_step_operator_connection
+
+    monkeypatch.setenv("AIRFLOW_CONN_MY_S3", '{"conn_type": "aws"}')
+    with pytest.raises(StepOperatorConfigError, match=r"connection type 'aws' is not a step operator; .*stepops_local"):
+        load_step_operator_connection("my_s3")
+
+
+def test_unknown_connection_extra_is_refused(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_TYPO", '{"conn_type": "stepops_local", "extra": {"pyhton": "/usr/bin/python3"}}')
+    op = LocalStepOperator(task_id="t", python_callable=lambda: 1, step_operator="typo")
+    with pytest.raises(StepOperatorConfigError, match=r"connection 'typo' \(stepops_local\) extra.pyhton: unknown field; allowed: .*python"):
+        op.get_hook()
+
+
+def test_local_operator_works_without_any_registration(monkeypatch):
+    op = LocalStepOperator(task_id="t", python_callable=lambda: 1)
+    assert op.step_operator == "stepops_local_default"
+    assert op.get_hook().config.python is None  # built-in defaults
+
+
+def test_unpicklable_xcom_argument_fails_before_submitting(tmp_path):
+    from airflow_stepops.bundle import pickle_payload
+
+    import threading
+
+    with pytest.raises(StepOperatorConfigError, match=r"op_args\[1\] cannot be serialised by cloudpickle"):
+        pickle_payload(lambda a, b: None, [1, threading.Lock()], {})
