@@ -52,6 +52,22 @@ def get_provider_info() -> dict[str, Any]:
                 },
             },
         ],
+        "config": {
+            "stepops": {
+                "description": "Defaults of airflow-stepops step operators.",
+                "options": {
+                    "default_deferrable": {
+                        "description": "Whether step tasks wait for their remote job in the triggerer unless "
+                        "the task sets deferrable=. The environment variable "
+                        "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE, when set, takes precedence.",
+                        "version_added": "0.1.0",
+                        "type": "boolean",
+                        "example": None,
+                        "default": "True",
+                    },
+                },
+            },
+        },
         "task-decorators": [
             {"name": "step_operator", "class-name": "airflow_stepops.decorators.step_operator.step_operator_task"},
         ],

@@ -48,19 +48,15 @@ XCOM_JOB_KEY = "stepops_job"
 
 
 def _default_deferrable() -> bool:
-    """True unless ``[operators] default_deferrable`` is explicitly set to false."""
+    """Deferrable unless switched off: ``[stepops] default_deferrable`` or an explicit
+    ``AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE`` (the generated airflow.cfg always spells out
+    ``[operators] default_deferrable = false``, so only the environment variable shows intent)."""
     explicit = os.environ.get("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE")
-    if explicit is None:
-        from airflow.sdk.configuration import conf
+    if explicit is not None:
+        return explicit.strip().lower() in ("1", "true", "t", "yes", "y", "on")
+    from airflow.sdk.configuration import conf
 
-        try:
-            from configparser import ConfigParser
-
-            if ConfigParser.has_option(conf, "operators", "default_deferrable"):
-                explicit = ConfigParser.get(conf, "operators", "default_deferrable")
-        except Exception:
-            explicit = None
-    return True if explicit is None else explicit.strip().lower() in ("1", "true", "t", "yes", "y", "on")
+    return conf.getboolean("stepops", "default_deferrable", fallback=True)
 
 
 class StepOperator(BaseOperator):

@@ -3,8 +3,6 @@
 Every step writes what the tests need to check into files named by the DAG run's conf (a marker
 file with one line per invocation of the step, a pid file), so the tests observe the remote side
 directly instead of trusting what the operator reports.
-
-Arguments are passed positionally: keyword arguments of step tasks are dropped (see test_known_bugs.py).
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ def stepops_e2e_deferred():
         print(f"e2e-remote-line end env={os.environ.get('STEPOPS_E2E_FROM_CONN')}", flush=True)
         return {"answer": 6 * 7, "run_id": run_id, "env": os.environ.get("STEPOPS_E2E_FROM_CONN")}
 
-    deferred_step("{{ dag_run.conf.get('seconds', 6) }}")
+    deferred_step(seconds="{{ dag_run.conf.get('seconds', 6) }}")
 
 
 @dag(dag_id="stepops_e2e_reattach", schedule=None, catchup=False, tags=["stepops-e2e"])
@@ -78,7 +76,8 @@ def stepops_e2e_cancel():
         time.sleep(300)
         return "should never get here"
 
-    long_step("{{ dag_run.conf['pid_file'] }}", "{{ dag_run.conf.get('ignore_sigterm', 'no') }}")
+    long_step(pid_file="{{ dag_run.conf['pid_file'] }}",
+              ignore_sigterm="{{ dag_run.conf.get('ignore_sigterm', 'no') }}")
 
 
 stepops_e2e_deferred()

@@ -64,7 +64,7 @@ def stepops_e2e_mapped():
     def gather(values):
         return list(values)
 
-    # positional arguments, and the mapped results made a list first: see test_known_bugs.py
+    # the mapped results are made a list first: see lazy_total below and test_known_bugs.py
     doubles = double.expand(x=[1, 2, 3])
     summary = stats(gather(doubles))
     report(summary["total"], summary["count"], summary["maximum"])
