@@ -179,8 +179,10 @@ def run(workdir: Path, *, quick: bool = False) -> Section:
     bundle = home / "dags"
     write_dags(bundle)
     progress(f"parse: DAG files in {bundle}; forking {2 * cold_reps} cold and {warm_procs} warm parsers")
+    env = airflow_env(home)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # Python's default: DAG files compile once to __pycache__
     data = run_worker("benchmarks.bench_parse", ["worker", bundle, cold_reps, warm_procs, warm_pairs, import_reps],
-                      env=airflow_env(home))
+                      env=env)
     section.data = data
     warm, cold = data["warm"], data["cold"]
 
@@ -209,9 +211,15 @@ def run(workdir: Path, *, quick: bool = False) -> Section:
         "warm = Airflow and airflow_stepops already imported (the budget); cold = first parse in a fresh child "
         "forked from a process that has imported Airflow, like each parse of Airflow 3's DAG processor.",
         f"step-vs-plain cost per task (warm module exec): {fmt_time(per_task)}.",
+        "cold phases step / plain: " + ", ".join(
+            f"{p} {fmt_time(_phase(cold['step'], p))} / {fmt_time(_phase(cold['plain'], p))}" for p in PHASES)
+        + " (first-use imports land in different phases, e.g. the step DAG's imports pull in modules that "
+        "serialisation needs later; compare totals).",
         "the import row's baseline is the whole cold module exec of the plain DAG (to put it in proportion).",
         "airflow_stepops modules already loaded before the fork (by Airflow's providers manager): "
         + (", ".join(data["preloaded_before_fork"]) or "none"),
+        "bytecode caching is on for the worker (PYTHONDONTWRITEBYTECODE unset), so module exec excludes "
+        "compiling the DAG file.",
         f"Airflow import in the worker took {fmt_time(data['airflow_import_seconds'])} (not part of any ratio).",
     ]
     return section

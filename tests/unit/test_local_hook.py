@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from airflow_stepops import ResourceSettings, StepOperatorConfigError
-from airflow_stepops.bundle import read_outcome
 from airflow_stepops.artifacts import store_path
+from airflow_stepops.bundle import read_outcome
 from airflow_stepops.hooks.base import JobState
 from airflow_stepops.runtime.local_launcher import process_start_time
 from airflow_stepops.settings.local import LocalStepOperatorSettings

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 
 import pytest
 
@@ -54,7 +53,7 @@ def test_artifacts_pass_between_steps_and_load_in_normal_tasks():
 
 def test_remote_exception_fails_the_task_and_retries_run_again(tmp_path):
     marker = tmp_path / "attempts"
-    run, tis = _run(step_features.step_errors, marker=str(marker))
+    _, tis = _run(step_features.step_errors, marker=str(marker))
     assert tis["broken"].state == "failed"
     assert tis["flaky"].state == "success" and _xcom(tis["flaky"]) == "second try ok"
     assert marker.read_text() == "xx"
@@ -72,7 +71,7 @@ def test_execution_timeout_stops_the_remote_job(tmp_path):
     from airflow_stepops.runtime.local_launcher import process_start_time
 
     pid_file = tmp_path / "pid"
-    run, tis = _run(step_features.step_timeout, pid_file=str(pid_file))
+    _, tis = _run(step_features.step_timeout, pid_file=str(pid_file))
     assert tis["slow"].state == "failed"
     assert process_start_time(int(pid_file.read_text())) is None, "remote step still running after the timeout"
 
@@ -117,9 +116,9 @@ def test_local_operator_works_without_any_registration(monkeypatch):
 
 
 def test_unpicklable_xcom_argument_fails_before_submitting(tmp_path):
-    from airflow_stepops.bundle import pickle_payload
-
     import threading
+
+    from airflow_stepops.bundle import pickle_payload
 
     with pytest.raises(StepOperatorConfigError, match=r"op_args\[1\] cannot be serialised by cloudpickle"):
         pickle_payload(lambda a, b: None, [1, threading.Lock()], {})

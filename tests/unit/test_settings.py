@@ -102,7 +102,7 @@ def test_wrong_settings_class_for_key(other_flavor):
 
 def test_step_operator_key_takes_a_settings_object():
     assert parse_step_settings({"step_operator": LocalStepOperatorSettings()}).flavor == "local"
-    with pytest.raises(StepOperatorConfigError, match="step_operator.<flavor>"):
+    with pytest.raises(StepOperatorConfigError, match=r"step_operator\.<flavor>"):
         parse_step_settings({"step_operator": {"nice": 1}})
 
 

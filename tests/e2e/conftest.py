@@ -1,0 +1,506 @@
+"""End-to-end harness: one Airflow home + SQLite DB per test session, real Airflow processes.
+
+- ``airflow_env`` (session): a fresh ``AIRFLOW_HOME`` in a temp dir, ``airflow db migrate`` once, the
+  step operator connections registered with ``airflow connections add``. Every Airflow command runs
+  as a subprocess with an environment built here from scratch (nothing ``AIRFLOW*`` leaks in from
+  the parent process or from ``tests/conftest.py``); this process never imports Airflow, it reads
+  the metadata DB with ``sqlite3``.
+- ``airflow_services`` (session, started on first use): scheduler (LocalExecutor), dag-processor,
+  triggerer and api-server, all bound to 127.0.0.1, each in its own process group. They are stopped
+  after the last e2e test (not only at session end, so they do not compete with later tests for
+  CPU), then every process still carrying this session's ``AIRFLOW_HOME`` or job directory (task
+  runners, detached step launchers and steps) is killed.
+
+Tests that only need ``airflow dags test`` run before the ones that need the services.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+E2E_DIR = Path(__file__).resolve().parent
+REPO = E2E_DIR.parent.parent
+DAGS_DIR = E2E_DIR / "dags"
+
+#: step operator connections of the session: (conn id, extras)
+CONNECTIONS = {
+    "local_step_operator": {},  # default extras: needed by dags_examples/mixed_pipeline.py
+    "e2e_step_operator": {"environment": {"STEPOPS_E2E_FROM_CONN": "from-e2e-connection"}},
+}
+#: DAGs the services must have parsed before tests trigger them
+LIVE_DAG_IDS = ("stepops_e2e_deferred", "stepops_e2e_reattach", "stepops_e2e_cancel")
+
+TERMINAL_TI_STATES = frozenset({"success", "failed", "upstream_failed", "skipped", "removed"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: end-to-end tests running real Airflow processes (minutes)")
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Within the e2e block, run ``dags test`` tests first and the tests using live services last."""
+    slots = [i for i, item in enumerate(items) if _is_e2e(item)]
+    e2e = [items[i] for i in slots]
+    e2e.sort(key=lambda item: "airflow_services" in getattr(item, "fixturenames", ()))
+    for slot, item in zip(slots, e2e):
+        items[slot] = item
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop the live services as soon as no further e2e test will use them."""
+    if _RUNNING_SERVICES and (nextitem is None or not _is_e2e(nextitem)
+                              or "airflow_services" not in getattr(nextitem, "fixturenames", ())):
+        for services in list(_RUNNING_SERVICES):
+            services.stop()
+
+
+def _is_e2e(item: pytest.Item) -> bool:
+    return E2E_DIR in Path(str(item.path)).resolve().parents
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _airflow_executable() -> list[str]:
+    candidate = Path(sys.executable).with_name("airflow")
+    if candidate.exists():
+        return [str(candidate)]
+    found = shutil.which("airflow")
+    return [found] if found else [sys.executable, "-m", "airflow"]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"<{path} unreadable>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.25,
+             message: str | Callable[[], str] = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            text = message() if callable(message) else message
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {text}")
+        time.sleep(interval)
+
+
+def _decode_json_column(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode()
+    if isinstance(value, str):
+        return json.loads(value)
+    return value
+
+
+def process_gone(pid: int) -> bool:
+    """True if ``pid`` no longer runs (a zombie waiting for its parent counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _session_processes(home: Path) -> list[psutil.Process]:
+    """Processes of this session: Airflow ones (by AIRFLOW_HOME) and steps (by their job directory)."""
+    me = os.getpid()
+    found = []
+    jobs_prefix = str(home) + os.sep
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == me:
+            continue
+        try:
+            env = proc.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+        if env.get("AIRFLOW_HOME") == str(home) or env.get("STEPOPS_JOB_DIR", "").startswith(jobs_prefix):
+            found.append(proc)
+    return found
+
+
+def kill_session_processes(home: Path) -> list[int]:
+    procs = _session_processes(home)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(procs, timeout=10)
+    return [p.pid for p in procs]
+
+
+# ---------------------------------------------------------------------------------------------
+# the Airflow home and its metadata DB
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class AirflowEnv:
+    home: Path
+    env: dict[str, str]
+    api_port: int
+    airflow: list[str] = field(default_factory=_airflow_executable)
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "airflow.db"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "stepops" / "local" / "jobs"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    # ---- running the CLI ----------------------------------------------------------------------
+    def cli(self, *args: str, timeout: float = 180, check: bool = True,
+            log_name: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``airflow ARGS`` in this home; output goes to a log file (returned as .stdout)."""
+        log_path = self.home / "cli-logs" / f"{log_name or '-'.join(args[:2])}-{time.time_ns()}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "w") as out:
+            proc = subprocess.run([*self.airflow, *args], env=self.env, cwd=self.home, stdin=subprocess.DEVNULL,
+                                  stdout=out, stderr=subprocess.STDOUT, timeout=timeout, text=True,
+                                  start_new_session=True)
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, log_path.read_text(errors="replace"), "")
+        if check and proc.returncode != 0:
+            pytest.fail(f"`airflow {' '.join(args)}` exited with {proc.returncode}; log {log_path}:\n"
+                        + "\n".join(result.stdout.splitlines()[-80:]))
+        return result
+
+    # ---- reading the metadata DB --------------------------------------------------------------
+    @contextlib.contextmanager
+    def db(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=30)
+        conn.row_factory = sqlite3.Row
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def query(self, sql: str, *params: Any) -> list[dict[str, Any]]:
+        for attempt in range(20):
+            try:
+                with self.db() as conn:
+                    return [dict(row) for row in conn.execute(sql, params).fetchall()]
+            except sqlite3.OperationalError as exc:  # "database is locked" under a busy scheduler
+                if "locked" not in str(exc) or attempt == 19:
+                    raise
+                time.sleep(0.25)
+        raise AssertionError("unreachable")
+
+    def latest_run_id(self, dag_id: str) -> str:
+        rows = self.query("SELECT run_id FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1", dag_id)
+        assert rows, f"no run of {dag_id} in the metadata DB"
+        return rows[0]["run_id"]
+
+    def dag_run(self, dag_id: str, run_id: str) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM dag_run WHERE dag_id = ? AND run_id = ?", dag_id, run_id)
+        return rows[0] if rows else None
+
+    def task_instances(self, dag_id: str, run_id: str) -> dict[tuple[str, int], dict[str, Any]]:
+        rows = self.query("SELECT * FROM task_instance WHERE dag_id = ? AND run_id = ?", dag_id, run_id)
+        return {(row["task_id"], row["map_index"]): row for row in rows}
+
+    def ti(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM task_instance WHERE dag_id = ? AND run_id = ? AND task_id = ? "
+                          "AND map_index = ?", dag_id, run_id, task_id, map_index)
+        return rows[0] if rows else None
+
+    def ti_history(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> list[dict[str, Any]]:
+        return self.query("SELECT * FROM task_instance_history WHERE dag_id = ? AND run_id = ? AND task_id = ? "
+                          "AND map_index = ? ORDER BY try_number", dag_id, run_id, task_id, map_index)
+
+    def xcoms(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> dict[str, Any]:
+        rows = self.query("SELECT key, value FROM xcom WHERE dag_id = ? AND run_id = ? AND task_id = ? "
+                          "AND map_index = ?", dag_id, run_id, task_id, map_index)
+        return {row["key"]: _decode_json_column(row["value"]) for row in rows}
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
+        values = self.xcoms(dag_id, run_id, task_id, map_index)
+        assert key in values, f"no XCom {key!r} of {dag_id}.{task_id}[{map_index}] in {run_id}: {sorted(values)}"
+        return values[key]
+
+    # ---- files the tasks leave ----------------------------------------------------------------
+    def task_log_text(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1,
+                      map_index: int = -1) -> str:
+        """The task's log for one try: the worker's file plus the triggerer's ``.trigger.*`` files."""
+        folder = self.logs_dir / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={task_id}"
+        if map_index >= 0:
+            folder = folder / f"map_index={map_index}"
+        files = sorted(folder.glob(f"attempt={try_number}.log*"))
+        return "\n".join(f"===== {p.name}\n{p.read_text(errors='replace')}" for p in files)
+
+    def job_dirs(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> list[Path]:
+        """Local-flavor job directories of one task instance (any try), from their spec.json."""
+        found = []
+        if not self.jobs_dir.is_dir():
+            return found
+        for job_dir in sorted(self.jobs_dir.iterdir()):
+            try:
+                identity = json.loads((job_dir / "spec.json").read_text())["identity"]
+            except (OSError, ValueError, KeyError):
+                continue
+            if (identity["dag_id"], identity["run_id"], identity["task_id"], identity["map_index"]) == (
+                dag_id, run_id, task_id, map_index
+            ):
+                found.append(job_dir)
+        return found
+
+
+def _session_env(home: Path, api_port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AIRFLOW", "_AIRFLOW", "PYTEST_", "STEPOPS_"))}
+    api = f"http://127.0.0.1:{api_port}"
+    env.update({
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_DIR),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        # 2 cores: a few concurrent task processes are plenty (steps run in their own processes)
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",  # only DAGs a test unpauses get scheduled
+        "AIRFLOW__CORE__FERNET_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
+        "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api}/execution/",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(api_port),
+        "AIRFLOW__API__BASE_URL": api,
+        "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__API__SECRET_KEY": os.urandom(16).hex(),
+        "AIRFLOW__API_AUTH__JWT_SECRET": os.urandom(32).hex(),
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+        # fast scheduling loops
+        "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.5",
+        "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "2",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+        # a worker that dies without reporting is detected within ~30s (a SIGKILLed *task* process is
+        # reported by its supervisor at once, as up_for_retry); heartbeats every 2s keep a loaded
+        # 2-core machine far from false positives
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "3",
+        "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "2",
+        "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
+        # DAG files do not change during the session: parse them once, with one parsing process
+        "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "300",
+        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "300",
+        "AIRFLOW__DAG_PROCESSOR__DAG_FILE_PROCESSOR_TIMEOUT": "180",
+        "AIRFLOW__DAG_PROCESSOR__PRINT_STATS_INTERVAL": "0",
+    })
+    return env
+
+
+@pytest.fixture(scope="session")
+def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowEnv]:
+    home = tmp_path_factory.mktemp("airflow-home")
+    api_port = _free_port()
+    af = AirflowEnv(home=home, env=_session_env(home, api_port), api_port=api_port)
+    af.cli("db", "migrate", timeout=300)
+    # one `airflow connections add` per step operator, run side by side (each CLI call costs seconds)
+    procs = []
+    for conn_id, extras in CONNECTIONS.items():
+        log = open(home / f"connections-add-{conn_id}.log", "w")  # noqa: SIM115 - closed below
+        procs.append((conn_id, log, subprocess.Popen(
+            [*af.airflow, "connections", "add", conn_id, "--conn-type", "stepops_local",
+             "--conn-extra", json.dumps(extras)],
+            env=af.env, cwd=home, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)))
+    for conn_id, log, proc in procs:
+        code = proc.wait(timeout=180)
+        log.close()
+        assert code == 0, f"connections add {conn_id} failed:\n{_tail(Path(log.name))}"
+    rows = af.query("SELECT conn_id, conn_type, extra FROM connection")
+    assert {r["conn_id"]: r["conn_type"] for r in rows} == {c: "stepops_local" for c in CONNECTIONS}
+    try:
+        yield af
+    finally:
+        leftovers = kill_session_processes(home)
+        if leftovers:
+            print(f"\n[e2e] killed {len(leftovers)} leftover process(es) of {home}: {leftovers}")
+
+
+# ---------------------------------------------------------------------------------------------
+# live services
+# ---------------------------------------------------------------------------------------------
+_RUNNING_SERVICES: list[Services] = []
+
+
+@dataclass
+class Services:
+    af: AirflowEnv
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    stopped: bool = False
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.af.api_port}"
+
+    def log_path(self, name: str) -> Path:
+        return self.af.home / "service-logs" / f"{name}.log"
+
+    def start(self) -> None:
+        commands = {
+            "api-server": ["api-server", "--host", "127.0.0.1", "--port", str(self.af.api_port)],
+            "scheduler": ["scheduler", "--skip-serve-logs"],  # the log servers would bind 0.0.0.0
+            "dag-processor": ["dag-processor"],
+            "triggerer": ["triggerer", "--skip-serve-logs"],
+        }
+        self.log_path("x").parent.mkdir(parents=True, exist_ok=True)
+        for name, args in commands.items():
+            with open(self.log_path(name), "wb") as log:
+                self.procs[name] = subprocess.Popen(
+                    [*self.af.airflow, *args], env=self.af.env, cwd=self.af.home, stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _RUNNING_SERVICES.append(self)
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                pytest.fail(f"airflow {name} exited with {proc.returncode}:\n{_tail(self.log_path(name))}")
+
+    def diagnostics(self, lines: int = 40) -> str:
+        return "\n".join(f"----- {name} (last {lines} lines)\n{_tail(self.log_path(name), lines)}"
+                         for name in self.procs)
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        for proc in self.procs.values():  # the whole group: LocalExecutor workers, uvicorn workers...
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        # task runners live in their own process groups, detached steps in their own sessions
+        kill_session_processes(self.af.home)
+        if self in _RUNNING_SERVICES:
+            _RUNNING_SERVICES.remove(self)
+
+    # ---- REST API (public API v2; simple auth manager with all_admins: no token needed) --------
+    def api(self, method: str, path: str, body: Any = None, *, expect: tuple[int, ...] = (200,),
+            timeout: float = 30) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.base_url}/api/v2{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json", "Accept": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                status, payload = response.status, response.read()
+        except urllib.error.HTTPError as err:
+            status, payload = err.code, err.read()
+        if status not in expect:
+            pytest.fail(f"{method} {path} -> HTTP {status}: {payload[:2000]!r}")
+        return json.loads(payload) if payload else None
+
+    def _get(self, path: str) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/api/v2{path}", timeout=5) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, None
+        except (urllib.error.URLError, OSError, ValueError):
+            return 0, None
+
+    def wait_until_healthy(self, timeout: float = 240) -> None:
+        def healthy() -> bool:
+            self.check_alive()
+            status, health = self._get("/monitor/health")
+            if status != 200 or not health:
+                return False
+            return all((health.get(part) or {}).get("status") == "healthy"
+                       for part in ("metadatabase", "scheduler", "triggerer", "dag_processor"))
+
+        wait_for(healthy, timeout=timeout, interval=1,
+                 message=lambda: f"healthy Airflow services\n{self.diagnostics()}")
+
+    def wait_for_dags(self, dag_ids: tuple[str, ...], timeout: float = 180) -> None:
+        def parsed() -> bool:
+            self.check_alive()
+            return all(self._get(f"/dags/{dag_id}")[0] == 200 for dag_id in dag_ids)
+
+        wait_for(parsed, timeout=timeout, interval=1,
+                 message=lambda: f"the dag-processor to parse {dag_ids}\n{self.diagnostics()}")
+
+    # ---- running DAGs -------------------------------------------------------------------------
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None, run_id: str | None = None) -> str:
+        self.api("PATCH", f"/dags/{dag_id}", {"is_paused": False})
+        run_id = run_id or f"e2e__{dag_id}__{time.time_ns()}"
+        body = {"dag_run_id": run_id, "logical_date": None, "conf": conf or {}}
+        created = self.api("POST", f"/dags/{dag_id}/dagRuns", body)
+        assert created["dag_run_id"] == run_id
+        return run_id
+
+    def mark_ti(self, dag_id: str, run_id: str, task_id: str, state: str) -> Any:
+        return self.api("PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}", {"new_state": state})
+
+    def watch_ti(self, dag_id: str, run_id: str, task_id: str, *, until: Callable[[dict[str, Any]], bool],
+                 timeout: float, seen: list[str] | None = None, on_row: Callable[[dict[str, Any]], None] | None = None,
+                 interval: float = 0.2) -> dict[str, Any]:
+        """Poll one task instance until ``until(row)``; records every state seen (in order) in ``seen``."""
+        seen = [] if seen is None else seen
+
+        def check() -> dict[str, Any] | None:
+            self.check_alive()
+            row = self.af.ti(dag_id, run_id, task_id)
+            if row is None:
+                return None
+            if not seen or seen[-1] != row["state"]:
+                seen.append(row["state"])
+            if on_row is not None:
+                on_row(row)
+            return row if until(row) else None
+
+        return wait_for(check, timeout=timeout, interval=interval,
+                        message=lambda: f"{dag_id}.{task_id} in {run_id} (states seen: {seen})\n"
+                                        f"{self.af.task_log_text(dag_id, run_id, task_id)[-4000:]}\n"
+                                        f"{self.diagnostics(25)}")
+
+
+@pytest.fixture(scope="session")
+def airflow_services(airflow_env: AirflowEnv) -> Iterator[Services]:
+    services = Services(airflow_env)
+    services.start()
+    try:
+        services.wait_until_healthy()
+        services.wait_for_dags(LIVE_DAG_IDS)
+        yield services
+    finally:
+        services.stop()
+        alive = [name for name, proc in services.procs.items() if proc.poll() is None]
+        assert not alive, f"Airflow services still running after teardown: {alive}"
