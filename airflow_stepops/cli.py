@@ -83,6 +83,9 @@ def render_task(dag_id: str, task_id: str, run_id: str = "render", map_index: in
     from airflow_stepops.operators.base import StepOperator
 
     task = _load_task(dag_id, task_id)
+    if _is_mapped_step(task):
+        map_index = max(map_index, 0)
+        task = _unmap_for_render(task, map_index)
     if not isinstance(task, StepOperator):
         raise StepOperatorConfigError(f"task {dag_id}.{task_id} is a {type(task).__name__}, not a step task")
     hook = task.get_hook()
@@ -117,6 +120,28 @@ def _load_task(dag_id: str, task_id: str) -> Any:
         raise StepOperatorConfigError(f"task {task_id!r} not in DAG {dag_id!r}; tasks: {', '.join(dag.task_ids)}")
     task = dag.task_dict[task_id]
     return task
+
+
+def _is_mapped_step(task: Any) -> bool:
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    from airflow_stepops.operators.base import StepOperator
+
+    return isinstance(task, MappedOperator) and issubclass(task.operator_class, StepOperator)
+
+
+def _unmap_for_render(task: Any, map_index: int) -> Any:
+    """The operator one mapped instance would get; values only known at run time become placeholders."""
+    expand = task._get_specified_expand_input().value
+    mapped: dict[str, Any] = {}
+    for name, values in (expand.items() if isinstance(expand, dict) else []):
+        if isinstance(values, (list, tuple)) and map_index < len(values):
+            mapped[name] = values[map_index]
+        else:
+            mapped[name] = f"<mapped at run time: {values!r}[{map_index}]>"
+    if getattr(task, "_expand_input_attr", "") == "op_kwargs_expand_input":  # @task.step_operator().expand()
+        mapped = {"op_kwargs": {**task.partial_kwargs.get("op_kwargs", {}), **mapped}}
+    return task.unmap(mapped)
 
 
 def cmd_render(ns: argparse.Namespace) -> int:

@@ -198,7 +198,7 @@ class StepOperator(BaseOperator):
             self.log.info("Job %s of this try already exists: re-attaching", handle.get("job_id"))
         else:
             spec = self.write_step_bundle(context, hook, identity)
-            handle = hook.submit(spec)
+            handle = {**hook.submit(spec), "submitted_at": time.time()}
             self.log.info("Submitted step %s to %s step operator %r as job %s", self.task_label, hook.flavor,
                           self.step_operator, handle.get("job_id"))
         if store is not None:
@@ -313,9 +313,12 @@ class StepOperator(BaseOperator):
     def _record(self, context: Context, hook: StepOperatorHook, handle: JobHandle, details: dict[str, Any]) -> None:
         info = {"flavor": hook.flavor, "step_operator": self.step_operator, "job_id": handle.get("job_id"),
                 "console_url": hook.console_url(handle), **{k: v for k, v in details.items() if v is not None}}
-        started, finished = details.get("started_at"), details.get("finished_at")
+        submitted, started, finished = handle.get("submitted_at"), details.get("started_at"), details.get("finished_at")
+        if submitted and started:
+            info["queued_seconds"] = round(max(started - submitted, 0.0), 3)
         if started and finished:
             info["run_seconds"] = round(finished - started, 3)
+        self.log.info("Step job summary: %s", info)
         context["ti"].xcom_push(key=XCOM_JOB_KEY, value=info)
 
     def _cancel_quietly(self, hook: StepOperatorHook, handle: JobHandle) -> None:

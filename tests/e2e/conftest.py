@@ -168,6 +168,10 @@ class AirflowEnv:
     api_port: int
     airflow: list[str] = field(default_factory=_airflow_executable)
 
+    # helpers for the tests (kept here so test modules need not import this conftest)
+    wait_for = staticmethod(wait_for)
+    process_gone = staticmethod(process_gone)
+
     @property
     def db_path(self) -> Path:
         return self.home / "airflow.db"
@@ -346,6 +350,31 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowEnv
         leftovers = kill_session_processes(home)
         if leftovers:
             print(f"\n[e2e] killed {len(leftovers)} leftover process(es) of {home}: {leftovers}")
+
+
+@dataclass
+class DagsTestRun:
+    dag_id: str
+    run_id: str
+    returncode: int
+    output: str
+
+    def output_tail(self, lines: int = 80) -> str:
+        return "\n".join(self.output.splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def dags_test(airflow_env: AirflowEnv) -> Callable[[str], DagsTestRun]:
+    """``dags_test(dag_id)``: run ``airflow dags test DAG_ID`` once per session, then return that run."""
+    runs: dict[str, DagsTestRun] = {}
+
+    def run(dag_id: str) -> DagsTestRun:
+        if dag_id not in runs:
+            result = airflow_env.cli("dags", "test", dag_id, timeout=300, check=False, log_name=f"dags-test-{dag_id}")
+            runs[dag_id] = DagsTestRun(dag_id, airflow_env.latest_run_id(dag_id), result.returncode, result.stdout)
+        return runs[dag_id]
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,3 +122,19 @@ def test_unpicklable_xcom_argument_fails_before_submitting(tmp_path):
 
     with pytest.raises(StepOperatorConfigError, match=r"op_args\[1\] cannot be serialised by cloudpickle"):
         pickle_payload(lambda a, b: None, [1, threading.Lock()], {})
+
+
+def test_on_kill_stops_the_remote_job(tmp_path):
+    from airflow_stepops.hooks.base import JobState
+    from airflow_stepops.settings.local import LocalStepOperatorSettings
+
+    from .localjobs import make_hook, make_spec, wait_running
+
+    hook = make_hook(tmp_path)
+    handle = hook.submit(make_spec(hook, __import__("time").sleep, 60,
+                                   settings=LocalStepOperatorSettings(cancel_grace_period_seconds=1)))
+    wait_running(hook, handle)
+    op = LocalStepOperator(task_id="t", python_callable=lambda: 1, deferrable=False)
+    op._hook, op._handle = hook, handle  # as after submission in execute()
+    op.on_kill()
+    assert hook.get_status(handle).state is JobState.CANCELLED

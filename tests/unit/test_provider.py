@@ -95,3 +95,18 @@ def test_stepops_cli_list_describe_render(tmp_path):
 
     not_a_step = run("render", "step_features", "numbers")
     assert not_a_step.returncode == 2 and "not a step task" in not_a_step.stderr
+
+
+@pytest.mark.usefixtures("airflow_db")
+def test_stepops_render_of_mapped_step_tasks():
+    for dag_id, task_id, index, expected in [("local_training", "fit", 2, {"op_args": [0.5], "op_kwargs": {}}),
+                                              ("step_features", "square", 0, None)]:
+        out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "render", dag_id, task_id,
+                              "--map-index", str(index)], capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr
+        body = json.loads(out.stdout[out.stdout.index("{"):])
+        assert body["output_uri"].endswith(f"/{task_id}/{index}/try-1/output")
+        if expected:
+            assert body["arguments"] == expected
+        else:
+            assert body["arguments"]["op_kwargs"]["x"].startswith("<mapped at run time")
