@@ -247,7 +247,7 @@ class LocalStepOperatorHook(StepOperatorHook):
             "cwd": job_dir,
             "cpu_ids": plan["cpu_ids"],
             "memory_limit_bytes": plan["memory_limit_bytes"],
-            "limit_address_space": not plan["gpus"],
+            "limit_data_segment": not plan["gpus"],
             "gpus": plan["gpus"],
             "max_runtime_seconds": settings.max_runtime_in_seconds,
             "nice": settings.nice,
@@ -291,7 +291,7 @@ class LocalStepOperatorHook(StepOperatorHook):
         env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
         env.update(launch["step_env"])
         launcher_spec = {**{k: launch[k] for k in ("argv", "cwd", "cpu_ids", "memory_limit_bytes",
-                                                    "limit_address_space", "gpus", "max_runtime_seconds",
+                                                    "limit_data_segment", "gpus", "max_runtime_seconds",
                                                     "nice", "cancel_grace_seconds")},
                          "env": env, "output_uri": spec.output_uri, "identity": spec.identity.__dict__}
         tmp = os.path.join(job_dir, "spec.json.tmp")

@@ -79,7 +79,7 @@ class Launcher:
         if cpu_ids:
             os.sched_setaffinity(0, cpu_ids)
         limit = self.spec.get("memory_limit_bytes")
-        if limit and self.spec.get("limit_address_space", True):
+        if limit and self.spec.get("limit_data_segment", True):
             resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
         if self.spec.get("nice"):
             os.nice(int(self.spec["nice"]))

@@ -11,7 +11,8 @@
   CPU), then every process still carrying this session's ``AIRFLOW_HOME`` or job directory (task
   runners, detached step launchers and steps) is killed.
 
-Tests that only need ``airflow dags test`` run before the ones that need the services.
+Tests that only need ``airflow dags test`` run before the ones that need the services. Set
+``STEPOPS_E2E_AIRFLOW_HOME`` to an empty directory to keep the session's home (DB, logs, job dirs).
 """
 
 from __future__ import annotations
@@ -326,7 +327,13 @@ def _session_env(home: Path, api_port: int) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowEnv]:
-    home = tmp_path_factory.mktemp("airflow-home")
+    fixed = os.environ.get("STEPOPS_E2E_AIRFLOW_HOME")  # to keep a session's home for debugging
+    if fixed:
+        home = Path(fixed).resolve()
+        assert not home.exists() or not any(home.iterdir()), f"STEPOPS_E2E_AIRFLOW_HOME={home} is not empty"
+        home.mkdir(parents=True, exist_ok=True)
+    else:
+        home = tmp_path_factory.mktemp("airflow-home")
     api_port = _free_port()
     af = AirflowEnv(home=home, env=_session_env(home, api_port), api_port=api_port)
     af.cli("db", "migrate", timeout=300)

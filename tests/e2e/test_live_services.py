@@ -132,9 +132,17 @@ def test_mark_deferred_step_failed_stops_remote_job(airflow_env, airflow_service
     # the step ignores SIGTERM: stopping it needs the launcher's escalation to SIGKILL
     run_id = airflow_services.trigger(dag_id, {"pid_file": str(pid_file), "ignore_sigterm": "yes"})
 
+    # wait until the trigger runs in the triggerer (claimed, and streaming the step's log lines): a
+    # task marked failed before that has no running trigger whose on_kill could stop the job
+    def trigger_running(row: dict) -> bool:
+        if row["state"] != "deferred" or row["trigger_id"] is None or not pid_file.exists():
+            return False
+        claimed = af.query('SELECT triggerer_id FROM "trigger" WHERE id = ?', row["trigger_id"])
+        return bool(claimed and claimed[0]["triggerer_id"] is not None
+                    and "[local] e2e-long-step running" in af.task_log_text(dag_id, run_id, task_id))
+
     seen: list[str] = []
-    airflow_services.watch_ti(dag_id, run_id, task_id, seen=seen, timeout=120,
-                              until=lambda row: row["state"] == "deferred" and pid_file.exists())
+    airflow_services.watch_ti(dag_id, run_id, task_id, seen=seen, timeout=120, until=trigger_running)
     step_pid = int(pid_file.read_text())
     assert not af.process_gone(step_pid)
     assert "bootstrap.py" in " ".join(psutil.Process(step_pid).cmdline())
@@ -154,6 +162,6 @@ def test_mark_deferred_step_failed_stops_remote_job(airflow_env, airflow_service
     af.wait_for(lambda: af.process_gone(launcher["pid"]), timeout=15, message="the launcher to exit")
 
     assert af.ti(dag_id, run_id, task_id)["state"] == "failed"
-    assert "[local] e2e-long-step running" in af.task_log_text(dag_id, run_id, task_id)
+    assert "Task killed while deferred: stopping remote job" in af.task_log_text(dag_id, run_id, task_id)
     assert not os.path.exists(af.home / "stepops" / "artifacts" / dag_id / run_id / task_id / "-1" / "try-1"
                               / "output" / "result.json")

@@ -290,3 +290,24 @@ def test_local_flavor_needs_a_file_store():
     with pytest.raises(ValidationError, match="needs a file:// artifact store"):
         LocalStepOperatorConfig(artifact_store="s3://bucket/x")
     assert LocalStepOperatorConfig(artifact_store="/data/x").artifact_store == "file:///data/x"
+
+
+def test_memory_watchdog_kills_the_group_when_no_data_limit_applies(tmp_path):
+    # with a GPU the data-segment limit is off (GPU runtimes map large private areas); the resident
+    # memory watchdog still enforces the limit, like a cgroup OOM kill
+    hook = make_hook(tmp_path, nvidia_smi=_fake_nvidia_smi(tmp_path, GPUS))
+
+    def hog():
+        import time
+
+        blocks = []
+        for _ in range(100):
+            blocks.append(bytearray(10 * 2**20))
+            time.sleep(0.05)
+        return len(blocks)
+
+    handle = hook.submit(make_spec(hook, hog, resources=ResourceSettings(memory="150MiB", gpu_type="T4")))
+    status = wait_terminal(hook, handle)
+    assert status.state is JobState.FAILED
+    assert status.details["reason"] == "oom_killed"
+    assert "more than its memory limit of 157286400 bytes" in status.message
