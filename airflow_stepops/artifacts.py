@@ -21,12 +21,9 @@ CHUNK = 8 << 20
 
 def default_local_store() -> str:
     """``file://`` URI of the default store, a directory under ``AIRFLOW_HOME``."""
-    from airflow.sdk.configuration import conf
+    from airflow_stepops._compat import airflow_home
 
-    home = conf.get("core", "airflow_home", fallback=None) or os.environ.get("AIRFLOW_HOME") or os.path.expanduser(
-        "~/airflow"
-    )
-    return "file://" + os.path.join(os.path.abspath(home), "stepops", "artifacts")
+    return "file://" + os.path.join(airflow_home(), "stepops", "artifacts")
 
 
 def store_path(uri: str) -> ObjectStoragePath:

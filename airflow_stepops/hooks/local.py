@@ -101,10 +101,9 @@ class LocalStepOperatorHook(StepOperatorHook):
     def jobs_dir(self) -> str:
         if self.config.jobs_dir:
             return os.path.abspath(os.path.expanduser(self.config.jobs_dir))
-        from airflow.sdk.configuration import conf
+        from airflow_stepops._compat import airflow_home
 
-        home = conf.get("core", "airflow_home", fallback=None) or os.environ.get("AIRFLOW_HOME") or "~/airflow"
-        return os.path.join(os.path.abspath(os.path.expanduser(home)), "stepops", "local", "jobs")
+        return os.path.join(airflow_home(), "stepops", "local", "jobs")
 
     def job_dir(self, identity: StepIdentity) -> str:
         return os.path.join(self.jobs_dir, identity.job_name(max_length=120, allowed=r"[^a-z0-9_.-]"))

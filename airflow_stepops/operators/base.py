@@ -54,9 +54,9 @@ def _default_deferrable() -> bool:
     explicit = os.environ.get("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE")
     if explicit is not None:
         return explicit.strip().lower() in ("1", "true", "t", "yes", "y", "on")
-    from airflow.sdk.configuration import conf
+    from airflow_stepops._compat import airflow_conf
 
-    return conf.getboolean("stepops", "default_deferrable", fallback=True)
+    return airflow_conf().getboolean("stepops", "default_deferrable", fallback=True)
 
 
 class StepOperator(BaseOperator):
