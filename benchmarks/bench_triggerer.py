@@ -1,6 +1,6 @@
 """Triggerer budget: 1,000 concurrent deferred steps on one event loop, with shared status polling.
 
-One worker process runs ``LocalStepOperatorTrigger``s the way a triggerer does (all on one asyncio
+A worker process per scenario runs ``LocalStepOperatorTrigger``s the way a triggerer does (all on one asyncio
 loop) against realistic local job directories: ``spec.json``, ``launcher.json`` naming a live
 process (the worker itself, so the hook sees the launcher alive and the job running), ``child.json``
 and a ``step.log``. A separate writer process then finishes the jobs at staggered times by writing
@@ -182,17 +182,12 @@ def run_scenario(root: Path, n: int, shared: bool, counters: Counters) -> dict[s
     }
 
 
-def worker(root: Path, scenarios: list[dict[str, Any]]) -> dict[str, Any]:
-    """Run the scenarios one after another in this process."""
+def worker(root: Path, n: int, shared: bool) -> dict[str, Any]:
+    """Run one scenario in this (fresh) process, so memory and CPU figures are its own."""
     import logging
 
     logging.getLogger().setLevel(logging.WARNING)
-    counters = Counters()
-    results = []
-    for i, scenario in enumerate(scenarios):
-        results.append(run_scenario(root / f"scenario-{i}", scenario["n"], scenario["shared"], counters))
-        print(f"scenario {scenario}: {results[-1]['wall']:.2f}s", file=sys.stderr, flush=True)
-    return {"results": results}
+    return run_scenario(root, n, shared, Counters())
 
 
 # ---- orchestrator side ------------------------------------------------------------------------
@@ -200,7 +195,7 @@ def _per_interval(result: dict[str, Any], value: float) -> float:
     return value / (result["polling_seconds"] / INTERVAL)
 
 
-def run(workdir: Path, *, triggers: int = 1000, quick: bool = False) -> Section:
+def run(workdir: Path, *, triggers: int = 1000) -> Section:
     """Run the triggerer benchmark and build its table."""
     section = Section("triggerer", f"{triggers:,} concurrent deferred local steps on one event loop")
     small = max(triggers // 10, 1)
@@ -208,10 +203,13 @@ def run(workdir: Path, *, triggers: int = 1000, quick: bool = False) -> Section:
     progress(f"triggerer: {small} and {triggers} shared, {triggers} unshared triggers "
              f"(jobs finish over {START_DELAY + SPREAD:.0f} s)")
     home = workdir / "airflow-home-triggerer"
-    data = run_worker("benchmarks.bench_triggerer", ["worker", workdir / "triggerer", json.dumps(scenarios)],
-                      env=airflow_env(home))
-    few, shared, unshared = data["results"]
-    for res in data["results"]:
+    results = []
+    for i, scenario in enumerate(scenarios):
+        results.append(run_worker("benchmarks.bench_triggerer",
+                                  ["worker", workdir / f"triggerer-{i}", scenario["n"], int(scenario["shared"])],
+                                  env=airflow_env(home)))
+    few, shared, unshared = results
+    for res in results:
         if res["completed"] != res["n"] or res["states"] != ["succeeded"]:
             raise RuntimeError(f"only {res['completed']}/{res['n']} triggers completed ({res['states']})")
 
@@ -251,14 +249,16 @@ def run(workdir: Path, *, triggers: int = 1000, quick: bool = False) -> Section:
         f"+{shared['last_written_after']:.2f} s, all {triggers:,} events by +{shared['wall']:.2f} s "
         f"(poll interval {INTERVAL} s). Latency = event time - status.json write time.",
         f"RSS before the {triggers:,} triggers: {fmt_bytes(shared['rss_before'])} (Airflow imported). "
-        f"{small:,}-step shared run: {few['status_calls']} status calls, CPU {fmt_time(few['cpu'])}.",
+        f"{small:,}-step shared run: {few['status_calls']} status calls, CPU {fmt_time(few['cpu'])}, detection "
+        f"latency p50 / p95 {fmt_time(median(few['latencies']))} / {fmt_time(percentile(few['latencies'], 95))}.",
+        "each scenario runs in its own fresh worker process (CPU and peak RSS are that process's own).",
         "log reads are made per trigger after every status delivery (one thread hop each), so they grow with "
         "the number of steps even when status polling is shared.",
     ]
-    section.data = data
+    section.data = {"scenarios": results, "interval": INTERVAL, "start_delay": START_DELAY, "spread": SPREAD}
     return section
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["worker"]:
-        emit(worker(Path(sys.argv[2]), json.loads(sys.argv[3])))
+        emit(worker(Path(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4]))))

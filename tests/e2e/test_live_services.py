@@ -69,14 +69,22 @@ def test_deferred_step_resumes_on_worker_with_streamed_logs(airflow_env, airflow
 
 
 def _task_runner_process(ti_row: dict) -> psutil.Process | None:
-    """The forked task runner of a TI: its proctitle is ``airflow worker -- <ti id>``; TI.pid says the same."""
+    """The task runner process of a TI, forked by its supervisor.
+
+    LocalExecutor's worker process runs the supervisor, titled ``airflow worker -- LocalExecutor: <ti
+    id>``; the task runner it forks (where ``execute()`` runs) retitles itself ``airflow worker -- <ti id>``.
+    """
     ti_id = ti_row["id"].replace("-", "")
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if cmdline.startswith("airflow worker --") and ti_id in cmdline.replace("-", ""):
+        if (cmdline.startswith("airflow worker -- ") and "LocalExecutor" not in cmdline
+                and ti_id in cmdline.replace("-", "")):
             found.append(proc)
     assert len(found) <= 1, found
+    if found:
+        supervisor = " ".join(found[0].parent().cmdline())
+        assert supervisor.startswith("airflow worker -- LocalExecutor:"), supervisor
     return found[0] if found else None
 
 

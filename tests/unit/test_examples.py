@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "dags_examples"
 
 
+@pytest.mark.usefixtures("airflow_db")
 def test_example_dags_parse_without_errors():
     from airflow.dag_processing.dagbag import DagBag
 
