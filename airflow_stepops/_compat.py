@@ -5,6 +5,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+try:
+    from airflow.sdk.exceptions import AirflowException, AirflowNotFoundException
+except ImportError:  # Airflow < 3.2
+    from airflow.exceptions import AirflowException, AirflowNotFoundException  # type: ignore[no-redef]
+
+__all__ = ["AirflowException", "AirflowNotFoundException", "airflow_conf", "airflow_home", "dagbag_class"]
+
 
 def airflow_conf() -> Any:
     try:
@@ -17,3 +24,11 @@ def airflow_conf() -> Any:
 def airflow_home() -> str:
     home = airflow_conf().get("core", "airflow_home", fallback=None) or os.environ.get("AIRFLOW_HOME") or "~/airflow"
     return os.path.abspath(os.path.expanduser(home))
+
+
+def dagbag_class() -> Any:
+    try:
+        from airflow.dag_processing.dagbag import DagBag
+    except ImportError:  # Airflow < 3.2
+        from airflow.models.dagbag import DagBag
+    return DagBag

@@ -107,9 +107,9 @@ def render_task(dag_id: str, task_id: str, run_id: str = "render", map_index: in
 
 
 def _load_task(dag_id: str, task_id: str) -> Any:
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow_stepops._compat import dagbag_class
 
-    bag = DagBag()
+    bag = dagbag_class()()
     dag = bag.get_dag(dag_id)
     if dag is None:
         problems = "; ".join(f"{k}: {v.splitlines()[-1]}" for k, v in bag.import_errors.items())

@@ -115,7 +115,7 @@ def _registered_hint() -> str:
 
 def load_step_operator_connection(conn_id: str, expected_flavor: str | None = None) -> tuple[str, dict[str, Any]]:
     """Return (flavor, extras) of a step operator connection, or raise a clear error."""
-    from airflow.sdk.exceptions import AirflowNotFoundException
+    from airflow_stepops._compat import AirflowNotFoundException
 
     try:
         conn = _get_connection(conn_id)
@@ -133,7 +133,7 @@ def load_step_operator_connection(conn_id: str, expected_flavor: str | None = No
 def _get_connection(conn_id: str) -> Any:
     """The connection from the task SDK, or from Airflow's secrets backends and metadata DB when
     called outside a task (``stepops`` CLI, DAG processor)."""
-    from airflow.sdk.exceptions import AirflowNotFoundException
+    from airflow_stepops._compat import AirflowNotFoundException
 
     try:
         return BaseHook.get_connection(conn_id)

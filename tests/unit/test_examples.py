@@ -11,9 +11,9 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "dags_examples"
 
 @pytest.mark.usefixtures("airflow_db")
 def test_example_dags_parse_without_errors():
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow_stepops._compat import dagbag_class
 
-    bag = DagBag(dag_folder=str(EXAMPLES))
+    bag = dagbag_class()(dag_folder=str(EXAMPLES))
     assert bag.import_errors == {}
     assert {"mixed_pipeline", "local_training"} <= set(bag.dag_ids)
     mixed = bag.get_dag("mixed_pipeline")
