@@ -76,7 +76,9 @@ def registered_step_operators() -> dict[str, str]:
             flavor = flavor_for_conn_type(conn_type)
             if flavor:
                 found[key[len(prefix):].lower()] = flavor.name
-    try:  # the metadata DB is reachable from the CLI and the scheduler, not always from a worker
+    if _inside_task():  # workers do not talk to the metadata DB; the CLI lists everything
+        return dict(sorted(found.items()))
+    try:
         from airflow.models import Connection
         from airflow.utils.session import create_session
 
@@ -91,6 +93,12 @@ def registered_step_operators() -> dict[str, str]:
     except Exception:
         pass
     return dict(sorted(found.items()))
+
+
+def _inside_task() -> bool:
+    from airflow.sdk.execution_time import task_runner
+
+    return getattr(task_runner, "SUPERVISOR_COMMS", None) is not None
 
 
 def _conn_type_of_env(value: str) -> str | None:
@@ -108,9 +116,10 @@ def _conn_type_of_env(value: str) -> str | None:
 
 def _registered_hint() -> str:
     known = registered_step_operators()
+    where = " visible to this worker (run `stepops list` for all)" if _inside_task() else ""
     if not known:
-        return "no step operators are registered yet"
-    return "registered step operators: " + ", ".join(f"{k} ({v})" for k, v in known.items())
+        return f"no step operators are registered{where}"
+    return f"registered step operators{where}: " + ", ".join(f"{k} ({v})" for k, v in known.items())
 
 
 def load_step_operator_connection(conn_id: str, expected_flavor: str | None = None) -> tuple[str, dict[str, Any]]:
@@ -138,9 +147,7 @@ def _get_connection(conn_id: str) -> Any:
     try:
         return BaseHook.get_connection(conn_id)
     except AirflowNotFoundException:
-        from airflow.sdk.execution_time import task_runner
-
-        if getattr(task_runner, "SUPERVISOR_COMMS", None) is not None:
+        if _inside_task():
             raise
     try:
         from airflow.models.connection import Connection
