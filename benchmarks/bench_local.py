@@ -125,12 +125,13 @@ with open(sys.argv[2], "wb") as fh:
 def _trivial_step() -> Any:
     """``f(x) = x + 1`` defined outside any importable module, so cloudpickle ships it by value."""
     namespace: dict[str, Any] = {"__name__": "__stepops_bench_step__"}
-    exec("def f(x):\n    return x + 1\n", namespace)  # noqa: S102 - fixed source
+    exec("def f(x):\n    return x + 1\n", namespace)
     return namespace["f"]
 
 
 # ---- worker side ------------------------------------------------------------------------------
 def _mtime(path: Path) -> float:
+    """Modification time of ``path`` (epoch seconds)."""
     return path.stat().st_mtime
 
 
@@ -157,11 +158,13 @@ def _instrument(events: dict[str, Any]) -> None:
                                     StepOperator.execute_complete)
 
     def timed_submit(self: Any, spec: Any) -> Any:
+        """Record when ``submit`` returns."""
         handle = submit(self, spec)
         events.setdefault("submit_returned", time.time())
         return handle
 
     def timed_status(self: Any, handle: Any) -> Any:
+        """Record the first poll and the first poll that saw a terminal state."""
         status = get_status(self, handle)
         now = time.time()
         events.setdefault("first_poll", now)
@@ -170,6 +173,7 @@ def _instrument(events: dict[str, Any]) -> None:
         return status
 
     def timed_complete(self: Any, context: Any, event: Any) -> Any:
+        """Record when ``execute_complete`` starts."""
         events.setdefault("execute_complete", time.time())
         return complete(self, context, event)
 
@@ -216,6 +220,7 @@ def worker(dag_file: Path, plan: list[str]) -> dict[str, Any]:
 
 # ---- orchestrator side ------------------------------------------------------------------------
 def _time_cmd(cmd: list[str], reps: int) -> list[float]:
+    """Wall time of ``cmd``, ``reps`` times."""
     samples = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -272,7 +277,7 @@ def run(workdir: Path, *, quick: bool = False) -> Section:
 
     reps = ({"local": 3, "local_deferred": 2, "external_python": 2, "external_python_noaf": 2, "noop": 2} if quick
             else {"local": 6, "local_deferred": 4, "external_python": 3, "external_python_noaf": 3, "noop": 3})
-    plan = ["noop", "local"] + make_plan(reps)  # the first two runs warm up and are dropped
+    plan = ["noop", "local", *make_plan(reps)]  # the first two runs warm up and are dropped
     progress(f"local: {len(plan)} dag.test() runs: {', '.join(f'{k} x{v}' for k, v in reps.items())}")
     data = run_worker("benchmarks.bench_local", ["worker", dag_file, json.dumps(plan)], env=env, timeout=1200)
     records = data["records"][2:]

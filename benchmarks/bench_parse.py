@@ -80,7 +80,7 @@ def _in_child(fn: Callable[[], Any]) -> Any:
         os.close(read_fd)
         try:
             payload = {"ok": fn()}
-        except BaseException:  # noqa: BLE001 - reported to the parent
+        except BaseException:
             payload = {"error": traceback.format_exc()}
         with os.fdopen(write_fd, "w") as out:
             out.write(json.dumps(payload))
@@ -113,6 +113,7 @@ def worker(bundle: Path, cold_reps: int, warm_procs: int, warm_pairs: int, impor
     log = structlog.get_logger("bench")
 
     def parse_once(kind: str) -> dict[str, float]:
+        """Parse one file as the DAG processor does; time its three phases."""
         path = files[kind]
         t0 = time.perf_counter()
         check_dag_file_stability(str(path))
@@ -135,6 +136,7 @@ def worker(bundle: Path, cold_reps: int, warm_procs: int, warm_pairs: int, impor
             cold[kind].append(_in_child(lambda kind=kind: parse_once(kind)))
 
     def warm_child(first: str) -> dict[str, list[dict[str, float]]]:
+        """Parse both files untimed, then alternate timed parses."""
         for _ in range(2):
             parse_once("step")
             parse_once("plain")
@@ -152,6 +154,7 @@ def worker(bundle: Path, cold_reps: int, warm_procs: int, warm_pairs: int, impor
             warm[kind] += result[kind]
 
     def import_cost() -> dict[str, float]:
+        """Time what the step DAG imports from airflow_stepops, in a fresh child."""
         t0 = time.perf_counter()
         from airflow_stepops import ResourceSettings  # noqa: F401 - what the step DAG file imports
         t1 = time.perf_counter()
@@ -168,6 +171,7 @@ def worker(bundle: Path, cold_reps: int, warm_procs: int, warm_pairs: int, impor
 
 # ---- orchestrator side --------------------------------------------------------------------------
 def _phase(samples: list[dict[str, float]], *phases: str) -> float:
+    """Median over samples of the summed ``phases``."""
     return median(sum(s[p] for p in phases) for s in samples)
 
 
@@ -203,8 +207,9 @@ def run(workdir: Path, *, quick: bool = False) -> Section:
                 ratio(c_step_all, c_plain_all))
     imp = median(s["total"] for s in data["imports"])
     section.add("one-time import of airflow_stepops", fmt_time(imp), fmt_time(c_plain), ratio(imp, c_plain))
-    section.add("  ResourceSettings / task.step_operator", f"{fmt_time(median(s['resources'] for s in data['imports']))}"
-                f" / {fmt_time(median(s['decorator'] for s in data['imports']))}")
+    imports = data["imports"]
+    section.add("  ResourceSettings / task.step_operator", f"{fmt_time(median(s['resources'] for s in imports))} / "
+                f"{fmt_time(median(s['decorator'] for s in imports))}")
 
     per_task = (w_step - w_plain) / TASKS
     section.notes += [
@@ -213,8 +218,9 @@ def run(workdir: Path, *, quick: bool = False) -> Section:
         f"step-vs-plain cost per task (warm module exec): {fmt_time(per_task)}.",
         "cold phases step / plain: " + ", ".join(
             f"{p} {fmt_time(_phase(cold['step'], p))} / {fmt_time(_phase(cold['plain'], p))}" for p in PHASES)
-        + " (first-use imports land in different phases, e.g. the step DAG's imports pull in modules that "
-        "serialisation needs later; compare totals).",
+        + ". Cold numbers are dominated by first-use imports (serialisation lazily imports the standard "
+        "provider's trigger_dagrun/external_task modules) and copy-on-write page faults after fork, which land "
+        "differently from run to run; they are shown for scale, the budget uses the warm numbers.",
         "the import row's baseline is the whole cold module exec of the plain DAG (to put it in proportion).",
         "airflow_stepops modules already loaded before the fork (by Airflow's providers manager): "
         + (", ".join(data["preloaded_before_fork"]) or "none"),

@@ -112,8 +112,12 @@ def fmt_rate(nbytes: float, seconds: float) -> str:
 
 
 def fmt_ratio(value: float | None) -> str:
-    """``1.23x`` or empty."""
-    return "" if value is None else f"{value:.2f}x"
+    """``1.23x``, ``1/646x`` for tiny ratios, or empty."""
+    if value is None:
+        return ""
+    if 0 < value < 0.01:
+        return f"1/{1 / value:.0f}x"
+    return f"{value:.2f}x"
 
 
 def parse_size(text: str) -> int:
@@ -160,6 +164,7 @@ def progress(message: str) -> None:
 
 # ---- memory probes (Linux /proc; fall back to getrusage) --------------------------------------
 def _status_kib(field_name: str) -> int | None:
+    """A ``kB`` field of /proc/self/status, None where unavailable."""
     try:
         with open("/proc/self/status", encoding="ascii") as fh:
             match = re.search(rf"^{field_name}:\s+(\d+)\s+kB", fh.read(), re.MULTILINE)
