@@ -7,14 +7,16 @@ works: ``file://``, ``s3://``, ``gs://``, ``abfs://``...
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 from dataclasses import dataclass
-from typing import IO, Any
-
-from airflow.sdk import ObjectStoragePath
+from typing import IO, TYPE_CHECKING, Any
 
 from airflow_stepops.exceptions import StepOperatorConfigError
+
+if TYPE_CHECKING:
+    from airflow.sdk import ObjectStoragePath
 
 CHUNK = 8 << 20
 
@@ -27,6 +29,8 @@ def default_local_store() -> str:
 
 
 def store_path(uri: str) -> ObjectStoragePath:
+    from airflow.sdk import ObjectStoragePath
+
     try:
         return ObjectStoragePath(uri)
     except Exception as exc:
@@ -55,6 +59,8 @@ class ArtifactRef:
 
     @property
     def path(self) -> ObjectStoragePath:
+        from airflow.sdk import ObjectStoragePath
+
         return ObjectStoragePath(self.uri)
 
     def open(self) -> IO[bytes]:
@@ -70,12 +76,20 @@ class ArtifactRef:
             raise ValueError(f"artifact {self.uri} does not match its sha256 {self.sha256}: it was modified")
 
     def load(self) -> Any:
-        """Unpickle the value. Only call this for artifacts your own steps produced."""
+        """Unpickle the value, checking the sha256 in the same pass (hashing runs in a helper
+        thread alongside the read). Only call this for artifacts your own steps produced."""
         import cloudpickle
 
-        self.verify()
-        with self.open() as fh:
-            return cloudpickle.load(fh)
+        with self.open() as raw:
+            reader = _VerifyingReader(raw)
+            try:
+                value = cloudpickle.load(reader)
+                reader.drain()
+            finally:
+                reader.close()
+        if reader.sha256.hexdigest() != self.sha256 or reader.size != self.size:
+            raise ValueError(f"artifact {self.uri} does not match its sha256 {self.sha256}: it was modified")
+        return value
 
     def copy_to(self, destination: str | os.PathLike[str]) -> None:
         """Stream the stored bytes to a local file, checking the sha256."""
@@ -89,6 +103,66 @@ class ArtifactRef:
 
     def __str__(self) -> str:
         return f"ArtifactRef({self.type}, {self.size} bytes, {self.uri})"
+
+
+class _VerifyingReader(io.RawIOBase):
+    """Read-through file object that hashes what passes, overlapping the hash with the next read."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self._pool: Any = None
+        self._pending: Any = None
+
+    def readable(self) -> bool:
+        return True
+
+    def _hash(self, chunk: memoryview) -> None:
+        if self._pending is not None:
+            self._pending.result()
+        if chunk.nbytes < CHUNK:
+            self._pending = None
+            self.sha256.update(chunk)
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepops-verify")
+        self._pending = self._pool.submit(self.sha256.update, chunk)
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        total = 0
+        while total < view.nbytes:
+            chunk = view[total:total + CHUNK]
+            read = self._raw.readinto(chunk) if hasattr(self._raw, "readinto") else _readinto(self._raw, chunk)
+            if not read:
+                break
+            self._hash(chunk[:read])
+            total += read
+        self.size += total
+        return total
+
+    def drain(self) -> None:
+        """Hash whatever the unpickler did not read, and wait for the hashing thread."""
+        while chunk := self._raw.read(CHUNK):
+            self.size += len(chunk)
+            self._hash(memoryview(chunk))
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+        super().close()
+
+
+def _readinto(raw: IO[bytes], view: memoryview) -> int:
+    data = raw.read(view.nbytes)
+    view[: len(data)] = data
+    return len(data)
 
 
 def copy_file(src: ObjectStoragePath, dst: ObjectStoragePath) -> None:

@@ -14,16 +14,18 @@ import json
 import re
 import sys
 import sysconfig
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
-
-from airflow.sdk import ObjectStoragePath
+from typing import TYPE_CHECKING, Any
 
 from airflow_stepops.artifacts import ArtifactRef
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.runtime import bootstrap
+
+if TYPE_CHECKING:
+    from airflow.sdk import ObjectStoragePath
 
 RUNTIME_SOURCE = Path(bootstrap.__file__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._:+=-]")
@@ -98,6 +100,10 @@ def replace_refs(value: Any, refs: list[ArtifactRef], depth: int = 0) -> Any:
         return [replace_refs(v, refs, depth + 1) for v in value]
     if type(value) is tuple:
         return tuple(replace_refs(v, refs, depth + 1) for v in value)
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray, memoryview, tuple, list)):
+        # e.g. the lazy sequence Airflow passes for the results of a mapped task: materialise it,
+        # never pickle the worker-side object (it holds the task instance and its context)
+        return [replace_refs(v, refs, depth + 1) for v in value]
     return value
 
 
@@ -152,37 +158,6 @@ def find_unpicklable(fn: Any, args: Any, kwargs: dict[str, Any]) -> str | None:
         except Exception:
             return name
     return None
-
-
-def check_literal_args_picklable(fn: Any, op_args: Any, op_kwargs: Any) -> None:
-    """Parse-time check for arguments written literally in the DAG file (XComArgs are skipped)."""
-    from airflow.sdk.definitions._internal.mixins import ResolveMixin
-
-    def simple(value: Any, depth: int = 0) -> bool:
-        if depth > 8:
-            return False
-        if value is None or isinstance(value, (str, int, float, bool, bytes, ResolveMixin, ArtifactRef)):
-            return True
-        if isinstance(value, (list, tuple, set, frozenset)):
-            return all(simple(v, depth + 1) for v in value)
-        if isinstance(value, dict):
-            return all(simple(k, depth + 1) and simple(v, depth + 1) for k, v in value.items())
-        return False
-
-    items = [(f"op_args[{i}]", a) for i, a in enumerate(op_args or ())]
-    items += [(f"op_kwargs[{k!r}]", v) for k, v in (op_kwargs or {}).items()]
-    import cloudpickle
-
-    for name, value in items:
-        if simple(value):
-            continue
-        try:
-            cloudpickle.dumps(value)
-        except Exception as exc:
-            raise StepOperatorConfigError(
-                f"{name} cannot be serialised by cloudpickle ({type(exc).__name__}: {exc}); "
-                "pass plain data, or create the object inside the step"
-            ) from exc
 
 
 def build_meta(identity: StepIdentity, *, multiple_outputs: bool, max_result_bytes: int,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -63,6 +64,7 @@ _GPU_ALIASES: dict[str, str] = {
 }
 
 
+@lru_cache(maxsize=1024)
 def parse_size(value: str | int | float, *, field: str = "size") -> int:
     """Return a size in bytes; raise ``ValueError`` naming ``field`` and the accepted format."""
     if isinstance(value, bool):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Collection, Mapping, Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.bases.decorator import DecoratedOperator, task_decorator_factory
@@ -23,16 +24,24 @@ PORTABLE_CONTEXT_KEYS = frozenset({
 })
 
 
-def _check_context_parameters(fn: Callable[..., Any]) -> None:
+@lru_cache(maxsize=4096)
+def _refused_context_parameter(code: Any) -> str | None:
+    """The first parameter naming a worker-only context value (cached per code object: parse budget)."""
     from airflow.sdk.definitions.context import KNOWN_CONTEXT_KEYS
 
-    for name in inspect.signature(fn).parameters:
-        if name in KNOWN_CONTEXT_KEYS and name not in PORTABLE_CONTEXT_KEYS:
-            raise StepOperatorConfigError(
-                f"parameter {name!r} of {fn.__name__}: the Airflow context value {name!r} does not exist where "
-                f"a step runs; take the values you need as arguments instead (context values a step can "
-                f"receive: {', '.join(sorted(PORTABLE_CONTEXT_KEYS))})"
-            )
+    names = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+    return next((n for n in names if n in KNOWN_CONTEXT_KEYS and n not in PORTABLE_CONTEXT_KEYS), None)
+
+
+def _check_context_parameters(fn: Callable[..., Any]) -> None:
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    name = _refused_context_parameter(code) if code is not None else None
+    if name is not None:
+        raise StepOperatorConfigError(
+            f"parameter {name!r} of {fn.__name__}: the Airflow context value {name!r} does not exist where "
+            f"a step runs; take the values you need as arguments instead (context values a step can "
+            f"receive: {', '.join(sorted(PORTABLE_CONTEXT_KEYS))})"
+        )
 
 
 class _StepOperatorDecoratedOperator(DecoratedOperator, StepOperator):
@@ -77,6 +86,18 @@ def step_operator_task(
     Accepts everything ``StepOperator`` does (``step_operator``, ``settings``, ``resources``,
     ``deferrable``, ``poll_interval``) plus the usual operator arguments (retries, pool, ...).
     """
+    if "resources" in kwargs:
+        # BaseOperator has an argument of the same name that .expand()/.partial() coerce into Airflow's
+        # own Resources; carry ours inside settings so mapping works the same as a plain call
+        resources = kwargs.pop("resources")
+        settings = dict(kwargs.pop("settings", None) or {})
+        if "resources" in settings:
+            raise StepOperatorConfigError("resources: given both as resources= and as settings['resources']; give it once")
+        if resources is not None:
+            from airflow_stepops.settings.step import validate_resources
+
+            settings["resources"] = validate_resources(resources, "resources")
+        kwargs["settings"] = settings
     return task_decorator_factory(
         python_callable=python_callable,
         multiple_outputs=multiple_outputs,

@@ -194,6 +194,8 @@ class StepOperatorHook(BaseHook):
     hook_name = ""
     #: seconds between status polls unless the task sets poll_interval
     default_poll_interval: ClassVar[float] = 10.0
+    #: first poll delay after a new job; doubles up to the poll interval (cloud APIs: no fast start)
+    min_poll_interval: ClassVar[float] = 10.0
 
     def __init__(self, step_operator_conn_id: str | None = None,
                  config: BaseStepOperatorConfig | None = None, **kwargs: Any) -> None:

@@ -94,6 +94,7 @@ class LocalStepOperatorHook(StepOperatorHook):
     default_conn_name = "stepops_local_default"
     hook_name = "Step operator: local subprocess"
     default_poll_interval: ClassVar[float] = 0.5
+    min_poll_interval: ClassVar[float] = 0.02
 
     config: LocalStepOperatorConfig  # type: ignore[assignment]
 
@@ -308,18 +309,31 @@ class LocalStepOperatorHook(StepOperatorHook):
                       launch["cpu_ids"], launch["memory_limit_bytes"], launch["gpus"])
         return self._handle(spec.identity, job_dir, spec.output_uri)
 
+    def _immutable_json(self, job_dir: str, name: str) -> dict[str, Any] | None:
+        """spec.json and launcher.json never change once written: read each once per hook."""
+        cache = self.__dict__.setdefault("_file_cache", {})
+        key = (job_dir, name)
+        if key not in cache:
+            data = _read_json(os.path.join(job_dir, name))
+            if data is None:
+                return None
+            cache[key] = data
+        return cache[key]
+
     def _status_of_dir(self, job_dir: str) -> JobStatus:
         status = _read_json(os.path.join(job_dir, "status.json"))
-        spec = _read_json(os.path.join(job_dir, "spec.json")) or {}
+        spec = self._immutable_json(job_dir, "spec.json") or {}
         details: dict[str, Any] = {"cpu_ids": spec.get("cpu_ids"), "gpus": spec.get("gpus"),
                                    "memory_limit_bytes": spec.get("memory_limit_bytes"), "host": os.uname().nodename}
         if status is not None:
             state = {"succeeded": JobState.SUCCEEDED, "cancelled": JobState.CANCELLED}.get(
                 status["state"], JobState.FAILED)
             details.update({k: status.get(k) for k in ("started_at", "finished_at", "exit_code", "peak_rss_bytes")})
+            for name in ("spec.json", "launcher.json"):  # finished: nothing more to cache for this job
+                self.__dict__.get("_file_cache", {}).pop((job_dir, name), None)
             details["reason"] = status["state"]
             return JobStatus(state, status.get("reason", ""), details)
-        launcher = _read_json(os.path.join(job_dir, "launcher.json"))
+        launcher = self._immutable_json(job_dir, "launcher.json")
         if launcher is None:
             return JobStatus(JobState.QUEUED, "launcher starting", details)
         if local_launcher.process_start_time(launcher["pid"]) == launcher["start_time"]:
@@ -336,7 +350,15 @@ class LocalStepOperatorHook(StepOperatorHook):
     def get_status(self, handle: JobHandle) -> JobStatus:
         return self._status_of_dir(handle["job_dir"])
 
-    def cancel(self, handle: JobHandle) -> None:
+    async def acancel(self, handle: JobHandle) -> None:
+        # ask the launcher to stop and return: it escalates to SIGKILL by itself after the grace period
+        import asyncio
+
+        await asyncio.to_thread(self.cancel, handle, wait=False)
+
+    def cancel(self, handle: JobHandle, wait: bool = True) -> None:
+        """Stop the step: SIGTERM through its launcher (SIGKILL after the grace period). With ``wait``
+        return only once the job has a terminal status."""
         job_dir = handle["job_dir"]
         if os.path.exists(os.path.join(job_dir, "status.json")):
             return
@@ -345,6 +367,9 @@ class LocalStepOperatorHook(StepOperatorHook):
         grace = float(spec.get("cancel_grace_seconds", 10))
         if launcher and local_launcher.process_start_time(launcher["pid"]) == launcher["start_time"]:
             os.kill(launcher["pid"], signal.SIGTERM)
+            if not wait:
+                self.log.info("Asked the launcher of %s to stop the step", job_dir)
+                return
             deadline = time.monotonic() + grace + 5
             while time.monotonic() < deadline and not os.path.exists(os.path.join(job_dir, "status.json")):
                 time.sleep(0.1)
@@ -381,6 +406,16 @@ class LocalStepOperatorHook(StepOperatorHook):
             lines.append(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
             consumed += len(raw)
         return lines, offset + consumed
+
+    async def aread_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
+        # a stat is enough to know there is nothing new; only real reads go to a thread
+        try:
+            size = os.stat(os.path.join(handle["job_dir"], "step.log")).st_size
+        except OSError:
+            return [], cursor
+        if size <= int(cursor or 0):
+            return [], cursor
+        return await super().aread_logs(handle, cursor)
 
     async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus]:
         import asyncio

@@ -15,15 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
 
-from airflow_stepops.bundle import (
-    StepIdentity,
-    build_meta,
-    check_literal_args_picklable,
-    pickle_payload,
-    read_outcome,
-    replace_refs,
-    write_bundle,
-)
+from airflow_stepops.argcheck import check_literal_args_picklable
 from airflow_stepops.exceptions import (
     StepFailedError,
     StepOperatorConfigError,
@@ -39,6 +31,7 @@ from airflow_stepops.settings.step import StepSettings, parse_step_settings
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from airflow_stepops.bundle import StepIdentity
     from airflow_stepops.hooks.base import JobHandle, StepOperatorHook, StepSpec
 
 #: task_state_store key of the current job handle (kept across retries of one task instance)
@@ -81,6 +74,9 @@ class StepOperator(BaseOperator):
     shallow_copy_attrs: Sequence[str] = ("python_callable",)
     operator_extra_links = (StepJobLink(),)
     ui_color = "#d8e8f8"
+    # class-level defaults: per-instance assignment through BaseOperator.__setattr__ costs parse time
+    _handle: JobHandle | None = None
+    _hook: StepOperatorHook | None = None
 
     def __init__(
         self,
@@ -116,8 +112,6 @@ class StepOperator(BaseOperator):
         self.poll_interval = poll_interval
         if not kwargs.get("_airflow_mapped_validation_only"):
             check_literal_args_picklable(python_callable, self.op_args, self.op_kwargs)
-        self._handle: JobHandle | None = None
-        self._hook: StepOperatorHook | None = None
 
     # ---- prepare ----------------------------------------------------------------------------
     def get_hook(self) -> StepOperatorHook:
@@ -148,6 +142,8 @@ class StepOperator(BaseOperator):
                         task_label=self.task_label)
 
     def write_step_bundle(self, context: Context, hook: StepOperatorHook, identity: StepIdentity) -> StepSpec:
+        from airflow_stepops.bundle import build_meta, pickle_payload, replace_refs, write_bundle
+
         args, kwargs = self.call_arguments(context)
         refs: list[Any] = []
         args, kwargs = replace_refs(args, refs), replace_refs(kwargs, refs)
@@ -180,18 +176,22 @@ class StepOperator(BaseOperator):
         return False
 
     def find_or_submit(self, context: Context, hook: StepOperatorHook) -> JobHandle:
+        from airflow_stepops.bundle import StepIdentity
+
         identity = StepIdentity.from_context(context)
         store = context.get("task_state_store")  # type: ignore[call-overload]
-        if store is not None:
-            previous = store.get(STATE_KEY)
-            if isinstance(previous, dict) and previous.get("conn_id") == self.step_operator and self._reattachable(
-                hook, previous, allow_succeeded=True
-            ):
+        previous = store.get(STATE_KEY) if store is not None else None
+        if isinstance(previous, dict) and previous.get("conn_id") == self.step_operator:
+            if self._reattachable(hook, previous, allow_succeeded=True):
                 return previous
-        else:  # Airflow < 3.3: look for earlier tries' jobs by their deterministic names
+        else:
+            # no stored handle (Airflow < 3.3, or the worker died between submit and storing it):
+            # look for earlier tries' jobs by their deterministic names
             for try_number in range(identity.try_number - 1, 0, -1):
                 earlier = hook.find_job(identity.for_try(try_number))
                 if earlier and self._reattachable(hook, earlier, allow_succeeded=False):
+                    if store is not None:
+                        store.set(STATE_KEY, earlier)
                     return earlier
         handle = hook.find_job(identity)
         if handle is not None:
@@ -263,8 +263,10 @@ class StepOperator(BaseOperator):
         status = event["status"]
         details = event.get("details") or {}
         hook = self.get_hook()
+        from airflow_stepops.artifacts import store_path
+        from airflow_stepops.bundle import read_outcome
+
         if status == "succeeded":
-            from airflow_stepops.artifacts import store_path
 
             outcome = read_outcome(store_path(handle["output_uri"]))
             if outcome is None or not outcome.ok:
@@ -289,8 +291,6 @@ class StepOperator(BaseOperator):
                 f"job {handle.get('job_id')} was preempted by {hook.flavor}: {message}; retry it" + _tail(event)
             )
         if status == "failed":
-            from airflow_stepops.artifacts import store_path
-
             outcome = read_outcome(store_path(handle["output_uri"]))
             if outcome is not None and outcome.error:
                 err = outcome.error

@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 import traceback
+from typing import Any
 
 FORMAT_VERSION = 1
 REF_MARKER = "__stepops_artifact__"
@@ -59,28 +60,57 @@ def _is_json_value(value: object, depth: int = 0) -> bool:
     return False
 
 
+HASH_CHUNK = 8 << 20
+
+
 class _HashingWriter(io.RawIOBase):
-    """File writer that hashes and counts as it goes and stops past a size limit."""
+    """File writer that hashes and counts as it goes and stops past a size limit.
+
+    Large writes (a pickled array arrives as one buffer) are cut into chunks; each chunk is hashed
+    in a helper thread while the next one is written (hashlib and file writes release the GIL), so
+    the digest costs little extra time.
+    """
 
     def __init__(self, fh: io.BufferedWriter, limit: int, name: str) -> None:
         self._fh, self._limit, self._name = fh, limit, name
         self.size = 0
         self.sha256 = hashlib.sha256()
+        self._pool: Any = None
 
     def writable(self) -> bool:
         return True
 
     def write(self, data) -> int:  # type: ignore[override]
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
         self.size += view.nbytes
         if self.size > self._limit:
             raise ResultTooLargeError(
                 f"result {self._name!r} is larger than max_result_size ({self._limit} bytes) of this step "
                 "operator; raise max_result_size in its connection or return a smaller value"
             )
-        self.sha256.update(view)
-        self._fh.write(view)
+        if view.nbytes <= HASH_CHUNK:
+            self.sha256.update(view)
+            self._fh.write(view)
+            return view.nbytes
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepops-hash")
+        pending = None
+        for offset in range(0, view.nbytes, HASH_CHUNK):
+            chunk = view[offset:offset + HASH_CHUNK]
+            if pending is not None:
+                pending.result()  # chunks are hashed in order
+            pending = self._pool.submit(self.sha256.update, chunk)
+            self._fh.write(chunk)
+        if pending is not None:
+            pending.result()
         return view.nbytes
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+        super().close()
 
 
 def check_environment(meta: dict) -> None:

@@ -115,9 +115,11 @@ class Launcher:
         peak_rss = 0
         killed_at: float | None = None
         while True:
-            code = child.poll()
-            if code is not None:
+            try:  # returns as soon as the step exits; the timeout paces the checks below
+                code = child.wait(timeout=POLL_SECONDS)
                 break
+            except subprocess.TimeoutExpired:
+                pass
             if memory_limit:
                 rss = _group_rss_bytes(child.pid)
                 peak_rss = max(peak_rss, rss)
@@ -130,7 +132,6 @@ class Launcher:
                 killed_at = self._kill(child, signal.SIGTERM)
             if killed_at is not None and time.time() - killed_at > float(self.spec.get("cancel_grace_seconds", 10)):
                 self._kill(child, signal.SIGKILL)
-            time.sleep(POLL_SECONDS)
         # the step's own children may outlive it; the whole group goes with the step
         self._kill(child, signal.SIGKILL)
         state = self.stop_reason or ("succeeded" if code == 0 else "failed")

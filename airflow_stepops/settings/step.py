@@ -56,7 +56,7 @@ class StepSettings:
         return data
 
 
-def _resources(value: Any, where: str) -> ResourceSettings:
+def validate_resources(value: Any, where: str) -> ResourceSettings:
     if isinstance(value, ResourceSettings):
         return value
     if isinstance(value, Mapping):
@@ -104,12 +104,12 @@ def parse_step_settings(
             raise StepOperatorConfigError(
                 "resources: given both as resources= and as settings['resources']; give it once"
             )
-        parsed_resources = _resources(resources, "resources")
+        parsed_resources = validate_resources(resources, "resources")
 
     found: list[BaseStepOperatorSettings] = []
     for key, value in settings.items():
         if key == RESOURCES_KEY:
-            parsed_resources = _resources(value, f"settings[{key!r}]")
+            parsed_resources = validate_resources(value, f"settings[{key!r}]")
         elif key == "step_operator":
             if not isinstance(value, BaseStepOperatorSettings):
                 raise StepOperatorConfigError(

@@ -36,6 +36,7 @@ class SharedStatusPoller:
         self.subscribers: dict[int, tuple[JobHandle, asyncio.Queue[JobStatus | BaseException]]] = {}
         self._next_token = 0
         self._task: asyncio.Task[None] | None = None
+        self._delay = 0.0
 
     @classmethod
     def for_hook(cls, hook: StepOperatorHook, interval: float) -> SharedStatusPoller:
@@ -51,6 +52,7 @@ class SharedStatusPoller:
         self._next_token += 1
         queue: asyncio.Queue[JobStatus | BaseException] = asyncio.Queue()
         self.subscribers[token] = (handle, queue)
+        self._delay = 0.0  # a new job: poll fast again for a moment
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"stepops-poller-{self.key[1]}")
         return token, queue
@@ -75,7 +77,13 @@ class SharedStatusPoller:
             for (token, (_, queue)), status in zip(batch, statuses):
                 if token in self.subscribers:
                     queue.put_nowait(status)
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self._next_delay())
+
+    def _next_delay(self) -> float:
+        """Poll quickly right after a job was submitted, then back off to the interval: short steps
+        finish without waiting a whole interval, long ones cost no more calls than plain polling."""
+        self._delay = min(self.interval, max(self._delay * 2, self.hook.min_poll_interval))
+        return self._delay
 
 
 class StepOperatorTrigger(BaseTrigger):
@@ -145,7 +153,7 @@ class StepOperatorTrigger(BaseTrigger):
                 except TimeoutError:
                     self.log.error("Step %s passed its execution_timeout: stopping the remote job",
                                    self.handle.get("job_id"))
-                    await hook.acancel(self.handle)
+                    await asyncio.shield(hook.acancel(self.handle))
                     cursor = await self._stream_logs(hook, cursor, tail)
                     yield self._event("timeout", "the step ran past its execution_timeout and was stopped", tail)
                     return
@@ -157,7 +165,8 @@ class StepOperatorTrigger(BaseTrigger):
                         return
                     continue
                 errors = 0
-                cursor = await self._stream_logs(hook, cursor, tail)
+                if status.state is not JobState.QUEUED:
+                    cursor = await self._stream_logs(hook, cursor, tail)
                 if status.state.terminal:
                     cursor = await self._stream_logs(hook, cursor, tail)
                     yield self._event(status.state.value, status.message, tail, details=status.details)
@@ -168,7 +177,8 @@ class StepOperatorTrigger(BaseTrigger):
     async def on_kill(self) -> None:
         """Mark-failed / clear of a deferred step (Airflow >= 3.3): stop the remote job."""
         self.log.info("Task killed while deferred: stopping remote job %s", self.handle.get("job_id"))
-        await self.get_hook().acancel(self.handle)
+        # the triggerer may cancel on_kill itself soon after; the stop request must still go out
+        await asyncio.shield(self.get_hook().acancel(self.handle))
 
 
 def is_terminal(state: str) -> bool:

@@ -30,7 +30,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,6 @@ import psutil
 import pytest
 
 E2E_DIR = Path(__file__).resolve().parent
-REPO = E2E_DIR.parent.parent
 DAGS_DIR = E2E_DIR / "dags"
 
 #: step operator connections of the session: (conn id, extras)
@@ -50,28 +49,33 @@ CONNECTIONS = {
 #: DAGs the services must have parsed before tests trigger them
 LIVE_DAG_IDS = ("stepops_e2e_deferred", "stepops_e2e_reattach", "stepops_e2e_cancel")
 
-TERMINAL_TI_STATES = frozenset({"success", "failed", "upstream_failed", "skipped", "removed"})
+_LAST_SERVICES_USER: list[str] = []  # node id of the last test that uses the live services
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: end-to-end tests running real Airflow processes (minutes)")
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Within the e2e block, run ``dags test`` tests first and the tests using live services last."""
     slots = [i for i, item in enumerate(items) if _is_e2e(item)]
-    e2e = [items[i] for i in slots]
-    e2e.sort(key=lambda item: "airflow_services" in getattr(item, "fixturenames", ()))
+    e2e = sorted((items[i] for i in slots), key=_uses_services)  # stable: keeps the order otherwise
     for slot, item in zip(slots, e2e):
         items[slot] = item
+    users = [item.nodeid for item in e2e if _uses_services(item)]
+    _LAST_SERVICES_USER[:] = users[-1:]
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    """Stop the live services as soon as no further e2e test will use them."""
-    if _RUNNING_SERVICES and (nextitem is None or not _is_e2e(nextitem)
-                              or "airflow_services" not in getattr(nextitem, "fixturenames", ())):
+    """Stop the live services after the last test using them (not at session end: later tests need the CPU)."""
+    if _RUNNING_SERVICES and (nextitem is None or item.nodeid in _LAST_SERVICES_USER):
         for services in list(_RUNNING_SERVICES):
             services.stop()
+
+
+def _uses_services(item: pytest.Item) -> bool:
+    return "airflow_services" in getattr(item, "fixturenames", ())
 
 
 def _is_e2e(item: pytest.Item) -> bool:
@@ -134,24 +138,33 @@ def process_gone(pid: int) -> bool:
 
 
 def _session_processes(home: Path) -> list[psutil.Process]:
-    """Processes of this session: Airflow ones (by AIRFLOW_HOME) and steps (by their job directory)."""
+    """Processes of this session still running: Airflow ones (by AIRFLOW_HOME) and steps and their
+    launchers (by their job directory, or their command line naming a bundle/job dir under the home).
+
+    Not exhaustive for Airflow processes: setproctitle may overwrite what /proc shows as a process's
+    environment, so ``Services`` also tracks its process trees.
+    """
     me = os.getpid()
     found = []
-    jobs_prefix = str(home) + os.sep
-    for proc in psutil.process_iter(["pid"]):
+    prefix = str(home) + os.sep
+    for proc in psutil.process_iter(["pid", "cmdline"]):
         if proc.pid == me:
             continue
         try:
             env = proc.environ()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
-            continue
-        if env.get("AIRFLOW_HOME") == str(home) or env.get("STEPOPS_JOB_DIR", "").startswith(jobs_prefix):
+            env = {}
+        cmdline = proc.info["cmdline"] or []
+        is_step = (any(arg.endswith(("bootstrap.py", "local_launcher.py")) for arg in cmdline)
+                   and any(prefix in arg for arg in cmdline))
+        if is_step or env.get("AIRFLOW_HOME") == str(home) or env.get("STEPOPS_JOB_DIR", "").startswith(prefix):
             found.append(proc)
     return found
 
 
-def kill_session_processes(home: Path) -> list[int]:
-    procs = _session_processes(home)
+def kill_session_processes(home: Path, also: Sequence[psutil.Process] = ()) -> list[int]:
+    procs = {p.pid: p for p in [*also, *_session_processes(home)]}.values()
+    procs = [p for p in procs if not process_gone(p.pid)]
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.kill()
@@ -308,9 +321,10 @@ def _session_env(home: Path, api_port: int) -> dict[str, str]:
         "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.5",
         "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "2",
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
-        # a worker that dies without reporting is detected within ~30s (a SIGKILLed *task* process is
-        # reported by its supervisor at once, as up_for_retry); heartbeats every 2s keep a loaded
-        # 2-core machine far from false positives
+        # A worker that dies without reporting is detected within ~30s; heartbeats every 2s keep a
+        # loaded 2-core machine far from false positives. (A SIGKILLed *task runner* needs no heartbeat
+        # timeout: its supervisor survives, the executor reports the workload finished while the TI is
+        # still running, and the scheduler fails the try at once and schedules the retry.)
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "3",
         "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "2",
@@ -340,7 +354,7 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowEnv
     # one `airflow connections add` per step operator, run side by side (each CLI call costs seconds)
     procs = []
     for conn_id, extras in CONNECTIONS.items():
-        log = open(home / f"connections-add-{conn_id}.log", "w")  # noqa: SIM115 - closed below
+        log = open(home / f"connections-add-{conn_id}.log", "w")  # closed below
         procs.append((conn_id, log, subprocess.Popen(
             [*af.airflow, "connections", "add", conn_id, "--conn-type", "stepops_local",
              "--conn-extra", json.dumps(extras)],
@@ -427,10 +441,20 @@ class Services:
         return "\n".join(f"----- {name} (last {lines} lines)\n{_tail(self.log_path(name), lines)}"
                          for name in self.procs)
 
+    def process_tree(self) -> list[psutil.Process]:
+        """The service processes and all their descendants (LocalExecutor workers, task runners...)."""
+        tree = []
+        for proc in self.procs.values():
+            with contextlib.suppress(psutil.Error):
+                parent = psutil.Process(proc.pid)
+                tree += [parent, *parent.children(recursive=True)]
+        return tree
+
     def stop(self) -> None:
         if self.stopped:
             return
         self.stopped = True
+        tree = self.process_tree()  # before signalling: orphans get re-parented to init
         for proc in self.procs.values():
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -445,7 +469,7 @@ class Services:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
         # task runners live in their own process groups, detached steps in their own sessions
-        kill_session_processes(self.af.home)
+        kill_session_processes(self.af.home, also=tree)
         if self in _RUNNING_SERVICES:
             _RUNNING_SERVICES.remove(self)
 

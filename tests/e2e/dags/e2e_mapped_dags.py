@@ -24,7 +24,7 @@ def stepops_e2e_mapped():
     def numbers():
         return [1, 2, 3]
 
-    # settings={"resources": ...} rather than resources=...: see test_known_bugs.py
+    # settings={"resources": ...} rather than resources=...: see test_regressions.py
     @task.step_operator(step_operator="local_step_operator",
                         settings={"resources": ResourceSettings(cpu_count=1)})
     def square(x, offset, run_id=None):
