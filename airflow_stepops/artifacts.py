@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
@@ -106,7 +105,8 @@ class ArtifactRef:
 
 
 class _VerifyingReader(io.RawIOBase):
-    """Read-through file object that hashes what passes, overlapping the hash with the next read."""
+    """Read-through file object that hashes what passes; within one large read, each chunk is hashed
+    in a helper thread while the next is read."""
 
     def __init__(self, raw: IO[bytes]) -> None:
         self._raw = raw
@@ -141,6 +141,9 @@ class _VerifyingReader(io.RawIOBase):
                 break
             self._hash(chunk[:read])
             total += read
+        if self._pending is not None:  # the caller may reuse its buffer once we return
+            self._pending.result()
+            self._pending = None
         self.size += total
         return total
 
@@ -163,12 +166,6 @@ def _readinto(raw: IO[bytes], view: memoryview) -> int:
     data = raw.read(view.nbytes)
     view[: len(data)] = data
     return len(data)
-
-
-def copy_file(src: ObjectStoragePath, dst: ObjectStoragePath) -> None:
-    """Stream one file between stores without holding it in memory."""
-    with src.open("rb") as fin, dst.open("wb") as fout:
-        shutil.copyfileobj(fin, fout, CHUNK)
 
 
 def _allow_deserialization() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 import sysconfig
@@ -29,6 +30,14 @@ if TYPE_CHECKING:
 
 RUNTIME_SOURCE = Path(bootstrap.__file__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._:+=-]")
+
+
+def _path_component(part: str) -> str:
+    """A safe, collision-free directory name: readable when the id is already safe."""
+    safe = _UNSAFE.sub("_", part)
+    if safe != part or safe in (".", ".."):
+        safe = f"{safe.strip('.') or '_'}-{hashlib.sha256(part.encode()).hexdigest()[:8]}"
+    return safe
 
 
 @dataclass(frozen=True)
@@ -64,23 +73,11 @@ class StepIdentity:
         stem = re.sub("-+", "-", stem)[: max_length - len(suffix)].rstrip("-")
         return f"{stem}{suffix}"
 
-    def labels(self) -> dict[str, str]:
-        return {"dag_id": self.dag_id, "task_id": self.task_id, "run_id": self.run_id,
-                "map_index": str(self.map_index), "try_number": str(self.try_number)}
-
     def prefix(self, root: ObjectStoragePath) -> ObjectStoragePath:
-        parts = [self.dag_id, self.run_id, self.task_id, str(self.map_index)]
         path = root
-        for part in parts:
-            path = path / _UNSAFE.sub("_", part)
+        for part in (self.dag_id, self.run_id, self.task_id, str(self.map_index)):
+            path = path / _path_component(part)
         return path / f"try-{self.try_number}"
-
-
-@dataclass
-class PreparedBundle:
-    payload: bytes
-    meta: dict[str, Any]
-    refs: list[ArtifactRef] = field(default_factory=list)
 
 
 def _marker(refs: list[ArtifactRef], ref: ArtifactRef) -> dict[str, int]:
@@ -117,18 +114,32 @@ def _is_installed(module: ModuleType) -> bool:
 
 
 def register_by_value(fn: Any) -> None:
-    """Pickle the DAG module (and the callable's other non-installed modules) by value."""
+    """Pickle the DAG module, and every other module loaded from the same DAG folder, by value:
+    the remote side has neither the DAG folder nor Airflow's import of it."""
     import cloudpickle
 
     module = sys.modules.get(getattr(fn, "__module__", "") or "")
-    if module is None or module.__name__ == "__main__" or _is_installed(module):
+    filename = getattr(module, "__file__", None)
+    if module is None or not filename or _is_installed(module):
         return
-    if module.__name__.split(".")[0] == "airflow_stepops":
-        return
+    roots = {os.path.dirname(os.path.abspath(filename)), os.path.dirname(str(Path(filename).resolve()))}
     try:
-        cloudpickle.register_pickle_by_value(module)
-    except ValueError:
+        from airflow_stepops._compat import airflow_conf
+
+        dags_folder = airflow_conf().get("core", "dags_folder")
+        roots.update({os.path.abspath(dags_folder), str(Path(dags_folder).resolve())})
+    except Exception:
         pass
+    for name, candidate in list(sys.modules.items()):
+        path = getattr(candidate, "__file__", None)
+        if (not path or name == "__main__" or name.split(".")[0] == "airflow_stepops"
+                or not any(os.path.abspath(path).startswith(root + os.sep) for root in roots)
+                or _is_installed(candidate)):
+            continue
+        try:
+            cloudpickle.register_pickle_by_value(candidate)
+        except (ValueError, TypeError):
+            pass
 
 
 def pickle_payload(fn: Any, args: list[Any], kwargs: dict[str, Any]) -> bytes:

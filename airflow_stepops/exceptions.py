@@ -63,4 +63,7 @@ def rebuild_remote_error(remote_type: str, message: str, remote_traceback: str =
         except TypeError:  # layout conflict with some builtin (e.g. OSError subclasses)
             return RemoteStepError(remote_type, message, remote_traceback)
         _REMOTE_CLASSES[short] = cls
-    return cls(remote_type, message, remote_traceback)
+    try:
+        return cls(remote_type, message, remote_traceback)
+    except TypeError:  # builtins whose constructor needs specific arguments (UnicodeDecodeError, ...)
+        return RemoteStepError(remote_type, message, remote_traceback)

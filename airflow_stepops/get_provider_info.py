@@ -1,6 +1,6 @@
 """Provider metadata read by Airflow's providers manager; static so it costs nothing to load.
 
-``tests/test_provider_info.py`` checks that every form field here matches the flavor's config model.
+``tests/unit/test_provider.py`` checks that every form field here matches the flavor's config model.
 """
 
 from __future__ import annotations

@@ -71,9 +71,21 @@ class _StepOperatorDecoratedOperator(DecoratedOperator, StepOperator):
         kwargs = dict(self.op_kwargs)
         for name in inspect.signature(self.python_callable).parameters:
             if name in PORTABLE_CONTEXT_KEYS and name not in kwargs and name in context:
-                value = context[name]  # type: ignore[literal-required]
-                kwargs[name] = dict(value) if name == "params" and value is not None else value
+                kwargs[name] = _portable(context[name])  # type: ignore[literal-required]
         return list(self.op_args), kwargs
+
+
+def _portable(value: Any) -> Any:
+    """Plain Python for the remote side: no pendulum, lazy proxies or ParamsDict in the bundle."""
+    import datetime as dt
+
+    if hasattr(value, "__wrapped__"):  # lazy_object_proxy
+        value = value.__wrapped__
+    if isinstance(value, dt.datetime):
+        return dt.datetime.fromtimestamp(value.timestamp(), tz=dt.timezone.utc)
+    if isinstance(value, Mapping):
+        return {k: _portable(v) for k, v in value.items()}
+    return value
 
 
 def step_operator_task(

@@ -209,11 +209,6 @@ class StepOperatorHook(BaseHook):
         _, extras = load_step_operator_connection(self.step_operator_conn_id, self.flavor)
         return parse_config(self.flavor, self.step_operator_conn_id, extras)
 
-    async def aconfig(self) -> BaseStepOperatorConfig:
-        if "config" not in self.__dict__:
-            self.__dict__["config"] = await asyncio.to_thread(lambda: self.config)
-        return self.config
-
     def artifact_root(self) -> Any:
         return store_path(self.config.artifact_store or default_local_store())
 
@@ -243,9 +238,11 @@ class StepOperatorHook(BaseHook):
         return None
 
     # ---- async side, used by triggers; default to the sync calls in a thread ----------------
-    async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus]:
-        """Status of many jobs at once: shared polling calls this once per round per backend."""
-        return list(await asyncio.gather(*(asyncio.to_thread(self.get_status, h) for h in handles)))
+    async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus | BaseException]:
+        """Status of many jobs at once, in order: shared polling calls this once per round per
+        backend. A job whose status cannot be read gets its exception in its place."""
+        return list(await asyncio.gather(*(asyncio.to_thread(self.get_status, h) for h in handles),
+                                         return_exceptions=True))
 
     async def acancel(self, handle: JobHandle) -> None:
         await asyncio.to_thread(self.cancel, handle)

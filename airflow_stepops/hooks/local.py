@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from airflow_stepops.artifacts import local_path, store_path
 from airflow_stepops.bundle import StepIdentity
-from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.exceptions import StepFailedError, StepOperatorConfigError
 from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec
 from airflow_stepops.runtime import local_launcher
 from airflow_stepops.settings.local import LocalStepOperatorConfig, LocalStepOperatorSettings
@@ -30,6 +30,10 @@ THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
 INHERITED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH",
                  "CUDA_HOME", "CUDA_PATH", "VIRTUAL_ENV", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
 MAX_LOG_LINES_PER_READ = 2000
+#: a job directory without spec.json younger than this may belong to a submitter still at work
+HALF_MADE_GRACE_SECONDS = 600
+#: a job whose launcher has not recorded itself this long after spec.json was written never started
+LAUNCHER_START_TIMEOUT_SECONDS = 120
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,13 @@ def _python_info(python: str, mtime: float) -> dict[str, Any]:
              "'cloudpickle': importlib.util.find_spec('cloudpickle') is not None}))")
     out = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return None
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
@@ -196,7 +207,9 @@ class LocalStepOperatorHook(StepOperatorHook):
         if res.wants_gpu:
             plan["gpus"] = self._choose_gpus(res.effective_gpu_count, res.gpu_type, busy)
             visible = ",".join(str(g) for g in plan["gpus"])
-            plan["env"].update({"CUDA_VISIBLE_DEVICES": visible, "NVIDIA_VISIBLE_DEVICES": visible})
+            # nvidia-smi numbers GPUs in PCI bus order; make CUDA use the same order
+            plan["env"].update({"CUDA_VISIBLE_DEVICES": visible, "NVIDIA_VISIBLE_DEVICES": visible,
+                                "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
         elif res.gpu_count == 0:
             plan["env"].update({"CUDA_VISIBLE_DEVICES": "", "NVIDIA_VISIBLE_DEVICES": "void"})
         return plan
@@ -261,7 +274,7 @@ class LocalStepOperatorHook(StepOperatorHook):
 
     # ---- lifecycle --------------------------------------------------------------------------
     def _handle(self, identity: StepIdentity, job_dir: str, output_uri: str) -> JobHandle:
-        return {"flavor": "local", "job_id": os.path.basename(job_dir), "job_dir": job_dir,
+        return {"flavor": "local", "job_id": os.path.basename(job_dir), "job_dir": job_dir, "host": os.uname().nodename,
                 "output_uri": output_uri, "conn_id": self.step_operator_conn_id, "try_number": identity.try_number}
 
     def find_job(self, identity: StepIdentity) -> JobHandle | None:
@@ -274,16 +287,20 @@ class LocalStepOperatorHook(StepOperatorHook):
     def submit(self, spec: StepSpec) -> JobHandle:
         job_dir = self.job_dir(spec.identity)
         launch = self._launch_spec(spec, job_dir)
-        os.makedirs(self.jobs_dir, exist_ok=True)
+        os.makedirs(self.jobs_dir, mode=0o700, exist_ok=True)
         try:
-            os.mkdir(job_dir)  # atomic: exactly one submitter wins for this identity
+            os.mkdir(job_dir, mode=0o700)  # atomic: exactly one submitter wins for this identity
         except FileExistsError:
             existing = self.find_job(spec.identity)
             if existing is not None:
                 self.log.info("Job directory %s already exists: re-attaching", job_dir)
                 return existing
+            if time.time() - os.path.getmtime(job_dir) < HALF_MADE_GRACE_SECONDS:
+                raise StepOperatorConfigError(
+                    f"another submitter is preparing {job_dir} right now; not starting a second job"
+                ) from None
             shutil.rmtree(job_dir, ignore_errors=True)  # left half-made by a submitter that died
-            os.mkdir(job_dir)
+            os.mkdir(job_dir, mode=0o700)
         for index, ref in enumerate(spec.refs):
             if local_path(ref.path) is None:
                 os.makedirs(os.path.join(job_dir, "refs"), exist_ok=True)
@@ -293,18 +310,27 @@ class LocalStepOperatorHook(StepOperatorHook):
         launcher_spec = {**{k: launch[k] for k in ("argv", "cwd", "cpu_ids", "memory_limit_bytes",
                                                     "limit_data_segment", "gpus", "max_runtime_seconds",
                                                     "nice", "cancel_grace_seconds")},
-                         "env": env, "output_uri": spec.output_uri, "identity": spec.identity.__dict__}
-        tmp = os.path.join(job_dir, "spec.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
+                         "env": env, "output_uri": spec.output_uri, "identity": spec.identity.__dict__,
+                         "host": os.uname().nodename}
+        spec_path = os.path.join(job_dir, "spec.json")
+        fd = os.open(spec_path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the step env
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(launcher_spec, fh)
-        os.replace(tmp, os.path.join(job_dir, "spec.json"))
-        proc = subprocess.Popen(launch["launcher"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=open(os.path.join(job_dir, "launcher.log"), "wb"),
-                                start_new_session=True, close_fds=True, env=env)
-        if proc.wait(timeout=60) != 0:
-            raise StepOperatorConfigError(
-                f"the local launcher failed to start (see {os.path.join(job_dir, 'launcher.log')})"
-            )
+        os.replace(spec_path + ".tmp", spec_path)
+        failure = None
+        with open(os.path.join(job_dir, "launcher.log"), "wb") as launcher_log:
+            try:
+                proc = subprocess.Popen(launch["launcher"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=launcher_log, start_new_session=True, close_fds=True, env=env)
+                if proc.wait(timeout=60) != 0:
+                    failure = f"the local launcher exited with code {proc.returncode}"
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                failure = f"the local launcher could not start: {exc}"
+        if failure is not None:
+            # leave a terminal status so that no retry re-attaches to a job that never ran
+            local_launcher.write_json(os.path.join(job_dir, "status.json"), {
+                "state": "failed", "exit_code": None, "reason": failure, "finished_at": time.time()})
+            raise StepFailedError(f"{failure} (see {os.path.join(job_dir, 'launcher.log')})")
         self.log.info("Started local step in %s (cpus=%s, memory_limit=%s, gpus=%s)", job_dir,
                       launch["cpu_ids"], launch["memory_limit_bytes"], launch["gpus"])
         return self._handle(spec.identity, job_dir, spec.output_uri)
@@ -335,6 +361,10 @@ class LocalStepOperatorHook(StepOperatorHook):
             return JobStatus(state, status.get("reason", ""), details)
         launcher = self._immutable_json(job_dir, "launcher.json")
         if launcher is None:
+            written = spec.get("written_at") or _mtime(os.path.join(job_dir, "spec.json"))
+            if written and time.time() - written > LAUNCHER_START_TIMEOUT_SECONDS:
+                return JobStatus(JobState.FAILED, "the launcher never started (no launcher.json "
+                                 f"{LAUNCHER_START_TIMEOUT_SECONDS}s after submission)", details)
             return JobStatus(JobState.QUEUED, "launcher starting", details)
         if local_launcher.process_start_time(launcher["pid"]) == launcher["start_time"]:
             child = _read_json(os.path.join(job_dir, "child.json"))
@@ -344,10 +374,32 @@ class LocalStepOperatorHook(StepOperatorHook):
         # the launcher may have written status.json between our two reads
         if os.path.exists(os.path.join(job_dir, "status.json")):
             return self._status_of_dir(job_dir)
+        # the supervisor is gone: never leave its step running unsupervised (a retry starts anew)
+        self._kill_child_group(job_dir)
         return JobStatus(JobState.FAILED, f"the launcher (pid {launcher['pid']}) disappeared without recording "
                          "a status: the host restarted or it was killed", details)
 
+    @staticmethod
+    def _kill_child_group(job_dir: str) -> None:
+        child = _read_json(os.path.join(job_dir, "child.json"))
+        if child and local_launcher.process_start_time(child["pid"]) == child.get("start_time"):
+            try:
+                os.killpg(child["pid"], signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    @staticmethod
+    def check_host(handle: JobHandle) -> None:
+        """Local jobs live on one host; say so clearly instead of reporting a job as missing."""
+        here = os.uname().nodename
+        if handle.get("host") and handle["host"] != here:
+            raise StepOperatorConfigError(
+                f"local step {handle['job_id']} runs on host {handle['host']!r} but this process is on {here!r}: "
+                "with the local flavor, run the triggerer and workers on the same host, or use deferrable=False"
+            )
+
     def get_status(self, handle: JobHandle) -> JobStatus:
+        self.check_host(handle)
         return self._status_of_dir(handle["job_dir"])
 
     async def acancel(self, handle: JobHandle) -> None:
@@ -366,7 +418,10 @@ class LocalStepOperatorHook(StepOperatorHook):
         spec = _read_json(os.path.join(job_dir, "spec.json")) or {}
         grace = float(spec.get("cancel_grace_seconds", 10))
         if launcher and local_launcher.process_start_time(launcher["pid"]) == launcher["start_time"]:
-            os.kill(launcher["pid"], signal.SIGTERM)
+            try:
+                os.kill(launcher["pid"], signal.SIGTERM)
+            except ProcessLookupError:  # it just finished
+                return
             if not wait:
                 self.log.info("Asked the launcher of %s to stop the step", job_dir)
                 return
@@ -376,17 +431,12 @@ class LocalStepOperatorHook(StepOperatorHook):
             if os.path.exists(os.path.join(job_dir, "status.json")):
                 self.log.info("Stopped local step in %s", job_dir)
                 return
-        child = _read_json(os.path.join(job_dir, "child.json"))
-        if child:  # launcher gone or stuck: take the step's process group down directly
-            try:
-                os.killpg(child["pid"], signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        tmp = os.path.join(job_dir, "status.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump({"state": "cancelled", "exit_code": None, "reason": "the step was stopped on request",
-                       "finished_at": time.time()}, fh)
-        os.replace(tmp, os.path.join(job_dir, "status.json"))
+        # launcher not started yet, gone or stuck: record the cancel (a launcher that starts later sees
+        # it and does not run the step) and take the step's process group down directly
+        local_launcher.write_json(os.path.join(job_dir, "status.json"), {
+            "state": "cancelled", "exit_code": None, "reason": "the step was stopped on request",
+            "finished_at": time.time()})
+        self._kill_child_group(job_dir)
 
     def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
         path = os.path.join(handle["job_dir"], "step.log")
@@ -398,13 +448,18 @@ class LocalStepOperatorHook(StepOperatorHook):
                 data = fh.read(4 << 20)
         except OSError:
             return [], offset
+        # only complete lines until the job is over; \n only (progress bars redraw with \r)
+        end = len(data) if final else data.rfind(b"\n") + 1
+        if end == 0:
+            return [], offset
+        pieces = data[:end].split(b"\n")
+        if data[:end].endswith(b"\n"):
+            pieces.pop()
         lines: list[str] = []
         consumed = 0
-        for raw in data.splitlines(keepends=True):
-            if len(lines) >= MAX_LOG_LINES_PER_READ or (not raw.endswith(b"\n") and not final):
-                break
-            lines.append(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
-            consumed += len(raw)
+        for piece in pieces[:MAX_LOG_LINES_PER_READ]:
+            consumed = min(consumed + len(piece) + 1, end)
+            lines.append(piece.decode("utf-8", errors="replace").rstrip("\r").rsplit("\r", 1)[-1])
         return lines, offset + consumed
 
     async def aread_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
@@ -417,8 +472,17 @@ class LocalStepOperatorHook(StepOperatorHook):
             return [], cursor
         return await super().aread_logs(handle, cursor)
 
-    async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus]:
+    async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus | BaseException]:
         import asyncio
 
-        # one thread hop for the whole batch: reading a few small files per job
-        return await asyncio.to_thread(lambda: [self.get_status(h) for h in handles])
+        # one thread hop for the whole batch; a broken job yields its own error, not everyone's
+        def batch() -> list[JobStatus | BaseException]:
+            out: list[JobStatus | BaseException] = []
+            for handle in handles:
+                try:
+                    out.append(self.get_status(handle))
+                except Exception as exc:
+                    out.append(exc)
+            return out
+
+        return await asyncio.to_thread(batch)

@@ -162,11 +162,8 @@ class StepOperator(BaseOperator):
 
     # ---- submit exactly once ----------------------------------------------------------------
     def _reattachable(self, hook: StepOperatorHook, handle: JobHandle, *, allow_succeeded: bool) -> bool:
-        try:
-            status = hook.get_status(handle)
-        except Exception as exc:
-            self.log.warning("Cannot get status of earlier job %s: %s", handle.get("job_id"), exc)
-            return False
+        # a failing status call raises: submitting a second job while the first may run is worse
+        status = hook.get_status(handle)
         from airflow_stepops.hooks.base import JobState
 
         if not status.state.terminal or (allow_succeeded and status.state is JobState.SUCCEEDED):
@@ -270,6 +267,7 @@ class StepOperator(BaseOperator):
 
             outcome = read_outcome(store_path(handle["output_uri"]))
             if outcome is None or not outcome.ok:
+                self._forget_job(context)  # a retry must run the step again, not replay this
                 raise StepFailedError(
                     f"job {handle.get('job_id')} succeeded but left no result in {handle['output_uri']}"
                     + _tail(event)
@@ -278,14 +276,14 @@ class StepOperator(BaseOperator):
                           outcome.info.get("host"), outcome.info.get("duration_seconds"),
                           _summary(outcome.value))
             self._record(context, hook, handle, details)
-            store = context.get("task_state_store")  # type: ignore[call-overload]
-            if store is not None:
-                store.delete(STATE_KEY)  # a cleared task must run again, not re-use this job
+            self._forget_job(context)  # a cleared task must run again, not re-use this job
             return outcome.value
         self._record(context, hook, handle, details)
         message = event.get("message") or ""
         if status == "timeout":
             raise StepTimeoutError(f"{message} (job {handle.get('job_id')})" + _tail(event))
+        if status == "failed" and details.get("reason") == "timed_out":
+            raise StepTimeoutError(f"job {handle.get('job_id')}: {message}" + _tail(event))
         if status == "preempted":
             raise StepPreemptedError(
                 f"job {handle.get('job_id')} was preempted by {hook.flavor}: {message}; retry it" + _tail(event)
@@ -299,7 +297,15 @@ class StepOperator(BaseOperator):
             raise StepFailedError(f"job {handle.get('job_id')} failed: {message}" + _tail(event))
         if status == "cancelled":
             raise StepFailedError(f"job {handle.get('job_id')} was cancelled: {message}" + _tail(event))
+        # status "error": we lost track of the job; stop it rather than let it run unobserved
+        self._cancel_quietly(hook, handle)
         raise StepFailedError(f"waiting for job {handle.get('job_id')} failed: {message}" + _tail(event))
+
+    @staticmethod
+    def _forget_job(context: Context) -> None:
+        store = context.get("task_state_store")  # type: ignore[call-overload]
+        if store is not None:
+            store.delete(STATE_KEY)
 
     def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Context) -> Any:
         if next_method == "__fail__" and self._handle is None:

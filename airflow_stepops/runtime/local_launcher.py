@@ -27,8 +27,9 @@ import time
 POLL_SECONDS = 0.2
 
 
-def _write_json(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
+def write_json(path: str, data: dict) -> None:
+    """Atomic write (unique temp name: the hook and the launcher may both write a status)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(data, fh)
     os.replace(tmp, path)
@@ -91,6 +92,8 @@ class Launcher:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         started = time.time()
+        if os.path.exists(self.path("status.json")):  # cancelled before the step could start
+            return 0
         with open(self.path("step.log"), "ab", buffering=0) as log:
             try:
                 child = subprocess.Popen(
@@ -104,12 +107,13 @@ class Launcher:
                     close_fds=True,
                 )
             except OSError as exc:
-                _write_json(self.path("status.json"), {
+                write_json(self.path("status.json"), {
                     "state": "failed", "exit_code": None, "reason": f"cannot start step process: {exc}",
                     "started_at": started, "finished_at": time.time(),
                 })
                 return 1
-        _write_json(self.path("child.json"), {"pid": child.pid, "started_at": started})
+        write_json(self.path("child.json"),
+                   {"pid": child.pid, "start_time": process_start_time(child.pid), "started_at": started})
         deadline = started + self.spec["max_runtime_seconds"] if self.spec.get("max_runtime_seconds") else None
         memory_limit = self.spec.get("memory_limit_bytes")
         peak_rss = 0
@@ -144,10 +148,11 @@ class Launcher:
             "" if code == 0 else f"step process exited with code {code}" if code > 0
             else f"step process was killed by signal {-code}"
         )
-        _write_json(self.path("status.json"), {
-            "state": state, "exit_code": code, "reason": reason, "started_at": started,
-            "finished_at": time.time(), "peak_rss_bytes": peak_rss or None,
-        })
+        if not os.path.exists(self.path("status.json")):
+            write_json(self.path("status.json"), {
+                "state": state, "exit_code": code, "reason": reason, "started_at": started,
+                "finished_at": time.time(), "peak_rss_bytes": peak_rss or None,
+            })
         return 0
 
     @staticmethod
@@ -165,26 +170,26 @@ def main(argv: list[str]) -> int:
         read_fd, write_fd = os.pipe()
         if os.fork():  # parent: return once the supervisor has recorded itself
             os.close(write_fd)
-            os.read(read_fd, 1)
-            return 0
+            return 0 if os.read(read_fd, 1) == b"1" else 1
         os.close(read_fd)
         os.setsid()
+        os.chdir("/")
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
-        _write_json(os.path.join(job_dir, "launcher.json"),
+        write_json(os.path.join(job_dir, "launcher.json"),
                     {"pid": os.getpid(), "start_time": process_start_time(os.getpid())})
         os.write(write_fd, b"1")
         os.close(write_fd)
         try:
             code = Launcher(job_dir).run()
         except BaseException as exc:
-            _write_json(os.path.join(job_dir, "status.json"),
+            write_json(os.path.join(job_dir, "status.json"),
                         {"state": "failed", "exit_code": None, "reason": f"launcher crashed: {exc!r}",
                          "started_at": time.time(), "finished_at": time.time()})
             code = 1
         os._exit(code)
-    _write_json(os.path.join(job_dir, "launcher.json"),
+    write_json(os.path.join(job_dir, "launcher.json"),
                 {"pid": os.getpid(), "start_time": process_start_time(os.getpid())})
     return Launcher(job_dir).run()
 

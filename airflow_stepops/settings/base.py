@@ -18,8 +18,6 @@ def format_validation_error(error: ValidationError, where: str) -> str:
         if item["type"] == "extra_forbidden":
             model = error.title
             message = f"unknown field; {allowed_fields_hint(model)}"
-        elif item["type"] == "literal_error" or item["type"] == "enum":
-            message = f"{message}"
         lines.append(f"{where}.{path}: {message} (got {item.get('input')!r})")
     return "\n".join(lines)
 
@@ -34,9 +32,6 @@ def allowed_fields_hint(model_name: str) -> str:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:

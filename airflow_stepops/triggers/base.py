@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook
 
 LOG_TAIL_LINES = 40
@@ -72,7 +73,10 @@ class SharedStatusPoller:
                 statuses: list[JobStatus | BaseException] = list(
                     await self.hook.aget_statuses([handle for _, (handle, _) in batch])
                 )
-            except Exception as exc:
+                if len(statuses) != len(batch):
+                    raise RuntimeError(f"{type(self.hook).__name__}.aget_statuses returned {len(statuses)} "
+                                       f"statuses for {len(batch)} jobs")
+            except Exception as exc:  # delivered to every waiting trigger
                 statuses = [exc] * len(batch)
             for (token, (_, queue)), status in zip(batch, statuses):
                 if token in self.subscribers:
@@ -157,6 +161,9 @@ class StepOperatorTrigger(BaseTrigger):
                     cursor = await self._stream_logs(hook, cursor, tail)
                     yield self._event("timeout", "the step ran past its execution_timeout and was stopped", tail)
                     return
+                if isinstance(status, StepOperatorConfigError):  # will not heal by waiting
+                    yield self._event("error", str(status), tail)
+                    return
                 if isinstance(status, BaseException):
                     errors += 1
                     self.log.warning("Status poll failed (%d/%d): %s", errors, MAX_CONSECUTIVE_POLL_ERRORS, status)
@@ -180,6 +187,3 @@ class StepOperatorTrigger(BaseTrigger):
         # the triggerer may cancel on_kill itself soon after; the stop request must still go out
         await asyncio.shield(self.get_hook().acancel(self.handle))
 
-
-def is_terminal(state: str) -> bool:
-    return JobState(state).terminal
