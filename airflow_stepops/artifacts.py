@@ -79,15 +79,21 @@ class ArtifactRef:
         thread alongside the read). Only call this for artifacts your own steps produced."""
         import cloudpickle
 
+        error: Exception | None = None
         with self.open() as raw:
             reader = _VerifyingReader(raw)
             try:
                 value = cloudpickle.load(reader)
+            except Exception as exc:  # a damaged file usually breaks unpickling first: say why
+                error = exc
+            try:
                 reader.drain()
             finally:
                 reader.close()
         if reader.sha256.hexdigest() != self.sha256 or reader.size != self.size:
-            raise ValueError(f"artifact {self.uri} does not match its sha256 {self.sha256}: it was modified")
+            raise ValueError(f"artifact {self.uri} does not match its sha256 {self.sha256}: it was modified") from error
+        if error is not None:
+            raise error
         return value
 
     def copy_to(self, destination: str | os.PathLike[str]) -> None:

@@ -107,9 +107,12 @@ def render_task(dag_id: str, task_id: str, run_id: str = "render", map_index: in
 
 
 def _load_task(dag_id: str, task_id: str) -> Any:
-    from airflow_stepops._compat import dagbag_class
+    from airflow_stepops._compat import airflow_conf, dagbag_class
 
-    bag = dagbag_class()()
+    dags_folder = airflow_conf().get("core", "dags_folder")
+    if dags_folder not in sys.path:  # as the DAG processor does for a bundle: sibling modules import
+        sys.path.append(dags_folder)
+    bag = dagbag_class()(dag_folder=dags_folder)
     dag = bag.get_dag(dag_id)
     if dag is None:
         problems = "; ".join(f"{k}: {v.splitlines()[-1]}" for k, v in bag.import_errors.items())

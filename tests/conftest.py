@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 _HOME = Path(os.environ.get("STEPOPS_TEST_AIRFLOW_HOME") or tempfile.mkdtemp(prefix="stepops-airflow-"))
 os.environ["AIRFLOW_HOME"] = str(_HOME)
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "tests" / "dags")
+sys.path.insert(0, str(REPO / "tests" / "dags"))  # as Airflow does for its DAGs folder
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO")
 os.environ["AIRFLOW_CONN_LOCAL_STEP_OPERATOR"] = '{"conn_type": "stepops_local", "extra": {}}'

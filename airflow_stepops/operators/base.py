@@ -202,17 +202,12 @@ class StepOperator(BaseOperator):
             store.set(STATE_KEY, handle)
         return handle
 
-    def _publish(self, context: Context, hook: StepOperatorHook, handle: JobHandle) -> None:
-        info = {"flavor": hook.flavor, "step_operator": self.step_operator, "job_id": handle.get("job_id"),
-                "console_url": hook.console_url(handle)}
-        context["ti"].xcom_push(key=XCOM_JOB_KEY, value=info)
-
     # ---- the lifecycle ----------------------------------------------------------------------
     def execute(self, context: Context) -> Any:
         hook = self.get_hook()
         handle = self.find_or_submit(context, hook)
         self._handle = handle
-        self._publish(context, hook, handle)
+        self._record(context, hook, handle, {}, final=False)
         trigger = self.make_trigger(hook, handle, context)
         deferrable = _default_deferrable() if self.deferrable is None else self.deferrable
         if deferrable:
@@ -316,7 +311,9 @@ class StepOperator(BaseOperator):
                 self._cancel_quietly(self.get_hook(), handle)
         return super().resume_execution(next_method, next_kwargs, context)
 
-    def _record(self, context: Context, hook: StepOperatorHook, handle: JobHandle, details: dict[str, Any]) -> None:
+    def _record(self, context: Context, hook: StepOperatorHook, handle: JobHandle, details: dict[str, Any],
+                final: bool = True) -> None:
+        """Flavor, job id, console URL and (when finished) durations: XCom for the extra link, and the log."""
         info = {"flavor": hook.flavor, "step_operator": self.step_operator, "job_id": handle.get("job_id"),
                 "console_url": hook.console_url(handle), **{k: v for k, v in details.items() if v is not None}}
         submitted, started, finished = handle.get("submitted_at"), details.get("started_at"), details.get("finished_at")
@@ -324,7 +321,8 @@ class StepOperator(BaseOperator):
             info["queued_seconds"] = round(max(started - submitted, 0.0), 3)
         if started and finished:
             info["run_seconds"] = round(finished - started, 3)
-        self.log.info("Step job summary: %s", info)
+        if final:
+            self.log.info("Step job summary: %s", info)
         context["ti"].xcom_push(key=XCOM_JOB_KEY, value=info)
 
     def _cancel_quietly(self, hook: StepOperatorHook, handle: JobHandle) -> None:

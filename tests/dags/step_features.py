@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import step_helpers  # a module of the DAG folder, not installed anywhere: must travel by value
 from airflow.sdk import DAG, Param, task
 
 with DAG("step_features", schedule=None, params={"scale": 10}) as step_features:
@@ -12,10 +13,12 @@ with DAG("step_features", schedule=None, params={"scale": 10}) as step_features:
         return [1, 2, 3]
 
     @task.step_operator(step_operator="local_step_operator", multiple_outputs=True)
-    def stats(values: list[int], label: str, params=None) -> dict:
+    def stats(values: list[int], label: str, params=None, logical_date=None) -> dict:
         import os
 
-        return {"total": sum(values) * params["scale"], "label": label, "pid": os.getpid()}
+        return {"total": sum(values) * params["scale"], "label": label, "pid": os.getpid(),
+                "tripled": step_helpers.triple(sum(values)),
+                "date_type": f"{type(logical_date).__module__}.{type(logical_date).__name__}"}
 
     @task.step_operator(step_operator="local_step_operator", deferrable=False)
     def square(x: int) -> int:

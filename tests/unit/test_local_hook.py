@@ -311,3 +311,75 @@ def test_memory_watchdog_kills_the_group_when_no_data_limit_applies(tmp_path):
     assert status.state is JobState.FAILED
     assert status.details["reason"] == "oom_killed"
     assert "more than its memory limit of 157286400 bytes" in status.message
+
+
+def test_progress_bars_stream_while_the_step_runs(tmp_path):
+    hook = make_hook(tmp_path)
+
+    def step():
+        import sys
+        import time
+
+        for pct in (10, 50, 100):
+            sys.stdout.write(f"\rtraining {pct}%")
+            sys.stdout.flush()
+        sys.stdout.write("\nepoch done\n")
+        sys.stdout.flush()
+        time.sleep(30)
+
+    handle = hook.submit(make_spec(hook, step))
+    try:
+        deadline = time.monotonic() + 20
+        lines: list[str] = []
+        cursor = 0
+        while "epoch done" not in lines:
+            assert time.monotonic() < deadline, lines
+            new, cursor = hook.read_logs(handle, cursor)
+            lines += new
+            time.sleep(0.1)
+        assert "training 100%" in lines  # the last state of the redrawn line, before the job ends
+    finally:
+        hook.cancel(handle)
+
+
+def test_launcher_that_cannot_start_leaves_a_failed_job(tmp_path):
+    from airflow_stepops.exceptions import StepFailedError
+
+    major, minor = sys.version_info[:2]
+    python = tmp_path / "python-that-cannot-launch"
+    python.write_text("#!/bin/sh\n"
+                      f"if [ \"$1\" = -c ]; then echo '{{\"version\": [{major}, {minor}, 0], \"cloudpickle\": true}}'; "
+                      "exit 0; fi\nexit 3\n")
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    hook = make_hook(tmp_path, python=str(python))
+    spec = make_spec(hook, lambda: 1)
+    with pytest.raises(StepFailedError, match="launcher exited with code 3"):
+        hook.submit(spec)
+    handle = hook.find_job(spec.identity)
+    status = hook.get_status(handle)
+    assert status.state is JobState.FAILED  # a retry will not wait on a job that never ran
+
+
+def test_jobs_of_another_host_are_refused_clearly(tmp_path):
+    hook = make_hook(tmp_path)
+    handle = hook.submit(make_spec(hook, lambda: 1))
+    wait_terminal(hook, handle)
+    with pytest.raises(StepOperatorConfigError, match="runs on host 'gpu-box-7' but this process is on"):
+        hook.get_status({**handle, "host": "gpu-box-7"})
+
+
+def test_job_files_are_private(tmp_path):
+    hook = make_hook(tmp_path)
+    handle = hook.submit(make_spec(hook, lambda: 1))
+    wait_terminal(hook, handle)
+    assert stat.S_IMODE(os.stat(handle["job_dir"]).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(Path(handle["job_dir"]) / "spec.json").st_mode) == 0o600
+
+
+def test_unsafe_ids_map_to_distinct_safe_directories(tmp_path):
+    from airflow_stepops.bundle import StepIdentity
+
+    root = make_hook(tmp_path).artifact_root()
+    a = str(StepIdentity("d", "run~1", "..", -1, 1).prefix(root))
+    b = str(StepIdentity("d", "run_1", "..", -1, 1).prefix(root))
+    assert a != b and "/../" not in a and a.startswith(str(root))

@@ -37,6 +37,8 @@ def test_xcom_args_templating_multiple_outputs_and_mapping():
     assert run.state == "success", {k: ti.state for k, ti in tis.items()}
     assert _xcom(tis["collect"]) == {"total": 60, "label": "run 10", "squares": [1, 4, 9]}
     assert _xcom(tis["stats"], key="pid") != os.getpid()
+    assert _xcom(tis["stats"], key="tripled") == 18  # helper module of the DAG folder travelled by value
+    assert _xcom(tis["stats"], key="date_type") == "datetime.datetime"  # no pendulum needed remotely
     job = _xcom(tis["stats"], key="stepops_job")
     assert job["flavor"] == "local" and job["step_operator"] == "local_step_operator" and job["job_id"]
     assert {tis[f"square[{i}]"].state for i in range(3)} == {"success"}
@@ -138,3 +140,35 @@ def test_on_kill_stops_the_remote_job(tmp_path):
     op._hook, op._handle = hook, handle  # as after submission in execute()
     op.on_kill()
     assert hook.get_status(handle).state is JobState.CANCELLED
+
+
+def test_lost_track_of_a_job_stops_it(tmp_path):
+    from airflow_stepops.exceptions import StepFailedError
+    from airflow_stepops.hooks.base import JobState
+    from airflow_stepops.settings.local import LocalStepOperatorSettings
+
+    from .localjobs import make_hook, make_spec, wait_running, wait_terminal
+
+    hook = make_hook(tmp_path)
+    handle = hook.submit(make_spec(hook, __import__("time").sleep, 60,
+                                   settings=LocalStepOperatorSettings(cancel_grace_period_seconds=1)))
+    wait_running(hook, handle)
+    class _TaskInstance:  # receives the job record the operator publishes
+        pushed: dict = {}
+
+        def xcom_push(self, key, value):
+            self.pushed[key] = value
+
+    op = LocalStepOperator(task_id="t", python_callable=lambda: 1)
+    op._hook = hook
+    ti = _TaskInstance()
+    with pytest.raises(StepFailedError, match="status polling failed"):
+        op.execute_complete({"ti": ti}, {"status": "error", "handle": handle,
+                                         "message": "status polling failed repeatedly"})
+    assert ti.pushed["stepops_job"]["job_id"] == handle["job_id"]
+    assert wait_terminal(hook, handle, timeout=15).state is JobState.CANCELLED
+
+
+def test_remote_builtin_errors_with_special_constructors_keep_their_text():
+    err = rebuild_remote_error("builtins.UnicodeDecodeError", "'utf-8' codec can't decode", "tb")
+    assert isinstance(err, RemoteStepError) and "UnicodeDecodeError" in str(err)

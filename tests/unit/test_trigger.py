@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from pathlib import Path
 
 from airflow_stepops.hooks.base import JobState
 from airflow_stepops.settings.local import LocalStepOperatorSettings
@@ -100,3 +101,18 @@ def test_status_polling_is_shared_by_all_triggers_of_a_backend(tmp_path):
     # a few extra fast rounds come from the quick start after each new subscription
     assert calls <= rounds + 8
     assert calls < 8 * rounds / 3
+
+
+def test_one_broken_job_does_not_fail_the_others(tmp_path):
+    hook = make_hook(tmp_path)
+    good = hook.submit(make_spec(hook, time.sleep, 0.5, task_id="good"))
+    bad = hook.submit(make_spec(hook, lambda: 1, task_id="bad"))
+    wait_terminal(hook, bad)
+    (Path(bad["job_dir"]) / "status.json").write_text("{}")  # corrupt: no "state"
+
+    async def main():
+        return await asyncio.gather(_first(_trigger(hook, good)), _first(_trigger(hook, bad)))
+
+    good_event, bad_event = asyncio.run(main())
+    assert good_event["status"] == "succeeded"
+    assert bad_event["status"] == "error" and "status polling failed" in bad_event["message"]
