@@ -11,7 +11,7 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _SIZE_UNITS: dict[str, int] = {
     "": 1,
@@ -123,6 +123,12 @@ class ResourceSettings(BaseModel):
     @classmethod
     def _known_gpu(cls, value: str | None) -> str | None:
         return None if value is None else normalize_gpu_type(value)
+
+    @model_validator(mode="after")
+    def _gpu_type_needs_gpus(self) -> ResourceSettings:
+        if self.gpu_type is not None and self.gpu_count == 0:
+            raise ValueError(f"gpu_type={self.gpu_type!r} with gpu_count=0: ask for at least one GPU or drop gpu_type")
+        return self
 
     @property
     def memory_bytes(self) -> int | None:

@@ -73,3 +73,8 @@ def test_unknown_gpu_type_lists_known_ones():
 @pytest.mark.parametrize(("alias", "canonical"), [("h100", "H100"), ("NVIDIA_L4", "L4"), ("A100_80GB", "A100-80GB")])
 def test_gpu_aliases(alias, canonical):
     assert normalize_gpu_type(alias) == canonical
+
+
+def test_gpu_type_with_zero_gpus_is_contradictory():
+    with pytest.raises(ValidationError, match="gpu_type='T4' with gpu_count=0"):
+        ResourceSettings(gpu_type="T4", gpu_count=0)
