@@ -7,17 +7,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from airflow.sdk.definitions._internal.mixins import ResolveMixin
+
 from airflow_stepops.artifacts import ArtifactRef
 from airflow_stepops.exceptions import StepOperatorConfigError
 
 _SIMPLE = (str, int, float, bool, bytes, type(None))
+_PASSES = (*_SIMPLE, ResolveMixin, ArtifactRef)  # XComArgs and refs are resolved on the worker
 
 
 def _simple(value: Any, depth: int = 0) -> bool:
     """Values that always pickle; XComArgs and refs are resolved on the worker, not pickled here."""
-    from airflow.sdk.definitions._internal.mixins import ResolveMixin
-
-    if isinstance(value, (*_SIMPLE, ResolveMixin, ArtifactRef)):
+    if isinstance(value, _PASSES):
         return True
     if depth > 8:
         return False
@@ -35,7 +36,7 @@ def check_literal_args_picklable(fn: Any, op_args: Any, op_kwargs: Any) -> None:
     items = [(f"op_args[{i}]", a) for i, a in enumerate(op_args or ())]
     items += [(f"op_kwargs[{k!r}]", v) for k, v in (op_kwargs or {}).items()]
     for name, value in items:
-        if isinstance(value, _SIMPLE) or _simple(value):
+        if isinstance(value, _PASSES) or _simple(value):
             continue
         import cloudpickle
 

@@ -77,6 +77,9 @@ class StepOperator(BaseOperator):
     # class-level defaults: per-instance assignment through BaseOperator.__setattr__ costs parse time
     _handle: JobHandle | None = None
     _hook: StepOperatorHook | None = None
+    step_settings: StepSettings
+    deferrable: bool | None
+    poll_interval: float | None
 
     def __init__(
         self,
@@ -107,9 +110,11 @@ class StepOperator(BaseOperator):
         self.op_args: Collection[Any] = list(op_args or [])
         self.op_kwargs: Mapping[str, Any] = dict(op_kwargs or {})
         self.step_operator = step_operator
-        self.step_settings: StepSettings = parse_step_settings(settings, resources, flavor=self.flavor)
-        self.deferrable = deferrable
-        self.poll_interval = poll_interval
+        # plain attribute writes: BaseOperator.__setattr__ bookkeeping is only needed for template
+        # fields and reassigned init arguments, and it is a noticeable share of DAG parse time
+        object.__setattr__(self, "step_settings", parse_step_settings(settings, resources, flavor=self.flavor))
+        object.__setattr__(self, "deferrable", deferrable)
+        object.__setattr__(self, "poll_interval", poll_interval)
         if not kwargs.get("_airflow_mapped_validation_only"):
             check_literal_args_picklable(python_callable, self.op_args, self.op_kwargs)
 

@@ -97,6 +97,10 @@ def parse_step_settings(
         raise StepOperatorConfigError(
             f"settings: expected a dict with keys {_allowed_keys()}, got {type(settings).__name__}"
         )
+    if resources is None and settings is not None and len(settings) == 1:  # the common case, fast
+        only = settings.get(RESOURCES_KEY)
+        if isinstance(only, ResourceSettings):
+            return StepSettings(resources=only)
     settings = dict(settings or {})
     parsed_resources: ResourceSettings | None = None
     if resources is not None:
