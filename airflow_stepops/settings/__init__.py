@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from airflow_stepops.resources import ResourceSettings
     from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings
+    from airflow_stepops.settings.kubernetes import KubernetesStepOperatorConfig, KubernetesStepOperatorSettings
     from airflow_stepops.settings.local import LocalStepOperatorConfig, LocalStepOperatorSettings
 
 _EXPORTS = {
@@ -15,6 +16,8 @@ _EXPORTS = {
     "BaseStepOperatorConfig": "airflow_stepops.settings.base",
     "LocalStepOperatorSettings": "airflow_stepops.settings.local",
     "LocalStepOperatorConfig": "airflow_stepops.settings.local",
+    "KubernetesStepOperatorSettings": "airflow_stepops.settings.kubernetes",
+    "KubernetesStepOperatorConfig": "airflow_stepops.settings.kubernetes",
 }
 
 __all__ = sorted(_EXPORTS)
