@@ -77,6 +77,7 @@ class StepOperator(BaseOperator):
     # class-level defaults: per-instance assignment through BaseOperator.__setattr__ costs parse time
     _handle: JobHandle | None = None
     _hook: StepOperatorHook | None = None
+    _state_store: Any = None
     step_settings: StepSettings
     deferrable: bool | None
     poll_interval: float | None
@@ -185,13 +186,17 @@ class StepOperator(BaseOperator):
         previous = store.get(STATE_KEY) if store is not None else None
         if isinstance(previous, dict) and previous.get("conn_id") == self.step_operator:
             if self._reattachable(hook, previous, allow_succeeded=True):
-                return previous
+                adopted = {**previous, "attached_by_try": identity.try_number}
+                if store is not None:  # an older try still being killed must not stop it now
+                    store.set(STATE_KEY, adopted)
+                return adopted
         else:
             # no stored handle (Airflow < 3.3, or the worker died between submit and storing it):
             # look for earlier tries' jobs by their deterministic names
             for try_number in range(identity.try_number - 1, 0, -1):
                 earlier = hook.find_job(identity.for_try(try_number))
                 if earlier and self._reattachable(hook, earlier, allow_succeeded=False):
+                    earlier = {**earlier, "attached_by_try": identity.try_number}
                     if store is not None:
                         store.set(STATE_KEY, earlier)
                     return earlier
@@ -203,6 +208,7 @@ class StepOperator(BaseOperator):
             handle = {**hook.submit(spec), "submitted_at": time.time()}
             self.log.info("Submitted step %s to %s step operator %r as job %s", self.task_label, hook.flavor,
                           self.step_operator, handle.get("job_id"))
+        handle = {**handle, "attached_by_try": identity.try_number}
         if store is not None:
             store.set(STATE_KEY, handle)
         return handle
@@ -210,6 +216,7 @@ class StepOperator(BaseOperator):
     # ---- the lifecycle ----------------------------------------------------------------------
     def execute(self, context: Context) -> Any:
         hook = self.get_hook()
+        object.__setattr__(self, "_state_store", context.get("task_state_store"))  # type: ignore[call-overload]
         handle = self.find_or_submit(context, hook)
         self._handle = handle
         self._record(context, hook, handle, {}, final=False)
@@ -337,9 +344,27 @@ class StepOperator(BaseOperator):
             self.log.exception("Could not stop remote job %s", handle.get("job_id"))
 
     def on_kill(self) -> None:
-        if self._handle is not None:
-            self.log.info("Task killed: stopping remote job %s", self._handle.get("job_id"))
-            self._cancel_quietly(self.get_hook(), self._handle)
+        if self._handle is None:
+            return
+        if not self._still_owns_job():
+            self.log.info("Task killed, but a newer try has taken over job %s: leaving it running",
+                          self._handle.get("job_id"))
+            return
+        self.log.info("Task killed: stopping remote job %s", self._handle.get("job_id"))
+        self._cancel_quietly(self.get_hook(), self._handle)
+
+    def _still_owns_job(self) -> bool:
+        """False when a newer try of this task instance re-attached to our job in the meantime."""
+        store, handle = self._state_store, self._handle
+        mine = handle.get("attached_by_try") if handle else None
+        if store is None or handle is None or mine is None:
+            return True
+        try:
+            current = store.get(STATE_KEY)
+        except Exception:
+            return True
+        return not (isinstance(current, dict) and current.get("job_id") == handle.get("job_id")
+                    and (current.get("attached_by_try") or 0) > mine)
 
 
 async def _first_event(trigger: Any) -> dict[str, Any]:

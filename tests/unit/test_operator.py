@@ -177,3 +177,31 @@ def test_lost_track_of_a_job_stops_it(tmp_path):
 def test_remote_builtin_errors_with_special_constructors_keep_their_text():
     err = rebuild_remote_error("builtins.UnicodeDecodeError", "'utf-8' codec can't decode", "tb")
     assert isinstance(err, RemoteStepError) and "UnicodeDecodeError" in str(err)
+
+
+def test_an_older_try_being_killed_leaves_a_job_a_newer_try_adopted(tmp_path):
+    from airflow_stepops.hooks.base import JobState
+    from airflow_stepops.operators.base import STATE_KEY
+
+    from .localjobs import make_hook, make_spec, wait_running
+
+    class _Store:  # the task_state_store both tries share (it survives retries)
+        def __init__(self):
+            self.data = {}
+
+        def get(self, key, default=None):
+            return self.data.get(key, default)
+
+        def set(self, key, value):
+            self.data[key] = value
+
+    hook = make_hook(tmp_path)
+    handle = hook.submit(make_spec(hook, __import__("time").sleep, 30))
+    wait_running(hook, handle)
+    store = _Store()
+    store.set(STATE_KEY, {**handle, "attached_by_try": 2})  # try 2 re-attached
+    old_try = LocalStepOperator(task_id="t", python_callable=lambda: 1, deferrable=False)
+    old_try._hook, old_try._handle, old_try._state_store = hook, {**handle, "attached_by_try": 1}, store
+    old_try.on_kill()
+    assert hook.get_status(handle).state is JobState.RUNNING
+    hook.cancel(handle)
