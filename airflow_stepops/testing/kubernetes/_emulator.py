@@ -1,0 +1,290 @@
+"""``KubernetesEmulator``: the API server, scheduler, kubelet and Job controller on a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from airflow_stepops.testing.kubernetes._cluster import Cluster
+from airflow_stepops.testing.kubernetes._config import EmulatorConfig
+from airflow_stepops.testing.kubernetes._faults import Fault, FaultRule
+from airflow_stepops.testing.kubernetes._jobs import JobController
+from airflow_stepops.testing.kubernetes._kubelet import Kubelet
+from airflow_stepops.testing.kubernetes._server import ApiFault, ApiServer
+from airflow_stepops.testing.kubernetes._store import JOBS, PODS, RESOURCES, Resource, Store
+from airflow_stepops.testing.kubernetes._util import JSON, deep
+
+T = TypeVar("T")
+_CONFIG_FIELDS = {f.name for f in fields(EmulatorConfig)}
+
+
+def _resource(kind: str) -> Resource:
+    for res in RESOURCES:
+        if kind.lower() in (res.plural, res.kind.lower(), *res.short_names):
+            return res
+    raise ValueError(f"unknown resource {kind!r}; expected one of {[r.plural for r in RESOURCES]}")
+
+
+class KubernetesEmulator:
+    """A local Kubernetes API on 127.0.0.1 whose Jobs run their pod's command as local subprocesses.
+
+    Use it as a context manager (or ``start()`` / ``stop()``); point the real clients at it with
+    ``api_client()``, ``async_api_client()`` or a kubeconfig from ``write_kubeconfig()``. Settings are
+    the fields of ``EmulatorConfig`` (``grace_period_cap=2``, ``namespaces=("default", "ml")``, ...).
+    """
+
+    def __init__(self, config: EmulatorConfig | None = None, *, port: int = 0, **settings: Any) -> None:
+        unknown = set(settings) - _CONFIG_FIELDS
+        if unknown:
+            raise TypeError(f"unknown emulator settings {sorted(unknown)}")
+        self.config = replace(config or EmulatorConfig(), **settings)
+        self._wanted_port = port
+        self.port = 0
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._root: Path | None = None
+        self._runner: web.AppRunner | None = None
+        self.cluster: Cluster
+        self.server: ApiServer
+
+    # ----- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> KubernetesEmulator:
+        if self._thread is not None:
+            raise RuntimeError("the emulator is already running")
+        self._root = Path(tempfile.mkdtemp(prefix="stepops-k8s-"))
+        self._loop = asyncio.new_event_loop()
+        ready: list[BaseException | None] = []
+        started = threading.Event()
+
+        def run() -> None:
+            assert self._loop is not None
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._loop.run_until_complete(self._startup())
+                ready.append(None)
+            except BaseException as exc:  # reported to start()'s caller
+                ready.append(exc)
+            started.set()
+            if ready[0] is None:
+                self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="stepops-kubernetes-emulator", daemon=True)
+        self._thread.start()
+        started.wait(60)
+        if not ready or ready[0] is not None:
+            self._thread.join(5)
+            self._loop.close()
+            self._thread = None
+            shutil.rmtree(self._root, ignore_errors=True)
+            raise RuntimeError("the Kubernetes emulator failed to start") from (ready[0] if ready else None)
+        return self
+
+    async def _startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._root is not None
+        self.cluster = Cluster(Store(), self.config, loop)
+        self.cluster.kubelet = Kubelet(self.cluster, self._root, lambda: self.port)
+        self.cluster.jobs = JobController(self.cluster)
+        self.cluster.bootstrap()
+        self.server = ApiServer(self.cluster)
+        self._runner = web.AppRunner(self.server.app(), access_log=None, shutdown_timeout=2.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self._wanted_port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        self.server.address = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        """Kill every pod process, close streams and the server, end the thread; idempotent."""
+        if self._thread is None or self._loop is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+        try:
+            future.result(60)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(30)
+            self._loop.close()
+            self._thread = None
+            if self._root is not None:
+                shutil.rmtree(self._root, ignore_errors=True)
+
+    async def _shutdown(self) -> None:
+        self.server.closing = True
+        self.cluster.store.close_watches()
+        await self.cluster.kubelet.shutdown()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        loop = asyncio.get_running_loop()
+        current = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks(loop) if t is not current]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+        await loop.shutdown_asyncgens()
+        await loop.shutdown_default_executor()
+
+    def __enter__(self) -> KubernetesEmulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the emulator's loop (all state lives there) and return its result."""
+        if self._loop is None or self._thread is None:
+            raise RuntimeError("the emulator is not running")
+        if threading.current_thread() is self._thread:
+            return fn()
+
+        async def call() -> T:
+            return fn()
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result(30)
+
+    # ----- clients ----------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def configuration(self) -> Any:
+        """A ``kubernetes.client.Configuration`` for this API."""
+        from kubernetes import client
+
+        return self._configure(client.Configuration())
+
+    def api_client(self) -> Any:
+        """A sync ``kubernetes.client.ApiClient``; close it when done."""
+        from kubernetes import client
+
+        return client.ApiClient(self.configuration())
+
+    def async_configuration(self) -> Any:
+        from kubernetes_asyncio import client
+
+        return self._configure(client.Configuration())
+
+    def async_api_client(self) -> Any:
+        """A ``kubernetes_asyncio.client.ApiClient``; create it inside the event loop that uses it."""
+        from kubernetes_asyncio import client
+
+        return client.ApiClient(self.async_configuration())
+
+    def _configure(self, configuration: Any) -> Any:
+        configuration.host = self.url
+        if self.config.token:
+            configuration.api_key = {"authorization": self.config.token}
+            configuration.api_key_prefix = {"authorization": "Bearer"}
+        return configuration
+
+    def kubeconfig(self, context: str = "stepops-emulator", namespace: str = "default") -> JSON:
+        """A kubeconfig document with one cluster, user and context (current) for this API."""
+        user: JSON = {"token": self.config.token} if self.config.token else {}
+        return {"apiVersion": "v1", "kind": "Config", "preferences": {}, "current-context": context,
+                "clusters": [{"name": context, "cluster": {"server": self.url}}],
+                "users": [{"name": context, "user": user}],
+                "contexts": [{"name": context, "context": {"cluster": context, "user": context,
+                                                           "namespace": namespace}}]}
+
+    def write_kubeconfig(self, path: str | Path | None = None, context: str = "stepops-emulator",
+                         namespace: str = "default") -> Path:
+        """Write ``kubeconfig()`` (JSON, which is YAML) to ``path`` or into the emulator's directory."""
+        if path is None:
+            assert self._root is not None
+            path = self._root / f"kubeconfig-{context}"
+        path = Path(path)
+        path.write_text(json.dumps(self.kubeconfig(context, namespace), indent=2))
+        return path
+
+    # ----- faults -----------------------------------------------------------------------------------
+
+    def inject(self, fault: Fault | str, *, job: str | None = None, namespace: str | None = None,
+               pod_prefix: str | None = None, count: int | None = 1) -> FaultRule:
+        """Give ``fault`` to the next ``count`` new pods matching (None: every matching pod)."""
+        rule = FaultRule(Fault(fault) if isinstance(fault, str) else fault, namespace, job, pod_prefix, count)
+        self._call(lambda: self.cluster.fault_rules.append(rule))
+        return rule
+
+    def disrupt(self, namespace: str, pod: str, fault: Fault | str = "evicted") -> None:
+        """Strike a running pod now: ``evicted``, ``preempted``, ``node_shutdown``, ``oom_killed``, ..."""
+        chosen = Fault(fault) if isinstance(fault, str) else fault
+
+        def strike() -> None:
+            obj = self.cluster.store.get(PODS, namespace, pod)
+            runtime = self.cluster.kubelet.runtimes.get(obj["metadata"]["uid"])
+            if runtime is None or runtime.current is None:
+                raise RuntimeError(f"pod {namespace}/{pod} has no running container to disrupt")
+            self.cluster.kubelet.strike(runtime, chosen)
+        self._call(strike)
+
+    def fail_requests(self, status: int = 500, *, method: str | None = None, path: str | None = None,
+                      count: int | None = 1, after_commit: bool = False, message: str | None = None) -> ApiFault:
+        """Answer the next ``count`` matching API requests with ``status``; ``after_commit`` loses the reply."""
+        fault = ApiFault(method, path, status, count, after_commit)
+        if message:
+            fault.message = message
+        self._call(lambda: self.server.faults.append(fault))
+        return fault
+
+    def clear_faults(self) -> None:
+        def clear() -> None:
+            self.cluster.fault_rules.clear()
+            self.server.faults.clear()
+        self._call(clear)
+
+    # ----- inspection -------------------------------------------------------------------------------
+
+    def requests(self, method: str | None = None, path: str | None = None) -> list[dict[str, Any]]:
+        """The API requests served so far (method, path, query, status), optionally filtered."""
+        import re
+
+        return [dict(r) for r in self._call(lambda: list(self.server.requests))
+                if (method is None or r["method"] == method.upper()) and (path is None or re.search(path, r["path"]))]
+
+    def get_object(self, kind: str, namespace: str | None, name: str) -> JSON | None:
+        """A copy of a stored object (``kind``: plural, kind or short name), None if absent."""
+        res = _resource(kind)
+        return self._call(lambda: deep(self.cluster.store.peek(res, namespace if res.namespaced else None, name)))
+
+    def list_objects(self, kind: str, namespace: str | None = None, label_selector: str | None = None) -> list[JSON]:
+        res = _resource(kind)
+        return self._call(lambda: deep(self.cluster.store.select(res, namespace, label_selector)))
+
+    def pids(self, namespace: str, pod: str) -> dict[str, int]:
+        """Process ids of a pod's running containers, by container name."""
+        def find() -> dict[str, int]:
+            obj = self.cluster.store.peek(PODS, namespace, pod)
+            runtime = self.cluster.kubelet.runtimes.get(obj["metadata"]["uid"]) if obj else None
+            if runtime is None:
+                return {}
+            return {name: runs[-1].proc.pid for name, runs in runtime.runs.items()
+                    if runs and runs[-1].proc is not None and runs[-1].proc.returncode is None}
+        return self._call(find)
+
+    def pvc_path(self, namespace: str, claim: str) -> Path:
+        """The host directory behind a PersistentVolumeClaim (created on demand)."""
+        return self._call(lambda: self.cluster.kubelet.pvc_path(namespace, claim))
+
+    def wait_for_job(self, namespace: str, name: str, timeout: float = 30.0) -> JSON:
+        """Block until the Job has a Complete or Failed condition; returns it (TimeoutError otherwise)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.get_object(JOBS.plural, namespace, name)
+            conditions = (job or {}).get("status", {}).get("conditions") or []
+            if job and any(c["type"] in ("Complete", "Failed") and c["status"] == "True" for c in conditions):
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {namespace}/{name} did not finish within {timeout}s")
+            time.sleep(0.05)
