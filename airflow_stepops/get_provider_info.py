@@ -49,6 +49,10 @@ def get_provider_info() -> dict[str, Any]:
                     "jobs_dir": _field("Jobs directory", description="Default: $AIRFLOW_HOME/stepops/local/jobs"),
                     "nvidia_smi": _field("nvidia-smi executable", default="nvidia-smi"),
                     "environment": _field("Environment variables", "object", "Added to every step."),
+                    "job_retention_days": _field(
+                        "Job retention (days)", "number", "Finished job directories are removed after this.",
+                        default=7,
+                    ),
                 },
             },
         ],

@@ -157,9 +157,16 @@ class LocalStepOperatorHook(StepOperatorHook):
         specs: list[dict[str, Any]] = []
         if not os.path.isdir(self.jobs_dir):
             return specs
+        retention = self.config.job_retention_days * 86400
+        now = time.time()
         for name in os.listdir(self.jobs_dir):
             job_dir = os.path.join(self.jobs_dir, name)
-            if job_dir == exclude or os.path.exists(os.path.join(job_dir, "status.json")):
+            if job_dir == exclude:
+                continue
+            finished_at = _mtime(os.path.join(job_dir, "status.json"))
+            if finished_at is not None:
+                if retention and now - finished_at > retention:  # keep the jobs directory bounded
+                    shutil.rmtree(job_dir, ignore_errors=True)
                 continue
             if self._status_of_dir(job_dir).state.terminal:
                 continue

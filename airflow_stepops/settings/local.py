@@ -37,6 +37,10 @@ class LocalStepOperatorConfig(BaseStepOperatorConfig):
     environment: dict[str, str] = Field(
         default_factory=dict, description="Environment variables for every step of this operator."
     )
+    job_retention_days: float = Field(
+        default=7, ge=0, description="Job directories (state and logs) of finished steps are removed after "
+        "this many days; 0 keeps them forever. Results in the artifact store are not touched."
+    )
 
     @field_validator("artifact_store")
     @classmethod

@@ -383,3 +383,16 @@ def test_unsafe_ids_map_to_distinct_safe_directories(tmp_path):
     a = str(StepIdentity("d", "run~1", "..", -1, 1).prefix(root))
     b = str(StepIdentity("d", "run_1", "..", -1, 1).prefix(root))
     assert a != b and "/../" not in a and a.startswith(str(root))
+
+
+def test_finished_job_directories_are_pruned_after_the_retention(tmp_path):
+    hook = make_hook(tmp_path, job_retention_days=1)
+    old = hook.submit(make_spec(hook, lambda: 1, task_id="old"))
+    recent = hook.submit(make_spec(hook, lambda: 1, task_id="recent"))
+    wait_terminal(hook, old)
+    wait_terminal(hook, recent)
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(Path(old["job_dir"]) / "status.json", (two_days_ago, two_days_ago))
+    hook.submit(make_spec(hook, lambda: 1, task_id="new", resources=ResourceSettings(cpu_count=1)))
+    assert not Path(old["job_dir"]).exists()
+    assert Path(recent["job_dir"]).exists()
