@@ -354,6 +354,8 @@ class LocalStepOperatorHook(StepOperatorHook):
         return cache[key]
 
     def _status_of_dir(self, job_dir: str) -> JobStatus:
+        if not os.path.isdir(job_dir):
+            return JobStatus(JobState.FAILED, f"the job directory {job_dir} no longer exists (removed or pruned)")
         status = _read_json(os.path.join(job_dir, "status.json"))
         spec = self._immutable_json(job_dir, "spec.json") or {}
         details: dict[str, Any] = {"cpu_ids": spec.get("cpu_ids"), "gpus": spec.get("gpus"),

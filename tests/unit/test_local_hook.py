@@ -396,3 +396,14 @@ def test_finished_job_directories_are_pruned_after_the_retention(tmp_path):
     hook.submit(make_spec(hook, lambda: 1, task_id="new", resources=ResourceSettings(cpu_count=1)))
     assert not Path(old["job_dir"]).exists()
     assert Path(recent["job_dir"]).exists()
+
+
+def test_a_removed_job_directory_is_a_failed_job(tmp_path):
+    import shutil
+
+    hook = make_hook(tmp_path)
+    handle = hook.submit(make_spec(hook, lambda: 1))
+    wait_terminal(hook, handle)
+    shutil.rmtree(handle["job_dir"])
+    status = hook.get_status(handle)
+    assert status.state is JobState.FAILED and "no longer exists" in status.message
