@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 FLAVOR="${FLAVOR:-local}"
 UV=$(scripts/ensure-uv.sh)
-"$UV" sync --frozen --quiet
+"$UV" sync --frozen --quiet --inexact
 export AIRFLOW_HOME="${AIRFLOW_HOME:-$PWD/.airflow/demo}"
 export AIRFLOW__CORE__DAGS_FOLDER="$PWD/dags_examples"
 export AIRFLOW__CORE__LOAD_EXAMPLES=False

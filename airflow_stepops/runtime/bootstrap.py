@@ -43,7 +43,10 @@ def _write_json(path: str, data: dict) -> None:
 
 def _qualname(obj: object) -> str:
     cls = obj if isinstance(obj, type) else type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
+    module = cls.__module__
+    if module.startswith("unusual_prefix_"):  # Airflow's internal name for a DAG file's module
+        module = module.split("_", 3)[-1]
+    return f"{module}.{cls.__qualname__}"
 
 
 def _is_json_value(value: object, depth: int = 0) -> bool:
