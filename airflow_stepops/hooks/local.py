@@ -277,6 +277,8 @@ class LocalStepOperatorHook(StepOperatorHook):
     def render(self, spec: StepSpec) -> dict[str, Any]:
         job_dir = self.job_dir(spec.identity)
         launch = self._launch_spec(spec, job_dir)
+        # submit() right after render() (the operator validates first) reuses this plan
+        self.__dict__["_rendered"] = (job_dir, launch)
         return {"flavor": "local", "job_dir": job_dir, **{k: v for k, v in launch.items() if k != "launcher"}}
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -293,7 +295,8 @@ class LocalStepOperatorHook(StepOperatorHook):
 
     def submit(self, spec: StepSpec) -> JobHandle:
         job_dir = self.job_dir(spec.identity)
-        launch = self._launch_spec(spec, job_dir)
+        rendered = self.__dict__.pop("_rendered", None)
+        launch = rendered[1] if rendered and rendered[0] == job_dir else self._launch_spec(spec, job_dir)
         os.makedirs(self.jobs_dir, mode=0o700, exist_ok=True)
         try:
             os.mkdir(job_dir, mode=0o700)  # atomic: exactly one submitter wins for this identity
