@@ -121,12 +121,10 @@ def fmt_ratio(value: float | None) -> str:
 
 
 def parse_size(text: str) -> int:
-    """``1GiB``, ``512MiB``, ``256M``, ``1g`` or a plain byte count."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*", text, re.IGNORECASE)
-    if not match:
-        raise ValueError(f"cannot parse size {text!r}; use e.g. 1GiB, 256MiB or a byte count")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    return int(number * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit])
+    """``1GiB``, ``512MiB``, ``1G`` or a byte count: the same sizes ResourceSettings accepts."""
+    from airflow_stepops.resources import parse_size as parse
+
+    return parse(text, field="--size")
 
 
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
