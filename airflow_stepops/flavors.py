@@ -51,6 +51,16 @@ FLAVORS: dict[str, Flavor] = {
         trigger_class="airflow_stepops.triggers.local.LocalStepOperatorTrigger",
         default_conn_id="stepops_local_default",
     ),
+    "kubernetes": Flavor(
+        name="kubernetes",
+        display_name="Kubernetes Job",
+        settings_class="airflow_stepops.settings.kubernetes.KubernetesStepOperatorSettings",
+        config_class="airflow_stepops.settings.kubernetes.KubernetesStepOperatorConfig",
+        hook_class="airflow_stepops.hooks.kubernetes.KubernetesStepOperatorHook",
+        operator_class="airflow_stepops.operators.kubernetes.KubernetesStepOperator",
+        trigger_class="airflow_stepops.triggers.kubernetes.KubernetesStepOperatorTrigger",
+        default_conn_id="stepops_kubernetes_default",
+    ),
 }
 
 

@@ -55,6 +55,41 @@ def get_provider_info() -> dict[str, Any]:
                     ),
                 },
             },
+            {
+                "hook-class-name": "airflow_stepops.hooks.kubernetes.KubernetesStepOperatorHook",
+                "hook-name": "Step operator: Kubernetes Job",
+                "connection-type": "stepops_kubernetes",
+                "ui-field-behaviour": {"hidden-fields": _HIDDEN, "relabeling": {}, "placeholders": {}},
+                "conn-fields": {
+                    **_COMMON_FIELDS,
+                    "kubernetes_conn_id": _field(
+                        "Kubernetes connection id", description="A cncf-kubernetes connection with the cluster "
+                        "credentials (default: kubernetes_default)."),
+                    "kubernetes_context": _field("kubeconfig context"),
+                    "config_file": _field("kubeconfig file path"),
+                    "incluster": _field("In cluster", "boolean", "Use the pod's service account.", default=False),
+                    "kubernetes_namespace": _field("Namespace", default="default"),
+                    "image": _field("Image", description="Container image of the steps (Python and cloudpickle)."),
+                    "environment": _field("Environment variables", "object", "Added to every step (no secrets)."),
+                    "worker_artifact_path": _field(
+                        "Worker path of the pvc:// store", description="Where the claim is mounted on workers."),
+                    "inline_transfer_max_size": _field(
+                        "Max inline transfer size", description='Bundles/outputs up to this size travel in the pod '
+                        'spec and log, e.g. "512KiB".'),
+                    "console_url_template": _field(
+                        "Console URL template", description="Dashboard link with {namespace} and {name}."),
+                    "service_account_name": _field("Service account"),
+                    "node_selector": _field("Node selector", "object"),
+                    "tolerations": _field("Tolerations", "array"),
+                    "affinity": _field("Affinity", "object"),
+                    "volumes": _field("Volumes", "array"),
+                    "volume_mounts": _field("Volume mounts", "array"),
+                    "image_pull_secrets": _field("Image pull secrets", "array"),
+                    "labels": _field("Labels", "object"),
+                    "annotations": _field("Annotations", "object"),
+                    "priority_class_name": _field("Priority class"),
+                },
+            },
         ],
         "config": {
             "stepops": {
@@ -77,13 +112,13 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "extra-links": ["airflow_stepops.links.StepJobLink"],
         "hooks": [
-            {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.hooks.local"]},
+            {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.hooks.local", "airflow_stepops.hooks.kubernetes"]},
         ],
         "operators": [
-            {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.operators.local"]},
+            {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.operators.local", "airflow_stepops.operators.kubernetes"]},
         ],
         "triggers": [
-            {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.triggers.local"]},
+            {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.triggers.local", "airflow_stepops.triggers.kubernetes"]},
         ],
         "integrations": [
             {

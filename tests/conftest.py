@@ -38,3 +38,28 @@ def airflow_db(airflow_home: Path) -> Path:
                        env=os.environ.copy())
         marker.write_text("ok")
     return airflow_home
+
+
+@pytest.fixture(scope="session")
+def k8s_emulator(airflow_home: Path):
+    """One Kubernetes emulator per session, registered as the step operators ``k8s_step_operator``
+    (namespace ``steps``, inline transport) and ``k8s_pvc_step_operator`` (a ``pvc://`` store)."""
+    import json
+
+    pytest.importorskip("kubernetes")
+    from airflow_stepops.testing.kubernetes import KubernetesEmulator, NodeSpec
+
+    node = NodeSpec(labels={"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"})  # 4 A100s
+    with KubernetesEmulator(grace_period_cap=1, namespaces=("default", "steps"), node=node,
+                            pvc_root=airflow_home / "k8s-pvc") as k8s:
+        kubeconfig = k8s.write_kubeconfig(airflow_home / "kubeconfig", context="emulator", namespace="steps")
+        common = {"config_file": str(kubeconfig), "kubernetes_context": "emulator", "kubernetes_namespace": "steps",
+                  "image": "registry.local/stepops-python:3", "console_url_template":
+                  "https://k8s.example/#/job/{namespace}/{name}"}
+        os.environ["AIRFLOW_CONN_K8S_STEP_OPERATOR"] = json.dumps(
+            {"conn_type": "stepops_kubernetes", "extra": common})
+        os.environ["AIRFLOW_CONN_K8S_PVC_STEP_OPERATOR"] = json.dumps(
+            {"conn_type": "stepops_kubernetes", "extra": {
+                **common, "artifact_store": "pvc://step-data/artifacts",
+                "worker_artifact_path": str(airflow_home / "k8s-pvc" / "steps" / "step-data" / "artifacts")}})
+        yield k8s

@@ -237,6 +237,10 @@ class StepOperatorHook(BaseHook):
     def console_url(self, handle: JobHandle) -> str | None:
         return None
 
+    def collect_output(self, handle: JobHandle) -> None:
+        """Bring a finished job's output into the artifact store, for backends that return it
+        some other way (the Kubernetes pod log); the operator calls it before reading the result."""
+
     # ---- async side, used by triggers; default to the sync calls in a thread ----------------
     async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus | BaseException]:
         """Status of many jobs at once, in order: shared polling calls this once per round per

@@ -270,8 +270,12 @@ class StepOperator(BaseOperator):
         from airflow_stepops.artifacts import store_path
         from airflow_stepops.bundle import read_outcome
 
+        if status in ("succeeded", "failed"):
+            try:
+                hook.collect_output(handle)
+            except Exception:
+                self.log.exception("Could not collect the output of job %s", handle.get("job_id"))
         if status == "succeeded":
-
             outcome = read_outcome(store_path(handle["output_uri"]))
             if outcome is None or not outcome.ok:
                 self._forget_job(context)  # a retry must run the step again, not replay this

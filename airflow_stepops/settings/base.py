@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -23,6 +24,18 @@ def format_validation_error(error: ValidationError, where: str) -> str:
 
 
 _MODEL_FIELDS: dict[str, list[str]] = {}
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+def check_environment(value: dict[str, str]) -> dict[str, str]:
+    """Environment variable names every backend accepts; STEPOPS_* is the runtime's own."""
+    for name in value:
+        if not _ENV_NAME.match(name):
+            raise ValueError(f"environment: {name!r} is not a valid variable name (a letter or '_', then "
+                             "letters, digits, '_', '.' or '-')")
+        if name.upper().startswith("STEPOPS_"):
+            raise ValueError(f"environment: {name!r}: names starting with STEPOPS_ are reserved for the runtime")
+    return value
 
 
 def allowed_fields_hint(model_name: str) -> str:
@@ -50,6 +63,14 @@ class BaseStepOperatorSettings(_Strict):
     environment: dict[str, str] = Field(
         default_factory=dict, description="Extra environment variables for the step (no secrets)."
     )
+
+    @field_validator("environment")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_environment(value)
+
+    def check_resources(self, resources: Any) -> None:
+        """Refuse ``ResourceSettings`` this flavor cannot honour with these settings (parse time)."""
 
 
 class BaseStepOperatorConfig(_Strict):

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, check_environment
 
 #: RFC 1123 label: Job, namespace and container names
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -25,6 +25,31 @@ QUALIFIED_NAME = re.compile(
 #: device-plugin resources of the common GPU and accelerator vendors
 KNOWN_GPU_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu", "gpu.intel.com/i915", "gpu.intel.com/xe",
                        "habana.ai/gaudi", "aws.amazon.com/neuron", "aws.amazon.com/neuroncore")
+#: ``nvidia.com/gpu.product`` values that NVIDIA GPU feature discovery reports, per canonical gpu_type
+GFD_PRODUCTS: dict[str, list[str]] = {
+    "T4": ["Tesla-T4"],
+    "L4": ["NVIDIA-L4"],
+    "A10": ["NVIDIA-A10"],
+    "A10G": ["NVIDIA-A10G"],
+    "L40S": ["NVIDIA-L40S"],
+    "V100": ["Tesla-V100-SXM2-16GB", "Tesla-V100-SXM2-32GB", "Tesla-V100-PCIE-16GB", "Tesla-V100-PCIE-32GB"],
+    "P100": ["Tesla-P100-PCIE-16GB", "Tesla-P100-SXM2-16GB"],
+    "P4": ["Tesla-P4"],
+    "K80": ["Tesla-K80"],
+    "A100": ["NVIDIA-A100-SXM4-40GB", "NVIDIA-A100-PCIE-40GB", "NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-80GB-PCIe"],
+    "A100-80GB": ["NVIDIA-A100-SXM4-80GB", "NVIDIA-A100-80GB-PCIe"],
+    "H100": ["NVIDIA-H100-80GB-HBM3", "NVIDIA-H100-PCIe", "NVIDIA-H100-NVL"],
+    "H200": ["NVIDIA-H200", "NVIDIA-H200-141GB-HBM3e"],
+    "B200": ["NVIDIA-B200"],
+}
+#: ``cloud.google.com/gke-accelerator`` values on GKE
+GKE_ACCELERATORS: dict[str, list[str]] = {
+    "T4": ["nvidia-tesla-t4"], "L4": ["nvidia-l4"], "V100": ["nvidia-tesla-v100"], "P100": ["nvidia-tesla-p100"],
+    "P4": ["nvidia-tesla-p4"], "K80": ["nvidia-tesla-k80"], "A100": ["nvidia-tesla-a100", "nvidia-a100-80gb"],
+    "A100-80GB": ["nvidia-a100-80gb"], "H100": ["nvidia-h100-80gb", "nvidia-h100-mega-80gb"],
+    "H200": ["nvidia-h200-141gb"], "B200": ["nvidia-b200"],
+}
+KNOWN_GPU_NODE_LABELS = {"nvidia.com/gpu.product": GFD_PRODUCTS, "cloud.google.com/gke-accelerator": GKE_ACCELERATORS}
 
 
 def check_labels(labels: dict[str, str], field: str) -> dict[str, str]:
@@ -118,6 +143,44 @@ class KubernetesStepOperatorSettings(BaseStepOperatorSettings, KubernetesPodOpti
     def _spot_selector(cls, value: dict[str, str]) -> dict[str, str]:
         return check_labels(value, "spot_node_selector")
 
+    @field_validator("gpu_type_node_label")
+    @classmethod
+    def _gpu_label(cls, value: str) -> str:
+        check_labels({value: ""}, "gpu_type_node_label")
+        return value
+
+    @field_validator("gpu_type_node_values")
+    @classmethod
+    def _gpu_values(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        from airflow_stepops.resources import normalize_gpu_type
+
+        out: dict[str, list[str]] = {}
+        for gpu_type, values in value.items():
+            if not values:
+                raise ValueError(f"gpu_type_node_values[{gpu_type!r}]: give at least one node label value")
+            for node_value in values:
+                check_labels({"x": node_value}, f"gpu_type_node_values[{gpu_type!r}]")
+            out[normalize_gpu_type(gpu_type)] = list(values)
+        return out
+
+    def gpu_node_values(self, gpu_type: str) -> list[str]:
+        """Values of ``gpu_type_node_label`` that mean ``gpu_type`` (canonical name)."""
+        if gpu_type in self.gpu_type_node_values:
+            return self.gpu_type_node_values[gpu_type]
+        table = KNOWN_GPU_NODE_LABELS.get(self.gpu_type_node_label, {})
+        if gpu_type not in table:
+            known = ", ".join(sorted(KNOWN_GPU_NODE_LABELS))
+            raise ValueError(
+                f"gpu_type_node_values: no node label values known for gpu_type {gpu_type!r} on node label "
+                f"{self.gpu_type_node_label!r}; set gpu_type_node_values={{{gpu_type!r}: [...]}} (built-in tables "
+                f"exist for {known})"
+            )
+        return table[gpu_type]
+
+    def check_resources(self, resources: Any) -> None:
+        if resources.gpu_type:
+            self.gpu_node_values(resources.gpu_type)
+
 
 class KubernetesStepOperatorConfig(BaseStepOperatorConfig, KubernetesPodOptions):
     """Connection extras of a ``stepops_kubernetes`` step operator."""
@@ -132,6 +195,54 @@ class KubernetesStepOperatorConfig(BaseStepOperatorConfig, KubernetesPodOptions)
     incluster: bool = Field(default=False, description="Use the pod's service account (Airflow runs in the cluster).")
     kubernetes_namespace: str = Field(default="default", description="Namespace of the step Jobs.")
     image: str | None = Field(default=None, description="Container image steps run in (Python + cloudpickle).")
+    environment: dict[str, str] = Field(default_factory=dict, description="Environment of every step (no secrets).")
+    worker_artifact_path: str | None = Field(
+        default=None,
+        description="With a pvc:// artifact store: where that claim is mounted on Airflow workers and triggerers.",
+    )
+    inline_transfer_max_size: str = Field(
+        default="512KiB",
+        description="Bundles and outputs up to this size (compressed) travel in the pod spec and pod log; larger "
+        "ones through the artifact store.",
+    )
+    console_url_template: str | None = Field(
+        default=None,
+        description="Link to a Job in your dashboard, with {namespace} and {name}, e.g. "
+        "https://dashboard.example/#/job/{namespace}/{name}",
+    )
+
+    @field_validator("environment")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_environment(value)
+
+    @field_validator("inline_transfer_max_size")
+    @classmethod
+    def _inline_size(cls, value: str) -> str:
+        from airflow_stepops.resources import parse_size
+
+        size = parse_size(value, field="inline_transfer_max_size")
+        if size > 1 << 20:
+            raise ValueError(f"inline_transfer_max_size: {value!r} is over 1MiB; a Job object must stay well "
+                             "under etcd's 1.5MiB limit (use the artifact store for large data)")
+        return value
+
+    @property
+    def inline_transfer_max_bytes(self) -> int:
+        from airflow_stepops.resources import parse_size
+
+        return parse_size(self.inline_transfer_max_size, field="inline_transfer_max_size")
+
+    @field_validator("console_url_template")
+    @classmethod
+    def _console(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                value.format(namespace="ns", name="job")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"console_url_template: {value!r} may use only {{namespace}} and {{name}} "
+                                 f"({exc!r})") from None
+        return value
 
     @field_validator("kubernetes_namespace")
     @classmethod
@@ -147,6 +258,23 @@ class KubernetesStepOperatorConfig(BaseStepOperatorConfig, KubernetesPodOptions)
         if value is not None and value.startswith("pvc://") and not re.match(r"^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$", value):
             raise ValueError(f"artifact_store: {value!r}: expected pvc://CLAIM/path with a valid claim name")
         return value
+
+    @model_validator(mode="after")
+    def _pvc_needs_worker_path(self) -> KubernetesStepOperatorConfig:
+        if self.artifact_store and self.artifact_store.startswith("pvc://") and not self.worker_artifact_path:
+            raise ValueError("worker_artifact_path: required with a pvc:// artifact_store (the path where the "
+                             "claim is mounted on Airflow workers and triggerers)")
+        if self.worker_artifact_path and not (self.artifact_store or "").startswith("pvc://"):
+            raise ValueError("worker_artifact_path: only used with a pvc:// artifact_store")
+        return self
+
+    @property
+    def pvc_store(self) -> tuple[str, str] | None:
+        """(claim, path inside the claim) of a pvc:// artifact store."""
+        if not self.artifact_store or not self.artifact_store.startswith("pvc://"):
+            return None
+        claim, _, sub = self.artifact_store[len("pvc://"):].partition("/")
+        return claim, sub.strip("/")
 
     @model_validator(mode="after")
     def _one_credential_source(self) -> KubernetesStepOperatorConfig:

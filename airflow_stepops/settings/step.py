@@ -143,4 +143,10 @@ def parse_step_settings(
             f"settings: 'step_operator.{flavor_settings.flavor}' settings were given to a {flavor} step "
             f"operator; use 'step_operator.{flavor}'"
         )
-    return StepSettings(resources=parsed_resources or ResourceSettings(), flavor_settings=flavor_settings)
+    resources_ = parsed_resources or ResourceSettings()
+    if flavor_settings is not None:
+        try:
+            flavor_settings.check_resources(resources_)
+        except ValueError as exc:
+            raise StepOperatorConfigError(f"settings['step_operator.{flavor_settings.flavor}'].{exc}") from None
+    return StepSettings(resources=resources_, flavor_settings=flavor_settings)

@@ -175,6 +175,10 @@ class StepOperatorTrigger(BaseTrigger):
                 if status.state is not JobState.QUEUED:
                     cursor = await self._stream_logs(hook, cursor, tail)
                 if status.state.terminal:
+                    if status.details.get("stop_job"):  # failed fast: the backend would keep trying
+                        self.log.error("Step %s cannot run: %s; stopping it", self.handle.get("job_id"),
+                                       status.message)
+                        await asyncio.shield(hook.acancel(self.handle))
                     cursor = await self._stream_logs(hook, cursor, tail)
                     yield self._event(status.state.value, status.message, tail, details=status.details)
                     return

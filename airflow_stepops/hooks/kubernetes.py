@@ -1,0 +1,492 @@
+"""The ``kubernetes`` flavor: each step try is one ``batch/v1`` Job.
+
+Credentials come from the cncf-kubernetes provider's hooks (a ``kubernetes`` connection, a kubeconfig
+file and context, or the in-cluster service account); ``kubernetes`` and ``kubernetes_asyncio`` are
+imported only inside methods. Data travels in the pod spec and the pod log when small, through a
+mounted PersistentVolumeClaim (``pvc://`` store) or, when large, through the artifact store itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import math
+import tarfile
+import time
+from functools import cached_property
+from typing import Any, ClassVar
+
+from airflow_stepops.artifacts import local_path, store_path
+from airflow_stepops.bundle import StepIdentity
+from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.hooks import kubernetes_job as manifest
+from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec
+from airflow_stepops.hooks.kubernetes_status import epoch, interpret, latest_pod
+from airflow_stepops.settings.kubernetes import (
+    KubernetesStepOperatorConfig,
+    KubernetesStepOperatorSettings,
+    merged_pod_options,
+)
+
+HANDLE_ANNOTATION = f"{manifest.LABEL_PREFIX}/handle"
+BUNDLE_FILES = ("payload.pkl", "bootstrap.py", "meta.json")
+#: seconds of log re-read on each poll to cover clock skew between this host and the cluster
+LOG_OVERLAP_SECONDS = 5
+MAX_LOG_LINES_PER_READ = 5000
+
+
+def _ts_key(stamp: str) -> tuple[float, int]:
+    """Order RFC 3339 timestamps with nanoseconds (Kubernetes trims trailing zeros)."""
+    main, _, frac = stamp.rstrip("Z").partition(".")
+    return epoch(main + "Z") or 0.0, int((frac + "000000000")[:9] or 0)
+
+
+class OutputBlockFilter:
+    """Hides the output block a pod prints at the end of its log (it is data, not log)."""
+
+    def __init__(self, marker: str, hiding: bool = False) -> None:
+        self.begin = f"::stepops-output:{marker}:begin::"
+        self.end = f"::stepops-output:{marker}:end:"
+        self.hiding = hiding
+
+    def visible(self, line: str) -> str | None:
+        """The part of ``line`` that is log (None: nothing); a step's last line may lack its newline."""
+        if self.hiding:
+            if line.startswith(self.end):
+                self.hiding = False
+            return None
+        if line.endswith(self.begin):
+            self.hiding = True
+            return line[: -len(self.begin)] or None
+        return line
+
+
+def extract_output_block(text: str, marker: str) -> bytes | None:
+    """The last complete, undamaged output archive in a pod log."""
+    begin, end = f"::stepops-output:{marker}:begin::", f"::stepops-output:{marker}:end:"
+    found = None
+    lines = text.splitlines()
+    index = 0
+    while index < len(lines):
+        if lines[index].endswith(begin):
+            body: list[str] = []
+            index += 1
+            while index < len(lines) and not lines[index].startswith(end):
+                body.append(lines[index])
+                index += 1
+            if index < len(lines):
+                digest = lines[index][len(end):].rstrip(":")
+                data = base64.b64decode("".join(body))
+                if hashlib.sha256(data).hexdigest() == digest:
+                    found = data
+        index += 1
+    return found
+
+
+class KubernetesStepOperatorHook(StepOperatorHook):
+    """Runs steps as Kubernetes Jobs; sync client on workers, ``kubernetes_asyncio`` in the triggerer."""
+
+    flavor: ClassVar[str] = "kubernetes"
+    conn_type = "stepops_kubernetes"
+    default_conn_name = "stepops_kubernetes_default"
+    hook_name = "Step operator: Kubernetes Job"
+    default_poll_interval: ClassVar[float] = 5.0
+    min_poll_interval: ClassVar[float] = 0.5
+
+    config: KubernetesStepOperatorConfig  # type: ignore[assignment]
+
+    # ---- clients ------------------------------------------------------------------------------
+    def _credentials(self) -> dict[str, Any]:
+        cfg = self.config
+        if cfg.kubernetes_conn_id:
+            return {"conn_id": cfg.kubernetes_conn_id}
+        if cfg.kubernetes_context or cfg.config_file or cfg.incluster:
+            return {"conn_id": None, "cluster_context": cfg.kubernetes_context, "config_file": cfg.config_file,
+                    "in_cluster": cfg.incluster or None}
+        return {"conn_id": "kubernetes_default"}
+
+    @cached_property
+    def api_client(self) -> Any:
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+        return KubernetesHook(**self._credentials()).get_conn()
+
+    @cached_property
+    def batch(self) -> Any:
+        from kubernetes import client
+
+        return client.BatchV1Api(self.api_client)
+
+    @cached_property
+    def core(self) -> Any:
+        from kubernetes import client
+
+        return client.CoreV1Api(self.api_client)
+
+    @cached_property
+    def async_hook(self) -> Any:
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import AsyncKubernetesHook
+
+        creds = self._credentials()
+        if creds["conn_id"]:
+            return AsyncKubernetesHook(conn_id=creds["conn_id"])
+        # the async hook reads a kubeconfig path only from connection extras
+        extras = {k: v for k, v in {"kube_config_path": creds["config_file"], "cluster_context":
+                                    creds["cluster_context"], "in_cluster": creds["in_cluster"]}.items() if v}
+        return AsyncKubernetesHook(conn_id=None, connection_extras=extras)
+
+    @property
+    def namespace(self) -> str:
+        return self.config.kubernetes_namespace
+
+    def artifact_root(self) -> Any:
+        if self.config.pvc_store is not None:
+            return store_path("file://" + str(self.config.worker_artifact_path))
+        return super().artifact_root()
+
+    def _api_error(self, exc: Any, action: str) -> StepOperatorConfigError | None:
+        """A clear error for API answers that will not heal by retrying; None for the others."""
+        status = getattr(exc, "status", None)
+        try:
+            message = json.loads(exc.body).get("message", "")
+        except (TypeError, ValueError, AttributeError):
+            message = str(getattr(exc, "reason", "")) or str(exc)
+        where = f"namespace {self.namespace!r} ({self.config.credentials_source()})"
+        if status in (401, 403):
+            return StepOperatorConfigError(f"Kubernetes refused to {action} in {where}: {message}; check the "
+                                           "credentials and RBAC of the step operator "
+                                           f"{self.step_operator_conn_id!r}")
+        if status in (400, 404, 422):
+            return StepOperatorConfigError(f"Kubernetes rejected the request to {action} in {where}: {message}")
+        return None
+
+    # ---- the Job ------------------------------------------------------------------------------
+    def _image(self, settings: KubernetesStepOperatorSettings) -> str:
+        image = settings.image or self.config.image
+        if not image:
+            raise StepOperatorConfigError(
+                f"image: step operator {self.step_operator_conn_id!r} has no container image; set \"image\" in the "
+                "connection extras or KubernetesStepOperatorSettings(image=...) to an image with Python "
+                "{0}.{1} and cloudpickle".format(*__import__("sys").version_info[:2])
+            )
+        return image
+
+    def _build(self, spec: StepSpec, transport_env: list[dict[str, Any]]) -> dict[str, Any]:
+        settings = spec.settings
+        if not isinstance(settings, KubernetesStepOperatorSettings):
+            raise StepOperatorConfigError(f"settings: expected KubernetesStepOperatorSettings, got "
+                                          f"{type(settings).__name__}")
+        try:
+            settings.check_resources(spec.resources)
+        except ValueError as exc:
+            raise StepOperatorConfigError(f"settings['step_operator.kubernetes'].{exc}") from None
+        job = manifest.build_job(identity=spec.identity, config=self.config, settings=settings,
+                                 options=merged_pod_options(self.config, settings), resources=spec.resources,
+                                 image=self._image(settings), transport_env=transport_env)
+        handle_info = {"output_uri": spec.output_uri, "transport": "volume" if self.config.pvc_store else "inline",
+                       "unschedulable_timeout": settings.unschedulable_timeout_seconds,
+                       "memory_limit": ((job["spec"]["template"]["spec"]["containers"][0].get("resources") or {})
+                                        .get("limits") or {}).get("memory")}
+        job["metadata"]["annotations"][HANDLE_ANNOTATION] = json.dumps(handle_info, sort_keys=True)
+        return job
+
+    def render(self, spec: StepSpec) -> dict[str, Any]:
+        placeholder = [{"name": "STEPOPS_BUNDLE_PARTS", "value": "<the bundle: pod spec, volume or store, "
+                        "chosen at submit by its size>"}]
+        job = self._build(spec, placeholder)
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        container["command"] = [*container["command"][:2], "<source of airflow_stepops/runtime/pod_entry.py>"]
+        return job
+
+    def _bundle_archive(self, files: dict[str, bytes]) -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mode = 0o600
+                tar.addfile(info, io.BytesIO(data))
+        return buffer.getvalue()
+
+    def transport_env(self, spec: StepSpec) -> list[dict[str, Any]]:
+        """How the pod gets its bundle and inputs and returns its output (see runtime/pod_entry.py)."""
+        bundle = store_path(spec.bundle_uri)
+        output = store_path(spec.output_uri)
+        if self.config.pvc_store is not None:
+            bundle_dir, output_dir = local_path(bundle), local_path(output)
+            assert bundle_dir is not None and output_dir is not None
+            refs: dict[str, Any] = {}
+            for index, ref in enumerate(spec.refs):
+                where = local_path(ref.path)
+                in_pod = manifest.pod_path(self.config, where) if where else None
+                if in_pod is None:  # an input from another store: stage it on the volume
+                    (bundle / "refs").mkdir(parents=True, exist_ok=True)
+                    ref.copy_to(f"{bundle_dir}/refs/{index}.pkl")
+                    in_pod = manifest.pod_path(self.config, f"{bundle_dir}/refs/{index}.pkl")
+                refs[str(index)] = {"path": in_pod}
+            return [{"name": "STEPOPS_BUNDLE_PATH", "value": manifest.pod_path(self.config, bundle_dir)},
+                    {"name": "STEPOPS_OUTPUT_PATH", "value": manifest.pod_path(self.config, output_dir)},
+                    {"name": "STEPOPS_REFS", "value": json.dumps(refs)}]
+        limit = self.config.inline_transfer_max_bytes
+        files = {name: (bundle / name).read_bytes() for name in BUNDLE_FILES}
+        raw = sum(len(data) for data in files.values())
+        ref_sizes = sum(ref.size for ref in spec.refs)
+        env: list[dict[str, Any]] = [{"name": "STEPOPS_OUTPUT_URI", "value": spec.output_uri},
+                                     {"name": "STEPOPS_INLINE_MAX_BYTES", "value": str(limit)}]
+        by_uri = {str(i): {"uri": ref.uri} for i, ref in enumerate(spec.refs)}
+        attempts = []
+        if spec.refs and raw + ref_sizes <= 8 * limit:
+            inline_refs = {f"refs/{i}.pkl": ref.path.read_bytes() for i, ref in enumerate(spec.refs)}
+            attempts.append(({**files, **inline_refs}, {str(i): {"inline": f"refs/{i}.pkl"} for i in range(len(spec.refs))}))
+        if raw <= 8 * limit:
+            attempts.append((files, by_uri))
+        for contents, refs_env in attempts:
+            archive = self._bundle_archive(contents)
+            if len(archive) <= limit:
+                text = base64.b64encode(archive).decode()
+                return [*manifest.chunked_env("STEPOPS_BUNDLE", text),
+                        {"name": "STEPOPS_BUNDLE_SHA256", "value": hashlib.sha256(archive).hexdigest()},
+                        {"name": "STEPOPS_REFS", "value": json.dumps(refs_env)}, *env]
+        self.log.info("Bundle of %d bytes is larger than inline_transfer_max_size: the pod reads it from %s",
+                      raw, spec.bundle_uri)
+        return [{"name": "STEPOPS_BUNDLE_URI", "value": spec.bundle_uri},
+                {"name": "STEPOPS_REFS", "value": json.dumps(by_uri)}, *env]
+
+    def _handle(self, job: dict[str, Any]) -> JobHandle:
+        meta = job["metadata"]
+        info = json.loads(meta.get("annotations", {}).get(HANDLE_ANNOTATION) or "{}")
+        return {"flavor": "kubernetes", "job_id": meta["name"], "namespace": meta.get("namespace", self.namespace),
+                "step": meta["labels"][manifest.STEP_LABEL], "conn_id": self.step_operator_conn_id,
+                "try_number": int(meta["labels"].get(f"{manifest.LABEL_PREFIX}/try-number", 0)), **info}
+
+    def find_job(self, identity: StepIdentity) -> JobHandle | None:
+        job = self._read_job(manifest.job_name(identity), self.namespace)
+        if job is None:
+            return None
+        if (job["metadata"].get("labels") or {}).get(manifest.STEP_LABEL) != identity.digest[:40]:
+            raise StepOperatorConfigError(
+                f"Job {self.namespace}/{job['metadata']['name']} exists but was not created for this step try; "
+                "delete it or rename the task"
+            )
+        return self._handle(job)
+
+    def submit(self, spec: StepSpec) -> JobHandle:
+        from kubernetes.client.exceptions import ApiException
+
+        job = self._build(spec, self.transport_env(spec))
+        try:
+            self.batch.create_namespaced_job(self.namespace, job, _preload_content=False)
+        except ApiException as exc:
+            if exc.status == 409:  # another submitter of this very try won: re-attach
+                existing = self.find_job(spec.identity)
+                if existing is not None:
+                    self.log.info("Job %s already exists: re-attaching", job["metadata"]["name"])
+                    return existing
+            raise self._api_error(exc, "create the Job") or exc
+        self.log.info("Created Job %s/%s (image %s)", self.namespace, job["metadata"]["name"],
+                      job["spec"]["template"]["spec"]["containers"][0]["image"])
+        return self._handle(job)
+
+    # ---- reading state (sync) -------------------------------------------------------------------
+    def _read_job(self, name: str, namespace: str) -> dict[str, Any] | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return json.loads(self.batch.read_namespaced_job(name, namespace, _preload_content=False).data)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise self._api_error(exc, f"read Job {name}") or exc
+
+    def _pods(self, handle: JobHandle) -> list[dict[str, Any]]:
+        data = self.core.list_namespaced_pod(handle["namespace"], label_selector=f"{manifest.STEP_LABEL}={handle['step']}",
+                                             _preload_content=False).data
+        return json.loads(data)["items"]
+
+    def _interpret(self, handle: JobHandle, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> JobStatus:
+        return interpret(job, pods, name=f"{handle['namespace']}/{handle['job_id']}", now=time.time(),
+                         unschedulable_timeout=float(handle.get("unschedulable_timeout") or 600),
+                         memory_limit=handle.get("memory_limit"))
+
+    def get_status(self, handle: JobHandle) -> JobStatus:
+        job = self._read_job(handle["job_id"], handle["namespace"])
+        pods = self._pods(handle) if job is not None and not _finished_ok(job) else []
+        return self._interpret(handle, job, pods)
+
+    def cancel(self, handle: JobHandle) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.batch.delete_namespaced_job(handle["job_id"], handle["namespace"], propagation_policy="Foreground",
+                                             _preload_content=False)
+            self.log.info("Deleted Job %s/%s (foreground propagation)", handle["namespace"], handle["job_id"])
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def _pod_log(self, pod: str, namespace: str, **kwargs: Any) -> str:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.core.read_namespaced_pod_log(pod, namespace, container=manifest.CONTAINER,
+                                                     _preload_content=False, **kwargs).data.decode(errors="replace")
+        except ApiException as exc:
+            if exc.status in (400, 404):  # not started yet, or gone
+                return ""
+            raise
+
+    def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
+        pod = latest_pod(self._pods(handle))
+        if pod is None:
+            return [], cursor
+        cursor = _fresh_cursor(cursor, pod["metadata"]["name"])
+        text = self._pod_log(pod["metadata"]["name"], handle["namespace"], timestamps=True,
+                             **_since(cursor))
+        return _new_lines(text, cursor, handle["job_id"])
+
+    def collect_output(self, handle: JobHandle) -> None:
+        """Write an output the pod printed into its log to the artifact store (inline transport)."""
+        if handle.get("transport") != "inline":
+            return
+        output = store_path(handle["output_uri"])
+        if (output / "result.json").exists() or (output / "error.json").exists():
+            return
+        pod = latest_pod(self._pods(handle))
+        if pod is None:
+            return
+        archive = extract_output_block(self._pod_log(pod["metadata"]["name"], handle["namespace"]), handle["job_id"])
+        if archive is None:
+            return
+        output.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+            members = sorted((m for m in tar.getmembers() if m.isfile() and "/" not in m.name),
+                             key=lambda m: m.name in ("result.json", "error.json"))
+            for member in members:
+                source = tar.extractfile(member)
+                assert source is not None
+                (output / member.name).write_bytes(source.read())
+
+    def console_url(self, handle: JobHandle) -> str | None:
+        template = self.config.console_url_template
+        return template.format(namespace=handle["namespace"], name=handle["job_id"]) if template else None
+
+    # ---- the async side (triggerer) -------------------------------------------------------------
+    async def _alist(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        from kubernetes_asyncio import client
+
+        async with self.async_hook.get_conn() as api:
+            response: Any
+            if kind == "jobs":
+                response = await client.BatchV1Api(api).list_namespaced_job(
+                    namespace, label_selector=selector, _preload_content=False)
+            else:
+                response = await client.CoreV1Api(api).list_namespaced_pod(
+                    namespace, label_selector=selector, _preload_content=False)
+            return (await response.json())["items"]
+
+    async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus | BaseException]:
+        """Two list calls per namespace per round, whatever the number of steps."""
+        import asyncio
+
+        selector = ",".join(f"{k}={v}" for k, v in manifest.MANAGED_BY.items())
+        out: dict[int, JobStatus | BaseException] = {}
+        for namespace in sorted({h["namespace"] for h in handles}):
+            mine = [(i, h) for i, h in enumerate(handles) if h["namespace"] == namespace]
+            try:
+                jobs, pods = await asyncio.gather(self._alist("jobs", namespace, selector),
+                                                  self._alist("pods", namespace, selector))
+            except Exception as exc:
+                out.update({i: exc for i, _ in mine})
+                continue
+            jobs_by_name = {j["metadata"]["name"]: j for j in jobs}
+            pods_by_step: dict[str, list[dict[str, Any]]] = {}
+            for pod in pods:
+                pods_by_step.setdefault((pod["metadata"].get("labels") or {}).get(manifest.STEP_LABEL, ""),
+                                        []).append(pod)
+            for i, handle in mine:
+                out[i] = self._interpret(handle, jobs_by_name.get(handle["job_id"]),
+                                         pods_by_step.get(handle["step"], []))
+        return [out[i] for i in range(len(handles))]
+
+    async def acancel(self, handle: JobHandle) -> None:
+        from kubernetes_asyncio import client
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        async with self.async_hook.get_conn() as api:
+            try:
+                await client.BatchV1Api(api).delete_namespaced_job(
+                    handle["job_id"], handle["namespace"], propagation_policy="Foreground")
+                self.log.info("Deleted Job %s/%s (foreground propagation)", handle["namespace"], handle["job_id"])
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+
+    async def aread_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
+        from kubernetes_asyncio import client
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        pods = await self._alist("pods", handle["namespace"], f"{manifest.STEP_LABEL}={handle['step']}")
+        pod = latest_pod(pods)
+        if pod is None:
+            return [], cursor
+        cursor = _fresh_cursor(cursor, pod["metadata"]["name"])
+        async with self.async_hook.get_conn() as api:
+            try:
+                response: Any = await client.CoreV1Api(api).read_namespaced_pod_log(
+                    pod["metadata"]["name"], handle["namespace"], container=manifest.CONTAINER, timestamps=True,
+                    _preload_content=False, **_since(cursor))
+                text = (await response.read()).decode(errors="replace")
+            except ApiException as exc:
+                if exc.status in (400, 404):
+                    return [], cursor
+                raise
+        return _new_lines(text, cursor, handle["job_id"])
+
+
+def _finished_ok(job: dict[str, Any]) -> bool:
+    return any(c.get("type") == "Complete" and c.get("status") == "True"
+               for c in (job.get("status") or {}).get("conditions") or [])
+
+
+def _fresh_cursor(cursor: Any, pod: str) -> dict[str, Any]:
+    if isinstance(cursor, dict) and cursor.get("pod") == pod:
+        return cursor
+    return {"pod": pod, "ts": None, "n": 0, "hiding": False}
+
+
+def _since(cursor: dict[str, Any]) -> dict[str, Any]:
+    if not cursor.get("ts"):
+        return {}
+    age = time.time() - _ts_key(cursor["ts"])[0]
+    return {"since_seconds": max(math.ceil(age) + LOG_OVERLAP_SECONDS, 1)}
+
+
+def _new_lines(text: str, cursor: dict[str, Any], marker: str) -> tuple[list[str], dict[str, Any]]:
+    """Lines after the cursor: the last timestamp read, and how many lines carried exactly it."""
+    last = _ts_key(cursor["ts"]) if cursor.get("ts") else None
+    seen_at_last = int(cursor.get("n", 0))
+    stamp_now, key_now, count_now = cursor.get("ts"), last, seen_at_last
+    filt = OutputBlockFilter(marker, bool(cursor.get("hiding")))
+    lines: list[str] = []
+    same = 0
+    for raw in text.splitlines():
+        stamp, _, line = raw.partition(" ")
+        key = _ts_key(stamp)
+        if last is not None and key <= last:
+            if key < last:
+                continue
+            same += 1
+            if same <= seen_at_last:
+                continue
+        if len(lines) >= MAX_LOG_LINES_PER_READ:
+            break
+        if key == key_now:
+            count_now += 1
+        else:
+            stamp_now, key_now, count_now = stamp, key, 1
+        shown = filt.visible(line)
+        if shown is not None:
+            lines.append(shown.rstrip("\r").rsplit("\r", 1)[-1])
+    return lines, {"pod": cursor["pod"], "ts": stamp_now, "n": count_now, "hiding": filt.hiding}

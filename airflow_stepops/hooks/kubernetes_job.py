@@ -1,0 +1,222 @@
+"""The ``batch/v1`` Job of one step, built from settings and resources (pure data, no cluster I/O).
+
+Mapping, decided once here: CPU becomes a request (no CPU limit, so a step is never throttled below
+what the node can give), memory and ephemeral storage become request = limit, GPUs the device-plugin
+resource as limit = request with a toleration for the resource's usual taint, ``gpu_type`` a required
+node affinity on ``gpu_type_node_label``, the step's timeout ``activeDeadlineSeconds``, ``backoffLimit``
+is 0 (Airflow owns retries) and a pod failure policy fails the Job at once on a disruption so that it
+is reported as preemption.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+from airflow_stepops.bundle import StepIdentity
+from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.settings.kubernetes import (
+    KubernetesPodOptions,
+    KubernetesStepOperatorConfig,
+    KubernetesStepOperatorSettings,
+)
+
+CONTAINER = "step"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "airflow-stepops"}
+LABEL_PREFIX = "stepops.airflow.apache.org"
+STEP_LABEL = f"{LABEL_PREFIX}/step"
+STORE_MOUNT = "/var/run/stepops/store"
+STORE_VOLUME = "stepops-artifacts"
+ENTRY_SOURCE = (Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py").read_text()
+#: largest single environment value we write (Linux refuses single strings over 128 KiB in exec)
+ENV_CHUNK_CHARS = 96 * 1024
+
+
+def _label_value(text: str) -> str:
+    value = re.sub(r"[^A-Za-z0-9_.-]", "-", text)[:63]
+    return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", value)
+
+
+def identity_labels(identity: StepIdentity) -> dict[str, str]:
+    """Labels of every step Job and pod: selectable, readable, and one that is unique per try."""
+    return {
+        **MANAGED_BY,
+        STEP_LABEL: identity.digest[:40],
+        f"{LABEL_PREFIX}/dag-id": _label_value(identity.dag_id),
+        f"{LABEL_PREFIX}/task-id": _label_value(identity.task_id),
+        f"{LABEL_PREFIX}/try-number": str(identity.try_number),
+    }
+
+
+def identity_annotations(identity: StepIdentity) -> dict[str, str]:
+    """The exact identity (labels are cut to 63 characters): dag, run, task, map index, try."""
+    return {
+        f"{LABEL_PREFIX}/dag-id": identity.dag_id,
+        f"{LABEL_PREFIX}/run-id": identity.run_id,
+        f"{LABEL_PREFIX}/task-id": identity.task_id,
+        f"{LABEL_PREFIX}/map-index": str(identity.map_index),
+        f"{LABEL_PREFIX}/try-number": str(identity.try_number),
+    }
+
+
+def job_name(identity: StepIdentity) -> str:
+    return identity.job_name(max_length=63, allowed=r"[^a-z0-9-]")
+
+
+def _quantity_bytes(value: int) -> str:
+    for unit, size in (("Ti", 1 << 40), ("T", 10**12), ("Gi", 1 << 30), ("G", 10**9), ("Mi", 1 << 20),
+                       ("M", 10**6), ("Ki", 1 << 10), ("k", 1000)):
+        if value % size == 0:
+            return f"{value // size}{unit}"
+    return str(value)
+
+
+def _cpu(value: float) -> str:
+    millis = round(value * 1000)
+    return str(millis // 1000) if millis % 1000 == 0 else f"{millis}m"
+
+
+def container_resources(resources: ResourceSettings, settings: KubernetesStepOperatorSettings) -> dict[str, Any]:
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if resources.cpu_count is not None:
+        requests["cpu"] = _cpu(resources.cpu_count)
+    if resources.memory_bytes is not None:
+        requests["memory"] = limits["memory"] = _quantity_bytes(resources.memory_bytes)
+    if resources.disk_bytes is not None:
+        requests["ephemeral-storage"] = limits["ephemeral-storage"] = _quantity_bytes(resources.disk_bytes)
+    if resources.wants_gpu:
+        requests[settings.gpu_resource_name] = limits[settings.gpu_resource_name] = str(
+            resources.effective_gpu_count)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _with_gpu_type(affinity: dict[str, Any] | None, label: str, values: list[str]) -> dict[str, Any]:
+    """Add a required ``label In values`` to every node selector term (terms are ORed)."""
+    affinity = copy.deepcopy(affinity or {})
+    requirement = {"key": label, "operator": "In", "values": list(values)}
+    required = affinity.setdefault("nodeAffinity", {}).setdefault(
+        "requiredDuringSchedulingIgnoredDuringExecution", {"nodeSelectorTerms": []})
+    terms = required.setdefault("nodeSelectorTerms", [])
+    if not terms:
+        terms.append({})
+    for term in terms:
+        term.setdefault("matchExpressions", []).append(requirement)
+    return affinity
+
+
+def _store_mount(config: KubernetesStepOperatorConfig) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    pvc = config.pvc_store
+    if pvc is None:
+        return None
+    claim, sub = pvc
+    volume = {"name": STORE_VOLUME, "persistentVolumeClaim": {"claimName": claim}}
+    mount: dict[str, Any] = {"name": STORE_VOLUME, "mountPath": STORE_MOUNT}
+    if sub:
+        mount["subPath"] = sub
+    return volume, mount
+
+
+def pod_path(config: KubernetesStepOperatorConfig, worker_path: str) -> str | None:
+    """Where a file of the pvc:// store that workers see at ``worker_path`` is in the step's pod."""
+    if config.pvc_store is None or not config.worker_artifact_path:
+        return None
+    root = config.worker_artifact_path.rstrip("/")
+    if worker_path != root and not worker_path.startswith(root + "/"):
+        return None
+    return STORE_MOUNT + worker_path[len(root):]
+
+
+def build_job(
+    *,
+    identity: StepIdentity,
+    config: KubernetesStepOperatorConfig,
+    settings: KubernetesStepOperatorSettings,
+    options: KubernetesPodOptions,
+    resources: ResourceSettings,
+    image: str,
+    transport_env: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The Job manifest (JSON) for one try of one step."""
+    name = job_name(identity)
+    labels = {**options.labels, **identity_labels(identity)}
+    annotations = {**options.annotations, **identity_annotations(identity)}
+    env = [{"name": k, "value": v} for k, v in {**config.environment, **settings.environment}.items()]
+    env += [{"name": "STEPOPS_FLAVOR", "value": "kubernetes"}, {"name": "PYTHONUNBUFFERED", "value": "1"},
+            {"name": "STEPOPS_MARKER", "value": name}, *transport_env]
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": image,
+        "command": ["python", "-c", ENTRY_SOURCE],
+        "env": env,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    res = container_resources(resources, settings)
+    if res:
+        container["resources"] = res
+    volumes = list(options.volumes)
+    mounts = list(options.volume_mounts)
+    store = _store_mount(config)
+    if store is not None:
+        volumes.append(store[0])
+        mounts.append(store[1])
+    if mounts:
+        container["volumeMounts"] = mounts
+    pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
+    if options.service_account_name:
+        pod_spec["serviceAccountName"] = options.service_account_name
+    node_selector = dict(options.node_selector)
+    tolerations = list(options.tolerations)
+    if settings.use_spot:
+        node_selector.update(settings.spot_node_selector)
+        if settings.spot_toleration:
+            tolerations.append(dict(settings.spot_toleration))
+    if resources.wants_gpu:
+        tolerations.append({"key": settings.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"})
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    affinity = options.affinity
+    if resources.gpu_type:
+        affinity = _with_gpu_type(affinity, settings.gpu_type_node_label, settings.gpu_node_values(resources.gpu_type))
+    if affinity:
+        pod_spec["affinity"] = affinity
+    if options.priority_class_name:
+        pod_spec["priorityClassName"] = options.priority_class_name
+    if options.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": secret} for secret in options.image_pull_secrets]
+    if volumes:
+        pod_spec["volumes"] = volumes
+    spec: dict[str, Any] = {
+        "backoffLimit": 0,
+        "podFailurePolicy": {"rules": [
+            {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]},
+        "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec},
+    }
+    if settings.max_runtime_in_seconds:
+        spec["activeDeadlineSeconds"] = settings.max_runtime_in_seconds
+    if settings.ttl_seconds_after_finished is not None:
+        spec["ttlSecondsAfterFinished"] = settings.ttl_seconds_after_finished
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": config.kubernetes_namespace, "labels": labels,
+                     "annotations": annotations},
+        "spec": spec,
+    }
+
+
+def chunked_env(prefix: str, text: str) -> list[dict[str, str]]:
+    """``text`` split over ``<prefix>_0..n`` variables, with ``<prefix>_PARTS`` = n."""
+    parts = [text[i:i + ENV_CHUNK_CHARS] for i in range(0, len(text), ENV_CHUNK_CHARS)] or [""]
+    return [{"name": f"{prefix}_PARTS", "value": str(len(parts))},
+            *({"name": f"{prefix}_{i}", "value": part} for i, part in enumerate(parts))]

@@ -1,0 +1,192 @@
+"""Entry point of a step's container when no volume is shared: unpack, run, ship the output back.
+
+The Kubernetes flavor starts ``python -c <this file> `` in the step's image. The bundle arrives in the
+pod spec itself (``STEPOPS_BUNDLE_PARTS`` environment variables of base64 gzip-tar), from a mounted
+volume (``STEPOPS_BUNDLE_PATH``) or, when too large for the spec, from the artifact store through
+fsspec (``STEPOPS_BUNDLE_URI``; the image then needs fsspec and the pod its own cloud identity). The
+output goes to a mounted volume (``STEPOPS_OUTPUT_PATH``) or is printed at the end of the pod log
+between markers when small, else uploaded to ``STEPOPS_OUTPUT_URI``.
+
+Stdlib-only like ``bootstrap.py``. Exit code: the step's (0 success, 1 the step raised, 2 bad
+bundle), or 3 when the output could not be shipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+BEGIN = "::stepops-output:{marker}:begin::"
+END = "::stepops-output:{marker}:end:{digest}::"
+LINE_CHARS = 16384
+CHUNK = 8 << 20
+
+
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def _extract(archive: bytes, target: str) -> None:
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(target, filter="data")
+        else:  # Python without extraction filters; the archive is our own
+            tar.extractall(target)
+
+
+def _fetch(uri: str, destination: str) -> None:
+    """Download one object with fsspec (imported only when a transfer really needs it)."""
+    try:
+        import fsspec
+    except ImportError:
+        raise RuntimeError(f"{uri} is too large to travel in the pod spec, and this image has no fsspec to "
+                           "read it from the artifact store; install fsspec (and s3fs/gcsfs/adlfs) in the "
+                           "image, or use a pvc:// artifact store") from None
+    with fsspec.open(uri, "rb") as src, open(destination, "wb") as dst:
+        shutil.copyfileobj(src, dst, CHUNK)
+
+
+def stage_bundle(workdir: str) -> str:
+    """The local directory of the bundle (and of inline input artifacts under ``refs/``)."""
+    parts = int(_env("STEPOPS_BUNDLE_PARTS", "0") or 0)
+    if parts:
+        data = "".join(_env(f"STEPOPS_BUNDLE_{index}") for index in range(parts))
+        archive = base64.b64decode(data)
+        if hashlib.sha256(archive).hexdigest() != _env("STEPOPS_BUNDLE_SHA256"):
+            raise RuntimeError("the inline bundle is damaged (sha256 mismatch)")
+        bundle = os.path.join(workdir, "bundle")
+        os.makedirs(bundle)
+        _extract(archive, bundle)
+        return bundle
+    if _env("STEPOPS_BUNDLE_PATH"):
+        return _env("STEPOPS_BUNDLE_PATH")
+    uri = _env("STEPOPS_BUNDLE_URI").rstrip("/")
+    bundle = os.path.join(workdir, "bundle")
+    os.makedirs(bundle)
+    for name in ("payload.pkl", "bootstrap.py", "meta.json"):
+        _fetch(f"{uri}/{name}", os.path.join(bundle, name))
+    return bundle
+
+
+def stage_refs(bundle: str, workdir: str) -> list[str]:
+    """``--ref INDEX=PATH`` arguments: inline in the bundle, on a mounted volume, or fetched."""
+    argv: list[str] = []
+    for index, source in sorted(json.loads(_env("STEPOPS_REFS", "{}")).items(), key=lambda kv: int(kv[0])):
+        if "inline" in source:
+            path = os.path.join(bundle, source["inline"])
+        elif "path" in source:
+            path = source["path"]
+        else:
+            path = os.path.join(workdir, f"ref-{index}.pkl")
+            _fetch(source["uri"], path)
+        argv += ["--ref", f"{index}={path}"]
+    return argv
+
+
+def run_step(argv: list[str]) -> int:
+    """Run bootstrap as a child; SIGTERM from the kubelet is passed on so the step can clean up."""
+    child = subprocess.Popen(argv)
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    code = child.wait()
+    return 128 - code if code < 0 else code
+
+
+def _archive(directory: str) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
+        for name in sorted(os.listdir(directory)):
+            tar.add(os.path.join(directory, name), arcname=name)
+    return buffer.getvalue()
+
+
+def print_inline(archive: bytes, marker: str) -> None:
+    text = base64.b64encode(archive).decode()
+    out = sys.stdout
+    out.write(BEGIN.format(marker=marker) + "\n")
+    for start in range(0, len(text), LINE_CHARS):
+        out.write(text[start:start + LINE_CHARS] + "\n")
+    out.write(END.format(marker=marker, digest=hashlib.sha256(archive).hexdigest()) + "\n")
+    out.flush()
+
+
+def upload(directory: str, uri: str) -> None:
+    """Copy the output directory to the store; result.json/error.json last (they mark completion)."""
+    try:
+        import fsspec
+    except ImportError:
+        raise RuntimeError("the result is too large for the pod log and this image has no fsspec to write it "
+                           f"to {uri}; install fsspec in the image, or use a pvc:// artifact store") from None
+    names = sorted(os.listdir(directory), key=lambda n: n in ("result.json", "error.json"))
+    for name in names:
+        with open(os.path.join(directory, name), "rb") as src, fsspec.open(f"{uri.rstrip('/')}/{name}", "wb") as dst:
+            shutil.copyfileobj(src, dst, CHUNK)
+
+
+def ship_output(output: str, marker: str) -> None:
+    limit = int(_env("STEPOPS_INLINE_MAX_BYTES", "524288"))
+    raw = sum(os.path.getsize(os.path.join(output, n)) for n in os.listdir(output))
+    archive = _archive(output) if raw <= 8 * limit else None
+    if archive is not None and len(archive) <= limit:
+        print_inline(archive, marker)
+        return
+    upload(output, _env("STEPOPS_OUTPUT_URI"))
+    print(f"[stepops] output of {raw} bytes written to {_env('STEPOPS_OUTPUT_URI')}", flush=True)
+
+
+def _failure_record(message: str) -> dict:
+    return {"type": "airflow_stepops.exceptions.StepFailedError", "message": message, "traceback": "",
+            "phase": "transfer"}
+
+
+def main() -> int:
+    marker = _env("STEPOPS_MARKER", "step")
+    workdir = tempfile.mkdtemp(prefix="stepops-")
+    output = _env("STEPOPS_OUTPUT_PATH") or os.path.join(workdir, "output")
+    os.makedirs(output, exist_ok=True)
+    try:
+        bundle = stage_bundle(workdir)
+        refs = stage_refs(bundle, workdir)
+    except Exception as exc:
+        print(f"[stepops] cannot stage the step: {exc}", file=sys.stderr, flush=True)
+        with open(os.path.join(output, "error.json"), "w", encoding="utf-8") as fh:
+            json.dump({**_failure_record(f"cannot stage the step bundle: {exc}"), "phase": "load"}, fh)
+        code = 2
+    else:
+        code = run_step([sys.executable, os.path.join(bundle, "bootstrap.py"), "--bundle", bundle,
+                         "--output", output, *refs])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _env("STEPOPS_OUTPUT_PATH"):
+        return code
+    try:
+        ship_output(output, marker)
+    except Exception as exc:
+        print(f"[stepops] cannot ship the step's output: {exc}", file=sys.stderr, flush=True)
+        failed = os.path.join(workdir, "failed")
+        os.makedirs(failed)
+        with open(os.path.join(failed, "error.json"), "w", encoding="utf-8") as fh:
+            json.dump(_failure_record(f"the step finished (exit code {code}) but its output could not be "
+                                      f"shipped: {exc}"), fh)
+        print_inline(_archive(failed), marker)
+        return 3
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

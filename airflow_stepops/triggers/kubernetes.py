@@ -1,0 +1,9 @@
+"""Trigger of the ``kubernetes`` flavor."""
+
+from __future__ import annotations
+
+from airflow_stepops.triggers.base import StepOperatorTrigger
+
+
+class KubernetesStepOperatorTrigger(StepOperatorTrigger):
+    hook_class_path = "airflow_stepops.hooks.kubernetes.KubernetesStepOperatorHook"

@@ -1,0 +1,359 @@
+"""The kubernetes flavor against the emulator: real clients, real Jobs, real processes.
+
+Hook and trigger level: every Job the flavor creates is read back from the API server and validated
+against the Kubernetes OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+pytest.importorskip("kubernetes")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+from airflow_stepops.artifacts import store_path  # noqa: E402
+from airflow_stepops.bundle import read_outcome  # noqa: E402
+from airflow_stepops.exceptions import StepOperatorConfigError  # noqa: E402
+from airflow_stepops.hooks import kubernetes_job as manifest  # noqa: E402
+from airflow_stepops.hooks.kubernetes import _new_lines, extract_output_block  # noqa: E402
+from airflow_stepops.resources import ResourceSettings  # noqa: E402
+from airflow_stepops.settings.kubernetes import KubernetesStepOperatorSettings  # noqa: E402
+from airflow_stepops.testing.kubernetes import FAULT_ANNOTATION  # noqa: E402
+
+from .k8sjobs import make_hook, make_spec, run_trigger  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("k8s_emulator")
+NS = "steps"
+
+
+def _job(k8s, handle):
+    return k8s.get_object("jobs", NS, handle["job_id"])
+
+
+def validate_job(job: dict) -> None:
+    """The Job as stored, minus server-set fields, against the Kubernetes 1.33 OpenAPI schema."""
+    body = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {
+        k: v for k, v in job["metadata"].items() if k in ("name", "namespace", "labels", "annotations")},
+        "spec": job["spec"]}
+    kubernetes_validate.validate(body, "1.33", strict=True)
+
+
+def _gone(k8s, handle, timeout=20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _job(k8s, handle) is None and not k8s.list_objects(
+                "pods", NS, f"{manifest.STEP_LABEL}={handle['step']}"):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _greet(name: str) -> dict:
+    import os
+
+    print("hello", name, "from", os.environ["STEPOPS_FLAVOR"])
+    return {"greeting": f"hi {name}", "threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def test_step_runs_as_a_validated_job_with_logs_and_an_inline_result(k8s_emulator):
+    hook = make_hook()
+    spec = make_spec(hook, _greet, "ada", task_id="greet",
+                     resources=ResourceSettings(cpu_count=1.5, memory="3GiB", disk_size="10GB", gpu_count=1,
+                                                gpu_type="A100"),
+                     settings=KubernetesStepOperatorSettings(max_runtime_in_seconds=600, labels={"team": "ml"},
+                                                             environment={"OMP_NUM_THREADS": "2"}))
+    handle = hook.submit(spec)
+    event = run_trigger(hook, handle)
+    assert event["status"] == "succeeded", event
+    assert "hello ada from kubernetes" in event["log_tail"]
+    assert not any("stepops-output" in line for line in event["log_tail"])  # data is not shown as log
+    hook.collect_output(handle)
+    assert read_outcome(store_path(handle["output_uri"])).value == {"greeting": "hi ada", "threads": "2"}
+
+    job = _job(k8s_emulator, handle)
+    validate_job(job)
+    assert len(job["metadata"]["name"]) <= 63 and job["metadata"]["labels"]["team"] == "ml"
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] == 600
+    assert job["spec"]["ttlSecondsAfterFinished"] == 3600
+    pod = job["spec"]["template"]["spec"]
+    resources = pod["containers"][0]["resources"]
+    assert resources["requests"] == {"cpu": "1500m", "memory": "3Gi", "ephemeral-storage": "10G",
+                                     "nvidia.com/gpu": "1"}
+    assert resources["limits"] == {"memory": "3Gi", "ephemeral-storage": "10G", "nvidia.com/gpu": "1"}
+    term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+    assert term["matchExpressions"][0]["key"] == "nvidia.com/gpu.product"
+    assert "NVIDIA-A100-SXM4-40GB" in term["matchExpressions"][0]["values"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert hook.console_url(handle) == f"https://k8s.example/#/job/steps/{handle['job_id']}"
+
+
+def test_gpu_type_no_node_has_fails_fast_with_the_schedulers_reason(k8s_emulator):
+    hook = make_hook()
+    spec = make_spec(hook, _greet, "x", task_id="gpu_type",
+                     resources=ResourceSettings(gpu_count=1, gpu_type="H100"),
+                     settings=KubernetesStepOperatorSettings(unschedulable_timeout_seconds=1))
+    handle = hook.submit(spec)
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed"
+    assert "unschedulable" in event["message"] and "node affinity" in event["message"], event["message"]
+    assert _gone(k8s_emulator, handle), "the pending Job was not deleted"
+
+
+def test_more_gpus_than_any_node_has_fails_fast(k8s_emulator):
+    hook = make_hook()
+    spec = make_spec(hook, _greet, "x", task_id="many_gpus", resources=ResourceSettings(gpu_count=8),
+                     settings=KubernetesStepOperatorSettings(unschedulable_timeout_seconds=1))
+    handle = hook.submit(spec)
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and "Insufficient nvidia.com/gpu" in event["message"], event["message"]
+    assert _gone(k8s_emulator, handle)
+
+
+@pytest.mark.parametrize(("fault", "reason"), [("image_pull", "ImagePullBackOff|ErrImagePull"),
+                                              ("create_container_config", "CreateContainerConfigError")])
+def test_pods_that_cannot_start_fail_fast_naming_the_reason(k8s_emulator, fault, reason):
+    import re
+
+    hook = make_hook()
+    spec = make_spec(hook, _greet, "x", task_id=f"cannot_start_{fault}",
+                     settings=KubernetesStepOperatorSettings(annotations={FAULT_ANNOTATION: fault}))
+    handle = hook.submit(spec)
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and re.search(reason, event["message"]), event["message"]
+    assert _gone(k8s_emulator, handle)
+
+
+def _sleep_then_return(seconds: float) -> str:
+    import time
+
+    print("working", flush=True)
+    time.sleep(seconds)
+    return "done"
+
+
+@pytest.mark.parametrize("fault", ["evicted", "preempted", "node_shutdown"])
+def test_disrupted_pods_are_reported_as_preemption(k8s_emulator, fault):
+    hook = make_hook()
+    spec = make_spec(hook, _sleep_then_return, 30, task_id=f"disrupted_{fault}", settings=KubernetesStepOperatorSettings(
+        annotations={FAULT_ANNOTATION: json.dumps({"kind": fault, "after": 0.5})}))
+    handle = hook.submit(spec)
+    event = run_trigger(hook, handle)
+    assert event["status"] == "preempted", event
+    validate_job(_job(k8s_emulator, handle))
+
+
+def test_oom_killed_step_names_its_memory_limit(k8s_emulator):
+    hook = make_hook()
+    spec = make_spec(hook, _sleep_then_return, 30, task_id="oom", resources=ResourceSettings(memory="256MiB"),
+                     settings=KubernetesStepOperatorSettings(annotations={FAULT_ANNOTATION: json.dumps(
+                         {"kind": "oom_killed", "after": 0.5})}))
+    event = run_trigger(hook, hook.submit(spec))
+    assert event["status"] == "failed" and "OOMKilled" in event["message"] and "256Mi" in event["message"]
+
+
+def _raise(value: int) -> None:
+    raise ValueError(f"bad input {value}")
+
+
+def test_remote_exception_comes_back_through_the_pod_log(k8s_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _raise, 7, task_id="raises"))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and "exit code 1" in event["message"]
+    hook.collect_output(handle)
+    outcome = read_outcome(store_path(handle["output_uri"]))
+    assert not outcome.ok and outcome.error["type"] == "builtins.ValueError"
+    assert outcome.error["message"] == "bad input 7" and "_raise" in outcome.error["traceback"]
+
+
+def test_max_runtime_becomes_active_deadline_and_a_timeout(k8s_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep_then_return, 60, task_id="deadline",
+                                   settings=KubernetesStepOperatorSettings(max_runtime_in_seconds=1)))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
+    assert "activeDeadlineSeconds=1" in event["message"]
+
+
+def _write_pid_and_sleep(seconds: float) -> None:
+    import os
+    import time
+
+    print("pid", os.getpid(), flush=True)
+    time.sleep(seconds)
+
+
+def test_trigger_deadline_deletes_the_job_and_its_process(k8s_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _write_pid_and_sleep, 120, task_id="trigger_deadline"))
+    started = time.time()
+    event = run_trigger(hook, handle, deadline=time.time() + 3)
+    assert event["status"] == "timeout" and time.time() - started < 30
+    assert _gone(k8s_emulator, handle), "the Job or its pod survived the timeout"
+
+
+def test_trigger_on_kill_deletes_the_job(k8s_emulator):
+    import asyncio
+
+    from airflow_stepops.hooks.base import JobState
+    from airflow_stepops.triggers.kubernetes import KubernetesStepOperatorTrigger
+
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _write_pid_and_sleep, 120, task_id="trigger_kill"))
+    deadline = time.monotonic() + 30
+    while hook.get_status(handle).state is not JobState.RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    trigger = KubernetesStepOperatorTrigger(conn_id=hook.step_operator_conn_id, handle=handle)
+    asyncio.run(trigger.on_kill())
+    assert _gone(k8s_emulator, handle)
+
+
+def test_submit_is_exactly_once_per_try(k8s_emulator):
+    hook = make_hook()
+    spec = make_spec(hook, _greet, "once", task_id="exactly_once")
+    first = hook.submit(spec)
+    again = hook.submit(spec)  # e.g. a worker that died after creating the Job
+    assert again["job_id"] == first["job_id"] and hook.find_job(spec.identity)["job_id"] == first["job_id"]
+    assert len(k8s_emulator.list_objects("jobs", NS, f"{manifest.STEP_LABEL}={first['step']}")) == 1
+    assert hook.find_job(spec.identity.for_try(2)) is None
+    assert run_trigger(hook, first)["status"] == "succeeded"
+
+
+def _make_bytes(size: int) -> bytes:
+    import os
+
+    return os.urandom(size)
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_large_bundles_results_and_inputs_go_through_the_artifact_store(k8s_emulator):
+    import hashlib
+
+    hook = make_hook()
+    big = os.urandom(3 << 20)  # incompressible, 6x the inline limit
+    handle = hook.submit(make_spec(hook, _digest, big, task_id="big_bundle"))
+    job = _job(k8s_emulator, handle)
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["STEPOPS_BUNDLE_URI"] == handle["output_uri"].rsplit("/", 1)[0] + "/bundle"
+    assert run_trigger(hook, handle)["status"] == "succeeded"
+    hook.collect_output(handle)
+    assert read_outcome(store_path(handle["output_uri"])).value == hashlib.sha256(big).hexdigest()
+
+    producer = hook.submit(make_spec(hook, _make_bytes, 2 << 20, task_id="big_result"))
+    assert run_trigger(hook, producer)["status"] == "succeeded"
+    hook.collect_output(producer)
+    ref = read_outcome(store_path(producer["output_uri"])).value
+    assert ref.size > 2 << 20 and ref.uri.startswith("file://")
+    from airflow_stepops.bundle import bootstrap
+
+    consumer = hook.submit(make_spec(hook, _digest, {bootstrap.REF_MARKER: 0}, task_id="big_input", refs=[ref]))
+    consumer_env = {e["name"]: e.get("value") for e in
+                    _job(k8s_emulator, consumer)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert json.loads(consumer_env["STEPOPS_REFS"]) == {"0": {"uri": ref.uri}}
+    assert run_trigger(hook, consumer)["status"] == "succeeded"
+    hook.collect_output(consumer)
+    assert read_outcome(store_path(consumer["output_uri"])).value == hashlib.sha256(ref.load()).hexdigest()
+
+
+def _make_set() -> set:
+    return {"a", "b"}
+
+
+def _describe(value) -> list:
+    return [*sorted(value), type(value).__name__]
+
+
+def test_small_artifacts_travel_inline_both_ways(k8s_emulator):
+    from airflow_stepops.bundle import bootstrap
+
+    hook = make_hook()
+    producer = hook.submit(make_spec(hook, _make_set, task_id="small_ref"))
+    assert run_trigger(hook, producer)["status"] == "succeeded"
+    hook.collect_output(producer)
+    ref = read_outcome(store_path(producer["output_uri"])).value
+    assert ref.type == "builtins.set"
+    consumer = hook.submit(make_spec(hook, _describe, {bootstrap.REF_MARKER: 0}, task_id="small_ref_input",
+                                     refs=[ref]))
+    env = {e["name"]: e.get("value") for e in
+           _job(k8s_emulator, consumer)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert json.loads(env["STEPOPS_REFS"]) == {"0": {"inline": "refs/0.pkl"}} and int(env["STEPOPS_BUNDLE_PARTS"]) >= 1
+    assert run_trigger(hook, consumer)["status"] == "succeeded"
+    hook.collect_output(consumer)
+    assert read_outcome(store_path(consumer["output_uri"])).value == ["a", "b", "set"]
+
+
+def test_pvc_artifact_store_is_mounted_into_the_pod(k8s_emulator):
+    from kubernetes import client
+
+    core = client.CoreV1Api(k8s_emulator.api_client())
+    if k8s_emulator.get_object("persistentvolumeclaims", NS, "step-data") is None:
+        core.create_namespaced_persistent_volume_claim(NS, {
+            "metadata": {"name": "step-data"},
+            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
+    hook = make_hook("k8s_pvc_step_operator")
+    handle = hook.submit(make_spec(hook, _make_bytes, 1 << 20, task_id="pvc"))
+    job = _job(k8s_emulator, handle)
+    validate_job(job)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["volumes"] == [{"name": "stepops-artifacts", "persistentVolumeClaim": {"claimName": "step-data"}}]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["STEPOPS_OUTPUT_PATH"].startswith("/var/run/stepops/store/k8s_tests/")
+    assert run_trigger(hook, handle)["status"] == "succeeded"
+    hook.collect_output(handle)  # nothing to collect: the pod wrote to the volume
+    ref = read_outcome(store_path(handle["output_uri"])).value
+    assert ref.size > 1 << 20 and len(ref.load()) == 1 << 20
+
+
+def test_render_validates_before_anything_is_created(k8s_emulator, monkeypatch):
+    hook = make_hook()
+    job = hook.render(make_spec(hook, _greet, "x", task_id="render_only"))
+    validate_job(job)
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["python", "-c"]
+    monkeypatch.setenv("AIRFLOW_CONN_K8S_NO_IMAGE", json.dumps({"conn_type": "stepops_kubernetes", "extra": {
+        "config_file": os.environ["AIRFLOW_HOME"] + "/kubeconfig", "kubernetes_namespace": NS}}))
+    with pytest.raises(StepOperatorConfigError, match=r"image: step operator 'k8s_no_image' has no container image"):
+        make_spec(make_hook("k8s_no_image"), _greet, "x", task_id="no_image")
+    assert k8s_emulator.list_objects("jobs", NS, f"{manifest.LABEL_PREFIX}/task-id=no_image") == []
+
+
+def test_missing_namespace_is_a_clear_error(k8s_emulator, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_K8S_NO_NS", json.dumps({"conn_type": "stepops_kubernetes", "extra": {
+        "config_file": os.environ["AIRFLOW_HOME"] + "/kubeconfig", "kubernetes_namespace": "nowhere",
+        "image": "python:3"}}))
+    hook = make_hook("k8s_no_ns")
+    with pytest.raises(StepOperatorConfigError, match=r"Kubernetes rejected the request to create the Job in "
+                       r"namespace 'nowhere'.*not found"):
+        hook.submit(make_spec(hook, _greet, "x", task_id="no_ns"))
+
+
+def test_credentials_from_a_cncf_kubernetes_connection(k8s_emulator, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_MY_CLUSTER", json.dumps({"conn_type": "kubernetes", "extra": {
+        "kube_config_path": os.environ["AIRFLOW_HOME"] + "/kubeconfig", "cluster_context": "emulator"}}))
+    monkeypatch.setenv("AIRFLOW_CONN_K8S_VIA_CONN", json.dumps({"conn_type": "stepops_kubernetes", "extra": {
+        "kubernetes_conn_id": "my_cluster", "kubernetes_namespace": NS, "image": "python:3"}}))
+    hook = make_hook("k8s_via_conn")
+    handle = hook.submit(make_spec(hook, _greet, "conn", task_id="via_conn"))
+    event = run_trigger(hook, handle)  # the async client also takes the connection's kubeconfig
+    assert event["status"] == "succeeded" and "hello conn from kubernetes" in event["log_tail"]
+
+
+def test_log_cursor_keeps_lines_that_share_a_timestamp():
+    cursor = {"pod": "p", "ts": None, "n": 0, "hiding": False}
+    text = "2026-01-01T00:00:01.5Z a\n2026-01-01T00:00:01.5Z b\n"
+    lines, cursor = _new_lines(text, cursor, "m")
+    assert lines == ["a", "b"] and cursor["n"] == 2
+    text += "2026-01-01T00:00:01.5Z c\n2026-01-01T00:00:02Z ::stepops-output:m:begin::\n" \
+            "2026-01-01T00:00:02Z QUJD\n2026-01-01T00:00:02Z ::stepops-output:m:end:x::\n2026-01-01T00:00:03Z d\n"
+    lines, cursor = _new_lines(text, cursor, "m")
+    assert lines == ["c", "d"]  # the output block is hidden, nothing is repeated or lost
+    assert extract_output_block("x::stepops-output:m:begin::\nQUJD\n::stepops-output:m:end:bad::\n", "m") is None
