@@ -1,16 +1,28 @@
 """Register the example step operators as Airflow connections (idempotent).
 
-``python dags_examples/setup_connections.py [FLAVOR]`` registers ``local_step_operator`` (flavor
-``local``, artifacts under ``$AIRFLOW_HOME/stepops``) and points the examples at the flavor asked for.
+``python dags_examples/setup_connections.py [FLAVOR]`` registers the example step operators of that
+flavor from ``connections.json`` (``local_step_operator`` by default; ``${AIRFLOW_HOME}`` in extras is
+expanded) and prints the id of the first one on stdout, for ``STEPOPS_EXAMPLE_STEP_OPERATOR``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 CONNECTIONS = json.loads((Path(__file__).with_name("connections.json")).read_text())
+
+
+def _expand(value):
+    if isinstance(value, str):
+        return os.path.expandvars(value)
+    if isinstance(value, dict):
+        return {k: _expand(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    return value
 
 
 def main(flavor: str = "local") -> None:
@@ -24,8 +36,10 @@ def main(flavor: str = "local") -> None:
         for conn_id, spec in wanted.items():
             session.query(Connection).filter(Connection.conn_id == conn_id).delete()
             session.add(Connection(conn_id=conn_id, conn_type=spec["conn_type"],
-                                   description=spec.get("description"), extra=json.dumps(spec.get("extra", {}))))
-            print(f"registered step operator {conn_id!r} ({spec['conn_type']})")
+                                   description=spec.get("description"),
+                                   extra=json.dumps(_expand(spec.get("extra", {})))))
+            print(f"registered step operator {conn_id!r} ({spec['conn_type']})", file=sys.stderr)
+    print(next(iter(wanted)))
 
 
 if __name__ == "__main__":

@@ -5,14 +5,31 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 FLAVOR="${FLAVOR:-local}"
 UV=$(scripts/ensure-uv.sh)
-"$UV" sync --frozen --quiet --inexact
+EXTRAS=()
+[ "$FLAVOR" = local ] || EXTRAS=(--extra "$FLAVOR")
+"$UV" sync --frozen --quiet --inexact "${EXTRAS[@]}"
 export AIRFLOW_HOME="${AIRFLOW_HOME:-$PWD/.airflow/demo}"
 export AIRFLOW__CORE__DAGS_FOLDER="$PWD/dags_examples"
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__LOGGING__LOGGING_LEVEL="${AIRFLOW__LOGGING__LOGGING_LEVEL:-WARNING}"
 mkdir -p "$AIRFLOW_HOME"
 "$UV" run --frozen airflow db migrate >"$AIRFLOW_HOME/db-migrate.log" 2>&1 || { cat "$AIRFLOW_HOME/db-migrate.log"; exit 1; }
-"$UV" run --frozen python dags_examples/setup_connections.py "$FLAVOR"
+case "$FLAVOR" in
+  local) ;;
+  kubernetes)
+    # the delegated steps run as Jobs on the local Kubernetes emulator, started for this demo
+    rm -f "$AIRFLOW_HOME/kubeconfig"
+    "$UV" run --frozen --inexact "${EXTRAS[@]}" python -m airflow_stepops.testing.kubernetes \
+      --kubeconfig "$AIRFLOW_HOME/kubeconfig" --namespace ml >"$AIRFLOW_HOME/emulator.log" 2>&1 &
+    EMULATOR_PID=$!
+    trap 'kill "$EMULATOR_PID" 2>/dev/null || true; wait "$EMULATOR_PID" 2>/dev/null || true' EXIT
+    for _ in $(seq 1 300); do [ -f "$AIRFLOW_HOME/kubeconfig" ] && break; kill -0 "$EMULATOR_PID" 2>/dev/null || break; sleep 0.2; done
+    [ -f "$AIRFLOW_HOME/kubeconfig" ] || { cat "$AIRFLOW_HOME/emulator.log"; echo "the Kubernetes emulator did not start"; exit 1; }
+    cat "$AIRFLOW_HOME/emulator.log" ;;
+  *) echo "FLAVOR=$FLAVOR: no demo for this flavor yet (available: local, kubernetes)"; exit 2 ;;
+esac
+STEPOPS_EXAMPLE_STEP_OPERATOR=$("$UV" run --frozen python dags_examples/setup_connections.py "$FLAVOR")
+export STEPOPS_EXAMPLE_STEP_OPERATOR
 echo "Running the mixed pipeline (step operator flavor: $FLAVOR) ..."
 "$UV" run --frozen airflow dags test mixed_pipeline >"$AIRFLOW_HOME/dags-test.log" 2>&1 || {
   tail -n 80 "$AIRFLOW_HOME/dags-test.log"; echo "demo failed; full log: $AIRFLOW_HOME/dags-test.log"; exit 1; }

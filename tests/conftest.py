@@ -49,7 +49,8 @@ def k8s_emulator(airflow_home: Path):
     pytest.importorskip("kubernetes")
     from airflow_stepops.testing.kubernetes import KubernetesEmulator, NodeSpec
 
-    node = NodeSpec(labels={"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"})  # 4 A100s
+    node = NodeSpec(labels={"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB",  # 4 A100s
+                            "karpenter.sh/capacity-type": "spot"})
     with KubernetesEmulator(grace_period_cap=1, namespaces=("default", "steps"), node=node,
                             pvc_root=airflow_home / "k8s-pvc") as k8s:
         kubeconfig = k8s.write_kubeconfig(airflow_home / "kubeconfig", context="emulator", namespace="steps")

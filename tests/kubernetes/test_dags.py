@@ -6,10 +6,10 @@ import pytest
 
 pytest.importorskip("kubernetes")
 
-from airflow_stepops.hooks import kubernetes_job as manifest  # noqa: E402
-from tests.dags import k8s_steps  # noqa: E402
+from airflow_stepops.hooks import kubernetes_job as manifest
+from tests.dags import k8s_steps
 
-from ..unit.test_operator import _run, _xcom  # noqa: E402
+from ..unit.test_operator import _run, _xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db", "k8s_emulator")
 
@@ -44,3 +44,18 @@ def test_failures_preemption_timeout_and_bad_image(k8s_emulator):
         assert alive == [], f"{task_id}: {[j['metadata']['name'] for j in alive]}"
     preempted = _xcom(tis["evicted"], key="stepops_job")
     assert preempted["reason"] == "preempted", preempted
+
+
+def test_gpu_training_example_runs_on_the_emulator(k8s_emulator):
+    from airflow_stepops._compat import dagbag_class
+
+    examples = __import__("pathlib").Path(__file__).resolve().parents[2] / "dags_examples"
+    dag = dagbag_class()(dag_folder=str(examples / "kubernetes_training.py")).get_dag("kubernetes_training")
+    run, tis = _run(dag)
+    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert _xcom(tis["gpu_training_step"]) == {"w": 3.0, "b": -0.5}
+    [job] = [j for j in _jobs(k8s_emulator, "gpu_training_step")
+             if j["metadata"]["annotations"][f"{manifest.LABEL_PREFIX}/run-id"] == run.run_id]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"karpenter.sh/capacity-type": "spot"}
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"

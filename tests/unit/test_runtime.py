@@ -20,6 +20,8 @@ RUNTIME_DIR = Path(bootstrap.__file__).parent
 
 def test_runtime_imports_only_the_standard_library():
     for path in RUNTIME_DIR.glob("*.py"):
+        # the pod entry imports fsspec only for transfers too large for the pod spec and log
+        allowed = {"cloudpickle", "__future__", *(["fsspec"] if path.name == "pod_entry.py" else [])}
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = []
@@ -29,7 +31,7 @@ def test_runtime_imports_only_the_standard_library():
                 names = [node.module or ""]
             for name in names:
                 top = name.split(".")[0]
-                assert top in sys.stdlib_module_names or top in {"cloudpickle", "__future__"}, (path.name, name)
+                assert top in sys.stdlib_module_names or top in allowed, (path.name, name)
 
 
 def _bundle(tmp_path: Path, fn, *args, multiple_outputs=False, max_result_bytes=10**9, inline=48_000,
