@@ -64,6 +64,8 @@ class StepSpec:
     settings: BaseStepOperatorSettings
     refs: list[ArtifactRef] = field(default_factory=list)
     task_label: str = ""
+    #: the task's execution_timeout: Airflow enforces it, backends may add it as their own backstop
+    timeout_seconds: float | None = None
 
 
 def registered_step_operators() -> dict[str, str]:

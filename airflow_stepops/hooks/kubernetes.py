@@ -184,7 +184,8 @@ class KubernetesStepOperatorHook(StepOperatorHook):
             raise StepOperatorConfigError(f"settings['step_operator.kubernetes'].{exc}") from None
         job = manifest.build_job(identity=spec.identity, config=self.config, settings=settings,
                                  options=merged_pod_options(self.config, settings), resources=spec.resources,
-                                 image=self._image(settings), transport_env=transport_env)
+                                 image=self._image(settings), transport_env=transport_env,
+                                 timeout_seconds=spec.timeout_seconds)
         handle_info = {"output_uri": spec.output_uri, "transport": "volume" if self.config.pvc_store else "inline",
                        "unschedulable_timeout": settings.unschedulable_timeout_seconds,
                        "memory_limit": ((job["spec"]["template"]["spec"]["containers"][0].get("resources") or {})

@@ -11,6 +11,7 @@ is reported as preemption.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,13 @@ from typing import Any
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.kubernetes import (
+    DNS_LABEL,
     KubernetesPodOptions,
     KubernetesStepOperatorConfig,
     KubernetesStepOperatorSettings,
 )
+
+__all__ = ["DNS_LABEL", "build_job", "chunked_env", "identity_annotations", "identity_labels", "job_name", "pod_path"]
 
 CONTAINER = "step"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "airflow-stepops"}
@@ -30,6 +34,8 @@ STEP_LABEL = f"{LABEL_PREFIX}/step"
 STORE_MOUNT = "/var/run/stepops/store"
 STORE_VOLUME = "stepops-artifacts"
 ENTRY_SOURCE = (Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py").read_text()
+#: seconds after the task's execution_timeout at which Kubernetes itself stops the Job
+TIMEOUT_BACKSTOP_SECONDS = 60
 #: largest single environment value we write (Linux refuses single strings over 128 KiB in exec)
 ENV_CHUNK_CHARS = 96 * 1024
 
@@ -112,6 +118,16 @@ def _with_gpu_type(affinity: dict[str, Any] | None, label: str, values: list[str
     return affinity
 
 
+def active_deadline(settings: KubernetesStepOperatorSettings, timeout_seconds: float | None) -> int | None:
+    """``max_runtime_in_seconds`` exactly; the task's execution_timeout (which Airflow enforces by
+    deleting the Job) plus a margin, so the cluster stops the step even if Airflow is gone."""
+    limits = [settings.max_runtime_in_seconds]
+    if timeout_seconds:
+        limits.append(math.ceil(timeout_seconds) + TIMEOUT_BACKSTOP_SECONDS)
+    found = [limit for limit in limits if limit]
+    return min(found) if found else None
+
+
 def _store_mount(config: KubernetesStepOperatorConfig) -> tuple[dict[str, Any], dict[str, Any]] | None:
     pvc = config.pvc_store
     if pvc is None:
@@ -143,6 +159,7 @@ def build_job(
     resources: ResourceSettings,
     image: str,
     transport_env: list[dict[str, Any]],
+    timeout_seconds: float | None = None,
 ) -> dict[str, Any]:
     """The Job manifest (JSON) for one try of one step."""
     name = job_name(identity)
@@ -202,8 +219,9 @@ def build_job(
         ]},
         "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec},
     }
-    if settings.max_runtime_in_seconds:
-        spec["activeDeadlineSeconds"] = settings.max_runtime_in_seconds
+    deadline = active_deadline(settings, timeout_seconds)
+    if deadline:
+        spec["activeDeadlineSeconds"] = deadline
     if settings.ttl_seconds_after_finished is not None:
         spec["ttlSecondsAfterFinished"] = settings.ttl_seconds_after_finished
     return {

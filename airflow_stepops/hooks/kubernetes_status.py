@@ -96,8 +96,9 @@ def interpret(job: dict[str, Any] | None, pods: list[dict[str, Any]], *, name: s
         reason, message = failed.get("reason") or "", failed.get("message") or ""
         if reason == "DeadlineExceeded":
             deadline = (job.get("spec") or {}).get("activeDeadlineSeconds")
-            return JobStatus(JobState.FAILED, f"the Job ran longer than max_runtime_in_seconds "
-                             f"(activeDeadlineSeconds={deadline}) and Kubernetes stopped it",
+            return JobStatus(JobState.FAILED, f"the Job ran longer than its time limit (activeDeadlineSeconds="
+                             f"{deadline}, from max_runtime_in_seconds or execution_timeout) and Kubernetes "
+                             "stopped it",
                              {**details, "reason": "timed_out"})
         disruption = _disruption(pod)
         if disruption or (reason == "PodFailurePolicy" and "DisruptionTarget" in message):

@@ -143,9 +143,10 @@ class StepOperator(BaseOperator):
 
         flavor_settings = self.step_settings.for_flavor(hook.flavor, step_operator=self.step_operator)
         prefix = identity.prefix(hook.artifact_root())
+        timeout = self.execution_timeout
         return StepSpec(identity=identity, bundle_uri=str(prefix / "bundle"), output_uri=str(prefix / "output"),
                         resources=self.step_settings.resources, settings=flavor_settings, refs=refs,
-                        task_label=self.task_label)
+                        task_label=self.task_label, timeout_seconds=timeout.total_seconds() if timeout else None)
 
     def write_step_bundle(self, context: Context, hook: StepOperatorHook, identity: StepIdentity) -> StepSpec:
         from airflow_stepops.bundle import build_meta, pickle_payload, replace_refs, write_bundle

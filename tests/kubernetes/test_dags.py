@@ -59,3 +59,20 @@ def test_gpu_training_example_runs_on_the_emulator(k8s_emulator):
     pod = job["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"karpenter.sh/capacity-type": "spot"}
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_stepops_render_prints_the_job_manifest_without_creating_it(k8s_emulator):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "render", "k8s_pipeline", "train"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout[out.stdout.index("{"):])
+    job = body["request"]
+    assert body["flavor"] == "kubernetes" and job["kind"] == "Job" and job["metadata"]["namespace"] == "steps"
+    assert job["metadata"]["annotations"][f"{manifest.LABEL_PREFIX}/run-id"] == "render"
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {"cpu": "2", "memory": "1Gi"}
+    run_ids = {j["metadata"]["annotations"][f"{manifest.LABEL_PREFIX}/run-id"] for j in _jobs(k8s_emulator, "train")}
+    assert "render" not in run_ids

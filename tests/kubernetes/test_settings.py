@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.kubernetes import (
     KubernetesStepOperatorConfig,
     KubernetesStepOperatorSettings,
+    check_labels,
     merged_pod_options,
 )
 
@@ -64,3 +66,77 @@ def test_credentials_source_is_described():
     assert KubernetesStepOperatorConfig(incluster=True).credentials_source() == "in-cluster service account"
     described = KubernetesStepOperatorConfig(kubernetes_context="gpu").credentials_source()
     assert described == "default kubeconfig, context 'gpu'"
+
+
+def _declare(**kwargs):
+    """Declare a step task as a DAG file does: errors here are DAG parse (import) errors."""
+    from airflow.sdk import DAG, task
+
+    with DAG("k8s_parse_checks", schedule=None):
+        @task.step_operator(step_operator="k8s_step_operator", **kwargs)
+        def step() -> None:
+            pass
+
+        step()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"resources": {"cpu_count": -2}}, r"resources.cpu_count: Input should be greater than 0"),
+        ({"resources": {"memory": "-1GB"}}, r"resources.memory"),
+        ({"settings": {"step_operator.kubernetes": {"gpu_resource_name": "gpus"}}},
+         r"gpu_resource_name: 'gpus' is not a GPU resource"),
+        ({"settings": {"step_operator.kubernetes": {"labels": {"run": "not valid!"}}}},
+         r"labels\['run'\]: 'not valid!' is not a valid label value"),
+        ({"settings": {"step_operator.kubernetes": {"node_selector": {"pool": "p" * 64}}}},
+         r"node_selector\['pool'\].*at most 63 characters"),
+        ({"settings": {"step_operator.kubernetes": {"environment": {"STEPOPS_BUNDLE_0": "x"}}}},
+         r"names starting with STEPOPS_ are reserved"),
+        ({"settings": {"resources": ResourceSettings(gpu_count=1, gpu_type="T4"),
+                       "step_operator.kubernetes": KubernetesStepOperatorSettings(gpu_type_node_label="gpu-model")}},
+         r"gpu_type_node_values: no node label values known for gpu_type 'T4' on node label 'gpu-model'"),
+    ],
+)
+def test_bad_kubernetes_step_settings_fail_at_parse_time(kwargs, message):
+    from airflow_stepops.exceptions import StepOperatorConfigError
+
+    with pytest.raises(StepOperatorConfigError, match=message):
+        _declare(**kwargs)
+
+
+def test_gpu_type_on_a_custom_node_label_needs_its_values():
+    _declare(settings={"resources": ResourceSettings(gpu_count=1, gpu_type="t4"),
+                       "step_operator.kubernetes": KubernetesStepOperatorSettings(
+                           gpu_type_node_label="gpu-model", gpu_type_node_values={"nvidia-tesla-t4": ["t4"]})})
+    settings = KubernetesStepOperatorSettings(gpu_type_node_label="cloud.google.com/gke-accelerator")
+    assert settings.gpu_node_values("L4") == ["nvidia-l4"]
+
+
+def test_job_names_are_valid_and_at_most_63_characters():
+    from airflow_stepops.bundle import StepIdentity
+    from airflow_stepops.hooks.kubernetes_job import DNS_LABEL, identity_labels, job_name
+
+    identity = StepIdentity("A" * 200 + "_DAG", "manual__2026-01-01T00:00:00+00:00", "Train.Model_" * 20, 1234, 3)
+    name = job_name(identity)
+    assert len(name) <= 63 and DNS_LABEL.match(name) and name.endswith(f"-m1234-t3-{identity.digest[:10]}")
+    assert name != job_name(identity.for_try(4))
+    check_labels(identity_labels(identity), "labels")  # every generated label is valid
+
+
+def test_pvc_store_needs_the_worker_mount_path():
+    with pytest.raises(ValidationError, match="worker_artifact_path: required with a pvc:// artifact_store"):
+        KubernetesStepOperatorConfig(artifact_store="pvc://data/steps")
+    config = KubernetesStepOperatorConfig(artifact_store="pvc://data/steps", worker_artifact_path="/mnt/data/steps")
+    assert config.pvc_store == ("data", "steps")
+    with pytest.raises(ValidationError, match="inline_transfer_max_size: '4MiB' is over 1MiB"):
+        KubernetesStepOperatorConfig(inline_transfer_max_size="4MiB")
+
+
+def test_active_deadline_from_max_runtime_and_execution_timeout():
+    from airflow_stepops.hooks.kubernetes_job import TIMEOUT_BACKSTOP_SECONDS, active_deadline
+
+    assert active_deadline(KubernetesStepOperatorSettings(), None) is None
+    assert active_deadline(KubernetesStepOperatorSettings(max_runtime_in_seconds=600), None) == 600
+    assert active_deadline(KubernetesStepOperatorSettings(), 99.5) == 100 + TIMEOUT_BACKSTOP_SECONDS
+    assert active_deadline(KubernetesStepOperatorSettings(max_runtime_in_seconds=600), 30) == 30 + TIMEOUT_BACKSTOP_SECONDS

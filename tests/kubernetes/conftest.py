@@ -1,0 +1,23 @@
+"""Every Job the flavor creates in these tests is validated against the Kubernetes OpenAPI schema."""
+
+from __future__ import annotations
+
+import pytest
+
+_VALIDATED: set[str] = set()
+
+
+@pytest.fixture(autouse=True)
+def _validate_created_jobs(request):
+    yield
+    if "k8s_emulator" not in request.fixturenames:
+        return
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    k8s = request.getfixturevalue("k8s_emulator")
+    for job in k8s.list_objects("jobs", "steps", "app.kubernetes.io/managed-by=airflow-stepops"):
+        if job["metadata"]["uid"] in _VALIDATED:
+            continue
+        body = {"apiVersion": "batch/v1", "kind": "Job", "spec": job["spec"], "metadata": {
+            k: v for k, v in job["metadata"].items() if k in ("name", "namespace", "labels", "annotations")}}
+        kubernetes_validate.validate(body, "1.33", strict=True)
+        _VALIDATED.add(job["metadata"]["uid"])
