@@ -234,7 +234,8 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         files = {name: (bundle / name).read_bytes() for name in BUNDLE_FILES}
         raw = sum(len(data) for data in files.values())
         ref_sizes = sum(ref.size for ref in spec.refs)
-        env: list[dict[str, Any]] = [{"name": "STEPOPS_OUTPUT_URI", "value": spec.output_uri},
+        env: list[dict[str, Any]] = [{"name": "STEPOPS_BUNDLE_URI", "value": spec.bundle_uri},
+                                     {"name": "STEPOPS_OUTPUT_URI", "value": spec.output_uri},
                                      {"name": "STEPOPS_INLINE_MAX_BYTES", "value": str(limit)}]
         by_uri = {str(i): {"uri": ref.uri} for i, ref in enumerate(spec.refs)}
         attempts = []
@@ -252,8 +253,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
                         {"name": "STEPOPS_REFS", "value": json.dumps(refs_env)}, *env]
         self.log.info("Bundle of %d bytes is larger than inline_transfer_max_size: the pod reads it from %s",
                       raw, spec.bundle_uri)
-        return [{"name": "STEPOPS_BUNDLE_URI", "value": spec.bundle_uri},
-                {"name": "STEPOPS_REFS", "value": json.dumps(by_uri)}, *env]
+        return [{"name": "STEPOPS_REFS", "value": json.dumps(by_uri)}, *env]
 
     def _handle(self, job: dict[str, Any]) -> JobHandle:
         meta = job["metadata"]

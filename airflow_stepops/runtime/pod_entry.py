@@ -43,8 +43,24 @@ def _extract(archive: bytes, target: str) -> None:
             tar.extractall(target)
 
 
+def _unshared_file_store(uri: str) -> bool:
+    """A ``file://`` store the pod cannot see: the worker's disk, not mounted here. The worker wrote
+    the step's bundle before the Job was created, so the bundle is the proof of a shared path."""
+    if not uri.startswith("file://"):
+        return False
+    marker = _env("STEPOPS_BUNDLE_URI").rstrip("/") + "/meta.json"
+    return not os.path.exists(marker[len("file://"):])
+
+
+def _unshared_message(uri: str) -> str:
+    return (f"{uri} is on a file:// artifact store that this pod does not share with the Airflow workers; "
+            "use a pvc:// or object-store artifact_store, or raise inline_transfer_max_size")
+
+
 def _fetch(uri: str, destination: str) -> None:
     """Download one object with fsspec (imported only when a transfer really needs it)."""
+    if _unshared_file_store(uri):
+        raise RuntimeError(_unshared_message(uri))
     try:
         import fsspec
     except ImportError:
@@ -125,6 +141,8 @@ def print_inline(archive: bytes, marker: str) -> None:
 
 def upload(directory: str, uri: str) -> None:
     """Copy the output directory to the store; result.json/error.json last (they mark completion)."""
+    if _unshared_file_store(uri):
+        raise RuntimeError(_unshared_message(uri))
     try:
         import fsspec
     except ImportError:

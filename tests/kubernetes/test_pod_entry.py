@@ -1,0 +1,71 @@
+"""The pod's entry point on its own: what a step container does with the environment we give it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from io import BytesIO
+
+import pytest
+
+pytest.importorskip("kubernetes")
+
+from airflow_stepops.hooks import kubernetes_job as manifest
+from airflow_stepops.hooks.kubernetes import extract_output_block
+
+from .k8sjobs import make_hook, make_spec
+
+pytestmark = pytest.mark.usefixtures("k8s_emulator")
+
+
+def _noise(size: int) -> bytes:
+    import os
+
+    print("made noise", flush=True)
+    return os.urandom(size)
+
+
+def _run_entry(env_list: list[dict], **overrides: str) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", **{e["name"]: e["value"] for e in env_list}, **overrides}
+    return subprocess.run([sys.executable, "-c", manifest.ENTRY_SOURCE], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def _outcome_files(stdout: str) -> dict[str, bytes]:
+    archive = extract_output_block(stdout, "job")
+    assert archive is not None, stdout[-2000:]
+    with tarfile.open(fileobj=BytesIO(archive), mode="r:gz") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def test_a_large_output_for_a_store_the_pod_cannot_see_fails_clearly():
+    hook = make_hook()
+    spec = make_spec(hook, _noise, 200_000, task_id="entry_unshared")
+    env = hook.transport_env(spec)
+    done = _run_entry(env, STEPOPS_MARKER="job", STEPOPS_BUNDLE_URI="file:///nonexistent/try-1/bundle",
+                      STEPOPS_OUTPUT_URI="file:///nonexistent/try-1/output", STEPOPS_INLINE_MAX_BYTES="10000")
+    assert done.returncode == 3, done.stderr
+    assert "made noise" in done.stdout
+    error = json.loads(_outcome_files(done.stdout)["error.json"])
+    assert "does not share with the Airflow workers" in error["message"] and "exit code 0" in error["message"]
+
+
+def test_a_small_output_comes_back_in_the_log_with_its_pickled_values():
+    hook = make_hook()
+    spec = make_spec(hook, _noise, 1000, task_id="entry_inline")
+    done = _run_entry(hook.transport_env(spec), STEPOPS_MARKER="job")
+    assert done.returncode == 0, done.stderr
+    files = _outcome_files(done.stdout)
+    result = json.loads(files["result.json"])
+    entry = result["outputs"]["return_value"]
+    assert entry["kind"] != "json" and len(files[entry["path"]]) == entry["size"]
+
+
+def test_a_damaged_inline_bundle_is_refused():
+    hook = make_hook()
+    spec = make_spec(hook, _noise, 10, task_id="entry_damaged")
+    done = _run_entry(hook.transport_env(spec), STEPOPS_MARKER="job", STEPOPS_BUNDLE_SHA256="0" * 64)
+    assert done.returncode == 2
+    assert "sha256 mismatch" in json.loads(_outcome_files(done.stdout)["error.json"])["message"]
