@@ -32,7 +32,7 @@ from benchmarks.common import (
     status_word,
 )
 
-BENCHMARKS = ("parse", "local", "triggerer", "artifacts")
+BENCHMARKS = ("parse", "local", "triggerer", "artifacts", "kubernetes")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -73,6 +73,10 @@ def run_one(name: str, workdir: Path, args: argparse.Namespace) -> Section:
             from benchmarks import bench_triggerer
 
             section = bench_triggerer.run(workdir, triggers=args.triggers)
+        elif name == "kubernetes":
+            from benchmarks import bench_kubernetes
+
+            section = bench_kubernetes.run(workdir, steps=args.k8s_steps)
         else:
             from benchmarks import bench_artifacts
 
@@ -102,6 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: all)")
     parser.add_argument("--size", type=parse_size, default=GIB, help="artifact payload size (default 1GiB)")
     parser.add_argument("--triggers", type=int, default=1000, help="concurrent triggers (default 1000)")
+    parser.add_argument("--k8s-steps", type=int, default=100, help="deferred Kubernetes steps (default 100)")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (noisier; for a smoke test)")
     parser.add_argument("--tmp-dir", default=None, help="where temporary files go (default: the system temp dir)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON results go")

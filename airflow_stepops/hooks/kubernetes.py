@@ -428,15 +428,15 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         from kubernetes_asyncio import client
         from kubernetes_asyncio.client.exceptions import ApiException
 
-        pods = await self._alist("pods", handle["namespace"], f"{manifest.STEP_LABEL}={handle['step']}")
-        pod = latest_pod(pods)
-        if pod is None:
-            return [], cursor
-        cursor = _fresh_cursor(cursor, pod["metadata"]["name"])
+        if not (isinstance(cursor, dict) and cursor.get("pod")):  # a step's Job has one pod (backoffLimit 0)
+            pod = latest_pod(await self._alist("pods", handle["namespace"], f"{manifest.STEP_LABEL}={handle['step']}"))
+            if pod is None:
+                return [], cursor
+            cursor = _fresh_cursor(cursor, pod["metadata"]["name"])
         async with self.async_hook.get_conn() as api:
             try:
                 response: Any = await client.CoreV1Api(api).read_namespaced_pod_log(
-                    pod["metadata"]["name"], handle["namespace"], container=manifest.CONTAINER, timestamps=True,
+                    cursor["pod"], handle["namespace"], container=manifest.CONTAINER, timestamps=True,
                     _preload_content=False, **_since(cursor))
                 text = (await response.read()).decode(errors="replace")
             except ApiException as exc:
