@@ -339,11 +339,12 @@ class KubernetesStepOperatorHook(StepOperatorHook):
             raise
 
     def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        pod = latest_pod(self._pods(handle))
-        if pod is None:
-            return [], cursor
-        cursor = _fresh_cursor(cursor, pod["metadata"]["name"])
-        text = self._pod_log(pod["metadata"]["name"], handle["namespace"], timestamps=True,
+        if not (isinstance(cursor, dict) and cursor.get("pod")):  # a step's Job has one pod (backoffLimit 0)
+            pod = latest_pod(self._pods(handle))
+            if pod is None:
+                return [], cursor
+            cursor = _fresh_cursor(cursor, pod["metadata"]["name"])
+        text = self._pod_log(cursor["pod"], handle["namespace"], timestamps=True,
                              **_since(cursor))
         return _new_lines(text, cursor, handle["job_id"])
 

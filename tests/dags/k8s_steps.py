@@ -33,7 +33,7 @@ with DAG("k8s_pipeline", schedule=None, params={"scale": 10}) as k8s_pipeline:
         print(f"training on {words} words in pod {os.environ['HOSTNAME']}", flush=True)
         return {"words": words * params["scale"], "model": {1, 2}}  # a set is not JSON: an ArtifactRef
 
-    @task.step_operator(step_operator="k8s_step_operator")
+    @task.step_operator(step_operator="k8s_step_operator", deferrable=False)  # waits on the worker
     def evaluate(model: set) -> list:
         return sorted(model)
 

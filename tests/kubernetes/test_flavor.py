@@ -357,3 +357,20 @@ def test_log_cursor_keeps_lines_that_share_a_timestamp():
     lines, cursor = _new_lines(text, cursor, "m")
     assert lines == ["c", "d"]  # the output block is hidden, nothing is repeated or lost
     assert extract_output_block("x::stepops-output:m:begin::\nQUJD\n::stepops-output:m:end:bad::\n", "m") is None
+
+
+def test_operator_on_kill_deletes_the_job(k8s_emulator):
+    from airflow_stepops.hooks.base import JobState
+    from airflow_stepops.operators.kubernetes import KubernetesStepOperator
+
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _write_pid_and_sleep, 120, task_id="operator_kill"))
+    deadline = time.monotonic() + 30
+    while hook.get_status(handle).state is not JobState.RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    op = KubernetesStepOperator(task_id="operator_kill", python_callable=_greet, step_operator="k8s_step_operator",
+                                deferrable=False)
+    op._hook, op._handle = hook, handle  # as after submission in execute()
+    op.on_kill()
+    assert _gone(k8s_emulator, handle)
