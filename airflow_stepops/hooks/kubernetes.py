@@ -102,9 +102,12 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         cfg = self.config
         if cfg.kubernetes_conn_id:
             return {"conn_id": cfg.kubernetes_conn_id}
-        if cfg.kubernetes_context or cfg.config_file or cfg.incluster:
-            return {"conn_id": None, "cluster_context": cfg.kubernetes_context, "config_file": cfg.config_file,
-                    "in_cluster": cfg.incluster or None}
+        if cfg.incluster:
+            return {"conn_id": None, "cluster_context": None, "config_file": None, "in_cluster": True}
+        if cfg.kubernetes_context or cfg.config_file:
+            # a context names a kubeconfig entry: never fall back to the in-cluster account instead
+            return {"conn_id": None, "cluster_context": cfg.kubernetes_context,
+                    "config_file": cfg.config_file or _default_kubeconfig(), "in_cluster": None}
         return {"conn_id": "kubernetes_default"}
 
     @cached_property
@@ -445,6 +448,16 @@ class KubernetesStepOperatorHook(StepOperatorHook):
                     return [], cursor
                 raise
         return _new_lines(text, cursor, handle["job_id"])
+
+
+def _default_kubeconfig() -> str:
+    """The kubeconfig kubectl would read: the first file of ``$KUBECONFIG``, else ``~/.kube/config``."""
+    import os
+
+    for path in os.environ.get("KUBECONFIG", "").split(os.pathsep):
+        if path and os.path.exists(os.path.expanduser(path)):
+            return os.path.expanduser(path)
+    return os.path.expanduser("~/.kube/config")
 
 
 def _finished_ok(job: dict[str, Any]) -> bool:

@@ -374,3 +374,13 @@ def test_operator_on_kill_deletes_the_job(k8s_emulator):
     op._hook, op._handle = hook, handle  # as after submission in execute()
     op.on_kill()
     assert _gone(k8s_emulator, handle)
+
+
+def test_a_context_without_config_file_uses_kubectls_kubeconfig(k8s_emulator, monkeypatch):
+    monkeypatch.setenv("KUBECONFIG", os.pathsep.join(["/nonexistent/config", os.environ["AIRFLOW_HOME"] + "/kubeconfig"]))
+    monkeypatch.setenv("AIRFLOW_CONN_K8S_CONTEXT_ONLY", json.dumps({"conn_type": "stepops_kubernetes", "extra": {
+        "kubernetes_context": "emulator", "kubernetes_namespace": NS, "image": "python:3"}}))
+    hook = make_hook("k8s_context_only")
+    assert hook._credentials()["config_file"] == os.environ["AIRFLOW_HOME"] + "/kubeconfig"
+    handle = hook.submit(make_spec(hook, _greet, "ctx", task_id="context_only"))
+    assert run_trigger(hook, handle)["status"] == "succeeded"
