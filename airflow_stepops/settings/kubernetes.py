@@ -290,6 +290,8 @@ class KubernetesStepOperatorConfig(BaseStepOperatorConfig, KubernetesPodOptions)
             return f"kubernetes connection {self.kubernetes_conn_id!r}"
         if self.incluster:
             return "in-cluster service account"
+        if not (self.config_file or self.kubernetes_context):
+            return "kubernetes connection 'kubernetes_default' (else in-cluster, else ~/.kube/config)"
         where = self.config_file or "default kubeconfig"
         return f"{where}" + (f", context {self.kubernetes_context!r}" if self.kubernetes_context else "")
 

@@ -140,3 +140,7 @@ def test_active_deadline_from_max_runtime_and_execution_timeout():
     assert active_deadline(KubernetesStepOperatorSettings(max_runtime_in_seconds=600), None) == 600
     assert active_deadline(KubernetesStepOperatorSettings(), 99.5) == 100 + TIMEOUT_BACKSTOP_SECONDS
     assert active_deadline(KubernetesStepOperatorSettings(max_runtime_in_seconds=600), 30) == 30 + TIMEOUT_BACKSTOP_SECONDS
+
+
+def test_without_credentials_the_cncf_default_connection_is_used():
+    assert KubernetesStepOperatorConfig().credentials_source().startswith("kubernetes connection 'kubernetes_default'")
