@@ -190,7 +190,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
                                  image=self._image(settings), transport_env=transport_env,
                                  timeout_seconds=spec.timeout_seconds)
         handle_info = {"output_uri": spec.output_uri, "transport": "volume" if self.config.pvc_store else "inline",
-                       "unschedulable_timeout": settings.unschedulable_timeout_seconds,
+                       "unschedulable_timeout": settings.unschedulable_timeout_seconds, "spot": settings.use_spot,
                        "memory_limit": ((job["spec"]["template"]["spec"]["containers"][0].get("resources") or {})
                                         .get("limits") or {}).get("memory")}
         job["metadata"]["annotations"][HANDLE_ANNOTATION] = json.dumps(handle_info, sort_keys=True)
@@ -310,9 +310,11 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         return json.loads(data)["items"]
 
     def _interpret(self, handle: JobHandle, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> JobStatus:
-        return interpret(job, pods, name=f"{handle['namespace']}/{handle['job_id']}", now=time.time(),
-                         unschedulable_timeout=float(handle.get("unschedulable_timeout") or 600),
-                         memory_limit=handle.get("memory_limit"))
+        status = interpret(job, pods, name=f"{handle['namespace']}/{handle['job_id']}", now=time.time(),
+                           unschedulable_timeout=float(handle.get("unschedulable_timeout") or 600),
+                           memory_limit=handle.get("memory_limit"))
+        status.details.setdefault("spot", bool(handle.get("spot")))
+        return status
 
     def get_status(self, handle: JobHandle) -> JobStatus:
         job = self._read_job(handle["job_id"], handle["namespace"])

@@ -59,6 +59,8 @@ def test_gpu_training_example_runs_on_the_emulator(k8s_emulator):
     pod = job["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"karpenter.sh/capacity-type": "spot"}
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    record = _xcom(tis["gpu_training_step"], key="stepops_job")
+    assert record["spot"] is True and record["node"] == "emulator-node" and record["run_seconds"] >= 0
 
 
 def test_stepops_render_prints_the_job_manifest_without_creating_it(k8s_emulator):
