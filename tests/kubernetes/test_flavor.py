@@ -52,6 +52,15 @@ def _gone(k8s, handle, timeout=20.0) -> bool:
     return False
 
 
+def _wait_running(hook, handle, timeout: float = 30.0) -> None:
+    from airflow_stepops.hooks.base import JobState
+
+    deadline = time.monotonic() + timeout
+    while hook.get_status(handle).state is not JobState.RUNNING:
+        assert time.monotonic() < deadline, "the step did not start"
+        time.sleep(0.2)
+
+
 def _greet(name: str) -> dict:
     import os
 
@@ -199,15 +208,11 @@ def test_trigger_deadline_deletes_the_job_and_its_process(k8s_emulator):
 def test_trigger_on_kill_deletes_the_job(k8s_emulator):
     import asyncio
 
-    from airflow_stepops.hooks.base import JobState
     from airflow_stepops.triggers.kubernetes import KubernetesStepOperatorTrigger
 
     hook = make_hook()
     handle = hook.submit(make_spec(hook, _write_pid_and_sleep, 120, task_id="trigger_kill"))
-    deadline = time.monotonic() + 30
-    while hook.get_status(handle).state is not JobState.RUNNING:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    _wait_running(hook, handle)
     trigger = KubernetesStepOperatorTrigger(conn_id=hook.step_operator_conn_id, handle=handle)
     asyncio.run(trigger.on_kill())
     assert _gone(k8s_emulator, handle)
@@ -360,15 +365,11 @@ def test_log_cursor_keeps_lines_that_share_a_timestamp():
 
 
 def test_operator_on_kill_deletes_the_job(k8s_emulator):
-    from airflow_stepops.hooks.base import JobState
     from airflow_stepops.operators.kubernetes import KubernetesStepOperator
 
     hook = make_hook()
     handle = hook.submit(make_spec(hook, _write_pid_and_sleep, 120, task_id="operator_kill"))
-    deadline = time.monotonic() + 30
-    while hook.get_status(handle).state is not JobState.RUNNING:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    _wait_running(hook, handle)
     op = KubernetesStepOperator(task_id="operator_kill", python_callable=_greet, step_operator="k8s_step_operator",
                                 deferrable=False)
     op._hook, op._handle = hook, handle  # as after submission in execute()
