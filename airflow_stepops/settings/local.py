@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, check_environment
 
 
 class LocalStepOperatorSettings(BaseStepOperatorSettings):
@@ -41,6 +41,11 @@ class LocalStepOperatorConfig(BaseStepOperatorConfig):
         default=7, ge=0, description="Job directories (state and logs) of finished steps are removed after "
         "this many days; 0 keeps them forever. Results in the artifact store are not touched."
     )
+
+    @field_validator("environment")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_environment(value)
 
     @field_validator("artifact_store")
     @classmethod

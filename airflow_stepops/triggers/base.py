@@ -125,6 +125,14 @@ class StepOperatorTrigger(BaseTrigger):
 
         return _import(self.hook_class)(step_operator_conn_id=self.conn_id)
 
+    async def get_ready_hook(self) -> StepOperatorHook:
+        """The hook with its connection already read. In the triggerer a synchronous connection
+        lookup only works from the task that runs ``run()`` itself; the shared poller and ``on_kill``
+        run elsewhere, so the lookup is done here, in a thread, before they use the hook."""
+        hook = self.get_hook()
+        await asyncio.to_thread(lambda: hook.config)
+        return hook
+
     async def _stream_logs(self, hook: StepOperatorHook, cursor: Any, tail: deque[str]) -> Any:
         try:
             lines, cursor = await hook.aread_logs(self.handle, cursor)
@@ -141,7 +149,11 @@ class StepOperatorTrigger(BaseTrigger):
                              "log_tail": list(tail), **extra})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        hook = self.get_hook()
+        try:
+            hook = await self.get_ready_hook()
+        except StepOperatorConfigError as exc:
+            yield self._event("error", str(exc), deque())
+            return
         poller = SharedStatusPoller.for_hook(hook, self.poll_interval)
         token, queue = poller.subscribe(self.handle)
         cursor = self.log_cursor
@@ -189,5 +201,6 @@ class StepOperatorTrigger(BaseTrigger):
         """Mark-failed / clear of a deferred step (Airflow >= 3.3): stop the remote job."""
         self.log.info("Task killed while deferred: stopping remote job %s", self.handle.get("job_id"))
         # the triggerer may cancel on_kill itself soon after; the stop request must still go out
-        await asyncio.shield(self.get_hook().acancel(self.handle))
+        hook = await self.get_ready_hook()
+        await asyncio.shield(hook.acancel(self.handle))
 

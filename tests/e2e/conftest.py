@@ -1,10 +1,12 @@
 """End-to-end harness: one Airflow home + SQLite DB per test session, real Airflow processes.
 
 - ``airflow_env`` (session): a fresh ``AIRFLOW_HOME`` in a temp dir, ``airflow db migrate`` once, the
-  step operator connections registered with ``airflow connections add``. Every Airflow command runs
-  as a subprocess with an environment built here from scratch (nothing ``AIRFLOW*`` leaks in from
-  the parent process or from ``tests/conftest.py``); this process never imports Airflow, it reads
-  the metadata DB with ``sqlite3``.
+  step operator connections registered with one ``airflow connections import``: the local ones and,
+  when the kubernetes extra is installed, ``k8s_step_operator`` on the session's Kubernetes emulator
+  (the ``k8s_emulator`` fixture of tests/conftest.py, started once per session; a kubeconfig for it is
+  written into this home). Every Airflow command runs as a subprocess with an environment built here
+  from scratch (nothing ``AIRFLOW*`` leaks in from the parent process or from ``tests/conftest.py``);
+  this process never imports Airflow, it reads the metadata DB with ``sqlite3``.
 - ``airflow_services`` (session, started on first use): scheduler (LocalExecutor), dag-processor,
   triggerer and api-server, all bound to 127.0.0.1, each in its own process group. They are stopped
   after the last e2e test (not only at session end, so they do not compete with later tests for
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -44,10 +47,16 @@ DAGS_DIR = E2E_DIR / "dags"
 #: step operator connections of the session: (conn id, extras)
 CONNECTIONS = {
     "local_step_operator": {},  # default extras: needed by dags_examples/mixed_pipeline.py
-    "e2e_step_operator": {"environment": {"STEPOPS_E2E_FROM_CONN": "from-e2e-connection"}},
+    "e2e_step_operator": {"environment": {"E2E_FROM_CONN": "from-e2e-connection"}},
 }
+#: the kubernetes step operator (registered when the kubernetes extra is installed), its namespace
+#: and the environment its connection gives every step
+K8S_STEP_OPERATOR = "k8s_step_operator"
+K8S_NAMESPACE = "steps"
+K8S_CONN_ENVIRONMENT = {"E2E_FROM_CONN": "from-k8s-connection"}  # STEPOPS_* is reserved
 #: DAGs the services must have parsed before tests trigger them
-LIVE_DAG_IDS = ("stepops_e2e_deferred", "stepops_e2e_reattach", "stepops_e2e_cancel")
+LIVE_DAG_IDS = ("stepops_e2e_deferred", "stepops_e2e_reattach", "stepops_e2e_cancel",
+                "stepops_e2e_k8s_deferred", "stepops_e2e_k8s_reattach", "stepops_e2e_k8s_cancel")
 
 _LAST_SERVICES_USER: list[str] = []  # node id of the last test that uses the live services
 
@@ -181,6 +190,8 @@ class AirflowEnv:
     env: dict[str, str]
     api_port: int
     airflow: list[str] = field(default_factory=_airflow_executable)
+    #: the session's ``KubernetesEmulator`` behind ``k8s_step_operator`` (None without the kubernetes extra)
+    k8s: Any = None
 
     # helpers for the tests (kept here so test modules need not import this conftest)
     wait_for = staticmethod(wait_for)
@@ -339,8 +350,28 @@ def _session_env(home: Path, api_port: int) -> dict[str, str]:
     return env
 
 
+def _kubernetes_emulator(request: pytest.FixtureRequest) -> Any:
+    """The session's emulator (started once, by tests/conftest.py), or None without the kubernetes extra."""
+    if not all(importlib.util.find_spec(name) for name in ("kubernetes", "kubernetes_asyncio")):
+        return None
+    return request.getfixturevalue("k8s_emulator")
+
+
+def _connections(home: Path, k8s: Any) -> dict[str, dict[str, str]]:
+    """The step operator connections of the session, as ``airflow connections import`` reads them."""
+    found = {conn_id: {"conn_type": "stepops_local", "extra": json.dumps(extras)}
+             for conn_id, extras in CONNECTIONS.items()}
+    if k8s is not None:  # a kubeconfig of this home: the one tests/conftest.py wrote is another home's
+        kubeconfig = k8s.write_kubeconfig(home / "kubeconfig", context="emulator", namespace=K8S_NAMESPACE)
+        found[K8S_STEP_OPERATOR] = {"conn_type": "stepops_kubernetes", "extra": json.dumps({
+            "config_file": str(kubeconfig), "kubernetes_context": "emulator", "kubernetes_namespace": K8S_NAMESPACE,
+            "image": "registry.local/stepops-python:3", "environment": K8S_CONN_ENVIRONMENT,
+            "console_url_template": "https://k8s.example/#/job/{namespace}/{name}"})}
+    return found
+
+
 @pytest.fixture(scope="session")
-def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowEnv]:
+def airflow_env(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[AirflowEnv]:
     fixed = os.environ.get("STEPOPS_E2E_AIRFLOW_HOME")  # to keep a session's home for debugging
     if fixed:
         home = Path(fixed).resolve()
@@ -349,22 +380,14 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowEnv
     else:
         home = tmp_path_factory.mktemp("airflow-home")
     api_port = _free_port()
-    af = AirflowEnv(home=home, env=_session_env(home, api_port), api_port=api_port)
+    af = AirflowEnv(home=home, env=_session_env(home, api_port), api_port=api_port, k8s=_kubernetes_emulator(request))
     af.cli("db", "migrate", timeout=300)
-    # one `airflow connections add` per step operator, run side by side (each CLI call costs seconds)
-    procs = []
-    for conn_id, extras in CONNECTIONS.items():
-        log = open(home / f"connections-add-{conn_id}.log", "w")  # closed below
-        procs.append((conn_id, log, subprocess.Popen(
-            [*af.airflow, "connections", "add", conn_id, "--conn-type", "stepops_local",
-             "--conn-extra", json.dumps(extras)],
-            env=af.env, cwd=home, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)))
-    for conn_id, log, proc in procs:
-        code = proc.wait(timeout=180)
-        log.close()
-        assert code == 0, f"connections add {conn_id} failed:\n{_tail(Path(log.name))}"
+    # all step operators in one `airflow connections import` (each CLI call costs seconds)
+    connections = _connections(home, af.k8s)
+    (home / "connections.json").write_text(json.dumps(connections, indent=2))
+    af.cli("connections", "import", str(home / "connections.json"), timeout=180)
     rows = af.query("SELECT conn_id, conn_type, extra FROM connection")
-    assert {r["conn_id"]: r["conn_type"] for r in rows} == {c: "stepops_local" for c in CONNECTIONS}
+    assert {r["conn_id"]: r["conn_type"] for r in rows} == {c: v["conn_type"] for c, v in connections.items()}
     try:
         yield af
     finally:

@@ -13,7 +13,7 @@ from airflow.sdk import dag, task
 
 from airflow_stepops.settings.local import LocalStepOperatorSettings
 
-#: registered by tests/e2e/conftest.py with extras {"environment": {"STEPOPS_E2E_FROM_CONN": ...}}
+#: registered by tests/e2e/conftest.py with extras {"environment": {"E2E_FROM_CONN": ...}}
 E2E_STEP_OPERATOR = "e2e_step_operator"
 
 
@@ -27,8 +27,8 @@ def stepops_e2e_deferred():
 
         print(f"e2e-remote-line begin run_id={run_id} pid={os.getpid()}", flush=True)
         time.sleep(float(seconds))
-        print(f"e2e-remote-line end env={os.environ.get('STEPOPS_E2E_FROM_CONN')}", flush=True)
-        return {"answer": 6 * 7, "run_id": run_id, "env": os.environ.get("STEPOPS_E2E_FROM_CONN")}
+        print(f"e2e-remote-line end env={os.environ.get('E2E_FROM_CONN')}", flush=True)
+        return {"answer": 6 * 7, "run_id": run_id, "env": os.environ.get("E2E_FROM_CONN")}
 
     deferred_step(seconds="{{ dag_run.conf.get('seconds', 6) }}")
 
