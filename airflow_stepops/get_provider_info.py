@@ -88,6 +88,8 @@ def get_provider_info() -> dict[str, Any]:
                     "labels": _field("Labels", "object"),
                     "annotations": _field("Annotations", "object"),
                     "priority_class_name": _field("Priority class"),
+                    "security_context": _field("Pod security context", "object"),
+                    "container_security_context": _field("Container security context", "object"),
                 },
             },
         ],

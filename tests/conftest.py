@@ -62,5 +62,5 @@ def k8s_emulator(airflow_home: Path):
         os.environ["AIRFLOW_CONN_K8S_PVC_STEP_OPERATOR"] = json.dumps(
             {"conn_type": "stepops_kubernetes", "extra": {
                 **common, "artifact_store": "pvc://step-data/artifacts",
-                "worker_artifact_path": str(airflow_home / "k8s-pvc" / "steps" / "step-data" / "artifacts")}})
+                "worker_artifact_path": str(airflow_home / "k8s-pvc" / "steps" / "step-data")}})
         yield k8s

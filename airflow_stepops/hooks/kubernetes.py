@@ -12,7 +12,6 @@ import base64
 import hashlib
 import io
 import json
-import math
 import tarfile
 import time
 from functools import cached_property
@@ -22,8 +21,9 @@ from airflow_stepops.artifacts import local_path, store_path
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks import kubernetes_job as manifest
+from airflow_stepops.hooks import kubernetes_logs as logs
 from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec
-from airflow_stepops.hooks.kubernetes_status import epoch, interpret, latest_pod
+from airflow_stepops.hooks.kubernetes_status import interpret, latest_pod
 from airflow_stepops.settings.kubernetes import (
     KubernetesStepOperatorConfig,
     KubernetesStepOperatorSettings,
@@ -31,58 +31,9 @@ from airflow_stepops.settings.kubernetes import (
 )
 
 HANDLE_ANNOTATION = f"{manifest.LABEL_PREFIX}/handle"
+#: steps selected by one list call (``step in (...)``; keeps the URL short)
+STEPS_PER_LIST = 50
 BUNDLE_FILES = ("payload.pkl", "bootstrap.py", "meta.json")
-#: seconds of log re-read on each poll to cover clock skew between this host and the cluster
-LOG_OVERLAP_SECONDS = 5
-MAX_LOG_LINES_PER_READ = 5000
-
-
-def _ts_key(stamp: str) -> tuple[float, int]:
-    """Order RFC 3339 timestamps with nanoseconds (Kubernetes trims trailing zeros)."""
-    main, _, frac = stamp.rstrip("Z").partition(".")
-    return epoch(main + "Z") or 0.0, int((frac + "000000000")[:9] or 0)
-
-
-class OutputBlockFilter:
-    """Hides the output block a pod prints at the end of its log (it is data, not log)."""
-
-    def __init__(self, marker: str, hiding: bool = False) -> None:
-        self.begin = f"::stepops-output:{marker}:begin::"
-        self.end = f"::stepops-output:{marker}:end:"
-        self.hiding = hiding
-
-    def visible(self, line: str) -> str | None:
-        """The part of ``line`` that is log (None: nothing); a step's last line may lack its newline."""
-        if self.hiding:
-            if line.startswith(self.end):
-                self.hiding = False
-            return None
-        if line.endswith(self.begin):
-            self.hiding = True
-            return line[: -len(self.begin)] or None
-        return line
-
-
-def extract_output_block(text: str, marker: str) -> bytes | None:
-    """The last complete, undamaged output archive in a pod log."""
-    begin, end = f"::stepops-output:{marker}:begin::", f"::stepops-output:{marker}:end:"
-    found = None
-    lines = text.splitlines()
-    index = 0
-    while index < len(lines):
-        if lines[index].endswith(begin):
-            body: list[str] = []
-            index += 1
-            while index < len(lines) and not lines[index].startswith(end):
-                body.append(lines[index])
-                index += 1
-            if index < len(lines):
-                digest = lines[index][len(end):].rstrip(":")
-                data = base64.b64decode("".join(body))
-                if hashlib.sha256(data).hexdigest() == digest:
-                    found = data
-        index += 1
-    return found
 
 
 class KubernetesStepOperatorHook(StepOperatorHook):
@@ -146,7 +97,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
 
     def artifact_root(self) -> Any:
         if self.config.pvc_store is not None:
-            return store_path("file://" + str(self.config.worker_artifact_path))
+            return store_path("file://" + str(self.config.worker_store_path))
         return super().artifact_root()
 
     def _api_error(self, exc: Any, action: str) -> StepOperatorConfigError | None:
@@ -190,7 +141,8 @@ class KubernetesStepOperatorHook(StepOperatorHook):
                                  image=self._image(settings), transport_env=transport_env,
                                  timeout_seconds=spec.timeout_seconds)
         handle_info = {"output_uri": spec.output_uri, "transport": "volume" if self.config.pvc_store else "inline",
-                       "unschedulable_timeout": settings.unschedulable_timeout_seconds, "spot": settings.use_spot,
+                       "unschedulable_timeout": settings.unschedulable_timeout_seconds,
+                       "start_timeout": settings.start_timeout_seconds, "spot": settings.use_spot,
                        "memory_limit": ((job["spec"]["template"]["spec"]["containers"][0].get("resources") or {})
                                         .get("limits") or {}).get("memory")}
         job["metadata"]["annotations"][HANDLE_ANNOTATION] = json.dumps(handle_info, sort_keys=True)
@@ -311,7 +263,8 @@ class KubernetesStepOperatorHook(StepOperatorHook):
 
     def _interpret(self, handle: JobHandle, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> JobStatus:
         status = interpret(job, pods, name=f"{handle['namespace']}/{handle['job_id']}", now=time.time(),
-                           unschedulable_timeout=float(handle.get("unschedulable_timeout") or 600),
+                           unschedulable_timeout=float(handle.get("unschedulable_timeout") or 900),
+                           start_timeout=float(handle.get("start_timeout") or 1800),
                            memory_limit=handle.get("memory_limit"))
         status.details.setdefault("spot", bool(handle.get("spot")))
         return status
@@ -348,10 +301,10 @@ class KubernetesStepOperatorHook(StepOperatorHook):
             pod = latest_pod(self._pods(handle))
             if pod is None:
                 return [], cursor
-            cursor = _fresh_cursor(cursor, pod["metadata"]["name"])
+            cursor = logs.fresh_cursor(cursor, pod["metadata"]["name"])
         text = self._pod_log(cursor["pod"], handle["namespace"], timestamps=True,
-                             **_since(cursor))
-        return _new_lines(text, cursor, handle["job_id"])
+                             **logs.since_seconds(cursor))
+        return logs.new_lines(text, cursor, handle["job_id"])
 
     def collect_output(self, handle: JobHandle) -> None:
         """Write an output the pod printed into its log to the artifact store (inline transport)."""
@@ -363,7 +316,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         pod = latest_pod(self._pods(handle))
         if pod is None:
             return
-        archive = extract_output_block(self._pod_log(pod["metadata"]["name"], handle["namespace"]), handle["job_id"])
+        archive = logs.extract_output_block(self._pod_log(pod["metadata"]["name"], handle["namespace"]), handle["job_id"])
         if archive is None:
             return
         output.mkdir(parents=True, exist_ok=True)
@@ -380,7 +333,24 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         return template.format(namespace=handle["namespace"], name=handle["job_id"]) if template else None
 
     # ---- the async side (triggerer) -------------------------------------------------------------
+    async def _body(self, response: Any, action: str, missing_ok: bool = False) -> bytes | None:
+        """The body of a ``_preload_content=False`` answer; kubernetes_asyncio does not raise for
+        error statuses then, so do it here (clear errors for what will not heal). With
+        ``missing_ok`` a 400/404 (a container not started yet, a pod gone) gives None."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        data = await response.read()
+        if missing_ok and response.status in (400, 404):
+            return None
+        if response.status >= 400:
+            exc = ApiException(status=response.status, reason=response.reason)
+            exc.body = data.decode(errors="replace")
+            raise self._api_error(exc, action) or exc
+        return bytes(data)
+
     async def _alist(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        import asyncio
+
         from kubernetes_asyncio import client
 
         async with self.async_hook.get_conn() as api:
@@ -391,30 +361,37 @@ class KubernetesStepOperatorHook(StepOperatorHook):
             else:
                 response = await client.CoreV1Api(api).list_namespaced_pod(
                     namespace, label_selector=selector, _preload_content=False)
-            return (await response.json())["items"]
+            data = await self._body(response, f"list {kind}")
+        assert data is not None
+        # Jobs carry inline bundles: parse off the event loop
+        return (await asyncio.to_thread(json.loads, data))["items"]
 
     async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus | BaseException]:
-        """Two list calls per namespace per round, whatever the number of steps."""
+        """Two list calls per namespace and per 50 steps per round, selecting exactly the steps polled."""
         import asyncio
 
-        selector = ",".join(f"{k}={v}" for k, v in manifest.MANAGED_BY.items())
         out: dict[int, JobStatus | BaseException] = {}
-        for namespace in sorted({h["namespace"] for h in handles}):
-            mine = [(i, h) for i, h in enumerate(handles) if h["namespace"] == namespace]
-            try:
-                jobs, pods = await asyncio.gather(self._alist("jobs", namespace, selector),
-                                                  self._alist("pods", namespace, selector))
-            except Exception as exc:
-                out.update({i: exc for i, _ in mine})
-                continue
-            jobs_by_name = {j["metadata"]["name"]: j for j in jobs}
-            pods_by_step: dict[str, list[dict[str, Any]]] = {}
-            for pod in pods:
-                pods_by_step.setdefault((pod["metadata"].get("labels") or {}).get(manifest.STEP_LABEL, ""),
-                                        []).append(pod)
-            for i, handle in mine:
-                out[i] = self._interpret(handle, jobs_by_name.get(handle["job_id"]),
-                                         pods_by_step.get(handle["step"], []))
+        groups: dict[str, list[tuple[int, JobHandle]]] = {}
+        for i, handle in enumerate(handles):
+            groups.setdefault(handle["namespace"], []).append((i, handle))
+        for namespace, members in sorted(groups.items()):
+            for start in range(0, len(members), STEPS_PER_LIST):
+                mine = members[start:start + STEPS_PER_LIST]
+                selector = f"{manifest.STEP_LABEL} in ({','.join(sorted({h['step'] for _, h in mine}))})"
+                try:
+                    jobs, pods = await asyncio.gather(self._alist("jobs", namespace, selector),
+                                                      self._alist("pods", namespace, selector))
+                except Exception as exc:
+                    out.update({i: exc for i, _ in mine})
+                    continue
+                jobs_by_name = {j["metadata"]["name"]: j for j in jobs}
+                pods_by_step: dict[str, list[dict[str, Any]]] = {}
+                for pod in pods:
+                    pods_by_step.setdefault((pod["metadata"].get("labels") or {}).get(manifest.STEP_LABEL, ""),
+                                            []).append(pod)
+                for i, handle in mine:
+                    out[i] = self._interpret(handle, jobs_by_name.get(handle["job_id"]),
+                                             pods_by_step.get(handle["step"], []))
         return [out[i] for i in range(len(handles))]
 
     async def acancel(self, handle: JobHandle) -> None:
@@ -432,24 +409,20 @@ class KubernetesStepOperatorHook(StepOperatorHook):
 
     async def aread_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
         from kubernetes_asyncio import client
-        from kubernetes_asyncio.client.exceptions import ApiException
 
         if not (isinstance(cursor, dict) and cursor.get("pod")):  # a step's Job has one pod (backoffLimit 0)
             pod = latest_pod(await self._alist("pods", handle["namespace"], f"{manifest.STEP_LABEL}={handle['step']}"))
             if pod is None:
                 return [], cursor
-            cursor = _fresh_cursor(cursor, pod["metadata"]["name"])
+            cursor = logs.fresh_cursor(cursor, pod["metadata"]["name"])
         async with self.async_hook.get_conn() as api:
-            try:
-                response: Any = await client.CoreV1Api(api).read_namespaced_pod_log(
-                    cursor["pod"], handle["namespace"], container=manifest.CONTAINER, timestamps=True,
-                    _preload_content=False, **_since(cursor))
-                text = (await response.read()).decode(errors="replace")
-            except ApiException as exc:
-                if exc.status in (400, 404):
-                    return [], cursor
-                raise
-        return _new_lines(text, cursor, handle["job_id"])
+            response: Any = await client.CoreV1Api(api).read_namespaced_pod_log(
+                cursor["pod"], handle["namespace"], container=manifest.CONTAINER, timestamps=True,
+                _preload_content=False, **logs.since_seconds(cursor))
+            data = await self._body(response, "read the pod log", missing_ok=True)
+        if data is None:
+            return [], cursor
+        return logs.new_lines(data.decode(errors="replace"), cursor, handle["job_id"])
 
 
 def _default_kubeconfig() -> str:
@@ -465,45 +438,3 @@ def _default_kubeconfig() -> str:
 def _finished_ok(job: dict[str, Any]) -> bool:
     return any(c.get("type") == "Complete" and c.get("status") == "True"
                for c in (job.get("status") or {}).get("conditions") or [])
-
-
-def _fresh_cursor(cursor: Any, pod: str) -> dict[str, Any]:
-    if isinstance(cursor, dict) and cursor.get("pod") == pod:
-        return cursor
-    return {"pod": pod, "ts": None, "n": 0, "hiding": False}
-
-
-def _since(cursor: dict[str, Any]) -> dict[str, Any]:
-    if not cursor.get("ts"):
-        return {}
-    age = time.time() - _ts_key(cursor["ts"])[0]
-    return {"since_seconds": max(math.ceil(age) + LOG_OVERLAP_SECONDS, 1)}
-
-
-def _new_lines(text: str, cursor: dict[str, Any], marker: str) -> tuple[list[str], dict[str, Any]]:
-    """Lines after the cursor: the last timestamp read, and how many lines carried exactly it."""
-    last = _ts_key(cursor["ts"]) if cursor.get("ts") else None
-    seen_at_last = int(cursor.get("n", 0))
-    stamp_now, key_now, count_now = cursor.get("ts"), last, seen_at_last
-    filt = OutputBlockFilter(marker, bool(cursor.get("hiding")))
-    lines: list[str] = []
-    same = 0
-    for raw in text.splitlines():
-        stamp, _, line = raw.partition(" ")
-        key = _ts_key(stamp)
-        if last is not None and key <= last:
-            if key < last:
-                continue
-            same += 1
-            if same <= seen_at_last:
-                continue
-        if len(lines) >= MAX_LOG_LINES_PER_READ:
-            break
-        if key == key_now:
-            count_now += 1
-        else:
-            stamp_now, key_now, count_now = stamp, key, 1
-        shown = filt.visible(line)
-        if shown is not None:
-            lines.append(shown.rstrip("\r").rsplit("\r", 1)[-1])
-    return lines, {"pod": cursor["pod"], "ts": stamp_now, "n": count_now, "hiding": filt.hiding}

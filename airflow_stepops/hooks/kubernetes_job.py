@@ -32,6 +32,7 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "airflow-stepops"}
 LABEL_PREFIX = "stepops.airflow.apache.org"
 STEP_LABEL = f"{LABEL_PREFIX}/step"
 STORE_MOUNT = "/var/run/stepops/store"
+TERMINATION_LOG = "/dev/termination-log"
 STORE_VOLUME = "stepops-artifacts"
 ENTRY_SOURCE = (Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py").read_text()
 #: seconds after the task's execution_timeout at which Kubernetes itself stops the Job
@@ -142,9 +143,9 @@ def _store_mount(config: KubernetesStepOperatorConfig) -> tuple[dict[str, Any], 
 
 def pod_path(config: KubernetesStepOperatorConfig, worker_path: str) -> str | None:
     """Where a file of the pvc:// store that workers see at ``worker_path`` is in the step's pod."""
-    if config.pvc_store is None or not config.worker_artifact_path:
+    if config.worker_store_path is None:
         return None
-    root = config.worker_artifact_path.rstrip("/")
+    root = config.worker_store_path.rstrip("/")
     if worker_path != root and not worker_path.startswith(root + "/"):
         return None
     return STORE_MOUNT + worker_path[len(root):]
@@ -167,14 +168,18 @@ def build_job(
     annotations = {**options.annotations, **identity_annotations(identity)}
     env = [{"name": k, "value": v} for k, v in {**config.environment, **settings.environment}.items()]
     env += [{"name": "STEPOPS_FLAVOR", "value": "kubernetes"}, {"name": "PYTHONUNBUFFERED", "value": "1"},
-            {"name": "STEPOPS_MARKER", "value": name}, *transport_env]
+            {"name": "STEPOPS_MARKER", "value": name}, {"name": "STEPOPS_TERMINATION_LOG", "value": TERMINATION_LOG},
+            *transport_env]
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": image,
         "command": ["python", "-c", ENTRY_SOURCE],
         "env": env,
+        "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if options.container_security_context:
+        container["securityContext"] = dict(options.container_security_context)
     res = container_resources(resources, settings)
     if res:
         container["resources"] = res
@@ -206,6 +211,8 @@ def build_job(
         affinity = _with_gpu_type(affinity, settings.gpu_type_node_label, settings.gpu_node_values(resources.gpu_type))
     if affinity:
         pod_spec["affinity"] = affinity
+    if options.security_context:
+        pod_spec["securityContext"] = dict(options.security_context)
     if options.priority_class_name:
         pod_spec["priorityClassName"] = options.priority_class_name
     if options.image_pull_secrets:

@@ -13,9 +13,11 @@ from typing import Any
 
 from airflow_stepops.hooks.base import JobState, JobStatus
 
-#: container waiting reasons that never heal by waiting
-FAIL_FAST_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
-                     "CreateContainerConfigError", "CreateContainerError")
+#: container waiting reasons that do not heal by waiting (ImagePullBackOff: a pull failed and was retried)
+FAIL_FAST_REASONS = ("ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError")
+#: a first ErrImagePull fails at once only when the registry said the image is not there or not allowed
+PERMANENT_PULL_ERRORS = ("not found", "manifest unknown", "unauthorized", "denied", "authentication required",
+                         "repository does not exist", "invalid reference format")
 DISRUPTION_REASONS = ("PreemptionByScheduler", "DeletionByTaintManager", "EvictionByEvictionAPI",
                       "DeletionByPodGC", "TerminationByKubelet")
 
@@ -75,14 +77,24 @@ def _failure(pod: dict[str, Any] | None, memory_limit: str | None) -> tuple[str,
         return (f"pod {pod['metadata']['name']} was OOMKilled: the step used more memory than its limit{limit}; "
                 "ask for more with ResourceSettings(memory=...)"), {**details, "reason": "oom_killed"}
     text = f"pod {pod['metadata']['name']} failed with exit code {code}" + (f" ({reason})" if reason else "")
-    message = (terminated.get("message") or "").strip()
+    message = [line for line in (terminated.get("message") or "").strip().splitlines()
+               if line.strip() and "::stepops-output:" not in line]  # a log tail may end in the output block
     if message:
-        text += ": " + message.splitlines()[-1][:500]
+        text += ": " + message[-1][:500]
     return text, details
 
 
+def _cannot_start(waiting: dict[str, Any]) -> bool:
+    reason = waiting.get("reason")
+    if reason in FAIL_FAST_REASONS:
+        return True
+    message = (waiting.get("message") or "").lower()
+    return reason == "ErrImagePull" and any(text in message for text in PERMANENT_PULL_ERRORS)
+
+
 def interpret(job: dict[str, Any] | None, pods: list[dict[str, Any]], *, name: str, now: float,
-              unschedulable_timeout: float, memory_limit: str | None = None) -> JobStatus:
+              unschedulable_timeout: float, start_timeout: float = 1800,
+              memory_limit: str | None = None) -> JobStatus:
     if job is None:
         return JobStatus(JobState.FAILED, f"Job {name} no longer exists: it was deleted outside Airflow or "
                          "removed by its ttlSecondsAfterFinished", {"reason": "job_missing"})
@@ -108,10 +120,16 @@ def interpret(job: dict[str, Any] | None, pods: list[dict[str, Any]], *, name: s
     if (job.get("metadata") or {}).get("deletionTimestamp"):
         return JobStatus(JobState.CANCELLED, f"Job {name} is being deleted", details)
     if pod is None:
+        created = epoch((job.get("metadata") or {}).get("creationTimestamp")) or now
+        if now - created >= unschedulable_timeout:
+            return JobStatus(JobState.FAILED, f"Job {name} has had no pod for {now - created:.0f}s "
+                             f"(unschedulable_timeout_seconds={unschedulable_timeout:g}): the Job controller cannot "
+                             "create it; a quota, an admission policy or a missing service account is the usual "
+                             "cause", {**details, "reason": "no_pod", "stop_job": True})
         return JobStatus(JobState.QUEUED, "waiting for the Job controller to create the pod", details)
     phase = (pod.get("status") or {}).get("phase")
     waiting = (_container_status(pod).get("state") or {}).get("waiting") or {}
-    if waiting.get("reason") in FAIL_FAST_REASONS:
+    if _cannot_start(waiting):
         return JobStatus(JobState.FAILED, f"pod {pod['metadata']['name']} cannot start: {waiting['reason']}: "
                          f"{waiting.get('message') or ''}".rstrip(": "),
                          {**details, "reason": waiting["reason"], "stop_job": True})
@@ -127,7 +145,14 @@ def interpret(job: dict[str, Any] | None, pods: list[dict[str, Any]], *, name: s
                              f"{message}", {**details, "reason": "Unschedulable", "stop_job": True})
         return JobStatus(JobState.QUEUED, f"unschedulable: {message}", details)
     if phase == "Pending":
-        return JobStatus(JobState.QUEUED, waiting.get("reason") or "pending", details)
+        since = epoch(scheduled.get("lastTransitionTime") if scheduled else None) or \
+            epoch(pod["metadata"].get("creationTimestamp")) or now
+        what = f"{waiting.get('reason') or 'pending'}: {waiting.get('message') or ''}".rstrip(": ")
+        if now - since >= start_timeout:
+            return JobStatus(JobState.FAILED, f"pod {pod['metadata']['name']} was scheduled {now - since:.0f}s ago "
+                             f"but has not started (start_timeout_seconds={start_timeout:g}): {what}",
+                             {**details, "reason": "start_timeout", "stop_job": True})
+        return JobStatus(JobState.QUEUED, what, details)
     disruption = _disruption(pod)
     if disruption:  # the Job controller will fail the Job through the pod failure policy in a moment
         return JobStatus(JobState.RUNNING, f"disrupted: {disruption}", details)

@@ -25,9 +25,9 @@ import sys
 import tarfile
 import tempfile
 
-BEGIN = "::stepops-output:{marker}:begin::"
-END = "::stepops-output:{marker}:end:{digest}::"
-LINE_CHARS = 16384
+#: every line of the output block carries this prefix; lines without it are never part of the data
+PREFIX = "::stepops-output:{marker}:"
+LINE_CHARS = 8192  # well under the 16 KiB at which container runtimes split log lines
 CHUNK = 8 << 20
 
 
@@ -130,12 +130,14 @@ def _archive(directory: str) -> bytes:
 
 
 def print_inline(archive: bytes, marker: str) -> None:
+    """``<prefix>begin:``, numbered base64 chunks ``<prefix><n>:<data>``, ``<prefix>end:<sha256>``."""
     text = base64.b64encode(archive).decode()
+    prefix = PREFIX.format(marker=marker)
     out = sys.stdout
-    out.write(BEGIN.format(marker=marker) + "\n")
-    for start in range(0, len(text), LINE_CHARS):
-        out.write(text[start:start + LINE_CHARS] + "\n")
-    out.write(END.format(marker=marker, digest=hashlib.sha256(archive).hexdigest()) + "\n")
+    out.write(f"{prefix}begin:\n")
+    for number, start in enumerate(range(0, len(text), LINE_CHARS)):
+        out.write(f"{prefix}{number}:{text[start:start + LINE_CHARS]}\n")
+    out.write(f"{prefix}end:{hashlib.sha256(archive).hexdigest()}\n")
     out.flush()
 
 
@@ -170,6 +172,24 @@ def _failure_record(message: str) -> dict:
             "phase": "transfer"}
 
 
+def write_termination_message(output: str, code: int) -> None:
+    """What Kubernetes shows as the container's failure (instead of the last log lines)."""
+    path = _env("STEPOPS_TERMINATION_LOG")
+    if not path:
+        return
+    try:
+        with open(os.path.join(output, "error.json"), encoding="utf-8") as fh:
+            error = json.load(fh)
+        text = f"{error.get('type', 'error')}: {error.get('message', '')}"
+    except (OSError, ValueError):
+        text = f"the step exited with code {code}"
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text[:4000])
+    except OSError:
+        pass
+
+
 def main() -> int:
     marker = _env("STEPOPS_MARKER", "step")
     workdir = tempfile.mkdtemp(prefix="stepops-")
@@ -188,6 +208,8 @@ def main() -> int:
                          "--output", output, *refs])
     sys.stdout.flush()
     sys.stderr.flush()
+    if code:
+        write_termination_message(output, code)
     if _env("STEPOPS_OUTPUT_PATH"):
         return code
     try:

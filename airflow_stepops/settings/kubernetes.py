@@ -79,6 +79,10 @@ class KubernetesPodOptions(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels of the Job and pod.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations of the Job and pod.")
     priority_class_name: str | None = Field(default=None, description="priorityClassName of the pod.")
+    security_context: dict[str, Any] | None = Field(
+        default=None, description="Pod securityContext (e.g. runAsNonRoot, fsGroup, seccompProfile).")
+    container_security_context: dict[str, Any] | None = Field(
+        default=None, description="securityContext of the step container (e.g. allowPrivilegeEscalation: false).")
 
     @field_validator("labels")
     @classmethod
@@ -123,9 +127,17 @@ class KubernetesStepOperatorSettings(BaseStepOperatorSettings, KubernetesPodOpti
     spot_toleration: dict[str, Any] | None = Field(
         default=None, description="Toleration added when use_spot, for tainted spot node pools."
     )
-    ttl_seconds_after_finished: int | None = Field(default=3600, ge=0, description="Job ttlSecondsAfterFinished.")
+    ttl_seconds_after_finished: int | None = Field(
+        default=3600, ge=60, description="Job ttlSecondsAfterFinished (at least 60: Airflow reads the finished "
+        "pod's log for the step's output)."
+    )
     unschedulable_timeout_seconds: int = Field(
-        default=600, gt=0, description="Fail when the pod stays unschedulable this long (e.g. no node has the GPU)."
+        default=900, gt=0, description="Fail when no pod is created, or it stays unschedulable, this long (e.g. no "
+        "node has the GPU); leave room for node auto-scaling, which takes minutes for GPU nodes."
+    )
+    start_timeout_seconds: int = Field(
+        default=1800, gt=0, description="Fail when a scheduled pod has not started its container this long (large "
+        "image pulls count; volumes that cannot mount, container errors)."
     )
 
     @field_validator("gpu_resource_name")
@@ -198,7 +210,8 @@ class KubernetesStepOperatorConfig(BaseStepOperatorConfig, KubernetesPodOptions)
     environment: dict[str, str] = Field(default_factory=dict, description="Environment of every step (no secrets).")
     worker_artifact_path: str | None = Field(
         default=None,
-        description="With a pvc:// artifact store: where that claim is mounted on Airflow workers and triggerers.",
+        description="With a pvc:// artifact store: where that claim (its root) is mounted on Airflow workers "
+        "and triggerers; the store's path inside the claim is appended.",
     )
     inline_transfer_max_size: str = Field(
         default="512KiB",
@@ -269,6 +282,15 @@ class KubernetesStepOperatorConfig(BaseStepOperatorConfig, KubernetesPodOptions)
         return self
 
     @property
+    def worker_store_path(self) -> str | None:
+        """Where workers see the pvc:// store: the claim's mount plus the path inside the claim."""
+        pvc = self.pvc_store
+        if pvc is None or not self.worker_artifact_path:
+            return None
+        root = self.worker_artifact_path.rstrip("/") or "/"
+        return f"{root}/{pvc[1]}" if pvc[1] else root
+
+    @property
     def pvc_store(self) -> tuple[str, str] | None:
         """(claim, path inside the claim) of a pvc:// artifact store."""
         if not self.artifact_store or not self.artifact_store.startswith("pvc://"):
@@ -302,7 +324,8 @@ def merged_pod_options(config: KubernetesStepOperatorConfig,
     merged: dict[str, Any] = {}
     for name, field in KubernetesPodOptions.model_fields.items():
         base, over = getattr(config, name), getattr(settings, name)
-        if isinstance(base, dict) and isinstance(over, dict) and name != "affinity":
+        if isinstance(base, dict) and isinstance(over, dict) and name not in ("affinity", "security_context",
+                                                                            "container_security_context"):
             merged[name] = {**base, **over}
         elif isinstance(base, list):
             merged[name] = [*base, *over]

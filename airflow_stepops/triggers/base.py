@@ -21,6 +21,8 @@ from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOpera
 
 LOG_TAIL_LINES = 40
 MAX_CONSECUTIVE_POLL_ERRORS = 10
+#: log reads after a job ended, to drain what it still has (each read is capped by the hook)
+MAX_FINAL_LOG_READS = 20
 
 
 class SharedStatusPoller:
@@ -134,15 +136,34 @@ class StepOperatorTrigger(BaseTrigger):
         return hook
 
     async def _stream_logs(self, hook: StepOperatorHook, cursor: Any, tail: deque[str]) -> Any:
+        cursor, _ = await self._read_logs_once(hook, cursor, tail)
+        return cursor
+
+    async def _read_logs_once(self, hook: StepOperatorHook, cursor: Any, tail: deque[str]) -> tuple[Any, int]:
         try:
             lines, cursor = await hook.aread_logs(self.handle, cursor)
         except Exception as exc:
             self.log.warning("Could not read remote logs of %s: %s", self.handle.get("job_id"), exc)
-            return cursor
+            return cursor, 0
         for line in lines:
             tail.append(line)
             self.log.info("[%s] %s", self.handle.get("flavor", "remote"), line)
+        return cursor, len(lines)
+
+    async def _drain_logs(self, hook: StepOperatorHook, cursor: Any, tail: deque[str]) -> Any:
+        """Everything the finished job still has to say (reads are capped per call)."""
+        for _ in range(MAX_FINAL_LOG_READS):
+            cursor, count = await self._read_logs_once(hook, cursor, tail)
+            if not count:
+                break
         return cursor
+
+    async def _collect(self, hook: StepOperatorHook) -> None:
+        """Secure the job's output now, while the backend still has it (e.g. a pod log)."""
+        try:
+            await asyncio.to_thread(hook.collect_output, self.handle)
+        except Exception as exc:
+            self.log.warning("Could not collect the output of %s yet: %s", self.handle.get("job_id"), exc)
 
     def _event(self, status: str, message: str, tail: deque[str], **extra: Any) -> TriggerEvent:
         return TriggerEvent({"status": status, "message": message, "handle": self.handle,
@@ -191,7 +212,9 @@ class StepOperatorTrigger(BaseTrigger):
                         self.log.error("Step %s cannot run: %s; stopping it", self.handle.get("job_id"),
                                        status.message)
                         await asyncio.shield(hook.acancel(self.handle))
-                    cursor = await self._stream_logs(hook, cursor, tail)
+                    cursor = await self._drain_logs(hook, cursor, tail)
+                    if status.state in (JobState.SUCCEEDED, JobState.FAILED) and not status.details.get("stop_job"):
+                        await self._collect(hook)
                     yield self._event(status.state.value, status.message, tail, details=status.details)
                     return
         finally:

@@ -19,7 +19,6 @@ from airflow_stepops.artifacts import store_path  # noqa: E402
 from airflow_stepops.bundle import read_outcome  # noqa: E402
 from airflow_stepops.exceptions import StepOperatorConfigError  # noqa: E402
 from airflow_stepops.hooks import kubernetes_job as manifest  # noqa: E402
-from airflow_stepops.hooks.kubernetes import _new_lines, extract_output_block  # noqa: E402
 from airflow_stepops.resources import ResourceSettings  # noqa: E402
 from airflow_stepops.settings.kubernetes import KubernetesStepOperatorSettings  # noqa: E402
 from airflow_stepops.testing.kubernetes import FAULT_ANNOTATION  # noqa: E402
@@ -80,7 +79,7 @@ def test_step_runs_as_a_validated_job_with_logs_and_an_inline_result(k8s_emulato
     assert event["status"] == "succeeded", event
     assert "hello ada from kubernetes" in event["log_tail"]
     assert not any("stepops-output" in line for line in event["log_tail"])  # data is not shown as log
-    hook.collect_output(handle)
+    # the trigger already secured the output from the pod log, before the task resumes on a worker
     assert read_outcome(store_path(handle["output_uri"])).value == {"greeting": "hi ada", "threads": "2"}
 
     job = _job(k8s_emulator, handle)
@@ -352,18 +351,6 @@ def test_credentials_from_a_cncf_kubernetes_connection(k8s_emulator, monkeypatch
     assert event["status"] == "succeeded" and "hello conn from kubernetes" in event["log_tail"]
 
 
-def test_log_cursor_keeps_lines_that_share_a_timestamp():
-    cursor = {"pod": "p", "ts": None, "n": 0, "hiding": False}
-    text = "2026-01-01T00:00:01.5Z a\n2026-01-01T00:00:01.5Z b\n"
-    lines, cursor = _new_lines(text, cursor, "m")
-    assert lines == ["a", "b"] and cursor["n"] == 2
-    text += "2026-01-01T00:00:01.5Z c\n2026-01-01T00:00:02Z ::stepops-output:m:begin::\n" \
-            "2026-01-01T00:00:02Z QUJD\n2026-01-01T00:00:02Z ::stepops-output:m:end:x::\n2026-01-01T00:00:03Z d\n"
-    lines, cursor = _new_lines(text, cursor, "m")
-    assert lines == ["c", "d"]  # the output block is hidden, nothing is repeated or lost
-    assert extract_output_block("x::stepops-output:m:begin::\nQUJD\n::stepops-output:m:end:bad::\n", "m") is None
-
-
 def test_operator_on_kill_deletes_the_job(k8s_emulator):
     from airflow_stepops.operators.kubernetes import KubernetesStepOperator
 
@@ -384,4 +371,22 @@ def test_a_context_without_config_file_uses_kubectls_kubeconfig(k8s_emulator, mo
     hook = make_hook("k8s_context_only")
     assert hook._credentials()["config_file"] == os.environ["AIRFLOW_HOME"] + "/kubeconfig"
     handle = hook.submit(make_spec(hook, _greet, "ctx", task_id="context_only"))
+    assert run_trigger(hook, handle)["status"] == "succeeded"
+
+
+def test_forbidden_api_answers_end_the_wait_with_a_clear_error(k8s_emulator):
+    import asyncio
+
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep_then_return, 2, task_id="forbidden"))
+    k8s_emulator.fail_requests(403, method="GET", path=r"/namespaces/steps/jobs$", count=None,
+                               message='jobs.batch is forbidden: User "airflow" cannot list resource "jobs"')
+    try:
+        [status] = asyncio.run(hook.aget_statuses([handle]))
+        assert isinstance(status, StepOperatorConfigError), status
+        assert "Kubernetes refused to list jobs" in str(status) and "RBAC" in str(status)
+        event = run_trigger(hook, handle, timeout=30)
+        assert event["status"] == "error" and "cannot list resource" in event["message"]
+    finally:
+        k8s_emulator.clear_faults()
     assert run_trigger(hook, handle)["status"] == "succeeded"

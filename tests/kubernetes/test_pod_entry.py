@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("kubernetes")
 
 from airflow_stepops.hooks import kubernetes_job as manifest
-from airflow_stepops.hooks.kubernetes import extract_output_block
+from airflow_stepops.hooks.kubernetes_logs import extract_output_block
 
 from .k8sjobs import make_hook, make_spec
 

@@ -35,7 +35,7 @@ def test_step_settings_merge_over_operator_defaults():
         ({"labels": {"owner": "x" * 64}}, "is not a valid label value"),
         ({"labels": {"bad key!": "x"}}, "is not a valid label key"),
         ({"max_runtime_in_seconds": -5}, "greater than 0"),
-        ({"ttl_seconds_after_finished": -1}, "greater than or equal to 0"),
+        ({"ttl_seconds_after_finished": 0}, "greater than or equal to 60"),
         ({"unschedulable_timeout_seconds": 0}, "greater than 0"),
         ({"service_account_name": "Not_Valid"}, "not a valid Kubernetes name"),
         ({"instance_type": "ml.p3.2xlarge"}, "Extra inputs are not permitted"),
@@ -127,8 +127,8 @@ def test_job_names_are_valid_and_at_most_63_characters():
 def test_pvc_store_needs_the_worker_mount_path():
     with pytest.raises(ValidationError, match="worker_artifact_path: required with a pvc:// artifact_store"):
         KubernetesStepOperatorConfig(artifact_store="pvc://data/steps")
-    config = KubernetesStepOperatorConfig(artifact_store="pvc://data/steps", worker_artifact_path="/mnt/data/steps")
-    assert config.pvc_store == ("data", "steps")
+    config = KubernetesStepOperatorConfig(artifact_store="pvc://data/steps", worker_artifact_path="/mnt/data")
+    assert config.pvc_store == ("data", "steps") and config.worker_store_path == "/mnt/data/steps"
     with pytest.raises(ValidationError, match="inline_transfer_max_size: '4MiB' is over 1MiB"):
         KubernetesStepOperatorConfig(inline_transfer_max_size="4MiB")
 
