@@ -6,7 +6,7 @@ polling, not Python start-up). ``KubernetesStepOperatorTrigger``s then wait for 
 event loop, as in a triggerer. The emulator counts every API request served. Scenarios:
 
 - shared, N/10 and N steps: all triggers subscribe to one ``SharedStatusPoller`` (two list calls per
-  namespace per round);
+  namespace and per 100 steps per round);
 - unshared, N steps (the baseline): each trigger gets its own poller, i.e. polling without sharing.
 """
 
@@ -142,7 +142,7 @@ def run(workdir: Path, *, steps: int = 100) -> Section:
                 ratio(many["wall"], unshared["wall"]))
     section.notes += [
         f"poll interval {INTERVAL:.0f} s; each pod runs `sleep {SLEEP:.0f}`; requests counted by the emulator.",
-        "status requests = Job and pod lists (shared: two per namespace per round, whatever the number of steps); "
+        "status requests = Job and pod lists (shared: two per namespace and per 100 steps per round); "
         "besides them each step looks its pod up once, before its first log read.",
         "log reads stay per step: each running step's new lines are fetched every round.",
     ]

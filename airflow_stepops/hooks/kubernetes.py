@@ -32,7 +32,7 @@ from airflow_stepops.settings.kubernetes import (
 
 HANDLE_ANNOTATION = f"{manifest.LABEL_PREFIX}/handle"
 #: steps selected by one list call (``step in (...)``; keeps the URL short)
-STEPS_PER_LIST = 50
+STEPS_PER_LIST = 100
 BUNDLE_FILES = ("payload.pkl", "bootstrap.py", "meta.json")
 
 
@@ -367,7 +367,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         return (await asyncio.to_thread(json.loads, data))["items"]
 
     async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus | BaseException]:
-        """Two list calls per namespace and per 50 steps per round, selecting exactly the steps polled."""
+        """Two list calls per namespace and per 100 steps per round, selecting exactly the steps polled."""
         import asyncio
 
         out: dict[int, JobStatus | BaseException] = {}
