@@ -61,6 +61,16 @@ FLAVORS: dict[str, Flavor] = {
         trigger_class="airflow_stepops.triggers.kubernetes.KubernetesStepOperatorTrigger",
         default_conn_id="stepops_kubernetes_default",
     ),
+    "sagemaker": Flavor(
+        name="sagemaker",
+        display_name="SageMaker Training Job",
+        settings_class="airflow_stepops.settings.sagemaker.SageMakerStepOperatorSettings",
+        config_class="airflow_stepops.settings.sagemaker.SageMakerStepOperatorConfig",
+        hook_class="airflow_stepops.hooks.sagemaker.SageMakerStepOperatorHook",
+        operator_class="airflow_stepops.operators.sagemaker.SageMakerStepOperator",
+        trigger_class="airflow_stepops.triggers.sagemaker.SageMakerStepOperatorTrigger",
+        default_conn_id="stepops_sagemaker_default",
+    ),
 }
 
 

@@ -92,6 +92,27 @@ def get_provider_info() -> dict[str, Any]:
                     "container_security_context": _field("Container security context", "object"),
                 },
             },
+            {
+                "hook-class-name": "airflow_stepops.hooks.sagemaker.SageMakerStepOperatorHook",
+                "hook-name": "Step operator: SageMaker Training Job",
+                "connection-type": "stepops_sagemaker",
+                "ui-field-behaviour": {"hidden-fields": _HIDDEN, "relabeling": {}, "placeholders": {}},
+                "conn-fields": {
+                    **_COMMON_FIELDS,
+                    "aws_conn_id": _field("AWS connection id", description="Amazon provider connection.",
+                                          default="aws_default"),
+                    "region_name": _field("Region", description="e.g. us-east-1 (default: the aws connection's)."),
+                    "role": _field("Execution role ARN", description="IAM role the training jobs run as."),
+                    "image": _field("Training image", description="Image URI with Python and cloudpickle."),
+                    "instance_type": _field("Default instance type", description="e.g. ml.g5.xlarge."),
+                    "subnets": _field("VPC subnets", "array"),
+                    "security_group_ids": _field("VPC security groups", "array"),
+                    "kms_key_id": _field("KMS key", description="For the volume and the output."),
+                    "tags": _field("Tags", "object"),
+                    "environment": _field("Environment variables", "object", "Added to every step (no secrets)."),
+                    "console_region_url": _field("Console URL template", description="With {region} and {name}."),
+                },
+            },
         ],
         "config": {
             "stepops": {
@@ -114,13 +135,16 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "extra-links": ["airflow_stepops.links.StepJobLink"],
         "hooks": [
-            {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.hooks.local", "airflow_stepops.hooks.kubernetes"]},
+            {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.hooks.local", "airflow_stepops.hooks.kubernetes",
+                                                                     "airflow_stepops.hooks.sagemaker"]},
         ],
         "operators": [
-            {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.operators.local", "airflow_stepops.operators.kubernetes"]},
+            {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.operators.local", "airflow_stepops.operators.kubernetes",
+                                                                     "airflow_stepops.operators.sagemaker"]},
         ],
         "triggers": [
-            {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.triggers.local", "airflow_stepops.triggers.kubernetes"]},
+            {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.triggers.local", "airflow_stepops.triggers.kubernetes",
+                                                                     "airflow_stepops.triggers.sagemaker"]},
         ],
         "integrations": [
             {

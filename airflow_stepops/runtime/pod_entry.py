@@ -96,7 +96,13 @@ def stage_bundle(workdir: str) -> str:
 def stage_refs(bundle: str, workdir: str) -> list[str]:
     """``--ref INDEX=PATH`` arguments: inline in the bundle, on a mounted volume, or fetched."""
     argv: list[str] = []
-    for index, source in sorted(json.loads(_env("STEPOPS_REFS", "{}")).items(), key=lambda kv: int(kv[0])):
+    refs_file = _env("STEPOPS_REFS_FILE")
+    if refs_file:  # where the environment is small (SageMaker: 512 characters a value)
+        with open(refs_file, encoding="utf-8") as fh:
+            listed = json.load(fh)
+    else:
+        listed = json.loads(_env("STEPOPS_REFS", "{}"))
+    for index, source in sorted(listed.items(), key=lambda kv: int(kv[0])):
         if "inline" in source:
             path = os.path.join(bundle, source["inline"])
         elif "path" in source:

@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings
     from airflow_stepops.settings.kubernetes import KubernetesStepOperatorConfig, KubernetesStepOperatorSettings
     from airflow_stepops.settings.local import LocalStepOperatorConfig, LocalStepOperatorSettings
+    from airflow_stepops.settings.sagemaker import SageMakerStepOperatorConfig, SageMakerStepOperatorSettings
 
 _EXPORTS = {
     "ResourceSettings": "airflow_stepops.resources",
@@ -18,6 +19,8 @@ _EXPORTS = {
     "LocalStepOperatorConfig": "airflow_stepops.settings.local",
     "KubernetesStepOperatorSettings": "airflow_stepops.settings.kubernetes",
     "KubernetesStepOperatorConfig": "airflow_stepops.settings.kubernetes",
+    "SageMakerStepOperatorSettings": "airflow_stepops.settings.sagemaker",
+    "SageMakerStepOperatorConfig": "airflow_stepops.settings.sagemaker",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,451 @@
+"""The ``sagemaker`` flavor: each step try is one SageMaker Training Job.
+
+Credentials come from the amazon provider's ``AwsBaseHook`` (an ``aws`` connection, default
+``aws_default``); boto3 on workers, aiobotocore in the triggerer, both imported inside methods. The
+bundle reaches the container as the ``bundle`` input channel (S3 prefix), input artifacts in S3 as
+channels of their own, and the output comes back through the job's model artifact
+(``/opt/ml/model`` -> ``model.tar.gz``), which the hook unpacks into the step's output prefix. The
+container runs with the job's IAM role; no credentials of ours are put in the request.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
+
+from airflow_stepops.artifacts import store_path
+from airflow_stepops.bundle import StepIdentity
+from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec
+from airflow_stepops.settings.sagemaker import (
+    MAX_ENV_CHARS,
+    MAX_ENV_VARS,
+    SageMakerStepOperatorConfig,
+    SageMakerStepOperatorSettings,
+    check_instance_type,
+)
+
+ENTRY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py"
+ML = "/opt/ml"
+DEFAULT_VOLUME_GB = 30
+DEFAULT_MAX_RUNTIME = 86400
+LOG_GROUP = "/aws/sagemaker/TrainingJobs"
+MAX_CHANNELS = 20
+TAG_PREFIX = "stepops:"
+#: secondary statuses that mean the capacity went away, not that the step failed
+PREEMPTION_STATUSES = ("Interrupted",)
+
+
+def job_name(identity: StepIdentity) -> str:
+    return identity.job_name(max_length=63, allowed=r"[^a-z0-9-]")
+
+
+def _identity_tags(identity: StepIdentity) -> dict[str, str]:
+    return {f"{TAG_PREFIX}dag-id": identity.dag_id[:256], f"{TAG_PREFIX}run-id": identity.run_id[:256],
+            f"{TAG_PREFIX}task-id": identity.task_id[:256], f"{TAG_PREFIX}map-index": str(identity.map_index),
+            f"{TAG_PREFIX}try-number": str(identity.try_number), f"{TAG_PREFIX}step": identity.digest[:40]}
+
+
+def _s3_prefix(uri: str) -> str:
+    return uri.rstrip("/") + "/"
+
+
+class SageMakerStepOperatorHook(StepOperatorHook):
+    """Runs steps as SageMaker Training Jobs."""
+
+    flavor: ClassVar[str] = "sagemaker"
+    conn_type = "stepops_sagemaker"
+    default_conn_name = "stepops_sagemaker_default"
+    hook_name = "Step operator: SageMaker Training Job"
+    default_poll_interval: ClassVar[float] = 15.0
+    min_poll_interval: ClassVar[float] = 2.0
+
+    config: SageMakerStepOperatorConfig  # type: ignore[assignment]
+
+    # ---- clients ------------------------------------------------------------------------------
+    def _aws_hook(self, client_type: str) -> Any:
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+        return AwsBaseHook(aws_conn_id=self.config.aws_conn_id, client_type=client_type,
+                           region_name=self.config.region_name)
+
+    @cached_property
+    def sagemaker(self) -> Any:
+        return self._aws_hook("sagemaker").conn
+
+    @cached_property
+    def s3(self) -> Any:
+        return self._aws_hook("s3").conn
+
+    @cached_property
+    def region(self) -> str:
+        return str(self.config.region_name or self.sagemaker.meta.region_name)
+
+    def artifact_root(self) -> Any:
+        if not self.config.artifact_store:
+            raise StepOperatorConfigError(
+                f"artifact_store: step operator {self.step_operator_conn_id!r} needs an s3:// artifact store for "
+                "bundles and results (SageMaker reads its inputs from S3)")
+        return store_path(self.config.artifact_store)
+
+    # ---- the request --------------------------------------------------------------------------
+    def instance_type(self, spec: StepSpec) -> str:
+        settings = self._settings(spec)
+        chosen = settings.instance_type or self.config.instance_type
+        try:
+            if chosen:
+                check_instance_type(chosen, "instance_type", against_api=True)
+                return chosen
+            from airflow_stepops.settings.sagemaker_instances import choose_instance
+
+            picked = choose_instance(spec.resources)
+        except ValueError as exc:
+            raise StepOperatorConfigError(str(exc)) from None
+        self.log.info("Instance type for %s: %s, the cheapest that fits the step's resources",
+                      spec.task_label or job_name(spec.identity), picked.describe())
+        return picked.name
+
+    @staticmethod
+    def _settings(spec: StepSpec) -> SageMakerStepOperatorSettings:
+        if not isinstance(spec.settings, SageMakerStepOperatorSettings):
+            raise StepOperatorConfigError(f"settings: expected SageMakerStepOperatorSettings, got "
+                                          f"{type(spec.settings).__name__}")
+        return spec.settings
+
+    def _channels_and_refs(self, spec: StepSpec) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        settings = self._settings(spec)
+        channels = [_channel("bundle", _s3_prefix(spec.bundle_uri))]
+        refs: dict[str, Any] = {}
+        free = MAX_CHANNELS - 1 - len(settings.input_channels)
+        for index, ref in enumerate(spec.refs):
+            if ref.uri.startswith("s3://") and free > 0:
+                channels.append(_channel(f"ref{index}", ref.uri))
+                refs[str(index)] = {"path": f"{ML}/input/data/ref{index}/{ref.uri.rsplit('/', 1)[-1]}"}
+                free -= 1
+            else:  # not in S3, or channels used up: staged into the bundle
+                refs[str(index)] = {"path": f"{ML}/input/data/bundle/refs/{index}.pkl", "stage": ref.uri}
+        channels += [_channel(name, _s3_prefix(uri)) for name, uri in sorted(settings.input_channels.items())]
+        return channels, refs
+
+    def build_request(self, spec: StepSpec) -> dict[str, Any]:
+        settings = self._settings(spec)
+        cfg = self.config
+        image = cfg.image
+        if not image:
+            raise StepOperatorConfigError(
+                f"image: step operator {self.step_operator_conn_id!r} has no training image; set \"image\" in the "
+                "connection extras to an image URI with Python {0}.{1} and cloudpickle".format(
+                    *__import__("sys").version_info[:2]))
+        channels, refs = self._channels_and_refs(spec)
+        prefix = spec.output_uri.rsplit("/", 1)[0]
+        runtime = settings.max_runtime_in_seconds or DEFAULT_MAX_RUNTIME
+        if spec.timeout_seconds:
+            runtime = min(runtime, math.ceil(spec.timeout_seconds) + 60)  # backstop to Airflow's own timeout
+        stopping: dict[str, Any] = {"MaxRuntimeInSeconds": runtime}
+        if settings.use_spot_instances:
+            stopping["MaxWaitTimeInSeconds"] = max(settings.max_wait_time_in_seconds or 2 * runtime, runtime)
+        volume = settings.volume_size_in_gb or (math.ceil(spec.resources.disk_bytes / 10**9)
+                                                if spec.resources.disk_bytes else DEFAULT_VOLUME_GB)
+        resource_config: dict[str, Any] = {"InstanceType": self.instance_type(spec),
+                                           "InstanceCount": settings.instance_count, "VolumeSizeInGB": volume}
+        if settings.keep_alive_period_in_seconds is not None:
+            resource_config["KeepAlivePeriodInSeconds"] = settings.keep_alive_period_in_seconds
+        if cfg.kms_key_id:
+            resource_config["VolumeKmsKeyId"] = cfg.kms_key_id
+        env = {**cfg.environment, **settings.environment, "STEPOPS_FLAVOR": "sagemaker", "PYTHONUNBUFFERED": "1",
+               "STEPOPS_BUNDLE_PATH": f"{ML}/input/data/bundle", "STEPOPS_OUTPUT_PATH": f"{ML}/model",
+               "STEPOPS_TERMINATION_LOG": f"{ML}/output/failure"}
+        refs_json = json.dumps({k: {"path": v["path"]} for k, v in refs.items()})
+        if len(refs_json) <= MAX_ENV_CHARS:
+            env["STEPOPS_REFS"] = refs_json
+        else:
+            env["STEPOPS_REFS_FILE"] = f"{ML}/input/data/bundle/refs.json"
+        if len(env) > MAX_ENV_VARS:
+            raise StepOperatorConfigError(f"environment: SageMaker allows {MAX_ENV_VARS} variables, this step has "
+                                          f"{len(env)}")
+        tags = {**cfg.tags, **settings.tags, **_identity_tags(spec.identity)}
+        output: dict[str, Any] = {"S3OutputPath": f"{prefix}/sagemaker"}
+        if cfg.kms_key_id:
+            output["KmsKeyId"] = cfg.kms_key_id
+        request: dict[str, Any] = {
+            "TrainingJobName": job_name(spec.identity),
+            "RoleArn": cfg.role,
+            "AlgorithmSpecification": {
+                "TrainingImage": image, "TrainingInputMode": "File",
+                "ContainerEntrypoint": ["python3", f"{ML}/input/data/bundle/pod_entry.py"],
+            },
+            "InputDataConfig": channels,
+            "OutputDataConfig": output,
+            "ResourceConfig": resource_config,
+            "StoppingCondition": stopping,
+            "EnableManagedSpotTraining": settings.use_spot_instances,
+            "CheckpointConfig": {"S3Uri": f"{prefix.rsplit('/', 1)[0]}/checkpoints", "LocalPath": f"{ML}/checkpoints"},
+            "Environment": env,
+            "Tags": [{"Key": k, "Value": v} for k, v in tags.items()][:50],
+            **settings.training_job_overrides,
+        }
+        if cfg.subnets:
+            request["VpcConfig"] = {"Subnets": list(cfg.subnets), "SecurityGroupIds": list(cfg.security_group_ids)}
+        return request
+
+    def render(self, spec: StepSpec) -> dict[str, Any]:
+        request = self.build_request(spec)
+        validate_request(request)
+        return request
+
+    def _stage(self, spec: StepSpec, request: dict[str, Any]) -> None:
+        """Put the entry point, input artifacts from other stores and a large ref list into the bundle."""
+        bundle = store_path(spec.bundle_uri)
+        (bundle / "pod_entry.py").write_bytes(ENTRY_SOURCE.read_bytes())
+        _, refs = self._channels_and_refs(spec)
+        for index, ref in enumerate(spec.refs):
+            source = refs[str(index)].get("stage")
+            if source:
+                with ref.open() as src, (bundle / "refs" / f"{index}.pkl").open("wb") as dst:
+                    while chunk := src.read(8 << 20):
+                        dst.write(chunk)
+        if "STEPOPS_REFS_FILE" in request["Environment"]:
+            (bundle / "refs.json").write_text(json.dumps({k: {"path": v["path"]} for k, v in refs.items()}))
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def _handle(self, name: str, output_uri: str, try_number: int, spot: bool, instance_type: str) -> JobHandle:
+        return {"flavor": "sagemaker", "job_id": name, "region": self.region, "output_uri": output_uri,
+                "conn_id": self.step_operator_conn_id, "try_number": try_number, "spot": spot,
+                "instance_type": instance_type}
+
+    def _describe(self, name: str) -> dict[str, Any] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return dict(self.sagemaker.describe_training_job(TrainingJobName=name))
+        except ClientError as exc:
+            if _not_found(exc):
+                return None
+            raise self._client_error(exc, f"describe training job {name}") or exc
+
+    def _client_error(self, exc: Any, action: str) -> StepOperatorConfigError | None:
+        code = exc.response.get("Error", {}).get("Code", "")
+        message = exc.response.get("Error", {}).get("Message", "")
+        if code in ("AccessDeniedException", "UnrecognizedClientException", "InvalidSignatureException",
+                    "ExpiredTokenException", "ValidationException", "ResourceLimitExceeded"):
+            return StepOperatorConfigError(f"SageMaker refused to {action} ({self.config.credentials_source()}): "
+                                           f"{code}: {message}")
+        return None
+
+    def find_job(self, identity: StepIdentity) -> JobHandle | None:
+        job = self._describe(job_name(identity))
+        if job is None:
+            return None
+        step = {t["Key"]: t["Value"] for t in self._tags(job)}.get(f"{TAG_PREFIX}step")
+        if step is not None and step != identity.digest[:40]:
+            raise StepOperatorConfigError(f"training job {job['TrainingJobName']} exists but was not created for "
+                                          "this step try")
+        prefix = identity.prefix(self.artifact_root())
+        return self._handle(job["TrainingJobName"], str(prefix / "output"), identity.try_number,
+                            bool(job.get("EnableManagedSpotTraining")),
+                            str((job.get("ResourceConfig") or {}).get("InstanceType")))
+
+    def _tags(self, job: dict[str, Any]) -> list[dict[str, str]]:
+        try:
+            return list(self.sagemaker.list_tags(ResourceArn=job["TrainingJobArn"]).get("Tags", []))
+        except Exception:
+            return []
+
+    def submit(self, spec: StepSpec) -> JobHandle:
+        from botocore.exceptions import ClientError
+
+        request = self.render(spec)
+        self._stage(spec, request)
+        try:
+            self.sagemaker.create_training_job(**request)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ResourceInUse":
+                existing = self.find_job(spec.identity)
+                if existing is not None:
+                    self.log.info("Training job %s already exists: re-attaching", request["TrainingJobName"])
+                    return existing
+            raise self._client_error(exc, "create the training job") or exc
+        self.log.info("Created SageMaker training job %s (%s x %s%s)", request["TrainingJobName"],
+                      request["ResourceConfig"]["InstanceCount"], request["ResourceConfig"]["InstanceType"],
+                      ", spot" if request["EnableManagedSpotTraining"] else "")
+        return self._handle(request["TrainingJobName"], spec.output_uri, spec.identity.try_number,
+                            request["EnableManagedSpotTraining"], request["ResourceConfig"]["InstanceType"])
+
+    def get_status(self, handle: JobHandle) -> JobStatus:
+        return job_status(self._describe(handle["job_id"]), handle)
+
+    def cancel(self, handle: JobHandle) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.sagemaker.stop_training_job(TrainingJobName=handle["job_id"])
+            self.log.info("Stopping SageMaker training job %s", handle["job_id"])
+        except ClientError as exc:
+            if not _not_found(exc) and exc.response.get("Error", {}).get("Code") != "ValidationException":
+                raise
+
+    def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
+        logs = self._aws_hook("logs").conn
+        cursor = dict(cursor or {})
+        out: list[str] = []
+        streams = logs.describe_log_streams(logGroupName=LOG_GROUP, logStreamNamePrefix=handle["job_id"] + "/")
+        for stream in sorted(s["logStreamName"] for s in streams.get("logStreams", [])):
+            token = cursor.get(stream)
+            kwargs: dict[str, Any] = {"logGroupName": LOG_GROUP, "logStreamName": stream, "startFromHead": True}
+            if token:
+                kwargs["nextToken"] = token
+            events = logs.get_log_events(**kwargs)
+            out += [e["message"].rstrip("\n") for e in events.get("events", [])]
+            cursor[stream] = events.get("nextForwardToken") or token
+        return out, cursor
+
+    def collect_output(self, handle: JobHandle) -> None:
+        """Unpack the job's model.tar.gz (the container's /opt/ml/model) into the step's output."""
+        output = store_path(handle["output_uri"])
+        if (output / "result.json").exists() or (output / "error.json").exists():
+            return
+        job = self._describe(handle["job_id"])
+        model = ((job or {}).get("ModelArtifacts") or {}).get("S3ModelArtifacts")
+        if not model:
+            return
+        archive = store_path(model).read_bytes()
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+            members = sorted((m for m in tar.getmembers() if m.isfile() and "/" not in m.name.lstrip("./")),
+                             key=lambda m: m.name.lstrip("./") in ("result.json", "error.json"))
+            for member in members:
+                source = tar.extractfile(member)
+                assert source is not None
+                (output / member.name.lstrip("./")).write_bytes(source.read())
+
+    def console_url(self, handle: JobHandle) -> str | None:
+        return self.config.console_region_url.format(region=handle.get("region") or self.region,
+                                                     name=handle["job_id"])
+
+    # ---- async (triggerer) --------------------------------------------------------------------
+    async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus | BaseException]:
+        """One DescribeTrainingJob per step (SageMaker has no batch describe), over one client."""
+        import asyncio
+
+        hook = self._aws_hook("sagemaker")
+        async with await hook.get_async_conn() as client:
+            async def one(handle: JobHandle) -> JobStatus:
+                from botocore.exceptions import ClientError
+
+                try:
+                    job = await client.describe_training_job(TrainingJobName=handle["job_id"])
+                except ClientError as exc:
+                    if _not_found(exc):
+                        return job_status(None, handle)
+                    raise self._client_error(exc, f"describe training job {handle['job_id']}") or exc
+                return job_status(dict(job), handle)
+
+            return list(await asyncio.gather(*(one(h) for h in handles), return_exceptions=True))
+
+    async def acancel(self, handle: JobHandle) -> None:
+        from botocore.exceptions import ClientError
+
+        async with await self._aws_hook("sagemaker").get_async_conn() as client:
+            try:
+                await client.stop_training_job(TrainingJobName=handle["job_id"])
+                self.log.info("Stopping SageMaker training job %s", handle["job_id"])
+            except ClientError as exc:
+                if not _not_found(exc) and exc.response.get("Error", {}).get("Code") != "ValidationException":
+                    raise
+
+    async def aread_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
+        from botocore.exceptions import ClientError
+
+        cursor = dict(cursor or {})
+        out: list[str] = []
+        async with await self._aws_hook("logs").get_async_conn() as logs:
+            try:
+                streams = await logs.describe_log_streams(logGroupName=LOG_GROUP,
+                                                          logStreamNamePrefix=handle["job_id"] + "/")
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "ResourceNotFoundException":
+                    return [], cursor
+                raise
+            for stream in sorted(s["logStreamName"] for s in streams.get("logStreams", [])):
+                token = cursor.get(stream)
+                kwargs: dict[str, Any] = {"logGroupName": LOG_GROUP, "logStreamName": stream, "startFromHead": True}
+                if token:
+                    kwargs["nextToken"] = token
+                events = await logs.get_log_events(**kwargs)
+                out += [e["message"].rstrip("\n") for e in events.get("events", [])]
+                cursor[stream] = events.get("nextForwardToken") or token
+        return out, cursor
+
+
+def _channel(name: str, uri: str) -> dict[str, Any]:
+    return {"ChannelName": name, "InputMode": "File", "DataSource": {"S3DataSource": {
+        "S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}}}
+
+
+def _not_found(exc: Any) -> bool:
+    error = exc.response.get("Error", {})
+    text = str(error.get("Message", "")).lower()
+    return error.get("Code") in ("ResourceNotFound", "ResourceNotFoundException") or (
+        error.get("Code") == "ValidationException" and ("not found" in text or "could not find" in text))
+
+
+def validate_request(request: dict[str, Any]) -> None:
+    """Check the request against botocore's SageMaker service model, as boto3 would before sending."""
+    import botocore.session
+    from botocore.validate import ParamValidator
+
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    report = ParamValidator().validate(request, model.operation_model("CreateTrainingJob").input_shape)
+    if report.has_errors():
+        raise StepOperatorConfigError("the CreateTrainingJob request is invalid:\n" + report.generate_report())
+
+
+def job_status(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
+    """``TrainingJobStatus`` and ``SecondaryStatus`` -> JobStatus."""
+    name = handle["job_id"]
+    if job is None:
+        return JobStatus(JobState.FAILED, f"training job {name} does not exist", {"reason": "job_missing"})
+    status, secondary = job.get("TrainingJobStatus"), job.get("SecondaryStatus") or ""
+    details = {"started_at": _epoch(job.get("TrainingStartTime")), "finished_at": _epoch(job.get("TrainingEndTime")),
+               "instance_type": (job.get("ResourceConfig") or {}).get("InstanceType"),
+               "spot": bool(job.get("EnableManagedSpotTraining")), "secondary_status": secondary,
+               "billable_seconds": job.get("BillableTimeInSeconds")}
+    transitions = job.get("SecondaryStatusTransitions") or []
+    message = (transitions[-1].get("StatusMessage") if transitions else "") or ""
+    if status == "Completed":
+        return JobStatus(JobState.SUCCEEDED, message, details)
+    if status == "Failed":
+        reason = job.get("FailureReason") or message
+        if "CapacityError" in reason or "InsufficientCapacity" in reason:
+            return JobStatus(JobState.PREEMPTED, reason, {**details, "reason": "capacity"})
+        return JobStatus(JobState.FAILED, reason, details)
+    if status == "Stopped":
+        if secondary == "MaxRuntimeExceeded":
+            return JobStatus(JobState.FAILED, f"the job ran past MaxRuntimeInSeconds and SageMaker stopped it: "
+                             f"{message}", {**details, "reason": "timed_out"})
+        if secondary == "MaxWaitTimeExceeded":
+            return JobStatus(JobState.PREEMPTED, f"spot capacity did not allow the job to finish within "
+                             f"MaxWaitTimeInSeconds: {message}", {**details, "reason": "preempted"})
+        return JobStatus(JobState.CANCELLED, message or "stopped", details)
+    if status == "Stopping":
+        return JobStatus(JobState.RUNNING, f"stopping: {message}", details)
+    if secondary in ("Starting", "Pending", "LaunchingMLInstances", "PreparingTrainingStack", "Downloading",
+                     "DownloadingTrainingImage", "Restarting"):
+        return JobStatus(JobState.QUEUED, f"{secondary}: {message}".rstrip(": "), details)
+    return JobStatus(JobState.RUNNING, f"{secondary}: {message}".rstrip(": "), details)
+
+
+def _epoch(value: Any) -> float | None:
+    if value is None:
+        return None
+    if hasattr(value, "timestamp"):
+        return float(value.timestamp())
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+

@@ -1,0 +1,220 @@
+"""Settings and configuration of the ``sagemaker`` flavor (steps as SageMaker Training Jobs).
+
+Field names follow ZenML's ``SageMakerStepOperatorSettings`` where they exist (``instance_type``,
+``max_runtime_in_seconds``, ``use_spot_instances``, ``max_wait_time_in_seconds``,
+``volume_size_in_gb``, ``keep_alive_period_in_seconds``) and the ``CreateTrainingJob`` API beyond.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+from pydantic import Field, field_validator, model_validator
+
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, check_environment
+
+ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+$")
+INSTANCE_NAME = re.compile(r"^ml\.[a-z0-9-]+\.[a-z0-9]+$")
+REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d$")
+#: CreateTrainingJob limits (botocore's service model)
+MAX_ENV_VARS = 100
+MAX_ENV_CHARS = 512
+MAX_TAGS = 50
+#: fields this flavor sets itself; a pass-through may not replace them
+OWNED_REQUEST_FIELDS = ("TrainingJobName", "AlgorithmSpecification", "RoleArn", "InputDataConfig",
+                        "OutputDataConfig", "ResourceConfig", "StoppingCondition", "EnableManagedSpotTraining",
+                        "CheckpointConfig", "Environment")
+
+
+def check_tags(tags: dict[str, str], field: str) -> dict[str, str]:
+    if len(tags) > MAX_TAGS:
+        raise ValueError(f"{field}: at most {MAX_TAGS} tags, got {len(tags)}")
+    for key, value in tags.items():
+        if not 1 <= len(key) <= 128 or len(value) > 256 or key.lower().startswith("aws:"):
+            raise ValueError(f"{field}[{key!r}]: tag keys are 1-128 characters and not 'aws:...', values at most "
+                             "256 characters")
+    return tags
+
+
+def check_sagemaker_environment(env: dict[str, str], field: str) -> dict[str, str]:
+    check_environment(env)
+    for key, value in env.items():
+        if not re.match(r"^[a-zA-Z_][a-zA-Z0-9_]*$", key) or len(key) > MAX_ENV_CHARS:
+            raise ValueError(f"{field}: {key!r} is not a valid SageMaker environment variable name "
+                             "(letters, digits and '_', at most 512 characters)")
+        if len(value) > MAX_ENV_CHARS:
+            raise ValueError(f"{field}[{key!r}]: SageMaker allows at most {MAX_ENV_CHARS} characters per value "
+                             f"(got {len(value)}); pass large data as an argument or artifact")
+    return env
+
+
+class SageMakerStepOperatorSettings(BaseStepOperatorSettings):
+    """Per-step options of the sagemaker flavor."""
+
+    flavor: ClassVar[str] = "sagemaker"
+
+    instance_type: str | None = Field(
+        default=None, description="e.g. ml.p3.2xlarge; default: the cheapest type that fits ResourceSettings.")
+    instance_count: int = Field(default=1, ge=1, le=100, description="Instances of the training cluster.")
+    volume_size_in_gb: int | None = Field(
+        default=None, ge=1, le=16384, description="Storage volume (default: ResourceSettings.disk_size, else 30).")
+    use_spot_instances: bool = Field(default=False, description="Managed spot training (checkpoints survive).")
+    max_wait_time_in_seconds: int | None = Field(
+        default=None, gt=0, description="With spot: longest total wait + run time (>= max_runtime_in_seconds).")
+    keep_alive_period_in_seconds: int | None = Field(
+        default=None, ge=0, le=21600, description="Warm pool: keep the instance this long for the next job.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Tags of the training job.")
+    input_channels: dict[str, str] = Field(
+        default_factory=dict, description="Extra input channels: name -> s3:// prefix, mounted at "
+        "/opt/ml/input/data/<name>.")
+    training_job_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Other CreateTrainingJob fields, passed through (e.g. "
+        "{'RetryStrategy': {'MaximumRetryAttempts': 1}}).")
+
+    @field_validator("instance_type")
+    @classmethod
+    def _instance(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_instance_type(value, "instance_type")
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_tags(value, "tags")
+
+    @field_validator("environment")
+    @classmethod
+    def _sm_env(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_sagemaker_environment(value, "environment")
+
+    @field_validator("input_channels")
+    @classmethod
+    def _channels(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, uri in value.items():
+            if not re.match(r"^[A-Za-z0-9\.\-_]+$", name) or len(name) > 64 or name in ("bundle", "checkpoints") \
+                    or name.startswith("ref"):
+                raise ValueError(f"input_channels: {name!r} is not an allowed channel name (letters, digits, '.', "
+                                 "'-', '_'; 'bundle', 'checkpoints' and 'ref*' are the step's own)")
+            if not uri.startswith("s3://"):
+                raise ValueError(f"input_channels[{name!r}]: expected an s3:// prefix, got {uri!r}")
+        return value
+
+    @field_validator("training_job_overrides")
+    @classmethod
+    def _overrides(cls, value: dict[str, Any]) -> dict[str, Any]:
+        owned = sorted(set(value) & set(OWNED_REQUEST_FIELDS))
+        if owned:
+            raise ValueError(f"training_job_overrides: {', '.join(owned)} are set by the step operator; use the "
+                             "settings fields instead")
+        return value
+
+    @model_validator(mode="after")
+    def _spot(self) -> SageMakerStepOperatorSettings:
+        if self.max_wait_time_in_seconds is not None and not self.use_spot_instances:
+            raise ValueError("max_wait_time_in_seconds: only used with use_spot_instances=True")
+        if self.use_spot_instances and self.max_wait_time_in_seconds is not None and \
+                self.max_wait_time_in_seconds < (self.max_runtime_in_seconds or 86400):
+            raise ValueError(
+                f"max_wait_time_in_seconds={self.max_wait_time_in_seconds} must be >= max_runtime_in_seconds="
+                f"{self.max_runtime_in_seconds or 86400}{'' if self.max_runtime_in_seconds else ' (the default)'}: "
+                "SageMaker counts the spot wait and the training time together")
+        return self
+
+    def check_resources(self, resources: Any) -> None:
+        if self.instance_type is None:
+            from airflow_stepops.settings.sagemaker_instances import choose_instance
+
+            choose_instance(resources)
+        if self.volume_size_in_gb is not None and resources.disk_bytes and \
+                self.volume_size_in_gb * 10**9 < resources.disk_bytes:
+            raise ValueError(f"volume_size_in_gb={self.volume_size_in_gb} is smaller than resources.disk_size="
+                             f"{resources.disk_size}")
+
+
+def check_instance_type(value: str, field: str, *, against_api: bool = False) -> None:
+    """At parse time the built-in table or the ``ml.<family>.<size>`` form (no AWS SDK is imported while
+    DAGs are parsed); before submitting, ``against_api`` checks botocore's list of training types."""
+    from airflow_stepops.settings.sagemaker_instances import INSTANCE_TYPES
+
+    if value in INSTANCE_TYPES:
+        return
+    if not INSTANCE_NAME.match(value):
+        raise ValueError(f"{field}: {value!r} is not a SageMaker instance type (ml.<family>.<size>, e.g. "
+                         "ml.g5.xlarge)")
+    if not against_api:
+        return
+    import botocore.session
+
+    allowed = botocore.session.get_session().get_service_model("sagemaker").shape_for("TrainingInstanceType").enum
+    if value not in allowed:
+        family = value.split(".")[1]
+        close = sorted(t for t in allowed if t.split(".")[1] == family)[:8] or sorted(INSTANCE_TYPES)[:8]
+        raise ValueError(f"{field}: unknown SageMaker training instance type {value!r}; e.g. {', '.join(close)}")
+
+
+class SageMakerStepOperatorConfig(BaseStepOperatorConfig):
+    """Connection extras of a ``stepops_sagemaker`` step operator."""
+
+    flavor: ClassVar[str] = "sagemaker"
+
+    aws_conn_id: str = Field(default="aws_default", description="Amazon provider connection with the credentials.")
+    region_name: str | None = Field(default=None, description="AWS region (default: the aws connection's).")
+    role: str = Field(description="IAM role ARN the training job runs as (its own identity for S3).")
+    image: str | None = Field(default=None, description="Training image URI (Python + cloudpickle).")
+    instance_type: str | None = Field(default=None, description="Default instance type of this step operator.")
+    subnets: list[str] = Field(default_factory=list, description="VPC subnets of the training job.")
+    security_group_ids: list[str] = Field(default_factory=list, description="VPC security groups.")
+    kms_key_id: str | None = Field(default=None, description="KMS key for the volume and the output.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Tags of every training job.")
+    environment: dict[str, str] = Field(default_factory=dict, description="Environment of every step (no secrets).")
+    console_region_url: str = Field(default="https://{region}.console.aws.amazon.com/sagemaker/home?region={region}"
+                                    "#/jobs/{name}", description="Console link template.")
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, value: str) -> str:
+        if not ROLE_ARN.match(value):
+            raise ValueError(f"role: {value!r} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)")
+        return value
+
+    @field_validator("region_name")
+    @classmethod
+    def _region(cls, value: str | None) -> str | None:
+        if value is not None and not REGION.match(value):
+            raise ValueError(f"region_name: {value!r} is not an AWS region name (e.g. us-east-1)")
+        return value
+
+    @field_validator("artifact_store")
+    @classmethod
+    def _s3_store(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("s3://"):
+            raise ValueError(f"artifact_store: SageMaker reads and writes S3; expected s3://bucket/prefix, got {value!r}")
+        return value
+
+    @field_validator("instance_type")
+    @classmethod
+    def _instance(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_instance_type(value, "instance_type")
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_tags(value, "tags")
+
+    @field_validator("environment")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_sagemaker_environment(value, "environment")
+
+    @model_validator(mode="after")
+    def _vpc(self) -> SageMakerStepOperatorConfig:
+        if bool(self.subnets) != bool(self.security_group_ids):
+            raise ValueError("subnets and security_group_ids: give both (a VPC configuration) or neither")
+        return self
+
+    def credentials_source(self) -> str:
+        return f"aws connection {self.aws_conn_id!r}" + (f", region {self.region_name}" if self.region_name else "")

@@ -1,0 +1,117 @@
+"""SageMaker training instance types: what each offers, and the cheapest one that fits a step.
+
+Prices are approximate us-east-1 on-demand list prices per hour for SageMaker training; they only rank
+the candidates (name the instance type yourself to pin a choice). The table covers the common training
+families; any other ``ml.*`` type SageMaker accepts can still be given as ``instance_type``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from airflow_stepops.resources import ResourceSettings
+
+
+@dataclass(frozen=True)
+class InstanceType:
+    name: str
+    vcpus: int
+    memory_gib: float
+    gpus: int = 0
+    gpu_type: str | None = None
+    price: float = 0.0  # USD per hour, approximate
+
+    @property
+    def burstable(self) -> bool:
+        """T-family CPU credits run out under sustained load: chosen only when no CPU count is asked for."""
+        return self.name.startswith("ml.t")
+
+    def describe(self) -> str:
+        gpu = f", {self.gpus} x {self.gpu_type}" if self.gpus else ""
+        return f"{self.name} ({self.vcpus} vCPU, {self.memory_gib:g} GiB{gpu}, ~${self.price:.2f}/h)"
+
+
+_ROWS: list[tuple[str, int, float, int, str | None, float]] = [
+    ("ml.t3.medium", 2, 4, 0, None, 0.05), ("ml.t3.large", 2, 8, 0, None, 0.10),
+    ("ml.t3.xlarge", 4, 16, 0, None, 0.20), ("ml.t3.2xlarge", 8, 32, 0, None, 0.40),
+    ("ml.m5.large", 2, 8, 0, None, 0.115), ("ml.m5.xlarge", 4, 16, 0, None, 0.23),
+    ("ml.m5.2xlarge", 8, 32, 0, None, 0.461), ("ml.m5.4xlarge", 16, 64, 0, None, 0.922),
+    ("ml.m5.12xlarge", 48, 192, 0, None, 2.765), ("ml.m5.24xlarge", 96, 384, 0, None, 5.53),
+    ("ml.c5.xlarge", 4, 8, 0, None, 0.204), ("ml.c5.2xlarge", 8, 16, 0, None, 0.408),
+    ("ml.c5.4xlarge", 16, 32, 0, None, 0.816), ("ml.c5.9xlarge", 36, 72, 0, None, 1.836),
+    ("ml.c5.18xlarge", 72, 144, 0, None, 3.672),
+    ("ml.r5.large", 2, 16, 0, None, 0.151), ("ml.r5.xlarge", 4, 32, 0, None, 0.302),
+    ("ml.r5.2xlarge", 8, 64, 0, None, 0.605), ("ml.r5.4xlarge", 16, 128, 0, None, 1.21),
+    ("ml.r5.12xlarge", 48, 384, 0, None, 3.629), ("ml.r5.24xlarge", 96, 768, 0, None, 7.258),
+    ("ml.g4dn.xlarge", 4, 16, 1, "T4", 0.736), ("ml.g4dn.2xlarge", 8, 32, 1, "T4", 0.94),
+    ("ml.g4dn.4xlarge", 16, 64, 1, "T4", 1.505), ("ml.g4dn.8xlarge", 32, 128, 1, "T4", 2.72),
+    ("ml.g4dn.12xlarge", 48, 192, 4, "T4", 4.89), ("ml.g4dn.16xlarge", 64, 256, 1, "T4", 5.44),
+    ("ml.g5.xlarge", 4, 16, 1, "A10G", 1.408), ("ml.g5.2xlarge", 8, 32, 1, "A10G", 1.515),
+    ("ml.g5.4xlarge", 16, 64, 1, "A10G", 2.03), ("ml.g5.8xlarge", 32, 128, 1, "A10G", 3.06),
+    ("ml.g5.12xlarge", 48, 192, 4, "A10G", 7.09), ("ml.g5.24xlarge", 96, 384, 4, "A10G", 10.18),
+    ("ml.g5.48xlarge", 192, 768, 8, "A10G", 20.36),
+    ("ml.g6.xlarge", 4, 16, 1, "L4", 1.006), ("ml.g6.2xlarge", 8, 32, 1, "L4", 1.222),
+    ("ml.g6.4xlarge", 16, 64, 1, "L4", 1.654), ("ml.g6.12xlarge", 48, 192, 4, "L4", 5.752),
+    ("ml.g6.48xlarge", 192, 768, 8, "L4", 16.6),
+    ("ml.g6e.xlarge", 4, 32, 1, "L40S", 2.336), ("ml.g6e.12xlarge", 48, 384, 4, "L40S", 13.12),
+    ("ml.g6e.48xlarge", 192, 1536, 8, "L40S", 37.66),
+    ("ml.p3.2xlarge", 8, 61, 1, "V100", 3.825), ("ml.p3.8xlarge", 32, 244, 4, "V100", 14.688),
+    ("ml.p3.16xlarge", 64, 488, 8, "V100", 28.152), ("ml.p3dn.24xlarge", 96, 768, 8, "V100", 35.894),
+    ("ml.p4d.24xlarge", 96, 1152, 8, "A100", 37.688), ("ml.p4de.24xlarge", 96, 1152, 8, "A100-80GB", 47.11),
+    ("ml.p5.48xlarge", 192, 2048, 8, "H100", 98.32), ("ml.p5e.48xlarge", 192, 2048, 8, "H200", 113.0),
+]
+INSTANCE_TYPES: dict[str, InstanceType] = {row[0]: InstanceType(*row) for row in _ROWS}
+
+
+def _gpu_matches(instance: InstanceType, wanted: str) -> bool:
+    if instance.gpu_type is None:
+        return False
+    if wanted == "A100":  # any A100; "A100-80GB" asks for the 80 GB model only
+        return instance.gpu_type in ("A100", "A100-80GB")
+    return instance.gpu_type == wanted
+
+
+def fits(instance: InstanceType, resources: ResourceSettings) -> bool:
+    if resources.cpu_count is not None and instance.vcpus < resources.cpu_count:
+        return False
+    if resources.cpu_count is not None and instance.burstable:  # asked-for CPUs must be there all the time
+        return False
+    if resources.memory_bytes is not None and instance.memory_gib * 2**30 < resources.memory_bytes:
+        return False
+    if resources.gpu_count == 0 and instance.gpus:
+        return False
+    if resources.wants_gpu:
+        if instance.gpus < resources.effective_gpu_count:
+            return False
+        if resources.gpu_type and not _gpu_matches(instance, resources.gpu_type):
+            return False
+    return True
+
+
+def _shortfall(instance: InstanceType, resources: ResourceSettings) -> float:
+    """How far an instance is from fitting (0 when it fits): summed relative shortfalls."""
+    short = 0.0
+    if resources.cpu_count:
+        short += max(resources.cpu_count - instance.vcpus, 0) / resources.cpu_count
+    if resources.memory_bytes:
+        short += max(resources.memory_bytes - instance.memory_gib * 2**30, 0) / resources.memory_bytes
+    if resources.wants_gpu:
+        count = resources.effective_gpu_count
+        short += max(count - instance.gpus, 0) / count
+        if resources.gpu_type and not _gpu_matches(instance, resources.gpu_type):
+            short += 1.0
+    return short
+
+
+def choose_instance(resources: ResourceSettings) -> InstanceType:
+    """The cheapest instance of the table that satisfies CPU, memory, GPU count and GPU type."""
+    fitting = sorted((i for i in INSTANCE_TYPES.values() if fits(i, resources)), key=lambda i: (i.price, i.name))
+    if fitting:
+        return fitting[0]
+    nearest = sorted(INSTANCE_TYPES.values(), key=lambda i: (_shortfall(i, resources), i.price))[:3]
+    wanted = resources.model_dump(exclude_none=True)
+    raise ValueError(
+        f"resources {wanted}: no SageMaker training instance type fits; nearest: "
+        + "; ".join(i.describe() for i in nearest)
+        + ". Ask for less, or set instance_type (e.g. for several instances use instance_count)"
+    )

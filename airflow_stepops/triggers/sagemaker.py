@@ -1,0 +1,9 @@
+"""Trigger of the ``sagemaker`` flavor: waits as long as the job's own limits allow (no hidden cap)."""
+
+from __future__ import annotations
+
+from airflow_stepops.triggers.base import StepOperatorTrigger
+
+
+class SageMakerStepOperatorTrigger(StepOperatorTrigger):
+    hook_class_path = "airflow_stepops.hooks.sagemaker.SageMakerStepOperatorHook"

@@ -1,0 +1,85 @@
+"""SageMaker settings, instance choice and the CreateTrainingJob request: checked before anything is sent."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.settings.sagemaker import SageMakerStepOperatorConfig, SageMakerStepOperatorSettings
+from airflow_stepops.settings.sagemaker_instances import choose_instance
+
+ROLE = "arn:aws:iam::123456789012:role/stepops-training"
+
+
+@pytest.mark.parametrize(("resources", "expected"), [
+    (ResourceSettings(), "ml.t3.medium"),
+    (ResourceSettings(cpu_count=8, memory="32GB"), "ml.m5.2xlarge"),
+    (ResourceSettings(cpu_count=8, memory="60GiB"), "ml.r5.2xlarge"),
+    (ResourceSettings(gpu_count=1), "ml.g4dn.xlarge"),
+    (ResourceSettings(gpu_count=1, gpu_type="A10G"), "ml.g5.xlarge"),
+    (ResourceSettings(gpu_count=4, gpu_type="V100"), "ml.p3.8xlarge"),
+    (ResourceSettings(gpu_count=8, gpu_type="A100"), "ml.p4d.24xlarge"),
+    (ResourceSettings(gpu_count=8, gpu_type="A100-80GB"), "ml.p4de.24xlarge"),
+    (ResourceSettings(cpu_count=8, memory="32GB", gpu_count=0), "ml.m5.2xlarge"),
+])
+def test_cheapest_instance_that_fits(resources, expected):
+    assert choose_instance(resources).name == expected
+
+
+def test_no_instance_fits_lists_the_nearest():
+    with pytest.raises(ValueError, match=r"no SageMaker training instance type fits; nearest: ml\.p5\.48xlarge"):
+        choose_instance(ResourceSettings(gpu_count=16, gpu_type="H100"))
+
+
+def _declare(**kwargs):
+    from airflow.sdk import DAG, task
+
+    with DAG("sagemaker_parse_checks", schedule=None):
+        @task.step_operator(step_operator="sagemaker_step_operator", **kwargs)
+        def step() -> None:
+            pass
+
+        step()
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"instance_type": "ml.p9.mega"}, None),  # well-formed names are checked against the API before submit
+    ({"instance_type": "p3.2xlarge"}, r"instance_type: 'p3.2xlarge' is not a SageMaker instance type"),
+    ({"use_spot_instances": True, "max_runtime_in_seconds": 3600, "max_wait_time_in_seconds": 1800},
+     r"max_wait_time_in_seconds=1800 must be >= max_runtime_in_seconds=3600"),
+    ({"max_wait_time_in_seconds": 7200}, r"only used with use_spot_instances=True"),
+    ({"volume_size_in_gb": 0}, r"volume_size_in_gb: Input should be greater than or equal to 1"),
+    ({"environment": {"A": "x" * 513}}, r"at most 512 characters per value"),
+    ({"training_job_overrides": {"RoleArn": "x"}}, r"RoleArn are set by the step operator"),
+    ({"input_channels": {"bundle": "s3://b/p"}}, r"'bundle' is not an allowed channel name"),
+])
+def test_bad_sagemaker_settings_fail_at_parse_time(settings, message):
+    if message is None:
+        _declare(settings={"step_operator.sagemaker": settings})
+        return
+    with pytest.raises(StepOperatorConfigError, match=message):
+        _declare(settings={"step_operator.sagemaker": settings})
+
+
+def test_resources_no_instance_can_satisfy_fail_at_parse_time():
+    with pytest.raises(StepOperatorConfigError, match="no SageMaker training instance type fits"):
+        _declare(settings={"resources": ResourceSettings(gpu_count=2, gpu_type="K80"),
+                           "step_operator.sagemaker": SageMakerStepOperatorSettings()})
+    with pytest.raises(StepOperatorConfigError, match="volume_size_in_gb=10 is smaller than resources.disk_size"):
+        _declare(settings={"resources": ResourceSettings(disk_size="50GB"),
+                           "step_operator.sagemaker": SageMakerStepOperatorSettings(volume_size_in_gb=10)})
+
+
+@pytest.mark.parametrize(("extras", "message"), [
+    ({}, r"role\s+Field required"),
+    ({"role": "stepops-training"}, r"role: 'stepops-training' is not an IAM role ARN"),
+    ({"role": ROLE, "region_name": "Frankfurt"}, r"region_name: 'Frankfurt' is not an AWS region name"),
+    ({"role": ROLE, "artifact_store": "gs://bucket/x"}, r"expected s3://bucket/prefix"),
+    ({"role": ROLE, "subnets": ["subnet-1"]}, r"subnets and security_group_ids: give both"),
+    ({"role": ROLE, "tags": {"aws:owner": "x"}}, r"tags\['aws:owner'\]"),
+])
+def test_bad_connection_extras_are_refused(extras, message):
+    with pytest.raises(ValidationError, match=message):
+        SageMakerStepOperatorConfig(**extras)
