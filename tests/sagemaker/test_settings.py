@@ -83,3 +83,56 @@ def test_resources_no_instance_can_satisfy_fail_at_parse_time():
 def test_bad_connection_extras_are_refused(extras, message):
     with pytest.raises(ValidationError, match=message):
         SageMakerStepOperatorConfig(**extras)
+
+
+def _hook(**extras):
+    from airflow_stepops.hooks.sagemaker import SageMakerStepOperatorHook
+
+    config = SageMakerStepOperatorConfig(role=ROLE, region_name="eu-west-1", image="123.dkr.ecr/train:1",
+                                         artifact_store="s3://stepops-artifacts/steps", **extras)
+    return SageMakerStepOperatorHook(step_operator_conn_id="sm", config=config)
+
+
+def _spec(hook, resources=None, settings=None, refs=(), timeout=None):
+    from airflow_stepops.bundle import StepIdentity
+    from airflow_stepops.hooks.base import StepSpec
+
+    identity = StepIdentity("train_dag", "manual__2026-11-24T00:00:00+00:00", "train", -1, 2)
+    prefix = identity.prefix(hook.artifact_root())
+    return StepSpec(identity=identity, bundle_uri=str(prefix / "bundle"), output_uri=str(prefix / "output"),
+                    resources=resources or ResourceSettings(), settings=settings or SageMakerStepOperatorSettings(),
+                    refs=list(refs), task_label="train_dag.train", timeout_seconds=timeout)
+
+
+def test_the_request_is_valid_for_botocore_and_maps_everything():
+    from airflow_stepops.artifacts import ArtifactRef
+
+    hook = _hook(subnets=["subnet-1"], security_group_ids=["sg-1"], kms_key_id="key-1", tags={"team": "ml"})
+    ref = ArtifactRef(uri="s3://stepops-artifacts/steps/other/output/return_value.pkl", type="x", size=1, sha256="a")
+    request = hook.render(_spec(hook, ResourceSettings(cpu_count=8, memory="32GB", gpu_count=1, disk_size="100GB"),
+                                SageMakerStepOperatorSettings(use_spot_instances=True, max_runtime_in_seconds=3600,
+                                                              max_wait_time_in_seconds=7200,
+                                                              keep_alive_period_in_seconds=600),
+                                refs=[ref], timeout=1800))
+    assert request["ResourceConfig"] == {"InstanceType": "ml.g4dn.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 100,
+                                         "KeepAlivePeriodInSeconds": 600, "VolumeKmsKeyId": "key-1"}
+    assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 1860, "MaxWaitTimeInSeconds": 7200}
+    assert request["EnableManagedSpotTraining"] is True
+    assert request["CheckpointConfig"]["S3Uri"].endswith("/train/-1/checkpoints")  # shared by every try
+    assert [c["ChannelName"] for c in request["InputDataConfig"]] == ["bundle", "ref0"]
+    assert request["AlgorithmSpecification"]["ContainerEntrypoint"] == [
+        "python3", "/opt/ml/input/data/bundle/pod_entry.py"]
+    assert "AWS_ACCESS_KEY_ID" not in request["Environment"] and len(request["TrainingJobName"]) <= 63
+    assert {"Key": "stepops:try-number", "Value": "2"} in request["Tags"] and request["VpcConfig"]["Subnets"]
+
+
+def test_unknown_instance_type_is_refused_before_submitting():
+    hook = _hook()
+    with pytest.raises(StepOperatorConfigError, match=r"unknown SageMaker training instance type 'ml.p9.mega'"):
+        hook.render(_spec(hook, settings=SageMakerStepOperatorSettings(instance_type="ml.p9.mega")))
+    with pytest.raises(StepOperatorConfigError, match="image: step operator 'sm' has no training image"):
+        from airflow_stepops.hooks.sagemaker import SageMakerStepOperatorHook
+
+        bare = SageMakerStepOperatorHook(step_operator_conn_id="sm", config=SageMakerStepOperatorConfig(
+            role=ROLE, artifact_store="s3://b/p"))
+        bare.render(_spec(bare))
