@@ -15,7 +15,7 @@ def test_example_dags_parse_without_errors():
 
     bag = dagbag_class()(dag_folder=str(EXAMPLES))
     assert bag.import_errors == {}
-    assert {"mixed_pipeline", "local_training", "kubernetes_training"} <= set(bag.dag_ids)
+    assert {"mixed_pipeline", "local_training", "kubernetes_training", "sagemaker_training"} <= set(bag.dag_ids)
     mixed = bag.get_dag("mixed_pipeline")
     step_tasks = {t.task_id for t in mixed.tasks if type(t).__name__ == "_StepOperatorDecoratedOperator"}
     assert step_tasks == {"train_model", "generate_explanations"}
@@ -31,3 +31,6 @@ def test_example_connections_cover_the_step_operators_used():
     from airflow_stepops.settings.kubernetes import KubernetesStepOperatorConfig
 
     KubernetesStepOperatorConfig.model_validate(connections["k8s_step_operator"]["extra"])
+    from airflow_stepops.settings.sagemaker import SageMakerStepOperatorConfig
+
+    SageMakerStepOperatorConfig.model_validate(connections["sagemaker_step_operator"]["extra"])
