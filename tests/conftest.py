@@ -64,3 +64,25 @@ def k8s_emulator(airflow_home: Path):
                 **common, "artifact_store": "pvc://step-data/artifacts",
                 "worker_artifact_path": str(airflow_home / "k8s-pvc" / "steps" / "step-data")}})
         yield k8s
+
+
+@pytest.fixture(scope="session")
+def sm_emulator(airflow_home: Path):
+    """One SageMaker emulator (moto + job runner) per session, behind the step operator
+    ``sagemaker_step_operator`` (bucket ``stepops-tests``) and the ``aws_default`` connection. The AWS
+    SDKs of this process (Airflow's object storage included) are pointed at it."""
+    import json
+
+    pytest.importorskip("moto")
+    pytest.importorskip("boto3")
+    from airflow_stepops.testing.sagemaker import SageMakerEmulator
+
+    with SageMakerEmulator(stop_grace_period=1) as sm:
+        os.environ.update(sm.env())
+        os.environ["AIRFLOW_CONN_AWS_DEFAULT"] = sm.airflow_connection()
+        sm.client("s3").create_bucket(Bucket="stepops-tests")
+        os.environ["AIRFLOW_CONN_SAGEMAKER_STEP_OPERATOR"] = json.dumps({"conn_type": "stepops_sagemaker", "extra": {
+            "role": "arn:aws:iam::123456789012:role/stepops-tests", "region_name": sm.region,
+            "image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/stepops-python:3",
+            "artifact_store": "s3://stepops-tests/artifacts", "instance_type": "ml.m5.large"}})
+        yield sm

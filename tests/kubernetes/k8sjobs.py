@@ -34,11 +34,10 @@ def make_spec(hook: KubernetesStepOperatorHook, fn, *args: Any, task_id: str, tr
     return spec
 
 
-def run_trigger(hook: KubernetesStepOperatorHook, handle: JobHandle, *, deadline: float | None = None,
-                timeout: float = 60) -> dict[str, Any]:
+def run_trigger(hook: Any, handle: JobHandle, *, deadline: float | None = None, timeout: float = 60,
+                trigger_class: type = KubernetesStepOperatorTrigger) -> dict[str, Any]:
     """Wait the way a deferred task does; returns the trigger's event payload."""
-    trigger = KubernetesStepOperatorTrigger(conn_id=hook.step_operator_conn_id, handle=handle, poll_interval=0.5,
-                                            deadline=deadline)
+    trigger = trigger_class(conn_id=hook.step_operator_conn_id, handle=handle, poll_interval=0.5, deadline=deadline)
 
     async def first() -> dict[str, Any]:
         async for event in trigger.run():

@@ -1,0 +1,291 @@
+"""``SageMakerEmulator``: moto's server for S3, SageMaker and CloudWatch Logs, with training jobs that run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+from airflow_stepops.testing.sagemaker import _moto_patches
+from airflow_stepops.testing.sagemaker._config import EmulatorConfig
+from airflow_stepops.testing.sagemaker._faults import Fault, FaultRule, faults_for
+from airflow_stepops.testing.sagemaker._jobs import JSON, TERMINAL, TrainingJob
+from airflow_stepops.testing.sagemaker._logs import LOG_GROUP
+from airflow_stepops.testing.sagemaker._runner import JobRunner, RunContext, write_python_shims
+from airflow_stepops.testing.sagemaker._server import INTERNAL_AGENT, ApiFault, MotoServer
+
+_CONFIG_FIELDS = {f.name for f in fields(EmulatorConfig)}
+
+
+class SageMakerEmulator:
+    """S3, SageMaker and CloudWatch Logs on 127.0.0.1 whose training jobs run as local processes.
+
+    Use it as a context manager (or ``start()`` / ``stop()``); point boto3 or aiobotocore at
+    ``endpoint_url`` (``client(service)`` builds one, ``env()`` gives the ``AWS_*`` variables). Settings
+    are the fields of ``EmulatorConfig`` (``stop_grace_period=1``, ``region="eu-west-1"``, ...).
+
+    moto keeps its state per process, so one emulator runs at a time in a process.
+    """
+
+    _active: ClassVar[SageMakerEmulator | None] = None
+    _active_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, config: EmulatorConfig | None = None, *, port: int = 0, **settings: Any) -> None:
+        unknown = set(settings) - _CONFIG_FIELDS
+        if unknown:
+            raise TypeError(f"unknown emulator settings {sorted(unknown)}")
+        self.config = replace(config or EmulatorConfig(), **settings)
+        self._wanted_port = port
+        self.port = 0
+        self._server: MotoServer | None = None
+        self._root: Path | None = None
+        self._owns_root = False
+        self._lock = threading.Lock()
+        self._runners: dict[str, JobRunner] = {}
+        self._rules: list[FaultRule] = []
+        self._ctx: RunContext | None = None
+
+    # ----- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> SageMakerEmulator:
+        with SageMakerEmulator._active_lock:
+            if SageMakerEmulator._active is not None:
+                raise RuntimeError("a SageMaker emulator already runs in this process (moto's state is per process)")
+            SageMakerEmulator._active = self
+        try:
+            _moto_patches.apply()
+            if self.config.reset_moto:
+                from moto.moto_api._internal.models import moto_api_backend
+
+                moto_api_backend.reset()
+            if self.config.job_root:
+                self._root = Path(self.config.job_root)
+                self._root.mkdir(parents=True, exist_ok=True)
+            else:
+                self._root = Path(tempfile.mkdtemp(prefix="stepops-sagemaker-"))
+                self._owns_root = True
+            self._server = MotoServer(self._wanted_port)
+            self._server.start()
+            self.port = self._server.get_host_and_port()[1]
+            shims = self._root / "bin"
+            write_python_shims(shims)
+            self._ctx = RunContext(self.config, self.client("s3", internal=True), self.client("logs", internal=True),
+                                   self._root, shims, self.env())
+            _moto_patches.set_listener(self)
+        except BaseException:
+            self._teardown()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Kill every job process, stop the server; idempotent. Jobs keep the status they had."""
+        if SageMakerEmulator._active is not self:
+            return
+        self._teardown()
+
+    def _teardown(self) -> None:
+        _moto_patches.set_listener(None)
+        with self._lock:
+            runners = list(self._runners.values())
+        for runner in runners:
+            runner.shutdown()
+        if self._server is not None:
+            try:
+                self._server.stop()
+            except Exception:
+                pass
+            self._server = None
+        if self._root is not None and self._owns_root:
+            shutil.rmtree(self._root, ignore_errors=True)
+        with SageMakerEmulator._active_lock:
+            if SageMakerEmulator._active is self:
+                SageMakerEmulator._active = None
+
+    def __enter__(self) -> SageMakerEmulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----- moto's calls (request threads) -------------------------------------------------------
+
+    def job_created(self, job: TrainingJob) -> None:
+        assert self._ctx is not None
+        with self._lock:
+            runner = JobRunner(job, faults_for(self._rules, job.name), self._ctx)
+            self._runners[job.name] = runner
+        runner.start()
+
+    def job_stop_requested(self, job: TrainingJob) -> None:
+        runner = self._runners.get(job.name)
+        if runner is not None:
+            runner.wake()
+
+    # ----- clients ----------------------------------------------------------------------------------
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def region(self) -> str:
+        return self.config.region
+
+    def client(self, service: str, *, internal: bool = False, **kwargs: Any) -> Any:
+        """A boto3 client for ``service`` (``s3``, ``sagemaker``, ``logs``, ...) with dummy credentials."""
+        import boto3
+        from botocore.config import Config
+
+        config = Config(retries={"max_attempts": 5, "mode": "standard"},
+                        user_agent_extra=INTERNAL_AGENT if internal else None)
+        options: dict[str, Any] = {"endpoint_url": self.endpoint_url, "region_name": self.region,
+                                   "aws_access_key_id": self.config.access_key_id,
+                                   "aws_secret_access_key": self.config.secret_access_key, "config": config}
+        options.update(kwargs)
+        return boto3.session.Session().client(service, **options)
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point the AWS SDKs (and Airflow's AWS hooks) at the emulator."""
+        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": self.config.access_key_id,
+                "AWS_SECRET_ACCESS_KEY": self.config.secret_access_key, "AWS_DEFAULT_REGION": self.region}
+
+    def airflow_connection(self) -> str:
+        """An Airflow ``aws`` connection (JSON, for ``AIRFLOW_CONN_<ID>``) whose extra names the endpoint."""
+        return json.dumps({"conn_type": "aws", "login": self.config.access_key_id,
+                           "password": self.config.secret_access_key,
+                           "extra": {"endpoint_url": self.endpoint_url, "region_name": self.region}})
+
+    # ----- faults -----------------------------------------------------------------------------------
+
+    def inject(self, fault: Fault | str, *, job: str | None = None, job_prefix: str | None = None,
+               count: int | None = 1, **fields: Any) -> FaultRule:
+        """Give ``fault`` to the next ``count`` new jobs matching (None: every one); ``fields`` build a Fault."""
+        chosen = Fault(fault, **fields) if isinstance(fault, str) else fault
+        rule = FaultRule(chosen, job, job_prefix, count)
+        with self._lock:
+            self._rules.append(rule)
+        return rule
+
+    def disrupt(self, job: str, fault: Fault | str = "spot_interruption", **fields: Any) -> None:
+        """Strike a running job now: ``spot_interruption`` or ``failure``."""
+        chosen = Fault(fault, **fields) if isinstance(fault, str) else fault
+        if chosen.kind not in ("spot_interruption", "failure"):
+            raise ValueError(f"{chosen.kind} cannot strike a running job")
+        self._runner(job).disrupt(chosen)
+
+    def fail_requests(self, code: str = "ThrottlingException", *, status: int = 400, service: str | None = None,
+                      action: str | None = None, count: int | None = 1, message: str | None = None) -> ApiFault:
+        """Answer the next ``count`` matching API requests with the error ``code`` (see ``ApiFault``)."""
+        fault = ApiFault(code, status, service, action, count, message or "Rate exceeded")
+        gateway = self._gateway()
+        with gateway.lock:
+            gateway.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._rules.clear()
+        gateway = self._gateway()
+        with gateway.lock:
+            gateway.faults.clear()
+
+    # ----- inspection -------------------------------------------------------------------------------
+
+    def _gateway(self) -> Any:
+        if self._server is None:
+            raise RuntimeError("the emulator is not running")
+        return self._server.gateway
+
+    def _runner(self, name: str) -> JobRunner:
+        with self._lock:
+            runner = self._runners.get(name)
+        if runner is None:
+            raise KeyError(f"no training job {name!r}")
+        return runner
+
+    def requests(self, service: str | None = None, action: str | None = None, *,
+                 internal: bool = False) -> list[dict[str, Any]]:
+        """The API requests served (service, action, method, path, query, status, time), oldest first;
+        the emulator's own S3 and log traffic only with ``internal=True``."""
+        gateway = self._gateway()
+        with gateway.lock:
+            records = [dict(r) for r in gateway.records]
+        return [r for r in records if (internal or not r["internal"]) and (service is None or r["service"] == service)
+                and (action is None or r["action"] == action)]
+
+    def describe(self, name: str) -> JSON:
+        """The job as DescribeTrainingJob shows it (datetimes, not the wire's epoch numbers)."""
+        return self._runner(name).job.describe()
+
+    def jobs(self) -> list[JSON]:
+        """Every training job, oldest first, as ``describe()`` shows it."""
+        with self._lock:
+            runners = list(self._runners.values())
+        return [r.job.describe() for r in runners]
+
+    def pids(self, name: str) -> list[int]:
+        """The running training process of the job (its process group leader), empty when none runs."""
+        return self._runner(name).pids()
+
+    def job_dir(self, name: str) -> Path:
+        """The directory standing in for ``/opt/ml`` in the job's latest run."""
+        runner = self._runner(name)
+        if not runner.run_dirs:
+            raise LookupError(f"training job {name!r} has not started a run")
+        return runner.run_dirs[-1] / "opt" / "ml"
+
+    def log_streams(self, name: str) -> list[str]:
+        """The job's CloudWatch log streams (group ``/aws/sagemaker/TrainingJobs``), one per run."""
+        return list(self._runner(name).streams)
+
+    def logs(self, name: str) -> list[str]:
+        """Every log line of the job so far, in the order CloudWatch Logs holds them."""
+        assert self._ctx is not None
+        messages: list[str] = []
+        for stream in self.log_streams(name):
+            token = None
+            while True:
+                kwargs: dict[str, Any] = {"logGroupName": LOG_GROUP, "logStreamName": stream, "startFromHead": True}
+                if token:
+                    kwargs["nextToken"] = token
+                page = self._ctx.logs.get_log_events(**kwargs)
+                messages += [e["message"] for e in page["events"]]
+                if not page["events"] or page.get("nextForwardToken") == token:
+                    break
+                token = page.get("nextForwardToken")
+        return messages
+
+    def wait_for_job(self, name: str, timeout: float = 30.0) -> JSON:
+        """Block until the job is Completed, Failed or Stopped; returns ``describe()`` (TimeoutError otherwise)."""
+        return self._wait(name, timeout, lambda d: d["TrainingJobStatus"] in TERMINAL, "to finish")
+
+    def wait_for_status(self, name: str, secondary_status: str, timeout: float = 30.0) -> JSON:
+        """Block until the job has entered SecondaryStatus ``secondary_status`` (now or earlier: its
+        transitions count, so a status shorter than the poll is not missed); fails if the job ends first."""
+        def reached(d: JSON) -> bool:
+            if any(t["Status"] == secondary_status for t in d["SecondaryStatusTransitions"]):
+                return True
+            if d["TrainingJobStatus"] in TERMINAL:
+                raise AssertionError(f"training job {name} ended {d['TrainingJobStatus']}/{d['SecondaryStatus']} "
+                                     f"before reaching {secondary_status}: {d.get('FailureReason', '')}")
+            return False
+        return self._wait(name, timeout, reached, f"to reach {secondary_status}")
+
+    def _wait(self, name: str, timeout: float, done: Any, what: str) -> JSON:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                described = self.describe(name)
+            except KeyError:
+                described = None
+            if described is not None and done(described):
+                return described
+            if time.monotonic() > deadline:
+                state = f"{described['TrainingJobStatus']}/{described['SecondaryStatus']}" if described else "absent"
+                raise TimeoutError(f"training job {name} did not get {what} within {timeout}s (it is {state})")
+            time.sleep(0.05)

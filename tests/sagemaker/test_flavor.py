@@ -1,0 +1,130 @@
+"""The sagemaker flavor against the emulator: boto3 and aiobotocore, real training-job processes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytest.importorskip("moto")
+
+from airflow_stepops.artifacts import store_path  # noqa: E402
+from airflow_stepops.bundle import read_outcome  # noqa: E402
+from airflow_stepops.resources import ResourceSettings  # noqa: E402
+from airflow_stepops.settings.sagemaker import SageMakerStepOperatorSettings  # noqa: E402
+
+from .smjobs import make_hook, make_spec, run_trigger  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("sm_emulator")
+
+
+def _greet(name: str) -> dict:
+    import os
+
+    print("hello", name, "from", os.environ["STEPOPS_FLAVOR"], flush=True)
+    return {"greeting": f"hi {name}"}
+
+
+def test_step_runs_as_a_training_job_with_logs_and_result(sm_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _greet, "ada", task_id="greet",
+                                   resources=ResourceSettings(cpu_count=2, memory="4GiB")))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "succeeded", event
+    assert "hello ada from sagemaker" in event["log_tail"]
+    assert read_outcome(store_path(handle["output_uri"])).value == {"greeting": "hi ada"}
+    job = sm_emulator.describe(handle["job_id"])
+    assert job["ResourceConfig"]["InstanceType"] == "ml.m5.large"  # the connection's default
+    assert hook.console_url(handle).endswith(f"#/jobs/{handle['job_id']}")
+
+
+def _raise(value: int) -> None:
+    raise ValueError(f"bad input {value}")
+
+
+def test_remote_exception_is_the_failure_reason(sm_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _raise, 7, task_id="raises"))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and "ValueError: bad input 7" in event["message"], event
+    assert any("Traceback" in line for line in event["log_tail"])
+
+
+def _sleep(seconds: float) -> str:
+    import time
+
+    print("sleeping", flush=True)
+    time.sleep(seconds)
+    return "done"
+
+
+def test_trigger_on_kill_stops_the_training_job(sm_emulator):
+    import asyncio
+
+    from airflow_stepops.triggers.sagemaker import SageMakerStepOperatorTrigger
+
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="kill"))
+    sm_emulator.wait_for_status(handle["job_id"], "Training")
+    asyncio.run(SageMakerStepOperatorTrigger(conn_id=hook.step_operator_conn_id, handle=handle).on_kill())
+    job = sm_emulator.wait_for_job(handle["job_id"])
+    assert job["TrainingJobStatus"] == "Stopped" and not sm_emulator.pids(handle["job_id"])
+
+
+def test_max_runtime_is_a_timeout(sm_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 60, task_id="deadline",
+                                   settings=SageMakerStepOperatorSettings(max_runtime_in_seconds=2)))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
+
+
+def test_insufficient_capacity_is_preemption(sm_emulator):
+    hook = make_hook()
+    spec = make_spec(hook, _greet, "x", task_id="capacity")
+    sm_emulator.inject("insufficient_capacity", job=f"sm-tests-capacity-t1-{spec.identity.digest[:10]}")
+    event = run_trigger(hook, hook.submit(spec))
+    assert event["status"] == "preempted" and "CapacityError" in event["message"], event
+
+
+def _resume_from_checkpoint(epochs: int) -> dict:
+    import json
+    import os
+    import time
+
+    path = "/opt/ml/checkpoints/state.json"
+    state = json.load(open(path)) if os.path.exists(path) else {"epoch": 0, "starts": 0}
+    state["starts"] += 1
+    for epoch in range(state["epoch"], epochs):
+        state["epoch"] = epoch + 1
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as fh:
+            json.dump(state, fh)
+        print("epoch", state["epoch"], flush=True)
+        time.sleep(0.5)
+    return state
+
+
+def test_spot_interruption_resumes_from_the_checkpoint(sm_emulator):
+    hook = make_hook()
+    spec = make_spec(hook, _resume_from_checkpoint, 6, task_id="spot",
+                     settings=SageMakerStepOperatorSettings(use_spot_instances=True, max_runtime_in_seconds=120))
+    handle = hook.submit(spec)
+    sm_emulator.wait_for_status(handle["job_id"], "Training")
+    time.sleep(1.5)
+    sm_emulator.disrupt(handle["job_id"])
+    event = run_trigger(hook, handle)
+    assert event["status"] == "succeeded", event
+    result = read_outcome(store_path(handle["output_uri"])).value
+    assert result["epoch"] == 6 and result["starts"] == 2  # restarted once, from its checkpoint
+
+
+def test_submit_is_exactly_once_per_try(sm_emulator):
+    hook = make_hook()
+    spec = make_spec(hook, _greet, "once", task_id="exactly_once")
+    first = hook.submit(spec)
+    again = hook.submit(spec)
+    assert again["job_id"] == first["job_id"] and hook.find_job(spec.identity)["job_id"] == first["job_id"]
+    assert len([j for j in sm_emulator.jobs() if j["TrainingJobName"] == first["job_id"]]) == 1
+    assert hook.find_job(spec.identity.for_try(2)) is None
+    assert run_trigger(hook, first)["status"] == "succeeded"
