@@ -8,12 +8,12 @@ import pytest
 
 pytest.importorskip("moto")
 
-from airflow_stepops.artifacts import store_path  # noqa: E402
-from airflow_stepops.bundle import read_outcome  # noqa: E402
-from airflow_stepops.resources import ResourceSettings  # noqa: E402
-from airflow_stepops.settings.sagemaker import SageMakerStepOperatorSettings  # noqa: E402
+from airflow_stepops.artifacts import store_path
+from airflow_stepops.bundle import read_outcome
+from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.settings.sagemaker import SageMakerStepOperatorSettings
 
-from .smjobs import make_hook, make_spec, run_trigger  # noqa: E402
+from .smjobs import make_hook, make_spec, run_trigger
 
 pytestmark = pytest.mark.usefixtures("sm_emulator")
 
