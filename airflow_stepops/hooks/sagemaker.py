@@ -76,7 +76,14 @@ class SageMakerStepOperatorHook(StepOperatorHook):
 
     @cached_property
     def sagemaker(self) -> Any:
-        return self._aws_hook("sagemaker").conn
+        from botocore.exceptions import NoRegionError
+
+        try:
+            return self._aws_hook("sagemaker").conn
+        except NoRegionError:
+            raise StepOperatorConfigError(
+                f"region_name: step operator {self.step_operator_conn_id!r} has no AWS region; set region_name in "
+                f"its extras or in the aws connection {self.config.aws_conn_id!r}") from None
 
     @cached_property
     def s3(self) -> Any:

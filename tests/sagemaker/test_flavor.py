@@ -128,3 +128,19 @@ def test_submit_is_exactly_once_per_try(sm_emulator):
     assert len([j for j in sm_emulator.jobs() if j["TrainingJobName"] == first["job_id"]]) == 1
     assert hook.find_job(spec.identity.for_try(2)) is None
     assert run_trigger(hook, first)["status"] == "succeeded"
+
+
+def test_a_missing_region_is_a_clear_error(monkeypatch):
+    import json
+
+    from airflow_stepops.exceptions import StepOperatorConfigError
+
+    for name in ("AWS_DEFAULT_REGION", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AIRFLOW_CONN_NO_REGION_AWS", json.dumps({"conn_type": "aws", "login": "x", "password": "y"}))
+    monkeypatch.setenv("AIRFLOW_CONN_SM_NO_REGION", json.dumps({"conn_type": "stepops_sagemaker", "extra": {
+        "role": "arn:aws:iam::123456789012:role/r", "aws_conn_id": "no_region_aws", "image": "i",
+        "artifact_store": "s3://stepops-tests/artifacts"}}))
+    hook = make_hook("sm_no_region")
+    with pytest.raises(StepOperatorConfigError, match="region_name: step operator 'sm_no_region' has no AWS region"):
+        hook.submit(make_spec(hook, _greet, "x", task_id="no_region"))
