@@ -5,8 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 FLAVOR="${FLAVOR:-local}"
 UV=$(scripts/ensure-uv.sh)
-EXTRAS=()
-[ "$FLAVOR" = local ] || EXTRAS=(--extra "$FLAVOR")
+case "$FLAVOR" in  # the extras a flavor needs (its emulator's too)
+  local) EXTRAS=() ;;
+  kubernetes) EXTRAS=(--extra kubernetes) ;;
+  sagemaker) EXTRAS=(--extra aws --extra tests) ;;
+  *) EXTRAS=() ;;
+esac
 "$UV" sync --frozen --quiet --inexact "${EXTRAS[@]}"
 export AIRFLOW_HOME="${AIRFLOW_HOME:-$PWD/.airflow/demo}"
 export AIRFLOW__CORE__DAGS_FOLDER="$PWD/dags_examples"
@@ -26,7 +30,19 @@ case "$FLAVOR" in
     for _ in $(seq 1 300); do [ -f "$AIRFLOW_HOME/kubeconfig" ] && break; kill -0 "$EMULATOR_PID" 2>/dev/null || break; sleep 0.2; done
     [ -f "$AIRFLOW_HOME/kubeconfig" ] || { cat "$AIRFLOW_HOME/emulator.log"; echo "the Kubernetes emulator did not start"; exit 1; }
     cat "$AIRFLOW_HOME/emulator.log" ;;
-  *) echo "FLAVOR=$FLAVOR: no demo for this flavor yet (available: local, kubernetes)"; exit 2 ;;
+  sagemaker)
+    # S3, SageMaker and CloudWatch Logs from the local SageMaker emulator, started for this demo
+    rm -f "$AIRFLOW_HOME/sagemaker.env"
+    "$UV" run --frozen --inexact "${EXTRAS[@]}" python -m airflow_stepops.testing.sagemaker \
+      --env-file "$AIRFLOW_HOME/sagemaker.env" >"$AIRFLOW_HOME/emulator.log" 2>&1 &
+    EMULATOR_PID=$!
+    trap 'kill "$EMULATOR_PID" 2>/dev/null || true; wait "$EMULATOR_PID" 2>/dev/null || true' EXIT
+    for _ in $(seq 1 300); do [ -f "$AIRFLOW_HOME/sagemaker.env" ] && break; kill -0 "$EMULATOR_PID" 2>/dev/null || break; sleep 0.2; done
+    [ -f "$AIRFLOW_HOME/sagemaker.env" ] || { cat "$AIRFLOW_HOME/emulator.log"; echo "the SageMaker emulator did not start"; exit 1; }
+    set -a; . "$AIRFLOW_HOME/sagemaker.env"; set +a
+    head -n 1 "$AIRFLOW_HOME/emulator.log"
+    "$UV" run --frozen python -c "import boto3; boto3.client('s3').create_bucket(Bucket='stepops-demo')" ;;
+  *) echo "FLAVOR=$FLAVOR: no demo for this flavor yet (available: local, kubernetes, sagemaker)"; exit 2 ;;
 esac
 STEPOPS_EXAMPLE_STEP_OPERATOR=$("$UV" run --frozen python dags_examples/setup_connections.py "$FLAVOR")
 export STEPOPS_EXAMPLE_STEP_OPERATOR

@@ -74,14 +74,14 @@ elif mode == "resume":
 
 
 @pytest.fixture(scope="module")
-def sm():
-    with SageMakerEmulator(stop_grace_period=1.0, spot_restart_delay=0.2) as emulator:
-        s3 = emulator.client("s3")
-        s3.create_bucket(Bucket=BUCKET)
-        s3.put_object(Bucket=BUCKET, Key="code/train.py", Body=TRAIN_PY.encode())
-        s3.put_object(Bucket=BUCKET, Key="datasets/train/a.csv", Body=b"x,y\n1,2\n")
-        s3.put_object(Bucket=BUCKET, Key="datasets/train/nested/b.csv", Body=b"x,y\n3,4\n")
-        yield emulator
+def sm(sm_emulator: SageMakerEmulator) -> SageMakerEmulator:
+    """The session's emulator (one per process: moto's state is per process), with this module's bucket."""
+    s3 = sm_emulator.client("s3")
+    s3.create_bucket(Bucket=BUCKET)
+    s3.put_object(Bucket=BUCKET, Key="code/train.py", Body=TRAIN_PY.encode())
+    s3.put_object(Bucket=BUCKET, Key="datasets/train/a.csv", Body=b"x,y\n1,2\n")
+    s3.put_object(Bucket=BUCKET, Key="datasets/train/nested/b.csv", Body=b"x,y\n3,4\n")
+    return sm_emulator
 
 
 @pytest.fixture(scope="module")
@@ -182,33 +182,33 @@ def model_members(sm, described: dict) -> dict[str, bytes]:
 
 def test_job_walks_statuses_streams_logs_and_uploads_the_model(sm, sagemaker, logs, monkeypatch):
     monkeypatch.setenv("STEPOPS_HOST_ONLY", "1")
-    arn = sagemaker.create_training_job(**job_request("walk", "ok"))["TrainingJobArn"]
-    assert arn == "arn:aws:sagemaker:us-east-1:123456789012:training-job/walk"
-    first = describe(sagemaker, "walk")
+    arn = sagemaker.create_training_job(**job_request("emu-walk", "ok"))["TrainingJobArn"]
+    assert arn == "arn:aws:sagemaker:us-east-1:123456789012:training-job/emu-walk"
+    first = describe(sagemaker, "emu-walk")
     assert first["TrainingJobStatus"] == "InProgress"
     assert first["SecondaryStatus"] in ("Starting", "Downloading", "Training")
 
     # lines reach CloudWatch Logs while the job still trains
-    streams = wait_until(lambda: log_streams(logs, "walk"), what="the log stream")
-    assert re.fullmatch(r"walk/algo-1-\d{10}", streams[0]["logStreamName"])
+    streams = wait_until(lambda: log_streams(logs, "emu-walk"), what="the log stream")
+    assert re.fullmatch(r"emu-walk/algo-1-\d{10}", streams[0]["logStreamName"])
     stream = streams[0]["logStreamName"]
     wait_until(lambda: any(e["message"].startswith("epoch 0") for e in logs.get_log_events(
         logGroupName=LOG_GROUP, logStreamName=stream, startFromHead=True)["events"]), what="epoch 0 in the logs")
-    running = describe(sagemaker, "walk")
+    running = describe(sagemaker, "emu-walk")
     assert (running["TrainingJobStatus"], running["SecondaryStatus"]) == ("InProgress", "Training")
-    assert sm.pids("walk")
+    assert sm.pids("emu-walk")
 
-    done = wait_done(sagemaker, "walk")
+    done = wait_done(sagemaker, "emu-walk")
     assert (done["TrainingJobStatus"], done["SecondaryStatus"]) == ("Completed", "Completed")
     assert statuses(done) == ["Starting", "Downloading", "Training", "Uploading", "Completed"]
     assert all(t["StartTime"] <= t["EndTime"] and t["StatusMessage"] for t in done["SecondaryStatusTransitions"])
     assert done["CreationTime"] <= done["TrainingStartTime"] < done["TrainingEndTime"]
     assert done["TrainingTimeInSeconds"] >= 1 and done["BillableTimeInSeconds"] >= 1
     assert done["Environment"]["MODE"] == "ok" and "FailureReason" not in done
-    assert done["ModelArtifacts"]["S3ModelArtifacts"] == f"s3://{BUCKET}/output/walk/output/model.tar.gz"
+    assert done["ModelArtifacts"]["S3ModelArtifacts"] == f"s3://{BUCKET}/output/emu-walk/output/model.tar.gz"
     assert model_members(sm, done) == {"model.txt": b"weights", "sub": b"", "sub/extra.txt": b"extra"}
 
-    lines = log_lines(logs, "walk")
+    lines = log_lines(logs, "emu-walk")
     assert lines[:2] == ["host env leaked: False", 'hyperparameters: {"epochs": "4", "lr": "0.1"}']
     assert [line for line in lines if line.startswith("input:")] == [
         "input: code/train.py", "input: train/a.csv", "input: train/nested/b.csv"]
@@ -217,114 +217,114 @@ def test_job_walks_statuses_streams_logs_and_uploads_the_model(sm, sagemaker, lo
     events = logs.get_log_events(logGroupName=LOG_GROUP, logStreamName=stream, startFromHead=True)["events"]
     assert [e["timestamp"] for e in events] == sorted(e["timestamp"] for e in events)
 
-    ml = sm.job_dir("walk")
+    ml = sm.job_dir("emu-walk")
     assert (ml / "input/config/resourceconfig.json").is_file() and (ml / "model/model.txt").is_file()
-    assert not sm.pids("walk")
+    assert not sm.pids("emu-walk")
 
     # the API around it
     with pytest.raises(ClientError) as duplicate:
-        sagemaker.create_training_job(**job_request("walk", "ok"))
+        sagemaker.create_training_job(**job_request("emu-walk", "ok"))
     assert duplicate.value.response["Error"]["Code"] == "ResourceInUse"
     assert "must be unique" in duplicate.value.response["Error"]["Message"]
-    summaries = sagemaker.list_training_jobs(NameContains="wal", StatusEquals="Completed")["TrainingJobSummaries"]
-    assert [(s["TrainingJobName"], s["TrainingJobStatus"]) for s in summaries] == [("walk", "Completed")]
-    assert sagemaker.list_training_jobs(NameContains="walk", StatusEquals="Failed")["TrainingJobSummaries"] == []
+    summaries = sagemaker.list_training_jobs(NameContains="emu-wal", StatusEquals="Completed")["TrainingJobSummaries"]
+    assert [(s["TrainingJobName"], s["TrainingJobStatus"]) for s in summaries] == [("emu-walk", "Completed")]
+    assert sagemaker.list_training_jobs(NameContains="emu-walk", StatusEquals="Failed")["TrainingJobSummaries"] == []
     assert sagemaker.list_tags(ResourceArn=arn)["Tags"] == [{"Key": "team", "Value": "ml"}]
     with pytest.raises(ClientError) as stop_done:
-        sagemaker.stop_training_job(TrainingJobName="walk")
+        sagemaker.stop_training_job(TrainingJobName="emu-walk")
     assert stop_done.value.response["Error"]["Code"] == "ValidationException"
     assert "in status Completed" in stop_done.value.response["Error"]["Message"]
 
 
 def test_non_zero_exit_fails_with_an_algorithm_error(sagemaker, logs):
-    sagemaker.create_training_job(**job_request("exit-1", "fail"))
-    done = wait_done(sagemaker, "exit-1")
+    sagemaker.create_training_job(**job_request("emu-exit-1", "fail"))
+    done = wait_done(sagemaker, "emu-exit-1")
     assert (done["TrainingJobStatus"], done["SecondaryStatus"]) == ("Failed", "Failed")
     assert statuses(done) == ["Starting", "Downloading", "Training", "Failed"]
     reason = done["FailureReason"]
     assert reason.startswith("AlgorithmError: ") and reason.endswith(", exit code: 1")
     assert "bad things happened" in reason
     assert "ModelArtifacts" not in done
-    assert "bad things happened" in log_lines(logs, "exit-1")
+    assert "bad things happened" in log_lines(logs, "emu-exit-1")
 
 
 def test_stop_training_job_terminates_the_process_and_keeps_what_it_saved(sm, sagemaker, logs):
-    sagemaker.create_training_job(**job_request("stop-me", "sleep"))
-    wait_until(lambda: "sleeping" in log_lines(logs, "stop-me"), what="the job to sleep")
-    [pid] = sm.pids("stop-me")
-    sagemaker.stop_training_job(TrainingJobName="stop-me")
-    stopping = describe(sagemaker, "stop-me")
+    sagemaker.create_training_job(**job_request("emu-stop-me", "sleep"))
+    wait_until(lambda: "sleeping" in log_lines(logs, "emu-stop-me"), what="the job to sleep")
+    [pid] = sm.pids("emu-stop-me")
+    sagemaker.stop_training_job(TrainingJobName="emu-stop-me")
+    stopping = describe(sagemaker, "emu-stop-me")
     assert stopping["TrainingJobStatus"] in ("Stopping", "Stopped")
-    done = wait_done(sagemaker, "stop-me")
+    done = wait_done(sagemaker, "emu-stop-me")
     assert (done["TrainingJobStatus"], done["SecondaryStatus"]) == ("Stopped", "Stopped")
     assert statuses(done) == ["Starting", "Downloading", "Training", "Stopping", "Uploading", "Stopped"]
-    assert not sm.pids("stop-me")
+    assert not sm.pids("emu-stop-me")
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert model_members(sm, done) == {"partial.txt": b"saved on SIGTERM"}
-    assert "got SIGTERM, saved a partial model" in log_lines(logs, "stop-me")
+    assert "got SIGTERM, saved a partial model" in log_lines(logs, "emu-stop-me")
     with pytest.raises(ClientError) as again:
-        sagemaker.stop_training_job(TrainingJobName="stop-me")
+        sagemaker.stop_training_job(TrainingJobName="emu-stop-me")
     assert "in status Stopped" in again.value.response["Error"]["Message"]
 
 
 def test_max_runtime_stops_the_job(sagemaker):
     started = time.monotonic()
-    sagemaker.create_training_job(**job_request("too-long", "sleep", max_runtime=1))
-    done = wait_done(sagemaker, "too-long")
+    sagemaker.create_training_job(**job_request("emu-too-long", "sleep", max_runtime=1))
+    done = wait_done(sagemaker, "emu-too-long")
     assert (done["TrainingJobStatus"], done["SecondaryStatus"]) == ("Stopped", "MaxRuntimeExceeded")
     assert statuses(done)[-3:] == ["Stopping", "Uploading", "MaxRuntimeExceeded"]
     assert time.monotonic() - started < 10
 
 
 def test_spot_interruption_restarts_from_the_checkpoint(sm, sagemaker, logs):
-    sagemaker.create_training_job(**job_request("spot", "resume", spot=True, max_wait=120, checkpoints=True))
-    wait_until(lambda: "checkpoint saved" in log_lines(logs, "spot"), what="the first checkpoint")
+    sagemaker.create_training_job(**job_request("emu-spot", "resume", spot=True, max_wait=120, checkpoints=True))
+    wait_until(lambda: "checkpoint saved" in log_lines(logs, "emu-spot"), what="the first checkpoint")
     s3 = sm.client("s3")
-    wait_until(lambda: s3.list_objects_v2(Bucket=BUCKET, Prefix="checkpoints/spot/").get("KeyCount"),
+    wait_until(lambda: s3.list_objects_v2(Bucket=BUCKET, Prefix="checkpoints/emu-spot/").get("KeyCount"),
                what="the checkpoint synced to S3 while the job runs")
-    sm.disrupt("spot", "spot_interruption")
-    done = wait_done(sagemaker, "spot")
+    sm.disrupt("emu-spot", "spot_interruption")
+    done = wait_done(sagemaker, "emu-spot")
     assert (done["TrainingJobStatus"], done["SecondaryStatus"]) == ("Completed", "Completed"), done.get("FailureReason")
     assert statuses(done) == ["Starting", "Downloading", "Training", "Interrupted", "Starting", "Downloading",
                               "Training", "Uploading", "Completed"]
-    assert "resumed from checkpoint epoch 7" in log_lines(logs, "spot")
-    assert len(sm.log_streams("spot")) == 2  # a new instance, a new stream
+    assert "resumed from checkpoint epoch 7" in log_lines(logs, "emu-spot")
+    assert len(sm.log_streams("emu-spot")) == 2  # a new instance, a new stream
     assert model_members(sm, done) == {"model.txt": b"trained from epoch 7"}
-    checkpoint = s3.get_object(Bucket=BUCKET, Key="checkpoints/spot/state.txt")["Body"].read()
+    checkpoint = s3.get_object(Bucket=BUCKET, Key="checkpoints/emu-spot/state.txt")["Body"].read()
     assert checkpoint == b"7"
     assert done["BillableTimeInSeconds"] <= done["TrainingTimeInSeconds"]
 
 
 def test_interruption_of_an_on_demand_job_fails_it(sm, sagemaker):
-    sm.inject("spot_interruption", job="on-demand", after=1.0)
-    sagemaker.create_training_job(**job_request("on-demand", "sleep"))
-    sm.wait_for_status("on-demand", "Training")
-    done = sm.wait_for_job("on-demand")
+    sm.inject("spot_interruption", job="emu-on-demand", after=1.0)
+    sagemaker.create_training_job(**job_request("emu-on-demand", "sleep"))
+    sm.wait_for_status("emu-on-demand", "Training")
+    done = sm.wait_for_job("emu-on-demand")
     assert (done["TrainingJobStatus"], done["FailureReason"]) == ("Failed", INTERNAL_ERROR)
-    assert "sleeping" in sm.logs("on-demand")
+    assert "sleeping" in sm.logs("emu-on-demand")
 
 
 def test_insufficient_capacity_fails_while_starting(sm, sagemaker):
-    sm.inject(Fault("insufficient_capacity"))  # the next job, whatever its name
-    sagemaker.create_training_job(**job_request("no-capacity", "ok"))
-    done = wait_done(sagemaker, "no-capacity")
+    sm.inject(Fault("insufficient_capacity"), job="emu-no-capacity")
+    sagemaker.create_training_job(**job_request("emu-no-capacity", "ok"))
+    done = wait_done(sagemaker, "emu-no-capacity")
     assert (done["TrainingJobStatus"], done["SecondaryStatus"]) == ("Failed", "Failed")
     assert done["FailureReason"] == CAPACITY_ERROR
     assert statuses(done) == ["Starting", "Failed"]
-    assert "TrainingStartTime" not in done and sm.log_streams("no-capacity") == []
+    assert "TrainingStartTime" not in done and sm.log_streams("emu-no-capacity") == []
 
 
 def test_failure_fault_and_slow_start_past_the_spot_wait_time(sm, sagemaker):
-    sm.inject("failure", job="broken", message="ClientError: the emulated disk is full")
-    sm.inject("slow_start", job="slow-spot", duration=30)
-    sagemaker.create_training_job(**job_request("broken", "ok"))
-    sagemaker.create_training_job(**job_request("slow-spot", "ok", spot=True, max_runtime=1, max_wait=2))
+    sm.inject("failure", job="emu-broken", message="ClientError: the emulated disk is full")
+    sm.inject("slow_start", job="emu-slow-spot", duration=30)
+    sagemaker.create_training_job(**job_request("emu-broken", "ok"))
+    sagemaker.create_training_job(**job_request("emu-slow-spot", "ok", spot=True, max_runtime=1, max_wait=2))
     time.sleep(0.5)
-    assert describe(sagemaker, "slow-spot")["SecondaryStatus"] == "Starting"
-    broken = wait_done(sagemaker, "broken")
+    assert describe(sagemaker, "emu-slow-spot")["SecondaryStatus"] == "Starting"
+    broken = wait_done(sagemaker, "emu-broken")
     assert (broken["TrainingJobStatus"], broken["FailureReason"]) == ("Failed", "ClientError: the emulated disk is full")
-    slow = wait_done(sagemaker, "slow-spot")
+    slow = wait_done(sagemaker, "emu-slow-spot")
     assert (slow["TrainingJobStatus"], slow["SecondaryStatus"]) == ("Stopped", "MaxWaitTimeExceeded")
     assert statuses(slow) == ["Starting", "MaxWaitTimeExceeded"]
 
@@ -334,7 +334,7 @@ def test_api_errors_and_validation(sm, sagemaker):
         sagemaker.describe_training_job(TrainingJobName="never-created")
     assert missing.value.response["Error"] == {"Code": "ValidationException",
                                                "Message": "Requested resource not found."}
-    request = job_request("spot-without-wait", "ok", spot=True)
+    request = job_request("emu-spot-without-wait", "ok", spot=True)
     del request["StoppingCondition"]["MaxWaitTimeInSeconds"]
     with pytest.raises(ClientError) as invalid:
         sagemaker.create_training_job(**request)
@@ -357,14 +357,14 @@ def test_aiobotocore_drives_a_job(sm):
                    "aws_secret_access_key": "testing"}
         async with session.create_client("sagemaker", **options) as sagemaker, \
                 session.create_client("logs", **options) as logs, session.create_client("s3", **options) as s3:
-            await sagemaker.create_training_job(**job_request("async", "ok"))
-            while (described := await sagemaker.describe_training_job(TrainingJobName="async"))[
+            await sagemaker.create_training_job(**job_request("emu-async", "ok"))
+            while (described := await sagemaker.describe_training_job(TrainingJobName="emu-async"))[
                     "TrainingJobStatus"] == "InProgress":
                 await asyncio.sleep(0.2)
-            streams = (await logs.describe_log_streams(logGroupName=LOG_GROUP, logStreamNamePrefix="async/"))
+            streams = (await logs.describe_log_streams(logGroupName=LOG_GROUP, logStreamNamePrefix="emu-async/"))
             events = await logs.get_log_events(logGroupName=LOG_GROUP, startFromHead=True,
                                                logStreamName=streams["logStreams"][0]["logStreamName"])
-            obj = await s3.get_object(Bucket=BUCKET, Key="output/async/output/model.tar.gz")
+            obj = await s3.get_object(Bucket=BUCKET, Key="output/emu-async/output/model.tar.gz")
             async with obj["Body"] as body:
                 data = await body.read()
         return described, [e["message"] for e in events["events"]], data
