@@ -3,7 +3,8 @@
 ``train_on_sagemaker`` runs as a SageMaker Training Job on ``ml.p3.2xlarge`` spot capacity through the
 step operator ``sagemaker_step_operator`` (see ``connections.json``: the execution role, the training
 image and an ``s3://`` artifact store). It checkpoints to ``/opt/ml/checkpoints``, which SageMaker
-syncs to S3, so a spot interruption resumes from the last epoch instead of starting over.
+syncs to S3 (``STEPOPS_CHECKPOINT_DIR`` names it), so a spot interruption resumes from the last epoch
+instead of starting over.
 ``make demo FLAVOR=sagemaker`` runs the mixed pipeline against the local SageMaker emulator.
 """
 
@@ -33,7 +34,8 @@ def sagemaker_training():
         import json
         import os
 
-        state_file = "/opt/ml/checkpoints/state.json"
+        # /opt/ml/checkpoints on SageMaker; the variable also works on the local emulator
+        state_file = os.path.join(os.environ.get("STEPOPS_CHECKPOINT_DIR", "/opt/ml/checkpoints"), "state.json")
         state = {"epoch": 0, "w": 0.0, "b": 0.0}
         if os.path.exists(state_file):  # resumed after a spot interruption
             with open(state_file) as fh:

@@ -102,14 +102,23 @@ class SageMakerStepOperatorHook(StepOperatorHook):
 
     # ---- the request --------------------------------------------------------------------------
     def instance_type(self, spec: StepSpec) -> str:
-        settings = self._settings(spec)
-        chosen = settings.instance_type or self.config.instance_type
-        try:
-            if chosen:
-                check_instance_type(chosen, "instance_type", against_api=True)
-                return chosen
-            from airflow_stepops.settings.sagemaker_instances import choose_instance
+        """The step's ``instance_type``; else the operator's default when it has what ResourceSettings ask
+        for; else the cheapest type of the table that has it."""
+        from airflow_stepops.settings.sagemaker_instances import INSTANCE_TYPES, choose_instance, fits
 
+        settings, default = self._settings(spec), self.config.instance_type
+        try:
+            if settings.instance_type:
+                check_instance_type(settings.instance_type, "instance_type", against_api=True)
+                known = INSTANCE_TYPES.get(settings.instance_type)
+                if known is not None and not fits(known, spec.resources):
+                    raise ValueError(f"instance_type: {known.describe()} does not have the resources the step asks "
+                                     f"for ({spec.resources.model_dump(exclude_none=True)})")
+                return settings.instance_type
+            if default and (spec.resources.empty or (default in INSTANCE_TYPES
+                                                     and fits(INSTANCE_TYPES[default], spec.resources))):
+                check_instance_type(default, "instance_type", against_api=True)
+                return default
             picked = choose_instance(spec.resources)
         except ValueError as exc:
             raise StepOperatorConfigError(str(exc)) from None
@@ -166,7 +175,9 @@ class SageMakerStepOperatorHook(StepOperatorHook):
             resource_config["VolumeKmsKeyId"] = cfg.kms_key_id
         env = {**cfg.environment, **settings.environment, "STEPOPS_FLAVOR": "sagemaker", "PYTHONUNBUFFERED": "1",
                "STEPOPS_BUNDLE_PATH": f"{ML}/input/data/bundle", "STEPOPS_OUTPUT_PATH": f"{ML}/model",
-               "STEPOPS_TERMINATION_LOG": f"{ML}/output/failure"}
+               "STEPOPS_TERMINATION_LOG": f"{ML}/output/failure",
+               # where a step keeps state that must survive a spot interruption (synced to S3 by SageMaker)
+               "STEPOPS_CHECKPOINT_DIR": f"{ML}/checkpoints"}
         refs_json = json.dumps({k: {"path": v["path"]} for k, v in refs.items()})
         if len(refs_json) <= MAX_ENV_CHARS:
             env["STEPOPS_REFS"] = refs_json

@@ -245,7 +245,9 @@ def test_non_zero_exit_fails_with_an_algorithm_error(sagemaker, logs):
     assert reason.startswith("AlgorithmError: ") and reason.endswith(", exit code: 1")
     assert "bad things happened" in reason
     assert "ModelArtifacts" not in done
-    assert "bad things happened" in log_lines(logs, "emu-exit-1")
+    lines = log_lines(logs, "emu-exit-1")
+    assert "bad things happened" in lines
+    assert "training done" not in lines  # FilterLogEvents keeps to the job's streams (logStreamNamePrefix)
 
 
 def test_stop_training_job_terminates_the_process_and_keeps_what_it_saved(sm, sagemaker, logs):

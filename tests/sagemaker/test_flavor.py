@@ -92,7 +92,7 @@ def _resume_from_checkpoint(epochs: int) -> dict:
     import os
     import time
 
-    path = "/opt/ml/checkpoints/state.json"
+    path = os.path.join(os.environ["STEPOPS_CHECKPOINT_DIR"], "state.json")
     state = json.load(open(path)) if os.path.exists(path) else {"epoch": 0, "starts": 0}
     state["starts"] += 1
     for epoch in range(state["epoch"], epochs):

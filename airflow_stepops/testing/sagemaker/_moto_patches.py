@@ -15,11 +15,16 @@ only after paginating. ``apply()`` replaces, on moto's classes:
   ``list_training_jobs`` (filters, ``SortBy``/``SortOrder``, pages of ``MaxResults`` (default 10), then
   ``StatusEquals`` within the page, as SageMaker documents) and ``stop_training_job``.
 
+And one change to moto's CloudWatch Logs, whose ``FilterLogEvents`` ignores ``logStreamNamePrefix``
+(returning every stream's events, so "the lines of job X" came back mixed with other jobs' lines):
+``LogsResponse.filter_log_events`` turns the prefix into the ``logStreamNames`` moto does honour.
+
 Nothing else of moto changes. ``apply()`` is idempotent; with no listener set, jobs stay ``Starting``.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import warnings
 from datetime import datetime, timezone
@@ -55,6 +60,7 @@ def apply() -> None:
         if _applied:
             return
         import moto
+        from moto.logs.responses import LogsResponse
         from moto.sagemaker.models import SageMakerModelBackend
         from moto.sagemaker.responses import SageMakerResponse
 
@@ -64,7 +70,8 @@ def apply() -> None:
         for cls, names in ((SageMakerModelBackend, ("create_training_job", "describe_training_job",
                                                     "list_training_jobs", "add_tags", "list_tags")),
                            (SageMakerResponse, ("create_training_job", "describe_training_job",
-                                                "list_training_jobs", "_get_params", "sagemaker_backend"))):
+                                                "list_training_jobs", "_get_params", "sagemaker_backend")),
+                           (LogsResponse, ("filter_log_events", "logs_backend"))):
             missing = [n for n in names if not hasattr(cls, n)]
             if missing:
                 raise RuntimeError(f"moto {moto.__version__}: {cls.__name__} lacks {missing}; the SageMaker "
@@ -79,6 +86,12 @@ def apply() -> None:
         response.describe_training_job = _response_describe
         response.list_training_jobs = _response_list
         response.stop_training_job = _response_stop
+        logs: Any = LogsResponse
+        original = logs.filter_log_events
+
+        def filter_log_events(self: Any) -> Any:
+            return _logs_filter(self, original)
+        logs.filter_log_events = filter_log_events
         _applied = True
 
 
@@ -220,3 +233,24 @@ def _response_stop(self: Any) -> Any:
 
     self.sagemaker_backend.stop_training_job(self._get_param("TrainingJobName"))
     return EmptyResult()
+
+
+# ----- CloudWatch Logs (self: moto's LogsResponse) -------------------------------------------------
+
+
+def _logs_filter(self: Any, original: Any) -> Any:
+    """FilterLogEvents honouring ``logStreamNamePrefix``, which moto 5.2.5 ignores."""
+    from moto.logs.exceptions import InvalidParameterException
+
+    body = json.loads(self.body or "{}")
+    prefix = body.get("logStreamNamePrefix")
+    group = self.logs_backend.groups.get(body.get("logGroupName") or "")
+    if prefix and group is not None:  # (an unknown group: moto's own answer, ResourceNotFoundException)
+        if body.get("logStreamNames"):
+            raise InvalidParameterException("Cannot specify both logStreamNames and logStreamNamePrefix")
+        names = [name for name in list(group.streams) if name.startswith(prefix)]
+        if not names:
+            return json.dumps({"events": [], "searchedLogStreams": []})
+        body["logStreamNames"] = names
+        self.body = json.dumps(body)
+    return original(self)

@@ -1,0 +1,54 @@
+"""SageMaker steps through Airflow's own ``dag.test()``: XComs, S3 artifacts, mapping, the example DAG."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("moto")
+
+from tests.dags import sm_steps
+
+from ..unit.test_operator import _run, _xcom
+
+pytestmark = pytest.mark.usefixtures("airflow_db", "sm_emulator")
+
+
+def _jobs(sm, run_id: str, task_id: str) -> list[dict]:
+    sagemaker = sm.client("sagemaker")
+    found = []
+    for job in sm.jobs():
+        tags = {t["Key"]: t["Value"] for t in sagemaker.list_tags(ResourceArn=job["TrainingJobArn"])["Tags"]}
+        if tags.get("stepops:run-id") == run_id and tags.get("stepops:task-id") == task_id:
+            found.append(sm.describe(job["TrainingJobName"]))
+    return found
+
+
+def test_pipeline_with_xcoms_s3_artifacts_and_mapping(sm_emulator):
+    run, tis = _run(sm_steps.sm_pipeline)
+    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert _xcom(tis["report"]) == {"total": 18, "model": [1, 2, 3], "doubled": [2, 10]}
+    ref = _xcom(tis["train"], key="model")
+    assert ref.uri.startswith("s3://stepops-tests/artifacts/sm_pipeline/") and ref.type == "builtins.frozenset"
+    [train_job] = _jobs(sm_emulator, run.run_id, "train")
+    assert train_job["ResourceConfig"]["InstanceType"] == "ml.m5.2xlarge"  # cheapest with 8 CPUs, 32 GB
+    [evaluate_job] = _jobs(sm_emulator, run.run_id, "evaluate")
+    assert evaluate_job["ResourceConfig"]["InstanceType"] == "ml.g5.xlarge"
+    assert [c["ChannelName"] for c in evaluate_job["InputDataConfig"]] == ["bundle", "ref0"]
+    record = _xcom(tis["train"], key="stepops_job")
+    assert record["flavor"] == "sagemaker" and record["instance_type"] == "ml.m5.2xlarge"
+    assert record["console_url"].endswith(f"#/jobs/{record['job_id']}")
+
+
+def test_sagemaker_example_dag_runs_on_the_emulator(sm_emulator):
+    from pathlib import Path
+
+    from airflow_stepops._compat import dagbag_class
+
+    examples = Path(__file__).resolve().parents[2] / "dags_examples"
+    dag = dagbag_class()(dag_folder=str(examples / "sagemaker_training.py")).get_dag("sagemaker_training")
+    run, tis = _run(dag)
+    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert _xcom(tis["train_on_sagemaker"]) == {"w": 1.5, "b": 0.25, "epochs": 20}
+    [job] = _jobs(sm_emulator, run.run_id, "train_on_sagemaker")
+    assert job["EnableManagedSpotTraining"] is True and job["ResourceConfig"]["InstanceType"] == "ml.p3.2xlarge"
+    assert job["StoppingCondition"]["MaxWaitTimeInSeconds"] >= job["StoppingCondition"]["MaxRuntimeInSeconds"]
