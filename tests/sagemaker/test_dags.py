@@ -52,3 +52,19 @@ def test_sagemaker_example_dag_runs_on_the_emulator(sm_emulator):
     [job] = _jobs(sm_emulator, run.run_id, "train_on_sagemaker")
     assert job["EnableManagedSpotTraining"] is True and job["ResourceConfig"]["InstanceType"] == "ml.p3.2xlarge"
     assert job["StoppingCondition"]["MaxWaitTimeInSeconds"] >= job["StoppingCondition"]["MaxRuntimeInSeconds"]
+
+
+def test_stepops_render_prints_the_create_training_job_request(sm_emulator):
+    import json
+    import subprocess
+    import sys
+
+    before = len(sm_emulator.jobs())
+    out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "render", "sm_pipeline", "train"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout[out.stdout.index("{"):])
+    request = body["request"]
+    assert body["flavor"] == "sagemaker" and request["ResourceConfig"]["InstanceType"] == "ml.m5.2xlarge"
+    assert request["RoleArn"].startswith("arn:aws:iam::") and request["InputDataConfig"][0]["ChannelName"] == "bundle"
+    assert len(sm_emulator.jobs()) == before  # nothing was submitted
