@@ -37,6 +37,9 @@ DEFAULT_MAX_RUNTIME = 86400
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
 MAX_CHANNELS = 20
 TAG_PREFIX = "stepops:"
+#: seconds of ListTrainingJobs overlap before the newest modification seen (clock and ordering slack)
+LIST_OVERLAP_SECONDS = 30
+MAX_LIST_PAGES = 10
 #: secondary statuses that mean the capacity went away, not that the step failed
 PREEMPTION_STATUSES = ("Interrupted",)
 
@@ -346,11 +349,35 @@ class SageMakerStepOperatorHook(StepOperatorHook):
 
     # ---- async (triggerer) --------------------------------------------------------------------
     async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus | BaseException]:
-        """One DescribeTrainingJob per step (SageMaker has no batch describe), over one client."""
+        """SageMaker has no batch describe: one ``ListTrainingJobs`` of the jobs modified since the last
+        round tells which steps changed, and only those are described again, so a round costs one
+        call (plus one per changed job) whatever the number of waiting steps."""
         import asyncio
+        from datetime import timedelta
 
+        cache: dict[str, JobStatus] = self.__dict__.setdefault("_status_cache", {})
+        modified: dict[str, Any] = self.__dict__.setdefault("_modified_at", {})  # job -> LastModifiedTime seen
         hook = self._aws_hook("sagemaker")
         async with await hook.get_async_conn() as client:
+            changed: set[str] | None = None
+            since = self.__dict__.get("_modified_since")
+            if since is not None:
+                changed = set()
+                kwargs: dict[str, Any] = {"LastModifiedTimeAfter": since - timedelta(seconds=LIST_OVERLAP_SECONDS),
+                                          "MaxResults": 100}
+                for _ in range(MAX_LIST_PAGES):
+                    page = await client.list_training_jobs(**kwargs)
+                    for summary in page.get("TrainingJobSummaries", []):
+                        name, when = summary["TrainingJobName"], summary["LastModifiedTime"]
+                        if name not in modified or when > modified[name]:
+                            changed.add(name)
+                        since = max(since, when)
+                    if not page.get("NextToken"):
+                        break
+                    kwargs["NextToken"] = page["NextToken"]
+                else:
+                    changed = None  # too many changes to page through: describe everything
+
             async def one(handle: JobHandle) -> JobStatus:
                 from botocore.exceptions import ClientError
 
@@ -360,9 +387,28 @@ class SageMakerStepOperatorHook(StepOperatorHook):
                     if _not_found(exc):
                         return job_status(None, handle)
                     raise self._client_error(exc, f"describe training job {handle['job_id']}") or exc
+                nonlocal since
+                if job.get("LastModifiedTime") is not None:
+                    modified[handle["job_id"]] = job["LastModifiedTime"]
+                    since = job["LastModifiedTime"] if since is None else max(since, job["LastModifiedTime"])
                 return job_status(dict(job), handle)
 
-            return list(await asyncio.gather(*(one(h) for h in handles), return_exceptions=True))
+            stale = [h for h in handles if changed is None or h["job_id"] in changed or h["job_id"] not in cache]
+            fresh = dict(zip((h["job_id"] for h in stale),
+                             await asyncio.gather(*(one(h) for h in stale), return_exceptions=True)))
+        self.__dict__["_modified_since"] = since
+        wanted = {h["job_id"] for h in handles}
+        for name in list(cache):
+            if name not in wanted:
+                del cache[name]
+                modified.pop(name, None)
+        out: list[JobStatus | BaseException] = []
+        for handle in handles:
+            result = fresh.get(handle["job_id"], cache.get(handle["job_id"]))
+            if isinstance(result, JobStatus):
+                cache[handle["job_id"]] = result
+            out.append(result if result is not None else RuntimeError(f"no status for {handle['job_id']}"))
+        return out
 
     async def acancel(self, handle: JobHandle) -> None:
         from botocore.exceptions import ClientError

@@ -144,3 +144,29 @@ def test_a_missing_region_is_a_clear_error(monkeypatch):
     hook = make_hook("sm_no_region")
     with pytest.raises(StepOperatorConfigError, match="region_name: step operator 'sm_no_region' has no AWS region"):
         hook.submit(make_spec(hook, _greet, "x", task_id="no_region"))
+
+
+def test_shared_polling_describes_only_jobs_that_changed(sm_emulator):
+    import asyncio
+
+    from airflow_stepops.hooks.base import JobState
+
+    hook = make_hook()
+    handles = [hook.submit(make_spec(hook, _sleep, 4, task_id=f"shared_{i}")) for i in range(4)]
+    poller = make_hook()  # one hook instance, as a triggerer's shared poller keeps
+
+    async def rounds() -> list[list]:
+        seen = []
+        for _ in range(60):
+            statuses = await poller.aget_statuses(handles)
+            seen.append(statuses)
+            if all(not isinstance(s, BaseException) and s.state.terminal for s in statuses):
+                return seen
+            await asyncio.sleep(0.5)
+        raise AssertionError("the jobs did not finish")
+
+    before = len(sm_emulator.requests(action="DescribeTrainingJob"))
+    seen = asyncio.run(rounds())
+    describes = len(sm_emulator.requests(action="DescribeTrainingJob")) - before
+    assert all(s.state is JobState.SUCCEEDED for s in seen[-1])
+    assert len(seen) >= 6 and describes < len(seen) * len(handles) / 2, (describes, len(seen))
