@@ -4,7 +4,10 @@
   step operator connections registered with one ``airflow connections import``: the local ones and,
   when the kubernetes extra is installed, ``k8s_step_operator`` on the session's Kubernetes emulator
   (the ``k8s_emulator`` fixture of tests/conftest.py, started once per session; a kubeconfig for it is
-  written into this home). Every Airflow command runs as a subprocess with an environment built here
+  written into this home) and, when moto and boto3 are installed, ``aws_default`` and
+  ``sm_step_operator`` on the session's SageMaker emulator (the ``sm_emulator`` fixture of
+  tests/conftest.py; the ``AWS_*`` variables pointing the AWS SDKs at it are in every Airflow
+  process's environment). Every Airflow command runs as a subprocess with an environment built here
   from scratch (nothing ``AIRFLOW*`` leaks in from the parent process or from ``tests/conftest.py``);
   this process never imports Airflow, it reads the metadata DB with ``sqlite3``.
 - ``airflow_services`` (session, started on first use): scheduler (LocalExecutor), dag-processor,
@@ -54,9 +57,16 @@ CONNECTIONS = {
 K8S_STEP_OPERATOR = "k8s_step_operator"
 K8S_NAMESPACE = "steps"
 K8S_CONN_ENVIRONMENT = {"E2E_FROM_CONN": "from-k8s-connection"}  # STEPOPS_* is reserved
+#: the sagemaker step operator (registered when moto and boto3 are installed), its bucket (created by
+#: the ``sm_emulator`` fixture), artifact store and the environment its connection gives every step
+SM_STEP_OPERATOR = "sm_step_operator"
+SM_BUCKET = "stepops-tests"
+SM_ARTIFACT_STORE = f"s3://{SM_BUCKET}/e2e"
+SM_CONN_ENVIRONMENT = {"E2E_FROM_CONN": "from-sm-connection"}
 #: DAGs the services must have parsed before tests trigger them
 LIVE_DAG_IDS = ("stepops_e2e_deferred", "stepops_e2e_reattach", "stepops_e2e_cancel",
-                "stepops_e2e_k8s_deferred", "stepops_e2e_k8s_reattach", "stepops_e2e_k8s_cancel")
+                "stepops_e2e_k8s_deferred", "stepops_e2e_k8s_reattach", "stepops_e2e_k8s_cancel",
+                "stepops_e2e_sm_deferred", "stepops_e2e_sm_reattach", "stepops_e2e_sm_cancel", "stepops_e2e_sm_spot")
 
 _LAST_SERVICES_USER: list[str] = []  # node id of the last test that uses the live services
 
@@ -192,6 +202,8 @@ class AirflowEnv:
     airflow: list[str] = field(default_factory=_airflow_executable)
     #: the session's ``KubernetesEmulator`` behind ``k8s_step_operator`` (None without the kubernetes extra)
     k8s: Any = None
+    #: the session's ``SageMakerEmulator`` behind ``sm_step_operator`` and ``aws_default`` (None without moto)
+    sm: Any = None
 
     # helpers for the tests (kept here so test modules need not import this conftest)
     wait_for = staticmethod(wait_for)
@@ -305,9 +317,11 @@ class AirflowEnv:
         return found
 
 
-def _session_env(home: Path, api_port: int) -> dict[str, str]:
+def _session_env(home: Path, api_port: int, sm: Any = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("AIRFLOW", "_AIRFLOW", "PYTEST_", "STEPOPS_"))}
+           if not k.startswith(("AIRFLOW", "_AIRFLOW", "PYTEST_", "STEPOPS_", "AWS_"))}
+    if sm is not None:  # the AWS SDKs of every Airflow process (object storage, hooks) reach the emulator
+        env.update(sm.env())
     api = f"http://127.0.0.1:{api_port}"
     env.update({
         "AIRFLOW_HOME": str(home),
@@ -357,7 +371,14 @@ def _kubernetes_emulator(request: pytest.FixtureRequest) -> Any:
     return request.getfixturevalue("k8s_emulator")
 
 
-def _connections(home: Path, k8s: Any) -> dict[str, dict[str, str]]:
+def _sagemaker_emulator(request: pytest.FixtureRequest) -> Any:
+    """The session's emulator (started once, by tests/conftest.py), or None without moto and boto3."""
+    if not all(importlib.util.find_spec(name) for name in ("moto", "boto3")):
+        return None
+    return request.getfixturevalue("sm_emulator")
+
+
+def _connections(home: Path, k8s: Any, sm: Any = None) -> dict[str, dict[str, str]]:
     """The step operator connections of the session, as ``airflow connections import`` reads them."""
     found = {conn_id: {"conn_type": "stepops_local", "extra": json.dumps(extras)}
              for conn_id, extras in CONNECTIONS.items()}
@@ -367,6 +388,14 @@ def _connections(home: Path, k8s: Any) -> dict[str, dict[str, str]]:
             "config_file": str(kubeconfig), "kubernetes_context": "emulator", "kubernetes_namespace": K8S_NAMESPACE,
             "image": "registry.local/stepops-python:3", "environment": K8S_CONN_ENVIRONMENT,
             "console_url_template": "https://k8s.example/#/job/{namespace}/{name}"})}
+    if sm is not None:
+        aws = json.loads(sm.airflow_connection())
+        found["aws_default"] = {**aws, "extra": json.dumps(aws.get("extra") or {})}
+        found[SM_STEP_OPERATOR] = {"conn_type": "stepops_sagemaker", "extra": json.dumps({
+            "role": "arn:aws:iam::123456789012:role/stepops-tests", "region_name": sm.region,
+            "image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/stepops-python:3",
+            "artifact_store": SM_ARTIFACT_STORE, "instance_type": "ml.m5.large",
+            "environment": SM_CONN_ENVIRONMENT})}
     return found
 
 
@@ -380,10 +409,11 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
     else:
         home = tmp_path_factory.mktemp("airflow-home")
     api_port = _free_port()
-    af = AirflowEnv(home=home, env=_session_env(home, api_port), api_port=api_port, k8s=_kubernetes_emulator(request))
+    k8s, sm = _kubernetes_emulator(request), _sagemaker_emulator(request)
+    af = AirflowEnv(home=home, env=_session_env(home, api_port, sm), api_port=api_port, k8s=k8s, sm=sm)
     af.cli("db", "migrate", timeout=300)
     # all step operators in one `airflow connections import` (each CLI call costs seconds)
-    connections = _connections(home, af.k8s)
+    connections = _connections(home, af.k8s, af.sm)
     (home / "connections.json").write_text(json.dumps(connections, indent=2))
     af.cli("connections", "import", str(home / "connections.json"), timeout=180)
     rows = af.query("SELECT conn_id, conn_type, extra FROM connection")
