@@ -369,7 +369,9 @@ class SageMakerStepOperatorHook(StepOperatorHook):
                     page = await client.list_training_jobs(**kwargs)
                     for summary in page.get("TrainingJobSummaries", []):
                         name, when = summary["TrainingJobName"], summary["LastModifiedTime"]
-                        if name not in modified or when > modified[name]:
+                        known = cache.get(name)
+                        if name not in modified or when > modified[name] or known is None or \
+                                summary.get("SecondaryStatus") != known.details.get("secondary_status"):
                             changed.add(name)
                         since = max(since, when)
                     if not page.get("NextToken"):
@@ -492,8 +494,12 @@ def job_status(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
             return JobStatus(JobState.FAILED, f"the job ran past MaxRuntimeInSeconds and SageMaker stopped it: "
                              f"{message}", {**details, "reason": "timed_out"})
         if secondary == "MaxWaitTimeExceeded":
-            return JobStatus(JobState.PREEMPTED, f"spot capacity did not allow the job to finish within "
-                             f"MaxWaitTimeInSeconds: {message}", {**details, "reason": "preempted"})
+            interrupted = any(t.get("Status") in PREEMPTION_STATUSES for t in transitions)
+            if interrupted:
+                return JobStatus(JobState.PREEMPTED, f"spot interruptions did not let the job finish within "
+                                 f"MaxWaitTimeInSeconds: {message}", {**details, "reason": "preempted"})
+            return JobStatus(JobState.FAILED, f"the job ran past MaxWaitTimeInSeconds without being interrupted "
+                             f"and SageMaker stopped it: {message}", {**details, "reason": "timed_out"})
         return JobStatus(JobState.CANCELLED, message or "stopped", details)
     if status == "Stopping":
         return JobStatus(JobState.RUNNING, f"stopping: {message}", details)

@@ -4,12 +4,14 @@
   step operator connections registered with one ``airflow connections import``: the local ones and,
   when the kubernetes extra is installed, ``k8s_step_operator`` on the session's Kubernetes emulator
   (the ``k8s_emulator`` fixture of tests/conftest.py, started once per session; a kubeconfig for it is
-  written into this home) and, when moto and boto3 are installed, ``aws_default`` and
+  written into this home) and, when moto and the aws extra are installed, ``aws_default`` and
   ``sm_step_operator`` on the session's SageMaker emulator (the ``sm_emulator`` fixture of
   tests/conftest.py; the ``AWS_*`` variables pointing the AWS SDKs at it are in every Airflow
   process's environment). Every Airflow command runs as a subprocess with an environment built here
-  from scratch (nothing ``AIRFLOW*`` leaks in from the parent process or from ``tests/conftest.py``);
-  this process never imports Airflow, it reads the metadata DB with ``sqlite3``.
+  from scratch (nothing ``AIRFLOW*`` or ``AWS_*`` leaks in from the parent process or from
+  ``tests/conftest.py``); this process never imports Airflow, it reads the metadata DB with ``sqlite3``.
+  Training jobs of the SageMaker emulator run as processes of this one (moto's state is per process)
+  and are killed when the emulator stops, at the end of the pytest session.
 - ``airflow_services`` (session, started on first use): scheduler (LocalExecutor), dag-processor,
   triggerer and api-server, all bound to 127.0.0.1, each in its own process group. They are stopped
   after the last e2e test (not only at session end, so they do not compete with later tests for
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -57,7 +60,7 @@ CONNECTIONS = {
 K8S_STEP_OPERATOR = "k8s_step_operator"
 K8S_NAMESPACE = "steps"
 K8S_CONN_ENVIRONMENT = {"E2E_FROM_CONN": "from-k8s-connection"}  # STEPOPS_* is reserved
-#: the sagemaker step operator (registered when moto and boto3 are installed), its bucket (created by
+#: the sagemaker step operator (registered when moto and the aws extra are installed), its bucket (created by
 #: the ``sm_emulator`` fixture), artifact store and the environment its connection gives every step
 SM_STEP_OPERATOR = "sm_step_operator"
 SM_BUCKET = "stepops-tests"
@@ -202,7 +205,8 @@ class AirflowEnv:
     airflow: list[str] = field(default_factory=_airflow_executable)
     #: the session's ``KubernetesEmulator`` behind ``k8s_step_operator`` (None without the kubernetes extra)
     k8s: Any = None
-    #: the session's ``SageMakerEmulator`` behind ``sm_step_operator`` and ``aws_default`` (None without moto)
+    #: the session's ``SageMakerEmulator`` behind ``sm_step_operator`` and ``aws_default`` (None without moto or
+    #: the aws extra)
     sm: Any = None
 
     # helpers for the tests (kept here so test modules need not import this conftest)
@@ -372,8 +376,14 @@ def _kubernetes_emulator(request: pytest.FixtureRequest) -> Any:
 
 
 def _sagemaker_emulator(request: pytest.FixtureRequest) -> Any:
-    """The session's emulator (started once, by tests/conftest.py), or None without moto and boto3."""
-    if not all(importlib.util.find_spec(name) for name in ("moto", "boto3")):
+    """The session's emulator (started once, by tests/conftest.py), or None without moto and the aws extra
+    (boto3, aiobotocore and the amazon provider, whose presence is read from its metadata: importing it
+    would import Airflow into this process)."""
+    if not all(importlib.util.find_spec(name) for name in ("moto", "boto3", "aiobotocore")):
+        return None
+    try:
+        importlib.metadata.distribution("apache-airflow-providers-amazon")
+    except importlib.metadata.PackageNotFoundError:
         return None
     return request.getfixturevalue("sm_emulator")
 

@@ -136,3 +136,15 @@ def test_unknown_instance_type_is_refused_before_submitting():
         bare = SageMakerStepOperatorHook(step_operator_conn_id="sm", config=SageMakerStepOperatorConfig(
             role=ROLE, artifact_store="s3://b/p"))
         bare.render(_spec(bare))
+
+
+def test_max_wait_exceeded_is_preemption_only_after_an_interruption():
+    from airflow_stepops.hooks.base import JobState
+    from airflow_stepops.hooks.sagemaker import job_status
+
+    handle = {"job_id": "j"}
+    base = {"TrainingJobStatus": "Stopped", "SecondaryStatus": "MaxWaitTimeExceeded"}
+    plain = job_status({**base, "SecondaryStatusTransitions": [{"Status": "Training"}]}, handle)
+    assert plain.state is JobState.FAILED and plain.details["reason"] == "timed_out"
+    spot = job_status({**base, "SecondaryStatusTransitions": [{"Status": "Interrupted"}]}, handle)
+    assert spot.state is JobState.PREEMPTED
