@@ -206,6 +206,12 @@ class KubernetesStepOperatorHook(StepOperatorHook):
                 return [*manifest.chunked_env("STEPOPS_BUNDLE", text),
                         {"name": "STEPOPS_BUNDLE_SHA256", "value": hashlib.sha256(archive).hexdigest()},
                         {"name": "STEPOPS_REFS", "value": json.dumps(refs_env)}, *env]
+        if not spec.bundle_uri.startswith("file://"):
+            raise StepOperatorConfigError(
+                f"the step's bundle ({raw} bytes with its inputs) is larger than inline_transfer_max_size="
+                f"{self.config.inline_transfer_max_size} and pods cannot read the {spec.bundle_uri.split(':')[0]}:// "
+                "artifact store (step images need only Python and cloudpickle); use a pvc:// artifact_store, or "
+                "pass large inputs as artifacts of a pvc:// store")
         self.log.info("Bundle of %d bytes is larger than inline_transfer_max_size: the pod reads it from %s",
                       raw, spec.bundle_uri)
         return [{"name": "STEPOPS_REFS", "value": json.dumps(by_uri)}, *env]

@@ -2,10 +2,10 @@
 
 The Kubernetes flavor starts ``python -c <this file> `` in the step's image. The bundle arrives in the
 pod spec itself (``STEPOPS_BUNDLE_PARTS`` environment variables of base64 gzip-tar), from a mounted
-volume (``STEPOPS_BUNDLE_PATH``) or, when too large for the spec, from the artifact store through
-fsspec (``STEPOPS_BUNDLE_URI``; the image then needs fsspec and the pod its own cloud identity). The
-output goes to a mounted volume (``STEPOPS_OUTPUT_PATH``) or is printed at the end of the pod log
-between markers when small, else uploaded to ``STEPOPS_OUTPUT_URI``.
+volume (``STEPOPS_BUNDLE_PATH``) or, when too large for the spec, from a ``file://`` artifact store
+the pod shares with the workers (``STEPOPS_BUNDLE_URI``, e.g. an NFS or hostPath mount at the same
+path). The output goes to a mounted volume (``STEPOPS_OUTPUT_PATH``) or is printed at the end of the
+pod log between markers when small, else copied to the shared ``STEPOPS_OUTPUT_URI``.
 
 Stdlib-only like ``bootstrap.py``. Exit code: the step's (0 success, 1 the step raised, 2 bad
 bundle), or 3 when the output could not be shipped.
@@ -28,7 +28,6 @@ import tempfile
 #: every line of the output block carries this prefix; lines without it are never part of the data
 PREFIX = "::stepops-output:{marker}:"
 LINE_CHARS = 8192  # well under the 16 KiB at which container runtimes split log lines
-CHUNK = 8 << 20
 
 
 def _env(name: str, default: str = "") -> str:
@@ -43,32 +42,25 @@ def _extract(archive: bytes, target: str) -> None:
             tar.extractall(target)
 
 
-def _unshared_file_store(uri: str) -> bool:
-    """A ``file://`` store the pod cannot see: the worker's disk, not mounted here. The worker wrote
-    the step's bundle before the Job was created, so the bundle is the proof of a shared path."""
-    if not uri.startswith("file://"):
-        return False
+def _shared_path(uri: str) -> str:
+    """The local path of a ``file://`` store this pod shares with the workers, or a clear error. The
+    worker wrote the step's bundle before the Job was created, so the bundle is the proof of sharing.
+    Object stores are never reached from here: images need nothing but Python and cloudpickle."""
     marker = _env("STEPOPS_BUNDLE_URI").rstrip("/") + "/meta.json"
-    return not os.path.exists(marker[len("file://"):])
+    if uri.startswith("file://") and os.path.exists(marker[len("file://"):]):
+        return uri[len("file://"):]
+    return _unshared(uri)
 
 
-def _unshared_message(uri: str) -> str:
-    return (f"{uri} is on a file:// artifact store that this pod does not share with the Airflow workers; "
-            "use a pvc:// or object-store artifact_store, or raise inline_transfer_max_size")
+def _unshared(uri: str) -> str:
+    raise RuntimeError(f"{uri} is too large to travel in the pod spec or log, and its artifact store is not a "
+                       "volume this pod shares with the Airflow workers; use a pvc:// artifact_store (or a "
+                       "file:// one mounted at the same path in pods and workers), or raise "
+                       "inline_transfer_max_size")
 
 
 def _fetch(uri: str, destination: str) -> None:
-    """Download one object with fsspec (imported only when a transfer really needs it)."""
-    if _unshared_file_store(uri):
-        raise RuntimeError(_unshared_message(uri))
-    try:
-        import fsspec
-    except ImportError:
-        raise RuntimeError(f"{uri} is too large to travel in the pod spec, and this image has no fsspec to "
-                           "read it from the artifact store; install fsspec (and s3fs/gcsfs/adlfs) in the "
-                           "image, or use a pvc:// artifact store") from None
-    with fsspec.open(uri, "rb") as src, open(destination, "wb") as dst:
-        shutil.copyfileobj(src, dst, CHUNK)
+    shutil.copyfile(_shared_path(uri), destination)
 
 
 def stage_bundle(workdir: str) -> str:
@@ -148,18 +140,12 @@ def print_inline(archive: bytes, marker: str) -> None:
 
 
 def upload(directory: str, uri: str) -> None:
-    """Copy the output directory to the store; result.json/error.json last (they mark completion)."""
-    if _unshared_file_store(uri):
-        raise RuntimeError(_unshared_message(uri))
-    try:
-        import fsspec
-    except ImportError:
-        raise RuntimeError("the result is too large for the pod log and this image has no fsspec to write it "
-                           f"to {uri}; install fsspec in the image, or use a pvc:// artifact store") from None
-    names = sorted(os.listdir(directory), key=lambda n: n in ("result.json", "error.json"))
-    for name in names:
-        with open(os.path.join(directory, name), "rb") as src, fsspec.open(f"{uri.rstrip('/')}/{name}", "wb") as dst:
-            shutil.copyfileobj(src, dst, CHUNK)
+    """Copy the output directory to the shared store; result.json/error.json last (they mark completion)."""
+    target = _shared_path(uri)
+    os.makedirs(target, exist_ok=True)
+    for name in sorted(os.listdir(directory), key=lambda n: n in ("result.json", "error.json")):
+        shutil.copyfile(os.path.join(directory, name), os.path.join(target, name + ".tmp"))
+        os.replace(os.path.join(target, name + ".tmp"), os.path.join(target, name))
 
 
 def ship_output(output: str, marker: str) -> None:

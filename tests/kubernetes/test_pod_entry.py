@@ -49,7 +49,8 @@ def test_a_large_output_for_a_store_the_pod_cannot_see_fails_clearly():
     assert done.returncode == 3, done.stderr
     assert "made noise" in done.stdout
     error = json.loads(_outcome_files(done.stdout)["error.json"])
-    assert "does not share with the Airflow workers" in error["message"] and "exit code 0" in error["message"]
+    assert "not a volume this pod shares with the Airflow workers" in error["message"]
+    assert "exit code 0" in error["message"]
 
 
 def test_a_small_output_comes_back_in_the_log_with_its_pickled_values():

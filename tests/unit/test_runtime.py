@@ -19,9 +19,8 @@ RUNTIME_DIR = Path(bootstrap.__file__).parent
 
 
 def test_runtime_imports_only_the_standard_library():
+    allowed = {"cloudpickle", "__future__"}
     for path in RUNTIME_DIR.glob("*.py"):
-        # the pod entry imports fsspec only for transfers too large for the pod spec and log
-        allowed = {"cloudpickle", "__future__", *(["fsspec"] if path.name == "pod_entry.py" else [])}
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = []
