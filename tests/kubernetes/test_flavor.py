@@ -390,3 +390,15 @@ def test_forbidden_api_answers_end_the_wait_with_a_clear_error(k8s_emulator):
     finally:
         k8s_emulator.clear_faults()
     assert run_trigger(hook, handle)["status"] == "succeeded"
+
+
+def test_a_large_bundle_on_an_object_store_is_refused_before_submitting(k8s_emulator, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_K8S_MEMORY_STORE", json.dumps({"conn_type": "stepops_kubernetes", "extra": {
+        "config_file": os.environ["AIRFLOW_HOME"] + "/kubeconfig", "kubernetes_context": "emulator",
+        "kubernetes_namespace": NS, "image": "python:3", "artifact_store": "memory://stepops-k8s"}}))
+    hook = make_hook("k8s_memory_store")
+    spec = make_spec(hook, _digest, os.urandom(3 << 20), task_id="object_store_big")
+    with pytest.raises(StepOperatorConfigError, match=r"larger than inline_transfer_max_size=512KiB and pods cannot "
+                       r"read the memory:// artifact store"):
+        hook.submit(spec)
+    assert k8s_emulator.list_objects("jobs", NS, f"{manifest.LABEL_PREFIX}/task-id=object_store_big") == []
