@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, check_environment
 
@@ -49,7 +49,28 @@ def check_sagemaker_environment(env: dict[str, str], field: str) -> dict[str, st
     return env
 
 
-class SageMakerStepOperatorSettings(BaseStepOperatorSettings):
+class _SageMakerChecks(BaseModel):
+    """Checks shared by the step settings and the step operator's defaults (same field names)."""
+
+    @field_validator("instance_type", check_fields=False)
+    @classmethod
+    def _instance(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_instance_type(value, "instance_type")
+        return value
+
+    @field_validator("tags", check_fields=False)
+    @classmethod
+    def _tags(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_tags(value, "tags")
+
+    @field_validator("environment", check_fields=False)
+    @classmethod
+    def _sm_env(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_sagemaker_environment(value, "environment")
+
+
+class SageMakerStepOperatorSettings(BaseStepOperatorSettings, _SageMakerChecks):
     """Per-step options of the sagemaker flavor."""
 
     flavor: ClassVar[str] = "sagemaker"
@@ -71,23 +92,6 @@ class SageMakerStepOperatorSettings(BaseStepOperatorSettings):
     training_job_overrides: dict[str, Any] = Field(
         default_factory=dict, description="Other CreateTrainingJob fields, passed through (e.g. "
         "{'RetryStrategy': {'MaximumRetryAttempts': 1}}).")
-
-    @field_validator("instance_type")
-    @classmethod
-    def _instance(cls, value: str | None) -> str | None:
-        if value is not None:
-            check_instance_type(value, "instance_type")
-        return value
-
-    @field_validator("tags")
-    @classmethod
-    def _tags(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_tags(value, "tags")
-
-    @field_validator("environment")
-    @classmethod
-    def _sm_env(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_sagemaker_environment(value, "environment")
 
     @field_validator("input_channels")
     @classmethod
@@ -154,7 +158,7 @@ def check_instance_type(value: str, field: str, *, against_api: bool = False) ->
         raise ValueError(f"{field}: unknown SageMaker training instance type {value!r}; e.g. {', '.join(close)}")
 
 
-class SageMakerStepOperatorConfig(BaseStepOperatorConfig):
+class SageMakerStepOperatorConfig(BaseStepOperatorConfig, _SageMakerChecks):
     """Connection extras of a ``stepops_sagemaker`` step operator."""
 
     flavor: ClassVar[str] = "sagemaker"
@@ -192,23 +196,6 @@ class SageMakerStepOperatorConfig(BaseStepOperatorConfig):
         if value is not None and not value.startswith("s3://"):
             raise ValueError(f"artifact_store: SageMaker reads and writes S3; expected s3://bucket/prefix, got {value!r}")
         return value
-
-    @field_validator("instance_type")
-    @classmethod
-    def _instance(cls, value: str | None) -> str | None:
-        if value is not None:
-            check_instance_type(value, "instance_type")
-        return value
-
-    @field_validator("tags")
-    @classmethod
-    def _tags(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_tags(value, "tags")
-
-    @field_validator("environment")
-    @classmethod
-    def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_sagemaker_environment(value, "environment")
 
     @model_validator(mode="after")
     def _vpc(self) -> SageMakerStepOperatorConfig:
