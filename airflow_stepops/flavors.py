@@ -71,6 +71,16 @@ FLAVORS: dict[str, Flavor] = {
         trigger_class="airflow_stepops.triggers.sagemaker.SageMakerStepOperatorTrigger",
         default_conn_id="stepops_sagemaker_default",
     ),
+    "vertex": Flavor(
+        name="vertex",
+        display_name="Vertex AI CustomJob",
+        settings_class="airflow_stepops.settings.vertex.VertexStepOperatorSettings",
+        config_class="airflow_stepops.settings.vertex.VertexStepOperatorConfig",
+        hook_class="airflow_stepops.hooks.vertex.VertexStepOperatorHook",
+        operator_class="airflow_stepops.operators.vertex.VertexStepOperator",
+        trigger_class="airflow_stepops.triggers.vertex.VertexStepOperatorTrigger",
+        default_conn_id="stepops_vertex_default",
+    ),
 }
 
 

@@ -113,6 +113,35 @@ def get_provider_info() -> dict[str, Any]:
                     "console_region_url": _field("Console URL template", description="With {region} and {name}."),
                 },
             },
+            {
+                "hook-class-name": "airflow_stepops.hooks.vertex.VertexStepOperatorHook",
+                "hook-name": "Step operator: Vertex AI CustomJob",
+                "connection-type": "stepops_vertex",
+                "ui-field-behaviour": {"hidden-fields": _HIDDEN, "relabeling": {}, "placeholders": {}},
+                "conn-fields": {
+                    **_COMMON_FIELDS,
+                    "gcp_conn_id": _field("Google connection id", description="Google provider connection.",
+                                          default="google_cloud_default"),
+                    "project": _field("Project", description="GCP project (default: the google connection's)."),
+                    "location": _field("Location", description="Vertex AI region, e.g. us-central1."),
+                    "image": _field("Image", description="Container image URI with Python and cloudpickle."),
+                    "service_account": _field("Service account", description="The jobs run as this account."),
+                    "network": _field("VPC network", description="projects/<number>/global/networks/<name>."),
+                    "reserved_ip_ranges": _field("Reserved IP ranges", "array"),
+                    "encryption_spec_key_name": _field("KMS key (CMEK)"),
+                    "persistent_resource_id": _field("Persistent resource id"),
+                    "labels": _field("Labels", "object", "Added to every CustomJob."),
+                    "environment": _field("Environment variables", "object", "Added to every step (no secrets)."),
+                    "machine_type": _field("Default machine type", description="e.g. n1-standard-8."),
+                    "accelerator_type": _field("Default accelerator", description="e.g. NVIDIA_TESLA_T4."),
+                    "accelerator_count": _field("Default accelerator count", "integer"),
+                    "api_endpoint": _field("Vertex API endpoint", description="Default: "
+                                           "<location>-aiplatform.googleapis.com."),
+                    "logging_endpoint": _field("Cloud Logging endpoint", description="Default: logging.googleapis.com."),
+                    "console_url_template": _field("Console URL template",
+                                                   description="With {location}, {job_id} and {project}."),
+                },
+            },
         ],
         "config": {
             "stepops": {
@@ -136,15 +165,15 @@ def get_provider_info() -> dict[str, Any]:
         "extra-links": ["airflow_stepops.links.StepJobLink"],
         "hooks": [
             {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.hooks.local", "airflow_stepops.hooks.kubernetes",
-                                                                     "airflow_stepops.hooks.sagemaker"]},
+                                                                     "airflow_stepops.hooks.sagemaker", "airflow_stepops.hooks.vertex"]},
         ],
         "operators": [
             {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.operators.local", "airflow_stepops.operators.kubernetes",
-                                                                     "airflow_stepops.operators.sagemaker"]},
+                                                                     "airflow_stepops.operators.sagemaker", "airflow_stepops.operators.vertex"]},
         ],
         "triggers": [
             {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.triggers.local", "airflow_stepops.triggers.kubernetes",
-                                                                     "airflow_stepops.triggers.sagemaker"]},
+                                                                     "airflow_stepops.triggers.sagemaker", "airflow_stepops.triggers.vertex"]},
         ],
         "integrations": [
             {

@@ -1,8 +1,8 @@
 """Register the example step operators as Airflow connections (idempotent).
 
 ``python dags_examples/setup_connections.py [FLAVOR]`` registers the example step operators of that
-flavor from ``connections.json`` (``local_step_operator`` by default; ``${AIRFLOW_HOME}`` in extras is
-expanded) and prints the id of the first one on stdout, for ``STEPOPS_EXAMPLE_STEP_OPERATOR``.
+flavor from ``connections.json`` (``local_step_operator`` by default; ``${VAR}`` in extras is expanded,
+and an extra naming an unset variable is left out) and prints the id of the first one on stdout, for ``STEPOPS_EXAMPLE_STEP_OPERATOR``.
 """
 
 from __future__ import annotations
@@ -18,11 +18,15 @@ CONNECTIONS = json.loads((Path(__file__).with_name("connections.json")).read_tex
 def _expand(value):
     if isinstance(value, str):
         return os.path.expandvars(value)
-    if isinstance(value, dict):
-        return {k: _expand(v) for k, v in value.items()}
+    if isinstance(value, dict):  # an extra naming an unset variable is left out
+        return {k: _expand(v) for k, v in value.items() if not _unset_variable(v)}
     if isinstance(value, list):
         return [_expand(v) for v in value]
     return value
+
+
+def _unset_variable(value) -> bool:
+    return isinstance(value, str) and "${" in os.path.expandvars(value)
 
 
 def main(flavor: str = "local") -> None:

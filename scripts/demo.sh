@@ -9,6 +9,7 @@ case "$FLAVOR" in  # the extras a flavor needs (its emulator's too)
   local) EXTRAS=() ;;
   kubernetes) EXTRAS=(--extra kubernetes) ;;
   sagemaker) EXTRAS=(--extra aws --extra tests) ;;
+  vertex) EXTRAS=(--extra gcp --extra tests) ;;
   *) EXTRAS=() ;;
 esac
 "$UV" sync --frozen --quiet --inexact "${EXTRAS[@]}"
@@ -42,7 +43,19 @@ case "$FLAVOR" in
     set -a; . "$AIRFLOW_HOME/sagemaker.env"; set +a
     head -n 1 "$AIRFLOW_HOME/emulator.log"
     "$UV" run --frozen python -c "import boto3; boto3.client('s3').create_bucket(Bucket='stepops-demo')" ;;
-  *) echo "FLAVOR=$FLAVOR: no demo for this flavor yet (available: local, kubernetes, sagemaker)"; exit 2 ;;
+  vertex)
+    # Vertex AI JobService, Cloud Logging, an OAuth token endpoint and GCS (fake-gcs-server) from the
+    # local Vertex AI emulator, started for this demo
+    rm -f "$AIRFLOW_HOME/vertex.env"
+    "$UV" run --frozen --inexact "${EXTRAS[@]}" python -m airflow_stepops.testing.vertex \
+      --env-file "$AIRFLOW_HOME/vertex.env" --bucket stepops-demo >"$AIRFLOW_HOME/emulator.log" 2>&1 &
+    EMULATOR_PID=$!
+    trap 'kill "$EMULATOR_PID" 2>/dev/null || true; wait "$EMULATOR_PID" 2>/dev/null || true' EXIT
+    for _ in $(seq 1 300); do [ -f "$AIRFLOW_HOME/vertex.env" ] && break; kill -0 "$EMULATOR_PID" 2>/dev/null || break; sleep 0.2; done
+    [ -f "$AIRFLOW_HOME/vertex.env" ] || { cat "$AIRFLOW_HOME/emulator.log"; echo "the Vertex AI emulator did not start"; exit 1; }
+    set -a; . "$AIRFLOW_HOME/vertex.env"; set +a
+    head -n 1 "$AIRFLOW_HOME/emulator.log" ;;
+  *) echo "FLAVOR=$FLAVOR: no demo for this flavor yet (available: local, kubernetes, sagemaker, vertex)"; exit 2 ;;
 esac
 STEPOPS_EXAMPLE_STEP_OPERATOR=$("$UV" run --frozen python dags_examples/setup_connections.py "$FLAVOR")
 export STEPOPS_EXAMPLE_STEP_OPERATOR

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from airflow_stepops.settings.kubernetes import KubernetesStepOperatorConfig, KubernetesStepOperatorSettings
     from airflow_stepops.settings.local import LocalStepOperatorConfig, LocalStepOperatorSettings
     from airflow_stepops.settings.sagemaker import SageMakerStepOperatorConfig, SageMakerStepOperatorSettings
+    from airflow_stepops.settings.vertex import VertexStepOperatorConfig, VertexStepOperatorSettings
 
 _EXPORTS = {
     "ResourceSettings": "airflow_stepops.resources",
@@ -21,6 +22,8 @@ _EXPORTS = {
     "KubernetesStepOperatorConfig": "airflow_stepops.settings.kubernetes",
     "SageMakerStepOperatorSettings": "airflow_stepops.settings.sagemaker",
     "SageMakerStepOperatorConfig": "airflow_stepops.settings.sagemaker",
+    "VertexStepOperatorSettings": "airflow_stepops.settings.vertex",
+    "VertexStepOperatorConfig": "airflow_stepops.settings.vertex",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -53,7 +53,7 @@ def d():
     s()
 d()
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"boto3", "botocore", "aiobotocore", "kubernetes",
-        "kubernetes_asyncio", "modal", "azure", "sagemaker"} or m.startswith(("google.cloud", "google.api_core")))
+        "kubernetes_asyncio", "modal", "azure", "sagemaker"} or m.startswith(("google.cloud.", "google.api_core")))
 print(heavy)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)

@@ -1,0 +1,424 @@
+"""The ``vertex`` flavor: each step try is one Vertex AI CustomJob.
+
+Credentials come from the google provider's ``GoogleBaseHook`` (a ``google_cloud_platform``
+connection, default ``google_cloud_default``). ``google-cloud-aiplatform``'s JobService is used with
+the REST transport on workers and its ``rest_asyncio`` transport in the triggerer; Cloud Logging's
+``entries:list`` is called over REST. The bundle and the result live in the ``gs://`` artifact store
+and the container reaches them through Vertex's ``/gcs/<bucket>`` mount, as the job's own service
+account: no credentials of ours go into the job.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
+
+from airflow_stepops.artifacts import store_path
+from airflow_stepops.bundle import StepIdentity
+from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec
+from airflow_stepops.hooks.vertex_job import (
+    display_name,
+    identity_labels,
+    job_state,
+    mount_path,
+    step_filter,
+    validate_body,
+)
+from airflow_stepops.settings.vertex import (
+    MAX_TIMEOUT_SECONDS,
+    VertexStepOperatorConfig,
+    VertexStepOperatorSettings,
+)
+
+ENTRY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py"
+DEFAULT_DISK_GB = 100
+#: seconds of update_time overlap before the newest update seen (clock and ordering slack)
+LIST_OVERLAP_SECONDS = 30
+MAX_LIST_PAGES = 10
+#: a full re-read of every waiting job this often (rounds), in case an update was missed
+FULL_REFRESH_ROUNDS = 20
+
+
+class VertexStepOperatorHook(StepOperatorHook):
+    """Runs steps as Vertex AI CustomJobs."""
+
+    flavor: ClassVar[str] = "vertex"
+    conn_type = "stepops_vertex"
+    default_conn_name = "stepops_vertex_default"
+    hook_name = "Step operator: Vertex AI CustomJob"
+    default_poll_interval: ClassVar[float] = 15.0
+    min_poll_interval: ClassVar[float] = 2.0
+
+    config: VertexStepOperatorConfig  # type: ignore[assignment]
+
+    # ---- clients ------------------------------------------------------------------------------
+    @cached_property
+    def _google(self) -> Any:
+        from airflow.providers.google.common.hooks.base_google import GoogleBaseHook
+
+        return GoogleBaseHook(gcp_conn_id=self.config.gcp_conn_id)
+
+    @cached_property
+    def _credentials_and_project(self) -> tuple[Any, str | None]:
+        try:
+            credentials, project = self._google.get_credentials_and_project_id()
+        except Exception as exc:
+            raise StepOperatorConfigError(f"gcp_conn_id: cannot get Google credentials from connection "
+                                          f"{self.config.gcp_conn_id!r}: {exc}") from None
+        return credentials, project
+
+    @property
+    def credentials(self) -> Any:
+        return self._credentials_and_project[0]
+
+    @cached_property
+    def project(self) -> str:
+        project = self.config.project or self._credentials_and_project[1]
+        if not project:
+            raise StepOperatorConfigError(
+                f"project: step operator {self.step_operator_conn_id!r} has no GCP project; set \"project\" in its "
+                f"extras or in the google connection {self.config.gcp_conn_id!r}")
+        return str(project)
+
+    @property
+    def location(self) -> str:
+        return self.config.location
+
+    @property
+    def parent(self) -> str:
+        return f"projects/{self.project}/locations/{self.location}"
+
+    @property
+    def api_endpoint(self) -> str:
+        return self.config.api_endpoint or f"{self.location}-aiplatform.googleapis.com"
+
+    @cached_property
+    def jobs(self) -> Any:
+        from google.api_core.client_options import ClientOptions
+        from google.cloud.aiplatform_v1 import JobServiceClient
+
+        return JobServiceClient(transport="rest", credentials=self.credentials,
+                                client_options=ClientOptions(api_endpoint=self.api_endpoint))
+
+    def artifact_root(self) -> Any:
+        if not self.config.artifact_store:
+            raise StepOperatorConfigError(
+                f"artifact_store: step operator {self.step_operator_conn_id!r} needs a gs:// artifact store for "
+                "bundles and results (the job reads and writes them through /gcs/<bucket>)")
+        return store_path(self.config.artifact_store)
+
+    def _api_error(self, exc: Exception, action: str) -> Exception:
+        from google.api_core import exceptions as gexc
+
+        if isinstance(exc, (gexc.PermissionDenied, gexc.Unauthenticated, gexc.InvalidArgument, gexc.NotFound,
+                            gexc.FailedPrecondition, gexc.ResourceExhausted)):
+            return StepOperatorConfigError(f"Vertex AI refused to {action} ({self.config.credentials_source()}, "
+                                           f"{self.parent}): {type(exc).__name__}: {exc.message}")
+        return exc
+
+    # ---- the request --------------------------------------------------------------------------
+    @staticmethod
+    def _settings(spec: StepSpec) -> VertexStepOperatorSettings:
+        if not isinstance(spec.settings, VertexStepOperatorSettings):
+            raise StepOperatorConfigError(f"settings: expected VertexStepOperatorSettings, got "
+                                          f"{type(spec.settings).__name__}")
+        return spec.settings
+
+    def machine(self, spec: StepSpec) -> Any:
+        from airflow_stepops.settings.vertex_machines import check_machine
+
+        cfg, settings = self.config, self._settings(spec)
+        try:
+            default = check_machine(cfg.machine_type, cfg.accelerator_type, cfg.accelerator_count) \
+                if cfg.machine_type else None
+            choice = settings.machine_for(spec.resources, default)
+        except ValueError as exc:
+            raise StepOperatorConfigError(str(exc)) from None
+        if settings.machine_type is None and choice is not default:
+            self.log.info("Machine for %s: %s, the smallest that fits the step's resources",
+                          spec.task_label or display_name(spec.identity), choice.describe())
+        return choice
+
+    def _refs(self, spec: StepSpec, bundle: str) -> dict[str, dict[str, str]]:
+        refs: dict[str, dict[str, str]] = {}
+        for index, ref in enumerate(spec.refs):
+            mounted = mount_path(ref.uri)
+            refs[str(index)] = {"path": mounted} if mounted else {"path": f"{bundle}/refs/{index}.pkl",
+                                                                   "stage": ref.uri}
+        return refs
+
+    def build_body(self, spec: StepSpec) -> dict[str, Any]:
+        import json
+
+        cfg, settings = self.config, self._settings(spec)
+        if not cfg.image:
+            raise StepOperatorConfigError(
+                f"image: step operator {self.step_operator_conn_id!r} has no container image; set \"image\" in the "
+                "connection extras to an image with Python {0}.{1} and cloudpickle".format(
+                    *__import__("sys").version_info[:2]))
+        bundle, output = mount_path(spec.bundle_uri), mount_path(spec.output_uri)
+        if bundle is None or output is None:
+            raise StepOperatorConfigError(f"artifact_store: Vertex needs a gs:// store, got {spec.bundle_uri!r}")
+        machine = self.machine(spec)
+        step_root = output.rsplit("/", 2)[0]  # .../<map index>: shared by all tries of the step
+        env = {**cfg.environment, **settings.environment, "STEPOPS_FLAVOR": "vertex", "PYTHONUNBUFFERED": "1",
+               "STEPOPS_BUNDLE_PATH": bundle, "STEPOPS_OUTPUT_PATH": output,
+               # where a step keeps state that must survive a Spot preemption (the next try finds it)
+               "STEPOPS_CHECKPOINT_DIR": f"{step_root}/checkpoints",
+               "STEPOPS_REFS": json.dumps({k: {"path": v["path"]} for k, v in self._refs(spec, bundle).items()})}
+        runtime = settings.max_runtime_in_seconds or MAX_TIMEOUT_SECONDS
+        if spec.timeout_seconds:
+            runtime = min(runtime, math.ceil(spec.timeout_seconds) + 60)  # backstop to Airflow's own timeout
+        machine_spec: dict[str, Any] = {"machineType": machine.machine_type}
+        if machine.accelerator_type:
+            machine_spec.update(acceleratorType=machine.accelerator_type, acceleratorCount=machine.accelerator_count)
+        disk = settings.disk_size_gb or (max(math.ceil(spec.resources.disk_bytes / 10**9), DEFAULT_DISK_GB)
+                                         if spec.resources.disk_bytes else DEFAULT_DISK_GB)
+        scheduling: dict[str, Any] = {"timeout": f"{runtime}s",
+                                      "restartJobOnWorkerRestart": settings.restart_job_on_worker_restart}
+        if settings.spot:
+            scheduling["strategy"] = "SPOT"
+        job_spec: dict[str, Any] = {
+            "workerPoolSpecs": [{
+                "machineSpec": machine_spec, "replicaCount": "1",
+                "diskSpec": {"bootDiskType": settings.boot_disk_type or "pd-ssd", "bootDiskSizeGb": disk},
+                "containerSpec": {"imageUri": cfg.image, "command": ["python3", f"{bundle}/pod_entry.py"],
+                                  "env": [{"name": k, "value": v} for k, v in env.items()]},
+            }],
+            "scheduling": scheduling,
+        }
+        if cfg.service_account:
+            job_spec["serviceAccount"] = cfg.service_account
+        if cfg.network:
+            job_spec["network"] = cfg.network
+        if cfg.reserved_ip_ranges:
+            job_spec["reservedIpRanges"] = list(cfg.reserved_ip_ranges)
+        if cfg.persistent_resource_id:
+            job_spec["persistentResourceId"] = cfg.persistent_resource_id
+        body: dict[str, Any] = {"displayName": display_name(spec.identity), "jobSpec": job_spec,
+                                "labels": {**cfg.labels, **settings.labels, **identity_labels(spec.identity)}}
+        if cfg.encryption_spec_key_name:
+            body["encryptionSpec"] = {"kmsKeyName": cfg.encryption_spec_key_name}
+        return body
+
+    def render(self, spec: StepSpec) -> dict[str, Any]:
+        body = self.build_body(spec)
+        validate_body(body)
+        return body
+
+    def _stage(self, spec: StepSpec) -> None:
+        """Put the entry point and input artifacts from other stores into the bundle."""
+        bundle = store_path(spec.bundle_uri)
+        (bundle / "pod_entry.py").write_bytes(ENTRY_SOURCE.read_bytes())
+        for index, source in self._refs(spec, spec.bundle_uri).items():
+            if "stage" in source:
+                with spec.refs[int(index)].open() as src, (bundle / "refs" / f"{index}.pkl").open("wb") as dst:
+                    while chunk := src.read(8 << 20):
+                        dst.write(chunk)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def _handle(self, job: dict[str, Any], output_uri: str, try_number: int) -> JobHandle:
+        pool = (job.get("jobSpec", {}).get("workerPoolSpecs") or [{}])[0]
+        return {"flavor": "vertex", "job_id": job["name"].rsplit("/", 1)[-1], "name": job["name"],
+                "project": self.project, "location": self.location, "output_uri": output_uri,
+                "conn_id": self.step_operator_conn_id, "try_number": try_number,
+                "spot": (job.get("jobSpec", {}).get("scheduling") or {}).get("strategy") == "SPOT",
+                "machine_type": (pool.get("machineSpec") or {}).get("machineType")}
+
+    @staticmethod
+    def _json(job: Any) -> dict[str, Any]:
+        import json
+
+        return dict(json.loads(type(job).to_json(job)))
+
+    def _job_name(self, handle: JobHandle) -> str:
+        return str(handle.get("name") or f"{self.parent}/customJobs/{handle['job_id']}")
+
+    def find_job(self, identity: StepIdentity) -> JobHandle | None:
+        """Vertex assigns job ids: the step try's job is found by its identity label."""
+        try:
+            found = [self._json(job) for job in self.jobs.list_custom_jobs(
+                request={"parent": self.parent, "filter": step_filter(identity)})]
+        except Exception as exc:
+            raise self._api_error(exc, "list custom jobs") from exc
+        if not found:
+            return None
+        job = max(found, key=lambda j: str(j.get("createTime") or ""))
+        if len(found) > 1:
+            self.log.warning("%d CustomJobs carry the label of step try %s; following the newest, %s", len(found),
+                             display_name(identity), job["name"])
+        return self._handle(job, str(identity.prefix(self.artifact_root()) / "output"), identity.try_number)
+
+    def submit(self, spec: StepSpec) -> JobHandle:
+        body = self.render(spec)
+        self._stage(spec)
+        existing = self.find_job(spec.identity)  # a second worker of the same try may have just submitted
+        if existing is not None:
+            self.log.info("CustomJob %s of this try already exists: re-attaching", existing["job_id"])
+            return existing
+        try:
+            job = self._json(self.jobs.create_custom_job(parent=self.parent, custom_job=validate_body(body)))
+        except Exception as exc:
+            raise self._api_error(exc, "create the CustomJob") from exc
+        machine = body["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]
+        self.log.info("Created Vertex AI CustomJob %s (%s%s%s)", job["name"], machine["machineType"],
+                      f", {machine['acceleratorCount']} x {machine['acceleratorType']}"
+                      if machine.get("acceleratorType") else "",
+                      ", spot" if body["jobSpec"]["scheduling"].get("strategy") == "SPOT" else "")
+        return self._handle(job, spec.output_uri, spec.identity.try_number)
+
+    def _get(self, handle: JobHandle) -> dict[str, Any] | None:
+        from google.api_core import exceptions as gexc
+
+        try:
+            return self._json(self.jobs.get_custom_job(name=self._job_name(handle)))
+        except gexc.NotFound:
+            return None
+        except Exception as exc:
+            raise self._api_error(exc, f"get CustomJob {handle['job_id']}") from exc
+
+    def get_status(self, handle: JobHandle) -> JobStatus:
+        return job_state(self._get(handle), handle)
+
+    def cancel(self, handle: JobHandle) -> None:
+        from google.api_core import exceptions as gexc
+
+        try:
+            self.jobs.cancel_custom_job(name=self._job_name(handle))
+            self.log.info("Cancelling Vertex AI CustomJob %s", handle["job_id"])
+        except (gexc.NotFound, gexc.FailedPrecondition):
+            pass  # gone, or already finished
+
+    def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
+        from google.auth.transport.requests import AuthorizedSession
+
+        from airflow_stepops.hooks.vertex_logs import logging_url, read_entries
+
+        session = self.__dict__.get("_log_session")
+        if session is None:
+            session = self.__dict__["_log_session"] = AuthorizedSession(self.credentials)
+        return read_entries(session, logging_url(self.config.logging_endpoint), handle.get("project") or self.project,
+                            handle["job_id"], cursor)
+
+    def console_url(self, handle: JobHandle) -> str | None:
+        return self.config.console_url_template.format(location=handle.get("location") or self.location,
+                                                       job_id=handle["job_id"],
+                                                       project=handle.get("project") or self.project)
+
+    # ---- async (triggerer) --------------------------------------------------------------------
+    async def _token(self) -> str:
+        """A valid access token (refreshed in a thread: google-auth's refresh is blocking)."""
+        import asyncio
+
+        credentials = self.credentials
+        if not credentials.valid or not credentials.token:
+            from google.auth.transport.requests import Request
+
+            await asyncio.to_thread(credentials.refresh, Request())
+        return str(credentials.token)
+
+    async def _async_jobs(self) -> Any:
+        from google.api_core.client_options import ClientOptions
+        from google.auth.aio.credentials import StaticCredentials
+        from google.cloud.aiplatform_v1 import JobServiceAsyncClient
+
+        token = await self._token()
+        cached = self.__dict__.get("_async_client")
+        if cached is not None and cached[0] == token:
+            return cached[1]
+        client = JobServiceAsyncClient(transport="rest_asyncio", credentials=StaticCredentials(token=token),  # type: ignore[arg-type]
+                                       client_options=ClientOptions(api_endpoint=self.api_endpoint))
+        self.__dict__["_async_client"] = (token, client)
+        return client
+
+    async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus | BaseException]:
+        """One ``ListCustomJobs`` of the jobs updated since the last round answers for every waiting
+        step (the list carries whole jobs); jobs not seen yet are read one by one, once."""
+        import asyncio
+        from datetime import datetime, timedelta, timezone
+
+        from google.api_core import exceptions as gexc
+
+        client = await self._async_jobs()
+        cache: dict[str, dict[str, Any]] = self.__dict__.setdefault("_job_cache", {})
+        rounds = self.__dict__["_rounds"] = self.__dict__.get("_rounds", 0) + 1
+        since: str | None = self.__dict__.get("_updated_since")
+        started = datetime.now(timezone.utc)
+        if since is not None and rounds % FULL_REFRESH_ROUNDS:
+            after = (datetime.fromisoformat(since.replace("Z", "+00:00")) - timedelta(seconds=LIST_OVERLAP_SECONDS))
+            request: dict[str, Any] = {"parent": self.parent, "page_size": 100,
+                                       "filter": f'update_time>"{after.strftime("%Y-%m-%dT%H:%M:%SZ")}"'}
+            pager = await client.list_custom_jobs(request=request)
+            pages = 0
+            async for page in pager.pages:
+                for job in page.custom_jobs:
+                    data = self._json(job)
+                    cache[data["name"].rsplit("/", 1)[-1]] = data
+                pages += 1
+                if pages >= MAX_LIST_PAGES:
+                    break
+        else:
+            cache.clear()
+
+        async def one(handle: JobHandle) -> dict[str, Any] | None:
+            try:
+                return self._json(await client.get_custom_job(name=self._job_name(handle)))
+            except gexc.NotFound:
+                return None
+
+        stale = [h for h in handles if h["job_id"] not in cache]
+        fetched = await asyncio.gather(*(one(h) for h in stale), return_exceptions=True)
+        self.__dict__["_updated_since"] = started.isoformat().replace("+00:00", "Z")
+        out: list[JobStatus | BaseException] = []
+        results = dict(zip((h["job_id"] for h in stale), fetched))
+        wanted = {h["job_id"] for h in handles}
+        for job_id in list(cache):
+            if job_id not in wanted:
+                del cache[job_id]
+        for handle in handles:
+            if handle["job_id"] in results:
+                result = results[handle["job_id"]]
+                if isinstance(result, BaseException):
+                    out.append(self._api_error(result, f"get CustomJob {handle['job_id']}")
+                               if isinstance(result, Exception) else result)
+                    continue
+                if result is not None:
+                    cache[handle["job_id"]] = result
+                out.append(job_state(result, handle))
+            else:
+                out.append(job_state(cache[handle["job_id"]], handle))
+        return out
+
+    async def acancel(self, handle: JobHandle) -> None:
+        from google.api_core import exceptions as gexc
+
+        client = await self._async_jobs()
+        try:
+            await client.cancel_custom_job(name=self._job_name(handle))
+            self.log.info("Cancelling Vertex AI CustomJob %s", handle["job_id"])
+        except (gexc.NotFound, gexc.FailedPrecondition):
+            pass
+
+    async def aread_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
+        import aiohttp
+
+        from airflow_stepops.hooks.vertex_logs import aread_entries, logging_url
+
+        cursor = dict(cursor or {})
+        if time.time() < cursor.get("not_before", 0):  # Cloud Logging read quota: back off after a 429
+            return [], cursor
+        token = await self._token()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            try:
+                lines, new = await aread_entries(session, logging_url(self.config.logging_endpoint), token,
+                                                 handle.get("project") or self.project, handle["job_id"], cursor)
+            except RuntimeError as exc:
+                if " 429" not in str(exc):
+                    raise
+                self.log.warning("Cloud Logging read quota exhausted; reading job logs again in 60 s")
+                return [], {**cursor, "not_before": time.time() + 60}
+        return lines, new

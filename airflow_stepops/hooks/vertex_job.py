@@ -1,0 +1,110 @@
+"""The Vertex AI CustomJob of one step try: its body, its validation, and its state as a JobStatus.
+
+The body is the REST (camelCase JSON) form of ``google.cloud.aiplatform_v1.CustomJob``; it is parsed
+into that proto message before it is sent, so a field or enum Vertex would refuse is refused here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from airflow_stepops.bundle import StepIdentity
+from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus
+from airflow_stepops.settings.vertex import LABEL_PREFIX
+
+GCS_MOUNT = "/gcs/"
+#: the step try's identity, looked up before submitting (Vertex assigns job ids itself)
+STEP_LABEL = f"{LABEL_PREFIX}step"
+MAX_DISPLAY_NAME = 128
+#: google.rpc.Code values that mean the capacity went away, not that the step failed
+CAPACITY_CODES = (8, 14)  # RESOURCE_EXHAUSTED, UNAVAILABLE
+CAPACITY_WORDS = ("preempt", "stockout", "spot vm", "resources are insufficient", "insufficient resources",
+                  "reclaimed")
+
+
+def display_name(identity: StepIdentity) -> str:
+    return identity.job_name(max_length=MAX_DISPLAY_NAME, allowed=r"[^a-z0-9-]")
+
+
+def label_value(text: str) -> str:
+    """A GCP label value: lowercase letters, digits, '_' and '-', at most 63 characters."""
+    return re.sub(r"[^a-z0-9_-]", "_", text.lower())[:63]
+
+
+def identity_labels(identity: StepIdentity) -> dict[str, str]:
+    return {STEP_LABEL: identity.digest[:40], f"{LABEL_PREFIX}try": str(identity.try_number),
+            f"{LABEL_PREFIX}dag": label_value(identity.dag_id), f"{LABEL_PREFIX}task": label_value(identity.task_id),
+            f"{LABEL_PREFIX}map-index": str(identity.map_index).replace("-", "n")}
+
+
+def step_filter(identity: StepIdentity) -> str:
+    return f'labels.{STEP_LABEL}="{identity.digest[:40]}"'
+
+
+def mount_path(uri: str) -> str | None:
+    """``gs://bucket/key`` -> ``/gcs/bucket/key`` (Vertex mounts every bucket there with Cloud Storage FUSE)."""
+    if not uri.startswith("gs://"):
+        return None
+    return GCS_MOUNT + uri[len("gs://"):].rstrip("/")
+
+
+def validate_body(body: dict[str, Any]) -> Any:
+    """Parse the REST body into the aiplatform CustomJob proto (unknown fields and bad enums refused)."""
+    from google.cloud.aiplatform_v1.types import CustomJob
+    from google.protobuf import json_format
+
+    message = CustomJob.pb(CustomJob())
+    try:
+        json_format.ParseDict(body, message, ignore_unknown_fields=False)
+    except json_format.ParseError as exc:
+        raise StepOperatorConfigError(f"the CustomJob body is invalid: {exc}") from None
+    pools = body.get("jobSpec", {}).get("workerPoolSpecs") or []
+    problems = [] if body.get("displayName") else ["displayName is required"]
+    if len(body.get("displayName", "")) > MAX_DISPLAY_NAME:
+        problems.append(f"displayName is longer than {MAX_DISPLAY_NAME} characters")
+    if not pools:
+        problems.append("jobSpec.workerPoolSpecs needs at least one worker pool")
+    for index, pool in enumerate(pools):
+        if not (pool.get("machineSpec") or {}).get("machineType"):
+            problems.append(f"jobSpec.workerPoolSpecs[{index}].machineSpec.machineType is required")
+        if not (pool.get("containerSpec") or {}).get("imageUri"):
+            problems.append(f"jobSpec.workerPoolSpecs[{index}].containerSpec.imageUri is required")
+    if problems:
+        raise StepOperatorConfigError("the CustomJob body is invalid: " + "; ".join(problems))
+    return CustomJob.wrap(message)
+
+
+def job_state(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
+    """A CustomJob (REST JSON, camelCase) -> JobStatus."""
+    if job is None:
+        return JobStatus(JobState.FAILED, f"CustomJob {handle['job_id']} does not exist", {"reason": "job_missing"})
+    state = str(job.get("state") or "JOB_STATE_UNSPECIFIED")
+    error = job.get("error") or {}
+    code, text = int(error.get("code") or 0), str(error.get("message") or "")
+    spot = (job.get("jobSpec", {}).get("scheduling") or {}).get("strategy") == "SPOT"
+    details = {"vertex_state": state, "spot": spot, "started_at": job.get("startTime"), "finished_at": job.get("endTime"),
+               "update_time": job.get("updateTime")}
+    if state == "JOB_STATE_SUCCEEDED":
+        return JobStatus(JobState.SUCCEEDED, "", details)
+    if state == "JOB_STATE_CANCELLED":
+        return JobStatus(JobState.CANCELLED, text or "cancelled", details)
+    if state in ("JOB_STATE_FAILED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_EXPIRED"):
+        lowered = text.lower()
+        if code in CAPACITY_CODES or any(word in lowered for word in CAPACITY_WORDS):
+            reason = "preempted" if spot else "capacity"
+            return JobStatus(JobState.PREEMPTED, f"{'the Spot VM was reclaimed' if spot else 'no capacity'}: "
+                             f"{text}", {**details, "reason": reason, "error_code": code})
+        if code == 4 or "timed out" in lowered or "timeout" in lowered:
+            return JobStatus(JobState.FAILED, f"the job ran past scheduling.timeout and Vertex stopped it: {text}",
+                             {**details, "reason": "timed_out", "error_code": code})
+        if state == "JOB_STATE_EXPIRED":
+            return JobStatus(JobState.FAILED, f"the job waited past scheduling.maxWaitDuration for resources: "
+                             f"{text}", {**details, "reason": "expired"})
+        return JobStatus(JobState.FAILED, text or state, {**details, "error_code": code})
+    if state in ("JOB_STATE_QUEUED", "JOB_STATE_PENDING", "JOB_STATE_PAUSED"):
+        return JobStatus(JobState.QUEUED, state.removeprefix("JOB_STATE_").lower(), details)
+    if state == "JOB_STATE_CANCELLING":
+        return JobStatus(JobState.RUNNING, "cancelling", details)
+    return JobStatus(JobState.RUNNING, state.removeprefix("JOB_STATE_").lower(), details)
