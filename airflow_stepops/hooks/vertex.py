@@ -109,7 +109,11 @@ class VertexStepOperatorHook(StepOperatorHook):
             raise StepOperatorConfigError(
                 f"artifact_store: step operator {self.step_operator_conn_id!r} needs a gs:// artifact store for "
                 "bundles and results (the job reads and writes them through /gcs/<bucket>)")
-        return store_path(self.config.artifact_store)
+        store = self.config.artifact_store
+        bucket_part = store[len("gs://"):].split("/", 1)[0]
+        if "@" not in bucket_part:  # read and write it with the step operator's google connection
+            store = f"gs://{self.config.gcp_conn_id}@{store[len('gs://'):]}"
+        return store_path(store)
 
     def _api_error(self, exc: Exception, action: str) -> Exception:
         from google.api_core import exceptions as gexc

@@ -47,7 +47,9 @@ def mount_path(uri: str) -> str | None:
     """``gs://bucket/key`` -> ``/gcs/bucket/key`` (Vertex mounts every bucket there with Cloud Storage FUSE)."""
     if not uri.startswith("gs://"):
         return None
-    return GCS_MOUNT + uri[len("gs://"):].rstrip("/")
+    path = uri[len("gs://"):].rstrip("/")
+    bucket, _, key = path.partition("/")
+    return GCS_MOUNT + "/".join(p for p in (bucket.rpartition("@")[2], key) if p)  # without a conn_id@
 
 
 def validate_body(body: dict[str, Any]) -> Any:

@@ -190,9 +190,9 @@ class VertexStepOperatorConfig(BaseStepOperatorConfig, _VertexChecks):
     @field_validator("artifact_store")
     @classmethod
     def _gcs_store(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^gs://[a-z0-9][a-z0-9._-]{1,221}[a-z0-9](/.*)?$", value):
+        if value is not None and not re.match(r"^gs://([A-Za-z0-9_.-]+@)?[a-z0-9][a-z0-9._-]{1,221}[a-z0-9](/.*)?$", value):
             raise ValueError(f"artifact_store: Vertex reads and writes Cloud Storage through /gcs/<bucket>; expected "
-                             f"gs://bucket/prefix, got {value!r}")
+                             f"gs://bucket/prefix (or gs://<google conn id>@bucket/prefix), got {value!r}")
         return value
 
     @field_validator("environment")

@@ -1,0 +1,70 @@
+"""Vertex steps through Airflow's own ``dag.test()``: XComs, GCS artifacts, mapping, the example DAG."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("google.cloud.aiplatform_v1")
+
+from tests.dags import vx_steps
+
+from ..unit.test_operator import _run, _xcom
+
+pytestmark = pytest.mark.usefixtures("airflow_db", "vx_emulator")
+
+
+def _jobs(vx, task_id: str, dag_id: str) -> list[dict]:
+    return [j for j in vx.jobs if j["labels"].get("stepops-task") == task_id
+            and j["labels"].get("stepops-dag") == dag_id]
+
+
+def test_pipeline_with_xcoms_gcs_artifacts_and_mapping(vx_emulator):
+    run, tis = _run(vx_steps.vx_pipeline)
+    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert _xcom(tis["report"]) == {"total": 18, "model": [1, 2, 3], "doubled": [2, 10]}
+    ref = _xcom(tis["train"], key="model")
+    assert ref.uri.startswith("gs://google_cloud_default@stepops-tests/artifacts/vx_pipeline/")
+    assert ref.type == "builtins.frozenset" and ref.load() == frozenset({1, 2, 3})
+    train_job = _jobs(vx_emulator, "train", "vx_pipeline")[-1]
+    assert train_job["jobSpec"]["workerPoolSpecs"][0]["machineSpec"] == {"machineType": "e2-standard-8"}
+    evaluate_job = _jobs(vx_emulator, "evaluate", "vx_pipeline")[-1]
+    assert evaluate_job["labels"]["stage"] == "eval"
+    assert evaluate_job["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]["acceleratorType"] == "NVIDIA_TESLA_A100"
+    record = _xcom(tis["train"], key="stepops_job")
+    assert record["flavor"] == "vertex" and record["machine_type"] == "e2-standard-8"
+    assert record["console_url"].endswith(f"/training/{record['job_id']}/cpu?project={vx_emulator.project}")
+
+
+def test_vertex_example_dag_runs_on_the_emulator(vx_emulator):
+    from pathlib import Path
+
+    from airflow_stepops._compat import dagbag_class
+
+    examples = Path(__file__).resolve().parents[2] / "dags_examples"
+    dag = dagbag_class()(dag_folder=str(examples / "vertex_training.py")).get_dag("vertex_training")
+    run, tis = _run(dag)
+    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert _xcom(tis["train_on_vertex"]) == {"w": 1.5, "b": 0.25, "epochs": 20}
+    assert _xcom(tis["evaluate"]) == 0.0
+    train = _jobs(vx_emulator, "train_on_vertex", "vertex_training")[-1]
+    assert train["jobSpec"]["scheduling"]["strategy"] == "SPOT"
+    assert train["jobSpec"]["workerPoolSpecs"][0]["machineSpec"] == {
+        "machineType": "n1-standard-8", "acceleratorType": "NVIDIA_TESLA_V100", "acceleratorCount": 2}
+    evaluate = _jobs(vx_emulator, "evaluate", "vertex_training")[-1]
+    assert evaluate["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]["machineType"] == "g2-standard-4"
+
+
+def test_stepops_render_prints_the_custom_job_body(vx_emulator):
+    import json
+    import subprocess
+    import sys
+
+    before = len(vx_emulator.jobs)
+    out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "render", "vx_pipeline", "train"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout[out.stdout.index("{"):])
+    request = body["request"]
+    assert body["flavor"] == "vertex" and request["displayName"].startswith("vx-pipeline-train-")
+    assert request["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]["machineType"] == "e2-standard-8"
+    assert len(vx_emulator.jobs) == before  # nothing was submitted

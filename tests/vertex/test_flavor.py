@@ -1,0 +1,217 @@
+"""The vertex flavor against the emulator: google-cloud-aiplatform over REST (sync and async), real job
+processes reading and writing the artifact store through the emulated /gcs/ mount."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+pytest.importorskip("google.cloud.aiplatform_v1")
+
+from airflow_stepops.artifacts import store_path
+from airflow_stepops.bundle import read_outcome
+from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.settings.vertex import VertexStepOperatorSettings
+
+from .vxjobs import make_hook, make_spec, run_trigger
+
+pytestmark = pytest.mark.usefixtures("vx_emulator")
+
+
+def _greet(name: str) -> dict:
+    import os
+
+    print("hello", name, "from", os.environ["STEPOPS_FLAVOR"], flush=True)
+    return {"greeting": f"hi {name}", "bundle": os.environ["STEPOPS_BUNDLE_PATH"]}
+
+
+def test_step_runs_as_a_custom_job_with_logs_and_result(vx_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _greet, "ada", task_id="greet",
+                                   resources=ResourceSettings(gpu_type="L4", memory="16GB")))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "succeeded", event
+    assert "hello ada from vertex" in event["log_tail"]
+    result = read_outcome(store_path(handle["output_uri"])).value
+    assert result["greeting"] == "hi ada" and result["bundle"].startswith("/gcs/stepops-tests/artifacts/")
+    job = vx_emulator.job(handle["job_id"])
+    machine = job["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]
+    assert machine == {"machineType": "g2-standard-4", "acceleratorType": "NVIDIA_L4", "acceleratorCount": 1}
+    assert job["labels"]["stepops-task"] == "greet" and job["labels"]["team"] == "ml"
+    assert hook.console_url(handle) == (f"https://console.cloud.google.com/vertex-ai/locations/us-central1/training/"
+                                        f"{handle['job_id']}/cpu?project={vx_emulator.project}")
+
+
+def test_every_rendered_body_parses_into_the_proto():
+    from google.cloud.aiplatform_v1.types import CustomJob
+
+    hook = make_hook()
+    spec = make_spec(hook, _greet, "x", task_id="render", timeout_seconds=600,
+                     settings=VertexStepOperatorSettings(machine_type="n1-standard-8", accelerator_type="T4",
+                                                         accelerator_count=2, use_spot=True, disk_size_gb=200,
+                                                         boot_disk_type="pd-standard", labels={"cost": "r_d"},
+                                                         restart_job_on_worker_restart=True))
+    body = hook.render(spec)
+    job = CustomJob.from_json(__import__("json").dumps(body))
+    pool = job.job_spec.worker_pool_specs[0]
+    assert pool.machine_spec.accelerator_type.name == "NVIDIA_TESLA_T4" and pool.machine_spec.accelerator_count == 2
+    assert job.job_spec.scheduling.strategy.name == "SPOT"
+    assert job.job_spec.scheduling.timeout.total_seconds() == 660  # execution_timeout + 60 s backstop
+    assert job.job_spec.scheduling.restart_job_on_worker_restart
+    assert pool.disk_spec.boot_disk_size_gb == 200 and pool.disk_spec.boot_disk_type == "pd-standard"
+    env = {e.name: e.value for e in pool.container_spec.env}
+    assert env["STEPOPS_OUTPUT_PATH"].startswith("/gcs/stepops-tests/") and "@" not in env["STEPOPS_OUTPUT_PATH"]
+    assert pool.container_spec.command[1] == env["STEPOPS_BUNDLE_PATH"] + "/pod_entry.py"
+
+
+def _raise(value: int) -> None:
+    raise ValueError(f"bad input {value}")
+
+
+def test_remote_exception_fails_the_step(vx_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _raise, 7, task_id="raises"))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed", event
+    assert any("ValueError: bad input 7" in line for line in event["log_tail"])
+    outcome = read_outcome(store_path(handle["output_uri"]))
+    assert "bad input 7" in str(outcome.error)
+
+
+def _sleep(seconds: float) -> str:
+    import time
+
+    print("sleeping", flush=True)
+    time.sleep(seconds)
+    return "done"
+
+
+def test_trigger_on_kill_cancels_the_custom_job(vx_emulator):
+    from airflow_stepops.triggers.vertex import VertexStepOperatorTrigger
+
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="kill"))
+    vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_RUNNING"])
+    asyncio.run(VertexStepOperatorTrigger(conn_id=hook.step_operator_conn_id, handle=handle).on_kill())
+    job = vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_CANCELLED"])
+    assert job["state"] == "JOB_STATE_CANCELLED" and not vx_emulator.pids(handle["job_id"])
+
+
+def test_scheduling_timeout_is_a_timeout(vx_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 60, task_id="deadline",
+                                   settings=VertexStepOperatorSettings(max_runtime_in_seconds=2)))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
+
+
+def test_spot_preemption_is_preemption(vx_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 60, task_id="spot",
+                                   settings=VertexStepOperatorSettings(use_spot=True)))
+    vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_RUNNING"])
+    vx_emulator.inject("preemption", job=handle["job_id"], after=0.5)
+    event = run_trigger(hook, handle)
+    assert event["status"] == "preempted" and event["details"]["reason"] == "preempted", event
+
+
+def test_stockout_is_preemption(vx_emulator):
+    hook = make_hook()
+    spec = make_spec(hook, _greet, "x", task_id="stockout")
+    vx_emulator.inject("stockout")
+    event = run_trigger(hook, hook.submit(spec))
+    assert event["status"] == "preempted" and event["details"]["reason"] == "capacity", event
+
+
+def test_quota_error_is_a_clear_error_and_nothing_runs(vx_emulator):
+    hook = make_hook()
+    spec = make_spec(hook, _greet, "x", task_id="quota")
+    vx_emulator.inject("quota_exceeded")
+    with pytest.raises(StepOperatorConfigError, match=r"Vertex AI refused to create the CustomJob .*quota"):
+        hook.submit(spec)
+    assert hook.find_job(spec.identity) is None
+
+
+def test_submit_is_exactly_once_per_try(vx_emulator):
+    hook = make_hook()
+    spec = make_spec(hook, _greet, "once", task_id="exactly_once")
+    first = hook.submit(spec)
+    again = make_hook().submit(spec)
+    assert again["job_id"] == first["job_id"] and hook.find_job(spec.identity)["job_id"] == first["job_id"]
+    labelled = [j for j in vx_emulator.jobs if j["labels"].get("stepops-step") == spec.identity.digest[:40]]
+    assert len(labelled) == 1
+    assert hook.find_job(spec.identity.for_try(2)) is None
+    assert run_trigger(hook, first)["status"] == "succeeded"
+
+
+def test_gcs_artifact_refs_are_read_in_place(vx_emulator):
+    from airflow_stepops.artifacts import ArtifactRef
+
+    hook = make_hook()
+    source = make_spec(hook, _greet, "ref", task_id="ref_source")
+    ref_path = store_path(source.output_uri).parent / "ref.pkl"
+    import cloudpickle
+    import hashlib
+
+    data = cloudpickle.dumps([1, 2, 3])
+    ref_path.write_bytes(data)
+    ref = ArtifactRef(uri=str(ref_path), type="builtins.list", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+    def total(values: list) -> int:
+        return sum(values)
+
+    from airflow_stepops.bundle import replace_refs
+
+    refs: list = []
+    args = replace_refs([ref], refs)
+    spec = make_spec(hook, total, *args, task_id="ref_consumer", refs=refs)
+    body = hook.render(spec)
+    env = {e["name"]: e["value"] for e in body["jobSpec"]["workerPoolSpecs"][0]["containerSpec"]["env"]}
+    assert '"/gcs/stepops-tests/' in env["STEPOPS_REFS"]
+    handle = hook.submit(spec)
+    assert run_trigger(hook, handle)["status"] == "succeeded"
+    assert read_outcome(store_path(handle["output_uri"])).value == 6
+
+
+def test_missing_project_is_a_clear_error(monkeypatch, vx_emulator):
+    import json
+
+    monkeypatch.setenv("AIRFLOW_CONN_NO_PROJECT_GCP", json.dumps({"conn_type": "google_cloud_platform", "extra": {
+        "keyfile_dict": json.dumps({**vx_emulator.service_account_info(), "project_id": ""})}}))
+    monkeypatch.setenv("AIRFLOW_CONN_VX_NO_PROJECT", json.dumps({"conn_type": "stepops_vertex", "extra": {
+        "gcp_conn_id": "no_project_gcp", "location": "us-central1", "image": "i",
+        "artifact_store": "gs://stepops-tests/artifacts", "api_endpoint": vx_emulator.api_endpoint}}))
+    monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
+    hook = make_hook("vx_no_project")
+    with pytest.raises(StepOperatorConfigError, match="project: step operator 'vx_no_project' has no GCP project"):
+        hook.submit(make_spec(hook, _greet, "x", task_id="no_project"))
+
+
+def test_shared_polling_lists_instead_of_reading_every_job(vx_emulator):
+    from airflow_stepops.hooks.base import JobState
+
+    hook = make_hook()
+    handles = [hook.submit(make_spec(hook, _sleep, 3, task_id=f"shared_{i}")) for i in range(4)]
+    poller = make_hook()  # one hook instance, as a triggerer's shared poller keeps
+
+    async def rounds() -> list[list]:
+        seen = []
+        for _ in range(60):
+            statuses = await poller.aget_statuses(handles)
+            seen.append(statuses)
+            if all(not isinstance(s, BaseException) and s.state.terminal for s in statuses):
+                return seen
+            await asyncio.sleep(0.5)
+        raise AssertionError("the jobs did not finish")
+
+    before = len(vx_emulator.requests)
+    started = time.time()
+    seen = asyncio.run(rounds())
+    calls = vx_emulator.requests[before:]
+    gets = [r for r in calls if r["method"] == "GET" and "/customJobs/" in r["path"]]
+    assert all(s.state is JobState.SUCCEEDED for s in seen[-1]), seen[-1]
+    assert len(gets) == len(handles), gets  # each job read once; every later round is one list call
+    assert len(calls) <= len(handles) + len(seen), (len(calls), len(seen), time.time() - started)
