@@ -22,6 +22,9 @@ sys.path.insert(0, str(REPO / "tests" / "dags"))  # as Airflow does for its DAGs
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO")
 os.environ["AIRFLOW_CONN_LOCAL_STEP_OPERATOR"] = '{"conn_type": "stepops_local", "extra": {}}'
+# gcsfs probes buckets over gRPC unless told not to, which fake-gcs-server (the Vertex emulator's GCS)
+# does not answer; it reads this when imported
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +105,9 @@ def vx_emulator(airflow_home: Path):
 
     with VertexEmulator(stop_grace_period=1) as vx:
         os.environ.update(vx.env())
+        adc = airflow_home / "vertex-emulator-adc.json"
+        adc.write_text(json.dumps(vx.service_account_info()))
+        os.environ["GOOGLE_APPLICATION_CREDENTIALS"] = str(adc)
         os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = vx.airflow_connection()
         vx.create_bucket("stepops-tests")
         os.environ["AIRFLOW_CONN_VERTEX_STEP_OPERATOR"] = json.dumps({"conn_type": "stepops_vertex", "extra": {

@@ -118,8 +118,9 @@ class VertexStepOperatorHook(StepOperatorHook):
     def _api_error(self, exc: Exception, action: str) -> Exception:
         from google.api_core import exceptions as gexc
 
-        if isinstance(exc, (gexc.PermissionDenied, gexc.Unauthenticated, gexc.InvalidArgument, gexc.NotFound,
-                            gexc.FailedPrecondition, gexc.ResourceExhausted)):
+        # over REST, api_core picks the exception by HTTP status (BadRequest, not InvalidArgument)
+        if isinstance(exc, (gexc.Forbidden, gexc.Unauthorized, gexc.BadRequest, gexc.NotFound,
+                            gexc.TooManyRequests)):
             return StepOperatorConfigError(f"Vertex AI refused to {action} ({self.config.credentials_source()}, "
                                            f"{self.parent}): {type(exc).__name__}: {exc.message}")
         return exc
@@ -237,7 +238,7 @@ class VertexStepOperatorHook(StepOperatorHook):
     def _json(job: Any) -> dict[str, Any]:
         import json
 
-        return dict(json.loads(type(job).to_json(job)))
+        return dict(json.loads(type(job).to_json(job, use_integers_for_enums=False)))
 
     def _job_name(self, handle: JobHandle) -> str:
         return str(handle.get("name") or f"{self.parent}/customJobs/{handle['job_id']}")
@@ -294,8 +295,8 @@ class VertexStepOperatorHook(StepOperatorHook):
         try:
             self.jobs.cancel_custom_job(name=self._job_name(handle))
             self.log.info("Cancelling Vertex AI CustomJob %s", handle["job_id"])
-        except (gexc.NotFound, gexc.FailedPrecondition):
-            pass  # gone, or already finished
+        except (gexc.NotFound, gexc.BadRequest):
+            pass  # gone, or already finished (FAILED_PRECONDITION, a 400 over REST)
 
     def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
         from google.auth.transport.requests import AuthorizedSession
@@ -326,18 +327,15 @@ class VertexStepOperatorHook(StepOperatorHook):
         return str(credentials.token)
 
     async def _async_jobs(self) -> Any:
+        """A JobService client on the async REST transport; use it as ``async with`` (it owns an
+        aiohttp session). The token is refreshed by the sync credentials, in a thread."""
         from google.api_core.client_options import ClientOptions
         from google.auth.aio.credentials import StaticCredentials
         from google.cloud.aiplatform_v1 import JobServiceAsyncClient
 
         token = await self._token()
-        cached = self.__dict__.get("_async_client")
-        if cached is not None and cached[0] == token:
-            return cached[1]
-        client = JobServiceAsyncClient(transport="rest_asyncio", credentials=StaticCredentials(token=token),  # type: ignore[arg-type]
-                                       client_options=ClientOptions(api_endpoint=self.api_endpoint))
-        self.__dict__["_async_client"] = (token, client)
-        return client
+        return JobServiceAsyncClient(transport="rest_asyncio", credentials=StaticCredentials(token=token),  # type: ignore[arg-type]
+                                     client_options=ClientOptions(api_endpoint=self.api_endpoint))
 
     async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus | BaseException]:
         """One ``ListCustomJobs`` of the jobs updated since the last round answers for every waiting
@@ -347,65 +345,65 @@ class VertexStepOperatorHook(StepOperatorHook):
 
         from google.api_core import exceptions as gexc
 
-        client = await self._async_jobs()
-        cache: dict[str, dict[str, Any]] = self.__dict__.setdefault("_job_cache", {})
-        rounds = self.__dict__["_rounds"] = self.__dict__.get("_rounds", 0) + 1
-        since: str | None = self.__dict__.get("_updated_since")
-        started = datetime.now(timezone.utc)
-        if since is not None and rounds % FULL_REFRESH_ROUNDS:
-            after = (datetime.fromisoformat(since.replace("Z", "+00:00")) - timedelta(seconds=LIST_OVERLAP_SECONDS))
-            request: dict[str, Any] = {"parent": self.parent, "page_size": 100,
-                                       "filter": f'update_time>"{after.strftime("%Y-%m-%dT%H:%M:%SZ")}"'}
-            pager = await client.list_custom_jobs(request=request)
-            pages = 0
-            async for page in pager.pages:
-                for job in page.custom_jobs:
-                    data = self._json(job)
-                    cache[data["name"].rsplit("/", 1)[-1]] = data
-                pages += 1
-                if pages >= MAX_LIST_PAGES:
-                    break
-        else:
-            cache.clear()
-
-        async def one(handle: JobHandle) -> dict[str, Any] | None:
-            try:
-                return self._json(await client.get_custom_job(name=self._job_name(handle)))
-            except gexc.NotFound:
-                return None
-
-        stale = [h for h in handles if h["job_id"] not in cache]
-        fetched = await asyncio.gather(*(one(h) for h in stale), return_exceptions=True)
-        self.__dict__["_updated_since"] = started.isoformat().replace("+00:00", "Z")
-        out: list[JobStatus | BaseException] = []
-        results = dict(zip((h["job_id"] for h in stale), fetched))
-        wanted = {h["job_id"] for h in handles}
-        for job_id in list(cache):
-            if job_id not in wanted:
-                del cache[job_id]
-        for handle in handles:
-            if handle["job_id"] in results:
-                result = results[handle["job_id"]]
-                if isinstance(result, BaseException):
-                    out.append(self._api_error(result, f"get CustomJob {handle['job_id']}")
-                               if isinstance(result, Exception) else result)
-                    continue
-                if result is not None:
-                    cache[handle["job_id"]] = result
-                out.append(job_state(result, handle))
+        async with await self._async_jobs() as client:
+            cache: dict[str, dict[str, Any]] = self.__dict__.setdefault("_job_cache", {})
+            rounds = self.__dict__["_rounds"] = self.__dict__.get("_rounds", 0) + 1
+            since: str | None = self.__dict__.get("_updated_since")
+            started = datetime.now(timezone.utc)
+            if since is not None and rounds % FULL_REFRESH_ROUNDS:
+                after = (datetime.fromisoformat(since.replace("Z", "+00:00")) - timedelta(seconds=LIST_OVERLAP_SECONDS))
+                request: dict[str, Any] = {"parent": self.parent, "page_size": 100,
+                                           "filter": f'update_time>"{after.strftime("%Y-%m-%dT%H:%M:%SZ")}"'}
+                pager = await client.list_custom_jobs(request=request)
+                pages = 0
+                async for page in pager.pages:
+                    for job in page.custom_jobs:
+                        data = self._json(job)
+                        cache[data["name"].rsplit("/", 1)[-1]] = data
+                    pages += 1
+                    if pages >= MAX_LIST_PAGES:
+                        break
             else:
-                out.append(job_state(cache[handle["job_id"]], handle))
-        return out
+                cache.clear()
+
+            async def one(handle: JobHandle) -> dict[str, Any] | None:
+                try:
+                    return self._json(await client.get_custom_job(name=self._job_name(handle)))
+                except gexc.NotFound:
+                    return None
+
+            stale = [h for h in handles if h["job_id"] not in cache]
+            fetched = await asyncio.gather(*(one(h) for h in stale), return_exceptions=True)
+            self.__dict__["_updated_since"] = started.isoformat().replace("+00:00", "Z")
+            out: list[JobStatus | BaseException] = []
+            results = dict(zip((h["job_id"] for h in stale), fetched))
+            wanted = {h["job_id"] for h in handles}
+            for job_id in list(cache):
+                if job_id not in wanted:
+                    del cache[job_id]
+            for handle in handles:
+                if handle["job_id"] in results:
+                    result = results[handle["job_id"]]
+                    if isinstance(result, BaseException):
+                        out.append(self._api_error(result, f"get CustomJob {handle['job_id']}")
+                                   if isinstance(result, Exception) else result)
+                        continue
+                    if result is not None:
+                        cache[handle["job_id"]] = result
+                    out.append(job_state(result, handle))
+                else:
+                    out.append(job_state(cache[handle["job_id"]], handle))
+            return out
 
     async def acancel(self, handle: JobHandle) -> None:
         from google.api_core import exceptions as gexc
 
-        client = await self._async_jobs()
-        try:
-            await client.cancel_custom_job(name=self._job_name(handle))
-            self.log.info("Cancelling Vertex AI CustomJob %s", handle["job_id"])
-        except (gexc.NotFound, gexc.FailedPrecondition):
-            pass
+        async with await self._async_jobs() as client:
+            try:
+                await client.cancel_custom_job(name=self._job_name(handle))
+                self.log.info("Cancelling Vertex AI CustomJob %s", handle["job_id"])
+            except (gexc.NotFound, gexc.BadRequest):
+                pass  # gone, or already finished
 
     async def aread_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
         import aiohttp

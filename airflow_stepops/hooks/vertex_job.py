@@ -86,8 +86,11 @@ def job_state(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
     error = job.get("error") or {}
     code, text = int(error.get("code") or 0), str(error.get("message") or "")
     spot = (job.get("jobSpec", {}).get("scheduling") or {}).get("strategy") == "SPOT"
-    details = {"vertex_state": state, "spot": spot, "started_at": job.get("startTime"), "finished_at": job.get("endTime"),
-               "update_time": job.get("updateTime")}
+    machine = ((job.get("jobSpec", {}).get("workerPoolSpecs") or [{}])[0].get("machineSpec") or {})
+    details = {"vertex_state": state, "spot": spot, "machine_type": machine.get("machineType"),
+               "accelerator": f"{machine.get('acceleratorCount', 1)} x {machine['acceleratorType']}"
+               if machine.get("acceleratorType") else None, "started_at": _epoch(job.get("startTime")),
+               "finished_at": _epoch(job.get("endTime")), "update_time": job.get("updateTime")}
     if state == "JOB_STATE_SUCCEEDED":
         return JobStatus(JobState.SUCCEEDED, "", details)
     if state == "JOB_STATE_CANCELLED":
@@ -110,3 +113,17 @@ def job_state(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
     if state == "JOB_STATE_CANCELLING":
         return JobStatus(JobState.RUNNING, "cancelling", details)
     return JobStatus(JobState.RUNNING, state.removeprefix("JOB_STATE_").lower(), details)
+
+
+def _epoch(stamp: str | None) -> float | None:
+    """RFC 3339 (``2026-01-02T03:04:05.123456789Z``, nanoseconds allowed) -> seconds since the epoch."""
+    if not stamp:
+        return None
+    from datetime import datetime
+
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    try:
+        seconds = datetime.fromisoformat(head + "+00:00").timestamp()
+    except ValueError:
+        return None
+    return seconds + (float(f"0.{frac}") if frac.isdigit() else 0.0)

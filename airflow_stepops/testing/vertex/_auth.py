@@ -9,15 +9,19 @@ Vertex AI clients do) never call it; the API accepts any bearer token.
 
 from __future__ import annotations
 
+import datetime
 import secrets
 import threading
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+T = TypeVar("T")
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+#: google-auth signs its grants for Google's token endpoint whatever ``token_uri`` says; Google accepts both
+GOOGLE_TOKEN_AUDIENCES = ("https://oauth2.googleapis.com/token", "https://www.googleapis.com/oauth2/v4/token")
 TOKEN_LIFETIME = 3600
 
 
@@ -60,7 +64,7 @@ class ServiceAccount:
             "auth_provider_x509_cert_url": "https://www.googleapis.com/oauth2/v1/certs",
             "client_x509_cert_url": "https://www.googleapis.com/robot/v1/metadata/x509/"
                                     + self.client_email.replace("@", "%40"),
-            "universe_domain": "googleapis.com",
+            "universe_domain": UNIVERSE_DOMAIN,
         }
 
     def grant(self, form: dict[str, str], token_uri: str) -> dict[str, Any]:
@@ -74,8 +78,8 @@ class ServiceAccount:
         if not assertion:
             raise AuthError("invalid_request", "Missing required parameter: assertion")
         try:
-            claims = jwt.decode(assertion, certs={self.private_key_id: self._public_pem}, audience=token_uri,
-                                clock_skew_in_seconds=300)
+            claims = jwt.decode(assertion, certs={self.private_key_id: self._public_pem},
+                                audience=[token_uri, *GOOGLE_TOKEN_AUDIENCES], clock_skew_in_seconds=300)
         except (exceptions.GoogleAuthError, ValueError) as exc:
             raise AuthError("invalid_grant", f"Invalid JWT Signature. ({exc})") from None
         if claims.get("iss") != self.client_email:
@@ -93,3 +97,23 @@ class ServiceAccount:
         with self._lock:
             expiry = self._tokens.get(token)
         return expiry is not None and expiry > time.time()
+
+
+#: the universe domain of the emulator's service account (and of ``env()``'s GOOGLE_CLOUD_UNIVERSE_DOMAIN):
+#: google-auth looks up a service account's "regional access boundary" at Google only in the default
+#: universe, so credentials from any key file the emulator hands out stay offline whoever builds them
+UNIVERSE_DOMAIN = "stepops.test"
+
+def without_boundary_lookup(credentials: T) -> T:
+    """Keep google-auth credentials from calling Google itself: since google-auth 2.5x, service-account
+    credentials look up their "regional access boundary" at iamcredentials.googleapis.com in a background
+    thread after their first authorized request, whatever their ``token_uri`` (offline, a failing DNS lookup
+    retried three times, then a cooldown). Giving them Google's no-op boundary (``0x0``) for a year makes them
+    skip it; they then send ``x-allowed-locations: 0x0``, which the emulator ignores. Other credentials are
+    returned unchanged."""
+    setter = getattr(credentials, "_set_regional_access_boundary", None)
+    if setter is not None:
+        from google.auth import _helpers
+
+        setter({"encodedLocations": "0x0", "expiry": _helpers.utcnow() + datetime.timedelta(days=365)})
+    return credentials

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 #: ``/gcs/`` where it starts a path (not inside ``/tmp/gcs/``)
 _PREFIX = re.compile(r"(?<![\w.\-/])/gcs/")
 #: a whole ``/gcs/...`` path, also inside JSON, ``--flag=/gcs/...`` or ``(/gcs/...)``
-_MENTION = re.compile(r"(?<![\w.\-/])/gcs/[^\s\"',;:)\]}>]+")
+_MENTION = re.compile(r"(?<![\w.\-/])/gcs/[^\s\"',;)\]}>]+")  # not ":": run ids have it
 
 
 class GcsMount:

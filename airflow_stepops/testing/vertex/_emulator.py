@@ -1,0 +1,402 @@
+"""``VertexEmulator``: fake-gcs-server plus one aiohttp server (tokens, JobService, Logging) and job runners."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from airflow_stepops.testing.vertex import _faults as F
+from airflow_stepops.testing.vertex._auth import UNIVERSE_DOMAIN, ServiceAccount, without_boundary_lookup
+from airflow_stepops.testing.vertex._errors import DEFAULT_STATUS, ApiError
+from airflow_stepops.testing.vertex._gcs import FakeGcsServer
+from airflow_stepops.testing.vertex._jobs import TERMINAL, Job, JobService
+from airflow_stepops.testing.vertex._logging import REPLICA, LogStore
+from airflow_stepops.testing.vertex._runner import JobRunner, RunContext, write_python_shims
+from airflow_stepops.testing.vertex._server import ApiServer
+from airflow_stepops.testing.vertex._time import Clock
+
+JSON = dict[str, Any]
+DEFAULT_PROJECT_NUMBER = "123456789012"
+CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+
+
+class VertexEmulator:
+    """Vertex AI custom jobs, Cloud Logging and Cloud Storage on 127.0.0.1; jobs run as local processes.
+
+    Use it as a context manager (or ``start()`` / ``stop()``). Point ``JobServiceClient(transport="rest",
+    client_options={"api_endpoint": emu.api_endpoint})`` at it, GCS clients at ``gcs_endpoint`` (or
+    ``env()``), and Airflow at ``gcp_connection_uri()``.
+
+    project / project_number: the project's id and the number Vertex puts in resource names; request paths
+        may use either.
+    location: the one location served (other locations answer 400).
+    stop_grace_period: seconds between SIGTERM and SIGKILL when a job is cancelled, times out or is
+        preempted.
+    queue_seconds / pending_seconds: how long a job stays JOB_STATE_QUEUED and JOB_STATE_PENDING.
+    workdir: where job directories go (``<workdir>/jobs/<id>/``); default a temporary one removed by
+        ``stop()``.
+    port: the API server's port on 127.0.0.1 (default a free one).
+    """
+
+    def __init__(self, project: str = "stepops-tests", location: str = "us-central1",
+                 stop_grace_period: float = 2.0, queue_seconds: float = 0.3, pending_seconds: float = 0.3,
+                 workdir: str | Path | None = None, *, port: int = 0,
+                 project_number: str = DEFAULT_PROJECT_NUMBER) -> None:
+        self.project, self.location, self.project_number = project, location, project_number
+        self.stop_grace_period = stop_grace_period
+        self.queue_seconds, self.pending_seconds = queue_seconds, pending_seconds
+        self._wanted_workdir = Path(workdir) if workdir is not None else None
+        self._wanted_port = port
+        self.port = 0
+        self.workdir: Path | None = None
+        self._owns_workdir = False
+        self._lock = threading.Lock()
+        self._runners: dict[str, JobRunner] = {}
+        self._rules: list[F.FaultRule] = []
+        self._clock = Clock()
+        self._account = ServiceAccount(project)
+        self._gcs: FakeGcsServer | None = None
+        self._server: ApiServer | None = None
+        self._logs: LogStore | None = None
+        self._service: JobService | None = None
+        self._ctx: RunContext | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+
+    # ----- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> VertexEmulator:
+        if self._thread is not None:
+            raise RuntimeError("the emulator is already running")
+        try:
+            if self._wanted_workdir is not None:
+                self.workdir = self._wanted_workdir
+                self.workdir.mkdir(parents=True, exist_ok=True)
+            else:
+                self.workdir = Path(tempfile.mkdtemp(prefix="stepops-vertex-"))
+                self._owns_workdir = True
+            self._gcs = FakeGcsServer(self.workdir / "fake-gcs-server.log")
+            self._gcs.start()
+            self._logs = LogStore(self.project, self.project_number, self.location, self._clock)
+            self._service = JobService(self.project, self.project_number, self.location, self._clock,
+                                       self._admit, self._job_created, self._job_cancelled)
+            self._server = ApiServer(self._service, self._logs, self._account, lambda: self.token_uri)
+            self._serve()
+            shims = self.workdir / "bin"
+            write_python_shims(shims)
+            self._ctx = RunContext(self.project, self.project_number, self.location, self.stop_grace_period,
+                                   self.queue_seconds, self.pending_seconds, self._gcs, self._logs, self._clock,
+                                   self.workdir / "jobs", shims, self._job_env())
+        except BaseException:
+            self._teardown()
+            raise
+        return self
+
+    def _serve(self) -> None:
+        assert self._server is not None
+        loop = asyncio.new_event_loop()
+        ready: list[BaseException | None] = []
+        started = threading.Event()
+
+        async def startup() -> None:
+            assert self._server is not None
+            self._runner = web.AppRunner(self._server.app(), access_log=None, shutdown_timeout=2.0)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", self._wanted_port)
+            await site.start()
+            self.port = self._runner.addresses[0][1]
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(startup())
+                ready.append(None)
+            except BaseException as exc:  # reported to start()'s caller
+                ready.append(exc)
+            started.set()
+            if ready[0] is None:
+                loop.run_forever()
+
+        self._loop = loop
+        self._thread = threading.Thread(target=run, name="stepops-vertex-emulator", daemon=True)
+        self._thread.start()
+        started.wait(60)
+        if not ready or ready[0] is not None:
+            self._thread.join(5)
+            self._thread = None
+            raise RuntimeError("the Vertex AI emulator's server failed to start") from (ready[0] if ready else None)
+
+    def stop(self) -> None:
+        """Kill every job process (and its children), stop both servers, remove an own workdir; idempotent.
+        Jobs keep the state they had."""
+        self._teardown()
+
+    def _teardown(self) -> None:
+        with self._lock:
+            runners = list(self._runners.values())
+        for runner in runners:
+            runner.shutdown()
+        if self._thread is not None and self._loop is not None:
+            loop = self._loop
+
+            async def shutdown() -> None:
+                if self._runner is not None:
+                    await self._runner.cleanup()
+
+            try:
+                asyncio.run_coroutine_threadsafe(shutdown(), loop).result(30)
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+                self._thread.join(30)
+                self._thread = None
+        if self._loop is not None and not self._loop.is_running():
+            self._loop.close()
+            self._loop = None
+        if self._gcs is not None:
+            self._gcs.stop()
+            self._gcs = None
+        if self.workdir is not None and self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir, self._owns_workdir = None, False
+
+    def __enter__(self) -> VertexEmulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----- the job service's calls (request thread) -----------------------------------------------
+
+    def _admit(self) -> None:
+        """Before a job is made: a ``quota_exceeded`` rule answers the create call with 429."""
+        with self._lock:
+            for rule in self._rules:
+                if rule.fault.kind == "quota_exceeded" and rule.take():
+                    rule.applied.append("<create>")
+                    raise ApiError("RESOURCE_EXHAUSTED", rule.fault.message or F.QUOTA.format(
+                        metric=rule.fault.metric))
+
+    def _job_created(self, job: Job) -> None:
+        assert self._ctx is not None
+        with self._lock:
+            faults = []
+            for rule in self._rules:
+                if rule.fault.kind != "quota_exceeded" and rule.take():
+                    rule.applied.append(job.id)
+                    faults.append(rule.fault)
+            runner = JobRunner(job, self._ctx, faults)
+            self._runners[job.id] = runner
+        runner.start()
+
+    def _job_cancelled(self, job: Job) -> None:
+        runner = self._runners.get(job.id)
+        if runner is not None:
+            runner.wake()
+
+    # ----- endpoints and clients --------------------------------------------------------------------
+
+    @property
+    def api_endpoint(self) -> str:
+        """``http://127.0.0.1:<port>``: the ``api_endpoint`` of the Vertex AI clients."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def logging_endpoint(self) -> str:
+        """Cloud Logging's endpoint (the same server): ``POST <it>/v2/entries:list``."""
+        return self.api_endpoint
+
+    @property
+    def token_uri(self) -> str:
+        return f"{self.api_endpoint}/token"
+
+    @property
+    def gcs_endpoint(self) -> str:
+        if self._gcs is None:
+            raise RuntimeError("the emulator is not running")
+        return self._gcs.endpoint
+
+    def service_account_info(self) -> dict[str, str]:
+        """A service-account key (JSON as a dict) whose ``token_uri`` is the emulator's token endpoint."""
+        return self._account.info(self.token_uri)
+
+    def credentials(self, scopes: Iterable[str] = (CLOUD_PLATFORM_SCOPE,)) -> Any:
+        """``google.oauth2.service_account.Credentials`` of ``service_account_info()``, kept from looking up
+        their regional access boundary at Google (see ``without_boundary_lookup``)."""
+        from google.oauth2 import service_account
+
+        return without_boundary_lookup(service_account.Credentials.from_service_account_info(
+            self.service_account_info(), scopes=list(scopes)))
+
+    def env(self) -> dict[str, str]:
+        """Environment pointing clients at the emulator. ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` keeps
+        gcsfs (2025.x+) from probing buckets over gRPC/TLS, which fake-gcs-server does not answer (it takes
+        effect in processes that import gcsfs after it is set)."""
+        return {"STORAGE_EMULATOR_HOST": self.gcs_endpoint, "GOOGLE_CLOUD_PROJECT": self.project,
+                "GOOGLE_CLOUD_UNIVERSE_DOMAIN": UNIVERSE_DOMAIN,
+                "STEPOPS_VERTEX_EMULATOR_API": self.api_endpoint,
+                "STEPOPS_VERTEX_EMULATOR_LOGGING": self.logging_endpoint,
+                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+
+    def _job_env(self) -> dict[str, str]:
+        """What a job process gets in place of its service account: GCS through the emulator."""
+        env = self.env()
+        return {k: env[k] for k in ("STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT",
+                                    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
+
+    def connection_extra(self) -> dict[str, str]:
+        return {"keyfile_dict": json.dumps(self.service_account_info()), "project": self.project}
+
+    def airflow_connection(self) -> str:
+        """An Airflow ``google_cloud_platform`` connection as JSON (for ``AIRFLOW_CONN_<ID>``)."""
+        return json.dumps({"conn_type": "google_cloud_platform", "extra": self.connection_extra()})
+
+    def gcp_connection_uri(self) -> str:
+        """The same connection as a URI, ``google-cloud-platform://?keyfile_dict=...&project=...``."""
+        return "google-cloud-platform://?" + urlencode(self.connection_extra())
+
+    def storage_client(self) -> Any:
+        """A ``google.cloud.storage.Client`` on the fake GCS (anonymous credentials)."""
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        return storage.Client(project=self.project, credentials=AnonymousCredentials(),
+                              client_options={"api_endpoint": self.gcs_endpoint})
+
+    def create_bucket(self, name: str) -> str:
+        """Make a bucket (no-op if it exists); returns ``gs://<name>``."""
+        if self._gcs is None:
+            raise RuntimeError("the emulator is not running")
+        self._gcs.create_bucket(name, self.project)
+        return f"gs://{name}"
+
+    # ----- faults -----------------------------------------------------------------------------------
+
+    def inject(self, kind: str, job: str | None = None, after: float = 0.0, *, count: int | None = 1,
+               **kw: Any) -> F.FaultRule:
+        """A fault (see ``Fault``) for the job ``job`` (id or name; it must exist and not be over), or for the
+        next ``count`` created jobs (None: every one); ``quota_exceeded`` always strikes create calls."""
+        fault = F.Fault(kind, after=after, **kw)
+        rule = F.FaultRule(fault, count)
+        if job is None or kind == "quota_exceeded":
+            with self._lock:
+                self._rules.append(rule)
+            return rule
+        runner = self._runner_of(job)
+        state = runner.job.state
+        if state in TERMINAL:
+            raise ValueError(f"custom job {job} is already over ({state})")
+        if kind in ("slow_start", "stockout") and state not in ("JOB_STATE_QUEUED", "JOB_STATE_PENDING"):
+            raise ValueError(f"a {kind} fault cannot strike custom job {job}: it is {state}")
+        runner.strike(fault)
+        rule.count, rule.applied = 0, [runner.job.id]
+        return rule
+
+    def fail_requests(self, status_code: int, status: str | None = None, times: int | None = 1,
+                      path_contains: str | None = None, *, method: str | None = None,
+                      message: str | None = None) -> F.ApiFault:
+        """Answer the next ``times`` matching API requests (None: all) with Google's error JSON."""
+        fault = F.ApiFault(status_code, status or DEFAULT_STATUS.get(status_code, "UNKNOWN"), times,
+                           path_contains, method, message or "")
+        server = self._api()
+        with server.lock:
+            server.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._rules.clear()
+        if self._server is not None:
+            with self._server.lock:
+                self._server.faults.clear()
+
+    # ----- inspection -------------------------------------------------------------------------------
+
+    def _api(self) -> ApiServer:
+        if self._server is None:
+            raise RuntimeError("the emulator is not running")
+        return self._server
+
+    def _jobs(self) -> JobService:
+        if self._service is None:
+            raise RuntimeError("the emulator is not running")
+        return self._service
+
+    def _runner_of(self, job_id: str) -> JobRunner:
+        job = self._jobs().find(job_id)
+        with self._lock:
+            return self._runners[job.id]
+
+    @property
+    def requests(self) -> list[JSON]:
+        """The API requests served (method, path, query, status, time), oldest first."""
+        server = self._api()
+        with server.lock:
+            return [dict(r) for r in server.records]
+
+    @property
+    def jobs(self) -> list[JSON]:
+        """Every CustomJob (JSON, enum names), oldest first."""
+        return [job.snapshot() for job in self._jobs().jobs()]
+
+    def job(self, job_id: str) -> JSON:
+        """One CustomJob by id or resource name (KeyError if unknown)."""
+        return self._jobs().find(job_id).snapshot()
+
+    @property
+    def pids(self) -> list[int]:
+        """The live job processes (process group leaders)."""
+        with self._lock:
+            runners = list(self._runners.values())
+        return [pid for pid in (r.pid() for r in runners) if pid is not None]
+
+    def pid(self, job_id: str) -> int | None:
+        """The live process of a job, None when none runs."""
+        return self._runner_of(job_id).pid()
+
+    def job_dir(self, job_id: str) -> Path:
+        """``<workdir>/jobs/<id>/``: ``gcs/`` (stands for ``/gcs``), ``home/``, ``tmp/``."""
+        return self._runner_of(job_id).dir
+
+    def logs(self, job_id: str, *, service: bool = False) -> list[str]:
+        """The job's output lines so far (stdout and stderr, as logged); with ``service`` also the training
+        service's own lines."""
+        assert self._logs is not None
+        job = self._jobs().find(job_id)
+        return [e["textPayload"] for e in self._logs.entries(job.id, None if service else REPLICA)]
+
+    def log_entries(self, job_id: str | None = None) -> list[JSON]:
+        """The LogEntry JSON of one job (or all), oldest first."""
+        if self._logs is None:
+            raise RuntimeError("the emulator is not running")
+        key = self._jobs().find(job_id).id if job_id is not None else None
+        return self._logs.entries(key)
+
+    def wait_for_state(self, job_id: str, states: str | Iterable[str], timeout: float = 30.0) -> JSON:
+        """Block until the job has reached one of ``states`` (now or earlier: its history counts, so a state
+        shorter than the poll is not missed); AssertionError if it ends in another, TimeoutError after
+        ``timeout``. Returns the job as it is now."""
+        wanted = {states} if isinstance(states, str) else set(states)
+        job = self._jobs().find(job_id)
+        deadline = time.monotonic() + timeout
+        while True:
+            snapshot = job.snapshot()
+            if wanted & set(job.history):
+                return snapshot
+            if snapshot["state"] in TERMINAL:
+                raise AssertionError(f"custom job {job.id} ended {snapshot['state']} before reaching "
+                                     f"{sorted(wanted)}: {snapshot.get('error')}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"custom job {job.id} did not reach {sorted(wanted)} within {timeout}s "
+                                   f"(it is {snapshot['state']})")
+            time.sleep(0.02)

@@ -1,0 +1,374 @@
+"""``JobRunner``: one thread per custom job, doing what Vertex AI's training service does with it.
+
+States: JOB_STATE_QUEUED (``queue_seconds``) -> JOB_STATE_PENDING (``pending_seconds``; the ``/gcs``
+inputs are copied in) -> JOB_STATE_RUNNING (``startTime``, set once the process exists) ->
+JOB_STATE_SUCCEEDED / JOB_STATE_FAILED (``endTime``, ``error``); a cancel goes JOB_STATE_CANCELLING ->
+JOB_STATE_CANCELLED. Whatever ends a started process, the ``/gcs`` files are uploaded before the end state.
+
+Only replica 0 of worker pool 0 runs: ``containerSpec.command + containerSpec.args`` as a local process
+group (``python``/``python3`` is this interpreter; no image is pulled; ``$(VAR)`` is expanded from the
+env as Vertex does) in ``<workdir>/jobs/<id>/`` with ``home/`` as HOME and cwd, ``tmp/`` as TMPDIR and
+``gcs/`` standing in for ``/gcs`` (see ``_mount``). Its stdout and stderr lines become log entries as
+they are read. The process gets a minimal environment: PATH, HOME, TMPDIR, PYTHONUNBUFFERED=1, LANG,
+Vertex's CLOUD_ML_JOB_ID / CLOUD_ML_PROJECT_ID / CLOUD_ML_REGION / CLUSTER_SPEC (and AIP_MODEL_DIR,
+AIP_CHECKPOINT_DIR, AIP_TENSORBOARD_LOG_DIR with a ``baseOutputDirectory``), the emulator's GCS
+variables in place of the job's service account, then the job's own ``env``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from airflow_stepops.testing.vertex import _faults as F
+from airflow_stepops.testing.vertex._errors import job_error
+from airflow_stepops.testing.vertex._gcs import FakeGcsServer
+from airflow_stepops.testing.vertex._jobs import Job
+from airflow_stepops.testing.vertex._logging import REPLICA, SERVICE, LogStore
+from airflow_stepops.testing.vertex._mount import GcsMount
+from airflow_stepops.testing.vertex._time import Clock
+
+logger = logging.getLogger(__name__)
+
+_PYTHON = re.compile(r"python(\d+(\.\d+)?)?")
+_VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+_TICK = 0.05
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)s$")
+
+
+@dataclass
+class RunContext:
+    """What every runner shares: settings, the emulator's services, paths and the base environment."""
+
+    project: str
+    project_number: str
+    location: str
+    stop_grace_period: float
+    queue_seconds: float
+    pending_seconds: float
+    gcs: FakeGcsServer
+    logs: LogStore
+    clock: Clock
+    jobs_root: Path
+    shims: Path
+    base_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """How the job ended: its final state and ``error`` (None for success)."""
+
+    state: str
+    error: dict[str, Any] | None = None
+
+
+def write_python_shims(shims: Path) -> None:
+    """``python``, ``python3`` and ``python3.N`` on the job's PATH run this interpreter."""
+    shims.mkdir(parents=True, exist_ok=True)
+    for alias in ("python", "python3", f"python{sys.version_info[0]}.{sys.version_info[1]}"):
+        shim = shims / alias
+        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        shim.chmod(0o755)
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Seconds of a proto Duration in JSON (``"3600s"``, ``"1.5s"``)."""
+    if not text:
+        return None
+    found = _DURATION.match(text)
+    return float(found.group(1)) if found else None
+
+
+class JobRunner:
+    """Runs one custom job on its own thread; see the module docstring."""
+
+    def __init__(self, job: Job, ctx: RunContext, faults: list[F.Fault]) -> None:
+        self.job, self.ctx = job, ctx
+        self.faults = list(faults)
+        self.dir = ctx.jobs_root / job.id
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.uploaded: list[str] = []
+        self.downloaded: list[str] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._shutdown = False
+        self.thread = threading.Thread(target=self._main, name=f"vertex-job-{job.id}", daemon=True)
+
+    # ----- control (other threads) ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def strike(self, fault: F.Fault) -> None:
+        """Give a live job a fault (its ``after`` counts from when it started RUNNING)."""
+        with self._lock:
+            self.faults.append(fault)
+        self._wake.set()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """The emulator stops: kill the process group now and end the thread (the job keeps its state)."""
+        self._shutdown = True
+        self._wake.set()
+        proc = self.proc
+        if proc is not None:
+            _kill_group(proc, signal.SIGKILL)
+        self.thread.join(timeout)
+
+    def pid(self) -> int | None:
+        proc = self.proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def _faults(self, *kinds: str) -> list[F.Fault]:
+        with self._lock:
+            return [f for f in self.faults if f.kind in kinds]
+
+    # ----- the job ------------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            outcome = self._run()
+        except Exception as exc:
+            logger.exception("the Vertex emulator failed running custom job %s", self.job.id)
+            outcome = Outcome("JOB_STATE_FAILED", job_error("INTERNAL", f"The Vertex AI emulator failed: {exc}"))
+        finally:
+            proc = self.proc
+            if proc is not None:
+                _kill_group(proc, signal.SIGKILL)
+        if outcome is None:
+            return  # shut down: the job keeps the state it had
+        try:
+            self._end(outcome)
+        except Exception as exc:
+            logger.exception("the Vertex emulator failed ending custom job %s", self.job.id)
+            self.job.finish("JOB_STATE_FAILED", self.ctx.clock.now(),
+                            job_error("INTERNAL", f"The Vertex AI emulator failed: {exc}"))
+
+    def _log(self, text: str, severity: str = "INFO") -> None:
+        self.ctx.logs.write(self.job.id, text, severity=severity, task=SERVICE)
+
+    def _pause(self, seconds: float) -> str | None:
+        """Sleep unless the job is cancelled or the emulator stops first (then which)."""
+        end = time.monotonic() + seconds
+        while True:
+            if self._shutdown:
+                return "shutdown"
+            if self.job.cancel_requested.is_set():
+                return "cancel"
+            left = end - time.monotonic()
+            if left <= 0:
+                return None
+            self._wake.wait(min(left, _TICK))
+            self._wake.clear()
+
+    def _interrupted(self, why: str) -> Outcome | None:
+        return None if why == "shutdown" else Outcome("JOB_STATE_CANCELLED", job_error("CANCELLED", F.CANCELED))
+
+    def _run(self) -> Outcome | None:
+        ctx, job = self.ctx, self.job
+        why = self._queue()
+        if why is not None:
+            return self._interrupted(why)
+        if not job.advance("JOB_STATE_PENDING", ctx.clock.now()):
+            return self._interrupted("cancel")
+        self._log("Waiting for job to be provisioned.")
+        pending_since = time.monotonic()
+        for sub in ("home", "tmp"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        mount = GcsMount(ctx.gcs, self.dir / "gcs")
+        command = self._command(mount)
+        if not isinstance(command, str) and not self._faults("stockout"):  # no VM, no mount
+            try:
+                self.downloaded = mount.download(command[2])
+            except Exception as exc:
+                return Outcome("JOB_STATE_FAILED", job_error("INTERNAL", f"Could not mount /gcs: {exc}"))
+        why = self._pause(ctx.pending_seconds - (time.monotonic() - pending_since))
+        if why is not None:
+            return self._interrupted(why)
+        stockouts = self._faults("stockout")
+        if stockouts:
+            why = self._pause(stockouts[0].after)
+            if why is not None:
+                return self._interrupted(why)
+            return Outcome("JOB_STATE_FAILED", job_error("RESOURCE_EXHAUSTED",
+                                                         F.STOCKOUT.format(location=ctx.location)))
+        if isinstance(command, str):
+            return Outcome("JOB_STATE_FAILED", job_error("INVALID_ARGUMENT", command))
+        self._log("Waiting for training program to start.")
+        outcome = self._train(command[0], command[1])
+        if outcome is None:
+            return None
+        self.uploaded, errors = mount.upload_changes()  # also after a failure, cancel or preemption
+        for error in errors:
+            self._log(f"Could not write to Cloud Storage: {error}", "ERROR")
+        return outcome
+
+    def _queue(self) -> str | None:
+        """JOB_STATE_QUEUED for ``queue_seconds`` plus any ``slow_start`` (also one given meanwhile)."""
+        began = time.monotonic()
+        while True:
+            left = began + self.ctx.queue_seconds + sum(f.duration for f in self._faults("slow_start")) \
+                - time.monotonic()
+            if left <= 0:
+                return None
+            why = self._pause(min(left, _TICK))
+            if why is not None:
+                return why
+
+    def _command(self, mount: GcsMount) -> tuple[list[str], dict[str, str], list[str]] | str:
+        """argv, environment and the texts naming ``/gcs`` paths; or why the job cannot run here."""
+        spec = self.job.spec()
+        pool = (spec.get("workerPoolSpecs") or [{}])[0]
+        container = pool.get("containerSpec")
+        if container is None:
+            return ("The Vertex AI emulator runs containerSpec.command (+ args) of worker pool 0 as a local "
+                    "process; python_package_spec is not emulated.")
+        command = list(container.get("command") or [])
+        if not command:
+            return ("The Vertex AI emulator pulls no image: it runs containerSpec.command (+ args) as a local "
+                    f"process, and this job has no command (image {container.get('imageUri')!r}).")
+        job_env = {e["name"]: e.get("value", "") for e in container.get("env") or [] if e.get("name")}
+        raw = command + list(container.get("args") or [])
+        texts = raw + list(job_env.values())
+        ctx = self.ctx
+        env = {
+            "PATH": f"{ctx.shims}{os.pathsep}{os.environ.get('PATH', os.defpath)}",
+            "HOME": str(self.dir / "home"), "TMPDIR": str(self.dir / "tmp"), "PYTHONUNBUFFERED": "1",
+            "LANG": "C.UTF-8", "CLOUD_ML_JOB_ID": self.job.id, "CLOUD_ML_PROJECT_ID": ctx.project,
+            "CLOUD_ML_REGION": ctx.location,
+            "CLUSTER_SPEC": json.dumps({"cluster": {"workerpool0": [f"{REPLICA}:2222"]}, "environment": "cloud",
+                                        "task": {"type": "workerpool0", "index": 0}, "job": json.dumps(spec)}),
+        }
+        base = ((spec.get("baseOutputDirectory") or {}).get("outputUriPrefix") or "").rstrip("/")
+        if base:
+            env.update(AIP_MODEL_DIR=f"{base}/model/", AIP_CHECKPOINT_DIR=f"{base}/checkpoints/",
+                       AIP_TENSORBOARD_LOG_DIR=f"{base}/logs/")
+        env.update(ctx.base_env)
+        env.update({k: mount.rewrite(v) for k, v in job_env.items()})
+        argv = [mount.rewrite(_expand(a, env)) for a in raw]
+        if _PYTHON.fullmatch(os.path.basename(argv[0])):
+            argv[0] = sys.executable
+        return argv, env, texts
+
+    def _train(self, argv: list[str], env: dict[str, str]) -> Outcome | None:
+        ctx, job = self.ctx, self.job
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(argv, cwd=self.dir / "home", env=env, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        except OSError as exc:  # the container starts, its entrypoint does not
+            job.advance("JOB_STATE_RUNNING", ctx.clock.now(), start=True)
+            ctx.logs.write(job.id, f'exec: "{argv[0]}": {exc.strerror or exc}', severity="ERROR")
+            return self._exited(127)
+        with self._lock:
+            self.proc = proc
+        # RUNNING once the process exists (pid() answers); a cancel that came first is seen by the loop below
+        job.advance("JOB_STATE_RUNNING", ctx.clock.now(), start=True)
+        readers = [threading.Thread(target=self._read, args=(stream, severity), daemon=True,
+                                    name=f"vertex-job-{job.id}-{severity.lower()}")
+                   for stream, severity in ((proc.stdout, "INFO"), (proc.stderr, "ERROR"))]
+        for reader in readers:
+            reader.start()
+        timeout = parse_duration((job.spec().get("scheduling") or {}).get("timeout"))
+        spot = (job.spec().get("scheduling") or {}).get("strategy") == "SPOT"
+        outcome: Outcome | None = None
+        shutdown = False
+        while True:
+            elapsed = time.monotonic() - started
+            code = proc.poll()
+            strike = next((f for f in self._faults(*F.RUNNING_KINDS) if elapsed >= f.after), None)
+            if code is not None:
+                outcome = self._exited(code if code >= 0 else 128 - code)
+            elif self._shutdown:
+                shutdown = True
+            elif job.cancel_requested.is_set():
+                outcome = Outcome("JOB_STATE_CANCELLED", job_error("CANCELLED", F.CANCELED))
+            elif timeout is not None and elapsed >= timeout:
+                outcome = Outcome("JOB_STATE_FAILED", job_error(
+                    "DEADLINE_EXCEEDED", F.TIMEOUT.format(timeout=job.spec()["scheduling"]["timeout"])))
+            elif strike is not None:
+                outcome = self._struck(strike, spot)
+            else:
+                self._wake.wait(_TICK)
+                self._wake.clear()
+                continue
+            break
+        if outcome is not None and outcome.state != "JOB_STATE_CANCELLED":
+            failure = next(iter(self._faults("failure")), None)
+            if failure is not None and code is not None:  # the fault's failure wins over the process's end
+                outcome = self._struck(failure, spot)
+        _terminate(proc, 0.0 if shutdown else (ctx.stop_grace_period if code is None else 0.0))
+        for reader in readers:
+            reader.join(5)
+        return None if shutdown else outcome
+
+    def _exited(self, exit_code: int) -> Outcome:
+        if exit_code == 0:
+            return Outcome("JOB_STATE_SUCCEEDED")
+        message = F.NON_ZERO_EXIT.format(exit_code=exit_code, project_number=self.ctx.project_number,
+                                         job_id=self.job.id)
+        return Outcome("JOB_STATE_FAILED", job_error("INVALID_ARGUMENT", message))
+
+    def _struck(self, fault: F.Fault, spot: bool) -> Outcome:
+        if fault.kind == "preemption":
+            if spot:
+                return Outcome("JOB_STATE_FAILED", job_error("RESOURCE_EXHAUSTED",
+                                                             F.PREEMPTED.format(location=self.ctx.location)))
+            return Outcome("JOB_STATE_FAILED", job_error("INTERNAL", fault.message or F.INTERNAL))
+        error = {"code": fault.code if fault.code is not None else 13, "message": fault.message or F.INTERNAL}
+        return Outcome("JOB_STATE_FAILED", error)
+
+    def _read(self, stream: Any, severity: str) -> None:
+        with stream:
+            for raw in iter(stream.readline, b""):
+                line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                if line.strip():
+                    self.ctx.logs.write(self.job.id, line, severity=severity)
+
+    def _end(self, outcome: Outcome) -> None:
+        job = self.job
+        if outcome.state == "JOB_STATE_SUCCEEDED" and job.cancel_requested.is_set():
+            outcome = Outcome("JOB_STATE_CANCELLED", job_error("CANCELLED", F.CANCELED))
+        if outcome.error is not None and outcome.state == "JOB_STATE_FAILED":
+            self._log(outcome.error["message"], "ERROR")
+        self._log({"JOB_STATE_SUCCEEDED": "Job completed successfully.", "JOB_STATE_FAILED": "Job failed.",
+                   "JOB_STATE_CANCELLED": "Job was cancelled."}.get(outcome.state, outcome.state),
+                  "ERROR" if outcome.state == "JOB_STATE_FAILED" else "INFO")
+        job.finish(outcome.state, self.ctx.clock.now(), outcome.error)
+
+
+def _expand(text: str, env: dict[str, str]) -> str:
+    """``$(VAR)`` from the environment (unknown ones stay), ``$$`` as ``$``: Vertex's substitution."""
+    return _VAR.sub(lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
+
+
+def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM to the process group, SIGKILL after ``grace`` seconds (at once without one); then reap it
+    and anything it left behind in the group."""
+    if grace > 0 and proc.poll() is None:
+        _kill_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    _kill_group(proc, signal.SIGKILL)
+    proc.wait()
