@@ -4,6 +4,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 UV=$(scripts/ensure-uv.sh)
 "$UV" sync --frozen --quiet --extra kubernetes --extra aws --extra gcp --extra azure
+# Azurite (the Azure ML emulator's blob storage) comes from npm, pinned in package-lock.json
+if [ ! -x node_modules/.bin/azurite-blob ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  command -v npm >/dev/null 2>&1 || { echo "npm is needed for the Azure ML emulator (Azurite): install Node.js 20+"; exit 1; }
+  npm ci --no-audit --no-fund --loglevel=error
+fi
 "$UV" run --frozen ruff check airflow_stepops tests dags_examples benchmarks
 "$UV" run --frozen mypy airflow_stepops
 "$UV" run --frozen pytest "$@"

@@ -1,0 +1,61 @@
+"""Run the Azure ML emulator as a process: ``python -m airflow_stepops.testing.azureml``.
+
+Starts Azurite and the HTTPS REST server on 127.0.0.1 and serves until SIGINT/SIGTERM, printing where
+it listens and the environment that points azure-ai-ml, azure-identity and azure-storage-blob at it;
+``--env-file`` also writes that environment as ``KEY=VALUE`` lines once everything is up (and removes
+the file on exit). Needs Azurite: ``npm ci`` in the repository first::
+
+    python -m airflow_stepops.testing.azureml --env-file /tmp/azureml.env --container data
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import threading
+from pathlib import Path
+
+from airflow_stepops.testing.azureml import AzureMLEmulator
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m airflow_stepops.testing.azureml", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env-file", type=Path, help="write the environment here (KEY=VALUE lines)")
+    parser.add_argument("--container", action="append", default=[], help="blob container to create (repeatable)")
+    parser.add_argument("--port", type=int, default=0, help="REST server port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--azurite-port", type=int, default=0, help="Azurite blob port (default: a free one)")
+    parser.add_argument("--subscription-id", default="00000000-0000-0000-0000-000000000000")
+    parser.add_argument("--resource-group", default="stepops-rg")
+    parser.add_argument("--workspace-name", default="stepops-ws")
+    parser.add_argument("--location", default="eastus")
+    parser.add_argument("--stop-grace-period", type=float, default=2.0,
+                        help="SIGTERM-to-SIGKILL wait when jobs are cancelled or time out (seconds)")
+    parser.add_argument("--workdir", type=Path, help="where blobs and job directories go (default: a temporary one)")
+    ns = parser.parse_args(argv)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with AzureMLEmulator(ns.subscription_id, ns.resource_group, ns.workspace_name, ns.location,
+                         stop_grace_period=ns.stop_grace_period, workdir=ns.workdir, port=ns.port,
+                         azurite_port=ns.azurite_port) as emulator:
+        for container in ns.container:
+            emulator.create_container(container)
+        lines = [f"{key}={value}" for key, value in emulator.env().items()]
+        if ns.env_file:
+            tmp = ns.env_file.with_name(ns.env_file.name + ".tmp")
+            tmp.write_text("\n".join(lines) + "\n")
+            tmp.replace(ns.env_file)  # appears complete: callers wait for the file
+        print(f"Azure ML emulator serving on {emulator.base_url} (workspace {ns.workspace_name}); "
+              f"Azurite blobs on {emulator.blob_endpoint}", flush=True)
+        for key, value in emulator.env().items():
+            print(f"export {key}={shlex.quote(value)}", flush=True)
+        stop.wait()
+    if ns.env_file:
+        ns.env_file.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

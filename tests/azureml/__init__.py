@@ -1,0 +1,1 @@
+"""Tests of the Azure ML emulator (airflow_stepops.testing.azureml)."""
