@@ -48,7 +48,7 @@ case "$FLAVOR" in
     # local Vertex AI emulator, started for this demo
     rm -f "$AIRFLOW_HOME/vertex.env"
     "$UV" run --frozen --inexact "${EXTRAS[@]}" python -m airflow_stepops.testing.vertex \
-      --env-file "$AIRFLOW_HOME/vertex.env" --bucket stepops-demo >"$AIRFLOW_HOME/emulator.log" 2>&1 &
+      --env-file "$AIRFLOW_HOME/vertex.env" --project stepops-demo --bucket stepops-demo >"$AIRFLOW_HOME/emulator.log" 2>&1 &
     EMULATOR_PID=$!
     trap 'kill "$EMULATOR_PID" 2>/dev/null || true; wait "$EMULATOR_PID" 2>/dev/null || true' EXIT
     for _ in $(seq 1 300); do [ -f "$AIRFLOW_HOME/vertex.env" ] && break; kill -0 "$EMULATOR_PID" 2>/dev/null || break; sleep 0.2; done

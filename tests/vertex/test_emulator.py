@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -563,7 +564,9 @@ def test_python_m_entry_point_writes_env_and_stops_on_sigterm(tmp_path: Path):
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             assert time.monotonic() < deadline, "no env file"
             time.sleep(0.1)
-        env = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+        # shell-quoted, as `set -a; . vertex.env` in scripts/demo.sh reads it
+        env = {key: shlex.split(value)[0] for key, value in
+               (line.split("=", 1) for line in env_file.read_text().splitlines())}
         assert set(env) >= {"STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT", "STEPOPS_VERTEX_EMULATOR_API",
                             "STEPOPS_VERTEX_EMULATOR_LOGGING", "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"}
         uri = urlsplit(env["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"])

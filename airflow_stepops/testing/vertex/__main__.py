@@ -11,6 +11,7 @@ service-account key) as ``KEY=VALUE`` lines once everything is up::
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import threading
 from pathlib import Path
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-grace-period", type=float, default=5.0,
                         help="SIGTERM-to-SIGKILL wait when jobs are cancelled, time out or are preempted (s)")
     parser.add_argument("--workdir", type=Path, help="where job directories go (default: a temporary one)")
-    parser.add_argument("--env-file", type=Path, help="write the environment here (KEY=VALUE lines)")
+    parser.add_argument("--env-file", type=Path, help="write the environment here (KEY=VALUE lines, shell-quoted)")
     ns = parser.parse_args(argv)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -37,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                         workdir=ns.workdir, port=ns.port) as emu:
         for bucket in ns.bucket:
             emu.create_bucket(bucket)
-        lines = [f"{key}={value}" for key, value in emu.env().items()]
-        lines.append(f"AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT={emu.gcp_connection_uri()}")
+        variables = {**emu.env(), "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT": emu.gcp_connection_uri()}
+        lines = [f"{key}={shlex.quote(value)}" for key, value in variables.items()]  # a shell may source it
         if ns.env_file:
             tmp = ns.env_file.with_name(ns.env_file.name + ".tmp")
             tmp.write_text("\n".join(lines) + "\n")
