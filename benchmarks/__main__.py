@@ -32,7 +32,7 @@ from benchmarks.common import (
     status_word,
 )
 
-BENCHMARKS = ("parse", "local", "triggerer", "artifacts", "kubernetes")
+BENCHMARKS = ("parse", "local", "triggerer", "artifacts", "kubernetes", "vertex")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -77,6 +77,10 @@ def run_one(name: str, workdir: Path, args: argparse.Namespace) -> Section:
             from benchmarks import bench_kubernetes
 
             section = bench_kubernetes.run(workdir, steps=args.k8s_steps)
+        elif name == "vertex":
+            from benchmarks import bench_vertex
+
+            section = bench_vertex.run(workdir, steps=args.vertex_steps)
         else:
             from benchmarks import bench_artifacts
 
@@ -107,6 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=parse_size, default=GIB, help="artifact payload size (default 1GiB)")
     parser.add_argument("--triggers", type=int, default=1000, help="concurrent triggers (default 1000)")
     parser.add_argument("--k8s-steps", type=int, default=100, help="deferred Kubernetes steps (default 100)")
+    parser.add_argument("--vertex-steps", type=int, default=50, help="deferred Vertex AI steps (default 50)")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (noisier; for a smoke test)")
     parser.add_argument("--tmp-dir", default=None, help="where temporary files go (default: the system temp dir)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON results go")
