@@ -216,3 +216,27 @@ def test_shared_polling_lists_instead_of_reading_every_job(vx_emulator):
     assert all(s.state is JobState.SUCCEEDED for s in seen[-1]), seen[-1]
     assert len(gets) == len(handles), gets  # each job read once; every later round is one list call
     assert len(calls) <= len(handles) + len(seen), (len(calls), len(seen), time.time() - started)
+
+
+def test_operator_side_cancel_and_status(vx_emulator):
+    """``on_kill`` of a non-deferred step: the sync client cancels; cancelling a finished job is quiet."""
+    from airflow_stepops.hooks.base import JobState
+
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="sync_cancel"))
+    vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_RUNNING"])
+    assert hook.get_status(handle).state is JobState.RUNNING
+    hook.cancel(handle)
+    vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_CANCELLED"])
+    status = hook.get_status(handle)
+    assert status.state is JobState.CANCELLED and vx_emulator.pid(handle["job_id"]) is None
+    hook.cancel(handle)  # already finished: FAILED_PRECONDITION is not an error here
+    assert hook.get_status({**handle, "name": handle["name"][:-1] + "0"}).state is JobState.FAILED  # unknown job
+
+
+def test_trigger_deadline_cancels_the_job(vx_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="trigger_deadline"))
+    event = run_trigger(hook, handle, deadline=time.time() + 3)
+    assert event["status"] == "timeout" and "execution_timeout" in event["message"], event
+    assert vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_CANCELLED"])["state"] == "JOB_STATE_CANCELLED"
