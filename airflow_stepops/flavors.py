@@ -81,6 +81,16 @@ FLAVORS: dict[str, Flavor] = {
         trigger_class="airflow_stepops.triggers.vertex.VertexStepOperatorTrigger",
         default_conn_id="stepops_vertex_default",
     ),
+    "azureml": Flavor(
+        name="azureml",
+        display_name="Azure ML command job",
+        settings_class="airflow_stepops.settings.azureml.AzureMLStepOperatorSettings",
+        config_class="airflow_stepops.settings.azureml.AzureMLStepOperatorConfig",
+        hook_class="airflow_stepops.hooks.azureml.AzureMLStepOperatorHook",
+        operator_class="airflow_stepops.operators.azureml.AzureMLStepOperator",
+        trigger_class="airflow_stepops.triggers.azureml.AzureMLStepOperatorTrigger",
+        default_conn_id="stepops_azureml_default",
+    ),
 }
 
 

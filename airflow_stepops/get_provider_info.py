@@ -142,6 +142,36 @@ def get_provider_info() -> dict[str, Any]:
                                                    description="With {location}, {job_id} and {project}."),
                 },
             },
+            {
+                "hook-class-name": "airflow_stepops.hooks.azureml.AzureMLStepOperatorHook",
+                "hook-name": "Step operator: Azure ML command job",
+                "connection-type": "stepops_azureml",
+                "ui-field-behaviour": {"hidden-fields": _HIDDEN, "relabeling": {}, "placeholders": {}},
+                "conn-fields": {
+                    **_COMMON_FIELDS,
+                    "azure_conn_id": _field("Azure connection id", description="microsoft-azure provider connection "
+                                            "(DefaultAzureCredential when it has no service principal).",
+                                            default="azure_default"),
+                    "subscription_id": _field("Subscription id", description="Azure subscription of the workspace."),
+                    "resource_group": _field("Resource group"),
+                    "workspace_name": _field("Workspace name", description="Azure ML workspace."),
+                    "compute_target_name": _field("Compute target", description="Cluster or compute instance; "
+                                                  "empty: serverless compute."),
+                    "image": _field("Image", description="Container image with Python and cloudpickle."),
+                    "azureml_environment": _field("Registered environment", description="azureml:<name>:<version> "
+                                                  "instead of an image."),
+                    "storage_conn_id": _field("Storage connection id", description="wasb/adls connection workers "
+                                              "use for the artifact store when its URI names none."),
+                    "datastore": _field("Datastore", description="Datastore the jobs reach an abfs:// store "
+                                        "through.", default="workspaceblobstore"),
+                    "instance_type": _field("Default VM size", description="e.g. Standard_D4s_v3 (serverless)."),
+                    "experiment_name": _field("Experiment name", description="Default: the DAG id."),
+                    "tags": _field("Tags", "object", "Added to every job."),
+                    "environment": _field("Environment variables", "object", "Added to every step (no secrets)."),
+                    "console_url_template": _field("Console URL template", description="With {job_name}, "
+                                                   "{subscription_id}, {resource_group} and {workspace_name}."),
+                },
+            },
         ],
         "config": {
             "stepops": {
@@ -165,15 +195,18 @@ def get_provider_info() -> dict[str, Any]:
         "extra-links": ["airflow_stepops.links.StepJobLink"],
         "hooks": [
             {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.hooks.local", "airflow_stepops.hooks.kubernetes",
-                                                                     "airflow_stepops.hooks.sagemaker", "airflow_stepops.hooks.vertex"]},
+                                                                     "airflow_stepops.hooks.sagemaker", "airflow_stepops.hooks.vertex",
+                                                                     "airflow_stepops.hooks.azureml"]},
         ],
         "operators": [
             {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.operators.local", "airflow_stepops.operators.kubernetes",
-                                                                     "airflow_stepops.operators.sagemaker", "airflow_stepops.operators.vertex"]},
+                                                                     "airflow_stepops.operators.sagemaker", "airflow_stepops.operators.vertex",
+                                                                     "airflow_stepops.operators.azureml"]},
         ],
         "triggers": [
             {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.triggers.local", "airflow_stepops.triggers.kubernetes",
-                                                                     "airflow_stepops.triggers.sagemaker", "airflow_stepops.triggers.vertex"]},
+                                                                     "airflow_stepops.triggers.sagemaker", "airflow_stepops.triggers.vertex",
+                                                                     "airflow_stepops.triggers.azureml"]},
         ],
         "integrations": [
             {

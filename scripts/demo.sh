@@ -10,6 +10,7 @@ case "$FLAVOR" in  # the extras a flavor needs (its emulator's too)
   kubernetes) EXTRAS=(--extra kubernetes) ;;
   sagemaker) EXTRAS=(--extra aws --extra tests) ;;
   vertex) EXTRAS=(--extra gcp --extra tests) ;;
+  azureml) EXTRAS=(--extra azure --extra tests) ;;
   *) EXTRAS=() ;;
 esac
 "$UV" sync --frozen --quiet --inexact "${EXTRAS[@]}"
@@ -55,7 +56,21 @@ case "$FLAVOR" in
     [ -f "$AIRFLOW_HOME/vertex.env" ] || { cat "$AIRFLOW_HOME/emulator.log"; echo "the Vertex AI emulator did not start"; exit 1; }
     set -a; . "$AIRFLOW_HOME/vertex.env"; set +a
     head -n 1 "$AIRFLOW_HOME/emulator.log" ;;
-  *) echo "FLAVOR=$FLAVOR: no demo for this flavor yet (available: local, kubernetes, sagemaker, vertex)"; exit 2 ;;
+  azureml)
+    # an Azure ML workspace (ARM, run history, a managed-identity token endpoint) and Azurite blobs from
+    # the local Azure ML emulator, started for this demo; workers reach the blobs with adlfs's
+    # AZURE_STORAGE_CONNECTION_STRING from its environment
+    [ -x node_modules/.bin/azurite-blob ] || npm ci --silent
+    rm -f "$AIRFLOW_HOME/azureml.env"
+    "$UV" run --frozen --inexact "${EXTRAS[@]}" python -m airflow_stepops.testing.azureml \
+      --env-file "$AIRFLOW_HOME/azureml.env" --workdir "$AIRFLOW_HOME/azureml-emulator" >"$AIRFLOW_HOME/emulator.log" 2>&1 &
+    EMULATOR_PID=$!
+    trap 'kill "$EMULATOR_PID" 2>/dev/null || true; wait "$EMULATOR_PID" 2>/dev/null || true' EXIT
+    for _ in $(seq 1 300); do [ -f "$AIRFLOW_HOME/azureml.env" ] && break; kill -0 "$EMULATOR_PID" 2>/dev/null || break; sleep 0.2; done
+    [ -f "$AIRFLOW_HOME/azureml.env" ] || { cat "$AIRFLOW_HOME/emulator.log"; echo "the Azure ML emulator did not start"; exit 1; }
+    set -a; . "$AIRFLOW_HOME/azureml.env"; set +a
+    head -n 1 "$AIRFLOW_HOME/emulator.log" ;;
+  *) echo "FLAVOR=$FLAVOR: no demo for this flavor yet (available: local, kubernetes, sagemaker, vertex, azureml)"; exit 2 ;;
 esac
 STEPOPS_EXAMPLE_STEP_OPERATOR=$("$UV" run --frozen python dags_examples/setup_connections.py "$FLAVOR")
 export STEPOPS_EXAMPLE_STEP_OPERATOR

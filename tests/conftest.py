@@ -115,3 +115,40 @@ def vx_emulator(airflow_home: Path):
             "artifact_store": "gs://stepops-tests/artifacts", "labels": {"team": "ml"},
             "api_endpoint": vx.api_endpoint, "logging_endpoint": vx.logging_endpoint}})
         yield vx
+
+
+@pytest.fixture(scope="session")
+def az_emulator(airflow_home: Path):
+    """One Azure ML emulator (REST front + Azurite) per session, behind the step operator
+    ``azureml_step_operator`` (serverless, artifact store on the ``workspaceblobstore`` datastore) and
+    ``azureml_cluster_step_operator`` (the ``cpu-cluster`` compute, an ``abfs://`` store). Workers reach
+    Azurite through the ``azurite_storage`` connection; azure-ai-ml and DefaultAzureCredential in this
+    process (no ``azure_default`` connection exists) are pointed at the emulator by its environment."""
+    import json
+
+    pytest.importorskip("azure.ai.ml")
+    pytest.importorskip("adlfs")
+    from airflow_stepops.testing.azureml import AzureMLEmulator, AzuriteNotFoundError
+
+    try:
+        az = AzureMLEmulator(stop_grace_period=1, queue_seconds=0.2, prepare_seconds=0.2).start()
+    except AzuriteNotFoundError as exc:
+        pytest.skip(f"Azurite is not installed: {exc}")
+    try:
+        os.environ.update(az.env())
+        os.environ["AIRFLOW_CONN_AZURITE_STORAGE"] = json.dumps(
+            {"conn_type": "wasb", "extra": {"connection_string": az.blob_connection_string}})
+        cfg = az.config
+        workspace = {"subscription_id": cfg.subscription_id, "resource_group": cfg.resource_group,
+                     "workspace_name": cfg.workspace_name, "image": "mcr.microsoft.com/azureml/stepops-python:3.11"}
+        os.environ["AIRFLOW_CONN_AZUREML_STEP_OPERATOR"] = json.dumps({"conn_type": "stepops_azureml", "extra": {
+            **workspace, "artifact_store": "azureml://datastores/workspaceblobstore/paths/artifacts",
+            "storage_conn_id": "azurite_storage", "tags": {"team": "ml"}}})
+        container = az.datastores["workspaceblobstore"]
+        os.environ["AIRFLOW_CONN_AZUREML_CLUSTER_STEP_OPERATOR"] = json.dumps({
+            "conn_type": "stepops_azureml", "extra": {
+                **workspace, "compute_target_name": "cpu-cluster",
+                "artifact_store": f"abfs://azurite_storage@{container}/cluster-artifacts"}})
+        yield az
+    finally:
+        az.stop()

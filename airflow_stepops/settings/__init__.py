@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from airflow_stepops.resources import ResourceSettings
+    from airflow_stepops.settings.azureml import AzureMLStepOperatorConfig, AzureMLStepOperatorSettings
     from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings
     from airflow_stepops.settings.kubernetes import KubernetesStepOperatorConfig, KubernetesStepOperatorSettings
     from airflow_stepops.settings.local import LocalStepOperatorConfig, LocalStepOperatorSettings
@@ -24,6 +25,8 @@ _EXPORTS = {
     "SageMakerStepOperatorConfig": "airflow_stepops.settings.sagemaker",
     "VertexStepOperatorSettings": "airflow_stepops.settings.vertex",
     "VertexStepOperatorConfig": "airflow_stepops.settings.vertex",
+    "AzureMLStepOperatorSettings": "airflow_stepops.settings.azureml",
+    "AzureMLStepOperatorConfig": "airflow_stepops.settings.azureml",
 }
 
 __all__ = sorted(_EXPORTS)

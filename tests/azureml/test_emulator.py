@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -384,7 +385,8 @@ def test_runs_as_a_process(tmp_path: Path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_until(env_file.exists, timeout=60, what="the env file")
-        values = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+        # shell-quoted lines (a shell may source the file): KEY='value;with=specials'
+        values = dict(shlex.split(line)[0].split("=", 1) for line in env_file.read_text().splitlines())
         assert EMULATOR_KEYS <= set(values)
         child_env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE", "IDENTITY", "MSI"))}
         result = subprocess.run([sys.executable, "-c", SDK_CALL], env={**child_env, **values}, capture_output=True,

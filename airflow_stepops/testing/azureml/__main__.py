@@ -2,7 +2,7 @@
 
 Starts Azurite and the HTTPS REST server on 127.0.0.1 and serves until SIGINT/SIGTERM, printing where
 it listens and the environment that points azure-ai-ml, azure-identity and azure-storage-blob at it;
-``--env-file`` also writes that environment as ``KEY=VALUE`` lines once everything is up (and removes
+``--env-file`` also writes that environment as shell-quoted ``KEY=VALUE`` lines once everything is up (and removes
 the file on exit). Needs Azurite: ``npm ci`` in the repository first::
 
     python -m airflow_stepops.testing.azureml --env-file /tmp/azureml.env --container data
@@ -22,7 +22,7 @@ from airflow_stepops.testing.azureml import AzureMLEmulator
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m airflow_stepops.testing.azureml", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env-file", type=Path, help="write the environment here (KEY=VALUE lines)")
+    parser.add_argument("--env-file", type=Path, help="write the environment here (KEY=VALUE lines, shell-quoted)")
     parser.add_argument("--container", action="append", default=[], help="blob container to create (repeatable)")
     parser.add_argument("--port", type=int, default=0, help="REST server port on 127.0.0.1 (default: a free one)")
     parser.add_argument("--azurite-port", type=int, default=0, help="Azurite blob port (default: a free one)")
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                          azurite_port=ns.azurite_port) as emulator:
         for container in ns.container:
             emulator.create_container(container)
-        lines = [f"{key}={value}" for key, value in emulator.env().items()]
+        # shell-quoted: the storage connection string has ';' and '=', and a shell may source the file
+        lines = [f"{key}={shlex.quote(value)}" for key, value in emulator.env().items()]
         if ns.env_file:
             tmp = ns.env_file.with_name(ns.env_file.name + ".tmp")
             tmp.write_text("\n".join(lines) + "\n")

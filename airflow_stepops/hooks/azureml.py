@@ -1,0 +1,505 @@
+"""The ``azureml`` flavor: each step try is one Azure Machine Learning command job.
+
+Credentials come from the microsoft-azure provider's ``azure`` connection (default ``azure_default``):
+a service principal (login = client id, password = secret, extra ``tenantId``) becomes a
+``ClientSecretCredential``; anything else, or no such connection, ``DefaultAzureCredential`` (with the
+connection's ``managed_identity_client_id`` / ``workload_identity_tenant_id``), as the provider does.
+``azure-ai-ml``'s ``MLClient`` (one per hook) creates, reads and cancels jobs; run history gives errors
+and the log's SAS URL. The bundle and the result live in the blob artifact store: workers write them with
+Airflow's object storage (``abfs://``), the job gets the bundle as a ``uri_folder`` input and writes its
+result to a ``rw_mount`` output on the same blobs through a workspace datastore, so the job needs no
+credentials of ours and the SDK's local ``code=`` upload is never used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shlex
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
+
+from airflow_stepops.artifacts import store_path
+from airflow_stepops.bundle import StepIdentity
+from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.hooks.azureml_job import (
+    STEP_TAG,
+    BlobStore,
+    check_name,
+    experiment_name,
+    identity_tags,
+    job_name,
+    job_state,
+    parse_store,
+)
+from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec
+from airflow_stepops.settings.azureml import (
+    AzureMLStepOperatorConfig,
+    AzureMLStepOperatorSettings,
+    tier_with_cluster,
+)
+
+ENTRY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py"
+PROVIDER = "Microsoft.MachineLearningServices"
+#: the SDK's and azure-core's chatter (every request and header at INFO, experimental-class notices)
+_QUIET_LOGGERS = ("azure.core.pipeline.policies.http_logging_policy", "azure.identity", "azure.ai.ml",
+                  "azure.ai.ml._utils._experimental")
+
+
+def _quiet_sdk_logs() -> None:
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING if name != "azure.ai.ml._utils._experimental"
+                                         else logging.ERROR)
+
+
+class AzureMLStepOperatorHook(StepOperatorHook):
+    """Runs steps as Azure ML command jobs."""
+
+    flavor: ClassVar[str] = "azureml"
+    conn_type = "stepops_azureml"
+    default_conn_name = "stepops_azureml_default"
+    hook_name = "Step operator: Azure ML command job"
+    default_poll_interval: ClassVar[float] = 15.0
+    min_poll_interval: ClassVar[float] = 2.0
+
+    config: AzureMLStepOperatorConfig  # type: ignore[assignment]
+
+    # ---- clients ------------------------------------------------------------------------------
+    @cached_property
+    def credential(self) -> Any:
+        """The azure connection's service principal, else DefaultAzureCredential (also without one)."""
+        from airflow.providers.microsoft.azure.utils import get_sync_default_azure_credential
+
+        from airflow_stepops._compat import AirflowNotFoundException
+        from airflow_stepops.hooks.base import _get_connection
+
+        _quiet_sdk_logs()
+        try:
+            conn = _get_connection(self.config.azure_conn_id)
+        except AirflowNotFoundException:
+            conn = None
+        extras = dict(conn.extra_dejson or {}) if conn is not None else {}
+
+        def extra(name: str) -> Any:
+            return extras.get(name) or extras.get(f"extra__azure__{name}") or None
+
+        tenant = extra("tenantId") or extra("tenant_id")
+        if conn is not None and conn.login and conn.password and tenant:
+            from azure.identity import ClientSecretCredential
+
+            return ClientSecretCredential(tenant_id=tenant, client_id=conn.login, client_secret=conn.password)
+        return get_sync_default_azure_credential(managed_identity_client_id=extra("managed_identity_client_id"),
+                                                 workload_identity_tenant_id=extra("workload_identity_tenant_id"))
+
+    @cached_property
+    def ml_client(self) -> Any:
+        from azure.ai.ml import MLClient
+
+        _quiet_sdk_logs()
+        cfg = self.config
+        return MLClient(self.credential, cfg.subscription_id, cfg.resource_group, cfg.workspace_name,
+                        enable_telemetry=False, show_progress=False)
+
+    @property
+    def workspace_id(self) -> str:
+        cfg = self.config
+        return (f"/subscriptions/{cfg.subscription_id}/resourceGroups/{cfg.resource_group}/providers/{PROVIDER}"
+                f"/workspaces/{cfg.workspace_name}")
+
+    def _api_error(self, exc: Exception, action: str) -> Exception:
+        from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
+
+        if isinstance(exc, ClientAuthenticationError):
+            return StepOperatorConfigError(f"Azure ML: cannot authenticate to {action} ("
+                                           f"{self.config.credentials_source()}): {exc}")
+        status = getattr(exc, "status_code", None)
+        if isinstance(exc, HttpResponseError) and status is not None and 400 <= status < 500 and status != 429:
+            message = getattr(getattr(exc, "error", None), "message", None) or str(exc).splitlines()[0]
+            return StepOperatorConfigError(f"Azure ML refused to {action} ({self.config.credentials_source()}): "
+                                           f"HTTP {status}: {message}")
+        return exc
+
+    # ---- the artifact store -------------------------------------------------------------------
+    def _container_of(self, datastore: str) -> str:
+        try:
+            found = self.ml_client.datastores.get(datastore)
+        except Exception as exc:
+            raise self._api_error(exc, f"read the datastore {datastore!r}") from exc
+        container = getattr(found, "container_name", None)
+        if not container:
+            raise StepOperatorConfigError(f"datastore {datastore!r} is not an Azure Blob datastore (type "
+                                          f"{getattr(found, 'type', '?')}); the artifact store must be blob storage")
+        return str(container)
+
+    @cached_property
+    def store(self) -> BlobStore:
+        cfg = self.config
+        if not cfg.artifact_store:
+            raise StepOperatorConfigError(
+                f"artifact_store: step operator {self.step_operator_conn_id!r} needs a blob artifact store for "
+                "bundles and results: azureml://datastores/<datastore>/paths/<prefix> or abfs://<storage conn "
+                "id>@<container>/<prefix>")
+        return parse_store(cfg.artifact_store, cfg.datastore, cfg.storage_conn_id, self._container_of)
+
+    def artifact_root(self) -> Any:
+        _quiet_sdk_logs()  # adlfs's blob client logs every request at INFO too
+        return store_path(self.store.worker_uri)
+
+    def _check_datastore(self) -> None:
+        """An abfs:// store is reached by jobs through ``datastore``: it must be the store's container."""
+        store = self.store
+        if self.config.artifact_store and self.config.artifact_store.startswith("azureml://"):
+            return
+        if self.__dict__.get("_datastore_checked"):
+            return
+        container = self._container_of(store.datastore)
+        if container != store.container:
+            raise StepOperatorConfigError(
+                f"datastore: {store.datastore!r} points at the container {container!r}, not at the artifact store's "
+                f"{store.container!r}; set \"datastore\" to a datastore of that container (or use an azureml://"
+                "datastores/... artifact_store)")
+        self.__dict__["_datastore_checked"] = True
+
+    # ---- the job ------------------------------------------------------------------------------
+    @staticmethod
+    def _settings(spec: StepSpec) -> AzureMLStepOperatorSettings:
+        if not isinstance(spec.settings, AzureMLStepOperatorSettings):
+            raise StepOperatorConfigError(f"settings: expected AzureMLStepOperatorSettings, got "
+                                          f"{type(spec.settings).__name__}")
+        return spec.settings
+
+    def compute_target(self, spec: StepSpec) -> str | None:
+        settings = self._settings(spec)
+        if settings.compute_target_name is not None:
+            return settings.compute_target_name or None  # "" is serverless
+        return self.config.compute_target_name
+
+    def vm_size(self, spec: StepSpec) -> Any:
+        """The serverless VM size of the step (None on a compute target)."""
+        cfg, settings = self.config, self._settings(spec)
+        compute = self.compute_target(spec)
+        if compute:
+            if settings.job_tier:
+                raise StepOperatorConfigError(tier_with_cluster(settings.job_tier, compute))
+            if settings.instance_type:
+                raise StepOperatorConfigError(f"instance_type={settings.instance_type} with compute target "
+                                              f"{compute!r}: a cluster has its own VM size; set compute_target_name"
+                                              "=\"\" for serverless compute")
+            return None
+        try:
+            vm = settings.vm_for(spec.resources, cfg.instance_type)
+        except ValueError as exc:
+            raise StepOperatorConfigError(str(exc)) from None
+        logged: set[str] = self.__dict__.setdefault("_vm_logged", set())
+        if settings.instance_type is None and vm.name != cfg.instance_type and spec.identity.digest not in logged:
+            logged.add(spec.identity.digest)
+            self.log.info("VM size for %s: %s, the cheapest that fits the step's resources",
+                          spec.task_label or job_name(spec.identity), vm.describe())
+        return vm
+
+    def _environment(self, resolved: bool) -> Any:
+        cfg = self.config
+        if cfg.azureml_environment:
+            if not resolved:
+                return cfg.azureml_environment
+            _, name, version = cfg.azureml_environment.split(":", 2)
+            return f"{self.workspace_id}/environments/{name}/versions/{version}"
+        if not cfg.image:
+            raise StepOperatorConfigError(
+                f"image: step operator {self.step_operator_conn_id!r} has neither an image nor an "
+                "azureml_environment; set \"image\" to an image with Python {0}.{1} and cloudpickle, or "
+                "\"azureml_environment\" to azureml:<name>:<version>".format(*__import__("sys").version_info[:2]))
+        from azure.ai.ml.entities import Environment
+
+        environment = Environment(image=cfg.image)  # anonymous: CliV2AnonymousEnvironment, version = its hash
+        if not resolved:
+            return environment
+        return f"{self.workspace_id}/environments/{environment.name}/versions/{environment.version}"
+
+    def _refs(self, spec: StepSpec) -> tuple[dict[str, str], dict[str, str]]:
+        """(ref index -> job input URI for refs in the store's container, ref index -> URI to stage)."""
+        inputs, staged = {}, {}
+        for index, ref in enumerate(spec.refs):
+            uri = self.store.job_uri(ref.uri)
+            if uri:
+                inputs[str(index)] = uri
+            else:
+                staged[str(index)] = ref.uri
+        return inputs, staged
+
+    def build_job(self, spec: StepSpec, *, resolved: bool = False) -> Any:
+        """The ``azure.ai.ml`` Command of the step try; ``resolved``: environment and compute as ARM ids (what
+        ``jobs.create_or_update`` sends once it resolved them), for the rendered body."""
+        from azure.ai.ml import Input, Output, command
+        from azure.ai.ml.entities import JobResourceConfiguration, QueueSettings
+
+        cfg, settings = self.config, self._settings(spec)
+        environment = self._environment(resolved)
+        vm = self.vm_size(spec)
+        compute = self.compute_target(spec)
+        bundle_uri, output_uri = self.store.job_uri(spec.bundle_uri), self.store.job_uri(spec.output_uri)
+        if bundle_uri is None or output_uri is None:
+            raise StepOperatorConfigError(f"artifact_store: {spec.bundle_uri!r} is not in the step operator's blob "
+                                          f"container {self.store.container!r}")
+        step_root = output_uri.rstrip("/").rsplit("/", 2)[0]  # .../<map index>: shared by all tries of the step
+        inputs: dict[str, Any] = {"bundle": Input(type="uri_folder", path=bundle_uri, mode="download")}
+        ref_inputs, staged = self._refs(spec)
+        refs: dict[str, dict[str, str]] = {}
+        for index in sorted({*ref_inputs, *staged}, key=int):
+            if index in ref_inputs:
+                inputs[f"ref_{index}"] = Input(type="uri_file", path=ref_inputs[index], mode="ro_mount")
+                refs[index] = {"path": f"${{{{inputs.ref_{index}}}}}"}
+            else:
+                refs[index] = {"path": f"${{{{inputs.bundle}}}}/refs/{index}.pkl"}
+        outputs = {"output": Output(type="uri_folder", path=output_uri, mode="rw_mount"),
+                   # where a step keeps state that must survive a preemption (the next try finds it)
+                   "checkpoints": Output(type="uri_folder", path=f"{step_root}/checkpoints", mode="rw_mount")}
+        exports = {"STEPOPS_BUNDLE_PATH": "${{inputs.bundle}}", "STEPOPS_OUTPUT_PATH": "${{outputs.output}}",
+                   "STEPOPS_CHECKPOINT_DIR": "${{outputs.checkpoints}}"}
+        line = "export " + " ".join(f'{k}="{v}"' for k, v in exports.items())
+        if refs:
+            line += f" STEPOPS_REFS={shlex.quote(json.dumps(refs, separators=(',', ':')))}"
+        command_line = f'{line}; exec python3 "${{{{inputs.bundle}}}}/pod_entry.py"'
+        env = {**cfg.environment, **settings.variables, "STEPOPS_FLAVOR": "azureml", "PYTHONUNBUFFERED": "1"}
+        runtime = settings.max_runtime_in_seconds
+        if spec.timeout_seconds:  # a backstop to Airflow's own execution_timeout
+            backstop = math.ceil(spec.timeout_seconds) + 60
+            runtime = min(runtime, backstop) if runtime else backstop
+        resources = JobResourceConfiguration(instance_count=settings.instance_count,
+                                             instance_type=vm.name if vm is not None else None,
+                                             shm_size=settings.shm_size)
+        name = check_name(job_name(spec.identity))
+        if compute and resolved:
+            compute = f"{self.workspace_id}/computes/{compute}"
+        job = command(
+            name=name, display_name=spec.task_label or name, command=command_line, environment=environment,
+            compute=compute, inputs=inputs, outputs=outputs, environment_variables=env,
+            experiment_name=settings.experiment_name or cfg.experiment_name or experiment_name(spec.identity.dag_id),
+            tags={**cfg.tags, **settings.tags, **identity_tags(spec.identity)},
+            description=f"airflow-stepops step {spec.task_label or name} (try {spec.identity.try_number})",
+            timeout=runtime,
+            queue_settings=QueueSettings(job_tier=settings.job_tier.lower()) if settings.job_tier else None,
+        )
+        job.resources = resources
+        return job
+
+    def validate(self, job: Any) -> None:
+        """azure-ai-ml's own validation, as ``jobs.create_or_update`` runs it: the Command node's schema
+        (marshmallow) and entity checks, then the CommandJob's (command and environment present)."""
+        from azure.ai.ml.exceptions import ValidationException
+        from marshmallow import ValidationError
+
+        try:
+            result = job._validate(raise_error=False)
+            if result.passed:
+                job._to_job()._validate()
+        except (ValidationError, ValidationException) as exc:
+            messages = getattr(exc, "messages", None) or str(exc)
+            raise StepOperatorConfigError(f"the Azure ML command job is invalid: {messages}") from None
+        if not result.passed:
+            raise StepOperatorConfigError(f"the Azure ML command job is invalid: {result.error_messages}")
+
+    def render(self, spec: StepSpec) -> dict[str, Any]:
+        from azure.ai.ml.entities._job.to_rest_functions import to_rest_job_object
+
+        self.validate(self.build_job(spec))
+        job = self.build_job(spec, resolved=True)
+        self.validate(job)
+        body = to_rest_job_object(job).as_dict()
+        return dict(json.loads(json.dumps(body, default=str)))
+
+    def _stage(self, spec: StepSpec) -> None:
+        """Put the entry point, and input artifacts from other stores, into the bundle."""
+        bundle = store_path(spec.bundle_uri)
+        (bundle / "pod_entry.py").write_bytes(ENTRY_SOURCE.read_bytes())
+        for index in self._refs(spec)[1]:
+            with spec.refs[int(index)].open() as src, (bundle / "refs" / f"{index}.pkl").open("wb") as dst:
+                while chunk := src.read(8 << 20):
+                    dst.write(chunk)
+
+    def _compute_info(self, name: str) -> dict[str, Any]:
+        """Size and tier of a compute target (looked up once per hook)."""
+        cache: dict[str, dict[str, Any]] = self.__dict__.setdefault("_computes", {})
+        if name not in cache:
+            from azure.core.exceptions import ResourceNotFoundError
+
+            try:
+                found = self.ml_client.compute.get(name)
+            except ResourceNotFoundError:
+                raise StepOperatorConfigError(f"compute_target_name: workspace {self.config.workspace_name!r} has no "
+                                              f"compute {name!r}; leave it empty for serverless compute") from None
+            except Exception as exc:
+                raise self._api_error(exc, f"read the compute {name!r}") from exc
+            cache[name] = {"size": getattr(found, "size", None), "tier": getattr(found, "tier", None),
+                           "type": getattr(found, "type", None)}
+        return cache[name]
+
+    def _check_compute(self, spec: StepSpec) -> dict[str, Any]:
+        """On a compute target: it exists, and its VM size (when the table knows it) has the resources."""
+        from airflow_stepops.settings.azureml_vms import VM_SIZES, fits
+
+        compute = self.compute_target(spec)
+        if not compute:
+            return {}
+        info = self._compute_info(compute)
+        vm = VM_SIZES.get(str(info.get("size") or "").lower())
+        if vm is not None and not spec.resources.empty and not fits(vm, spec.resources):
+            raise StepOperatorConfigError(
+                f"compute_target_name: {compute!r} runs on {vm.describe()}, which does not have the resources the "
+                f"step asks for ({spec.resources.model_dump(exclude_none=True)}); choose another compute target, "
+                "or compute_target_name=\"\" to let the step operator choose a serverless VM size")
+        return info
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def _handle(self, job: Any, output_uri: str, try_number: int, spot: bool | None = None) -> JobHandle:
+        resources = getattr(job, "resources", None)
+        instance_type = getattr(resources, "instance_type", None) if resources is not None else None
+        tier = getattr(getattr(job, "queue_settings", None), "job_tier", None)
+        tier = str(tier).capitalize() if tier else None
+        services = getattr(job, "services", None) or {}
+        studio = services.get("Studio") if isinstance(services, dict) else None
+        studio_url = getattr(studio, "endpoint", None) or (studio.get("endpoint") if isinstance(studio, dict) else None)
+        compute = getattr(job, "compute", None)
+        return {"flavor": "azureml", "job_id": job.name, "output_uri": output_uri,
+                "conn_id": self.step_operator_conn_id, "try_number": try_number,
+                "spot": bool(spot) if spot is not None else tier == "Spot", "job_tier": tier,
+                "instance_type": instance_type, "compute": str(compute).rsplit("/", 1)[-1] if compute else None,
+                "studio_url": studio_url or getattr(job, "studio_url", None)}
+
+    def _get(self, name: str) -> Any:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            return self.ml_client.jobs.get(name)
+        except ResourceNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._api_error(exc, f"get the job {name}") from exc
+
+    def find_job(self, identity: StepIdentity) -> JobHandle | None:
+        """Job names are ours to choose: the step try's job is got by its name, and its tag confirms it."""
+        name = job_name(identity)
+        job = self._get(name)
+        if job is None:
+            return None
+        tag = (job.tags or {}).get(STEP_TAG)
+        if tag != identity.digest[:40]:
+            raise StepOperatorConfigError(
+                f"Azure ML job {name} exists but belongs to another step ({STEP_TAG}={tag!r}, expected "
+                f"{identity.digest[:40]!r}); it was not created by this step try, so it is not re-attached")
+        compute = getattr(job, "compute", None)
+        spot = None
+        if compute:
+            spot = str(self._compute_info(str(compute).rsplit("/", 1)[-1]).get("tier") or "") == "low_priority"
+        handle = self._handle(job, str(identity.prefix(self.artifact_root()) / "output"), identity.try_number,
+                              spot=spot or None)
+        return handle
+
+    def submit(self, spec: StepSpec) -> JobHandle:
+        from azure.core.exceptions import HttpResponseError
+
+        self.render(spec)
+        self._check_datastore()
+        info = self._check_compute(spec)
+        self._stage(spec)
+        existing = self.find_job(spec.identity)  # a second worker of the same try may have just submitted
+        if existing is not None:
+            self.log.info("Azure ML job %s of this try already exists: re-attaching", existing["job_id"])
+            return existing
+        job = self.build_job(spec)
+        try:
+            created = self.ml_client.jobs.create_or_update(job)
+        except HttpResponseError as exc:
+            if "already exists" in str(exc):  # created meanwhile by another worker of this try
+                existing = self.find_job(spec.identity)
+                if existing is not None:
+                    self.log.info("Azure ML job %s was created meanwhile: re-attaching", existing["job_id"])
+                    return existing
+            raise self._api_error(exc, "create the command job") from exc
+        except Exception as exc:
+            raise self._api_error(exc, "create the command job") from exc
+        low_priority = str(info.get("tier") or "") == "low_priority"
+        handle = self._handle(created, spec.output_uri, spec.identity.try_number,
+                              spot=True if low_priority else None)
+        self.log.info("Created Azure ML command job %s (%s%s)", created.name,
+                      handle["instance_type"] or f"compute {handle['compute']}",
+                      ", Spot tier" if handle["job_tier"] == "Spot" else ", low priority" if low_priority else "")
+        return handle
+
+    def get_status(self, handle: JobHandle) -> JobStatus:
+        job = self._get(handle["job_id"])
+        if job is None:
+            return job_state(None, None, handle, {})
+        status = str(getattr(job.status, "value", job.status))
+        run_error, details = None, {}
+        if status in ("Completed", "Failed", "Canceled"):
+            try:
+                run = self.ml_client.jobs._runs_operations.get_run(handle["job_id"])
+            except Exception as exc:
+                self.log.warning("Cannot read run history of job %s: %s", handle["job_id"], exc)
+                run = None
+            if run is not None:
+                run_error = getattr(run, "error", None)
+                details = {"started_at": _epoch(getattr(run, "start_time_utc", None)),
+                           "finished_at": _epoch(getattr(run, "end_time_utc", None))}
+        return job_state(status, run_error, handle, details)
+
+    def cancel(self, handle: JobHandle) -> None:
+        from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+        try:
+            self.ml_client.jobs.begin_cancel(handle["job_id"])
+            self.log.info("Cancelling Azure ML job %s", handle["job_id"])
+        except ResourceNotFoundError:
+            pass
+        except HttpResponseError as exc:  # already finished
+            self.log.info("Azure ML job %s not cancelled: %s", handle["job_id"], str(exc).splitlines()[0])
+
+    def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
+        from airflow_stepops.hooks.azureml_logs import log_url, read_range, take
+
+        cursor = dict(cursor or {})
+        urls: dict[str, str] = self.__dict__.setdefault("_log_urls", {})
+        url = urls.get(handle["job_id"])
+        if url is None:
+            details = self.ml_client.jobs._runs_operations.get_run_details(handle["job_id"])
+            url = log_url(getattr(details, "log_files", None))
+            if url is None:  # no output yet
+                return [], cursor
+            urls[handle["job_id"]] = url
+        data, status = read_range(self._http, url, cursor)
+        if status == 403:  # the SAS URL expired: get a fresh one next time
+            urls.pop(handle["job_id"], None)
+        return take(data, cursor)
+
+    @cached_property
+    def _http(self) -> Any:
+        import requests
+
+        return requests.Session()
+
+    def console_url(self, handle: JobHandle) -> str | None:
+        cfg = self.config
+        fields = {"job_name": handle["job_id"], "subscription_id": cfg.subscription_id,
+                  "resource_group": cfg.resource_group, "workspace_name": cfg.workspace_name}
+        if cfg.console_url_template:
+            return cfg.console_url_template.format(**fields)
+        if handle.get("studio_url"):
+            return str(handle["studio_url"])
+        return ("https://ml.azure.com/runs/{job_name}?wsid=/subscriptions/{subscription_id}/resourcegroups/"
+                "{resource_group}/workspaces/{workspace_name}").format(**fields)
+
+
+def _epoch(value: Any) -> float | None:
+    if value is None:
+        return None
+    if hasattr(value, "timestamp"):
+        return float(value.timestamp())
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None

@@ -1,0 +1,9 @@
+"""Trigger of the ``azureml`` flavor: waits as long as the job's limits.timeout allows (no hidden cap)."""
+
+from __future__ import annotations
+
+from airflow_stepops.triggers.base import StepOperatorTrigger
+
+
+class AzureMLStepOperatorTrigger(StepOperatorTrigger):
+    hook_class_path = "airflow_stepops.hooks.azureml.AzureMLStepOperatorHook"

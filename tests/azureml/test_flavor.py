@@ -1,0 +1,339 @@
+"""The azureml flavor against the emulator: azure-ai-ml's MLClient (sync, run in threads by the trigger),
+real job processes reading the bundle input and writing the output through Azurite-backed datastores."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+
+import pytest
+
+pytest.importorskip("azure.ai.ml")
+
+from airflow_stepops.artifacts import ArtifactRef, store_path
+from airflow_stepops.bundle import read_outcome, replace_refs
+from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.hooks.base import JobState
+from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.settings.azureml import AzureMLStepOperatorSettings
+
+from .azjobs import make_hook, make_spec, run_trigger
+
+pytestmark = pytest.mark.usefixtures("az_emulator")
+
+
+def _greet(name: str) -> dict:
+    import os
+
+    print("hello", name, "from", os.environ["STEPOPS_FLAVOR"], flush=True)
+    return {"greeting": f"hi {name}", "bundle": os.environ["STEPOPS_BUNDLE_PATH"]}
+
+
+def _sleep(seconds: float) -> str:
+    import time
+
+    print("sleeping", flush=True)
+    time.sleep(seconds)
+    return "done"
+
+
+def _raise(value: int) -> None:
+    raise ValueError(f"bad input {value}")
+
+
+def test_step_runs_as_a_command_job_with_logs_and_result(az_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _greet, "ada", task_id="greet",
+                                   resources=ResourceSettings(gpu_type="T4", memory="16GB")))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "succeeded", event
+    assert "hello ada from azureml" in event["log_tail"]
+    result = read_outcome(store_path(handle["output_uri"])).value
+    assert result["greeting"] == "hi ada" and result["bundle"].endswith("/inputs/bundle")
+    job = az_emulator.job(handle["job_id"])
+    props = job["properties"]
+    assert props["resources"]["instanceType"] == "Standard_NC4as_T4_v3" and "computeId" not in props
+    assert props["inputs"]["bundle"]["uri"].startswith("azureml://datastores/workspaceblobstore/paths/artifacts/")
+    assert props["outputs"]["output"]["mode"] == "ReadWriteMount"
+    assert props["tags"]["team"] == "ml" and props["tags"]["stepops-task"] == "greet"
+    assert props["experimentName"] == "az_tests"
+    assert hook.console_url(handle).startswith(f"https://ml.azure.com/runs/{handle['job_id']}?wsid=/subscriptions/")
+    assert event["details"]["azureml_status"] == "Completed" and event["details"]["finished_at"]
+
+
+def test_logs_stream_while_the_job_runs(az_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 3, task_id="stream"))
+    az_emulator.wait_for_status(handle["job_id"], "Running")
+    cursor, lines = None, []
+    deadline = time.monotonic() + 20
+    while "sleeping" not in lines and time.monotonic() < deadline:
+        new, cursor = hook.read_logs(handle, cursor)
+        lines += new
+        time.sleep(0.2)
+    assert "sleeping" in lines and hook.get_status(handle).state is JobState.RUNNING  # seen before the end
+    assert run_trigger(hook, handle)["status"] == "succeeded"
+    more, _ = hook.read_logs(handle, cursor)
+    assert "sleeping" not in more  # the cursor does not read a line twice
+
+
+def test_every_rendered_job_passes_the_sdk_validation(az_emulator):
+    from azure.ai.ml.entities import Job
+    from azure.ai.ml.entities._job.to_rest_functions import to_rest_job_object
+
+    hook, cluster = make_hook(), make_hook("azureml_cluster_step_operator")
+    cases = [
+        (hook, {"settings": AzureMLStepOperatorSettings(instance_type="Standard_NC24ads_A100_v4", job_tier="spot",
+                                                        shm_size="16GB", max_runtime_in_seconds=3600,
+                                                        environment_variables={"MODE": "train"},
+                                                        experiment_name="exp-1", tags={"cost": "r&d"}),
+                 "timeout_seconds": 600}),
+        (hook, {"resources": ResourceSettings(gpu_count=8, gpu_type="H100")}),
+        (cluster, {"settings": AzureMLStepOperatorSettings(shm_size="2g")}),
+        (cluster, {"settings": AzureMLStepOperatorSettings(compute_target_name="", job_tier="Premium")}),
+    ]
+    for index, (h, kwargs) in enumerate(cases):
+        spec = make_spec(h, _greet, "x", task_id=f"render_{index}", **kwargs)
+        job = h.build_job(spec)
+        assert job._validate(raise_error=True).passed
+        body = h.render(spec)
+        assert body["name"] == job.name and body["properties"]["jobType"] == "Command"
+        assert Job._from_rest_object(to_rest_job_object(h.build_job(spec, resolved=True))).name == job.name
+    first = make_spec(hook, _greet, "x", task_id="render_0", **cases[0][1])
+    props = hook.render(first)["properties"]
+    assert props["resources"] == {"instanceCount": 1, "instanceType": "Standard_NC24ads_A100_v4", "shmSize": "16g",
+                                  "properties": {}}
+    assert props["queueSettings"]["jobTier"] == "Spot" and props["limits"]["timeout"] == "PT11M"
+    assert props["environmentVariables"]["MODE"] == "train" and props["experimentName"] == "exp-1"
+    assert props["environmentId"].endswith("/environments/CliV2AnonymousEnvironment/versions/" +
+                                           props["environmentId"].rsplit("/", 1)[-1])
+    on_cluster = cluster.render(make_spec(cluster, _greet, "x", task_id="render_2", **cases[2][1]))["properties"]
+    assert on_cluster["computeId"].endswith("/computes/cpu-cluster") and "instanceType" not in on_cluster["resources"]
+
+
+def test_sdk_validation_refuses_a_broken_job(az_emulator):
+    from azure.ai.ml.entities import QueueSettings
+
+    hook = make_hook()
+    spec = make_spec(hook, _greet, "x", task_id="broken")
+    job = hook.build_job(spec)
+    job.queue_settings = QueueSettings(job_tier="bogus")
+    with pytest.raises(StepOperatorConfigError, match=r"the Azure ML command job is invalid: .*'bogus'"):
+        hook.validate(job)
+    job = hook.build_job(spec)
+    job.command = None
+    with pytest.raises(StepOperatorConfigError, match=r"the Azure ML command job is invalid: .*command"):
+        hook.validate(job)
+
+
+def test_remote_exception_fails_the_step(az_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _raise, 7, task_id="raises"))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed", event
+    assert "exited with status code 1" in event["message"]
+    assert any("ValueError: bad input 7" in line for line in event["log_tail"])
+    assert "bad input 7" in str(read_outcome(store_path(handle["output_uri"])).error)
+
+
+def test_trigger_on_kill_cancels_the_job(az_emulator):
+    from airflow_stepops.triggers.azureml import AzureMLStepOperatorTrigger
+
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="kill"))
+    az_emulator.wait_for_status(handle["job_id"], "Running")
+    asyncio.run(AzureMLStepOperatorTrigger(conn_id=hook.step_operator_conn_id, handle=handle).on_kill())
+    job = az_emulator.wait_for_status(handle["job_id"], "Canceled")
+    assert job["cancel_requested"] and az_emulator.pids(handle["job_id"]) == []
+    assert hook.get_status(handle).state is JobState.CANCELLED
+
+
+def test_operator_side_cancel_and_status(az_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="sync_cancel"))
+    az_emulator.wait_for_status(handle["job_id"], "Running")
+    assert hook.get_status(handle).state is JobState.RUNNING
+    hook.cancel(handle)
+    az_emulator.wait_for_status(handle["job_id"], "Canceled")
+    assert hook.get_status(handle).state is JobState.CANCELLED and az_emulator.pids(handle["job_id"]) == []
+    hook.cancel(handle)  # already finished: quiet
+    status = hook.get_status({**handle, "job_id": handle["job_id"] + "-gone"})
+    assert status.state is JobState.FAILED and status.details["reason"] == "job_missing"
+
+
+def test_max_runtime_is_a_timeout(az_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 60, task_id="deadline",
+                                   settings=AzureMLStepOperatorSettings(max_runtime_in_seconds=2)))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
+    assert az_emulator.job(handle["job_id"])["properties"]["limits"]["timeout"] == "PT2S"
+
+
+def test_trigger_deadline_cancels_the_job(az_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="trigger_deadline"))
+    event = run_trigger(hook, handle, deadline=time.time() + 3)
+    assert event["status"] == "timeout" and "execution_timeout" in event["message"], event
+    assert az_emulator.wait_for_status(handle["job_id"], "Canceled")["status"] == "Canceled"
+
+
+def test_spot_preemption_is_preemption(az_emulator):
+    hook = make_hook()
+    spec = make_spec(hook, _sleep, 60, task_id="spot", settings=AzureMLStepOperatorSettings(job_tier="Spot"))
+    az_emulator.inject("preemption", after=0.5)  # the next job created, 0.5 s into Running
+    handle = hook.submit(spec)
+    assert handle["spot"] and handle["job_tier"] == "Spot"
+    event = run_trigger(hook, handle)
+    assert event["status"] == "preempted" and event["details"]["reason"] == "preempted", event
+    assert "Spot VM was preempted" in event["message"]
+
+
+def test_low_priority_cluster_preemption_is_preemption(az_emulator, monkeypatch):
+    import os
+
+    extra = json.loads(os.environ["AIRFLOW_CONN_AZUREML_CLUSTER_STEP_OPERATOR"])["extra"]
+    monkeypatch.setenv("AIRFLOW_CONN_AZ_LOWPRI", json.dumps({"conn_type": "stepops_azureml", "extra": {
+        **extra, "compute_target_name": "lowpri-cluster"}}))
+    hook = make_hook("az_lowpri")
+    spec = make_spec(hook, _sleep, 60, task_id="lowpri")
+    az_emulator.inject("preemption", after=0.5)
+    handle = hook.submit(spec)
+    assert handle["spot"] and handle["compute"] == "lowpri-cluster"
+    event = run_trigger(hook, handle)
+    assert event["status"] == "preempted" and "low-priority node was preempted" in event["message"], event
+
+
+def test_node_loss_on_dedicated_compute_is_a_failure(az_emulator):
+    hook = make_hook("azureml_cluster_step_operator")
+    spec = make_spec(hook, _sleep, 60, task_id="node_lost")
+    az_emulator.inject("preemption", after=0.5)
+    event = run_trigger(hook, hook.submit(spec))
+    assert event["status"] == "failed" and event["details"]["reason"] == "node_failure", event
+
+
+def test_quota_error_is_a_clear_error_and_nothing_runs(az_emulator):
+    hook = make_hook()
+    spec = make_spec(hook, _greet, "x", task_id="quota")
+    before = len(az_emulator.jobs)
+    az_emulator.inject("quota_exceeded")
+    with pytest.raises(StepOperatorConfigError, match=r"Azure ML refused to create the command job .*quota"):
+        hook.submit(spec)
+    assert hook.find_job(spec.identity) is None and len(az_emulator.jobs) == before
+
+
+def test_submit_is_exactly_once_per_try(az_emulator):
+    hook = make_hook()
+    spec = make_spec(hook, _greet, "once", task_id="exactly_once")
+    first = hook.submit(spec)
+    again = make_hook().submit(spec)
+    assert again["job_id"] == first["job_id"] and hook.find_job(spec.identity)["job_id"] == first["job_id"]
+    tagged = [j for j in az_emulator.jobs if j["properties"]["tags"].get("stepops-step") == spec.identity.digest[:40]]
+    assert len(tagged) == 1
+    assert hook.find_job(spec.identity.for_try(2)) is None
+    assert run_trigger(hook, first)["status"] == "succeeded"
+
+
+def test_a_job_of_another_step_with_the_name_is_not_taken(az_emulator, monkeypatch):
+    from airflow_stepops.hooks import azureml_job
+
+    hook = make_hook()
+    spec = make_spec(hook, _greet, "x", task_id="name_clash")
+    taken = hook.submit(spec)
+    other = make_spec(hook, _greet, "y", task_id="name_clash_other")
+    monkeypatch.setattr("airflow_stepops.hooks.azureml.job_name", lambda identity: taken["job_id"])
+    assert azureml_job.job_name(other.identity) != taken["job_id"]
+    with pytest.raises(StepOperatorConfigError, match="belongs to another step"):
+        hook.find_job(other.identity)
+
+
+def _ref(hook, task_id: str, value: object) -> ArtifactRef:
+    import cloudpickle
+
+    source = make_spec(hook, _greet, "ref", task_id=task_id)
+    path = store_path(source.output_uri).parent / "ref.pkl"
+    data = cloudpickle.dumps(value)
+    path.write_bytes(data)
+    return ArtifactRef(uri=str(path), type=type(value).__module__ + "." + type(value).__qualname__,
+                       size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def test_artifact_refs_in_the_store_are_job_inputs_others_are_staged(az_emulator, tmp_path):
+    import cloudpickle
+
+    hook = make_hook()
+    in_store = _ref(hook, "ref_source", [1, 2, 3])
+    local = tmp_path / "local.pkl"
+    data = cloudpickle.dumps([10, 20])
+    local.write_bytes(data)
+    elsewhere = ArtifactRef(uri=f"file://{local}", type="builtins.list", size=len(data),
+                            sha256=hashlib.sha256(data).hexdigest())
+
+    def total(a: list, b: list) -> int:
+        return sum(a) + sum(b)
+
+    refs: list = []
+    args = replace_refs([in_store, elsewhere], refs)
+    spec = make_spec(hook, total, *args, task_id="ref_consumer", refs=refs)
+    props = hook.render(spec)["properties"]
+    assert props["inputs"]["ref_0"]["uri"].startswith("azureml://datastores/workspaceblobstore/paths/artifacts/")
+    assert "ref_1" not in props["inputs"] and "${{inputs.bundle}}/refs/1.pkl" in props["command"]
+    handle = hook.submit(spec)
+    assert run_trigger(hook, handle)["status"] == "succeeded"
+    assert read_outcome(store_path(handle["output_uri"])).value == 36
+
+
+def test_abfs_store_on_a_cluster(az_emulator):
+    hook = make_hook("azureml_cluster_step_operator")
+    handle = hook.submit(make_spec(hook, _greet, "bo", task_id="cluster"))
+    assert handle["compute"] == "cpu-cluster" and not handle["spot"]
+    assert run_trigger(hook, handle)["status"] == "succeeded"
+    assert read_outcome(store_path(handle["output_uri"])).value["greeting"] == "hi bo"
+    props = az_emulator.job(handle["job_id"])["properties"]
+    assert props["inputs"]["bundle"]["uri"].startswith("azureml://datastores/workspaceblobstore/paths/"
+                                                       "cluster-artifacts/")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"workspace_name": None}, r"extra.workspace_name: Field required"),
+    ({"resource_group": None}, r"extra.resource_group: Field required"),
+    ({"subscription_id": None}, r"extra.subscription_id: Field required"),
+    ({"image": None}, r"image: step operator 'az_bad' has neither an image nor an azureml_environment"),
+    ({"compute_target_name": "no-such-cluster"}, r"workspace 'stepops-ws' has no compute 'no-such-cluster'"),
+    ({"datastore": "workspaceartifactstore", "artifact_store": "abfs://azurite_storage@{container}/x"},
+     r"datastore: 'workspaceartifactstore' points at the container 'azureml'"),
+    ({"artifact_store": None}, r"artifact_store: step operator 'az_bad' needs a blob artifact store"),
+])
+def test_config_errors_are_clear_and_nothing_is_submitted(az_emulator, monkeypatch, extra, message):
+    import os
+
+    base = json.loads(os.environ["AIRFLOW_CONN_AZUREML_STEP_OPERATOR"])["extra"]
+    container = az_emulator.datastores["workspaceblobstore"]
+    merged = {**base, **{k: v.format(container=container) if isinstance(v, str) else v for k, v in extra.items()}}
+    monkeypatch.setenv("AIRFLOW_CONN_AZ_BAD", json.dumps({"conn_type": "stepops_azureml", "extra": {
+        k: v for k, v in merged.items() if v is not None}}))
+    before = len(az_emulator.jobs)
+    hook = make_hook("az_bad")
+    with pytest.raises(StepOperatorConfigError, match=message):
+        good = make_hook()
+        spec = make_spec(good, _greet, "x", task_id="bad_config")
+        spec.bundle_uri = str(spec.identity.prefix(hook.artifact_root()) / "bundle")
+        spec.output_uri = str(spec.identity.prefix(hook.artifact_root()) / "output")
+        hook.submit(spec)
+    assert len(az_emulator.jobs) == before
+
+
+def test_job_tier_with_a_cluster_is_refused_before_submitting(az_emulator):
+    hook = make_hook("azureml_cluster_step_operator")
+    with pytest.raises(StepOperatorConfigError, match=r"job_tier=Spot: job tiers are for serverless compute, but "
+                                                      r"the step runs on the compute target 'cpu-cluster'"):
+        make_spec(hook, _greet, "x", task_id="tier_cluster", settings=AzureMLStepOperatorSettings(job_tier="Spot"))
+
+
+def test_cluster_too_small_for_the_resources(az_emulator):
+    hook = make_hook("azureml_cluster_step_operator")
+    spec = make_spec(hook, _greet, "x", task_id="small_cluster", resources=ResourceSettings(gpu_count=1))
+    with pytest.raises(StepOperatorConfigError, match=r"'cpu-cluster' runs on Standard_DS3_v2 .* does not have"):
+        hook.submit(spec)
