@@ -20,7 +20,14 @@
   the emulator's service account written into this home (nothing ``GOOGLE_*`` leaks in from the parent
   process either). ``google_cloud_default`` is given to the Airflow processes as an ``AIRFLOW_CONN_*``
   variable, ``google_cloud_e2e_db`` only through the metadata DB (see ``VX_GOOGLE_CONN``). CustomJobs
-  also run as processes of this one and are killed when the emulator stops.
+  also run as processes of this one and are killed when the emulator stops. When the azure extra
+  (azure-ai-ml, adlfs and the microsoft-azure provider) and Azurite are installed, also ``az_step_operator``
+  and ``az_db_step_operator`` on the session's Azure ML emulator (the ``az_emulator`` fixture of
+  tests/conftest.py) with ``azurite_storage`` (the artifact store's blobs) and ``azure_e2e_db`` (an azure
+  connection kept only in the metadata DB): every Airflow process gets the emulator's ``env()`` (the
+  ``AZUREML_DEV_URL_MFE`` base URL, its CA bundle, a managed identity endpoint for DefaultAzureCredential;
+  nothing ``AZURE*``/``IDENTITY_*`` leaks in from the parent process). Command jobs run as processes of this
+  one too and are killed when the emulator stops.
 - ``airflow_services`` (session, started on first use): scheduler (LocalExecutor), dag-processor,
   triggerer and api-server, all bound to 127.0.0.1, each in its own process group. They are stopped
   after the last e2e test (not only at session end, so they do not compete with later tests for
@@ -93,12 +100,29 @@ VX_CONN_ENVIRONMENT = {"E2E_FROM_CONN": "from-vx-connection"}
 VX_GOOGLE_CONN = "google_cloud_default"
 VX_DB_STEP_OPERATOR = "vx_db_step_operator"
 VX_DB_GOOGLE_CONN = "google_cloud_e2e_db"
+#: the azureml step operator (registered when the azure extra, adlfs and Azurite are installed), its artifact
+#: store on the workspace's ``workspaceblobstore`` datastore (reached by workers through ``azurite_storage``), image,
+#: tags and the environment its connection gives every step. Its azure connection (``azure_default``) does not
+#: exist: the hook falls back to DefaultAzureCredential, which finds the emulator's managed identity endpoint in
+#: every Airflow process's environment. ``az_db_step_operator`` names ``AZ_DB_AZURE_CONN``, an azure connection
+#: kept only in the metadata DB (a managed identity client id and tenant), which the triggerer must be able to read.
+AZ_STEP_OPERATOR = "az_step_operator"
+AZ_DB_STEP_OPERATOR = "az_db_step_operator"
+AZ_DB_AZURE_CONN = "azure_e2e_db"
+AZ_DB_CLIENT_ID = "stepops-e2e-db-identity"
+AZ_DB_TENANT_ID = "72f988bf-0000-4000-8000-000000000000"  # the emulator's tenant
+AZ_STORAGE_CONN = "azurite_storage"
+AZ_ARTIFACT_STORE = "azureml://datastores/workspaceblobstore/paths/e2e"
+AZ_IMAGE = "mcr.microsoft.com/azureml/stepops-python:3.11"
+AZ_CONN_TAGS = {"team": "e2e"}
+AZ_CONN_ENVIRONMENT = {"E2E_FROM_CONN": "from-az-connection"}
 #: DAGs the services must have parsed before tests trigger them
 LIVE_DAG_IDS = ("stepops_e2e_deferred", "stepops_e2e_reattach", "stepops_e2e_cancel",
                 "stepops_e2e_k8s_deferred", "stepops_e2e_k8s_reattach", "stepops_e2e_k8s_cancel",
                 "stepops_e2e_sm_deferred", "stepops_e2e_sm_reattach", "stepops_e2e_sm_cancel", "stepops_e2e_sm_spot",
                 "stepops_e2e_vx_deferred", "stepops_e2e_vx_reattach", "stepops_e2e_vx_cancel", "stepops_e2e_vx_spot",
-                "stepops_e2e_vx_db_conn")
+                "stepops_e2e_vx_db_conn",
+                "stepops_e2e_az_deferred", "stepops_e2e_az_reattach", "stepops_e2e_az_cancel", "stepops_e2e_az_db_conn")
 
 _LAST_SERVICES_USER: list[str] = []  # node id of the last test that uses the live services
 
@@ -240,6 +264,9 @@ class AirflowEnv:
     #: the session's ``VertexEmulator`` behind ``vx_step_operator`` / ``google_cloud_default`` and
     #: ``vx_db_step_operator`` / ``google_cloud_e2e_db`` (None without the gcp extra or fake-gcs-server)
     vx: Any = None
+    #: the session's ``AzureMLEmulator`` behind ``az_step_operator`` and ``az_db_step_operator`` (None without the
+    #: azure extra, adlfs or Azurite)
+    az: Any = None
 
     # helpers for the tests (kept here so test modules need not import this conftest)
     wait_for = staticmethod(wait_for)
@@ -353,10 +380,10 @@ class AirflowEnv:
         return found
 
 
-def _session_env(home: Path, api_port: int, sm: Any = None, vx: Any = None) -> dict[str, str]:
+def _session_env(home: Path, api_port: int, sm: Any = None, vx: Any = None, az: Any = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("AIRFLOW", "_AIRFLOW", "PYTEST_", "STEPOPS_", "AWS_", "GOOGLE_", "GCSFS_",
-                                "STORAGE_EMULATOR_HOST"))}
+                                "STORAGE_EMULATOR_HOST", "AZURE", "IDENTITY_ENDPOINT", "IDENTITY_HEADER"))}
     if sm is not None:  # the AWS SDKs of every Airflow process (object storage, hooks) reach the emulator
         env.update(sm.env())
     if vx is not None:  # the google clients and gcsfs of every Airflow process reach the emulator
@@ -365,6 +392,9 @@ def _session_env(home: Path, api_port: int, sm: Any = None, vx: Any = None) -> d
         adc.write_text(json.dumps(vx.service_account_info()))
         env["GOOGLE_APPLICATION_CREDENTIALS"] = str(adc)
         env[f"AIRFLOW_CONN_{VX_GOOGLE_CONN.upper()}"] = vx.airflow_connection()
+    if az is not None:  # azure-ai-ml (base URL), DefaultAzureCredential (managed identity) and TLS trust (the
+        # emulator's CA plus certifi's roots) of every Airflow process reach the emulator
+        env.update(az.env())
     api = f"http://127.0.0.1:{api_port}"
     env.update({
         "AIRFLOW_HOME": str(home),
@@ -441,7 +471,23 @@ def _vertex_emulator(request: pytest.FixtureRequest) -> Any:
     return request.getfixturevalue("vx_emulator")
 
 
-def _connections(home: Path, k8s: Any, sm: Any = None, vx: Any = None) -> dict[str, dict[str, str]]:
+def _azureml_emulator(request: pytest.FixtureRequest) -> Any:
+    """The session's emulator (started once, by tests/conftest.py; it skips without Azurite), or None without
+    the azure extra (azure-ai-ml, adlfs and the microsoft-azure provider, whose presence is read from its
+    metadata)."""
+    if not all(importlib.util.find_spec(name) for name in ("azure.ai.ml", "adlfs", "azure.identity")):
+        return None
+    try:
+        importlib.metadata.distribution("apache-airflow-providers-microsoft-azure")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    try:
+        return request.getfixturevalue("az_emulator")
+    except pytest.skip.Exception:  # Azurite is not installed: the other flavors still run
+        return None
+
+
+def _connections(home: Path, k8s: Any, sm: Any = None, vx: Any = None, az: Any = None) -> dict[str, dict[str, str]]:
     """The step operator connections of the session, as ``airflow connections import`` reads them."""
     found = {conn_id: {"conn_type": "stepops_local", "extra": json.dumps(extras)}
              for conn_id, extras in CONNECTIONS.items()}
@@ -469,6 +515,19 @@ def _connections(home: Path, k8s: Any, sm: Any = None, vx: Any = None) -> dict[s
             {**common, "gcp_conn_id": VX_GOOGLE_CONN})}
         found[VX_DB_STEP_OPERATOR] = {"conn_type": "stepops_vertex", "extra": json.dumps(
             {**common, "gcp_conn_id": VX_DB_GOOGLE_CONN})}
+    if az is not None:
+        found[AZ_STORAGE_CONN] = {"conn_type": "wasb", "extra": json.dumps(
+            {"connection_string": az.blob_connection_string})}
+        # the provider's DefaultAzureCredential takes the client id only together with a tenant
+        found[AZ_DB_AZURE_CONN] = {"conn_type": "azure", "extra": json.dumps(
+            {"managed_identity_client_id": AZ_DB_CLIENT_ID, "workload_identity_tenant_id": AZ_DB_TENANT_ID})}
+        cfg = az.config
+        common = {"subscription_id": cfg.subscription_id, "resource_group": cfg.resource_group,
+                  "workspace_name": cfg.workspace_name, "image": AZ_IMAGE, "artifact_store": AZ_ARTIFACT_STORE,
+                  "storage_conn_id": AZ_STORAGE_CONN, "tags": AZ_CONN_TAGS, "environment": AZ_CONN_ENVIRONMENT}
+        found[AZ_STEP_OPERATOR] = {"conn_type": "stepops_azureml", "extra": json.dumps(common)}
+        found[AZ_DB_STEP_OPERATOR] = {"conn_type": "stepops_azureml", "extra": json.dumps(
+            {**common, "azure_conn_id": AZ_DB_AZURE_CONN})}
     return found
 
 
@@ -483,10 +542,12 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
         home = tmp_path_factory.mktemp("airflow-home")
     api_port = _free_port()
     k8s, sm, vx = _kubernetes_emulator(request), _sagemaker_emulator(request), _vertex_emulator(request)
-    af = AirflowEnv(home=home, env=_session_env(home, api_port, sm, vx), api_port=api_port, k8s=k8s, sm=sm, vx=vx)
+    az = _azureml_emulator(request)
+    af = AirflowEnv(home=home, env=_session_env(home, api_port, sm, vx, az), api_port=api_port, k8s=k8s, sm=sm,
+                    vx=vx, az=az)
     af.cli("db", "migrate", timeout=300)
     # all step operators in one `airflow connections import` (each CLI call costs seconds)
-    connections = _connections(home, af.k8s, af.sm, af.vx)
+    connections = _connections(home, af.k8s, af.sm, af.vx, af.az)
     (home / "connections.json").write_text(json.dumps(connections, indent=2))
     af.cli("connections", "import", str(home / "connections.json"), timeout=180)
     rows = af.query("SELECT conn_id, conn_type, extra FROM connection")
