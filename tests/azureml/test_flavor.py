@@ -337,3 +337,26 @@ def test_cluster_too_small_for_the_resources(az_emulator):
     spec = make_spec(hook, _greet, "x", task_id="small_cluster", resources=ResourceSettings(gpu_count=1))
     with pytest.raises(StepOperatorConfigError, match=r"'cpu-cluster' runs on Standard_DS3_v2 .* does not have"):
         hook.submit(spec)
+
+
+def _checkpointed(epochs: int) -> dict:
+    import json
+    import os
+
+    path = os.path.join(os.environ["STEPOPS_CHECKPOINT_DIR"], "state.json")
+    state = json.load(open(path)) if os.path.exists(path) else {"epoch": 0, "starts": 0}
+    state["starts"] += 1
+    state["epoch"] = min(state["epoch"] + 2, epochs)  # two epochs per try
+    with open(path, "w") as fh:
+        json.dump(state, fh)
+    return state
+
+
+def test_a_retry_sees_the_checkpoints_of_the_try_before(az_emulator):
+    """``STEPOPS_CHECKPOINT_DIR`` is a read-write mount at a path shared by all tries of the step."""
+    hook = make_hook()
+    first = hook.submit(make_spec(hook, _checkpointed, 6, task_id="checkpoints", try_number=1))
+    assert run_trigger(hook, first)["status"] == "succeeded"
+    second = hook.submit(make_spec(hook, _checkpointed, 6, task_id="checkpoints", try_number=2))
+    assert run_trigger(hook, second)["status"] == "succeeded"
+    assert read_outcome(store_path(second["output_uri"])).value == {"epoch": 4, "starts": 2}

@@ -230,6 +230,13 @@ class JobRunner:
                 paths["inputs"][name] = str(storage.download_file(location, dest))
             else:
                 storage.download_folder(location, dest)
+        for name, spec in (self.job.request.get("outputs") or {}).items():
+            # a read-write mount shows what already is at its path (e.g. an earlier try's checkpoints)
+            if spec.get("jobOutputType") == "uri_folder" and spec.get("mode", "ReadWriteMount") == "ReadWriteMount":
+                try:
+                    storage.download_folder(storage.locate(spec["uri"]), self.dir / "outputs" / name)
+                except Exception:
+                    logger.debug("nothing to show in output %s of job %s", name, self.job.name, exc_info=True)
 
     # ----- running -----------------------------------------------------------------------------------
 
