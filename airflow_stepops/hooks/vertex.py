@@ -348,60 +348,63 @@ class VertexStepOperatorHook(StepOperatorHook):
     async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus | BaseException]:
         """One ``ListCustomJobs`` of the jobs updated since the last round answers for every waiting
         step (the list carries whole jobs); jobs not seen yet are read one by one, once."""
+        async with await self._async_jobs() as client:
+            return await self._poll_round(client, handles)
+
+    async def _poll_round(self, client: Any, handles: list[JobHandle]) -> list[JobStatus | BaseException]:
         import asyncio
         from datetime import datetime, timedelta, timezone
 
         from google.api_core import exceptions as gexc
 
-        async with await self._async_jobs() as client:
-            cache: dict[str, dict[str, Any]] = self.__dict__.setdefault("_job_cache", {})
-            rounds = self.__dict__["_rounds"] = self.__dict__.get("_rounds", 0) + 1
-            since: str | None = self.__dict__.get("_updated_since")
-            started = datetime.now(timezone.utc)
-            if since is not None and rounds % FULL_REFRESH_ROUNDS:
-                after = (datetime.fromisoformat(since.replace("Z", "+00:00")) - timedelta(seconds=LIST_OVERLAP_SECONDS))
-                request: dict[str, Any] = {"parent": self.parent, "page_size": 100,
-                                           "filter": f'update_time>"{after.strftime("%Y-%m-%dT%H:%M:%SZ")}"'}
-                pager = await client.list_custom_jobs(request=request)
-                pages = 0
-                async for page in pager.pages:
-                    for job in page.custom_jobs:
-                        data = self._json(job)
-                        cache[data["name"].rsplit("/", 1)[-1]] = data
-                    pages += 1
-                    if pages >= MAX_LIST_PAGES:
-                        break
+        cache: dict[str, dict[str, Any]] = self.__dict__.setdefault("_job_cache", {})
+        rounds = self.__dict__["_rounds"] = self.__dict__.get("_rounds", 0) + 1
+        since: str | None = self.__dict__.get("_updated_since")
+        started = datetime.now(timezone.utc)
+        if since is not None and rounds % FULL_REFRESH_ROUNDS:
+            after = (datetime.fromisoformat(since.replace("Z", "+00:00")) - timedelta(seconds=LIST_OVERLAP_SECONDS))
+            request: dict[str, Any] = {"parent": self.parent, "page_size": 100,
+                                       "filter": f'update_time>"{after.strftime("%Y-%m-%dT%H:%M:%SZ")}"'}
+            pager = await client.list_custom_jobs(request=request)
+            pages = 0
+            async for page in pager.pages:
+                for job in page.custom_jobs:
+                    data = self._json(job)
+                    cache[data["name"].rsplit("/", 1)[-1]] = data
+                pages += 1
+                if pages >= MAX_LIST_PAGES:
+                    break
+        else:
+            cache.clear()
+
+        async def one(handle: JobHandle) -> dict[str, Any] | None:
+            try:
+                return self._json(await client.get_custom_job(name=self._job_name(handle)))
+            except gexc.NotFound:
+                return None
+
+        stale = [h for h in handles if h["job_id"] not in cache]
+        fetched = await asyncio.gather(*(one(h) for h in stale), return_exceptions=True)
+        self.__dict__["_updated_since"] = started.isoformat().replace("+00:00", "Z")
+        out: list[JobStatus | BaseException] = []
+        results = dict(zip((h["job_id"] for h in stale), fetched))
+        wanted = {h["job_id"] for h in handles}
+        for job_id in list(cache):
+            if job_id not in wanted:
+                del cache[job_id]
+        for handle in handles:
+            if handle["job_id"] in results:
+                result = results[handle["job_id"]]
+                if isinstance(result, BaseException):
+                    out.append(self._api_error(result, f"get CustomJob {handle['job_id']}")
+                               if isinstance(result, Exception) else result)
+                    continue
+                if result is not None:
+                    cache[handle["job_id"]] = result
+                out.append(job_state(result, handle))
             else:
-                cache.clear()
-
-            async def one(handle: JobHandle) -> dict[str, Any] | None:
-                try:
-                    return self._json(await client.get_custom_job(name=self._job_name(handle)))
-                except gexc.NotFound:
-                    return None
-
-            stale = [h for h in handles if h["job_id"] not in cache]
-            fetched = await asyncio.gather(*(one(h) for h in stale), return_exceptions=True)
-            self.__dict__["_updated_since"] = started.isoformat().replace("+00:00", "Z")
-            out: list[JobStatus | BaseException] = []
-            results = dict(zip((h["job_id"] for h in stale), fetched))
-            wanted = {h["job_id"] for h in handles}
-            for job_id in list(cache):
-                if job_id not in wanted:
-                    del cache[job_id]
-            for handle in handles:
-                if handle["job_id"] in results:
-                    result = results[handle["job_id"]]
-                    if isinstance(result, BaseException):
-                        out.append(self._api_error(result, f"get CustomJob {handle['job_id']}")
-                                   if isinstance(result, Exception) else result)
-                        continue
-                    if result is not None:
-                        cache[handle["job_id"]] = result
-                    out.append(job_state(result, handle))
-                else:
-                    out.append(job_state(cache[handle["job_id"]], handle))
-            return out
+                out.append(job_state(cache[handle["job_id"]], handle))
+        return out
 
     async def acancel(self, handle: JobHandle) -> None:
         from google.api_core import exceptions as gexc
