@@ -91,6 +91,16 @@ FLAVORS: dict[str, Flavor] = {
         trigger_class="airflow_stepops.triggers.azureml.AzureMLStepOperatorTrigger",
         default_conn_id="stepops_azureml_default",
     ),
+    "modal": Flavor(
+        name="modal",
+        display_name="Modal function call",
+        settings_class="airflow_stepops.settings.modal.ModalStepOperatorSettings",
+        config_class="airflow_stepops.settings.modal.ModalStepOperatorConfig",
+        hook_class="airflow_stepops.hooks.modal.ModalStepOperatorHook",
+        operator_class="airflow_stepops.operators.modal.ModalStepOperator",
+        trigger_class="airflow_stepops.triggers.modal.ModalStepOperatorTrigger",
+        default_conn_id="stepops_modal_default",
+    ),
 }
 
 

@@ -172,6 +172,34 @@ def get_provider_info() -> dict[str, Any]:
                                                    "{subscription_id}, {resource_group} and {workspace_name}."),
                 },
             },
+            {
+                "hook-class-name": "airflow_stepops.hooks.modal.ModalStepOperatorHook",
+                "hook-name": "Step operator: Modal function call",
+                "connection-type": "stepops_modal",
+                "ui-field-behaviour": {"hidden-fields": _HIDDEN, "relabeling": {}, "placeholders": {}},
+                "conn-fields": {
+                    **_COMMON_FIELDS,
+                    "modal_conn_id": _field("Modal connection id", description="modal provider connection (token "
+                                            "id and secret); without it, MODAL_TOKEN_ID/MODAL_TOKEN_SECRET or "
+                                            "~/.modal.toml.", default="modal_default"),
+                    "environment": _field("Modal environment", description="Default: the modal connection's."),
+                    "app_name": _field("App name prefix", description="One deployed app per image and set of "
+                                       "function options, named <prefix>-<hash>.", default="airflow-stepops"),
+                    "image": _field("Image", description="Registry image with Python and cloudpickle; default: "
+                                    "Modal's debian_slim."),
+                    "python_version": _field("Python version", description="Of the default image (default: the "
+                                             "worker's), or added to a registry image without Python."),
+                    "pip_packages": _field("pip packages", "array", "Installed into the image."),
+                    "secrets": _field("Modal secrets", "array", "Names of Modal secrets every step gets."),
+                    "volumes": _field("Modal volumes", "object", "Mount path -> volume name."),
+                    "region": _field("Region", ["string", "array"], "Default region(s), e.g. us-east."),
+                    "cloud": _field("Cloud", description="aws, gcp, oci or auto."),
+                    "environment_variables": _field("Environment variables", "object",
+                                                    "Added to every step (no secrets)."),
+                    "console_url_template": _field("Console URL template", description="With {call_id}, "
+                                                   "{app_name}, {function_id} and {environment}."),
+                },
+            },
         ],
         "config": {
             "stepops": {
@@ -196,17 +224,17 @@ def get_provider_info() -> dict[str, Any]:
         "hooks": [
             {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.hooks.local", "airflow_stepops.hooks.kubernetes",
                                                                      "airflow_stepops.hooks.sagemaker", "airflow_stepops.hooks.vertex",
-                                                                     "airflow_stepops.hooks.azureml"]},
+                                                                     "airflow_stepops.hooks.azureml", "airflow_stepops.hooks.modal"]},
         ],
         "operators": [
             {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.operators.local", "airflow_stepops.operators.kubernetes",
                                                                      "airflow_stepops.operators.sagemaker", "airflow_stepops.operators.vertex",
-                                                                     "airflow_stepops.operators.azureml"]},
+                                                                     "airflow_stepops.operators.azureml", "airflow_stepops.operators.modal"]},
         ],
         "triggers": [
             {"integration-name": "Step Operators", "python-modules": ["airflow_stepops.triggers.local", "airflow_stepops.triggers.kubernetes",
                                                                      "airflow_stepops.triggers.sagemaker", "airflow_stepops.triggers.vertex",
-                                                                     "airflow_stepops.triggers.azureml"]},
+                                                                     "airflow_stepops.triggers.azureml", "airflow_stepops.triggers.modal"]},
         ],
         "integrations": [
             {

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings
     from airflow_stepops.settings.kubernetes import KubernetesStepOperatorConfig, KubernetesStepOperatorSettings
     from airflow_stepops.settings.local import LocalStepOperatorConfig, LocalStepOperatorSettings
+    from airflow_stepops.settings.modal import ModalStepOperatorConfig, ModalStepOperatorSettings
     from airflow_stepops.settings.sagemaker import SageMakerStepOperatorConfig, SageMakerStepOperatorSettings
     from airflow_stepops.settings.vertex import VertexStepOperatorConfig, VertexStepOperatorSettings
 
@@ -27,6 +28,8 @@ _EXPORTS = {
     "VertexStepOperatorConfig": "airflow_stepops.settings.vertex",
     "AzureMLStepOperatorSettings": "airflow_stepops.settings.azureml",
     "AzureMLStepOperatorConfig": "airflow_stepops.settings.azureml",
+    "ModalStepOperatorSettings": "airflow_stepops.settings.modal",
+    "ModalStepOperatorConfig": "airflow_stepops.settings.modal",
 }
 
 __all__ = sorted(_EXPORTS)

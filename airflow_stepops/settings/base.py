@@ -56,6 +56,8 @@ class BaseStepOperatorSettings(_Strict):
     """Per-step settings of one flavor, given as ``settings={"step_operator.<flavor>": ...}``."""
 
     flavor: ClassVar[str] = ""
+    #: whether ``check_resources`` of default settings is meaningful without the connection
+    resources_checkable_alone: ClassVar[bool] = False
 
     max_runtime_in_seconds: int | None = Field(
         default=None, gt=0, description="Hard limit enforced by the backend; the job is stopped after it."

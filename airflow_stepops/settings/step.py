@@ -100,6 +100,7 @@ def parse_step_settings(
     if resources is None and settings is not None and len(settings) == 1:  # the common case, fast
         only = settings.get(RESOURCES_KEY)
         if isinstance(only, ResourceSettings):
+            _check_with_defaults(flavor, only)
             return StepSettings(resources=only)
     settings = dict(settings or {})
     parsed_resources: ResourceSettings | None = None
@@ -144,9 +145,25 @@ def parse_step_settings(
             f"operator; use 'step_operator.{flavor}'"
         )
     resources_ = parsed_resources or ResourceSettings()
-    if flavor_settings is not None:
+    if flavor_settings is None:
+        _check_with_defaults(flavor, resources_)
+    else:
         try:
             flavor_settings.check_resources(resources_)
         except ValueError as exc:
             raise StepOperatorConfigError(f"settings['step_operator.{flavor_settings.flavor}'].{exc}") from None
     return StepSettings(resources=resources_, flavor_settings=flavor_settings)
+
+
+def _check_with_defaults(flavor: str | None, resources: ResourceSettings) -> None:
+    """An operator class that fixes its flavor gets ResourceSettings checked at parse time even without
+    flavor settings (the flavor's defaults apply then)."""
+    if not flavor or flavor not in FLAVORS or resources.empty:
+        return
+    model = FLAVORS[flavor].settings_model()
+    if not model.resources_checkable_alone:
+        return  # what fits depends on the connection (a cluster, a default machine): checked at submit
+    try:
+        model().check_resources(resources)
+    except ValueError as exc:
+        raise StepOperatorConfigError(f"resources: {flavor} step operators cannot honour them: {exc}") from None

@@ -1,0 +1,116 @@
+"""The Modal function a step calls: its options, the app it is deployed in, and deploying it once.
+
+Every distinct set of options (image, GPU list, CPU, memory, timeout, region, cloud, secrets, volumes)
+is one deployed app ``<app_name>-<digest>`` holding one function, ``run_step``. Options are fixed when
+a function is deployed (a GPU fallback list can only be given there), and deploying an app replaces
+its set of functions, so steps with different options must not share an app: two workers deploying
+the same options deploy the same thing, which is harmless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from airflow_stepops.settings.modal import MAX_TIMEOUT, ModalStepOperatorConfig, ModalStepOperatorSettings
+
+FUNCTION_NAME = "run_step"
+ENTRY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py"
+_deployed: dict[tuple[str, ...], Any] = {}
+_deploy_lock = threading.Lock()
+
+
+def runner_source() -> str:
+    from airflow_stepops.runtime import modal_runner
+
+    return inspect.getsource(modal_runner)
+
+
+def function_options(config: ModalStepOperatorConfig, settings: ModalStepOperatorSettings,
+                     resources: Any, python_version: str) -> dict[str, Any]:
+    """The deployed function's options as JSON: what ``stepops render`` prints and what names the app."""
+    shape = settings.function_resources(resources)
+    image: dict[str, Any] = ({"registry": config.image, "add_python": config.python_version} if config.image
+                             else {"debian_slim": config.python_version or python_version})
+    packages = list(config.pip_packages)
+    if not config.image and not any(p.split("=")[0].split("<")[0].split(">")[0].strip().lower() == "cloudpickle"
+                                     for p in packages):
+        packages.append("cloudpickle")  # the step's bundle is a cloudpickle
+    image["pip_install"] = packages
+    options: dict[str, Any] = {
+        "image": image,
+        "gpu": shape["gpu"], "cpu": shape["cpu"], "memory": shape["memory"],
+        "ephemeral_disk": shape["ephemeral_disk"],
+        "timeout": settings.effective_timeout or MAX_TIMEOUT,
+        "region": settings.region if settings.region is not None else config.region,
+        "cloud": settings.cloud or config.cloud,
+        "secrets": sorted(config.secrets),
+        "volumes": dict(sorted(config.volumes.items())),
+        "nonpreemptible": settings.nonpreemptible or None,
+        "retries": 0,  # a retry is Airflow's decision (a new try, with its own call)
+    }
+    return {key: value for key, value in options.items() if value not in (None, [], {})}
+
+
+def app_name(config: ModalStepOperatorConfig, options: dict[str, Any]) -> str:
+    """``<app_name>-<12 hex>``: the options and the runner's source decide it."""
+    digest = hashlib.sha256(json.dumps([options, runner_source()], sort_keys=True).encode()).hexdigest()
+    return f"{config.app_name}-{digest[:12]}"
+
+
+def _image(modal: Any, spec: dict[str, Any]) -> Any:
+    if "registry" in spec:
+        image = modal.Image.from_registry(spec["registry"], add_python=spec.get("add_python"))
+    else:
+        image = modal.Image.debian_slim(python_version=spec["debian_slim"])
+    if spec.get("pip_install"):
+        image = image.pip_install(*spec["pip_install"])
+    return image
+
+
+def deployed_function(client: Any, environment: str | None, name: str, options: dict[str, Any],
+                      log: Any) -> Any:
+    """The hydrated ``run_step`` of app ``name``: looked up, or deployed when Modal has no such app."""
+    import modal
+    from modal.exception import NotFoundError
+
+    key = (str(id(client)), environment or "", name)
+    with _deploy_lock:
+        if key in _deployed:
+            return _deployed[key]
+        function = modal.Function.from_name(name, FUNCTION_NAME, environment_name=environment, client=client)
+        try:
+            function.hydrate()
+        except NotFoundError:
+            function = _deploy(modal, client, environment, name, options, log)
+        _deployed[key] = function
+        return function
+
+
+def _deploy(modal: Any, client: Any, environment: str | None, name: str, options: dict[str, Any], log: Any) -> Any:
+    import cloudpickle
+
+    from airflow_stepops.runtime import modal_runner
+
+    log.info("Deploying Modal app %s (function %s: %s)", name, FUNCTION_NAME,
+             json.dumps({k: v for k, v in options.items() if k != "image"}, sort_keys=True))
+    app = modal.App(name)
+    secrets = [modal.Secret.from_name(s, environment_name=environment) for s in options.get("secrets", [])]
+    volumes = {path: modal.Volume.from_name(volume, environment_name=environment, create_if_missing=True)
+               for path, volume in options.get("volumes", {}).items()}
+    cloudpickle.register_pickle_by_value(modal_runner)  # images need no airflow_stepops
+    try:
+        function = app.function(
+            serialized=True, name=FUNCTION_NAME, image=_image(modal, options["image"]), gpu=options.get("gpu"),
+            cpu=options.get("cpu"), memory=options.get("memory"), ephemeral_disk=options.get("ephemeral_disk"),
+            timeout=options["timeout"], region=options.get("region"), cloud=options.get("cloud"),
+            nonpreemptible=bool(options.get("nonpreemptible")),
+            secrets=secrets, volumes=volumes, retries=0, include_source=False)(modal_runner.run_step)
+        app.deploy(name=name, environment_name=environment, client=client)
+    finally:
+        cloudpickle.unregister_pickle_by_value(modal_runner)
+    return function
