@@ -11,6 +11,7 @@ case "$FLAVOR" in  # the extras a flavor needs (its emulator's too)
   sagemaker) EXTRAS=(--extra aws --extra tests) ;;
   vertex) EXTRAS=(--extra gcp --extra tests) ;;
   azureml) EXTRAS=(--extra azure --extra tests) ;;
+  modal) EXTRAS=(--extra modal --extra tests) ;;
   *) EXTRAS=() ;;
 esac
 "$UV" sync --frozen --quiet --inexact "${EXTRAS[@]}"
@@ -70,7 +71,19 @@ case "$FLAVOR" in
     [ -f "$AIRFLOW_HOME/azureml.env" ] || { cat "$AIRFLOW_HOME/emulator.log"; echo "the Azure ML emulator did not start"; exit 1; }
     set -a; . "$AIRFLOW_HOME/azureml.env"; set +a
     head -n 1 "$AIRFLOW_HOME/emulator.log" ;;
-  *) echo "FLAVOR=$FLAVOR: no demo for this flavor yet (available: local, kubernetes, sagemaker, vertex, azureml)"; exit 2 ;;
+  modal)
+    # a Modal control plane (grpclib, 127.0.0.1) whose calls run as local processes, started for this
+    # demo; its env file holds MODAL_SERVER_URL, the token and the modal_default connection
+    rm -f "$AIRFLOW_HOME/modal.env"
+    "$UV" run --frozen --inexact "${EXTRAS[@]}" python -m airflow_stepops.testing.modal \
+      --env-file "$AIRFLOW_HOME/modal.env" >"$AIRFLOW_HOME/emulator.log" 2>&1 &
+    EMULATOR_PID=$!
+    trap 'kill "$EMULATOR_PID" 2>/dev/null || true; wait "$EMULATOR_PID" 2>/dev/null || true' EXIT
+    for _ in $(seq 1 300); do [ -f "$AIRFLOW_HOME/modal.env" ] && break; kill -0 "$EMULATOR_PID" 2>/dev/null || break; sleep 0.2; done
+    [ -f "$AIRFLOW_HOME/modal.env" ] || { cat "$AIRFLOW_HOME/emulator.log"; echo "the Modal emulator did not start"; exit 1; }
+    set -a; . "$AIRFLOW_HOME/modal.env"; set +a
+    head -n 1 "$AIRFLOW_HOME/emulator.log" ;;
+  *) echo "FLAVOR=$FLAVOR: no demo for this flavor yet (available: local, kubernetes, sagemaker, vertex, azureml, modal)"; exit 2 ;;
 esac
 STEPOPS_EXAMPLE_STEP_OPERATOR=$("$UV" run --frozen python dags_examples/setup_connections.py "$FLAVOR")
 export STEPOPS_EXAMPLE_STEP_OPERATOR
