@@ -159,7 +159,7 @@ class ModalStepOperatorHook(StepOperatorHook):
                       ", ".join(f"{k}={v}" for k, v in options.items() if k in ("gpu", "cpu", "memory", "timeout",
                                                                                "region", "cloud")) or "defaults",
                       len(archive))
-        return {"flavor": "modal", "job_id": call.object_id, "app_name": name,
+        return {"flavor": "modal", "job_id": call.object_id, "app_name": name, "spawned_at": time.time(),
                 "function_id": getattr(function, "object_id", None), "environment": self.environment,
                 "output_uri": spec.output_uri, "conn_id": self.step_operator_conn_id,
                 "try_number": spec.identity.try_number, "timeout": options["timeout"],
@@ -180,7 +180,7 @@ class ModalStepOperatorHook(StepOperatorHook):
         try:
             finished = modal_call.fetch_result(self.client, handle["job_id"])
             if finished is not None:
-                return modal_call.finished_status(finished[0], handle, self._details(handle))
+                return self._started(modal_call.finished_status(finished[0], handle, self._details(handle)), handle)
             inputs = self._call(handle).get_call_graph()
         except NotFoundError:
             return JobStatus(JobState.FAILED, f"Modal call {handle['job_id']} does not exist",
@@ -190,10 +190,13 @@ class ModalStepOperatorHook(StepOperatorHook):
         return self._started(modal_call.running_status(inputs, handle, self._details(handle)), handle)
 
     def _started(self, status: JobStatus, handle: JobHandle) -> JobStatus:
-        """Modal does not report when a call's container started: the first poll that sees it running."""
+        """Modal does not report when a call's container started: the first poll that saw it running (a
+        call that finished between two polls has none)."""
         seen: dict[str, float] = self.__dict__.setdefault("_started_at", {})
         if status.state == JobState.RUNNING:
-            status.details["started_at"] = seen.setdefault(handle["job_id"], time.time())
+            seen.setdefault(handle["job_id"], time.time())
+        if handle["job_id"] in seen:
+            status.details["started_at"] = seen[handle["job_id"]]
         return status
 
     def cancel(self, handle: JobHandle) -> None:
@@ -201,16 +204,24 @@ class ModalStepOperatorHook(StepOperatorHook):
         self.log.info("Cancelled Modal call %s (its container is terminated)", handle["job_id"])
 
     def collect_output(self, handle: JobHandle) -> None:
-        """Unpack the call's return value (the output directory as gzip-tar) into the artifact store."""
+        """Unpack the call's return value (the output directory as gzip-tar) into the artifact store, or
+        write the step's error that a failed call carried in its exception text."""
         output = store_path(handle["output_uri"])
         if (output / "result.json").exists() or (output / "error.json").exists():
             return
         finished = modal_call.fetch_result(self.client, handle["job_id"])
-        if finished is None or finished[1] is None:
+        if finished is None:
             return
-        archive = modal_call.output_bytes(finished[1])
+        result, data = finished
+        error = modal_call.step_error(result)
+        if data is None and error is None:
+            return
         output.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        if error is not None:
+            (output / "error.json").write_text(json.dumps(error))
+            return
+        assert data is not None
+        with tarfile.open(fileobj=io.BytesIO(modal_call.output_bytes(data)), mode="r:gz") as tar:
             members = sorted((m for m in tar.getmembers() if m.isfile() and "/" not in m.name),
                              key=lambda m: m.name in ("result.json", "error.json"))  # they mark completion
             for member in members:
@@ -219,7 +230,7 @@ class ModalStepOperatorHook(StepOperatorHook):
                 (output / member.name).write_bytes(source.read())
 
     def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        entries = list(self._call(handle).logs.fetch(since=modal_call.since(cursor)))
+        entries = list(self._call(handle).logs.fetch(since=modal_call.since(cursor, handle)))
         return modal_call.log_lines(entries, cursor)
 
     def console_url(self, handle: JobHandle) -> str | None:
@@ -245,7 +256,7 @@ class ModalStepOperatorHook(StepOperatorHook):
         try:
             finished = await modal_call.afetch_result(client, handle["job_id"])
             if finished is not None:
-                return modal_call.finished_status(finished[0], handle, self._details(handle))
+                return self._started(modal_call.finished_status(finished[0], handle, self._details(handle)), handle)
             inputs = await modal.FunctionCall.from_id(handle["job_id"], client=client).get_call_graph.aio()
         except NotFoundError:
             return JobStatus(JobState.FAILED, f"Modal call {handle['job_id']} does not exist",
@@ -271,5 +282,5 @@ class ModalStepOperatorHook(StepOperatorHook):
 
         client = await self._aclient()
         call = modal.FunctionCall.from_id(handle["job_id"], client=client)
-        entries = [entry async for entry in call.logs.fetch.aio(since=modal_call.since(cursor))]
+        entries = [entry async for entry in call.logs.fetch.aio(since=modal_call.since(cursor, handle))]
         return modal_call.log_lines(entries, cursor)

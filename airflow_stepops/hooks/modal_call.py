@@ -41,14 +41,15 @@ async def _fetch_result(client: Any, call_id: str) -> tuple[Any, bytes | None] |
 
     request = api_pb2.FunctionGetOutputsRequest(function_call_id=call_id, timeout=0, last_entry_id="0-0",
                                                 clear_on_success=False, requested_at=time.time())
-    response = await client.stub.FunctionGetOutputs(request)
+    stub = client._stub  # Client.stub is the same object behind a warning that it is not public API
+    response = await stub.FunctionGetOutputs(request)
     if not response.outputs:
         return None
     result = response.outputs[0].result
     data: bytes | None = None
     if result.status == api_pb2.GenericResult.GENERIC_STATUS_SUCCESS:
         which = result.WhichOneof("data_oneof")
-        data = await blob_download(result.data_blob_id, client.stub) if which == "data_blob_id" else result.data
+        data = await blob_download(result.data_blob_id, stub) if which == "data_blob_id" else result.data
     return result, data
 
 
@@ -69,6 +70,24 @@ async def afetch_result(client: Any, call_id: str) -> tuple[Any, bytes | None] |
     return await _synchronized().aio(client, call_id)  # type: ignore[no-any-return]
 
 
+def step_error(result: Any) -> dict[str, Any] | None:
+    """The step's ``error.json`` that ``modal_runner`` put in the text of a failed call's exception."""
+    import base64
+    import json
+    import re
+
+    from airflow_stepops.runtime.modal_runner import ERROR_MARKER
+
+    found = re.search(re.escape(ERROR_MARKER) + r"([A-Za-z0-9+/=]+)", result.exception or "")
+    if not found:
+        return None
+    try:
+        error = json.loads(base64.b64decode(found.group(1)))
+    except ValueError:
+        return None
+    return error if isinstance(error, dict) else None
+
+
 def finished_status(result: Any, handle: JobHandle, details: dict[str, Any]) -> JobStatus:
     """A terminal ``GenericResult`` as a JobStatus (preemption and timeouts told apart)."""
     from modal_proto import api_pb2
@@ -82,6 +101,11 @@ def finished_status(result: Any, handle: JobHandle, details: dict[str, Any]) -> 
     lowered = text.lower()
     if result.status == status.GENERIC_STATUS_SUCCESS:
         return JobStatus(JobState.SUCCEEDED, "", details)
+    error = step_error(result)
+    if error is not None:
+        details.pop("remote_traceback", None)  # the runner's own; the step's is in the error
+        return JobStatus(JobState.FAILED, f"{error.get('type', 'Exception')}: {error.get('message', '')}",
+                         {**details, "reason": "step_failed"})
     if result.status == status.GENERIC_STATUS_TIMEOUT:
         return JobStatus(JobState.FAILED, f"the call ran past its timeout ({handle.get('timeout')} s) and Modal "
                          f"stopped it: {text}", {**details, "reason": "timed_out"})
@@ -136,12 +160,14 @@ def log_lines(entries: list[Any], cursor: Any) -> tuple[list[str], dict[str, Any
         *done, rest = text.split("\n")
         if rest:
             partial[source] = rest
-        prefix = "[modal] " if source == "system" else ""
+        prefix = "[system] " if source == "system" else ""
         lines += [prefix + line.rstrip("\r") for line in done]
     cursor["partial"] = partial
     return lines, cursor
 
 
-def since(cursor: Any) -> datetime:
-    stamp = float((cursor or {}).get("ts") or 0.0)
-    return datetime.fromtimestamp(stamp, timezone.utc) if stamp else datetime(2000, 1, 1, tzinfo=timezone.utc)
+def since(cursor: Any, handle: JobHandle) -> datetime:
+    """Where the next ``fetch`` starts: the last entry read, else shortly before the call was spawned
+    (Modal fetches at most 35 days at once)."""
+    stamp = float((cursor or {}).get("ts") or 0.0) or float(handle.get("spawned_at") or time.time() - 3600) - 60
+    return datetime.fromtimestamp(stamp, timezone.utc)

@@ -4,16 +4,22 @@ It is deployed as a serialized Modal function (pickled by value, so images need 
 the bundle arrives as the call's argument and the output leaves as its return value, both gzip-tar
 bytes, which Modal moves through its blob store when they are large. The step itself runs in a
 child process through ``pod_entry`` (its source travels with the call), so its prints reach Modal's
-logs as they happen. Stdlib-only, like the rest of ``runtime``.
+logs as they happen. A failing step fails the call (Modal shows it failed) with an exception whose text
+carries the step's ``error.json``, base64-encoded after ``ERROR_MARKER``, so the worker gets the remote
+error without unpickling anything. Stdlib-only, like the rest of ``runtime``.
 """
 
 from __future__ import annotations
 
+ERROR_MARKER = "stepops-error:"
+
 
 def run_step(archive: bytes, entry_source: str, env: dict[str, str]) -> bytes:
-    """Run one step try; the return value is the output directory as gzip-tar bytes (never raises for
-    a failing step: its error travels in the output as ``error.json``)."""
+    """Run one step try; the return value is the output directory as gzip-tar bytes. A failing step
+    raises ``StepError`` with its ``error.json``."""
+    import base64
     import io
+    import json
     import os
     import subprocess
     import sys
@@ -33,6 +39,17 @@ def run_step(archive: bytes, entry_source: str, env: dict[str, str]) -> bytes:
                      "PYTHONUNBUFFERED": "1"}
         code = subprocess.run([sys.executable, "-c", entry_source], env=child_env, check=False).returncode
         print(f"[stepops] step finished with exit code {code}", flush=True)
+        if code:
+            try:
+                with open(os.path.join(output, "error.json"), "rb") as fh:
+                    raw = fh.read()
+                error = json.loads(raw)
+            except (OSError, ValueError):
+                error = {"type": "airflow_stepops.exceptions.StepFailedError",
+                         "message": f"the step exited with code {code}", "traceback": ""}
+                raw = json.dumps(error).encode()
+            summary = f"{error.get('type', 'Exception')}: {error.get('message', '')}"[:2000]
+            raise RuntimeError(f"{summary} [{ERROR_MARKER}{base64.b64encode(raw).decode()}]")
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
             for name in sorted(os.listdir(output)):

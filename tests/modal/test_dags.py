@@ -1,0 +1,69 @@
+"""Modal steps through Airflow's own ``dag.test()``: XComs, artifacts, mapping, the example DAG."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("modal")
+
+from tests.dags import md_steps
+
+from ..unit.test_operator import _run, _xcom
+
+pytestmark = pytest.mark.usefixtures("airflow_db", "md_emulator", "modal_step_operator")
+
+
+def _function(md, ti) -> dict:
+    record = _xcom(ti, key="stepops_job")
+    assert record["flavor"] == "modal" and record["job_id"].startswith("fc-")
+    return md.function(record["app_name"], "run_step")
+
+
+def test_pipeline_with_xcoms_artifacts_and_mapping(md_emulator):
+    run, tis = _run(md_steps.md_pipeline)
+    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert _xcom(tis["report"]) == {"total": 18, "model": [1, 2, 3], "doubled": [2, 10]}
+    ref = _xcom(tis["train"], key="model")
+    assert ref.type == "builtins.frozenset" and ref.load() == frozenset({1, 2, 3})
+    train = _function(md_emulator, tis["train"])
+    assert train["milli_cpu"] == 2000 and train["memory_mb"] == 4096
+    evaluate = _function(md_emulator, tis["evaluate"])
+    assert "A100-80GB" in json.dumps(evaluate["gpu"]) and evaluate["timeout_secs"] == 900
+    record = _xcom(tis["evaluate"], key="stepops_job")
+    assert record["console_url"] == f"https://modal.com/id/{record['job_id']}"
+
+
+def test_modal_example_dag_runs_on_the_emulator(md_emulator):
+    from pathlib import Path
+
+    from airflow_stepops._compat import dagbag_class
+
+    examples = Path(__file__).resolve().parents[2] / "dags_examples"
+    dag = dagbag_class()(dag_folder=str(examples / "modal_training.py")).get_dag("modal_training")
+    run, tis = _run(dag)
+    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert _xcom(tis["train_on_modal"]) == {"w": 1.5, "b": 0.25, "epochs": 20}
+    assert _xcom(tis["evaluate"]) == 0.0
+    train = _function(md_emulator, tis["train_on_modal"])
+    assert "ANY" in json.dumps(train["gpu"]).upper() and train["milli_cpu"] == 4000 and train["memory_mb"] == 16384
+    evaluate = _function(md_emulator, tis["evaluate"])
+    assert "L4" in json.dumps(evaluate["gpu"]) and evaluate["memory_mb"] == 7630
+    featurize = _function(md_emulator, tis["featurize"])
+    assert "H100" in json.dumps(featurize["gpu"]) and "A100-80GB" in json.dumps(featurize["gpu"])
+
+
+def test_stepops_render_prints_the_function_options(md_emulator):
+    import subprocess
+    import sys
+
+    before = md_emulator.requests.count("FunctionMap")
+    out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "render", "md_pipeline", "evaluate"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout[out.stdout.index("{"):])
+    request = body["request"]
+    assert body["flavor"] == "modal" and request["function"] == "run_step"
+    assert request["options"]["gpu"] == "A100-80GB:2" and request["options"]["timeout"] == 900
+    assert md_emulator.requests.count("FunctionMap") == before  # nothing was called

@@ -1,0 +1,274 @@
+"""The modal flavor against the emulator: the real ``modal`` client over gRPC (sync and ``.aio``), calls
+running as real processes, the bundle and result travelling as the call's argument and return value."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+import time
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("modal")
+
+from airflow_stepops.artifacts import store_path
+from airflow_stepops.bundle import read_outcome
+from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.hooks import modal_call
+from airflow_stepops.hooks.base import JobState
+from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.settings.modal import ModalStepOperatorSettings
+
+from .mdjobs import make_hook, make_spec, run_trigger
+
+pytestmark = pytest.mark.usefixtures("md_emulator", "modal_step_operator")
+
+
+def _greet(name: str) -> dict:
+    import os
+
+    print("hello", name, "from", os.environ["STEPOPS_FLAVOR"], "on", os.environ.get("MODAL_GPU", "cpu"), flush=True)
+    return {"greeting": f"hi {name}", "team": os.environ.get("TEAM"), "task": os.environ.get("MODAL_TASK_ID")}
+
+
+def _sleep(seconds: float) -> str:
+    import time
+
+    print("sleeping", flush=True)
+    time.sleep(seconds)
+    return "done"
+
+
+def test_step_runs_as_a_modal_call_with_logs_and_result(md_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _greet, "ada", task_id="greet",
+                                   resources=ResourceSettings(gpu_type="H100", gpu_count=2, cpu_count=4,
+                                                              memory="16GiB")))
+    assert handle["job_id"].startswith("fc-") and handle["app_name"].startswith("stepops-tests-")
+    event = run_trigger(hook, handle)
+    assert event["status"] == "succeeded", event
+    assert any("hello ada from modal on H100" in line for line in event["log_tail"]), event["log_tail"]
+    result = read_outcome(store_path(handle["output_uri"])).value
+    assert result["greeting"] == "hi ada" and result["team"] == "ml" and result["task"].startswith("ta-")
+    function = md_emulator.function(handle["app_name"], "run_step")
+    assert function["gpu"] in ("H100:2", ["H100:2"]) or "H100" in json.dumps(function["gpu"]), function
+    assert function["milli_cpu"] == 4000 and function["memory_mb"] == 16384, function
+    assert function["timeout_secs"] == 86400 and function["environment"] == "main"
+    assert hook.console_url(handle) == f"https://modal.com/id/{handle['job_id']}"
+    assert event["details"]["finished_at"] >= event["details"].get("started_at", 0)
+
+
+def test_zenml_settings_and_gpu_fallback(md_emulator):
+    """ZenML's example settings, and an ordered GPU list: Modal takes the next type when the first has no
+    capacity."""
+    hook = make_hook()
+    md_emulator.inject("no_capacity", gpu="H100")
+    try:
+        handle = hook.submit(make_spec(hook, _greet, "bob", task_id="fallback", settings=ModalStepOperatorSettings(
+            gpu=["H100", "A100-80GB"], cpu=4.0, memory=16384)))
+        event = run_trigger(hook, handle)
+    finally:
+        md_emulator.clear_faults()
+    assert event["status"] == "succeeded", event
+    assert any("from modal on A100-80GB" in line for line in event["log_tail"]), event["log_tail"]
+    function = md_emulator.function(handle["app_name"], "run_step")
+    assert "A100-80GB" in json.dumps(function["gpu"]) and function["memory_mb"] == 16384
+
+
+def _raise(value: int) -> None:
+    raise ValueError(f"bad input {value}")
+
+
+def test_remote_exception_fails_the_step(md_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _raise, 7, task_id="raises"))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed", event
+    assert any("ValueError: bad input 7" in line for line in event["log_tail"]), event["log_tail"]
+    assert "bad input 7" in str(read_outcome(store_path(handle["output_uri"])).error)
+
+
+def test_trigger_on_kill_cancels_the_call(md_emulator):
+    from airflow_stepops.triggers.modal import ModalStepOperatorTrigger
+
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="kill"))
+    _wait_running(md_emulator, hook, handle)
+    asyncio.run(ModalStepOperatorTrigger(conn_id=hook.step_operator_conn_id, handle=handle).on_kill())
+    _wait_gone(md_emulator, handle)
+    assert hook.get_status(handle).state is JobState.CANCELLED
+
+
+def test_operator_side_cancel_and_status(md_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="sync_cancel"))
+    _wait_running(md_emulator, hook, handle)
+    status = hook.get_status(handle)
+    assert status.state is JobState.RUNNING and status.details["task_id"].startswith("ta-")
+    hook.cancel(handle)
+    _wait_gone(md_emulator, handle)
+    assert hook.get_status(handle).state is JobState.CANCELLED
+    hook.cancel(handle)  # already finished: quiet
+
+
+def test_timeout_is_a_timeout(md_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 60, task_id="deadline",
+                                   settings=ModalStepOperatorSettings(timeout=2)))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
+
+
+def test_preemption_is_restarted_by_modal_or_reported(md_emulator):
+    hook = make_hook()
+    restarted = hook.submit(make_spec(hook, _sleep, 2, task_id="preempted_restart"))
+    _wait_running(md_emulator, hook, restarted)
+    md_emulator.inject("preemption", call=restarted["job_id"], after=0.3, restart=True)
+    event = run_trigger(hook, restarted)
+    assert event["status"] == "succeeded", event
+    assert any(line.startswith("[system]") and "preempt" in line.lower() for line in event["log_tail"]), event
+    given_up = hook.submit(make_spec(hook, _sleep, 60, task_id="preempted_final"))
+    _wait_running(md_emulator, hook, given_up)
+    md_emulator.inject("preemption", call=given_up["job_id"], after=0.3, restart=False)
+    event = run_trigger(hook, given_up)
+    assert event["status"] == "preempted" and event["details"]["reason"] == "preempted", event
+
+
+def test_one_deployment_per_set_of_options(md_emulator):
+    hook = make_hook()
+    settings = ModalStepOperatorSettings(gpu="T4", memory=2048, timeout=600)
+    first = hook.submit(make_spec(hook, _greet, "a", task_id="deploy_a", settings=settings))
+    creates = md_emulator.requests.count("FunctionCreate")
+    second = make_hook().submit(make_spec(hook, _greet, "b", task_id="deploy_b", settings=settings))
+    assert second["app_name"] == first["app_name"] and md_emulator.requests.count("FunctionCreate") == creates
+    other = hook.submit(make_spec(hook, _greet, "c", task_id="deploy_c",
+                                  settings=ModalStepOperatorSettings(gpu="T4", memory=4096, timeout=600)))
+    assert other["app_name"] != first["app_name"] and md_emulator.requests.count("FunctionCreate") == creates + 1
+    for handle in (first, second, other):
+        assert run_trigger(hook, handle)["status"] == "succeeded"
+
+
+def _big(size: int) -> bytes:
+    return bytes(range(256)) * (size // 256)
+
+
+def test_large_bundle_and_result_travel_through_modal_blobs(md_emulator):
+    hook = make_hook()
+    payload = b"x" * (5 << 20)
+    handle = hook.submit(make_spec(hook, lambda data: _big(len(data) + (1 << 20)), payload, task_id="large"))
+    assert run_trigger(hook, handle)["status"] == "succeeded"
+    value = read_outcome(store_path(handle["output_uri"])).value
+    assert len(_load(value)) == (6 << 20)
+    assert "BlobCreate" in md_emulator.requests and "BlobGet" in md_emulator.requests
+
+
+def _load(value):
+    from airflow_stepops.artifacts import ArtifactRef
+
+    return value.load() if isinstance(value, ArtifactRef) else value
+
+
+def test_artifact_refs_travel_in_the_bundle(md_emulator):
+    import hashlib
+
+    import cloudpickle
+
+    from airflow_stepops.artifacts import ArtifactRef
+    from airflow_stepops.bundle import replace_refs
+
+    hook = make_hook()
+    source = make_spec(hook, _greet, "ref", task_id="ref_source")
+    ref_path = store_path(source.output_uri).parent / "ref.pkl"
+    data = cloudpickle.dumps([1, 2, 3])
+    ref_path.write_bytes(data)
+    ref = ArtifactRef(uri=str(ref_path), type="builtins.list", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    refs: list = []
+    args = replace_refs([ref], refs)
+    handle = hook.submit(make_spec(hook, sum, *args, task_id="ref_consumer", refs=refs))
+    assert run_trigger(hook, handle)["status"] == "succeeded"
+    assert read_outcome(store_path(handle["output_uri"])).value == 6
+
+
+def test_trigger_deadline_cancels_the_call(md_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="trigger_deadline"))
+    event = run_trigger(hook, handle, deadline=time.time() + 3)
+    assert event["status"] == "timeout" and "execution_timeout" in event["message"], event
+    _wait_gone(md_emulator, handle)
+
+
+def test_unknown_secret_is_a_clear_error_before_any_call(monkeypatch, md_emulator):
+    monkeypatch.setenv("AIRFLOW_CONN_MODAL_NO_SECRET", json.dumps({"conn_type": "stepops_modal", "extra": {
+        "app_name": "stepops-tests", "secrets": ["does-not-exist"], "environment": "main"}}))
+    hook = make_hook("modal_no_secret")
+    calls = md_emulator.requests.count("FunctionMap")
+    with pytest.raises(StepOperatorConfigError, match=r"Modal refused to deploy the app stepops-tests-.*"
+                                                      r"does-not-exist"):
+        hook.submit(make_spec(hook, _greet, "x", task_id="no_secret"))
+    assert md_emulator.requests.count("FunctionMap") == calls
+
+
+def test_bad_token_is_a_clear_error(monkeypatch, md_emulator):
+    monkeypatch.setenv("AIRFLOW_CONN_MODAL_BAD_TOKEN", json.dumps({"conn_type": "modal", "login": "ak-wrong",
+                                                                  "password": "as-wrong"}))
+    monkeypatch.setenv("AIRFLOW_CONN_MODAL_BAD_STEPS", json.dumps({"conn_type": "stepops_modal", "extra": {
+        "modal_conn_id": "modal_bad_token", "app_name": "stepops-tests"}}))
+    hook = make_hook("modal_bad_steps")
+    with pytest.raises(StepOperatorConfigError, match=r"Modal refused to deploy .*AuthError|cannot build a Modal "
+                                                      r"client"):
+        hook.submit(make_spec(hook, _greet, "x", task_id="bad_token"))
+
+
+def test_without_a_modal_connection_modals_own_token_is_used(monkeypatch, md_emulator):
+    """No ``modal_default`` connection: the provider falls back to MODAL_TOKEN_ID/MODAL_TOKEN_SECRET."""
+    monkeypatch.delenv("AIRFLOW_CONN_MODAL_DEFAULT", raising=False)
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _greet, "env", task_id="ambient_token"))
+    assert run_trigger(hook, handle)["status"] == "succeeded"
+
+
+def test_results_never_unpickle_classes():
+    assert modal_call.output_bytes(pickle.dumps(b"abc", protocol=5)) == b"abc"
+    with pytest.raises(pickle.UnpicklingError, match=r"returned a builtins.eval|not bytes"):
+        modal_call.output_bytes(pickle.dumps(SimpleNamespace(a=1)))
+    with pytest.raises(pickle.UnpicklingError, match=r"returned list, not bytes"):
+        modal_call.output_bytes(pickle.dumps([1, 2]))
+
+
+def test_log_lines_join_chunks_and_skip_what_was_read():
+    def entry(ts: float, message: str, source: str = "stdout") -> SimpleNamespace:
+        return SimpleNamespace(timestamp=datetime.fromtimestamp(ts, timezone.utc), message=message, source=source)
+
+    batch = [entry(1.0, "a\nb"), entry(1.0, "c\n"), entry(2.0, "Starting container\n", "system")]
+    lines, cursor = modal_call.log_lines(batch, None)
+    assert lines == ["a", "bc", "[system] Starting container"]
+    # fetch(since=2.0) answers the entry at 2.0 again, plus what is new
+    again, cursor = modal_call.log_lines([batch[2], entry(2.0, "d\n"), entry(3.0, "e")], cursor)
+    assert again == ["d"] and cursor["partial"] == {"stdout": "e"}
+    more, _ = modal_call.log_lines([entry(3.0, "e"), entry(4.0, "f\n")], cursor)
+    assert more == ["ef"]
+
+
+def _wait_running(emulator, hook, handle, timeout: float = 30.0) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if emulator.pid(handle["job_id"]) is not None and hook.get_status(handle).state is JobState.RUNNING:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{handle['job_id']} did not start: {emulator.call(handle['job_id'])}")
+
+
+def _wait_gone(emulator, handle, timeout: float = 30.0) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if emulator.pid(handle["job_id"]) is None and hook_state(handle) is JobState.CANCELLED:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{handle['job_id']} was not cancelled: {emulator.call(handle['job_id'])}")
+
+
+def hook_state(handle) -> JobState:
+    return make_hook().get_status(handle).state
