@@ -181,6 +181,8 @@ class ModalStepOperatorHook(StepOperatorHook):
             finished = modal_call.fetch_result(self.client, handle["job_id"])
             if finished is not None:
                 return self._started(modal_call.finished_status(finished[0], handle, self._details(handle)), handle)
+            if self._seen_running(handle):
+                return self._started(JobStatus(JobState.RUNNING, "running", self._details(handle)), handle)
             inputs = self._call(handle).get_call_graph()
         except NotFoundError:
             return JobStatus(JobState.FAILED, f"Modal call {handle['job_id']} does not exist",
@@ -189,14 +191,24 @@ class ModalStepOperatorHook(StepOperatorHook):
             raise self._api_error(exc, f"read call {handle['job_id']}") from exc
         return self._started(modal_call.running_status(inputs, handle, self._details(handle)), handle)
 
+    def _seen_running(self, handle: JobHandle) -> bool:
+        """A call once running stays so until it ends (a preempted container is replaced by Modal): then
+        its output alone tells, and the call graph is not read again."""
+        return handle["job_id"] in self.__dict__.get("_started_at", {})
+
     def _started(self, status: JobStatus, handle: JobHandle) -> JobStatus:
         """Modal does not report when a call's container started: the first poll that saw it running (a
         call that finished between two polls has none)."""
         seen: dict[str, float] = self.__dict__.setdefault("_started_at", {})
+        tasks: dict[str, str] = self.__dict__.setdefault("_task_ids", {})
         if status.state == JobState.RUNNING:
             seen.setdefault(handle["job_id"], time.time())
+            if status.details.get("task_id"):
+                tasks[handle["job_id"]] = status.details["task_id"]
         if handle["job_id"] in seen:
             status.details["started_at"] = seen[handle["job_id"]]
+        if handle["job_id"] in tasks:
+            status.details.setdefault("task_id", tasks[handle["job_id"]])
         return status
 
     def cancel(self, handle: JobHandle) -> None:
@@ -257,6 +269,8 @@ class ModalStepOperatorHook(StepOperatorHook):
             finished = await modal_call.afetch_result(client, handle["job_id"])
             if finished is not None:
                 return self._started(modal_call.finished_status(finished[0], handle, self._details(handle)), handle)
+            if self._seen_running(handle):
+                return self._started(JobStatus(JobState.RUNNING, "running", self._details(handle)), handle)
             inputs = await modal.FunctionCall.from_id(handle["job_id"], client=client).get_call_graph.aio()
         except NotFoundError:
             return JobStatus(JobState.FAILED, f"Modal call {handle['job_id']} does not exist",
