@@ -152,3 +152,17 @@ def az_emulator(airflow_home: Path):
         yield az
     finally:
         az.stop()
+
+
+@pytest.fixture(scope="session")
+def md_emulator():
+    """One Modal emulator (its gRPC control plane and blob storage; function calls run as local processes)
+    per session. The ``modal`` client of this process finds it through ``MODAL_SERVER_URL`` /
+    ``MODAL_TOKEN_ID`` / ``MODAL_TOKEN_SECRET``, Airflow through the ``modal_default`` connection."""
+    pytest.importorskip("modal")
+    from airflow_stepops.testing.modal import ModalEmulator
+
+    with ModalEmulator(stop_grace_period=1) as md:
+        os.environ.update(md.env())
+        os.environ["AIRFLOW_CONN_MODAL_DEFAULT"] = md.airflow_connection()
+        yield md

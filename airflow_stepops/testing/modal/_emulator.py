@@ -1,0 +1,413 @@
+"""``ModalEmulator``: the grpclib API server and the blob server on one event loop thread, and call runners."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from grpclib.const import Status
+from grpclib.server import Server
+
+from airflow_stepops.testing.modal import _faults as F
+from airflow_stepops.testing.modal._blobs import BlobStore
+from airflow_stepops.testing.modal._calls import TERMINAL, Call, CallStore
+from airflow_stepops.testing.modal._logs import SYSTEM, LogQuery, LogStore
+from airflow_stepops.testing.modal._objects import DEFAULT_ENVIRONMENT, Registry
+from airflow_stepops.testing.modal._runner import CallRunner, RunContext
+from airflow_stepops.testing.modal._server import ModalServicer
+
+JSON = dict[str, Any]
+
+
+class ModalEmulator:
+    """Modal's control plane (gRPC) and blob storage (HTTP) on 127.0.0.1; function calls run as local processes.
+
+    Use it as a context manager (or ``start()`` / ``stop()``) and point the ``modal`` client at it with
+    ``env()`` (``MODAL_SERVER_URL``, ``MODAL_TOKEN_ID``, ``MODAL_TOKEN_SECRET``, ``MODAL_ENVIRONMENT``), or
+    Airflow with ``airflow_connection()``.
+
+    stop_grace_period: seconds between SIGTERM and SIGKILL when a call is cancelled, times out or is
+        preempted.
+    queue_seconds: how long an input stays pending (queued, no task) before it runs.
+    workdir: where call directories and volumes go (``<workdir>/calls/<call id>/<task id>/``,
+        ``<workdir>/volumes/<environment>/<name>/``, ``<workdir>/blobs/``); default a temporary one removed by
+        ``stop()``.
+    port / blob_port: the gRPC and blob servers' ports on 127.0.0.1 (default free ones).
+    token_id / token_secret: the one token accepted (default random ``ak-...`` / ``as-...``).
+    multipart_threshold / part_size: blobs larger than the threshold are uploaded in parts of ``part_size``.
+    """
+
+    def __init__(self, stop_grace_period: float = 2.0, queue_seconds: float = 0.2,
+                 workdir: str | Path | None = None, *, port: int = 0, blob_port: int = 0,
+                 token_id: str | None = None, token_secret: str | None = None,
+                 multipart_threshold: int = 4 * 1024 * 1024, part_size: int = 2 * 1024 * 1024) -> None:
+        self.stop_grace_period, self.queue_seconds = stop_grace_period, queue_seconds
+        self.token_id = token_id or f"ak-{secrets.token_hex(10)}"
+        self.token_secret = token_secret or f"as-{secrets.token_hex(16)}"
+        self.multipart_threshold, self.part_size = multipart_threshold, part_size
+        self._wanted_workdir = Path(workdir) if workdir is not None else None
+        self._wanted_port, self._wanted_blob_port = port, blob_port
+        self.port = self.blob_port = 0
+        self.workdir: Path | None = None
+        self._owns_workdir = False
+        self._lock = threading.Lock()
+        self._runners: dict[str, CallRunner] = {}
+        self._rules: list[F.FaultRule] = []
+        self._registry: Registry | None = None
+        self._calls = CallStore()
+        self._logs = LogStore()
+        self._blobs: BlobStore | None = None
+        self._servicer: ModalServicer | None = None
+        self._ctx: RunContext | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._grpc: Server | None = None
+        self._http: web.AppRunner | None = None
+
+    # ----- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> ModalEmulator:
+        if self._thread is not None:
+            raise RuntimeError("the emulator is already running")
+        try:
+            if self._wanted_workdir is not None:
+                self.workdir = self._wanted_workdir
+                self.workdir.mkdir(parents=True, exist_ok=True)
+            else:
+                self.workdir = Path(tempfile.mkdtemp(prefix="stepops-modal-"))
+                self._owns_workdir = True
+            self._registry = Registry(self.workdir / "volumes")
+            self._blobs = BlobStore(self.workdir / "blobs", self.multipart_threshold, self.part_size)
+            self._servicer = ModalServicer(self._registry, self._calls, self._blobs, self._logs,
+                                           token_id=self.token_id, token_secret=self.token_secret,
+                                           on_call=self._call_created, on_cancel=self._call_cancelled)
+            self._ctx = RunContext(self._registry, self._blobs, self._logs, self.workdir / "calls",
+                                   self.stop_grace_period, self.queue_seconds, self._blocked_gpus)
+            self._serve()
+        except BaseException:
+            self._teardown()
+            raise
+        return self
+
+    def _serve(self) -> None:
+        assert self._servicer is not None and self._blobs is not None
+        loop = asyncio.new_event_loop()
+        ready: list[BaseException | None] = []
+        started = threading.Event()
+
+        async def startup() -> None:
+            assert self._servicer is not None and self._blobs is not None
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", self._wanted_port))
+            self.port = sock.getsockname()[1]
+            self._grpc = Server([self._servicer])
+            await self._grpc.start(sock=sock)
+            self._http = web.AppRunner(self._blobs.app(), access_log=None, shutdown_timeout=2.0)
+            await self._http.setup()
+            site = web.TCPSite(self._http, "127.0.0.1", self._wanted_blob_port)
+            await site.start()
+            self.blob_port = self._http.addresses[0][1]
+            self._blobs.base_url = f"http://127.0.0.1:{self.blob_port}"
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(startup())
+                ready.append(None)
+            except BaseException as exc:  # reported to start()'s caller
+                ready.append(exc)
+            started.set()
+            if ready[0] is None:
+                loop.run_forever()
+
+        self._loop = loop
+        self._thread = threading.Thread(target=run, name="stepops-modal-emulator", daemon=True)
+        self._thread.start()
+        started.wait(60)
+        if not ready or ready[0] is not None:
+            self._thread.join(5)
+            self._thread = None
+            raise RuntimeError("the Modal emulator's servers failed to start") from (ready[0] if ready else None)
+
+    def stop(self) -> None:
+        """Kill every call's process group, stop both servers, remove an own workdir; idempotent. Calls keep
+        the state they had."""
+        self._teardown()
+
+    def _teardown(self) -> None:
+        with self._lock:
+            runners = list(self._runners.values())
+        for runner in runners:
+            runner.shutdown()
+        if self._thread is not None and self._loop is not None:
+            loop = self._loop
+
+            async def shutdown() -> None:
+                if self._grpc is not None:
+                    self._grpc.close()
+                    try:  # clients may hold their connections open
+                        await asyncio.wait_for(self._grpc.wait_closed(), 5)
+                    except asyncio.TimeoutError:
+                        pass
+                if self._http is not None:
+                    await self._http.cleanup()
+
+            try:
+                asyncio.run_coroutine_threadsafe(shutdown(), loop).result(30)
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+                self._thread.join(30)
+                self._thread = None
+        if self._loop is not None and not self._loop.is_running():
+            self._loop.close()
+            self._loop = None
+        if self.workdir is not None and self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir, self._owns_workdir = None, False
+
+    def __enter__(self) -> ModalEmulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----- the servicer's calls (event loop thread) -------------------------------------------------
+
+    def _call_created(self, call: Call) -> None:
+        assert self._ctx is not None
+        with self._lock:
+            faults = []
+            for rule in self._rules:
+                if rule.fault.kind != "no_capacity" and rule.take():
+                    rule.applied.append(call.id)
+                    faults.append(rule.fault)
+            runner = CallRunner(call, self._ctx, faults)
+            self._runners[call.id] = runner
+        runner.start()
+
+    def _call_cancelled(self, call: Call) -> None:
+        runner = self._runners.get(call.id)
+        if runner is not None:
+            runner.wake()
+
+    def _blocked_gpus(self) -> set[str]:
+        with self._lock:
+            return {r.fault.gpu.upper() for r in self._rules if r.fault.kind == "no_capacity" and r.fault.gpu}
+
+    # ----- endpoints and configuration --------------------------------------------------------------
+
+    @property
+    def server_url(self) -> str:
+        """``http://127.0.0.1:<port>``: the client's ``MODAL_SERVER_URL``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def blob_url(self) -> str:
+        return f"http://127.0.0.1:{self.blob_port}"
+
+    def env(self) -> dict[str, str]:
+        """Environment pointing the ``modal`` client at the emulator."""
+        return {"MODAL_SERVER_URL": self.server_url, "MODAL_TOKEN_ID": self.token_id,
+                "MODAL_TOKEN_SECRET": self.token_secret, "MODAL_ENVIRONMENT": DEFAULT_ENVIRONMENT}
+
+    def airflow_connection(self) -> str:
+        """An Airflow ``modal`` connection as JSON (for ``AIRFLOW_CONN_<ID>``): the token as login / password,
+        the environment in the extra. The server URL comes from ``MODAL_SERVER_URL`` (``env()``)."""
+        return json.dumps({"conn_type": "modal", "login": self.token_id, "password": self.token_secret,
+                           "extra": {"environment": DEFAULT_ENVIRONMENT}})
+
+    def add_secret(self, name: str, env: dict[str, str], environment: str = DEFAULT_ENVIRONMENT) -> str:
+        """Create (or replace the values of) the named secret ``Secret.from_name`` finds; returns its id."""
+        return self._reg().add_secret(name, dict(env), environment).id
+
+    def add_environment(self, name: str) -> None:
+        """Another environment besides ``main`` (requests naming an unknown one answer NOT_FOUND)."""
+        registry = self._reg()
+        with registry.lock:
+            registry.environments.add(name)
+
+    def volume_path(self, name: str, environment: str = DEFAULT_ENVIRONMENT) -> Path:
+        """The local directory standing for a volume (it is not mounted at the function's path)."""
+        registry = self._reg()
+        with registry.lock:
+            volume = next((v for v in registry.volumes.values() if v.name == name and v.environment == environment),
+                          None)
+        if volume is None:
+            raise KeyError(f"no volume {name!r} in environment {environment!r}")
+        return volume.path
+
+    # ----- faults -----------------------------------------------------------------------------------
+
+    def inject(self, kind: str, call: str | None = None, after: float = 0.0, *, count: int | None = 1,
+               **kw: Any) -> F.FaultRule:
+        """A fault (see ``Fault``) for the call ``call`` (it must exist and not be over), or for the next
+        ``count`` calls made (None: every one); ``no_capacity`` holds for every call until cleared."""
+        fault = F.Fault(kind, after=after, **kw)
+        rule = F.FaultRule(fault, count)
+        if call is None or kind == "no_capacity":
+            with self._lock:
+                self._rules.append(rule)
+                runners = list(self._runners.values())
+            for runner in runners:
+                runner.wake()
+            return rule
+        found = self._calls.get_or_none(call)
+        if found is None:
+            raise KeyError(f"no function call {call}")
+        if found.over:
+            raise ValueError(f"function call {call} is already over ({found.state})")
+        if kind == "slow_start" and found.state != "pending":
+            raise ValueError(f"a slow_start fault cannot strike function call {call}: it is {found.state}")
+        with self._lock:
+            runner = self._runners[found.id]
+        runner.strike(fault)
+        rule.count, rule.applied = 0, [found.id]
+        return rule
+
+    def fail_requests(self, status: Status = Status.UNAVAILABLE, times: int | None = 1, method: str | None = None,
+                      *, message: str | None = None) -> F.RequestFault:
+        """Answer the next ``times`` calls (None: all) of the RPC ``method`` (e.g. ``"FunctionMap"``; None: any)
+        with gRPC ``status``. The client retries UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, INTERNAL and UNKNOWN
+        (three retries by default)."""
+        fault = F.RequestFault(status, times, method, message or "")
+        servicer = self._svc()
+        with servicer.lock:
+            servicer.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._rules.clear()
+            runners = list(self._runners.values())
+        if self._servicer is not None:
+            with self._servicer.lock:
+                self._servicer.faults.clear()
+        for runner in runners:
+            runner.wake()
+
+    # ----- inspection -------------------------------------------------------------------------------
+
+    def _reg(self) -> Registry:
+        if self._registry is None:
+            raise RuntimeError("the emulator is not running")
+        return self._registry
+
+    def _svc(self) -> ModalServicer:
+        if self._servicer is None:
+            raise RuntimeError("the emulator is not running")
+        return self._servicer
+
+    @property
+    def requests(self) -> list[str]:
+        """The RPC method names served, oldest first (e.g. to count ``FunctionMap`` calls)."""
+        servicer = self._svc()
+        with servicer.lock:
+            return [r["method"] for r in servicer.records]
+
+    @property
+    def request_log(self) -> list[JSON]:
+        """The RPCs served with their time and status name (``OK`` or the gRPC status answered)."""
+        servicer = self._svc()
+        with servicer.lock:
+            return [dict(r) for r in servicer.records]
+
+    @property
+    def blob_uploads(self) -> list[JSON]:
+        """What clients uploaded to blob storage, oldest first: blob id, size, number of parts (1 for a single
+        PUT)."""
+        blobs = self._blobs
+        if blobs is None:
+            raise RuntimeError("the emulator is not running")
+        return blobs.uploaded()
+
+    @property
+    def apps(self) -> list[JSON]:
+        registry = self._reg()
+        with registry.lock:
+            return [a.as_dict() for a in registry.apps.values()]
+
+    @property
+    def functions(self) -> list[JSON]:
+        """The current definition of every function: app, environment, name, GPU request(s) (``gpu``: a list,
+        in fallback order, ``"H100"`` / ``"H100:2"``; ``gpus``: type and count), ``milli_cpu`` / ``cpu``,
+        ``memory_mb``, ``timeout_secs``, ``regions``, ``cloud``, ``image`` (its Dockerfile commands base first,
+        the registry tag it starts from, the Python version that tag names), ``secrets`` (names and env),
+        ``volumes`` (mount path -> volume name) and ``retries``."""
+        registry = self._reg()
+        with registry.lock:
+            fdefs = [f for f in registry.functions.values() if f.ranked]
+        return [registry.describe(f) for f in fdefs]
+
+    def function(self, app_name: str, name: str, environment: str = DEFAULT_ENVIRONMENT) -> JSON:
+        """One function's current definition (KeyError if the app or function is unknown)."""
+        matches = [f for f in self.functions if f["app_name"] == app_name and f["name"] == name
+                   and f["environment"] == environment]
+        if not matches:
+            raise KeyError(f"no function {name!r} in app {app_name!r} ({environment})")
+        return matches[-1]
+
+    @property
+    def calls(self) -> list[JSON]:
+        """Every function call (see ``call``), oldest first."""
+        return [c.snapshot() for c in self._calls.all()]
+
+    def call(self, call_id: str) -> JSON:
+        """One call: id, input_id, function, state (pending, running, success, failure, init_failure, timeout,
+        terminated), status (the result's GenericStatus name), history, task_id(s), gpu granted, created_at /
+        started_at / finished_at (epoch seconds), exit_code, attempts, exception. KeyError if unknown."""
+        found = self._calls.get_or_none(call_id)
+        if found is None:
+            raise KeyError(f"no function call {call_id}")
+        return found.snapshot()
+
+    def wait_for_call(self, call_id: str, states: str | Iterable[str], timeout: float = 30.0) -> JSON:
+        """Block until the call has reached one of ``states`` (now or earlier: its history counts); AssertionError
+        if it ends in another, TimeoutError after ``timeout``. Returns the call as it is now."""
+        wanted = {states} if isinstance(states, str) else set(states)
+        deadline = time.monotonic() + timeout
+        while True:
+            snapshot = self.call(call_id)
+            if wanted & set(snapshot["history"]):
+                return snapshot
+            if snapshot["state"] in TERMINAL:
+                raise AssertionError(f"function call {call_id} ended {snapshot['state']} before reaching "
+                                     f"{sorted(wanted)}: {snapshot['exception']}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"function call {call_id} did not reach {sorted(wanted)} within {timeout}s "
+                                   f"(it is {snapshot['state']})")
+            time.sleep(0.02)
+
+    def pids(self) -> list[int]:
+        """The live container processes (process group leaders)."""
+        with self._lock:
+            runners = list(self._runners.values())
+        return [pid for pid in (r.pid() for r in runners) if pid is not None]
+
+    def pid(self, call_id: str) -> int | None:
+        """The live container process of a call, None when none runs."""
+        with self._lock:
+            runner = self._runners.get(call_id)
+        if runner is None:
+            raise KeyError(f"no function call {call_id}")
+        return runner.pid()
+
+    def logs(self, call_id: str, *, system: bool = False) -> list[str]:
+        """The call's output lines so far (stdout and stderr, newline stripped); with ``system`` also the
+        service's own lines."""
+        entries = self._logs.entries(LogQuery(function_call_id=call_id))
+        return [e.data.rstrip("\n") for e in entries if system or e.fd != SYSTEM]
+
+    def log_entries(self, call_id: str | None = None) -> list[JSON]:
+        """The log entries of one call (or all) as dicts, oldest first."""
+        return [e.as_dict() for e in self._logs.entries(LogQuery(function_call_id=call_id or ""))]
