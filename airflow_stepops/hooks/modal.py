@@ -137,10 +137,40 @@ class ModalStepOperatorHook(StepOperatorHook):
         tar.addfile(info, io.BytesIO(data))
 
     # ---- lifecycle ----------------------------------------------------------------------------
+    # ---- the record of calls (Modal has no look-up of calls by anything of ours) ----------------
+    @cached_property
+    def _calls(self) -> Any:
+        """``<app_name>-calls``: step try digest → handle of its call, written right after ``spawn``."""
+        import modal
+
+        record = modal.Dict.from_name(f"{self.config.app_name}-calls", environment_name=self.environment,
+                                      create_if_missing=True, client=self.client)
+        record.hydrate()
+        return record
+
     def find_job(self, identity: StepIdentity) -> JobHandle | None:
-        """Modal has no look-up of calls by anything of ours: the handle stored in the task state store
-        right after ``spawn`` is how a retry finds its call (see docs/decisions.md)."""
-        return None
+        """The call of this step try, from the record ``submit`` keeps. The task state store holds the same
+        handle (Airflow 3.3); this record is what a retry finds on Airflow 3.1/3.2."""
+        try:
+            text = modal_call.dict_text(self.client, self._calls.object_id, identity.digest)
+        except Exception as exc:
+            raise self._api_error(exc, f"read the record of calls {self.config.app_name}-calls") from exc
+        if text is None:
+            return None
+        try:
+            handle = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(handle, dict) or not str(handle.get("job_id", "")).startswith("fc-"):
+            return None
+        return handle
+
+    def _record(self, identity: StepIdentity, handle: JobHandle) -> None:
+        try:
+            self._calls.put(identity.digest, json.dumps(handle, sort_keys=True))
+        except Exception as exc:  # the task state store has the handle too: say so, do not fail the step
+            self.log.warning("Could not record Modal call %s in %s-calls (a retry on Airflow < 3.3 cannot find "
+                             "it): %s", handle["job_id"], self.config.app_name, exc)
 
     def submit(self, spec: StepSpec) -> JobHandle:
         options = self.options(spec)
@@ -159,12 +189,15 @@ class ModalStepOperatorHook(StepOperatorHook):
                       ", ".join(f"{k}={v}" for k, v in options.items() if k in ("gpu", "cpu", "memory", "timeout",
                                                                                "region", "cloud")) or "defaults",
                       len(archive))
-        return {"flavor": "modal", "job_id": call.object_id, "app_name": name, "spawned_at": time.time(),
-                "function_id": getattr(function, "object_id", None), "environment": self.environment,
-                "output_uri": spec.output_uri, "conn_id": self.step_operator_conn_id,
-                "try_number": spec.identity.try_number, "timeout": options["timeout"],
-                "gpu": gpu if isinstance(gpu, str) or gpu is None else list(gpu), "memory": options.get("memory"),
-                "spot": not options.get("nonpreemptible"), "instance_type": gpu if isinstance(gpu, str) else (", ".join(gpu) if gpu else "cpu")}
+        handle = {"flavor": "modal", "job_id": call.object_id, "app_name": name, "spawned_at": time.time(),
+                  "function_id": getattr(function, "object_id", None), "environment": self.environment,
+                  "output_uri": spec.output_uri, "conn_id": self.step_operator_conn_id,
+                  "try_number": spec.identity.try_number, "timeout": options["timeout"],
+                  "gpu": gpu if isinstance(gpu, str) or gpu is None else list(gpu), "memory": options.get("memory"),
+                  "spot": not options.get("nonpreemptible"),
+                  "instance_type": gpu if isinstance(gpu, str) else (", ".join(gpu) if gpu else "cpu")}
+        self._record(spec.identity, handle)
+        return handle
 
     def _call(self, handle: JobHandle) -> Any:
         import modal

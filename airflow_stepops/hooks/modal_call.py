@@ -53,21 +53,38 @@ async def _fetch_result(client: Any, call_id: str) -> tuple[Any, bytes | None] |
     return result, data
 
 
-def _synchronized() -> Any:
+async def _dict_text(client: Any, dict_id: str, key: str) -> str | None:
+    """A ``str`` value of a Modal Dict, read as data only (``Dict.get`` would unpickle anything)."""
+    from modal._serialization import serialize
+    from modal_proto import api_pb2
+
+    response = await client._stub.DictGet(api_pb2.DictGetRequest(dict_id=dict_id, key=serialize(key)))
+    if not response.found:
+        return None
+    value = _NoClasses(io.BytesIO(response.value)).load()
+    return value if isinstance(value, str) else None
+
+
+def _synchronized(function: Any) -> Any:
+    """``function`` run on the modal client's own event loop, as a blocking call with an ``.aio`` form."""
     from modal._utils.async_utils import synchronize_api
 
-    cached = globals().get("_FETCH")
-    if cached is None:
-        cached = globals()["_FETCH"] = synchronize_api(_fetch_result)
-    return cached
+    cache: dict[Any, Any] = globals().setdefault("_SYNCHRONIZED", {})
+    if function not in cache:
+        cache[function] = synchronize_api(function)
+    return cache[function]
 
 
 def fetch_result(client: Any, call_id: str) -> tuple[Any, bytes | None] | None:
-    return _synchronized()(client, call_id)  # type: ignore[no-any-return]
+    return _synchronized(_fetch_result)(client, call_id)  # type: ignore[no-any-return]
 
 
 async def afetch_result(client: Any, call_id: str) -> tuple[Any, bytes | None] | None:
-    return await _synchronized().aio(client, call_id)  # type: ignore[no-any-return]
+    return await _synchronized(_fetch_result).aio(client, call_id)  # type: ignore[no-any-return]
+
+
+def dict_text(client: Any, dict_id: str, key: str) -> str | None:
+    return _synchronized(_dict_text)(client, dict_id, key)  # type: ignore[no-any-return]
 
 
 def step_error(result: Any) -> dict[str, Any] | None:

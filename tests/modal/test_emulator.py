@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import traceback
+import uuid
 import warnings
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -181,8 +182,8 @@ def test_hello_from_credentials_and_env_and_wrong_token(md_emulator, client):
     assert md_emulator.request_log[-1] == {**md_emulator.request_log[-1], "method": "ClientHello",
                                            "status": "UNAUTHENTICATED"}
     # an RPC the emulator does not serve says which
-    with pytest.raises(modal.exception.UnimplementedError, match="DictGetOrCreate"):
-        modal.Dict.from_name("scratch", create_if_missing=True, client=client).hydrate()
+    with pytest.raises(modal.exception.UnimplementedError, match="QueueGetOrCreate"):
+        modal.Queue.from_name("scratch", create_if_missing=True, client=client).hydrate()
 
 
 def test_deploy_records_the_function_definition(md_emulator, deployed):
@@ -547,3 +548,16 @@ def test_module_serves_until_terminated_and_writes_the_env_file(tmp_path, monkey
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(20)
     assert code == 0 and not env_file.exists()
+
+
+def test_named_dicts_put_and_get(md_emulator):
+    """``Dict.from_name`` / ``put`` (with ``skip_if_exists``) / ``get``, as the modal flavor records calls."""
+    name = f"emulator-dict-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(modal.exception.NotFoundError):
+        modal.Dict.from_name(name, environment_name="main").hydrate()
+    record = modal.Dict.from_name(name, environment_name="main", create_if_missing=True)
+    assert record.put("a", "1") is True
+    assert record.put("a", "2", skip_if_exists=True) is False
+    assert record.get("a") == "1" and record.get("b", "missing") == "missing"
+    record.put("a", "3")
+    assert modal.Dict.from_name(name, environment_name="main").get("a") == "3"

@@ -272,3 +272,21 @@ def _wait_gone(emulator, handle, timeout: float = 30.0) -> None:
 
 def hook_state(handle) -> JobState:
     return make_hook().get_status(handle).state
+
+
+def test_each_call_is_recorded_so_a_later_try_finds_it(md_emulator):
+    """Without a task state store (Airflow 3.1/3.2), the record of calls is how a retry finds the call."""
+    hook = make_hook()
+    spec = make_spec(hook, _sleep, 1, task_id="recorded")
+    assert hook.find_job(spec.identity) is None
+    handle = hook.submit(spec)
+    found = make_hook().find_job(spec.identity)
+    assert found is not None and found["job_id"] == handle["job_id"] and found["output_uri"] == handle["output_uri"]
+    assert make_hook().find_job(spec.identity.for_try(2)) is None
+    assert run_trigger(hook, found)["status"] == "succeeded"
+    # the record is read as data: a value that is not a handle of ours is not followed
+    import modal
+
+    record = modal.Dict.from_name("stepops-tests-calls", environment_name="main")
+    record.put(spec.identity.for_try(3).digest, json.dumps({"job_id": "not-a-call"}))
+    assert make_hook().find_job(spec.identity.for_try(3)) is None

@@ -44,6 +44,9 @@ SIGTERM, SIGKILL after ``stop_grace_period``; the input ends GENERIC_STATUS_TIME
 <id> hit its timeout of <N>s", raised as ``FunctionTimeoutError``) or GENERIC_STATUS_TERMINATED (raised as
 ``RemoteError``).
 
+Dicts: DictGetOrCreate (named), DictUpdate (also ``if_not_exists``) and DictGet, keys and values compared as
+the serialized bytes the client sends (``Dict.from_name``, ``put``, ``get``).
+
 Logs: AppFetchLogs, AppCountLogs and the AppGetLogs stream over the lines containers write (stdout, stderr)
 and the service's own (container start, timeout, cancel, preemption), with nanosecond timestamps and the
 app / function / call / input / task ids; ``call.logs.fetch``, ``.tail`` and ``.stream`` work.
@@ -56,7 +59,7 @@ Inspection: ``apps``, ``functions``, ``function``, ``calls``, ``call``, ``wait_f
 ``logs``, ``log_entries``, ``requests``, ``request_log``, ``blob_uploads``, ``volume_path``.
 
 Not emulated: every other RPC (UNIMPLEMENTED naming it): classes, ``.map()`` / ``.spawn_map()``, generators,
-web endpoints, sandboxes, dicts, queues, the input plane; image builds (no image is pulled: the process runs
+web endpoints, sandboxes, other dict RPCs, queues, the input plane; image builds (no image is pulled: the process runs
 this interpreter with the emulator's ``sys.path``, standing in for Modal mounting local source); file-based
 (not serialized) functions (INIT_FAILURE); volume mounts at their paths (the directory exists, the function
 is not given it); client-side retries of failed inputs (``retries`` is recorded), concurrency, autoscaling,

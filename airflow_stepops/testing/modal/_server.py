@@ -27,6 +27,7 @@ from modal_proto import api_grpc, api_pb2
 
 from airflow_stepops.testing.modal._blobs import BlobStore
 from airflow_stepops.testing.modal._calls import TERMINAL, Call, CallStore
+from airflow_stepops.testing.modal._dicts import DictStore
 from airflow_stepops.testing.modal._faults import RequestFault
 from airflow_stepops.testing.modal._ids import new_id
 from airflow_stepops.testing.modal._logs import LogQuery, LogStore, batches
@@ -52,6 +53,7 @@ class ModalServicer(api_grpc.ModalClientBase):
         self.records: deque[dict[str, Any]] = deque(maxlen=100_000)  # a long session keeps the latest
         self.faults: list[RequestFault] = []
         self._environment_ids: dict[str, str] = {}
+        self.dicts = DictStore()
 
     # ----- every request ------------------------------------------------------------------------------
 
@@ -216,6 +218,26 @@ class ModalServicer(api_grpc.ModalClientBase):
         version = request.version or api_pb2.VOLUME_FS_VERSION_V1
         await stream.send_message(api_pb2.VolumeGetOrCreateResponse(
             volume_id=volume.id, version=version, metadata=api_pb2.VolumeMetadata(name=volume.name, version=version)))
+
+    async def DictGetOrCreate(self, stream: Stream[Any, Any]) -> None:
+        request = await stream.recv_message()
+        create = request.object_creation_type in (OCT.OBJECT_CREATION_TYPE_CREATE_IF_MISSING,
+                                                  OCT.OBJECT_CREATION_TYPE_CREATE_FAIL_IF_EXISTS)
+        environment = self.registry.environment(request.environment_name)
+        found = self.dicts.get_or_create(request.deployment_name, environment, create)
+        await stream.send_message(api_pb2.DictGetOrCreateResponse(
+            dict_id=found.id, metadata=api_pb2.DictMetadata(name=found.name)))
+
+    async def DictUpdate(self, stream: Stream[Any, Any]) -> None:
+        request = await stream.recv_message()
+        created = self.dicts.update(request.dict_id, [(e.key, e.value) for e in request.updates],
+                                    request.if_not_exists)
+        await stream.send_message(api_pb2.DictUpdateResponse(created=created))
+
+    async def DictGet(self, stream: Stream[Any, Any]) -> None:
+        request = await stream.recv_message()
+        value = self.dicts.get(request.dict_id, request.key)
+        await stream.send_message(api_pb2.DictGetResponse(found=value is not None, value=value or b""))
 
     async def MountGetOrCreate(self, stream: Stream[Any, Any]) -> None:
         request = await stream.recv_message()
