@@ -32,7 +32,7 @@ from benchmarks.common import (
     status_word,
 )
 
-BENCHMARKS = ("parse", "local", "triggerer", "artifacts", "kubernetes", "vertex")
+BENCHMARKS = ("parse", "local", "triggerer", "artifacts", "kubernetes", "vertex", "modal")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -81,6 +81,10 @@ def run_one(name: str, workdir: Path, args: argparse.Namespace) -> Section:
             from benchmarks import bench_vertex
 
             section = bench_vertex.run(workdir, steps=args.vertex_steps)
+        elif name == "modal":
+            from benchmarks import bench_modal
+
+            section = bench_modal.run(workdir, steps=args.modal_steps)
         else:
             from benchmarks import bench_artifacts
 
@@ -112,6 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--triggers", type=int, default=1000, help="concurrent triggers (default 1000)")
     parser.add_argument("--k8s-steps", type=int, default=100, help="deferred Kubernetes steps (default 100)")
     parser.add_argument("--vertex-steps", type=int, default=50, help="deferred Vertex AI steps (default 50)")
+    parser.add_argument("--modal-steps", type=int, default=20, help="deferred Modal steps (default 20)")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (noisier; for a smoke test)")
     parser.add_argument("--tmp-dir", default=None, help="where temporary files go (default: the system temp dir)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON results go")

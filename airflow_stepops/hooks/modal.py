@@ -200,9 +200,13 @@ class ModalStepOperatorHook(StepOperatorHook):
         return handle
 
     def _call(self, handle: JobHandle) -> Any:
+        """The call's ``FunctionCall``, kept per hook: it hydrates itself (one RPC) on first use."""
         import modal
 
-        return modal.FunctionCall.from_id(handle["job_id"], client=self.client)
+        calls: dict[str, Any] = self.__dict__.setdefault("_calls_by_id", {})
+        if handle["job_id"] not in calls:
+            calls[handle["job_id"]] = modal.FunctionCall.from_id(handle["job_id"], client=self.client)
+        return calls[handle["job_id"]]
 
     def _details(self, handle: JobHandle) -> dict[str, Any]:
         return {"app_name": handle.get("app_name"), "gpu": handle.get("gpu"), "call_id": handle["job_id"]}
@@ -294,7 +298,6 @@ class ModalStepOperatorHook(StepOperatorHook):
         return self.client
 
     async def _astatus(self, handle: JobHandle) -> JobStatus:
-        import modal
         from modal.exception import NotFoundError
 
         client = await self._aclient()
@@ -304,7 +307,7 @@ class ModalStepOperatorHook(StepOperatorHook):
                 return self._started(modal_call.finished_status(finished[0], handle, self._details(handle)), handle)
             if self._seen_running(handle):
                 return self._started(JobStatus(JobState.RUNNING, "running", self._details(handle)), handle)
-            inputs = await modal.FunctionCall.from_id(handle["job_id"], client=client).get_call_graph.aio()
+            inputs = await self._call(handle).get_call_graph.aio()
         except NotFoundError:
             return JobStatus(JobState.FAILED, f"Modal call {handle['job_id']} does not exist",
                              {"reason": "job_missing"})
@@ -318,16 +321,12 @@ class ModalStepOperatorHook(StepOperatorHook):
         return list(await asyncio.gather(*(self._astatus(h) for h in handles), return_exceptions=True))
 
     async def acancel(self, handle: JobHandle) -> None:
-        import modal
-
-        client = await self._aclient()
-        await modal.FunctionCall.from_id(handle["job_id"], client=client).cancel.aio(terminate_containers=True)
+        await self._aclient()
+        await self._call(handle).cancel.aio(terminate_containers=True)
         self.log.info("Cancelled Modal call %s (its container is terminated)", handle["job_id"])
 
     async def aread_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        import modal
-
-        client = await self._aclient()
-        call = modal.FunctionCall.from_id(handle["job_id"], client=client)
+        await self._aclient()
+        call = self._call(handle)
         entries = [entry async for entry in call.logs.fetch.aio(since=modal_call.since(cursor, handle))]
         return modal_call.log_lines(entries, cursor)
