@@ -33,6 +33,8 @@ from airflow_stepops.hooks.modal_function import (
 from airflow_stepops.settings.modal import ModalStepOperatorConfig, ModalStepOperatorSettings
 
 BUNDLE_FILES = ("payload.pkl", "bootstrap.py", "meta.json")
+#: calls a hook remembers (FunctionCall objects, start times) before it starts over
+MAX_KEPT = 10_000
 
 
 class ModalStepOperatorHook(StepOperatorHook):
@@ -204,6 +206,8 @@ class ModalStepOperatorHook(StepOperatorHook):
         import modal
 
         calls: dict[str, Any] = self.__dict__.setdefault("_calls_by_id", {})
+        if len(calls) > MAX_KEPT:  # a triggerer's hook lives long: forget old calls (re-hydrated if needed)
+            calls.clear()
         if handle["job_id"] not in calls:
             calls[handle["job_id"]] = modal.FunctionCall.from_id(handle["job_id"], client=self.client)
         return calls[handle["job_id"]]
@@ -238,6 +242,9 @@ class ModalStepOperatorHook(StepOperatorHook):
         call that finished between two polls has none)."""
         seen: dict[str, float] = self.__dict__.setdefault("_started_at", {})
         tasks: dict[str, str] = self.__dict__.setdefault("_task_ids", {})
+        if len(seen) > MAX_KEPT:
+            seen.clear()
+            tasks.clear()
         if status.state == JobState.RUNNING:
             seen.setdefault(handle["job_id"], time.time())
             if status.details.get("task_id"):
