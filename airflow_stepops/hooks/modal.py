@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import sys
 import tarfile
+import tempfile
+import threading
 import time
 from functools import cached_property
 from typing import Any, ClassVar
@@ -33,6 +37,12 @@ from airflow_stepops.hooks.modal_function import (
 from airflow_stepops.settings.modal import ModalStepOperatorConfig, ModalStepOperatorSettings
 
 BUNDLE_FILES = ("payload.pkl", "bootstrap.py", "meta.json")
+SUCCESS = 1  # modal_proto GenericResult.GENERIC_STATUS_SUCCESS (not imported at module load)
+#: what the record of calls keeps of a handle (the rest is rebuilt from the step operator and the try)
+RECORDED = ("job_id", "app_name", "function_id", "environment", "spawned_at", "timeout", "gpu", "memory", "spot",
+            "instance_type", "step_digest")
+_CLIENTS: dict[tuple[Any, ...], Any] = {}
+_CLIENTS_LOCK = threading.Lock()
 #: calls a hook remembers (FunctionCall objects, start times) before it starts over
 MAX_KEPT = 10_000
 
@@ -67,10 +77,18 @@ class ModalStepOperatorHook(StepOperatorHook):
 
     @cached_property
     def client(self) -> Any:
+        """One client per process and credentials: each opened Modal client stays registered until the
+        process ends, so a triggerer must not open one per deferred step."""
         import modal
 
         try:
-            return self._modal_hook.client if self._modal_hook is not None else modal.Client.from_env()
+            credentials = self._modal_hook.credentials if self._modal_hook is not None else None
+            key = (os.getpid(), credentials, modal.config.config.get("server_url"))
+            with _CLIENTS_LOCK:
+                if key not in _CLIENTS:
+                    _CLIENTS[key] = (modal.Client.from_credentials(*credentials) if credentials
+                                     else modal.Client.from_env())
+                return _CLIENTS[key]
         except StepOperatorConfigError:
             raise
         except Exception as exc:
@@ -103,9 +121,10 @@ class ModalStepOperatorHook(StepOperatorHook):
     def options(self, spec: StepSpec) -> dict[str, Any]:
         try:
             return function_options(self.config, self._settings(spec), spec.resources,
-                                    "{}.{}".format(*sys.version_info[:2]))
+                                    "{}.{}".format(*sys.version_info[:2]), spec.timeout_seconds)
         except ValueError as exc:
-            raise StepOperatorConfigError(f"settings['step_operator.modal'].{exc}") from None
+            where = "" if str(exc).startswith("resources") else "settings['step_operator.modal']."
+            raise StepOperatorConfigError(f"{where}{exc}") from None
 
     def _environment(self, spec: StepSpec) -> dict[str, str]:
         refs = {str(i): {"inline": f"refs/{i}.pkl"} for i in range(len(spec.refs))}
@@ -151,28 +170,55 @@ class ModalStepOperatorHook(StepOperatorHook):
         return record
 
     def find_job(self, identity: StepIdentity) -> JobHandle | None:
-        """The call of this step try, from the record ``submit`` keeps. The task state store holds the same
-        handle (Airflow 3.3); this record is what a retry finds on Airflow 3.1/3.2."""
+        """The call of this step try while it still runs, from the record ``submit`` keeps. The task state
+        store holds the same handle (Airflow 3.3); this record is what a retry finds on Airflow 3.1/3.2.
+
+        Only the call's ids are taken from the record (anyone in the Modal workspace can write it): where
+        the output goes is this step operator's own path for the try. A finished call is not followed: a
+        run deleted and started again under the same run id must run its steps again.
+        """
         try:
             text = modal_call.dict_text(self.client, self._calls.object_id, identity.digest)
         except Exception as exc:
             raise self._api_error(exc, f"read the record of calls {self.config.app_name}-calls") from exc
-        if text is None:
-            return None
         try:
-            handle = json.loads(text)
+            record = json.loads(text) if text is not None else None
         except ValueError:
+            record = None
+        if not isinstance(record, dict) or not str(record.get("job_id", "")).startswith("fc-"):
             return None
-        if not isinstance(handle, dict) or not str(handle.get("job_id", "")).startswith("fc-"):
+        handle = {key: record.get(key) for key in RECORDED}
+        handle.update(flavor="modal", conn_id=self.step_operator_conn_id, try_number=identity.try_number,
+                      output_uri=str(identity.prefix(self.artifact_root()) / "output"))
+        status = self.get_status(handle)
+        if status.state.terminal:
+            self.log.info("Modal call %s of step try %s is over (%s): not re-attaching", handle["job_id"],
+                          identity.try_number, status.state.value)
             return None
         return handle
 
     def _record(self, identity: StepIdentity, handle: JobHandle) -> None:
+        """Write the handle to the record of calls; retried, as on Airflow 3.1/3.2 it is the only one."""
+        for attempt in range(3):
+            try:
+                self._calls.put(identity.digest, json.dumps({k: handle.get(k) for k in RECORDED}, sort_keys=True))
+                return
+            except Exception as exc:
+                if attempt == 2:
+                    self.log.warning("Could not record Modal call %s in %s-calls (a retry without a task state "
+                                     "store cannot find it): %s", handle["job_id"], self.config.app_name, exc)
+                else:
+                    time.sleep(1 + attempt)
+
+    def _forget(self, handle: JobHandle) -> None:
+        """Drop a finished call from the record (best effort)."""
+        digest = handle.get("step_digest")
+        if not digest or not isinstance(digest, str):
+            return
         try:
-            self._calls.put(identity.digest, json.dumps(handle, sort_keys=True))
-        except Exception as exc:  # the task state store has the handle too: say so, do not fail the step
-            self.log.warning("Could not record Modal call %s in %s-calls (a retry on Airflow < 3.3 cannot find "
-                             "it): %s", handle["job_id"], self.config.app_name, exc)
+            self._calls.pop(digest, None)
+        except Exception as exc:
+            self.log.debug("Could not drop %s from the record of calls: %s", handle["job_id"], exc)
 
     def submit(self, spec: StepSpec) -> JobHandle:
         options = self.options(spec)
@@ -197,7 +243,8 @@ class ModalStepOperatorHook(StepOperatorHook):
                   "try_number": spec.identity.try_number, "timeout": options["timeout"],
                   "gpu": gpu if isinstance(gpu, str) or gpu is None else list(gpu), "memory": options.get("memory"),
                   "spot": not options.get("nonpreemptible"),
-                  "instance_type": gpu if isinstance(gpu, str) else (", ".join(gpu) if gpu else "cpu")}
+                  "instance_type": gpu if isinstance(gpu, str) else (", ".join(gpu) if gpu else "cpu"),
+                  "step_digest": spec.identity.digest}
         self._record(spec.identity, handle)
         return handle
 
@@ -221,10 +268,11 @@ class ModalStepOperatorHook(StepOperatorHook):
         try:
             finished = modal_call.fetch_result(self.client, handle["job_id"])
             if finished is not None:
-                return self._started(modal_call.finished_status(finished[0], handle, self._details(handle)), handle)
+                return self._ended(finished[0], handle)
             if self._seen_running(handle):
                 return self._started(JobStatus(JobState.RUNNING, "running", self._details(handle)), handle)
-            inputs = self._call(handle).get_call_graph()
+            inputs = (modal_call.call_inputs(self.client, handle["function_id"], handle["job_id"])
+                      if handle.get("function_id") else self._call(handle).get_call_graph())
         except NotFoundError:
             return JobStatus(JobState.FAILED, f"Modal call {handle['job_id']} does not exist",
                              {"reason": "job_missing"})
@@ -232,28 +280,32 @@ class ModalStepOperatorHook(StepOperatorHook):
             raise self._api_error(exc, f"read call {handle['job_id']}") from exc
         return self._started(modal_call.running_status(inputs, handle, self._details(handle)), handle)
 
+    def _ended(self, item: Any, handle: JobHandle) -> JobStatus:
+        status = modal_call.finished_status(item, handle, self._details(handle))
+        self._forget_running(handle)
+        return status
+
     def _seen_running(self, handle: JobHandle) -> bool:
         """A call once running stays so until it ends (a preempted container is replaced by Modal): then
-        its output alone tells, and the call graph is not read again."""
-        return handle["job_id"] in self.__dict__.get("_started_at", {})
+        its output alone tells, and its inputs are not read again."""
+        return handle["job_id"] in self.__dict__.get("_running", {})
 
     def _started(self, status: JobStatus, handle: JobHandle) -> JobStatus:
-        """Modal does not report when a call's container started: the first poll that saw it running (a
-        call that finished between two polls has none)."""
-        seen: dict[str, float] = self.__dict__.setdefault("_started_at", {})
-        tasks: dict[str, str] = self.__dict__.setdefault("_task_ids", {})
-        if len(seen) > MAX_KEPT:
-            seen.clear()
-            tasks.clear()
+        """Remember a running call's task and start time, so later polls need only its output."""
+        running: dict[str, dict[str, Any]] = self.__dict__.setdefault("_running", {})
+        if len(running) > MAX_KEPT:
+            running.clear()
         if status.state == JobState.RUNNING:
-            seen.setdefault(handle["job_id"], time.time())
-            if status.details.get("task_id"):
-                tasks[handle["job_id"]] = status.details["task_id"]
-        if handle["job_id"] in seen:
-            status.details["started_at"] = seen[handle["job_id"]]
-        if handle["job_id"] in tasks:
-            status.details.setdefault("task_id", tasks[handle["job_id"]])
+            known = running.setdefault(handle["job_id"], {})
+            for key in ("task_id", "started_at"):
+                if status.details.get(key):
+                    known.setdefault(key, status.details[key])
+            known.setdefault("started_at", time.time())
+            status.details.update(known)
         return status
+
+    def _forget_running(self, handle: JobHandle) -> None:
+        self.__dict__.get("_running", {}).pop(handle["job_id"], None)
 
     def cancel(self, handle: JobHandle) -> None:
         self._call(handle).cancel(terminate_containers=True)
@@ -261,29 +313,47 @@ class ModalStepOperatorHook(StepOperatorHook):
 
     def collect_output(self, handle: JobHandle) -> None:
         """Unpack the call's return value (the output directory as gzip-tar) into the artifact store, or
-        write the step's error that a failed call carried in its exception text."""
+        write the step's error that a failed call carried in its exception text. The return value is
+        streamed through a temporary file and unpacked member by member: it may be large, and in the
+        triggerer many steps share one process."""
         output = store_path(handle["output_uri"])
         if (output / "result.json").exists() or (output / "error.json").exists():
             return
-        finished = modal_call.fetch_result(self.client, handle["job_id"])
-        if finished is None:
-            return
-        result, data = finished
-        error = modal_call.step_error(result)
-        if data is None and error is None:
-            return
+        with tempfile.TemporaryDirectory(prefix="stepops-modal-") as tmp:
+            raw = os.path.join(tmp, "result")
+            item = modal_call.save_output(self.client, handle["job_id"], raw)
+            if item is None:
+                return
+            error = modal_call.step_error(item.result)
+            if error is not None:
+                self._write(output, "error.json", io.BytesIO(json.dumps(error).encode()))
+            elif item.result.status == SUCCESS:
+                with modal_call.open_output(raw, item.data_format) as archive, \
+                        tarfile.open(fileobj=archive, mode="r|gz") as tar:
+                    finals = []
+                    for member in tar:
+                        if not member.isfile() or "/" in member.name:
+                            continue
+                        source = tar.extractfile(member)
+                        assert source is not None
+                        if member.name in ("result.json", "error.json"):  # they mark completion: last
+                            finals.append((member.name, source.read()))
+                        else:
+                            self._write(output, member.name, source)
+                    for name, data in finals:
+                        self._write(output, name, io.BytesIO(data))
+            else:
+                return
+        self._forget(handle)
+
+    @staticmethod
+    def _write(output: Any, name: str, source: Any) -> None:
+        """Write one output file under a temporary name, then rename it: never a half-written file."""
         output.mkdir(parents=True, exist_ok=True)
-        if error is not None:
-            (output / "error.json").write_text(json.dumps(error))
-            return
-        assert data is not None
-        with tarfile.open(fileobj=io.BytesIO(modal_call.output_bytes(data)), mode="r:gz") as tar:
-            members = sorted((m for m in tar.getmembers() if m.isfile() and "/" not in m.name),
-                             key=lambda m: m.name in ("result.json", "error.json"))  # they mark completion
-            for member in members:
-                source = tar.extractfile(member)
-                assert source is not None
-                (output / member.name).write_bytes(source.read())
+        partial = output / f".{name}.partial"
+        with partial.open("wb") as target:
+            shutil.copyfileobj(source, target, 8 << 20)
+        partial.rename(output / name)
 
     def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
         entries = list(self._call(handle).logs.fetch(since=modal_call.since(cursor, handle)))
@@ -311,13 +381,16 @@ class ModalStepOperatorHook(StepOperatorHook):
         try:
             finished = await modal_call.afetch_result(client, handle["job_id"])
             if finished is not None:
-                return self._started(modal_call.finished_status(finished[0], handle, self._details(handle)), handle)
+                return self._ended(finished[0], handle)
             if self._seen_running(handle):
                 return self._started(JobStatus(JobState.RUNNING, "running", self._details(handle)), handle)
-            inputs = await self._call(handle).get_call_graph.aio()
+            inputs = (await modal_call.acall_inputs(client, handle["function_id"], handle["job_id"])
+                      if handle.get("function_id") else await self._call(handle).get_call_graph.aio())
         except NotFoundError:
             return JobStatus(JobState.FAILED, f"Modal call {handle['job_id']} does not exist",
                              {"reason": "job_missing"})
+        except Exception as exc:
+            raise self._api_error(exc, f"read call {handle['job_id']}") from exc
         return self._started(modal_call.running_status(inputs, handle, self._details(handle)), handle)
 
     async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus | BaseException]:

@@ -8,9 +8,11 @@ so the wire messages used here do not move under us.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -34,23 +36,113 @@ def output_bytes(data: bytes) -> bytes:
     return value
 
 
-async def _fetch_result(client: Any, call_id: str) -> tuple[Any, bytes | None] | None:
-    """``(GenericResult, data)`` of a finished call, or None while it runs (answers at once: timeout 0)."""
-    from modal._utils.blob_utils import blob_download
+def payload_span(head: bytes) -> tuple[int, int] | None:
+    """Where the bytes of a pickled ``bytes`` object lie, from the pickle's first bytes: (offset, length),
+    or None when the pickle is not one plain bytes object (then it is loaded with ``_NoClasses``)."""
+    at = 0
+    if head[at:at + 1] == pickle.PROTO:
+        at += 2
+    if head[at:at + 1] == pickle.FRAME:
+        at += 9
+    opcode = head[at:at + 1]
+    sizes = {pickle.SHORT_BINBYTES: 1, pickle.BINBYTES: 4, pickle.BINBYTES8: 8}
+    if opcode not in sizes:
+        return None
+    width = sizes[opcode]
+    raw = head[at + 1:at + 1 + width]
+    if len(raw) != width:
+        return None
+    return at + 1 + width, int.from_bytes(raw, "little")
+
+
+class _Span(io.RawIOBase):
+    """``length`` bytes of an open file from its current position: the archive inside a pickled bytes."""
+
+    def __init__(self, fh: Any, length: int) -> None:
+        self.fh, self.left = fh, length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.left <= 0:
+            return 0
+        data = self.fh.read(min(len(buffer), self.left))
+        buffer[:len(data)] = data
+        self.left -= len(data)
+        return len(data)
+
+
+@contextlib.contextmanager
+def open_output(path: str, data_format: int) -> Iterator[Any]:
+    """The step's output archive inside a call's raw result data (a pickled or CBOR ``bytes``), as a
+    stream: a plain pickled bytes object is read in place, without loading it; anything else is loaded
+    as data only (no classes), CBOR with cbor2 (data only by nature)."""
+    from modal_proto import api_pb2
+
+    with open(path, "rb") as fh:
+        if data_format == api_pb2.DATA_FORMAT_CBOR:
+            import cbor2
+
+            value = cbor2.load(fh)
+            if not isinstance(value, bytes):
+                raise pickle.UnpicklingError(f"the step's Modal call returned {type(value).__name__}, not bytes")
+            yield io.BytesIO(value)
+            return
+        if data_format not in (api_pb2.DATA_FORMAT_PICKLE, api_pb2.DATA_FORMAT_UNSPECIFIED):
+            raise pickle.UnpicklingError(f"the step's Modal call returned data in format {data_format}")
+        span = payload_span(fh.read(64))
+        if span is None:
+            fh.seek(0)
+            yield io.BytesIO(output_bytes(fh.read()))
+            return
+        fh.seek(span[0])
+        yield io.BufferedReader(_Span(fh, span[1]), 8 << 20)
+
+
+async def _fetch_result(client: Any, call_id: str) -> tuple[Any, int] | None:
+    """``(GenericResult, unfinished inputs)`` once the call has an output, else None while it runs, or
+    ``(None, 0)`` when it has neither (its output expired). Answers at once (timeout 0); downloads nothing."""
     from modal_proto import api_pb2
 
     request = api_pb2.FunctionGetOutputsRequest(function_call_id=call_id, timeout=0, last_entry_id="0-0",
                                                 clear_on_success=False, requested_at=time.time())
     stub = client._stub  # Client.stub is the same object behind a warning that it is not public API
     response = await stub.FunctionGetOutputs(request)
+    if response.outputs:
+        return response.outputs[0], response.num_unfinished_inputs
+    return (None, 0) if response.num_unfinished_inputs == 0 else None
+
+
+async def _save_output(client: Any, call_id: str, target: str) -> Any:
+    """Write a finished call's raw result data (inline or its blob, streamed) to the file ``target``; the
+    output item, whose ``result`` tells how the call ended and whose ``data_format`` how to read it."""
+    from modal._utils.blob_utils import blob_iter
+    from modal_proto import api_pb2
+
+    request = api_pb2.FunctionGetOutputsRequest(function_call_id=call_id, timeout=0, last_entry_id="0-0",
+                                                clear_on_success=False, requested_at=time.time())
+    response = await client._stub.FunctionGetOutputs(request)
     if not response.outputs:
         return None
-    result = response.outputs[0].result
-    data: bytes | None = None
-    if result.status == api_pb2.GenericResult.GENERIC_STATUS_SUCCESS:
-        which = result.WhichOneof("data_oneof")
-        data = await blob_download(result.data_blob_id, stub) if which == "data_blob_id" else result.data
-    return result, data
+    item = response.outputs[0]
+    with open(target, "wb") as fh:
+        if item.result.WhichOneof("data_oneof") == "data_blob_id":
+            async for chunk in blob_iter(item.result.data_blob_id, client._stub):
+                fh.write(chunk)
+        else:
+            fh.write(item.result.data)
+    return item
+
+
+async def _call_inputs(client: Any, function_id: str, call_id: str) -> list[Any]:
+    """The call's inputs that Modal counts as pending (queued or running), with their task and start time:
+    ``FunctionCallGetInfo``, which Modal's own log streaming asks (the call graph is best effort)."""
+    from modal_proto import api_pb2
+
+    response = await client._stub.FunctionCallGetInfo(
+        api_pb2.FunctionCallGetInfoRequest(function_id=function_id, function_call_id=call_id))
+    return list(response.info.pending_inputs.latest)
 
 
 async def _dict_text(client: Any, dict_id: str, key: str) -> str | None:
@@ -75,12 +167,24 @@ def _synchronized(function: Any) -> Any:
     return cache[function]
 
 
-def fetch_result(client: Any, call_id: str) -> tuple[Any, bytes | None] | None:
+def fetch_result(client: Any, call_id: str) -> tuple[Any, int] | None:
     return _synchronized(_fetch_result)(client, call_id)  # type: ignore[no-any-return]
 
 
-async def afetch_result(client: Any, call_id: str) -> tuple[Any, bytes | None] | None:
+async def afetch_result(client: Any, call_id: str) -> tuple[Any, int] | None:
     return await _synchronized(_fetch_result).aio(client, call_id)  # type: ignore[no-any-return]
+
+
+def save_output(client: Any, call_id: str, target: str) -> Any:
+    return _synchronized(_save_output)(client, call_id, target)
+
+
+def call_inputs(client: Any, function_id: str, call_id: str) -> list[Any]:
+    return _synchronized(_call_inputs)(client, function_id, call_id)  # type: ignore[no-any-return]
+
+
+async def acall_inputs(client: Any, function_id: str, call_id: str) -> list[Any]:
+    return await _synchronized(_call_inputs).aio(client, function_id, call_id)  # type: ignore[no-any-return]
 
 
 def dict_text(client: Any, dict_id: str, key: str) -> str | None:
@@ -105,14 +209,23 @@ def step_error(result: Any) -> dict[str, Any] | None:
     return error if isinstance(error, dict) else None
 
 
-def finished_status(result: Any, handle: JobHandle, details: dict[str, Any]) -> JobStatus:
-    """A terminal ``GenericResult`` as a JobStatus (preemption and timeouts told apart)."""
+def finished_status(item: Any, handle: JobHandle, details: dict[str, Any]) -> JobStatus:
+    """A finished call's output item as a JobStatus (preemption and timeouts told apart); ``None``: Modal
+    has neither an output nor an unfinished input for the call any more."""
     from modal_proto import api_pb2
 
+    if item is None:
+        return JobStatus(JobState.FAILED, f"Modal no longer has the output of call {handle['job_id']} (outputs "
+                         "expire some days after a call ends)", {**details, "reason": "output_expired"})
     status = api_pb2.GenericResult
+    result = item.result
     text = (result.exception or "").strip()
     details = {**details, "modal_status": status.GenericStatus.Name(result.status).removeprefix("GENERIC_STATUS_")
-               .lower(), "finished_at": details.get("finished_at") or time.time()}
+               .lower(), "finished_at": item.output_created_at or time.time()}
+    if item.input_started_at:
+        details["started_at"] = item.input_started_at
+    if item.retry_count:
+        details["restarts"] = item.retry_count
     if result.traceback:
         details["remote_traceback"] = result.traceback[-4000:]
     lowered = text.lower()
@@ -126,9 +239,10 @@ def finished_status(result: Any, handle: JobHandle, details: dict[str, Any]) -> 
     if result.status == status.GENERIC_STATUS_TIMEOUT:
         return JobStatus(JobState.FAILED, f"the call ran past its timeout ({handle.get('timeout')} s) and Modal "
                          f"stopped it: {text}", {**details, "reason": "timed_out"})
-    if any(word in lowered for word in PREEMPTION_WORDS):
-        return JobStatus(JobState.PREEMPTED, f"Modal's worker was preempted: {text}",
-                         {**details, "reason": "preempted"})
+    if result.status == status.GENERIC_STATUS_INTERNAL_FAILURE or any(w in lowered for w in PREEMPTION_WORDS):
+        # Modal's "retriable internal error": a lost input or a preempted worker it did not restart
+        return JobStatus(JobState.PREEMPTED, f"Modal lost the call's container (preemption or a worker "
+                         f"failure): {text}", {**details, "reason": "preempted"})
     if result.status == status.GENERIC_STATUS_TERMINATED:
         if handle.get("cancel_requested") or "cancel" in lowered or not text:
             return JobStatus(JobState.CANCELLED, text or "the call was cancelled", details)
@@ -144,10 +258,11 @@ def finished_status(result: Any, handle: JobHandle, details: dict[str, Any]) -> 
 
 
 def running_status(inputs: list[Any], handle: JobHandle, details: dict[str, Any]) -> JobStatus:
-    """QUEUED until Modal gives the input a container (a task id), then RUNNING."""
-    task = next((getattr(i, "task_id", "") for i in inputs if getattr(i, "task_id", "")), "")
-    if task:
-        return JobStatus(JobState.RUNNING, "running", {**details, "task_id": task})
+    """QUEUED until Modal gives the input a container (a task id, a start time), then RUNNING."""
+    started = next((i for i in inputs if getattr(i, "task_id", "") or getattr(i, "started_at", 0)), None)
+    if started is not None:
+        return JobStatus(JobState.RUNNING, "running", {**details, "task_id": getattr(started, "task_id", ""),
+                                                       "started_at": getattr(started, "started_at", 0) or None})
     return JobStatus(JobState.QUEUED, "waiting for a container", details)
 
 

@@ -9,10 +9,13 @@ the same options deploy the same thing, which is harmless.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
+import math
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,28 +33,53 @@ def runner_source() -> str:
     return inspect.getsource(modal_runner)
 
 
+#: a step without its own timeout gets its Airflow execution_timeout (plus a minute) rounded up to one of
+#: these, so that a lost call stops billing soon after Airflow gave up on it while steps still share apps
+TIMEOUT_STEPS = (600, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 12 * 3600, MAX_TIMEOUT)
+
+
+def default_timeout(execution_timeout: float | None) -> int:
+    if not execution_timeout:
+        return MAX_TIMEOUT
+    wanted = math.ceil(execution_timeout) + 60
+    return next((step for step in TIMEOUT_STEPS if step >= wanted), MAX_TIMEOUT)
+
+
+def _names_cloudpickle(requirement: str) -> bool:
+    import re
+
+    return re.split(r"[\s\[<>=!~;]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-") == "cloudpickle"
+
+
 def function_options(config: ModalStepOperatorConfig, settings: ModalStepOperatorSettings,
-                     resources: Any, python_version: str) -> dict[str, Any]:
-    """The deployed function's options as JSON: what ``stepops render`` prints and what names the app."""
+                     resources: Any, python_version: str, execution_timeout: float | None = None) -> dict[str, Any]:
+    """The deployed function's options as JSON: what ``stepops render`` prints and what names the app.
+
+    The default image gets the worker's Python (the bundle's pickles need the same major.minor) and the
+    worker's cloudpickle version; a registry image brings its own Python (``python_version`` adds one).
+    """
+    import cloudpickle
+
     shape = settings.function_resources(resources)
     image: dict[str, Any] = ({"registry": config.image, "add_python": config.python_version} if config.image
                              else {"debian_slim": config.python_version or python_version})
     packages = list(config.pip_packages)
-    if not config.image and not any(p.split("=")[0].split("<")[0].split(">")[0].strip().lower() == "cloudpickle"
-                                     for p in packages):
-        packages.append("cloudpickle")  # the step's bundle is a cloudpickle
+    if not config.image and not any(_names_cloudpickle(p) for p in packages):
+        packages.append(f"cloudpickle=={cloudpickle.__version__}")  # the step's bundle is a cloudpickle
     image["pip_install"] = packages
+    image["worker_python"] = python_version  # part of the app's identity: a worker upgrade redeploys
     options: dict[str, Any] = {
         "image": image,
         "gpu": shape["gpu"], "cpu": shape["cpu"], "memory": shape["memory"],
         "ephemeral_disk": shape["ephemeral_disk"],
-        "timeout": settings.effective_timeout or MAX_TIMEOUT,
+        "timeout": settings.effective_timeout or default_timeout(execution_timeout),
         "region": settings.region if settings.region is not None else config.region,
         "cloud": settings.cloud or config.cloud,
         "secrets": sorted(config.secrets),
         "volumes": dict(sorted(config.volumes.items())),
         "nonpreemptible": settings.nonpreemptible or None,
         "retries": 0,  # a retry is Airflow's decision (a new try, with its own call)
+        "single_use_containers": True,  # no warm GPU left billing, no state left for the next step
     }
     return {key: value for key, value in options.items() if value not in (None, [], {})}
 
@@ -91,26 +119,34 @@ def deployed_function(client: Any, environment: str | None, name: str, options: 
         return function
 
 
-def _deploy(modal: Any, client: Any, environment: str | None, name: str, options: dict[str, Any], log: Any) -> Any:
-    import cloudpickle
+@contextlib.contextmanager
+def runner_by_value() -> Iterator[Any]:
+    """While deploying, ``run_step`` is pickled by value by Modal's own (vendored) cloudpickle, so images
+    need no airflow_stepops; registering with the PyPI cloudpickle would not reach Modal's copy."""
+    from modal._vendor import cloudpickle as modal_cloudpickle
 
     from airflow_stepops.runtime import modal_runner
 
+    modal_cloudpickle.register_pickle_by_value(modal_runner)
+    try:
+        yield modal_runner.run_step
+    finally:
+        modal_cloudpickle.unregister_pickle_by_value(modal_runner)
+
+
+def _deploy(modal: Any, client: Any, environment: str | None, name: str, options: dict[str, Any], log: Any) -> Any:
     log.info("Deploying Modal app %s (function %s: %s)", name, FUNCTION_NAME,
              json.dumps({k: v for k, v in options.items() if k != "image"}, sort_keys=True))
     app = modal.App(name)
     secrets = [modal.Secret.from_name(s, environment_name=environment) for s in options.get("secrets", [])]
-    volumes = {path: modal.Volume.from_name(volume, environment_name=environment, create_if_missing=True)
+    volumes = {path: modal.Volume.from_name(volume, environment_name=environment)  # a typo must not make one
                for path, volume in options.get("volumes", {}).items()}
-    cloudpickle.register_pickle_by_value(modal_runner)  # images need no airflow_stepops
-    try:
+    with runner_by_value() as run_step:
         function = app.function(
             serialized=True, name=FUNCTION_NAME, image=_image(modal, options["image"]), gpu=options.get("gpu"),
             cpu=options.get("cpu"), memory=options.get("memory"), ephemeral_disk=options.get("ephemeral_disk"),
             timeout=options["timeout"], region=options.get("region"), cloud=options.get("cloud"),
-            nonpreemptible=bool(options.get("nonpreemptible")),
-            secrets=secrets, volumes=volumes, retries=0, include_source=False)(modal_runner.run_step)
+            nonpreemptible=bool(options.get("nonpreemptible")), secrets=secrets, volumes=volumes, retries=0,
+            single_use_containers=bool(options.get("single_use_containers")), include_source=False)(run_step)
         app.deploy(name=name, environment_name=environment, client=client)
-    finally:
-        cloudpickle.unregister_pickle_by_value(modal_runner)
     return function

@@ -12,15 +12,18 @@ error without unpickling anything. Stdlib-only, like the rest of ``runtime``.
 from __future__ import annotations
 
 ERROR_MARKER = "stepops-error:"
+#: the most of a failing step's error.json the exception carries (Modal cuts exception texts near 2 MiB)
+MAX_ERROR_BYTES = 64 * 1024
 
 
 def run_step(archive: bytes, entry_source: str, env: dict[str, str]) -> bytes:
     """Run one step try; the return value is the output directory as gzip-tar bytes. A failing step
-    raises ``StepError`` with its ``error.json``."""
+    raises a ``RuntimeError`` carrying its ``error.json``."""
     import base64
     import io
     import json
     import os
+    import signal
     import subprocess
     import sys
     import tarfile
@@ -37,7 +40,22 @@ def run_step(archive: bytes, entry_source: str, env: dict[str, str]) -> bytes:
                 tar.extractall(bundle)
         child_env = {**os.environ, **env, "STEPOPS_BUNDLE_PATH": bundle, "STEPOPS_OUTPUT_PATH": output,
                      "PYTHONUNBUFFERED": "1"}
-        code = subprocess.run([sys.executable, "-c", entry_source], env=child_env, check=False).returncode
+        child = subprocess.Popen([sys.executable, "-c", entry_source], env=child_env)
+
+        def forward(signum: int, _frame: object) -> None:  # Modal stopping the container: let the step checkpoint
+            child.send_signal(signum)
+
+        previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[signum] = signal.signal(signum, forward)
+            except ValueError:  # not the main thread: the signal reaches the step's process group anyway
+                pass
+        try:
+            code = child.wait()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         print(f"[stepops] step finished with exit code {code}", flush=True)
         if code:
             try:
@@ -47,6 +65,10 @@ def run_step(archive: bytes, entry_source: str, env: dict[str, str]) -> bytes:
             except (OSError, ValueError):
                 error = {"type": "airflow_stepops.exceptions.StepFailedError",
                          "message": f"the step exited with code {code}", "traceback": ""}
+                raw = json.dumps(error).encode()
+            if len(raw) > MAX_ERROR_BYTES:  # keep the end of the traceback: where it failed
+                error["message"] = str(error.get("message", ""))[:8000]
+                error["traceback"] = "...\n" + str(error.get("traceback", ""))[-(MAX_ERROR_BYTES // 2):]
                 raw = json.dumps(error).encode()
             summary = f"{error.get('type', 'Exception')}: {error.get('message', '')}"[:2000]
             raise RuntimeError(f"{summary} [{ERROR_MARKER}{base64.b64encode(raw).decode()}]")

@@ -31,6 +31,8 @@ FROM_RESOURCE_GPU: dict[str, str] = {
 #: a container's smallest reservation (Modal's default request) and the largest Modal schedules
 MIN_CPU, MAX_CPU = 0.125, 64.0
 MIN_MEMORY_MIB, MAX_MEMORY_MIB = 128, 344_064
+#: the largest ephemeral disk Modal gives a container (3 TiB), in MiB
+MAX_EPHEMERAL_DISK_MIB = 3 * 2**20
 #: a Modal function's timeout: 1 s to 24 h
 MIN_TIMEOUT, MAX_TIMEOUT = 1, 24 * 3600
 CLOUDS = ("aws", "gcp", "oci", "auto")
@@ -104,8 +106,9 @@ class ModalStepOperatorSettings(BaseStepOperatorSettings):
     cpu: float | None = Field(default=None, ge=MIN_CPU, le=MAX_CPU,
                               description="Physical CPU cores reserved (fractions allowed).")
     memory: int | None = Field(default=None, description="Memory reserved, in MiB (128 to 344064).")
-    ephemeral_disk: int | None = Field(default=None, gt=0, description="Ephemeral disk in MiB (default: "
-                                       "ResourceSettings.disk_size, else Modal's default).")
+    ephemeral_disk: int | None = Field(default=None, gt=0, le=MAX_EPHEMERAL_DISK_MIB, description="Ephemeral "
+                                       "disk in MiB, at most 3 TiB (default: ResourceSettings.disk_size, else "
+                                       "Modal's default).")
     timeout: int | None = Field(default=None, description="Seconds before Modal stops the call (at most 24 h); same as "
                                 "max_runtime_in_seconds.")
     region: str | list[str] | None = Field(default=None, description='Region(s) to run in, e.g. "us-east".')
@@ -178,7 +181,11 @@ class ModalStepOperatorSettings(BaseStepOperatorSettings):
                                  f"got {resources.memory} ({mib} MiB)")
             out["memory"] = mib
         if self.ephemeral_disk is None and resources.disk_bytes is not None:
-            out["ephemeral_disk"] = math.ceil(resources.disk_bytes / MIB)
+            mib = math.ceil(resources.disk_bytes / MIB)
+            if mib > MAX_EPHEMERAL_DISK_MIB:
+                raise ValueError(f"resources.disk_size: Modal gives a container at most 3 TiB of ephemeral disk, "
+                                 f"got {resources.disk_size}")
+            out["ephemeral_disk"] = mib
         return out
 
     @property
@@ -192,12 +199,18 @@ def resource_gpu(resources: Any) -> str | None:
         return None
     count = resources.effective_gpu_count
     if resources.gpu_type is None:
-        return gpu_string(*parse_gpu(f"ANY:{count}", "resources.gpu_count"))
+        if count > GPU_MAX_COUNT["ANY"]:
+            raise ValueError(f"resources.gpu_count: {count} GPUs without a gpu_type become Modal's gpu=\"any:"
+                             f"{count}\"; \"any\" promises at most {GPU_MAX_COUNT['ANY']} (name a gpu_type for more)")
+        return gpu_string("ANY", count)
     kind = FROM_RESOURCE_GPU.get(resources.gpu_type)
     if kind is None:
         raise ValueError(f"resources.gpu_type: Modal has no {resources.gpu_type} GPUs; Modal offers "
                          f"{', '.join(sorted(set(FROM_RESOURCE_GPU.values())))}")
-    return gpu_string(*parse_gpu(f"{kind}:{count}", "resources"))
+    if count > GPU_MAX_COUNT[kind]:
+        raise ValueError(f"resources.gpu_count: Modal gives a container at most {GPU_MAX_COUNT[kind]} "
+                         f"{resources.gpu_type} GPUs, got {count}")
+    return gpu_string(kind, count)
 
 
 def default_python_version() -> str:

@@ -151,7 +151,8 @@ def parse_step_settings(
         try:
             flavor_settings.check_resources(resources_)
         except ValueError as exc:
-            raise StepOperatorConfigError(f"settings['step_operator.{flavor_settings.flavor}'].{exc}") from None
+            where = "" if str(exc).startswith("resources") else f"settings['step_operator.{flavor_settings.flavor}']."
+            raise StepOperatorConfigError(f"{where}{exc}") from None
     return StepSettings(resources=resources_, flavor_settings=flavor_settings)
 
 

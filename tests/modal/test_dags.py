@@ -30,7 +30,7 @@ def test_pipeline_with_xcoms_artifacts_and_mapping(md_emulator):
     train = _function(md_emulator, tis["train"])
     assert train["milli_cpu"] == 2000 and train["memory_mb"] == 4096
     evaluate = _function(md_emulator, tis["evaluate"])
-    assert "A100-80GB" in json.dumps(evaluate["gpu"]) and evaluate["timeout_secs"] == 900
+    assert evaluate["gpu"] == ["A100-80GB:2"] and evaluate["timeout_secs"] == 900
     record = _xcom(tis["evaluate"], key="stepops_job")
     assert record["console_url"] == f"https://modal.com/id/{record['job_id']}"
 
@@ -47,11 +47,11 @@ def test_modal_example_dag_runs_on_the_emulator(md_emulator):
     assert _xcom(tis["train_on_modal"]) == {"w": 1.5, "b": 0.25, "epochs": 20}
     assert _xcom(tis["evaluate"]) == 0.0
     train = _function(md_emulator, tis["train_on_modal"])
-    assert "ANY" in json.dumps(train["gpu"]).upper() and train["milli_cpu"] == 4000 and train["memory_mb"] == 16384
+    assert train["gpu"] == ["ANY"] and train["milli_cpu"] == 4000 and train["memory_mb"] == 16384
     evaluate = _function(md_emulator, tis["evaluate"])
-    assert "L4" in json.dumps(evaluate["gpu"]) and evaluate["memory_mb"] == 7630
+    assert evaluate["gpu"] == ["L4"] and evaluate["memory_mb"] == 7630
     featurize = _function(md_emulator, tis["featurize"])
-    assert "H100" in json.dumps(featurize["gpu"]) and "A100-80GB" in json.dumps(featurize["gpu"])
+    assert featurize["gpu"] == ["H100", "A100-80GB"]
 
 
 def test_stepops_render_prints_the_function_options(md_emulator):

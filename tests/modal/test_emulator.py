@@ -415,14 +415,14 @@ def test_preemption_restarts_the_input_on_a_new_task(md_emulator, deployed, tmp_
                       "same input."]
 
 
-def test_preemption_without_restart_ends_the_input_terminated(md_emulator, deployed):
+def test_preemption_without_restart_ends_the_input_as_an_internal_failure(md_emulator, deployed):
     rule = md_emulator.inject("preemption", after=0.3, restart=False)  # strikes the next call made
     call = deployed[APP].spawn(b"", "sleep", {"seconds": "30"})
     pid = running_pid(md_emulator, call.object_id)
-    with pytest.raises(modal.exception.RemoteError, match="preempted"):
+    with pytest.raises(modal.exception.InternalFailure, match="preempted"):
         call.get(timeout=30)
     assert rule.applied == [call.object_id] and gone(pid)
-    assert md_emulator.call(call.object_id)["status"] == "GENERIC_STATUS_TERMINATED"
+    assert md_emulator.call(call.object_id)["status"] == "GENERIC_STATUS_INTERNAL_FAILURE"
 
 
 def test_failure_fault_fails_the_input_with_its_message(md_emulator, deployed):

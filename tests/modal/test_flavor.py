@@ -54,7 +54,7 @@ def test_step_runs_as_a_modal_call_with_logs_and_result(md_emulator):
     result = read_outcome(store_path(handle["output_uri"])).value
     assert result["greeting"] == "hi ada" and result["team"] == "ml" and result["task"].startswith("ta-")
     function = md_emulator.function(handle["app_name"], "run_step")
-    assert function["gpu"] in ("H100:2", ["H100:2"]) or "H100" in json.dumps(function["gpu"]), function
+    assert function["gpu"] == ["H100:2"], function
     assert function["milli_cpu"] == 4000 and function["memory_mb"] == 16384, function
     assert function["timeout_secs"] == 86400 and function["environment"] == "main"
     assert hook.console_url(handle) == f"https://modal.com/id/{handle['job_id']}"
@@ -75,7 +75,7 @@ def test_zenml_settings_and_gpu_fallback(md_emulator):
     assert event["status"] == "succeeded", event
     assert any("from modal on A100-80GB" in line for line in event["log_tail"]), event["log_tail"]
     function = md_emulator.function(handle["app_name"], "run_step")
-    assert "A100-80GB" in json.dumps(function["gpu"]) and function["memory_mb"] == 16384
+    assert function["gpu"] == ["H100", "A100-80GB"] and function["memory_mb"] == 16384
 
 
 def _raise(value: int) -> None:
@@ -290,3 +290,63 @@ def test_each_call_is_recorded_so_a_later_try_finds_it(md_emulator):
     record = modal.Dict.from_name("stepops-tests-calls", environment_name="main")
     record.put(spec.identity.for_try(3).digest, json.dumps({"job_id": "not-a-call"}))
     assert make_hook().find_job(spec.identity.for_try(3)) is None
+
+
+def test_the_runner_loads_in_an_image_without_airflow_stepops(tmp_path):
+    """What Modal stores for ``run_step`` is the function itself, not a reference to this package."""
+    import subprocess
+    import sys
+
+    from modal._serialization import serialize
+
+    from airflow_stepops.hooks.modal_function import runner_by_value
+
+    with runner_by_value() as run_step:
+        (tmp_path / "fn.pkl").write_bytes(serialize(run_step))
+    probe = (
+        "import sys, pickle; sys.modules['airflow_stepops'] = None\n"
+        "from modal._vendor import cloudpickle\n"
+        f"fn = cloudpickle.loads(open({str(tmp_path / 'fn.pkl')!r}, 'rb').read())\n"
+        "print(fn.__name__, fn.__module__)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "run_step"
+
+
+def test_payload_span_finds_the_bytes_of_a_pickled_bytes_object():
+    for protocol in (2, 3, 4, 5):
+        for size in (0, 10, 300, 70_000):
+            data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+            raw = pickle.dumps(data, protocol=protocol)
+            span = modal_call.payload_span(raw[:64])
+            if protocol < 3:  # older protocols pickle bytes through a class: loaded with the no-classes loader
+                assert span is None
+                continue
+            assert span is not None and raw[span[0]:span[0] + span[1]] == data, (protocol, size)
+
+
+def test_expired_output_and_lost_containers_are_reported():
+    from modal_proto import api_pb2
+
+    handle = {"job_id": "fc-1", "timeout": 60}
+    expired = modal_call.finished_status(None, handle, {})
+    assert expired.state is JobState.FAILED and expired.details["reason"] == "output_expired"
+    lost = api_pb2.FunctionGetOutputsItem(result=api_pb2.GenericResult(
+        status=api_pb2.GenericResult.GENERIC_STATUS_INTERNAL_FAILURE, exception="worker lost"),
+        input_started_at=10.0, output_created_at=20.0, retry_count=1)
+    status = modal_call.finished_status(lost, handle, {})
+    assert status.state is JobState.PREEMPTED and status.details["reason"] == "preempted"
+    assert (status.details["started_at"], status.details["finished_at"], status.details["restarts"]) == (10.0, 20.0, 1)
+    oom = api_pb2.FunctionGetOutputsItem(result=api_pb2.GenericResult(
+        status=api_pb2.GenericResult.GENERIC_STATUS_KERNEL_OOM_KILL, exception="killed"))
+    assert modal_call.finished_status(oom, handle, {}).details["reason"] == "out_of_memory"
+
+
+def test_cbor_payloads_are_read_too(monkeypatch, md_emulator):
+    """A worker whose Modal config asks for CBOR payloads gets its result as CBOR: read as data too."""
+    monkeypatch.setenv("MODAL_PAYLOAD_FORMAT", "cbor")
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _greet, "cbor", task_id="cbor"))
+    assert run_trigger(hook, handle)["status"] == "succeeded"
+    assert read_outcome(store_path(handle["output_uri"])).value["greeting"] == "hi cbor"
+    assert md_emulator.call(handle["job_id"])["output_format"] == "DATA_FORMAT_CBOR"

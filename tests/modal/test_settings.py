@@ -53,6 +53,7 @@ def _operator(**kwargs):
     ({"region": "US East"}, r"region: 'US East' is not a Modal region"),
     ({"environment": {"STEPOPS_X": "1"}}, r"reserved for the runtime"),
     ({"gpus": "T4"}, r"Extra inputs are not permitted"),
+    ({"ephemeral_disk": 4 * 2**20}, r"ephemeral_disk\s+Input should be less than or equal to 3145728"),
 ])
 def test_bad_settings(kwargs, message):
     with pytest.raises(ValidationError, match=message):
@@ -68,7 +69,13 @@ def test_bad_settings(kwargs, message):
     ({"resources": {"gpu_type": "V100"}, "settings": {"step_operator.modal": {}}},
      r"resources.gpu_type: Modal has no V100 GPUs; Modal offers A10, A100, A100-80GB, B200, H100"),
     ({"resources": {"gpu_type": "H100", "gpu_count": 9}, "settings": {"step_operator.modal": {}}},
-     r"at most 8 H100 GPUs"),
+     r"^resources.gpu_count: Modal gives a container at most 8 H100 GPUs, got 9"),
+    ({"resources": {"gpu_type": "A10G", "gpu_count": 5}, "settings": {"step_operator.modal": {}}},
+     r"^resources.gpu_count: Modal gives a container at most 4 A10G GPUs, got 5"),
+    ({"resources": {"gpu_count": 6}, "settings": {"step_operator.modal": {}}},
+     r"resources.gpu_count: 6 GPUs without a gpu_type become Modal's gpu=\"any:6\"; \"any\" promises at most 4"),
+    ({"resources": {"disk_size": "4TiB"}, "settings": {"step_operator.modal": {}}},
+     r"resources.disk_size: Modal gives a container at most 3 TiB"),
     ({"resources": {"memory": "64MiB"}, "settings": {"step_operator.modal": {}}},
      r"resources.memory: Modal reserves 128 MiB to 344064 MiB, got 64MiB"),
     ({"resources": {"gpu_count": 2}, "settings": {"step_operator.modal": {"gpu": "T4"}}},
@@ -151,7 +158,10 @@ def test_render_prints_the_function_options():
     assert options["gpu"] == "H100:2" and options["cpu"] == 8.0 and options["memory"] == 65536
     assert options["timeout"] == 7200 and options["region"] == "us-east" and options["retries"] == 0
     assert options["secrets"] == ["hf-token"] and options["volumes"] == {"/data": "datasets"}
-    assert options["image"]["pip_install"] == ["torch==2.5.0", "cloudpickle"]
+    import cloudpickle
+
+    assert options["image"]["pip_install"] == ["torch==2.5.0", f"cloudpickle=={cloudpickle.__version__}"]
+    assert options["single_use_containers"] is True  # no warm GPU container left billing after the step
     env = body["call"]["args"][2]
     assert env["TEAM"] == "ml" and env["SEED"] == "1" and env["STEPOPS_FLAVOR"] == "modal"
     # other options, other app; same options, same app (the deployment is shared)
@@ -160,3 +170,8 @@ def test_render_prints_the_function_options():
     other = hook.render(StepSpec(identity=spec.identity, bundle_uri=spec.bundle_uri, output_uri=spec.output_uri,
                                  resources=ResourceSettings(gpu_type="T4"), settings=ModalStepOperatorSettings()))
     assert other["app_name"] != body["app_name"] and other["options"]["timeout"] == 86400
+    # without a timeout of its own, the step's execution_timeout bounds the call (rounded up: few apps)
+    bounded = hook.render(StepSpec(identity=spec.identity, bundle_uri=spec.bundle_uri, output_uri=spec.output_uri,
+                                   resources=ResourceSettings(), settings=ModalStepOperatorSettings(),
+                                   timeout_seconds=2400))
+    assert bounded["options"]["timeout"] == 3600

@@ -52,7 +52,8 @@ and the service's own (container start, timeout, cancel, preemption), with nanos
 app / function / call / input / task ids; ``call.logs.fetch``, ``.tail`` and ``.stream`` work.
 
 Faults: ``emu.inject("preemption", call=fc_id, after=1, restart=True)`` (restarted on a new task, as Modal
-does; without ``restart`` the input ends terminated as preempted), ``"failure"`` (``message``),
+does; without ``restart`` the input ends GENERIC_STATUS_INTERNAL_FAILURE, as Modal reports a lost input it gives
+up on), ``"failure"`` (``message``),
 ``"slow_start"`` (``duration``), ``"no_capacity"`` (``gpu="H100"``: fallbacks get the next type, others wait
 until ``clear_faults()``); ``emu.fail_requests(Status.UNAVAILABLE, times=2, method="FunctionMap")``.
 Inspection: ``apps``, ``functions``, ``function``, ``calls``, ``call``, ``wait_for_call``, ``pids``, ``pid``,

@@ -86,7 +86,7 @@ class Call:
             now = time.time()
             self.output = api_pb2.FunctionGetOutputsItem(
                 result=result, idx=0, input_id=self.input_id, data_format=data_format, task_id=self.task_id or "",
-                input_started_at=self.started_at or 0.0, output_created_at=now, retry_count=0)
+                input_started_at=self.started_at or 0.0, output_created_at=now, retry_count=max(self.attempts - 1, 0))
             self.state, self.finished_at, self.exit_code = state, now, exit_code
             self.exception = result.exception or None
             self.history.append(state)
@@ -108,6 +108,8 @@ class Call:
                 "started_at": self.started_at, "finished_at": self.finished_at, "exit_code": self.exit_code,
                 "attempts": self.attempts, "exception": self.exception,
                 "invocation_type": api_pb2.FunctionCallInvocationType.Name(self.invocation_type),
+                "output_format": (api_pb2.DataFormat.Name(self.output.data_format) if self.output is not None
+                                  else None),
             }
 
 

@@ -318,7 +318,9 @@ class CallRunner:
                 return Outcome("restart")
             message = F.PREEMPTED_FINAL.format(input_id=self.call.input_id)
             self._log(message, task_id)
-            return Outcome("terminated", GR(status=GR.GENERIC_STATUS_TERMINATED, exception=message), exit_code=code)
+            # as Modal reports a lost input it gives up on: a retriable internal failure (InternalFailure)
+            return Outcome("terminated", GR(status=GR.GENERIC_STATUS_INTERNAL_FAILURE, exception=message),
+                           exit_code=code)
         message = fault.message or F.FAILURE.format(task_id=task_id)
         self._log(message, task_id)
         return Outcome("failure", GR(status=GR.GENERIC_STATUS_FAILURE, exception=message), exit_code=code)
