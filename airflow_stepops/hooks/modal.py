@@ -283,7 +283,20 @@ class ModalStepOperatorHook(StepOperatorHook):
     def _ended(self, item: Any, handle: JobHandle) -> JobStatus:
         status = modal_call.finished_status(item, handle, self._details(handle))
         self._forget_running(handle)
+        ended: dict[str, bool] = self.__dict__.setdefault("_ended_calls", {})
+        if len(ended) > MAX_KEPT:
+            ended.clear()
+        ended[handle["job_id"]] = True
         return status
+
+    def _lines(self, handle: JobHandle, entries: list[Any], cursor: Any) -> tuple[list[str], Any]:
+        """New whole lines; once the call is over and nothing new comes, an unfinished last line too."""
+        lines, cursor = modal_call.log_lines(entries, cursor)
+        if not entries and cursor.get("partial") and self.__dict__.get("_ended_calls", {}).get(handle["job_id"]):
+            lines += [("[system] " if source == "system" else "") + text
+                      for source, text in cursor["partial"].items()]
+            cursor["partial"] = {}
+        return lines, cursor
 
     def _seen_running(self, handle: JobHandle) -> bool:
         """A call once running stays so until it ends (a preempted container is replaced by Modal): then
@@ -357,7 +370,7 @@ class ModalStepOperatorHook(StepOperatorHook):
 
     def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
         entries = list(self._call(handle).logs.fetch(since=modal_call.since(cursor, handle)))
-        return modal_call.log_lines(entries, cursor)
+        return self._lines(handle, entries, cursor)
 
     def console_url(self, handle: JobHandle) -> str | None:
         return self.config.console_url_template.format(
@@ -409,4 +422,4 @@ class ModalStepOperatorHook(StepOperatorHook):
         await self._aclient()
         call = self._call(handle)
         entries = [entry async for entry in call.logs.fetch.aio(since=modal_call.since(cursor, handle))]
-        return modal_call.log_lines(entries, cursor)
+        return self._lines(handle, entries, cursor)

@@ -350,3 +350,19 @@ def test_cbor_payloads_are_read_too(monkeypatch, md_emulator):
     assert run_trigger(hook, handle)["status"] == "succeeded"
     assert read_outcome(store_path(handle["output_uri"])).value["greeting"] == "hi cbor"
     assert md_emulator.call(handle["job_id"])["output_format"] == "DATA_FORMAT_CBOR"
+
+
+def _no_newline() -> int:
+    import sys
+
+    sys.stderr.write("progress 100%")  # a progress bar's last line, without its newline
+    sys.stderr.flush()
+    return 1
+
+
+def test_a_last_line_without_newline_is_not_lost(md_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _no_newline, task_id="no_newline"))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "succeeded", event
+    assert any(line.endswith("progress 100%") for line in event["log_tail"]), event["log_tail"]
