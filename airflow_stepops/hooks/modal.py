@@ -310,7 +310,7 @@ class ModalStepOperatorHook(StepOperatorHook):
             running.clear()
         if status.state == JobState.RUNNING:
             known = running.setdefault(handle["job_id"], {})
-            for key in ("task_id", "started_at"):
+            for key in ("modal_task_id", "started_at"):
                 if status.details.get(key):
                     known.setdefault(key, status.details[key])
             known.setdefault("started_at", time.time())

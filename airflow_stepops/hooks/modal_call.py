@@ -261,7 +261,7 @@ def running_status(inputs: list[Any], handle: JobHandle, details: dict[str, Any]
     """QUEUED until Modal gives the input a container (a task id, a start time), then RUNNING."""
     started = next((i for i in inputs if getattr(i, "task_id", "") or getattr(i, "started_at", 0)), None)
     if started is not None:
-        return JobStatus(JobState.RUNNING, "running", {**details, "task_id": getattr(started, "task_id", ""),
+        return JobStatus(JobState.RUNNING, "running", {**details, "modal_task_id": getattr(started, "task_id", ""),
                                                        "started_at": getattr(started, "started_at", 0) or None})
     return JobStatus(JobState.QUEUED, "waiting for a container", details)
 

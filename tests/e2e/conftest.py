@@ -27,7 +27,14 @@
   connection kept only in the metadata DB): every Airflow process gets the emulator's ``env()`` (the
   ``AZUREML_DEV_URL_MFE`` base URL, its CA bundle, a managed identity endpoint for DefaultAzureCredential;
   nothing ``AZURE*``/``IDENTITY_*`` leaks in from the parent process). Command jobs run as processes of this
-  one too and are killed when the emulator stops.
+  one too and are killed when the emulator stops. When the modal extra (the ``modal`` client and the modal
+  provider) is installed, also ``md_step_operator`` on the session's Modal emulator (the ``md_emulator`` fixture
+  of tests/conftest.py) with its modal connection ``modal_default`` (the emulator's token), kept only in the
+  metadata DB: every Airflow process gets ``MODAL_SERVER_URL`` (and a ``MODAL_CONFIG_PATH`` naming no file), but
+  neither the emulator's token (``MODAL_TOKEN_*``) nor ``AIRFLOW_CONN_MODAL_DEFAULT`` (nothing ``MODAL_*``
+  leaks in from the parent process either), so a process that cannot read ``modal_default`` from the DB fails
+  instead of falling back on ambient credentials. Function calls run as processes of this one and are killed
+  when the emulator stops.
 - ``airflow_services`` (session, started on first use): scheduler (LocalExecutor), dag-processor,
   triggerer and api-server, all bound to 127.0.0.1, each in its own process group. They are stopped
   after the last e2e test (not only at session end, so they do not compete with later tests for
@@ -116,13 +123,24 @@ AZ_ARTIFACT_STORE = "azureml://datastores/workspaceblobstore/paths/e2e"
 AZ_IMAGE = "mcr.microsoft.com/azureml/stepops-python:3.11"
 AZ_CONN_TAGS = {"team": "e2e"}
 AZ_CONN_ENVIRONMENT = {"E2E_FROM_CONN": "from-az-connection"}
+#: the modal step operator (registered when the modal client and the modal provider are installed), the Modal
+#: environment and app name prefix of its calls and the environment its connection gives every step. Its modal
+#: connection, ``MD_MODAL_CONN`` (the emulator's token), is kept only in the metadata DB: the triggerer must read
+#: it there (tests/e2e/test_modal.py); with neither it nor the token in the environment, the modal provider's
+#: fallback on ambient credentials finds none.
+MD_STEP_OPERATOR = "md_step_operator"
+MD_MODAL_CONN = "modal_default"
+MD_ENVIRONMENT = "main"
+MD_APP_NAME = "stepops-e2e"
+MD_CONN_ENVIRONMENT = {"E2E_FROM_CONN": "from-md-connection"}
 #: DAGs the services must have parsed before tests trigger them
 LIVE_DAG_IDS = ("stepops_e2e_deferred", "stepops_e2e_reattach", "stepops_e2e_cancel",
                 "stepops_e2e_k8s_deferred", "stepops_e2e_k8s_reattach", "stepops_e2e_k8s_cancel",
                 "stepops_e2e_sm_deferred", "stepops_e2e_sm_reattach", "stepops_e2e_sm_cancel", "stepops_e2e_sm_spot",
                 "stepops_e2e_vx_deferred", "stepops_e2e_vx_reattach", "stepops_e2e_vx_cancel", "stepops_e2e_vx_spot",
                 "stepops_e2e_vx_db_conn",
-                "stepops_e2e_az_deferred", "stepops_e2e_az_reattach", "stepops_e2e_az_cancel", "stepops_e2e_az_db_conn")
+                "stepops_e2e_az_deferred", "stepops_e2e_az_reattach", "stepops_e2e_az_cancel", "stepops_e2e_az_db_conn",
+                "stepops_e2e_md_deferred", "stepops_e2e_md_reattach", "stepops_e2e_md_cancel", "stepops_e2e_md_db_conn")
 
 _LAST_SERVICES_USER: list[str] = []  # node id of the last test that uses the live services
 
@@ -267,6 +285,9 @@ class AirflowEnv:
     #: the session's ``AzureMLEmulator`` behind ``az_step_operator`` and ``az_db_step_operator`` (None without the
     #: azure extra, adlfs or Azurite)
     az: Any = None
+    #: the session's ``ModalEmulator`` behind ``md_step_operator`` and ``modal_default`` (None without the modal
+    #: client or the modal provider)
+    md: Any = None
 
     # helpers for the tests (kept here so test modules need not import this conftest)
     wait_for = staticmethod(wait_for)
@@ -380,10 +401,11 @@ class AirflowEnv:
         return found
 
 
-def _session_env(home: Path, api_port: int, sm: Any = None, vx: Any = None, az: Any = None) -> dict[str, str]:
+def _session_env(home: Path, api_port: int, sm: Any = None, vx: Any = None, az: Any = None,
+                 md: Any = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("AIRFLOW", "_AIRFLOW", "PYTEST_", "STEPOPS_", "AWS_", "GOOGLE_", "GCSFS_",
-                                "STORAGE_EMULATOR_HOST", "AZURE", "IDENTITY_ENDPOINT", "IDENTITY_HEADER"))}
+                                "STORAGE_EMULATOR_HOST", "AZURE", "IDENTITY_ENDPOINT", "IDENTITY_HEADER", "MODAL_"))}
     if sm is not None:  # the AWS SDKs of every Airflow process (object storage, hooks) reach the emulator
         env.update(sm.env())
     if vx is not None:  # the google clients and gcsfs of every Airflow process reach the emulator
@@ -395,6 +417,10 @@ def _session_env(home: Path, api_port: int, sm: Any = None, vx: Any = None, az: 
     if az is not None:  # azure-ai-ml (base URL), DefaultAzureCredential (managed identity) and TLS trust (the
         # emulator's CA plus certifi's roots) of every Airflow process reach the emulator
         env.update(az.env())
+    if md is not None:  # the modal client of every Airflow process reaches the emulator; its token comes only from
+        # modal_default in the metadata DB (not MODAL_TOKEN_*, not ~/.modal.toml: the config path names no file)
+        env["MODAL_SERVER_URL"] = md.server_url
+        env["MODAL_CONFIG_PATH"] = str(home / "no-modal.toml")
     api = f"http://127.0.0.1:{api_port}"
     env.update({
         "AIRFLOW_HOME": str(home),
@@ -487,7 +513,20 @@ def _azureml_emulator(request: pytest.FixtureRequest) -> Any:
         return None
 
 
-def _connections(home: Path, k8s: Any, sm: Any = None, vx: Any = None, az: Any = None) -> dict[str, dict[str, str]]:
+def _modal_emulator(request: pytest.FixtureRequest) -> Any:
+    """The session's emulator (started once, by tests/conftest.py), or None without the modal extra (the
+    ``modal`` client and the modal provider, whose presence is read from its metadata)."""
+    if importlib.util.find_spec("modal") is None:
+        return None
+    try:
+        importlib.metadata.distribution("apache-airflow-providers-modal")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return request.getfixturevalue("md_emulator")
+
+
+def _connections(home: Path, k8s: Any, sm: Any = None, vx: Any = None, az: Any = None,
+                 md: Any = None) -> dict[str, dict[str, str]]:
     """The step operator connections of the session, as ``airflow connections import`` reads them."""
     found = {conn_id: {"conn_type": "stepops_local", "extra": json.dumps(extras)}
              for conn_id, extras in CONNECTIONS.items()}
@@ -528,6 +567,11 @@ def _connections(home: Path, k8s: Any, sm: Any = None, vx: Any = None, az: Any =
         found[AZ_STEP_OPERATOR] = {"conn_type": "stepops_azureml", "extra": json.dumps(common)}
         found[AZ_DB_STEP_OPERATOR] = {"conn_type": "stepops_azureml", "extra": json.dumps(
             {**common, "azure_conn_id": AZ_DB_AZURE_CONN})}
+    if md is not None:  # modal_default (MD_MODAL_CONN) exists only here, in the metadata DB
+        found[MD_MODAL_CONN] = {"conn_type": "modal", "login": md.token_id, "password": md.token_secret,
+                                "extra": json.dumps({"environment": MD_ENVIRONMENT})}
+        found[MD_STEP_OPERATOR] = {"conn_type": "stepops_modal", "extra": json.dumps({
+            "environment": MD_ENVIRONMENT, "app_name": MD_APP_NAME, "environment_variables": MD_CONN_ENVIRONMENT})}
     return found
 
 
@@ -542,12 +586,12 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
         home = tmp_path_factory.mktemp("airflow-home")
     api_port = _free_port()
     k8s, sm, vx = _kubernetes_emulator(request), _sagemaker_emulator(request), _vertex_emulator(request)
-    az = _azureml_emulator(request)
-    af = AirflowEnv(home=home, env=_session_env(home, api_port, sm, vx, az), api_port=api_port, k8s=k8s, sm=sm,
-                    vx=vx, az=az)
+    az, md = _azureml_emulator(request), _modal_emulator(request)
+    af = AirflowEnv(home=home, env=_session_env(home, api_port, sm, vx, az, md), api_port=api_port, k8s=k8s, sm=sm,
+                    vx=vx, az=az, md=md)
     af.cli("db", "migrate", timeout=300)
     # all step operators in one `airflow connections import` (each CLI call costs seconds)
-    connections = _connections(home, af.k8s, af.sm, af.vx, af.az)
+    connections = _connections(home, af.k8s, af.sm, af.vx, af.az, af.md)
     (home / "connections.json").write_text(json.dumps(connections, indent=2))
     af.cli("connections", "import", str(home / "connections.json"), timeout=180)
     rows = af.query("SELECT conn_id, conn_type, extra FROM connection")

@@ -107,7 +107,7 @@ def test_operator_side_cancel_and_status(md_emulator):
     handle = hook.submit(make_spec(hook, _sleep, 120, task_id="sync_cancel"))
     _wait_running(md_emulator, hook, handle)
     status = hook.get_status(handle)
-    assert status.state is JobState.RUNNING and status.details["task_id"].startswith("ta-")
+    assert status.state is JobState.RUNNING and status.details["modal_task_id"].startswith("ta-")
     hook.cancel(handle)
     _wait_gone(md_emulator, handle)
     assert hook.get_status(handle).state is JobState.CANCELLED

@@ -388,6 +388,7 @@ class ModalEmulator:
                                    f"(it is {snapshot['state']})")
             time.sleep(0.02)
 
+    @property
     def pids(self) -> list[int]:
         """The live container processes (process group leaders)."""
         with self._lock:
