@@ -20,7 +20,6 @@ emulator, and what the steps wrote into files named by the run's conf, and check
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import time
@@ -28,7 +27,7 @@ import time
 import psutil
 import pytest
 
-from .test_live_services import TERMINAL_TI_STATES, _task_runner_process
+from .steps import deferral_settled, step_digest, task_runner_process, terminal
 
 pytestmark = pytest.mark.slow
 
@@ -42,30 +41,12 @@ CONN_ENV = "from-az-connection"  # the connection's environment (tests/e2e/conft
 CONN_TAGS = {"team": "e2e"}  # the connection's tags
 
 
-def _terminal(row: dict) -> bool:
-    return row["state"] in TERMINAL_TI_STATES
-
-
-def _digest(dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> str:
-    """``StepIdentity.digest``: what the job name ends with and the ``stepops-step`` tag holds."""
-    raw = json.dumps([dag_id, run_id, task_id, map_index, try_number])
-    return hashlib.sha256(raw.encode()).hexdigest()
-
-
 def _tags(job: dict) -> dict[str, str]:
     return job["properties"].get("tags") or {}
 
 
 def _env(job: dict) -> dict[str, str]:
     return job["properties"].get("environmentVariables") or {}
-
-
-def _deferral_settled(services, dag_id: str, run_id: str, task_id: str, try_number: int) -> bool:
-    """The scheduler has processed the executor's "success" of the worker that deferred this try (see
-    tests/e2e/test_vertex.py: a trigger firing before that makes Airflow 3.3 fail the try)."""
-    key = f"TaskInstanceKey(dag_id='{dag_id}', task_id='{task_id}', run_id='{run_id}', try_number={try_number},"
-    text = services.log_path("scheduler").read_text(errors="replace")
-    return any("Received executor event with state success" in line and key in line for line in text.splitlines())
 
 
 class Jobs:
@@ -82,13 +63,13 @@ class Jobs:
 
     def of_try(self, dag_id: str, run_id: str, task_id: str, try_number: int) -> dict | None:
         """The job of one step try, found by its identity tag."""
-        digest = _digest(dag_id, run_id, task_id, try_number)[:40]
+        digest = step_digest(dag_id, run_id, task_id, try_number)[:40]
         found = [job for job in self.az.jobs if _tags(job).get("stepops-step") == digest]
         assert len(found) <= 1, found
         return found[0] if found else None
 
     def check_identity(self, job: dict, dag_id: str, run_id: str, task_id: str, try_number: int) -> None:
-        digest = _digest(dag_id, run_id, task_id, try_number)
+        digest = step_digest(dag_id, run_id, task_id, try_number)
         assert job["name"].endswith(f"-t{try_number}-{digest[:10]}"), job["name"]
         tags = _tags(job)
         assert {k: v for k, v in tags.items() if k.startswith("stepops-")} == {
@@ -196,11 +177,11 @@ def test_deferred_azureml_step_streams_logs_and_resumes(airflow_env, az, jobs, a
 
     # deferred, and the triggerer streams the running job's first line into the task log
     def streaming(row: dict) -> bool:
-        if _terminal(row):
+        if terminal(row):
             pytest.fail(f"the step ended while waiting for the test: {row['state']}\n"
                         f"{af.task_log_text(dag_id, run_id, task_id)[-5000:]}")
         return (row["state"] == "deferred" and f"[azureml] {begin}" in af.task_log_text(dag_id, run_id, task_id)
-                and _deferral_settled(airflow_services, dag_id, run_id, task_id, 1))
+                and deferral_settled(airflow_services, dag_id, run_id, task_id, 1))
 
     airflow_services.watch_ti(dag_id, run_id, task_id, until=streaming, timeout=120, seen=seen, on_row=record_trigger)
     (job,) = jobs.of_task(dag_id, task_id)
@@ -208,7 +189,7 @@ def test_deferred_azureml_step_streams_logs_and_resumes(airflow_env, az, jobs, a
     assert f"[azureml] {end}" not in af.task_log_text(dag_id, run_id, task_id)
     release.touch()
 
-    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=_terminal, timeout=120, seen=seen,
+    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=terminal, timeout=120, seen=seen,
                                       on_row=record_trigger)
     log = af.task_log_text(dag_id, run_id, task_id)
     assert final["state"] == "success", f"states seen: {seen}\n{log[-5000:]}"
@@ -269,7 +250,7 @@ def test_worker_sigkill_then_retry_reattaches_to_the_one_azureml_job(airflow_env
 
     seen: list[str] = []
     running = airflow_services.watch_ti(dag_id, run_id, task_id, until=step_started, timeout=120, seen=seen)
-    runner = af.wait_for(lambda: _task_runner_process(running), timeout=30, message="the task runner process")
+    runner = af.wait_for(lambda: task_runner_process(running), timeout=30, message="the task runner process")
     job_id = jobs.of_try(dag_id, run_id, task_id, 1)["name"]
     handle = stored_handle()
     assert (handle["flavor"], handle["job_id"], handle["try_number"], handle["conn_id"]) == (
@@ -286,7 +267,7 @@ def test_worker_sigkill_then_retry_reattaches_to_the_one_azureml_job(airflow_env
 
     # try 2 finds try 1's handle in the task state store and re-attaches to the job while it still runs
     def reattached(row: dict) -> bool:
-        if _terminal(row):
+        if terminal(row):
             pytest.fail(f"the task ended before its retry re-attached: {row['state']} (states seen: {seen})\n"
                         f"{af.task_log_text(dag_id, run_id, task_id, try_number=row['try_number'])[-5000:]}")
         return (row["try_number"] == 2 and row["state"] == "running" and "Re-attaching to job"
@@ -296,7 +277,7 @@ def test_worker_sigkill_then_retry_reattaches_to_the_one_azureml_job(airflow_env
     assert az.job(job_id)["status"] == "Running" and not af.process_gone(step_pid)
     release.touch()
 
-    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=_terminal, timeout=120, seen=seen)
+    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=terminal, timeout=120, seen=seen)
     try2_log = af.task_log_text(dag_id, run_id, task_id, try_number=2)
     assert final["state"] == "success", f"states seen: {seen}\n{try2_log[-5000:]}"
     assert final["try_number"] == 2, seen
@@ -334,7 +315,7 @@ def test_mark_deferred_azureml_step_failed_cancels_the_job(airflow_env, az, jobs
     # the trigger runs in the triggerer (claimed, and streaming the job's log lines): a task marked failed
     # before that has no running trigger whose on_kill could cancel the job
     def trigger_running(row: dict) -> bool:
-        if _terminal(row):
+        if terminal(row):
             pytest.fail(f"the step ended before it could be marked failed: {row['state']}\n"
                         f"{af.task_log_text(dag_id, run_id, task_id)[-5000:]}")
         if row["state"] != "deferred" or row["trigger_id"] is None or not pid_file.exists():
@@ -391,13 +372,13 @@ def test_deferred_azureml_step_with_the_azure_connection_in_the_metadata_db(airf
     seen: list[str] = []
 
     def streaming_or_over(row: dict) -> bool:  # over: e.g. its trigger failed (and the worker cancelled the job)
-        return _terminal(row) or (row["state"] == "deferred" and line in af.task_log_text(dag_id, run_id, task_id)
-                                  and _deferral_settled(airflow_services, dag_id, run_id, task_id, 1))
+        return terminal(row) or (row["state"] == "deferred" and line in af.task_log_text(dag_id, run_id, task_id)
+                                  and deferral_settled(airflow_services, dag_id, run_id, task_id, 1))
 
     airflow_services.watch_ti(dag_id, run_id, task_id, until=streaming_or_over, timeout=120, seen=seen)
     assert "isn't defined" not in af.task_log_text(dag_id, run_id, task_id)
     release.touch()
-    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=_terminal, timeout=120, seen=seen)
+    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=terminal, timeout=120, seen=seen)
     log = af.task_log_text(dag_id, run_id, task_id)
     assert "deferred" in seen, seen
     assert final["state"] == "success", f"states seen: {seen}\n{log[-5000:]}"

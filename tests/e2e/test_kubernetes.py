@@ -20,7 +20,7 @@ import time
 import psutil
 import pytest
 
-from .test_live_services import TERMINAL_TI_STATES, _task_runner_process
+from .steps import task_runner_process, terminal
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +29,6 @@ K8S_STEP_OPERATOR = "k8s_step_operator"
 K8S_TRIGGER = "airflow_stepops.triggers.kubernetes.KubernetesStepOperatorTrigger"
 LABEL = "stepops.airflow.apache.org"
 CONN_ENV = "from-k8s-connection"  # the connection's environment (tests/e2e/conftest.py)
-
-
-def _terminal(row: dict) -> bool:
-    return row["state"] in TERMINAL_TI_STATES
 
 
 def _jobs(k8s, dag_id: str, task_id: str) -> list[dict]:
@@ -114,7 +110,7 @@ def test_deferred_kubernetes_step_streams_logs_and_resumes(airflow_env, k8s, air
             for trig in af.query('SELECT id, classpath FROM "trigger" WHERE id = ?', row["trigger_id"]):
                 triggers[trig["id"]] = trig["classpath"]
 
-    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=_terminal, timeout=150, seen=seen,
+    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=terminal, timeout=150, seen=seen,
                                       on_row=record_trigger)
     log = af.task_log_text(dag_id, run_id, task_id)
     assert final["state"] == "success", f"states seen: {seen}\n{log[-5000:]}"
@@ -165,7 +161,7 @@ def test_worker_sigkill_then_retry_reattaches_to_the_one_job(airflow_env, k8s, a
 
     seen: list[str] = []
     running = airflow_services.watch_ti(dag_id, run_id, task_id, until=step_started, timeout=120, seen=seen)
-    runner = af.wait_for(lambda: _task_runner_process(running), timeout=30, message="the task runner process")
+    runner = af.wait_for(lambda: task_runner_process(running), timeout=30, message="the task runner process")
     (job,) = _jobs(k8s, dag_id, task_id)
     _check_job_of(job, run_id, 1)
     handle = stored_handle()
@@ -179,7 +175,7 @@ def test_worker_sigkill_then_retry_reattaches_to_the_one_job(airflow_env, k8s, a
     af.wait_for(lambda: af.process_gone(runner.pid), timeout=10, message="the task runner to die")
     assert not af.process_gone(step_pid), "the pod's step must survive its worker"
 
-    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=_terminal, timeout=150, seen=seen)
+    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=terminal, timeout=150, seen=seen)
     try2_log = af.task_log_text(dag_id, run_id, task_id, try_number=2)
     assert final["state"] == "success", f"states seen: {seen}\n{try2_log[-5000:]}"
     assert final["try_number"] == 2, seen
@@ -215,7 +211,7 @@ def test_mark_deferred_kubernetes_step_failed_deletes_the_job(airflow_env, k8s, 
     # the trigger runs in the triggerer (claimed, and streaming the pod's log lines): a task marked
     # failed before that has no running trigger whose on_kill could delete the Job
     def trigger_running(row: dict) -> bool:
-        if _terminal(row):
+        if terminal(row):
             pytest.fail(f"the step ended before it could be marked failed: {row['state']}\n"
                         f"{af.task_log_text(dag_id, run_id, task_id)[-5000:]}")
         if row["state"] != "deferred" or row["trigger_id"] is None or not pid_file.exists():

@@ -17,15 +17,12 @@ import time
 import psutil
 import pytest
 
+from .steps import task_runner_process, terminal
+
 pytestmark = pytest.mark.slow
 
-TERMINAL_TI_STATES = frozenset({"success", "failed", "upstream_failed", "skipped", "removed"})
 
 LOCAL_TRIGGER = "airflow_stepops.triggers.local.LocalStepOperatorTrigger"
-
-
-def _terminal(row: dict) -> bool:
-    return row["state"] in TERMINAL_TI_STATES
 
 
 @pytest.mark.timeout(480)  # includes starting the services on first use
@@ -50,7 +47,7 @@ def test_deferred_step_resumes_on_worker_with_streamed_logs(airflow_env, airflow
             for trig in af.query('SELECT id, classpath FROM "trigger" WHERE id = ?', row["trigger_id"]):
                 triggers[trig["id"]] = trig["classpath"]
 
-    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=_terminal, timeout=150, seen=seen,
+    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=terminal, timeout=150, seen=seen,
                                       on_row=record_trigger)
     log = af.task_log_text(dag_id, run_id, task_id)
     assert final["state"] == "success", f"states seen: {seen}\n{log[-5000:]}"
@@ -81,26 +78,6 @@ def test_deferred_step_resumes_on_worker_with_streamed_logs(airflow_env, airflow
     assert f"Step ran as local job {job['job_id']}" in log, log[-5000:]
 
 
-def _task_runner_process(ti_row: dict) -> psutil.Process | None:
-    """The task runner process of a TI, forked by its supervisor.
-
-    LocalExecutor's worker process runs the supervisor, titled ``airflow worker -- LocalExecutor: <ti
-    id>``; the task runner it forks (where ``execute()`` runs) retitles itself ``airflow worker -- <ti id>``.
-    """
-    ti_id = ti_row["id"].replace("-", "")
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if (cmdline.startswith("airflow worker -- ") and "LocalExecutor" not in cmdline
-                and ti_id in cmdline.replace("-", "")):
-            found.append(proc)
-    assert len(found) <= 1, found
-    if found:
-        supervisor = " ".join(found[0].parent().cmdline())
-        assert supervisor.startswith("airflow worker -- LocalExecutor:"), supervisor
-    return found[0] if found else None
-
-
 @pytest.mark.timeout(480)
 def test_worker_sigkill_then_retry_reattaches_to_same_remote_job(airflow_env, airflow_services, tmp_path):
     af, dag_id, task_id = airflow_env, "stepops_e2e_reattach", "slow_step"
@@ -120,7 +97,7 @@ def test_worker_sigkill_then_retry_reattaches_to_same_remote_job(airflow_env, ai
 
     seen: list[str] = []
     running = airflow_services.watch_ti(dag_id, run_id, task_id, until=step_started, timeout=120, seen=seen)
-    runner = af.wait_for(lambda: _task_runner_process(running), timeout=30, message="the task runner process")
+    runner = af.wait_for(lambda: task_runner_process(running), timeout=30, message="the task runner process")
     assert running["pid"] == runner.pid, "TI.pid should be the task runner's pid"
     step_pid = int(marker.read_text().split()[0])
     assert not af.process_gone(step_pid)
@@ -132,7 +109,7 @@ def test_worker_sigkill_then_retry_reattaches_to_same_remote_job(airflow_env, ai
     af.wait_for(lambda: af.process_gone(runner.pid), timeout=10, message="the task runner to die")
     assert not af.process_gone(step_pid), "the remote step must survive its worker"
 
-    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=_terminal, timeout=150, seen=seen)
+    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=terminal, timeout=150, seen=seen)
     try2_log = af.task_log_text(dag_id, run_id, task_id, try_number=2)
     assert final["state"] == "success", f"states seen: {seen}\n{try2_log[-5000:]}"
     assert final["try_number"] == 2, seen

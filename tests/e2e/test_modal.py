@@ -25,7 +25,7 @@ import time
 import psutil
 import pytest
 
-from .test_live_services import TERMINAL_TI_STATES, _task_runner_process
+from .steps import deferral_settled, task_runner_process, terminal
 
 pytestmark = pytest.mark.slow
 
@@ -36,18 +36,6 @@ ENVIRONMENT = "main"  # the Modal environment of the connections (tests/e2e/conf
 APP_NAME = "stepops-e2e"  # md_step_operator's app name prefix: apps are stepops-e2e-<12 hex>
 CONN_ENV = "from-md-connection"  # the connection's environment (tests/e2e/conftest.py)
 CONSOLE = "https://modal.com/id/{call_id}"
-
-
-def _terminal(row: dict) -> bool:
-    return row["state"] in TERMINAL_TI_STATES
-
-
-def _deferral_settled(services, dag_id: str, run_id: str, task_id: str, try_number: int) -> bool:
-    """The scheduler has processed the executor's "success" of the worker that deferred this try (see
-    tests/e2e/test_vertex.py: a trigger firing before that makes Airflow 3.3 fail the try)."""
-    key = f"TaskInstanceKey(dag_id='{dag_id}', task_id='{task_id}', run_id='{run_id}', try_number={try_number},"
-    text = services.log_path("scheduler").read_text(errors="replace")
-    return any("Received executor event with state success" in line and key in line for line in text.splitlines())
 
 
 def _stored_handle(af, dag_id: str, run_id: str, task_id: str) -> dict | None:
@@ -180,11 +168,11 @@ def test_deferred_modal_step_streams_logs_and_resumes(airflow_env, md, calls, ai
 
     # deferred, and the triggerer streams the running call's first line into the task log
     def streaming(row: dict) -> bool:
-        if _terminal(row):
+        if terminal(row):
             pytest.fail(f"the step ended while waiting for the test: {row['state']}\n"
                         f"{af.task_log_text(dag_id, run_id, task_id)[-5000:]}")
         return (row["state"] == "deferred" and f"[modal] {begin}" in af.task_log_text(dag_id, run_id, task_id)
-                and _deferral_settled(airflow_services, dag_id, run_id, task_id, 1))
+                and deferral_settled(airflow_services, dag_id, run_id, task_id, 1))
 
     airflow_services.watch_ti(dag_id, run_id, task_id, until=streaming, timeout=120, seen=seen, on_row=record_trigger)
     call_id = _stored_handle(af, dag_id, run_id, task_id)["job_id"]
@@ -192,7 +180,7 @@ def test_deferred_modal_step_streams_logs_and_resumes(airflow_env, md, calls, ai
     assert f"[modal] {end}" not in af.task_log_text(dag_id, run_id, task_id)
     release.touch()
 
-    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=_terminal, timeout=120, seen=seen,
+    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=terminal, timeout=120, seen=seen,
                                       on_row=record_trigger)
     log = af.task_log_text(dag_id, run_id, task_id)
     assert final["state"] == "success", f"states seen: {seen}\n{log[-5000:]}"
@@ -247,7 +235,7 @@ def test_worker_sigkill_then_retry_reattaches_to_the_one_modal_call(airflow_env,
 
     seen: list[str] = []
     running = airflow_services.watch_ti(dag_id, run_id, task_id, until=step_started, timeout=120, seen=seen)
-    runner = af.wait_for(lambda: _task_runner_process(running), timeout=30, message="the task runner process")
+    runner = af.wait_for(lambda: task_runner_process(running), timeout=30, message="the task runner process")
     handle = _stored_handle(af, dag_id, run_id, task_id)
     call_id = handle["job_id"]
     assert call_id.startswith("fc-"), handle
@@ -270,7 +258,7 @@ def test_worker_sigkill_then_retry_reattaches_to_the_one_modal_call(airflow_env,
 
     # try 2 finds try 1's handle in the task state store and re-attaches to the call while it still runs
     def reattached(row: dict) -> bool:
-        if _terminal(row):
+        if terminal(row):
             pytest.fail(f"the task ended before its retry re-attached: {row['state']} (states seen: {seen})\n"
                         f"{af.task_log_text(dag_id, run_id, task_id, try_number=row['try_number'])[-5000:]}")
         return (row["try_number"] == 2 and row["state"] == "running" and "Re-attaching to job"
@@ -280,7 +268,7 @@ def test_worker_sigkill_then_retry_reattaches_to_the_one_modal_call(airflow_env,
     assert md.call(call_id)["state"] == "running" and not af.process_gone(step_pid)
     release.touch()
 
-    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=_terminal, timeout=120, seen=seen)
+    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=terminal, timeout=120, seen=seen)
     ended = time.time()
     try2_log = af.task_log_text(dag_id, run_id, task_id, try_number=2)
     assert final["state"] == "success", f"states seen: {seen}\n{try2_log[-5000:]}"
@@ -320,7 +308,7 @@ def test_mark_deferred_modal_step_failed_cancels_the_call(airflow_env, md, calls
     # the trigger runs in the triggerer (claimed, and streaming the call's log lines): a task marked failed
     # before that has no running trigger whose on_kill could cancel the call
     def trigger_running(row: dict) -> bool:
-        if _terminal(row):
+        if terminal(row):
             pytest.fail(f"the step ended before it could be marked failed: {row['state']}\n"
                         f"{af.task_log_text(dag_id, run_id, task_id)[-5000:]}")
         if row["state"] != "deferred" or row["trigger_id"] is None or not pid_file.exists():
@@ -389,13 +377,13 @@ def test_deferred_modal_step_with_the_modal_connection_only_in_the_metadata_db(a
     seen: list[str] = []
 
     def streaming_or_over(row: dict) -> bool:  # over: e.g. its trigger failed (and the worker cancelled the call)
-        return _terminal(row) or (row["state"] == "deferred" and line in af.task_log_text(dag_id, run_id, task_id)
-                                  and _deferral_settled(airflow_services, dag_id, run_id, task_id, 1))
+        return terminal(row) or (row["state"] == "deferred" and line in af.task_log_text(dag_id, run_id, task_id)
+                                  and deferral_settled(airflow_services, dag_id, run_id, task_id, 1))
 
     airflow_services.watch_ti(dag_id, run_id, task_id, until=streaming_or_over, timeout=120, seen=seen)
     assert "isn't defined" not in af.task_log_text(dag_id, run_id, task_id)
     release.touch()
-    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=_terminal, timeout=120, seen=seen)
+    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=terminal, timeout=120, seen=seen)
     log = af.task_log_text(dag_id, run_id, task_id)
     assert "deferred" in seen, seen
     assert final["state"] == "success", f"states seen: {seen}\n{log[-5000:]}"

@@ -18,7 +18,6 @@ what the steps wrote into files named by the run's conf, and check:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import time
@@ -26,7 +25,7 @@ import time
 import psutil
 import pytest
 
-from .test_live_services import TERMINAL_TI_STATES, _task_runner_process
+from .steps import step_digest, task_runner_process, terminal
 
 pytestmark = pytest.mark.slow
 
@@ -40,19 +39,9 @@ ROLE = "arn:aws:iam::123456789012:role/stepops-tests"
 SPOT_SECONDS = 12  # MaxRuntimeInSeconds == MaxWaitTimeInSeconds of the spot step (dags/e2e_sagemaker_dags.py)
 
 
-def _terminal(row: dict) -> bool:
-    return row["state"] in TERMINAL_TI_STATES
-
-
-def _digest(dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> str:
-    """``StepIdentity.digest``: what the job name ends with and the ``stepops:step`` tag holds."""
-    raw = json.dumps([dag_id, run_id, task_id, map_index, try_number])
-    return hashlib.sha256(raw.encode()).hexdigest()
-
-
 def _job_of_try(sm, dag_id: str, run_id: str, task_id: str, try_number: int) -> dict | None:
     """The training job of one try, found by its deterministic name (``...-t<try>-<digest>``)."""
-    suffix = f"-t{try_number}-{_digest(dag_id, run_id, task_id, try_number)[:10]}"
+    suffix = f"-t{try_number}-{step_digest(dag_id, run_id, task_id, try_number)[:10]}"
     found = [job for job in sm.jobs() if job["TrainingJobName"].endswith(suffix)]
     assert len(found) <= 1, found
     return found[0] if found else None
@@ -80,7 +69,7 @@ class Jobs:
         return found
 
     def check_identity(self, job: dict, dag_id: str, run_id: str, task_id: str, try_number: int) -> None:
-        digest = _digest(dag_id, run_id, task_id, try_number)
+        digest = step_digest(dag_id, run_id, task_id, try_number)
         assert job["TrainingJobName"].endswith(f"-t{try_number}-{digest[:10]}"), job["TrainingJobName"]
         tags = self.tags(job)
         assert {k: v for k, v in tags.items() if k.startswith("stepops:")} == {
@@ -186,7 +175,7 @@ def test_deferred_sagemaker_step_streams_logs_and_resumes(airflow_env, sm, jobs,
             for trig in af.query('SELECT id, classpath FROM "trigger" WHERE id = ?', row["trigger_id"]):
                 triggers[trig["id"]] = trig["classpath"]
 
-    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=_terminal, timeout=150, seen=seen,
+    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=terminal, timeout=150, seen=seen,
                                       on_row=record_trigger)
     log = af.task_log_text(dag_id, run_id, task_id)
     assert final["state"] == "success", f"states seen: {seen}\n{log[-5000:]}"
@@ -241,7 +230,7 @@ def test_worker_sigkill_then_retry_reattaches_to_the_one_training_job(airflow_en
 
     seen: list[str] = []
     running = airflow_services.watch_ti(dag_id, run_id, task_id, until=step_started, timeout=120, seen=seen)
-    runner = af.wait_for(lambda: _task_runner_process(running), timeout=30, message="the task runner process")
+    runner = af.wait_for(lambda: task_runner_process(running), timeout=30, message="the task runner process")
     name = _job_of_try(sm, dag_id, run_id, task_id, 1)["TrainingJobName"]
     handle = stored_handle()
     assert (handle["flavor"], handle["job_id"], handle["try_number"], handle["conn_id"]) == (
@@ -256,7 +245,7 @@ def test_worker_sigkill_then_retry_reattaches_to_the_one_training_job(airflow_en
     assert not af.process_gone(step_pid), "the training job's step must survive its worker"
     assert sm.describe(name)["TrainingJobStatus"] == "InProgress"
 
-    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=_terminal, timeout=150, seen=seen)
+    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=terminal, timeout=150, seen=seen)
     try2_log = af.task_log_text(dag_id, run_id, task_id, try_number=2)
     assert final["state"] == "success", f"states seen: {seen}\n{try2_log[-5000:]}"
     assert final["try_number"] == 2, seen
@@ -292,7 +281,7 @@ def test_mark_deferred_sagemaker_step_failed_stops_the_training_job(airflow_env,
     # the trigger runs in the triggerer (claimed, and streaming the job's log lines): a task marked failed
     # before that has no running trigger whose on_kill could stop the job
     def trigger_running(row: dict) -> bool:
-        if _terminal(row):
+        if terminal(row):
             pytest.fail(f"the step ended before it could be marked failed: {row['state']}\n"
                         f"{af.task_log_text(dag_id, run_id, task_id)[-5000:]}")
         if row["state"] != "deferred" or row["trigger_id"] is None or not pid_file.exists():
@@ -379,7 +368,7 @@ def test_spot_interruption_then_retry_resumes_from_the_checkpoint(airflow_env, s
     done_by_try1 = saved["epoch"]
     assert 1 <= done_by_try1 < epochs and saved["starts"] == [{"job": name1, "from_epoch": 0}], saved
 
-    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=_terminal, timeout=180)
+    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=terminal, timeout=180)
     try1_log = af.task_log_text(dag_id, run_id, task_id, try_number=1)
     try2_log = af.task_log_text(dag_id, run_id, task_id, try_number=2)
     assert final["state"] == "success", f"{try1_log[-3000:]}\n{try2_log[-5000:]}"

@@ -21,7 +21,6 @@ steps wrote into files named by the run's conf, and check:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import time
@@ -29,7 +28,7 @@ import time
 import psutil
 import pytest
 
-from .test_live_services import TERMINAL_TI_STATES, _task_runner_process
+from .steps import deferral_settled, step_digest, task_runner_process, terminal
 
 pytestmark = pytest.mark.slow
 
@@ -43,16 +42,6 @@ IMAGE = "us-docker.pkg.dev/stepops-tests/ml/python:3"
 CONSOLE = "https://console.cloud.google.com/vertex-ai/locations/{location}/training/{job_id}/cpu?project={project}"
 
 
-def _terminal(row: dict) -> bool:
-    return row["state"] in TERMINAL_TI_STATES
-
-
-def _digest(dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> str:
-    """``StepIdentity.digest``: what the display name ends with and the ``stepops-step`` label holds."""
-    raw = json.dumps([dag_id, run_id, task_id, map_index, try_number])
-    return hashlib.sha256(raw.encode()).hexdigest()
-
-
 def _job_id(job: dict) -> str:
     return job["name"].rsplit("/", 1)[-1]
 
@@ -60,19 +49,6 @@ def _job_id(job: dict) -> str:
 def _env(job: dict) -> dict[str, str]:
     pool = job["jobSpec"]["workerPoolSpecs"][0]
     return {e["name"]: e.get("value", "") for e in pool["containerSpec"].get("env", [])}
-
-
-def _deferral_settled(services, dag_id: str, run_id: str, task_id: str, try_number: int) -> bool:
-    """The scheduler has processed the executor's "success" of the worker that deferred this try.
-
-    Until then the trigger must not fire: Airflow 3.3's scheduler tolerates that event arriving after the
-    trigger put the TI back to ``scheduled``, not after it was ``queued`` again for resuming; then it logs
-    "state mismatch" and fails the try without resuming it (seen when a job ended ~1.5 s after deferring).
-    Tests hold their step until this is true before letting it end.
-    """
-    key = f"TaskInstanceKey(dag_id='{dag_id}', task_id='{task_id}', run_id='{run_id}', try_number={try_number},"
-    text = services.log_path("scheduler").read_text(errors="replace")
-    return any("Received executor event with state success" in line and key in line for line in text.splitlines())
 
 
 def _spot(job: dict) -> bool:
@@ -94,13 +70,13 @@ class Jobs:
 
     def of_try(self, dag_id: str, run_id: str, task_id: str, try_number: int) -> dict | None:
         """The CustomJob of one step try, found by its identity label as the flavor's ``find_job`` does."""
-        digest = _digest(dag_id, run_id, task_id, try_number)[:40]
+        digest = step_digest(dag_id, run_id, task_id, try_number)[:40]
         found = [job for job in self.vx.jobs if job.get("labels", {}).get("stepops-step") == digest]
         assert len(found) <= 1, found
         return found[0] if found else None
 
     def check_identity(self, job: dict, dag_id: str, run_id: str, task_id: str, try_number: int) -> None:
-        digest = _digest(dag_id, run_id, task_id, try_number)
+        digest = step_digest(dag_id, run_id, task_id, try_number)
         assert job["displayName"].endswith(f"-t{try_number}-{digest[:10]}"), job["displayName"]
         labels = job["labels"]
         assert {k: v for k, v in labels.items() if k.startswith("stepops-")} == {
@@ -215,11 +191,11 @@ def test_deferred_vertex_step_streams_logs_and_resumes(airflow_env, vx, jobs, ai
 
     # deferred, and the triggerer streams the running job's first line into the task log
     def streaming(row: dict) -> bool:
-        if _terminal(row):
+        if terminal(row):
             pytest.fail(f"the step ended while waiting for the test: {row['state']}\n"
                         f"{af.task_log_text(dag_id, run_id, task_id)[-5000:]}")
         return (row["state"] == "deferred" and f"[vertex] {begin}" in af.task_log_text(dag_id, run_id, task_id)
-                and _deferral_settled(airflow_services, dag_id, run_id, task_id, 1))
+                and deferral_settled(airflow_services, dag_id, run_id, task_id, 1))
 
     airflow_services.watch_ti(dag_id, run_id, task_id, until=streaming, timeout=120, seen=seen, on_row=record_trigger)
     (job,) = jobs.of_task(dag_id, task_id)
@@ -227,7 +203,7 @@ def test_deferred_vertex_step_streams_logs_and_resumes(airflow_env, vx, jobs, ai
     assert f"[vertex] {end}" not in af.task_log_text(dag_id, run_id, task_id)
     release.touch()
 
-    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=_terminal, timeout=120, seen=seen,
+    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=terminal, timeout=120, seen=seen,
                                       on_row=record_trigger)
     log = af.task_log_text(dag_id, run_id, task_id)
     assert final["state"] == "success", f"states seen: {seen}\n{log[-5000:]}"
@@ -287,7 +263,7 @@ def test_worker_sigkill_then_retry_reattaches_to_the_one_custom_job(airflow_env,
 
     seen: list[str] = []
     running = airflow_services.watch_ti(dag_id, run_id, task_id, until=step_started, timeout=120, seen=seen)
-    runner = af.wait_for(lambda: _task_runner_process(running), timeout=30, message="the task runner process")
+    runner = af.wait_for(lambda: task_runner_process(running), timeout=30, message="the task runner process")
     job_id = _job_id(jobs.of_try(dag_id, run_id, task_id, 1))
     handle = stored_handle()
     assert (handle["flavor"], handle["job_id"], handle["try_number"], handle["conn_id"]) == (
@@ -305,7 +281,7 @@ def test_worker_sigkill_then_retry_reattaches_to_the_one_custom_job(airflow_env,
 
     # try 2 finds try 1's handle in the task state store and re-attaches to the job while it still runs
     def reattached(row: dict) -> bool:
-        if _terminal(row):
+        if terminal(row):
             pytest.fail(f"the task ended before its retry re-attached: {row['state']} (states seen: {seen})\n"
                         f"{af.task_log_text(dag_id, run_id, task_id, try_number=row['try_number'])[-5000:]}")
         return (row["try_number"] == 2 and row["state"] == "running" and "Re-attaching to job"
@@ -315,7 +291,7 @@ def test_worker_sigkill_then_retry_reattaches_to_the_one_custom_job(airflow_env,
     assert vx.job(job_id)["state"] == "JOB_STATE_RUNNING" and not af.process_gone(step_pid)
     release.touch()
 
-    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=_terminal, timeout=120, seen=seen)
+    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=terminal, timeout=120, seen=seen)
     try2_log = af.task_log_text(dag_id, run_id, task_id, try_number=2)
     assert final["state"] == "success", f"states seen: {seen}\n{try2_log[-5000:]}"
     assert final["try_number"] == 2, seen
@@ -354,7 +330,7 @@ def test_mark_deferred_vertex_step_failed_cancels_the_custom_job(airflow_env, vx
     # the trigger runs in the triggerer (claimed, and streaming the job's log lines): a task marked failed
     # before that has no running trigger whose on_kill could cancel the job
     def trigger_running(row: dict) -> bool:
-        if _terminal(row):
+        if terminal(row):
             pytest.fail(f"the step ended before it could be marked failed: {row['state']}\n"
                         f"{af.task_log_text(dag_id, run_id, task_id)[-5000:]}")
         if row["state"] != "deferred" or row["trigger_id"] is None or not pid_file.exists():
@@ -423,7 +399,7 @@ def test_spot_preemption_then_retry_resumes_from_the_checkpoint(airflow_env, vx,
         row = af.ti(dag_id, run_id, task_id)
         return job if (job and (line[0], _job_id(job), line[1]) in noted() and row["state"] == "deferred"
                        and row["try_number"] == try_number
-                       and _deferral_settled(airflow_services, dag_id, run_id, task_id, try_number)) else None
+                       and deferral_settled(airflow_services, dag_id, run_id, task_id, try_number)) else None
 
     # try 1's Spot job trains and checkpoints its epochs up to `hold_after`
     job1 = af.wait_for(lambda: waiting(1, ("epoch", hold_after)), timeout=120, message=lambda: f"try 1's epoch "
@@ -450,7 +426,7 @@ def test_spot_preemption_then_retry_resumes_from_the_checkpoint(airflow_env, vx,
                        f"{airflow_services.diagnostics(25)}")
     (gate / "resume").touch()
 
-    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=_terminal, timeout=180)
+    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=terminal, timeout=180)
     try1_log = af.task_log_text(dag_id, run_id, task_id, try_number=1)
     try2_log = af.task_log_text(dag_id, run_id, task_id, try_number=2)
     assert final["state"] == "success", f"{try1_log[-3000:]}\n{try2_log[-5000:]}"
@@ -501,13 +477,13 @@ def test_deferred_vertex_step_with_the_google_connection_in_the_metadata_db(airf
     seen: list[str] = []
 
     def streaming_or_over(row: dict) -> bool:  # over: e.g. its trigger failed (and the worker cancelled the job)
-        return _terminal(row) or (row["state"] == "deferred" and line in af.task_log_text(dag_id, run_id, task_id)
-                                  and _deferral_settled(airflow_services, dag_id, run_id, task_id, 1))
+        return terminal(row) or (row["state"] == "deferred" and line in af.task_log_text(dag_id, run_id, task_id)
+                                  and deferral_settled(airflow_services, dag_id, run_id, task_id, 1))
 
     airflow_services.watch_ti(dag_id, run_id, task_id, until=streaming_or_over, timeout=120, seen=seen)
     assert "isn't defined" not in af.task_log_text(dag_id, run_id, task_id)
     release.touch()
-    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=_terminal, timeout=120, seen=seen)
+    final = airflow_services.watch_ti(dag_id, run_id, task_id, until=terminal, timeout=120, seen=seen)
     log = af.task_log_text(dag_id, run_id, task_id)
     assert "deferred" in seen, seen
     assert final["state"] == "success", f"states seen: {seen}\n{log[-5000:]}"
