@@ -290,9 +290,10 @@ class ModalStepOperatorHook(StepOperatorHook):
         return status
 
     def _lines(self, handle: JobHandle, entries: list[Any], cursor: Any) -> tuple[list[str], Any]:
-        """New whole lines; once the call is over and nothing new comes, an unfinished last line too."""
+        """New whole lines; once the call is over and a read brings no new line, an unfinished last line
+        too (``fetch`` returns the entry at its ``since`` again, so "no new line" is not "no entry")."""
         lines, cursor = modal_call.log_lines(entries, cursor)
-        if not entries and cursor.get("partial") and self.__dict__.get("_ended_calls", {}).get(handle["job_id"]):
+        if not lines and cursor.get("partial") and self.__dict__.get("_ended_calls", {}).get(handle["job_id"]):
             lines += [("[system] " if source == "system" else "") + text
                       for source, text in cursor["partial"].items()]
             cursor["partial"] = {}
