@@ -216,7 +216,7 @@ class ModalStepOperatorHook(StepOperatorHook):
         if not digest or not isinstance(digest, str):
             return
         try:
-            self._calls.pop(digest, None)
+            modal_call.dict_drop(self.client, self._calls.object_id, digest)
         except Exception as exc:
             self.log.debug("Could not drop %s from the record of calls: %s", handle["job_id"], exc)
 

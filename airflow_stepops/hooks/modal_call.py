@@ -157,6 +157,14 @@ async def _dict_text(client: Any, dict_id: str, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+async def _dict_drop(client: Any, dict_id: str, key: str) -> None:
+    """Remove a key of a Modal Dict without reading its value (``Dict.pop`` would unpickle it)."""
+    from modal._serialization import serialize
+    from modal_proto import api_pb2
+
+    await client._stub.DictPop(api_pb2.DictPopRequest(dict_id=dict_id, key=serialize(key)))
+
+
 def _synchronized(function: Any) -> Any:
     """``function`` run on the modal client's own event loop, as a blocking call with an ``.aio`` form."""
     from modal._utils.async_utils import synchronize_api
@@ -189,6 +197,10 @@ async def acall_inputs(client: Any, function_id: str, call_id: str) -> list[Any]
 
 def dict_text(client: Any, dict_id: str, key: str) -> str | None:
     return _synchronized(_dict_text)(client, dict_id, key)  # type: ignore[no-any-return]
+
+
+def dict_drop(client: Any, dict_id: str, key: str) -> None:
+    _synchronized(_dict_drop)(client, dict_id, key)
 
 
 def step_error(result: Any) -> dict[str, Any] | None:

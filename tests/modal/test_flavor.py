@@ -284,6 +284,8 @@ def test_each_call_is_recorded_so_a_later_try_finds_it(md_emulator):
     assert found is not None and found["job_id"] == handle["job_id"] and found["output_uri"] == handle["output_uri"]
     assert make_hook().find_job(spec.identity.for_try(2)) is None
     assert run_trigger(hook, found)["status"] == "succeeded"
+    record_id = hook._calls.object_id
+    assert modal_call.dict_text(hook.client, record_id, spec.identity.digest) is None  # dropped once collected
     # the record is read as data: a value that is not a handle of ours is not followed
     import modal
 

@@ -44,8 +44,8 @@ SIGTERM, SIGKILL after ``stop_grace_period``; the input ends GENERIC_STATUS_TIME
 <id> hit its timeout of <N>s", raised as ``FunctionTimeoutError``) or GENERIC_STATUS_TERMINATED (raised as
 ``RemoteError``).
 
-Dicts: DictGetOrCreate (named), DictUpdate (also ``if_not_exists``) and DictGet, keys and values compared as
-the serialized bytes the client sends (``Dict.from_name``, ``put``, ``get``).
+Dicts: DictGetOrCreate (named), DictUpdate (also ``if_not_exists``), DictGet and DictPop, keys and values compared as
+the serialized bytes the client sends (``Dict.from_name``, ``put``, ``get``, ``pop``).
 
 Logs: AppFetchLogs, AppCountLogs and the AppGetLogs stream over the lines containers write (stdout, stderr)
 and the service's own (container start, timeout, cancel, preemption), with nanosecond timestamps and the

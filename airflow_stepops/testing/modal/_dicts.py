@@ -1,5 +1,5 @@
 """Named Modal Dicts: keys and values are the serialized bytes the client sends, compared as bytes (as the
-service stores them); enough for ``Dict.from_name``, ``put`` (also ``skip_if_exists``) and ``get``."""
+service stores them); enough for ``Dict.from_name``, ``put`` (also ``skip_if_exists``), ``get`` and ``pop``."""
 
 from __future__ import annotations
 
@@ -50,6 +50,11 @@ class DictStore:
                 return False
             target.entries.update(entries)
             return True
+
+    def pop(self, dict_id: str, key: bytes) -> bytes | None:
+        target = self.of(dict_id)
+        with self.lock:
+            return target.entries.pop(key, None)
 
     def get(self, dict_id: str, key: bytes) -> bytes | None:
         target = self.of(dict_id)

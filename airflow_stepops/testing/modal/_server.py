@@ -239,6 +239,11 @@ class ModalServicer(api_grpc.ModalClientBase):
         value = self.dicts.get(request.dict_id, request.key)
         await stream.send_message(api_pb2.DictGetResponse(found=value is not None, value=value or b""))
 
+    async def DictPop(self, stream: Stream[Any, Any]) -> None:
+        request = await stream.recv_message()
+        value = self.dicts.pop(request.dict_id, request.key)
+        await stream.send_message(api_pb2.DictPopResponse(found=value is not None, value=value or b""))
+
     async def MountGetOrCreate(self, stream: Stream[Any, Any]) -> None:
         request = await stream.recv_message()
         mount_id = self.registry.add_mount(request.deployment_name)
