@@ -231,7 +231,8 @@ def test_operator_side_cancel_and_status(vx_emulator):
     status = hook.get_status(handle)
     assert status.state is JobState.CANCELLED and vx_emulator.pid(handle["job_id"]) is None
     hook.cancel(handle)  # already finished: FAILED_PRECONDITION is not an error here
-    assert hook.get_status({**handle, "name": handle["name"][:-1] + "0"}).state is JobState.FAILED  # unknown job
+    unknown = handle["name"][:-1] + ("1" if handle["name"].endswith("0") else "0")  # another job id
+    assert hook.get_status({**handle, "name": unknown}).state is JobState.FAILED
 
 
 def test_trigger_deadline_cancels_the_job(vx_emulator):
