@@ -157,7 +157,6 @@ class ModalStepOperatorHook(StepOperatorHook):
         info.size, info.mode = len(data), 0o600
         tar.addfile(info, io.BytesIO(data))
 
-    # ---- lifecycle ----------------------------------------------------------------------------
     # ---- the record of calls (Modal has no look-up of calls by anything of ours) ----------------
     @cached_property
     def _calls(self) -> Any:
@@ -189,7 +188,7 @@ class ModalStepOperatorHook(StepOperatorHook):
             return None
         handle = {key: record.get(key) for key in RECORDED}
         handle.update(flavor="modal", conn_id=self.step_operator_conn_id, try_number=identity.try_number,
-                      output_uri=str(identity.prefix(self.artifact_root()) / "output"))
+                      step_digest=identity.digest, output_uri=str(identity.prefix(self.artifact_root()) / "output"))
         status = self.get_status(handle)
         if status.state.terminal:
             self.log.info("Modal call %s of step try %s is over (%s): not re-attaching", handle["job_id"],
@@ -220,6 +219,7 @@ class ModalStepOperatorHook(StepOperatorHook):
         except Exception as exc:
             self.log.debug("Could not drop %s from the record of calls: %s", handle["job_id"], exc)
 
+    # ---- lifecycle ----------------------------------------------------------------------------
     def submit(self, spec: StepSpec) -> JobHandle:
         options = self.options(spec)
         name = app_name(self.config, options)
