@@ -18,6 +18,7 @@ from aiohttp import web
 from grpclib.const import Status
 from grpclib.server import Server
 
+from airflow_stepops.testing._loop_thread import LoopThread
 from airflow_stepops.testing.modal import _faults as F
 from airflow_stepops.testing.modal._blobs import BlobStore
 from airflow_stepops.testing.modal._calls import TERMINAL, Call, CallStore
@@ -69,15 +70,14 @@ class ModalEmulator:
         self._blobs: BlobStore | None = None
         self._servicer: ModalServicer | None = None
         self._ctx: RunContext | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._serving = LoopThread("stepops-modal-emulator")
         self._grpc: Server | None = None
         self._http: web.AppRunner | None = None
 
     # ----- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> ModalEmulator:
-        if self._thread is not None:
+        if self._serving.running:
             raise RuntimeError("the emulator is already running")
         try:
             if self._wanted_workdir is not None:
@@ -101,9 +101,6 @@ class ModalEmulator:
 
     def _serve(self) -> None:
         assert self._servicer is not None and self._blobs is not None
-        loop = asyncio.new_event_loop()
-        ready: list[BaseException | None] = []
-        started = threading.Event()
 
         async def startup() -> None:
             assert self._servicer is not None and self._blobs is not None
@@ -120,25 +117,7 @@ class ModalEmulator:
             self.blob_port = self._http.addresses[0][1]
             self._blobs.base_url = f"http://127.0.0.1:{self.blob_port}"
 
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(startup())
-                ready.append(None)
-            except BaseException as exc:  # reported to start()'s caller
-                ready.append(exc)
-            started.set()
-            if ready[0] is None:
-                loop.run_forever()
-
-        self._loop = loop
-        self._thread = threading.Thread(target=run, name="stepops-modal-emulator", daemon=True)
-        self._thread.start()
-        started.wait(60)
-        if not ready or ready[0] is not None:
-            self._thread.join(5)
-            self._thread = None
-            raise RuntimeError("the Modal emulator's servers failed to start") from (ready[0] if ready else None)
+        self._serving.start(startup, "the Modal emulator's servers")
 
     def stop(self) -> None:
         """Kill every call's process group, stop both servers, remove an own workdir; idempotent. Calls keep
@@ -150,28 +129,18 @@ class ModalEmulator:
             runners = list(self._runners.values())
         for runner in runners:
             runner.shutdown()
-        if self._thread is not None and self._loop is not None:
-            loop = self._loop
 
-            async def shutdown() -> None:
-                if self._grpc is not None:
-                    self._grpc.close()
-                    try:  # clients may hold their connections open
-                        await asyncio.wait_for(self._grpc.wait_closed(), 5)
-                    except asyncio.TimeoutError:
-                        pass
-                if self._http is not None:
-                    await self._http.cleanup()
+        async def shutdown() -> None:
+            if self._grpc is not None:
+                self._grpc.close()
+                try:  # clients may hold their connections open
+                    await asyncio.wait_for(self._grpc.wait_closed(), 5)
+                except asyncio.TimeoutError:
+                    pass
+            if self._http is not None:
+                await self._http.cleanup()
 
-            try:
-                asyncio.run_coroutine_threadsafe(shutdown(), loop).result(30)
-            finally:
-                loop.call_soon_threadsafe(loop.stop)
-                self._thread.join(30)
-                self._thread = None
-        if self._loop is not None and not self._loop.is_running():
-            self._loop.close()
-            self._loop = None
+        self._serving.stop(shutdown)
         if self.workdir is not None and self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir, self._owns_workdir = None, False

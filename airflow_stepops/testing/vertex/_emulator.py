@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import tempfile
@@ -15,6 +14,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from airflow_stepops.testing._loop_thread import LoopThread
 from airflow_stepops.testing.vertex import _faults as F
 from airflow_stepops.testing.vertex._auth import UNIVERSE_DOMAIN, ServiceAccount, without_boundary_lookup
 from airflow_stepops.testing.vertex._errors import DEFAULT_STATUS, ApiError
@@ -70,14 +70,13 @@ class VertexEmulator:
         self._logs: LogStore | None = None
         self._service: JobService | None = None
         self._ctx: RunContext | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._serving = LoopThread("stepops-vertex-emulator")
         self._runner: web.AppRunner | None = None
 
     # ----- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> VertexEmulator:
-        if self._thread is not None:
+        if self._serving.running:
             raise RuntimeError("the emulator is already running")
         try:
             if self._wanted_workdir is not None:
@@ -105,9 +104,6 @@ class VertexEmulator:
 
     def _serve(self) -> None:
         assert self._server is not None
-        loop = asyncio.new_event_loop()
-        ready: list[BaseException | None] = []
-        started = threading.Event()
 
         async def startup() -> None:
             assert self._server is not None
@@ -117,25 +113,7 @@ class VertexEmulator:
             await site.start()
             self.port = self._runner.addresses[0][1]
 
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(startup())
-                ready.append(None)
-            except BaseException as exc:  # reported to start()'s caller
-                ready.append(exc)
-            started.set()
-            if ready[0] is None:
-                loop.run_forever()
-
-        self._loop = loop
-        self._thread = threading.Thread(target=run, name="stepops-vertex-emulator", daemon=True)
-        self._thread.start()
-        started.wait(60)
-        if not ready or ready[0] is not None:
-            self._thread.join(5)
-            self._thread = None
-            raise RuntimeError("the Vertex AI emulator's server failed to start") from (ready[0] if ready else None)
+        self._serving.start(startup, "the Vertex AI emulator's server")
 
     def stop(self) -> None:
         """Kill every job process (and its children), stop both servers, remove an own workdir; idempotent.
@@ -147,22 +125,12 @@ class VertexEmulator:
             runners = list(self._runners.values())
         for runner in runners:
             runner.shutdown()
-        if self._thread is not None and self._loop is not None:
-            loop = self._loop
 
-            async def shutdown() -> None:
-                if self._runner is not None:
-                    await self._runner.cleanup()
+        async def shutdown() -> None:
+            if self._runner is not None:
+                await self._runner.cleanup()
 
-            try:
-                asyncio.run_coroutine_threadsafe(shutdown(), loop).result(30)
-            finally:
-                loop.call_soon_threadsafe(loop.stop)
-                self._thread.join(30)
-                self._thread = None
-        if self._loop is not None and not self._loop.is_running():
-            self._loop.close()
-            self._loop = None
+        self._serving.stop(shutdown)
         if self._gcs is not None:
             self._gcs.stop()
             self._gcs = None
