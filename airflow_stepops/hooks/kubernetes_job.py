@@ -173,7 +173,7 @@ def build_job(
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": image,
-        "command": ["python", "-c", ENTRY_SOURCE],
+        "command": ["python3", "-c", ENTRY_SOURCE],
         "env": env,
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",

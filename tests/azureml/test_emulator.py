@@ -104,7 +104,7 @@ def test_command_job_reads_inputs_writes_outputs_and_walks_the_statuses(aml, ml_
     script = tmp_path / "io.py"
     script.write_text(IO_SCRIPT)
     job = command(
-        command=f"python {script} ${{{{inputs.data}}}} ${{{{inputs.table}}}} ${{{{outputs.out}}}} "
+        command=f"python3 {script} ${{{{inputs.data}}}} ${{{{inputs.table}}}} ${{{{outputs.out}}}} "
                 "${{outputs.summary}} ${{inputs.n}}",
         environment=IMAGE, compute="cpu-cluster", name="emu-io", experiment_name="emulator-tests",
         inputs={"data": Input(type="uri_folder", path="azureml://datastores/workspaceblobstore/paths/in/"),

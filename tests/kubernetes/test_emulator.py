@@ -52,7 +52,7 @@ def job_manifest(name: str, script: str, *, labels: dict[str, str] | None = None
                  annotations: dict[str, str] | None = None, resources: dict[str, Any] | None = None,
                  container: dict[str, Any] | None = None, pod: dict[str, Any] | None = None,
                  **spec: Any) -> dict[str, Any]:
-    main = {"name": "main", "image": "python:3.11-slim", "command": ["python", "-c", textwrap.dedent(script)],
+    main = {"name": "main", "image": "python:3.11-slim", "command": ["python3", "-c", textwrap.dedent(script)],
             **(container or {})}
     if resources:
         main["resources"] = resources
@@ -183,6 +183,15 @@ def test_failing_command_fails_the_job(batch: Any, core: Any) -> None:
     assert pod.status.phase == "Failed"
     terminated = pod.status.container_statuses[0].state.terminated
     assert (terminated.exit_code, terminated.reason) == (3, "Error")
+
+
+def test_an_image_without_python_fails_a_python_command(batch: Any, core: Any) -> None:
+    name = unique("nopython")
+    batch.create_namespaced_job(NS, job_manifest(name, "print('never')", container={"command": ["python", "-c", "1"]}))
+    finished(batch, name)
+    terminated = only_pod(core, name).status.container_statuses[0].state.terminated
+    assert terminated.exit_code == 127 and "python" in (terminated.message or "") + "".join(
+        core.read_namespaced_pod_log(only_pod(core, name).metadata.name, NS))
 
 
 def test_backoff_limit_retries_with_new_pods(batch: Any, core: Any) -> None:

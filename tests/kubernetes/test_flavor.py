@@ -322,7 +322,7 @@ def test_render_validates_before_anything_is_created(k8s_emulator, monkeypatch):
     hook = make_hook()
     job = hook.render(make_spec(hook, _greet, "x", task_id="render_only"))
     validate_job(job)
-    assert job["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["python", "-c"]
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["python3", "-c"]
     monkeypatch.setenv("AIRFLOW_CONN_K8S_NO_IMAGE", json.dumps({"conn_type": "stepops_kubernetes", "extra": {
         "config_file": os.environ["AIRFLOW_HOME"] + "/kubeconfig", "kubernetes_namespace": NS}}))
     with pytest.raises(StepOperatorConfigError, match=r"image: step operator 'k8s_no_image' has no container image"):

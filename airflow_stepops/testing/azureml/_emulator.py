@@ -14,12 +14,13 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+from airflow_stepops.testing._images import write_python_shims
 from airflow_stepops.testing.azureml._auth import IDENTITY_HEADER, AsyncStaticTokenCredential, StaticTokenCredential
 from airflow_stepops.testing.azureml._azurite import Azurite
 from airflow_stepops.testing.azureml._config import ComputeSpec, EmulatorConfig
 from airflow_stepops.testing.azureml._faults import JSON, Fault, FaultRule, RequestFault
 from airflow_stepops.testing.azureml._jobs import TERMINAL, Job, iso
-from airflow_stepops.testing.azureml._runner import RunContext, write_python_shims
+from airflow_stepops.testing.azureml._runner import RunContext
 from airflow_stepops.testing.azureml._server import ApiServer, ServerThread
 from airflow_stepops.testing.azureml._service import Service
 from airflow_stepops.testing.azureml._tls import TlsFiles, write_tls_files

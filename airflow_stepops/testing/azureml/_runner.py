@@ -6,7 +6,7 @@ Per job a directory ``<workdir>/jobs/<name>/`` holds ``inputs/<input>/``, ``outp
 ``prepare_seconds``), runs ``bash -c <command>`` in ``Running`` with ``${{inputs.x}}`` /
 ``${{outputs.x}}`` replaced by those directories (or the file, for ``uri_file``; the value, for
 literals), uploads the outputs in ``Finalizing`` (also after a failure) and ends ``Completed``,
-``Failed`` or ``Canceled``. ``python``/``python3`` on the job's ``PATH`` are this interpreter.
+``Failed`` or ``Canceled``. ``python3`` on the job's ``PATH`` is this interpreter; ``python`` is missing (``testing._images``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -65,19 +64,6 @@ class Outcome:
     tail: list[str] = field(default_factory=list)
 
 
-def write_python_shims(shims: Path) -> None:
-    """``python``, ``python3`` and ``python3.N`` on the job's PATH run this interpreter.
-
-    They are ``exec`` scripts, not symlinks: CPython finds a virtualenv by the ``pyvenv.cfg`` beside the
-    path it was started from, so a symlink elsewhere to ``.venv/bin/python`` would run the base
-    interpreter without the virtualenv's packages.
-    """
-    shims.mkdir(parents=True, exist_ok=True)
-    minor = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    for alias in ("python", "python3", minor):
-        shim = shims / alias
-        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-        shim.chmod(0o755)
 
 
 def resolve_command(command: str, paths: dict[str, dict[str, str]]) -> str:

@@ -30,7 +30,8 @@ and env, the termination message, pod ``activeDeadlineSeconds``), the Job contro
 (job-tracking finalizers, backoffLimit, podFailurePolicy, activeDeadlineSeconds, suspend,
 ttlSecondsAfterFinished, SuccessCriteriaMet/FailureTarget before Complete/Failed) and Events.
 
-Not emulated: images (only commands run; ``python`` means the host's interpreter), other containers than
+Not emulated: images (only commands run; ``python3`` means the host's interpreter;
+like a python3-only image, there is no ``python``), other containers than
 the first (reported running alongside it), Indexed Jobs, probes, services and networking, RBAC
 (an optional bearer token only), server-side apply semantics, protobuf, and field managers.
 """

@@ -7,12 +7,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from airflow_stepops.testing._images import IMAGE_PYTHONS
 from airflow_stepops.testing.kubernetes._util import JSON, timestamp
 
 
 def _python_aliases() -> dict[str, str]:
-    minor = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    return {"python": sys.executable, "python3": sys.executable, minor: sys.executable}
+    return dict.fromkeys(IMAGE_PYTHONS, sys.executable)
 
 
 @dataclass
@@ -70,7 +70,8 @@ class EmulatorConfig:
     #: Extra environment for every container process (e.g. PYTHONPATH); the host's is not inherited.
     env: dict[str, str] = field(default_factory=dict)
     inherit_env: bool = False
-    #: Container commands replaced by host executables: the image's ``python`` is the host's.
+    #: Container commands replaced by host executables: the image's ``python3`` is the host's; like an image
+    #: with only Debian's ``python3``, it has no ``python`` (see airflow_stepops.testing._images).
     command_aliases: dict[str, str] = field(default_factory=_python_aliases)
     #: Where the PVC directories live; a temporary directory when None.
     pvc_root: Path | None = None

@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from airflow_stepops.testing._images import write_missing_shims
 from airflow_stepops.testing.kubernetes._cluster import Cluster
 from airflow_stepops.testing.kubernetes._faults import Fault, faults_for
 from airflow_stepops.testing.kubernetes._store import CONFIGMAPS, NODES, PODS, PVCS, SECRETS, Event
@@ -232,6 +233,7 @@ class Kubelet:
                 shim = self._shims / alias
                 shim.write_text(f'#!/bin/sh\nexec "{target}" "$@"\n')
                 shim.chmod(0o755)
+        write_missing_shims(self._shims, tuple(self.config.command_aliases))
         self.store.subscribe(self._on_event)
 
     # ----- wiring ---------------------------------------------------------------------------------

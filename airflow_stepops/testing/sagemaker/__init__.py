@@ -15,8 +15,8 @@ SageMaker and CloudWatch Logs; boto3 and aiobotocore talk to it unchanged throug
 Training jobs (moto only records them; ``_moto_patches.py`` makes them run): a job is created
 ``InProgress``/``Starting`` (a duplicate name answers ``ResourceInUse``), downloads its S3Prefix
 channels to ``/opt/ml/input/data/<channel>/`` and its checkpoints, runs ``ContainerEntrypoint +
-ContainerArguments`` with ``Environment`` (``/opt/ml`` rewritten to a per-run directory; ``python``
-is this interpreter; no image is pulled), sends the output to CloudWatch Logs (group
+ContainerArguments`` with ``Environment`` (``/opt/ml`` rewritten to a per-run directory; ``python3``
+is this interpreter, ``python`` is missing; no image is pulled), sends the output to CloudWatch Logs (group
 ``/aws/sagemaker/TrainingJobs``, stream ``<job>/algo-1-<epoch seconds>``) while it runs, syncs
 ``/opt/ml/checkpoints`` to ``CheckpointConfig.S3Uri``, and uploads ``/opt/ml/model`` as
 ``<S3OutputPath>/<job>/output/model.tar.gz``. SecondaryStatus walks ``Starting``, ``Downloading``,

@@ -11,12 +11,13 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from airflow_stepops.testing._images import write_python_shims
 from airflow_stepops.testing.sagemaker import _moto_patches
 from airflow_stepops.testing.sagemaker._config import EmulatorConfig
 from airflow_stepops.testing.sagemaker._faults import Fault, FaultRule, faults_for
 from airflow_stepops.testing.sagemaker._jobs import JSON, TERMINAL, TrainingJob
 from airflow_stepops.testing.sagemaker._logs import LOG_GROUP
-from airflow_stepops.testing.sagemaker._runner import JobRunner, RunContext, write_python_shims
+from airflow_stepops.testing.sagemaker._runner import JobRunner, RunContext
 from airflow_stepops.testing.sagemaker._server import INTERNAL_AGENT, ApiFault, MotoServer
 
 _CONFIG_FIELDS = {f.name for f in fields(EmulatorConfig)}

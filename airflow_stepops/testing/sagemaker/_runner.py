@@ -5,7 +5,7 @@ directory tree standing in for the instance's filesystem, ``<job_root>/<job>/run
 ``opt/ml`` (``input/config/*.json``, ``input/data/<channel>/``, ``model/``, ``output/``,
 ``checkpoints/``), ``root/`` (HOME) and ``tmp/``; downloads the S3Prefix channels and the checkpoints;
 then runs ``ContainerEntrypoint + ContainerArguments`` as a local process group with ``/opt/ml``
-rewritten to the run's directory and ``python``/``python3`` meaning this interpreter (no image is
+rewritten to the run's directory and ``python3`` meaning this interpreter (no ``python``, as in a python3-only image) (no image is
 pulled). Output goes to CloudWatch Logs; when the process ends the model directory becomes
 ``<S3OutputPath>/<job>/output/model.tar.gz``.
 
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from airflow_stepops.testing._images import IMAGE_PYTHONS
 from airflow_stepops.testing.sagemaker._config import EmulatorConfig
 from airflow_stepops.testing.sagemaker._faults import INTERNAL_ERROR, Fault
 from airflow_stepops.testing.sagemaker._jobs import MESSAGES, TrainingJob
@@ -48,7 +49,6 @@ from airflow_stepops.testing.sagemaker._transfer import (
 
 logger = logging.getLogger(__name__)
 
-_PYTHON = re.compile(r"python(\d+(\.\d+)?)?")
 _TICK = 0.05
 
 
@@ -87,14 +87,6 @@ def _rewriter(mapping: list[tuple[str, str]]) -> Callable[[str], str]:
     return lambda text: pattern.sub(lambda m: table[m.group(1)], text)
 
 
-def write_python_shims(shims: Path) -> None:
-    """``python``, ``python3`` and ``python3.N`` on the job's PATH run this interpreter."""
-    shims.mkdir(parents=True, exist_ok=True)
-    minor = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    for alias in ("python", "python3", minor):
-        shim = shims / alias
-        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-        shim.chmod(0o755)
 
 
 class JobRunner:
@@ -318,7 +310,7 @@ class JobRunner:
             mapping.append((local, str(self._checkpoint_dir(base))))
         rewrite = _rewriter(mapping)
         argv = [rewrite(str(part)) for part in entrypoint + list(spec.get("ContainerArguments") or [])]
-        if _PYTHON.fullmatch(os.path.basename(argv[0])):
+        if os.path.basename(argv[0]) in IMAGE_PYTHONS:  # other names resolve on PATH: the image's shims
             argv[0] = sys.executable
         region = self.job.arn.split(":")[3]
         # a minimal base, not the host's environment: PATH (python shims first), HOME and TMPDIR of the run,

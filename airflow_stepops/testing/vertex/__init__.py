@@ -15,7 +15,7 @@ real clients talk to them unchanged::
         job = jobs.create_custom_job(parent=f"projects/{emu.project}/locations/{emu.location}", custom_job={
             "display_name": "train", "job_spec": {"worker_pool_specs": [{
                 "machine_spec": {"machine_type": "n1-standard-4"}, "replica_count": 1,
-                "container_spec": {"image_uri": "ignored", "command": ["python", "-c", "print(1)"]}}]}})
+                "container_spec": {"image_uri": "ignored", "command": ["python3", "-c", "print(1)"]}}]}})
         emu.wait_for_state(job.name, "JOB_STATE_SUCCEEDED")
 
 Auth: ``service_account_info()`` is a service-account key whose ``token_uri`` is the emulator's
@@ -35,8 +35,8 @@ INVALID_ARGUMENT as Vertex words it), get (404 NOT_FOUND), list (``filter`` on `
 number (``project_number``, default 123456789012); paths may use the id or the number. A job walks
 QUEUED, PENDING (``/gcs`` inputs copied in), RUNNING, then SUCCEEDED, or FAILED with Vertex's "The replica
 workerpool0-0 exited with a non-zero status of N ..." (code 3) or, past ``scheduling.timeout``, code 4.
-Worker pool 0, replica 0 runs ``containerSpec.command + args`` with ``containerSpec.env`` (``python`` is
-this interpreter); ``/gcs/<bucket>/...`` in them is a per-job directory synced with fake GCS before and
+Worker pool 0, replica 0 runs ``containerSpec.command + args`` with ``containerSpec.env`` (``python3`` is
+this interpreter; the image has no ``python``); ``/gcs/<bucket>/...`` in them is a per-job directory synced with fake GCS before and
 after the process (see ``_mount``); stdout/stderr become log entries (INFO/ERROR) as they are written.
 
 Logging: entries like Vertex's (``projects/<p>/logs/workerpool0-0``, resource ``ml_job`` with

@@ -14,6 +14,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from airflow_stepops.testing._images import write_python_shims
 from airflow_stepops.testing._loop_thread import LoopThread
 from airflow_stepops.testing.vertex import _faults as F
 from airflow_stepops.testing.vertex._auth import UNIVERSE_DOMAIN, ServiceAccount, without_boundary_lookup
@@ -21,7 +22,7 @@ from airflow_stepops.testing.vertex._errors import DEFAULT_STATUS, ApiError
 from airflow_stepops.testing.vertex._gcs import FakeGcsServer
 from airflow_stepops.testing.vertex._jobs import TERMINAL, Job, JobService
 from airflow_stepops.testing.vertex._logging import REPLICA, LogStore
-from airflow_stepops.testing.vertex._runner import JobRunner, RunContext, write_python_shims
+from airflow_stepops.testing.vertex._runner import JobRunner, RunContext
 from airflow_stepops.testing.vertex._server import ApiServer
 from airflow_stepops.testing.vertex._time import Clock
 

@@ -6,7 +6,7 @@ JOB_STATE_SUCCEEDED / JOB_STATE_FAILED (``endTime``, ``error``); a cancel goes J
 JOB_STATE_CANCELLED. Whatever ends a started process, the ``/gcs`` files are uploaded before the end state.
 
 Only replica 0 of worker pool 0 runs: ``containerSpec.command + containerSpec.args`` as a local process
-group (``python``/``python3`` is this interpreter; no image is pulled; ``$(VAR)`` is expanded from the
+group (``python3`` is this interpreter and ``python`` is missing, see ``testing._images``; no image is pulled; ``$(VAR)`` is expanded from the
 env as Vertex does) in ``<workdir>/jobs/<id>/`` with ``home/`` as HOME and cwd, ``tmp/`` as TMPDIR and
 ``gcs/`` standing in for ``/gcs`` (see ``_mount``). Its stdout and stderr lines become log entries as
 they are read. The process gets a minimal environment: PATH, HOME, TMPDIR, PYTHONUNBUFFERED=1, LANG,
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from airflow_stepops.testing._images import IMAGE_PYTHONS
 from airflow_stepops.testing.vertex import _faults as F
 from airflow_stepops.testing.vertex._errors import job_error
 from airflow_stepops.testing.vertex._gcs import FakeGcsServer
@@ -40,7 +41,6 @@ from airflow_stepops.testing.vertex._time import Clock
 
 logger = logging.getLogger(__name__)
 
-_PYTHON = re.compile(r"python(\d+(\.\d+)?)?")
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 _TICK = 0.05
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)s$")
@@ -72,13 +72,6 @@ class Outcome:
     error: dict[str, Any] | None = None
 
 
-def write_python_shims(shims: Path) -> None:
-    """``python``, ``python3`` and ``python3.N`` on the job's PATH run this interpreter."""
-    shims.mkdir(parents=True, exist_ok=True)
-    for alias in ("python", "python3", f"python{sys.version_info[0]}.{sys.version_info[1]}"):
-        shim = shims / alias
-        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-        shim.chmod(0o755)
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -258,7 +251,7 @@ class JobRunner:
         env.update(ctx.base_env)
         env.update({k: mount.rewrite(v) for k, v in job_env.items()})
         argv = [mount.rewrite(_expand(a, env)) for a in raw]
-        if _PYTHON.fullmatch(os.path.basename(argv[0])):
+        if os.path.basename(argv[0]) in IMAGE_PYTHONS:  # other names resolve on PATH: the image's shims
             argv[0] = sys.executable
         return argv, env, texts
 
