@@ -3,8 +3,8 @@
 Layout under the artifact store, one directory per try so a retry never overwrites what an
 earlier try's job may still be reading::
 
-    <store>/<dag_id>/<run_id>/<task_id>/<map_index>/try-<n>/bundle/{meta.json,payload.pkl,bootstrap.py}
-    <store>/<dag_id>/<run_id>/<task_id>/<map_index>/try-<n>/output/{result.json|error.json,*.pkl}
+    <store>/<dag_id>/<run_id>/<task_id>/<map_index>/try-<n>-<run key>/bundle/{meta.json,payload.pkl,bootstrap.py}
+    <store>/<dag_id>/<run_id>/<task_id>/<map_index>/try-<n>-<run key>/output/{result.json|error.json,*.pkl}
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 import sys
 import sysconfig
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -49,19 +49,22 @@ class StepIdentity:
     task_id: str
     map_index: int
     try_number: int
+    #: unique to one incarnation of the dag run (the operator keeps it in the task state store): job names
+    #: are permanent on some services, and a run re-created with the same run_id must not meet old jobs
+    run_key: str = ""
 
     @classmethod
-    def from_context(cls, context: Any) -> StepIdentity:
+    def from_context(cls, context: Any, run_key: str = "") -> StepIdentity:
         ti = context["ti"]
         map_index = getattr(ti, "map_index", -1)
-        return cls(ti.dag_id, ti.run_id, ti.task_id, -1 if map_index is None else map_index, ti.try_number)
+        return cls(ti.dag_id, ti.run_id, ti.task_id, -1 if map_index is None else map_index, ti.try_number, run_key)
 
     def for_try(self, try_number: int) -> StepIdentity:
-        return StepIdentity(self.dag_id, self.run_id, self.task_id, self.map_index, try_number)
+        return replace(self, try_number=try_number)
 
     @property
     def digest(self) -> str:
-        raw = json.dumps([self.dag_id, self.run_id, self.task_id, self.map_index, self.try_number])
+        raw = json.dumps([self.dag_id, self.run_id, self.task_id, self.map_index, self.try_number, self.run_key])
         return hashlib.sha256(raw.encode()).hexdigest()
 
     def job_name(self, max_length: int = 63, allowed: str = r"[^a-z0-9-]") -> str:
@@ -77,7 +80,8 @@ class StepIdentity:
         path = root
         for part in (self.dag_id, self.run_id, self.task_id, str(self.map_index)):
             path = path / _path_component(part)
-        return path / f"try-{self.try_number}"
+        return path / (f"try-{self.try_number}-{_path_component(self.run_key)}" if self.run_key
+                       else f"try-{self.try_number}")
 
 
 def _marker(refs: list[ArtifactRef], ref: ArtifactRef) -> dict[str, int]:

@@ -8,8 +8,10 @@ preemption) -> stop the remote job on kill, mark-failed and timeouts.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
+import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
 
 #: task_state_store key of the current job handle (kept across retries of one task instance)
 STATE_KEY = "stepops_job"
+#: task_state_store key of the run key: unique to this incarnation of the dag run, stable across its tries
+RUN_KEY = "stepops_run_key"
 #: XCom key with flavor, job id and console URL (read by the extra link)
 XCOM_JOB_KEY = "stepops_job"
 
@@ -182,8 +186,8 @@ class StepOperator(BaseOperator):
     def find_or_submit(self, context: Context, hook: StepOperatorHook) -> JobHandle:
         from airflow_stepops.bundle import StepIdentity
 
-        identity = StepIdentity.from_context(context)
         store = context.get("task_state_store")  # type: ignore[call-overload]
+        identity = StepIdentity.from_context(context, _run_key(store, context))
         previous = store.get(STATE_KEY) if store is not None else None
         if isinstance(previous, dict) and previous.get("conn_id") == self.step_operator:
             if self._reattachable(hook, previous, allow_succeeded=True):
@@ -370,6 +374,24 @@ class StepOperator(BaseOperator):
             return True
         return not (isinstance(current, dict) and current.get("job_id") == handle.get("job_id")
                     and (current.get("attached_by_try") or 0) > mine)
+
+
+def _run_key(store: Any, context: Context) -> str:
+    """A key unique to this incarnation of the dag run and stable across its tries and workers.
+
+    It lives in the task state store, whose rows Airflow deletes with their dag run, so a run deleted and
+    re-created with the same run_id (or a reset metadata DB) gets a new key. Without a task state store
+    (Airflow < 3.3) the run's start date stands in for it.
+    """
+    if store is not None:
+        key = store.get(RUN_KEY)
+        if not (isinstance(key, str) and key):
+            key = uuid.uuid4().hex[:12]
+            store.set(RUN_KEY, key)
+        return key
+    dag_run = context.get("dag_run")
+    started = getattr(dag_run, "start_date", None) or getattr(dag_run, "run_after", None)
+    return hashlib.sha256(started.isoformat().encode()).hexdigest()[:12] if started else ""
 
 
 async def _first_event(trigger: Any) -> dict[str, Any]:

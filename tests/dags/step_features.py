@@ -69,6 +69,17 @@ with DAG("step_errors", schedule=None, params={"marker": Param("", type="string"
     broken()
 
 
+with DAG("step_rerun", schedule=None, params={"marker": Param("", type="string")}) as step_rerun:
+    @task.step_operator(step_operator="local_step_operator")
+    def count(path: str) -> int:
+        with open(path, "a") as fh:
+            fh.write("x")
+        with open(path) as fh:
+            return len(fh.read())
+
+    count("{{ params.marker }}")
+
+
 with DAG("step_timeout", schedule=None, params={"pid_file": Param("", type="string")}) as step_timeout:
     @task.step_operator(step_operator="local_step_operator", execution_timeout=dt.timedelta(seconds=3))
     def slow(path: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -54,7 +55,8 @@ def test_mixed_pipeline_runs_with_dags_test(airflow_env, mixed_run):
     data = ref["__data__"]
     model_file = _file_path(data["uri"])
     assert model_file.is_relative_to(af.home / "stepops" / "artifacts" / "mixed_pipeline")
-    assert model_file.parts[-4:] == ("-1", "try-1", "output", "return_value.pkl")
+    assert model_file.parts[-4] == "-1" and re.fullmatch(r"try-1-[0-9a-f]{12}", model_file.parts[-3])
+    assert model_file.parts[-2:] == ("output", "return_value.pkl")
     assert data["type"].endswith("LinearModel"), data
     blob = model_file.read_bytes()
     assert data["size"] == len(blob)

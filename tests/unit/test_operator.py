@@ -62,6 +62,31 @@ def test_remote_exception_fails_the_task_and_retries_run_again(tmp_path):
     assert marker.read_text() == "xx"
 
 
+def test_a_run_re_created_with_the_same_run_id_runs_its_step_again(tmp_path):
+    """dag.test() with one logical date deletes and re-creates the run under the same run_id, as a
+    reset metadata DB does: the new run must not re-attach to the old run's job and replay its result."""
+    import datetime as dt
+
+    marker, when = tmp_path / "runs", dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    jobs = []
+    for _ in range(2):
+        run = step_features.step_rerun.test(run_after=when, logical_date=when, run_conf={"marker": str(marker)})
+        (ti,) = run.get_task_instances()
+        jobs.append((run.run_id, _xcom(ti), _xcom(ti, key="stepops_job")["job_id"]))
+        _delete_run(run.dag_id, run.run_id)
+    (run_1, value_1, job_1), (run_2, value_2, job_2) = jobs
+    assert run_1 == run_2 and job_1 != job_2
+    assert (value_1, value_2, marker.read_text()) == (1, 2, "xx")
+
+
+def _delete_run(dag_id: str, run_id: str) -> None:
+    from airflow.models import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        session.delete(session.query(DagRun).filter_by(dag_id=dag_id, run_id=run_id).one())
+
+
 def test_remote_errors_keep_type_message_and_traceback():
     err = rebuild_remote_error("builtins.ValueError", "bad row", "Traceback...\n  File step.py, in train\n")
     assert isinstance(err, ValueError) and isinstance(err, RemoteStepError)
