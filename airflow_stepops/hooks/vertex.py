@@ -186,8 +186,14 @@ class VertexStepOperatorHook(StepOperatorHook):
             machine_spec.update(acceleratorType=machine.accelerator_type, acceleratorCount=machine.accelerator_count)
         disk = settings.disk_size_gb or (max(math.ceil(spec.resources.disk_bytes / 10**9), DEFAULT_DISK_GB)
                                          if spec.resources.disk_bytes else DEFAULT_DISK_GB)
-        scheduling: dict[str, Any] = {"timeout": f"{runtime}s",
-                                      "restartJobOnWorkerRestart": settings.restart_job_on_worker_restart}
+        # Airflow owns retries. Without disableRetries Vertex restarts a worker that exits non-zero (up to five
+        # times) and then retries the whole job (up to three times): side effects and GPU hours repeated within
+        # one Airflow try. https://cloud.google.com/vertex-ai/docs/training/understanding-training-service
+        # ("Restart workers during the training job"; "Handle training errors"); disableRetries also overrides
+        # restartJobOnWorkerRestart to false: https://cloud.google.com/vertex-ai/docs/reference/rest/v1/
+        # CustomJobSpec#Scheduling. VM maintenance still restarts the worker: the runtime then finds this try's
+        # outcome already written and does not run the step again (runtime/pod_entry.py).
+        scheduling: dict[str, Any] = {"timeout": f"{runtime}s", "disableRetries": True}
         if settings.spot:
             scheduling["strategy"] = "SPOT"
         job_spec: dict[str, Any] = {

@@ -18,10 +18,11 @@ GCS_MOUNT = "/gcs/"
 #: the step try's identity, looked up before submitting (Vertex assigns job ids itself)
 STEP_LABEL = f"{LABEL_PREFIX}step"
 MAX_DISPLAY_NAME = 128
-#: google.rpc.Code values that mean the capacity went away, not that the step failed
+#: google.rpc.Code values that mean the capacity went away, not that the step failed: a preempted Spot job
+#: "fails with a STOCKOUT error" (https://cloud.google.com/vertex-ai/docs/training/use-spot-vms), i.e.
+#: RESOURCE_EXHAUSTED. Outcomes are told apart by error.code and state only: messages can carry user output.
 CAPACITY_CODES = (8, 14)  # RESOURCE_EXHAUSTED, UNAVAILABLE
-CAPACITY_WORDS = ("preempt", "stockout", "spot vm", "resources are insufficient", "insufficient resources",
-                  "reclaimed")
+DEADLINE_EXCEEDED = 4
 
 
 def display_name(identity: StepIdentity) -> str:
@@ -93,17 +94,17 @@ def job_state(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
                "finished_at": _epoch(job.get("endTime")), "update_time": job.get("updateTime")}
     if state == "JOB_STATE_SUCCEEDED":
         return JobStatus(JobState.SUCCEEDED, "", details)
+    if state in ("JOB_STATE_CANCELLED", "JOB_STATE_FAILED") and (_ran_past_timeout(job) or code == DEADLINE_EXCEEDED):
+        return JobStatus(JobState.FAILED, f"the job ran past scheduling.timeout "
+                         f"({(job.get('jobSpec', {}).get('scheduling') or {}).get('timeout')}) and Vertex stopped it",
+                         {**details, "reason": "timed_out", "error_code": code})
     if state == "JOB_STATE_CANCELLED":
         return JobStatus(JobState.CANCELLED, text or "cancelled", details)
     if state in ("JOB_STATE_FAILED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_EXPIRED"):
-        lowered = text.lower()
-        if code in CAPACITY_CODES or any(word in lowered for word in CAPACITY_WORDS):
+        if code in CAPACITY_CODES:
             reason = "preempted" if spot else "capacity"
             return JobStatus(JobState.PREEMPTED, f"{'the Spot VM was reclaimed' if spot else 'no capacity'}: "
                              f"{text}", {**details, "reason": reason, "error_code": code})
-        if code == 4 or "timed out" in lowered or "timeout" in lowered:
-            return JobStatus(JobState.FAILED, f"the job ran past scheduling.timeout and Vertex stopped it: {text}",
-                             {**details, "reason": "timed_out", "error_code": code})
         if state == "JOB_STATE_EXPIRED":
             return JobStatus(JobState.FAILED, f"the job waited past scheduling.maxWaitDuration for resources: "
                              f"{text}", {**details, "reason": "expired"})
@@ -113,6 +114,22 @@ def job_state(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
     if state == "JOB_STATE_CANCELLING":
         return JobStatus(JobState.RUNNING, "cancelling", details)
     return JobStatus(JobState.RUNNING, state.removeprefix("JOB_STATE_").lower(), details)
+
+
+def _ran_past_timeout(job: dict[str, Any]) -> bool:
+    """Whether the job ran (startTime to endTime) for its whole scheduling.timeout. Vertex cancels a job
+    still running then, like a cancel we ask for ("If the training job is still running after this
+    duration, AI Platform Training cancels it", https://cloud.google.com/ai-platform/training/docs/reference/
+    rest/v1/projects.jobs#Scheduling; a CustomJob past its default 7-day timeout ends cancelled,
+    github.com/tensorflow/tfx/issues/6223), so the timestamps tell the two apart, not the error."""
+    timeout = str((job.get("jobSpec", {}).get("scheduling") or {}).get("timeout") or "")
+    started, ended = _epoch(job.get("startTime")), _epoch(job.get("endTime"))
+    if not timeout.endswith("s") or started is None or ended is None:
+        return False
+    try:
+        return ended - started >= float(timeout[:-1])
+    except ValueError:
+        return False
 
 
 def _epoch(stamp: str | None) -> float | None:

@@ -92,8 +92,6 @@ class VertexStepOperatorSettings(BaseStepOperatorSettings, _VertexChecks):
         "ResourceSettings.disk_size, else 100).")
     use_spot: bool = Field(default=False, description="Scheduling strategy SPOT (cheaper, can be preempted).")
     use_preemptible: bool = Field(default=False, description="Same as use_spot (ZenML's name).")
-    restart_job_on_worker_restart: bool = Field(
-        default=False, description="Restart the step when Vertex restarts its worker, instead of failing.")
     labels: dict[str, str] = Field(default_factory=dict, description="Labels of the CustomJob.")
     max_runtime_in_seconds: int | None = Field(
         default=None, gt=0, le=MAX_TIMEOUT_SECONDS,

@@ -52,15 +52,14 @@ def test_every_rendered_body_parses_into_the_proto():
     spec = make_spec(hook, _greet, "x", task_id="render", timeout_seconds=600,
                      settings=VertexStepOperatorSettings(machine_type="n1-standard-8", accelerator_type="T4",
                                                          accelerator_count=2, use_spot=True, disk_size_gb=200,
-                                                         boot_disk_type="pd-standard", labels={"cost": "r_d"},
-                                                         restart_job_on_worker_restart=True))
+                                                         boot_disk_type="pd-standard", labels={"cost": "r_d"}))
     body = hook.render(spec)
     job = CustomJob.from_json(__import__("json").dumps(body))
     pool = job.job_spec.worker_pool_specs[0]
     assert pool.machine_spec.accelerator_type.name == "NVIDIA_TESLA_T4" and pool.machine_spec.accelerator_count == 2
     assert job.job_spec.scheduling.strategy.name == "SPOT"
     assert job.job_spec.scheduling.timeout.total_seconds() == 660  # execution_timeout + 60 s backstop
-    assert job.job_spec.scheduling.restart_job_on_worker_restart
+    assert job.job_spec.scheduling.disable_retries  # Airflow owns retries, not Vertex
     assert pool.disk_spec.boot_disk_size_gb == 200 and pool.disk_spec.boot_disk_type == "pd-standard"
     env = {e.name: e.value for e in pool.container_spec.env}
     assert env["STEPOPS_OUTPUT_PATH"].startswith("/gcs/stepops-tests/") and "@" not in env["STEPOPS_OUTPUT_PATH"]
@@ -106,6 +105,39 @@ def test_scheduling_timeout_is_a_timeout(vx_emulator):
                                    settings=VertexStepOperatorSettings(max_runtime_in_seconds=2)))
     event = run_trigger(hook, handle)
     assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
+
+
+def _count_runs(path: str) -> int:
+    with open(path, "a") as fh:  # a side effect on the host: how often the step ran
+        fh.write("ran\n")
+    return 42
+
+
+def _fail_once_counted(path: str) -> None:
+    _count_runs(path)
+    raise RuntimeError("boom")
+
+
+def test_a_failing_step_runs_once_vertex_does_not_retry_it(vx_emulator, tmp_path):
+    hook = make_hook()
+    runs = tmp_path / "runs"
+    handle = hook.submit(make_spec(hook, _fail_once_counted, str(runs), task_id="no_vertex_retries"))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed", event
+    assert runs.read_text().count("ran") == 1  # Airflow owns retries
+
+
+def test_a_worker_restart_after_the_step_finished_does_not_run_it_again(vx_emulator, tmp_path):
+    hook = make_hook()
+    runs = tmp_path / "runs"
+    spec = make_spec(hook, _count_runs, str(runs), task_id="restarted_after_result")
+    vx_emulator.inject("restart", on_exit=True)  # VM maintenance right as the step ends: the replica reruns
+    handle = hook.submit(spec)
+    event = run_trigger(hook, handle)
+    assert event["status"] == "succeeded", event
+    assert runs.read_text().count("ran") == 1
+    assert read_outcome(store_path(handle["output_uri"])).value == 42
+    assert any("not running it again" in line for line in vx_emulator.logs(handle["job_id"]))
 
 
 def test_spot_preemption_is_preemption(vx_emulator):

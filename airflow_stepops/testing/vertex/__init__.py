@@ -34,7 +34,9 @@ INVALID_ARGUMENT as Vertex words it), get (404 NOT_FOUND), list (``filter`` on `
 ``{"code": 1, "message": "CANCELED"}``; 400 FAILED_PRECONDITION once over). Names carry the project
 number (``project_number``, default 123456789012); paths may use the id or the number. A job walks
 QUEUED, PENDING (``/gcs`` inputs copied in), RUNNING, then SUCCEEDED, or FAILED with Vertex's "The replica
-workerpool0-0 exited with a non-zero status of N ..." (code 3) or, past ``scheduling.timeout``, code 4.
+workerpool0-0 exited with a non-zero status of N ..." (code 3), or CANCELLED past ``scheduling.timeout``.
+A replica that exits non-zero is restarted up to 5 times, then the job retried up to 3 times, unless
+``scheduling.disableRetries`` is set, as Vertex does; the ``restart`` fault restarts it even then.
 Worker pool 0, replica 0 runs ``containerSpec.command + args`` with ``containerSpec.env`` (``python3`` is
 this interpreter; the image has no ``python``); ``/gcs/<bucket>/...`` in them is a per-job directory synced with fake GCS before and
 after the process (see ``_mount``); stdout/stderr become log entries (INFO/ERROR) as they are written.
@@ -53,7 +55,7 @@ Inspection: ``jobs``, ``job``, ``wait_for_state``, ``pids``, ``pid``, ``job_dir`
 
 Not emulated: other JobService resources (hyperparameter tuning, batch prediction, ...), delete, other
 worker pools and replicas (one process runs), ``pythonPackageSpec`` (the job fails saying so), images,
-Vertex's automatic restarts, TensorBoard, networks, IAM (any token works), Logging's OR/NOT/regex filters,
+TensorBoard, networks, IAM (any token works), Logging's OR/NOT/regex filters,
 deletes through ``/gcs`` and uploads while a job runs.
 """
 
