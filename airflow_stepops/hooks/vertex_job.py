@@ -90,8 +90,8 @@ def job_state(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
     machine = ((job.get("jobSpec", {}).get("workerPoolSpecs") or [{}])[0].get("machineSpec") or {})
     details = {"vertex_state": state, "spot": spot, "machine_type": machine.get("machineType"),
                "accelerator": f"{machine.get('acceleratorCount', 1)} x {machine['acceleratorType']}"
-               if machine.get("acceleratorType") else None, "started_at": _epoch(job.get("startTime")),
-               "finished_at": _epoch(job.get("endTime")), "update_time": job.get("updateTime")}
+               if machine.get("acceleratorType") else None, "started_at": epoch(job.get("startTime")),
+               "finished_at": epoch(job.get("endTime")), "update_time": job.get("updateTime")}
     if state == "JOB_STATE_SUCCEEDED":
         return JobStatus(JobState.SUCCEEDED, "", details)
     if state in ("JOB_STATE_CANCELLED", "JOB_STATE_FAILED") and (_ran_past_timeout(job) or code == DEADLINE_EXCEEDED):
@@ -123,7 +123,7 @@ def _ran_past_timeout(job: dict[str, Any]) -> bool:
     rest/v1/projects.jobs#Scheduling; a CustomJob past its default 7-day timeout ends cancelled,
     github.com/tensorflow/tfx/issues/6223), so the timestamps tell the two apart, not the error."""
     timeout = str((job.get("jobSpec", {}).get("scheduling") or {}).get("timeout") or "")
-    started, ended = _epoch(job.get("startTime")), _epoch(job.get("endTime"))
+    started, ended = epoch(job.get("startTime")), epoch(job.get("endTime"))
     if not timeout.endswith("s") or started is None or ended is None:
         return False
     try:
@@ -132,7 +132,7 @@ def _ran_past_timeout(job: dict[str, Any]) -> bool:
         return False
 
 
-def _epoch(stamp: str | None) -> float | None:
+def epoch(stamp: str | None) -> float | None:
     """RFC 3339 (``2026-01-02T03:04:05.123456789Z``, nanoseconds allowed) -> seconds since the epoch."""
     if not stamp:
         return None

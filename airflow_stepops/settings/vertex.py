@@ -166,6 +166,9 @@ class VertexStepOperatorConfig(BaseStepOperatorConfig, _VertexChecks):
                                      "<location>-aiplatform.googleapis.com).")
     logging_endpoint: str | None = Field(default=None, description="Cloud Logging endpoint (default: "
                                          "logging.googleapis.com).")
+    api_timeout_seconds: float = Field(default=30.0, gt=0, le=300, description="Seconds one call to Vertex AI "
+                                       "or Cloud Logging may take; transient failures are retried for up to four "
+                                       "times this long.")
     console_url_template: str = Field(
         default="https://console.cloud.google.com/vertex-ai/locations/{location}/training/{job_id}/cpu?project="
         "{project}", description="Console link template ({location}, {job_id}, {project}).")

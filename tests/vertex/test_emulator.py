@@ -412,16 +412,21 @@ def test_list_with_label_filter_and_pagination(emu, client, parent):
     def names_for(text: str) -> list[str]:
         return [j.display_name for j in client.list_custom_jobs(request={"parent": parent, "filter": text})]
 
+    # the grammar is AIP-160's, the fields those ListCustomJobsRequest.filter documents
     assert names_for(f'labels.run={run} AND labels.idx="1"') == ["list-1"]
-    assert names_for(f'labels.run={run} and state="JOB_STATE_SUCCEEDED" AND display_name="list-2"') == ["list-2"]
+    assert names_for(f'labels.run={run} AND state="JOB_STATE_SUCCEEDED" AND display_name="list-2"') == ["list-2"]
     assert names_for(f'labels.run={run} AND state!="JOB_STATE_SUCCEEDED"') == []
     created = emu.job(names[1])["createTime"]
     assert names_for(f'labels.run={run} AND create_time>"{created}"') == ["list-2"]
     assert names_for(f'labels.run={run} AND labels.idx:*') == ["list-2", "list-1", "list-0"]
-    with pytest.raises(gexc.BadRequest, match="Unsupported filter"):
-        names_for(f'labels.run={run} OR labels.idx="1"')
-    with pytest.raises(gexc.BadRequest, match="Unsupported filter"):
-        names_for("machine_type=n1-standard-4")
+    assert names_for(f'labels.run={run} AND labels.idx="0" OR labels.idx="2"') == ["list-2", "list-0"]  # OR first
+    assert names_for(f'labels.run={run} AND NOT labels.idx="1" AND display_name:"list-*"') == ["list-2", "list-0"]
+    assert names_for(f'labels.run={run} -(labels.idx="1" OR labels.idx="2")') == ["list-0"]
+    for unsupported in (f'labels.run={run} AND update_time>"{created}"', "machine_type=n1-standard-4"):
+        with pytest.raises(gexc.BadRequest, match="Unsupported filter"):
+            names_for(unsupported)
+    with pytest.raises(gexc.BadRequest, match='"and" needs a comparison'):  # AND, OR and NOT are upper case
+        names_for(f'labels.run={run} and labels.idx="1"')
 
 
 def test_invalid_bodies_answer_invalid_argument(emu, client, parent, session):

@@ -179,6 +179,33 @@ def test_submit_is_exactly_once_per_try(vx_emulator):
     assert run_trigger(hook, first)["status"] == "succeeded"
 
 
+def _fast_hook(monkeypatch, conn_id: str = "vx_fast_timeout"):
+    import json
+    import os
+
+    extra = {**json.loads(os.environ["AIRFLOW_CONN_VERTEX_STEP_OPERATOR"])["extra"], "api_timeout_seconds": 1}
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({"conn_type": "stepops_vertex", "extra": extra}))
+    return make_hook(conn_id)
+
+
+@pytest.mark.parametrize("held", [0.0, 8.0], ids=["connection_dropped", "reply_never_sent"])
+def test_a_lost_create_reply_finds_the_job_instead_of_hanging_or_creating_another(vx_emulator, monkeypatch, held):
+    hook = _fast_hook(monkeypatch)
+    spec = make_spec(hook, _greet, "lost", task_id=f"lost_reply_{int(held)}")
+    vx_emulator.inject("lost_create_reply", duration=held)
+    vx_emulator.list_lag = 1.5  # and the new job shows up in lists only a while later
+    try:
+        started = time.monotonic()
+        handle = hook.submit(spec)
+        took = time.monotonic() - started
+    finally:
+        vx_emulator.list_lag = 0.0
+    labelled = [j for j in vx_emulator.jobs if j["labels"].get("stepops-step") == spec.identity.digest[:40]]
+    assert [j["name"] for j in labelled] == [handle["name"]]
+    assert took < 6, took  # a 1 s call timeout, then a few look-ups
+    assert run_trigger(hook, handle)["status"] == "succeeded"
+
+
 def test_gcs_artifact_refs_are_read_in_place(vx_emulator):
     from airflow_stepops.artifacts import ArtifactRef
 

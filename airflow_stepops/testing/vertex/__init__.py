@@ -28,8 +28,9 @@ calling iamcredentials.googleapis.com themselves (google-auth's regional access 
 
 CustomJobs: create (the body must parse as a ``CustomJob`` proto, unknown fields included, and carry what
 Vertex requires — displayName, worker pools with machineType, replicaCount, an image — else 400
-INVALID_ARGUMENT as Vertex words it), get (404 NOT_FOUND), list (``filter`` on ``labels.KEY``, ``state``,
-``display_name``, ``create_time``/``update_time``; ``pageSize``/``pageToken``; newest first) and cancel
+INVALID_ARGUMENT as Vertex words it), get (404 NOT_FOUND), list (``filter`` in AIP-160's grammar on the
+fields Vertex documents: ``labels.KEY``, ``state``, ``display_name``, ``create_time``; ``pageSize``/
+``pageToken``; newest first; ``list_lag`` keeps new jobs out of lists for a while) and cancel
 (JOB_STATE_CANCELLING, SIGTERM, SIGKILL after ``stop_grace_period``, JOB_STATE_CANCELLED with error
 ``{"code": 1, "message": "CANCELED"}``; 400 FAILED_PRECONDITION once over). Names carry the project
 number (``project_number``, default 123456789012); paths may use the id or the number. A job walks
@@ -49,6 +50,8 @@ receiveTimestamp, insertId and severity, joined by AND; ``orderBy`` timestamp as
 Faults: ``emu.inject("preemption", job=id, after=1)`` (a SPOT job fails with a STOCKOUT, code 8; others as
 a lost VM, code 13), ``"stockout"``, ``"failure"`` (``message``, ``code``), ``"slow_start"``
 (``duration``), ``"quota_exceeded"`` (the next create answers 429 RESOURCE_EXHAUSTED);
+``"restart"`` (VM maintenance restarts the replica, ``after`` seconds in or ``on_exit``), ``"lost_create_reply"``
+(the next create makes the job, holds its reply ``duration`` seconds, then drops the connection);
 ``emu.fail_requests(503, "UNAVAILABLE", times=2, path_contains="customJobs")`` fails API calls.
 Inspection: ``jobs``, ``job``, ``wait_for_state``, ``pids``, ``pid``, ``job_dir``, ``logs``,
 ``log_entries``, ``requests``; ``env()`` and ``storage_client()`` for GCS.

@@ -52,6 +52,8 @@ class Job:
         self._lock = threading.Lock()
         self.history: list[str] = [data["state"]]
         self.cancel_requested = threading.Event()
+        #: seconds the create call holds its reply before dropping the connection (a ``lost_create_reply``)
+        self.lose_reply: float | None = None
 
     @property
     def name(self) -> str:
@@ -214,6 +216,8 @@ class JobService:
         self._admit, self._started, self._cancelled = admit, started, cancelled
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
+        #: seconds a new job stays out of list results (0: lists are consistent; Vertex documents no lag)
+        self.list_lag = 0.0
 
     def check_parent(self, project: str, location: str, permission: str) -> None:
         if project not in (self.project, self.project_number):
@@ -267,8 +271,10 @@ class JobService:
         size = min(size if size > 0 else DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         after = _read_token(query.get("pageToken"), digest)
+        newest = self.clock.now() - int(self.list_lag * 1e9)
         with self._lock:
-            jobs = sorted(self._jobs.values(), key=lambda j: (j.created_ns, j.id), reverse=True)
+            jobs = sorted((j for j in self._jobs.values() if j.created_ns <= newest),
+                          key=lambda j: (j.created_ns, j.id), reverse=True)
         if after is not None:
             jobs = [j for j in jobs if (j.created_ns, j.id) < after]
         page: list[tuple[Job, JSON]] = []
