@@ -351,7 +351,7 @@ class VertexStepOperatorHook(StepOperatorHook):
         if session is None:
             session = self.__dict__["_log_session"] = AuthorizedSession(self.credentials)
         return read_entries(session, logging_url(self.config.logging_endpoint), handle.get("project") or self.project,
-                            handle["job_id"], cursor)
+                            handle["job_id"], cursor, timeout=self.config.api_timeout_seconds)
 
     def console_url(self, handle: JobHandle) -> str | None:
         return self.config.console_url_template.format(location=handle.get("location") or self.location,
@@ -459,7 +459,8 @@ class VertexStepOperatorHook(StepOperatorHook):
         if time.time() < cursor.get("not_before", 0):  # Cloud Logging read quota: back off after a 429
             return [], cursor
         token = await self._token()
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.api_timeout_seconds)) \
+                as session:
             try:
                 lines, new = await aread_entries(session, logging_url(self.config.logging_endpoint), token,
                                                  handle.get("project") or self.project, handle["job_id"], cursor)

@@ -107,6 +107,28 @@ def test_scheduling_timeout_is_a_timeout(vx_emulator):
     assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
 
 
+def _chatty(lines: int) -> None:
+    import time
+
+    for i in range(lines):
+        print(f"line {i}", flush=True)
+        time.sleep(0.1)
+    time.sleep(2.5)  # late lines arrive while the job still runs
+
+
+def test_log_lines_ingested_late_and_out_of_order_are_shown_once(vx_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _chatty, 15, task_id="late_logs"))
+    vx_emulator.late_logs = (3, 1.0)  # every third line reaches Cloud Logging a second late
+    try:
+        event = run_trigger(hook, handle)
+    finally:
+        vx_emulator.late_logs = None
+    assert event["status"] == "succeeded", event
+    shown = [line for line in event["log_tail"] if line.startswith("line ")]
+    assert sorted(shown, key=lambda line: int(line.split()[1])) == [f"line {i}" for i in range(15)], shown
+
+
 def _count_runs(path: str) -> int:
     with open(path, "a") as fh:  # a side effect on the host: how often the step ran
         fh.write("ran\n")

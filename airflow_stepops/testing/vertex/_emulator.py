@@ -257,6 +257,18 @@ class VertexEmulator:
         return f"gs://{name}"
 
     @property
+    def late_logs(self) -> tuple[int, float] | None:
+        """``(every, seconds)``: every ``every``-th line a job writes reaches Cloud Logging ``seconds`` late,
+        after lines written later (None: in order)."""
+        return self._logs.late if self._logs is not None else None
+
+    @late_logs.setter
+    def late_logs(self, value: tuple[int, float] | None) -> None:
+        if self._logs is None:
+            raise RuntimeError("the emulator is not running")
+        self._logs.late = value
+
+    @property
     def list_lag(self) -> float:
         """Seconds a new job is missing from ListCustomJobs results (settable while running)."""
         return self._list_lag
