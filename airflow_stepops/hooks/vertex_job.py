@@ -12,7 +12,7 @@ from typing import Any
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus
-from airflow_stepops.settings.vertex import LABEL_PREFIX
+from airflow_stepops.settings.vertex import LABEL_PREFIX, check_labels
 
 GCS_MOUNT = "/gcs/"
 #: the step try's identity, looked up before submitting (Vertex assigns job ids itself)
@@ -74,6 +74,10 @@ def validate_body(body: dict[str, Any]) -> Any:
             problems.append(f"jobSpec.workerPoolSpecs[{index}].machineSpec.machineType is required")
         if not (pool.get("containerSpec") or {}).get("imageUri"):
             problems.append(f"jobSpec.workerPoolSpecs[{index}].containerSpec.imageUri is required")
+    try:  # the merged labels: the connection's, the step's and the identity's together
+        check_labels(body.get("labels") or {}, "labels", reserved=False)
+    except ValueError as exc:
+        problems.append(str(exc))
     if problems:
         raise StepOperatorConfigError("the CustomJob body is invalid: " + "; ".join(problems))
     return CustomJob.wrap(message)

@@ -462,6 +462,14 @@ def test_invalid_bodies_answer_invalid_argument(emu, client, parent, session):
     body["job_spec"]["worker_pool_specs"][0]["replica_count"] = 2
     with pytest.raises(gexc.BadRequest, match="first"):
         client.create_custom_job(parent=parent, custom_job=body)
+    # labels as Google documents them: international characters welcome, upper case and 64 characters not
+    assert client.create_custom_job(parent=parent, custom_job=job_body(
+        "ok", labels={"équipe": "données", "チーム": "", "k" * 63: "v" * 63})).labels["équipe"] == "données"
+    for labels in ({"Team": "ml"}, {"team": "ML"}, {"k" * 64: "v"}, {"_k": "v"}, {f"l{i}": "" for i in range(65)}):
+        with pytest.raises(gexc.BadRequest, match="custom_job.labels"):
+            client.create_custom_job(parent=parent, custom_job=job_body("ok", labels=labels))
+    with pytest.raises(gexc.BadRequest, match="must be a valid C identifier"):
+        client.create_custom_job(parent=parent, custom_job=job_body("ok", env={"MY.VAR": "1"}))
 
 
 # ----- faults -------------------------------------------------------------------------------------------
