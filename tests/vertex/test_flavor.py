@@ -172,6 +172,16 @@ def test_spot_preemption_is_preemption(vx_emulator):
     assert event["status"] == "preempted" and event["details"]["reason"] == "preempted", event
 
 
+def test_outcomes_come_from_error_codes_not_from_message_words(vx_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 60, task_id="wordy_failure"))
+    vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_RUNNING"])
+    vx_emulator.inject("failure", job=handle["job_id"], code=13, after=0.2,
+                       message="step output: preempted? timed out! Resources are insufficient in region")
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and "reason" not in event["details"], event
+
+
 def test_stockout_is_preemption(vx_emulator):
     hook = make_hook()
     spec = make_spec(hook, _greet, "x", task_id="stockout")
