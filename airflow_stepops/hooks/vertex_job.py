@@ -125,7 +125,9 @@ def _ran_past_timeout(job: dict[str, Any]) -> bool:
     still running then, like a cancel we ask for ("If the training job is still running after this
     duration, AI Platform Training cancels it", https://cloud.google.com/ai-platform/training/docs/reference/
     rest/v1/projects.jobs#Scheduling; a CustomJob past its default 7-day timeout ends cancelled,
-    github.com/tensorflow/tfx/issues/6223), so the timestamps tell the two apart, not the error."""
+    github.com/tensorflow/tfx/issues/6223) and with the same error, code 1 (CANCELLED, https://cloud.google.com/
+    vertex-ai/docs/reference/rest/v1/projects.locations.customJobs/cancel), so the timestamps tell the two
+    apart. A FAILED job with code 4 (DEADLINE_EXCEEDED) counts as timed out too."""
     timeout = str((job.get("jobSpec", {}).get("scheduling") or {}).get("timeout") or "")
     started, ended = epoch(job.get("startTime")), epoch(job.get("endTime"))
     if not timeout.endswith("s") or started is None or ended is None:

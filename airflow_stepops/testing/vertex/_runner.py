@@ -321,7 +321,8 @@ class JobRunner:
                 # ("If the training job is still running after this duration, AI Platform Training cancels
                 # it", https://cloud.google.com/ai-platform/training/docs/reference/rest/v1/projects.jobs
                 # #Scheduling); a CustomJob past its (default 7-day) timeout ends JOB_STATE_CANCELLED
-                # (github.com/tensorflow/tfx/issues/6223). No error code of its own: it reads as a cancel.
+                # (github.com/tensorflow/tfx/issues/6223); a cancelled CustomJob has error.code 1 (CANCELLED),
+                # https://cloud.google.com/vertex-ai/docs/reference/rest/v1/projects.locations.customJobs/cancel
                 outcome = Outcome("JOB_STATE_CANCELLED", job_error("CANCELLED", F.CANCELED))
             elif strike is not None:
                 outcome = self._struck(strike, spot)
