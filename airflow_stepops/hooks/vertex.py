@@ -21,7 +21,9 @@ from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec
 from airflow_stepops.hooks.vertex_job import (
+    STEP_LABEL,
     display_name,
+    epoch,
     identity_labels,
     job_state,
     mount_path,
@@ -36,11 +38,9 @@ from airflow_stepops.settings.vertex import (
 
 ENTRY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py"
 DEFAULT_DISK_GB = 100
-#: seconds of update_time overlap before the newest update seen (clock and ordering slack)
-LIST_OVERLAP_SECONDS = 30
 MAX_LIST_PAGES = 10
-#: a full re-read of every waiting job this often (rounds), in case an update was missed
-FULL_REFRESH_ROUNDS = 20
+#: after a create whose reply was lost, look the job up this many times (1, 2, 4, 8 s apart) before giving up
+LOST_REPLY_LOOKUPS = 5
 
 
 class VertexStepOperatorHook(StepOperatorHook):
@@ -125,6 +125,17 @@ class VertexStepOperatorHook(StepOperatorHook):
                                            f"{self.parent}): {type(exc).__name__}: {exc.message}")
         return exc
 
+    def _call_options(self, *, sync: bool = True) -> dict[str, Any]:
+        """``timeout`` and ``retry`` of one JobService call. The generated clients have neither by default
+        (``default_timeout=None``, no retry), so a lost reply would hang the caller. Transient errors are
+        retried with backoff, within a bounded time; never a create (see ``_created_despite``)."""
+        from google.api_core import retry as retries
+
+        timeout = self.config.api_timeout_seconds
+        kind = retries.Retry if sync else retries.AsyncRetry
+        return {"timeout": timeout, "retry": kind(predicate=_transient, initial=1.0, maximum=10.0, multiplier=2.0,
+                                                  timeout=4 * timeout)}
+
     # ---- the request --------------------------------------------------------------------------
     @staticmethod
     def _settings(spec: StepSpec) -> VertexStepOperatorSettings:
@@ -186,8 +197,14 @@ class VertexStepOperatorHook(StepOperatorHook):
             machine_spec.update(acceleratorType=machine.accelerator_type, acceleratorCount=machine.accelerator_count)
         disk = settings.disk_size_gb or (max(math.ceil(spec.resources.disk_bytes / 10**9), DEFAULT_DISK_GB)
                                          if spec.resources.disk_bytes else DEFAULT_DISK_GB)
-        scheduling: dict[str, Any] = {"timeout": f"{runtime}s",
-                                      "restartJobOnWorkerRestart": settings.restart_job_on_worker_restart}
+        # Airflow owns retries. Without disableRetries Vertex restarts a worker that exits non-zero (up to five
+        # times) and then retries the whole job (up to three times): side effects and GPU hours repeated within
+        # one Airflow try. https://cloud.google.com/vertex-ai/docs/training/understanding-training-service
+        # ("Restart workers during the training job"; "Handle training errors"); disableRetries also overrides
+        # restartJobOnWorkerRestart to false: https://cloud.google.com/vertex-ai/docs/reference/rest/v1/
+        # CustomJobSpec#Scheduling. VM maintenance still restarts the worker: the runtime then finds this try's
+        # outcome already written and does not run the step again (runtime/pod_entry.py).
+        scheduling: dict[str, Any] = {"timeout": f"{runtime}s", "disableRetries": True}
         if settings.spot:
             scheduling["strategy"] = "SPOT"
         job_spec: dict[str, Any] = {
@@ -250,7 +267,7 @@ class VertexStepOperatorHook(StepOperatorHook):
         """Vertex assigns job ids: the step try's job is found by its identity label."""
         try:
             found = [self._json(job) for job in self.jobs.list_custom_jobs(
-                request={"parent": self.parent, "filter": step_filter(identity)})]
+                request={"parent": self.parent, "filter": step_filter(identity)}, **self._call_options())]
         except Exception as exc:
             raise self._api_error(exc, "list custom jobs") from exc
         if not found:
@@ -268,10 +285,16 @@ class VertexStepOperatorHook(StepOperatorHook):
         if existing is not None:
             self.log.info("CustomJob %s of this try already exists: re-attaching", existing["job_id"])
             return existing
-        try:
-            job = self._json(self.jobs.create_custom_job(parent=self.parent, custom_job=validate_body(body)))
+        try:  # no retry: a second create would make a second job
+            job = self._json(self.jobs.create_custom_job(parent=self.parent, custom_job=validate_body(body),
+                                                         timeout=self.config.api_timeout_seconds))
         except Exception as exc:
-            raise self._api_error(exc, "create the CustomJob") from exc
+            if not _reply_lost(exc):
+                raise self._api_error(exc, "create the CustomJob") from exc
+            found = self._created_despite(exc, spec.identity)
+            if found is None:
+                raise
+            return found
         machine = body["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]
         self.log.info("Created Vertex AI CustomJob %s (%s%s%s)", job["name"], machine["machineType"],
                       f", {machine['acceleratorCount']} x {machine['acceleratorType']}"
@@ -279,11 +302,29 @@ class VertexStepOperatorHook(StepOperatorHook):
                       ", spot" if body["jobSpec"]["scheduling"].get("strategy") == "SPOT" else "")
         return self._handle(job, spec.output_uri, spec.identity.try_number)
 
+    def _created_despite(self, exc: Exception, identity: StepIdentity) -> JobHandle | None:
+        """The job of a create whose reply was lost (timeout, dropped connection, 5xx): Vertex may have made
+        it, and CustomJob create takes no request id, so it is looked up by the try's label, a few times
+        in case the list lags behind; None if it never shows up (the error then fails this try)."""
+        delay = 1.0
+        for attempt in range(LOST_REPLY_LOOKUPS):
+            found = self.find_job(identity)
+            if found is not None:
+                self.log.warning("The reply to creating the CustomJob was lost (%s: %s); found the job by its "
+                                 "label: %s", type(exc).__name__, exc, found["job_id"])
+                return found
+            if attempt < LOST_REPLY_LOOKUPS - 1:
+                time.sleep(delay)
+                delay *= 2
+        self.log.error("The reply to creating the CustomJob was lost (%s) and no job carries this try's label",
+                       type(exc).__name__)
+        return None
+
     def _get(self, handle: JobHandle) -> dict[str, Any] | None:
         from google.api_core import exceptions as gexc
 
         try:
-            return self._json(self.jobs.get_custom_job(name=self._job_name(handle)))
+            return self._json(self.jobs.get_custom_job(name=self._job_name(handle), **self._call_options()))
         except gexc.NotFound:
             return None
         except Exception as exc:
@@ -296,7 +337,7 @@ class VertexStepOperatorHook(StepOperatorHook):
         from google.api_core import exceptions as gexc
 
         try:
-            self.jobs.cancel_custom_job(name=self._job_name(handle))
+            self.jobs.cancel_custom_job(name=self._job_name(handle), **self._call_options())
             self.log.info("Cancelling Vertex AI CustomJob %s", handle["job_id"])
         except (gexc.NotFound, gexc.BadRequest):
             pass  # gone, or already finished (FAILED_PRECONDITION, a 400 over REST)
@@ -310,7 +351,7 @@ class VertexStepOperatorHook(StepOperatorHook):
         if session is None:
             session = self.__dict__["_log_session"] = AuthorizedSession(self.credentials)
         return read_entries(session, logging_url(self.config.logging_endpoint), handle.get("project") or self.project,
-                            handle["job_id"], cursor)
+                            handle["job_id"], cursor, timeout=self.config.api_timeout_seconds)
 
     def console_url(self, handle: JobHandle) -> str | None:
         return self.config.console_url_template.format(location=handle.get("location") or self.location,
@@ -346,64 +387,57 @@ class VertexStepOperatorHook(StepOperatorHook):
                                      client_options=ClientOptions(api_endpoint=self.api_endpoint))
 
     async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus | BaseException]:
-        """One ``ListCustomJobs`` of the jobs updated since the last round answers for every waiting
-        step (the list carries whole jobs); jobs not seen yet are read one by one, once."""
+        """One ``ListCustomJobs`` of our jobs created since the oldest waiting one answers for every
+        waiting step (the list carries whole jobs); jobs not in it are read one by one."""
         async with await self._async_jobs() as client:
             return await self._poll_round(client, handles)
 
     async def _poll_round(self, client: Any, handles: list[JobHandle]) -> list[JobStatus | BaseException]:
         import asyncio
-        from datetime import datetime, timedelta, timezone
 
         from google.api_core import exceptions as gexc
 
-        cache: dict[str, dict[str, Any]] = self.__dict__.setdefault("_job_cache", {})
-        rounds = self.__dict__["_rounds"] = self.__dict__.get("_rounds", 0) + 1
-        since: str | None = self.__dict__.get("_updated_since")
-        started = datetime.now(timezone.utc)
-        if since is not None and rounds % FULL_REFRESH_ROUNDS:
-            after = (datetime.fromisoformat(since.replace("Z", "+00:00")) - timedelta(seconds=LIST_OVERLAP_SECONDS))
-            request: dict[str, Any] = {"parent": self.parent, "page_size": 100,
-                                       "filter": f'update_time>"{after.strftime("%Y-%m-%dT%H:%M:%SZ")}"'}
-            pager = await client.list_custom_jobs(request=request)
+        # ListCustomJobs filters on display_name, state, create_time and labels only (not update_time):
+        # https://cloud.google.com/vertex-ai/docs/reference/rest/v1/projects.locations.customJobs/list
+        created: dict[str, str] = self.__dict__.setdefault("_created", {})
+        known = [created[h["job_id"]] for h in handles if h["job_id"] in created]
+        jobs: dict[str, dict[str, Any]] = {}
+        if known:
+            oldest = min(known, key=lambda stamp: epoch(stamp) or 0.0)
+            request = {"parent": self.parent, "page_size": 100,
+                       "filter": f'labels.{STEP_LABEL}:* AND create_time>="{oldest}"'}
+            pager = await client.list_custom_jobs(request=request, **self._call_options(sync=False))
             pages = 0
             async for page in pager.pages:
                 for job in page.custom_jobs:
                     data = self._json(job)
-                    cache[data["name"].rsplit("/", 1)[-1]] = data
+                    jobs[data["name"].rsplit("/", 1)[-1]] = data
                 pages += 1
                 if pages >= MAX_LIST_PAGES:
                     break
-        else:
-            cache.clear()
 
         async def one(handle: JobHandle) -> dict[str, Any] | None:
             try:
-                return self._json(await client.get_custom_job(name=self._job_name(handle)))
+                return self._json(await client.get_custom_job(name=self._job_name(handle),
+                                                              **self._call_options(sync=False)))
             except gexc.NotFound:
                 return None
 
-        stale = [h for h in handles if h["job_id"] not in cache]
-        fetched = await asyncio.gather(*(one(h) for h in stale), return_exceptions=True)
-        self.__dict__["_updated_since"] = started.isoformat().replace("+00:00", "Z")
+        missing = [h for h in handles if h["job_id"] not in jobs]  # new, or not listed (yet)
+        fetched = dict(zip((h["job_id"] for h in missing),
+                           await asyncio.gather(*(one(h) for h in missing), return_exceptions=True)))
         out: list[JobStatus | BaseException] = []
-        results = dict(zip((h["job_id"] for h in stale), fetched))
-        wanted = {h["job_id"] for h in handles}
-        for job_id in list(cache):
-            if job_id not in wanted:
-                del cache[job_id]
         for handle in handles:
-            if handle["job_id"] in results:
-                result = results[handle["job_id"]]
-                if isinstance(result, BaseException):
-                    out.append(self._api_error(result, f"get CustomJob {handle['job_id']}")
-                               if isinstance(result, Exception) else result)
-                    continue
-                if result is not None:
-                    cache[handle["job_id"]] = result
-                out.append(job_state(result, handle))
-            else:
-                out.append(job_state(cache[handle["job_id"]], handle))
+            result = jobs.get(handle["job_id"]) or fetched.get(handle["job_id"])
+            if isinstance(result, BaseException):
+                out.append(self._api_error(result, f"get CustomJob {handle['job_id']}")
+                           if isinstance(result, Exception) else result)
+                continue
+            if result is not None and result.get("createTime"):
+                created[handle["job_id"]] = result["createTime"]
+            out.append(job_state(result, handle))
+        for job_id in set(created) - {h["job_id"] for h in handles}:
+            del created[job_id]
         return out
 
     async def acancel(self, handle: JobHandle) -> None:
@@ -411,7 +445,7 @@ class VertexStepOperatorHook(StepOperatorHook):
 
         async with await self._async_jobs() as client:
             try:
-                await client.cancel_custom_job(name=self._job_name(handle))
+                await client.cancel_custom_job(name=self._job_name(handle), **self._call_options(sync=False))
                 self.log.info("Cancelling Vertex AI CustomJob %s", handle["job_id"])
             except (gexc.NotFound, gexc.BadRequest):
                 pass  # gone, or already finished
@@ -425,7 +459,8 @@ class VertexStepOperatorHook(StepOperatorHook):
         if time.time() < cursor.get("not_before", 0):  # Cloud Logging read quota: back off after a 429
             return [], cursor
         token = await self._token()
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.api_timeout_seconds)) \
+                as session:
             try:
                 lines, new = await aread_entries(session, logging_url(self.config.logging_endpoint), token,
                                                  handle.get("project") or self.project, handle["job_id"], cursor)
@@ -435,3 +470,25 @@ class VertexStepOperatorHook(StepOperatorHook):
                 self.log.warning("Cloud Logging read quota exhausted; reading job logs again in 60 s")
                 return [], {**cursor, "not_before": time.time() + 60}
         return lines, new
+
+
+def _reply_lost(exc: BaseException) -> bool:
+    """A call that may have been carried out although no answer came: a timeout, a dropped connection, or
+    a 500/503/504 (https://cloud.google.com/apis/design/errors#handling_errors: UNAVAILABLE, INTERNAL and
+    DEADLINE_EXCEEDED are the retryable ones)."""
+    import asyncio
+
+    import requests
+    from google.api_core import exceptions as gexc
+    from google.auth.exceptions import TransportError
+
+    return isinstance(exc, (gexc.InternalServerError, gexc.ServiceUnavailable, gexc.GatewayTimeout,
+                            gexc.DeadlineExceeded, requests.ConnectionError, requests.Timeout,
+                            asyncio.TimeoutError, TransportError))
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth retrying a call that changes nothing (get, list, cancel): a lost reply or a rate limit."""
+    from google.api_core import exceptions as gexc
+
+    return _reply_lost(exc) or isinstance(exc, gexc.TooManyRequests)

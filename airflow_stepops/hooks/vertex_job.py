@@ -12,16 +12,17 @@ from typing import Any
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus
-from airflow_stepops.settings.vertex import LABEL_PREFIX
+from airflow_stepops.settings.vertex import LABEL_PREFIX, check_labels
 
 GCS_MOUNT = "/gcs/"
 #: the step try's identity, looked up before submitting (Vertex assigns job ids itself)
 STEP_LABEL = f"{LABEL_PREFIX}step"
 MAX_DISPLAY_NAME = 128
-#: google.rpc.Code values that mean the capacity went away, not that the step failed
+#: google.rpc.Code values that mean the capacity went away, not that the step failed: a preempted Spot job
+#: "fails with a STOCKOUT error" (https://cloud.google.com/vertex-ai/docs/training/use-spot-vms), i.e.
+#: RESOURCE_EXHAUSTED. Outcomes are told apart by error.code and state only: messages can carry user output.
 CAPACITY_CODES = (8, 14)  # RESOURCE_EXHAUSTED, UNAVAILABLE
-CAPACITY_WORDS = ("preempt", "stockout", "spot vm", "resources are insufficient", "insufficient resources",
-                  "reclaimed")
+DEADLINE_EXCEEDED = 4
 
 
 def display_name(identity: StepIdentity) -> str:
@@ -73,6 +74,10 @@ def validate_body(body: dict[str, Any]) -> Any:
             problems.append(f"jobSpec.workerPoolSpecs[{index}].machineSpec.machineType is required")
         if not (pool.get("containerSpec") or {}).get("imageUri"):
             problems.append(f"jobSpec.workerPoolSpecs[{index}].containerSpec.imageUri is required")
+    try:  # the merged labels: the connection's, the step's and the identity's together
+        check_labels(body.get("labels") or {}, "labels", reserved=False)
+    except ValueError as exc:
+        problems.append(str(exc))
     if problems:
         raise StepOperatorConfigError("the CustomJob body is invalid: " + "; ".join(problems))
     return CustomJob.wrap(message)
@@ -89,21 +94,21 @@ def job_state(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
     machine = ((job.get("jobSpec", {}).get("workerPoolSpecs") or [{}])[0].get("machineSpec") or {})
     details = {"vertex_state": state, "spot": spot, "machine_type": machine.get("machineType"),
                "accelerator": f"{machine.get('acceleratorCount', 1)} x {machine['acceleratorType']}"
-               if machine.get("acceleratorType") else None, "started_at": _epoch(job.get("startTime")),
-               "finished_at": _epoch(job.get("endTime")), "update_time": job.get("updateTime")}
+               if machine.get("acceleratorType") else None, "started_at": epoch(job.get("startTime")),
+               "finished_at": epoch(job.get("endTime")), "update_time": job.get("updateTime")}
     if state == "JOB_STATE_SUCCEEDED":
         return JobStatus(JobState.SUCCEEDED, "", details)
+    if state in ("JOB_STATE_CANCELLED", "JOB_STATE_FAILED") and (_ran_past_timeout(job) or code == DEADLINE_EXCEEDED):
+        return JobStatus(JobState.FAILED, f"the job ran past scheduling.timeout "
+                         f"({(job.get('jobSpec', {}).get('scheduling') or {}).get('timeout')}) and Vertex stopped it",
+                         {**details, "reason": "timed_out", "error_code": code})
     if state == "JOB_STATE_CANCELLED":
         return JobStatus(JobState.CANCELLED, text or "cancelled", details)
     if state in ("JOB_STATE_FAILED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_EXPIRED"):
-        lowered = text.lower()
-        if code in CAPACITY_CODES or any(word in lowered for word in CAPACITY_WORDS):
+        if code in CAPACITY_CODES:
             reason = "preempted" if spot else "capacity"
             return JobStatus(JobState.PREEMPTED, f"{'the Spot VM was reclaimed' if spot else 'no capacity'}: "
                              f"{text}", {**details, "reason": reason, "error_code": code})
-        if code == 4 or "timed out" in lowered or "timeout" in lowered:
-            return JobStatus(JobState.FAILED, f"the job ran past scheduling.timeout and Vertex stopped it: {text}",
-                             {**details, "reason": "timed_out", "error_code": code})
         if state == "JOB_STATE_EXPIRED":
             return JobStatus(JobState.FAILED, f"the job waited past scheduling.maxWaitDuration for resources: "
                              f"{text}", {**details, "reason": "expired"})
@@ -115,7 +120,25 @@ def job_state(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
     return JobStatus(JobState.RUNNING, state.removeprefix("JOB_STATE_").lower(), details)
 
 
-def _epoch(stamp: str | None) -> float | None:
+def _ran_past_timeout(job: dict[str, Any]) -> bool:
+    """Whether the job ran (startTime to endTime) for its whole scheduling.timeout. Vertex cancels a job
+    still running then, like a cancel we ask for ("If the training job is still running after this
+    duration, AI Platform Training cancels it", https://cloud.google.com/ai-platform/training/docs/reference/
+    rest/v1/projects.jobs#Scheduling; a CustomJob past its default 7-day timeout ends cancelled,
+    github.com/tensorflow/tfx/issues/6223) and with the same error, code 1 (CANCELLED, https://cloud.google.com/
+    vertex-ai/docs/reference/rest/v1/projects.locations.customJobs/cancel), so the timestamps tell the two
+    apart. A FAILED job with code 4 (DEADLINE_EXCEEDED) counts as timed out too."""
+    timeout = str((job.get("jobSpec", {}).get("scheduling") or {}).get("timeout") or "")
+    started, ended = epoch(job.get("startTime")), epoch(job.get("endTime"))
+    if not timeout.endswith("s") or started is None or ended is None:
+        return False
+    try:
+        return ended - started >= float(timeout[:-1])
+    except ValueError:
+        return False
+
+
+def epoch(stamp: str | None) -> float | None:
     """RFC 3339 (``2026-01-02T03:04:05.123456789Z``, nanoseconds allowed) -> seconds since the epoch."""
     if not stamp:
         return None

@@ -182,8 +182,24 @@ def write_termination_message(output: str, code: int) -> None:
         pass
 
 
+def finished_before(output: str) -> int | None:
+    """The exit code of a run of this try that already wrote its outcome to the shared output path (a
+    worker the backend restarted, e.g. for VM maintenance): the step must not run, nor its result be
+    written, twice."""
+    for name, code in (("result.json", 0), ("error.json", 1)):
+        if os.path.exists(os.path.join(output, name)):
+            print(f"[stepops] {name} of this try is already in {output}: the worker was restarted after the "
+                  "step finished; not running it again", flush=True)
+            return code
+    return None
+
+
 def main() -> int:
     marker = _env("STEPOPS_MARKER", "step")
+    if _env("STEPOPS_OUTPUT_PATH"):
+        done = finished_before(_env("STEPOPS_OUTPUT_PATH"))
+        if done is not None:
+            return done
     workdir = tempfile.mkdtemp(prefix="stepops-")
     output = _env("STEPOPS_OUTPUT_PATH") or os.path.join(workdir, "output")
     os.makedirs(output, exist_ok=True)

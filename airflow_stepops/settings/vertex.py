@@ -15,10 +15,16 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, check_environment
 
-#: GCP labels: lowercase letters, digits, '_' and '-'; keys start with a letter; at most 63 characters
-LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
+#: Labels (https://cloud.google.com/resource-manager/docs/labels-overview#requirements, linked from the
+#: CustomJob.labels reference): at most 64 per resource; keys 1-63 characters starting with a lowercase or
+#: international letter, values 0-63; only lowercase letters, digits, '_' and '-', international
+#: characters allowed. (The CustomJob proto says "no longer than 64": the stricter 63 is used.)
+MAX_LABEL_CHARS = 63
 MAX_LABELS = 64
+#: Unicode categories of label characters besides digits, '_' and '-': lowercase and caseless letters
+_LABEL_LETTERS = ("Ll", "Lo", "Lm")
+#: EnvVar.name "Must be a valid C identifier" (google.cloud.aiplatform.v1.EnvVar)
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: label keys the flavor sets itself (the step's identity, for exactly-once look-ups)
 LABEL_PREFIX = "stepops-"
 LOCATION = re.compile(r"^[a-z]+-[a-z]+\d+$")
@@ -30,18 +36,28 @@ MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 DEFAULT_MACHINE_TYPE = "n1-standard-4"
 
 
+def _label_text(text: str, *, key: bool) -> bool:
+    import unicodedata
+
+    def letter(ch: str) -> bool:
+        return unicodedata.category(ch) in _LABEL_LETTERS
+
+    return (1 if key else 0) <= len(text) <= MAX_LABEL_CHARS and (not key or letter(text[0])) \
+        and all(letter(ch) or ch in "_-" or unicodedata.category(ch) == "Nd" for ch in text)
+
+
 def check_labels(labels: dict[str, str], field: str, *, reserved: bool = True) -> dict[str, str]:
     if len(labels) > MAX_LABELS:
         raise ValueError(f"{field}: at most {MAX_LABELS} labels, got {len(labels)}")
     for key, value in labels.items():
-        if not LABEL_KEY.match(key):
-            raise ValueError(f"{field}: {key!r} is not a valid label key (lowercase letters, digits, '_' and '-', "
-                             "starting with a letter, at most 63 characters)")
+        if not _label_text(key, key=True):
+            raise ValueError(f"{field}: {key!r} is not a valid label key (1-{MAX_LABEL_CHARS} lowercase letters, "
+                             "digits, '_' and '-', starting with a letter)")
         if reserved and key.startswith(LABEL_PREFIX):
             raise ValueError(f"{field}: {key!r}: keys starting with {LABEL_PREFIX!r} are the step operator's own")
-        if not LABEL_VALUE.match(value):
-            raise ValueError(f"{field}[{key!r}]: {value!r} is not a valid label value (lowercase letters, digits, "
-                             "'_' and '-', at most 63 characters)")
+        if not _label_text(value, key=False):
+            raise ValueError(f"{field}[{key!r}]: {value!r} is not a valid label value (at most {MAX_LABEL_CHARS} "
+                             "lowercase letters, digits, '_' and '-')")
     return labels
 
 
@@ -59,6 +75,15 @@ class _VertexChecks(BaseModel):
     @classmethod
     def _labels(cls, value: dict[str, str]) -> dict[str, str]:
         return check_labels(value, "labels")
+
+    @field_validator("environment", check_fields=False)
+    @classmethod
+    def _c_identifiers(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [name for name in value if not ENV_NAME.match(name)]
+        if bad:
+            raise ValueError(f"environment: {bad[0]!r}: Vertex AI takes C identifiers as variable names "
+                             "(letters, digits and '_', not starting with a digit)")
+        return value
 
     @model_validator(mode="after")
     def _machine(self) -> Any:
@@ -92,8 +117,6 @@ class VertexStepOperatorSettings(BaseStepOperatorSettings, _VertexChecks):
         "ResourceSettings.disk_size, else 100).")
     use_spot: bool = Field(default=False, description="Scheduling strategy SPOT (cheaper, can be preempted).")
     use_preemptible: bool = Field(default=False, description="Same as use_spot (ZenML's name).")
-    restart_job_on_worker_restart: bool = Field(
-        default=False, description="Restart the step when Vertex restarts its worker, instead of failing.")
     labels: dict[str, str] = Field(default_factory=dict, description="Labels of the CustomJob.")
     max_runtime_in_seconds: int | None = Field(
         default=None, gt=0, le=MAX_TIMEOUT_SECONDS,
@@ -168,6 +191,9 @@ class VertexStepOperatorConfig(BaseStepOperatorConfig, _VertexChecks):
                                      "<location>-aiplatform.googleapis.com).")
     logging_endpoint: str | None = Field(default=None, description="Cloud Logging endpoint (default: "
                                          "logging.googleapis.com).")
+    api_timeout_seconds: float = Field(default=30.0, gt=0, le=300, description="Seconds one call to Vertex AI "
+                                       "or Cloud Logging may take; transient failures are retried for up to four "
+                                       "times this long.")
     console_url_template: str = Field(
         default="https://console.cloud.google.com/vertex-ai/locations/{location}/training/{job_id}/cpu?project="
         "{project}", description="Console link template ({location}, {job_id}, {project}).")

@@ -303,7 +303,7 @@ def test_logs_stream_while_running_and_tail_incrementally(emu, client, parent, s
 
 
 def test_non_zero_exit_fails_with_vertex_message(emu, client, parent):
-    job = client.create_custom_job(parent=parent, custom_job=job_body("fail"))
+    job = client.create_custom_job(parent=parent, custom_job=job_body("fail", scheduling={"disable_retries": True}))
     job_id = job.name.rsplit("/", 1)[1]
     emu.wait_for_state(job_id, "JOB_STATE_FAILED")
     job = client.get_custom_job(name=job.name)
@@ -314,6 +314,26 @@ def test_non_zero_exit_fails_with_vertex_message(emu, client, parent):
     [stderr] = [e for e in emu.log_entries(job_id) if e["textPayload"] == "Traceback: bad things happened"]
     assert stderr["severity"] == "ERROR"  # stdout and stderr are read apart: their relative order is not kept
     assert emu.logs(job_id, service=True)[-1] == "Job failed."
+
+
+def test_non_zero_exit_restarts_the_worker_then_retries_the_job(emu, client, parent):
+    """Without disableRetries Vertex restarts the worker up to 5 times, then retries the job up to 3 times."""
+    job = client.create_custom_job(parent=parent, custom_job=job_body("fail"))
+    final = emu.wait_for_state(job.name, "JOB_STATE_FAILED", timeout=60)
+    assert final["error"]["code"] == 3
+    assert emu.logs(job.name).count("loading data") == (1 + 5) * (1 + 3)
+
+
+def test_vm_maintenance_restarts_the_worker_even_without_retries(emu, client, parent):
+    started_file = f"/gcs/{BUCKET}/restart/{uuid.uuid4().hex}/started.txt"
+    job = client.create_custom_job(parent=parent, custom_job=job_body(
+        "sleep", env={"STARTED": started_file}, scheduling={"disable_retries": True, "timeout": "3s"}))
+    emu.inject("restart", job=job.name, after=0.5)
+    final = emu.wait_for_state(job.name, ["JOB_STATE_CANCELLED"], timeout=20)
+    lines = emu.logs(job.name)
+    assert lines.count("sleeping") == 2 and lines.count("got SIGTERM") == 2, lines
+    assert "Worker workerpool0-0 was restarted on another VM (VM maintenance)." in emu.logs(job.name, service=True)
+    assert final["error"]["code"] == 1  # the timeout counts from RUNNING, not from the restart
 
 
 def test_jobs_the_emulator_cannot_run_fail_saying_why(emu, client, parent):
@@ -339,8 +359,8 @@ def test_scheduling_timeout_stops_the_job(emu, client, parent):
     job_id = job.name.rsplit("/", 1)[1]
     pid = running_pid(emu, job_id)
     assert pid in emu.pids
-    final = emu.wait_for_state(job_id, "JOB_STATE_FAILED", timeout=15)
-    assert final["error"]["code"] == 4 and "scheduling.timeout of 1s" in final["error"]["message"]
+    final = emu.wait_for_state(job_id, "JOB_STATE_CANCELLED", timeout=15)  # as Vertex reports it
+    assert final["error"]["code"] == 1
     assert "got SIGTERM" in emu.logs(job_id) and gone(pid)
     assert time.monotonic() - started < 6
 
@@ -392,16 +412,21 @@ def test_list_with_label_filter_and_pagination(emu, client, parent):
     def names_for(text: str) -> list[str]:
         return [j.display_name for j in client.list_custom_jobs(request={"parent": parent, "filter": text})]
 
+    # the grammar is AIP-160's, the fields those ListCustomJobsRequest.filter documents
     assert names_for(f'labels.run={run} AND labels.idx="1"') == ["list-1"]
-    assert names_for(f'labels.run={run} and state="JOB_STATE_SUCCEEDED" AND display_name="list-2"') == ["list-2"]
+    assert names_for(f'labels.run={run} AND state="JOB_STATE_SUCCEEDED" AND display_name="list-2"') == ["list-2"]
     assert names_for(f'labels.run={run} AND state!="JOB_STATE_SUCCEEDED"') == []
     created = emu.job(names[1])["createTime"]
     assert names_for(f'labels.run={run} AND create_time>"{created}"') == ["list-2"]
     assert names_for(f'labels.run={run} AND labels.idx:*') == ["list-2", "list-1", "list-0"]
-    with pytest.raises(gexc.BadRequest, match="Unsupported filter"):
-        names_for(f'labels.run={run} OR labels.idx="1"')
-    with pytest.raises(gexc.BadRequest, match="Unsupported filter"):
-        names_for("machine_type=n1-standard-4")
+    assert names_for(f'labels.run={run} AND labels.idx="0" OR labels.idx="2"') == ["list-2", "list-0"]  # OR first
+    assert names_for(f'labels.run={run} AND NOT labels.idx="1" AND display_name:"list-*"') == ["list-2", "list-0"]
+    assert names_for(f'labels.run={run} -(labels.idx="1" OR labels.idx="2")') == ["list-0"]
+    for unsupported in (f'labels.run={run} AND update_time>"{created}"', "machine_type=n1-standard-4"):
+        with pytest.raises(gexc.BadRequest, match="Unsupported filter"):
+            names_for(unsupported)
+    with pytest.raises(gexc.BadRequest, match='"and" needs a comparison'):  # AND, OR and NOT are upper case
+        names_for(f'labels.run={run} and labels.idx="1"')
 
 
 def test_invalid_bodies_answer_invalid_argument(emu, client, parent, session):
@@ -437,6 +462,14 @@ def test_invalid_bodies_answer_invalid_argument(emu, client, parent, session):
     body["job_spec"]["worker_pool_specs"][0]["replica_count"] = 2
     with pytest.raises(gexc.BadRequest, match="first"):
         client.create_custom_job(parent=parent, custom_job=body)
+    # labels as Google documents them: international characters welcome, upper case and 64 characters not
+    assert client.create_custom_job(parent=parent, custom_job=job_body(
+        "ok", labels={"équipe": "données", "チーム": "", "k" * 63: "v" * 63})).labels["équipe"] == "données"
+    for labels in ({"Team": "ml"}, {"team": "ML"}, {"k" * 64: "v"}, {"_k": "v"}, {f"l{i}": "" for i in range(65)}):
+        with pytest.raises(gexc.BadRequest, match="custom_job.labels"):
+            client.create_custom_job(parent=parent, custom_job=job_body("ok", labels=labels))
+    with pytest.raises(gexc.BadRequest, match="must be a valid C identifier"):
+        client.create_custom_job(parent=parent, custom_job=job_body("ok", env={"MY.VAR": "1"}))
 
 
 # ----- faults -------------------------------------------------------------------------------------------

@@ -52,15 +52,14 @@ def test_every_rendered_body_parses_into_the_proto():
     spec = make_spec(hook, _greet, "x", task_id="render", timeout_seconds=600,
                      settings=VertexStepOperatorSettings(machine_type="n1-standard-8", accelerator_type="T4",
                                                          accelerator_count=2, use_spot=True, disk_size_gb=200,
-                                                         boot_disk_type="pd-standard", labels={"cost": "r_d"},
-                                                         restart_job_on_worker_restart=True))
+                                                         boot_disk_type="pd-standard", labels={"cost": "r_d"}))
     body = hook.render(spec)
     job = CustomJob.from_json(__import__("json").dumps(body))
     pool = job.job_spec.worker_pool_specs[0]
     assert pool.machine_spec.accelerator_type.name == "NVIDIA_TESLA_T4" and pool.machine_spec.accelerator_count == 2
     assert job.job_spec.scheduling.strategy.name == "SPOT"
     assert job.job_spec.scheduling.timeout.total_seconds() == 660  # execution_timeout + 60 s backstop
-    assert job.job_spec.scheduling.restart_job_on_worker_restart
+    assert job.job_spec.scheduling.disable_retries  # Airflow owns retries, not Vertex
     assert pool.disk_spec.boot_disk_size_gb == 200 and pool.disk_spec.boot_disk_type == "pd-standard"
     env = {e.name: e.value for e in pool.container_spec.env}
     assert env["STEPOPS_OUTPUT_PATH"].startswith("/gcs/stepops-tests/") and "@" not in env["STEPOPS_OUTPUT_PATH"]
@@ -108,6 +107,61 @@ def test_scheduling_timeout_is_a_timeout(vx_emulator):
     assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
 
 
+def _chatty(lines: int) -> None:
+    import time
+
+    for i in range(lines):
+        print(f"line {i}", flush=True)
+        time.sleep(0.1)
+    time.sleep(2.5)  # late lines arrive while the job still runs
+
+
+def test_log_lines_ingested_late_and_out_of_order_are_shown_once(vx_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _chatty, 15, task_id="late_logs"))
+    vx_emulator.late_logs = (3, 1.0)  # every third line reaches Cloud Logging a second late
+    try:
+        event = run_trigger(hook, handle)
+    finally:
+        vx_emulator.late_logs = None
+    assert event["status"] == "succeeded", event
+    shown = [line for line in event["log_tail"] if line.startswith("line ")]
+    assert sorted(shown, key=lambda line: int(line.split()[1])) == [f"line {i}" for i in range(15)], shown
+
+
+def _count_runs(path: str) -> int:
+    with open(path, "a") as fh:  # a side effect on the host: how often the step ran
+        fh.write("ran\n")
+    return 42
+
+
+def _fail_once_counted(path: str) -> None:
+    _count_runs(path)
+    raise RuntimeError("boom")
+
+
+def test_a_failing_step_runs_once_vertex_does_not_retry_it(vx_emulator, tmp_path):
+    hook = make_hook()
+    runs = tmp_path / "runs"
+    handle = hook.submit(make_spec(hook, _fail_once_counted, str(runs), task_id="no_vertex_retries"))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed", event
+    assert runs.read_text().count("ran") == 1  # Airflow owns retries
+
+
+def test_a_worker_restart_after_the_step_finished_does_not_run_it_again(vx_emulator, tmp_path):
+    hook = make_hook()
+    runs = tmp_path / "runs"
+    spec = make_spec(hook, _count_runs, str(runs), task_id="restarted_after_result")
+    vx_emulator.inject("restart", on_exit=True)  # VM maintenance right as the step ends: the replica reruns
+    handle = hook.submit(spec)
+    event = run_trigger(hook, handle)
+    assert event["status"] == "succeeded", event
+    assert runs.read_text().count("ran") == 1
+    assert read_outcome(store_path(handle["output_uri"])).value == 42
+    assert any("not running it again" in line for line in vx_emulator.logs(handle["job_id"]))
+
+
 def test_spot_preemption_is_preemption(vx_emulator):
     hook = make_hook()
     handle = hook.submit(make_spec(hook, _sleep, 60, task_id="spot",
@@ -116,6 +170,16 @@ def test_spot_preemption_is_preemption(vx_emulator):
     vx_emulator.inject("preemption", job=handle["job_id"], after=0.5)
     event = run_trigger(hook, handle)
     assert event["status"] == "preempted" and event["details"]["reason"] == "preempted", event
+
+
+def test_outcomes_come_from_error_codes_not_from_message_words(vx_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 60, task_id="wordy_failure"))
+    vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_RUNNING"])
+    vx_emulator.inject("failure", job=handle["job_id"], code=13, after=0.2,
+                       message="step output: preempted? timed out! Resources are insufficient in region")
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and "reason" not in event["details"], event
 
 
 def test_stockout_is_preemption(vx_emulator):
@@ -145,6 +209,33 @@ def test_submit_is_exactly_once_per_try(vx_emulator):
     assert len(labelled) == 1
     assert hook.find_job(spec.identity.for_try(2)) is None
     assert run_trigger(hook, first)["status"] == "succeeded"
+
+
+def _fast_hook(monkeypatch, conn_id: str = "vx_fast_timeout"):
+    import json
+    import os
+
+    extra = {**json.loads(os.environ["AIRFLOW_CONN_VERTEX_STEP_OPERATOR"])["extra"], "api_timeout_seconds": 1}
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({"conn_type": "stepops_vertex", "extra": extra}))
+    return make_hook(conn_id)
+
+
+@pytest.mark.parametrize("held", [0.0, 8.0], ids=["connection_dropped", "reply_never_sent"])
+def test_a_lost_create_reply_finds_the_job_instead_of_hanging_or_creating_another(vx_emulator, monkeypatch, held):
+    hook = _fast_hook(monkeypatch)
+    spec = make_spec(hook, _greet, "lost", task_id=f"lost_reply_{int(held)}")
+    vx_emulator.inject("lost_create_reply", duration=held)
+    vx_emulator.list_lag = 1.5  # and the new job shows up in lists only a while later
+    try:
+        started = time.monotonic()
+        handle = hook.submit(spec)
+        took = time.monotonic() - started
+    finally:
+        vx_emulator.list_lag = 0.0
+    labelled = [j for j in vx_emulator.jobs if j["labels"].get("stepops-step") == spec.identity.digest[:40]]
+    assert [j["name"] for j in labelled] == [handle["name"]]
+    assert took < 6, took  # a 1 s call timeout, then a few look-ups
+    assert run_trigger(hook, handle)["status"] == "succeeded"
 
 
 def test_gcs_artifact_refs_are_read_in_place(vx_emulator):

@@ -96,6 +96,10 @@ def _declare(**kwargs):
     ({"settings": {"step_operator.vertex": {"labels": {"stepops-step": "x"}}}}, r"are the step operator's own"),
     ({"settings": {"step_operator.vertex": {"boot_disk_type": "ssd"}}}, r"boot_disk_type"),
     ({"settings": {"step_operator.vertex": {"environment": {"STEPOPS_X": "1"}}}}, r"reserved for the runtime"),
+    ({"settings": {"step_operator.vertex": {"environment": {"MY.VAR": "1"}}}}, r"Vertex AI takes C identifiers"),
+    ({"settings": {"step_operator.vertex": {"labels": {"k" * 64: "v"}}}}, r"is not a valid label key"),
+    ({"settings": {"step_operator.vertex": {"labels": {"k": "V"}}}}, r"'V' is not a valid label value"),
+    ({"settings": {"step_operator.vertex": {"labels": {"_k": "v"}}}}, r"'_k' is not a valid label key"),
     ({"resources": {"gpu_type": "L4", "gpu_count": 3}, "settings": {"step_operator.vertex": {}}}, r"gpu_count=3: Vertex AI offers NVIDIA_L4 in counts of 1, 2, "
                                                         r"4, 8"),
     ({"resources": {"cpu_count": 16}, "settings": {"step_operator.vertex": {"machine_type": "n1-standard-8"}}},
@@ -106,6 +110,24 @@ def _declare(**kwargs):
 def test_bad_settings_fail_at_parse_time(kwargs, message):
     with pytest.raises((StepOperatorConfigError, ValidationError, ValueError), match=message):
         _declare(**kwargs)
+
+
+def test_labels_follow_googles_rules():
+    """International characters are allowed in label keys and values; the body's labels (the connection's,
+    the step's and the identity's together) stay within 64."""
+    from airflow_stepops.bundle import StepIdentity
+    from airflow_stepops.hooks.base import StepSpec
+    from airflow_stepops.hooks.vertex import VertexStepOperatorHook
+
+    assert VertexStepOperatorSettings(labels={"équipe": "données", "チーム": "ml", "v": ""}).labels["équipe"]
+    hook = VertexStepOperatorHook("v", config=VertexStepOperatorConfig(
+        location="us-central1", project="stepops-tests", image="img", artifact_store="gs://bkt/p",
+        labels={f"l{i}": "x" for i in range(58)}))
+    spec = StepSpec(identity=StepIdentity("d", "r", "t", -1, 1), bundle_uri="gs://bkt/p/x/bundle",
+                    output_uri="gs://bkt/p/x/output", resources=ResourceSettings(),
+                    settings=VertexStepOperatorSettings(labels={"a": "1", "b": "2"}))
+    with pytest.raises(StepOperatorConfigError, match="labels: at most 64 labels, got 65"):
+        hook.render(spec)
 
 
 def test_zenml_examples_parse():

@@ -28,13 +28,16 @@ calling iamcredentials.googleapis.com themselves (google-auth's regional access 
 
 CustomJobs: create (the body must parse as a ``CustomJob`` proto, unknown fields included, and carry what
 Vertex requires — displayName, worker pools with machineType, replicaCount, an image — else 400
-INVALID_ARGUMENT as Vertex words it), get (404 NOT_FOUND), list (``filter`` on ``labels.KEY``, ``state``,
-``display_name``, ``create_time``/``update_time``; ``pageSize``/``pageToken``; newest first) and cancel
+INVALID_ARGUMENT as Vertex words it), get (404 NOT_FOUND), list (``filter`` in AIP-160's grammar on the
+fields Vertex documents: ``labels.KEY``, ``state``, ``display_name``, ``create_time``; ``pageSize``/
+``pageToken``; newest first; ``list_lag`` keeps new jobs out of lists for a while) and cancel
 (JOB_STATE_CANCELLING, SIGTERM, SIGKILL after ``stop_grace_period``, JOB_STATE_CANCELLED with error
 ``{"code": 1, "message": "CANCELED"}``; 400 FAILED_PRECONDITION once over). Names carry the project
 number (``project_number``, default 123456789012); paths may use the id or the number. A job walks
 QUEUED, PENDING (``/gcs`` inputs copied in), RUNNING, then SUCCEEDED, or FAILED with Vertex's "The replica
-workerpool0-0 exited with a non-zero status of N ..." (code 3) or, past ``scheduling.timeout``, code 4.
+workerpool0-0 exited with a non-zero status of N ..." (code 3), or CANCELLED past ``scheduling.timeout``.
+A replica that exits non-zero is restarted up to 5 times, then the job retried up to 3 times, unless
+``scheduling.disableRetries`` is set, as Vertex does; the ``restart`` fault restarts it even then.
 Worker pool 0, replica 0 runs ``containerSpec.command + args`` with ``containerSpec.env`` (``python3`` is
 this interpreter; the image has no ``python``); ``/gcs/<bucket>/...`` in them is a per-job directory synced with fake GCS before and
 after the process (see ``_mount``); stdout/stderr become log entries (INFO/ERROR) as they are written.
@@ -47,13 +50,15 @@ receiveTimestamp, insertId and severity, joined by AND; ``orderBy`` timestamp as
 Faults: ``emu.inject("preemption", job=id, after=1)`` (a SPOT job fails with a STOCKOUT, code 8; others as
 a lost VM, code 13), ``"stockout"``, ``"failure"`` (``message``, ``code``), ``"slow_start"``
 (``duration``), ``"quota_exceeded"`` (the next create answers 429 RESOURCE_EXHAUSTED);
+``"restart"`` (VM maintenance restarts the replica, ``after`` seconds in or ``on_exit``), ``"lost_create_reply"``
+(the next create makes the job, holds its reply ``duration`` seconds, then drops the connection);
 ``emu.fail_requests(503, "UNAVAILABLE", times=2, path_contains="customJobs")`` fails API calls.
 Inspection: ``jobs``, ``job``, ``wait_for_state``, ``pids``, ``pid``, ``job_dir``, ``logs``,
 ``log_entries``, ``requests``; ``env()`` and ``storage_client()`` for GCS.
 
 Not emulated: other JobService resources (hyperparameter tuning, batch prediction, ...), delete, other
 worker pools and replicas (one process runs), ``pythonPackageSpec`` (the job fails saying so), images,
-Vertex's automatic restarts, TensorBoard, networks, IAM (any token works), Logging's OR/NOT/regex filters,
+TensorBoard, networks, IAM (any token works), Logging's OR/NOT/regex filters,
 deletes through ``/gcs`` and uploads while a job runs.
 """
 

@@ -44,6 +44,8 @@ class VertexEmulator:
     stop_grace_period: seconds between SIGTERM and SIGKILL when a job is cancelled, times out or is
         preempted.
     queue_seconds / pending_seconds: how long a job stays JOB_STATE_QUEUED and JOB_STATE_PENDING.
+    list_lag: seconds a new job is missing from ListCustomJobs results (an eventually consistent list;
+        Vertex documents none, so 0 by default).
     workdir: where job directories go (``<workdir>/jobs/<id>/``); default a temporary one removed by
         ``stop()``.
     port: the API server's port on 127.0.0.1 (default a free one).
@@ -52,10 +54,11 @@ class VertexEmulator:
     def __init__(self, project: str = "stepops-tests", location: str = "us-central1",
                  stop_grace_period: float = 2.0, queue_seconds: float = 0.3, pending_seconds: float = 0.3,
                  workdir: str | Path | None = None, *, port: int = 0,
-                 project_number: str = DEFAULT_PROJECT_NUMBER) -> None:
+                 project_number: str = DEFAULT_PROJECT_NUMBER, list_lag: float = 0.0) -> None:
         self.project, self.location, self.project_number = project, location, project_number
         self.stop_grace_period = stop_grace_period
         self.queue_seconds, self.pending_seconds = queue_seconds, pending_seconds
+        self._list_lag = list_lag
         self._wanted_workdir = Path(workdir) if workdir is not None else None
         self._wanted_port = port
         self.port = 0
@@ -91,6 +94,7 @@ class VertexEmulator:
             self._logs = LogStore(self.project, self.project_number, self.location, self._clock)
             self._service = JobService(self.project, self.project_number, self.location, self._clock,
                                        self._admit, self._job_created, self._job_cancelled)
+            self._service.list_lag = self._list_lag
             self._server = ApiServer(self._service, self._logs, self._account, lambda: self.token_uri)
             self._serve()
             shims = self.workdir / "bin"
@@ -161,7 +165,10 @@ class VertexEmulator:
         with self._lock:
             faults = []
             for rule in self._rules:
-                if rule.fault.kind != "quota_exceeded" and rule.take():
+                if rule.fault.kind == "lost_create_reply" and job.lose_reply is None and rule.take():
+                    rule.applied.append(job.id)
+                    job.lose_reply = rule.fault.duration
+                elif rule.fault.kind not in ("quota_exceeded", "lost_create_reply") and rule.take():
                     rule.applied.append(job.id)
                     faults.append(rule.fault)
             runner = JobRunner(job, self._ctx, faults)
@@ -249,6 +256,29 @@ class VertexEmulator:
         self._gcs.create_bucket(name, self.project)
         return f"gs://{name}"
 
+    @property
+    def late_logs(self) -> tuple[int, float] | None:
+        """``(every, seconds)``: every ``every``-th line a job writes reaches Cloud Logging ``seconds`` late,
+        after lines written later (None: in order)."""
+        return self._logs.late if self._logs is not None else None
+
+    @late_logs.setter
+    def late_logs(self, value: tuple[int, float] | None) -> None:
+        if self._logs is None:
+            raise RuntimeError("the emulator is not running")
+        self._logs.late = value
+
+    @property
+    def list_lag(self) -> float:
+        """Seconds a new job is missing from ListCustomJobs results (settable while running)."""
+        return self._list_lag
+
+    @list_lag.setter
+    def list_lag(self, seconds: float) -> None:
+        self._list_lag = seconds
+        if self._service is not None:
+            self._service.list_lag = seconds
+
     # ----- faults -----------------------------------------------------------------------------------
 
     def inject(self, kind: str, job: str | None = None, after: float = 0.0, *, count: int | None = 1,
@@ -257,7 +287,7 @@ class VertexEmulator:
         next ``count`` created jobs (None: every one); ``quota_exceeded`` always strikes create calls."""
         fault = F.Fault(kind, after=after, **kw)
         rule = F.FaultRule(fault, count)
-        if job is None or kind == "quota_exceeded":
+        if job is None or kind in ("quota_exceeded", "lost_create_reply"):
             with self._lock:
                 self._rules.append(rule)
             return rule

@@ -14,8 +14,9 @@ the wording comes from (public reports of real jobs; where none was found, the e
 * Spot preemption: Vertex's Spot VM page says a preempted job "fails with a STOCKOUT error"
   (cloud.google.com/vertex-ai/docs/predictions/use-spot-vms, "Preemption handling"; the training page says
   the same), so code 8 with the stockout sentence plus which replica was preempted;
-* cancel (code 1): "CANCELED"; past ``scheduling.timeout`` (code 4, DEADLINE_EXCEEDED) and a lost
-  on-demand VM (code 13, INTERNAL): no real wording was found, the messages are the emulator's.
+* cancel (code 1): "CANCELED"; a job past ``scheduling.timeout`` is cancelled the same way (see
+  ``_runner``); a lost on-demand VM (code 13, INTERNAL): no real wording was found, the message is the
+  emulator's.
 """
 
 from __future__ import annotations
@@ -32,16 +33,14 @@ NON_ZERO_EXIT = (f"The replica {REPLICA} exited with a non-zero status of {{exit
 STOCKOUT = "Resources are insufficient in region: {location}. Please try a different region."
 PREEMPTED = ("Resources are insufficient in region: {location}. The Spot VM of replica " + REPLICA
              + " was preempted (STOCKOUT).")
-TIMEOUT = ("The job ran past its scheduling.timeout of {timeout} and was stopped. The replica " + REPLICA
-           + " was terminated.")
 CANCELED = "CANCELED"
 INTERNAL = "Internal error occurred for the current attempt. The VM of replica " + REPLICA + " was lost."
 QUOTA = "The following quota metrics exceed quota limits: {metric}"
 DEFAULT_QUOTA_METRIC = "aiplatform.googleapis.com/custom_model_training_nvidia_t4_gpus"
 
 #: kinds that strike ``after`` seconds into RUNNING
-RUNNING_KINDS = frozenset({"preemption", "failure"})
-KINDS = RUNNING_KINDS | {"stockout", "slow_start", "quota_exceeded"}
+RUNNING_KINDS = frozenset({"preemption", "failure", "restart"})
+KINDS = RUNNING_KINDS | {"stockout", "slow_start", "quota_exceeded", "lost_create_reply"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +61,13 @@ class Fault:
         ``slow_start`` — the job stays QUEUED ``duration`` seconds more.
         ``quota_exceeded`` — the create call itself answers HTTP 429 RESOURCE_EXHAUSTED "The following
         quota metrics exceed quota limits: ``metric``"; no job is made.
+        ``restart`` — VM maintenance: ``after`` seconds into RUNNING (or, with ``on_exit``, the moment the
+        process ends, before Vertex records it) the replica is stopped and started again with the same
+        hostname and ``/gcs`` files, once; the job goes on. Vertex does this also with
+        ``scheduling.disableRetries`` (cloud.google.com/vertex-ai/docs/training/understanding-training-service,
+        "Restart workers during the training job": "VM maintenance ... restarts the worker on another VM").
+        ``lost_create_reply`` — the next create call makes the job but its connection is dropped before the
+        reply is sent.
     """
 
     kind: str
@@ -70,6 +76,7 @@ class Fault:
     message: str | None = None
     code: int | None = None
     metric: str = DEFAULT_QUOTA_METRIC
+    on_exit: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -1,9 +1,10 @@
-"""The filter subsets the emulator understands: Vertex AI's list filter (AIP-160) and Cloud Logging's.
+"""The filters the emulator understands: Vertex AI's list filter (AIP-160) and a subset of Cloud Logging's.
 
-Both are conjunctions of comparisons ``FIELD OP VALUE`` (``OP`` one of ``= != > >= < <= :``; ``VALUE``
-quoted or bare). Vertex joins them with ``AND``; Logging also takes whitespace or newlines for AND.
-``OR``, ``NOT``, parentheses and unknown fields answer 400 INVALID_ARGUMENT naming what was not
-understood, rather than silently matching too much: a test then learns its filter is not emulated.
+Vertex's is AIP-160's whole grammar (AND, OR, NOT / ``-``, parentheses) on the fields its reference
+documents; see below. Logging's is a conjunction of comparisons ``FIELD OP VALUE`` (``OP`` one of
+``= != > >= < <= :``; ``VALUE`` quoted or bare) joined by ``AND``, whitespace or newlines; its ``OR``,
+``NOT``, parentheses and unknown fields answer 400 INVALID_ARGUMENT naming what was not understood,
+rather than silently matching too much: a test then learns its filter is not emulated.
 """
 
 from __future__ import annotations
@@ -90,43 +91,169 @@ def _string_match(clause: Clause, actual: str | None, *, has_is_substring: bool)
 
 
 # ----- Vertex AI ListCustomJobs ------------------------------------------------------------------------
+#
+# The grammar is AIP-160's (https://google.aip.dev/160, EBNF https://google.aip.dev/assets/misc/
+# ebnf-filtering.txt): ``expression = sequence {"AND" sequence}``, ``sequence = factor {factor}``,
+# ``factor = term {"OR" term}``, ``term = ["NOT" | "-"] simple``, ``simple = restriction | "(" expression
+# ")"``, ``restriction = member comparator arg``; AND, OR and NOT are upper case; OR binds tighter than
+# AND. The fields are those ListCustomJobsRequest.filter documents
+# (https://cloud.google.com/vertex-ai/docs/reference/rest/v1/projects.locations.customJobs/list):
+# ``display_name`` (=, != and the : wildcard), ``state`` (=, !=), ``create_time`` (=, !=, <, <=, >, >=,
+# RFC 3339) and ``labels`` ("labels.key=value", "labels.key:*"). Anything else answers 400.
 
-_JOB_FIELDS = {"state": "state", "display_name": "displayName", "displayName": "displayName",
-               "create_time": "createTime", "createTime": "createTime", "update_time": "updateTime",
-               "updateTime": "updateTime", "start_time": "startTime", "end_time": "endTime"}
+_TOKEN = re.compile(r'\s*(?:(?P<string>"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\')|(?P<op><=|>=|!=|=|<|>|:)'
+                    r'|(?P<punct>[.(),])|(?P<text>[^\s.,:()<>=!"\']+))')
+_KEYWORDS = ("AND", "OR", "NOT")
+
+
+def _tokens(text: str) -> list[tuple[str, str]]:
+    out, pos = [], 0
+    while text[pos:].strip():
+        found = _TOKEN.match(text, pos)
+        if found is None:
+            raise invalid_argument(f'Invalid filter "{text}": unexpected "{text[pos:].strip()[:20]}"')
+        kind = found.lastgroup or ""
+        value = found.group(kind)
+        if kind == "string":
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        elif kind == "text" and value in _KEYWORDS:
+            kind = value
+        out.append((kind, value))
+        pos = found.end()
+    return out
+
+
+class _JobFilter:
+    """A recursive-descent parse of one ListCustomJobs filter into a predicate over CustomJob JSON."""
+
+    def __init__(self, text: str, states: frozenset[str]) -> None:
+        self.text, self.states = text, states
+        self.tokens, self.pos = _tokens(text), 0
+
+    def _peek(self) -> tuple[str, str]:
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else ("end", "")
+
+    def _take(self, kind: str) -> str:
+        found, value = self._peek()
+        if found != kind:
+            raise invalid_argument(f'Invalid filter "{self.text}": expected {kind} near "{value or "the end"}"')
+        self.pos += 1
+        return value
+
+    def parse(self) -> Predicate:
+        if not self.tokens:
+            return lambda job: True
+        test = self._expression()
+        if self.pos != len(self.tokens):
+            raise invalid_argument(f'Invalid filter "{self.text}": unexpected "{self._peek()[1]}"')
+        return test
+
+    def _expression(self) -> Predicate:
+        parts = [self._sequence()]
+        while self._peek()[0] == "AND":
+            self.pos += 1
+            parts.append(self._sequence())
+        return parts[0] if len(parts) == 1 else (lambda job: all(p(job) for p in parts))
+
+    def _sequence(self) -> Predicate:
+        parts = [self._factor()]
+        while self._peek()[0] in ("text", "string", "NOT") or self._peek() == ("punct", "("):
+            parts.append(self._factor())
+        return parts[0] if len(parts) == 1 else (lambda job: all(p(job) for p in parts))
+
+    def _factor(self) -> Predicate:
+        parts = [self._term()]
+        while self._peek()[0] == "OR":
+            self.pos += 1
+            parts.append(self._term())
+        return parts[0] if len(parts) == 1 else (lambda job: any(p(job) for p in parts))
+
+    def _term(self) -> Predicate:
+        kind, value = self._peek()
+        negate = kind == "NOT" or (kind == "text" and value.startswith("-"))
+        if kind == "NOT" or (kind, value) == ("text", "-"):
+            self.pos += 1
+        elif negate:
+            self.tokens[self.pos] = ("text", value[1:])
+        test = self._simple()
+        return (lambda job: not test(job)) if negate else test
+
+    def _simple(self) -> Predicate:
+        if self._peek() == ("punct", "("):
+            self.pos += 1
+            test = self._expression()
+            if self._peek() != ("punct", ")"):
+                raise invalid_argument(f'Invalid filter "{self.text}": missing ")"')
+            self.pos += 1
+            return test
+        member = self._member()
+        if self._peek()[0] != "op":
+            raise invalid_argument(f'Invalid filter "{self.text}": "{".".join(member)}" needs a comparison '
+                                   "(FIELD OP VALUE); global restrictions are not supported")
+        op = self._take("op")
+        return self._restriction(member, op, ".".join(self._member()))
+
+    def _member(self) -> list[str]:
+        kind, value = self._peek()
+        if kind not in ("text", "string"):
+            raise invalid_argument(f'Invalid filter "{self.text}": expected a field or value near '
+                                   f'"{value or "the end"}"')
+        parts = [value]
+        self.pos += 1
+        while self._peek() == ("punct", "."):
+            self.pos += 1
+            kind, value = self._peek()
+            if kind not in ("text", "string"):
+                raise invalid_argument(f'Invalid filter "{self.text}": expected a field after "."')
+            parts.append(value)
+            self.pos += 1
+        return parts
+
+    def _restriction(self, member: list[str], op: str, value: str) -> Predicate:
+        text = f"{'.'.join(member)}{op}{value}"
+
+        def refuse(what: str) -> Exception:
+            return invalid_argument(f'Unsupported filter "{text}": {what}')
+
+        name = member[0]
+        if name == "labels" and len(member) == 2:
+            key = member[1]
+            if op == ":":
+                return lambda job: (key in (job.get("labels") or {})) if value == "*" \
+                    else (job.get("labels") or {}).get(key) == value
+            if op not in ("=", "!="):
+                raise refuse("labels compare with = and : only")
+            return lambda job: ((job.get("labels") or {}).get(key) == value) == (op == "=")
+        if len(member) != 1:
+            raise refuse("ListCustomJobs filters on display_name, state, create_time and labels.KEY only")
+        if name == "display_name":
+            if op == ":":  # the documented wildcard, e.g. display_name:"my_job_*"
+                pattern = re.compile("^" + ".*".join(re.escape(p) for p in value.split("*")) + "$")
+                return lambda job: bool(pattern.match(job.get("displayName", "")))
+            if op not in ("=", "!="):
+                raise refuse("display_name compares with =, != and the : wildcard only")
+            return lambda job: (job.get("displayName") == value) == (op == "=")
+        if name == "state":
+            if value not in self.states:
+                raise invalid_argument(f'Invalid filter "{text}": {value!r} is not a JobState')
+            if op not in ("=", "!="):
+                raise refuse("state compares with = and != only")
+            return lambda job: (job.get("state") == value) == (op == "=")
+        if name == "create_time":
+            if op == ":":
+                raise refuse("create_time compares with =, !=, <, <=, > and >= only")
+            try:
+                wanted = parse_rfc3339(value)
+            except ValueError:
+                raise invalid_argument(f'Invalid filter "{text}": {value!r} is not an RFC 3339 timestamp') from None
+            compare = _COMPARE[op]
+            return lambda job: compare(parse_rfc3339(job["createTime"]), wanted)
+        raise refuse("ListCustomJobs filters on display_name, state, create_time and labels.KEY only")
 
 
 def job_filter(text: str, states: frozenset[str]) -> Predicate:
     """A predicate over CustomJob JSON (camelCase) for a ListCustomJobs ``filter``."""
-    tests: list[Predicate] = []
-    for clause in parse(text) if text.strip() else []:
-        tests.append(_job_test(clause, states))
-    return lambda job: all(t(job) for t in tests)
-
-
-def _job_test(clause: Clause, states: frozenset[str]) -> Predicate:
-    name = clause.field
-    if name.startswith("labels."):
-        key = name[len("labels."):].strip('"')
-        if clause.op not in ("=", "!=", ":"):
-            raise _unsupported(clause, "labels compare with =, != and : only")
-        return lambda job: _string_match(clause, (job.get("labels") or {}).get(key), has_is_substring=False)
-    field = _JOB_FIELDS.get(name)
-    if field is None:
-        raise _unsupported(clause, f"the emulator filters on labels.KEY, {', '.join(sorted(set(_JOB_FIELDS)))}")
-    if field == "state":
-        if clause.value not in states:
-            raise invalid_argument(f'Invalid filter "{clause.text}": {clause.value!r} is not a JobState')
-        if clause.op not in ("=", "!="):
-            raise _unsupported(clause, "state compares with = and != only")
-        return lambda job: (job.get("state") == clause.value) == (clause.op == "=")
-    if field == "displayName":
-        return lambda job: _string_match(clause, job.get("displayName"), has_is_substring=False)
-    if clause.op == ":":
-        raise _unsupported(clause, "times compare with =, !=, >, >=, < and <=")
-    wanted = _time_value(clause)
-    compare = _COMPARE[clause.op]
-    return lambda job: job.get(field) is not None and compare(parse_rfc3339(job[field]), wanted)
+    return _JobFilter(text, states).parse()
 
 
 # ----- Cloud Logging entries:list ----------------------------------------------------------------------

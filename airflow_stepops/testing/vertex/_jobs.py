@@ -37,8 +37,11 @@ OUTPUT_ONLY = ("name", "state", "createTime", "startTime", "endTime", "updateTim
                "satisfiesPzs", "satisfiesPzi")
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-_LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-_LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
+#: label requirements, https://cloud.google.com/resource-manager/docs/labels-overview#requirements (the page
+#: CustomJob.labels links to): up to 64 labels; keys 1-63 characters, values up to 63; lowercase letters,
+#: digits, underscores and dashes, international characters allowed; keys start with a lowercase letter or an
+#: international character
+_MOST_LABELS, _LONGEST_LABEL = 64, 63
 _NO_FIELD = re.compile(r'has no field named "([^"]+)" at "([^"]+)"')
 
 
@@ -52,6 +55,8 @@ class Job:
         self._lock = threading.Lock()
         self.history: list[str] = [data["state"]]
         self.cancel_requested = threading.Event()
+        #: seconds the create call holds its reply before dropping the connection (a ``lost_create_reply``)
+        self.lose_reply: float | None = None
 
     @property
     def name(self) -> str:
@@ -176,16 +181,33 @@ def check_custom_job(job: JSON) -> None:
         elif package is not None and not package.get("executorImageUri"):
             found.append((f"{where}.python_package_spec.executor_image_uri", "Required field is not set."))
     labels = job.get("labels") or {}
-    if len(labels) > 64:
-        found.append(("custom_job.labels", "At most 64 labels are allowed."))
+    if len(labels) > _MOST_LABELS:
+        found.append(("custom_job.labels", f"At most {_MOST_LABELS} labels are allowed."))
     for key, value in labels.items():
-        if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value):
+        if not (_label_ok(key) and key[:1] and _label_start_ok(key[0])) or not _label_ok(value) \
+                or len(key) > _LONGEST_LABEL:
             found.append((f"custom_job.labels[{key}]", "Label keys must start with a lowercase letter and, like "
                                                        "values, hold at most 63 lowercase letters, digits, "
                                                        "underscores and dashes."))
+    for i, pool in enumerate(pools):
+        for env in ((pool or {}).get("containerSpec") or {}).get("env") or []:
+            name = env.get("name", "")
+            if not (name.isascii() and name.isidentifier()):  # EnvVar.name "Must be a valid C identifier."
+                found.append((f"custom_job.job_spec.worker_pool_specs[{i}].container_spec.env",
+                              f'Environment variable name "{name}" must be a valid C identifier.'))
     if found:
         text = "".join(f"{n}.Field: {f}; Message: {m}\t" for n, (f, m) in enumerate(found, 1))
         raise invalid_argument(f"List of found errors:\t{text}", found)
+
+
+def _label_start_ok(ch: str) -> bool:
+    return ("a" <= ch <= "z") or (not ch.isascii() and ch.isalpha() and not ch.isupper())
+
+
+def _label_ok(text: str) -> bool:
+    return len(text) <= _LONGEST_LABEL and all(
+        ch in "-_" or ("a" <= ch <= "z") or ch.isdigit() or (not ch.isascii() and ch.isalnum() and not ch.isupper())
+        for ch in text)
 
 
 def render(job: JSON, *, int_enums: bool) -> JSON:
@@ -214,6 +236,8 @@ class JobService:
         self._admit, self._started, self._cancelled = admit, started, cancelled
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
+        #: seconds a new job stays out of list results (0: lists are consistent; Vertex documents no lag)
+        self.list_lag = 0.0
 
     def check_parent(self, project: str, location: str, permission: str) -> None:
         if project not in (self.project, self.project_number):
@@ -267,8 +291,10 @@ class JobService:
         size = min(size if size > 0 else DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         after = _read_token(query.get("pageToken"), digest)
+        newest = self.clock.now() - int(self.list_lag * 1e9)
         with self._lock:
-            jobs = sorted(self._jobs.values(), key=lambda j: (j.created_ns, j.id), reverse=True)
+            jobs = sorted((j for j in self._jobs.values() if j.created_ns <= newest),
+                          key=lambda j: (j.created_ns, j.id), reverse=True)
         if after is not None:
             jobs = [j for j in jobs if (j.created_ns, j.id) < after]
         page: list[tuple[Job, JSON]] = []

@@ -6,8 +6,12 @@ Each line a job process writes becomes a LogEntry the moment it is read, shaped 
 ("Waiting for job to be provisioned.", "Job failed.", ...) go to
 ``projects/<project>/logs/ml.googleapis.com%2F<job_id>`` with ``task_name`` ``service``.
 
-Timestamps are strictly increasing nanoseconds, and ``insertId`` is the timestamp in fixed-width hex, so
-both ``timestamp>"..."`` and ``insertId>"..."`` resume a tail without losing or repeating lines.
+Timestamps are strictly increasing nanoseconds and ``insertId`` is the timestamp in fixed-width hex. Cloud
+Logging receives entries late and out of order (``entries:tail`` buffers up to 60 s "to prevent out of
+order results due to late arriving log entries", https://cloud.google.com/logging/docs/reference/v2/rest/
+v2/entries/tail): with ``late = (every, seconds)`` every ``every``-th line of a replica becomes visible
+only ``seconds`` after it was written, behind entries stamped later, so a reader that resumes strictly
+after the newest timestamp it saw loses it.
 """
 
 from __future__ import annotations
@@ -36,7 +40,10 @@ class LogStore:
         self.project, self.project_number, self.location = project, project_number, location
         self.clock = clock
         self._lock = threading.Lock()
-        self._entries: list[JSON] = []
+        self._entries: list[tuple[int, JSON]] = []  # (visible from, entry), in timestamp order
+        self._written = 0
+        #: (every, seconds): every ``every``-th replica line is ingested ``seconds`` late; None: none is
+        self.late: tuple[int, float] | None = None
 
     def write(self, job_id: str, text: str, *, severity: str = "INFO", task: str = REPLICA) -> JSON:
         """Append one line of ``task`` (``workerpool0-0`` or ``service``) of the job; returns the entry."""
@@ -58,12 +65,19 @@ class LogStore:
                 "severity": severity,
                 "labels": labels,
             }
-            self._entries.append(entry)
+            visible = stamp
+            if task == REPLICA:
+                self._written += 1
+                if self.late is not None and self._written % self.late[0] == 0:
+                    visible += int(self.late[1] * 1e9)
+            self._entries.append((visible, entry))
         return entry
 
     def entries(self, job_id: str | None = None, task: str | None = None) -> list[JSON]:
+        """The entries ingested so far, in timestamp order."""
+        now = self.clock.now()
         with self._lock:
-            found = list(self._entries)
+            found = [entry for visible, entry in self._entries if visible <= now]
         return [e for e in found if (job_id is None or e["resource"]["labels"]["job_id"] == job_id)
                 and (task is None or e["resource"]["labels"]["task_name"] == task)]
 

@@ -64,14 +64,22 @@ class RunContext:
     base_env: dict[str, str] = field(default_factory=dict)
 
 
+#: Vertex restarts a replica that exits non-zero up to five times, then retries the whole job up to three
+#: times, unless scheduling.disableRetries is set
+#: (https://cloud.google.com/vertex-ai/docs/training/understanding-training-service, "Restart workers during
+#: the training job"; https://cloud.google.com/vertex-ai/docs/reference/rest/v1/CustomJobSpec#Scheduling)
+WORKER_RESTARTS = 5
+JOB_RETRIES = 3
+RESTART = "restart"  # an Outcome state: the replica is started again, the job goes on
+
+
 @dataclass
 class Outcome:
-    """How the job ended: its final state and ``error`` (None for success)."""
+    """How the replica's run ended: the job's final state and ``error`` (None for success), or RESTART."""
 
     state: str
     error: dict[str, Any] | None = None
-
-
+    exit_code: int | None = None
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -94,6 +102,7 @@ class JobRunner:
         self.downloaded: list[str] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self.running_since: float | None = None
         self._shutdown = False
         self.thread = threading.Thread(target=self._main, name=f"vertex-job-{job.id}", daemon=True)
 
@@ -200,13 +209,26 @@ class JobRunner:
         if isinstance(command, str):
             return Outcome("JOB_STATE_FAILED", job_error("INVALID_ARGUMENT", command))
         self._log("Waiting for training program to start.")
-        outcome = self._train(command[0], command[1])
-        if outcome is None:
-            return None
-        self.uploaded, errors = mount.upload_changes()  # also after a failure, cancel or preemption
-        for error in errors:
-            self._log(f"Could not write to Cloud Storage: {error}", "ERROR")
-        return outcome
+        retries = not (self.job.spec().get("scheduling") or {}).get("disableRetries")
+        restarts = attempts = 0
+        while True:
+            outcome = self._train(command[0], command[1])
+            if outcome is None:
+                return None
+            self.uploaded, errors = mount.upload_changes()  # also after a failure, cancel or preemption
+            for error in errors:
+                self._log(f"Could not write to Cloud Storage: {error}", "ERROR")
+            if outcome.state == RESTART:
+                self._log(f"Worker {REPLICA} was restarted on another VM (VM maintenance).")
+            elif outcome.exit_code and retries and restarts < WORKER_RESTARTS:
+                restarts += 1
+                self._log(f"Worker {REPLICA} exited with status {outcome.exit_code}; restarting it "
+                          f"({restarts} of {WORKER_RESTARTS}).", "WARNING")
+            elif outcome.exit_code and retries and attempts < JOB_RETRIES:
+                attempts, restarts = attempts + 1, 0
+                self._log(f"Retrying the job ({attempts} of {JOB_RETRIES}).", "WARNING")
+            else:
+                return outcome
 
     def _queue(self) -> str | None:
         """JOB_STATE_QUEUED for ``queue_seconds`` plus any ``slow_start`` (also one given meanwhile)."""
@@ -256,6 +278,7 @@ class JobRunner:
         return argv, env, texts
 
     def _train(self, argv: list[str], env: dict[str, str]) -> Outcome | None:
+        """One run of the replica's process."""
         ctx, job = self.ctx, self.job
         started = time.monotonic()
         try:
@@ -268,7 +291,9 @@ class JobRunner:
         with self._lock:
             self.proc = proc
         # RUNNING once the process exists (pid() answers); a cancel that came first is seen by the loop below
-        job.advance("JOB_STATE_RUNNING", ctx.clock.now(), start=True)
+        if self.running_since is None:
+            job.advance("JOB_STATE_RUNNING", ctx.clock.now(), start=True)
+            self.running_since = time.monotonic()  # scheduling.timeout counts from here, across restarts
         readers = [threading.Thread(target=self._read, args=(stream, severity), daemon=True,
                                     name=f"vertex-job-{job.id}-{severity.lower()}")
                    for stream, severity in ((proc.stdout, "INFO"), (proc.stderr, "ERROR"))]
@@ -281,16 +306,24 @@ class JobRunner:
         while True:
             elapsed = time.monotonic() - started
             code = proc.poll()
-            strike = next((f for f in self._faults(*F.RUNNING_KINDS) if elapsed >= f.after), None)
+            strike = next((f for f in self._faults(*F.RUNNING_KINDS) if elapsed >= f.after and not f.on_exit), None)
             if code is not None:
                 outcome = self._exited(code if code >= 0 else 128 - code)
+                strike = next(iter(f for f in self._faults("restart") if f.on_exit), None)
+                if strike is not None:
+                    outcome = self._struck(strike, spot)
             elif self._shutdown:
                 shutdown = True
             elif job.cancel_requested.is_set():
                 outcome = Outcome("JOB_STATE_CANCELLED", job_error("CANCELLED", F.CANCELED))
-            elif timeout is not None and elapsed >= timeout:
-                outcome = Outcome("JOB_STATE_FAILED", job_error(
-                    "DEADLINE_EXCEEDED", F.TIMEOUT.format(timeout=job.spec()["scheduling"]["timeout"])))
+            elif timeout is not None and time.monotonic() - (self.running_since or started) >= timeout:
+                # Vertex cancels a job still running after scheduling.timeout, as AI Platform Training did
+                # ("If the training job is still running after this duration, AI Platform Training cancels
+                # it", https://cloud.google.com/ai-platform/training/docs/reference/rest/v1/projects.jobs
+                # #Scheduling); a CustomJob past its (default 7-day) timeout ends JOB_STATE_CANCELLED
+                # (github.com/tensorflow/tfx/issues/6223); a cancelled CustomJob has error.code 1 (CANCELLED),
+                # https://cloud.google.com/vertex-ai/docs/reference/rest/v1/projects.locations.customJobs/cancel
+                outcome = Outcome("JOB_STATE_CANCELLED", job_error("CANCELLED", F.CANCELED))
             elif strike is not None:
                 outcome = self._struck(strike, spot)
             else:
@@ -298,7 +331,7 @@ class JobRunner:
                 self._wake.clear()
                 continue
             break
-        if outcome is not None and outcome.state != "JOB_STATE_CANCELLED":
+        if outcome is not None and outcome.state not in ("JOB_STATE_CANCELLED", RESTART):
             failure = next(iter(self._faults("failure")), None)
             if failure is not None and code is not None:  # the fault's failure wins over the process's end
                 outcome = self._struck(failure, spot)
@@ -312,9 +345,13 @@ class JobRunner:
             return Outcome("JOB_STATE_SUCCEEDED")
         message = F.NON_ZERO_EXIT.format(exit_code=exit_code, project_number=self.ctx.project_number,
                                          job_id=self.job.id)
-        return Outcome("JOB_STATE_FAILED", job_error("INVALID_ARGUMENT", message))
+        return Outcome("JOB_STATE_FAILED", job_error("INVALID_ARGUMENT", message), exit_code)
 
     def _struck(self, fault: F.Fault, spot: bool) -> Outcome:
+        if fault.kind == "restart":  # once
+            with self._lock:
+                self.faults.remove(fault)
+            return Outcome(RESTART)
         if fault.kind == "preemption":
             if spot:
                 return Outcome("JOB_STATE_FAILED", job_error("RESOURCE_EXHAUSTED",

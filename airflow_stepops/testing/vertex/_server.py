@@ -9,6 +9,7 @@ one), else 401 UNAUTHENTICATED as Google answers. Every request is recorded; ``A
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -98,6 +99,11 @@ class ApiServer:
     async def _create(self, request: web.Request, path: dict[str, str]) -> web.Response:
         body = await _body(request)
         job = self.jobs.create(path["project"], path["location"], body)
+        if job.lose_reply is not None:  # the job exists; its creator never hears of it
+            await asyncio.sleep(job.lose_reply)
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError
         return _json(render(job.snapshot(), int_enums=_int_enums(request)))
 
     async def _list(self, request: web.Request, path: dict[str, str]) -> web.Response:
