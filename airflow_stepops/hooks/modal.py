@@ -266,18 +266,28 @@ class ModalStepOperatorHook(StepOperatorHook):
         from modal.exception import NotFoundError
 
         try:
-            finished = modal_call.fetch_result(self.client, handle["job_id"])
-            if finished is not None:
-                return self._ended(finished[0], handle)
+            item, unfinished = modal_call.fetch_result(self.client, handle["job_id"])
+            if item is not None:
+                return self._ended(item, handle)
             if self._seen_running(handle):
                 return self._started(JobStatus(JobState.RUNNING, "running", self._details(handle)), handle)
-            inputs = (modal_call.call_inputs(self.client, handle["function_id"], handle["job_id"])
-                      if handle.get("function_id") else self._call(handle).get_call_graph())
+            if handle.get("function_id"):
+                info = modal_call.call_info(self.client, handle["function_id"], handle["job_id"])
+                created, inputs = info.created_at, list(info.pending_inputs.latest)
+            else:
+                created, inputs = 0.0, self._call(handle).get_call_graph()
         except NotFoundError:
             return JobStatus(JobState.FAILED, f"Modal call {handle['job_id']} does not exist",
                              {"reason": "job_missing"})
         except Exception as exc:
             raise self._api_error(exc, f"read call {handle['job_id']}") from exc
+        return self._waiting(unfinished, created, inputs, handle)
+
+    def _waiting(self, unfinished: int, created: float, inputs: list[Any], handle: JobHandle) -> JobStatus:
+        """A call without an output: expired only when Modal's retention says it can be (see
+        ``modal_call.output_expired``), else queued or running as its inputs tell."""
+        if modal_call.output_expired(unfinished, created, handle):
+            return self._ended(None, handle)
         return self._started(modal_call.running_status(inputs, handle, self._details(handle)), handle)
 
     def _ended(self, item: Any, handle: JobHandle) -> JobStatus:
@@ -393,19 +403,22 @@ class ModalStepOperatorHook(StepOperatorHook):
 
         client = await self._aclient()
         try:
-            finished = await modal_call.afetch_result(client, handle["job_id"])
-            if finished is not None:
-                return self._ended(finished[0], handle)
+            item, unfinished = await modal_call.afetch_result(client, handle["job_id"])
+            if item is not None:
+                return self._ended(item, handle)
             if self._seen_running(handle):
                 return self._started(JobStatus(JobState.RUNNING, "running", self._details(handle)), handle)
-            inputs = (await modal_call.acall_inputs(client, handle["function_id"], handle["job_id"])
-                      if handle.get("function_id") else await self._call(handle).get_call_graph.aio())
+            if handle.get("function_id"):
+                info = await modal_call.acall_info(client, handle["function_id"], handle["job_id"])
+                created, inputs = info.created_at, list(info.pending_inputs.latest)
+            else:
+                created, inputs = 0.0, await self._call(handle).get_call_graph.aio()
         except NotFoundError:
             return JobStatus(JobState.FAILED, f"Modal call {handle['job_id']} does not exist",
                              {"reason": "job_missing"})
         except Exception as exc:
             raise self._api_error(exc, f"read call {handle['job_id']}") from exc
-        return self._started(modal_call.running_status(inputs, handle, self._details(handle)), handle)
+        return self._waiting(unfinished, created, inputs, handle)
 
     async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus | BaseException]:
         """One status read per waiting call: Modal has no list of calls changed since a time."""

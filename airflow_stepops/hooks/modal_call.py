@@ -18,8 +18,22 @@ from typing import Any
 
 from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus
 
-#: words Modal uses when a container was taken away (preemption) rather than failing by itself
-PREEMPTION_WORDS = ("preempt", "worker was interrupted", "interrupted due to", "reclaimed")
+#: how long Modal keeps a spawned call's result: "accessible via FunctionCall.get() for up to 7 days after
+#: completion" (https://modal.com/docs/guide/job-queue); a call younger than that cannot have lost its output
+OUTPUT_RETENTION = 7 * 24 * 3600
+#: every RPC the hook sends itself is bounded: the modal client's default ``Retry()`` has no timeout at all
+#: (modal/_utils/grpc_utils.py ``Retry``, ``_retry_transient_errors``), so a lost reply would wait forever.
+#: A timed-out attempt is retried like the transient gRPC statuses the client retries by itself.
+ATTEMPT_TIMEOUT = 10.0  # as modal's own ``create_channel_with_fallbacks`` retry (grpc_utils.py)
+TOTAL_TIMEOUT = 60.0
+MAX_RETRIES = 5
+
+
+def bounded() -> Any:
+    """The modal client's own retry policy, with a timeout per attempt and in all."""
+    from modal._utils.grpc_utils import Retry
+
+    return Retry(max_retries=MAX_RETRIES, attempt_timeout=ATTEMPT_TIMEOUT, total_timeout=TOTAL_TIMEOUT)
 
 
 class _NoClasses(pickle.Unpickler):
@@ -100,18 +114,18 @@ def open_output(path: str, data_format: int) -> Iterator[Any]:
         yield io.BufferedReader(_Span(fh, span[1]), 8 << 20)
 
 
-async def _fetch_result(client: Any, call_id: str) -> tuple[Any, int] | None:
-    """``(GenericResult, unfinished inputs)`` once the call has an output, else None while it runs, or
-    ``(None, 0)`` when it has neither (its output expired). Answers at once (timeout 0); downloads nothing."""
+async def _fetch_result(client: Any, call_id: str) -> tuple[Any, int]:
+    """The call's output item (None while it has none) and Modal's count of its unfinished inputs. Answers at
+    once (timeout 0); downloads nothing. "No output and no unfinished input" is what the modal client takes
+    for an expired output (``OutputExpiredError`` in ``_Invocation.poll_function``), but a call just spawned
+    or still queued may show it too: ``output_expired`` decides."""
     from modal_proto import api_pb2
 
     request = api_pb2.FunctionGetOutputsRequest(function_call_id=call_id, timeout=0, last_entry_id="0-0",
                                                 clear_on_success=False, requested_at=time.time())
     stub = client._stub  # Client.stub is the same object behind a warning that it is not public API
-    response = await stub.FunctionGetOutputs(request)
-    if response.outputs:
-        return response.outputs[0], response.num_unfinished_inputs
-    return (None, 0) if response.num_unfinished_inputs == 0 else None
+    response = await stub.FunctionGetOutputs(request, retry=bounded())
+    return (response.outputs[0] if response.outputs else None), response.num_unfinished_inputs
 
 
 async def _save_output(client: Any, call_id: str, target: str) -> Any:
@@ -122,7 +136,7 @@ async def _save_output(client: Any, call_id: str, target: str) -> Any:
 
     request = api_pb2.FunctionGetOutputsRequest(function_call_id=call_id, timeout=0, last_entry_id="0-0",
                                                 clear_on_success=False, requested_at=time.time())
-    response = await client._stub.FunctionGetOutputs(request)
+    response = await client._stub.FunctionGetOutputs(request, retry=bounded())
     if not response.outputs:
         return None
     item = response.outputs[0]
@@ -135,14 +149,21 @@ async def _save_output(client: Any, call_id: str, target: str) -> Any:
     return item
 
 
-async def _call_inputs(client: Any, function_id: str, call_id: str) -> list[Any]:
-    """The call's inputs that Modal counts as pending (queued or running), with their task and start time:
-    ``FunctionCallGetInfo``, which Modal's own log streaming asks (the call graph is best effort)."""
+async def _call_info(client: Any, function_id: str, call_id: str) -> Any:
+    """The call's ``FunctionCallInfo``: when Modal created it and its pending (queued or running) inputs
+    with their task and start time; ``FunctionCallGetInfo``, which Modal's own log streaming asks."""
     from modal_proto import api_pb2
 
     response = await client._stub.FunctionCallGetInfo(
-        api_pb2.FunctionCallGetInfoRequest(function_id=function_id, function_call_id=call_id))
-    return list(response.info.pending_inputs.latest)
+        api_pb2.FunctionCallGetInfoRequest(function_id=function_id, function_call_id=call_id), retry=bounded())
+    return response.info
+
+
+def output_expired(unfinished: int, created_at: float, handle: JobHandle) -> bool:
+    """Modal's own sign of an expired output (no output, no unfinished input), on a call old enough for
+    Modal to have dropped its result (created ``OUTPUT_RETENTION`` ago; Modal's creation time, else ours)."""
+    created = created_at or float(handle.get("spawned_at") or time.time())
+    return unfinished == 0 and time.time() - created > OUTPUT_RETENTION
 
 
 async def _dict_text(client: Any, dict_id: str, key: str) -> str | None:
@@ -150,7 +171,8 @@ async def _dict_text(client: Any, dict_id: str, key: str) -> str | None:
     from modal._serialization import serialize
     from modal_proto import api_pb2
 
-    response = await client._stub.DictGet(api_pb2.DictGetRequest(dict_id=dict_id, key=serialize(key)))
+    response = await client._stub.DictGet(api_pb2.DictGetRequest(dict_id=dict_id, key=serialize(key)),
+                                          retry=bounded())
     if not response.found:
         return None
     value = _NoClasses(io.BytesIO(response.value)).load()
@@ -162,7 +184,7 @@ async def _dict_drop(client: Any, dict_id: str, key: str) -> None:
     from modal._serialization import serialize
     from modal_proto import api_pb2
 
-    await client._stub.DictPop(api_pb2.DictPopRequest(dict_id=dict_id, key=serialize(key)))
+    await client._stub.DictPop(api_pb2.DictPopRequest(dict_id=dict_id, key=serialize(key)), retry=bounded())
 
 
 def _synchronized(function: Any) -> Any:
@@ -175,11 +197,11 @@ def _synchronized(function: Any) -> Any:
     return cache[function]
 
 
-def fetch_result(client: Any, call_id: str) -> tuple[Any, int] | None:
+def fetch_result(client: Any, call_id: str) -> tuple[Any, int]:
     return _synchronized(_fetch_result)(client, call_id)  # type: ignore[no-any-return]
 
 
-async def afetch_result(client: Any, call_id: str) -> tuple[Any, int] | None:
+async def afetch_result(client: Any, call_id: str) -> tuple[Any, int]:
     return await _synchronized(_fetch_result).aio(client, call_id)  # type: ignore[no-any-return]
 
 
@@ -187,12 +209,12 @@ def save_output(client: Any, call_id: str, target: str) -> Any:
     return _synchronized(_save_output)(client, call_id, target)
 
 
-def call_inputs(client: Any, function_id: str, call_id: str) -> list[Any]:
-    return _synchronized(_call_inputs)(client, function_id, call_id)  # type: ignore[no-any-return]
+def call_info(client: Any, function_id: str, call_id: str) -> Any:
+    return _synchronized(_call_info)(client, function_id, call_id)
 
 
-async def acall_inputs(client: Any, function_id: str, call_id: str) -> list[Any]:
-    return await _synchronized(_call_inputs).aio(client, function_id, call_id)  # type: ignore[no-any-return]
+async def acall_info(client: Any, function_id: str, call_id: str) -> Any:
+    return await _synchronized(_call_info).aio(client, function_id, call_id)
 
 
 def dict_text(client: Any, dict_id: str, key: str) -> str | None:
@@ -222,13 +244,14 @@ def step_error(result: Any) -> dict[str, Any] | None:
 
 
 def finished_status(item: Any, handle: JobHandle, details: dict[str, Any]) -> JobStatus:
-    """A finished call's output item as a JobStatus (preemption and timeouts told apart); ``None``: Modal
-    has neither an output nor an unfinished input for the call any more."""
+    """A finished call's output item as a JobStatus, told apart by Modal's result status alone (never by the
+    exception text, which may carry the step's output); ``None``: its output expired."""
     from modal_proto import api_pb2
 
     if item is None:
-        return JobStatus(JobState.FAILED, f"Modal no longer has the output of call {handle['job_id']} (outputs "
-                         "expire some days after a call ends)", {**details, "reason": "output_expired"})
+        return JobStatus(JobState.FAILED, f"Modal no longer has the output of call {handle['job_id']} "
+                         "(OutputExpiredError: results are kept up to 7 days after a call ends)",
+                         {**details, "reason": "output_expired"})
     status = api_pb2.GenericResult
     result = item.result
     text = (result.exception or "").strip()
@@ -240,7 +263,6 @@ def finished_status(item: Any, handle: JobHandle, details: dict[str, Any]) -> Jo
         details["restarts"] = item.retry_count
     if result.traceback:
         details["remote_traceback"] = result.traceback[-4000:]
-    lowered = text.lower()
     if result.status == status.GENERIC_STATUS_SUCCESS:
         return JobStatus(JobState.SUCCEEDED, "", details)
     error = step_error(result)
@@ -251,14 +273,12 @@ def finished_status(item: Any, handle: JobHandle, details: dict[str, Any]) -> Jo
     if result.status == status.GENERIC_STATUS_TIMEOUT:
         return JobStatus(JobState.FAILED, f"the call ran past its timeout ({handle.get('timeout')} s) and Modal "
                          f"stopped it: {text}", {**details, "reason": "timed_out"})
-    if result.status == status.GENERIC_STATUS_INTERNAL_FAILURE or any(w in lowered for w in PREEMPTION_WORDS):
-        # Modal's "retriable internal error": a lost input or a preempted worker it did not restart
+    if result.status == status.GENERIC_STATUS_INTERNAL_FAILURE:
+        # "lost inputs or worker preemption" (modal/_functions.py, the retry of _InputPlaneInvocation)
         return JobStatus(JobState.PREEMPTED, f"Modal lost the call's container (preemption or a worker "
                          f"failure): {text}", {**details, "reason": "preempted"})
-    if result.status == status.GENERIC_STATUS_TERMINATED:
-        if handle.get("cancel_requested") or "cancel" in lowered or not text:
-            return JobStatus(JobState.CANCELLED, text or "the call was cancelled", details)
-        return JobStatus(JobState.FAILED, f"Modal terminated the call: {text}", details)
+    if result.status == status.GENERIC_STATUS_TERMINATED:  # the client raises InputCancellation for it
+        return JobStatus(JobState.CANCELLED, text or "the call was cancelled", details)
     if result.status in (status.GENERIC_STATUS_MEMORY_MANAGER_EVICTION, status.GENERIC_STATUS_KERNEL_OOM_KILL,
                          status.GENERIC_STATUS_MEMORY_THRASHING_EVICTION):
         return JobStatus(JobState.FAILED, f"the container ran out of memory ({handle.get('memory') or 'default'} "

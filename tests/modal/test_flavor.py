@@ -368,3 +368,43 @@ def test_a_last_line_without_newline_is_not_lost(md_emulator):
     event = run_trigger(hook, handle)
     assert event["status"] == "succeeded", event
     assert any(line.endswith("progress 100%") for line in event["log_tail"]), event["log_tail"]
+
+
+def test_a_queued_call_without_a_counted_input_is_not_failed(md_emulator):
+    """A call just spawned or queued may show no output and no unfinished input, which is what Modal's own
+    client takes for an expired output: it is queued, not failed."""
+    hook = make_hook()
+    md_emulator.uncounted_queue_seconds = 30
+    md_emulator.inject("slow_start", duration=3)
+    try:
+        handle = hook.submit(make_spec(hook, _greet, "late", task_id="uncounted"))
+        assert modal_call.fetch_result(hook.client, handle["job_id"]) == (None, 0)
+        assert hook.get_status(handle).state is JobState.QUEUED
+        assert asyncio.run(make_hook().aget_statuses([handle]))[0].state is JobState.QUEUED
+    finally:
+        md_emulator.uncounted_queue_seconds = 0
+        md_emulator.clear_faults()
+    assert run_trigger(hook, handle)["status"] == "succeeded"
+
+
+def test_an_expired_output_is_reported_as_modal_reports_it(md_emulator):
+    import modal
+
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _greet, "old", task_id="expired"))
+    md_emulator.wait_for_call(handle["job_id"], "success")
+    md_emulator.age(handle["job_id"], 8 * 24 * 3600)  # ended eight days ago: Modal keeps results seven
+    with pytest.raises(modal.exception.OutputExpiredError):
+        modal.FunctionCall.from_id(handle["job_id"]).get(timeout=0)
+    status = make_hook().get_status(handle)
+    assert status.state is JobState.FAILED and status.details["reason"] == "output_expired", status
+
+
+def test_preemption_is_told_by_modals_status_not_by_words(md_emulator):
+    """A failure whose text speaks of preemption (it may carry the step's own output) is a failure."""
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 60, task_id="says_preempted"))
+    _wait_running(md_emulator, hook, handle)
+    md_emulator.inject("failure", call=handle["job_id"], message="Runner interrupted due to worker preemption")
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and event["details"]["modal_status"] == "failure", event

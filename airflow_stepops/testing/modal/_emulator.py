@@ -265,6 +265,24 @@ class ModalEmulator:
         for runner in runners:
             runner.wake()
 
+    @property
+    def uncounted_queue_seconds(self) -> float:
+        """Seconds after a call is made during which its queued input is not counted as unfinished: the call
+        then shows no output and no unfinished input, as an expired one does (default 0)."""
+        return self._svc().uncounted_queue_seconds
+
+    @uncounted_queue_seconds.setter
+    def uncounted_queue_seconds(self, seconds: float) -> None:
+        self._svc().uncounted_queue_seconds = seconds
+
+    def age(self, call_id: str, seconds: float) -> None:
+        """Make a call look ``seconds`` older (its creation, start and end): a call that ended more than 7 days
+        ago has lost its output, as on Modal."""
+        found = self._calls.get_or_none(call_id)
+        if found is None:
+            raise KeyError(f"no function call {call_id}")
+        found.age(seconds)
+
     # ----- inspection -------------------------------------------------------------------------------
 
     def _reg(self) -> Registry:
