@@ -299,10 +299,9 @@ class ModalStepOperatorHook(StepOperatorHook):
         ended[handle["job_id"]] = True
         return status
 
-    def _lines(self, handle: JobHandle, entries: list[Any], cursor: Any) -> tuple[list[str], Any]:
-        """New whole lines; once the call is over and a read brings no new line, an unfinished last line
-        too (``fetch`` returns the entry at its ``since`` again, so "no new line" is not "no entry")."""
-        lines, cursor = modal_call.log_lines(entries, cursor)
+    def _lines(self, handle: JobHandle, batches: list[Any], cursor: Any) -> tuple[list[str], Any]:
+        """New whole lines; once the call is over and a read brings no new line, an unfinished last line too."""
+        lines, cursor = modal_call.log_lines(batches, cursor)
         if not lines and cursor.get("partial") and self.__dict__.get("_ended_calls", {}).get(handle["job_id"]):
             lines += [("[system] " if source == "system" else "") + text
                       for source, text in cursor["partial"].items()]
@@ -380,8 +379,10 @@ class ModalStepOperatorHook(StepOperatorHook):
         partial.rename(output / name)
 
     def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        entries = list(self._call(handle).logs.fetch(since=modal_call.since(cursor, handle)))
-        return self._lines(handle, entries, cursor)
+        cursor = dict(cursor or {})
+        batches, cursor["app_id"] = modal_call.log_batches(self.client, handle["job_id"], cursor.get("app_id", ""),
+                                                           cursor.get("entry_id", ""))
+        return self._lines(handle, batches, cursor)
 
     def console_url(self, handle: JobHandle) -> str | None:
         return self.config.console_url_template.format(
@@ -433,7 +434,8 @@ class ModalStepOperatorHook(StepOperatorHook):
         self.log.info("Cancelled Modal call %s (its container is terminated)", handle["job_id"])
 
     async def aread_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        await self._aclient()
-        call = self._call(handle)
-        entries = [entry async for entry in call.logs.fetch.aio(since=modal_call.since(cursor, handle))]
-        return self._lines(handle, entries, cursor)
+        client = await self._aclient()
+        cursor = dict(cursor or {})
+        batches, cursor["app_id"] = await modal_call.alog_batches(client, handle["job_id"], cursor.get("app_id", ""),
+                                                                  cursor.get("entry_id", ""))
+        return self._lines(handle, batches, cursor)

@@ -13,7 +13,6 @@ import io
 import pickle
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from typing import Any
 
 from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus
@@ -27,6 +26,9 @@ OUTPUT_RETENTION = 7 * 24 * 3600
 ATTEMPT_TIMEOUT = 10.0  # as modal's own ``create_channel_with_fallbacks`` retry (grpc_utils.py)
 TOTAL_TIMEOUT = 60.0
 MAX_RETRIES = 5
+#: how long one log read waits for entries: Modal's own client drains a log stream for 0.5 s once it stops
+#: following it (modal/_logs_manager.py ``_drain_stream``)
+LOG_WAIT = 0.5
 
 
 def bounded() -> Any:
@@ -187,6 +189,36 @@ async def _dict_drop(client: Any, dict_id: str, key: str) -> None:
     await client._stub.DictPop(api_pb2.DictPopRequest(dict_id=dict_id, key=serialize(key)), retry=bounded())
 
 
+async def _log_batches(client: Any, call_id: str, app_id: str, after: str) -> tuple[list[Any], str]:
+    """The call's log batches after entry ``after``, and its app's id (looked up when not given yet).
+
+    ``AppGetLogs`` resumed from ``last_entry_id``, as the modal client follows logs (``_LogsManager.stream``
+    in modal/_logs_manager.py): entries come in the order Modal took them in, so one that arrives late with
+    an earlier timestamp still comes after what was read, while a time range (``logs.fetch(since=...)``)
+    started at the last timestamp read would skip it. Each read waits ``LOG_WAIT`` for more."""
+    import asyncio
+
+    from modal_proto import api_pb2
+
+    if not app_id:
+        found = await client._stub.FunctionCallFromId(api_pb2.FunctionCallFromIdRequest(function_call_id=call_id),
+                                                      retry=bounded())
+        app_id = found.metadata.app_id
+    request = api_pb2.AppGetLogsRequest(app_id=app_id, timeout=LOG_WAIT, last_entry_id=after,
+                                        function_call_id=call_id)
+    batches: list[Any] = []
+
+    async def read() -> None:
+        async for batch in client._stub.AppGetLogs.unary_stream(request):
+            batches.append(batch)
+
+    try:
+        await asyncio.wait_for(read(), LOG_WAIT + ATTEMPT_TIMEOUT)
+    except asyncio.TimeoutError:
+        pass  # a stream Modal did not end in time: what came is kept, the rest comes next read
+    return batches, app_id
+
+
 def _synchronized(function: Any) -> Any:
     """``function`` run on the modal client's own event loop, as a blocking call with an ``.aio`` form."""
     from modal._utils.async_utils import synchronize_api
@@ -223,6 +255,14 @@ def dict_text(client: Any, dict_id: str, key: str) -> str | None:
 
 def dict_drop(client: Any, dict_id: str, key: str) -> None:
     _synchronized(_dict_drop)(client, dict_id, key)
+
+
+def log_batches(client: Any, call_id: str, app_id: str, after: str) -> tuple[list[Any], str]:
+    return _synchronized(_log_batches)(client, call_id, app_id, after)  # type: ignore[no-any-return]
+
+
+async def alog_batches(client: Any, call_id: str, app_id: str, after: str) -> tuple[list[Any], str]:
+    return await _synchronized(_log_batches).aio(client, call_id, app_id, after)  # type: ignore[no-any-return]
 
 
 def step_error(result: Any) -> dict[str, Any] | None:
@@ -298,40 +338,25 @@ def running_status(inputs: list[Any], handle: JobHandle, details: dict[str, Any]
     return JobStatus(JobState.QUEUED, "waiting for a container", details)
 
 
-def log_lines(entries: list[Any], cursor: Any) -> tuple[list[str], dict[str, Any]]:
-    """Whole lines from Modal log entries newer than ``cursor``; entries are chunks of a stream, so a line
-    may span several and the unfinished tail waits in the cursor. Entries at the cursor's timestamp that
-    were already read are skipped (``fetch`` takes ``since`` inclusively)."""
-    cursor = dict(cursor or {"ts": 0.0, "skip": 0, "partial": {}})
+def log_lines(batches: list[Any], cursor: Any) -> tuple[list[str], dict[str, Any]]:
+    """Whole lines from Modal log batches, and the cursor past them (the last batch's ``entry_id``). Entries
+    are chunks of a stream, so a line may span several and the unfinished tail waits in the cursor."""
+    from modal_proto import api_pb2
+
+    cursor = dict(cursor or {})
     partial: dict[str, str] = dict(cursor.get("partial") or {})
-    last, skip = float(cursor.get("ts") or 0.0), int(cursor.get("skip") or 0)
+    sources = {api_pb2.FILE_DESCRIPTOR_STDOUT: "stdout", api_pb2.FILE_DESCRIPTOR_STDERR: "stderr"}
     lines: list[str] = []
-    for entry in entries:
-        stamp = entry.timestamp.timestamp()
-        if stamp < last:
-            continue
-        if stamp == last:
-            if skip > 0:
-                skip -= 1
-                continue
-            cursor["skip"] = int(cursor.get("skip") or 0) + 1
-        else:
-            last, skip = stamp, 0
-            cursor["skip"] = 1
-        cursor["ts"] = stamp
-        source = str(entry.source)
-        text = partial.pop(source, "") + str(entry.message)
-        *done, rest = text.split("\n")
-        if rest:
-            partial[source] = rest
-        prefix = "[system] " if source == "system" else ""
-        lines += [prefix + line.rstrip("\r") for line in done]
+    for batch in batches:
+        for item in batch.items:
+            source = sources.get(item.file_descriptor, "system")
+            text = partial.pop(source, "") + item.data
+            *done, rest = text.split("\n")
+            if rest:
+                partial[source] = rest
+            prefix = "[system] " if source == "system" else ""
+            lines += [prefix + line.rstrip("\r") for line in done]
+        if batch.entry_id:
+            cursor["entry_id"] = batch.entry_id
     cursor["partial"] = partial
     return lines, cursor
-
-
-def since(cursor: Any, handle: JobHandle) -> datetime:
-    """Where the next ``fetch`` starts: the last entry read, else shortly before the call was spawned
-    (Modal fetches at most 35 days at once)."""
-    stamp = float((cursor or {}).get("ts") or 0.0) or float(handle.get("spawned_at") or time.time() - 3600) - 60
-    return datetime.fromtimestamp(stamp, timezone.utc)

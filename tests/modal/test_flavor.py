@@ -4,10 +4,10 @@ running as real processes, the bundle and result travelling as the call's argume
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import pickle
 import time
-from datetime import datetime, timezone
 from types import SimpleNamespace
 
 import pytest
@@ -238,18 +238,21 @@ def test_results_never_unpickle_classes():
         modal_call.output_bytes(pickle.dumps([1, 2]))
 
 
-def test_log_lines_join_chunks_and_skip_what_was_read():
-    def entry(ts: float, message: str, source: str = "stdout") -> SimpleNamespace:
-        return SimpleNamespace(timestamp=datetime.fromtimestamp(ts, timezone.utc), message=message, source=source)
+def test_log_lines_join_chunks_and_resume_after_the_last_entry():
+    from modal_proto import api_pb2
 
-    batch = [entry(1.0, "a\nb"), entry(1.0, "c\n"), entry(2.0, "Starting container\n", "system")]
-    lines, cursor = modal_call.log_lines(batch, None)
-    assert lines == ["a", "bc", "[system] Starting container"]
-    # fetch(since=2.0) answers the entry at 2.0 again, plus what is new
-    again, cursor = modal_call.log_lines([batch[2], entry(2.0, "d\n"), entry(3.0, "e")], cursor)
-    assert again == ["d"] and cursor["partial"] == {"stdout": "e"}
-    more, _ = modal_call.log_lines([entry(3.0, "e"), entry(4.0, "f\n")], cursor)
-    assert more == ["ef"]
+    def batch(entry_id: str, *items: tuple[str, int]) -> api_pb2.TaskLogsBatch:
+        return api_pb2.TaskLogsBatch(entry_id=entry_id, items=[api_pb2.TaskLogs(data=data, file_descriptor=fd)
+                                                               for data, fd in items])
+
+    out, info = api_pb2.FILE_DESCRIPTOR_STDOUT, api_pb2.FILE_DESCRIPTOR_INFO
+    lines, cursor = modal_call.log_lines([batch("1", ("a\nb", out), ("c\n", out)),
+                                          batch("2", ("Starting container\n", info))], None)
+    assert lines == ["a", "bc", "[system] Starting container"] and cursor["entry_id"] == "2"
+    more, cursor = modal_call.log_lines([batch("3", ("d\n", out), ("e", out))], cursor)
+    assert more == ["d"] and cursor == {"entry_id": "3", "partial": {"stdout": "e"}}
+    last, _ = modal_call.log_lines([batch("4", ("f\n", out))], cursor)
+    assert last == ["ef"]
 
 
 def _wait_running(emulator, hook, handle, timeout: float = 30.0) -> None:
@@ -408,3 +411,34 @@ def test_preemption_is_told_by_modals_status_not_by_words(md_emulator):
     md_emulator.inject("failure", call=handle["job_id"], message="Runner interrupted due to worker preemption")
     event = run_trigger(hook, handle)
     assert event["status"] == "failed" and event["details"]["modal_status"] == "failure", event
+
+
+def _count(lines: int) -> int:
+    import time
+
+    for i in range(lines):
+        print(f"line {i}", flush=True)
+        time.sleep(0.02)
+    return lines
+
+
+def test_late_log_lines_are_neither_lost_nor_repeated(md_emulator):
+    """Modal may take a line in after lines written later: followed by entry id, it still comes, once."""
+    hook = make_hook()
+    md_emulator.late_logs(every=3, seconds=0.3)
+    try:
+        handle = hook.submit(make_spec(hook, _count, 60, task_id="late_logs"))
+        lines: list[str] = []
+        cursor = None
+        for read in range(10_000):  # as the trigger reads: while it runs, then until a read brings nothing
+            over = hook.get_status(handle).state.terminal
+            new, cursor = (hook.read_logs(handle, cursor) if read % 2 else
+                           asyncio.run(make_hook().aread_logs(handle, cursor)))
+            lines += new
+            if over and not new:
+                break
+    finally:
+        md_emulator.late_logs(0)
+    stamps = [e["timestamp_ns"] for e in md_emulator.log_entries(handle["job_id"])]
+    assert any(later < earlier for earlier, later in itertools.pairwise(stamps)), "no line came late"
+    assert sorted(line for line in lines if line.startswith("line ")) == sorted(f"line {i}" for i in range(60))

@@ -275,6 +275,11 @@ class ModalEmulator:
     def uncounted_queue_seconds(self, seconds: float) -> None:
         self._svc().uncounted_queue_seconds = seconds
 
+    def late_logs(self, every: int = 0, seconds: float = 1.0) -> None:
+        """From now on every ``every``-th log entry (0: none) arrives ``seconds`` after it was written: behind
+        entries written after it, with its own earlier timestamp, as lines a log pipeline ingests late."""
+        self._logs.late_every, self._logs.late_seconds = every, seconds
+
     def age(self, call_id: str, seconds: float) -> None:
         """Make a call look ``seconds`` older (its creation, start and end): a call that ended more than 7 days
         ago has lost its output, as on Modal."""
