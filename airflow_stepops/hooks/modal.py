@@ -19,6 +19,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import uuid
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -40,7 +41,7 @@ BUNDLE_FILES = ("payload.pkl", "bootstrap.py", "meta.json")
 SUCCESS = 1  # modal_proto GenericResult.GENERIC_STATUS_SUCCESS (not imported at module load)
 #: what the record of calls keeps of a handle (the rest is rebuilt from the step operator and the try)
 RECORDED = ("job_id", "app_name", "function_id", "environment", "spawned_at", "timeout", "gpu", "memory", "spot",
-            "instance_type", "step_digest")
+            "instance_type", "step_digest", "spawn_key")
 _CLIENTS: dict[tuple[Any, ...], Any] = {}
 _CLIENTS_LOCK = threading.Lock()
 #: calls a hook remembers (FunctionCall objects, start times) before it starts over
@@ -176,15 +177,8 @@ class ModalStepOperatorHook(StepOperatorHook):
         the output goes is this step operator's own path for the try. A finished call is not followed: a
         run deleted and started again under the same run id must run its steps again.
         """
-        try:
-            text = modal_call.dict_text(self.client, self._calls.object_id, identity.digest)
-        except Exception as exc:
-            raise self._api_error(exc, f"read the record of calls {self.config.app_name}-calls") from exc
-        try:
-            record = json.loads(text) if text is not None else None
-        except ValueError:
-            record = None
-        if not isinstance(record, dict) or not str(record.get("job_id", "")).startswith("fc-"):
+        record = self._read_record(identity)
+        if not str(record.get("job_id", "")).startswith("fc-"):
             return None
         handle = {key: record.get(key) for key in RECORDED}
         handle.update(flavor="modal", conn_id=self.step_operator_conn_id, try_number=identity.try_number,
@@ -196,18 +190,38 @@ class ModalStepOperatorHook(StepOperatorHook):
             return None
         return handle
 
+    def _read_record(self, identity: StepIdentity) -> dict[str, Any]:
+        """What the record of calls holds for this step try (empty when nothing, or nothing readable)."""
+        try:
+            text = modal_call.dict_text(self.client, self._calls.object_id, identity.digest)
+        except Exception as exc:
+            raise self._api_error(exc, f"read the record of calls {self.config.app_name}-calls") from exc
+        try:
+            record = json.loads(text) if text is not None else None
+        except ValueError:
+            record = None
+        return record if isinstance(record, dict) else {}
+
     def _record(self, identity: StepIdentity, handle: JobHandle) -> None:
-        """Write the handle to the record of calls; retried, as on Airflow 3.1/3.2 it is the only one."""
-        for attempt in range(3):
-            try:
-                self._calls.put(identity.digest, json.dumps({k: handle.get(k) for k in RECORDED}, sort_keys=True))
-                return
-            except Exception as exc:
-                if attempt == 2:
-                    self.log.warning("Could not record Modal call %s in %s-calls (a retry without a task state "
-                                     "store cannot find it): %s", handle["job_id"], self.config.app_name, exc)
-                else:
-                    time.sleep(1 + attempt)
+        """Write the handle to the record of calls (each RPC bounded), as on Airflow 3.1/3.2 it is the only one."""
+        try:
+            modal_call.dict_put(self.client, self._calls.object_id, identity.digest,
+                                json.dumps({k: handle.get(k) for k in RECORDED}, sort_keys=True))
+        except Exception as exc:
+            self.log.warning("Could not record Modal call %s in %s-calls (a retry without a task state store "
+                             "cannot find it): %s", handle.get("job_id"), self.config.app_name, exc)
+
+    def _spawn_key(self, identity: StepIdentity) -> str:
+        """The idempotency key of this try's spawn, recorded before the spawn is sent. Modal has no look-up of
+        calls by anything of ours, but it answers a request repeated under the same key with the call the
+        first one made: a spawn whose reply was lost, here or in a worker that died, is sent again under the
+        key the step try recorded and finds its call instead of making a second one."""
+        record = self._read_record(identity)
+        key = record.get("spawn_key")
+        if record.get("job_id") or not isinstance(key, str) or not key.startswith(f"stepops-{identity.digest}-"):
+            key = f"stepops-{identity.digest}-{uuid.uuid4().hex[:12]}"
+            self._record(identity, {"spawn_key": key, "step_digest": identity.digest})
+        return key
 
     def _forget(self, handle: JobHandle) -> None:
         """Drop a finished call from the record (best effort)."""
@@ -228,16 +242,18 @@ class ModalStepOperatorHook(StepOperatorHook):
         except Exception as exc:
             raise self._api_error(exc, f"deploy the app {name}") from exc
         archive = self._bundle_archive(spec)
+        key = self._spawn_key(spec.identity)
         try:
-            call = function.spawn(archive, ENTRY_SOURCE.read_text(), self._environment(spec))
+            call_id = modal_call.spawn(self.client, function, (archive, ENTRY_SOURCE.read_text(),
+                                                               self._environment(spec)), key)
         except Exception as exc:
             raise self._api_error(exc, f"call {name}.{FUNCTION_NAME}") from exc
         gpu = options.get("gpu")
-        self.log.info("Spawned Modal call %s of %s.%s (%s; bundle %d bytes)", call.object_id, name, FUNCTION_NAME,
+        self.log.info("Spawned Modal call %s of %s.%s (%s; bundle %d bytes)", call_id, name, FUNCTION_NAME,
                       ", ".join(f"{k}={v}" for k, v in options.items() if k in ("gpu", "cpu", "memory", "timeout",
                                                                                "region", "cloud")) or "defaults",
                       len(archive))
-        handle = {"flavor": "modal", "job_id": call.object_id, "app_name": name, "spawned_at": time.time(),
+        handle = {"flavor": "modal", "job_id": call_id, "app_name": name, "spawned_at": time.time(), "spawn_key": key,
                   "function_id": getattr(function, "object_id", None), "environment": self.environment,
                   "output_uri": spec.output_uri, "conn_id": self.step_operator_conn_id,
                   "try_number": spec.identity.try_number, "timeout": options["timeout"],
@@ -331,7 +347,7 @@ class ModalStepOperatorHook(StepOperatorHook):
         self.__dict__.get("_running", {}).pop(handle["job_id"], None)
 
     def cancel(self, handle: JobHandle) -> None:
-        self._call(handle).cancel(terminate_containers=True)
+        modal_call.cancel(self.client, handle["job_id"])
         self.log.info("Cancelled Modal call %s (its container is terminated)", handle["job_id"])
 
     def collect_output(self, handle: JobHandle) -> None:
@@ -429,8 +445,7 @@ class ModalStepOperatorHook(StepOperatorHook):
         return list(await asyncio.gather(*(self._astatus(h) for h in handles), return_exceptions=True))
 
     async def acancel(self, handle: JobHandle) -> None:
-        await self._aclient()
-        await self._call(handle).cancel.aio(terminate_containers=True)
+        await modal_call.acancel(await self._aclient(), handle["job_id"])
         self.log.info("Cancelled Modal call %s (its container is terminated)", handle["job_id"])
 
     async def aread_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:

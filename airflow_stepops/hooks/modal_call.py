@@ -219,6 +219,64 @@ async def _log_batches(client: Any, call_id: str, app_id: str, after: str) -> tu
     return batches, app_id
 
 
+async def _spawn(client: Any, function: Any, args: tuple[Any, ...], key: str) -> str:
+    """Spawn ``function(*args)`` as ``Function.spawn`` does (``_Invocation.create`` in modal/_functions.py)
+    and return the call's id; but where ``spawn`` waits without a timeout for FunctionMap's reply, every
+    attempt here has one and all carry the idempotency key ``key``, so an attempt whose reply was lost is
+    answered again with the call it made (see ``_retry_transient_errors``, which sends one key for all the
+    attempts of a request), never with a second call."""
+    import asyncio
+
+    from grpclib import GRPCError
+    from grpclib.exceptions import StreamTerminatedError
+    from modal._grpc_client import grpc_error_to_modal_exception
+    from modal._utils.function_utils import _create_input
+    from modal._utils.grpc_utils import RETRYABLE_GRPC_STATUS_CODES
+    from modal_proto import api_pb2
+
+    kind = api_pb2.FUNCTION_CALL_INVOCATION_TYPE_ASYNC
+    item = await asyncio.wait_for(_create_input(args, {}, client._stub, function=function,
+                                                function_call_invocation_type=kind), TOTAL_TIMEOUT)
+    request = api_pb2.FunctionMapRequest(function_id=function.object_id, function_call_type=api_pb2.FUNCTION_CALL_TYPE_UNARY,
+                                         pipelined_inputs=[item], function_call_invocation_type=kind)
+    deadline = time.monotonic() + TOTAL_TIMEOUT
+    for attempt in range(MAX_RETRIES + 1):
+        try:
+            response = await client._stub.FunctionMap.direct(
+                request, timeout=ATTEMPT_TIMEOUT, metadata=[("x-idempotency-key", key), ("x-retry-attempt", str(attempt))])
+        except GRPCError as exc:
+            if exc.status not in RETRYABLE_GRPC_STATUS_CODES or attempt == MAX_RETRIES or time.monotonic() > deadline:
+                raise grpc_error_to_modal_exception(exc) from None
+        except (asyncio.TimeoutError, StreamTerminatedError, OSError):
+            if attempt == MAX_RETRIES or time.monotonic() > deadline:
+                raise
+        else:
+            if not response.pipelined_inputs:  # an older server: the input goes in a second request
+                await client._stub.FunctionPutInputs(api_pb2.FunctionPutInputsRequest(
+                    function_id=function.object_id, inputs=[item], function_call_id=response.function_call_id),
+                    retry=bounded())
+            return str(response.function_call_id)
+        await asyncio.sleep(min(0.1 * 2 ** attempt, 1.0))
+    raise AssertionError("unreachable")
+
+
+async def _cancel(client: Any, call_id: str) -> None:
+    """``FunctionCall.cancel(terminate_containers=True)``, bounded (cancelling twice is harmless)."""
+    from modal_proto import api_pb2
+
+    await client._stub.FunctionCallCancel(api_pb2.FunctionCallCancelRequest(
+        function_call_id=call_id, terminate_containers=True), retry=bounded())
+
+
+async def _dict_put(client: Any, dict_id: str, key: str, text: str) -> None:
+    """``Dict.put`` of a ``str``, bounded."""
+    from modal._serialization import serialize
+    from modal_proto import api_pb2
+
+    await client._stub.DictUpdate(api_pb2.DictUpdateRequest(
+        dict_id=dict_id, updates=[api_pb2.DictEntry(key=serialize(key), value=serialize(text))]), retry=bounded())
+
+
 def _synchronized(function: Any) -> Any:
     """``function`` run on the modal client's own event loop, as a blocking call with an ``.aio`` form."""
     from modal._utils.async_utils import synchronize_api
@@ -247,6 +305,22 @@ def call_info(client: Any, function_id: str, call_id: str) -> Any:
 
 async def acall_info(client: Any, function_id: str, call_id: str) -> Any:
     return await _synchronized(_call_info).aio(client, function_id, call_id)
+
+
+def spawn(client: Any, function: Any, args: tuple[Any, ...], key: str) -> str:
+    return _synchronized(_spawn)(client, function, args, key)  # type: ignore[no-any-return]
+
+
+def cancel(client: Any, call_id: str) -> None:
+    _synchronized(_cancel)(client, call_id)
+
+
+async def acancel(client: Any, call_id: str) -> None:
+    await _synchronized(_cancel).aio(client, call_id)
+
+
+def dict_put(client: Any, dict_id: str, key: str, text: str) -> None:
+    _synchronized(_dict_put)(client, dict_id, key, text)
 
 
 def dict_text(client: Any, dict_id: str, key: str) -> str | None:

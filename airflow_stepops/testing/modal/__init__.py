@@ -60,7 +60,10 @@ Faults: ``emu.inject("preemption", call=fc_id, after=1, restart=True)`` (restart
 does; without ``restart`` the input ends GENERIC_STATUS_INTERNAL_FAILURE, as Modal reports a lost input it gives
 up on), ``"failure"`` (``message``),
 ``"slow_start"`` (``duration``), ``"no_capacity"`` (``gpu="H100"``: fallbacks get the next type, others wait
-until ``clear_faults()``); ``emu.fail_requests(Status.UNAVAILABLE, times=2, method="FunctionMap")``.
+until ``clear_faults()``); ``emu.fail_requests(Status.UNAVAILABLE, times=2, method="FunctionMap")``;
+``emu.lose_replies("FunctionMap", times=1)`` (the request is carried out, its reply never sent). FunctionMap
+answers a request repeating an earlier one's ``x-idempotency-key`` with that request's call, as the modal
+client's retries (one key for all attempts of a request) expect.
 Inspection: ``apps``, ``functions``, ``function``, ``calls``, ``call``, ``wait_for_call``, ``pids``, ``pid``,
 ``logs``, ``log_entries``, ``requests``, ``request_log``, ``blob_uploads``, ``volume_path``.
 

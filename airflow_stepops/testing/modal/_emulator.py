@@ -255,6 +255,15 @@ class ModalEmulator:
             servicer.faults.append(fault)
         return fault
 
+    def lose_replies(self, method: str, times: int | None = 1) -> F.RequestFault:
+        """Do what the next ``times`` calls (None: all) of RPC ``method`` ask, but never answer them: a reply
+        lost on the way, which the client only notices by timing out."""
+        fault = F.RequestFault(Status.UNAVAILABLE, times, method, lose_reply=True)
+        servicer = self._svc()
+        with servicer.lock:
+            servicer.faults.append(fault)
+        return fault
+
     def clear_faults(self) -> None:
         with self._lock:
             self._rules.clear()

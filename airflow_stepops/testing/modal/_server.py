@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import grpclib.const
 from google.protobuf import empty_pb2
@@ -58,6 +58,7 @@ class ModalServicer(api_grpc.ModalClientBase):
         self.uncounted_queue_seconds = 0.0
         self._environment_ids: dict[str, str] = {}
         self.dicts = DictStore()
+        self._mapped: dict[str, api_pb2.FunctionMapResponse] = {}  # x-idempotency-key -> the answer it got
 
     # ----- every request ------------------------------------------------------------------------------
 
@@ -74,6 +75,11 @@ class ModalServicer(api_grpc.ModalClientBase):
                 self._authenticate(stream)
                 with self.lock:
                     fault = next((f for f in self.faults if f.take(method)), None)
+                if fault is not None and fault.lose_reply:
+                    record["status"] = "LOST"
+                    await func(cast("Stream[Any, Any]", _Unanswered(stream)))
+                    await asyncio.sleep(MAX_WAIT)  # cancelled when the client gives up on the attempt
+                    return
                 if fault is not None:
                     raise GRPCError(fault.status, fault.message or f"{fault.status.name} (injected fault)")
                 await func(stream)
@@ -281,7 +287,17 @@ class ModalServicer(api_grpc.ModalClientBase):
             function_id=fdef.id, handle_metadata=fdef.handle, function=self.registry.function_data(fdef)))
 
     async def FunctionMap(self, stream: Stream[Any, Any]) -> None:
+        """A new call, or the call a request with the same ``x-idempotency-key`` made: the modal client sends
+        one key with every attempt of a request it retries (``_retry_transient_errors`` in
+        modal/_utils/grpc_utils.py), FunctionMap included (``_Invocation.create``), so a retried spawn whose
+        first reply was lost gets the call that request made, not a second one."""
         request = await stream.recv_message()
+        key = (stream.metadata or {}).get("x-idempotency-key")
+        with self.lock:
+            known = self._mapped.get(key) if key else None
+        if known is not None:
+            await stream.send_message(known)
+            return
         fdef = self.registry.function(request.function_id)
         if request.function_call_type != api_pb2.FUNCTION_CALL_TYPE_UNARY or len(request.pipelined_inputs) != 1:
             raise GRPCError(Status.UNIMPLEMENTED, "The Modal emulator serves single-input calls (.spawn() and "
@@ -302,6 +318,9 @@ class ModalServicer(api_grpc.ModalClientBase):
                                                                       input_jwt=f"jwt-{call.input_id}")])
         if first.HasField("retry_policy"):
             response.retry_policy.CopyFrom(first.retry_policy)
+        if key:
+            with self.lock:
+                self._mapped[key] = response
         await stream.send_message(response)
 
     async def FunctionGetOutputs(self, stream: Stream[Any, Any]) -> None:
@@ -417,6 +436,20 @@ class ModalServicer(api_grpc.ModalClientBase):
                     await stream.send_message(batch)
                 after = found[-1].seq
             await asyncio.sleep(_POLL)
+
+
+class _Unanswered:
+    """A stream whose answer is lost: the request is read, what is sent never leaves."""
+
+    def __init__(self, stream: Stream[Any, Any]) -> None:
+        self._stream = stream
+        self.metadata = stream.metadata
+
+    async def recv_message(self) -> Any:
+        return await self._stream.recv_message()
+
+    async def send_message(self, message: Any) -> None:
+        return None
 
 
 def _unimplemented(name: str) -> Callable[..., Any]:
