@@ -166,8 +166,7 @@ class ModalStepOperatorHook(StepOperatorHook):
 
         record = modal.Dict.from_name(f"{self.config.app_name}-calls", environment_name=self.environment,
                                       create_if_missing=True, client=self.client)
-        record.hydrate()
-        return record
+        return modal_call.hydrate(record)
 
     def find_job(self, identity: StepIdentity) -> JobHandle | None:
         """The call of this step try while it still runs, from the record ``submit`` keeps. The task state

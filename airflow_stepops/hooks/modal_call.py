@@ -235,8 +235,9 @@ async def _spawn(client: Any, function: Any, args: tuple[Any, ...], key: str) ->
     from modal_proto import api_pb2
 
     kind = api_pb2.FUNCTION_CALL_INVOCATION_TYPE_ASYNC
+    size = sum(len(arg) for arg in args if isinstance(arg, (bytes, str)))  # a large bundle goes to a blob
     item = await asyncio.wait_for(_create_input(args, {}, client._stub, function=function,
-                                                function_call_invocation_type=kind), TOTAL_TIMEOUT)
+                                                function_call_invocation_type=kind), TOTAL_TIMEOUT + size / 2**20)
     request = api_pb2.FunctionMapRequest(function_id=function.object_id, function_call_type=api_pb2.FUNCTION_CALL_TYPE_UNARY,
                                          pipelined_inputs=[item], function_call_invocation_type=kind)
     deadline = time.monotonic() + TOTAL_TIMEOUT
@@ -257,6 +258,21 @@ async def _spawn(client: Any, function: Any, args: tuple[Any, ...], key: str) ->
                     retry=bounded())
             return str(response.function_call_id)
         await asyncio.sleep(min(0.1 * 2 ** attempt, 1.0))
+    raise AssertionError("unreachable")
+
+
+async def _hydrate(obj: Any) -> Any:
+    """``obj.hydrate()``, a look-up by name, with a timeout per attempt and a bounded number of attempts: the
+    modal client waits for its reply without one (its default ``Retry()``); a look-up is safe to repeat."""
+    import asyncio
+
+    deadline = time.monotonic() + TOTAL_TIMEOUT
+    for attempt in range(MAX_RETRIES + 1):
+        try:
+            return await asyncio.wait_for(obj.hydrate(), ATTEMPT_TIMEOUT)
+        except asyncio.TimeoutError:
+            if attempt == MAX_RETRIES or time.monotonic() > deadline:
+                raise
     raise AssertionError("unreachable")
 
 
@@ -309,6 +325,10 @@ async def acall_info(client: Any, function_id: str, call_id: str) -> Any:
 
 def spawn(client: Any, function: Any, args: tuple[Any, ...], key: str) -> str:
     return _synchronized(_spawn)(client, function, args, key)  # type: ignore[no-any-return]
+
+
+def hydrate(obj: Any) -> Any:
+    return _synchronized(_hydrate)(obj)
 
 
 def cancel(client: Any, call_id: str) -> None:

@@ -500,3 +500,18 @@ def test_a_spawn_never_answered_fails_in_bounded_time_and_the_try_finds_its_call
     handle = make_hook().submit(spec)
     assert [call["id"] for call in md_emulator.calls[before:]] == [handle["job_id"]]
     assert run_trigger(hook, handle)["status"] == "succeeded"
+
+
+def test_lost_look_up_replies_are_bounded(md_emulator, monkeypatch):
+    """The look-ups of the record of calls and of the function are sent again, not waited for forever."""
+    monkeypatch.setattr(modal_call, "ATTEMPT_TIMEOUT", 1.0)
+    spec = make_spec(make_hook(), _greet, "look", task_id="lost_look_up",
+                     settings=ModalStepOperatorSettings(memory=777))  # options of its own: a new app
+    md_emulator.lose_replies("DictGetOrCreate", times=1)
+    md_emulator.lose_replies("FunctionGet", times=1)
+    try:
+        found = _within(20, make_hook().find_job, spec.identity)
+        spawned = _within(20, make_hook().submit, spec)
+    finally:
+        md_emulator.clear_faults()
+    assert found == {"value": None} and spawned["value"]["job_id"].startswith("fc-"), (found, spawned)
