@@ -263,17 +263,6 @@ class ModalStepOperatorHook(StepOperatorHook):
         self._record(spec.identity, handle)
         return handle
 
-    def _call(self, handle: JobHandle) -> Any:
-        """The call's ``FunctionCall``, kept per hook: it hydrates itself (one RPC) on first use."""
-        import modal
-
-        calls: dict[str, Any] = self.__dict__.setdefault("_calls_by_id", {})
-        if len(calls) > MAX_KEPT:  # a triggerer's hook lives long: forget old calls (re-hydrated if needed)
-            calls.clear()
-        if handle["job_id"] not in calls:
-            calls[handle["job_id"]] = modal.FunctionCall.from_id(handle["job_id"], client=self.client)
-        return calls[handle["job_id"]]
-
     def _details(self, handle: JobHandle) -> dict[str, Any]:
         return {"app_name": handle.get("app_name"), "gpu": handle.get("gpu"), "call_id": handle["job_id"]}
 
@@ -286,24 +275,21 @@ class ModalStepOperatorHook(StepOperatorHook):
                 return self._ended(item, handle)
             if self._seen_running(handle):
                 return self._started(JobStatus(JobState.RUNNING, "running", self._details(handle)), handle)
-            if handle.get("function_id"):
-                info = modal_call.call_info(self.client, handle["function_id"], handle["job_id"])
-                created, inputs = info.created_at, list(info.pending_inputs.latest)
-            else:
-                created, inputs = 0.0, self._call(handle).get_call_graph()
+            info = modal_call.call_info(self.client, handle.get("function_id") or "", handle["job_id"])
         except NotFoundError:
             return JobStatus(JobState.FAILED, f"Modal call {handle['job_id']} does not exist",
                              {"reason": "job_missing"})
         except Exception as exc:
             raise self._api_error(exc, f"read call {handle['job_id']}") from exc
-        return self._waiting(unfinished, created, inputs, handle)
+        return self._waiting(unfinished, info, handle)
 
-    def _waiting(self, unfinished: int, created: float, inputs: list[Any], handle: JobHandle) -> JobStatus:
+    def _waiting(self, unfinished: int, info: Any, handle: JobHandle) -> JobStatus:
         """A call without an output: expired only when Modal's retention says it can be (see
-        ``modal_call.output_expired``), else queued or running as its inputs tell."""
-        if modal_call.output_expired(unfinished, created, handle):
+        ``modal_call.output_expired``), else queued or running as its pending inputs tell."""
+        if modal_call.output_expired(unfinished, info.created_at, handle):
             return self._ended(None, handle)
-        return self._started(modal_call.running_status(inputs, handle, self._details(handle)), handle)
+        return self._started(modal_call.running_status(list(info.pending_inputs.latest), handle,
+                                                       self._details(handle)), handle)
 
     def _ended(self, item: Any, handle: JobHandle) -> JobStatus:
         status = modal_call.finished_status(item, handle, self._details(handle))
@@ -424,17 +410,13 @@ class ModalStepOperatorHook(StepOperatorHook):
                 return self._ended(item, handle)
             if self._seen_running(handle):
                 return self._started(JobStatus(JobState.RUNNING, "running", self._details(handle)), handle)
-            if handle.get("function_id"):
-                info = await modal_call.acall_info(client, handle["function_id"], handle["job_id"])
-                created, inputs = info.created_at, list(info.pending_inputs.latest)
-            else:
-                created, inputs = 0.0, await self._call(handle).get_call_graph.aio()
+            info = await modal_call.acall_info(client, handle.get("function_id") or "", handle["job_id"])
         except NotFoundError:
             return JobStatus(JobState.FAILED, f"Modal call {handle['job_id']} does not exist",
                              {"reason": "job_missing"})
         except Exception as exc:
             raise self._api_error(exc, f"read call {handle['job_id']}") from exc
-        return self._waiting(unfinished, created, inputs, handle)
+        return self._waiting(unfinished, info, handle)
 
     async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus | BaseException]:
         """One status read per waiting call: Modal has no list of calls changed since a time."""
