@@ -44,7 +44,7 @@ RECORDED = ("job_id", "app_name", "function_id", "environment", "spawned_at", "t
             "instance_type", "step_digest", "spawn_key")
 _CLIENTS: dict[tuple[Any, ...], Any] = {}
 _CLIENTS_LOCK = threading.Lock()
-#: calls a hook remembers (FunctionCall objects, start times) before it starts over
+#: calls a hook remembers (start times, ended calls) before it starts over
 MAX_KEPT = 10_000
 
 
