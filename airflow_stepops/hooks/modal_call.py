@@ -133,7 +133,9 @@ async def _fetch_result(client: Any, call_id: str) -> tuple[Any, int]:
 async def _save_output(client: Any, call_id: str, target: str) -> Any:
     """Write a finished call's raw result data (inline or its blob, streamed) to the file ``target``; the
     output item, whose ``result`` tells how the call ended and whose ``data_format`` how to read it."""
-    from modal._utils.blob_utils import blob_iter
+    import aiohttp
+    from modal._utils.http_utils import ClientSessionRegistry
+    from modal.exception import ExecutionError
     from modal_proto import api_pb2
 
     request = api_pb2.FunctionGetOutputsRequest(function_call_id=call_id, timeout=0, last_entry_id="0-0",
@@ -143,9 +145,15 @@ async def _save_output(client: Any, call_id: str, target: str) -> Any:
         return None
     item = response.outputs[0]
     with open(target, "wb") as fh:
-        if item.result.WhichOneof("data_oneof") == "data_blob_id":
-            async for chunk in blob_iter(item.result.data_blob_id, client._stub):
-                fh.write(chunk)
+        if item.result.WhichOneof("data_oneof") == "data_blob_id":  # as modal's ``blob_iter``, but bounded
+            found = await client._stub.BlobGet(api_pb2.BlobGetRequest(blob_id=item.result.data_blob_id),
+                                               retry=bounded())
+            stall = aiohttp.ClientTimeout(sock_connect=ATTEMPT_TIMEOUT, sock_read=ATTEMPT_TIMEOUT * 6)
+            async with ClientSessionRegistry.get_session().get(found.download_url, timeout=stall) as response:
+                if response.status != 200:
+                    raise ExecutionError(f"Get from url failed with status {response.status}")
+                async for chunk in response.content.iter_any():
+                    fh.write(chunk)
         else:
             fh.write(item.result.data)
     return item

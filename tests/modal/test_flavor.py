@@ -515,3 +515,24 @@ def test_lost_look_up_replies_are_bounded(md_emulator, monkeypatch):
     finally:
         md_emulator.clear_faults()
     assert found == {"value": None} and spawned["value"]["job_id"].startswith("fc-"), (found, spawned)
+
+
+def _random(size: int) -> bytes:
+    import os
+
+    return os.urandom(size)
+
+
+def test_a_lost_reply_while_collecting_a_large_result_is_bounded(md_emulator, monkeypatch):
+    monkeypatch.setattr(modal_call, "ATTEMPT_TIMEOUT", 1.0)
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _random, 100_000, task_id="lost_blob_get"))  # a result in a blob
+    md_emulator.wait_for_call(handle["job_id"], "success")
+    md_emulator.lose_replies("BlobGet", times=1)
+    try:
+        out = _within(20, hook.collect_output, handle)
+    finally:
+        md_emulator.clear_faults()
+    assert "error" not in out, out
+    assert len(_load(read_outcome(store_path(handle["output_uri"])).value)) == 100_000
+    assert any(r["method"] == "BlobGet" and r["status"] == "LOST" for r in md_emulator.request_log)
