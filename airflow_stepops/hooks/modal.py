@@ -19,6 +19,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import uuid
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -40,10 +41,10 @@ BUNDLE_FILES = ("payload.pkl", "bootstrap.py", "meta.json")
 SUCCESS = 1  # modal_proto GenericResult.GENERIC_STATUS_SUCCESS (not imported at module load)
 #: what the record of calls keeps of a handle (the rest is rebuilt from the step operator and the try)
 RECORDED = ("job_id", "app_name", "function_id", "environment", "spawned_at", "timeout", "gpu", "memory", "spot",
-            "instance_type", "step_digest")
+            "instance_type", "step_digest", "spawn_key")
 _CLIENTS: dict[tuple[Any, ...], Any] = {}
 _CLIENTS_LOCK = threading.Lock()
-#: calls a hook remembers (FunctionCall objects, start times) before it starts over
+#: calls a hook remembers (start times, ended calls) before it starts over
 MAX_KEPT = 10_000
 
 
@@ -165,8 +166,7 @@ class ModalStepOperatorHook(StepOperatorHook):
 
         record = modal.Dict.from_name(f"{self.config.app_name}-calls", environment_name=self.environment,
                                       create_if_missing=True, client=self.client)
-        record.hydrate()
-        return record
+        return modal_call.hydrate(record)
 
     def find_job(self, identity: StepIdentity) -> JobHandle | None:
         """The call of this step try while it still runs, from the record ``submit`` keeps. The task state
@@ -176,15 +176,8 @@ class ModalStepOperatorHook(StepOperatorHook):
         the output goes is this step operator's own path for the try. A finished call is not followed: a
         run deleted and started again under the same run id must run its steps again.
         """
-        try:
-            text = modal_call.dict_text(self.client, self._calls.object_id, identity.digest)
-        except Exception as exc:
-            raise self._api_error(exc, f"read the record of calls {self.config.app_name}-calls") from exc
-        try:
-            record = json.loads(text) if text is not None else None
-        except ValueError:
-            record = None
-        if not isinstance(record, dict) or not str(record.get("job_id", "")).startswith("fc-"):
+        record = self._read_record(identity)
+        if not str(record.get("job_id", "")).startswith("fc-"):
             return None
         handle = {key: record.get(key) for key in RECORDED}
         handle.update(flavor="modal", conn_id=self.step_operator_conn_id, try_number=identity.try_number,
@@ -196,18 +189,38 @@ class ModalStepOperatorHook(StepOperatorHook):
             return None
         return handle
 
+    def _read_record(self, identity: StepIdentity) -> dict[str, Any]:
+        """What the record of calls holds for this step try (empty when nothing, or nothing readable)."""
+        try:
+            text = modal_call.dict_text(self.client, self._calls.object_id, identity.digest)
+        except Exception as exc:
+            raise self._api_error(exc, f"read the record of calls {self.config.app_name}-calls") from exc
+        try:
+            record = json.loads(text) if text is not None else None
+        except ValueError:
+            record = None
+        return record if isinstance(record, dict) else {}
+
     def _record(self, identity: StepIdentity, handle: JobHandle) -> None:
-        """Write the handle to the record of calls; retried, as on Airflow 3.1/3.2 it is the only one."""
-        for attempt in range(3):
-            try:
-                self._calls.put(identity.digest, json.dumps({k: handle.get(k) for k in RECORDED}, sort_keys=True))
-                return
-            except Exception as exc:
-                if attempt == 2:
-                    self.log.warning("Could not record Modal call %s in %s-calls (a retry without a task state "
-                                     "store cannot find it): %s", handle["job_id"], self.config.app_name, exc)
-                else:
-                    time.sleep(1 + attempt)
+        """Write the handle to the record of calls (each RPC bounded), as on Airflow 3.1/3.2 it is the only one."""
+        try:
+            modal_call.dict_put(self.client, self._calls.object_id, identity.digest,
+                                json.dumps({k: handle.get(k) for k in RECORDED}, sort_keys=True))
+        except Exception as exc:
+            self.log.warning("Could not record Modal call %s in %s-calls (a retry without a task state store "
+                             "cannot find it): %s", handle.get("job_id"), self.config.app_name, exc)
+
+    def _spawn_key(self, identity: StepIdentity) -> str:
+        """The idempotency key of this try's spawn, recorded before the spawn is sent. Modal has no look-up of
+        calls by anything of ours, but it answers a request repeated under the same key with the call the
+        first one made: a spawn whose reply was lost, here or in a worker that died, is sent again under the
+        key the step try recorded and finds its call instead of making a second one."""
+        record = self._read_record(identity)
+        key = record.get("spawn_key")
+        if record.get("job_id") or not isinstance(key, str) or not key.startswith(f"stepops-{identity.digest}-"):
+            key = f"stepops-{identity.digest}-{uuid.uuid4().hex[:12]}"
+            self._record(identity, {"spawn_key": key, "step_digest": identity.digest})
+        return key
 
     def _forget(self, handle: JobHandle) -> None:
         """Drop a finished call from the record (best effort)."""
@@ -228,16 +241,18 @@ class ModalStepOperatorHook(StepOperatorHook):
         except Exception as exc:
             raise self._api_error(exc, f"deploy the app {name}") from exc
         archive = self._bundle_archive(spec)
+        key = self._spawn_key(spec.identity)
         try:
-            call = function.spawn(archive, ENTRY_SOURCE.read_text(), self._environment(spec))
+            call_id = modal_call.spawn(self.client, function, (archive, ENTRY_SOURCE.read_text(),
+                                                               self._environment(spec)), key)
         except Exception as exc:
             raise self._api_error(exc, f"call {name}.{FUNCTION_NAME}") from exc
         gpu = options.get("gpu")
-        self.log.info("Spawned Modal call %s of %s.%s (%s; bundle %d bytes)", call.object_id, name, FUNCTION_NAME,
+        self.log.info("Spawned Modal call %s of %s.%s (%s; bundle %d bytes)", call_id, name, FUNCTION_NAME,
                       ", ".join(f"{k}={v}" for k, v in options.items() if k in ("gpu", "cpu", "memory", "timeout",
                                                                                "region", "cloud")) or "defaults",
                       len(archive))
-        handle = {"flavor": "modal", "job_id": call.object_id, "app_name": name, "spawned_at": time.time(),
+        handle = {"flavor": "modal", "job_id": call_id, "app_name": name, "spawned_at": time.time(), "spawn_key": key,
                   "function_id": getattr(function, "object_id", None), "environment": self.environment,
                   "output_uri": spec.output_uri, "conn_id": self.step_operator_conn_id,
                   "try_number": spec.identity.try_number, "timeout": options["timeout"],
@@ -248,17 +263,6 @@ class ModalStepOperatorHook(StepOperatorHook):
         self._record(spec.identity, handle)
         return handle
 
-    def _call(self, handle: JobHandle) -> Any:
-        """The call's ``FunctionCall``, kept per hook: it hydrates itself (one RPC) on first use."""
-        import modal
-
-        calls: dict[str, Any] = self.__dict__.setdefault("_calls_by_id", {})
-        if len(calls) > MAX_KEPT:  # a triggerer's hook lives long: forget old calls (re-hydrated if needed)
-            calls.clear()
-        if handle["job_id"] not in calls:
-            calls[handle["job_id"]] = modal.FunctionCall.from_id(handle["job_id"], client=self.client)
-        return calls[handle["job_id"]]
-
     def _details(self, handle: JobHandle) -> dict[str, Any]:
         return {"app_name": handle.get("app_name"), "gpu": handle.get("gpu"), "call_id": handle["job_id"]}
 
@@ -266,19 +270,26 @@ class ModalStepOperatorHook(StepOperatorHook):
         from modal.exception import NotFoundError
 
         try:
-            finished = modal_call.fetch_result(self.client, handle["job_id"])
-            if finished is not None:
-                return self._ended(finished[0], handle)
+            item, unfinished = modal_call.fetch_result(self.client, handle["job_id"])
+            if item is not None:
+                return self._ended(item, handle)
             if self._seen_running(handle):
                 return self._started(JobStatus(JobState.RUNNING, "running", self._details(handle)), handle)
-            inputs = (modal_call.call_inputs(self.client, handle["function_id"], handle["job_id"])
-                      if handle.get("function_id") else self._call(handle).get_call_graph())
+            info = modal_call.call_info(self.client, handle.get("function_id") or "", handle["job_id"])
         except NotFoundError:
             return JobStatus(JobState.FAILED, f"Modal call {handle['job_id']} does not exist",
                              {"reason": "job_missing"})
         except Exception as exc:
             raise self._api_error(exc, f"read call {handle['job_id']}") from exc
-        return self._started(modal_call.running_status(inputs, handle, self._details(handle)), handle)
+        return self._waiting(unfinished, info, handle)
+
+    def _waiting(self, unfinished: int, info: Any, handle: JobHandle) -> JobStatus:
+        """A call without an output: expired only when Modal's retention says it can be (see
+        ``modal_call.output_expired``), else queued or running as its pending inputs tell."""
+        if modal_call.output_expired(unfinished, info.created_at, handle):
+            return self._ended(None, handle)
+        return self._started(modal_call.running_status(list(info.pending_inputs.latest), handle,
+                                                       self._details(handle)), handle)
 
     def _ended(self, item: Any, handle: JobHandle) -> JobStatus:
         status = modal_call.finished_status(item, handle, self._details(handle))
@@ -289,10 +300,9 @@ class ModalStepOperatorHook(StepOperatorHook):
         ended[handle["job_id"]] = True
         return status
 
-    def _lines(self, handle: JobHandle, entries: list[Any], cursor: Any) -> tuple[list[str], Any]:
-        """New whole lines; once the call is over and a read brings no new line, an unfinished last line
-        too (``fetch`` returns the entry at its ``since`` again, so "no new line" is not "no entry")."""
-        lines, cursor = modal_call.log_lines(entries, cursor)
+    def _lines(self, handle: JobHandle, batches: list[Any], cursor: Any) -> tuple[list[str], Any]:
+        """New whole lines; once the call is over and a read brings no new line, an unfinished last line too."""
+        lines, cursor = modal_call.log_lines(batches, cursor)
         if not lines and cursor.get("partial") and self.__dict__.get("_ended_calls", {}).get(handle["job_id"]):
             lines += [("[system] " if source == "system" else "") + text
                       for source, text in cursor["partial"].items()]
@@ -322,7 +332,7 @@ class ModalStepOperatorHook(StepOperatorHook):
         self.__dict__.get("_running", {}).pop(handle["job_id"], None)
 
     def cancel(self, handle: JobHandle) -> None:
-        self._call(handle).cancel(terminate_containers=True)
+        modal_call.cancel(self.client, handle["job_id"])
         self.log.info("Cancelled Modal call %s (its container is terminated)", handle["job_id"])
 
     def collect_output(self, handle: JobHandle) -> None:
@@ -370,8 +380,10 @@ class ModalStepOperatorHook(StepOperatorHook):
         partial.rename(output / name)
 
     def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        entries = list(self._call(handle).logs.fetch(since=modal_call.since(cursor, handle)))
-        return self._lines(handle, entries, cursor)
+        cursor = dict(cursor or {})
+        batches, cursor["app_id"] = modal_call.log_batches(self.client, handle["job_id"], cursor.get("app_id", ""),
+                                                           cursor.get("entry_id", ""))
+        return self._lines(handle, batches, cursor)
 
     def console_url(self, handle: JobHandle) -> str | None:
         return self.config.console_url_template.format(
@@ -393,19 +405,18 @@ class ModalStepOperatorHook(StepOperatorHook):
 
         client = await self._aclient()
         try:
-            finished = await modal_call.afetch_result(client, handle["job_id"])
-            if finished is not None:
-                return self._ended(finished[0], handle)
+            item, unfinished = await modal_call.afetch_result(client, handle["job_id"])
+            if item is not None:
+                return self._ended(item, handle)
             if self._seen_running(handle):
                 return self._started(JobStatus(JobState.RUNNING, "running", self._details(handle)), handle)
-            inputs = (await modal_call.acall_inputs(client, handle["function_id"], handle["job_id"])
-                      if handle.get("function_id") else await self._call(handle).get_call_graph.aio())
+            info = await modal_call.acall_info(client, handle.get("function_id") or "", handle["job_id"])
         except NotFoundError:
             return JobStatus(JobState.FAILED, f"Modal call {handle['job_id']} does not exist",
                              {"reason": "job_missing"})
         except Exception as exc:
             raise self._api_error(exc, f"read call {handle['job_id']}") from exc
-        return self._started(modal_call.running_status(inputs, handle, self._details(handle)), handle)
+        return self._waiting(unfinished, info, handle)
 
     async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus | BaseException]:
         """One status read per waiting call: Modal has no list of calls changed since a time."""
@@ -415,12 +426,12 @@ class ModalStepOperatorHook(StepOperatorHook):
         return list(await asyncio.gather(*(self._astatus(h) for h in handles), return_exceptions=True))
 
     async def acancel(self, handle: JobHandle) -> None:
-        await self._aclient()
-        await self._call(handle).cancel.aio(terminate_containers=True)
+        await modal_call.acancel(await self._aclient(), handle["job_id"])
         self.log.info("Cancelled Modal call %s (its container is terminated)", handle["job_id"])
 
     async def aread_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        await self._aclient()
-        call = self._call(handle)
-        entries = [entry async for entry in call.logs.fetch.aio(since=modal_call.since(cursor, handle))]
-        return self._lines(handle, entries, cursor)
+        client = await self._aclient()
+        cursor = dict(cursor or {})
+        batches, cursor["app_id"] = await modal_call.alog_batches(client, handle["job_id"], cursor.get("app_id", ""),
+                                                                  cursor.get("entry_id", ""))
+        return self._lines(handle, batches, cursor)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from airflow_stepops.hooks import modal_call
 from airflow_stepops.settings.modal import MAX_TIMEOUT, ModalStepOperatorConfig, ModalStepOperatorSettings
 
 FUNCTION_NAME = "run_step"
@@ -112,7 +113,7 @@ def deployed_function(client: Any, environment: str | None, name: str, options: 
             return _deployed[key]
         function = modal.Function.from_name(name, FUNCTION_NAME, environment_name=environment, client=client)
         try:
-            function.hydrate()
+            modal_call.hydrate(function)
         except NotFoundError:
             function = _deploy(modal, client, environment, name, options, log)
         _deployed[key] = function

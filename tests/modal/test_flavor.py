@@ -4,10 +4,10 @@ running as real processes, the bundle and result travelling as the call's argume
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import pickle
 import time
-from datetime import datetime, timezone
 from types import SimpleNamespace
 
 import pytest
@@ -238,18 +238,21 @@ def test_results_never_unpickle_classes():
         modal_call.output_bytes(pickle.dumps([1, 2]))
 
 
-def test_log_lines_join_chunks_and_skip_what_was_read():
-    def entry(ts: float, message: str, source: str = "stdout") -> SimpleNamespace:
-        return SimpleNamespace(timestamp=datetime.fromtimestamp(ts, timezone.utc), message=message, source=source)
+def test_log_lines_join_chunks_and_resume_after_the_last_entry():
+    from modal_proto import api_pb2
 
-    batch = [entry(1.0, "a\nb"), entry(1.0, "c\n"), entry(2.0, "Starting container\n", "system")]
-    lines, cursor = modal_call.log_lines(batch, None)
-    assert lines == ["a", "bc", "[system] Starting container"]
-    # fetch(since=2.0) answers the entry at 2.0 again, plus what is new
-    again, cursor = modal_call.log_lines([batch[2], entry(2.0, "d\n"), entry(3.0, "e")], cursor)
-    assert again == ["d"] and cursor["partial"] == {"stdout": "e"}
-    more, _ = modal_call.log_lines([entry(3.0, "e"), entry(4.0, "f\n")], cursor)
-    assert more == ["ef"]
+    def batch(entry_id: str, *items: tuple[str, int]) -> api_pb2.TaskLogsBatch:
+        return api_pb2.TaskLogsBatch(entry_id=entry_id, items=[api_pb2.TaskLogs(data=data, file_descriptor=fd)
+                                                               for data, fd in items])
+
+    out, info = api_pb2.FILE_DESCRIPTOR_STDOUT, api_pb2.FILE_DESCRIPTOR_INFO
+    lines, cursor = modal_call.log_lines([batch("1", ("a\nb", out), ("c\n", out)),
+                                          batch("2", ("Starting container\n", info))], None)
+    assert lines == ["a", "bc", "[system] Starting container"] and cursor["entry_id"] == "2"
+    more, cursor = modal_call.log_lines([batch("3", ("d\n", out), ("e", out))], cursor)
+    assert more == ["d"] and cursor == {"entry_id": "3", "partial": {"stdout": "e"}}
+    last, _ = modal_call.log_lines([batch("4", ("f\n", out))], cursor)
+    assert last == ["ef"]
 
 
 def _wait_running(emulator, hook, handle, timeout: float = 30.0) -> None:
@@ -368,3 +371,168 @@ def test_a_last_line_without_newline_is_not_lost(md_emulator):
     event = run_trigger(hook, handle)
     assert event["status"] == "succeeded", event
     assert any(line.endswith("progress 100%") for line in event["log_tail"]), event["log_tail"]
+
+
+def test_a_queued_call_without_a_counted_input_is_not_failed(md_emulator):
+    """A call just spawned or queued may show no output and no unfinished input, which is what Modal's own
+    client takes for an expired output: it is queued, not failed."""
+    hook = make_hook()
+    md_emulator.uncounted_queue_seconds = 30
+    md_emulator.inject("slow_start", duration=3)
+    try:
+        handle = hook.submit(make_spec(hook, _greet, "late", task_id="uncounted"))
+        assert modal_call.fetch_result(hook.client, handle["job_id"]) == (None, 0)
+        assert hook.get_status(handle).state is JobState.QUEUED
+        assert asyncio.run(make_hook().aget_statuses([handle]))[0].state is JobState.QUEUED
+    finally:
+        md_emulator.uncounted_queue_seconds = 0
+        md_emulator.clear_faults()
+    assert run_trigger(hook, handle)["status"] == "succeeded"
+
+
+def test_an_expired_output_is_reported_as_modal_reports_it(md_emulator):
+    import modal
+
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _greet, "old", task_id="expired"))
+    md_emulator.wait_for_call(handle["job_id"], "success")
+    md_emulator.age(handle["job_id"], 8 * 24 * 3600)  # ended eight days ago: Modal keeps results seven
+    with pytest.raises(modal.exception.OutputExpiredError):
+        modal.FunctionCall.from_id(handle["job_id"]).get(timeout=0)
+    status = make_hook().get_status(handle)
+    assert status.state is JobState.FAILED and status.details["reason"] == "output_expired", status
+
+
+def test_preemption_is_told_by_modals_status_not_by_words(md_emulator):
+    """A failure whose text speaks of preemption (it may carry the step's own output) is a failure."""
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 60, task_id="says_preempted"))
+    _wait_running(md_emulator, hook, handle)
+    md_emulator.inject("failure", call=handle["job_id"], message="Runner interrupted due to worker preemption")
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and event["details"]["modal_status"] == "failure", event
+
+
+def _count(lines: int) -> int:
+    import time
+
+    for i in range(lines):
+        print(f"line {i}", flush=True)
+        time.sleep(0.02)
+    return lines
+
+
+def test_late_log_lines_are_neither_lost_nor_repeated(md_emulator):
+    """Modal may take a line in after lines written later: followed by entry id, it still comes, once."""
+    hook = make_hook()
+    md_emulator.late_logs(every=3, seconds=0.3)
+    try:
+        handle = hook.submit(make_spec(hook, _count, 60, task_id="late_logs"))
+        lines: list[str] = []
+        cursor = None
+        for read in range(10_000):  # as the trigger reads: while it runs, then until a read brings nothing
+            over = hook.get_status(handle).state.terminal
+            new, cursor = (hook.read_logs(handle, cursor) if read % 2 else
+                           asyncio.run(make_hook().aread_logs(handle, cursor)))
+            lines += new
+            if over and not new:
+                break
+    finally:
+        md_emulator.late_logs(0)
+    stamps = [e["timestamp_ns"] for e in md_emulator.log_entries(handle["job_id"])]
+    assert any(later < earlier for earlier, later in itertools.pairwise(stamps)), "no line came late"
+    assert sorted(line for line in lines if line.startswith("line ")) == sorted(f"line {i}" for i in range(60))
+
+
+def _within(seconds: float, fn, *args):
+    """``fn(*args)``'s result or exception, failing the test when it takes longer than ``seconds``."""
+    import threading
+
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn(*args)
+        except Exception as exc:
+            out["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"{fn.__name__} still waits after {seconds}s"
+    return out
+
+
+def test_a_lost_spawn_reply_finds_the_one_call_in_bounded_time(md_emulator, monkeypatch):
+    """Modal made the call but its reply was lost: the spawn is sent again under the step try's key and
+    gets that call, neither a second one nor a hang."""
+    monkeypatch.setattr(modal_call, "ATTEMPT_TIMEOUT", 1.0)
+    hook = make_hook()
+    spec = make_spec(hook, _greet, "lost", task_id="lost_reply")
+    hook.submit(make_spec(hook, _greet, "warm", task_id="warm"))  # the app is deployed
+    before = len(md_emulator.calls)
+    md_emulator.lose_replies("FunctionMap", times=1)
+    try:
+        out = _within(15, hook.submit, spec)
+    finally:
+        md_emulator.clear_faults()
+    handle = out["value"]
+    assert [call["id"] for call in md_emulator.calls[before:]] == [handle["job_id"]]
+    assert run_trigger(hook, handle)["status"] == "succeeded"
+
+
+def test_a_spawn_never_answered_fails_in_bounded_time_and_the_try_finds_its_call(md_emulator, monkeypatch):
+    """Every reply lost: the spawn gives up in bounded time; the same try, sent again (by another worker),
+    gets the call Modal made under the recorded key instead of a second one."""
+    monkeypatch.setattr(modal_call, "ATTEMPT_TIMEOUT", 0.5)
+    monkeypatch.setattr(modal_call, "TOTAL_TIMEOUT", 3.0)
+    hook = make_hook()
+    spec = make_spec(hook, _greet, "again", task_id="never_answered")
+    hook.submit(make_spec(hook, _greet, "warm", task_id="warm_again"))  # the app is deployed
+    before = len(md_emulator.calls)
+    md_emulator.lose_replies("FunctionMap", times=None)
+    try:
+        out = _within(15, hook.submit, spec)
+    finally:
+        md_emulator.clear_faults()
+    assert isinstance(out.get("error"), TimeoutError), out
+    assert len(md_emulator.calls) == before + 1  # Modal made the call once, however often it was asked
+    handle = make_hook().submit(spec)
+    assert [call["id"] for call in md_emulator.calls[before:]] == [handle["job_id"]]
+    assert run_trigger(hook, handle)["status"] == "succeeded"
+
+
+def test_lost_look_up_replies_are_bounded(md_emulator, monkeypatch):
+    """The look-ups of the record of calls and of the function are sent again, not waited for forever."""
+    monkeypatch.setattr(modal_call, "ATTEMPT_TIMEOUT", 1.0)
+    spec = make_spec(make_hook(), _greet, "look", task_id="lost_look_up",
+                     settings=ModalStepOperatorSettings(memory=777))  # options of its own: a new app
+    md_emulator.lose_replies("DictGetOrCreate", times=1)
+    md_emulator.lose_replies("FunctionGet", times=1)
+    try:
+        found = _within(20, make_hook().find_job, spec.identity)
+        spawned = _within(20, make_hook().submit, spec)
+    finally:
+        md_emulator.clear_faults()
+    assert found == {"value": None} and spawned["value"]["job_id"].startswith("fc-"), (found, spawned)
+
+
+def _random(size: int) -> bytes:
+    import os
+
+    return os.urandom(size)
+
+
+def test_a_lost_reply_while_collecting_a_large_result_is_bounded(md_emulator, monkeypatch):
+    monkeypatch.setattr(modal_call, "ATTEMPT_TIMEOUT", 1.0)
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _random, 100_000, task_id="lost_blob_get"))  # a result in a blob
+    md_emulator.wait_for_call(handle["job_id"], "success")
+    md_emulator.lose_replies("BlobGet", times=1)
+    try:
+        out = _within(20, hook.collect_output, handle)
+    finally:
+        md_emulator.clear_faults()
+    assert "error" not in out, out
+    assert len(_load(read_outcome(store_path(handle["output_uri"])).value)) == 100_000
+    assert any(r["method"] == "BlobGet" and r["status"] == "LOST" for r in md_emulator.request_log)

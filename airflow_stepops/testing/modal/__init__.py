@@ -42,20 +42,28 @@ environment minus ``STEPOPS_*``, the function's secrets and Modal's ``MODAL_*`` 
 spawned calls, 2 MiB for ``.remote()``). Past the function's timeout, and on cancel, the group gets
 SIGTERM, SIGKILL after ``stop_grace_period``; the input ends GENERIC_STATUS_TIMEOUT ("Task's current input
 <id> hit its timeout of <N>s", raised as ``FunctionTimeoutError``) or GENERIC_STATUS_TERMINATED (raised as
-``RemoteError``).
+``RemoteError``). An output is dropped 7 days after its call ended, as Modal's job-queue guide says (then
+``get`` raises ``OutputExpiredError``); ``emu.age(fc_id, seconds)`` makes a call that much older. With
+``emu.uncounted_queue_seconds`` set, a queued input is not counted as unfinished for that long after its call
+was made, so a call just spawned shows what an expired one shows (no output, no unfinished input).
 
 Dicts: DictGetOrCreate (named), DictUpdate (also ``if_not_exists``), DictGet and DictPop, keys and values compared as
 the serialized bytes the client sends (``Dict.from_name``, ``put``, ``get``, ``pop``).
 
 Logs: AppFetchLogs, AppCountLogs and the AppGetLogs stream over the lines containers write (stdout, stderr)
 and the service's own (container start, timeout, cancel, preemption), with nanosecond timestamps and the
-app / function / call / input / task ids; ``call.logs.fetch``, ``.tail`` and ``.stream`` work.
+app / function / call / input / task ids; ``call.logs.fetch``, ``.tail`` and ``.stream`` work. Entries are
+numbered as they arrive (AppGetLogs resumes after ``last_entry_id``); ``emu.late_logs(every=3, seconds=1)``
+makes every third entry arrive late, behind later ones, with its own earlier timestamp.
 
 Faults: ``emu.inject("preemption", call=fc_id, after=1, restart=True)`` (restarted on a new task, as Modal
 does; without ``restart`` the input ends GENERIC_STATUS_INTERNAL_FAILURE, as Modal reports a lost input it gives
 up on), ``"failure"`` (``message``),
 ``"slow_start"`` (``duration``), ``"no_capacity"`` (``gpu="H100"``: fallbacks get the next type, others wait
-until ``clear_faults()``); ``emu.fail_requests(Status.UNAVAILABLE, times=2, method="FunctionMap")``.
+until ``clear_faults()``); ``emu.fail_requests(Status.UNAVAILABLE, times=2, method="FunctionMap")``;
+``emu.lose_replies("FunctionMap", times=1)`` (the request is carried out, its reply never sent). FunctionMap
+answers a request repeating an earlier one's ``x-idempotency-key`` with that request's call, as the modal
+client's retries (one key for all attempts of a request) expect.
 Inspection: ``apps``, ``functions``, ``function``, ``calls``, ``call``, ``wait_for_call``, ``pids``, ``pid``,
 ``logs``, ``log_entries``, ``requests``, ``request_log``, ``blob_uploads``, ``volume_path``.
 

@@ -92,6 +92,16 @@ class Call:
             self.history.append(state)
             return True
 
+    def age(self, seconds: float) -> None:
+        """Move every time of the call ``seconds`` into the past, as if it had been made that long ago."""
+        with self.lock:
+            self.created_at -= seconds
+            self.started_at = self.started_at - seconds if self.started_at else self.started_at
+            self.finished_at = self.finished_at - seconds if self.finished_at else self.finished_at
+            if self.output is not None:
+                self.output.input_started_at -= seconds if self.output.input_started_at else 0.0
+                self.output.output_created_at -= seconds
+
     def graph_status(self) -> int:
         """``InputCallGraphInfo.status``: 0 (the client's InputStatus.PENDING) until the input is over."""
         return END_STATUS.get(self.state, 0)

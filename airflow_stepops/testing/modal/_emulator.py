@@ -255,6 +255,15 @@ class ModalEmulator:
             servicer.faults.append(fault)
         return fault
 
+    def lose_replies(self, method: str, times: int | None = 1) -> F.RequestFault:
+        """Do what the next ``times`` calls (None: all) of RPC ``method`` ask, but never answer them: a reply
+        lost on the way, which the client only notices by timing out."""
+        fault = F.RequestFault(Status.UNAVAILABLE, times, method, lose_reply=True)
+        servicer = self._svc()
+        with servicer.lock:
+            servicer.faults.append(fault)
+        return fault
+
     def clear_faults(self) -> None:
         with self._lock:
             self._rules.clear()
@@ -264,6 +273,29 @@ class ModalEmulator:
                 self._servicer.faults.clear()
         for runner in runners:
             runner.wake()
+
+    @property
+    def uncounted_queue_seconds(self) -> float:
+        """Seconds after a call is made during which its queued input is not counted as unfinished: the call
+        then shows no output and no unfinished input, as an expired one does (default 0)."""
+        return self._svc().uncounted_queue_seconds
+
+    @uncounted_queue_seconds.setter
+    def uncounted_queue_seconds(self, seconds: float) -> None:
+        self._svc().uncounted_queue_seconds = seconds
+
+    def late_logs(self, every: int = 0, seconds: float = 1.0) -> None:
+        """From now on every ``every``-th log entry (0: none) arrives ``seconds`` after it was written: behind
+        entries written after it, with its own earlier timestamp, as lines a log pipeline ingests late."""
+        self._logs.late_every, self._logs.late_seconds = every, seconds
+
+    def age(self, call_id: str, seconds: float) -> None:
+        """Make a call look ``seconds`` older (its creation, start and end): a call that ended more than 7 days
+        ago has lost its output, as on Modal."""
+        found = self._calls.get_or_none(call_id)
+        if found is None:
+            raise KeyError(f"no function call {call_id}")
+        found.age(seconds)
 
     # ----- inspection -------------------------------------------------------------------------------
 

@@ -87,13 +87,15 @@ class FaultRule:
 
 @dataclass
 class RequestFault:
-    """Answer the next ``times`` calls (None: all) of RPC ``method`` (None: any) with gRPC ``status``."""
+    """Answer the next ``times`` calls (None: all) of RPC ``method`` (None: any) with gRPC ``status``; with
+    ``lose_reply``, do what they ask but send no answer (the stream stays open until the client gives up)."""
 
     status: Status
     times: int | None = 1
     method: str | None = None
     message: str = ""
     hits: int = 0
+    lose_reply: bool = False
 
     def take(self, method: str) -> bool:
         if self.times is not None and self.times <= 0:

@@ -21,6 +21,9 @@ GPU_MAX_COUNT: dict[str, int] = {
 ANY_GPU_ORDER = ("L4", "A10", "T4")
 MIN_TIMEOUT_SECS = 1
 MAX_TIMEOUT_SECS = 24 * 60 * 60
+#: "The results of a .spawn() are accessible via FunctionCall.get() for up to 7 days after completion. After
+#: this period, we return an expired response." (https://modal.com/docs/guide/job-queue)
+OUTPUT_RETENTION_SECS = 7 * 24 * 60 * 60
 DEFAULT_MILLI_CPU = 125
 DEFAULT_MEMORY_MB = 128
 

@@ -3,9 +3,12 @@
 A line becomes an entry the moment it is read: ``TaskLogs`` with the text (newline kept, as Modal sends
 it), a nanosecond timestamp, the file descriptor (STDOUT, STDERR; the service's lines are INFO, which the
 client shows as source "system"), and the ids of the app, function, function call, input and task. Entries
-are numbered in the order they are written and their timestamps strictly increase, so time order and
-write order agree. Queries are what ``AppFetchLogs``, ``AppCountLogs`` and ``AppGetLogs`` ask: a time
-range, a source, function / function call / task ids and a search text, joined by AND.
+are numbered in the order they arrive (the ``entry_id`` that ``AppGetLogs`` resumes after, as the modal
+client's ``_LogsManager.stream`` does with ``last_entry_id``) and stamped when they are written. With
+``late_every`` set, every n-th entry arrives ``late_seconds`` after it was written, behind entries written
+after it: it gets a later number but keeps its earlier timestamp, so a reader that resumes from the last
+timestamp it saw never gets it. Queries are what ``AppFetchLogs``, ``AppCountLogs`` and ``AppGetLogs`` ask: a
+time range, a source, function / function call / task ids and a search text, joined by AND.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from modal_proto import api_pb2
@@ -93,25 +96,41 @@ class LogStore:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: list[LogEntry] = []
+        self._held: list[tuple[float, LogEntry]] = []  # (when it arrives, the entry without its number)
         self._last_ns = 0
+        self._written = 0
+        self.late_every = 0
+        self.late_seconds = 1.0
 
     def write(self, data: str, fd: int, *, app_id: str, function_id: str, function_call_id: str,
-              input_id: str = "", task_id: str = "") -> LogEntry:
-        with self._lock:  # stamp and append under one lock: the list stays in timestamp order
+              input_id: str = "", task_id: str = "") -> None:
+        with self._lock:
+            self._arrive()
             self._last_ns = max(time.time_ns(), self._last_ns + 1)
-            entry = LogEntry(len(self._entries) + 1, self._last_ns, fd, data, app_id, function_id,
-                             function_call_id, input_id, task_id)
-            self._entries.append(entry)
-        return entry
+            self._written += 1
+            entry = LogEntry(0, self._last_ns, fd, data, app_id, function_id, function_call_id, input_id, task_id)
+            if self.late_every and self._written % self.late_every == 0:
+                self._held.append((time.monotonic() + self.late_seconds, entry))
+            else:
+                self._entries.append(replace(entry, seq=len(self._entries) + 1))
+
+    def _arrive(self) -> None:
+        """Number the held entries whose time has come (under the lock)."""
+        now = time.monotonic()
+        for due, entry in [h for h in self._held if h[0] <= now]:
+            self._held.remove((due, entry))
+            self._entries.append(replace(entry, seq=len(self._entries) + 1))
 
     def entries(self, query: LogQuery | None = None, after_seq: int = 0) -> list[LogEntry]:
+        """Matching entries that have arrived, after number ``after_seq``, in the order they arrived."""
         with self._lock:
+            self._arrive()
             found = self._entries[after_seq:]
         return [e for e in found if query is None or query.matches(e)]
 
     def fetch(self, query: LogQuery, limit: int) -> list[LogEntry]:
-        """The newest ``limit`` matching entries (all when ``limit`` is 0), oldest first: what a tail asks."""
-        found = self.entries(query)
+        """The newest ``limit`` matching entries (all when ``limit`` is 0), in time order: what a tail asks."""
+        found = sorted(self.entries(query), key=lambda e: e.timestamp_ns)
         return found[-limit:] if limit else found
 
     def count(self, query: LogQuery, bucket_secs: int) -> list[api_pb2.AppCountLogsResponse.LogBucket]:

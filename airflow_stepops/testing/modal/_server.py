@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import grpclib.const
 from google.protobuf import empty_pb2
@@ -30,6 +30,7 @@ from airflow_stepops.testing.modal._calls import TERMINAL, Call, CallStore
 from airflow_stepops.testing.modal._dicts import DictStore
 from airflow_stepops.testing.modal._faults import RequestFault
 from airflow_stepops.testing.modal._ids import new_id
+from airflow_stepops.testing.modal._limits import OUTPUT_RETENTION_SECS
 from airflow_stepops.testing.modal._logs import LogQuery, LogStore, batches
 from airflow_stepops.testing.modal._objects import IMAGE_BUILDER_VERSION, Registry
 
@@ -52,8 +53,12 @@ class ModalServicer(api_grpc.ModalClientBase):
         self.lock = threading.Lock()
         self.records: deque[dict[str, Any]] = deque(maxlen=100_000)  # a long session keeps the latest
         self.faults: list[RequestFault] = []
+        #: seconds a queued input is not yet counted as unfinished (nor listed as pending) after its call was
+        #: made: a call just spawned then shows what an expired one shows (no output, no unfinished input)
+        self.uncounted_queue_seconds = 0.0
         self._environment_ids: dict[str, str] = {}
         self.dicts = DictStore()
+        self._mapped: dict[str, api_pb2.FunctionMapResponse] = {}  # x-idempotency-key -> the answer it got
 
     # ----- every request ------------------------------------------------------------------------------
 
@@ -70,6 +75,11 @@ class ModalServicer(api_grpc.ModalClientBase):
                 self._authenticate(stream)
                 with self.lock:
                     fault = next((f for f in self.faults if f.take(method)), None)
+                if fault is not None and fault.lose_reply:
+                    record["status"] = "LOST"
+                    await func(cast("Stream[Any, Any]", _Unanswered(stream)))
+                    await asyncio.sleep(MAX_WAIT)  # cancelled when the client gives up on the attempt
+                    return
                 if fault is not None:
                     raise GRPCError(fault.status, fault.message or f"{fault.status.name} (injected fault)")
                 await func(stream)
@@ -277,7 +287,17 @@ class ModalServicer(api_grpc.ModalClientBase):
             function_id=fdef.id, handle_metadata=fdef.handle, function=self.registry.function_data(fdef)))
 
     async def FunctionMap(self, stream: Stream[Any, Any]) -> None:
+        """A new call, or the call a request with the same ``x-idempotency-key`` made: the modal client sends
+        one key with every attempt of a request it retries (``_retry_transient_errors`` in
+        modal/_utils/grpc_utils.py), FunctionMap included (``_Invocation.create``), so a retried spawn whose
+        first reply was lost gets the call that request made, not a second one."""
         request = await stream.recv_message()
+        key = (stream.metadata or {}).get("x-idempotency-key")
+        with self.lock:
+            known = self._mapped.get(key) if key else None
+        if known is not None:
+            await stream.send_message(known)
+            return
         fdef = self.registry.function(request.function_id)
         if request.function_call_type != api_pb2.FUNCTION_CALL_TYPE_UNARY or len(request.pipelined_inputs) != 1:
             raise GRPCError(Status.UNIMPLEMENTED, "The Modal emulator serves single-input calls (.spawn() and "
@@ -298,6 +318,9 @@ class ModalServicer(api_grpc.ModalClientBase):
                                                                       input_jwt=f"jwt-{call.input_id}")])
         if first.HasField("retry_policy"):
             response.retry_policy.CopyFrom(first.retry_policy)
+        if key:
+            with self.lock:
+                self._mapped[key] = response
         await stream.send_message(response)
 
     async def FunctionGetOutputs(self, stream: Stream[Any, Any]) -> None:
@@ -306,15 +329,22 @@ class ModalServicer(api_grpc.ModalClientBase):
         deadline = time.monotonic() + min(max(request.timeout, 0.0), MAX_WAIT)
         while not call.over and time.monotonic() < deadline:
             await asyncio.sleep(min(_POLL, max(deadline - time.monotonic(), 0.0)))
-        response = api_pb2.FunctionGetOutputsResponse(last_entry_id="0-0", num_unfinished_inputs=0 if call.over else 1)
+        response = api_pb2.FunctionGetOutputsResponse(last_entry_id="0-0", num_unfinished_inputs=self._unfinished(call))
         with call.lock:
-            if call.output is not None and not call.output_cleared and request.start_idx == 0:
+            expired = call.finished_at is not None and time.time() - call.finished_at > OUTPUT_RETENTION_SECS
+            if call.output is not None and not call.output_cleared and not expired and request.start_idx == 0:
                 response.outputs.append(call.output)
                 response.idxs.append(0)
                 response.last_entry_id = "1-0"
                 if request.clear_on_success and call.output.result.status == GR.GENERIC_STATUS_SUCCESS:
                     call.output_cleared = True
         await stream.send_message(response)
+
+    def _unfinished(self, call: Call) -> int:
+        """1 while the input is queued or running, except a queued one not counted yet; 0 once it is over."""
+        if call.over or (call.state == "pending" and time.time() - call.created_at < self.uncounted_queue_seconds):
+            return 0
+        return 1
 
     async def FunctionCallFromId(self, stream: Stream[Any, Any]) -> None:
         request = await stream.recv_message()
@@ -331,10 +361,11 @@ class ModalServicer(api_grpc.ModalClientBase):
         category = {"pending": info.pending_inputs, "running": info.pending_inputs, "success": info.succeeded_inputs,
                     "failure": info.failed_inputs, "init_failure": info.failed_inputs,
                     "timeout": info.timeout_inputs, "terminated": info.cancelled_inputs}[call.state]
-        category.total = 1
-        category.latest.append(api_pb2.InputInfo(input_id=call.input_id, idx=0, task_id=call.task_id or "",
-                                                 started_at=call.started_at or 0.0,
-                                                 finished_at=call.finished_at or 0.0))
+        if call.over or self._unfinished(call):
+            category.total = 1
+            category.latest.append(api_pb2.InputInfo(input_id=call.input_id, idx=0, task_id=call.task_id or "",
+                                                     started_at=call.started_at or 0.0,
+                                                     finished_at=call.finished_at or 0.0))
         await stream.send_message(api_pb2.FunctionCallGetInfoResponse(info=info))
 
     async def FunctionGetCallGraph(self, stream: Stream[Any, Any]) -> None:
@@ -405,6 +436,20 @@ class ModalServicer(api_grpc.ModalClientBase):
                     await stream.send_message(batch)
                 after = found[-1].seq
             await asyncio.sleep(_POLL)
+
+
+class _Unanswered:
+    """A stream whose answer is lost: the request is read, what is sent never leaves."""
+
+    def __init__(self, stream: Stream[Any, Any]) -> None:
+        self._stream = stream
+        self.metadata = stream.metadata
+
+    async def recv_message(self) -> Any:
+        return await self._stream.recv_message()
+
+    async def send_message(self, message: Any) -> None:
+        return None
 
 
 def _unimplemented(name: str) -> Callable[..., Any]:
