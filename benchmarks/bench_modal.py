@@ -5,7 +5,7 @@ A worker process starts the Modal emulator and spawns N step calls through the f
 
 - flavor: ``ModalStepOperatorTrigger``s share one poller; each round reads every waiting call's output
   (``FunctionGetOutputs``, timeout 0) and asks its inputs (``FunctionCallGetInfo``) only until the call
-  is seen running, and reads new log lines of running calls (``AppCountLogs``, then ``AppFetchLogs``); a
+  is seen running, and reads new log lines of running calls (``AppGetLogs`` after the last entry id); a
   finished call's result is collected into the artifact store and its record dropped;
 - public API (the baseline): each round, per call, ``FunctionCall.get(timeout=0)`` and ``get_call_graph()``
   (to tell queued from running) and ``logs.fetch`` of the new lines: what the public methods make natural.
