@@ -151,11 +151,16 @@ class StepOperatorTrigger(BaseTrigger):
         return cursor, len(lines)
 
     async def _drain_logs(self, hook: StepOperatorHook, cursor: Any, tail: deque[str]) -> Any:
-        """Everything the finished job still has to say (reads are capped per call)."""
+        """Everything the finished job still has to say (reads are capped per call), waiting once for the
+        lines its log service may still ingest after the end (``log_settle_seconds``)."""
+        settled = not hook.log_settle_seconds
         for _ in range(MAX_FINAL_LOG_READS):
             cursor, count = await self._read_logs_once(hook, cursor, tail)
             if not count:
-                break
+                if settled:
+                    break
+                await asyncio.sleep(hook.log_settle_seconds)
+                settled = True
         return cursor
 
     async def _collect(self, hook: StepOperatorHook) -> None:

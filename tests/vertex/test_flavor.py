@@ -129,6 +129,18 @@ def test_log_lines_ingested_late_and_out_of_order_are_shown_once(vx_emulator):
     assert sorted(shown, key=lambda line: int(line.split()[1])) == [f"line {i}" for i in range(15)], shown
 
 
+def test_last_lines_ingested_after_the_job_ended_are_shown(vx_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _chatty, 3, task_id="late_last_lines"))
+    vx_emulator.late_logs = (1, 4.0)  # every line reaches Cloud Logging 4 s late, after the job has ended
+    try:
+        event = run_trigger(hook, handle)
+    finally:
+        vx_emulator.late_logs = None
+    assert event["status"] == "succeeded", event
+    assert [line for line in event["log_tail"] if line.startswith("line ")] == ["line 0", "line 1", "line 2"]
+
+
 def _count_runs(path: str) -> int:
     with open(path, "a") as fh:  # a side effect on the host: how often the step ran
         fh.write("ran\n")
