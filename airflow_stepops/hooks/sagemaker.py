@@ -97,24 +97,20 @@ class SageMakerStepOperatorHook(StepOperatorHook):
 
     # ---- clients ------------------------------------------------------------------------------
     def _aws_hook(self, client_type: str) -> Any:
-        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
-
-        return AwsBaseHook(aws_conn_id=self.config.aws_conn_id, client_type=client_type,
-                           region_name=self.config.region_name, config=self._botocore_config)
+        return _aws_hook_class()(aws_conn_id=self.config.aws_conn_id, client_type=client_type,
+                                 region_name=self.config.region_name, api_config=self._botocore_config)
 
     @cached_property
     def _botocore_config(self) -> Any:
         """Timeouts and bounded retries on every call, so a lost reply cannot hang a worker or the
-        triggerer; options the aws connection sets in ``config_kwargs`` win. botocore's defaults are 60 s
-        per read and legacy retries; "standard" mode retries timeouts and throttling with backoff
+        triggerer. botocore's defaults are 60 s per read and legacy retries; "standard" mode retries
+        timeouts and throttling with backoff
         (https://docs.aws.amazon.com/sdkref/latest/guide/feature-retry-behavior.html)."""
-        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
         from botocore.config import Config
 
-        ours = Config(connect_timeout=min(10.0, self.config.api_timeout_seconds),
+        return Config(connect_timeout=min(10.0, self.config.api_timeout_seconds),
                       read_timeout=self.config.api_timeout_seconds,
                       retries={"mode": "standard", "total_max_attempts": self.config.api_max_attempts})
-        return ours.merge(AwsBaseHook(aws_conn_id=self.config.aws_conn_id).config)
 
     @cached_property
     def sagemaker(self) -> Any:
@@ -500,6 +496,26 @@ class SageMakerStepOperatorHook(StepOperatorHook):
                 if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":  # no log group yet
                     raise
         return _new_lines(events, cursor)
+
+
+@functools.cache
+def _aws_hook_class() -> type:
+    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+    class StepOpsAwsHook(AwsBaseHook):
+        """``AwsBaseHook`` whose clients get the step operator's timeouts and retries under the options
+        the aws connection sets itself (``config_kwargs``), merged when a client is made: the connection
+        is then read where clients are made (a worker thread for aiobotocore), not on the event loop."""
+
+        def __init__(self, *args: Any, api_config: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.api_config = api_config
+
+        @property
+        def config(self) -> Any:
+            return self.api_config.merge(super().config)
+
+    return StepOpsAwsHook
 
 
 def _log_request(handle: JobHandle, cursor: Any) -> dict[str, Any]:
