@@ -655,7 +655,10 @@ def job_status(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
         return JobStatus(JobState.SUCCEEDED, message, details)
     if status == "Failed":
         reason = (job.get("FailureReason") or message).split(MARKER, 1)[0].rstrip()
-        if "CapacityError" in reason or "InsufficientCapacity" in reason:
+        # FailureReason starts with SageMaker's error class ("CapacityError: Unable to provision ...",
+        # "AlgorithmError: <the step's failure file>"): only that class is read, never the text after it,
+        # which may be the step's own output
+        if reason.startswith("CapacityError:"):
             return JobStatus(JobState.PREEMPTED, reason, {**details, "reason": "capacity"})
         return JobStatus(JobState.FAILED, reason, details)
     if status == "Stopped":

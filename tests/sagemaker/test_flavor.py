@@ -87,6 +87,16 @@ def test_insufficient_capacity_is_preemption(sm_emulator):
     assert event["status"] == "preempted" and "CapacityError" in event["message"], event
 
 
+def _raise_like_capacity() -> None:
+    raise ValueError("CapacityError: Unable to provision requested ML compute capacity (from the step)")
+
+
+def test_a_step_error_naming_capacity_is_no_preemption(sm_emulator):
+    hook = make_hook()
+    event = run_trigger(hook, hook.submit(make_spec(hook, _raise_like_capacity, task_id="fake_capacity")))
+    assert event["status"] == "failed" and "ValueError: CapacityError" in event["message"], event
+
+
 def _resume_from_checkpoint(epochs: int) -> dict:
     import json
     import os
