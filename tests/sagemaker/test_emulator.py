@@ -55,6 +55,10 @@ elif mode == "fail":
     print("bad things happened", file=sys.stderr)
     sys.exit(1)
 elif mode == "long_failure":
+    os.makedirs(os.path.join(os.path.dirname(model_dir), "output", "data"), exist_ok=True)
+    for path in (os.path.join(model_dir, "model.txt"), os.path.join(os.path.dirname(model_dir), "output", "data", "x")):
+        with open(path, "w") as f:
+            f.write("kept only if the job succeeds")
     with open(os.path.join(os.path.dirname(model_dir), "output", "failure"), "w") as f:
         f.write("HEAD" + "x" * 2000 + "TAIL")
     sys.exit(2)
@@ -335,10 +339,13 @@ def test_failure_fault_and_slow_start_past_the_spot_wait_time(sm, sagemaker):
     assert statuses(slow) == ["Starting", "MaxWaitTimeExceeded"]
 
 
-def test_failure_reason_is_the_head_of_the_failure_file(sagemaker):
+def test_a_failed_job_keeps_the_head_of_the_failure_file_only(sm, sagemaker):
     sagemaker.create_training_job(**job_request("emu-long-failure", "long_failure"))
-    reason = wait_done(sagemaker, "emu-long-failure")["FailureReason"]
+    done = wait_done(sagemaker, "emu-long-failure")
+    reason = done["FailureReason"]
     assert reason.startswith("AlgorithmError: HEADxxx") and len(reason) == 1024 and "TAIL" not in reason
+    kept = sm.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="output/emu-long-failure/").get("Contents", [])
+    assert "ModelArtifacts" not in done and kept == []  # neither model.tar.gz nor output.tar.gz
 
 
 def test_create_refuses_what_the_api_reference_refuses(sm, sagemaker):

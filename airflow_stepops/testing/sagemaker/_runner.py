@@ -430,12 +430,9 @@ class JobRunner:
             secondary, message = stopped[kind]
             job.finish("Stopped", secondary, message, billable_seconds=billable)
         elif kind == "exited":
+            # of a failed job SageMaker documents only FailureReason; nothing else is kept here, so no
+            # hook comes to rely on an upload the service does not promise
             reason = self._algorithm_error(ml, outcome)
-            if ml is not None:
-                try:
-                    self._upload_output_data(ml)
-                except Exception:
-                    logger.warning("could not upload the output data of failed job %s", job.name, exc_info=True)
             job.finish("Failed", "Failed", MESSAGES["failed"], failure_reason=reason, billable_seconds=billable)
         else:
             job.finish("Failed", "Failed", MESSAGES["failed"], failure_reason=outcome.reason or INTERNAL_ERROR,
@@ -448,14 +445,11 @@ class JobRunner:
         """``model/`` as ``model.tar.gz`` (and ``output/data/`` as ``output.tar.gz``); the model's URI."""
         uri = join_s3(self._output_uri(), "model.tar.gz")
         upload_file(self.ctx.s3, tarball(ml / "model", ml.parent.parent / "model.tar.gz"), uri)
-        self._upload_output_data(ml)
-        return uri
-
-    def _upload_output_data(self, ml: Path) -> None:
         data = ml / "output" / "data"
         if data.is_dir() and any(data.iterdir()):
             upload_file(self.ctx.s3, tarball(data, ml.parent.parent / "output.tar.gz"),
                         join_s3(self._output_uri(), "output.tar.gz"))
+        return uri
 
     @staticmethod
     def _algorithm_error(ml: Path | None, outcome: Outcome) -> str:
