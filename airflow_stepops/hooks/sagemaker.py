@@ -124,10 +124,6 @@ class SageMakerStepOperatorHook(StepOperatorHook):
                 f"its extras or in the aws connection {self.config.aws_conn_id!r}") from None
 
     @cached_property
-    def s3(self) -> Any:
-        return self._aws_hook("s3").conn
-
-    @cached_property
     def region(self) -> str:
         return str(self.config.region_name or self.sagemaker.meta.region_name)
 
