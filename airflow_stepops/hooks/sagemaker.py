@@ -4,16 +4,22 @@ Credentials come from the amazon provider's ``AwsBaseHook`` (an ``aws`` connecti
 ``aws_default``); boto3 on workers, aiobotocore in the triggerer, both imported inside methods. The
 bundle reaches the container as the ``bundle`` input channel (S3 prefix), input artifacts in S3 as
 channels of their own, and the output comes back through the job's model artifact
-(``/opt/ml/model`` -> ``model.tar.gz``), which the hook unpacks into the step's output prefix. The
-container runs with the job's IAM role; no credentials of ours are put in the request.
+(``/opt/ml/model`` -> ``model.tar.gz``), which the hook unpacks into the step's output prefix; a failed
+step's error record comes back in ``FailureReason`` (see ``sagemaker_entry``). The container runs with
+the job's IAM role; no credentials of ours are put in the request.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import hashlib
 import io
 import json
 import math
+import re
 import tarfile
+import zlib
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,15 +28,18 @@ from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec
+from airflow_stepops.hooks.sagemaker_entry import MARKER
 from airflow_stepops.settings.sagemaker import (
     MAX_ENV_CHARS,
     MAX_ENV_VARS,
+    MAX_TAGS,
     SageMakerStepOperatorConfig,
     SageMakerStepOperatorSettings,
     check_instance_type,
 )
 
-ENTRY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py"
+ENTRY_SOURCES = (Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py",
+                 Path(__file__).resolve().parent / "sagemaker_entry.py")
 ML = "/opt/ml"
 DEFAULT_VOLUME_GB = 30
 DEFAULT_MAX_RUNTIME = 86400
@@ -42,15 +51,31 @@ LIST_OVERLAP_SECONDS = 30
 MAX_LIST_PAGES = 10
 #: secondary statuses that mean the capacity went away, not that the step failed
 PREEMPTION_STATUSES = ("Interrupted",)
+#: how much earlier than the newest event read a log event may be stamped and still be shown: events
+#: reach CloudWatch Logs late and FilterLogEvents sorts by event timestamp, so every read looks back
+#: this far and drops the event ids it has shown
+LATE_LOG_MS = 120_000
+MAX_LOG_PAGES = 20
 
 
 def job_name(identity: StepIdentity) -> str:
     return identity.job_name(max_length=63, allowed=r"[^a-z0-9-]")
 
 
+def _tag_value(text: str) -> str:
+    """``text`` if SageMaker accepts it as a tag value, else its allowed characters and a short hash
+    (run ids may hold ``~``, which the TagValue pattern refuses)."""
+    shape = _sagemaker_model().shape_for("TagValue")
+    if len(text) <= shape.metadata["max"] and _pattern(shape.metadata["pattern"]).fullmatch(text):
+        return text
+    allowed = _pattern(shape.metadata["pattern"])
+    safe = "".join(c if allowed.fullmatch(c) else "_" for c in text)
+    return f"{safe[:shape.metadata['max'] - 9]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
 def _identity_tags(identity: StepIdentity) -> dict[str, str]:
-    return {f"{TAG_PREFIX}dag-id": identity.dag_id[:256], f"{TAG_PREFIX}run-id": identity.run_id[:256],
-            f"{TAG_PREFIX}task-id": identity.task_id[:256], f"{TAG_PREFIX}map-index": str(identity.map_index),
+    return {f"{TAG_PREFIX}dag-id": _tag_value(identity.dag_id), f"{TAG_PREFIX}run-id": _tag_value(identity.run_id),
+            f"{TAG_PREFIX}task-id": _tag_value(identity.task_id), f"{TAG_PREFIX}map-index": str(identity.map_index),
             f"{TAG_PREFIX}try-number": str(identity.try_number), f"{TAG_PREFIX}step": identity.digest[:40]}
 
 
@@ -72,10 +97,20 @@ class SageMakerStepOperatorHook(StepOperatorHook):
 
     # ---- clients ------------------------------------------------------------------------------
     def _aws_hook(self, client_type: str) -> Any:
-        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+        return _aws_hook_class()(aws_conn_id=self.config.aws_conn_id, client_type=client_type,
+                                 region_name=self.config.region_name, api_config=self._botocore_config)
 
-        return AwsBaseHook(aws_conn_id=self.config.aws_conn_id, client_type=client_type,
-                           region_name=self.config.region_name)
+    @cached_property
+    def _botocore_config(self) -> Any:
+        """Timeouts and bounded retries on every call, so a lost reply cannot hang a worker or the
+        triggerer. botocore's defaults are 60 s per read and legacy retries; "standard" mode retries
+        timeouts and throttling with backoff
+        (https://docs.aws.amazon.com/sdkref/latest/guide/feature-retry-behavior.html)."""
+        from botocore.config import Config
+
+        return Config(connect_timeout=min(10.0, self.config.api_timeout_seconds),
+                      read_timeout=self.config.api_timeout_seconds,
+                      retries={"mode": "standard", "total_max_attempts": self.config.api_max_attempts})
 
     @cached_property
     def sagemaker(self) -> Any:
@@ -87,10 +122,6 @@ class SageMakerStepOperatorHook(StepOperatorHook):
             raise StepOperatorConfigError(
                 f"region_name: step operator {self.step_operator_conn_id!r} has no AWS region; set region_name in "
                 f"its extras or in the aws connection {self.config.aws_conn_id!r}") from None
-
-    @cached_property
-    def s3(self) -> Any:
-        return self._aws_hook("s3").conn
 
     @cached_property
     def region(self) -> str:
@@ -178,7 +209,7 @@ class SageMakerStepOperatorHook(StepOperatorHook):
             resource_config["VolumeKmsKeyId"] = cfg.kms_key_id
         env = {**cfg.environment, **settings.environment, "STEPOPS_FLAVOR": "sagemaker", "PYTHONUNBUFFERED": "1",
                "STEPOPS_BUNDLE_PATH": f"{ML}/input/data/bundle", "STEPOPS_OUTPUT_PATH": f"{ML}/model",
-               "STEPOPS_TERMINATION_LOG": f"{ML}/output/failure",
+               "STEPOPS_FAILURE_FILE": f"{ML}/output/failure",
                # where a step keeps state that must survive a spot interruption (synced to S3 by SageMaker)
                "STEPOPS_CHECKPOINT_DIR": f"{ML}/checkpoints"}
         refs_json = json.dumps({k: {"path": v["path"]} for k, v in refs.items()})
@@ -189,7 +220,12 @@ class SageMakerStepOperatorHook(StepOperatorHook):
         if len(env) > MAX_ENV_VARS:
             raise StepOperatorConfigError(f"environment: SageMaker allows {MAX_ENV_VARS} variables, this step has "
                                           f"{len(env)}")
-        tags = {**cfg.tags, **settings.tags, **_identity_tags(spec.identity)}
+        identity = _identity_tags(spec.identity)
+        tags = {**cfg.tags, **settings.tags, **identity}
+        if len(tags) > MAX_TAGS:
+            raise StepOperatorConfigError(
+                f"tags: SageMaker allows {MAX_TAGS} tags a job and {len(identity)} are the step's identity; the "
+                f"step operator's and the step's tags together are {len(tags) - len(identity)}")
         output: dict[str, Any] = {"S3OutputPath": f"{prefix}/sagemaker"}
         if cfg.kms_key_id:
             output["KmsKeyId"] = cfg.kms_key_id
@@ -198,7 +234,7 @@ class SageMakerStepOperatorHook(StepOperatorHook):
             "RoleArn": cfg.role,
             "AlgorithmSpecification": {
                 "TrainingImage": image, "TrainingInputMode": "File",
-                "ContainerEntrypoint": ["python3", f"{ML}/input/data/bundle/pod_entry.py"],
+                "ContainerEntrypoint": ["python3", f"{ML}/input/data/bundle/sagemaker_entry.py"],
             },
             "InputDataConfig": channels,
             "OutputDataConfig": output,
@@ -207,7 +243,7 @@ class SageMakerStepOperatorHook(StepOperatorHook):
             "EnableManagedSpotTraining": settings.use_spot_instances,
             "CheckpointConfig": {"S3Uri": f"{prefix.rsplit('/', 1)[0]}/checkpoints", "LocalPath": f"{ML}/checkpoints"},
             "Environment": env,
-            "Tags": [{"Key": k, "Value": v} for k, v in tags.items()][:50],
+            "Tags": [{"Key": k, "Value": v} for k, v in tags.items()],
             **settings.training_job_overrides,
         }
         if cfg.subnets:
@@ -222,7 +258,8 @@ class SageMakerStepOperatorHook(StepOperatorHook):
     def _stage(self, spec: StepSpec, request: dict[str, Any]) -> None:
         """Put the entry point, input artifacts from other stores and a large ref list into the bundle."""
         bundle = store_path(spec.bundle_uri)
-        (bundle / "pod_entry.py").write_bytes(ENTRY_SOURCE.read_bytes())
+        for source in ENTRY_SOURCES:
+            (bundle / source.name).write_bytes(source.read_bytes())
         _, refs = self._channels_and_refs(spec)
         for index, ref in enumerate(spec.refs):
             source = refs[str(index)].get("stage")
@@ -263,19 +300,24 @@ class SageMakerStepOperatorHook(StepOperatorHook):
         if job is None:
             return None
         step = {t["Key"]: t["Value"] for t in self._tags(job)}.get(f"{TAG_PREFIX}step")
-        if step is not None and step != identity.digest[:40]:
+        if step != identity.digest[:40]:
             raise StepOperatorConfigError(f"training job {job['TrainingJobName']} exists but was not created for "
-                                          "this step try")
+                                          f"this step try (its {TAG_PREFIX}step tag is {step!r})")
         prefix = identity.prefix(self.artifact_root())
         return self._handle(job["TrainingJobName"], str(prefix / "output"), identity.try_number,
                             bool(job.get("EnableManagedSpotTraining")),
                             str((job.get("ResourceConfig") or {}).get("InstanceType")))
 
     def _tags(self, job: dict[str, Any]) -> list[dict[str, str]]:
+        """Every tag of the job; an error is raised, never taken for "no tags" (that would skip the
+        identity check)."""
+        from botocore.exceptions import ClientError
+
         try:
-            return list(self.sagemaker.list_tags(ResourceArn=job["TrainingJobArn"]).get("Tags", []))
-        except Exception:
-            return []
+            pages = self.sagemaker.get_paginator("list_tags").paginate(ResourceArn=job["TrainingJobArn"])
+            return [tag for page in pages for tag in page.get("Tags", [])]
+        except ClientError as exc:
+            raise self._client_error(exc, f"list the tags of training job {job['TrainingJobName']}") or exc
 
     def submit(self, spec: StepSpec) -> JobHandle:
         from botocore.exceptions import ClientError
@@ -284,13 +326,16 @@ class SageMakerStepOperatorHook(StepOperatorHook):
         self._stage(spec, request)
         try:
             self.sagemaker.create_training_job(**request)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ResourceInUse":
-                existing = self.find_job(spec.identity)
-                if existing is not None:
-                    self.log.info("Training job %s already exists: re-attaching", request["TrainingJobName"])
-                    return existing
-            raise self._client_error(exc, "create the training job") or exc
+        except Exception as exc:
+            # a reply lost after SageMaker created the job (a timeout, or a retry answered ResourceInUse):
+            # the job is known by its deterministic name and must carry this try's identity tags
+            existing = self.find_job(spec.identity)
+            if existing is None:
+                raise (self._client_error(exc, "create the training job") if isinstance(exc, ClientError)
+                       else None) or exc
+            self.log.info("Training job %s already exists (%s): re-attaching", request["TrainingJobName"],
+                          type(exc).__name__)
+            return existing
         self.log.info("Created SageMaker training job %s (%s x %s%s)", request["TrainingJobName"],
                       request["ResourceConfig"]["InstanceCount"], request["ResourceConfig"]["InstanceType"],
                       ", spot" if request["EnableManagedSpotTraining"] else "")
@@ -311,28 +356,35 @@ class SageMakerStepOperatorHook(StepOperatorHook):
                 raise
 
     def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
+        from botocore.exceptions import ClientError
+
         logs = self._aws_hook("logs").conn
-        cursor = dict(cursor or {})
-        out: list[str] = []
-        streams = logs.describe_log_streams(logGroupName=LOG_GROUP, logStreamNamePrefix=handle["job_id"] + "/")
-        for stream in sorted(s["logStreamName"] for s in streams.get("logStreams", [])):
-            token = cursor.get(stream)
-            kwargs: dict[str, Any] = {"logGroupName": LOG_GROUP, "logStreamName": stream, "startFromHead": True}
-            if token:
-                kwargs["nextToken"] = token
-            events = logs.get_log_events(**kwargs)
-            out += [e["message"].rstrip("\n") for e in events.get("events", [])]
-            cursor[stream] = events.get("nextForwardToken") or token
-        return out, cursor
+        request = _log_request(handle, cursor)
+        events: list[dict[str, Any]] = []
+        try:
+            for _ in range(MAX_LOG_PAGES):
+                page = logs.filter_log_events(**request)
+                events += page.get("events", [])
+                if not page.get("nextToken"):
+                    break
+                request["nextToken"] = page["nextToken"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":  # no log group yet
+                raise
+        return _new_lines(events, cursor)
 
     def collect_output(self, handle: JobHandle) -> None:
-        """Unpack the job's model.tar.gz (the container's /opt/ml/model) into the step's output."""
+        """Unpack the job's model.tar.gz (the container's /opt/ml/model) into the step's output, or the
+        error record a failed step left in FailureReason."""
         output = store_path(handle["output_uri"])
         if (output / "result.json").exists() or (output / "error.json").exists():
             return
         job = self._describe(handle["job_id"])
         model = ((job or {}).get("ModelArtifacts") or {}).get("S3ModelArtifacts")
         if not model:
+            error = failure_record((job or {}).get("FailureReason") or "")
+            if error is not None and (job or {}).get("TrainingJobStatus") == "Failed":
+                (output / "error.json").write_text(json.dumps(error))
             return
         archive = store_path(model).read_bytes()
         with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
@@ -426,25 +478,78 @@ class SageMakerStepOperatorHook(StepOperatorHook):
     async def aread_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
         from botocore.exceptions import ClientError
 
-        cursor = dict(cursor or {})
-        out: list[str] = []
+        request = _log_request(handle, cursor)
+        events: list[dict[str, Any]] = []
         async with await self._aws_hook("logs").get_async_conn() as logs:
             try:
-                streams = await logs.describe_log_streams(logGroupName=LOG_GROUP,
-                                                          logStreamNamePrefix=handle["job_id"] + "/")
+                for _ in range(MAX_LOG_PAGES):
+                    page = await logs.filter_log_events(**request)
+                    events += page.get("events", [])
+                    if not page.get("nextToken"):
+                        break
+                    request["nextToken"] = page["nextToken"]
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") == "ResourceNotFoundException":
-                    return [], cursor
-                raise
-            for stream in sorted(s["logStreamName"] for s in streams.get("logStreams", [])):
-                token = cursor.get(stream)
-                kwargs: dict[str, Any] = {"logGroupName": LOG_GROUP, "logStreamName": stream, "startFromHead": True}
-                if token:
-                    kwargs["nextToken"] = token
-                events = await logs.get_log_events(**kwargs)
-                out += [e["message"].rstrip("\n") for e in events.get("events", [])]
-                cursor[stream] = events.get("nextForwardToken") or token
-        return out, cursor
+                if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":  # no log group yet
+                    raise
+        return _new_lines(events, cursor)
+
+
+@functools.cache
+def _aws_hook_class() -> type:
+    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+    class StepOpsAwsHook(AwsBaseHook):
+        """``AwsBaseHook`` whose clients get the step operator's timeouts and retries under the options
+        the aws connection sets itself (``config_kwargs``), merged when a client is made: the connection
+        is then read where clients are made (a worker thread for aiobotocore), not on the event loop."""
+
+        def __init__(self, *args: Any, api_config: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.api_config = api_config
+
+        @property
+        def config(self) -> Any:
+            return self.api_config.merge(super().config)
+
+    return StepOpsAwsHook
+
+
+def _log_request(handle: JobHandle, cursor: Any) -> dict[str, Any]:
+    """FilterLogEvents of all the job's streams (one per instance and spot restart) from ``LATE_LOG_MS``
+    before the newest event shown. Its events are "sorted by event timestamp, the timestamp when the
+    event was ingested by CloudWatch Logs, and the ID of the PutLogEvents request"
+    (https://docs.aws.amazon.com/AmazonCloudWatchLogs/latest/APIReference/API_FilterLogEvents.html), so
+    an event ingested late sorts before events already shown: neither a resumed token nor the newest
+    timestamp would ever reach it."""
+    newest = int((cursor or {}).get("newest", 0)) if isinstance(cursor, dict) else 0
+    return {"logGroupName": LOG_GROUP, "logStreamNamePrefix": handle["job_id"] + "/",
+            "startTime": max(0, newest - LATE_LOG_MS)}
+
+
+def _new_lines(events: list[dict[str, Any]], cursor: Any) -> tuple[list[str], dict[str, Any]]:
+    """The messages of ``events`` not shown before (by ``eventId``, unique per event:
+    https://docs.aws.amazon.com/AmazonCloudWatchLogs/latest/APIReference/API_FilteredLogEvent.html),
+    and the cursor: the newest timestamp and the ids shown within ``LATE_LOG_MS`` of it."""
+    cursor = cursor if isinstance(cursor, dict) and "seen" in cursor else {"newest": 0, "seen": {}}
+    seen: dict[str, int] = dict(cursor["seen"])
+    fresh = sorted((e for e in events if e["eventId"] not in seen),
+                   key=lambda e: (e["timestamp"], e.get("ingestionTime", 0)))
+    seen.update((e["eventId"], e["timestamp"]) for e in fresh)
+    newest = max([cursor["newest"], *seen.values()])
+    seen = {k: t for k, t in seen.items() if t >= newest - LATE_LOG_MS}
+    return [e["message"].rstrip("\n") for e in fresh], {"newest": newest, "seen": seen}
+
+
+def failure_record(reason: str) -> dict[str, Any] | None:
+    """The error record ``sagemaker_entry`` put in the failure file, if FailureReason holds it whole."""
+    found = re.search(re.escape(MARKER) + r"([A-Za-z0-9+/=]+)", reason)
+    if found is None:
+        return None
+    try:
+        record = json.loads(zlib.decompress(base64.b64decode(found.group(1), validate=True)))
+    except (ValueError, zlib.error):
+        return None  # cut short: SageMaker keeps 1024 characters
+    return record if isinstance(record, dict) and isinstance(record.get("type"), str) else None
 
 
 def _channel(name: str, uri: str) -> dict[str, Any]:
@@ -459,15 +564,75 @@ def _not_found(exc: Any) -> bool:
         error.get("Code") == "ValidationException" and ("not found" in text or "could not find" in text))
 
 
-def validate_request(request: dict[str, Any]) -> None:
-    """Check the request against botocore's SageMaker service model, as boto3 would before sending."""
+@functools.cache
+def _sagemaker_model() -> Any:
     import botocore.session
+
+    return botocore.session.get_session().get_service_model("sagemaker")
+
+
+def validate_request(request: dict[str, Any]) -> None:
+    """Check the request against botocore's SageMaker service model: types, required members and
+    minimums as boto3 does before sending, then what botocore's validator skips (``max``, ``pattern``,
+    ``enum``: https://github.com/boto/botocore/blob/develop/botocore/validate.py checks ``min`` only),
+    which SageMaker refuses with a ValidationException."""
     from botocore.validate import ParamValidator
 
-    model = botocore.session.get_session().get_service_model("sagemaker")
-    report = ParamValidator().validate(request, model.operation_model("CreateTrainingJob").input_shape)
-    if report.has_errors():
-        raise StepOperatorConfigError("the CreateTrainingJob request is invalid:\n" + report.generate_report())
+    shape = _sagemaker_model().operation_model("CreateTrainingJob").input_shape
+    report = ParamValidator().validate(request, shape)
+    errors = [report.generate_report()] if report.has_errors() else []
+    errors += _constraint_errors(request, shape, "")
+    if errors:
+        raise StepOperatorConfigError("the CreateTrainingJob request is invalid:\n" + "\n".join(errors))
+
+
+def _constraint_errors(value: Any, shape: Any, path: str) -> list[str]:
+    meta, kind = shape.metadata, shape.type_name
+    if kind == "structure" and isinstance(value, dict):
+        return [e for name, member in shape.members.items() if name in value
+                for e in _constraint_errors(value[name], member, f"{path}.{name}".lstrip("."))]
+    errors: list[str] = []
+    if kind in ("list", "map", "string") and isinstance(value, (list, dict, str)) and len(value) > meta.get(
+            "max", math.inf):
+        errors.append(f"{path}: at most {meta['max']} {'characters' if kind == 'string' else 'entries'}, got "
+                      f"{len(value)}")
+    if kind in ("integer", "long", "float", "double") and isinstance(value, (int, float)) and value > meta.get(
+            "max", math.inf):
+        errors.append(f"{path}: at most {meta['max']}, got {value}")
+    if kind == "string" and isinstance(value, str):
+        if "enum" in shape.metadata and value not in shape.enum:
+            errors.append(f"{path}: {value!r} is not one of {', '.join(shape.enum)}")
+        if "pattern" in meta and not _pattern(meta["pattern"]).fullmatch(value):
+            errors.append(f"{path}: {value!r} does not match the pattern {meta['pattern']}")
+    if kind == "list" and isinstance(value, list):
+        errors += [e for i, item in enumerate(value) for e in _constraint_errors(item, shape.member, f"{path}[{i}]")]
+    if kind == "map" and isinstance(value, dict):
+        for key, item in value.items():
+            errors += _constraint_errors(key, shape.key, f"{path} key {key!r}")
+            errors += _constraint_errors(item, shape.value, f"{path}[{key!r}]")
+    return errors
+
+
+@functools.cache
+def _pattern(pattern: str) -> re.Pattern[str]:
+    """An AWS pattern (Java syntax; the service matches the whole value) as a Python regex: the Unicode
+    classes ``\\p{L}``, ``\\p{N}``, ``\\p{Z}`` (inside a character class, as in TagKey) become ranges."""
+    return re.compile(re.sub(r"\\p\{(\w)\}", lambda m: _category_ranges(m.group(1)), pattern))
+
+
+@functools.cache
+def _category_ranges(category: str) -> str:
+    import sys
+    import unicodedata
+
+    ranges: list[list[int]] = []
+    for code in range(sys.maxunicode + 1):
+        if unicodedata.category(chr(code)).startswith(category):
+            if ranges and ranges[-1][1] == code - 1:
+                ranges[-1][1] = code
+            else:
+                ranges.append([code, code])
+    return "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in ranges)
 
 
 def job_status(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
@@ -485,8 +650,11 @@ def job_status(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
     if status == "Completed":
         return JobStatus(JobState.SUCCEEDED, message, details)
     if status == "Failed":
-        reason = job.get("FailureReason") or message
-        if "CapacityError" in reason or "InsufficientCapacity" in reason:
+        reason = (job.get("FailureReason") or message).split(MARKER, 1)[0].rstrip()
+        # FailureReason starts with SageMaker's error class ("CapacityError: Unable to provision ...",
+        # "AlgorithmError: <the step's failure file>"): only that class is read, never the text after it,
+        # which may be the step's own output
+        if reason.startswith("CapacityError:"):
             return JobStatus(JobState.PREEMPTED, reason, {**details, "reason": "capacity"})
         return JobStatus(JobState.FAILED, reason, details)
     if status == "Stopped":

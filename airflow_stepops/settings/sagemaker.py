@@ -21,6 +21,9 @@ REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d$")
 MAX_ENV_VARS = 100
 MAX_ENV_CHARS = 512
 MAX_TAGS = 50
+#: tags the step operator puts on every job (``stepops:dag-id`` ... ``stepops:step``); users get the rest
+IDENTITY_TAGS = 6
+MAX_USER_TAGS = MAX_TAGS - IDENTITY_TAGS
 #: fields this flavor sets itself; a pass-through may not replace them
 OWNED_REQUEST_FIELDS = ("TrainingJobName", "AlgorithmSpecification", "RoleArn", "InputDataConfig",
                         "OutputDataConfig", "ResourceConfig", "StoppingCondition", "EnableManagedSpotTraining",
@@ -28,8 +31,9 @@ OWNED_REQUEST_FIELDS = ("TrainingJobName", "AlgorithmSpecification", "RoleArn", 
 
 
 def check_tags(tags: dict[str, str], field: str) -> dict[str, str]:
-    if len(tags) > MAX_TAGS:
-        raise ValueError(f"{field}: at most {MAX_TAGS} tags, got {len(tags)}")
+    if len(tags) > MAX_USER_TAGS:
+        raise ValueError(f"{field}: at most {MAX_USER_TAGS} tags (SageMaker allows {MAX_TAGS} and {IDENTITY_TAGS} "
+                         f"are the step's identity), got {len(tags)}")
     for key, value in tags.items():
         if not 1 <= len(key) <= 128 or len(value) > 256 or key.lower().startswith("aws:"):
             raise ValueError(f"{field}[{key!r}]: tag keys are 1-128 characters and not 'aws:...', values at most "
@@ -173,6 +177,10 @@ class SageMakerStepOperatorConfig(BaseStepOperatorConfig, _SageMakerChecks):
     kms_key_id: str | None = Field(default=None, description="KMS key for the volume and the output.")
     tags: dict[str, str] = Field(default_factory=dict, description="Tags of every training job.")
     environment: dict[str, str] = Field(default_factory=dict, description="Environment of every step (no secrets).")
+    api_timeout_seconds: float = Field(default=60.0, gt=0, le=900, description="Connect and read timeout of each "
+                                       "AWS API call (a lost reply must not hang a worker).")
+    api_max_attempts: int = Field(default=5, ge=1, le=20, description="Attempts of each AWS API call, the first "
+                                  "included (botocore's standard retry mode).")
     console_region_url: str = Field(default="https://{region}.console.aws.amazon.com/sagemaker/home?region={region}"
                                     "#/jobs/{name}", description="Console link template.")
 

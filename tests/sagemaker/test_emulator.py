@@ -54,6 +54,14 @@ elif mode == "fail":
     print("loading data")
     print("bad things happened", file=sys.stderr)
     sys.exit(1)
+elif mode == "long_failure":
+    os.makedirs(os.path.join(os.path.dirname(model_dir), "output", "data"), exist_ok=True)
+    for path in (os.path.join(model_dir, "model.txt"), os.path.join(os.path.dirname(model_dir), "output", "data", "x")):
+        with open(path, "w") as f:
+            f.write("kept only if the job succeeds")
+    with open(os.path.join(os.path.dirname(model_dir), "output", "failure"), "w") as f:
+        f.write("HEAD" + "x" * 2000 + "TAIL")
+    sys.exit(2)
 elif mode == "sleep":
     signal.signal(signal.SIGTERM, on_term)
     print("sleeping")
@@ -329,6 +337,32 @@ def test_failure_fault_and_slow_start_past_the_spot_wait_time(sm, sagemaker):
     slow = wait_done(sagemaker, "emu-slow-spot")
     assert (slow["TrainingJobStatus"], slow["SecondaryStatus"]) == ("Stopped", "MaxWaitTimeExceeded")
     assert statuses(slow) == ["Starting", "MaxWaitTimeExceeded"]
+
+
+def test_a_failed_job_keeps_the_head_of_the_failure_file_only(sm, sagemaker):
+    sagemaker.create_training_job(**job_request("emu-long-failure", "long_failure"))
+    done = wait_done(sagemaker, "emu-long-failure")
+    reason = done["FailureReason"]
+    assert reason.startswith("AlgorithmError: HEADxxx") and len(reason) == 1024 and "TAIL" not in reason
+    kept = sm.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="output/emu-long-failure/").get("Contents", [])
+    assert "ModelArtifacts" not in done and kept == []  # neither model.tar.gz nor output.tar.gz
+
+
+def test_create_refuses_what_the_api_reference_refuses(sm, sagemaker):
+    """boto3 checks neither patterns nor maximums; SageMaker answers ValidationException, so does the emulator."""
+    refused = {"emu-refused-tilde": {"Tags": [{"Key": "run", "Value": "manual__2026~1"}]},
+               "emu-refused-51-tags": {"Tags": [{"Key": f"k{i}", "Value": "v"} for i in range(51)]},
+               "emu-refused-env": {"Environment": {"BAD-KEY": "x"}},
+               "emu_refused_name": {}}
+    for name, change in refused.items():
+        with pytest.raises(ClientError) as error:
+            sagemaker.create_training_job(**{**job_request(name, "ok"), **change})
+        assert error.value.response["Error"]["Code"] == "ValidationException", name
+        assert "failed to satisfy constraint" in error.value.response["Error"]["Message"], name
+    assert not {j["TrainingJobName"] for j in sm.jobs()} & set(refused)
+    sagemaker.create_training_job(**{**job_request("emu-unicode-tags", "ok"),
+                                     "Tags": [{"Key": "équipe ml", "Value": "données 1:2/3=4+5-6@7_8"}]})
+    assert wait_done(sagemaker, "emu-unicode-tags")["TrainingJobStatus"] == "Completed"
 
 
 def test_api_errors_and_validation(sm, sagemaker):

@@ -87,6 +87,16 @@ def test_insufficient_capacity_is_preemption(sm_emulator):
     assert event["status"] == "preempted" and "CapacityError" in event["message"], event
 
 
+def _raise_like_capacity() -> None:
+    raise ValueError("CapacityError: Unable to provision requested ML compute capacity (from the step)")
+
+
+def test_a_step_error_naming_capacity_is_no_preemption(sm_emulator):
+    hook = make_hook()
+    event = run_trigger(hook, hook.submit(make_spec(hook, _raise_like_capacity, task_id="fake_capacity")))
+    assert event["status"] == "failed" and "ValueError: CapacityError" in event["message"], event
+
+
 def _resume_from_checkpoint(epochs: int) -> dict:
     import json
     import os
@@ -170,3 +180,162 @@ def test_shared_polling_describes_only_jobs_that_changed(sm_emulator):
     describes = len(sm_emulator.requests(action="DescribeTrainingJob")) - before
     assert all(s.state is JobState.SUCCEEDED for s in seen[-1])
     assert len(seen) >= 6 and describes < len(seen) * len(handles) / 2, (describes, len(seen))
+
+
+def _raise_deep(depth: int) -> None:
+    import hashlib
+
+    if depth:
+        _raise_deep(depth - 1)
+    raise ValueError("bad input: " + "".join(hashlib.sha256(str(i).encode()).hexdigest() for i in range(8)))
+
+
+def _remote_error(hook, handle) -> BaseException:
+    """What the operator's execute_complete raises for a failed job: collect_output, then error.json."""
+    from airflow_stepops.exceptions import rebuild_remote_error
+
+    hook.collect_output(handle)
+    outcome = read_outcome(store_path(handle["output_uri"]))
+    assert outcome is not None and outcome.error, "no error record came back"
+    return rebuild_remote_error(outcome.error["type"], outcome.error["message"], outcome.error["traceback"])
+
+
+def test_remote_exception_reaches_the_caller_as_itself(sm_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _raise, 7, task_id="raises_back"))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and "stepops-error" not in event["message"], event
+    assert "ModelArtifacts" not in sm_emulator.describe(handle["job_id"])  # /opt/ml/model is not kept
+    error = _remote_error(hook, handle)
+    assert isinstance(error, ValueError) and error.remote_message == "bad input 7"
+    assert "in _raise" in error.remote_traceback and 'raise ValueError(f"bad input {value}")' in error.remote_traceback
+
+
+def test_a_long_remote_error_fits_failure_reason(sm_emulator):
+    import hashlib
+
+    from airflow_stepops.hooks.sagemaker import failure_record
+    from airflow_stepops.hooks.sagemaker_entry import encode_failure
+
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _raise_deep, 60, task_id="raises_deep"))
+    assert run_trigger(hook, handle)["status"] == "failed"
+    assert len(sm_emulator.describe(handle["job_id"])["FailureReason"]) <= 1024
+    error = _remote_error(hook, handle)
+    assert isinstance(error, ValueError) and len(error.remote_message) == len("bad input: ") + 8 * 64
+    assert error.remote_traceback.rstrip().endswith('raise ValueError("bad input: " + "".join(hashlib.sha256(str(i)'
+                                                    '.encode()).hexdigest() for i in range(8)))') or \
+        error.remote_traceback.rstrip().endswith(error.remote_message)
+    # forty distinct frames do not fit: the outermost go, the innermost and the whole message stay
+    message = "bad input: " + "".join(hashlib.sha256(str(i).encode()).hexdigest() for i in range(8))
+    frames = "".join(f'  File "/steps/f{i}.py", line {i}, in f{i}\n    g{i}()\n' for i in range(40))
+    text = encode_failure({"type": "builtins.ValueError", "message": message, "phase": "run",
+                           "traceback": f"Traceback (most recent call last):\n{frames}ValueError: {message}\n"})
+    record = failure_record(f"AlgorithmError: {text}, exit code: 1")
+    assert len(text) <= 960 and record is not None and record["message"] == message
+    assert record["traceback"].startswith("...\n") and record["traceback"].endswith(f"ValueError: {message}\n")
+    assert failure_record(f"AlgorithmError: {text[:-40]}") is None  # a cut record is no record
+
+
+def _connection(monkeypatch, conn_id: str, **extra) -> str:
+    import json
+    import os
+
+    base = json.loads(os.environ["AIRFLOW_CONN_SAGEMAKER_STEP_OPERATOR"])
+    base["extra"].update(extra)
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(base))
+    return conn_id
+
+
+def test_requests_sagemaker_refuses_are_refused_before_submitting(sm_emulator, monkeypatch):
+    from airflow_stepops.exceptions import StepOperatorConfigError
+
+    hook = make_hook()
+    bad = SageMakerStepOperatorSettings(tags={"team": "ml~infra"})
+    with pytest.raises(StepOperatorConfigError, match=r"Tags\[\d+\]\.Value: 'ml~infra' does not match the pattern"):
+        hook.render(make_spec(hook, _greet, "x", task_id="bad_tag", settings=bad))
+    too_many = make_hook(_connection(monkeypatch, "sm_tagged", tags={f"c{i}": "v" for i in range(30)}))
+    with pytest.raises(StepOperatorConfigError, match="tags: SageMaker allows 50 tags a job and 6 are the step's"):
+        too_many.render(make_spec(too_many, _greet, "x", task_id="tags", settings=SageMakerStepOperatorSettings(
+            tags={f"s{i}": "v" for i in range(20)})))
+
+
+def test_identity_tags_are_valid_tag_values(sm_emulator):
+    import dataclasses
+
+    from airflow_stepops.bundle import StepIdentity
+
+    hook = make_hook()
+    spec = make_spec(hook, _greet, "tilde", task_id="tilde_run")
+    identity = StepIdentity(spec.identity.dag_id, "manual__2026-12-07~retry", "tilde_run", -1, 1)
+    handle = hook.submit(dataclasses.replace(spec, identity=identity))
+    tags = {t["Key"]: t["Value"] for t in sm_emulator.client("sagemaker").list_tags(
+        ResourceArn=sm_emulator.describe(handle["job_id"])["TrainingJobArn"])["Tags"]}
+    assert tags["stepops:run-id"].startswith("manual__2026-12-07_retry-") and "~" not in tags["stepops:run-id"]
+    assert hook.find_job(identity)["job_id"] == handle["job_id"]
+
+
+def test_identity_is_never_assumed(sm_emulator):
+    from airflow_stepops.exceptions import StepOperatorConfigError
+    from airflow_stepops.hooks.sagemaker import job_name
+
+    hook = make_hook()
+    spec = make_spec(hook, _sleep, 30, task_id="identity")
+    handle = hook.submit(spec)
+    sm_emulator.fail_requests("AccessDeniedException", action="ListTags", count=1, message="not allowed")
+    with pytest.raises(StepOperatorConfigError, match="list the tags .* AccessDeniedException"):
+        hook.find_job(spec.identity)  # not "ours" for want of tags, nor "not ours"
+    hook.cancel(handle)
+    stranger = make_spec(hook, _greet, "x", task_id="stranger")
+    request = hook.render(stranger)
+    sm_emulator.client("sagemaker").create_training_job(**{**request, "Tags": [{"Key": "team", "Value": "other"}]})
+    assert job_name(stranger.identity) == request["TrainingJobName"]
+    with pytest.raises(StepOperatorConfigError, match="was not created for this step try"):
+        hook.submit(stranger)
+
+
+def test_a_lost_create_reply_resolves_to_the_one_job(sm_emulator, monkeypatch):
+    hook = make_hook(_connection(monkeypatch, "sm_fast", api_timeout_seconds=1, api_max_attempts=2))
+    for index, lost in enumerate((1, None)):  # a retry meets the job (ResourceInUse); every reply lost
+        spec = make_spec(hook, _greet, "lost", task_id=f"lost_reply_{index}")
+        fault = sm_emulator.lose_replies("CreateTrainingJob", count=lost, hold=20)
+        started = time.monotonic()
+        try:
+            handle = hook.submit(spec)
+        finally:
+            sm_emulator.clear_faults()
+        assert time.monotonic() - started < 10 and fault.hits >= 1
+        assert [j["TrainingJobName"] for j in sm_emulator.jobs()].count(handle["job_id"]) == 1
+        assert run_trigger(hook, handle)["status"] == "succeeded"
+
+
+def _count(lines: int) -> str:
+    import time
+
+    for number in range(lines):
+        print(f"line {number}", flush=True)
+        time.sleep(0.04)
+    return "counted"
+
+
+def test_late_log_events_are_shown_once(sm_emulator):
+    import asyncio
+    from collections import Counter
+
+    hook = make_hook()
+    old = sm_emulator.configure(late_log_every=4, late_log_delay=1.2)
+    try:
+        handle = hook.submit(make_spec(hook, _count, 80, task_id="late_logs"))
+        lines: list[str] = []
+        cursor, done = None, 0
+        while done < 3:  # until three reads after the job ended; sync and async reads share the cursor
+            new, cursor = hook.read_logs(handle, cursor) if len(lines) % 2 else asyncio.run(
+                hook.aread_logs(handle, cursor))
+            lines += new
+            done += hook.get_status(handle).state.terminal
+            time.sleep(0.3)
+    finally:
+        sm_emulator.configure(late_log_every=old.late_log_every, late_log_delay=old.late_log_delay)
+    counted = Counter(line for line in lines if line.startswith("line "))
+    assert counted == Counter(f"line {n}" for n in range(80)), sorted(set(counted.items()) ^ {
+        (f"line {n}", 1) for n in range(80)})

@@ -79,6 +79,7 @@ def test_resources_no_instance_can_satisfy_fail_at_parse_time():
     ({"role": ROLE, "artifact_store": "gs://bucket/x"}, r"expected s3://bucket/prefix"),
     ({"role": ROLE, "subnets": ["subnet-1"]}, r"subnets and security_group_ids: give both"),
     ({"role": ROLE, "tags": {"aws:owner": "x"}}, r"tags\['aws:owner'\]"),
+    ({"role": ROLE, "tags": {f"t{i}": "v" for i in range(45)}}, r"tags: at most 44 tags \(SageMaker allows 50 and 6 "),
 ])
 def test_bad_connection_extras_are_refused(extras, message):
     with pytest.raises(ValidationError, match=message):
@@ -121,7 +122,7 @@ def test_the_request_is_valid_for_botocore_and_maps_everything():
     assert request["CheckpointConfig"]["S3Uri"].endswith("/train/-1/checkpoints")  # shared by every try
     assert [c["ChannelName"] for c in request["InputDataConfig"]] == ["bundle", "ref0"]
     assert request["AlgorithmSpecification"]["ContainerEntrypoint"] == [
-        "python3", "/opt/ml/input/data/bundle/pod_entry.py"]
+        "python3", "/opt/ml/input/data/bundle/sagemaker_entry.py"]
     assert "AWS_ACCESS_KEY_ID" not in request["Environment"] and len(request["TrainingJobName"]) <= 63
     assert {"Key": "stepops:try-number", "Value": "2"} in request["Tags"] and request["VpcConfig"]["Subnets"]
 

@@ -21,6 +21,9 @@ is this interpreter, ``python`` is missing; no image is pulled), sends the outpu
 ``/opt/ml/checkpoints`` to ``CheckpointConfig.S3Uri``, and uploads ``/opt/ml/model`` as
 ``<S3OutputPath>/<job>/output/model.tar.gz``. SecondaryStatus walks ``Starting``, ``Downloading``,
 ``Training``, ``Uploading``, ``Completed`` (or ``Failed`` with ``AlgorithmError: ..., exit code: N``).
+A failed job keeps ``FailureReason`` (the first 1024 characters of ``/opt/ml/output/failure``) and no
+model. ``CreateTrainingJob`` refuses names, tags (50 at most, SageMaker's tag pattern) and environments
+outside the API reference's limits with ``ValidationException``, which moto itself never checks.
 ``StopTrainingJob`` (SIGTERM, then SIGKILL after ``stop_grace_period``), ``MaxRuntimeInSeconds`` and a
 spot job's ``MaxWaitTimeInSeconds`` end ``Stopped`` with SecondaryStatus ``Stopped``,
 ``MaxRuntimeExceeded`` or ``MaxWaitTimeExceeded``. ``ListTrainingJobs`` filters and sorts; tags work.
@@ -32,7 +35,10 @@ TRAINING_JOB_NAME/ARN, AWS_REGION and the ``AWS_*`` variables of ``env()`` in pl
 Faults: ``sm.inject("spot_interruption", job="train-1", after=2)`` (a spot job goes ``Interrupted`` and
 restarts with its checkpoints; others fail), ``"insufficient_capacity"``, ``"failure"`` (``message``),
 ``"slow_start"`` (``duration``); ``sm.disrupt("train-1")`` interrupts a running job now;
-``sm.fail_requests("ThrottlingException", action="DescribeTrainingJob")`` fails API calls.
+``sm.fail_requests("ThrottlingException", action="DescribeTrainingJob")`` fails API calls;
+``sm.lose_replies("CreateTrainingJob")`` serves a call but holds its reply past the client's timeout;
+``late_log_every=N`` (or ``sm.configure(late_log_every=N)``) makes every Nth log line reach CloudWatch
+Logs ``late_log_delay`` seconds late, after lines stamped later than it.
 Inspection: ``describe``, ``jobs``, ``pids``, ``job_dir``, ``log_streams``, ``logs``, ``requests``,
 ``wait_for_job``, ``wait_for_status``.
 

@@ -15,6 +15,8 @@ class EmulatorConfig:
         interrupted. SageMaker waits 120 s; the default is short so tests of stopping stay fast.
     spot_restart_delay: seconds a managed spot job stays ``Interrupted`` before it restarts.
     log_flush_interval: seconds between puts of a job's output to CloudWatch Logs.
+    late_log_every / late_log_delay: every Nth line of a job's output (0: none) reaches CloudWatch Logs
+        ``late_log_delay`` seconds late, after lines stamped later than it (late ingestion).
     checkpoint_sync_interval: seconds between uploads of changed checkpoint files while a job runs.
     phase_delay: extra seconds spent in ``Starting`` and again in ``Downloading``, for pollers that
         want to see them (SageMaker takes minutes; the emulator none by default).
@@ -30,6 +32,8 @@ class EmulatorConfig:
     stop_grace_period: float = 2.0
     spot_restart_delay: float = 0.5
     log_flush_interval: float = 0.5
+    late_log_every: int = 0
+    late_log_delay: float = 2.0
     checkpoint_sync_interval: float = 1.0
     phase_delay: float = 0.0
     reset_moto: bool = True

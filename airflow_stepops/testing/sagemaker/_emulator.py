@@ -107,6 +107,16 @@ class SageMakerEmulator:
             if SageMakerEmulator._active is self:
                 SageMakerEmulator._active = None
 
+    def configure(self, **settings: Any) -> EmulatorConfig:
+        """Change settings (fields of ``EmulatorConfig``) for the jobs created from now on; the old ones."""
+        unknown = set(settings) - _CONFIG_FIELDS
+        if unknown:
+            raise TypeError(f"unknown emulator settings {sorted(unknown)}")
+        old, self.config = self.config, replace(self.config, **settings)
+        if self._ctx is not None:
+            self._ctx = replace(self._ctx, config=self.config)
+        return old
+
     def __enter__(self) -> SageMakerEmulator:
         return self.start()
 
@@ -183,6 +193,16 @@ class SageMakerEmulator:
                       action: str | None = None, count: int | None = 1, message: str | None = None) -> ApiFault:
         """Answer the next ``count`` matching API requests with the error ``code`` (see ``ApiFault``)."""
         fault = ApiFault(code, status, service, action, count, message or "Rate exceeded")
+        gateway = self._gateway()
+        with gateway.lock:
+            gateway.faults.append(fault)
+        return fault
+
+    def lose_replies(self, action: str, *, service: str = "sagemaker", count: int | None = 1,
+                     hold: float = 30.0) -> ApiFault:
+        """Serve the next ``count`` ``action`` requests but hold their replies ``hold`` seconds, as if lost
+        (a CreateTrainingJob creates its job all the same)."""
+        fault = ApiFault("", 200, service, action, count, "", hold=hold)
         gateway = self._gateway()
         with gateway.lock:
             gateway.faults.append(fault)

@@ -8,8 +8,9 @@ only after paginating. ``apply()`` replaces, on moto's classes:
 
 * ``SageMakerResponse.create_training_job`` / ``describe_training_job`` / ``list_training_jobs`` and the
   new ``stop_training_job``: they hand the whole parsed request to the backend methods below;
-* ``SageMakerModelBackend.create_training_job`` (same name: a duplicate answers ``ResourceInUse`` as
-  SageMaker does) storing a ``TrainingJob`` (``_jobs.py``) in moto's ``training_jobs`` dict, so moto's
+* ``SageMakerModelBackend.create_training_job`` (a name, tags or environment outside the limits of the
+  API reference answer ``ValidationException``, which moto never does; same name: a duplicate answers
+  ``ResourceInUse`` as SageMaker does) storing a ``TrainingJob`` (``_jobs.py``) in moto's ``training_jobs`` dict, so moto's
   tag and search code keep working, and telling the listener (the emulator) to run it;
   ``describe_training_job`` (``ValidationException: Requested resource not found.`` when missing),
   ``list_training_jobs`` (filters, ``SortBy``/``SortOrder``, pages of ``MaxResults`` (default 10), then
@@ -25,7 +26,9 @@ Nothing else of moto changes. ``apply()`` is idempotent; with no listener set, j
 from __future__ import annotations
 
 import json
+import re
 import threading
+import unicodedata
 import warnings
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -33,6 +36,20 @@ from typing import Any, Protocol
 from airflow_stepops.testing.sagemaker._jobs import JSON, JobStateError, TrainingJob
 
 MOTO_VERSION = "5.2.5"
+
+#: CreateTrainingJob's limits as the API reference publishes them (moto checks none):
+#: https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_CreateTrainingJob.html (TrainingJobName
+#: 1-63 characters, pattern ^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}; Tags 0-50 items; Environment at most 100
+#: entries, keys [a-zA-Z_][a-zA-Z0-9_]* and keys and values at most 512 characters) and
+#: https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_Tag.html (Key 1-128 and Value 0-256
+#: characters, both ^([\p{L}\p{Z}\p{N}_.:/=+\-@]*)$: letters, separators, numbers and _.:/=+-@).
+_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
+_ENV_KEY = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_TAG_PATTERN = r"^([\p{L}\p{Z}\p{N}_.:/=+\-@]*)$"
+
+
+def _tag_text(text: str) -> bool:
+    return all(unicodedata.category(c)[0] in "LZN" or c in "_.:/=+-@" for c in text)
 
 
 class Listener(Protocol):
@@ -108,6 +125,43 @@ def _not_found() -> Exception:
     return _validation("Requested resource not found.")
 
 
+def _check_request(request: JSON) -> None:
+    """ValidationException for what CreateTrainingJob's published limits refuse, in AWS's wording."""
+    errors: list[str] = []
+
+    def fail(value: Any, where: str, constraint: str) -> None:
+        errors.append(f"Value '{value}' at '{where}' failed to satisfy constraint: {constraint}")
+
+    name = str(request.get("TrainingJobName", ""))
+    if len(name) > 63:
+        fail(name, "trainingJobName", "Member must have length less than or equal to 63")
+    if not _NAME.fullmatch(name):
+        fail(name, "trainingJobName", f"Member must satisfy regular expression pattern: ^{_NAME.pattern}")
+    tags = list(request.get("Tags") or [])
+    if len(tags) > 50:
+        fail(tags, "tags", "Member must have length less than or equal to 50")
+    for number, tag in enumerate(tags, 1):
+        for field, low, high in (("Key", 1, 128), ("Value", 0, 256)):
+            text, where = str(tag.get(field, "")), f"tags.{number}.member.{field.lower()}"
+            if not low <= len(text) <= high:
+                fail(text, where, f"Member must have length between {low} and {high}")
+            if not _tag_text(text):
+                fail(text, where, f"Member must satisfy regular expression pattern: {_TAG_PATTERN}")
+    environment = dict(request.get("Environment") or {})
+    if len(environment) > 100:
+        fail(environment, "environment", "Member must have length less than or equal to 100")
+    for key, value in environment.items():
+        if len(key) > 512 or not _ENV_KEY.fullmatch(key):
+            fail(key, "environment", "Map keys must satisfy constraints: [Member must have length less than or "
+                 f"equal to 512, Member must satisfy regular expression pattern: {_ENV_KEY.pattern}]")
+        if len(str(value)) > 512:
+            fail(value, "environment", "Map value must satisfy constraint: [Member must have length less than "
+                 "or equal to 512]")
+    if errors:
+        count = f"{len(errors)} validation error{'s' if len(errors) > 1 else ''} detected"
+        raise _validation(f"{count}: {'; '.join(errors)}")
+
+
 # ----- backend methods (self: moto's SageMakerModelBackend) ---------------------------------------
 
 
@@ -115,6 +169,7 @@ def _backend_create(self: Any, request: JSON) -> TrainingJob:
     from moto.sagemaker.exceptions import ResourceInUseException
     from moto.sagemaker.utils import arn_formatter
 
+    _check_request(request)
     name = request["TrainingJobName"]
     stopping = request.get("StoppingCondition") or {}
     if request.get("EnableManagedSpotTraining"):

@@ -216,7 +216,8 @@ class JobRunner:
             started = time.time()
             if self.streams and int(started) <= int(self.streams[-1].rsplit("-", 1)[1]):
                 started = int(self.streams[-1].rsplit("-", 1)[1]) + 1.0  # a new instance, a new stream
-            shipper = LogShipper(self.ctx.logs, stream_name(job.name, started))
+            shipper = LogShipper(self.ctx.logs, stream_name(job.name, started), config.late_log_every,
+                                 config.late_log_delay)
             shipper.create()
             self.streams.append(shipper.stream)
             job.transition("Training", MESSAGES["training"])
@@ -338,7 +339,7 @@ class JobRunner:
         except OSError as exc:
             line = f'exec: "{argv[0]}": {exc.strerror or exc}'
             shipper.add(line)
-            shipper.flush()
+            shipper.flush(final=True)
             return Outcome("exited", exit_code=127, trained=True, tail=[line])
         with self._lock:
             self.proc = proc
@@ -386,7 +387,7 @@ class JobRunner:
             _terminate(proc, 0.0 if outcome.kind == "shutdown" else config.stop_grace_period)
         _kill_group(proc, signal.SIGKILL)  # the container is gone: so is everything it started
         reader.join(5)
-        shipper.flush()
+        shipper.flush(final=True)
         if outcome.kind == "shutdown":
             return outcome
         if failure is not None and outcome.kind == "exited":
@@ -429,12 +430,9 @@ class JobRunner:
             secondary, message = stopped[kind]
             job.finish("Stopped", secondary, message, billable_seconds=billable)
         elif kind == "exited":
+            # of a failed job SageMaker documents only FailureReason; nothing else is kept here, so no
+            # hook comes to rely on an upload the service does not promise
             reason = self._algorithm_error(ml, outcome)
-            if ml is not None:
-                try:
-                    self._upload_output_data(ml)
-                except Exception:
-                    logger.warning("could not upload the output data of failed job %s", job.name, exc_info=True)
             job.finish("Failed", "Failed", MESSAGES["failed"], failure_reason=reason, billable_seconds=billable)
         else:
             job.finish("Failed", "Failed", MESSAGES["failed"], failure_reason=outcome.reason or INTERNAL_ERROR,
@@ -447,29 +445,26 @@ class JobRunner:
         """``model/`` as ``model.tar.gz`` (and ``output/data/`` as ``output.tar.gz``); the model's URI."""
         uri = join_s3(self._output_uri(), "model.tar.gz")
         upload_file(self.ctx.s3, tarball(ml / "model", ml.parent.parent / "model.tar.gz"), uri)
-        self._upload_output_data(ml)
-        return uri
-
-    def _upload_output_data(self, ml: Path) -> None:
         data = ml / "output" / "data"
         if data.is_dir() and any(data.iterdir()):
             upload_file(self.ctx.s3, tarball(data, ml.parent.parent / "output.tar.gz"),
                         join_s3(self._output_uri(), "output.tar.gz"))
+        return uri
 
     @staticmethod
     def _algorithm_error(ml: Path | None, outcome: Outcome) -> str:
-        """SageMaker's FailureReason for a failed algorithm: /opt/ml/output/failure, else the last lines."""
+        """SageMaker's FailureReason for a failed algorithm: "SageMaker returns the first 1024 characters
+        from [/opt/ml/output/failure] as FailureReason"
+        (https://docs.aws.amazon.com/sagemaker/latest/dg/your-algorithms-training-algo-output.html), else
+        the last lines of the output; the API field holds 1024 characters at most, so a long text loses
+        its end (and the exit code)."""
         detail = ""
         failure_file = ml / "output" / "failure" if ml is not None else None
         if failure_file is not None and failure_file.is_file():
-            detail = failure_file.read_text(errors="replace").strip()
+            detail = failure_file.read_text(errors="replace")[:1024].strip()
         if not detail:
             detail = "\n".join(line for line in outcome.tail[-5:])
-        prefix, suffix = "AlgorithmError: ", f", exit code: {outcome.exit_code}"
-        room = 1024 - len(prefix) - len(suffix)
-        if len(detail) > room:
-            detail = "..." + detail[-(room - 3):]
-        return prefix + detail + suffix
+        return f"AlgorithmError: {detail}, exit code: {outcome.exit_code}"[:1024]
 
 
 def _brief(exc: Exception) -> str:

@@ -33,7 +33,9 @@ class ApiFault:
 
     ``service`` is the SigV4 signing name (``sagemaker``, ``s3``, ``logs``); ``action`` the operation of
     the JSON protocols (``DescribeTrainingJob``, ``GetLogEvents``); both None match every request. The
-    emulator's own S3 and log traffic is never failed.
+    emulator's own S3 and log traffic is never failed. With ``hold`` > 0 the request is served instead
+    (it takes effect) and its reply held back ``hold`` seconds, as if lost on the way: the client's
+    read timeout fires first.
     """
 
     code: str = "ThrottlingException"
@@ -43,6 +45,7 @@ class ApiFault:
     count: int | None = 1
     message: str = "Rate exceeded"
     hits: int = 0
+    hold: float = 0.0
 
     def matches(self, service: str | None, action: str | None) -> bool:
         if self.count is not None and self.count <= 0:
@@ -76,7 +79,7 @@ class Gateway:
                     fault.hits += 1
                     if fault.count is not None:
                         fault.count -= 1
-        if fault is not None:
+        if fault is not None and not fault.hold:
             record["status"] = fault.status
             self._record(record)
             return _error(fault, target, start_response)
@@ -86,7 +89,11 @@ class Gateway:
             return start_response(status, headers, exc_info)
 
         try:
-            return self.app(environ, recording_start_response)
+            reply = self.app(environ, recording_start_response)
+            if fault is not None:
+                reply = [b"".join(reply)]  # served now, answered after the client gave up
+                time.sleep(fault.hold)
+            return reply
         finally:
             self._record(record)
 
