@@ -5,7 +5,7 @@ Credentials come from the amazon provider's ``AwsBaseHook`` (an ``aws`` connecti
 bundle reaches the container as the ``bundle`` input channel (S3 prefix), input artifacts in S3 as
 channels of their own, and the output comes back through the job's model artifact
 (``/opt/ml/model`` -> ``model.tar.gz``), which the hook unpacks into the step's output prefix; a failed
-step's error record comes back in ``FailureReason`` (see ``sagemaker_entry``). The container runs with
+step's error record comes back in ``FailureReason`` (see ``runtime/sagemaker_entry``). The container runs with
 the job's IAM role; no credentials of ours are put in the request.
 """
 
@@ -28,7 +28,7 @@ from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec
-from airflow_stepops.hooks.sagemaker_entry import MARKER
+from airflow_stepops.runtime import pod_entry, sagemaker_entry
 from airflow_stepops.settings.sagemaker import (
     MAX_ENV_CHARS,
     MAX_ENV_VARS,
@@ -38,8 +38,7 @@ from airflow_stepops.settings.sagemaker import (
     check_instance_type,
 )
 
-ENTRY_SOURCES = (Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py",
-                 Path(__file__).resolve().parent / "sagemaker_entry.py")
+ENTRY_SOURCES = (Path(pod_entry.__file__), Path(sagemaker_entry.__file__))
 ML = "/opt/ml"
 DEFAULT_VOLUME_GB = 30
 DEFAULT_MAX_RUNTIME = 86400
@@ -542,7 +541,7 @@ def _new_lines(events: list[dict[str, Any]], cursor: Any) -> tuple[list[str], di
 
 def failure_record(reason: str) -> dict[str, Any] | None:
     """The error record ``sagemaker_entry`` put in the failure file, if FailureReason holds it whole."""
-    found = re.search(re.escape(MARKER) + r"([A-Za-z0-9+/=]+)", reason)
+    found = re.search(re.escape(sagemaker_entry.MARKER) + r"([A-Za-z0-9+/=]+)", reason)
     if found is None:
         return None
     try:
@@ -650,7 +649,7 @@ def job_status(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
     if status == "Completed":
         return JobStatus(JobState.SUCCEEDED, message, details)
     if status == "Failed":
-        reason = (job.get("FailureReason") or message).split(MARKER, 1)[0].rstrip()
+        reason = (job.get("FailureReason") or message).split(sagemaker_entry.MARKER, 1)[0].rstrip()
         # FailureReason starts with SageMaker's error class ("CapacityError: Unable to provision ...",
         # "AlgorithmError: <the step's failure file>"): only that class is read, never the text after it,
         # which may be the step's own output

@@ -215,7 +215,7 @@ def test_a_long_remote_error_fits_failure_reason(sm_emulator):
     import hashlib
 
     from airflow_stepops.hooks.sagemaker import failure_record
-    from airflow_stepops.hooks.sagemaker_entry import encode_failure
+    from airflow_stepops.runtime.sagemaker_entry import encode_failure
 
     hook = make_hook()
     handle = hook.submit(make_spec(hook, _raise_deep, 60, task_id="raises_deep"))
