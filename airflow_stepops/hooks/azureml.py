@@ -434,17 +434,13 @@ class AzureMLStepOperatorHook(StepOperatorHook):
             return job_state(None, None, handle, {})
         status = str(getattr(job.status, "value", job.status))
         run_error, details = None, {}
-        if status in ("Completed", "Failed", "Canceled"):
-            try:
-                run = self.ml_client.jobs._runs_operations.get_run(handle["job_id"])
-            except Exception as exc:
-                self.log.warning("Cannot read run history of job %s: %s", handle["job_id"], exc)
-                run = None
-            if run is not None:
-                run_error = getattr(run, "error", None)
-                details = {"started_at": _epoch(getattr(run, "start_time_utc", None)),
-                           "finished_at": _epoch(getattr(run, "end_time_utc", None))}
-        return job_state(status, run_error, handle, details)
+        if status in ("Completed", "Failed", "Canceled"):  # why and when it ended: run history (errors heal)
+            run = self.ml_client.jobs._runs_operations.get_run(handle["job_id"])
+            run_error = getattr(run, "error", None)
+            details = {"started_at": _epoch(getattr(run, "start_time_utc", None)),
+                       "finished_at": _epoch(getattr(run, "end_time_utc", None))}
+        timeout = getattr(getattr(job, "limits", None), "timeout", None)
+        return job_state(status, run_error, handle, details, float(timeout) if timeout else None)
 
     def cancel(self, handle: JobHandle) -> None:
         from azure.core.exceptions import HttpResponseError, ResourceNotFoundError

@@ -197,16 +197,26 @@ def test_non_zero_exit_fails_the_job_like_azure(aml, ml_client):
     assert ml_client.jobs.get("emu-fail").status == "Failed"
 
 
-def test_limits_timeout_kills_the_process_and_fails_the_job(aml, ml_client):
+def test_limits_timeout_kills_the_process_and_cancels_the_job(aml, ml_client):
+    """CommandJobLimits.timeout: "the max run duration ..., after which the job will be cancelled"."""
     began = time.monotonic()
     ml_client.jobs.create_or_update(command(command="sleep 60", environment=IMAGE, compute="cpu-cluster",
                                             name="emu-timeout", timeout=1))
-    done = aml.wait_for_status("emu-timeout", "Failed")
+    done = aml.wait_for_status("emu-timeout", "Canceled")
     assert time.monotonic() - began < 10
-    assert done["properties"]["limits"]["timeout"] == "PT1S"
-    assert done["error"]["innerError"] == {"code": "JobTimeout"}
-    assert "limits.timeout of 1 seconds" in done["error"]["message"]
-    assert aml.pids("emu-timeout") == []
+    assert done["properties"]["limits"]["timeout"] == "PT1S" and done["error"] is None
+    assert [h["status"] for h in done["history"]][-2:] == ["CancelRequested", "Canceled"]
+    assert epoch(done["ended_at"]) - epoch(done["started_at"]) >= 1
+    assert aml.pids("emu-timeout") == [] and ml_client.jobs.get("emu-timeout").limits.timeout == 1
+
+
+def test_a_lost_create_reply_leaves_the_job_created(aml, ml_client):
+    fault = aml.lose_replies("drop", method="PUT", path_contains="/jobs/emu-lost")
+    job = ml_client.jobs.create_or_update(command(command="true", environment=IMAGE, compute="cpu-cluster",
+                                                  name="emu-lost"))
+    assert job.name == "emu-lost" and fault.hits == 1  # azure-core retried the PUT: the job answered, 200
+    puts = [r["status"] for r in aml.requests if r["method"] == "PUT" and r["path"].endswith("/jobs/emu-lost")]
+    assert puts == [None, 200] and [j["name"] for j in aml.jobs].count("emu-lost") == 1
 
 
 def test_begin_cancel_terminates_the_process(aml, ml_client):

@@ -138,6 +138,26 @@ def test_remote_exception_fails_the_step(az_emulator):
     assert "bad input 7" in str(read_outcome(store_path(handle["output_uri"])).error)
 
 
+def _raise_timeout() -> None:
+    print("connecting to the feature store", flush=True)
+    raise TimeoutError("connection to feature-store:5432 timed out after JobTimeout limits.timeout")
+
+
+def _raise_eviction() -> None:
+    raise RuntimeError("cache eviction failed: PreemptionError, node preempted, pre-empted, evicted (NodeFailure)")
+
+
+@pytest.mark.parametrize(("fn", "task_id"), [(_raise_timeout, "user_timeout"), (_raise_eviction, "user_eviction")])
+def test_a_user_error_that_speaks_of_timeouts_or_preemption_stays_a_failure(az_emulator, fn, task_id):
+    """Run history's message quotes the step's output: only the error's codes and the job's fields classify."""
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, fn, task_id=task_id))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and "reason" not in event["details"], event
+    assert event["details"]["error_code"] == "UserError"
+    assert fn.__name__ != "_raise_timeout" or "timed out" in str(read_outcome(store_path(handle["output_uri"])).error)
+
+
 def test_trigger_on_kill_cancels_the_job(az_emulator):
     from airflow_stepops.triggers.azureml import AzureMLStepOperatorTrigger
 
@@ -169,7 +189,8 @@ def test_max_runtime_is_a_timeout(az_emulator):
                                    settings=AzureMLStepOperatorSettings(max_runtime_in_seconds=2)))
     event = run_trigger(hook, handle)
     assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
-    assert az_emulator.job(handle["job_id"])["properties"]["limits"]["timeout"] == "PT2S"
+    job = az_emulator.job(handle["job_id"])
+    assert job["properties"]["limits"]["timeout"] == "PT2S" and job["status"] == "Canceled" and not job["error"]
 
 
 def test_trigger_deadline_cancels_the_job(az_emulator):

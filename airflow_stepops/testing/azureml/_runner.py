@@ -29,7 +29,6 @@ from airflow_stepops.testing.azureml._faults import (
     PREEMPTION_ERROR,
     Fault,
     data_error,
-    timeout_error,
     user_process_error,
 )
 from airflow_stepops.testing.azureml._jobs import STD_LOG, Job
@@ -55,8 +54,8 @@ class RunContext:
 
 @dataclass
 class Outcome:
-    """How the user process (or the job before it) ended: ``exited`` (``exit_code``), ``canceled``,
-    ``timeout``, ``struck`` (a fault; ``error``), ``failed`` (``error``) or ``shutdown``."""
+    """How the user process (or the job before it) ended: ``exited`` (``exit_code``), ``canceled`` (also
+    by ``limits.timeout``), ``struck`` (a fault; ``error``), ``failed`` (``error``) or ``shutdown``."""
 
     kind: str
     exit_code: int | None = None
@@ -274,8 +273,11 @@ class JobRunner:
                 self._terminate()
                 outcome = Outcome("canceled")
             elif timeout is not None and elapsed >= timeout:
+                # "the max run duration ..., after which the job will be cancelled" (CommandJobLimits,
+                # https://learn.microsoft.com/en-us/rest/api/azureml/jobs/create-or-update#commandjoblimits)
+                self.job.transition("CancelRequested")
                 self._terminate()
-                outcome = Outcome("timeout", error=timeout_error(timeout))
+                outcome = Outcome("canceled")
             elif strike is not None and elapsed >= strike.after:
                 self._terminate()
                 outcome = Outcome("struck", error=self._strike_error(strike))
