@@ -95,12 +95,16 @@ class AzureMLStepOperatorHook(StepOperatorHook):
 
     @cached_property
     def ml_client(self) -> Any:
+        """Every call has a deadline and bounded retries: azure-core's defaults wait 300 s for an answer and
+        retry 10 times, so a lost reply would hold a worker for most of an hour. MLClient hands these keywords
+        to each of its service clients' pipelines (``RetryPolicy`` and the transport's ``read_timeout``)."""
         from azure.ai.ml import MLClient
 
         _quiet_sdk_logs()
         cfg = self.config
         return MLClient(self.credential, cfg.subscription_id, cfg.resource_group, cfg.workspace_name,
-                        enable_telemetry=False, show_progress=False)
+                        enable_telemetry=False, show_progress=False, connection_timeout=min(cfg.request_timeout, 20),
+                        read_timeout=cfg.request_timeout, retry_total=cfg.request_retries, retry_backoff_max=10)
 
     @property
     def workspace_id(self) -> str:
@@ -398,8 +402,6 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         return handle
 
     def submit(self, spec: StepSpec) -> JobHandle:
-        from azure.core.exceptions import HttpResponseError
-
         self.render(spec)
         self._check_datastore()
         info = self._check_compute(spec)
@@ -411,14 +413,15 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         job = self.build_job(spec)
         try:
             created = self.ml_client.jobs.create_or_update(job)
-        except HttpResponseError as exc:
-            if "already exists" in str(exc):  # created meanwhile by another worker of this try
-                existing = self.find_job(spec.identity)
-                if existing is not None:
-                    self.log.info("Azure ML job %s was created meanwhile: re-attaching", existing["job_id"])
-                    return existing
-            raise self._api_error(exc, "create the command job") from exc
         except Exception as exc:
+            # The job may exist although the create failed: its reply was lost after Azure ML made it (retries
+            # spent), or another worker of this try made it first ("already exists"). Its name tells, and its tag
+            # confirms it is this try's: re-attach rather than fail or make a second job.
+            existing = self.find_job(spec.identity)
+            if existing is not None:
+                self.log.info("Azure ML job %s exists although its create failed (%s): re-attaching",
+                              existing["job_id"], type(exc).__name__)
+                return existing
             raise self._api_error(exc, "create the command job") from exc
         low_priority = str(info.get("tier") or "") == "low_priority"
         handle = self._handle(created, spec.output_uri, spec.identity.try_number,
@@ -465,16 +468,24 @@ class AzureMLStepOperatorHook(StepOperatorHook):
             if url is None:  # no output yet
                 return [], cursor
             urls[handle["job_id"]] = url
-        data, status = read_range(self._http, url, cursor)
+        data, status = read_range(self._http, url, cursor, self.config.request_timeout)
         if status == 403:  # the SAS URL expired: get a fresh one next time
             urls.pop(handle["job_id"], None)
         return take(data, cursor)
 
     @cached_property
     def _http(self) -> Any:
+        """Reads of the log blob, retried like the SDK's calls (the request itself has the timeout)."""
         import requests
+        from requests.adapters import HTTPAdapter
+        from urllib3.util.retry import Retry
 
-        return requests.Session()
+        session = requests.Session()
+        retry = Retry(total=self.config.request_retries, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504),
+                      allowed_methods=("GET",), raise_on_status=False)
+        session.mount("https://", HTTPAdapter(max_retries=retry))
+        session.mount("http://", HTTPAdapter(max_retries=retry))
+        return session
 
     def console_url(self, handle: JobHandle) -> str | None:
         cfg = self.config

@@ -40,11 +40,11 @@ def take(data: bytes, cursor: dict[str, Any]) -> tuple[list[str], dict[str, Any]
     return [line.rstrip("\r") for line in lines], {"offset": offset + len(data), "partial": rest}
 
 
-def read_range(session: Any, url: str, cursor: dict[str, Any]) -> tuple[bytes, int]:
+def read_range(session: Any, url: str, cursor: dict[str, Any], timeout: float = 60.0) -> tuple[bytes, int]:
     """(the bytes at the cursor's offset, HTTP status) with a ``requests`` session; 416 and 404 mean none."""
     offset = int(cursor.get("offset") or 0)
     response = session.get(url, headers={"Range": f"bytes={offset}-{offset + MAX_READ - 1}",
-                                         "x-ms-version": "2021-08-06"}, timeout=60)
+                                         "x-ms-version": "2021-08-06"}, timeout=(min(timeout, 20), timeout))
     if response.status_code in (404, 416):
         return b"", response.status_code
     if response.status_code >= 400:

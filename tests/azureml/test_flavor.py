@@ -257,6 +257,34 @@ def test_submit_is_exactly_once_per_try(az_emulator):
     assert run_trigger(hook, first)["status"] == "succeeded"
 
 
+def test_a_create_whose_replies_are_lost_ends_with_one_job_and_its_handle(az_emulator, monkeypatch):
+    """Azure ML makes the job but no reply arrives (every retry hangs too): the hook gives up on the calls
+    within its deadline and finds the job by its name, instead of waiting for azure-core's 300 s read timeout."""
+    import os
+    import threading
+
+    from airflow_stepops.hooks.azureml_job import job_name
+
+    extra = json.loads(os.environ["AIRFLOW_CONN_AZUREML_STEP_OPERATOR"])["extra"]
+    monkeypatch.setenv("AIRFLOW_CONN_AZ_IMPATIENT", json.dumps({"conn_type": "stepops_azureml", "extra": {
+        **extra, "request_timeout": 2, "request_retries": 1}}))
+    hook = make_hook("az_impatient")
+    spec = make_spec(hook, _greet, "lost", task_id="lost_reply")
+    name = job_name(spec.identity)
+    fault = az_emulator.lose_replies("hang", times=None, method="PUT", path_contains=f"/jobs/{name}", hang_seconds=90)
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(handle=hook.submit(spec)), daemon=True)
+    began = time.monotonic()
+    worker.start()
+    worker.join(45)
+    fault.times = 0
+    assert not worker.is_alive(), "submit still waits for a reply that never comes"
+    assert result["handle"]["job_id"] == name and time.monotonic() - began < 45
+    assert fault.hits == 2  # the create and its one retry were carried out; both replies were lost
+    assert [j["name"] for j in az_emulator.jobs].count(name) == 1
+    assert run_trigger(hook, result["handle"])["status"] == "succeeded"
+
+
 def test_a_job_of_another_step_with_the_name_is_not_taken(az_emulator, monkeypatch):
     from airflow_stepops.hooks import azureml_job
 
