@@ -457,21 +457,17 @@ class AzureMLStepOperatorHook(StepOperatorHook):
             self.log.info("Azure ML job %s not cancelled: %s", handle["job_id"], str(exc).splitlines()[0])
 
     def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        from airflow_stepops.hooks.azureml_logs import log_url, read_range, take
+        from airflow_stepops.hooks.azureml_logs import ENDED, log_url, read_range, take
 
         cursor = dict(cursor or {})
-        urls: dict[str, str] = self.__dict__.setdefault("_log_urls", {})
-        url = urls.get(handle["job_id"])
-        if url is None:
-            details = self.ml_client.jobs._runs_operations.get_run_details(handle["job_id"])
-            url = log_url(getattr(details, "log_files", None))
-            if url is None:  # no output yet
-                return [], cursor
-            urls[handle["job_id"]] = url
+        details = self.ml_client.jobs._runs_operations.get_run_details(handle["job_id"])  # fresh SAS URL too
+        url = log_url(getattr(details, "log_files", None))
+        if url is None:  # no output yet
+            return [], cursor
         data, status = read_range(self._http, url, cursor, self.config.request_timeout)
-        if status == 403:  # the SAS URL expired: get a fresh one next time
-            urls.pop(handle["job_id"], None)
-        return take(data, cursor)
+        if status >= 400 and status != 416:
+            return [], cursor
+        return take(data, cursor, str(getattr(details, "status", "")) in ENDED)
 
     @cached_property
     def _http(self) -> Any:

@@ -79,6 +79,35 @@ def test_logs_stream_while_the_job_runs(az_emulator):
     assert "sleeping" not in more  # the cursor does not read a line twice
 
 
+def _write_in_pieces() -> str:
+    import sys
+    import time
+
+    for part in (b"first line\ncaf\xc3", b"\xa9 au lait\n"):  # an upload in between ends inside the "é"
+        sys.stdout.buffer.write(part)
+        sys.stdout.buffer.flush()
+        time.sleep(1.5)
+    return "done"
+
+
+def test_lines_cut_by_an_upload_arrive_whole_once(az_emulator):
+    """The log blob is uploaded as the process writes it, so a read can end inside a line (and a character)."""
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _write_in_pieces, task_id="pieces"))
+    az_emulator.wait_for_status(handle["job_id"], "Running")
+    cursor, lines, reads = None, [], 0
+    deadline = time.monotonic() + 60
+    while hook.get_status(handle).state not in (JobState.SUCCEEDED, JobState.FAILED) and time.monotonic() < deadline:
+        new, cursor = hook.read_logs(handle, cursor)
+        lines, reads = lines + new, reads + 1
+        time.sleep(0.1)
+    for _ in range(5):  # what the finished job still has to say, as the trigger drains it
+        new, cursor = hook.read_logs(handle, cursor)
+        lines += new
+    assert reads > 20 and lines.count("first line") == 1 and lines.count("café au lait") == 1, lines
+    assert not [line for line in lines if "\ufffd" in line or line == "caf"], lines
+
+
 def test_every_rendered_job_passes_the_sdk_validation(az_emulator):
     from azure.ai.ml.entities import Job
     from azure.ai.ml.entities._job.to_rest_functions import to_rest_job_object

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,10 +254,9 @@ class JobRunner:
         timeout = parse_timeout(limits["timeout"]) if limits.get("timeout") is not None else None
         strike = next((f for f in self.faults if f.kind in ("preemption", "failure")), None)
         assert self.log is not None
-        tail: deque[str] = deque(maxlen=50)
         self.proc = subprocess.Popen(["bash", "-c", command], cwd=self.dir / "wd", env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        reader = threading.Thread(target=_read, args=(self.proc, self.log, tail), daemon=True)
+        reader = threading.Thread(target=_read, args=(self.proc, self.log), daemon=True)
         reader.start()
         began = time.monotonic()
         outcome: Outcome | None = None
@@ -288,7 +286,7 @@ class JobRunner:
         reader.join(5)
         if outcome.kind == "exited" and strike is not None and strike.kind == "failure":
             outcome = Outcome("struck", error=strike.failure_error())  # ended sooner: fails all the same
-        outcome.tail = list(tail)
+        outcome.tail = self.log.lines()[-50:]
         return outcome
 
     def _strike_error(self, fault: Fault) -> JSON:
@@ -363,13 +361,11 @@ class JobRunner:
         return problem
 
 
-def _read(proc: subprocess.Popen[bytes], log: JobLog, tail: deque[str]) -> None:
+def _read(proc: subprocess.Popen[bytes], log: JobLog) -> None:
     assert proc.stdout is not None
     with proc.stdout:
-        for raw in iter(proc.stdout.readline, b""):
-            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-            log.add(line)
-            tail.append(line)
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            log.add(chunk)
 
 
 def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
