@@ -16,7 +16,9 @@ from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus
 from airflow_stepops.settings.azureml import BLOB_URI, DATASTORE_URI, TAG_PREFIX
 
-#: Azure ML job names: letters, digits, '_' and '-', starting with a letter, at most 255 characters
+#: Azure ML job names: letters, digits, '_' and '-', at most 255 characters (the REST API's pattern for the job id,
+#: ``^[a-zA-Z0-9][a-zA-Z0-9\-_]{0,254}$``, Jobs_CreateOrUpdate in azure-rest-api-specs' mfe.json); ours also start
+#: with a letter
 JOB_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]{0,254}$")
 MAX_JOB_NAME = 255
 STEP_TAG = f"{TAG_PREFIX}step"

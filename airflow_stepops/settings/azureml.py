@@ -22,6 +22,8 @@ MAX_TAG_CHARS = 256
 JOB_TIERS = ("Spot", "Basic", "Standard", "Premium")
 #: ``resources.shmSize``: a number with an optional unit b, k, m or g (docker's --shm-size)
 SHM_SIZE = re.compile(r"^\d+[bkmg]?$")
+#: run history's rule for experiment names, as azureml-core states it (``_base_sdk_common.common``: 1-255
+#: characters, alphanumeric first, then also '-' and '_', no whitespace)
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,254}$")
 COMPUTE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,31}$")
 WORKSPACE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{2,32}$")

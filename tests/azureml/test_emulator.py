@@ -274,7 +274,14 @@ def test_invalid_requests_answer_arm_errors(aml, ml_client):
              ({"inputs": {"a": {"jobInputType": "uri_folder", "uri": "s3://bucket/key"}}}, "UserError", "s3://"),
              ({"command": "echo ${{outputs.missing}}"}, "ValidationError", "outputs.missing"),
              ({"limits": {"jobLimitsType": "Command", "timeout": "soon"}}, "ValidationError", "limits.timeout"),
-             ({"queueSettings": {"jobTier": "Cheap"}}, "ValidationError", "jobTier")]
+             ({"queueSettings": {"jobTier": "Cheap"}}, "ValidationError", "jobTier"),
+             ({"experimentName": "my experiment"}, "ValidationError", "Experiment name must be between 1 and 255"),
+             ({"experimentName": "_x"}, "ValidationError", "first character has to be alphanumeric"),
+             ({"experimentName": "x" * 256}, "ValidationError", "Experiment name")]
+    for name in ("emu.dotted", "-emu", "e" * 256):
+        answer = put(name)
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "ValidationError", (name, answer.text)
+    assert put("7" + "e" * 254).status_code == 201  # the REST API's pattern: 255 characters, a digit may lead
     for props, code, text in cases:
         answer = put("emu-invalid", props)
         assert answer.status_code == 400, (props, answer.text)

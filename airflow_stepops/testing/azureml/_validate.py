@@ -17,7 +17,14 @@ import isodate
 
 from airflow_stepops.testing.azureml._faults import JSON, ApiError, bad_request
 
+#: the ``id`` of Jobs_CreateOrUpdate in the REST API's specification (azure-rest-api-specs, specification/
+#: machinelearningservices/resource-manager/Microsoft.MachineLearningServices/stable/2024-04-01/mfe.json)
 JOB_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_\-]{0,254}$")
+#: experiment names as run history takes them: azureml-core's ``_base_sdk_common.common._valid_experiment_name``
+#: ("between 1 and 255 characters long. Its first character has to be alphanumeric, and the rest may contain
+#: hyphens and underscores. No whitespace is allowed.")
+EXPERIMENT_LENGTH_MIN, EXPERIMENT_LENGTH_MAX = 1, 255
+EXPERIMENT_NAME = re.compile(rf"^[a-zA-Z0-9][\w\-]{{{EXPERIMENT_LENGTH_MIN - 1},{EXPERIMENT_LENGTH_MAX - 1}}}$", re.ASCII)
 IO_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]{0,254}$")
 PLACEHOLDER = re.compile(r"\$\{\{\s*(inputs|outputs)\.([A-Za-z0-9_]+)\s*\}\}")
 #: ``$[[...]]``: a part of the command kept only when the inputs it names are given
@@ -141,7 +148,11 @@ def validate_job(name: str, body: Any, *, locate: Callable[[str], Any], compute_
         if not isinstance(value, dict):
             raise bad_request(f"{key} must be an object.", target=key)
         props[key] = {str(k): "" if v is None else str(v) for k, v in value.items()}
-    props.setdefault("experimentName", "Default")
+    experiment = props.setdefault("experimentName", "Default")
+    if not isinstance(experiment, str) or not EXPERIMENT_NAME.match(experiment):
+        raise bad_request(f"Experiment name must be between {EXPERIMENT_LENGTH_MIN} and {EXPERIMENT_LENGTH_MAX} "
+                          "characters long. Its first character has to be alphanumeric, and the rest may contain "
+                          "hyphens and underscores. No whitespace is allowed.", target="experimentName")
     props.setdefault("displayName", name)
     props.setdefault("isArchived", False)
     return props
