@@ -36,6 +36,8 @@ from airflow_stepops.hooks.azureml_job import (
 )
 from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec
 from airflow_stepops.settings.azureml import (
+    MAX_DISPLAY_NAME,
+    MAX_TAGS,
     AzureMLStepOperatorConfig,
     AzureMLStepOperatorSettings,
     tier_with_cluster,
@@ -275,13 +277,18 @@ class AzureMLStepOperatorHook(StepOperatorHook):
                                              instance_type=vm.name if vm is not None else None,
                                              shm_size=settings.shm_size)
         name = check_name(job_name(spec.identity))
+        tags = {**cfg.tags, **settings.tags, **identity_tags(spec.identity)}
+        if len(tags) > MAX_TAGS:
+            raise StepOperatorConfigError(f"tags: the step operator's and the step's tags with the step's identity "
+                                          f"make {len(tags)}; an Azure ML job takes at most {MAX_TAGS}")
         if compute and resolved:
             compute = f"{self.workspace_id}/computes/{compute}"
         job = command(
-            name=name, display_name=spec.task_label or name, command=command_line, environment=environment,
+            name=name, display_name=(spec.task_label or name)[:MAX_DISPLAY_NAME], command=command_line,
+            environment=environment,
             compute=compute, inputs=inputs, outputs=outputs, environment_variables=env,
             experiment_name=settings.experiment_name or cfg.experiment_name or experiment_name(spec.identity.dag_id),
-            tags={**cfg.tags, **settings.tags, **identity_tags(spec.identity)},
+            tags=tags,
             description=f"airflow-stepops step {spec.task_label or name} (try {spec.identity.try_number})",
             timeout=runtime,
             queue_settings=QueueSettings(job_tier=settings.job_tier.lower()) if settings.job_tier else None,

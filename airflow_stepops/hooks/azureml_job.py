@@ -45,7 +45,7 @@ def job_name(identity: StepIdentity) -> str:
 def identity_tags(identity: StepIdentity) -> dict[str, str]:
     return {STEP_TAG: identity.digest[:40], f"{TAG_PREFIX}try": str(identity.try_number),
             f"{TAG_PREFIX}dag": identity.dag_id, f"{TAG_PREFIX}task": identity.task_id,
-            f"{TAG_PREFIX}map-index": str(identity.map_index), f"{TAG_PREFIX}run": identity.run_id[:256]}
+            f"{TAG_PREFIX}map-index": str(identity.map_index), f"{TAG_PREFIX}run": identity.run_id[:1000]}
 
 
 def experiment_name(dag_id: str) -> str:

@@ -277,7 +277,13 @@ def test_invalid_requests_answer_arm_errors(aml, ml_client):
              ({"queueSettings": {"jobTier": "Cheap"}}, "ValidationError", "jobTier"),
              ({"experimentName": "my experiment"}, "ValidationError", "Experiment name must be between 1 and 255"),
              ({"experimentName": "_x"}, "ValidationError", "first character has to be alphanumeric"),
-             ({"experimentName": "x" * 256}, "ValidationError", "Experiment name")]
+             ({"experimentName": "x" * 256}, "ValidationError", "Experiment name"),
+             ({"tags": {"k" * 101: "v"}}, "ValidationError", "keys must have 1 to 100 characters"),
+             ({"tags": {"k": "v" * 1001}}, "ValidationError", "values at most 1000"),
+             ({"tags": {f"t{i}": "v" for i in range(51)}}, "ValidationError", "51 tags; at most 50"),
+             ({"properties": {"p" * 101: "v"}}, "ValidationError", "keys must have 1 to 100"),
+             ({"displayName": "d" * 257}, "ValidationError", "displayName must have at most 256"),
+             ({"description": "d" * 5001}, "ValidationError", "description must have at most 5000")]
     for name in ("emu.dotted", "-emu", "e" * 256):
         answer = put(name)
         assert answer.status_code == 400 and answer.json()["error"]["code"] == "ValidationError", (name, answer.text)

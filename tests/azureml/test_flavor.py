@@ -403,6 +403,21 @@ def test_config_errors_are_clear_and_nothing_is_submitted(az_emulator, monkeypat
     assert len(az_emulator.jobs) == before
 
 
+def test_what_azure_ml_refuses_is_refused_before_submitting_and_long_labels_fit(az_emulator):
+    """Azure ML's run limits: 50 tags (ours count), display names of 256 characters."""
+    hook = make_hook()
+    before = len(az_emulator.jobs)
+    many = AzureMLStepOperatorSettings(tags={f"t{i}": "v" for i in range(45)})  # + team + 6 identity tags
+    with pytest.raises(StepOperatorConfigError, match=r"make 52; an Azure ML job takes at most 50"):
+        make_spec(hook, _greet, "x", task_id="many_tags", settings=many)
+    assert len(az_emulator.jobs) == before
+    long_dag = "d" * 200
+    handle = hook.submit(make_spec(hook, _greet, "x", task_id="t" * 100, dag_id=long_dag))
+    job = az_emulator.job(handle["job_id"])
+    assert len(handle["job_id"]) <= 255 and job["properties"]["displayName"] == f"{long_dag}.{'t' * 55}"
+    assert run_trigger(hook, handle)["status"] == "succeeded"
+
+
 def test_job_tier_with_a_cluster_is_refused_before_submitting(az_emulator):
     hook = make_hook("azureml_cluster_step_operator")
     with pytest.raises(StepOperatorConfigError, match=r"job_tier=Spot: job tiers are for serverless compute, but "

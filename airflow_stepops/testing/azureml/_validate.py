@@ -30,6 +30,11 @@ PLACEHOLDER = re.compile(r"\$\{\{\s*(inputs|outputs)\.([A-Za-z0-9_]+)\s*\}\}")
 #: ``$[[...]]``: a part of the command kept only when the inputs it names are given
 OPTIONAL_PART = re.compile(r"\$\[\[(.*?)\]\]", re.S)
 
+#: "Runs" in Azure ML's service limits (https://learn.microsoft.com/en-us/azure/machine-learning/
+#: resource-limits-capacity#runs): (most entries, longest key, longest value) of tags and properties, and the
+#: longest display name and description
+RUN_MAPS = {"tags": (50, 100, 1000), "properties": (50, 100, 1000)}
+RUN_TEXTS = {"displayName": 256, "description": 5000}
 INPUT_TYPES = {"literal", "uri_file", "uri_folder", "mltable", "custom_model", "mlflow_model", "triton_model"}
 OUTPUT_TYPES = INPUT_TYPES - {"literal"}
 INPUT_MODES = {"ReadOnlyMount", "ReadWriteMount", "Download", "Direct", "EvalMount", "EvalDownload"}
@@ -148,6 +153,16 @@ def validate_job(name: str, body: Any, *, locate: Callable[[str], Any], compute_
         if not isinstance(value, dict):
             raise bad_request(f"{key} must be an object.", target=key)
         props[key] = {str(k): "" if v is None else str(v) for k, v in value.items()}
+        most, key_chars, value_chars = RUN_MAPS[key]
+        if len(props[key]) > most:
+            raise bad_request(f"The job has {len(props[key])} {key}; at most {most} are allowed.", target=key)
+        for k, v in props[key].items():
+            if not k or len(k) > key_chars or len(v) > value_chars:
+                raise bad_request(f"{key} {k[:50]!r}: keys must have 1 to {key_chars} characters and values at most "
+                                  f"{value_chars}.", target=key)
+    for key, longest in RUN_TEXTS.items():
+        if isinstance(props.get(key), str) and len(props[key]) > longest:
+            raise bad_request(f"{key} must have at most {longest} characters.", target=key)
     experiment = props.setdefault("experimentName", "Default")
     if not isinstance(experiment, str) or not EXPERIMENT_NAME.match(experiment):
         raise bad_request(f"Experiment name must be between {EXPERIMENT_LENGTH_MIN} and {EXPERIMENT_LENGTH_MAX} "
