@@ -37,8 +37,8 @@ TIMEOUT_SLACK_SECONDS = 1.0
 
 def job_name(identity: StepIdentity) -> str:
     name = identity.job_name(max_length=MAX_JOB_NAME, allowed=r"[^a-z0-9_-]")
-    if not name[:1].isalpha():  # a DAG id starting with a digit or '_'
-        name = f"step-{name}"[:MAX_JOB_NAME]
+    if not name[:1].isalpha():  # a DAG id starting with a digit or '_': the prefix must not cut the digest off
+        name = "step-" + identity.job_name(max_length=MAX_JOB_NAME - 5, allowed=r"[^a-z0-9_-]")
     return name
 
 

@@ -411,10 +411,12 @@ def test_what_azure_ml_refuses_is_refused_before_submitting_and_long_labels_fit(
     with pytest.raises(StepOperatorConfigError, match=r"make 52; an Azure ML job takes at most 50"):
         make_spec(hook, _greet, "x", task_id="many_tags", settings=many)
     assert len(az_emulator.jobs) == before
-    long_dag = "d" * 200
-    handle = hook.submit(make_spec(hook, _greet, "x", task_id="t" * 100, dag_id=long_dag))
+    long_dag = "7" + "d" * 199  # a leading digit: the name gets a "step-" prefix, and keeps its digest
+    spec = make_spec(hook, _greet, "x", task_id="t" * 100, dag_id=long_dag)
+    handle = hook.submit(spec)
     job = az_emulator.job(handle["job_id"])
-    assert len(handle["job_id"]) <= 255 and job["properties"]["displayName"] == f"{long_dag}.{'t' * 55}"
+    assert len(handle["job_id"]) == 255 and handle["job_id"].endswith(f"-t1-{spec.identity.digest[:10]}")
+    assert job["properties"]["displayName"] == f"{long_dag}.{'t' * 55}"
     assert run_trigger(hook, handle)["status"] == "succeeded"
 
 
