@@ -150,6 +150,9 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         return parse_store(cfg.artifact_store, cfg.datastore, cfg.storage_conn_id, self._container_of)
 
     def artifact_root(self) -> Any:
+        """The store as workers see it. Its calls go through adlfs to azure-storage-blob, whose clients bound
+        every request themselves (20 s to connect, 60 s to read, ``ExponentialRetry`` with 3 retries:
+        ``azure/storage/blob/_shared/constants.py`` and ``policies.py``)."""
         _quiet_sdk_logs()  # adlfs's blob client logs every request at INFO too
         return store_path(self.store.worker_uri)
 
