@@ -288,8 +288,7 @@ class AzureMLStepOperatorHook(StepOperatorHook):
             compute = f"{self.workspace_id}/computes/{compute}"
         job = command(
             name=name, display_name=(spec.task_label or name)[:MAX_DISPLAY_NAME], command=command_line,
-            environment=environment,
-            compute=compute, inputs=inputs, outputs=outputs, environment_variables=env,
+            environment=environment, compute=compute, inputs=inputs, outputs=outputs, environment_variables=env,
             experiment_name=settings.experiment_name or cfg.experiment_name or experiment_name(spec.identity.dag_id),
             tags=tags,
             description=f"airflow-stepops step {spec.task_label or name} (try {spec.identity.try_number})",
@@ -474,9 +473,7 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         url = log_url(getattr(details, "log_files", None))
         if url is None:  # no output yet
             return [], cursor
-        data, status = read_range(self._http, url, cursor, self.config.request_timeout)
-        if status >= 400 and status != 416:
-            return [], cursor
+        data = read_range(self._http, url, cursor, self.config.request_timeout)
         return take(data, cursor, str(getattr(details, "status", "")) in ENDED)
 
     @cached_property

@@ -44,14 +44,14 @@ def take(data: bytes, cursor: dict[str, Any], ended: bool) -> tuple[list[str], d
     return [line.rstrip("\r") for line in lines], {"offset": offset + end}
 
 
-def read_range(session: Any, url: str, cursor: dict[str, Any], timeout: float = 60.0) -> tuple[bytes, int]:
-    """(the bytes at the cursor's offset, HTTP status) with a ``requests`` session; 416 and 404 mean none."""
+def read_range(session: Any, url: str, cursor: dict[str, Any], timeout: float = 60.0) -> bytes:
+    """The bytes at the cursor's offset, read with a ``requests`` session; none on an error answer (416:
+    nothing past the offset yet; 404: no file yet; 403: an expired SAS URL, fresh with the next details)."""
     offset = int(cursor.get("offset") or 0)
     response = session.get(url, headers={"Range": f"bytes={offset}-{offset + MAX_READ - 1}",
                                          "x-ms-version": "2021-08-06"}, timeout=(min(timeout, 20), timeout))
-    if response.status_code >= 400:  # 416: nothing past the offset yet; 404: no file yet
-        return b"", response.status_code
-    data = response.content
+    if response.status_code >= 400:
+        return b""
     if response.status_code == 200 and offset:  # the server ignored the range: skip what was read
-        data = data[offset:]
-    return data, response.status_code
+        return bytes(response.content[offset:])
+    return bytes(response.content)
