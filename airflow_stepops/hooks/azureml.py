@@ -36,6 +36,8 @@ from airflow_stepops.hooks.azureml_job import (
 )
 from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec
 from airflow_stepops.settings.azureml import (
+    MAX_DISPLAY_NAME,
+    MAX_TAGS,
     AzureMLStepOperatorConfig,
     AzureMLStepOperatorSettings,
     tier_with_cluster,
@@ -95,12 +97,16 @@ class AzureMLStepOperatorHook(StepOperatorHook):
 
     @cached_property
     def ml_client(self) -> Any:
+        """Every call has a deadline and bounded retries: azure-core's defaults wait 300 s for an answer and
+        retry 10 times, so a lost reply would hold a worker for most of an hour. MLClient hands these keywords
+        to each of its service clients' pipelines (``RetryPolicy`` and the transport's ``read_timeout``)."""
         from azure.ai.ml import MLClient
 
         _quiet_sdk_logs()
         cfg = self.config
         return MLClient(self.credential, cfg.subscription_id, cfg.resource_group, cfg.workspace_name,
-                        enable_telemetry=False, show_progress=False)
+                        enable_telemetry=False, show_progress=False, connection_timeout=min(cfg.request_timeout, 20),
+                        read_timeout=cfg.request_timeout, retry_total=cfg.request_retries, retry_backoff_max=10)
 
     @property
     def workspace_id(self) -> str:
@@ -144,6 +150,9 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         return parse_store(cfg.artifact_store, cfg.datastore, cfg.storage_conn_id, self._container_of)
 
     def artifact_root(self) -> Any:
+        """The store as workers see it. Its calls go through adlfs to azure-storage-blob, whose clients bound
+        every request themselves (20 s to connect, 60 s to read, ``ExponentialRetry`` with 3 retries:
+        ``azure/storage/blob/_shared/constants.py`` and ``policies.py``)."""
         _quiet_sdk_logs()  # adlfs's blob client logs every request at INFO too
         return store_path(self.store.worker_uri)
 
@@ -271,13 +280,17 @@ class AzureMLStepOperatorHook(StepOperatorHook):
                                              instance_type=vm.name if vm is not None else None,
                                              shm_size=settings.shm_size)
         name = check_name(job_name(spec.identity))
+        tags = {**cfg.tags, **settings.tags, **identity_tags(spec.identity)}
+        if len(tags) > MAX_TAGS:
+            raise StepOperatorConfigError(f"tags: the step operator's and the step's tags with the step's identity "
+                                          f"make {len(tags)}; an Azure ML job takes at most {MAX_TAGS}")
         if compute and resolved:
             compute = f"{self.workspace_id}/computes/{compute}"
         job = command(
-            name=name, display_name=spec.task_label or name, command=command_line, environment=environment,
-            compute=compute, inputs=inputs, outputs=outputs, environment_variables=env,
+            name=name, display_name=(spec.task_label or name)[:MAX_DISPLAY_NAME], command=command_line,
+            environment=environment, compute=compute, inputs=inputs, outputs=outputs, environment_variables=env,
             experiment_name=settings.experiment_name or cfg.experiment_name or experiment_name(spec.identity.dag_id),
-            tags={**cfg.tags, **settings.tags, **identity_tags(spec.identity)},
+            tags=tags,
             description=f"airflow-stepops step {spec.task_label or name} (try {spec.identity.try_number})",
             timeout=runtime,
             queue_settings=QueueSettings(job_tier=settings.job_tier.lower()) if settings.job_tier else None,
@@ -398,8 +411,6 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         return handle
 
     def submit(self, spec: StepSpec) -> JobHandle:
-        from azure.core.exceptions import HttpResponseError
-
         self.render(spec)
         self._check_datastore()
         info = self._check_compute(spec)
@@ -411,14 +422,15 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         job = self.build_job(spec)
         try:
             created = self.ml_client.jobs.create_or_update(job)
-        except HttpResponseError as exc:
-            if "already exists" in str(exc):  # created meanwhile by another worker of this try
-                existing = self.find_job(spec.identity)
-                if existing is not None:
-                    self.log.info("Azure ML job %s was created meanwhile: re-attaching", existing["job_id"])
-                    return existing
-            raise self._api_error(exc, "create the command job") from exc
         except Exception as exc:
+            # The job may exist although the create failed: its reply was lost after Azure ML made it (retries
+            # spent), or another worker of this try made it first ("already exists"). Its name tells, and its tag
+            # confirms it is this try's: re-attach rather than fail or make a second job.
+            existing = self.find_job(spec.identity)
+            if existing is not None:
+                self.log.info("Azure ML job %s exists although its create failed (%s): re-attaching",
+                              existing["job_id"], type(exc).__name__)
+                return existing
             raise self._api_error(exc, "create the command job") from exc
         low_priority = str(info.get("tier") or "") == "low_priority"
         handle = self._handle(created, spec.output_uri, spec.identity.try_number,
@@ -434,17 +446,13 @@ class AzureMLStepOperatorHook(StepOperatorHook):
             return job_state(None, None, handle, {})
         status = str(getattr(job.status, "value", job.status))
         run_error, details = None, {}
-        if status in ("Completed", "Failed", "Canceled"):
-            try:
-                run = self.ml_client.jobs._runs_operations.get_run(handle["job_id"])
-            except Exception as exc:
-                self.log.warning("Cannot read run history of job %s: %s", handle["job_id"], exc)
-                run = None
-            if run is not None:
-                run_error = getattr(run, "error", None)
-                details = {"started_at": _epoch(getattr(run, "start_time_utc", None)),
-                           "finished_at": _epoch(getattr(run, "end_time_utc", None))}
-        return job_state(status, run_error, handle, details)
+        if status in ("Completed", "Failed", "Canceled"):  # why and when it ended: run history (errors heal)
+            run = self.ml_client.jobs._runs_operations.get_run(handle["job_id"])
+            run_error = getattr(run, "error", None)
+            details = {"started_at": _epoch(getattr(run, "start_time_utc", None)),
+                       "finished_at": _epoch(getattr(run, "end_time_utc", None))}
+        timeout = getattr(getattr(job, "limits", None), "timeout", None)
+        return job_state(status, run_error, handle, details, float(timeout) if timeout else None)
 
     def cancel(self, handle: JobHandle) -> None:
         from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
@@ -458,27 +466,29 @@ class AzureMLStepOperatorHook(StepOperatorHook):
             self.log.info("Azure ML job %s not cancelled: %s", handle["job_id"], str(exc).splitlines()[0])
 
     def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        from airflow_stepops.hooks.azureml_logs import log_url, read_range, take
+        from airflow_stepops.hooks.azureml_logs import ENDED, log_url, read_range, take
 
         cursor = dict(cursor or {})
-        urls: dict[str, str] = self.__dict__.setdefault("_log_urls", {})
-        url = urls.get(handle["job_id"])
-        if url is None:
-            details = self.ml_client.jobs._runs_operations.get_run_details(handle["job_id"])
-            url = log_url(getattr(details, "log_files", None))
-            if url is None:  # no output yet
-                return [], cursor
-            urls[handle["job_id"]] = url
-        data, status = read_range(self._http, url, cursor)
-        if status == 403:  # the SAS URL expired: get a fresh one next time
-            urls.pop(handle["job_id"], None)
-        return take(data, cursor)
+        details = self.ml_client.jobs._runs_operations.get_run_details(handle["job_id"])  # fresh SAS URL too
+        url = log_url(getattr(details, "log_files", None))
+        if url is None:  # no output yet
+            return [], cursor
+        data = read_range(self._http, url, cursor, self.config.request_timeout)
+        return take(data, cursor, str(getattr(details, "status", "")) in ENDED)
 
     @cached_property
     def _http(self) -> Any:
+        """Reads of the log blob, retried like the SDK's calls (the request itself has the timeout)."""
         import requests
+        from requests.adapters import HTTPAdapter
+        from urllib3.util.retry import Retry
 
-        return requests.Session()
+        session = requests.Session()
+        retry = Retry(total=self.config.request_retries, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504),
+                      allowed_methods=("GET",), raise_on_status=False)
+        session.mount("https://", HTTPAdapter(max_retries=retry))
+        session.mount("http://", HTTPAdapter(max_retries=retry))
+        return session
 
     def console_url(self, handle: JobHandle) -> str | None:
         cfg = self.config

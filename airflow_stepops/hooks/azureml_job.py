@@ -16,28 +16,36 @@ from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus
 from airflow_stepops.settings.azureml import BLOB_URI, DATASTORE_URI, TAG_PREFIX
 
-#: Azure ML job names: letters, digits, '_' and '-', starting with a letter, at most 255 characters
+#: Azure ML job names: letters, digits, '_' and '-', at most 255 characters (the REST API's pattern for the job id,
+#: ``^[a-zA-Z0-9][a-zA-Z0-9\-_]{0,254}$``, Jobs_CreateOrUpdate in azure-rest-api-specs' mfe.json); ours also start
+#: with a letter
 JOB_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9_-]{0,254}$")
 MAX_JOB_NAME = 255
 STEP_TAG = f"{TAG_PREFIX}step"
 QUEUED_STATES = ("NotStarted", "Starting", "Provisioning", "Preparing", "Queued")
-#: what Azure ML says when a low-priority node or a Spot VM is taken back (AmlCompute's PreemptionError)
-PREEMPTION_WORDS = ("preemptionerror", "pre-empted", "preempted", "preemption", "evicted", "eviction")
-TIMEOUT_WORDS = ("jobtimeout", "limits.timeout", "timed out", "timeout", "max run duration", "maxrunduration")
-NODE_FAILURE_WORDS = ("nodefailure", "node failure", "became unavailable", "node was lost")
-
+#: AmlCompute's error code for a job whose low-priority or Spot nodes were taken back ("PreemptionError: Nodes of
+#: this job got pre-empted", https://github.com/MicrosoftDocs/azure-docs/issues/66288) and for a lost node. Only
+#: the error's codes are compared (root, ``innerError`` chain, ``details``), never its message: the message of a
+#: failed user process quotes the process's own output (``Execution failed. User process ... Error: <output>``).
+PREEMPTION_CODES = frozenset({"PreemptionError"})
+NODE_FAILURE_CODES = frozenset({"NodeFailure"})
+#: ``limits.timeout`` is "the max run duration ..., after which the job will be cancelled"
+#: (https://learn.microsoft.com/en-us/rest/api/azureml/jobs/create-or-update#commandjoblimits): a Canceled job
+#: whose run lasted that long timed out. Run history stamps the run's start a little after the service's clock
+#: starts, hence the slack.
+TIMEOUT_SLACK_SECONDS = 1.0
 
 def job_name(identity: StepIdentity) -> str:
     name = identity.job_name(max_length=MAX_JOB_NAME, allowed=r"[^a-z0-9_-]")
-    if not name[:1].isalpha():  # a DAG id starting with a digit or '_'
-        name = f"step-{name}"[:MAX_JOB_NAME]
+    if not name[:1].isalpha():  # a DAG id starting with a digit or '_': the prefix must not cut the digest off
+        name = "step-" + identity.job_name(max_length=MAX_JOB_NAME - 5, allowed=r"[^a-z0-9_-]")
     return name
 
 
 def identity_tags(identity: StepIdentity) -> dict[str, str]:
     return {STEP_TAG: identity.digest[:40], f"{TAG_PREFIX}try": str(identity.try_number),
             f"{TAG_PREFIX}dag": identity.dag_id, f"{TAG_PREFIX}task": identity.task_id,
-            f"{TAG_PREFIX}map-index": str(identity.map_index), f"{TAG_PREFIX}run": identity.run_id[:256]}
+            f"{TAG_PREFIX}map-index": str(identity.map_index), f"{TAG_PREFIX}run": identity.run_id[:1000]}
 
 
 def experiment_name(dag_id: str) -> str:
@@ -89,19 +97,36 @@ def parse_store(uri: str, default_datastore: str, storage_conn_id: str | None,
                      found.group("conn") or storage_conn_id)
 
 
-def _error_of(run_error: Any) -> tuple[str, str, str]:
-    """(code, inner code, message) of run history's ``error`` (``{"error": {"code", "message", ...}}``)."""
+def _error_of(run_error: Any) -> tuple[set[str], str]:
+    """(every code, message) of run history's ``error`` (``{"error": {"code", "message", "innerError",
+    "details"}}``, the RootError of https://learn.microsoft.com/en-us/rest/api/azureml/)."""
     if not run_error:
-        return "", "", ""
+        return set(), ""
     if not isinstance(run_error, dict):
         run_error = getattr(run_error, "as_dict", lambda: {})() or {}
     error = run_error.get("error") or run_error
-    inner = error.get("innerError") or error.get("inner_error") or {}
-    return str(error.get("code") or ""), str(inner.get("code") or ""), str(error.get("message") or "")
+    codes: set[str] = set()
+    pending = [error]
+    while pending:
+        item = pending.pop()
+        if not isinstance(item, dict):
+            continue
+        if item.get("code"):
+            codes.add(str(item["code"]))
+        pending.append(item.get("innerError") or item.get("inner_error"))
+        pending.extend(item.get("details") or [])
+    return codes, str(error.get("message") or "")
 
 
-def job_state(status: str | None, run_error: Any, handle: JobHandle, details: dict[str, Any]) -> JobStatus:
-    """An Azure ML job status (and run history's error) -> JobStatus."""
+def _ran_past(timeout: float | None, details: dict[str, Any]) -> bool:
+    started, finished = details.get("started_at"), details.get("finished_at")
+    return bool(timeout) and started is not None and finished is not None and \
+        finished - started >= float(timeout or 0) - TIMEOUT_SLACK_SECONDS
+
+
+def job_state(status: str | None, run_error: Any, handle: JobHandle, details: dict[str, Any],
+              timeout: float | None = None) -> JobStatus:
+    """An Azure ML job status, run history's error and times, and the job's ``limits.timeout`` -> JobStatus."""
     if status is None:
         return JobStatus(JobState.FAILED, f"Azure ML job {handle['job_id']} does not exist", {"reason": "job_missing"})
     spot = bool(handle.get("spot"))
@@ -109,22 +134,21 @@ def job_state(status: str | None, run_error: Any, handle: JobHandle, details: di
                "compute": handle.get("compute") or "serverless", **details}
     if status == "Completed":
         return JobStatus(JobState.SUCCEEDED, "", details)
-    code, inner, text = _error_of(run_error)
-    lowered = f"{code} {inner} {text}".lower()
-    if status in ("Failed", "Canceled") and any(word in lowered for word in TIMEOUT_WORDS):
-        return JobStatus(JobState.FAILED, f"the job ran past limits.timeout and Azure ML stopped it: {text}",
-                         {**details, "reason": "timed_out", "error_code": inner or code})
+    codes, text = _error_of(run_error)
+    code = ",".join(sorted(codes)) or None
+    if status == "Canceled" and _ran_past(timeout, details):
+        return JobStatus(JobState.FAILED, f"the job ran past its limits.timeout ({timeout:g} s) and Azure ML "
+                         "cancelled it", {**details, "reason": "timed_out", "error_code": code})
     if status == "Canceled":
         return JobStatus(JobState.CANCELLED, text or "cancelled", details)
     if status == "Failed":
-        if any(word in lowered for word in PREEMPTION_WORDS):
+        if codes & PREEMPTION_CODES:
             where = "the Spot VM" if handle.get("job_tier") == "Spot" else \
                 "the low-priority node" if spot else "the node"
             return JobStatus(JobState.PREEMPTED, f"{where} was preempted: {text}",
-                             {**details, "reason": "preempted", "error_code": inner or code})
-        reason = "node_failure" if any(word in lowered for word in NODE_FAILURE_WORDS) else None
-        extra = {"reason": reason} if reason else {}
-        return JobStatus(JobState.FAILED, text or "failed", {**details, **extra, "error_code": inner or code})
+                             {**details, "reason": "preempted", "error_code": code})
+        extra = {"reason": "node_failure"} if codes & NODE_FAILURE_CODES else {}
+        return JobStatus(JobState.FAILED, text or "failed", {**details, **extra, "error_code": code})
     if status in QUEUED_STATES:
         return JobStatus(JobState.QUEUED, status, details)
     if status == "CancelRequested":

@@ -1,10 +1,13 @@
 """An Azure ML job's ``user_logs/std_log.txt``, read incrementally through its run-history SAS URL.
 
 Run history's ``runs/<name>/details`` lists the job's log files (``logFiles``: name -> read-only SAS URL)
-once they exist; that is how ``ml_client.jobs.stream`` follows a job. The cursor keeps the byte offset
-read so far and an unfinished last line, so each read asks for ``Range: bytes=<offset>-`` only and no
-line is shown twice or cut in two. An unfinished line is shown once a read finds nothing new (the job
-wrote it without a newline, or ended).
+once they exist, and the run's status; that is how ``ml_client.jobs.stream`` follows a job, asking for the
+details before every read. The file is uploaded again and again while the job runs, each time longer, its
+beginning unchanged: the SDK's own streaming (``azure.ai.ml.operations._job_ops_helper._incremental_print``)
+re-reads the whole file and skips the lines it printed before. So a byte offset cannot skip lines that
+arrive late, and each read asks for ``Range: bytes=<offset>-`` only. An upload can end inside a line, even
+inside a UTF-8 character: the unfinished last line is not consumed (the next read starts where it starts)
+until the run has ended, so no line is shown twice, cut in two or garbled.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Any
 STD_LOG = "user_logs/std_log.txt"
 #: bytes read at most per call (the rest comes with the next poll)
 MAX_READ = 4 << 20
+#: run statuses after which the log gets nothing more
+ENDED = frozenset({"Completed", "Failed", "Canceled"})
 
 
 def log_url(log_files: dict[str, str] | None) -> str | None:
@@ -27,29 +32,26 @@ def log_url(log_files: dict[str, str] | None) -> str | None:
     return None
 
 
-def take(data: bytes, cursor: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-    """Lines of the bytes read at the cursor, and the advanced cursor."""
-    offset, partial = int(cursor.get("offset") or 0), str(cursor.get("partial") or "")
-    if not data:
-        if partial:
-            return [partial], {"offset": offset, "partial": ""}
-        return [], {"offset": offset, "partial": ""}
-    text = partial + data.decode("utf-8", errors="replace")
-    lines = text.split("\n")
-    rest = lines.pop()
-    return [line.rstrip("\r") for line in lines], {"offset": offset + len(data), "partial": rest}
+def take(data: bytes, cursor: dict[str, Any], ended: bool) -> tuple[list[str], dict[str, Any]]:
+    """The complete lines of the bytes read at the cursor, and the cursor after them."""
+    offset = int(cursor.get("offset") or 0)
+    end = data.rfind(b"\n") + 1
+    if (ended and len(data) < MAX_READ) or (not end and len(data) >= MAX_READ):
+        end = len(data)  # the unfinished last line once nothing more comes; a line longer than a read
+    lines = data[:end].decode("utf-8", errors="replace").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.rstrip("\r") for line in lines], {"offset": offset + end}
 
 
-def read_range(session: Any, url: str, cursor: dict[str, Any]) -> tuple[bytes, int]:
-    """(the bytes at the cursor's offset, HTTP status) with a ``requests`` session; 416 and 404 mean none."""
+def read_range(session: Any, url: str, cursor: dict[str, Any], timeout: float = 60.0) -> bytes:
+    """The bytes at the cursor's offset, read with a ``requests`` session; none on an error answer (416:
+    nothing past the offset yet; 404: no file yet; 403: an expired SAS URL, fresh with the next details)."""
     offset = int(cursor.get("offset") or 0)
     response = session.get(url, headers={"Range": f"bytes={offset}-{offset + MAX_READ - 1}",
-                                         "x-ms-version": "2021-08-06"}, timeout=60)
-    if response.status_code in (404, 416):
-        return b"", response.status_code
+                                         "x-ms-version": "2021-08-06"}, timeout=(min(timeout, 20), timeout))
     if response.status_code >= 400:
-        return b"", response.status_code
-    data = response.content
+        return b""
     if response.status_code == 200 and offset:  # the server ignored the range: skip what was read
-        data = data[offset:]
-    return data, response.status_code
+        return bytes(response.content[offset:])
+    return bytes(response.content)

@@ -18,10 +18,14 @@ from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperat
 
 #: tag keys the flavor sets itself (the step's identity, for exactly-once look-ups)
 TAG_PREFIX = "stepops-"
-MAX_TAG_CHARS = 256
+#: run limits of https://learn.microsoft.com/en-us/azure/machine-learning/resource-limits-capacity#runs: 50 tags,
+#: keys of 100 characters, values of 1,000; display names of 256
+MAX_TAGS, MAX_TAG_KEY, MAX_TAG_VALUE, MAX_DISPLAY_NAME = 50, 100, 1000, 256
 JOB_TIERS = ("Spot", "Basic", "Standard", "Premium")
 #: ``resources.shmSize``: a number with an optional unit b, k, m or g (docker's --shm-size)
 SHM_SIZE = re.compile(r"^\d+[bkmg]?$")
+#: run history's rule for experiment names, as azureml-core states it (``_base_sdk_common.common``: 1-255
+#: characters, alphanumeric first, then also '-' and '_', no whitespace)
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,254}$")
 COMPUTE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,31}$")
 WORKSPACE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{2,32}$")
@@ -36,10 +40,12 @@ BLOB_URI = re.compile(r"^(?P<scheme>abfss?|az)://((?P<conn>[A-Za-z0-9_.-]+)@)?(?
 
 
 def check_tags(tags: dict[str, str], field: str, *, reserved: bool = True) -> dict[str, str]:
+    if len(tags) > MAX_TAGS:
+        raise ValueError(f"{field}: {len(tags)} tags; an Azure ML job takes at most {MAX_TAGS}")
     for key, value in tags.items():
-        if not key or len(key) > MAX_TAG_CHARS or len(value) > MAX_TAG_CHARS:
-            raise ValueError(f"{field}[{key!r}]: tag keys are 1-{MAX_TAG_CHARS} characters, values at most "
-                             f"{MAX_TAG_CHARS}")
+        if not key or len(key) > MAX_TAG_KEY or len(value) > MAX_TAG_VALUE:
+            raise ValueError(f"{field}[{key[:40]!r}]: Azure ML tag keys are 1-{MAX_TAG_KEY} characters, values at "
+                             f"most {MAX_TAG_VALUE}")
         if reserved and key.startswith(TAG_PREFIX):
             raise ValueError(f"{field}: {key!r}: keys starting with {TAG_PREFIX!r} are the step operator's own")
     return tags
@@ -217,6 +223,11 @@ class AzureMLStepOperatorConfig(BaseStepOperatorConfig, _AzureMLChecks):
     experiment_name: str | None = Field(default=None, description="Experiment of every job (default: the DAG id).")
     tags: dict[str, str] = Field(default_factory=dict, description="Tags of every job.")
     environment: dict[str, str] = Field(default_factory=dict, description="Environment of every step (no secrets).")
+    request_timeout: float = Field(
+        default=60.0, gt=0, le=600, description="Seconds one call to Azure ML or the log blob may wait for an answer "
+        "before it is retried.")
+    request_retries: int = Field(default=3, ge=0, le=10, description="Retries of a call that failed on the way "
+                                 "(timeouts, dropped connections, 429 and 5xx answers).")
     console_url_template: str | None = Field(
         default=None, description="Link template ({job_name}, {subscription_id}, {resource_group}, "
         "{workspace_name}); default: the job's Azure ML studio URL.")

@@ -197,16 +197,26 @@ def test_non_zero_exit_fails_the_job_like_azure(aml, ml_client):
     assert ml_client.jobs.get("emu-fail").status == "Failed"
 
 
-def test_limits_timeout_kills_the_process_and_fails_the_job(aml, ml_client):
+def test_limits_timeout_kills_the_process_and_cancels_the_job(aml, ml_client):
+    """CommandJobLimits.timeout: "the max run duration ..., after which the job will be cancelled"."""
     began = time.monotonic()
     ml_client.jobs.create_or_update(command(command="sleep 60", environment=IMAGE, compute="cpu-cluster",
                                             name="emu-timeout", timeout=1))
-    done = aml.wait_for_status("emu-timeout", "Failed")
+    done = aml.wait_for_status("emu-timeout", "Canceled")
     assert time.monotonic() - began < 10
-    assert done["properties"]["limits"]["timeout"] == "PT1S"
-    assert done["error"]["innerError"] == {"code": "JobTimeout"}
-    assert "limits.timeout of 1 seconds" in done["error"]["message"]
-    assert aml.pids("emu-timeout") == []
+    assert done["properties"]["limits"]["timeout"] == "PT1S" and done["error"] is None
+    assert [h["status"] for h in done["history"]][-2:] == ["CancelRequested", "Canceled"]
+    assert epoch(done["ended_at"]) - epoch(done["started_at"]) >= 1
+    assert aml.pids("emu-timeout") == [] and ml_client.jobs.get("emu-timeout").limits.timeout == 1
+
+
+def test_a_lost_create_reply_leaves_the_job_created(aml, ml_client):
+    fault = aml.lose_replies("drop", method="PUT", path_contains="/jobs/emu-lost")
+    job = ml_client.jobs.create_or_update(command(command="true", environment=IMAGE, compute="cpu-cluster",
+                                                  name="emu-lost"))
+    assert job.name == "emu-lost" and fault.hits == 1  # azure-core retried the PUT: the job answered, 200
+    puts = [r["status"] for r in aml.requests if r["method"] == "PUT" and r["path"].endswith("/jobs/emu-lost")]
+    assert puts == [None, 200] and [j["name"] for j in aml.jobs].count("emu-lost") == 1
 
 
 def test_begin_cancel_terminates_the_process(aml, ml_client):
@@ -264,7 +274,20 @@ def test_invalid_requests_answer_arm_errors(aml, ml_client):
              ({"inputs": {"a": {"jobInputType": "uri_folder", "uri": "s3://bucket/key"}}}, "UserError", "s3://"),
              ({"command": "echo ${{outputs.missing}}"}, "ValidationError", "outputs.missing"),
              ({"limits": {"jobLimitsType": "Command", "timeout": "soon"}}, "ValidationError", "limits.timeout"),
-             ({"queueSettings": {"jobTier": "Cheap"}}, "ValidationError", "jobTier")]
+             ({"queueSettings": {"jobTier": "Cheap"}}, "ValidationError", "jobTier"),
+             ({"experimentName": "my experiment"}, "ValidationError", "Experiment name must be between 1 and 255"),
+             ({"experimentName": "_x"}, "ValidationError", "first character has to be alphanumeric"),
+             ({"experimentName": "x" * 256}, "ValidationError", "Experiment name"),
+             ({"tags": {"k" * 101: "v"}}, "ValidationError", "keys must have 1 to 100 characters"),
+             ({"tags": {"k": "v" * 1001}}, "ValidationError", "values at most 1000"),
+             ({"tags": {f"t{i}": "v" for i in range(51)}}, "ValidationError", "51 tags; at most 50"),
+             ({"properties": {"p" * 101: "v"}}, "ValidationError", "keys must have 1 to 100"),
+             ({"displayName": "d" * 257}, "ValidationError", "displayName must have at most 256"),
+             ({"description": "d" * 5001}, "ValidationError", "description must have at most 5000")]
+    for name in ("emu.dotted", "-emu", "e" * 256):
+        answer = put(name)
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "ValidationError", (name, answer.text)
+    assert put("7" + "e" * 254).status_code == 201  # the REST API's pattern: 255 characters, a digit may lead
     for props, code, text in cases:
         answer = put("emu-invalid", props)
         assert answer.status_code == 400, (props, answer.text)

@@ -79,6 +79,35 @@ def test_logs_stream_while_the_job_runs(az_emulator):
     assert "sleeping" not in more  # the cursor does not read a line twice
 
 
+def _write_in_pieces() -> str:
+    import sys
+    import time
+
+    for part in (b"first line\ncaf\xc3", b"\xa9 au lait\n"):  # an upload in between ends inside the "é"
+        sys.stdout.buffer.write(part)
+        sys.stdout.buffer.flush()
+        time.sleep(1.5)
+    return "done"
+
+
+def test_lines_cut_by_an_upload_arrive_whole_once(az_emulator):
+    """The log blob is uploaded as the process writes it, so a read can end inside a line (and a character)."""
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _write_in_pieces, task_id="pieces"))
+    az_emulator.wait_for_status(handle["job_id"], "Running")
+    cursor, lines, reads = None, [], 0
+    deadline = time.monotonic() + 60
+    while hook.get_status(handle).state not in (JobState.SUCCEEDED, JobState.FAILED) and time.monotonic() < deadline:
+        new, cursor = hook.read_logs(handle, cursor)
+        lines, reads = lines + new, reads + 1
+        time.sleep(0.1)
+    for _ in range(5):  # what the finished job still has to say, as the trigger drains it
+        new, cursor = hook.read_logs(handle, cursor)
+        lines += new
+    assert reads > 20 and lines.count("first line") == 1 and lines.count("café au lait") == 1, lines
+    assert not [line for line in lines if "\ufffd" in line or line == "caf"], lines
+
+
 def test_every_rendered_job_passes_the_sdk_validation(az_emulator):
     from azure.ai.ml.entities import Job
     from azure.ai.ml.entities._job.to_rest_functions import to_rest_job_object
@@ -138,6 +167,26 @@ def test_remote_exception_fails_the_step(az_emulator):
     assert "bad input 7" in str(read_outcome(store_path(handle["output_uri"])).error)
 
 
+def _raise_timeout() -> None:
+    print("connecting to the feature store", flush=True)
+    raise TimeoutError("connection to feature-store:5432 timed out after JobTimeout limits.timeout")
+
+
+def _raise_eviction() -> None:
+    raise RuntimeError("cache eviction failed: PreemptionError, node preempted, pre-empted, evicted (NodeFailure)")
+
+
+@pytest.mark.parametrize(("fn", "task_id"), [(_raise_timeout, "user_timeout"), (_raise_eviction, "user_eviction")])
+def test_a_user_error_that_speaks_of_timeouts_or_preemption_stays_a_failure(az_emulator, fn, task_id):
+    """Run history's message quotes the step's output: only the error's codes and the job's fields classify."""
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, fn, task_id=task_id))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and "reason" not in event["details"], event
+    assert event["details"]["error_code"] == "UserError"
+    assert fn.__name__ != "_raise_timeout" or "timed out" in str(read_outcome(store_path(handle["output_uri"])).error)
+
+
 def test_trigger_on_kill_cancels_the_job(az_emulator):
     from airflow_stepops.triggers.azureml import AzureMLStepOperatorTrigger
 
@@ -169,7 +218,8 @@ def test_max_runtime_is_a_timeout(az_emulator):
                                    settings=AzureMLStepOperatorSettings(max_runtime_in_seconds=2)))
     event = run_trigger(hook, handle)
     assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
-    assert az_emulator.job(handle["job_id"])["properties"]["limits"]["timeout"] == "PT2S"
+    job = az_emulator.job(handle["job_id"])
+    assert job["properties"]["limits"]["timeout"] == "PT2S" and job["status"] == "Canceled" and not job["error"]
 
 
 def test_trigger_deadline_cancels_the_job(az_emulator):
@@ -234,6 +284,34 @@ def test_submit_is_exactly_once_per_try(az_emulator):
     assert len(tagged) == 1
     assert hook.find_job(spec.identity.for_try(2)) is None
     assert run_trigger(hook, first)["status"] == "succeeded"
+
+
+def test_a_create_whose_replies_are_lost_ends_with_one_job_and_its_handle(az_emulator, monkeypatch):
+    """Azure ML makes the job but no reply arrives (every retry hangs too): the hook gives up on the calls
+    within its deadline and finds the job by its name, instead of waiting for azure-core's 300 s read timeout."""
+    import os
+    import threading
+
+    from airflow_stepops.hooks.azureml_job import job_name
+
+    extra = json.loads(os.environ["AIRFLOW_CONN_AZUREML_STEP_OPERATOR"])["extra"]
+    monkeypatch.setenv("AIRFLOW_CONN_AZ_IMPATIENT", json.dumps({"conn_type": "stepops_azureml", "extra": {
+        **extra, "request_timeout": 2, "request_retries": 1}}))
+    hook = make_hook("az_impatient")
+    spec = make_spec(hook, _greet, "lost", task_id="lost_reply")
+    name = job_name(spec.identity)
+    fault = az_emulator.lose_replies("hang", times=None, method="PUT", path_contains=f"/jobs/{name}", hang_seconds=90)
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(handle=hook.submit(spec)), daemon=True)
+    began = time.monotonic()
+    worker.start()
+    worker.join(45)
+    fault.times = 0
+    assert not worker.is_alive(), "submit still waits for a reply that never comes"
+    assert result["handle"]["job_id"] == name and time.monotonic() - began < 45
+    assert fault.hits == 2  # the create and its one retry were carried out; both replies were lost
+    assert [j["name"] for j in az_emulator.jobs].count(name) == 1
+    assert run_trigger(hook, result["handle"])["status"] == "succeeded"
 
 
 def test_a_job_of_another_step_with_the_name_is_not_taken(az_emulator, monkeypatch):
@@ -323,6 +401,23 @@ def test_config_errors_are_clear_and_nothing_is_submitted(az_emulator, monkeypat
         spec.output_uri = str(spec.identity.prefix(hook.artifact_root()) / "output")
         hook.submit(spec)
     assert len(az_emulator.jobs) == before
+
+
+def test_what_azure_ml_refuses_is_refused_before_submitting_and_long_labels_fit(az_emulator):
+    """Azure ML's run limits: 50 tags (ours count), display names of 256 characters."""
+    hook = make_hook()
+    before = len(az_emulator.jobs)
+    many = AzureMLStepOperatorSettings(tags={f"t{i}": "v" for i in range(45)})  # + team + 6 identity tags
+    with pytest.raises(StepOperatorConfigError, match=r"make 52; an Azure ML job takes at most 50"):
+        make_spec(hook, _greet, "x", task_id="many_tags", settings=many)
+    assert len(az_emulator.jobs) == before
+    long_dag = "7" + "d" * 199  # a leading digit: the name gets a "step-" prefix, and keeps its digest
+    spec = make_spec(hook, _greet, "x", task_id="t" * 100, dag_id=long_dag)
+    handle = hook.submit(spec)
+    job = az_emulator.job(handle["job_id"])
+    assert len(handle["job_id"]) == 255 and handle["job_id"].endswith(f"-t1-{spec.identity.digest[:10]}")
+    assert job["properties"]["displayName"] == f"{long_dag}.{'t' * 55}"
+    assert run_trigger(hook, handle)["status"] == "succeeded"
 
 
 def test_job_tier_with_a_cluster_is_refused_before_submitting(az_emulator):

@@ -37,7 +37,8 @@ replaced by ``<workdir>/jobs/<name>/inputs|outputs/<x>``, a minimal environment 
 a failure) -> ``Completed``/``Failed``; ``begin_cancel`` -> ``CancelRequested`` -> ``Canceled`` (SIGTERM,
 SIGKILL after ``stop_grace_period``). A non-zero exit fails with ``UserError`` "Execution failed. User
 process '<program>' exited with status code N. Please check log file 'user_logs/std_log.txt' for error
-details. Error: ..."; ``limits.timeout`` kills the process and fails the job (``JobTimeout``). The
+details. Error: ..."; ``limits.timeout`` cancels the job (``CancelRequested`` -> ``Canceled``, as the REST
+reference says of it). The
 output goes to ``user_logs/std_log.txt`` (container ``azureml``, ``ExperimentRun/dcid.<job>/``), listed
 with a SAS URL in run history's ``logFiles``. A second PUT of a name answers the job (200) when only
 description, tags, displayName, properties or isArchived differ, else the service's "A job with this
@@ -47,9 +48,11 @@ name already exists" ``UserError`` (400). Datastores ``workspaceblobstore`` (con
 jobs need ``resources.instanceType``.
 
 Faults: ``aml.inject("preemption", job="train-1", after=2)`` (a Spot-tier or low-priority job fails with
-AmlCompute's ``PreemptionError``, others with a node failure), ``"quota_exceeded"`` (the create answers
-``JobNodeCountExceedsCoreQuota``), ``"failure"`` (``message``), ``"slow_start"`` (``duration``);
-``aml.fail_requests(503, "ServiceUnavailable", path_contains="/jobs/")`` fails API calls. Inspection:
+AmlCompute's ``PreemptionError``, also its ``innerError`` code; others with a ``NodeFailure``),
+``"quota_exceeded"`` (the create answers ``JobNodeCountExceedsCoreQuota``), ``"failure"`` (``message``),
+``"slow_start"`` (``duration``); ``aml.fail_requests(503, "ServiceUnavailable", path_contains="/jobs/")`` fails
+API calls, ``aml.lose_replies("drop"|"hang", method="PUT", path_contains="/jobs/")`` carries a call out but
+loses its reply. Inspection:
 ``jobs``, ``job``, ``wait_for_status``, ``pids``, ``job_dir``, ``logs``, ``requests``.
 
 Not emulated: other job types (pipeline, sweep, AutoML, Spark), code assets (``codeId``: the SDK uploads

@@ -237,7 +237,17 @@ class AzureMLEmulator:
                       *, method: str | None = None, message: str | None = None) -> RequestFault:
         """Answer the next ``times`` API requests whose path (with query) contains ``path_contains`` with an
         ARM error ``code`` and HTTP ``status_code`` (429 and 503 carry ``Retry-After: 1``)."""
-        fault = RequestFault(status_code, code, times, path_contains, method, message)
+        return self._add_request_fault(RequestFault(status_code, code, times, path_contains, method, message))
+
+    def lose_replies(self, how: str = "drop", times: int | None = 1, path_contains: str | None = None, *,
+                     method: str | None = None, hang_seconds: float = 30.0) -> RequestFault:
+        """Carry out the next ``times`` matching API requests but lose their replies: ``drop`` closes the
+        connection, ``hang`` answers nothing for ``hang_seconds`` (e.g. ``lose_replies("drop", method="PUT",
+        path_contains="/jobs/")``: the job is created, the client never hears of it)."""
+        return self._add_request_fault(RequestFault(0, "", times, path_contains, method, lose_reply=how,
+                                                    hang_seconds=hang_seconds))
+
+    def _add_request_fault(self, fault: RequestFault) -> RequestFault:
         api = self._running(self._api)
         with api.lock:
             api.faults.append(fault)

@@ -12,21 +12,24 @@ from typing import Any
 
 JSON = dict[str, Any]
 
-#: What a job on preemptible capacity (``queueSettings.jobTier: Spot``, a low-priority cluster) fails
-#: with when its node is taken back: the text AmlCompute reports, quoted in
-#: https://github.com/MicrosoftDocs/azure-docs/issues/66288 and
-#: https://github.com/microsoft/MLOpsPython/issues/346 ("UserError: AzureMLCompute job failed. ...").
+#: What a job on preemptible capacity (``queueSettings.jobTier: Spot``, a low-priority cluster) fails with when
+#: its node is taken back: the text AmlCompute reports, quoted in
+#: https://github.com/MicrosoftDocs/azure-docs/issues/66288 and https://github.com/microsoft/MLOpsPython/issues/346
+#: ("UserError: AzureMLCompute job failed. PreemptionError: ..."). The AmlCompute code also travels as the
+#: ``innerError`` code (run history's RootError: "A nested structure of errors"), which is what clients compare.
 PREEMPTION_ERROR: JSON = {
     "code": "UserError",
     "message": ("AzureMLCompute job failed. PreemptionError: Nodes of this job got pre-empted. Check if the run "
                 "has failed or restarted. Reason: Received pre-emption warning signal"),
+    "innerError": {"code": "PreemptionError"},
 }
 #: What a dedicated-node job fails with when a ``preemption`` fault strikes it (the node is lost; the
-#: emulator's wording: Azure reports such losses as system errors).
+#: emulator's wording and code: Azure reports such losses as system errors).
 NODE_LOST_ERROR: JSON = {
     "code": "SystemError",
     "message": "AzureMLCompute job failed. NodeFailure: the node running the job became unavailable and the job "
                "was stopped.",
+    "innerError": {"code": "NodeFailure"},
 }
 #: Default of a ``failure`` fault.
 INJECTED_FAILURE: JSON = {"code": "SystemError", "message": "AzureMLCompute job failed. JobFailed: injected failure."}
@@ -46,20 +49,8 @@ def user_process_error(command: str, exit_code: int, tail: list[str]) -> JSON:
             "messageParameters": {"exitCode": str(exit_code)}}
 
 
-def timeout_error(seconds: float) -> JSON:
-    """A job stopped by ``limits.timeout`` (the REST docs: "after which the job will be cancelled";
-    no service wording was found, so this one is the emulator's)."""
-    return {"code": "UserError",
-            "message": f"The job ran longer than its limits.timeout of {_seconds(seconds)} seconds and was stopped.",
-            "innerError": {"code": "JobTimeout"}}
-
-
 def data_error(message: str) -> JSON:
     return {"code": "UserError", "message": message, "innerError": {"code": "DataAccessError"}}
-
-
-def _seconds(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 # ----- the REST API's errors ------------------------------------------------------------------------
@@ -210,10 +201,18 @@ def take_faults(rules: list[FaultRule], job_name: str) -> list[Fault]:
     return found
 
 
+#: what ``RequestFault.lose_reply`` does to the reply of a request the service did carry out
+LOST_REPLIES = frozenset({"drop", "hang"})
+
+
 @dataclass
 class RequestFault:
     """Answer the next ``times`` matching API requests (None: all) with HTTP ``status_code`` and the ARM
-    error ``code``; ``path_contains`` and ``method`` narrow the requests (both None: any)."""
+    error ``code``; ``path_contains`` and ``method`` narrow the requests (both None: any).
+
+    With ``lose_reply`` the request is carried out (a PUT creates its job) but its reply is lost, as when a
+    connection breaks after the service acted: ``drop`` closes the connection without an answer, ``hang``
+    sends nothing for ``hang_seconds`` (then closes it); ``status_code`` and ``code`` are not used."""
 
     status_code: int
     code: str
@@ -221,7 +220,13 @@ class RequestFault:
     path_contains: str | None = None
     method: str | None = None
     message: str | None = None
+    lose_reply: str | None = None
+    hang_seconds: float = 30.0
     hits: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lose_reply is not None and self.lose_reply not in LOST_REPLIES:
+            raise ValueError(f"lose_reply must be one of {sorted(LOST_REPLIES)}, not {self.lose_reply!r}")
 
     def matches(self, method: str, path_qs: str) -> bool:
         if self.times is not None and self.times <= 0:

@@ -4,8 +4,11 @@ Azure ML's common runtime (v2 jobs) writes the process's stdout and stderr to ``
 among the run's artifacts, in the workspace artifact store (container ``azureml``, prefix
 ``ExperimentRun/dcid.<job name>/``), and run history's ``runs/{id}/details`` lists it under
 ``logFiles`` with a read-only SAS URL. ``MLClient.jobs.stream`` polls those details and re-reads the
-file at that URL, printing the lines it has not printed yet. Here the lines go to a local copy at once
-and the file is uploaded to Azurite every ``log_flush_interval`` seconds while it changes.
+file at that URL, printing the lines it has not printed yet (``_job_ops_helper._incremental_print``
+skips as many lines as it printed before: the file only grows, its beginning never changes). Here the
+bytes the process writes go to a local copy at once and the whole file is uploaded to Azurite every
+``log_flush_interval`` seconds while it changes, so an upload can end in the middle of a line, even of a
+UTF-8 character, and lines written since the last upload arrive late.
 """
 
 from __future__ import annotations
@@ -33,24 +36,25 @@ class JobLog:
         self.location = location
         self.interval = interval
         self._on_first_upload = on_first_upload
-        self._lines: list[str] = []
+        self._data = bytearray()
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
-        self._shipped = -1  # number of lines in the uploaded copy
+        self._shipped = -1  # bytes in the uploaded copy
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
 
-    def add(self, line: str) -> None:
+    def add(self, chunk: bytes) -> None:
+        """What the process wrote, as it wrote it (not necessarily whole lines)."""
         with self._lock:
-            self._lines.append(line)
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(line + "\n")
+            self._data += chunk
+            with open(self.path, "ab") as fh:
+                fh.write(chunk)
 
     def lines(self) -> list[str]:
         with self._lock:
-            return list(self._lines)
+            return bytes(self._data).decode("utf-8", errors="replace").splitlines()
 
     def start(self) -> None:
         """Upload the (empty) file now, then every ``interval`` seconds while lines arrive."""
@@ -69,10 +73,10 @@ class JobLog:
     def flush(self) -> None:
         with self._flush_lock:
             with self._lock:
-                count = len(self._lines)
+                count = len(self._data)
                 if count == self._shipped:
                     return
-                data = "".join(line + "\n" for line in self._lines).encode("utf-8")
+                data = bytes(self._data)
             try:
                 self.storage.upload_bytes(data, self.location)
             except Exception:

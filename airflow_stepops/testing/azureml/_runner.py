@@ -18,7 +18,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from airflow_stepops.testing.azureml._faults import (
     PREEMPTION_ERROR,
     Fault,
     data_error,
-    timeout_error,
     user_process_error,
 )
 from airflow_stepops.testing.azureml._jobs import STD_LOG, Job
@@ -55,8 +53,8 @@ class RunContext:
 
 @dataclass
 class Outcome:
-    """How the user process (or the job before it) ended: ``exited`` (``exit_code``), ``canceled``,
-    ``timeout``, ``struck`` (a fault; ``error``), ``failed`` (``error``) or ``shutdown``."""
+    """How the user process (or the job before it) ended: ``exited`` (``exit_code``), ``canceled`` (also
+    by ``limits.timeout``), ``struck`` (a fault; ``error``), ``failed`` (``error``) or ``shutdown``."""
 
     kind: str
     exit_code: int | None = None
@@ -256,10 +254,9 @@ class JobRunner:
         timeout = parse_timeout(limits["timeout"]) if limits.get("timeout") is not None else None
         strike = next((f for f in self.faults if f.kind in ("preemption", "failure")), None)
         assert self.log is not None
-        tail: deque[str] = deque(maxlen=50)
         self.proc = subprocess.Popen(["bash", "-c", command], cwd=self.dir / "wd", env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        reader = threading.Thread(target=_read, args=(self.proc, self.log, tail), daemon=True)
+        reader = threading.Thread(target=_read, args=(self.proc, self.log), daemon=True)
         reader.start()
         began = time.monotonic()
         outcome: Outcome | None = None
@@ -274,8 +271,11 @@ class JobRunner:
                 self._terminate()
                 outcome = Outcome("canceled")
             elif timeout is not None and elapsed >= timeout:
+                # "the max run duration ..., after which the job will be cancelled" (CommandJobLimits,
+                # https://learn.microsoft.com/en-us/rest/api/azureml/jobs/create-or-update#commandjoblimits)
+                self.job.transition("CancelRequested")
                 self._terminate()
-                outcome = Outcome("timeout", error=timeout_error(timeout))
+                outcome = Outcome("canceled")
             elif strike is not None and elapsed >= strike.after:
                 self._terminate()
                 outcome = Outcome("struck", error=self._strike_error(strike))
@@ -286,7 +286,7 @@ class JobRunner:
         reader.join(5)
         if outcome.kind == "exited" and strike is not None and strike.kind == "failure":
             outcome = Outcome("struck", error=strike.failure_error())  # ended sooner: fails all the same
-        outcome.tail = list(tail)
+        outcome.tail = self.log.lines()[-50:]
         return outcome
 
     def _strike_error(self, fault: Fault) -> JSON:
@@ -361,13 +361,11 @@ class JobRunner:
         return problem
 
 
-def _read(proc: subprocess.Popen[bytes], log: JobLog, tail: deque[str]) -> None:
+def _read(proc: subprocess.Popen[bytes], log: JobLog) -> None:
     assert proc.stdout is not None
     with proc.stdout:
-        for raw in iter(proc.stdout.readline, b""):
-            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-            log.add(line)
-            tail.append(line)
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            log.add(chunk)
 
 
 def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:

@@ -141,8 +141,10 @@ class ApiServer:
                     fault.hits += 1
                     if fault.times is not None:
                         fault.times -= 1
-            if fault is not None:
+            if fault is not None and fault.lose_reply is None:
                 raise fault.error()
+        else:
+            fault = None
         if matched is None:
             if path_known:
                 raise ApiError(405, "MethodNotAllowed", f"The method {request.method} is not allowed for "
@@ -156,7 +158,14 @@ class ApiServer:
                            "The api-version query parameter (?api-version=) is required for all requests.")
         if "ws" in params:
             self._check_workspace(params)
-        return await handler(request, params)
+        response = await handler(request, params)
+        if fault is not None:  # carried out, but the client never hears of it
+            if fault.lose_reply == "hang":
+                await asyncio.sleep(fault.hang_seconds)
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError
+        return response
 
     @staticmethod
     def _authenticate(request: web.Request) -> None:

@@ -17,12 +17,24 @@ import isodate
 
 from airflow_stepops.testing.azureml._faults import JSON, ApiError, bad_request
 
+#: the ``id`` of Jobs_CreateOrUpdate in the REST API's specification (azure-rest-api-specs, specification/
+#: machinelearningservices/resource-manager/Microsoft.MachineLearningServices/stable/2024-04-01/mfe.json)
 JOB_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_\-]{0,254}$")
+#: experiment names as run history takes them: azureml-core's ``_base_sdk_common.common._valid_experiment_name``
+#: ("between 1 and 255 characters long. Its first character has to be alphanumeric, and the rest may contain
+#: hyphens and underscores. No whitespace is allowed.")
+EXPERIMENT_LENGTH_MIN, EXPERIMENT_LENGTH_MAX = 1, 255
+EXPERIMENT_NAME = re.compile(rf"^[a-zA-Z0-9][\w\-]{{{EXPERIMENT_LENGTH_MIN - 1},{EXPERIMENT_LENGTH_MAX - 1}}}$", re.ASCII)
 IO_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]{0,254}$")
 PLACEHOLDER = re.compile(r"\$\{\{\s*(inputs|outputs)\.([A-Za-z0-9_]+)\s*\}\}")
 #: ``$[[...]]``: a part of the command kept only when the inputs it names are given
 OPTIONAL_PART = re.compile(r"\$\[\[(.*?)\]\]", re.S)
 
+#: "Runs" in Azure ML's service limits (https://learn.microsoft.com/en-us/azure/machine-learning/
+#: resource-limits-capacity#runs): (most entries, longest key, longest value) of tags and properties, and the
+#: longest display name and description
+RUN_MAPS = {"tags": (50, 100, 1000), "properties": (50, 100, 1000)}
+RUN_TEXTS = {"displayName": 256, "description": 5000}
 INPUT_TYPES = {"literal", "uri_file", "uri_folder", "mltable", "custom_model", "mlflow_model", "triton_model"}
 OUTPUT_TYPES = INPUT_TYPES - {"literal"}
 INPUT_MODES = {"ReadOnlyMount", "ReadWriteMount", "Download", "Direct", "EvalMount", "EvalDownload"}
@@ -141,7 +153,21 @@ def validate_job(name: str, body: Any, *, locate: Callable[[str], Any], compute_
         if not isinstance(value, dict):
             raise bad_request(f"{key} must be an object.", target=key)
         props[key] = {str(k): "" if v is None else str(v) for k, v in value.items()}
-    props.setdefault("experimentName", "Default")
+        most, key_chars, value_chars = RUN_MAPS[key]
+        if len(props[key]) > most:
+            raise bad_request(f"The job has {len(props[key])} {key}; at most {most} are allowed.", target=key)
+        for k, v in props[key].items():
+            if not k or len(k) > key_chars or len(v) > value_chars:
+                raise bad_request(f"{key} {k[:50]!r}: keys must have 1 to {key_chars} characters and values at most "
+                                  f"{value_chars}.", target=key)
+    for key, longest in RUN_TEXTS.items():
+        if isinstance(props.get(key), str) and len(props[key]) > longest:
+            raise bad_request(f"{key} must have at most {longest} characters.", target=key)
+    experiment = props.setdefault("experimentName", "Default")
+    if not isinstance(experiment, str) or not EXPERIMENT_NAME.match(experiment):
+        raise bad_request(f"Experiment name must be between {EXPERIMENT_LENGTH_MIN} and {EXPERIMENT_LENGTH_MAX} "
+                          "characters long. Its first character has to be alphanumeric, and the rest may contain "
+                          "hyphens and underscores. No whitespace is allowed.", target="experimentName")
     props.setdefault("displayName", name)
     props.setdefault("isArchived", False)
     return props
