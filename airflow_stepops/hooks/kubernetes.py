@@ -19,11 +19,11 @@ from typing import Any, ClassVar
 
 from airflow_stepops.artifacts import local_path, store_path
 from airflow_stepops.bundle import StepIdentity
-from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.exceptions import StepFailedError, StepOperatorConfigError
 from airflow_stepops.hooks import kubernetes_job as manifest
 from airflow_stepops.hooks import kubernetes_logs as logs
 from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec
-from airflow_stepops.hooks.kubernetes_status import interpret, latest_pod
+from airflow_stepops.hooks.kubernetes_status import container_status, interpret, latest_pod
 from airflow_stepops.settings.kubernetes import (
     KubernetesStepOperatorConfig,
     KubernetesStepOperatorSettings,
@@ -313,18 +313,34 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         return logs.new_lines(text, cursor, handle["job_id"])
 
     def collect_output(self, handle: JobHandle) -> None:
-        """Write an output the pod printed into its log to the artifact store (inline transport)."""
+        """Write the output the pod returned (inline transport) to the artifact store: from its
+        termination message, or from the pod log block that message names by sha256. The kubelet rotates
+        logs at containerLogMaxSize and pods/log serves only the current file
+        (https://kubernetes.io/docs/concepts/cluster-administration/logging/#log-rotation), so a block
+        can be lost; that is an error, never a wrong or missing-but-silent result."""
         if handle.get("transport") != "inline":
             return
         output = store_path(handle["output_uri"])
         if (output / "result.json").exists() or (output / "error.json").exists():
             return
         pod = latest_pod(self._pods(handle))
-        if pod is None:
+        terminated = (container_status(pod).get("state") or {}).get("terminated") if pod else None
+        record = logs.output_record((terminated or {}).get("message"), handle["job_id"])
+        if pod is None or record is None:
             return
-        archive = logs.extract_output_block(self._pod_log(pod["metadata"]["name"], handle["namespace"]), handle["job_id"])
+        kind, digest, payload = record
+        if kind == "data":
+            archive = logs.decode_record(digest, payload)
+        else:
+            archive = logs.extract_output_block(self._pod_log(pod["metadata"]["name"], handle["namespace"]),
+                                                handle["job_id"], digest)
         if archive is None:
-            return
+            raise StepFailedError(
+                f"job {handle['job_id']} printed its output ({payload} bytes) at the end of its pod log, but "
+                "the log no longer holds it whole: the kubelet rotates container logs (containerLogMaxSize) and "
+                "serves only the current file. Use a pvc:// artifact_store, or a lower inline_transfer_max_size "
+                "so that large outputs go to the artifact store" if kind == "log" else
+                f"job {handle['job_id']} returned a damaged output in its termination message")
         output.mkdir(parents=True, exist_ok=True)
         with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
             members = sorted((m for m in tar.getmembers() if m.isfile() and "/" not in m.name),

@@ -5,9 +5,11 @@ reaching back a little further than the newest line seen, and drop what was alre
 recognised by (timestamp, text, occurrence), so identical timestamps, stdout and stderr lines out of
 order, and node clocks ahead of ours lose nothing and repeat nothing.
 
-The pod prints its output block (see ``runtime/pod_entry.py``) as lines carrying
-``::stepops-output:<job name>:``; they are data, never shown as log, and are found anywhere in a line
-(a step's last line may lack its newline), so stray output between them does no harm.
+The pod's output comes back through its termination message (see ``runtime/pod_entry.py``), whose
+last line is a record carrying ``::stepops-output:<job name>:``: the output itself when small, else
+the sha256 and size of a block printed at the end of the pod log. Block lines carry the same prefix;
+they are data, never shown as log, and are found anywhere in a line (a step's last line may lack its
+newline), so stray output between them does no harm.
 """
 
 from __future__ import annotations
@@ -99,8 +101,30 @@ def new_lines(text: str, cursor: dict[str, Any], marker: str, now: float | None 
     return lines, {"pod": cursor["pod"], "newest": newest, "ahead": ahead, "seen": kept[-MAX_REMEMBERED:]}
 
 
-def extract_output_block(text: str, marker: str) -> bytes | None:
-    """The last complete, undamaged output archive in a pod log (read without timestamps)."""
+def output_record(message: str | None, marker: str) -> tuple[str, str, str] | None:
+    """``(kind, sha256, payload)`` of the record ending a termination message: kind ``data`` carries the
+    archive in base64, kind ``log`` its size (the archive is a block in the pod log)."""
+    last = (message or "").rstrip("\n").rsplit("\n", 1)[-1]
+    prefix = block_prefix(marker)
+    if not last.startswith(prefix):
+        return None
+    kind, _, rest = last[len(prefix):].partition(":")
+    digest, _, payload = rest.partition(":")
+    return (kind, digest, payload) if kind in ("data", "log") else None
+
+
+def decode_record(digest: str, payload: str) -> bytes | None:
+    """The archive of a ``data`` record, if undamaged."""
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return data if hashlib.sha256(data).hexdigest() == digest else None
+
+
+def extract_output_block(text: str, marker: str, digest: str | None = None) -> bytes | None:
+    """The last complete, undamaged output archive in a pod log (read without timestamps); with
+    ``digest``, only the block of that sha256."""
     prefix = block_prefix(marker)
     found: bytes | None = None
     chunks: dict[int, str] | None = None
@@ -113,7 +137,7 @@ def extract_output_block(text: str, marker: str) -> bytes | None:
             chunks = {}
         elif kind == "end" and chunks is not None:
             data = _assemble(chunks, rest.rstrip(":"))
-            found = data if data is not None else found
+            found = data if data is not None and digest in (None, rest.rstrip(":")) else found
             chunks = None
         elif kind.isdigit() and chunks is not None:
             chunks[int(kind)] = rest
@@ -123,8 +147,4 @@ def extract_output_block(text: str, marker: str) -> bytes | None:
 def _assemble(chunks: dict[int, str], digest: str) -> bytes | None:
     if sorted(chunks) != list(range(len(chunks))):
         return None
-    try:
-        data = base64.b64decode("".join(chunks[i] for i in range(len(chunks))), validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    return data if hashlib.sha256(data).hexdigest() == digest else None
+    return decode_record(digest, "".join(chunks[i] for i in range(len(chunks))))

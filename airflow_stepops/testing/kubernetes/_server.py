@@ -491,7 +491,7 @@ class ApiServer:
             if reason in ("ErrImagePull", "ImagePullBackOff"):
                 reason = "trying and failing to pull image"
             raise bad_request(f'container "{container}" in pod "{name}" is waiting to start: {reason}')
-        lines = list(run.logs.lines)
+        lines = list(run.logs.lines)  # the current log file only: rotated files are not served
         cutoff = None
         if _int(query, "sinceSeconds") is not None:
             cutoff = utcnow() - timedelta(seconds=_int(query, "sinceSeconds") or 0)
@@ -514,7 +514,7 @@ class ApiServer:
             return web.Response(body=data, content_type="text/plain", charset="utf-8")
         response = web.StreamResponse(headers={"Content-Type": "text/plain"})
         response.enable_chunked_encoding()
-        sent, seen, disconnects = len(data), len(lines), run.logs.disconnects
+        sent, seen, disconnects = len(data), run.logs.base + len(lines), run.logs.disconnects
         try:
             await response.prepare(request)
             if data:
@@ -523,15 +523,15 @@ class ApiServer:
                 await run.logs.wait(seen, timeout=0.5)
                 if run.logs.disconnects != disconnects:
                     break
-                fresh = run.logs.lines[seen:]
-                seen += len(fresh)
+                fresh = run.logs.since(seen)
+                seen = run.logs.end
                 chunk = render(fresh)
                 if limit is not None:
                     chunk = chunk[:limit - sent]
                 if chunk:
                     await response.write(chunk)
                     sent += len(chunk)
-                if run.logs.closed and seen >= len(run.logs.lines):
+                if run.logs.closed and seen >= run.logs.end:
                     break
             await response.write_eof()
         except ConnectionResetError:
