@@ -14,6 +14,7 @@ import io
 import json
 import tarfile
 import time
+from collections.abc import Callable
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -34,6 +35,11 @@ HANDLE_ANNOTATION = f"{manifest.LABEL_PREFIX}/handle"
 #: steps selected by one list call (``step in (...)``; keeps the URL short)
 STEPS_PER_LIST = 100
 BUNDLE_FILES = ("payload.pkl", "bootstrap.py", "meta.json")
+#: tries of one API call; timeouts, broken connections, 429 and 5xx are retried with back-off, the
+#: answers the API conventions call retryable (https://github.com/kubernetes/community/blob/master/
+#: contributors/devel/sig-architecture/api-conventions.md#http-status-codes)
+API_ATTEMPTS = 4
+RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 
 class KubernetesStepOperatorHook(StepOperatorHook):
@@ -94,6 +100,49 @@ class KubernetesStepOperatorHook(StepOperatorHook):
     @property
     def namespace(self) -> str:
         return self.config.kubernetes_namespace
+
+    @property
+    def _timeout(self) -> tuple[float, float]:
+        """(connect, read) seconds of every API call: a lost reply becomes a retry, never a hung worker."""
+        seconds = self.config.request_timeout_seconds
+        return min(seconds, 10.0), seconds
+
+    def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> bytes:
+        """The body of one sync API call, with a timeout and a bounded retry of what can heal."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        for attempt in range(API_ATTEMPTS):
+            try:
+                return bytes(method(*args, _preload_content=False, _request_timeout=self._timeout, **kwargs).data)
+            except (ApiException, HTTPError) as exc:
+                if attempt + 1 == API_ATTEMPTS or getattr(exc, "status", None) not in (None, *RETRY_STATUSES):
+                    raise
+                self.log.warning("Kubernetes API call %s failed (%s); retrying", method.__name__, exc)
+                time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _acall(self, api: str, method: str, *args: Any, action: str, missing: tuple[int, ...] = (),
+                     **kwargs: Any) -> bytes | None:
+        """The body of one async API call, with a timeout and a bounded retry of what can heal."""
+        import asyncio
+
+        import aiohttp
+        from kubernetes_asyncio import client
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        for attempt in range(API_ATTEMPTS):
+            try:
+                async with self.async_hook.get_conn() as conn:
+                    response = await getattr(getattr(client, api)(conn), method)(
+                        *args, _preload_content=False, _request_timeout=self._timeout, **kwargs)
+                    return await self._body(response, action, missing)
+            except (ApiException, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                if attempt + 1 == API_ATTEMPTS or getattr(exc, "status", None) not in (None, *RETRY_STATUSES):
+                    raise
+                self.log.warning("Kubernetes API call %s failed (%r); retrying", method, exc)
+                await asyncio.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
 
     def artifact_root(self) -> Any:
         if self.config.pvc_store is not None:
@@ -227,7 +276,10 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         job = self._read_job(manifest.job_name(identity), self.namespace)
         if job is None:
             return None
-        if (job["metadata"].get("labels") or {}).get(manifest.STEP_LABEL) != identity.digest[:40]:
+        meta = job["metadata"]
+        annotations = meta.get("annotations") or {}
+        if (meta.get("labels") or {}).get(manifest.STEP_LABEL) != identity.digest[:40] or any(
+                annotations.get(key) != value for key, value in manifest.identity_annotations(identity).items()):
             raise StepOperatorConfigError(
                 f"Job {self.namespace}/{job['metadata']['name']} exists but was not created for this step try; "
                 "delete it or rename the task"
@@ -239,7 +291,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
 
         job = self._build(spec, self.transport_env(spec))
         try:
-            self.batch.create_namespaced_job(self.namespace, job, _preload_content=False)
+            self._call(self.batch.create_namespaced_job, self.namespace, job)
         except ApiException as exc:
             if exc.status == 409:  # another submitter of this very try won: re-attach
                 existing = self.find_job(spec.identity)
@@ -256,16 +308,15 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return json.loads(self.batch.read_namespaced_job(name, namespace, _preload_content=False).data)
+            return json.loads(self._call(self.batch.read_namespaced_job, name, namespace))
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise self._api_error(exc, f"read Job {name}") or exc
 
     def _pods(self, handle: JobHandle) -> list[dict[str, Any]]:
-        data = self.core.list_namespaced_pod(handle["namespace"], label_selector=f"{manifest.STEP_LABEL}={handle['step']}",
-                                             _preload_content=False).data
-        return json.loads(data)["items"]
+        return json.loads(self._call(self.core.list_namespaced_pod, handle["namespace"],
+                                     label_selector=f"{manifest.STEP_LABEL}={handle['step']}"))["items"]
 
     def _interpret(self, handle: JobHandle, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> JobStatus:
         status = interpret(job, pods, name=f"{handle['namespace']}/{handle['job_id']}", now=time.time(),
@@ -284,8 +335,8 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         from kubernetes.client.exceptions import ApiException
 
         try:
-            self.batch.delete_namespaced_job(handle["job_id"], handle["namespace"], propagation_policy="Foreground",
-                                             _preload_content=False)
+            self._call(self.batch.delete_namespaced_job, handle["job_id"], handle["namespace"],
+                       propagation_policy="Foreground")
             self.log.info("Deleted Job %s/%s (foreground propagation)", handle["namespace"], handle["job_id"])
         except ApiException as exc:
             if exc.status != 404:
@@ -295,8 +346,8 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return self.core.read_namespaced_pod_log(pod, namespace, container=manifest.CONTAINER,
-                                                     _preload_content=False, **kwargs).data.decode(errors="replace")
+            return self._call(self.core.read_namespaced_pod_log, pod, namespace, container=manifest.CONTAINER,
+                              **kwargs).decode(errors="replace")
         except ApiException as exc:
             if exc.status in (400, 404):  # not started yet, or gone
                 return ""
@@ -355,14 +406,14 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         return template.format(namespace=handle["namespace"], name=handle["job_id"]) if template else None
 
     # ---- the async side (triggerer) -------------------------------------------------------------
-    async def _body(self, response: Any, action: str, missing_ok: bool = False) -> bytes | None:
+    async def _body(self, response: Any, action: str, missing: tuple[int, ...] = ()) -> bytes | None:
         """The body of a ``_preload_content=False`` answer; kubernetes_asyncio does not raise for
         error statuses then, so do it here (clear errors for what will not heal). With
-        ``missing_ok`` a 400/404 (a container not started yet, a pod gone) gives None."""
+        a status in ``missing`` (a container not started yet, a pod gone) gives None."""
         from kubernetes_asyncio.client.exceptions import ApiException
 
         data = await response.read()
-        if missing_ok and response.status in (400, 404):
+        if response.status in missing:
             return None
         if response.status >= 400:
             exc = ApiException(status=response.status, reason=response.reason)
@@ -373,17 +424,8 @@ class KubernetesStepOperatorHook(StepOperatorHook):
     async def _alist(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
         import asyncio
 
-        from kubernetes_asyncio import client
-
-        async with self.async_hook.get_conn() as api:
-            response: Any
-            if kind == "jobs":
-                response = await client.BatchV1Api(api).list_namespaced_job(
-                    namespace, label_selector=selector, _preload_content=False)
-            else:
-                response = await client.CoreV1Api(api).list_namespaced_pod(
-                    namespace, label_selector=selector, _preload_content=False)
-            data = await self._body(response, f"list {kind}")
+        api, method = ("BatchV1Api", "list_namespaced_job") if kind == "jobs" else ("CoreV1Api", "list_namespaced_pod")
+        data = await self._acall(api, method, namespace, label_selector=selector, action=f"list {kind}")
         assert data is not None
         # Jobs carry inline bundles: parse off the event loop
         return (await asyncio.to_thread(json.loads, data))["items"]
@@ -417,31 +459,19 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         return [out[i] for i in range(len(handles))]
 
     async def acancel(self, handle: JobHandle) -> None:
-        from kubernetes_asyncio import client
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        async with self.async_hook.get_conn() as api:
-            try:
-                await client.BatchV1Api(api).delete_namespaced_job(
-                    handle["job_id"], handle["namespace"], propagation_policy="Foreground")
-                self.log.info("Deleted Job %s/%s (foreground propagation)", handle["namespace"], handle["job_id"])
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
+        if await self._acall("BatchV1Api", "delete_namespaced_job", handle["job_id"], handle["namespace"],
+                             propagation_policy="Foreground", action="delete the Job", missing=(404,)) is not None:
+            self.log.info("Deleted Job %s/%s (foreground propagation)", handle["namespace"], handle["job_id"])
 
     async def aread_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        from kubernetes_asyncio import client
-
         if not (isinstance(cursor, dict) and cursor.get("pod")):  # a step's Job has one pod (backoffLimit 0)
             pod = latest_pod(await self._alist("pods", handle["namespace"], f"{manifest.STEP_LABEL}={handle['step']}"))
             if pod is None:
                 return [], cursor
             cursor = logs.fresh_cursor(cursor, pod["metadata"]["name"])
-        async with self.async_hook.get_conn() as api:
-            response: Any = await client.CoreV1Api(api).read_namespaced_pod_log(
-                cursor["pod"], handle["namespace"], container=manifest.CONTAINER, timestamps=True,
-                _preload_content=False, **logs.since_seconds(cursor))
-            data = await self._body(response, "read the pod log", missing_ok=True)
+        data = await self._acall("CoreV1Api", "read_namespaced_pod_log", cursor["pod"], handle["namespace"],
+                                 container=manifest.CONTAINER, timestamps=True, action="read the pod log",
+                                 missing=(400, 404), **logs.since_seconds(cursor))
         if data is None:
             return [], cursor
         return logs.new_lines(data.decode(errors="replace"), cursor, handle["job_id"])

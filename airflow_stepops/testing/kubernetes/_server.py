@@ -50,6 +50,7 @@ class ApiFault:
     count: int | None = 1
     after_commit: bool = False
     message: str = "emulator: injected API error"
+    delay: float = 0.0  # seconds the (real) answer is held: a client that times out first loses the reply
 
     def matches(self, request: web.Request) -> bool:
         if self.count is not None and self.count <= 0:
@@ -111,7 +112,7 @@ class ApiServer:
         if token and request.headers.get("Authorization") != f"Bearer {token}" and request.path not in (
                 "/healthz", "/livez", "/readyz"):
             response = web.json_response(ApiError(401, "Unauthorized", "Unauthorized").status(), status=401)
-        elif fault is not None and not fault.after_commit:
+        elif fault is not None and not fault.after_commit and not fault.delay:
             response = fault.error()
         else:
             try:
@@ -120,6 +121,8 @@ class ApiServer:
                 response = web.json_response(exc.status(), status=exc.code)
             if fault is not None and fault.after_commit and not response.prepared:
                 response = fault.error()
+            if fault is not None and fault.delay:
+                await asyncio.sleep(fault.delay)
         record["status"] = response.status
         return response
 
