@@ -195,6 +195,10 @@ class KubernetesStepOperatorHook(StepOperatorHook):
                        "memory_limit": ((job["spec"]["template"]["spec"]["containers"][0].get("resources") or {})
                                         .get("limits") or {}).get("memory")}
         job["metadata"]["annotations"][HANDLE_ANNOTATION] = json.dumps(handle_info, sort_keys=True)
+        try:
+            manifest.check_metadata(job)
+        except ValueError as exc:
+            raise StepOperatorConfigError(f"the Job of step {spec.task_label}: {exc}") from None
         return job
 
     def render(self, spec: StepSpec) -> dict[str, Any]:
