@@ -26,7 +26,8 @@ from typing import Any
 #: seconds re-read before the newest line seen, to cover lines written out of order and clock skew
 OVERLAP_SECONDS = 10
 MAX_LINES_PER_READ = 5000
-#: remembered line keys at most (a very chatty step may then repeat a line, never lose one)
+#: remembered line keys at most; past it, lines up to the oldest one forgotten count as shown (a
+#: "floor"): only a line written more than that many lines late could be missed, none is repeated
 MAX_REMEMBERED = 20000
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$")
 
@@ -48,7 +49,7 @@ def parse_stamp(stamp: str) -> float | None:
 def fresh_cursor(cursor: Any, pod: str) -> dict[str, Any]:
     if isinstance(cursor, dict) and cursor.get("pod") == pod:
         return cursor
-    return {"pod": pod, "newest": None, "ahead": 0.0, "seen": []}
+    return {"pod": pod, "newest": None, "ahead": 0.0, "seen": [], "floor": None}
 
 
 def since_seconds(cursor: dict[str, Any], now: float | None = None) -> dict[str, Any]:
@@ -66,6 +67,7 @@ def new_lines(text: str, cursor: dict[str, Any], marker: str, now: float | None 
     now = time.time() if now is None else now
     prefix = block_prefix(marker)
     seen = set(cursor.get("seen") or [])
+    floor = cursor.get("floor")
     newest = cursor.get("newest")
     ahead = float(cursor.get("ahead") or 0.0)
     counts: dict[tuple[str, str], int] = {}
@@ -82,7 +84,7 @@ def new_lines(text: str, cursor: dict[str, Any], marker: str, now: float | None 
         digest = hashlib.sha1(line.encode(errors="replace")).hexdigest()[:12]
         counts[(stamp, digest)] = counts.get((stamp, digest), 0) + 1
         key = f"{stamp}|{digest}|{counts[(stamp, digest)]}"
-        if key in seen:
+        if key in seen or (floor is not None and when <= floor):
             continue
         if len(lines) >= MAX_LINES_PER_READ:
             break
@@ -96,9 +98,13 @@ def new_lines(text: str, cursor: dict[str, Any], marker: str, now: float | None 
             lines.append(shown.rstrip("\r").rsplit("\r", 1)[-1])
     # remember only keys inside the window the next read can return again
     horizon = (float(newest) if newest is not None else now) - OVERLAP_SECONDS - 5
-    kept = [key for key in (cursor.get("seen") or []) if (parse_stamp(key.split("|", 1)[0]) or 0) >= horizon]
-    kept += [key for when, key in keys if when >= horizon]
-    return lines, {"pod": cursor["pod"], "newest": newest, "ahead": ahead, "seen": kept[-MAX_REMEMBERED:]}
+    kept = sorted([(parse_stamp(key.split("|", 1)[0]) or 0.0, key) for key in (cursor.get("seen") or [])] + keys)
+    kept = [(when, key) for when, key in kept if when >= horizon]
+    if len(kept) > MAX_REMEMBERED:
+        floor = max(float(floor or 0.0), kept[-MAX_REMEMBERED - 1][0])
+        kept = [(when, key) for when, key in kept[-MAX_REMEMBERED:] if when > floor]
+    return lines, {"pod": cursor["pod"], "newest": newest, "ahead": ahead, "seen": [key for _, key in kept],
+                   "floor": floor}
 
 
 def output_record(message: str | None, marker: str) -> tuple[str, str, str] | None:

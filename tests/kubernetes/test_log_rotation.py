@@ -1,4 +1,5 @@
-"""Results of the inline transport do not depend on the pod log, which the kubelet rotates."""
+"""Pod logs as the kubelet keeps them: results of the inline transport do not depend on them (the
+kubelet rotates them), and incremental reads of them lose and repeat nothing."""
 
 from __future__ import annotations
 
@@ -47,16 +48,17 @@ def _container_log(k8s, hook, handle):
 
 
 def _follow(hook, handle) -> list[str]:
-    """Wait as deferrable=False does, reading new log lines as they come; the lines shown."""
+    """Wait as deferrable=False does, reading new log lines as they come and what is left at the end
+    (reads are capped); the lines shown."""
     streamed, cursor = [], None
     while True:
         done = hook.get_status(handle)
         lines, cursor = hook.read_logs(handle, cursor)
         streamed += lines
-        if done.state.terminal:
+        if done.state.terminal and not lines:
             assert done.state is JobState.SUCCEEDED, done
             return streamed
-        time.sleep(0.2)
+        time.sleep(0 if done.state.terminal else 0.2)
 
 
 def test_a_verbose_step_returns_its_result_and_streams_its_log(small_log_files):
@@ -82,3 +84,21 @@ def test_an_output_whose_log_block_was_rotated_away_is_a_clear_error(k8s_emulato
     with pytest.raises(StepFailedError, match="inline_transfer_max_size.*pvc://|pvc://.*inline_transfer_max_size"):
         hook.collect_output(handle)
     assert read_outcome(store_path(handle["output_uri"])) is None  # nothing, rather than something wrong
+
+
+def _bursts() -> None:
+    import time
+
+    for burst in range(3):  # identical lines, many sharing one timestamp, and more than one read returns
+        for _ in range(7000 if burst == 1 else 1500):
+            print("tick")
+        print(f"burst {burst}", flush=True)
+        time.sleep(1)
+
+
+def test_incremental_log_reads_of_a_live_pod_lose_and_repeat_nothing(k8s_emulator):
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _bursts, task_id="bursts"))
+    streamed = [line for line in _follow(hook, handle) if not line.startswith("[stepops]")]
+    expected = [line for burst, count in enumerate((1500, 7000, 1500)) for line in ["tick"] * count + [f"burst {burst}"]]
+    assert streamed == expected
