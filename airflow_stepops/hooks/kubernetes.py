@@ -2,8 +2,8 @@
 
 Credentials come from the cncf-kubernetes provider's hooks (a ``kubernetes`` connection, a kubeconfig
 file and context, or the in-cluster service account); ``kubernetes`` and ``kubernetes_asyncio`` are
-imported only inside methods. Data travels in the pod spec and the pod log when small, through a
-mounted PersistentVolumeClaim (``pvc://`` store) or, when large, through the artifact store itself.
+imported only inside methods. Data travels in the pod spec and the termination message (or a pod
+log block it names) when small, through a mounted PersistentVolumeClaim (``pvc://`` store) or, when large, through the artifact store itself.
 """
 
 from __future__ import annotations
@@ -292,17 +292,20 @@ class KubernetesStepOperatorHook(StepOperatorHook):
 
     def submit(self, spec: StepSpec) -> JobHandle:
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
 
         job = self._build(spec, self.transport_env(spec))
         try:
             self._call(self.batch.create_namespaced_job, self.namespace, job)
-        except ApiException as exc:
-            if exc.status == 409:  # another submitter of this very try won: re-attach
+        except (ApiException, HTTPError) as exc:
+            # 409: another submitter of this try, or a try whose reply was lost, created it; the last try's
+            # lost reply or 5xx may have created it too: re-attach to the Job of this identity, if any
+            if getattr(exc, "status", None) in (None, 409, *RETRY_STATUSES):
                 existing = self.find_job(spec.identity)
                 if existing is not None:
                     self.log.info("Job %s already exists: re-attaching", job["metadata"]["name"])
                     return existing
-            raise self._api_error(exc, "create the Job") or exc
+            raise (self._api_error(exc, "create the Job") if isinstance(exc, ApiException) else None) or exc
         self.log.info("Created Job %s/%s (image %s)", self.namespace, job["metadata"]["name"],
                       job["spec"]["template"]["spec"]["containers"][0]["image"])
         return self._handle(job)

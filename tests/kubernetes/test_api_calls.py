@@ -49,6 +49,15 @@ def test_a_create_whose_reply_never_comes_re_attaches_to_the_one_job(k8s_emulato
     assert run_trigger(fast_hook, handle)["status"] == "succeeded"
 
 
+def test_a_create_whose_every_reply_is_lost_still_finds_its_job(k8s_emulator, fast_hook):
+    spec = make_spec(fast_hook, _greet, task_id="all_lost")
+    k8s_emulator.delay_replies(30, method="POST", path=f"/namespaces/{NS}/jobs$", count=4)
+    started = time.monotonic()
+    handle = fast_hook.submit(spec)
+    assert time.monotonic() - started < 20  # four timeouts and back-off, then a lookup
+    assert len(_steps_jobs(k8s_emulator, handle)) == 1
+
+
 def test_a_create_answered_503_after_commit_re_attaches(k8s_emulator, fast_hook):
     spec = make_spec(fast_hook, _greet, task_id="lost_503")
     k8s_emulator.fail_requests(503, method="POST", path=f"/namespaces/{NS}/jobs$", after_commit=True)
