@@ -2,8 +2,8 @@
 
 Credentials come from the cncf-kubernetes provider's hooks (a ``kubernetes`` connection, a kubeconfig
 file and context, or the in-cluster service account); ``kubernetes`` and ``kubernetes_asyncio`` are
-imported only inside methods. Data travels in the pod spec and the pod log when small, through a
-mounted PersistentVolumeClaim (``pvc://`` store) or, when large, through the artifact store itself.
+imported only inside methods. Data travels in the pod spec and the termination message (or a pod
+log block it names) when small, through a mounted PersistentVolumeClaim (``pvc://`` store) or, when large, through the artifact store itself.
 """
 
 from __future__ import annotations
@@ -14,16 +14,17 @@ import io
 import json
 import tarfile
 import time
+from collections.abc import Callable
 from functools import cached_property
 from typing import Any, ClassVar
 
 from airflow_stepops.artifacts import local_path, store_path
 from airflow_stepops.bundle import StepIdentity
-from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.exceptions import StepFailedError, StepOperatorConfigError
 from airflow_stepops.hooks import kubernetes_job as manifest
 from airflow_stepops.hooks import kubernetes_logs as logs
 from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec
-from airflow_stepops.hooks.kubernetes_status import interpret, latest_pod
+from airflow_stepops.hooks.kubernetes_status import container_status, interpret, latest_pod
 from airflow_stepops.settings.kubernetes import (
     KubernetesStepOperatorConfig,
     KubernetesStepOperatorSettings,
@@ -34,6 +35,11 @@ HANDLE_ANNOTATION = f"{manifest.LABEL_PREFIX}/handle"
 #: steps selected by one list call (``step in (...)``; keeps the URL short)
 STEPS_PER_LIST = 100
 BUNDLE_FILES = ("payload.pkl", "bootstrap.py", "meta.json")
+#: tries of one API call; timeouts, broken connections, 429 and 5xx are retried with back-off, the
+#: answers the API conventions call retryable (https://github.com/kubernetes/community/blob/master/
+#: contributors/devel/sig-architecture/api-conventions.md#http-status-codes)
+API_ATTEMPTS = 4
+RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 
 class KubernetesStepOperatorHook(StepOperatorHook):
@@ -95,6 +101,49 @@ class KubernetesStepOperatorHook(StepOperatorHook):
     def namespace(self) -> str:
         return self.config.kubernetes_namespace
 
+    @property
+    def _timeout(self) -> tuple[float, float]:
+        """(connect, read) seconds of every API call: a lost reply becomes a retry, never a hung worker."""
+        seconds = self.config.request_timeout_seconds
+        return min(seconds, 10.0), seconds
+
+    def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> bytes:
+        """The body of one sync API call, with a timeout and a bounded retry of what can heal."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        for attempt in range(API_ATTEMPTS):
+            try:
+                return bytes(method(*args, _preload_content=False, _request_timeout=self._timeout, **kwargs).data)
+            except (ApiException, HTTPError) as exc:
+                if attempt + 1 == API_ATTEMPTS or getattr(exc, "status", None) not in (None, *RETRY_STATUSES):
+                    raise
+                self.log.warning("Kubernetes API call %s failed (%s); retrying", method.__name__, exc)
+                time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _acall(self, api: str, method: str, *args: Any, action: str, missing: tuple[int, ...] = (),
+                     **kwargs: Any) -> bytes | None:
+        """The body of one async API call, with a timeout and a bounded retry of what can heal."""
+        import asyncio
+
+        import aiohttp
+        from kubernetes_asyncio import client
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        for attempt in range(API_ATTEMPTS):
+            try:
+                async with self.async_hook.get_conn() as conn:
+                    response = await getattr(getattr(client, api)(conn), method)(
+                        *args, _preload_content=False, _request_timeout=self._timeout, **kwargs)
+                    return await self._body(response, action, missing)
+            except (ApiException, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                if attempt + 1 == API_ATTEMPTS or getattr(exc, "status", None) not in (None, *RETRY_STATUSES):
+                    raise
+                self.log.warning("Kubernetes API call %s failed (%r); retrying", method, exc)
+                await asyncio.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
     def artifact_root(self) -> Any:
         if self.config.pvc_store is not None:
             return store_path("file://" + str(self.config.worker_store_path))
@@ -146,6 +195,10 @@ class KubernetesStepOperatorHook(StepOperatorHook):
                        "memory_limit": ((job["spec"]["template"]["spec"]["containers"][0].get("resources") or {})
                                         .get("limits") or {}).get("memory")}
         job["metadata"]["annotations"][HANDLE_ANNOTATION] = json.dumps(handle_info, sort_keys=True)
+        try:
+            manifest.check_metadata(job)
+        except ValueError as exc:
+            raise StepOperatorConfigError(f"the Job of step {spec.task_label}: {exc}") from None
         return job
 
     def render(self, spec: StepSpec) -> dict[str, Any]:
@@ -227,7 +280,10 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         job = self._read_job(manifest.job_name(identity), self.namespace)
         if job is None:
             return None
-        if (job["metadata"].get("labels") or {}).get(manifest.STEP_LABEL) != identity.digest[:40]:
+        meta = job["metadata"]
+        annotations = meta.get("annotations") or {}
+        if (meta.get("labels") or {}).get(manifest.STEP_LABEL) != identity.digest[:40] or any(
+                annotations.get(key) != value for key, value in manifest.identity_annotations(identity).items()):
             raise StepOperatorConfigError(
                 f"Job {self.namespace}/{job['metadata']['name']} exists but was not created for this step try; "
                 "delete it or rename the task"
@@ -236,17 +292,20 @@ class KubernetesStepOperatorHook(StepOperatorHook):
 
     def submit(self, spec: StepSpec) -> JobHandle:
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
 
         job = self._build(spec, self.transport_env(spec))
         try:
-            self.batch.create_namespaced_job(self.namespace, job, _preload_content=False)
-        except ApiException as exc:
-            if exc.status == 409:  # another submitter of this very try won: re-attach
+            self._call(self.batch.create_namespaced_job, self.namespace, job)
+        except (ApiException, HTTPError) as exc:
+            # 409: another submitter of this try, or a try whose reply was lost, created it; the last try's
+            # lost reply or 5xx may have created it too: re-attach to the Job of this identity, if any
+            if getattr(exc, "status", None) in (None, 409, *RETRY_STATUSES):
                 existing = self.find_job(spec.identity)
                 if existing is not None:
                     self.log.info("Job %s already exists: re-attaching", job["metadata"]["name"])
                     return existing
-            raise self._api_error(exc, "create the Job") or exc
+            raise (self._api_error(exc, "create the Job") if isinstance(exc, ApiException) else None) or exc
         self.log.info("Created Job %s/%s (image %s)", self.namespace, job["metadata"]["name"],
                       job["spec"]["template"]["spec"]["containers"][0]["image"])
         return self._handle(job)
@@ -256,16 +315,15 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return json.loads(self.batch.read_namespaced_job(name, namespace, _preload_content=False).data)
+            return json.loads(self._call(self.batch.read_namespaced_job, name, namespace))
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise self._api_error(exc, f"read Job {name}") or exc
 
     def _pods(self, handle: JobHandle) -> list[dict[str, Any]]:
-        data = self.core.list_namespaced_pod(handle["namespace"], label_selector=f"{manifest.STEP_LABEL}={handle['step']}",
-                                             _preload_content=False).data
-        return json.loads(data)["items"]
+        return json.loads(self._call(self.core.list_namespaced_pod, handle["namespace"],
+                                     label_selector=f"{manifest.STEP_LABEL}={handle['step']}"))["items"]
 
     def _interpret(self, handle: JobHandle, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> JobStatus:
         status = interpret(job, pods, name=f"{handle['namespace']}/{handle['job_id']}", now=time.time(),
@@ -284,8 +342,8 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         from kubernetes.client.exceptions import ApiException
 
         try:
-            self.batch.delete_namespaced_job(handle["job_id"], handle["namespace"], propagation_policy="Foreground",
-                                             _preload_content=False)
+            self._call(self.batch.delete_namespaced_job, handle["job_id"], handle["namespace"],
+                       propagation_policy="Foreground")
             self.log.info("Deleted Job %s/%s (foreground propagation)", handle["namespace"], handle["job_id"])
         except ApiException as exc:
             if exc.status != 404:
@@ -295,8 +353,8 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return self.core.read_namespaced_pod_log(pod, namespace, container=manifest.CONTAINER,
-                                                     _preload_content=False, **kwargs).data.decode(errors="replace")
+            return self._call(self.core.read_namespaced_pod_log, pod, namespace, container=manifest.CONTAINER,
+                              **kwargs).decode(errors="replace")
         except ApiException as exc:
             if exc.status in (400, 404):  # not started yet, or gone
                 return ""
@@ -313,18 +371,34 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         return logs.new_lines(text, cursor, handle["job_id"])
 
     def collect_output(self, handle: JobHandle) -> None:
-        """Write an output the pod printed into its log to the artifact store (inline transport)."""
+        """Write the output the pod returned (inline transport) to the artifact store: from its
+        termination message, or from the pod log block that message names by sha256. The kubelet rotates
+        logs at containerLogMaxSize and pods/log serves only the current file
+        (https://kubernetes.io/docs/concepts/cluster-administration/logging/#log-rotation), so a block
+        can be lost; that is an error, never a wrong or missing-but-silent result."""
         if handle.get("transport") != "inline":
             return
         output = store_path(handle["output_uri"])
         if (output / "result.json").exists() or (output / "error.json").exists():
             return
         pod = latest_pod(self._pods(handle))
-        if pod is None:
+        terminated = (container_status(pod).get("state") or {}).get("terminated") if pod else None
+        record = logs.output_record((terminated or {}).get("message"), handle["job_id"])
+        if pod is None or record is None:
             return
-        archive = logs.extract_output_block(self._pod_log(pod["metadata"]["name"], handle["namespace"]), handle["job_id"])
+        kind, digest, payload = record
+        if kind == "data":
+            archive = logs.decode_record(digest, payload)
+        else:
+            archive = logs.extract_output_block(self._pod_log(pod["metadata"]["name"], handle["namespace"]),
+                                                handle["job_id"], digest)
         if archive is None:
-            return
+            raise StepFailedError(
+                f"job {handle['job_id']} printed its output ({payload} bytes) at the end of its pod log, but "
+                "the log no longer holds it whole: the kubelet rotates container logs (containerLogMaxSize) and "
+                "serves only the current file. Use a pvc:// artifact_store, or a lower inline_transfer_max_size "
+                "so that large outputs go to the artifact store" if kind == "log" else
+                f"job {handle['job_id']} returned a damaged output in its termination message")
         output.mkdir(parents=True, exist_ok=True)
         with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
             members = sorted((m for m in tar.getmembers() if m.isfile() and "/" not in m.name),
@@ -339,14 +413,14 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         return template.format(namespace=handle["namespace"], name=handle["job_id"]) if template else None
 
     # ---- the async side (triggerer) -------------------------------------------------------------
-    async def _body(self, response: Any, action: str, missing_ok: bool = False) -> bytes | None:
+    async def _body(self, response: Any, action: str, missing: tuple[int, ...] = ()) -> bytes | None:
         """The body of a ``_preload_content=False`` answer; kubernetes_asyncio does not raise for
         error statuses then, so do it here (clear errors for what will not heal). With
-        ``missing_ok`` a 400/404 (a container not started yet, a pod gone) gives None."""
+        a status in ``missing`` (a container not started yet, a pod gone) gives None."""
         from kubernetes_asyncio.client.exceptions import ApiException
 
         data = await response.read()
-        if missing_ok and response.status in (400, 404):
+        if response.status in missing:
             return None
         if response.status >= 400:
             exc = ApiException(status=response.status, reason=response.reason)
@@ -357,17 +431,8 @@ class KubernetesStepOperatorHook(StepOperatorHook):
     async def _alist(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
         import asyncio
 
-        from kubernetes_asyncio import client
-
-        async with self.async_hook.get_conn() as api:
-            response: Any
-            if kind == "jobs":
-                response = await client.BatchV1Api(api).list_namespaced_job(
-                    namespace, label_selector=selector, _preload_content=False)
-            else:
-                response = await client.CoreV1Api(api).list_namespaced_pod(
-                    namespace, label_selector=selector, _preload_content=False)
-            data = await self._body(response, f"list {kind}")
+        api, method = ("BatchV1Api", "list_namespaced_job") if kind == "jobs" else ("CoreV1Api", "list_namespaced_pod")
+        data = await self._acall(api, method, namespace, label_selector=selector, action=f"list {kind}")
         assert data is not None
         # Jobs carry inline bundles: parse off the event loop
         return (await asyncio.to_thread(json.loads, data))["items"]
@@ -401,31 +466,19 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         return [out[i] for i in range(len(handles))]
 
     async def acancel(self, handle: JobHandle) -> None:
-        from kubernetes_asyncio import client
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        async with self.async_hook.get_conn() as api:
-            try:
-                await client.BatchV1Api(api).delete_namespaced_job(
-                    handle["job_id"], handle["namespace"], propagation_policy="Foreground")
-                self.log.info("Deleted Job %s/%s (foreground propagation)", handle["namespace"], handle["job_id"])
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
+        if await self._acall("BatchV1Api", "delete_namespaced_job", handle["job_id"], handle["namespace"],
+                             propagation_policy="Foreground", action="delete the Job", missing=(404,)) is not None:
+            self.log.info("Deleted Job %s/%s (foreground propagation)", handle["namespace"], handle["job_id"])
 
     async def aread_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        from kubernetes_asyncio import client
-
         if not (isinstance(cursor, dict) and cursor.get("pod")):  # a step's Job has one pod (backoffLimit 0)
             pod = latest_pod(await self._alist("pods", handle["namespace"], f"{manifest.STEP_LABEL}={handle['step']}"))
             if pod is None:
                 return [], cursor
             cursor = logs.fresh_cursor(cursor, pod["metadata"]["name"])
-        async with self.async_hook.get_conn() as api:
-            response: Any = await client.CoreV1Api(api).read_namespaced_pod_log(
-                cursor["pod"], handle["namespace"], container=manifest.CONTAINER, timestamps=True,
-                _preload_content=False, **logs.since_seconds(cursor))
-            data = await self._body(response, "read the pod log", missing_ok=True)
+        data = await self._acall("CoreV1Api", "read_namespaced_pod_log", cursor["pod"], handle["namespace"],
+                                 container=manifest.CONTAINER, timestamps=True, action="read the pod log",
+                                 missing=(400, 404), **logs.since_seconds(cursor))
         if data is None:
             return [], cursor
         return logs.new_lines(data.decode(errors="replace"), cursor, handle["job_id"])

@@ -23,6 +23,8 @@ from airflow_stepops.settings.kubernetes import (
     KubernetesPodOptions,
     KubernetesStepOperatorConfig,
     KubernetesStepOperatorSettings,
+    check_annotations,
+    check_labels,
 )
 
 __all__ = ["DNS_LABEL", "build_job", "chunked_env", "identity_annotations", "identity_labels", "job_name", "pod_path"]
@@ -238,6 +240,17 @@ def build_job(
                      "annotations": annotations},
         "spec": spec,
     }
+
+
+def check_metadata(job: dict[str, Any]) -> None:
+    """What the API server would refuse in the Job we built from merged options: its name, and the
+    labels and annotations of the Job and its pod template (ValueError naming the field)."""
+    name = job["metadata"]["name"]
+    if len(name) > 63 or not DNS_LABEL.match(name):
+        raise ValueError(f"metadata.name: {name!r} is not an RFC 1123 label of at most 63 characters")
+    for where, meta in (("metadata", job["metadata"]), ("spec.template.metadata", job["spec"]["template"]["metadata"])):
+        check_labels(meta.get("labels") or {}, f"{where}.labels")
+        check_annotations(meta.get("annotations") or {}, f"{where}.annotations")
 
 
 def chunked_env(prefix: str, text: str) -> list[dict[str, str]]:

@@ -32,7 +32,7 @@ def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
 
 
-def _container_status(pod: dict[str, Any]) -> dict[str, Any]:
+def container_status(pod: dict[str, Any]) -> dict[str, Any]:
     statuses = (pod.get("status") or {}).get("containerStatuses") or []
     return next((s for s in statuses if s.get("name") == "step"), statuses[0] if statuses else {})
 
@@ -45,7 +45,7 @@ def _times(job: dict[str, Any], pod: dict[str, Any] | None) -> dict[str, Any]:
     status = job.get("status") or {}
     started = None
     if pod is not None:
-        running = (_container_status(pod).get("state") or {})
+        running = (container_status(pod).get("state") or {})
         started = epoch((running.get("running") or running.get("terminated") or {}).get("startedAt"))
     return {"started_at": started or epoch(status.get("startTime")), "finished_at": epoch(status.get("completionTime"))
             or epoch(next((c.get("lastTransitionTime") for c in (status.get("conditions") or [])
@@ -69,7 +69,7 @@ def _disruption(pod: dict[str, Any] | None) -> str | None:
 def _failure(pod: dict[str, Any] | None, memory_limit: str | None) -> tuple[str, dict[str, Any]]:
     if pod is None:
         return "its pod is gone", {}
-    terminated = (_container_status(pod).get("state") or {}).get("terminated") or {}
+    terminated = (container_status(pod).get("state") or {}).get("terminated") or {}
     code, reason = terminated.get("exitCode"), terminated.get("reason")
     details = {"exit_code": code, "reason": reason}
     if reason == "OOMKilled":
@@ -128,7 +128,7 @@ def interpret(job: dict[str, Any] | None, pods: list[dict[str, Any]], *, name: s
                              "cause", {**details, "reason": "no_pod", "stop_job": True})
         return JobStatus(JobState.QUEUED, "waiting for the Job controller to create the pod", details)
     phase = (pod.get("status") or {}).get("phase")
-    waiting = (_container_status(pod).get("state") or {}).get("waiting") or {}
+    waiting = (container_status(pod).get("state") or {}).get("waiting") or {}
     if _cannot_start(waiting):
         return JobStatus(JobState.FAILED, f"pod {pod['metadata']['name']} cannot start: {waiting['reason']}: "
                          f"{waiting.get('message') or ''}".rstrip(": "),

@@ -4,8 +4,13 @@ The Kubernetes flavor starts ``python -c <this file> `` in the step's image. The
 pod spec itself (``STEPOPS_BUNDLE_PARTS`` environment variables of base64 gzip-tar), from a mounted
 volume (``STEPOPS_BUNDLE_PATH``) or, when too large for the spec, from a ``file://`` artifact store
 the pod shares with the workers (``STEPOPS_BUNDLE_URI``, e.g. an NFS or hostPath mount at the same
-path). The output goes to a mounted volume (``STEPOPS_OUTPUT_PATH``) or is printed at the end of the
-pod log between markers when small, else copied to the shared ``STEPOPS_OUTPUT_URI``.
+path). The output goes to a mounted volume (``STEPOPS_OUTPUT_PATH``), else, when small, back through
+the container's termination message, which does not depend on the pod log: the kubelet rotates logs
+(``containerLogMaxSize``) and serves only the current file, but keeps the message in the pod status.
+The message's last line is the output record ``<prefix>data:<sha256>:<base64 archive>`` when the
+archive fits; a larger one is printed at the end of the pod log between markers and the record is
+``<prefix>log:<sha256>:<size>``, so a block a rotation cut is detected, never taken. Outputs over the
+inline limit are copied to the shared ``STEPOPS_OUTPUT_URI``.
 
 Stdlib-only like ``bootstrap.py``. Exit code: the step's (0 success, 1 the step raised, 2 bad
 bundle), or 3 when the output could not be shipped.
@@ -28,6 +33,10 @@ import tempfile
 #: every line of the output block carries this prefix; lines without it are never part of the data
 PREFIX = "::stepops-output:{marker}:"
 LINE_CHARS = 8192  # well under the 16 KiB at which container runtimes split log lines
+#: the kubelet keeps the last 4096 bytes of a termination message; the record may use all but the
+#: summary line's share (https://kubernetes.io/docs/tasks/debug/debug-application/determine-reason-pod-failure/)
+MESSAGE_BYTES = 4096
+RECORD_BYTES = MESSAGE_BYTES - 512
 
 
 def _env(name: str, default: str = "") -> str:
@@ -148,15 +157,30 @@ def upload(directory: str, uri: str) -> None:
         os.replace(os.path.join(target, name + ".tmp"), os.path.join(target, name))
 
 
-def ship_output(output: str, marker: str) -> None:
+def output_record(archive: bytes, marker: str, limit: int) -> str | None:
+    """The termination-message record of an output archive (printing it to the log when it does not
+    fit the message), or None when it is larger than ``limit``."""
+    prefix = PREFIX.format(marker=marker)
+    digest = hashlib.sha256(archive).hexdigest()
+    record = f"{prefix}data:{digest}:{base64.b64encode(archive).decode()}"
+    if len(record) <= RECORD_BYTES:
+        return record
+    if len(archive) > limit:
+        return None
+    print_inline(archive, marker)
+    return f"{prefix}log:{digest}:{len(archive)}"
+
+
+def ship_output(output: str, marker: str) -> str:
+    """Ship the output; returns its termination-message record ("" when it went to the shared store)."""
     limit = int(_env("STEPOPS_INLINE_MAX_BYTES", "524288"))
     raw = sum(os.path.getsize(os.path.join(output, n)) for n in os.listdir(output))
-    archive = _archive(output) if raw <= 8 * limit else None
-    if archive is not None and len(archive) <= limit:
-        print_inline(archive, marker)
-        return
+    record = output_record(_archive(output), marker, limit) if raw <= 8 * limit else None
+    if record is not None:
+        return record
     upload(output, _env("STEPOPS_OUTPUT_URI"))
     print(f"[stepops] output of {raw} bytes written to {_env('STEPOPS_OUTPUT_URI')}", flush=True)
+    return ""
 
 
 def _failure_record(message: str) -> dict:
@@ -164,22 +188,28 @@ def _failure_record(message: str) -> dict:
             "phase": "transfer"}
 
 
-def write_termination_message(output: str, code: int) -> None:
-    """What Kubernetes shows as the container's failure (instead of the last log lines)."""
-    path = _env("STEPOPS_TERMINATION_LOG")
-    if not path:
-        return
+def summary(output: str, code: int) -> str:
+    """The step's error for ``kubectl describe`` and the failure message (instead of the last log lines)."""
     try:
         with open(os.path.join(output, "error.json"), encoding="utf-8") as fh:
             error = json.load(fh)
-        text = f"{error.get('type', 'error')}: {error.get('message', '')}"
+        return f"{error.get('type', 'error')}: {error.get('message', '')}"
     except (OSError, ValueError):
-        text = f"the step exited with code {code}"
+        return f"the step exited with code {code}"
+
+
+def write_termination_message(text: str, record: str = "") -> None:
+    """``text`` cut to fit, then the output record as the last line, within the kubelet's 4096 bytes."""
+    path = _env("STEPOPS_TERMINATION_LOG")
+    if not path:
+        return
+    tail = ("\n" + record if text else record).encode()
+    data = text.encode()[:MESSAGE_BYTES - len(tail)].decode(errors="ignore").encode() + tail
     try:
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(text[:4000])
-    except OSError:
-        pass
+        with open(path, "wb") as fh:
+            fh.write(data)
+    except OSError as exc:
+        print(f"[stepops] cannot write the termination message: {exc}", file=sys.stderr, flush=True)
 
 
 def finished_before(output: str) -> int | None:
@@ -216,12 +246,13 @@ def main() -> int:
                          "--output", output, *refs])
     sys.stdout.flush()
     sys.stderr.flush()
-    if code:
-        write_termination_message(output, code)
     if _env("STEPOPS_OUTPUT_PATH"):
+        if code:
+            write_termination_message(summary(output, code))
         return code
     try:
-        ship_output(output, marker)
+        record = ship_output(output, marker)
+        text = summary(output, code) if code else ""
     except Exception as exc:
         print(f"[stepops] cannot ship the step's output: {exc}", file=sys.stderr, flush=True)
         failed = os.path.join(workdir, "failed")
@@ -229,10 +260,10 @@ def main() -> int:
         with open(os.path.join(failed, "error.json"), "w", encoding="utf-8") as fh:
             json.dump(_failure_record(f"the step finished (exit code {code}) but its output could not be "
                                       f"shipped: {exc}"), fh)
-        print_inline(_archive(failed), marker)
-        return 3
+        code, text, record = 3, summary(failed, 3), output_record(_archive(failed), marker, 1 << 20) or ""
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    write_termination_message(text, record)
     return code
 
 

@@ -22,6 +22,9 @@ LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 QUALIFIED_NAME = re.compile(
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 )
+#: all annotations of one object, keys and values, in bytes (TotalAnnotationSizeLimitB in
+#: https://github.com/kubernetes/apimachinery/blob/master/pkg/api/validation/objectmeta.go)
+ANNOTATIONS_MAX_BYTES = 256 * 1024
 #: device-plugin resources of the common GPU and accelerator vendors
 KNOWN_GPU_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu", "gpu.intel.com/i915", "gpu.intel.com/xe",
                        "habana.ai/gaudi", "aws.amazon.com/neuron", "aws.amazon.com/neuroncore")
@@ -64,6 +67,21 @@ def check_labels(labels: dict[str, str], field: str) -> dict[str, str]:
     return labels
 
 
+def check_annotations(annotations: dict[str, str], field: str) -> dict[str, str]:
+    """Keys are qualified names (checked lowercased, as the API server does); 256 KiB in all.
+    https://kubernetes.io/docs/concepts/overview/working-with-objects/annotations/#syntax-and-character-set"""
+    for key in annotations:
+        prefix, _, name = key.lower().rpartition("/")
+        if not QUALIFIED_NAME.match(key.lower()) or len(name) > 63 or len(prefix) > 253:
+            raise ValueError(f"{field}: {key!r} is not a valid annotation key (an optional DNS subdomain prefix and "
+                             "'/', then at most 63 alphanumerics, '-', '_' or '.', starting and ending alphanumeric)")
+    size = sum(len(key.encode()) + len(value.encode()) for key, value in annotations.items())
+    if size > ANNOTATIONS_MAX_BYTES:
+        raise ValueError(f"{field}: {size} bytes of annotations; Kubernetes allows at most {ANNOTATIONS_MAX_BYTES} "
+                         "per object")
+    return annotations
+
+
 class KubernetesPodOptions(BaseModel):
     """Pod-level options shared by the step operator's defaults and per-step settings."""
 
@@ -88,6 +106,11 @@ class KubernetesPodOptions(BaseModel):
     @classmethod
     def _labels(cls, value: dict[str, str]) -> dict[str, str]:
         return check_labels(value, "labels")
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_annotations(value, "annotations")
 
     @field_validator("node_selector")
     @classmethod
@@ -217,6 +240,11 @@ class KubernetesStepOperatorConfig(BaseStepOperatorConfig, KubernetesPodOptions)
         default="512KiB",
         description="Bundles and outputs up to this size (compressed) travel in the pod spec and pod log; larger "
         "ones through the artifact store.",
+    )
+    request_timeout_seconds: float = Field(
+        default=60.0, gt=0,
+        description="Seconds one Kubernetes API call may wait for its answer before it is retried (at most 3 more "
+        "times, with back-off): a lost reply never hangs a worker or triggerer.",
     )
     console_url_template: str | None = Field(
         default=None,

@@ -245,13 +245,20 @@ def test_invalid_jobs_are_rejected_like_the_api_server(batch: Any) -> None:
     too_long = job_manifest("x" * 64, "pass")
     bad_label = job_manifest(unique("label"), "pass", labels={"team": "not valid!"})
     negative = job_manifest(unique("neg"), "pass", resources={"limits": {"memory": "-1Gi"}})
+    huge = job_manifest(unique("huge"), "pass", annotations={"a": "x" * 131072, "b": "y" * 131072})  # 2 bytes over
+    bad_key = job_manifest(unique("key"), "pass", annotations={"not/a/key": "v"})
+    bad_env = job_manifest(unique("env"), "pass", container={"env": [{"name": "A=B", "value": "1"}]})
     for manifest, field in ((bad_policy, "spec.template.spec.restartPolicy"), (too_long, "metadata.name"),
-                            (bad_label, "metadata.labels"), (negative, "resources.limits[memory]")):
+                            (bad_label, "metadata.labels"), (negative, "resources.limits[memory]"),
+                            (huge, "spec.template.metadata.annotations"), (bad_key, "metadata.annotations"),
+                            (bad_env, "containers[0].env[0].name")):
         with pytest.raises(client.ApiException) as raised:
             batch.create_namespaced_job(NS, manifest)
         body = json.loads(raised.value.body)
         assert (raised.value.status, body["reason"]) == (422, "Invalid")
         assert any(field in cause["field"] for cause in body["details"]["causes"]), body
+    relaxed = job_manifest(unique("relaxed"), "pass", container={"env": [{"name": "1.odd-but:valid", "value": "1"}]})
+    batch.create_namespaced_job(NS, relaxed)  # 1.33 accepts printable ASCII names (KEP-4369)
 
 
 # ----- selectors and watches --------------------------------------------------------------------------

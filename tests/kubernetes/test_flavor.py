@@ -330,6 +330,17 @@ def test_render_validates_before_anything_is_created(k8s_emulator, monkeypatch):
     assert k8s_emulator.list_objects("jobs", NS, f"{manifest.LABEL_PREFIX}/task-id=no_image") == []
 
 
+def test_metadata_the_api_server_would_refuse_is_refused_when_building_the_job(k8s_emulator):
+    with pytest.raises(ValueError, match="'not/a/key' is not a valid annotation key"):
+        KubernetesStepOperatorSettings(annotations={"not/a/key": "v"})
+    hook = make_hook()
+    almost = KubernetesStepOperatorSettings(annotations={"notes": "x" * (256 * 1024 - 5)})  # fits on its own
+    with pytest.raises(StepOperatorConfigError, match=r"metadata.annotations: \d+ bytes of annotations; Kubernetes "
+                                                      r"allows at most 262144"):
+        make_spec(hook, _greet, "x", task_id="big_annotations", settings=almost)  # + identity annotations
+    assert k8s_emulator.list_objects("jobs", NS, f"{manifest.LABEL_PREFIX}/task-id=big_annotations") == []
+
+
 def test_missing_namespace_is_a_clear_error(k8s_emulator, monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_K8S_NO_NS", json.dumps({"conn_type": "stepops_kubernetes", "extra": {
         "config_file": os.environ["AIRFLOW_HOME"] + "/kubeconfig", "kubernetes_namespace": "nowhere",

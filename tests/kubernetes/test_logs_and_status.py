@@ -7,6 +7,7 @@ import hashlib
 
 from airflow_stepops.hooks.base import JobState
 from airflow_stepops.hooks.kubernetes_logs import (
+    MAX_REMEMBERED,
     block_prefix,
     extract_output_block,
     fresh_cursor,
@@ -45,6 +46,18 @@ def test_log_reads_lose_and_repeat_nothing():
     assert lines == ["late stderr line", "b"]
     lines, cursor = new_lines(text, cursor, "m", now=T0 + 4)
     assert lines == []
+
+
+def test_more_lines_in_the_overlap_than_remembered_repeat_none_and_lose_none():
+    lines_in_window = MAX_REMEMBERED + 7000  # ~27k lines in 5 s: more than the cursor remembers
+    text = "".join(f"{_stamp(i * 5 / lines_in_window)} line {i}\n" for i in range(lines_in_window))
+    cursor, shown = fresh_cursor(None, "pod-a"), []
+    for _ in range(10):  # capped reads of an overlapping window, as the hook makes them
+        lines, cursor = new_lines(text, cursor, "m", now=T0 + 6)
+        shown += lines
+    assert shown == [f"line {i}" for i in range(lines_in_window)]
+    late = text + f"{_stamp(5.5)} written after\n"
+    assert new_lines(late, cursor, "m", now=T0 + 7)[0] == ["written after"]
 
 
 def test_a_node_clock_ahead_of_ours_loses_no_lines():

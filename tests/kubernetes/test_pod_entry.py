@@ -6,14 +6,16 @@ import json
 import subprocess
 import sys
 import tarfile
+import tempfile
 from io import BytesIO
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("kubernetes")
 
 from airflow_stepops.hooks import kubernetes_job as manifest
-from airflow_stepops.hooks.kubernetes_logs import extract_output_block
+from airflow_stepops.hooks.kubernetes_logs import decode_record, extract_output_block, output_record
 
 from .k8sjobs import make_hook, make_spec
 
@@ -28,14 +30,21 @@ def _noise(size: int) -> bytes:
 
 
 def _run_entry(env_list: list[dict], **overrides: str) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", **{e["name"]: e["value"] for e in env_list}, **overrides}
-    return subprocess.run([sys.executable, "-c", manifest.ENTRY_SOURCE], env=env, capture_output=True, text=True,
-                          timeout=60)
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"PATH": "/usr/bin:/bin", **{e["name"]: e["value"] for e in env_list},
+               "STEPOPS_TERMINATION_LOG": f"{tmp}/termination-log", **overrides}
+        done = subprocess.run([sys.executable, "-c", manifest.ENTRY_SOURCE], env=env, capture_output=True,
+                              text=True, timeout=60)
+        done.message = Path(env["STEPOPS_TERMINATION_LOG"]).read_text()  # type: ignore[attr-defined]
+    return done
 
 
-def _outcome_files(stdout: str) -> dict[str, bytes]:
-    archive = extract_output_block(stdout, "job")
-    assert archive is not None, stdout[-2000:]
+def _outcome_files(done: subprocess.CompletedProcess) -> dict[str, bytes]:
+    """The output as the hook reads it: the termination message's record, and the log block it names."""
+    assert len(done.message.encode()) <= 4096  # what the kubelet keeps
+    kind, digest, payload = output_record(done.message, "job")
+    archive = decode_record(digest, payload) if kind == "data" else extract_output_block(done.stdout, "job", digest)
+    assert archive is not None, done.stdout[-2000:]
     with tarfile.open(fileobj=BytesIO(archive), mode="r:gz") as tar:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
 
@@ -48,17 +57,20 @@ def test_a_large_output_for_a_store_the_pod_cannot_see_fails_clearly():
                       STEPOPS_OUTPUT_URI="file:///nonexistent/try-1/output", STEPOPS_INLINE_MAX_BYTES="10000")
     assert done.returncode == 3, done.stderr
     assert "made noise" in done.stdout
-    error = json.loads(_outcome_files(done.stdout)["error.json"])
+    error = json.loads(_outcome_files(done)["error.json"])
     assert "not a volume this pod shares with the Airflow workers" in error["message"]
     assert "exit code 0" in error["message"]
 
 
-def test_a_small_output_comes_back_in_the_log_with_its_pickled_values():
+@pytest.mark.parametrize(("size", "kind"), [(1000, "data"), (20_000, "log")])
+def test_an_output_comes_back_in_the_termination_message_or_the_log_it_names(size, kind):
     hook = make_hook()
-    spec = make_spec(hook, _noise, 1000, task_id="entry_inline")
+    spec = make_spec(hook, _noise, size, task_id=f"entry_inline_{kind}")
     done = _run_entry(hook.transport_env(spec), STEPOPS_MARKER="job")
     assert done.returncode == 0, done.stderr
-    files = _outcome_files(done.stdout)
+    assert output_record(done.message, "job")[0] == kind
+    assert ("::stepops-output:job:begin:" in done.stdout) == (kind == "log")
+    files = _outcome_files(done)
     result = json.loads(files["result.json"])
     entry = result["outputs"]["return_value"]
     assert entry["kind"] != "json" and len(files[entry["path"]]) == entry["size"]
@@ -69,4 +81,4 @@ def test_a_damaged_inline_bundle_is_refused():
     spec = make_spec(hook, _noise, 10, task_id="entry_damaged")
     done = _run_entry(hook.transport_env(spec), STEPOPS_MARKER="job", STEPOPS_BUNDLE_SHA256="0" * 64)
     assert done.returncode == 2
-    assert "sha256 mismatch" in json.loads(_outcome_files(done.stdout)["error.json"])["message"]
+    assert "sha256 mismatch" in json.loads(_outcome_files(done)["error.json"])["message"]

@@ -33,6 +33,32 @@ from airflow_stepops.testing.kubernetes._util import (
 )
 
 FINALIZER_JOB_TRACKING = "batch.kubernetes.io/job-tracking"
+#: ValidateAnnotations: the keys and values of one object's annotations, in bytes
+#: (https://github.com/kubernetes/apimachinery/blob/master/pkg/api/validation/objectmeta.go)
+TOTAL_ANNOTATION_SIZE_LIMIT = 262144
+
+
+def check_annotations(annotations: dict[str, Any], field: str) -> list[tuple[str, str]]:
+    """Keys are validated lowercased as qualified names; the total of keys and values is capped."""
+    causes = check_labels({str(key).lower(): "" for key in annotations}, field)  # an empty value is valid
+    if sum(len(str(k).encode()) + len(str(v).encode()) for k, v in annotations.items()) > TOTAL_ANNOTATION_SIZE_LIMIT:
+        causes.append((field, f"Too long: must have at most {TOTAL_ANNOTATION_SIZE_LIMIT} bytes"))
+    return causes
+
+
+def check_env_names(container: JSON, field: str) -> list[tuple[str, str]]:
+    """Kubernetes 1.33 validates env names with RelaxedEnvironmentVariableValidation (beta, on by default
+    since 1.32; https://www.kubernetes.dev/resources/keps/4369/): printable ASCII other than '='."""
+    causes = []
+    for index, env in enumerate(container.get("env") or []):
+        name = env.get("name") or ""
+        if not name:
+            causes.append((f"{field}.env[{index}].name", "Required value"))
+        elif any(not " " <= char <= "~" or char == "=" for char in name):
+            causes.append((f"{field}.env[{index}].name", f"Invalid value: {name!r}: a valid environment variable "
+                                                         "name must consist only of printable ASCII characters "
+                                                         "other than '='"))
+    return causes
 
 
 def prepare(store: Store, res: Resource, obj: Any, namespace: str | None, *, default_grace: int) -> JSON:
@@ -60,6 +86,7 @@ def prepare(store: Store, res: Resource, obj: Any, namespace: str | None, *, def
     if problem:
         causes.append(("metadata.name", f"Invalid value: {name!r}: {problem}"))
     causes += check_labels(meta.get("labels") or {}, "metadata.labels")
+    causes += check_annotations(meta.get("annotations") or {}, "metadata.annotations")
     if causes:
         raise invalid(res.kind, res.group, name, causes)
     meta.pop("uid", None)
@@ -102,6 +129,8 @@ def _default_job(job: JSON, default_grace: int) -> None:
                        f"Unsupported value: {pod_spec['restartPolicy']!r}: supported values: \"OnFailure\", \"Never\""))
     causes += _check_pod_spec(pod_spec, "spec.template.spec")
     causes += check_labels((template.get("metadata") or {}).get("labels") or {}, "spec.template.metadata.labels")
+    causes += check_annotations((template.get("metadata") or {}).get("annotations") or {},
+                                "spec.template.metadata.annotations")
     for key in ("backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "parallelism", "completions"):
         value = spec.get(key)
         if value is not None and (not isinstance(value, int) or value < (1 if key == "activeDeadlineSeconds" else 0)):
@@ -155,6 +184,7 @@ def _check_pod_spec(spec: JSON, field: str) -> list[tuple[str, str]]:
             if not container.get("image"):
                 causes.append((f"{where}.image", "Required value"))
             causes += _check_resources(container.get("resources") or {}, f"{where}.resources")
+            causes += check_env_names(container, where)
     for index, volume in enumerate(spec.get("volumes") or []):
         if not volume.get("name"):
             causes.append((f"{field}.volumes[{index}].name", "Required value"))

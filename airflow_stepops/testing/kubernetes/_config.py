@@ -84,3 +84,12 @@ class EmulatorConfig:
     image_pull_backoff: float = 1.0
     #: Bearer token the API requires when set (401 otherwise).
     token: str | None = None
+    #: The kubelet's container log rotation (KubeletConfiguration, defaults 10Mi, 5 files, 10s;
+    #: https://kubernetes.io/docs/reference/config-api/kubelet-config.v1beta1/): every monitor interval a
+    #: running container's log file of at least ``container_log_max_size`` bytes (CRI format, prefixes
+    #: included) is rotated, so it can overshoot in between; pods/log serves only the current file
+    #: (https://kubernetes.io/docs/concepts/cluster-administration/logging/#log-rotation). The kubelet
+    #: refuses intervals under 3 s; the emulator accepts shorter ones to keep tests fast.
+    container_log_max_size: int = 10 * 1024 * 1024
+    container_log_max_files: int = 5
+    container_log_monitor_interval: float = 10.0

@@ -238,6 +238,14 @@ class KubernetesEmulator:
         self._call(lambda: self.server.faults.append(fault))
         return fault
 
+    def delay_replies(self, seconds: float, *, method: str | None = None, path: str | None = None,
+                      count: int | None = 1) -> ApiFault:
+        """Perform the next ``count`` matching requests but hold their answers for ``seconds``: a client
+        whose timeout is shorter never sees the reply."""
+        fault = ApiFault(method, path, count=count, delay=seconds)
+        self._call(lambda: self.server.faults.append(fault))
+        return fault
+
     def clear_faults(self) -> None:
         def clear() -> None:
             self.cluster.fault_rules.clear()

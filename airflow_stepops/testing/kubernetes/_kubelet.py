@@ -35,6 +35,7 @@ from airflow_stepops.testing.kubernetes._util import (
     node_selector_term_matcher,
     parse_quantity,
     timestamp,
+    timestamp_nano,
     utcnow,
 )
 
@@ -57,30 +58,56 @@ class _MountError(Exception):
 
 
 class LogBuffer:
-    """One container run's output, line by line with kubelet timestamps; followers wait on it."""
+    """One container run's output as the kubelet keeps it: the current log file (what pods/log serves),
+    line by line with timestamps, and up to ``containerLogMaxFiles - 1`` rotated files; followers wait
+    on it and, like the kubelet's, read on into the new file after a rotation."""
 
     def __init__(self) -> None:
         self.lines: list[tuple[datetime, bytes]] = []
+        self.rotated: list[list[tuple[datetime, bytes]]] = []
+        self.base = 0  # lines rotated out before lines[0]: followers count positions from the first line
+        self.size = 0  # bytes of the current file in the CRI format ("<time> stdout F <line>")
         self.closed = False
         self.disconnects = 0
         self._partial = b""
         self._event = asyncio.Event()
+
+    def _append(self, when: datetime, line: bytes) -> None:
+        self.lines.append((when, line))
+        self.size += len(timestamp_nano(when)) + len(" stdout F ") + len(line)
 
     def feed(self, chunk: bytes) -> None:
         data = self._partial + chunk
         *complete, self._partial = data.split(b"\n")
         now = utcnow()
         for line in complete:
-            self.lines.append((now, line + b"\n"))
+            self._append(now, line + b"\n")
         if complete:
             self._wake()
 
     def close(self) -> None:
         if self._partial:
-            self.lines.append((utcnow(), self._partial))
+            self._append(utcnow(), self._partial)
             self._partial = b""
         self.closed = True
         self._wake()
+
+    def rotate(self, max_files: int) -> None:
+        """Rename the current file away and start a new one; only ``max_files`` files are kept."""
+        self.rotated = [*self.rotated, self.lines][-(max_files - 1):] if max_files > 1 else []
+        self.base += len(self.lines)
+        self.lines, self.size = [], 0
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.lines)
+
+    def since(self, position: int) -> list[tuple[datetime, bytes]]:
+        """Lines from ``position`` on, from the rotated files still kept when a follower is behind."""
+        if position >= self.base:
+            return self.lines[position - self.base:]
+        kept = [line for file in self.rotated for line in file] + self.lines
+        return kept[max(position - (self.end - len(kept)), 0):]
 
     def disconnect(self) -> None:
         """Drop open follow streams (a log gap for clients that do not reconnect)."""
@@ -92,7 +119,7 @@ class LogBuffer:
         self._event = asyncio.Event()
 
     async def wait(self, seen: int, timeout: float | None = None) -> None:
-        if len(self.lines) > seen or self.closed:
+        if self.end > seen or self.closed:
             return
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._event.wait(), timeout)
@@ -633,9 +660,11 @@ class Kubelet:
         if faults:
             self._arm_running_faults(runtime, run)
         reader = self.cluster.loop.create_task(_pump(run.proc, run.logs))
+        rotator = self.cluster.loop.create_task(self._rotate_logs(run.logs))
         try:
             await self._wait_process(runtime, run.proc)
         finally:
+            rotator.cancel()
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(run.proc.pid, signal.SIGKILL)  # the container is gone: so is everything it started
             with contextlib.suppress(asyncio.TimeoutError):
@@ -657,9 +686,19 @@ class Kubelet:
         self.publish(runtime)
         return code
 
+    async def _rotate_logs(self, logs: LogBuffer) -> None:
+        """The kubelet's container log manager: every monitor interval, rotate the log of a *running*
+        container whose file reached containerLogMaxSize (``if info.Size() < c.policy.MaxSize``: skip);
+        https://github.com/kubernetes/kubernetes/blob/master/pkg/kubelet/logs/container_log_manager.go"""
+        config = self.config
+        while True:
+            await asyncio.sleep(config.container_log_monitor_interval)
+            if logs.size >= config.container_log_max_size:
+                logs.rotate(config.container_log_max_files)
+
     async def _wait_process(self, runtime: PodRuntime, proc: asyncio.subprocess.Process) -> None:
         """Wait for the process; on a stop, SIGTERM the group and SIGKILL it once the grace period ends."""
-        waiter = self.cluster.loop.create_task(proc.wait())
+        waiter = self.cluster.loop.create_task(_main_exit(proc))
         stopper = self.cluster.loop.create_task(runtime.stop_event.wait())
         try:
             await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -933,6 +972,13 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+async def _main_exit(proc: asyncio.subprocess.Process) -> None:
+    """The container ends when its main process does, and the runtime kills what it left running.
+    ``proc.wait()`` would also wait for the output pipe, which such a leftover process keeps open."""
+    while proc.returncode is None:
+        await asyncio.sleep(0.05)
+
+
 async def _pump(proc: asyncio.subprocess.Process, logs: LogBuffer) -> None:
     assert proc.stdout is not None
     while True:
@@ -997,9 +1043,12 @@ def _set_entry(status: JSON, key: str, name: str, entry: JSON) -> None:
 
 
 def _termination_message(container: JSON, message_file: Path, logs: LogBuffer, code: int) -> str | None:
-    """What the container wrote to its terminationMessagePath; the log tail on failure if the policy says so."""
+    """What the container wrote to its terminationMessagePath, of which the kubelet keeps the *last* 4096
+    bytes (``tail.ReadAtMost``: getTerminationMessage in pkg/kubelet/kuberuntime/kuberuntime_container.go;
+    https://kubernetes.io/docs/tasks/debug/debug-application/determine-reason-pod-failure/); the tail of
+    the current log file on failure if the policy says so."""
     try:
-        text = message_file.read_bytes()[:_MESSAGE_LIMIT].decode(errors="replace")
+        text = message_file.read_bytes()[-_MESSAGE_LIMIT:].decode(errors="replace")
     except OSError:
         text = ""
     if not text and code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":

@@ -50,6 +50,7 @@ class ApiFault:
     count: int | None = 1
     after_commit: bool = False
     message: str = "emulator: injected API error"
+    delay: float = 0.0  # seconds the (real) answer is held: a client that times out first loses the reply
 
     def matches(self, request: web.Request) -> bool:
         if self.count is not None and self.count <= 0:
@@ -111,7 +112,7 @@ class ApiServer:
         if token and request.headers.get("Authorization") != f"Bearer {token}" and request.path not in (
                 "/healthz", "/livez", "/readyz"):
             response = web.json_response(ApiError(401, "Unauthorized", "Unauthorized").status(), status=401)
-        elif fault is not None and not fault.after_commit:
+        elif fault is not None and not fault.after_commit and not fault.delay:
             response = fault.error()
         else:
             try:
@@ -120,6 +121,8 @@ class ApiServer:
                 response = web.json_response(exc.status(), status=exc.code)
             if fault is not None and fault.after_commit and not response.prepared:
                 response = fault.error()
+            if fault is not None and fault.delay:
+                await asyncio.sleep(fault.delay)
         record["status"] = response.status
         return response
 
@@ -491,7 +494,7 @@ class ApiServer:
             if reason in ("ErrImagePull", "ImagePullBackOff"):
                 reason = "trying and failing to pull image"
             raise bad_request(f'container "{container}" in pod "{name}" is waiting to start: {reason}')
-        lines = list(run.logs.lines)
+        lines = list(run.logs.lines)  # the current log file only: rotated files are not served
         cutoff = None
         if _int(query, "sinceSeconds") is not None:
             cutoff = utcnow() - timedelta(seconds=_int(query, "sinceSeconds") or 0)
@@ -514,7 +517,7 @@ class ApiServer:
             return web.Response(body=data, content_type="text/plain", charset="utf-8")
         response = web.StreamResponse(headers={"Content-Type": "text/plain"})
         response.enable_chunked_encoding()
-        sent, seen, disconnects = len(data), len(lines), run.logs.disconnects
+        sent, seen, disconnects = len(data), run.logs.base + len(lines), run.logs.disconnects
         try:
             await response.prepare(request)
             if data:
@@ -523,15 +526,15 @@ class ApiServer:
                 await run.logs.wait(seen, timeout=0.5)
                 if run.logs.disconnects != disconnects:
                     break
-                fresh = run.logs.lines[seen:]
-                seen += len(fresh)
+                fresh = run.logs.since(seen)
+                seen = run.logs.end
                 chunk = render(fresh)
                 if limit is not None:
                     chunk = chunk[:limit - sent]
                 if chunk:
                     await response.write(chunk)
                     sent += len(chunk)
-                if run.logs.closed and seen >= len(run.logs.lines):
+                if run.logs.closed and seen >= run.logs.end:
                     break
             await response.write_eof()
         except ConnectionResetError:
