@@ -275,15 +275,20 @@ class StepOperator(BaseOperator):
         from airflow_stepops.artifacts import store_path
         from airflow_stepops.bundle import read_outcome
 
+        lost: StepFailedError | None = None  # the backend's own word on an output it cannot return
         if status in ("succeeded", "failed"):
             try:
                 hook.collect_output(handle)
+            except StepFailedError as exc:
+                lost = exc
             except Exception:
                 self.log.exception("Could not collect the output of job %s", handle.get("job_id"))
         if status == "succeeded":
             outcome = read_outcome(store_path(handle["output_uri"]))
             if outcome is None or not outcome.ok:
                 self._forget_job(context)  # a retry must run the step again, not replay this
+                if lost is not None:
+                    raise lost
                 raise StepFailedError(
                     f"job {handle.get('job_id')} succeeded but left no result in {handle['output_uri']}"
                     + _tail(event)
