@@ -16,6 +16,17 @@ def _field(label: str, kind: str | list[str] = "string", description: str = "", 
     return out
 
 
+def _api_fields(timeout: float, attempts: int | None = None) -> dict[str, Any]:
+    """Every call to a backend is bounded: a lost reply must never hang a worker or the triggerer."""
+    fields = {"api_timeout_seconds": _field("API call timeout (s)", "number", description="Seconds one call to "
+                                            "the service may wait for its answer before it is retried.",
+                                            default=timeout)}
+    if attempts is not None:
+        fields["api_max_attempts"] = _field("API call attempts", "integer", description="Attempts of a call that "
+                                            "fails on the way, the first included.", default=attempts)
+    return fields
+
+
 _COMMON_FIELDS = {
     "artifact_store": _field("Artifact store URI", description="Where step bundles and results are kept."),
     "max_result_size": _field("Max result size", description='Largest result a step may store, e.g. "10GB".'),
@@ -62,6 +73,7 @@ def get_provider_info() -> dict[str, Any]:
                 "ui-field-behaviour": {"hidden-fields": _HIDDEN, "relabeling": {}, "placeholders": {}},
                 "conn-fields": {
                     **_COMMON_FIELDS,
+                    **_api_fields(60),
                     "kubernetes_conn_id": _field(
                         "Kubernetes connection id", description="A cncf-kubernetes connection with the cluster "
                         "credentials (default: kubernetes_default)."),
@@ -99,6 +111,7 @@ def get_provider_info() -> dict[str, Any]:
                 "ui-field-behaviour": {"hidden-fields": _HIDDEN, "relabeling": {}, "placeholders": {}},
                 "conn-fields": {
                     **_COMMON_FIELDS,
+                    **_api_fields(60, attempts=5),
                     "aws_conn_id": _field("AWS connection id", description="Amazon provider connection.",
                                           default="aws_default"),
                     "region_name": _field("Region", description="e.g. us-east-1 (default: the aws connection's)."),
@@ -120,6 +133,7 @@ def get_provider_info() -> dict[str, Any]:
                 "ui-field-behaviour": {"hidden-fields": _HIDDEN, "relabeling": {}, "placeholders": {}},
                 "conn-fields": {
                     **_COMMON_FIELDS,
+                    **_api_fields(30),
                     "gcp_conn_id": _field("Google connection id", description="Google provider connection.",
                                           default="google_cloud_default"),
                     "project": _field("Project", description="GCP project (default: the google connection's)."),
@@ -149,6 +163,7 @@ def get_provider_info() -> dict[str, Any]:
                 "ui-field-behaviour": {"hidden-fields": _HIDDEN, "relabeling": {}, "placeholders": {}},
                 "conn-fields": {
                     **_COMMON_FIELDS,
+                    **_api_fields(60, attempts=4),
                     "azure_conn_id": _field("Azure connection id", description="microsoft-azure provider connection "
                                             "(DefaultAzureCredential when it has no service principal).",
                                             default="azure_default"),

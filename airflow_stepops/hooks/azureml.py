@@ -105,8 +105,8 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         _quiet_sdk_logs()
         cfg = self.config
         return MLClient(self.credential, cfg.subscription_id, cfg.resource_group, cfg.workspace_name,
-                        enable_telemetry=False, show_progress=False, connection_timeout=min(cfg.request_timeout, 20),
-                        read_timeout=cfg.request_timeout, retry_total=cfg.request_retries, retry_backoff_max=10)
+                        enable_telemetry=False, show_progress=False, connection_timeout=min(cfg.api_timeout_seconds, 20),
+                        read_timeout=cfg.api_timeout_seconds, retry_total=cfg.api_max_attempts - 1, retry_backoff_max=10)
 
     @property
     def workspace_id(self) -> str:
@@ -473,7 +473,7 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         url = log_url(getattr(details, "log_files", None))
         if url is None:  # no output yet
             return [], cursor
-        data = read_range(self._http, url, cursor, self.config.request_timeout)
+        data = read_range(self._http, url, cursor, self.config.api_timeout_seconds)
         return take(data, cursor, str(getattr(details, "status", "")) in ENDED)
 
     @cached_property
@@ -484,7 +484,7 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         from urllib3.util.retry import Retry
 
         session = requests.Session()
-        retry = Retry(total=self.config.request_retries, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504),
+        retry = Retry(total=self.config.api_max_attempts - 1, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504),
                       allowed_methods=("GET",), raise_on_status=False)
         session.mount("https://", HTTPAdapter(max_retries=retry))
         session.mount("http://", HTTPAdapter(max_retries=retry))

@@ -104,7 +104,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
     @property
     def _timeout(self) -> tuple[float, float]:
         """(connect, read) seconds of every API call: a lost reply becomes a retry, never a hung worker."""
-        seconds = self.config.request_timeout_seconds
+        seconds = self.config.api_timeout_seconds
         return min(seconds, 10.0), seconds
 
     def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> bytes:

@@ -223,11 +223,11 @@ class AzureMLStepOperatorConfig(BaseStepOperatorConfig, _AzureMLChecks):
     experiment_name: str | None = Field(default=None, description="Experiment of every job (default: the DAG id).")
     tags: dict[str, str] = Field(default_factory=dict, description="Tags of every job.")
     environment: dict[str, str] = Field(default_factory=dict, description="Environment of every step (no secrets).")
-    request_timeout: float = Field(
+    api_timeout_seconds: float = Field(
         default=60.0, gt=0, le=600, description="Seconds one call to Azure ML or the log blob may wait for an answer "
         "before it is retried.")
-    request_retries: int = Field(default=3, ge=0, le=10, description="Retries of a call that failed on the way "
-                                 "(timeouts, dropped connections, 429 and 5xx answers).")
+    api_max_attempts: int = Field(default=4, ge=1, le=11, description="Attempts of a call that fails on the way, the "
+                                  "first included (timeouts, dropped connections, 429 and 5xx answers).")
     console_url_template: str | None = Field(
         default=None, description="Link template ({job_name}, {subscription_id}, {resource_group}, "
         "{workspace_name}); default: the job's Azure ML studio URL.")

@@ -241,7 +241,7 @@ class KubernetesStepOperatorConfig(BaseStepOperatorConfig, KubernetesPodOptions)
         description="Bundles and outputs up to this size (compressed) travel in the pod spec and pod log; larger "
         "ones through the artifact store.",
     )
-    request_timeout_seconds: float = Field(
+    api_timeout_seconds: float = Field(
         default=60.0, gt=0,
         description="Seconds one Kubernetes API call may wait for its answer before it is retried (at most 3 more "
         "times, with back-off): a lost reply never hangs a worker or triggerer.",

@@ -296,7 +296,7 @@ def test_a_create_whose_replies_are_lost_ends_with_one_job_and_its_handle(az_emu
 
     extra = json.loads(os.environ["AIRFLOW_CONN_AZUREML_STEP_OPERATOR"])["extra"]
     monkeypatch.setenv("AIRFLOW_CONN_AZ_IMPATIENT", json.dumps({"conn_type": "stepops_azureml", "extra": {
-        **extra, "request_timeout": 2, "request_retries": 1}}))
+        **extra, "api_timeout_seconds": 2, "api_max_attempts": 2}}))
     hook = make_hook("az_impatient")
     spec = make_spec(hook, _greet, "lost", task_id="lost_reply")
     name = job_name(spec.identity)

@@ -23,7 +23,7 @@ NS = "steps"
 def fast_hook(k8s_emulator, monkeypatch):
     """The tests' step operator with a 1 s API timeout."""
     conn = json.loads(os.environ["AIRFLOW_CONN_K8S_STEP_OPERATOR"])
-    conn["extra"]["request_timeout_seconds"] = 1
+    conn["extra"]["api_timeout_seconds"] = 1
     monkeypatch.setenv("AIRFLOW_CONN_K8S_FAST_STEP_OPERATOR", json.dumps(conn))
     yield make_hook("k8s_fast_step_operator")
     k8s_emulator.clear_faults()
