@@ -31,6 +31,20 @@ pytestmark = pytest.mark.slow
 FLAVORS = ("local", "kubernetes", "sagemaker", "vertex", "azureml", "modal")
 LINES = 40  # remote log lines the results scenario streams while deferred
 CANCEL_POLL = 2.0  # poll_interval of the cancel scenario's step (dags/conformance_dags.py)
+_WRITES = threading.Lock()  # one API write at a time: SQLite answers concurrent ones "database is locked"
+
+
+def write(call: Callable[[], Any]) -> Any:
+    """An API write, serialised and retried when SQLite was busy (HTTP 500 "Database error")."""
+    for attempt in range(5):
+        try:
+            with _WRITES:
+                return call()
+        except pytest.fail.Exception as exc:
+            if "Database error" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(1)
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -61,14 +75,14 @@ class Run:
 
     def trigger(self, run_id: str | None = None, **conf: Any) -> Run:
         conf = {"marker": str(self.marker), "release": str(self.release), "errors": str(self.folder), **conf}
-        self.run_id = self.services.trigger(self.dag_id, conf, run_id=run_id)
+        self.run_id = write(lambda: self.services.trigger(self.dag_id, conf, run_id=run_id))
         return self
 
     def ti(self, task_id: str | None = None, map_index: int = -1) -> dict[str, Any]:
         return self.af.ti(self.dag_id, self.run_id, task_id or self.task_id, map_index)
 
     def watch(self, until: Callable[[dict[str, Any]], Any], task_id: str | None = None,
-              timeout: float = 240) -> dict[str, Any]:
+              timeout: float = 420) -> dict[str, Any]:
         return self.services.watch_ti(self.dag_id, self.run_id, task_id or self.task_id, until=until, timeout=timeout)
 
     def log(self, try_number: int = 1, task_id: str | None = None) -> str:
@@ -91,7 +105,7 @@ class Run:
             db.execute("DELETE FROM task_state_store WHERE dag_id = ? AND run_id = ? AND task_id = ? "
                        "AND key = 'stepops_job'", (self.dag_id, self.run_id, self.task_id))
 
-    def dag_run_over(self, timeout: float = 240) -> str:
+    def dag_run_over(self, timeout: float = 420) -> str:
         def over() -> str | None:
             self.services.check_alive()
             state = (self.af.dag_run(self.dag_id, self.run_id) or {}).get("state")
@@ -188,17 +202,17 @@ def results(suite: Suite) -> dict[str, Run]:
 def test_results_reach_xcom_and_downstream_steps(suite, results, flavor):
     run = suite.run_of(results, flavor)
     af, dag_id, run_id = run.af, run.dag_id, run.run_id
-    states = {key: ti["state"] for key, ti in af.task_instances(dag_id, run_id).items()}
-    assert run.seen["state"] == "success", (states, run.log()[-3000:])
-    # multiple_outputs: one XCom per key, read by a normal task downstream with the mapped steps' results
+    failed = [task_id for (task_id, _), ti in af.task_instances(dag_id, run_id).items() if ti["state"] != "success"]
+    assert run.seen["state"] == "success", {t: run.log(task_id=t)[-3000:] for t in failed}
+    # multiple_outputs: one XCom per key; the environment came from the step operator's connection
     produced = af.xcoms(dag_id, run_id, "produce")
     assert produced["answer"] == 42 and produced["env"].startswith("from-"), produced
-    assert [af.xcom(dag_id, run_id, "square", map_index=i) for i in range(3)] == [1, 4, 9]
-    assert af.xcom(dag_id, run_id, "report") == {"answer": 42, "env": produced["env"], "squares": [1, 4, 9]}
+    assert produced["return_value"] == {"answer": 42, "env": produced["env"]}, produced
+    assert [af.xcom(dag_id, run_id, "square", map_index=i) for i in range(2)] == [4, 9]
     # a large non-JSON result stays in the artifact store; the downstream step gets the value itself
     blob = bytes(range(256)) * 400
     ref = af.xcom(dag_id, run_id, "big")
-    assert "ArtifactRef" in json.dumps(ref) and str(len(blob)) in json.dumps(ref), ref
+    assert ref["__classname__"].endswith(".ArtifactRef") and ref["__data__"]["type"] == "builtins.bytes", ref
     assert af.xcom(dag_id, run_id, "consume") == {"type": "bytes", "size": len(blob),
                                                   "sha256": hashlib.sha256(blob).hexdigest()}
     # each step ran as one job of the emulator
@@ -338,12 +352,12 @@ def reruns(suite: Suite) -> dict[str, Run]:
         assert first["state"] == "success", run.log()[-3000:]
         run.seen["first_jobs"] = run.jobs()
         if run.seen["variant"] == "cleared":
-            run.services.api("POST", f"/dags/{run.dag_id}/clearTaskInstances", {
+            write(lambda: run.services.api("POST", f"/dags/{run.dag_id}/clearTaskInstances", {
                 "dry_run": False, "task_ids": [run.task_id], "dag_run_id": run.run_id, "only_failed": False,
-                "reset_dag_runs": True})
+                "reset_dag_runs": True}))
             run.seen["final"] = run.watch(lambda row: row["try_number"] == 2 and terminal(row))
         else:
-            run.services.api("DELETE", f"/dags/{run.dag_id}/dagRuns/{run.run_id}", expect=(204,))
+            write(lambda: run.services.api("DELETE", f"/dags/{run.dag_id}/dagRuns/{run.run_id}", expect=(204,)))
             run.trigger(run_id=run_id)
             run.seen["final"] = run.watch(terminal)
 
@@ -393,7 +407,7 @@ def cancels(suite: Suite) -> dict[str, Run]:
         (pid,) = run.invocations()
         run.seen.update(job=job, pid=pid, alive=not run.af.process_gone(pid))
         marked = time.monotonic()
-        response = run.services.mark_ti(run.dag_id, run.run_id, run.task_id, "failed")
+        response = write(lambda: run.services.mark_ti(run.dag_id, run.run_id, run.task_id, "failed"))
         assert [ti["state"] for ti in response["task_instances"]] == ["failed"], response
 
         def stopped() -> bool:
