@@ -136,7 +136,7 @@ MD_ENVIRONMENT = "main"
 MD_APP_NAME = "stepops-e2e"
 MD_CONN_ENVIRONMENT = {"E2E_FROM_CONN": "from-md-connection"}
 #: the conformance DAGs of each flavor (tests/e2e/dags/conformance_dags.py), which the services must have parsed
-CONFORMANCE_SCENARIOS = ("results", "errors", "reattach", "cancel")
+CONFORMANCE_SCENARIOS = ("results", "errors", "reattach", "cancel")  # and "preempt" where a flavor has it
 
 _LAST_SERVICES_USER: list[str] = []  # node id of the last test that uses the live services
 
@@ -792,8 +792,9 @@ def airflow_services(airflow_env: AirflowEnv) -> Iterator[Services]:
     services.start()
     try:
         services.wait_until_healthy()
-        services.wait_for_dags(tuple(f"conformance_{flavor}_{scenario}" for flavor in harnesses(airflow_env)
-                                     for scenario in CONFORMANCE_SCENARIOS))
+        services.wait_for_dags(tuple(f"conformance_{flavor}_{scenario}" for flavor, h in harnesses(airflow_env).items()
+                                     for scenario in CONFORMANCE_SCENARIOS + (("preempt",) if h.preemptible is not None
+                                                                               else ())))
         yield services
     finally:
         services.stop()

@@ -9,6 +9,7 @@ States are normalised to ``running``, ``succeeded``, ``failed``, ``cancelled`` a
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,8 @@ class Harness:
     #: the step operator connection; where the flavor has one, its credentials are only in the metadata DB
     conn_id: str
     emulator: Any = None
-    #: settings the preemption scenario's step needs (e.g. spot capacity), as ``step_operator.<flavor>`` kwargs
+    #: settings a step needs to be preemptible (spot capacity...), as ``step_operator.<flavor>`` settings;
+    #: None: the flavor has no preemption (the scenario does not apply)
     preemptible: dict[str, Any] | None = None
 
     def jobs(self, af: Any, dag_id: str, run_id: str, task_id: str) -> list[str]:
@@ -66,7 +68,8 @@ class Kubernetes(Harness):
         return "succeeded" if "Complete" in done else "failed" if "Failed" in done else "running"
 
     def preempt(self, af, job_id):
-        (pod,) = self.emulator.list_objects("pods", K8S_NS, f"job-name={job_id}")
+        step = self.emulator.get_object("jobs", K8S_NS, job_id)["metadata"]["labels"][f"{K8S_LABEL}/step"]
+        (pod,) = self.emulator.list_objects("pods", K8S_NS, f"{K8S_LABEL}/step={step}")
         self.emulator.disrupt(K8S_NS, pod["metadata"]["name"], "evicted")
 
 
@@ -87,6 +90,11 @@ class SageMaker(Harness):
         return self.STATES.get(self.emulator.describe(job_id)["TrainingJobStatus"], "running")
 
     def preempt(self, af, job_id):
+        """Interrupt the spot job too close to its MaxWaitTimeInSeconds for SageMaker to restart it."""
+        job = self.emulator.describe(job_id)
+        strike = job["CreationTime"].timestamp() + job["StoppingCondition"]["MaxWaitTimeInSeconds"] - 0.4
+        assert time.time() < strike - 1, "the job started too late to be interrupted within its wait budget"
+        time.sleep(max(strike - time.time(), 0))
         self.emulator.disrupt(job_id, "spot_interruption")
 
 
@@ -139,11 +147,13 @@ class Modal(Harness):
 def harnesses(af: Any) -> dict[str, Harness]:
     """The harness of every flavor whose emulator this session has."""
     found: dict[str, Harness] = {"local": Local("local", "e2e_step_operator")}
-    candidates = [(af.k8s, Kubernetes("kubernetes", "k8s_step_operator")),
-                  (af.sm, SageMaker("sagemaker", "sm_step_operator", preemptible={"use_spot_instances": True})),
+    spot_budget = {"max_runtime_in_seconds": 40, "max_wait_time_in_seconds": 40}
+    candidates = [(af.k8s, Kubernetes("kubernetes", "k8s_step_operator", preemptible={})),
+                  (af.sm, SageMaker("sagemaker", "sm_step_operator",
+                                    preemptible={"use_spot_instances": True, **spot_budget})),
                   (af.vx, Vertex("vertex", "vx_db_step_operator", preemptible={"use_spot": True})),
-                  (af.az, AzureML("azureml", "az_db_step_operator")),
-                  (af.md, Modal("modal", "md_step_operator"))]
+                  (af.az, AzureML("azureml", "az_db_step_operator", preemptible={"job_tier": "Spot"})),
+                  (af.md, Modal("modal", "md_step_operator", preemptible={}))]
     for emulator, harness in candidates:
         if emulator is not None:
             harness.emulator = emulator

@@ -260,8 +260,9 @@ def test_remote_exception_keeps_its_type_message_and_traceback(suite, errors, fl
     seen = _seen_exception(run, "value_error")
     assert seen["types"] == ["RemoteStepError", "ValueError"], seen  # `except ValueError` works
     text = seen["text"]
-    assert "bad value: first line\nsecond line" in text, text  # on several lines, not one repr-quoted line
-    assert "\nRemote traceback:\n" in text and "\\n" not in text, text
+    lines = text.splitlines()  # on several lines, not one repr-quoted line
+    assert "ValueError: bad value: first line" in lines[0] and "second line" in lines, text
+    assert "Remote traceback:" in lines, text
     assert any(line.strip() == 'raise ValueError("bad value: first line\\nsecond line")'
                for line in text.splitlines()), text
 
@@ -357,6 +358,7 @@ def reruns(suite: Suite) -> dict[str, Run]:
                 "reset_dag_runs": True}))
             run.seen["final"] = run.watch(lambda row: row["try_number"] == 2 and terminal(row))
         else:
+            run.dag_run_over()  # a running DAG run cannot be deleted
             write(lambda: run.services.api("DELETE", f"/dags/{run.dag_id}/dagRuns/{run.run_id}", expect=(204,)))
             run.trigger(run_id=run_id)
             run.seen["final"] = run.watch(terminal)
@@ -415,6 +417,7 @@ def cancels(suite: Suite) -> dict[str, Run]:
 
         run.af.wait_for(stopped, timeout=60, interval=0.1, message=lambda: f"{job} to be stopped\n{run.log()[-3000:]}")
         run.seen["seconds"] = time.monotonic() - marked
+        run.seen["timed"] = run.watch(terminal, task_id="timed")
 
     return suite.drive("cancel", "forever", drive)
 
@@ -428,6 +431,53 @@ def test_mark_failed_while_deferred_stops_the_job(suite, cancels, flavor):
     assert run.ti()["state"] == "failed"
     assert "Task killed while deferred: stopping remote job" in run.log(), run.log()[-3000:]
     assert run.jobs() in ([run.seen["job"]], []), run.jobs()  # never a second job
+
+
+# ---------------------------------------------------------------------------------------------
+# preemption: StepPreemptedError, and the retry sees what the preempted try checkpointed
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def preemptions(suite: Suite) -> dict[str, Run]:
+    def drive(run: Run) -> None:
+        if run.h.preemptible is None:
+            return
+        run.trigger()
+        line = f"[{run.h.flavor}] conformance-checkpointed"
+        run.watch(lambda row: terminal(row) or line in run.log())
+        (job,) = run.jobs()
+        run.seen["job"] = job
+        run.h.preempt(run.af, job)
+        run.seen["final"] = run.watch(lambda row: row["try_number"] == 2 and terminal(row))
+
+    return suite.drive("preempt", "resume", drive)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("flavor", [f for f in FLAVORS if f != "local"])  # a local process is never preempted
+def test_preempted_step_raises_step_preempted_error_and_the_retry_sees_its_checkpoint(suite, preemptions, flavor):
+    run = suite.run_of(preemptions, flavor)
+    final = run.seen["final"]
+    assert final["state"] == "success", run.log(1)[-3000:] + run.log(2)[-3000:]
+    first = json.loads((run.folder / "resume.1.json").read_text())
+    assert first["types"] == ["StepPreemptedError"], first
+    pids = run.invocations()
+    assert len(pids) == 2, pids  # try 1's job, then try 2's: a new job, not the preempted one again
+    assert run.af.xcom(run.dag_id, run.run_id, "resume") == {"restored": {"pid": pids[0]}}
+    jobs = run.jobs()
+    assert len(jobs) == 2 and jobs[0] == run.seen["job"], jobs
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_execution_timeout_while_deferred_stops_the_job_and_raises_step_timeout_error(suite, cancels, flavor):
+    run = suite.run_of(cancels, flavor)
+    assert run.seen["timed"]["state"] == "failed", run.log(task_id="timed")[-3000:]
+    seen = _seen_exception(run, "timed")
+    assert seen["types"] == ["StepTimeoutError"], seen
+    (job,) = run.jobs("timed")
+    assert run.h.state(run.af, job) in ("cancelled", "gone", "failed")
+    pid = int((run.folder / "timed.pid").read_text())
+    run.af.wait_for(lambda: run.af.process_gone(pid), timeout=30, message=f"{flavor}: the timed-out step to stop")
 
 
 @pytest.mark.timeout(120)

@@ -100,13 +100,12 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
             _begin(f"{prefix}_errors", "value_error", "", "", run_id)
             raise ValueError("bad value: first line\nsecond line")
 
-        @step(on_failure_callback=record_exception)
+        @step(on_failure_callback=record_exception, trigger_rule="all_done")
         def worded_error(run_id=None):
             _begin(f"{prefix}_errors", "worded_error", "", "", run_id)
             raise RuntimeError("timeout: the batch was preempted and its rows evicted")
 
-        value_error()
-        worded_error()
+        value_error() >> worded_error()  # one after the other: see the modal xfail of the results scenario
 
     @dag(dag_id=f"{prefix}_reattach", schedule=None, catchup=False, tags=["stepops-conformance"])
     def reattach():
@@ -123,7 +122,7 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
 
     @dag(dag_id=f"{prefix}_cancel", schedule=None, catchup=False, tags=["stepops-conformance"])
     def cancel():
-        """Runs until stopped."""
+        """Steps that run until stopped: by marking them failed, by their execution_timeout."""
 
         @step(poll_interval=2.0)
         def forever(marker, run_id=None):
@@ -132,9 +131,44 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
             _begin(f"{prefix}_cancel", "forever", marker, "", run_id)
             time.sleep(600)
 
-        forever(MARKER)
+        @step(execution_timeout=timedelta(seconds=45), on_failure_callback=record_exception)
+        def timed(pid_file, run_id=None):
+            import os
+            import time
 
-    for factory in (results, errors, reattach, cancel):
+            _begin(f"{prefix}_cancel", "timed", "", "", run_id)
+            with open(pid_file, "w", encoding="utf-8") as fh:
+                fh.write(str(os.getpid()))
+            time.sleep(600)
+
+        forever(MARKER)
+        timed("{{ dag_run.conf.get('errors', '') }}/timed.pid")
+
+    @dag(dag_id=f"{prefix}_preempt", schedule=None, catchup=False, tags=["stepops-conformance"])
+    def preempt():
+        """Checkpoints, then waits to be preempted; the retry returns what it finds in the checkpoint dir."""
+
+        @step(retries=1, retry_delay=timedelta(seconds=1), on_retry_callback=record_exception,
+              settings={f"step_operator.{flavor}": settings or {}})
+        def resume(marker, run_id=None):
+            import json
+            import os
+            import time
+
+            _begin(f"{prefix}_preempt", "resume", marker, "", run_id)
+            path = os.path.join(os.environ["STEPOPS_CHECKPOINT_DIR"], "state.json")
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as fh:
+                    return {"restored": json.load(fh)}
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as fh:
+                json.dump({"pid": os.getpid()}, fh)
+            print("conformance-checkpointed", flush=True)
+            time.sleep(600)
+
+        resume(MARKER)
+
+    for factory in (results, errors, reattach, cancel) + ((preempt,) if settings is not None else ()):
         factory()
 
 
