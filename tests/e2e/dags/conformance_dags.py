@@ -105,7 +105,7 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
             _begin(f"{prefix}_errors", "worded_error", "", "", run_id)
             raise RuntimeError("timeout: the batch was preempted and its rows evicted")
 
-        value_error() >> worded_error()  # one after the other: see the modal xfail of the results scenario
+        value_error() >> worded_error()  # one at a time: concurrent first calls of one Modal app race
 
     @dag(dag_id=f"{prefix}_reattach", schedule=None, catchup=False, tags=["stepops-conformance"])
     def reattach():
