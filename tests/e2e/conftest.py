@@ -41,6 +41,11 @@
   CPU), then every process still carrying this session's ``AIRFLOW_HOME`` or job directory (task
   runners, detached step launchers and steps) is killed.
 
+The flavors of the session (their harnesses, tests/e2e/harness.py) reach the conformance DAGs as
+``STEPOPS_E2E_FLAVORS``. A flavor whose extra is installed but whose emulator cannot start (Azurite missing) is
+in ``AirflowEnv.unavailable``: its scenarios fail instead of being skipped. (The one write this process makes to
+the metadata DB: a scenario deletes a stored job handle, as a worker killed before storing it leaves none.)
+
 Tests that only need ``airflow dags test`` run before the ones that need the services. Set
 ``STEPOPS_E2E_AIRFLOW_HOME`` to an empty directory to keep the session's home (DB, logs, job dirs).
 """
@@ -104,8 +109,7 @@ VX_CONN_ENVIRONMENT = {"E2E_FROM_CONN": "from-vx-connection"}
 #: reads its google connection synchronously in the triggerer's shared status poller (and in on_kill), tasks
 #: without the triggerer's greenback portal, where a connection kept only in the metadata DB is "not
 #: defined" (env variables are read without the supervisor). ``vx_db_step_operator`` uses
-#: ``VX_DB_GOOGLE_CONN``, kept only in the DB, which tests/e2e/test_vertex.py expects to fail until the
-#: hook reads it in a thread.
+#: ``VX_DB_GOOGLE_CONN``, kept only in the DB: the conformance suite runs the flavor through it.
 VX_GOOGLE_CONN = "google_cloud_default"
 VX_DB_STEP_OPERATOR = "vx_db_step_operator"
 VX_DB_GOOGLE_CONN = "google_cloud_e2e_db"
@@ -114,7 +118,8 @@ VX_DB_GOOGLE_CONN = "google_cloud_e2e_db"
 #: tags and the environment its connection gives every step. Its azure connection (``azure_default``) does not
 #: exist: the hook falls back to DefaultAzureCredential, which finds the emulator's managed identity endpoint in
 #: every Airflow process's environment. ``az_db_step_operator`` names ``AZ_DB_AZURE_CONN``, an azure connection
-#: kept only in the metadata DB (a managed identity client id and tenant), which the triggerer must be able to read.
+#: kept only in the metadata DB (a managed identity client id and tenant), which the triggerer must be able to read
+#: (the conformance suite runs the flavor through it).
 AZ_STEP_OPERATOR = "az_step_operator"
 AZ_DB_STEP_OPERATOR = "az_db_step_operator"
 AZ_DB_AZURE_CONN = "azure_e2e_db"
@@ -128,7 +133,7 @@ AZ_CONN_ENVIRONMENT = {"E2E_FROM_CONN": "from-az-connection"}
 #: the modal step operator (registered when the modal client and the modal provider are installed), the Modal
 #: environment and app name prefix of its calls and the environment its connection gives every step. Its modal
 #: connection, ``MD_MODAL_CONN`` (the emulator's token), is kept only in the metadata DB: the triggerer must read
-#: it there (tests/e2e/test_modal.py); with neither it nor the token in the environment, the modal provider's
+#: it there (every scenario of the conformance suite); with neither it nor the token in the environment, the modal provider's
 #: fallback on ambient credentials finds none.
 MD_STEP_OPERATOR = "md_step_operator"
 MD_MODAL_CONN = "modal_default"
