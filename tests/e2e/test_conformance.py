@@ -202,8 +202,10 @@ def results(suite: Suite) -> dict[str, Run]:
 def test_results_reach_xcom_and_downstream_steps(suite, results, flavor):
     run = suite.run_of(results, flavor)
     af, dag_id, run_id = run.af, run.dag_id, run.run_id
-    failed = [task_id for (task_id, _), ti in af.task_instances(dag_id, run_id).items() if ti["state"] != "success"]
-    assert run.seen["state"] == "success", {t: run.log(task_id=t)[-3000:] for t in failed}
+    failed = [key for key, ti in af.task_instances(dag_id, run_id).items() if ti["state"] != "success"]
+    assert run.seen["state"] == "success", {
+        key: af.task_log_text(dag_id, run_id, key[0], af.ti(dag_id, run_id, *key)["try_number"], key[1])[-3000:]
+        for key in failed}
     # multiple_outputs: one XCom per key; the environment came from the step operator's connection
     produced = af.xcoms(dag_id, run_id, "produce")
     assert produced["answer"] == 42 and produced["env"].startswith("from-"), produced
@@ -382,9 +384,7 @@ def test_clearing_a_successful_task_runs_it_again(suite, reruns, flavor):
 @pytest.mark.parametrize("flavor", flavors(**xfail(
     "job identity has nothing unique to the DAG run: the re-created run's try 1 finds the deleted run's "
     "succeeded job by its name and re-attaches to it (fix pending on main)",
-    "local", "kubernetes", "sagemaker", "vertex", "azureml"), **xfail(
-    "the re-created run's try does not succeed on modal (seen once; the deleted run's call record is keyed by "
-    "the same try digest; not diagnosed)", "modal")))
+    "local", "kubernetes", "sagemaker", "vertex", "azureml")))
 def test_recreated_run_with_the_same_run_id_gets_a_new_job(suite, reruns, flavor):
     run = suite.run_of(reruns, flavor, "recreated")
     assert run.seen["final"]["state"] == "success", run.log()[-3000:]
