@@ -41,6 +41,11 @@
   CPU), then every process still carrying this session's ``AIRFLOW_HOME`` or job directory (task
   runners, detached step launchers and steps) is killed.
 
+The flavors of the session (their harnesses, tests/e2e/harness.py) reach the conformance DAGs as
+``STEPOPS_E2E_FLAVORS``. A flavor whose extra is installed but whose emulator cannot start (Azurite missing) is
+in ``AirflowEnv.unavailable``: its scenarios fail instead of being skipped. (The one write this process makes to
+the metadata DB: a scenario deletes a stored job handle, as a worker killed before storing it leaves none.)
+
 Tests that only need ``airflow dags test`` run before the ones that need the services. Set
 ``STEPOPS_E2E_AIRFLOW_HOME`` to an empty directory to keep the session's home (DB, logs, job dirs).
 """
@@ -69,6 +74,8 @@ from typing import Any
 
 import psutil
 import pytest
+
+from .harness import harnesses
 
 E2E_DIR = Path(__file__).resolve().parent
 DAGS_DIR = E2E_DIR / "dags"
@@ -102,8 +109,7 @@ VX_CONN_ENVIRONMENT = {"E2E_FROM_CONN": "from-vx-connection"}
 #: reads its google connection synchronously in the triggerer's shared status poller (and in on_kill), tasks
 #: without the triggerer's greenback portal, where a connection kept only in the metadata DB is "not
 #: defined" (env variables are read without the supervisor). ``vx_db_step_operator`` uses
-#: ``VX_DB_GOOGLE_CONN``, kept only in the DB, which tests/e2e/test_vertex.py expects to fail until the
-#: hook reads it in a thread.
+#: ``VX_DB_GOOGLE_CONN``, kept only in the DB: the conformance suite runs the flavor through it.
 VX_GOOGLE_CONN = "google_cloud_default"
 VX_DB_STEP_OPERATOR = "vx_db_step_operator"
 VX_DB_GOOGLE_CONN = "google_cloud_e2e_db"
@@ -112,7 +118,8 @@ VX_DB_GOOGLE_CONN = "google_cloud_e2e_db"
 #: tags and the environment its connection gives every step. Its azure connection (``azure_default``) does not
 #: exist: the hook falls back to DefaultAzureCredential, which finds the emulator's managed identity endpoint in
 #: every Airflow process's environment. ``az_db_step_operator`` names ``AZ_DB_AZURE_CONN``, an azure connection
-#: kept only in the metadata DB (a managed identity client id and tenant), which the triggerer must be able to read.
+#: kept only in the metadata DB (a managed identity client id and tenant), which the triggerer must be able to read
+#: (the conformance suite runs the flavor through it).
 AZ_STEP_OPERATOR = "az_step_operator"
 AZ_DB_STEP_OPERATOR = "az_db_step_operator"
 AZ_DB_AZURE_CONN = "azure_e2e_db"
@@ -126,21 +133,15 @@ AZ_CONN_ENVIRONMENT = {"E2E_FROM_CONN": "from-az-connection"}
 #: the modal step operator (registered when the modal client and the modal provider are installed), the Modal
 #: environment and app name prefix of its calls and the environment its connection gives every step. Its modal
 #: connection, ``MD_MODAL_CONN`` (the emulator's token), is kept only in the metadata DB: the triggerer must read
-#: it there (tests/e2e/test_modal.py); with neither it nor the token in the environment, the modal provider's
+#: it there (every scenario of the conformance suite); with neither it nor the token in the environment, the modal provider's
 #: fallback on ambient credentials finds none.
 MD_STEP_OPERATOR = "md_step_operator"
 MD_MODAL_CONN = "modal_default"
 MD_ENVIRONMENT = "main"
 MD_APP_NAME = "stepops-e2e"
 MD_CONN_ENVIRONMENT = {"E2E_FROM_CONN": "from-md-connection"}
-#: DAGs the services must have parsed before tests trigger them
-LIVE_DAG_IDS = ("stepops_e2e_deferred", "stepops_e2e_reattach", "stepops_e2e_cancel",
-                "stepops_e2e_k8s_deferred", "stepops_e2e_k8s_reattach", "stepops_e2e_k8s_cancel",
-                "stepops_e2e_sm_deferred", "stepops_e2e_sm_reattach", "stepops_e2e_sm_cancel", "stepops_e2e_sm_spot",
-                "stepops_e2e_vx_deferred", "stepops_e2e_vx_reattach", "stepops_e2e_vx_cancel", "stepops_e2e_vx_spot",
-                "stepops_e2e_vx_db_conn",
-                "stepops_e2e_az_deferred", "stepops_e2e_az_reattach", "stepops_e2e_az_cancel", "stepops_e2e_az_db_conn",
-                "stepops_e2e_md_deferred", "stepops_e2e_md_reattach", "stepops_e2e_md_cancel", "stepops_e2e_md_db_conn")
+#: the conformance DAGs of each flavor (tests/e2e/dags/conformance_dags.py), which the services must have parsed
+CONFORMANCE_SCENARIOS = ("results", "errors", "reattach", "cancel")  # and "preempt" where a flavor has it
 
 _LAST_SERVICES_USER: list[str] = []  # node id of the last test that uses the live services
 
@@ -288,6 +289,8 @@ class AirflowEnv:
     #: the session's ``ModalEmulator`` behind ``md_step_operator`` and ``modal_default`` (None without the modal
     #: client or the modal provider)
     md: Any = None
+    #: flavor -> why its emulator could not start although its extra is installed (its scenarios must fail)
+    unavailable: dict[str, str] = field(default_factory=dict)
 
     # helpers for the tests (kept here so test modules need not import this conftest)
     wait_for = staticmethod(wait_for)
@@ -427,8 +430,9 @@ def _session_env(home: Path, api_port: int, sm: Any = None, vx: Any = None, az: 
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_DIR),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        # 2 cores: a few concurrent task processes are plenty (steps run in their own processes)
-        "AIRFLOW__CORE__PARALLELISM": "4",
+        # the conformance suite runs every flavor's scenario at once, some waiting on workers (steps run in their
+    # own processes: the task processes mostly sleep)
+        "AIRFLOW__CORE__PARALLELISM": "8",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",  # only DAGs a test unpauses get scheduled
         "AIRFLOW__CORE__FERNET_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
         "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
@@ -497,7 +501,7 @@ def _vertex_emulator(request: pytest.FixtureRequest) -> Any:
     return request.getfixturevalue("vx_emulator")
 
 
-def _azureml_emulator(request: pytest.FixtureRequest) -> Any:
+def _azureml_emulator(request: pytest.FixtureRequest, unavailable: dict[str, str]) -> Any:
     """The session's emulator (started once, by tests/conftest.py; it skips without Azurite), or None without
     the azure extra (azure-ai-ml, adlfs and the microsoft-azure provider, whose presence is read from its
     metadata)."""
@@ -509,7 +513,8 @@ def _azureml_emulator(request: pytest.FixtureRequest) -> Any:
         return None
     try:
         return request.getfixturevalue("az_emulator")
-    except pytest.skip.Exception:  # Azurite is not installed: the other flavors still run
+    except pytest.skip.Exception as exc:  # Azurite is not installed: the other flavors still run, this one fails
+        unavailable["azureml"] = str(exc)
         return None
 
 
@@ -586,9 +591,12 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
         home = tmp_path_factory.mktemp("airflow-home")
     api_port = _free_port()
     k8s, sm, vx = _kubernetes_emulator(request), _sagemaker_emulator(request), _vertex_emulator(request)
-    az, md = _azureml_emulator(request), _modal_emulator(request)
+    unavailable: dict[str, str] = {}
+    az, md = _azureml_emulator(request, unavailable), _modal_emulator(request)
     af = AirflowEnv(home=home, env=_session_env(home, api_port, sm, vx, az, md), api_port=api_port, k8s=k8s, sm=sm,
-                    vx=vx, az=az, md=md)
+                    vx=vx, az=az, md=md, unavailable=unavailable)
+    af.env["STEPOPS_E2E_FLAVORS"] = json.dumps({flavor: {"conn_id": h.conn_id, "preemptible": h.preemptible}
+                                                for flavor, h in harnesses(af).items()})
     af.cli("db", "migrate", timeout=300)
     # all step operators in one `airflow connections import` (each CLI call costs seconds)
     connections = _connections(home, af.k8s, af.sm, af.vx, af.az, af.md)
@@ -789,7 +797,9 @@ def airflow_services(airflow_env: AirflowEnv) -> Iterator[Services]:
     services.start()
     try:
         services.wait_until_healthy()
-        services.wait_for_dags(LIVE_DAG_IDS)
+        services.wait_for_dags(tuple(f"conformance_{flavor}_{scenario}" for flavor, h in harnesses(airflow_env).items()
+                                     for scenario in CONFORMANCE_SCENARIOS + (("preempt",) if h.preemptible is not None
+                                                                               else ())))
         yield services
     finally:
         services.stop()

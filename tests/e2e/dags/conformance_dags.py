@@ -1,0 +1,176 @@
+"""The conformance suite's DAGs: the same scenarios for every flavor, ``conformance_<flavor>_<scenario>``.
+
+The flavors and their step operator connections come from ``STEPOPS_E2E_FLAVORS`` (set by
+tests/e2e/conftest.py from tests/e2e/harness.py). Steps run where their flavor's emulator runs them, on this
+host with their own environment: they write what the tests check into files named by the DAG run's conf
+(``marker``: one line per invocation) and, where a test must act while they run, wait until it creates the
+``release`` file. Every step prints ``conformance-begin <dag> <run> <task>`` first, which identifies its job
+in emulators whose jobs carry no identity.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from datetime import timedelta
+
+from airflow.sdk import dag, task
+
+FLAVORS: dict[str, dict] = json.loads(os.environ.get("STEPOPS_E2E_FLAVORS", "{}"))
+POLL = 0.5
+MARKER = "{{ dag_run.conf.get('marker', '') }}"
+RELEASE = "{{ dag_run.conf.get('release', '') }}"
+
+
+def record_exception(context):
+    """on_failure_callback: what the task saw of the remote exception, for the test to read."""
+    from airflow_stepops import RemoteStepError, StepFailedError, StepPreemptedError, StepTimeoutError
+
+    exc = context["exception"]
+    kinds = {"ValueError": ValueError, "RuntimeError": RuntimeError, "RemoteStepError": RemoteStepError,
+             "StepFailedError": StepFailedError, "StepTimeoutError": StepTimeoutError,
+             "StepPreemptedError": StepPreemptedError}
+    seen = {"types": sorted(name for name, cls in kinds.items() if isinstance(exc, cls)), "text": str(exc)}
+    out = context["dag_run"].conf["errors"]
+    with open(f"{out}/{context['ti'].task_id}.{context['ti'].try_number}.json", "w", encoding="utf-8") as fh:
+        json.dump(seen, fh)
+
+
+def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
+    prefix = f"conformance_{flavor}"
+    step = functools.partial(task.step_operator, step_operator=conn_id, poll_interval=POLL)
+
+    def _begin(dag_id, task_id, marker, release, run_id):
+        """The steps' prologue (nested: pickled by value): identify the job, note the call, wait to go on."""
+        import os
+        import time
+
+        print(f"conformance-begin {dag_id} {run_id} {task_id}", flush=True)
+        if marker:
+            with open(marker, "a", encoding="utf-8") as fh:
+                fh.write(f"{os.getpid()}\n")
+        deadline = time.monotonic() + 300
+        while release and not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    @dag(dag_id=f"{prefix}_results", schedule=None, catchup=False, tags=["stepops-conformance"])
+    def results():
+        """Small JSON to XCom, multiple_outputs, a large non-JSON result passed on as the value, mapping,
+        remote log lines streamed while deferred."""
+
+        @step(multiple_outputs=True)
+        def produce(marker, release, lines, run_id=None):
+            import os
+            import time
+
+            _begin(f"{prefix}_results", "produce", marker, release, run_id)
+            for n in range(1, int(lines) + 1):
+                print(f"conformance-line {n:03d}", flush=True)
+                time.sleep(0.05)
+            return {"answer": 42, "env": os.environ.get("E2E_FROM_CONN")}
+
+        @step
+        def big(run_id=None):
+            _begin(f"{prefix}_results", "big", "", "", run_id)
+            return bytes(range(256)) * 400  # 100 KiB, not JSON: an ArtifactRef in XCom
+
+        @step
+        def consume(blob, run_id=None):
+            import hashlib
+
+            _begin(f"{prefix}_results", "consume", "", "", run_id)
+            return {"type": type(blob).__name__, "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+
+        @step
+        def square(x, run_id=None):
+            _begin(f"{prefix}_results", "square", "", "", run_id)
+            return x * x
+
+        produce(MARKER, RELEASE, "{{ dag_run.conf.get('lines', 40) }}")
+        square.expand(x=[2, 3])
+        consume(big())
+
+    @dag(dag_id=f"{prefix}_errors", schedule=None, catchup=False, tags=["stepops-conformance"])
+    def errors():
+        """Remote exceptions, and user errors whose words sound like the backend's."""
+
+        @step(on_failure_callback=record_exception)
+        def value_error(run_id=None):
+            _begin(f"{prefix}_errors", "value_error", "", "", run_id)
+            raise ValueError("bad value: first line\nsecond line")
+
+        @step(on_failure_callback=record_exception, trigger_rule="all_done")
+        def worded_error(run_id=None):
+            _begin(f"{prefix}_errors", "worded_error", "", "", run_id)
+            raise RuntimeError("timeout: the batch was preempted and its rows evicted")
+
+        value_error() >> worded_error()  # one at a time: concurrent first calls of one Modal app race
+
+    @dag(dag_id=f"{prefix}_reattach", schedule=None, catchup=False, tags=["stepops-conformance"])
+    def reattach():
+        """Waits on the worker (the tests kill it) and retries once."""
+
+        @step(deferrable=False, retries=1, retry_delay=timedelta(seconds=2))
+        def once(marker, release, run_id=None):
+            import os
+
+            _begin(f"{prefix}_reattach", "once", marker, release, run_id)
+            return {"pid": os.getpid()}
+
+        once(MARKER, RELEASE)
+
+    @dag(dag_id=f"{prefix}_cancel", schedule=None, catchup=False, tags=["stepops-conformance"])
+    def cancel():
+        """Steps that run until stopped: by marking them failed, by their execution_timeout."""
+
+        @step(poll_interval=2.0)
+        def forever(marker, run_id=None):
+            import time
+
+            _begin(f"{prefix}_cancel", "forever", marker, "", run_id)
+            time.sleep(600)
+
+        @step(execution_timeout=timedelta(seconds=45), on_failure_callback=record_exception)
+        def timed(pid_file, run_id=None):
+            import os
+            import time
+
+            _begin(f"{prefix}_cancel", "timed", "", "", run_id)
+            with open(pid_file, "w", encoding="utf-8") as fh:
+                fh.write(str(os.getpid()))
+            time.sleep(600)
+
+        forever(MARKER)
+        timed("{{ dag_run.conf.get('errors', '') }}/timed.pid")
+
+    @dag(dag_id=f"{prefix}_preempt", schedule=None, catchup=False, tags=["stepops-conformance"])
+    def preempt():
+        """Checkpoints, then waits to be preempted; the retry returns what it finds in the checkpoint dir."""
+
+        @step(retries=1, retry_delay=timedelta(seconds=1), on_retry_callback=record_exception,
+              settings={f"step_operator.{flavor}": settings or {}})
+        def resume(marker, run_id=None):
+            import json
+            import os
+            import time
+
+            _begin(f"{prefix}_preempt", "resume", marker, "", run_id)
+            path = os.path.join(os.environ["STEPOPS_CHECKPOINT_DIR"], "state.json")
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as fh:
+                    return {"restored": json.load(fh)}
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as fh:
+                json.dump({"pid": os.getpid()}, fh)
+            print("conformance-checkpointed", flush=True)
+            time.sleep(600)
+
+        resume(MARKER)
+
+    for factory in (results, errors, reattach, cancel) + ((preempt,) if settings is not None else ()):
+        factory()
+
+
+for _flavor, _spec in FLAVORS.items():
+    conformance(_flavor, _spec["conn_id"], _spec.get("preemptible"))
