@@ -254,9 +254,7 @@ def _seen_exception(run: Run, task_id: str) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("flavor", flavors(**xfail(
-    "the sagemaker hook reads no error.json of a failed training job: the task gets StepFailedError",
-    "sagemaker")))
+@pytest.mark.parametrize("flavor", FLAVORS)
 def test_remote_exception_keeps_its_type_message_and_traceback(suite, errors, flavor):
     run = suite.run_of(errors, flavor)
     seen = _seen_exception(run, "value_error")
@@ -270,10 +268,7 @@ def test_remote_exception_keeps_its_type_message_and_traceback(suite, errors, fl
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("flavor", flavors(**xfail(
-    "the sagemaker hook reads no error.json of a failed training job: the task gets StepFailedError",
-    "sagemaker"), **xfail(
-    "the azureml hook classifies a failed job as timed out by the words of its error message", "azureml")))
+@pytest.mark.parametrize("flavor", FLAVORS)
 def test_user_error_worded_like_a_timeout_or_preemption_stays_a_user_error(suite, errors, flavor):
     run = suite.run_of(errors, flavor)
     seen = _seen_exception(run, "worded_error")
@@ -381,10 +376,7 @@ def test_clearing_a_successful_task_runs_it_again(suite, reruns, flavor):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("flavor", flavors(**xfail(
-    "job identity has nothing unique to the DAG run: the re-created run's try 1 finds the deleted run's "
-    "succeeded job by its name and re-attaches to it (fix pending on main)",
-    "local", "kubernetes", "sagemaker", "vertex", "azureml")))
+@pytest.mark.parametrize("flavor", FLAVORS)
 def test_recreated_run_with_the_same_run_id_gets_a_new_job(suite, reruns, flavor):
     run = suite.run_of(reruns, flavor, "recreated")
     assert run.seen["final"]["state"] == "success", run.log()[-3000:]
