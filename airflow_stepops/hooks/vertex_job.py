@@ -37,6 +37,7 @@ def label_value(text: str) -> str:
 def identity_labels(identity: StepIdentity) -> dict[str, str]:
     return {STEP_LABEL: identity.digest[:40], f"{LABEL_PREFIX}try": str(identity.try_number),
             f"{LABEL_PREFIX}dag": label_value(identity.dag_id), f"{LABEL_PREFIX}task": label_value(identity.task_id),
+            f"{LABEL_PREFIX}run": label_value(identity.run_id),
             f"{LABEL_PREFIX}map-index": str(identity.map_index).replace("-", "n")}
 
 

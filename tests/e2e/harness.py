@@ -9,11 +9,10 @@ States are normalised to ``running``, ``succeeded``, ``failed``, ``cancelled`` a
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
-
-from .steps import step_digest
 
 K8S_NS = "steps"
 K8S_LABEL = "stepops.airflow.apache.org"
@@ -101,10 +100,11 @@ class SageMaker(Harness):
 class Vertex(Harness):
     STATES = {"JOB_STATE_SUCCEEDED": "succeeded", "JOB_STATE_FAILED": "failed", "JOB_STATE_CANCELLED": "cancelled"}
 
-    def jobs(self, af, dag_id, run_id, task_id):  # no run label: the identity digest of each try names the run
-        digests = {step_digest(dag_id, run_id, task_id, n)[:40] for n in range(1, 6)}
+    def jobs(self, af, dag_id, run_id, task_id):  # label values: lower case, at most 63 characters
+        wanted = {f"stepops-{key}": re.sub(r"[^a-z0-9_-]", "_", value.lower())[:63]
+                  for key, value in (("dag", dag_id), ("run", run_id), ("task", task_id))}
         return [j["name"].rsplit("/", 1)[-1] for j in self.emulator.jobs
-                if j.get("labels", {}).get("stepops-step") in digests]
+                if wanted.items() <= (j.get("labels") or {}).items()]
 
     def state(self, af, job_id):
         (job,) = [j for j in self.emulator.jobs if j["name"].endswith(f"/{job_id}")]

@@ -1,10 +1,7 @@
 """What the end-to-end tests of every flavor ask of a running Airflow: TI states, the step task's runner
-process, its identity digest and whether the scheduler has settled a deferral."""
+process and whether the scheduler has settled a deferral."""
 
 from __future__ import annotations
-
-import hashlib
-import json
 
 import psutil
 
@@ -13,12 +10,6 @@ TERMINAL_TI_STATES = frozenset({"success", "failed", "upstream_failed", "skipped
 
 def terminal(row: dict) -> bool:
     return row["state"] in TERMINAL_TI_STATES
-
-
-def step_digest(dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> str:
-    """``StepIdentity.digest``, computed independently: what job names end with and identity labels hold."""
-    raw = json.dumps([dag_id, run_id, task_id, map_index, try_number])
-    return hashlib.sha256(raw.encode()).hexdigest()
 
 
 def deferral_settled(services, dag_id: str, run_id: str, task_id: str, try_number: int) -> bool:
