@@ -452,8 +452,9 @@ def preemptions(suite: Suite) -> dict[str, Run]:
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("flavor", [f for f in flavors(**xfail(
     "the flavor gives the step no STEPOPS_CHECKPOINT_DIR (KeyError in the step, both tries fail)",
-    "kubernetes", "modal"), **xfail(
-    "a Spot-tier job's first line never reached the task log within 420 s (not diagnosed)", "azureml"))
+    "kubernetes", "modal"), azureml=pytest.mark.xfail(strict=False, reason=(
+    "under load a Spot-tier job's first line has not reached the task log within 420 s (not diagnosed; it "
+    "passes on a quiet host)")))
     if f != "local"])  # a local process is never preempted
 def test_preempted_step_raises_step_preempted_error_and_the_retry_sees_its_checkpoint(suite, preemptions, flavor):
     run = suite.run_of(preemptions, flavor)
