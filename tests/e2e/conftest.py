@@ -433,7 +433,6 @@ def _session_env(home: Path, api_port: int, sm: Any = None, vx: Any = None, az: 
         # the conformance suite runs every flavor's scenario at once, some waiting on workers (steps run in their
     # own processes: the task processes mostly sleep)
         "AIRFLOW__CORE__PARALLELISM": "8",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "airflow_stepops.testing.SQLITE_CONNECT_ARGS",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",  # only DAGs a test unpauses get scheduled
         "AIRFLOW__CORE__FERNET_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
         "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
