@@ -41,6 +41,7 @@ def test_step_runs_as_a_custom_job_with_logs_and_result(vx_emulator):
     machine = job["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]
     assert machine == {"machineType": "g2-standard-4", "acceleratorType": "NVIDIA_L4", "acceleratorCount": 1}
     assert job["labels"]["stepops-task"] == "greet" and job["labels"]["team"] == "ml"
+    assert job["labels"]["stepops-run"] == "run-1"  # the conformance harness finds a run's jobs by it
     assert hook.console_url(handle) == (f"https://console.cloud.google.com/vertex-ai/locations/us-central1/training/"
                                         f"{handle['job_id']}/cpu?project={vx_emulator.project}")
 
