@@ -120,14 +120,19 @@ def test_labels_follow_googles_rules():
     from airflow_stepops.hooks.vertex import VertexStepOperatorHook
 
     assert VertexStepOperatorSettings(labels={"équipe": "données", "チーム": "ml", "v": ""}).labels["équipe"]
-    hook = VertexStepOperatorHook("v", config=VertexStepOperatorConfig(
-        location="us-central1", project="stepops-tests", image="img", artifact_store="gs://bkt/p",
-        labels={f"l{i}": "x" for i in range(58)}))
     spec = StepSpec(identity=StepIdentity("d", "r", "t", -1, 1), bundle_uri="gs://bkt/p/x/bundle",
                     output_uri="gs://bkt/p/x/output", resources=ResourceSettings(),
                     settings=VertexStepOperatorSettings(labels={"a": "1", "b": "2"}))
+
+    def hook(user_labels: int) -> VertexStepOperatorHook:
+        return VertexStepOperatorHook("v", config=VertexStepOperatorConfig(
+            location="us-central1", project="stepops-tests", image="img", artifact_store="gs://bkt/p",
+            labels={f"l{i}": "x" for i in range(user_labels)}))
+
+    ours = len(hook(0).render(spec)["labels"])  # the step's and the identity's
+    assert len(hook(64 - ours).render(spec)["labels"]) == 64
     with pytest.raises(StepOperatorConfigError, match="labels: at most 64 labels, got 65"):
-        hook.render(spec)
+        hook(65 - ours).render(spec)
 
 
 def test_zenml_examples_parse():
