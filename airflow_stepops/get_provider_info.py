@@ -152,6 +152,8 @@ def get_provider_info() -> dict[str, Any]:
                     "api_endpoint": _field("Vertex API endpoint", description="Default: "
                                            "<location>-aiplatform.googleapis.com."),
                     "logging_endpoint": _field("Cloud Logging endpoint", description="Default: logging.googleapis.com."),
+                    "log_settle_seconds": _field("Log settle time (s)", "number", description="Wait after a job "
+                                                 "ends for Cloud Logging to take in its last lines.", default=10),
                     "console_url_template": _field("Console URL template",
                                                    description="With {location}, {job_id} and {project}."),
                 },

@@ -113,7 +113,8 @@ def vx_emulator(airflow_home: Path):
         os.environ["AIRFLOW_CONN_VERTEX_STEP_OPERATOR"] = json.dumps({"conn_type": "stepops_vertex", "extra": {
             "project": vx.project, "location": vx.location, "image": "us-docker.pkg.dev/stepops-tests/ml/python:3",
             "artifact_store": "gs://stepops-tests/artifacts", "labels": {"team": "ml"},
-            "api_endpoint": vx.api_endpoint, "logging_endpoint": vx.logging_endpoint}})
+            "api_endpoint": vx.api_endpoint, "logging_endpoint": vx.logging_endpoint,
+            "log_settle_seconds": 2}})  # the emulator's lines arrive late only where a test says so
         yield vx
 
 

@@ -198,9 +198,12 @@ class StepOperatorHook(BaseHook):
     default_poll_interval: ClassVar[float] = 10.0
     #: first poll delay after a new job; doubles up to the poll interval (cloud APIs: no fast start)
     min_poll_interval: ClassVar[float] = 10.0
-    #: seconds a log service may still deliver lines after the job ended (ingestion delay): the trigger reads
-    #: once more after this long before it reports the end, so late last lines are not lost
-    log_settle_seconds: ClassVar[float] = 0.0
+
+    @property
+    def log_settle_seconds(self) -> float:
+        """Seconds a log service may still deliver lines after the job ended (ingestion delay): the trigger
+        reads once more after this long before it reports the end, so late last lines are not lost."""
+        return 0.0
 
     def __init__(self, step_operator_conn_id: str | None = None,
                  config: BaseStepOperatorConfig | None = None, **kwargs: Any) -> None:

@@ -52,11 +52,14 @@ class VertexStepOperatorHook(StepOperatorHook):
     hook_name = "Step operator: Vertex AI CustomJob"
     default_poll_interval: ClassVar[float] = 15.0
     min_poll_interval: ClassVar[float] = 2.0
-    #: Cloud Logging may take in entries late ("entries:tail" buffers up to 60 s for them:
-    #: https://cloud.google.com/logging/docs/reference/v2/rest/v2/entries/tail); most arrive within seconds
-    log_settle_seconds: ClassVar[float] = 10.0
 
     config: VertexStepOperatorConfig  # type: ignore[assignment]
+
+    @property
+    def log_settle_seconds(self) -> float:
+        """Cloud Logging may take in entries late ("entries:tail" buffers up to 60 s for them:
+        https://cloud.google.com/logging/docs/reference/v2/rest/v2/entries/tail); most arrive within seconds."""
+        return self.config.log_settle_seconds
 
     # ---- clients ------------------------------------------------------------------------------
     @cached_property

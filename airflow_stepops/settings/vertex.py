@@ -194,6 +194,9 @@ class VertexStepOperatorConfig(BaseStepOperatorConfig, _VertexChecks):
     api_timeout_seconds: float = Field(default=30.0, gt=0, le=300, description="Seconds one call to Vertex AI "
                                        "or Cloud Logging may take; transient failures are retried for up to four "
                                        "times this long.")
+    log_settle_seconds: float = Field(
+        default=10.0, ge=0, le=60, description="Seconds to wait after a job ends for Cloud Logging to take in its "
+        "last lines (entries may arrive late; entries:tail buffers up to 60 s for them).")
     console_url_template: str = Field(
         default="https://console.cloud.google.com/vertex-ai/locations/{location}/training/{job_id}/cpu?project="
         "{project}", description="Console link template ({location}, {job_id}, {project}).")

@@ -342,6 +342,16 @@ def test_preemption_fails_spot_jobs_with_the_preemption_error_and_others_with_a_
     assert aml.wait_for_status("emu-lowpri", "Failed")["error"] == PREEMPTION_ERROR
 
 
+def test_preemption_strikes_a_job_already_running(aml, ml_client):
+    job = command(command="sleep 60", environment=IMAGE, name="emu-spot-running",
+                  queue_settings=QueueSettings(job_tier="Spot"))
+    job.resources = ResourceConfiguration(instance_type="Standard_D4s_v3", instance_count=1)
+    ml_client.jobs.create_or_update(job)
+    aml.wait_for_status("emu-spot-running", "Running")
+    aml.inject("preemption", job="emu-spot-running")
+    assert aml.wait_for_status("emu-spot-running", "Failed")["error"] == PREEMPTION_ERROR
+
+
 def test_quota_exceeded_refuses_the_create(aml, ml_client):
     aml.inject("quota_exceeded", job="emu-quota")
     job = command(command="true", environment=IMAGE, name="emu-quota")

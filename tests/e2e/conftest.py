@@ -554,7 +554,8 @@ def _connections(home: Path, k8s: Any, sm: Any = None, vx: Any = None, az: Any =
         found[VX_DB_GOOGLE_CONN] = {**gcp, "extra": json.dumps(gcp.get("extra") or {})}
         common = {"project": vx.project, "location": vx.location, "image": VX_IMAGE,
                   "artifact_store": VX_ARTIFACT_STORE, "labels": VX_CONN_LABELS, "environment": VX_CONN_ENVIRONMENT,
-                  "api_endpoint": vx.api_endpoint, "logging_endpoint": vx.logging_endpoint}
+                  "api_endpoint": vx.api_endpoint, "logging_endpoint": vx.logging_endpoint,
+                  "log_settle_seconds": 2}  # the emulator ingests lines at once unless a test delays them
         found[VX_STEP_OPERATOR] = {"conn_type": "stepops_vertex", "extra": json.dumps(
             {**common, "gcp_conn_id": VX_GOOGLE_CONN})}
         found[VX_DB_STEP_OPERATOR] = {"conn_type": "stepops_vertex", "extra": json.dumps(

@@ -133,7 +133,8 @@ def test_log_lines_ingested_late_and_out_of_order_are_shown_once(vx_emulator):
 def test_last_lines_ingested_after_the_job_ended_are_shown(vx_emulator):
     hook = make_hook()
     handle = hook.submit(make_spec(hook, _chatty, 3, task_id="late_last_lines"))
-    vx_emulator.late_logs = (1, 4.0)  # every line reaches Cloud Logging 4 s late, after the job has ended
+    vx_emulator.late_logs = (1, 4.0)  # every line reaches Cloud Logging 4 s late, after the job has ended,
+    # and within the connection's log_settle_seconds (2 s) of its end
     try:
         event = run_trigger(hook, handle)
     finally:

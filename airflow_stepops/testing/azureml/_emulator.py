@@ -18,7 +18,7 @@ from airflow_stepops.testing._images import write_python_shims
 from airflow_stepops.testing.azureml._auth import IDENTITY_HEADER, AsyncStaticTokenCredential, StaticTokenCredential
 from airflow_stepops.testing.azureml._azurite import Azurite
 from airflow_stepops.testing.azureml._config import ComputeSpec, EmulatorConfig
-from airflow_stepops.testing.azureml._faults import JSON, Fault, FaultRule, RequestFault
+from airflow_stepops.testing.azureml._faults import JSON, RUNNING_KINDS, Fault, FaultRule, RequestFault
 from airflow_stepops.testing.azureml._jobs import TERMINAL, Job, iso
 from airflow_stepops.testing.azureml._runner import RunContext
 from airflow_stepops.testing.azureml._server import ApiServer, ServerThread
@@ -228,9 +228,15 @@ class AzureMLEmulator:
                **kw: Any) -> FaultRule:
         """Give the fault ``kind`` (see ``Fault``) to the job named ``job``, or to the next created job when
         None; ``count`` jobs in all (None: every matching job). ``kw``: ``duration``, ``message``, ``quota``,
-        ``status_code``."""
-        rule = FaultRule(Fault(kind, after=after, **kw), job, count)
-        self._running(self._service).add_rule(rule)
+        ``status_code``. A ``preemption`` or ``failure`` for a job that exists strikes it ``after`` seconds from
+        now (or into ``Running``, when it has not started yet)."""
+        fault = Fault(kind, after=after, **kw)
+        service = self._running(self._service)
+        if job is not None and kind in RUNNING_KINDS and job in service.runners:
+            service.runner(job).strike(fault)
+            return FaultRule(fault, job, 0, applied=[job])
+        rule = FaultRule(fault, job, count)
+        service.add_rule(rule)
         return rule
 
     def fail_requests(self, status_code: int, code: str, times: int | None = 1, path_contains: str | None = None,

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from airflow_stepops.testing.azureml._config import EmulatorConfig
@@ -26,6 +26,7 @@ from airflow_stepops.testing.azureml._faults import (
     JSON,
     NODE_LOST_ERROR,
     PREEMPTION_ERROR,
+    RUNNING_KINDS,
     Fault,
     data_error,
     user_process_error,
@@ -85,6 +86,7 @@ class JobRunner:
         self.log: JobLog | None = None
         self._wake = threading.Event()
         self._shutdown = False
+        self._began: float | None = None  # when the user process started
         self.thread = threading.Thread(target=self._main, name=f"azureml-job-{job.name}", daemon=True)
 
     # ----- control (other threads) ------------------------------------------------------------------
@@ -94,6 +96,15 @@ class JobRunner:
 
     def wake(self) -> None:
         """Look at the job again now (a cancel arrived)."""
+        self._wake.set()
+
+    def strike(self, fault: Fault) -> None:
+        """A ``preemption`` or ``failure`` given to the job after it was created: ``after`` seconds from now
+        when it already runs, else ``after`` seconds into ``Running``."""
+        began = self._began
+        if began is not None:
+            fault = replace(fault, after=time.monotonic() - began + fault.after)
+        self.faults.append(fault)
         self._wake.set()
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -252,15 +263,15 @@ class JobRunner:
         command, env = self._command(paths)
         limits = self.job.request.get("limits") or {}
         timeout = parse_timeout(limits["timeout"]) if limits.get("timeout") is not None else None
-        strike = next((f for f in self.faults if f.kind in ("preemption", "failure")), None)
         assert self.log is not None
         self.proc = subprocess.Popen(["bash", "-c", command], cwd=self.dir / "wd", env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         reader = threading.Thread(target=_read, args=(self.proc, self.log), daemon=True)
         reader.start()
-        began = time.monotonic()
+        began = self._began = time.monotonic()
         outcome: Outcome | None = None
         while outcome is None:
+            strike = next((f for f in self.faults if f.kind in RUNNING_KINDS), None)
             code = self.proc.poll()
             elapsed = time.monotonic() - began
             if code is not None:
