@@ -766,6 +766,13 @@ class Services:
         assert created["dag_run_id"] == run_id
         return run_id
 
+    def executor_event_seen(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> bool:
+        """Whether the scheduler has taken in the executor's event for this task try (its log says so)."""
+        key = (f"TaskInstanceKey(dag_id='{dag_id}', task_id='{task_id}', run_id='{run_id}', "
+               f"try_number={try_number}, map_index=-1)")
+        return any("Received executor event" in line and key in line
+                   for line in self.log_path("scheduler").read_text(errors="replace").splitlines())
+
     def mark_ti(self, dag_id: str, run_id: str, task_id: str, state: str) -> Any:
         return self.api("PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}", {"new_state": state})
 

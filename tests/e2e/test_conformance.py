@@ -356,7 +356,10 @@ def reruns(suite: Suite) -> dict[str, Run]:
                 "dry_run": False, "task_ids": [run.task_id], "dag_run_id": run.run_id, "only_failed": False,
                 "reset_dag_runs": True}))
             run.seen["final"] = run.watch(lambda row: row["try_number"] == 2 and terminal(row))
-        else:  # a running DAG run cannot be deleted
+        else:  # a running DAG run cannot be deleted; nor one whose task's executor event is still on its way:
+            # its key (dag, task, run id, try) is the re-created run's task's, whose try Airflow would then fail
+            run.af.wait_for(lambda: run.services.executor_event_seen(run.dag_id, run.run_id, run.task_id),
+                            timeout=60, message="the scheduler to receive the first task's executor event")
             write(lambda: run.services.api("DELETE", f"/dags/{run.dag_id}/dagRuns/{run.run_id}", expect=(204,)))
             run.trigger(run_id=run_id)
             run.seen["final"] = run.watch(terminal)
