@@ -11,4 +11,5 @@ if [ ! -x node_modules/.bin/azurite-blob ] || [ package-lock.json -nt node_modul
 fi
 "$UV" run --frozen ruff check airflow_stepops tests dags_examples benchmarks
 "$UV" run --frozen mypy airflow_stepops
-"$UV" run --frozen pytest "$@"
+# tests mostly wait on emulated services: three workers overlap the waits (the end-to-end block runs on one)
+"$UV" run --frozen pytest -n 3 "$@"

@@ -152,11 +152,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Within the e2e block, run ``dags test`` tests first and the tests using live services last."""
-    slots = [i for i, item in enumerate(items) if _is_e2e(item)]
-    e2e = sorted((items[i] for i in slots), key=_uses_services)  # stable: keeps the order otherwise
-    for slot, item in zip(slots, e2e):
-        items[slot] = item
+    """The e2e block first (the longest; under xdist one worker runs all of it, see tests/conftest.py); within
+    it, ``dags test`` tests first and the tests using live services last."""
+    e2e = sorted((item for item in items if _is_e2e(item)), key=_uses_services)  # stable: keeps the order otherwise
+    items[:] = e2e + [item for item in items if not _is_e2e(item)]
     users = [item.nodeid for item in e2e if _uses_services(item)]
     _LAST_SERVICES_USER[:] = users[-1:]
 
