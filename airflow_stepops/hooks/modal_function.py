@@ -3,8 +3,8 @@
 Every distinct set of options (image, GPU list, CPU, memory, timeout, region, cloud, secrets, volumes)
 is one deployed app ``<app_name>-<digest>`` holding one function, ``run_step``. Options are fixed when
 a function is deployed (a GPU fallback list can only be given there), and deploying an app replaces
-its set of functions, so steps with different options must not share an app: two workers deploying
-the same options deploy the same thing, which is harmless.
+its set of functions, so steps with different options must not share an app. Workers deploying the same
+options at once race for the app; the losers use the function the winner deployed.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import inspect
 import json
 import math
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,19 +106,47 @@ def deployed_function(client: Any, environment: str | None, name: str, options: 
                       log: Any) -> Any:
     """The hydrated ``run_step`` of app ``name``: looked up, or deployed when Modal has no such app."""
     import modal
-    from modal.exception import NotFoundError
 
     key = (str(id(client)), environment or "", name)
     with _deploy_lock:
         if key in _deployed:
             return _deployed[key]
-        function = modal.Function.from_name(name, FUNCTION_NAME, environment_name=environment, client=client)
-        try:
-            modal_call.hydrate(function)
-        except NotFoundError:
-            function = _deploy(modal, client, environment, name, options, log)
+        function = _lookup(modal, client, environment, name)
+        if function is None:
+            try:
+                function = _deploy(modal, client, environment, name, options, log)
+            except Exception:
+                # Workers starting steps with the same options at once deploy the same app: Modal serialises changes
+                # to an app and fails the others ("The selected app is locked - probably due to a concurrent
+                # modification"; the lock is transient: https://github.com/imbue-ai/mngr/pull/1858). The app is
+                # named by the options, so the winner's function is this step's too: wait for it to appear.
+                function = _deployed_meanwhile(modal, client, environment, name, log)
+                if function is None:
+                    raise
         _deployed[key] = function
         return function
+
+
+def _lookup(modal: Any, client: Any, environment: str | None, name: str) -> Any | None:
+    from modal.exception import NotFoundError
+
+    function = modal.Function.from_name(name, FUNCTION_NAME, environment_name=environment, client=client)
+    try:
+        modal_call.hydrate(function)
+    except NotFoundError:
+        return None
+    return function
+
+
+def _deployed_meanwhile(modal: Any, client: Any, environment: str | None, name: str, log: Any) -> Any | None:
+    """The function a concurrent deploy of app ``name`` made, looked up for up to about 15 s."""
+    for delay in (0.5, 1.0, 2.0, 4.0, 8.0):
+        time.sleep(delay)
+        function = _lookup(modal, client, environment, name)
+        if function is not None:
+            log.info("Modal app %s was deployed by another worker at the same time: using its function", name)
+            return function
+    return None
 
 
 @contextlib.contextmanager

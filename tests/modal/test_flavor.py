@@ -151,6 +151,51 @@ def test_one_deployment_per_set_of_options(md_emulator):
         assert run_trigger(hook, handle)["status"] == "succeeded"
 
 
+_DEPLOY = """
+import json, os, sys, time
+from airflow_stepops.hooks.modal import ModalStepOperatorHook
+from airflow_stepops.hooks.modal_function import deployed_function
+
+hook = ModalStepOperatorHook("modal_step_operator")
+client = hook.client
+open(sys.argv[3] + "." + str(os.getpid()), "w").close()  # ready
+while not os.path.exists(sys.argv[3]):  # every worker ready: they deploy at the same moment
+    time.sleep(0.005)
+print(deployed_function(client, hook.environment, sys.argv[1], json.loads(sys.argv[2]), hook.log).object_id)
+"""
+
+
+def test_workers_deploying_the_same_new_options_at_once_all_get_its_function(md_emulator, tmp_path):
+    """Mapped steps start in separate worker processes at once: each finds no app and deploys it; the ones
+    whose deploy loses the race use the function the winner deployed."""
+    import subprocess
+    import sys
+
+    from airflow_stepops.hooks.modal_function import app_name
+
+    hook = make_hook()
+    options = hook.options(make_spec(hook, _greet, "x", task_id="deploy_race",
+                                     settings=ModalStepOperatorSettings(memory=3333, timeout=600)))
+    name, go = app_name(hook.config, options), tmp_path / "go"
+    published = md_emulator.requests.count("AppPublish")
+    md_emulator.publish_seconds = 3  # as a real deploy, which builds images first: they all find no app
+    try:
+        workers = [subprocess.Popen([sys.executable, "-c", _DEPLOY, name, json.dumps(options), str(go)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("go.*"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        go.touch()
+        outputs = [worker.communicate(timeout=120) for worker in workers]
+    finally:
+        md_emulator.publish_seconds = 0
+    assert [worker.returncode for worker in workers] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    (function_id,) = {out.split()[-1] for out, _ in outputs}
+    assert md_emulator.requests.count("AppPublish") - published == 3  # they did race
+    (app,) = [a for a in md_emulator.apps if a["name"] == name and a["state"] == "APP_STATE_DEPLOYED"]
+    assert list(app["functions"].values()) == [function_id]
+
+
 def _big(size: int) -> bytes:
     return bytes(range(256)) * (size // 256)
 

@@ -284,6 +284,16 @@ class ModalEmulator:
     def uncounted_queue_seconds(self, seconds: float) -> None:
         self._svc().uncounted_queue_seconds = seconds
 
+    @property
+    def publish_seconds(self) -> float:
+        """Seconds an ``AppPublish`` takes before the deployment exists (default 0): a real deploy builds images
+        and creates functions first, so workers deploying the same app at once all find none and race."""
+        return self._svc().publish_seconds
+
+    @publish_seconds.setter
+    def publish_seconds(self, seconds: float) -> None:
+        self._svc().publish_seconds = seconds
+
     def late_logs(self, every: int = 0, seconds: float = 1.0) -> None:
         """From now on every ``every``-th log entry (0: none) arrives ``seconds`` after it was written: behind
         entries written after it, with its own earlier timestamp, as lines a log pipeline ingests late."""
