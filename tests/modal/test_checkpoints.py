@@ -86,6 +86,17 @@ def test_a_preempted_try_leaves_its_checkpoint_to_the_next_try(md_emulator, comm
     assert result["dir"].endswith("/md_tests/run-1/resumable/-1"), result  # the emulator's stand-in for the mount
 
 
+def test_modals_own_restart_of_a_preempted_input_resumes_from_the_checkpoint(md_emulator, commit_interval):
+    commit_interval(None)
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _resume, "first-container", task_id="restarted"))
+    _wait(lambda: "checkpointed" in md_emulator.logs(handle["job_id"]), what="the step to checkpoint")
+    md_emulator.inject("preemption", call=handle["job_id"], restart=True)  # Modal's default: same input, new task
+    event = run_trigger(hook, handle)
+    assert event["status"] == "succeeded", event
+    assert read_outcome(store_path(handle["output_uri"])).value["restored"] == {"marker": "first-container"}
+
+
 def test_the_checkpoint_dir_is_per_task_instance_and_run_and_travels_with_the_call():
     hook = make_hook()
     spec = make_spec(hook, _resume, "x", task_id="train")
