@@ -76,6 +76,15 @@ class StepIdentity:
         stem = re.sub("-+", "-", stem)[: max_length - len(suffix)].rstrip("-")
         return f"{stem}{suffix}"
 
+    def step_path(self, root: str) -> str:
+        """``<root>/<dag>/<run>/<task>/<map index>[/run-<run key>]``: one directory for every try of one task
+        instance of one incarnation of its run, so a retry finds what an earlier try kept there and a run
+        re-created under the same run id does not."""
+        parts = [_path_component(p) for p in (self.dag_id, self.run_id, self.task_id, str(self.map_index))]
+        if self.run_key:
+            parts.append(f"run-{_path_component(self.run_key)}")
+        return "/".join([root.rstrip("/"), *parts])
+
     def prefix(self, root: ObjectStoragePath) -> ObjectStoragePath:
         path = root
         for part in (self.dag_id, self.run_id, self.task_id, str(self.map_index)):

@@ -1,6 +1,7 @@
 """The Modal function a step calls: its options, the app it is deployed in, and deploying it once.
 
-Every distinct set of options (image, GPU list, CPU, memory, timeout, region, cloud, secrets, volumes)
+Every distinct set of options (image, GPU list, CPU, memory, timeout, region, cloud, secrets, volumes and
+the checkpoint volume)
 is one deployed app ``<app_name>-<digest>`` holding one function, ``run_step``. Options are fixed when
 a function is deployed (a GPU fallback list can only be given there), and deploying an app replaces
 its set of functions, so steps with different options must not share an app. Workers deploying the same
@@ -21,7 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from airflow_stepops.hooks import modal_call
-from airflow_stepops.settings.modal import MAX_TIMEOUT, ModalStepOperatorConfig, ModalStepOperatorSettings
+from airflow_stepops.settings.modal import (
+    CHECKPOINT_MOUNT,
+    MAX_TIMEOUT,
+    ModalStepOperatorConfig,
+    ModalStepOperatorSettings,
+)
 
 FUNCTION_NAME = "run_step"
 ENTRY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py"
@@ -79,6 +85,8 @@ def function_options(config: ModalStepOperatorConfig, settings: ModalStepOperato
         "cloud": settings.cloud or config.cloud,
         "secrets": sorted(config.secrets),
         "volumes": dict(sorted(config.volumes.items())),
+        # every step's STEPOPS_CHECKPOINT_DIR lives on this volume (created if missing, unlike "volumes")
+        "checkpoint_volume": {CHECKPOINT_MOUNT: config.checkpoint_volume_name},
         "nonpreemptible": settings.nonpreemptible or None,
         "retries": 0,  # a retry is Airflow's decision (a new try, with its own call)
         "single_use_containers": True,  # no warm GPU left billing, no state left for the next step
@@ -171,6 +179,13 @@ def _deploy(modal: Any, client: Any, environment: str | None, name: str, options
     secrets = [modal.Secret.from_name(s, environment_name=environment) for s in options.get("secrets", [])]
     volumes = {path: modal.Volume.from_name(volume, environment_name=environment)  # a typo must not make one
                for path, volume in options.get("volumes", {}).items()}
+    # The checkpoint volume is ours to create. Modal mounts a volume's latest committed state when a container
+    # starts and commits the container's changes in the background and when the container exits, also after
+    # a preemption's interrupt (https://modal.com/docs/guide/volumes, "Volume commits and reloads";
+    # https://modal.com/docs/guide/preemption; the modal client marks every mount allow_background_commits
+    # and its container runtime commits them after the function's exit handlers).
+    volumes.update({path: modal.Volume.from_name(volume, environment_name=environment, create_if_missing=True)
+                    for path, volume in options.get("checkpoint_volume", {}).items()})
     with runner_by_value() as run_step:
         function = app.function(
             serialized=True, name=FUNCTION_NAME, image=_image(modal, options["image"]), gpu=options.get("gpu"),

@@ -46,13 +46,18 @@ class ModalEmulator:
     port / blob_port: the gRPC and blob servers' ports on 127.0.0.1 (default free ones).
     token_id / token_secret: the one token accepted (default random ``ak-...`` / ``as-...``).
     multipart_threshold / part_size: blobs larger than the threshold are uploaded in parts of ``part_size``.
+    volume_commit_interval: seconds between the background commits of a running task's volume changes (Modal
+        commits "every few seconds"); None: only when the container exits. Read as tasks run: it can be changed
+        while the emulator serves.
     """
 
     def __init__(self, stop_grace_period: float = 2.0, queue_seconds: float = 0.2,
                  workdir: str | Path | None = None, *, port: int = 0, blob_port: int = 0,
                  token_id: str | None = None, token_secret: str | None = None,
-                 multipart_threshold: int = 4 * 1024 * 1024, part_size: int = 2 * 1024 * 1024) -> None:
+                 multipart_threshold: int = 4 * 1024 * 1024, part_size: int = 2 * 1024 * 1024,
+                 volume_commit_interval: float | None = 5.0) -> None:
         self.stop_grace_period, self.queue_seconds = stop_grace_period, queue_seconds
+        self.volume_commit_interval = volume_commit_interval
         self.token_id = token_id or f"ak-{secrets.token_hex(10)}"
         self.token_secret = token_secret or f"as-{secrets.token_hex(16)}"
         self.multipart_threshold, self.part_size = multipart_threshold, part_size
@@ -92,7 +97,8 @@ class ModalEmulator:
                                            token_id=self.token_id, token_secret=self.token_secret,
                                            on_call=self._call_created, on_cancel=self._call_cancelled)
             self._ctx = RunContext(self._registry, self._blobs, self._logs, self.workdir / "calls",
-                                   self.stop_grace_period, self.queue_seconds, self._blocked_gpus)
+                                   self.stop_grace_period, self.queue_seconds, self._blocked_gpus,
+                                   lambda: self.volume_commit_interval)
             self._serve()
         except BaseException:
             self._teardown()
@@ -207,7 +213,8 @@ class ModalEmulator:
             registry.environments.add(name)
 
     def volume_path(self, name: str, environment: str = DEFAULT_ENVIRONMENT) -> Path:
-        """The local directory standing for a volume (it is not mounted at the function's path)."""
+        """The local directory holding a volume's committed state (each task works on its own copy, committed
+        back as Modal commits: see ``_volumes``)."""
         registry = self._reg()
         with registry.lock:
             volume = next((v for v in registry.volumes.values() if v.name == name and v.environment == environment),
