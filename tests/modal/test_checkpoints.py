@@ -72,7 +72,7 @@ def test_a_preempted_try_leaves_its_checkpoint_to_the_next_try(md_emulator, comm
     hook = make_hook()
     first = hook.submit(make_spec(hook, _resume, "try-1", task_id="resumable"))
     _wait(lambda: "checkpointed" in md_emulator.logs(first["job_id"]), what="the step to checkpoint")
-    md_emulator.inject("preemption", call=first["job_id"], restart=False)
+    md_emulator.inject("preemption", job=first["job_id"], restart=False)
     event = run_trigger(hook, first)
     assert event["status"] == "preempted", event
 
@@ -91,7 +91,7 @@ def test_modals_own_restart_of_a_preempted_input_resumes_from_the_checkpoint(md_
     hook = make_hook()
     handle = hook.submit(make_spec(hook, _resume, "first-container", task_id="restarted"))
     _wait(lambda: "checkpointed" in md_emulator.logs(handle["job_id"]), what="the step to checkpoint")
-    md_emulator.inject("preemption", call=handle["job_id"], restart=True)  # Modal's default: same input, new task
+    md_emulator.inject("preemption", job=handle["job_id"], restart=True)  # Modal's default: same input, new task
     event = run_trigger(hook, handle)
     assert event["status"] == "succeeded", event
     assert read_outcome(store_path(handle["output_uri"])).value["restored"] == {"marker": "first-container"}
@@ -194,7 +194,7 @@ def test_a_preempted_container_that_exits_commits_and_a_killed_one_does_not(md_e
     graceful = _spawn_and_wait_written(md_emulator, volume_fn, "preempt/graceful.txt", "graceful")
     stubborn = _spawn_and_wait_written(md_emulator, volume_fn, "preempt/stubborn.txt", "stubborn")
     for call in (graceful, stubborn):
-        md_emulator.inject("preemption", call=call.object_id, restart=False)
+        md_emulator.inject("preemption", job=call.object_id, restart=False)
     for call in (graceful, stubborn):
         _wait(lambda c=call: md_emulator.call(c.object_id)["state"] == "terminated", what="the preemption")
     assert _committed(md_emulator, "preempt/graceful.txt").read_text() == "graceful"  # exit on SIGTERM: committed

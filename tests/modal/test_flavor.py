@@ -126,13 +126,13 @@ def test_preemption_is_restarted_by_modal_or_reported(md_emulator):
     hook = make_hook()
     restarted = hook.submit(make_spec(hook, _sleep, 2, task_id="preempted_restart"))
     _wait_running(md_emulator, hook, restarted)
-    md_emulator.inject("preemption", call=restarted["job_id"], after=0.3, restart=True)
+    md_emulator.inject("preemption", job=restarted["job_id"], after=0.3, restart=True)
     event = run_trigger(hook, restarted)
     assert event["status"] == "succeeded", event
     assert any(line.startswith("[system]") and "preempt" in line.lower() for line in event["log_tail"]), event
     given_up = hook.submit(make_spec(hook, _sleep, 60, task_id="preempted_final"))
     _wait_running(md_emulator, hook, given_up)
-    md_emulator.inject("preemption", call=given_up["job_id"], after=0.3, restart=False)
+    md_emulator.inject("preemption", job=given_up["job_id"], after=0.3, restart=False)
     event = run_trigger(hook, given_up)
     assert event["status"] == "preempted" and event["details"]["reason"] == "preempted", event
 
@@ -453,7 +453,7 @@ def test_preemption_is_told_by_modals_status_not_by_words(md_emulator):
     hook = make_hook()
     handle = hook.submit(make_spec(hook, _sleep, 60, task_id="says_preempted"))
     _wait_running(md_emulator, hook, handle)
-    md_emulator.inject("failure", call=handle["job_id"], message="Runner interrupted due to worker preemption")
+    md_emulator.inject("failure", job=handle["job_id"], message="Runner interrupted due to worker preemption")
     event = run_trigger(hook, handle)
     assert event["status"] == "failed" and event["details"]["modal_status"] == "failure", event
 

@@ -47,6 +47,7 @@ from typing import Any
 from modal._utils.blob_utils import MAX_ASYNC_OBJECT_SIZE_BYTES, MAX_OBJECT_SIZE_BYTES
 from modal_proto import api_pb2
 
+from airflow_stepops.testing._kit import signal_group, spawn, stop_group
 from airflow_stepops.testing.modal import _faults as F
 from airflow_stepops.testing.modal._blobs import BlobStore
 from airflow_stepops.testing.modal._calls import STATE_OF_STATUS, Call
@@ -127,7 +128,7 @@ class CallRunner:
         self._wake.set()
         proc = self.proc
         if proc is not None:
-            _kill_group(proc, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
         self.thread.join(timeout)
 
     def pid(self) -> int | None:
@@ -155,7 +156,7 @@ class CallRunner:
         finally:
             proc = self.proc
             if proc is not None:
-                _kill_group(proc, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
 
     def _log(self, text: str, task_id: str = "") -> None:
         call = self.call
@@ -271,9 +272,8 @@ class CallRunner:
         resources = f"gpu={gpu}:{count}" if gpu else "cpu"
         self._log(F.STARTING.format(task_id=task_id, resources=resources), task_id)
         try:
-            proc = subprocess.Popen([sys.executable, "-m", CONTAINER_MODULE, str(attempt)], cwd=attempt / "home",
-                                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, start_new_session=True)
+            proc = spawn([sys.executable, "-m", CONTAINER_MODULE, str(attempt)], cwd=attempt / "home",
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except OSError as exc:
             call.start(task_id, gpu, count)
             return Outcome("init_failure", GR(status=GR.GENERIC_STATUS_INIT_FAILURE,
@@ -317,7 +317,7 @@ class CallRunner:
 
         def stop(grace: float) -> None:
             """SIGTERM, then SIGKILL after ``grace``: only a container that exits by itself commits on exit."""
-            if _terminate(proc, grace):
+            if stop_group(proc, grace):
                 self._commit(mounts, task_id)
 
         while True:
@@ -326,11 +326,11 @@ class CallRunner:
             strike = next((s for s in self._faults(*F.RUNNING_KINDS)
                            if now >= max(started, s.given_at) + s.fault.after), None)
             if code is not None:
-                _terminate(proc, 0.0)  # reap what the process left behind in its group
+                stop_group(proc, 0.0)  # reap what the process left behind in its group
                 self._commit(mounts, task_id)
                 return self._exited(code, task_id, attempt)
             if self._shutdown:
-                _terminate(proc, 0.0)
+                stop_group(proc, 0.0)
                 return None
             if call.cancel_requested.is_set():
                 stop(ctx.stop_grace_period)
@@ -436,26 +436,3 @@ def _exit_code(code: int | None) -> int | None:
     if code is None:
         return None
     return code if code >= 0 else 128 - code
-
-
-def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _terminate(proc: subprocess.Popen[bytes], grace: float) -> bool:
-    """SIGTERM to the process group, SIGKILL after ``grace`` seconds (at once without one); then reap it
-    and anything it left behind in the group. True when the process had exited before SIGKILL."""
-    exited = proc.poll() is not None
-    if grace > 0 and not exited:
-        _kill_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(grace)
-            exited = True
-        except subprocess.TimeoutExpired:
-            pass
-    _kill_group(proc, signal.SIGKILL)
-    proc.wait()
-    return exited
