@@ -147,7 +147,9 @@ class Modal(Harness):
 
 
 def harnesses(af: Any) -> dict[str, Harness]:
-    """The harness of every flavor whose emulator this session has."""
+    """The harness of every flavor whose emulator this session has (in a cloud run: its flavor's only)."""
+    if af.cloud is not None:  # make test-cloud (tests/e2e/cloud.py)
+        return {af.cloud.flavor: af.cloud}
     found: dict[str, Harness] = {"local": Local("local", "e2e_step_operator")}
     spot_budget = {"max_runtime_in_seconds": 40, "max_wait_time_in_seconds": 40}
     candidates = [(af.k8s, Kubernetes("kubernetes", "k8s_step_operator", preemptible={})),
