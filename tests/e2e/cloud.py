@@ -100,7 +100,7 @@ PASSTHROUGH = {
     "sagemaker": ("AWS_",),
     "vertex": ("GOOGLE_", "CLOUDSDK_"),
     "azureml": ("AZURE", "IDENTITY_ENDPOINT", "IDENTITY_HEADER", "MSI_"),
-    "modal": (),
+    "modal": ("MODAL_SERVER_URL",),  # not the token: it comes from modal_default only
 }
 
 #: test -> why a real service cannot run it (flavors add their own in ``CloudHarness.unsupported``)
@@ -159,7 +159,7 @@ class CloudHarness(Harness):
 
     def session_env(self, env: dict[str, str]) -> dict[str, str]:
         """The Airflow processes' environment: the emulator-free one plus the service's usual variables."""
-        kept = {k: v for k, v in os.environ.items() if PASSTHROUGH[self.flavor] and k.startswith(PASSTHROUGH[self.flavor])}
+        kept = {k: v for k, v in os.environ.items() if k.startswith(PASSTHROUGH[self.flavor])}
         return {**env, **kept}
 
     @staticmethod
@@ -412,11 +412,11 @@ class CloudModal(CloudHarness):
     def session_env(self, env):  # no ~/.modal.toml fallback: the token comes from modal_default only
         return {**super().session_env(env), "MODAL_CONFIG_PATH": str(Path(env["AIRFLOW_HOME"]) / "no-modal.toml")}
 
-    def jobs(self, af, dag_id, run_id, task_id):
-        pytest.skip("Modal has no documented API listing a function's calls: a task instance's jobs cannot be read")
+    def jobs(self, af, dag_id, run_id, task_id):  # the tests calling this are skipped (``unsupported``)
+        raise NotImplementedError(_NO_LISTING)
 
     def state(self, af, job_id):
-        pytest.skip("Modal has no documented API listing a function's calls: a task instance's jobs cannot be read")
+        raise NotImplementedError(_NO_LISTING)
 
 
 _NO_LISTING = "Modal has no documented API listing a function's calls, so the task instance's jobs cannot be counted"

@@ -3,6 +3,8 @@ scenarios on it. Its step operator connection, the jobs of a task instance as it
 (read the way the service would answer, not the way the operator reports them) and their state, and how to
 preempt a running job. Adding a flavor means adding a harness here (and its emulator to tests/e2e/conftest.py).
 
+tests/e2e/cloud.py has their counterparts on the real services (``make test-cloud FLAVOR=...``).
+
 States are normalised to ``running``, ``succeeded``, ``failed``, ``cancelled`` and ``gone`` (deleted).
 """
 
