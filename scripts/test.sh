@@ -2,6 +2,7 @@
 # make test: install everything the tests need, then run the whole suite (slow cases included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+unset STEPOPS_CLOUD_FLAVOR  # make test always runs the emulators (make test-cloud sets it)
 UV=$(scripts/ensure-uv.sh)
 "$UV" sync --frozen --quiet --extra kubernetes --extra aws --extra gcp --extra azure --extra modal
 # Azurite (the Azure ML emulator's blob storage) comes from npm, pinned in package-lock.json

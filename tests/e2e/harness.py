@@ -3,6 +3,8 @@ scenarios on it. Its step operator connection, the jobs of a task instance as it
 (read the way the service would answer, not the way the operator reports them) and their state, and how to
 preempt a running job. Adding a flavor means adding a harness here (and its emulator to tests/e2e/conftest.py).
 
+tests/e2e/cloud.py has their counterparts on the real services (``make test-cloud FLAVOR=...``).
+
 States are the kit's (``Emulator.state``): ``running``, ``succeeded``, ``failed``, ``cancelled`` and ``gone``
 (deleted); a preemption is the kit's ``preemption`` fault.
 """
@@ -106,7 +108,9 @@ class Modal(Harness):
 
 
 def harnesses(af: Any) -> dict[str, Harness]:
-    """The harness of every flavor whose emulator this session has."""
+    """The harness of every flavor whose emulator this session has (in a cloud run: its flavor's only)."""
+    if af.cloud is not None:  # make test-cloud (tests/e2e/cloud.py)
+        return {af.cloud.flavor: af.cloud}
     found: dict[str, Harness] = {"local": Local("local", "e2e_step_operator")}
     spot_budget = {"max_runtime_in_seconds": 40, "max_wait_time_in_seconds": 40}
     candidates = [(af.k8s, Kubernetes("kubernetes", "k8s_step_operator", preemptible={})),
