@@ -47,6 +47,11 @@ class Harness:
     def preempt(self, af: Any, job_id: str) -> None:
         self.emulator.inject("preemption", job_id)
 
+    def late_logs(self, every: int, seconds: float) -> bool:
+        """From now on every ``every``-th log line (0: none) reaches the log service ``seconds`` late, behind
+        later lines; False where the service has no ingestion delay (the log is the process's own stream)."""
+        return False
+
 
 class Local(Harness):
     def jobs(self, af, dag_id, run_id, task_id):
@@ -83,12 +88,20 @@ class SageMaker(Harness):
         assert time.time() < strike - 1, "the job started too late to be interrupted within its wait budget"
         self.emulator.inject("preemption", job_id, after=max(strike - time.time(), 0))
 
+    def late_logs(self, every, seconds):
+        self.emulator.configure(late_log_every=every, late_log_delay=seconds)
+        return True
+
 
 class Vertex(Harness):
     def owns(self, job, dag_id, run_id, task_id):  # label values: lower case, at most 63 characters
         wanted = {f"stepops-{key}": re.sub(r"[^a-z0-9_-]", "_", value.lower())[:63]
                   for key, value in (("dag", dag_id), ("run", run_id), ("task", task_id))}
         return wanted.items() <= (job.get("labels") or {}).items()
+
+    def late_logs(self, every, seconds):
+        self.emulator.late_logs = (every, seconds) if every else None
+        return True
 
 
 class AzureML(Harness):
@@ -105,6 +118,10 @@ class Modal(Harness):
         # a preemption Modal gives up on (its retriable internal failure): the one Airflow sees. By default
         # Modal restarts a preempted input itself, and the step resumes from its checkpoint in the same try.
         self.emulator.inject("preemption", job_id, restart=False)
+
+    def late_logs(self, every, seconds):
+        self.emulator.late_logs(every, seconds)
+        return True
 
 
 def harnesses(af: Any) -> dict[str, Harness]:

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.slow
 
 FLAVORS = ("local", "kubernetes", "sagemaker", "vertex", "azureml", "modal")
 LINES = 40  # remote log lines the results scenario streams while deferred
+LATE_EVERY, LATE_SECONDS = 3, 1.0  # every third line reaches the log service a second late, where it can
 _WRITES = threading.Lock()  # one API write at a time: SQLite answers concurrent ones "database is locked"
 
 
@@ -188,10 +189,14 @@ def held_while_deferred(run: Run, task_id: str) -> Callable[[dict[str, Any]], bo
 @pytest.fixture(scope="module")
 def results(suite: Suite) -> dict[str, Run]:
     def drive(run: Run) -> None:
-        run.trigger(lines=LINES)
-        run.watch(held_while_deferred(run, "produce"), task_id="produce")
-        run.release.touch()
-        run.seen["state"] = run.dag_run_over()
+        run.seen["late"] = run.h.late_logs(LATE_EVERY, LATE_SECONDS)  # late, out-of-order arrivals included
+        try:
+            run.trigger(lines=LINES)
+            run.watch(held_while_deferred(run, "produce"), task_id="produce")
+            run.release.touch()
+            run.seen["state"] = run.dag_run_over()
+        finally:
+            run.h.late_logs(0, 0)
 
     return suite.drive("results", "produce", drive)
 
@@ -224,13 +229,15 @@ def test_results_reach_xcom_and_downstream_steps(suite, results, flavor):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_remote_lines_stream_while_deferred_none_lost_or_repeated(suite, results, flavor):
+    """Late and out-of-order arrivals included, where the service's log pipeline has them."""
     run = suite.run_of(results, flavor)
     log = run.log()
     trigger_part = "".join(part for part in log.split("===== ") if part.startswith("attempt=1.log.trigger"))
     expected = [f"[{flavor}] conformance-line {n:03d}" for n in range(1, LINES + 1)]
     assert [log.count(line) for line in expected] == [1] * LINES, log[-5000:]
     assert all(line in trigger_part for line in expected), trigger_part[-3000:]  # streamed by the triggerer
-    assert [trigger_part.index(line) for line in expected] == sorted(trigger_part.index(line) for line in expected)
+    if not run.seen["late"]:  # a line that arrives late is shown when it arrives, after later ones
+        assert [trigger_part.index(line) for line in expected] == sorted(trigger_part.index(line) for line in expected)
 
 
 # ---------------------------------------------------------------------------------------------
