@@ -309,13 +309,15 @@ class AirflowEnv:
         return self.home / "logs"
 
     # ---- running the CLI ----------------------------------------------------------------------
-    def cli(self, *args: str, timeout: float = 180, check: bool = True,
-            log_name: str | None = None) -> subprocess.CompletedProcess[str]:
-        """Run ``airflow ARGS`` in this home; output goes to a log file (returned as .stdout)."""
+    def cli(self, *args: str, timeout: float = 180, check: bool = True, log_name: str | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``airflow ARGS`` in this home (``env``: variables to add to its environment); output goes to a log
+        file (returned as .stdout)."""
         log_path = self.home / "cli-logs" / f"{log_name or '-'.join(args[:2])}-{time.time_ns()}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w") as out:
-            proc = subprocess.run([*self.airflow, *args], env=self.env, cwd=self.home, stdin=subprocess.DEVNULL,
+            proc = subprocess.run([*self.airflow, *args], env={**self.env, **(env or {})}, cwd=self.home,
+                                  stdin=subprocess.DEVNULL,
                                   stdout=out, stderr=subprocess.STDOUT, timeout=timeout, text=True,
                                   start_new_session=True)
         result = subprocess.CompletedProcess(proc.args, proc.returncode, log_path.read_text(errors="replace"), "")
@@ -457,6 +459,10 @@ def _session_env(home: Path, api_port: int, sm: Any = None, vx: Any = None, az: 
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "3",
         "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "2",
         "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
+        # triggers carry their task's queue and the triggerer serves only ``default``: a step of another queue
+        # stays deferred with no trigger running until Airflow's trigger timeout (checked every 2 s) fails it
+        "AIRFLOW__TRIGGERER__QUEUES_ENABLED": "True",
+        "AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL": "2",
         # DAG files do not change during the session: parse them once, with one parsing process
         "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "300",
@@ -662,7 +668,7 @@ class Services:
             "api-server": ["api-server", "--host", "127.0.0.1", "--port", str(self.af.api_port)],
             "scheduler": ["scheduler", "--skip-serve-logs"],  # the log servers would bind 0.0.0.0
             "dag-processor": ["dag-processor"],
-            "triggerer": ["triggerer", "--skip-serve-logs"],
+            "triggerer": ["triggerer", "--skip-serve-logs", "--queues", "default"],
         }
         self.log_path("x").parent.mkdir(parents=True, exist_ok=True)
         for name, args in commands.items():
