@@ -42,6 +42,11 @@ STATE_KEY = "stepops_job"
 RUN_KEY = "stepops_run_key"
 #: XCom key with flavor, job id and console URL (read by the extra link)
 XCOM_JOB_KEY = "stepops_job"
+#: ``next_method`` of a task Airflow resumes only to fail it, and the ``error`` it gives when the trigger timed out
+TRIGGER_FAIL = "__fail__"
+TRIGGER_TIMEOUT = "Trigger timeout"
+#: Airflow's trigger timeout passes this long after the step's execution_timeout
+DEFER_TIMEOUT_MARGIN_SECONDS = 30
 
 
 def _default_deferrable() -> bool:
@@ -230,6 +235,7 @@ class StepOperator(BaseOperator):
         if deferrable:
             self._warn_if_no_trigger_on_kill()
             self.defer(trigger=trigger, method_name="execute_complete", timeout=self._defer_timeout(trigger))
+        self.log.info("Waiting for job %s on this worker (deferrable=False)", handle.get("job_id"))
         try:
             event = asyncio.run(_first_event(trigger))
         except BaseException:
@@ -254,8 +260,10 @@ class StepOperator(BaseOperator):
             return None
         from datetime import timedelta
 
-        # the trigger stops the job itself at the deadline; Airflow's own timeout is the backstop
-        return timedelta(seconds=max(trigger.deadline - time.time(), 0) + 120)
+        # the trigger stops the job itself at the deadline; Airflow's own timeout is the backstop when no
+        # triggerer ran it in time (resume_execution stops the job then), before the backends' own time limit
+        # (execution_timeout + 60 s) stops it as a failure
+        return timedelta(seconds=max(trigger.deadline - time.time(), 0) + DEFER_TIMEOUT_MARGIN_SECONDS)
 
     def _warn_if_no_trigger_on_kill(self) -> None:
         from airflow.triggers.base import BaseTrigger
@@ -329,13 +337,25 @@ class StepOperator(BaseOperator):
             store.delete(STATE_KEY)
 
     def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Context) -> Any:
-        if next_method == "__fail__" and self._handle is None:
-            # Airflow's own deferral timeout fired (the trigger could not): stop the job too
-            store = context.get("task_state_store")  # type: ignore[call-overload]
-            handle = store.get(STATE_KEY) if store is not None else None
-            if isinstance(handle, dict):
-                self._cancel_quietly(self.get_hook(), handle)
-        return super().resume_execution(next_method, next_kwargs, context)
+        if next_method != TRIGGER_FAIL:
+            return super().resume_execution(next_method, next_kwargs, context)
+        # Airflow ended the deferral without an event of the trigger: its own trigger timeout passed (the
+        # backstop to the execution_timeout the trigger enforces: no triggerer ran the trigger in time) or the
+        # trigger crashed. Airflow does not call a trigger's on_kill then, so the job still runs: stop it here.
+        store = context.get("task_state_store")  # type: ignore[call-overload]
+        handle = store.get(STATE_KEY) if store is not None else None
+        job_id = handle.get("job_id") if isinstance(handle, dict) else None
+        if isinstance(handle, dict):
+            self._handle = handle
+            self.log.warning("The deferral ended without the trigger reporting on job %s: stopping it", job_id)
+            self._cancel_quietly(self.get_hook(), handle)
+        if (next_kwargs or {}).get("error") != TRIGGER_TIMEOUT:
+            return super().resume_execution(next_method, next_kwargs, context)
+        stopped = f"remote job {job_id} was stopped" if job_id else "no stored job to stop"
+        raise StepTimeoutError(
+            f"Airflow's trigger timeout passed before the trigger reported on the step (no triggerer ran it in "
+            f"time: is one running, serving task queue {self.queue!r}?); {stopped}"
+        )
 
     def _record(self, context: Context, hook: StepOperatorHook, handle: JobHandle, details: dict[str, Any],
                 final: bool = True) -> None:

@@ -58,12 +58,14 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -314,13 +316,15 @@ class AirflowEnv:
         return self.home / "logs"
 
     # ---- running the CLI ----------------------------------------------------------------------
-    def cli(self, *args: str, timeout: float = 180, check: bool = True,
-            log_name: str | None = None) -> subprocess.CompletedProcess[str]:
-        """Run ``airflow ARGS`` in this home; output goes to a log file (returned as .stdout)."""
+    def cli(self, *args: str, timeout: float = 180, check: bool = True, log_name: str | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``airflow ARGS`` in this home (``env``: variables to add to its environment); output goes to a log
+        file (returned as .stdout)."""
         log_path = self.home / "cli-logs" / f"{log_name or '-'.join(args[:2])}-{time.time_ns()}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w") as out:
-            proc = subprocess.run([*self.airflow, *args], env=self.env, cwd=self.home, stdin=subprocess.DEVNULL,
+            proc = subprocess.run([*self.airflow, *args], env={**self.env, **(env or {})}, cwd=self.home,
+                                  stdin=subprocess.DEVNULL,
                                   stdout=out, stderr=subprocess.STDOUT, timeout=timeout, text=True,
                                   start_new_session=True)
         result = subprocess.CompletedProcess(proc.args, proc.returncode, log_path.read_text(errors="replace"), "")
@@ -462,6 +466,10 @@ def _session_env(home: Path, api_port: int, sm: Any = None, vx: Any = None, az: 
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "3",
         "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "2",
         "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
+        # triggers carry their task's queue and the triggerer serves only ``default``: a step of another queue
+        # stays deferred with no trigger running until Airflow's trigger timeout (checked every 2 s) fails it
+        "AIRFLOW__TRIGGERER__QUEUES_ENABLED": "True",
+        "AIRFLOW__SCHEDULER__TRIGGER_TIMEOUT_CHECK_INTERVAL": "2",
         # DAG files do not change during the session: parse them once, with one parsing process
         "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "300",
@@ -656,11 +664,18 @@ def dags_test(airflow_env: AirflowEnv) -> Callable[[str], DagsTestRun]:
 _RUNNING_SERVICES: list[Services] = []
 
 
+#: the scheduler's log line for an executor event it took in
+_EXECUTOR_EVENT = re.compile(r"Received executor event with state \w+ for task instance (TaskInstanceKey\([^)]*\))")
+
+
 @dataclass
 class Services:
     af: AirflowEnv
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     stopped: bool = False
+    _events_lock: threading.Lock = field(default_factory=threading.Lock)
+    _events_offset: int = 0
+    _executor_events: set[str] = field(default_factory=set)
 
     @property
     def base_url(self) -> str:
@@ -674,7 +689,7 @@ class Services:
             "api-server": ["api-server", "--host", "127.0.0.1", "--port", str(self.af.api_port)],
             "scheduler": ["scheduler", "--skip-serve-logs"],  # the log servers would bind 0.0.0.0
             "dag-processor": ["dag-processor"],
-            "triggerer": ["triggerer", "--skip-serve-logs"],
+            "triggerer": ["triggerer", "--skip-serve-logs", "--queues", "default"],
         }
         self.log_path("x").parent.mkdir(parents=True, exist_ok=True)
         for name, args in commands.items():
@@ -778,12 +793,20 @@ class Services:
         assert created["dag_run_id"] == run_id
         return run_id
 
-    def executor_event_seen(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> bool:
-        """Whether the scheduler has taken in the executor's event for this task try (its log says so)."""
+    def executor_event_seen(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1,
+                            map_index: int = -1) -> bool:
+        """Whether the scheduler has taken in the executor's event for this task try (its log says so); the
+        scheduler's log is read on from where the last call stopped."""
         key = (f"TaskInstanceKey(dag_id='{dag_id}', task_id='{task_id}', run_id='{run_id}', "
-               f"try_number={try_number}, map_index=-1)")
-        return any("Received executor event" in line and key in line
-                   for line in self.log_path("scheduler").read_text(errors="replace").splitlines())
+               f"try_number={try_number}, map_index={map_index})")
+        with self._events_lock:
+            with open(self.log_path("scheduler"), "rb") as log:
+                log.seek(self._events_offset)
+                chunk = log.read()
+            end = chunk.rfind(b"\n") + 1  # whole lines only
+            self._events_offset += end
+            self._executor_events.update(_EXECUTOR_EVENT.findall(chunk[:end].decode(errors="replace")))
+            return key in self._executor_events
 
     def mark_ti(self, dag_id: str, run_id: str, task_id: str, state: str) -> Any:
         return self.api("PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}", {"new_state": state})

@@ -12,17 +12,15 @@ def terminal(row: dict) -> bool:
     return row["state"] in TERMINAL_TI_STATES
 
 
-def deferral_settled(services, dag_id: str, run_id: str, task_id: str, try_number: int) -> bool:
+def deferral_settled(services, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> bool:
     """The scheduler has processed the executor's "success" of the worker that deferred this try.
 
-    Until then the trigger must not fire: Airflow 3.3's scheduler tolerates that event arriving after the
-    trigger put the TI back to ``scheduled``, not after it was ``queued`` again for resuming; then it logs
-    "state mismatch" and fails the try without resuming it (seen when a job ended ~1.5 s after deferring).
-    Tests hold their step until this is true before letting it end.
+    Until then the trigger must not fire: Airflow 3.3's scheduler fails the try ("state mismatch") when that
+    event arrives after the trigger fired and the TI was queued again for resuming (seen when a job ended
+    ~1.5 s after deferring; apache/airflow#66374, #71580, #72716). Tests hold their steps until this is
+    true before letting them end (``Run.trigger`` releases every deferred step of a run once it is).
     """
-    key = f"TaskInstanceKey(dag_id='{dag_id}', task_id='{task_id}', run_id='{run_id}', try_number={try_number},"
-    text = services.log_path("scheduler").read_text(errors="replace")
-    return any("Received executor event with state success" in line and key in line for line in text.splitlines())
+    return services.executor_event_seen(dag_id, run_id, task_id, try_number, map_index)
 
 
 def task_runner_process(ti_row: dict) -> psutil.Process | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import signal
 import sqlite3
 import threading
@@ -76,7 +77,22 @@ class Run:
     def trigger(self, run_id: str | None = None, **conf: Any) -> Run:
         conf = {"marker": str(self.marker), "release": str(self.release), "errors": str(self.folder), **conf}
         self.run_id = write(lambda: self.services.trigger(self.dag_id, conf, run_id=run_id))
+        threading.Thread(target=self._release_settled, args=(self.run_id,), daemon=True).start()
         return self
+
+    def _release_settled(self, run_id: str, timeout: float = 900) -> None:
+        """Create each deferred step's own release file (dags/conformance_dags.py, ``SETTLED``) once the
+        scheduler has settled its deferral, until the DAG run ends."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (self.af.dag_run(self.dag_id, run_id) or {}).get("state") in ("success", "failed"):
+                return
+            for (task_id, map_index), row in self.af.task_instances(self.dag_id, run_id).items():
+                release = self.folder / f"settled-{task_id}-{map_index}-{row['try_number']}"
+                if row["state"] == "deferred" and not release.exists() and deferral_settled(
+                        self.services, self.dag_id, run_id, task_id, row["try_number"], map_index):
+                    release.touch()
+            time.sleep(0.3)
 
     def ti(self, task_id: str | None = None, map_index: int = -1) -> dict[str, Any]:
         return self.af.ti(self.dag_id, self.run_id, task_id or self.task_id, map_index)
@@ -226,6 +242,37 @@ def test_results_reach_xcom_and_downstream_steps(suite, results, flavor):
         assert len(run.jobs(task_id)) == 1, (task_id, run.jobs(task_id))
 
 
+def _waited_on_the_worker(run: Run, task_id: str, map_index: int = -1) -> None:
+    """The try ran and ended in its worker: it never deferred and no trigger ran for it."""
+    log = run.af.task_log_text(run.dag_id, run.run_id, task_id, 1, map_index)
+    assert "Waiting for job" in log and "on this worker" in log, log[-3000:]
+    assert "Pausing task as DEFERRED" not in log and ".log.trigger" not in log, log[-3000:]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_steps_waiting_on_the_worker_give_the_same_results(suite, results, flavor):
+    """deferrable=False: the same XComs, multiple_outputs, mapping and ArtifactRef passed on as the value."""
+    run = suite.run_of(results, flavor)
+    af, dag_id, run_id = run.af, run.dag_id, run.run_id
+    waited = [("waited_produce", -1), ("waited_consume", 0), ("waited_consume", 1)]
+    states = {key: (af.ti(dag_id, run_id, *key) or {}).get("state") for key in waited}
+    assert set(states.values()) == {"success"}, {
+        key: af.task_log_text(dag_id, run_id, key[0], 1, key[1])[-3000:] for key, state in states.items()
+        if state != "success"}
+    for key in waited:
+        _waited_on_the_worker(run, *key)
+    produced = af.xcoms(dag_id, run_id, "waited_produce")
+    assert produced["answer"] == 42 and produced["env"].startswith("from-"), produced  # small JSON, inline
+    ref = produced["blob"]  # large, not JSON: an ArtifactRef, handed to the mapped steps as the value itself
+    assert ref["__classname__"].endswith(".ArtifactRef") and ref["__data__"]["type"] == "builtins.bytes", ref
+    blob = bytes(range(256)) * 400
+    expected = {"type": "bytes", "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    assert [af.xcom(dag_id, run_id, "waited_consume", map_index=i) for i in range(2)] == [
+        {"square": 4, **expected}, {"square": 9, **expected}]
+    assert len(run.jobs("waited_produce")) == 1, run.jobs("waited_produce")
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_remote_lines_stream_while_deferred_none_lost_or_repeated(suite, results, flavor):
@@ -238,6 +285,82 @@ def test_remote_lines_stream_while_deferred_none_lost_or_repeated(suite, results
     assert all(line in trigger_part for line in expected), trigger_part[-3000:]  # streamed by the triggerer
     if not run.seen["late"]:  # a line that arrives late is shown when it arrives, after later ones
         assert [trigger_part.index(line) for line in expected] == sorted(trigger_part.index(line) for line in expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# the default mode: a step without an explicit deferrable follows [stepops] default_deferrable and
+# AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE
+# ---------------------------------------------------------------------------------------------
+DEFAULTS_DAG = "conformance_default_deferrable"  # one step per flavor (task id: the flavor) + explicit_local
+SWITCHES = {"stepops": {"AIRFLOW__STEPOPS__DEFAULT_DEFERRABLE": "False"},
+            "operators": {"AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "false"}}
+LOGICAL_DATES = {"stepops": "2026-01-01", "operators": "2026-01-02"}  # tell the runs apart
+
+
+@dataclass
+class SwitchedRun:
+    run_id: str
+    returncode: int
+    output: str
+
+    def task_output(self, task_id: str) -> str:
+        """What ``airflow dags test`` printed while it ran this task (it runs them one at a time)."""
+        start = self.output.find(f"[DAG TEST] starting task_id={task_id} ")
+        end = self.output.find(f"[DAG TEST] end task task_id={task_id} ", start)
+        assert start >= 0 and end >= 0, self.output[-5000:]
+        return self.output[start:end]
+
+
+@pytest.fixture(scope="module")
+def default_switches(airflow_env) -> dict[str, SwitchedRun]:
+    """``airflow dags test`` of the defaults DAG once per switch, with the switch only in its environment.
+
+    The live services share one Airflow configuration and their workers inherit the scheduler's environment,
+    so a switch cannot be set for one run there; ``dags test`` runs the same operator code (deciding whether
+    to defer in ``execute``) in a process of its own. Airflow itself shows a deferral: it logs "Pausing task
+    as DEFERRED" and runs the trigger "in line". One run per switch covers every flavor (its steps run one
+    after another) and the two runs overlap.
+    """
+    found: dict[str, SwitchedRun] = {}
+
+    def run(name: str) -> None:
+        result = airflow_env.cli("dags", "test", DEFAULTS_DAG, LOGICAL_DATES[name], timeout=420, check=False,
+                                 log_name=f"dags-test-{DEFAULTS_DAG}-{name}", env=SWITCHES[name])
+        rows = airflow_env.query("SELECT run_id FROM dag_run WHERE dag_id = ? AND logical_date LIKE ?",
+                                 DEFAULTS_DAG, f"{LOGICAL_DATES[name]}%")
+        found[name] = SwitchedRun(rows[0]["run_id"] if rows else "", result.returncode, result.stdout)
+
+    threads = [threading.Thread(target=run, args=(name,), daemon=True) for name in SWITCHES]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return found
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("switch", SWITCHES)
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_a_step_without_explicit_deferrable_follows_the_default_switches(airflow_env, default_switches, flavor,
+                                                                         switch):
+    if flavor in airflow_env.unavailable:
+        pytest.fail(f"{flavor}: its emulator could not start: {airflow_env.unavailable[flavor]}")
+    harness = harnesses(airflow_env).get(flavor)
+    if harness is None:
+        pytest.skip(f"the {flavor} extra is not installed in this environment")
+    run = default_switches[switch]
+    assert run.returncode == 0 and run.run_id, run.output[-5000:]
+    # the control in the same process: a step saying deferrable=True is deferred, as Airflow shows
+    explicit = run.task_output("explicit_local")
+    assert "Pausing task as DEFERRED" in explicit and "running trigger in line" in explicit, explicit[-3000:]
+    output = run.task_output(flavor)
+    assert "Pausing task as DEFERRED" not in output and "running trigger in line" not in output, output[-3000:]
+    assert "on this worker (deferrable=False)" in output, output[-3000:]
+    ti = airflow_env.ti(DEFAULTS_DAG, run.run_id, flavor)
+    assert ti["state"] == "success", output[-3000:]
+    (job,) = harness.jobs(airflow_env, DEFAULTS_DAG, run.run_id, flavor)
+    assert harness.state(airflow_env, job) in ("succeeded", "gone"), harness.state(airflow_env, job)
+    assert set(airflow_env.xcom(DEFAULTS_DAG, run.run_id, flavor)) == {"pid"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,10 +383,13 @@ def _seen_exception(run: Run, task_id: str) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("task_id", ["value_error", "waited_value_error"])  # deferred; deferrable=False
 @pytest.mark.parametrize("flavor", FLAVORS)
-def test_remote_exception_keeps_its_type_message_and_traceback(suite, errors, flavor):
+def test_remote_exception_keeps_its_type_message_and_traceback(suite, errors, flavor, task_id):
     run = suite.run_of(errors, flavor)
-    seen = _seen_exception(run, "value_error")
+    seen = _seen_exception(run, task_id)
+    if task_id.startswith("waited_"):
+        _waited_on_the_worker(run, task_id)
     assert seen["types"] == ["RemoteStepError", "ValueError"], seen  # `except ValueError` works
     text = seen["text"]
     lines = text.splitlines()  # on several lines, not one repr-quoted line
@@ -396,7 +522,7 @@ def test_recreated_run_with_the_same_run_id_gets_a_new_job(suite, reruns, flavor
 
 
 # ---------------------------------------------------------------------------------------------
-# stopping: marked failed while deferred
+# stopping: marked failed while deferred; Airflow's trigger timeout when no triggerer runs the trigger
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cancels(suite: Suite) -> dict[str, Run]:
@@ -425,6 +551,7 @@ def cancels(suite: Suite) -> dict[str, Run]:
         # without the trigger's cleanup the step would sleep on for 10 minutes
         run.af.wait_for(stopped, timeout=60, interval=0.1, message=lambda: f"{job} to be stopped\n{run.log()[-3000:]}")
         run.seen["timed"] = run.watch(terminal, task_id="timed")
+        run.seen["unserved"] = run.watch(terminal, task_id="unserved")
 
     return suite.drive("cancel", "forever", drive)
 
@@ -437,6 +564,28 @@ def test_mark_failed_while_deferred_stops_the_job(suite, cancels, flavor):
     assert run.ti()["state"] == "failed"
     assert "Task killed while deferred: stopping remote job" in run.log(), run.log()[-3000:]
     assert run.jobs() in ([run.seen["job"]], []), run.jobs()  # never a second job
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_airflow_trigger_timeout_stops_the_job_and_raises_step_timeout_error(suite, cancels, flavor):
+    """No triggerer serves the step's queue: the trigger that enforces its execution_timeout never runs, and
+    Airflow's own trigger timeout (the operator's backstop) fails the task; the operator stops the job then."""
+    run = suite.run_of(cancels, flavor)
+    log = run.log(task_id="unserved")
+    assert "Pausing task as DEFERRED" in log, log[-3000:]
+    assert ".log.trigger" not in log, log[-3000:]  # no trigger ran: the backstop fired, not the trigger's deadline
+    assert run.seen["unserved"]["state"] == "failed", log[-3000:]
+    seen = _seen_exception(run, "unserved")
+    assert seen["types"] == ["StepTimeoutError"], seen
+    assert "trigger timeout passed" in seen["text"] and "was stopped" in seen["text"], seen
+    (job,) = re.findall(r"Submitted step \S+ to \w+ step operator '[^']+' as job (\S+?)\"", log)
+    assert run.jobs("unserved") in ([job], []), run.jobs("unserved")  # never a second job; a deleted one is gone
+    assert run.h.state(run.af, job) in ("cancelled", "gone"), (job, run.h.state(run.af, job), log[-3000:])
+    pid_file = run.folder / "unserved.pid"
+    assert pid_file.exists(), f"the step never ran\n{log[-3000:]}"
+    pid = int(pid_file.read_text())
+    run.af.wait_for(lambda: run.af.process_gone(pid), timeout=30, message=f"{flavor}: the unserved step to stop")
 
 
 # ---------------------------------------------------------------------------------------------

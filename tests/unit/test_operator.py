@@ -256,3 +256,58 @@ def test_a_succeeded_job_whose_output_the_backend_cannot_return_fails_with_the_b
     op._hook = hook
     with pytest.raises(StepFailedError, match="rotated away; use a pvc://"):
         op.execute_complete({}, {"status": "succeeded", "handle": handle})
+
+
+def test_airflow_trigger_timeout_stops_the_job_and_raises_step_timeout_error(tmp_path):
+    """Airflow resumes a task whose trigger timeout passed into ``__fail__`` and calls no trigger on_kill."""
+    from airflow_stepops.exceptions import StepTimeoutError
+    from airflow_stepops.hooks.base import JobState
+    from airflow_stepops.operators.base import STATE_KEY
+    from airflow_stepops.settings.local import LocalStepOperatorSettings
+
+    from .localjobs import make_hook, make_spec, wait_running, wait_terminal
+
+    hook = make_hook(tmp_path)
+    handle = hook.submit(make_spec(hook, __import__("time").sleep, 60,
+                                   settings=LocalStepOperatorSettings(cancel_grace_period_seconds=1)))
+    wait_running(hook, handle)
+    op = LocalStepOperator(task_id="t", python_callable=lambda: 1, queue="gpu")
+    op._hook = hook  # a fresh operator, as in the worker Airflow starts to fail the task: no handle in memory
+    store = {STATE_KEY: {**handle, "attached_by_try": 1}}
+    with pytest.raises(StepTimeoutError, match=rf"trigger timeout.*'gpu'.*job {handle['job_id']} was stopped"):
+        op.resume_execution("__fail__", {"error": "Trigger timeout"}, {"task_state_store": store})
+    assert wait_terminal(hook, handle, timeout=15).state is JobState.CANCELLED
+
+
+def test_a_crashed_trigger_stops_the_job_and_keeps_airflows_error(tmp_path):
+    from airflow.sdk.exceptions import TaskDeferralError
+
+    from airflow_stepops.hooks.base import JobState
+    from airflow_stepops.operators.base import STATE_KEY
+    from airflow_stepops.settings.local import LocalStepOperatorSettings
+
+    from .localjobs import make_hook, make_spec, wait_running, wait_terminal
+
+    hook = make_hook(tmp_path)
+    handle = hook.submit(make_spec(hook, __import__("time").sleep, 60,
+                                   settings=LocalStepOperatorSettings(cancel_grace_period_seconds=1)))
+    wait_running(hook, handle)
+    op = LocalStepOperator(task_id="t", python_callable=lambda: 1)
+    op._hook = hook
+    with pytest.raises(TaskDeferralError, match="Trigger failure"):
+        op.resume_execution("__fail__", {"error": "Trigger failure", "traceback": ["boom"]},
+                            {"task_state_store": {STATE_KEY: handle}})
+    assert wait_terminal(hook, handle, timeout=15).state is JobState.CANCELLED
+
+
+def test_airflow_trigger_timeout_comes_before_the_backends_own_time_limit():
+    """The backends stop a job at its execution_timeout + 60 s as a failure; Airflow's trigger timeout, whose
+    resume stops it as a cancel with StepTimeoutError, must come first."""
+    from types import SimpleNamespace
+
+    from airflow_stepops.operators.base import StepOperator
+
+    now = time.time()
+    margin = StepOperator._defer_timeout(SimpleNamespace(deadline=now + 100)).total_seconds() - 100
+    assert 0 < margin < 60 - 15  # minus the scheduler's default trigger_timeout_check_interval
+    assert StepOperator._defer_timeout(SimpleNamespace(deadline=None)) is None

@@ -19,8 +19,15 @@ from airflow.sdk import dag, task
 
 FLAVORS: dict[str, dict] = json.loads(os.environ.get("STEPOPS_E2E_FLAVORS", "{}"))
 POLL = 0.5
+#: a task queue no triggerer serves (the session's triggerer consumes only ``default``): a step deferring from it
+#: waits until Airflow's own trigger timeout fails it
+NO_TRIGGERER_QUEUE = "conformance-no-triggerer"
 MARKER = "{{ dag_run.conf.get('marker', '') }}"
 RELEASE = "{{ dag_run.conf.get('release', '') }}"
+#: a step's own release file, which the test creates once the scheduler has settled the step's deferral (a
+#: trigger firing sooner meets an Airflow 3.3 race that fails the try: tests/e2e/steps.py, deferral_settled)
+SETTLED = ("{% if dag_run.conf.get('errors') %}{{ dag_run.conf['errors'] }}/settled-{{ ti.task_id }}-"
+           "{{ ti.map_index }}-{{ ti.try_number }}{% endif %}")
 
 
 def record_exception(context):
@@ -59,7 +66,8 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
     @dag(dag_id=f"{prefix}_results", schedule=None, catchup=False, tags=["stepops-conformance"])
     def results():
         """Small JSON to XCom, multiple_outputs, a large non-JSON result passed on as the value, mapping,
-        remote log lines streamed while deferred."""
+        remote log lines streamed while deferred; and the same results from steps that wait on the worker
+        (``waited_*``, deferrable=False)."""
 
         @step(multiple_outputs=True)
         def produce(marker, release, lines, run_id=None):
@@ -73,42 +81,65 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
             return {"answer": 42, "env": os.environ.get("E2E_FROM_CONN")}
 
         @step
-        def big(run_id=None):
-            _begin(f"{prefix}_results", "big", "", "", run_id)
+        def big(settled, run_id=None):
+            _begin(f"{prefix}_results", "big", "", settled, run_id)
             return bytes(range(256)) * 400  # 100 KiB, not JSON: an ArtifactRef in XCom
 
         @step
-        def consume(blob, run_id=None):
+        def consume(blob, settled, run_id=None):
             import hashlib
 
-            _begin(f"{prefix}_results", "consume", "", "", run_id)
+            _begin(f"{prefix}_results", "consume", "", settled, run_id)
             return {"type": type(blob).__name__, "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
 
         @step
-        def square(x, run_id=None):
-            _begin(f"{prefix}_results", "square", "", "", run_id)
+        def square(x, settled, run_id=None):
+            _begin(f"{prefix}_results", "square", "", settled, run_id)
             return x * x
 
+        @step(multiple_outputs=True, deferrable=False)
+        def waited_produce(run_id=None):
+            import os
+
+            _begin(f"{prefix}_results", "waited_produce", "", "", run_id)
+            return {"answer": 42, "env": os.environ.get("E2E_FROM_CONN"), "blob": bytes(range(256)) * 400}
+
+        @step(deferrable=False)
+        def waited_consume(blob, x, run_id=None):
+            import hashlib
+
+            _begin(f"{prefix}_results", "waited_consume", "", "", run_id)
+            return {"square": x * x, "type": type(blob).__name__, "size": len(blob),
+                    "sha256": hashlib.sha256(blob).hexdigest()}
+
         produce(MARKER, RELEASE, "{{ dag_run.conf.get('lines', 40) }}")
-        square.expand(x=[2, 3])
-        consume(big())
+        square.partial(settled=SETTLED).expand(x=[2, 3])
+        consume(big(SETTLED), SETTLED)
+        # waiting on the worker: few tasks (each holds a worker slot for its whole run)
+        waited_consume.partial(blob=waited_produce()["blob"]).expand(x=[2, 3])
 
     @dag(dag_id=f"{prefix}_errors", schedule=None, catchup=False, tags=["stepops-conformance"])
     def errors():
         """Remote exceptions, and user errors whose words sound like the backend's."""
 
         @step(on_failure_callback=record_exception)
-        def value_error(run_id=None):
-            _begin(f"{prefix}_errors", "value_error", "", "", run_id)
+        def value_error(settled, run_id=None):
+            _begin(f"{prefix}_errors", "value_error", "", settled, run_id)
             raise ValueError("bad value: first line\nsecond line")
 
         @step(on_failure_callback=record_exception)
-        def worded_error(run_id=None):
-            _begin(f"{prefix}_errors", "worded_error", "", "", run_id)
+        def worded_error(settled, run_id=None):
+            _begin(f"{prefix}_errors", "worded_error", "", settled, run_id)
             raise RuntimeError("timeout: the batch was preempted and its rows evicted")
 
-        value_error()
-        worded_error()
+        @step(on_failure_callback=record_exception, deferrable=False)
+        def waited_value_error(run_id=None):
+            _begin(f"{prefix}_errors", "waited_value_error", "", "", run_id)
+            raise ValueError("bad value: first line\nsecond line")
+
+        value_error(SETTLED)
+        worded_error(SETTLED)
+        waited_value_error()
 
     @dag(dag_id=f"{prefix}_reattach", schedule=None, catchup=False, tags=["stepops-conformance"])
     def reattach():
@@ -125,7 +156,8 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
 
     @dag(dag_id=f"{prefix}_cancel", schedule=None, catchup=False, tags=["stepops-conformance"])
     def cancel():
-        """Steps that run until stopped: by marking them failed, by their execution_timeout."""
+        """Steps that run until stopped: by marking them failed, by their execution_timeout, by Airflow's trigger
+        timeout (the backstop when no triggerer runs the trigger that enforces the execution_timeout)."""
 
         @step(poll_interval=2.0)
         def forever(marker, run_id=None):
@@ -144,8 +176,19 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
                 fh.write(str(os.getpid()))
             time.sleep(600)
 
+        @step(execution_timeout=timedelta(seconds=45), queue=NO_TRIGGERER_QUEUE, on_failure_callback=record_exception)
+        def unserved(pid_file, run_id=None):
+            import os
+            import time
+
+            _begin(f"{prefix}_cancel", "unserved", "", "", run_id)
+            with open(pid_file, "w", encoding="utf-8") as fh:
+                fh.write(str(os.getpid()))
+            time.sleep(600)
+
         forever(MARKER)
         timed("{{ dag_run.conf.get('errors', '') }}/timed.pid")
+        unserved("{{ dag_run.conf.get('errors', '') }}/unserved.pid")
 
     @dag(dag_id=f"{prefix}_preempt", schedule=None, catchup=False, tags=["stepops-conformance"])
     def preempt():
@@ -153,12 +196,12 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
 
         @step(retries=1, retry_delay=timedelta(seconds=1), on_retry_callback=record_exception,
               settings={f"step_operator.{flavor}": settings or {}})
-        def resume(marker, run_id=None):
+        def resume(marker, settled, run_id=None):
             import json
             import os
             import time
 
-            _begin(f"{prefix}_preempt", "resume", marker, "", run_id)
+            _begin(f"{prefix}_preempt", "resume", marker, settled, run_id)
             path = os.path.join(os.environ["STEPOPS_CHECKPOINT_DIR"], "state.json")
             if os.path.exists(path):
                 with open(path, encoding="utf-8") as fh:
@@ -169,11 +212,38 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
             print("conformance-checkpointed", flush=True)
             time.sleep(600)
 
-        resume(MARKER)
+        resume(MARKER, SETTLED)
 
     for factory in (results, errors, reattach, cancel) + ((preempt,) if settings is not None else ()):
         factory()
 
 
+def default_deferrable(flavors: dict[str, dict]) -> None:
+    """``conformance_default_deferrable``: one step per flavor without an explicit ``deferrable`` (task id: the
+    flavor), which follows the default switches, and ``explicit_local``, which says ``deferrable=True``. Run
+    only with ``airflow dags test`` under different environments (never unpaused)."""
+    dag_id = "conformance_default_deferrable"
+
+    def returns_its_pid(task_id):
+        def step_fn(run_id=None):
+            import os
+
+            print(f"conformance-begin {dag_id} {run_id} {task_id}", flush=True)
+            return {"pid": os.getpid()}
+        return step_fn
+
+    @dag(dag_id=dag_id, schedule=None, catchup=False, tags=["stepops-conformance"])
+    def defaults():  # `dags test` runs the tasks one at a time
+        for flavor, spec in flavors.items():
+            task.step_operator(task_id=flavor, step_operator=spec["conn_id"], poll_interval=POLL)(
+                returns_its_pid(flavor))()
+        if "local" in flavors:
+            task.step_operator(task_id="explicit_local", step_operator=flavors["local"]["conn_id"],
+                               poll_interval=POLL, deferrable=True)(returns_its_pid("explicit_local"))()
+
+    defaults()
+
+
 for _flavor, _spec in FLAVORS.items():
     conformance(_flavor, _spec["conn_id"], _spec.get("preemptible"))
+default_deferrable(FLAVORS)
