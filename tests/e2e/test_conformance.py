@@ -446,6 +446,11 @@ def preemptions(suite: Suite) -> dict[str, Run]:
         (job,) = run.jobs()
         run.seen["job"] = job
         run.h.preempt(run.af, job)
+        # the retry finds its checkpoint and returns at once: hold it until its deferral is settled (a job that
+        # ends ~1 s after deferring, as on the Kubernetes emulator, hits the race deferral_settled describes)
+        run.watch(lambda row: terminal(row) or (row["try_number"] == 2 and row["state"] == "deferred" and
+                  deferral_settled(run.services, run.dag_id, run.run_id, run.task_id, 2)))
+        run.release.touch()
         run.seen["final"] = run.watch(lambda row: row["try_number"] == 2 and terminal(row))
 
     return suite.drive("preempt", "resume", drive)

@@ -150,7 +150,7 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
 
         @step(retries=1, retry_delay=timedelta(seconds=1), on_retry_callback=record_exception,
               settings={f"step_operator.{flavor}": settings or {}})
-        def resume(marker, run_id=None):
+        def resume(marker, release, run_id=None):
             import json
             import os
             import time
@@ -158,6 +158,7 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
             _begin(f"{prefix}_preempt", "resume", marker, "", run_id)
             path = os.path.join(os.environ["STEPOPS_CHECKPOINT_DIR"], "state.json")
             if os.path.exists(path):
+                _begin(f"{prefix}_preempt", "resume", "", release, run_id)  # the retry: wait to go on
                 with open(path, encoding="utf-8") as fh:
                     return {"restored": json.load(fh)}
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -166,7 +167,7 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
             print("conformance-checkpointed", flush=True)
             time.sleep(600)
 
-        resume(MARKER)
+        resume(MARKER, RELEASE)
 
     for factory in (results, errors, reattach, cancel) + ((preempt,) if settings is not None else ()):
         factory()
