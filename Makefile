@@ -1,4 +1,4 @@
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast test-cloud lint bench clean
 
 # Install everything and run the mixed example pipeline (FLAVOR=local by default).
 demo:
@@ -11,6 +11,13 @@ test:
 # The quick subset while developing: everything not marked slow.
 test-fast:
 	scripts/test.sh -m "not slow"
+
+# The conformance suite against a real account of one flavor (FLAVOR=kubernetes|sagemaker|vertex|azureml|modal),
+# configured by the STEPOPS_CLOUD_<FLAVOR>_* variables of docs/permissions.md; without them every test is skipped.
+CLOUD_FLAVORS := kubernetes sagemaker vertex azureml modal
+test-cloud:
+	$(if $(and $(filter 1,$(words $(FLAVOR))),$(filter $(CLOUD_FLAVORS),$(FLAVOR))),,$(error make test-cloud needs FLAVOR=<one of: $(CLOUD_FLAVORS)>, got FLAVOR=$(or $(FLAVOR),<unset>)))
+	scripts/test-cloud.sh $(FLAVOR)
 
 lint:
 	uv run --frozen ruff check airflow_stepops tests dags_examples benchmarks

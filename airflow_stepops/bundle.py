@@ -76,21 +76,19 @@ class StepIdentity:
         stem = re.sub("-+", "-", stem)[: max_length - len(suffix)].rstrip("-")
         return f"{stem}{suffix}"
 
-    def task_parts(self) -> list[str]:
-        """Safe path components of the task instance, shared by all its tries:
-        ``<dag_id>/<run_id>/<task_id>/<map_index>``."""
-        return [_path_component(part) for part in (self.dag_id, self.run_id, self.task_id, str(self.map_index))]
-
-    @property
-    def checkpoint_dir_name(self) -> str:
-        """The step's checkpoint directory beside its try directories: the same for every try of one
-        incarnation of the run (a retry resumes), new for a run re-created under the same run_id."""
-        return f"checkpoints-{_path_component(self.run_key)}" if self.run_key else "checkpoints"
+    def step_path(self, root: str) -> str:
+        """``<root>/<dag>/<run>/<task>/<map index>[/run-<run key>]``: one directory for every try of one task
+        instance of one incarnation of its run, so a retry finds what an earlier try kept there and a run
+        re-created under the same run id does not."""
+        parts = [_path_component(p) for p in (self.dag_id, self.run_id, self.task_id, str(self.map_index))]
+        if self.run_key:
+            parts.append(f"run-{_path_component(self.run_key)}")
+        return "/".join([root.rstrip("/"), *parts])
 
     def prefix(self, root: ObjectStoragePath) -> ObjectStoragePath:
         path = root
-        for part in self.task_parts():
-            path = path / part
+        for part in (self.dag_id, self.run_id, self.task_id, str(self.map_index)):
+            path = path / _path_component(part)
         return path / (f"try-{self.try_number}-{_path_component(self.run_key)}" if self.run_key
                        else f"try-{self.try_number}")
 

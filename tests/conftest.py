@@ -27,6 +27,18 @@ os.environ["AIRFLOW_CONN_LOCAL_STEP_OPERATOR"] = '{"conn_type": "stepops_local",
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Under ``pytest -n``, every test is a unit of work of its own, except the end-to-end block (tests/e2e),
+    which is one: one worker runs it, with one Airflow home and one set of Airflow services."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class EndToEndBlockScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tests/e2e" if nodeid.startswith("tests/e2e/") else nodeid
+
+    return EndToEndBlockScheduling(config, log)
+
+
 @pytest.fixture(scope="session")
 def airflow_home() -> Path:
     return _HOME

@@ -151,7 +151,8 @@ def checkpoint_dir(config: KubernetesStepOperatorConfig, identity: StepIdentity
     """``STEPOPS_CHECKPOINT_DIR`` of a step in its pod, and the volume and mount it needs (None when an
     existing mount holds it); None when the step operator has no durable place for it.
 
-    The directory is ``<dag>/<run>/<task>/<map index>/checkpoints-<run key>`` on a PersistentVolumeClaim: the
+    The directory is ``<dag>/<run>/<task>/<map index>/run-<run key>`` (``StepIdentity.step_path``, as on Modal)
+    on a PersistentVolumeClaim, plus ``/checkpoints`` beside the try directories of a pvc:// store: the
     same for every try of one incarnation of the run, so a retry after a preemption finds what the preempted
     try wrote. Nothing pod-local would do: the retry is a new Job, so a new pod, often on another node (the
     preempted one's node may be gone: https://kubernetes.io/docs/concepts/workloads/pods/disruptions/), and
@@ -165,13 +166,13 @@ def checkpoint_dir(config: KubernetesStepOperatorConfig, identity: StepIdentity
     https://kubernetes.io/docs/concepts/storage/volumes/#using-subpath) is mounted, not the step's own
     directory: the kubelet creates a missing subPath directory as root, which a non-root step could not write
     to, so the runtime creates the step's directory itself (runtime/pod_entry.py)."""
-    relative = "/".join([*identity.task_parts(), identity.checkpoint_dir_name])
     store = config.pvc_store
     claim = config.checkpoint_volume_claim
     if claim is None:
         if store is None:
             return None
-        return f"{STORE_MOUNT}/{relative}", None  # on the store's claim, beside the step's try directories
+        # on the store's claim, beside the step's try directories
+        return identity.step_path(STORE_MOUNT) + "/checkpoints", None
     if store is not None and store[0] == claim:  # the store's claim, elsewhere: one volume, a second mount
         volume_name = STORE_VOLUME
         volume: dict[str, Any] = {}
@@ -181,7 +182,7 @@ def checkpoint_dir(config: KubernetesStepOperatorConfig, identity: StepIdentity
     mount: dict[str, Any] = {"name": volume_name, "mountPath": CHECKPOINT_MOUNT}
     if config.checkpoint_volume_path:
         mount["subPath"] = config.checkpoint_volume_path
-    return f"{CHECKPOINT_MOUNT}/{relative}", (volume, mount)
+    return identity.step_path(CHECKPOINT_MOUNT), (volume, mount)
 
 
 def pod_path(config: KubernetesStepOperatorConfig, worker_path: str) -> str | None:

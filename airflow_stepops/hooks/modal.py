@@ -35,7 +35,7 @@ from airflow_stepops.hooks.modal_function import (
     deployed_function,
     function_options,
 )
-from airflow_stepops.settings.modal import ModalStepOperatorConfig, ModalStepOperatorSettings
+from airflow_stepops.settings.modal import CHECKPOINT_MOUNT, ModalStepOperatorConfig, ModalStepOperatorSettings
 
 BUNDLE_FILES = ("payload.pkl", "bootstrap.py", "meta.json")
 SUCCESS = 1  # modal_proto GenericResult.GENERIC_STATUS_SUCCESS (not imported at module load)
@@ -130,7 +130,11 @@ class ModalStepOperatorHook(StepOperatorHook):
     def _environment(self, spec: StepSpec) -> dict[str, str]:
         refs = {str(i): {"inline": f"refs/{i}.pkl"} for i in range(len(spec.refs))}
         return {**self.config.environment_variables, **self._settings(spec).environment,
-                "STEPOPS_FLAVOR": "modal", "STEPOPS_REFS": json.dumps(refs)}
+                "STEPOPS_FLAVOR": "modal", "STEPOPS_REFS": json.dumps(refs),
+                # on the checkpoint volume, the same for every try of the task instance: what a preempted try
+                # wrote there and Modal committed is what the retry's container mounts (a call argument, so
+                # steps share the deployed function)
+                "STEPOPS_CHECKPOINT_DIR": spec.identity.step_path(CHECKPOINT_MOUNT)}
 
     def render(self, spec: StepSpec) -> dict[str, Any]:
         options = self.options(spec)

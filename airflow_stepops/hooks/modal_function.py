@@ -1,10 +1,11 @@
 """The Modal function a step calls: its options, the app it is deployed in, and deploying it once.
 
-Every distinct set of options (image, GPU list, CPU, memory, timeout, region, cloud, secrets, volumes)
+Every distinct set of options (image, GPU list, CPU, memory, timeout, region, cloud, secrets, volumes and
+the checkpoint volume)
 is one deployed app ``<app_name>-<digest>`` holding one function, ``run_step``. Options are fixed when
 a function is deployed (a GPU fallback list can only be given there), and deploying an app replaces
-its set of functions, so steps with different options must not share an app: two workers deploying
-the same options deploy the same thing, which is harmless.
+its set of functions, so steps with different options must not share an app. Workers deploying the same
+options at once race for the app; the losers use the function the winner deployed.
 """
 
 from __future__ import annotations
@@ -15,12 +16,18 @@ import inspect
 import json
 import math
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from airflow_stepops.hooks import modal_call
-from airflow_stepops.settings.modal import MAX_TIMEOUT, ModalStepOperatorConfig, ModalStepOperatorSettings
+from airflow_stepops.settings.modal import (
+    CHECKPOINT_MOUNT,
+    MAX_TIMEOUT,
+    ModalStepOperatorConfig,
+    ModalStepOperatorSettings,
+)
 
 FUNCTION_NAME = "run_step"
 ENTRY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py"
@@ -78,6 +85,8 @@ def function_options(config: ModalStepOperatorConfig, settings: ModalStepOperato
         "cloud": settings.cloud or config.cloud,
         "secrets": sorted(config.secrets),
         "volumes": dict(sorted(config.volumes.items())),
+        # every step's STEPOPS_CHECKPOINT_DIR lives on this volume (created if missing, unlike "volumes")
+        "checkpoint_volume": {CHECKPOINT_MOUNT: config.checkpoint_volume_name},
         "nonpreemptible": settings.nonpreemptible or None,
         "retries": 0,  # a retry is Airflow's decision (a new try, with its own call)
         "single_use_containers": True,  # no warm GPU left billing, no state left for the next step
@@ -105,19 +114,47 @@ def deployed_function(client: Any, environment: str | None, name: str, options: 
                       log: Any) -> Any:
     """The hydrated ``run_step`` of app ``name``: looked up, or deployed when Modal has no such app."""
     import modal
-    from modal.exception import NotFoundError
 
     key = (str(id(client)), environment or "", name)
     with _deploy_lock:
         if key in _deployed:
             return _deployed[key]
-        function = modal.Function.from_name(name, FUNCTION_NAME, environment_name=environment, client=client)
-        try:
-            modal_call.hydrate(function)
-        except NotFoundError:
-            function = _deploy(modal, client, environment, name, options, log)
+        function = _lookup(modal, client, environment, name)
+        if function is None:
+            try:
+                function = _deploy(modal, client, environment, name, options, log)
+            except Exception:
+                # Workers starting steps with the same options at once deploy the same app: Modal serialises changes
+                # to an app and fails the others ("The selected app is locked - probably due to a concurrent
+                # modification"; the lock is transient: https://github.com/imbue-ai/mngr/pull/1858). The app is
+                # named by the options, so the winner's function is this step's too: wait for it to appear.
+                function = _deployed_meanwhile(modal, client, environment, name, log)
+                if function is None:
+                    raise
         _deployed[key] = function
         return function
+
+
+def _lookup(modal: Any, client: Any, environment: str | None, name: str) -> Any | None:
+    from modal.exception import NotFoundError
+
+    function = modal.Function.from_name(name, FUNCTION_NAME, environment_name=environment, client=client)
+    try:
+        modal_call.hydrate(function)
+    except NotFoundError:
+        return None
+    return function
+
+
+def _deployed_meanwhile(modal: Any, client: Any, environment: str | None, name: str, log: Any) -> Any | None:
+    """The function a concurrent deploy of app ``name`` made, looked up for up to about 15 s."""
+    for delay in (0.5, 1.0, 2.0, 4.0, 8.0):
+        time.sleep(delay)
+        function = _lookup(modal, client, environment, name)
+        if function is not None:
+            log.info("Modal app %s was deployed by another worker at the same time: using its function", name)
+            return function
+    return None
 
 
 @contextlib.contextmanager
@@ -142,6 +179,13 @@ def _deploy(modal: Any, client: Any, environment: str | None, name: str, options
     secrets = [modal.Secret.from_name(s, environment_name=environment) for s in options.get("secrets", [])]
     volumes = {path: modal.Volume.from_name(volume, environment_name=environment)  # a typo must not make one
                for path, volume in options.get("volumes", {}).items()}
+    # The checkpoint volume is ours to create. Modal mounts a volume's latest committed state when a container
+    # starts and commits the container's changes in the background and when the container exits, also after
+    # a preemption's interrupt (https://modal.com/docs/guide/volumes, "Volume commits and reloads";
+    # https://modal.com/docs/guide/preemption; the modal client marks every mount allow_background_commits
+    # and its container runtime commits them after the function's exit handlers).
+    volumes.update({path: modal.Volume.from_name(volume, environment_name=environment, create_if_missing=True)
+                    for path, volume in options.get("checkpoint_volume", {}).items()})
     with runner_by_value() as run_step:
         function = app.function(
             serialized=True, name=FUNCTION_NAME, image=_image(modal, options["image"]), gpu=options.get("gpu"),

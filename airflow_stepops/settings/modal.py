@@ -41,6 +41,9 @@ _APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$")
 _OBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _PIN = re.compile(r"^\d+\.\d+$")
 MIB = 2**20
+#: where the step operator's checkpoint volume is mounted in every step's container; each step's
+#: STEPOPS_CHECKPOINT_DIR is a directory under it (see hooks/modal.py)
+CHECKPOINT_MOUNT = "/stepops/checkpoints"
 
 
 def parse_gpu(value: str, field: str = "gpu") -> tuple[str, int]:
@@ -239,6 +242,9 @@ class ModalStepOperatorConfig(BaseStepOperatorConfig):
                                "environment variables.")
     volumes: dict[str, str] = Field(default_factory=dict, description="Modal volumes to mount: path → "
                                     "volume name.")
+    checkpoint_volume: str | None = Field(default=None, description="Modal volume (created if missing) mounted "
+                                          f"at {CHECKPOINT_MOUNT} that holds each step's STEPOPS_CHECKPOINT_DIR "
+                                          "(default: <app_name>-checkpoints).")
     region: str | list[str] | None = Field(default=None, description="Default region(s) of the steps.")
     cloud: Literal["aws", "gcp", "oci", "auto"] | None = Field(default=None, description="Default cloud.")
     environment_variables: dict[str, str] = Field(default_factory=dict, description="Environment of every "
@@ -279,7 +285,31 @@ class ModalStepOperatorConfig(BaseStepOperatorConfig):
                                  "/tmp)")
             if not _OBJECT_NAME.match(name):
                 raise ValueError(f"volumes[{path!r}]: {name!r} is not a Modal volume name")
+            inner, outer = path.rstrip("/") + "/", CHECKPOINT_MOUNT + "/"
+            if inner.startswith(outer) or outer.startswith(inner):
+                raise ValueError(f"volumes: {path!r} overlaps {CHECKPOINT_MOUNT}, where the checkpoint volume is "
+                                 "mounted (name it with checkpoint_volume instead)")
         return value
+
+    @field_validator("checkpoint_volume")
+    @classmethod
+    def _checkpoint_volume(cls, value: str | None) -> str | None:
+        if value is not None and not _OBJECT_NAME.match(value):
+            raise ValueError(f"checkpoint_volume: {value!r} is not a Modal volume name (1-64 letters, digits, '.', "
+                             "'_' and '-', starting with a letter or digit)")
+        return value
+
+    @model_validator(mode="after")
+    def _checkpoint_volume_once(self) -> ModalStepOperatorConfig:
+        if self.checkpoint_volume_name in self.volumes.values():
+            raise ValueError(f"volumes: {self.checkpoint_volume_name!r} is the checkpoint volume, mounted at "
+                             f"{CHECKPOINT_MOUNT} already; do not mount it a second time")
+        return self
+
+    @property
+    def checkpoint_volume_name(self) -> str:
+        """The volume of every step's STEPOPS_CHECKPOINT_DIR: one per step operator (its app name prefix)."""
+        return self.checkpoint_volume or f"{self.app_name}-checkpoints"
 
     @field_validator("region")
     @classmethod

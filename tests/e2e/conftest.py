@@ -75,6 +75,7 @@ from typing import Any
 import psutil
 import pytest
 
+from . import cloud
 from .harness import harnesses
 
 E2E_DIR = Path(__file__).resolve().parent
@@ -151,15 +152,15 @@ _LAST_SERVICES_USER: list[str] = []  # node id of the last test that uses the li
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: end-to-end tests running real Airflow processes (minutes)")
+    cloud.configure(config)  # make test-cloud: one flavor on its real service
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Within the e2e block, run ``dags test`` tests first and the tests using live services last."""
-    slots = [i for i, item in enumerate(items) if _is_e2e(item)]
-    e2e = sorted((items[i] for i in slots), key=_uses_services)  # stable: keeps the order otherwise
-    for slot, item in zip(slots, e2e):
-        items[slot] = item
+    """The e2e block first (the longest; under xdist one worker runs all of it, see tests/conftest.py); within
+    it, ``dags test`` tests first and the tests using live services last."""
+    e2e = sorted((item for item in items if _is_e2e(item)), key=_uses_services)  # stable: keeps the order otherwise
+    items[:] = e2e + [item for item in items if not _is_e2e(item)]
     users = [item.nodeid for item in e2e if _uses_services(item)]
     _LAST_SERVICES_USER[:] = users[-1:]
 
@@ -206,7 +207,9 @@ def _tail(path: Path, lines: int = 60) -> str:
 
 def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.25,
              message: str | Callable[[], str] = "condition") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds (scaled
+    for a real service's slower jobs in a cloud run)."""
+    timeout *= cloud.time_scale()
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -294,6 +297,8 @@ class AirflowEnv:
     md: Any = None
     #: flavor -> why its emulator could not start although its extra is installed (its scenarios must fail)
     unavailable: dict[str, str] = field(default_factory=dict)
+    #: the ``cloud.CloudHarness`` of a cloud run (``make test-cloud``): its flavor on the real service, no emulator
+    cloud: Any = None
 
     # helpers for the tests (kept here so test modules need not import this conftest)
     wait_for = staticmethod(wait_for)
@@ -607,16 +612,23 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
     else:
         home = tmp_path_factory.mktemp("airflow-home")
     api_port = _free_port()
-    k8s, sm, vx = _kubernetes_emulator(request), _sagemaker_emulator(request), _vertex_emulator(request)
-    unavailable: dict[str, str] = {}
-    az, md = _azureml_emulator(request, unavailable), _modal_emulator(request)
-    af = AirflowEnv(home=home, env=_session_env(home, api_port, sm, vx, az, md), api_port=api_port, k8s=k8s, sm=sm,
-                    vx=vx, az=az, md=md, unavailable=unavailable)
+    on_cloud = cloud.harness()
+    if on_cloud is not None:  # make test-cloud: no emulator, the real service's connection and environment
+        af = AirflowEnv(home=home, env=on_cloud.session_env(_session_env(home, api_port)), api_port=api_port,
+                        cloud=on_cloud)
+    else:
+        k8s, sm, vx = _kubernetes_emulator(request), _sagemaker_emulator(request), _vertex_emulator(request)
+        unavailable: dict[str, str] = {}
+        az, md = _azureml_emulator(request, unavailable), _modal_emulator(request)
+        af = AirflowEnv(home=home, env=_session_env(home, api_port, sm, vx, az, md), api_port=api_port, k8s=k8s,
+                        sm=sm, vx=vx, az=az, md=md, unavailable=unavailable)
     af.env["STEPOPS_E2E_FLAVORS"] = json.dumps({flavor: {"conn_id": h.conn_id, "preemptible": h.preemptible}
                                                 for flavor, h in harnesses(af).items()})
     af.cli("db", "migrate", timeout=300)
     # all step operators in one `airflow connections import` (each CLI call costs seconds)
     connections = _connections(home, af.k8s, af.sm, af.vx, af.az, af.md)
+    if af.cloud is not None:
+        connections.update(af.cloud.connections(home))
     (home / "connections.json").write_text(json.dumps(connections, indent=2))
     af.cli("connections", "import", str(home / "connections.json"), timeout=180)
     rows = af.query("SELECT conn_id, conn_type, extra FROM connection")

@@ -53,11 +53,12 @@ def test_a_pvc_store_holds_the_checkpoints_beside_the_try_directories():
     config = KubernetesStepOperatorConfig(**STORE)
     first, env = _pod(_job(config, _identity(1)))
     assert env["STEPOPS_CHECKPOINT_DIR"] == (f"{manifest.STORE_MOUNT}/train_dag/manual__2025-01-01T00:00:00+00:00/"
-                                             "train/-1/checkpoints-k1")
+                                             "train/-1/run-k1/checkpoints")
     assert [v["name"] for v in first["volumes"]] == [manifest.STORE_VOLUME]  # the store's mount holds it
     # the worker sees it where the bundle prefix of the step lives
     prefix = _identity(1).prefix(store_path("file://" + str(config.worker_store_path)))
-    assert manifest.pod_path(config, str(local_path(prefix.parent / "checkpoints-k1"))) == env["STEPOPS_CHECKPOINT_DIR"]
+    assert manifest.pod_path(config, str(local_path(prefix.parent / "run-k1" / "checkpoints"))) == \
+        env["STEPOPS_CHECKPOINT_DIR"]
 
 
 def test_every_try_of_one_run_shares_the_directory_and_nothing_else_does():
@@ -69,7 +70,7 @@ def test_every_try_of_one_run_shares_the_directory_and_nothing_else_does():
     assert where(_identity(1)) == where(_identity(2)) == where(_identity(5))
     assert where(_identity(1, run_key="k2")) != where(_identity(1))  # a run re-created under the same run_id
     assert where(_identity(1, map_index=3)) != where(_identity(1))
-    assert where(_identity(1, run_key="")).endswith("/-1/checkpoints")  # no task state store: run's start date
+    assert where(_identity(1, run_key="")).endswith("/train/-1")  # a run key is always given by the operator
 
 
 def test_a_dedicated_claim_is_mounted_with_its_path_as_sub_path():
@@ -189,9 +190,9 @@ def test_the_retry_of_a_preempted_step_finds_its_checkpoint(checkpointing, conn_
     first = hook.submit(make_spec(hook, _resume, task_id=task_id, settings=spot, run_key="rk1"))
     identity = StepIdentity("k8s_tests", "run-1", task_id, -1, 1, "rk1")
     if conn_id == "k8s_ckpt_step_operator":  # where the claim is on the emulator's host
-        on_host = k8s.pvc_path(NS, CLAIM) / "ckpt" / "/".join(identity.task_parts()) / "checkpoints-rk1"
+        on_host = Path(identity.step_path(str(k8s.pvc_path(NS, CLAIM) / "ckpt")))
     else:  # workers see the store's claim at worker_artifact_path
-        on_host = Path(str(local_path(identity.prefix(hook.artifact_root()).parent))) / "checkpoints-rk1"
+        on_host = Path(identity.step_path(str(hook.config.worker_store_path))) / "checkpoints"
     _wait_for(on_host / "state.json")
     pod = k8s.list_objects("pods", NS, f"{manifest.STEP_LABEL}={first['step']}")[0]
     k8s.disrupt(NS, pod["metadata"]["name"], "evicted")

@@ -347,12 +347,12 @@ def test_past_its_timeout_the_call_is_killed_and_times_out(md_emulator, deployed
 def test_cancel_kills_the_process_and_the_call_ends_terminated(md_emulator, deployed):
     call = deployed[APP].spawn(b"", "sleep", {"seconds": "30"})
     pid = running_pid(md_emulator, call.object_id)
-    assert md_emulator.pids.count(pid) == 1 and not gone(pid)
+    assert md_emulator.pids(call.object_id) == [pid] and not gone(pid)
     graph = call.get_call_graph()[0]
     assert graph.status == modal.call_graph.InputStatus.PENDING and graph.task_id.startswith("ta-")
     call.cancel(terminate_containers=True)
     md_emulator.wait_for_call(call.object_id, "terminated", timeout=10)
-    assert gone(pid) and pid not in md_emulator.pids
+    assert gone(pid) and md_emulator.pids(call.object_id) == []
     with pytest.raises(modal.exception.RemoteError, match="was cancelled"):
         call.get(timeout=5)
     assert call.get_call_graph()[0].status == modal.call_graph.InputStatus.TERMINATED
@@ -406,7 +406,7 @@ def test_preemption_restarts_the_input_on_a_new_task(md_emulator, deployed, tmp_
     while not marker.exists():  # the function has started working
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    md_emulator.inject("preemption", call=call.object_id, restart=True)
+    md_emulator.inject("preemption", job=call.object_id, restart=True)
     tasks = call.get(timeout=30)
     record = md_emulator.call(call.object_id)
     assert tasks == record["task_ids"] and len(set(tasks)) == 2 and record["attempts"] == 2

@@ -126,13 +126,13 @@ def test_preemption_is_restarted_by_modal_or_reported(md_emulator):
     hook = make_hook()
     restarted = hook.submit(make_spec(hook, _sleep, 2, task_id="preempted_restart"))
     _wait_running(md_emulator, hook, restarted)
-    md_emulator.inject("preemption", call=restarted["job_id"], after=0.3, restart=True)
+    md_emulator.inject("preemption", job=restarted["job_id"], after=0.3, restart=True)
     event = run_trigger(hook, restarted)
     assert event["status"] == "succeeded", event
     assert any(line.startswith("[system]") and "preempt" in line.lower() for line in event["log_tail"]), event
     given_up = hook.submit(make_spec(hook, _sleep, 60, task_id="preempted_final"))
     _wait_running(md_emulator, hook, given_up)
-    md_emulator.inject("preemption", call=given_up["job_id"], after=0.3, restart=False)
+    md_emulator.inject("preemption", job=given_up["job_id"], after=0.3, restart=False)
     event = run_trigger(hook, given_up)
     assert event["status"] == "preempted" and event["details"]["reason"] == "preempted", event
 
@@ -149,6 +149,51 @@ def test_one_deployment_per_set_of_options(md_emulator):
     assert other["app_name"] != first["app_name"] and md_emulator.requests.count("FunctionCreate") == creates + 1
     for handle in (first, second, other):
         assert run_trigger(hook, handle)["status"] == "succeeded"
+
+
+_DEPLOY = """
+import json, os, sys, time
+from airflow_stepops.hooks.modal import ModalStepOperatorHook
+from airflow_stepops.hooks.modal_function import deployed_function
+
+hook = ModalStepOperatorHook("modal_step_operator")
+client = hook.client
+open(sys.argv[3] + "." + str(os.getpid()), "w").close()  # ready
+while not os.path.exists(sys.argv[3]):  # every worker ready: they deploy at the same moment
+    time.sleep(0.005)
+print(deployed_function(client, hook.environment, sys.argv[1], json.loads(sys.argv[2]), hook.log).object_id)
+"""
+
+
+def test_workers_deploying_the_same_new_options_at_once_all_get_its_function(md_emulator, tmp_path):
+    """Mapped steps start in separate worker processes at once: each finds no app and deploys it; the ones
+    whose deploy loses the race use the function the winner deployed."""
+    import subprocess
+    import sys
+
+    from airflow_stepops.hooks.modal_function import app_name
+
+    hook = make_hook()
+    options = hook.options(make_spec(hook, _greet, "x", task_id="deploy_race",
+                                     settings=ModalStepOperatorSettings(memory=3333, timeout=600)))
+    name, go = app_name(hook.config, options), tmp_path / "go"
+    published = md_emulator.requests.count("AppPublish")
+    md_emulator.publish_seconds = 3  # as a real deploy, which builds images first: they all find no app
+    try:
+        workers = [subprocess.Popen([sys.executable, "-c", _DEPLOY, name, json.dumps(options), str(go)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("go.*"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        go.touch()
+        outputs = [worker.communicate(timeout=120) for worker in workers]
+    finally:
+        md_emulator.publish_seconds = 0
+    assert [worker.returncode for worker in workers] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    (function_id,) = {out.split()[-1] for out, _ in outputs}
+    assert md_emulator.requests.count("AppPublish") - published == 3  # they did race
+    (app,) = [a for a in md_emulator.apps if a["name"] == name and a["state"] == "APP_STATE_DEPLOYED"]
+    assert list(app["functions"].values()) == [function_id]
 
 
 def _big(size: int) -> bytes:
@@ -408,7 +453,7 @@ def test_preemption_is_told_by_modals_status_not_by_words(md_emulator):
     hook = make_hook()
     handle = hook.submit(make_spec(hook, _sleep, 60, task_id="says_preempted"))
     _wait_running(md_emulator, hook, handle)
-    md_emulator.inject("failure", call=handle["job_id"], message="Runner interrupted due to worker preemption")
+    md_emulator.inject("failure", job=handle["job_id"], message="Runner interrupted due to worker preemption")
     event = run_trigger(hook, handle)
     assert event["status"] == "failed" and event["details"]["modal_status"] == "failure", event
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("airflow_db", "sm_emulator")
 def _jobs(sm, run_id: str, task_id: str) -> list[dict]:
     sagemaker = sm.client("sagemaker")
     found = []
-    for job in sm.jobs():
+    for job in sm.jobs:
         tags = {t["Key"]: t["Value"] for t in sagemaker.list_tags(ResourceArn=job["TrainingJobArn"])["Tags"]}
         if tags.get("stepops:run-id") == run_id and tags.get("stepops:task-id") == task_id:
             found.append(sm.describe(job["TrainingJobName"]))
@@ -59,7 +59,7 @@ def test_stepops_render_prints_the_create_training_job_request(sm_emulator):
     import subprocess
     import sys
 
-    before = len(sm_emulator.jobs())
+    before = len(sm_emulator.jobs)
     out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "render", "sm_pipeline", "train"],
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
@@ -67,4 +67,4 @@ def test_stepops_render_prints_the_create_training_job_request(sm_emulator):
     request = body["request"]
     assert body["flavor"] == "sagemaker" and request["ResourceConfig"]["InstanceType"] == "ml.m5.2xlarge"
     assert request["RoleArn"].startswith("arn:aws:iam::") and request["InputDataConfig"][0]["ChannelName"] == "bundle"
-    assert len(sm_emulator.jobs()) == before  # nothing was submitted
+    assert len(sm_emulator.jobs) == before  # nothing was submitted

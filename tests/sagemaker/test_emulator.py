@@ -293,7 +293,7 @@ def test_spot_interruption_restarts_from_the_checkpoint(sm, sagemaker, logs):
     s3 = sm.client("s3")
     wait_until(lambda: s3.list_objects_v2(Bucket=BUCKET, Prefix="checkpoints/emu-spot/").get("KeyCount"),
                what="the checkpoint synced to S3 while the job runs")
-    sm.disrupt("emu-spot", "spot_interruption")
+    sm.inject("spot_interruption", "emu-spot")
     done = wait_done(sagemaker, "emu-spot")
     assert (done["TrainingJobStatus"], done["SecondaryStatus"]) == ("Completed", "Completed"), done.get("FailureReason")
     assert statuses(done) == ["Starting", "Downloading", "Training", "Interrupted", "Starting", "Downloading",
@@ -359,7 +359,7 @@ def test_create_refuses_what_the_api_reference_refuses(sm, sagemaker):
             sagemaker.create_training_job(**{**job_request(name, "ok"), **change})
         assert error.value.response["Error"]["Code"] == "ValidationException", name
         assert "failed to satisfy constraint" in error.value.response["Error"]["Message"], name
-    assert not {j["TrainingJobName"] for j in sm.jobs()} & set(refused)
+    assert not {j["TrainingJobName"] for j in sm.jobs} & set(refused)
     sagemaker.create_training_job(**{**job_request("emu-unicode-tags", "ok"),
                                      "Tags": [{"Key": "équipe ml", "Value": "données 1:2/3=4+5-6@7_8"}]})
     assert wait_done(sagemaker, "emu-unicode-tags")["TrainingJobStatus"] == "Completed"
@@ -381,7 +381,7 @@ def test_api_errors_and_validation(sm, sagemaker):
     assert [r["status"] for r in sm.requests("sagemaker", "ListTrainingJobs")][-2:] == [400, 200]
     pages = sagemaker.get_paginator("list_training_jobs").paginate(PaginationConfig={"PageSize": 2})
     names = [s["TrainingJobName"] for page in pages for s in page["TrainingJobSummaries"]]
-    assert len(names) == len(set(names)) == len(sm.jobs())
+    assert len(names) == len(set(names)) == len(sm.jobs)
 
 
 def test_aiobotocore_drives_a_job(sm):

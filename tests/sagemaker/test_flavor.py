@@ -122,7 +122,7 @@ def test_spot_interruption_resumes_from_the_checkpoint(sm_emulator):
     handle = hook.submit(spec)
     sm_emulator.wait_for_status(handle["job_id"], "Training")
     time.sleep(1.5)
-    sm_emulator.disrupt(handle["job_id"])
+    sm_emulator.inject("preemption", handle["job_id"])
     event = run_trigger(hook, handle)
     assert event["status"] == "succeeded", event
     result = read_outcome(store_path(handle["output_uri"])).value
@@ -135,7 +135,7 @@ def test_submit_is_exactly_once_per_try(sm_emulator):
     first = hook.submit(spec)
     again = hook.submit(spec)
     assert again["job_id"] == first["job_id"] and hook.find_job(spec.identity)["job_id"] == first["job_id"]
-    assert len([j for j in sm_emulator.jobs() if j["TrainingJobName"] == first["job_id"]]) == 1
+    assert len([j for j in sm_emulator.jobs if j["TrainingJobName"] == first["job_id"]]) == 1
     assert hook.find_job(spec.identity.for_try(2)) is None
     assert run_trigger(hook, first)["status"] == "succeeded"
 
@@ -305,7 +305,7 @@ def test_a_lost_create_reply_resolves_to_the_one_job(sm_emulator, monkeypatch):
         finally:
             sm_emulator.clear_faults()
         assert time.monotonic() - started < 10 and fault.hits >= 1
-        assert [j["TrainingJobName"] for j in sm_emulator.jobs()].count(handle["job_id"]) == 1
+        assert [j["TrainingJobName"] for j in sm_emulator.jobs].count(handle["job_id"]) == 1
         assert run_trigger(hook, handle)["status"] == "succeeded"
 
 

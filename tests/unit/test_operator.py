@@ -230,3 +230,29 @@ def test_an_older_try_being_killed_leaves_a_job_a_newer_try_adopted(tmp_path):
     old_try.on_kill()
     assert hook.get_status(handle).state is JobState.RUNNING
     hook.cancel(handle)
+
+
+def test_a_succeeded_job_whose_output_the_backend_cannot_return_fails_with_the_backends_reason(tmp_path):
+    """The backend's own word on an output it cannot return (e.g. a Kubernetes log block rotated away) is the
+    task's error, not a generic "left no result"."""
+    import shutil
+
+    from airflow_stepops.artifacts import store_path
+    from airflow_stepops.exceptions import StepFailedError
+    from airflow_stepops.hooks.base import JobState
+
+    from .localjobs import make_hook, make_spec, wait_terminal
+
+    hook = make_hook(tmp_path)
+    handle = hook.submit(make_spec(hook, int, "7"))
+    assert wait_terminal(hook, handle, timeout=30).state is JobState.SUCCEEDED
+    shutil.rmtree(store_path(handle["output_uri"]).path)  # what the backend could not bring back
+
+    def collect_output(handle):
+        raise StepFailedError("the result's log block was rotated away; use a pvc:// artifact_store")
+
+    hook.collect_output = collect_output
+    op = LocalStepOperator(task_id="t", python_callable=lambda: 1)
+    op._hook = hook
+    with pytest.raises(StepFailedError, match="rotated away; use a pvc://"):
+        op.execute_complete({}, {"status": "succeeded", "handle": handle})

@@ -358,7 +358,7 @@ def test_scheduling_timeout_stops_the_job(emu, client, parent):
     job = client.create_custom_job(parent=parent, custom_job=job_body("sleep", scheduling={"timeout": "1s"}))
     job_id = job.name.rsplit("/", 1)[1]
     pid = running_pid(emu, job_id)
-    assert pid in emu.pids
+    assert emu.pids(job_id) == [pid]
     final = emu.wait_for_state(job_id, "JOB_STATE_CANCELLED", timeout=15)  # as Vertex reports it
     assert final["error"]["code"] == 1
     assert "got SIGTERM" in emu.logs(job_id) and gone(pid)
@@ -380,7 +380,7 @@ def test_cancel_sigterm_then_sigkill_then_cancelled(emu, client, parent):
     final = emu.wait_for_state(job_id, "JOB_STATE_CANCELLED", timeout=10)
     assert time.monotonic() - asked >= 0.9  # it ignored SIGTERM: SIGKILL came after the grace period
     assert final["error"] == {"code": 1, "message": "CANCELED"} and "endTime" in final
-    assert "got SIGTERM" in emu.logs(job_id) and gone(pid) and pid not in emu.pids
+    assert "got SIGTERM" in emu.logs(job_id) and gone(pid) and emu.pids(job_id) == []
     key = started_file[len(f"/gcs/{BUCKET}/"):]
     assert emu.storage_client().bucket(BUCKET).blob(key).download_as_text() == "started"  # uploaded anyway
     with pytest.raises(gexc.BadRequest, match="terminal state") as info:

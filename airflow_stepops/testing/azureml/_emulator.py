@@ -8,18 +8,17 @@ import shutil
 import ssl
 import tempfile
 import threading
-import time
-from collections.abc import Iterable
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from airflow_stepops.testing._images import write_python_shims
+from airflow_stepops.testing._kit import Emulator
 from airflow_stepops.testing.azureml._auth import IDENTITY_HEADER, AsyncStaticTokenCredential, StaticTokenCredential
 from airflow_stepops.testing.azureml._azurite import Azurite
 from airflow_stepops.testing.azureml._config import ComputeSpec, EmulatorConfig
 from airflow_stepops.testing.azureml._faults import JSON, RUNNING_KINDS, Fault, FaultRule, RequestFault
-from airflow_stepops.testing.azureml._jobs import TERMINAL, Job, iso
+from airflow_stepops.testing.azureml._jobs import Job, iso
 from airflow_stepops.testing.azureml._runner import RunContext
 from airflow_stepops.testing.azureml._server import ApiServer, ServerThread
 from airflow_stepops.testing.azureml._service import Service
@@ -33,13 +32,15 @@ _CONFIG_FIELDS = {f.name for f in fields(EmulatorConfig)}
 _ENV_LOCK = threading.Lock()
 
 
-class AzureMLEmulator:
+class AzureMLEmulator(Emulator):
     """An Azure ML workspace on 127.0.0.1: Azurite for blobs, an HTTPS REST server for ARM and run history,
     and command jobs run as local process groups. Use it as a context manager (or ``start()``/``stop()``).
 
     ``ml_client()`` builds a ready ``MLClient``; ``env()`` gives the variables that point another process's
     SDK at the emulator. Keywords beyond the workspace's names are the fields of ``EmulatorConfig``.
     """
+
+    STATES: ClassVar[dict[str, str]] = {"Completed": "succeeded", "Failed": "failed", "Canceled": "cancelled"}
 
     def __init__(self, subscription_id: str = "00000000-0000-0000-0000-000000000000",
                  resource_group: str = "stepops-rg", workspace_name: str = "stepops-ws", location: str = "eastus",
@@ -125,12 +126,6 @@ class AzureMLEmulator:
         if self.workdir is not None and self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self._owns_workdir = False
-
-    def __enter__(self) -> AzureMLEmulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ----- where things are ---------------------------------------------------------------------------
 
@@ -295,27 +290,23 @@ class AzureMLEmulator:
             raise KeyError(f"no job {name!r}")
         return found
 
-    def wait_for_status(self, name: str, statuses: str | Iterable[str], timeout: float = 30.0) -> JSON:
-        """Block until the job has entered one of ``statuses`` (now or earlier: its history counts, so a short
-        status is not missed); AssertionError when it ends in another, TimeoutError after ``timeout``."""
-        wanted = {statuses} if isinstance(statuses, str) else set(statuses)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                job = self._job(name)
-            except KeyError:
-                job = None
-            if job is not None:
-                snap = _snapshot(job)
-                if any(h["status"] in wanted for h in snap["history"]):
-                    return snap
-                if snap["status"] in TERMINAL:
-                    raise AssertionError(f"job {name} ended {snap['status']} before reaching {sorted(wanted)}: "
-                                         f"{snap['error']}")
-            if time.monotonic() > deadline:
-                state = job.status if job is not None else "absent"
-                raise TimeoutError(f"job {name} did not reach {sorted(wanted)} within {timeout}s (it is {state})")
-            time.sleep(0.05)
+    @staticmethod
+    def job_id(job: JSON) -> str:
+        return job["name"]
+
+    def status(self, name: str) -> str:
+        return self._job(name).status
+
+    def history(self, name: str) -> list[str]:
+        job = self._job(name)
+        with job.lock:
+            return [s for s, _ in job.history]
+
+    def error(self, name: str) -> Any:
+        return self.job(name)["error"]
+
+    #: block until the job has entered one of the statuses (now or earlier); AssertionError if it ends first
+    wait_for_status = Emulator.wait_for_state
 
     def pids(self, name: str) -> list[int]:
         """The job's running process (its process group leader), empty when none runs."""

@@ -7,8 +7,10 @@ job is created; ``AzureMLEmulator.fail_requests`` makes the REST API itself answ
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from airflow_stepops.testing import _kit
 
 JSON = dict[str, Any]
 
@@ -143,7 +145,7 @@ KINDS = RUNNING_KINDS | {"quota_exceeded", "slow_start"}
 
 
 @dataclass(frozen=True)
-class Fault:
+class Fault(_kit.Fault):
     """One injected misfortune of a job.
 
     kind:
@@ -158,47 +160,17 @@ class Fault:
         ``slow_start`` — the job stays ``Queued`` ``duration`` seconds longer.
     """
 
-    kind: str
-    after: float = 0.0
+    KINDS = KINDS
+
     duration: float = 2.0
-    message: str | None = None
     quota: int = 0
     status_code: int = 400
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown fault kind {self.kind!r}; expected one of {sorted(KINDS)}")
 
     def failure_error(self) -> JSON:
         return {"code": "SystemError", "message": self.message} if self.message else dict(INJECTED_FAILURE)
 
 
-@dataclass
-class FaultRule:
-    """A fault waiting for the jobs it matches: ``job`` a name, None the next created jobs; ``count``
-    jobs in all (None: every matching job)."""
-
-    fault: Fault
-    job: str | None = None
-    count: int | None = 1
-    applied: list[str] = field(default_factory=list)
-
-    def matches(self, job_name: str) -> bool:
-        if self.count is not None and self.count <= 0:
-            return False
-        return self.job is None or self.job == job_name
-
-
-def take_faults(rules: list[FaultRule], job_name: str) -> list[Fault]:
-    """The faults a new job gets, in registration order, each matching rule consuming one use."""
-    found: list[Fault] = []
-    for rule in rules:
-        if rule.matches(job_name):
-            if rule.count is not None:
-                rule.count -= 1
-            rule.applied.append(job_name)
-            found.append(rule.fault)
-    return found
+FaultRule, take_faults = _kit.FaultRule, _kit.take_faults
 
 
 #: what ``RequestFault.lose_reply`` does to the reply of a request the service did carry out

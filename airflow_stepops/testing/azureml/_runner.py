@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from airflow_stepops.testing._kit import signal_group, spawn, stop_group
 from airflow_stepops.testing.azureml._config import EmulatorConfig
 from airflow_stepops.testing.azureml._faults import (
     JSON,
@@ -113,7 +114,7 @@ class JobRunner:
         self._wake.set()
         proc = self.proc
         if proc is not None:
-            _kill_group(proc, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout)  # reaped: no zombie outlives the emulator
         self.thread.join(timeout)
@@ -137,7 +138,7 @@ class JobRunner:
         finally:
             proc = self.proc
             if proc is not None:
-                _kill_group(proc, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
             if self.log is not None:
                 with contextlib.suppress(Exception):
                     self.log.close()
@@ -264,8 +265,8 @@ class JobRunner:
         limits = self.job.request.get("limits") or {}
         timeout = parse_timeout(limits["timeout"]) if limits.get("timeout") is not None else None
         assert self.log is not None
-        self.proc = subprocess.Popen(["bash", "-c", command], cwd=self.dir / "wd", env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = spawn(["bash", "-c", command], cwd=self.dir / "wd", env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         reader = threading.Thread(target=_read, args=(self.proc, self.log), daemon=True)
         reader.start()
         began = self._began = time.monotonic()
@@ -293,7 +294,7 @@ class JobRunner:
             else:
                 self._wake.wait(_TICK)
                 self._wake.clear()
-        _kill_group(self.proc, signal.SIGKILL)  # what the process left behind goes with the node
+        signal_group(self.proc.pid, signal.SIGKILL)  # what the process left behind goes with the node
         reader.join(5)
         if outcome.kind == "exited" and strike is not None and strike.kind == "failure":
             outcome = Outcome("struck", error=strike.failure_error())  # ended sooner: fails all the same
@@ -307,17 +308,8 @@ class JobRunner:
 
     def _terminate(self) -> None:
         """SIGTERM to the process group, SIGKILL when ``stop_grace_period`` passes without it ending."""
-        proc = self.proc
-        assert proc is not None
-        grace = self.config.stop_grace_period
-        if grace > 0:
-            _kill_group(proc, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while proc.poll() is None and time.monotonic() < deadline and not self._shutdown:
-                time.sleep(_TICK)
-        if proc.poll() is None:
-            _kill_group(proc, signal.SIGKILL)
-            proc.wait()
+        assert self.proc is not None
+        stop_group(self.proc, self.config.stop_grace_period, abort=lambda: self._shutdown)
 
     # ----- the end ------------------------------------------------------------------------------------
 
@@ -377,8 +369,3 @@ def _read(proc: subprocess.Popen[bytes], log: JobLog) -> None:
     with proc.stdout:
         while chunk := os.read(proc.stdout.fileno(), 65536):
             log.add(chunk)
-
-
-def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)

@@ -13,7 +13,7 @@ The real ``kubernetes`` and ``kubernetes_asyncio`` clients talk to it unchanged:
 Faults: ``k8s.inject(Fault("image_pull"), job="my-job")`` for the next matching pod, the pod annotation
 ``stepops.emulator/fault`` (``"evicted"`` or ``{"kind": "evicted", "after": 1}``), ``k8s.disrupt(ns, pod,
 "preempted")`` on a running pod, and ``k8s.fail_requests(503, method="POST", after_commit=True)`` for the
-API itself. ``k8s.requests()`` lists the calls served; ``k8s.pids(ns, pod)`` the running processes.
+API itself. ``k8s.requests()`` lists the calls served; ``k8s.pids(job)`` the running processes.
 
 Served: ``/version``, ``/api``, ``/apis`` discovery; namespaces, nodes (one, see ``NodeSpec``), pods
 (+ ``/log``, ``/status``), configmaps, secrets, events, serviceaccounts, persistentvolumeclaims and

@@ -7,17 +7,17 @@ import json
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from aiohttp import web
 
+from airflow_stepops.testing._kit import Emulator
 from airflow_stepops.testing.kubernetes._cluster import Cluster
 from airflow_stepops.testing.kubernetes._config import EmulatorConfig
-from airflow_stepops.testing.kubernetes._faults import Fault, FaultRule
+from airflow_stepops.testing.kubernetes._faults import RUNNING_KINDS, Fault, FaultRule
 from airflow_stepops.testing.kubernetes._jobs import JobController
 from airflow_stepops.testing.kubernetes._kubelet import Kubelet
 from airflow_stepops.testing.kubernetes._server import ApiFault, ApiServer
@@ -35,13 +35,20 @@ def _resource(kind: str) -> Resource:
     raise ValueError(f"unknown resource {kind!r}; expected one of {[r.plural for r in RESOURCES]}")
 
 
-class KubernetesEmulator:
+class KubernetesEmulator(Emulator):
     """A local Kubernetes API on 127.0.0.1 whose Jobs run their pod's command as local subprocesses.
 
     Use it as a context manager (or ``start()`` / ``stop()``); point the real clients at it with
     ``api_client()``, ``async_api_client()`` or a kubeconfig from ``write_kubeconfig()``. Settings are
     the fields of ``EmulatorConfig`` (``grace_period_cap=2``, ``namespaces=("default", "ml")``, ...).
+
+    A job's id is its name, or ``<namespace>/<name>`` where the name is in several namespaces; its status
+    the Job's ``Complete``/``Failed``/``Suspended`` condition, else ``Running``, and a deleted Job is ``gone``.
     """
+
+    STATES: ClassVar[dict[str, str]] = {"Complete": "succeeded", "Failed": "failed"}
+    #: a kit preemption is a kubelet eviction (DisruptionTarget), a failure the container killed (OOMKilled)
+    KINDS: ClassVar[dict[str, str]] = {"preemption": "evicted", "failure": "oom_killed"}
 
     def __init__(self, config: EmulatorConfig | None = None, *, port: int = 0, **settings: Any) -> None:
         unknown = set(settings) - _CONFIG_FIELDS
@@ -136,12 +143,6 @@ class KubernetesEmulator:
         await loop.shutdown_asyncgens()
         await loop.shutdown_default_executor()
 
-    def __enter__(self) -> KubernetesEmulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def _call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the emulator's loop (all state lives there) and return its result."""
         if self._loop is None or self._thread is None:
@@ -210,24 +211,40 @@ class KubernetesEmulator:
 
     # ----- faults -----------------------------------------------------------------------------------
 
-    def inject(self, fault: Fault | str, *, job: str | None = None, namespace: str | None = None,
-               pod_prefix: str | None = None, count: int | None = 1) -> FaultRule:
-        """Give ``fault`` to the next ``count`` new pods matching (None: every matching pod)."""
-        rule = FaultRule(Fault(fault) if isinstance(fault, str) else fault, namespace, job, pod_prefix, count)
+    def inject(self, kind: Fault | str, job: str | None = None, after: float = 0.0, *, namespace: str | None = None,
+               pod_prefix: str | None = None, count: int | None = 1, **fields: Any) -> FaultRule:
+        """Give a fault (a ``Fault``, or its kind and ``fields``) to the next ``count`` new pods matching (None:
+        every matching pod). A running-pod fault for a Job whose pod runs strikes it ``after`` seconds from now."""
+        kind = self._kind(kind)
+        fault = Fault(kind, after=after, **fields) if isinstance(kind, str) else kind
+        if job is not None and fault.kind in RUNNING_KINDS:
+            found = self._find(job)
+            pods = [p for p in self._pods(found) if self._pod_pids(p)] if found else []
+            if pods:
+                namespace, name = found["metadata"]["namespace"], found["metadata"]["name"]
+                for pod in pods:
+                    assert self._loop is not None
+                    self._loop.call_soon_threadsafe(self._loop.call_later, fault.after, self._strike, namespace,
+                                                    pod["metadata"]["name"], fault)
+                return FaultRule(fault, name, 0, [p["metadata"]["name"] for p in pods], namespace=namespace)
+            job, namespace = (job.rsplit("/", 1)[::-1] if "/" in job else (job, namespace))
+        rule = FaultRule(fault, job, count, namespace=namespace, pod_prefix=pod_prefix)
         self._call(lambda: self.cluster.fault_rules.append(rule))
         return rule
+
+    def _strike(self, namespace: str, pod: str, fault: Fault) -> None:
+        obj = self.cluster.store.peek(PODS, namespace, pod)
+        runtime = self.cluster.kubelet.runtimes.get(obj["metadata"]["uid"]) if obj else None
+        if runtime is not None and runtime.current is not None:
+            self.cluster.kubelet.strike(runtime, fault)
 
     def disrupt(self, namespace: str, pod: str, fault: Fault | str = "evicted") -> None:
         """Strike a running pod now: ``evicted``, ``preempted``, ``node_shutdown``, ``oom_killed``, ..."""
         chosen = Fault(fault) if isinstance(fault, str) else fault
 
-        def strike() -> None:
-            obj = self.cluster.store.get(PODS, namespace, pod)
-            runtime = self.cluster.kubelet.runtimes.get(obj["metadata"]["uid"])
-            if runtime is None or runtime.current is None:
-                raise RuntimeError(f"pod {namespace}/{pod} has no running container to disrupt")
-            self.cluster.kubelet.strike(runtime, chosen)
-        self._call(strike)
+        if not self._pod_pids(self.get_object(PODS.plural, namespace, pod)):
+            raise RuntimeError(f"pod {namespace}/{pod} has no running container to disrupt")
+        self._call(lambda: self._strike(namespace, pod, chosen))
 
     def fail_requests(self, status: int = 500, *, method: str | None = None, path: str | None = None,
                       count: int | None = 1, after_commit: bool = False, message: str | None = None) -> ApiFault:
@@ -270,16 +287,50 @@ class KubernetesEmulator:
         res = _resource(kind)
         return self._call(lambda: deep(self.cluster.store.select(res, namespace, label_selector)))
 
-    def pids(self, namespace: str, pod: str) -> dict[str, int]:
+    @property
+    def jobs(self) -> list[JSON]:
+        """Every Job of every namespace."""
+        return self.list_objects(JOBS.plural)
+
+    @staticmethod
+    def job_id(job: JSON) -> str:
+        return job["metadata"]["name"]
+
+    def _find(self, job_id: str) -> JSON | None:
+        namespace, _, name = job_id.rpartition("/")
+        found = [j for j in self.list_objects(JOBS.plural, namespace or None) if j["metadata"]["name"] == name]
+        return found[0] if found else None
+
+    def job(self, job_id: str) -> JSON:
+        """A Job by name (or ``namespace/name``); KeyError when there is none."""
+        found = self._find(job_id)
+        if found is None:
+            raise KeyError(f"no job {job_id!r}")
+        return found
+
+    def status(self, job_id: str) -> str:
+        conditions = (self.job(job_id).get("status") or {}).get("conditions") or []
+        done = {c["type"] for c in conditions if c["status"] == "True"}
+        return next((c for c in ("Complete", "Failed", "Suspended") if c in done), "Running")
+
+    def _pods(self, job: JSON) -> list[JSON]:
+        meta = job["metadata"]
+        return self.list_objects(PODS.plural, meta["namespace"], f"batch.kubernetes.io/job-name={meta['name']}")
+
+    def _pod_pids(self, pod: JSON | None) -> dict[str, int]:
         """Process ids of a pod's running containers, by container name."""
         def find() -> dict[str, int]:
-            obj = self.cluster.store.peek(PODS, namespace, pod)
-            runtime = self.cluster.kubelet.runtimes.get(obj["metadata"]["uid"]) if obj else None
+            runtime = self.cluster.kubelet.runtimes.get(pod["metadata"]["uid"]) if pod else None
             if runtime is None:
                 return {}
             return {name: runs[-1].proc.pid for name, runs in runtime.runs.items()
                     if runs and runs[-1].proc is not None and runs[-1].proc.returncode is None}
         return self._call(find)
+
+    def pids(self, job_id: str) -> list[int]:
+        """The running container processes (process group leaders) of the Job's pods."""
+        found = self._find(job_id)
+        return [pid for pod in (self._pods(found) if found else []) for pid in self._pod_pids(pod).values()]
 
     def pvc_path(self, namespace: str, claim: str) -> Path:
         """The host directory behind a PersistentVolumeClaim (created on demand)."""
@@ -287,12 +338,4 @@ class KubernetesEmulator:
 
     def wait_for_job(self, namespace: str, name: str, timeout: float = 30.0) -> JSON:
         """Block until the Job has a Complete or Failed condition; returns it (TimeoutError otherwise)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            job = self.get_object(JOBS.plural, namespace, name)
-            conditions = (job or {}).get("status", {}).get("conditions") or []
-            if job and any(c["type"] in ("Complete", "Failed") and c["status"] == "True" for c in conditions):
-                return job
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"job {namespace}/{name} did not finish within {timeout}s")
-            time.sleep(0.05)
+        return self.wait_for_state(f"{namespace}/{name}", ("succeeded", "failed"), timeout)

@@ -8,8 +8,10 @@ or through the pod annotation ``stepops.emulator/fault``, whose value is a fault
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
+
+from airflow_stepops.testing import _kit
 
 FAULT_ANNOTATION = "stepops.emulator/fault"
 
@@ -22,7 +24,7 @@ KINDS = PENDING_KINDS | RUNNING_KINDS
 
 
 @dataclass(frozen=True)
-class Fault:
+class Fault(_kit.Fault):
     """One injected failure.
 
     kind:
@@ -40,15 +42,10 @@ class Fault:
     duration: how long a pending fault lasts; None keeps the pod Pending until it is deleted.
     """
 
-    kind: str
-    after: float = 0.0
-    duration: float | None = None
-    message: str | None = None
-    exit_code: int = 1
+    KINDS = KINDS
 
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown fault kind {self.kind!r}; expected one of {sorted(KINDS)}")
+    duration: float | None = None
+    exit_code: int = 1
 
     @classmethod
     def parse(cls, value: Any) -> list[Fault]:
@@ -70,37 +67,24 @@ class Fault:
 
 
 @dataclass
-class FaultRule:
-    """A registered fault waiting for the pods it matches; ``count`` None matches every pod."""
+class FaultRule(_kit.FaultRule):
+    """A registered fault waiting for the pods it matches: of the Job ``job``, in ``namespace``, named
+    ``pod_prefix``... (None: any); ``count`` None matches every pod."""
 
-    fault: Fault
     namespace: str | None = None
-    job: str | None = None
     pod_prefix: str | None = None
-    count: int | None = 1
-    applied: list[str] = field(default_factory=list)
 
-    def matches(self, namespace: str, pod_name: str, labels: dict[str, str]) -> bool:
-        if self.count is not None and self.count <= 0:
-            return False
+    def matches(self, name: str, namespace: str = "", labels: dict[str, str] | None = None, **facts: Any) -> bool:
         if self.namespace is not None and namespace != self.namespace:
             return False
-        if self.job is not None and labels.get("batch.kubernetes.io/job-name") != self.job:
+        if self.job is not None and (labels or {}).get("batch.kubernetes.io/job-name") != self.job:
             return False
-        return self.pod_prefix is None or pod_name.startswith(self.pod_prefix)
+        return self.pod_prefix is None or name.startswith(self.pod_prefix)
 
 
 def faults_for(rules: list[FaultRule], pod: dict[str, Any]) -> list[Fault]:
     """The faults a new pod gets: its annotation's, then each matching rule's (consuming one use)."""
     meta = pod["metadata"]
-    found: list[Fault] = []
     annotation = (meta.get("annotations") or {}).get(FAULT_ANNOTATION)
-    if annotation:
-        found += Fault.parse(annotation)
-    for rule in rules:
-        if rule.matches(meta.get("namespace", ""), meta["name"], meta.get("labels") or {}):
-            if rule.count is not None:
-                rule.count -= 1
-            rule.applied.append(meta["name"])
-            found.append(rule.fault)
-    return found
+    return [*(Fault.parse(annotation) if annotation else []),
+            *_kit.take_faults(rules, meta["name"], namespace=meta.get("namespace", ""), labels=meta.get("labels"))]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_stepops.testing._images import write_missing_shims
+from airflow_stepops.testing._kit import signal_group
 from airflow_stepops.testing.kubernetes._cluster import Cluster
 from airflow_stepops.testing.kubernetes._faults import Fault, faults_for
 from airflow_stepops.testing.kubernetes._store import CONFIGMAPS, NODES, PODS, PVCS, SECRETS, Event
@@ -665,8 +666,7 @@ class Kubelet:
             await self._wait_process(runtime, run.proc)
         finally:
             rotator.cancel()
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(run.proc.pid, signal.SIGKILL)  # the container is gone: so is everything it started
+            signal_group(run.proc.pid, signal.SIGKILL)  # the container is gone: so is everything it started
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(reader), 2.0)
             reader.cancel()
@@ -709,11 +709,11 @@ class Kubelet:
             if runtime.grace:
                 if runtime.cause != "shutdown":
                     self.event(runtime, "Killing", f"Stopping container {runtime.current.name if runtime.current else ''}")
-                _signal_group(proc.pid, signal.SIGTERM)
+                signal_group(proc.pid, signal.SIGTERM)
             while not waiter.done():
                 remaining = requested + (runtime.grace or 0) - loop.time()
                 if remaining <= 0:
-                    _signal_group(proc.pid, signal.SIGKILL)
+                    signal_group(proc.pid, signal.SIGKILL)
                     await waiter
                     break
                 runtime.grace_changed.clear()
@@ -723,7 +723,7 @@ class Kubelet:
         finally:
             stopper.cancel()
             if not waiter.done():
-                _signal_group(proc.pid, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
                 await waiter
 
     def _arm_running_faults(self, runtime: PodRuntime, run: ContainerRun) -> None:
@@ -741,7 +741,7 @@ class Kubelet:
         if fault.kind == "oom_killed":
             if run is not None and run.proc is not None and run.proc.returncode is None:
                 run.reason = "OOMKilled"
-                _signal_group(run.proc.pid, signal.SIGKILL)
+                signal_group(run.proc.pid, signal.SIGKILL)
         elif fault.kind == "log_disconnect":
             for runs in runtime.runs.values():
                 for each in runs:
@@ -965,11 +965,6 @@ _CONDITION_ORDER = {"PodReadyToStartContainers": 0, "Initialized": 1, "Ready": 2
 def _bind(node: str) -> Callable[[JSON], None]:
     """The binding a scheduler writes: the pod's spec.nodeName."""
     return lambda pod: pod["spec"].update(nodeName=node)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
 
 
 async def _main_exit(proc: asyncio.subprocess.Process) -> None:

@@ -25,7 +25,7 @@ Deploys: ClientHello, EnvironmentGetOrCreate (``main``; ``add_environment`` for 
 AppCreate, AppGetOrCreate, AppGetLayout, AppHeartbeat, AppClientDisconnect, AppPublish (a new app version
 per deploy; function ids are kept), ImageGetOrCreate + ImageJoinStreaming (no build: success at once),
 SecretGetOrCreate (named secrets from ``add_secret``, else NOT_FOUND; ``Secret.from_dict`` ones),
-VolumeGetOrCreate (a directory per volume under the workdir), MountGetOrCreate, FunctionPrecreate and
+VolumeGetOrCreate (a directory per volume under the workdir: its committed state), MountGetOrCreate, FunctionPrecreate and
 FunctionCreate, which refuses with INVALID_ARGUMENT what Modal refuses (unknown GPU types, GPU counts above
 8, or 4 for A10; timeouts outside 1 s .. 24 h; see ``_limits``). A GPU fallback list arrives as
 ``FunctionData.ranked_functions``: one copy of the function per type, in order. ``functions`` /
@@ -46,6 +46,12 @@ SIGTERM, SIGKILL after ``stop_grace_period``; the input ends GENERIC_STATUS_TIME
 ``get`` raises ``OutputExpiredError``); ``emu.age(fc_id, seconds)`` makes a call that much older. With
 ``emu.uncounted_queue_seconds`` set, a queued input is not counted as unfinished for that long after its call
 was made, so a call just spawned shows what an expired one shows (no output, no unfinished input).
+
+Volumes: a task works on its own copy of each mounted volume's committed state, and the mount path in the
+call's string arguments points at that copy (nothing can mount at the function's path on this host). Its
+changes reach the volume by background commits (every ``volume_commit_interval`` seconds, default 5) and
+when its process exits by itself or within the stop grace period (a preempted, cancelled or timed-out
+container that exits on SIGTERM commits; one killed with SIGKILL does not), as Modal documents; see ``_volumes``.
 
 Dicts: DictGetOrCreate (named), DictUpdate (also ``if_not_exists``), DictGet and DictPop, keys and values compared as
 the serialized bytes the client sends (``Dict.from_name``, ``put``, ``get``, ``pop``).
@@ -70,8 +76,9 @@ Inspection: ``apps``, ``functions``, ``function``, ``calls``, ``call``, ``wait_f
 Not emulated: every other RPC (UNIMPLEMENTED naming it): classes, ``.map()`` / ``.spawn_map()``, generators,
 web endpoints, sandboxes, other dict RPCs, queues, the input plane; image builds (no image is pulled: the process runs
 this interpreter with the emulator's ``sys.path``, standing in for Modal mounting local source); file-based
-(not serialized) functions (INIT_FAILURE); volume mounts at their paths (the directory exists, the function
-is not given it); client-side retries of failed inputs (``retries`` is recorded), concurrency, autoscaling,
+(not serialized) functions (INIT_FAILURE); volume mounts at their paths (only the call's arguments are
+rewritten, not paths the function names itself), ``Volume.commit()`` / ``reload()`` from inside a container
+(VolumeCommit, VolumeReload); client-side retries of failed inputs (``retries`` is recorded), concurrency, autoscaling,
 schedules, CPU and memory limits; ``MODAL_IS_REMOTE`` (clients inside keep the host's token).
 
 This package's names load lazily: each call's container process imports it.

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-grace-period", type=float, default=5.0,
                         help="SIGTERM-to-SIGKILL wait when calls are cancelled, time out or are preempted (s)")
     parser.add_argument("--queue-seconds", type=float, default=0.2, help="how long an input stays pending (s)")
+    parser.add_argument("--volume-commit-interval", type=float, default=5.0,
+                        help="seconds between background commits of a running call's volume changes")
     parser.add_argument("--workdir", type=Path, help="where call directories and volumes go (default: a temporary one)")
     parser.add_argument("--env-file", type=Path, help="write the environment here (KEY=VALUE lines, shell-quoted)")
     ns = parser.parse_args(argv)
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     with ModalEmulator(stop_grace_period=ns.stop_grace_period, queue_seconds=ns.queue_seconds, workdir=ns.workdir,
-                       port=ns.port) as emu:
+                       port=ns.port, volume_commit_interval=ns.volume_commit_interval) as emu:
         secrets: dict[str, dict[str, str]] = {}
         for name, key, value in ns.secret:
             secrets.setdefault(name, {})[key] = value

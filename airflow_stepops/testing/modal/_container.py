@@ -2,7 +2,8 @@
 
 It does for one input what Modal's container entrypoint does: load the function (the ``function_serialized``
 cloudpickle of ``FunctionCreate``, in ``function.pkl``) and the input (``(args, kwargs)`` in the input's data
-format, in ``input.bin``), call it (awaiting a coroutine), and write the outcome to ``result.pkl`` the way
+format, in ``input.bin``; mount paths in its strings rewritten to the task's copies of the volumes, see
+``remount``), call it (awaiting a coroutine), and write the outcome to ``result.pkl`` the way
 the container's IO manager packs a ``GenericResult``: on success the serialized return value; on an
 exception its ``repr``, ``traceback.format_exc()``, the pickled exception and the pickled traceback (tblib's
 dict, file names prefixed with ``<task id>:``, and the line cache) that the client re-raises with, after
@@ -112,6 +113,24 @@ def pickle_traceback(exc: BaseException, task_id: str) -> tuple[bytes, bytes]:
         return b"", b""
 
 
+def remount(value: Any, mounts: dict[str, str], depth: int = 0) -> Any:
+    """``value`` with every string naming a volume's mount path (or a path under it) pointing at the task's
+    copy of the volume instead: nothing can mount at an absolute path of this host."""
+    if not mounts or depth > 32:
+        return value
+    if isinstance(value, str):
+        for path, local in mounts.items():
+            root = path.rstrip("/")
+            if value == root or value.startswith(root + "/"):
+                return local + value[len(root):]
+        return value
+    if type(value) in (list, tuple):
+        return type(value)(remount(item, mounts, depth + 1) for item in value)
+    if type(value) is dict:
+        return {key: remount(item, mounts, depth + 1) for key, item in value.items()}
+    return value
+
+
 def _call(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     result = fn(*args, **kwargs)
     if inspect.isawaitable(result):
@@ -135,6 +154,7 @@ def run(call_dir: Path) -> dict[str, Any]:
         return _failure(exc, task_id, STATUS_INIT_FAILURE)
     try:
         args, kwargs = loads((call_dir / "input.bin").read_bytes(), meta["data_format"])
+        args, kwargs = remount(args, meta.get("mounts") or {}), remount(kwargs, meta.get("mounts") or {})
         value = _call(fn, tuple(args), dict(kwargs))
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):

@@ -9,19 +9,18 @@ import shutil
 import socket
 import tempfile
 import threading
-import time
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import web
 from grpclib.const import Status
 from grpclib.server import Server
 
+from airflow_stepops.testing._kit import Emulator, take_faults
 from airflow_stepops.testing._loop_thread import LoopThread
 from airflow_stepops.testing.modal import _faults as F
 from airflow_stepops.testing.modal._blobs import BlobStore
-from airflow_stepops.testing.modal._calls import TERMINAL, Call, CallStore
+from airflow_stepops.testing.modal._calls import Call, CallStore
 from airflow_stepops.testing.modal._logs import SYSTEM, LogQuery, LogStore
 from airflow_stepops.testing.modal._objects import DEFAULT_ENVIRONMENT, Registry
 from airflow_stepops.testing.modal._runner import CallRunner, RunContext
@@ -30,7 +29,7 @@ from airflow_stepops.testing.modal._server import ModalServicer
 JSON = dict[str, Any]
 
 
-class ModalEmulator:
+class ModalEmulator(Emulator):
     """Modal's control plane (gRPC) and blob storage (HTTP) on 127.0.0.1; function calls run as local processes.
 
     Use it as a context manager (or ``start()`` / ``stop()``) and point the ``modal`` client at it with
@@ -46,13 +45,21 @@ class ModalEmulator:
     port / blob_port: the gRPC and blob servers' ports on 127.0.0.1 (default free ones).
     token_id / token_secret: the one token accepted (default random ``ak-...`` / ``as-...``).
     multipart_threshold / part_size: blobs larger than the threshold are uploaded in parts of ``part_size``.
+    volume_commit_interval: seconds between the background commits of a running task's volume changes (Modal
+        commits "every few seconds"); None: only when the container exits. Read as tasks run: it can be changed
+        while the emulator serves.
     """
+
+    STATES: ClassVar[dict[str, str]] = {"success": "succeeded", "failure": "failed", "terminated": "cancelled",
+                                        "timeout": "failed", "init_failure": "failed"}
 
     def __init__(self, stop_grace_period: float = 2.0, queue_seconds: float = 0.2,
                  workdir: str | Path | None = None, *, port: int = 0, blob_port: int = 0,
                  token_id: str | None = None, token_secret: str | None = None,
-                 multipart_threshold: int = 4 * 1024 * 1024, part_size: int = 2 * 1024 * 1024) -> None:
+                 multipart_threshold: int = 4 * 1024 * 1024, part_size: int = 2 * 1024 * 1024,
+                 volume_commit_interval: float | None = 5.0) -> None:
         self.stop_grace_period, self.queue_seconds = stop_grace_period, queue_seconds
+        self.volume_commit_interval = volume_commit_interval
         self.token_id = token_id or f"ak-{secrets.token_hex(10)}"
         self.token_secret = token_secret or f"as-{secrets.token_hex(16)}"
         self.multipart_threshold, self.part_size = multipart_threshold, part_size
@@ -92,7 +99,8 @@ class ModalEmulator:
                                            token_id=self.token_id, token_secret=self.token_secret,
                                            on_call=self._call_created, on_cancel=self._call_cancelled)
             self._ctx = RunContext(self._registry, self._blobs, self._logs, self.workdir / "calls",
-                                   self.stop_grace_period, self.queue_seconds, self._blocked_gpus)
+                                   self.stop_grace_period, self.queue_seconds, self._blocked_gpus,
+                                   lambda: self.volume_commit_interval)
             self._serve()
         except BaseException:
             self._teardown()
@@ -145,22 +153,12 @@ class ModalEmulator:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir, self._owns_workdir = None, False
 
-    def __enter__(self) -> ModalEmulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # ----- the servicer's calls (event loop thread) -------------------------------------------------
 
     def _call_created(self, call: Call) -> None:
         assert self._ctx is not None
         with self._lock:
-            faults = []
-            for rule in self._rules:
-                if rule.fault.kind != "no_capacity" and rule.take():
-                    rule.applied.append(call.id)
-                    faults.append(rule.fault)
+            faults = take_faults(self._rules, call.id, lambda fault: fault.kind != "no_capacity")
             runner = CallRunner(call, self._ctx, faults)
             self._runners[call.id] = runner
         runner.start()
@@ -207,7 +205,8 @@ class ModalEmulator:
             registry.environments.add(name)
 
     def volume_path(self, name: str, environment: str = DEFAULT_ENVIRONMENT) -> Path:
-        """The local directory standing for a volume (it is not mounted at the function's path)."""
+        """The local directory holding a volume's committed state (each task works on its own copy, committed
+        back as Modal commits: see ``_volumes``)."""
         registry = self._reg()
         with registry.lock:
             volume = next((v for v in registry.volumes.values() if v.name == name and v.environment == environment),
@@ -218,12 +217,13 @@ class ModalEmulator:
 
     # ----- faults -----------------------------------------------------------------------------------
 
-    def inject(self, kind: str, call: str | None = None, after: float = 0.0, *, count: int | None = 1,
+    def inject(self, kind: str, job: str | None = None, after: float = 0.0, *, count: int | None = 1,
                **kw: Any) -> F.FaultRule:
-        """A fault (see ``Fault``) for the call ``call`` (it must exist and not be over), or for the next
+        """A fault (see ``Fault``) for the call ``job`` (it must exist and not be over), or for the next
         ``count`` calls made (None: every one); ``no_capacity`` holds for every call until cleared."""
         fault = F.Fault(kind, after=after, **kw)
-        rule = F.FaultRule(fault, count)
+        call = job
+        rule = F.FaultRule(fault, count=count)
         if call is None or kind == "no_capacity":
             with self._lock:
                 self._rules.append(rule)
@@ -241,8 +241,7 @@ class ModalEmulator:
         with self._lock:
             runner = self._runners[found.id]
         runner.strike(fault)
-        rule.count, rule.applied = 0, [found.id]
-        return rule
+        return F.FaultRule(fault, found.id, 0, [found.id])
 
     def fail_requests(self, status: Status = Status.UNAVAILABLE, times: int | None = 1, method: str | None = None,
                       *, message: str | None = None) -> F.RequestFault:
@@ -283,6 +282,16 @@ class ModalEmulator:
     @uncounted_queue_seconds.setter
     def uncounted_queue_seconds(self, seconds: float) -> None:
         self._svc().uncounted_queue_seconds = seconds
+
+    @property
+    def publish_seconds(self) -> float:
+        """Seconds an ``AppPublish`` takes before the deployment exists (default 0): a real deploy builds images
+        and creates functions first, so workers deploying the same app at once all find none and race."""
+        return self._svc().publish_seconds
+
+    @publish_seconds.setter
+    def publish_seconds(self, seconds: float) -> None:
+        self._svc().publish_seconds = seconds
 
     def late_logs(self, every: int = 0, seconds: float = 1.0) -> None:
         """From now on every ``every``-th log entry (0: none) arrives ``seconds`` after it was written: behind
@@ -359,11 +368,17 @@ class ModalEmulator:
         return matches[-1]
 
     @property
-    def calls(self) -> list[JSON]:
-        """Every function call (see ``call``), oldest first."""
+    def jobs(self) -> list[JSON]:
+        """Every function call (see ``job``), oldest first."""
         return [c.snapshot() for c in self._calls.all()]
 
-    def call(self, call_id: str) -> JSON:
+    calls = jobs
+
+    @staticmethod
+    def job_id(job: JSON) -> str:
+        return job["id"]
+
+    def job(self, call_id: str) -> JSON:
         """One call: id, input_id, function, state (pending, running, success, failure, init_failure, timeout,
         terminated), status (the result's GenericStatus name), history, task_id(s), gpu granted, created_at /
         started_at / finished_at (epoch seconds), exit_code, attempts, exception. KeyError if unknown."""
@@ -372,37 +387,28 @@ class ModalEmulator:
             raise KeyError(f"no function call {call_id}")
         return found.snapshot()
 
-    def wait_for_call(self, call_id: str, states: str | Iterable[str], timeout: float = 30.0) -> JSON:
-        """Block until the call has reached one of ``states`` (now or earlier: its history counts); AssertionError
-        if it ends in another, TimeoutError after ``timeout``. Returns the call as it is now."""
-        wanted = {states} if isinstance(states, str) else set(states)
-        deadline = time.monotonic() + timeout
-        while True:
-            snapshot = self.call(call_id)
-            if wanted & set(snapshot["history"]):
-                return snapshot
-            if snapshot["state"] in TERMINAL:
-                raise AssertionError(f"function call {call_id} ended {snapshot['state']} before reaching "
-                                     f"{sorted(wanted)}: {snapshot['exception']}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"function call {call_id} did not reach {sorted(wanted)} within {timeout}s "
-                                   f"(it is {snapshot['state']})")
-            time.sleep(0.02)
+    call = job
 
-    @property
-    def pids(self) -> list[int]:
-        """The live container processes (process group leaders)."""
-        with self._lock:
-            runners = list(self._runners.values())
-        return [pid for pid in (r.pid() for r in runners) if pid is not None]
+    def status(self, call_id: str) -> str:
+        return self.job(call_id)["state"]
 
-    def pid(self, call_id: str) -> int | None:
-        """The live container process of a call, None when none runs."""
+    def history(self, call_id: str) -> list[str]:
+        return self.job(call_id)["history"]
+
+    def error(self, call_id: str) -> Any:
+        return self.job(call_id)["exception"]
+
+    #: block until the call has reached one of the states (now or earlier); AssertionError if it ends first
+    wait_for_call = Emulator.wait_for_state
+
+    def pids(self, call_id: str) -> list[int]:
+        """The live container process of a call (its process group leader), empty when none runs."""
         with self._lock:
             runner = self._runners.get(call_id)
         if runner is None:
             raise KeyError(f"no function call {call_id}")
-        return runner.pid()
+        pid = runner.pid()
+        return [] if pid is None else [pid]
 
     def logs(self, call_id: str, *, system: bool = False) -> list[str]:
         """The call's output lines so far (stdout and stderr, newline stripped); with ``system`` also the

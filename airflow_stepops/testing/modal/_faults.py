@@ -14,9 +14,11 @@ Where the wording comes from (public reports of real runs; where none was found,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from grpclib import Status
+
+from airflow_stepops.testing import _kit
 
 TIMEOUT = "Task's current input {input_id} hit its timeout of {timeout}s"
 CANCELLED_BECAUSE = 'Task\'s current input(s) ["{input_id}"] cancelled because: {reason}'
@@ -35,7 +37,7 @@ KINDS = RUNNING_KINDS | {"slow_start", "no_capacity"}
 
 
 @dataclass(frozen=True)
-class Fault:
+class Fault(_kit.Fault):
     """One injected failure.
 
     kind:
@@ -51,16 +53,14 @@ class Fault:
         next type, one with only that type stays queued until the fault is cleared (``clear_faults()``).
     """
 
-    kind: str
-    after: float = 0.0
+    KINDS = KINDS
+
     duration: float | None = None
-    message: str | None = None
     restart: bool = True
     gpu: str | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown fault kind {self.kind!r}; expected one of {sorted(KINDS)}")
+        super().__post_init__()
         if self.kind == "no_capacity" and not self.gpu:
             raise ValueError("a no_capacity fault needs gpu=<type>, e.g. gpu='H100'")
 
@@ -69,20 +69,7 @@ class Fault:
         return 2.0 if self.duration is None else self.duration
 
 
-@dataclass
-class FaultRule:
-    """A registered fault for the next ``count`` created calls (None: every one); ``applied`` lists them."""
-
-    fault: Fault
-    count: int | None = 1
-    applied: list[str] = field(default_factory=list)
-
-    def take(self) -> bool:
-        if self.count is not None:
-            if self.count <= 0:
-                return False
-            self.count -= 1
-        return True
+FaultRule = _kit.FaultRule
 
 
 @dataclass

@@ -6,8 +6,15 @@ L4, A10, T4 that has). Then it runs on a new task (``ta-...``): ``sys.executable
 airflow_stepops.testing.modal._container <attempt dir>`` as its own process group, in
 ``<workdir>/calls/<call id>/<task id>/`` (``home/`` is its cwd, ``tmp/`` its TMPDIR). No image is built or
 pulled: the process runs this interpreter, with the emulator's ``sys.path`` prepended to PYTHONPATH, standing
-in for Modal mounting the local source a function is pickled by reference from. Volumes are not mounted at
-their paths (their directories exist under ``<workdir>/volumes``).
+in for Modal mounting the local source a function is pickled by reference from.
+
+Volumes: each task gets a copy of every mounted volume's committed state (``mounts/<volume id>/`` in its
+directory; see ``_volumes``); nothing can mount at the function's mount path on this host, so the container
+entrypoint rewrites that path to the copy in the call's string arguments (also inside lists, tuples and
+dicts), as ``/gcs/`` is rewritten for the Vertex emulator. The task's changes are committed to the volume
+every ``volume_commit_interval`` seconds while it runs (Modal's background commits) and when its process
+exits, by itself or within the stop grace period after SIGTERM (Modal's commit on container exit); a process
+that has to be killed with SIGKILL, and an emulator that stops, commit nothing more.
 
 Environment: the host's, minus every ``STEPOPS_*`` variable (the host's step-operator settings must not
 leak), plus the function's secrets, then Modal's reserved variables: MODAL_TASK_ID, MODAL_ENVIRONMENT,
@@ -40,6 +47,7 @@ from typing import Any
 from modal._utils.blob_utils import MAX_ASYNC_OBJECT_SIZE_BYTES, MAX_OBJECT_SIZE_BYTES
 from modal_proto import api_pb2
 
+from airflow_stepops.testing._kit import signal_group, spawn, stop_group
 from airflow_stepops.testing.modal import _faults as F
 from airflow_stepops.testing.modal._blobs import BlobStore
 from airflow_stepops.testing.modal._calls import STATE_OF_STATUS, Call
@@ -47,6 +55,7 @@ from airflow_stepops.testing.modal._ids import new_id
 from airflow_stepops.testing.modal._limits import ANY_GPU_ORDER
 from airflow_stepops.testing.modal._logs import STDERR, STDOUT, SYSTEM, LogStore
 from airflow_stepops.testing.modal._objects import Registry
+from airflow_stepops.testing.modal._volumes import VolumeMount
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +75,8 @@ class RunContext:
     stop_grace_period: float
     queue_seconds: float
     blocked_gpus: Callable[[], set[str]]  # GPU types without capacity right now
+    #: seconds between background commits of volume changes, read as a task runs (None: only on exit)
+    commit_interval: Callable[[], float | None] = lambda: 5.0
 
 
 @dataclass
@@ -117,7 +128,7 @@ class CallRunner:
         self._wake.set()
         proc = self.proc
         if proc is not None:
-            _kill_group(proc, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
         self.thread.join(timeout)
 
     def pid(self) -> int | None:
@@ -145,7 +156,7 @@ class CallRunner:
         finally:
             proc = self.proc
             if proc is not None:
-                _kill_group(proc, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
 
     def _log(self, text: str, task_id: str = "") -> None:
         call = self.call
@@ -252,16 +263,17 @@ class CallRunner:
         output_format = data_format if not outputs or data_format in outputs else outputs[0]
         (attempt / "function.pkl").write_bytes(fn.function_serialized)
         (attempt / "input.bin").write_bytes(args)
+        mounts = self._mount(fn, attempt)
         (attempt / "call.json").write_text(json.dumps({
             "task_id": task_id, "input_id": call.input_id, "function_call_id": call.id,
-            "data_format": data_format, "output_format": output_format}))
+            "data_format": data_format, "output_format": output_format,
+            "mounts": {m.mount_path: str(m.local) for m in mounts}}))
         env = self._env(fn, task_id, gpu, attempt)
         resources = f"gpu={gpu}:{count}" if gpu else "cpu"
         self._log(F.STARTING.format(task_id=task_id, resources=resources), task_id)
         try:
-            proc = subprocess.Popen([sys.executable, "-m", CONTAINER_MODULE, str(attempt)], cwd=attempt / "home",
-                                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, start_new_session=True)
+            proc = spawn([sys.executable, "-m", CONTAINER_MODULE, str(attempt)], cwd=attempt / "home",
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except OSError as exc:
             call.start(task_id, gpu, count)
             return Outcome("init_failure", GR(status=GR.GENERIC_STATUS_INIT_FAILURE,
@@ -274,39 +286,69 @@ class CallRunner:
                    for stream, fd in ((proc.stdout, STDOUT), (proc.stderr, STDERR))]
         for reader in readers:
             reader.start()
-        outcome = self._watch(proc, fn, task_id, attempt)
+        outcome = self._watch(proc, fn, task_id, attempt, mounts)
         for reader in readers:
             reader.join(5)
         return outcome
 
+    def _mount(self, fn: api_pb2.Function, attempt: Path) -> list[VolumeMount]:
+        """The task's copies of the function's volumes, filled with their committed state."""
+        registry = self.ctx.registry
+        with registry.lock:
+            found = [(m, registry.volumes[m.volume_id]) for m in fn.volume_mounts if m.volume_id in registry.volumes]
+        mounts = [VolumeMount(volume, m.mount_path, attempt / "mounts" / volume.id, m.read_only, m.sub_path)
+                  for m, volume in found]
+        for mount in mounts:
+            mount.mount()
+        return mounts
+
+    def _commit(self, mounts: list[VolumeMount], task_id: str) -> None:
+        for mount in mounts:
+            try:
+                mount.commit()
+            except OSError as exc:  # as Modal's runtime: a failed commit is logged, the container goes on
+                self._log(f"modal.Volume background commit failed for {mount.volume.id}. Exception: {exc}", task_id)
+
     def _watch(self, proc: subprocess.Popen[bytes], fn: api_pb2.Function, task_id: str,
-               attempt: Path) -> Outcome | None:
+               attempt: Path, mounts: list[VolumeMount]) -> Outcome | None:
         call, ctx = self.call, self.ctx
-        started = time.monotonic()
+        started = last_commit = time.monotonic()
+        background = [m for m in mounts if not m.read_only]
+
+        def stop(grace: float) -> None:
+            """SIGTERM, then SIGKILL after ``grace``: only a container that exits by itself commits on exit."""
+            if stop_group(proc, grace):
+                self._commit(mounts, task_id)
+
         while True:
             code = proc.poll()
             now = time.monotonic()
             strike = next((s for s in self._faults(*F.RUNNING_KINDS)
                            if now >= max(started, s.given_at) + s.fault.after), None)
             if code is not None:
-                _terminate(proc, 0.0)  # reap what the process left behind in its group
+                stop_group(proc, 0.0)  # reap what the process left behind in its group
+                self._commit(mounts, task_id)
                 return self._exited(code, task_id, attempt)
             if self._shutdown:
-                _terminate(proc, 0.0)
+                stop_group(proc, 0.0)
                 return None
             if call.cancel_requested.is_set():
-                _terminate(proc, ctx.stop_grace_period)
+                stop(ctx.stop_grace_period)
                 return self._cancelled(task_id)
             if fn.timeout_secs and now - started >= fn.timeout_secs:
                 message = F.TIMEOUT.format(input_id=call.input_id, timeout=fn.timeout_secs)
                 self._log(F.CANCELLED_BECAUSE.format(input_id=call.input_id, reason=message), task_id)
-                _terminate(proc, ctx.stop_grace_period)
+                stop(ctx.stop_grace_period)
                 return Outcome("timeout", GR(status=GR.GENERIC_STATUS_TIMEOUT, exception=message),
                                exit_code=_exit_code(proc.returncode))
             if strike is not None:
                 self._consume(strike)
-                _terminate(proc, ctx.stop_grace_period)
+                stop(ctx.stop_grace_period)
                 return self._struck(strike.fault, task_id, proc)
+            interval = ctx.commit_interval()
+            if background and interval is not None and now - last_commit >= interval:
+                self._commit(background, task_id)
+                last_commit = time.monotonic()
             self._wake.wait(_TICK)
             self._wake.clear()
 
@@ -394,23 +436,3 @@ def _exit_code(code: int | None) -> int | None:
     if code is None:
         return None
     return code if code >= 0 else 128 - code
-
-
-def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM to the process group, SIGKILL after ``grace`` seconds (at once without one); then reap it
-    and anything it left behind in the group."""
-    if grace > 0 and proc.poll() is None:
-        _kill_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-    _kill_group(proc, signal.SIGKILL)
-    proc.wait()

@@ -56,6 +56,7 @@ class ModalServicer(api_grpc.ModalClientBase):
         #: seconds a queued input is not yet counted as unfinished (nor listed as pending) after its call was
         #: made: a call just spawned then shows what an expired one shows (no output, no unfinished input)
         self.uncounted_queue_seconds = 0.0
+        self.publish_seconds = 0.0  # how long a deploy's AppPublish takes (see ModalEmulator.publish_seconds)
         self._environment_ids: dict[str, str] = {}
         self.dicts = DictStore()
         self._mapped: dict[str, api_pb2.FunctionMapResponse] = {}  # x-idempotency-key -> the answer it got
@@ -166,6 +167,7 @@ class ModalServicer(api_grpc.ModalClientBase):
 
     async def AppPublish(self, stream: Stream[Any, Any]) -> None:
         request = await stream.recv_message()
+        await asyncio.sleep(self.publish_seconds)
         app = self.registry.publish(request)
         await stream.send_message(api_pb2.AppPublishResponse(
             url=f"{self.console_url}/apps/{app.id}", deployed_at=app.deployed_at or time.time()))

@@ -6,15 +6,15 @@ import json
 import shutil
 import tempfile
 import threading
-import time
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 from airflow_stepops.testing._images import write_python_shims
+from airflow_stepops.testing._kit import Emulator, take_faults
 from airflow_stepops.testing.sagemaker import _moto_patches
 from airflow_stepops.testing.sagemaker._config import EmulatorConfig
-from airflow_stepops.testing.sagemaker._faults import Fault, FaultRule, faults_for
+from airflow_stepops.testing.sagemaker._faults import RUNNING_KINDS, Fault, FaultRule
 from airflow_stepops.testing.sagemaker._jobs import JSON, TERMINAL, TrainingJob
 from airflow_stepops.testing.sagemaker._logs import LOG_GROUP
 from airflow_stepops.testing.sagemaker._runner import JobRunner, RunContext
@@ -23,7 +23,7 @@ from airflow_stepops.testing.sagemaker._server import INTERNAL_AGENT, ApiFault, 
 _CONFIG_FIELDS = {f.name for f in fields(EmulatorConfig)}
 
 
-class SageMakerEmulator:
+class SageMakerEmulator(Emulator):
     """S3, SageMaker and CloudWatch Logs on 127.0.0.1 whose training jobs run as local processes.
 
     Use it as a context manager (or ``start()`` / ``stop()``); point boto3 or aiobotocore at
@@ -33,6 +33,8 @@ class SageMakerEmulator:
     moto keeps its state per process, so one emulator runs at a time in a process.
     """
 
+    STATES: ClassVar[dict[str, str]] = {"Completed": "succeeded", "Failed": "failed", "Stopped": "cancelled"}
+    KINDS: ClassVar[dict[str, str]] = {"preemption": "spot_interruption"}
     _active: ClassVar[SageMakerEmulator | None] = None
     _active_lock: ClassVar[threading.Lock] = threading.Lock()
 
@@ -117,18 +119,12 @@ class SageMakerEmulator:
             self._ctx = replace(self._ctx, config=self.config)
         return old
 
-    def __enter__(self) -> SageMakerEmulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # ----- moto's calls (request threads) -------------------------------------------------------
 
     def job_created(self, job: TrainingJob) -> None:
         assert self._ctx is not None
         with self._lock:
-            runner = JobRunner(job, faults_for(self._rules, job.name), self._ctx)
+            runner = JobRunner(job, take_faults(self._rules, job.name), self._ctx)
             self._runners[job.name] = runner
         runner.start()
 
@@ -173,21 +169,20 @@ class SageMakerEmulator:
 
     # ----- faults -----------------------------------------------------------------------------------
 
-    def inject(self, fault: Fault | str, *, job: str | None = None, job_prefix: str | None = None,
+    def inject(self, kind: Fault | str, job: str | None = None, after: float = 0.0, *, job_prefix: str | None = None,
                count: int | None = 1, **fields: Any) -> FaultRule:
-        """Give ``fault`` to the next ``count`` new jobs matching (None: every one); ``fields`` build a Fault."""
-        chosen = Fault(fault, **fields) if isinstance(fault, str) else fault
-        rule = FaultRule(chosen, job, job_prefix, count)
+        """Give a fault (a ``Fault``, or its kind and ``fields``; ``preemption`` is ``spot_interruption``) to the
+        next ``count`` new jobs matching (None: every one). A ``spot_interruption`` or ``failure`` for a job
+        that exists strikes it ``after`` seconds from now (or once it trains, when it does not yet)."""
+        kind = self._kind(kind)
+        chosen = Fault(kind, after=after, **fields) if isinstance(kind, str) else kind
+        if job is not None and chosen.kind in RUNNING_KINDS and job in self._runners:
+            self._runner(job).disrupt(chosen)
+            return FaultRule(chosen, job, 0, [job])
+        rule = FaultRule(chosen, job, count, job_prefix=job_prefix)
         with self._lock:
             self._rules.append(rule)
         return rule
-
-    def disrupt(self, job: str, fault: Fault | str = "spot_interruption", **fields: Any) -> None:
-        """Strike a running job now: ``spot_interruption`` or ``failure``."""
-        chosen = Fault(fault, **fields) if isinstance(fault, str) else fault
-        if chosen.kind not in ("spot_interruption", "failure"):
-            raise ValueError(f"{chosen.kind} cannot strike a running job")
-        self._runner(job).disrupt(chosen)
 
     def fail_requests(self, code: str = "ThrottlingException", *, status: int = 400, service: str | None = None,
                       action: str | None = None, count: int | None = 1, message: str | None = None) -> ApiFault:
@@ -243,11 +238,30 @@ class SageMakerEmulator:
         """The job as DescribeTrainingJob shows it (datetimes, not the wire's epoch numbers)."""
         return self._runner(name).job.describe()
 
+    job = describe
+
+    @staticmethod
+    def job_id(job: JSON) -> str:
+        return job["TrainingJobName"]
+
+    @property
     def jobs(self) -> list[JSON]:
         """Every training job, oldest first, as ``describe()`` shows it."""
         with self._lock:
             runners = list(self._runners.values())
         return [r.job.describe() for r in runners]
+
+    def status(self, name: str) -> str:
+        """TrainingJobStatus."""
+        return self.describe(name)["TrainingJobStatus"]
+
+    def history(self, name: str) -> list[str]:
+        """The SecondaryStatus transitions, then the TrainingJobStatus."""
+        described = self.describe(name)
+        return [t["Status"] for t in described["SecondaryStatusTransitions"]] + [described["TrainingJobStatus"]]
+
+    def error(self, name: str) -> str:
+        return self.describe(name).get("FailureReason", "")
 
     def pids(self, name: str) -> list[int]:
         """The running training process of the job (its process group leader), empty when none runs."""
@@ -283,30 +297,7 @@ class SageMakerEmulator:
 
     def wait_for_job(self, name: str, timeout: float = 30.0) -> JSON:
         """Block until the job is Completed, Failed or Stopped; returns ``describe()`` (TimeoutError otherwise)."""
-        return self._wait(name, timeout, lambda d: d["TrainingJobStatus"] in TERMINAL, "to finish")
+        return self.wait_for_state(name, TERMINAL, timeout)
 
-    def wait_for_status(self, name: str, secondary_status: str, timeout: float = 30.0) -> JSON:
-        """Block until the job has entered SecondaryStatus ``secondary_status`` (now or earlier: its
-        transitions count, so a status shorter than the poll is not missed); fails if the job ends first."""
-        def reached(d: JSON) -> bool:
-            if any(t["Status"] == secondary_status for t in d["SecondaryStatusTransitions"]):
-                return True
-            if d["TrainingJobStatus"] in TERMINAL:
-                raise AssertionError(f"training job {name} ended {d['TrainingJobStatus']}/{d['SecondaryStatus']} "
-                                     f"before reaching {secondary_status}: {d.get('FailureReason', '')}")
-            return False
-        return self._wait(name, timeout, reached, f"to reach {secondary_status}")
-
-    def _wait(self, name: str, timeout: float, done: Any, what: str) -> JSON:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                described = self.describe(name)
-            except KeyError:
-                described = None
-            if described is not None and done(described):
-                return described
-            if time.monotonic() > deadline:
-                state = f"{described['TrainingJobStatus']}/{described['SecondaryStatus']}" if described else "absent"
-                raise TimeoutError(f"training job {name} did not get {what} within {timeout}s (it is {state})")
-            time.sleep(0.05)
+    #: block until the job has entered a SecondaryStatus (now or earlier); AssertionError if it ends first
+    wait_for_status = Emulator.wait_for_state

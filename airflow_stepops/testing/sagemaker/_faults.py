@@ -6,7 +6,9 @@ when the job is created, or strikes a running job at once (``SageMakerEmulator.d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from airflow_stepops.testing import _kit
 
 #: The FailureReason SageMaker gives when it cannot get the instances.
 CAPACITY_ERROR = ("CapacityError: Unable to provision requested ML compute capacity. "
@@ -20,7 +22,7 @@ KINDS = RUNNING_KINDS | {"insufficient_capacity", "slow_start"}
 
 
 @dataclass(frozen=True)
-class Fault:
+class Fault(_kit.Fault):
     """One injected failure.
 
     kind:
@@ -39,14 +41,9 @@ class Fault:
         ``insufficient_capacity`` (default SageMaker's ``CapacityError`` text).
     """
 
-    kind: str
-    after: float = 0.0
-    duration: float = 2.0
-    message: str | None = None
+    KINDS = KINDS
 
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown fault kind {self.kind!r}; expected one of {sorted(KINDS)}")
+    duration: float = 2.0
 
     @property
     def reason(self) -> str:
@@ -56,30 +53,10 @@ class Fault:
 
 
 @dataclass
-class FaultRule:
-    """A registered fault waiting for the jobs it matches; ``count`` None matches every job."""
+class FaultRule(_kit.FaultRule):
+    """A registered fault for the jobs named ``job`` or starting with ``job_prefix`` (None: any)."""
 
-    fault: Fault
-    job: str | None = None
     job_prefix: str | None = None
-    count: int | None = 1
-    applied: list[str] = field(default_factory=list)
 
-    def matches(self, job_name: str) -> bool:
-        if self.count is not None and self.count <= 0:
-            return False
-        if self.job is not None and job_name != self.job:
-            return False
-        return self.job_prefix is None or job_name.startswith(self.job_prefix)
-
-
-def faults_for(rules: list[FaultRule], job_name: str) -> list[Fault]:
-    """The faults a new job gets, in registration order, each matching rule consuming one use."""
-    found: list[Fault] = []
-    for rule in rules:
-        if rule.matches(job_name):
-            if rule.count is not None:
-                rule.count -= 1
-            rule.applied.append(job_name)
-            found.append(rule.fault)
-    return found
+    def matches(self, name: str, **facts: object) -> bool:
+        return super().matches(name) and (self.job_prefix is None or name.startswith(self.job_prefix))

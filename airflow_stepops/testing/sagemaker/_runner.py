@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from airflow_stepops.testing._images import IMAGE_PYTHONS
+from airflow_stepops.testing._kit import signal_group, spawn, stop_group
 from airflow_stepops.testing.sagemaker._config import EmulatorConfig
 from airflow_stepops.testing.sagemaker._faults import INTERNAL_ERROR, Fault
-from airflow_stepops.testing.sagemaker._jobs import MESSAGES, TrainingJob
+from airflow_stepops.testing.sagemaker._jobs import MESSAGES, TERMINAL, TrainingJob
 from airflow_stepops.testing.sagemaker._logs import LogShipper, stream_name
 from airflow_stepops.testing.sagemaker._transfer import (
     DataError,
@@ -101,7 +102,7 @@ class JobRunner:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._shutdown = False
-        self._disruptions: list[Fault] = []
+        self._disruptions: list[tuple[float, Fault]] = []
         self._runtime_used = 0.0
         self._billable = 0.0
         self._checkpoints: DirectorySync | None = None
@@ -120,10 +121,11 @@ class JobRunner:
         self._wake.set()
 
     def disrupt(self, fault: Fault) -> None:
+        """Strike the job ``fault.after`` seconds from now, or once it trains when it does not yet."""
+        if self.job.training_job_status in TERMINAL:
+            raise ValueError(f"training job {self.job.name} is already over ({self.job.training_job_status})")
         with self._lock:
-            if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError(f"training job {self.job.name} has no running process to disrupt")
-            self._disruptions.append(fault)
+            self._disruptions.append((time.monotonic() + fault.after, fault))
         self._wake.set()
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -132,7 +134,7 @@ class JobRunner:
         self._wake.set()
         proc = self.proc
         if proc is not None:
-            _kill_group(proc, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
         self.thread.join(timeout)
 
     def pids(self) -> list[int]:
@@ -156,7 +158,7 @@ class JobRunner:
         finally:
             proc = self.proc
             if proc is not None:
-                _kill_group(proc, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
 
     def _interrupting(self) -> str | None:
         if self._shutdown:
@@ -334,8 +336,7 @@ class JobRunner:
         tail: deque[str] = deque(maxlen=20)
         started = time.monotonic()
         try:
-            proc = subprocess.Popen(argv, cwd=base, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = spawn(argv, cwd=base, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         except OSError as exc:
             line = f'exec: "{argv[0]}": {exc.strerror or exc}'
             shipper.add(line)
@@ -353,7 +354,10 @@ class JobRunner:
             now = time.monotonic()
             code = proc.poll()
             with self._lock:
-                disruption = self._disruptions.pop(0) if self._disruptions else None
+                due = next((d for d in self._disruptions if d[0] <= now), None)
+                if due is not None:
+                    self._disruptions.remove(due)
+            disruption = due[1] if due is not None else None
             if code is not None:
                 outcome = Outcome("exited", exit_code=code if code >= 0 else 128 - code)
             elif self._shutdown:
@@ -384,8 +388,8 @@ class JobRunner:
         if outcome.kind in ("max_runtime", "max_wait"):
             job.transition("Stopping", MESSAGES["stopping"], status="Stopping")
         if outcome.kind != "exited":
-            _terminate(proc, 0.0 if outcome.kind == "shutdown" else config.stop_grace_period)
-        _kill_group(proc, signal.SIGKILL)  # the container is gone: so is everything it started
+            stop_group(proc, 0.0 if outcome.kind == "shutdown" else config.stop_grace_period)
+        signal_group(proc.pid, signal.SIGKILL)  # the container is gone: so is everything it started
         reader.join(5)
         shipper.flush(final=True)
         if outcome.kind == "shutdown":
@@ -483,23 +487,3 @@ def _read(proc: subprocess.Popen[bytes], shipper: LogShipper, tail: deque[str]) 
             line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
             shipper.add(line)
             tail.append(line)
-
-
-def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM to the process group, SIGKILL once ``grace`` seconds pass without the process ending."""
-    if grace > 0:
-        _kill_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(grace)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-    _kill_group(proc, signal.SIGKILL)
-    proc.wait()

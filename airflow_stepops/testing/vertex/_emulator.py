@@ -6,15 +6,15 @@ import json
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlencode
 
 from aiohttp import web
 
 from airflow_stepops.testing._images import write_python_shims
+from airflow_stepops.testing._kit import Emulator
 from airflow_stepops.testing._loop_thread import LoopThread
 from airflow_stepops.testing.vertex import _faults as F
 from airflow_stepops.testing.vertex._auth import UNIVERSE_DOMAIN, ServiceAccount, without_boundary_lookup
@@ -31,7 +31,7 @@ DEFAULT_PROJECT_NUMBER = "123456789012"
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 
 
-class VertexEmulator:
+class VertexEmulator(Emulator):
     """Vertex AI custom jobs, Cloud Logging and Cloud Storage on 127.0.0.1; jobs run as local processes.
 
     Use it as a context manager (or ``start()`` / ``stop()``). Point ``JobServiceClient(transport="rest",
@@ -50,6 +50,10 @@ class VertexEmulator:
         ``stop()``.
     port: the API server's port on 127.0.0.1 (default a free one).
     """
+
+    STATES: ClassVar[dict[str, str]] = {"JOB_STATE_SUCCEEDED": "succeeded", "JOB_STATE_FAILED": "failed",
+                                        "JOB_STATE_CANCELLED": "cancelled", "JOB_STATE_EXPIRED": "failed",
+                                        "JOB_STATE_PARTIALLY_SUCCEEDED": "succeeded"}
 
     def __init__(self, project: str = "stepops-tests", location: str = "us-central1",
                  stop_grace_period: float = 2.0, queue_seconds: float = 0.3, pending_seconds: float = 0.3,
@@ -143,20 +147,13 @@ class VertexEmulator:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir, self._owns_workdir = None, False
 
-    def __enter__(self) -> VertexEmulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # ----- the job service's calls (request thread) -----------------------------------------------
 
     def _admit(self) -> None:
         """Before a job is made: a ``quota_exceeded`` rule answers the create call with 429."""
         with self._lock:
             for rule in self._rules:
-                if rule.fault.kind == "quota_exceeded" and rule.take():
-                    rule.applied.append("<create>")
+                if rule.fault.kind == "quota_exceeded" and rule.take("<create>"):
                     raise ApiError("RESOURCE_EXHAUSTED", rule.fault.message or F.QUOTA.format(
                         metric=rule.fault.metric))
 
@@ -165,11 +162,9 @@ class VertexEmulator:
         with self._lock:
             faults = []
             for rule in self._rules:
-                if rule.fault.kind == "lost_create_reply" and job.lose_reply is None and rule.take():
-                    rule.applied.append(job.id)
+                if rule.fault.kind == "lost_create_reply" and job.lose_reply is None and rule.take(job.id):
                     job.lose_reply = rule.fault.duration
-                elif rule.fault.kind not in ("quota_exceeded", "lost_create_reply") and rule.take():
-                    rule.applied.append(job.id)
+                elif rule.fault.kind not in ("quota_exceeded", "lost_create_reply") and rule.take(job.id):
                     faults.append(rule.fault)
             runner = JobRunner(job, self._ctx, faults)
             self._runners[job.id] = runner
@@ -286,7 +281,7 @@ class VertexEmulator:
         """A fault (see ``Fault``) for the job ``job`` (id or name; it must exist and not be over), or for the
         next ``count`` created jobs (None: every one); ``quota_exceeded`` always strikes create calls."""
         fault = F.Fault(kind, after=after, **kw)
-        rule = F.FaultRule(fault, count)
+        rule = F.FaultRule(fault, count=count)
         if job is None or kind in ("quota_exceeded", "lost_create_reply"):
             with self._lock:
                 self._rules.append(rule)
@@ -298,8 +293,7 @@ class VertexEmulator:
         if kind in ("slow_start", "stockout") and state not in ("JOB_STATE_QUEUED", "JOB_STATE_PENDING"):
             raise ValueError(f"a {kind} fault cannot strike custom job {job}: it is {state}")
         runner.strike(fault)
-        rule.count, rule.applied = 0, [runner.job.id]
-        return rule
+        return F.FaultRule(fault, runner.job.id, 0, [runner.job.id])
 
     def fail_requests(self, status_code: int, status: str | None = None, times: int | None = 1,
                       path_contains: str | None = None, *, method: str | None = None,
@@ -348,20 +342,27 @@ class VertexEmulator:
         """Every CustomJob (JSON, enum names), oldest first."""
         return [job.snapshot() for job in self._jobs().jobs()]
 
+    @staticmethod
+    def job_id(job: JSON) -> str:
+        return job["name"].rsplit("/", 1)[-1]
+
     def job(self, job_id: str) -> JSON:
         """One CustomJob by id or resource name (KeyError if unknown)."""
         return self._jobs().find(job_id).snapshot()
 
-    @property
-    def pids(self) -> list[int]:
-        """The live job processes (process group leaders)."""
-        with self._lock:
-            runners = list(self._runners.values())
-        return [pid for pid in (r.pid() for r in runners) if pid is not None]
+    def status(self, job_id: str) -> str:
+        return self._jobs().find(job_id).state
 
-    def pid(self, job_id: str) -> int | None:
-        """The live process of a job, None when none runs."""
-        return self._runner_of(job_id).pid()
+    def history(self, job_id: str) -> list[str]:
+        return list(self._jobs().find(job_id).history)
+
+    def error(self, job_id: str) -> Any:
+        return self.job(job_id).get("error")
+
+    def pids(self, job_id: str) -> list[int]:
+        """The live process of a job (its process group leader), empty when none runs."""
+        pid = self._runner_of(job_id).pid()
+        return [] if pid is None else [pid]
 
     def job_dir(self, job_id: str) -> Path:
         """``<workdir>/jobs/<id>/``: ``gcs/`` (stands for ``/gcs``), ``home/``, ``tmp/``."""
@@ -380,22 +381,3 @@ class VertexEmulator:
             raise RuntimeError("the emulator is not running")
         key = self._jobs().find(job_id).id if job_id is not None else None
         return self._logs.entries(key)
-
-    def wait_for_state(self, job_id: str, states: str | Iterable[str], timeout: float = 30.0) -> JSON:
-        """Block until the job has reached one of ``states`` (now or earlier: its history counts, so a state
-        shorter than the poll is not missed); AssertionError if it ends in another, TimeoutError after
-        ``timeout``. Returns the job as it is now."""
-        wanted = {states} if isinstance(states, str) else set(states)
-        job = self._jobs().find(job_id)
-        deadline = time.monotonic() + timeout
-        while True:
-            snapshot = job.snapshot()
-            if wanted & set(job.history):
-                return snapshot
-            if snapshot["state"] in TERMINAL:
-                raise AssertionError(f"custom job {job.id} ended {snapshot['state']} before reaching "
-                                     f"{sorted(wanted)}: {snapshot.get('error')}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"custom job {job.id} did not reach {sorted(wanted)} within {timeout}s "
-                                   f"(it is {snapshot['state']})")
-            time.sleep(0.02)

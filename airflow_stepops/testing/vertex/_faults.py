@@ -21,8 +21,9 @@ the wording comes from (public reports of real jobs; where none was found, the e
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from airflow_stepops.testing import _kit
 from airflow_stepops.testing.vertex._errors import RPC_CODE
 
 REPLICA = "workerpool0-0"
@@ -44,7 +45,7 @@ KINDS = RUNNING_KINDS | {"stockout", "slow_start", "quota_exceeded", "lost_creat
 
 
 @dataclass(frozen=True)
-class Fault:
+class Fault(_kit.Fault):
     """One injected failure.
 
     kind:
@@ -70,35 +71,20 @@ class Fault:
         reply is sent.
     """
 
-    kind: str
-    after: float = 0.0
+    KINDS = KINDS
+
     duration: float = 2.0
-    message: str | None = None
     code: int | None = None
     metric: str = DEFAULT_QUOTA_METRIC
     on_exit: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown fault kind {self.kind!r}; expected one of {sorted(KINDS)}")
+        super().__post_init__()
         if self.code is not None and self.code not in RPC_CODE.values():
             raise ValueError(f"code {self.code} is not a google.rpc.Code")
 
 
-@dataclass
-class FaultRule:
-    """A registered fault for the next ``count`` created jobs (None: every one); ``applied`` lists them."""
-
-    fault: Fault
-    count: int | None = 1
-    applied: list[str] = field(default_factory=list)
-
-    def take(self) -> bool:
-        if self.count is not None:
-            if self.count <= 0:
-                return False
-            self.count -= 1
-        return True
+FaultRule = _kit.FaultRule
 
 
 @dataclass

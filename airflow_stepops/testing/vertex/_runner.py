@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_stepops.testing._images import IMAGE_PYTHONS
+from airflow_stepops.testing._kit import signal_group, spawn, stop_group
 from airflow_stepops.testing.vertex import _faults as F
 from airflow_stepops.testing.vertex._errors import job_error
 from airflow_stepops.testing.vertex._gcs import FakeGcsServer
@@ -126,7 +127,7 @@ class JobRunner:
         self._wake.set()
         proc = self.proc
         if proc is not None:
-            _kill_group(proc, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
         self.thread.join(timeout)
 
     def pid(self) -> int | None:
@@ -148,7 +149,7 @@ class JobRunner:
         finally:
             proc = self.proc
             if proc is not None:
-                _kill_group(proc, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
         if outcome is None:
             return  # shut down: the job keeps the state it had
         try:
@@ -282,8 +283,7 @@ class JobRunner:
         ctx, job = self.ctx, self.job
         started = time.monotonic()
         try:
-            proc = subprocess.Popen(argv, cwd=self.dir / "home", env=env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+            proc = spawn(argv, cwd=self.dir / "home", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except OSError as exc:  # the container starts, its entrypoint does not
             job.advance("JOB_STATE_RUNNING", ctx.clock.now(), start=True)
             ctx.logs.write(job.id, f'exec: "{argv[0]}": {exc.strerror or exc}', severity="ERROR")
@@ -335,7 +335,7 @@ class JobRunner:
             failure = next(iter(self._faults("failure")), None)
             if failure is not None and code is not None:  # the fault's failure wins over the process's end
                 outcome = self._struck(failure, spot)
-        _terminate(proc, 0.0 if shutdown else (ctx.stop_grace_period if code is None else 0.0))
+        stop_group(proc, 0.0 if shutdown else (ctx.stop_grace_period if code is None else 0.0))
         for reader in readers:
             reader.join(5)
         return None if shutdown else outcome
@@ -382,23 +382,3 @@ class JobRunner:
 def _expand(text: str, env: dict[str, str]) -> str:
     """``$(VAR)`` from the environment (unknown ones stay), ``$$`` as ``$``: Vertex's substitution."""
     return _VAR.sub(lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
-
-
-def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM to the process group, SIGKILL after ``grace`` seconds (at once without one); then reap it
-    and anything it left behind in the group."""
-    if grace > 0 and proc.poll() is None:
-        _kill_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-    _kill_group(proc, signal.SIGKILL)
-    proc.wait()

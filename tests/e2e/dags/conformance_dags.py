@@ -47,11 +47,13 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
         import time
 
         print(f"conformance-begin {dag_id} {run_id} {task_id}", flush=True)
-        if marker:
+        # the files are the test host's: a step on a real service (make test-cloud) sees neither
+        if marker and os.path.isdir(os.path.dirname(marker)):
             with open(marker, "a", encoding="utf-8") as fh:
                 fh.write(f"{os.getpid()}\n")
         deadline = time.monotonic() + 300
-        while release and not os.path.exists(release) and time.monotonic() < deadline:
+        while (release and os.path.isdir(os.path.dirname(release)) and not os.path.exists(release)
+               and time.monotonic() < deadline):
             time.sleep(0.2)
 
     @dag(dag_id=f"{prefix}_results", schedule=None, catchup=False, tags=["stepops-conformance"])
@@ -100,12 +102,13 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
             _begin(f"{prefix}_errors", "value_error", "", "", run_id)
             raise ValueError("bad value: first line\nsecond line")
 
-        @step(on_failure_callback=record_exception, trigger_rule="all_done")
+        @step(on_failure_callback=record_exception)
         def worded_error(run_id=None):
             _begin(f"{prefix}_errors", "worded_error", "", "", run_id)
             raise RuntimeError("timeout: the batch was preempted and its rows evicted")
 
-        value_error() >> worded_error()  # one at a time: concurrent first calls of one Modal app race
+        value_error()
+        worded_error()
 
     @dag(dag_id=f"{prefix}_reattach", schedule=None, catchup=False, tags=["stepops-conformance"])
     def reattach():

@@ -1,0 +1,217 @@
+"""The kit every emulator is built on: one interface, one way to run a job's processes, one fault rule.
+
+``Emulator`` is what tests (and the conformance harness) may rely on for any flavor:
+
+* ``start()`` / ``stop()`` (or ``with``): ``stop()`` kills every job process group and is idempotent;
+* ``jobs``: the jobs as the service would list them (its own JSON), ``job_id(job)`` the id of one of them,
+  ``job(job_id)`` one job (KeyError when unknown);
+* ``status(job_id)``: the service's own word (``JOB_STATE_RUNNING``, ``Completed``, ``success``...);
+  ``state(job_id)`` the same normalised: ``running`` (anything not over, queued included), ``succeeded``,
+  ``failed``, ``cancelled``, or ``gone`` when the service no longer knows the job;
+* ``wait_for_state(job_id, states, timeout)``: block until the job has reached one of ``states`` (kit
+  states, ``running`` meaning its process runs, or the service's own statuses; now or earlier, so a short
+  status is not missed);
+* ``inject(kind, job=None, after=0.0, **kw)``: a fault for the job ``job`` (striking it ``after`` seconds
+  from now when it already runs) or for the next job made. Every flavor takes ``preemption`` (the capacity
+  is taken back: spot reclaim, eviction) and ``failure`` (the service fails the job); the other kinds are
+  the flavor's own (see its ``_faults``);
+* ``pids(job_id)``: the job's live process group leaders.
+
+``spawn`` / ``stop_group`` run a job's process in a session of its own and end it with everything it
+started; ``Fault`` and ``FaultRule`` are the base of each flavor's faults.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+JSON = dict[str, Any]
+STATES = ("running", "succeeded", "failed", "cancelled", "gone")
+#: the fault kinds every flavor takes
+KIT_KINDS = ("preemption", "failure")
+
+
+class Emulator(abc.ABC):
+    """The interface every emulator implements (see the module's docstring)."""
+
+    #: the service's terminal statuses -> kit states; every other status is ``running``
+    STATES: ClassVar[dict[str, str]] = {}
+    #: kit fault kinds -> the flavor's own, where the service names them otherwise
+    KINDS: ClassVar[dict[str, str]] = {}
+
+    @abc.abstractmethod
+    def start(self) -> Any: ...
+
+    @abc.abstractmethod
+    def stop(self) -> None: ...
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    @abc.abstractmethod
+    def jobs(self) -> list[JSON]:
+        """Every job, oldest first, as the service shows it."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def job_id(job: JSON) -> str:
+        """The id a job of ``jobs`` is known by (what ``job``, ``state``, ``inject`` and ``pids`` take)."""
+
+    @property
+    def job_ids(self) -> list[str]:
+        return [self.job_id(j) for j in self.jobs]
+
+    @abc.abstractmethod
+    def job(self, job_id: str) -> JSON:
+        """One job as the service shows it; KeyError when unknown."""
+
+    @abc.abstractmethod
+    def status(self, job_id: str) -> str:
+        """The job's status in the service's own words; KeyError when unknown."""
+
+    def history(self, job_id: str) -> list[str]:
+        """The statuses the job went through, the current one last."""
+        return [self.status(job_id)]
+
+    def error(self, job_id: str) -> Any:
+        """What the service says about why the job ended (None when nothing)."""
+        return None
+
+    def state(self, job_id: str) -> str:
+        """``running``, ``succeeded``, ``failed``, ``cancelled`` or ``gone``."""
+        try:
+            return self.STATES.get(self.status(job_id), "running")
+        except KeyError:
+            return "gone"
+
+    def wait_for_state(self, job_id: str, states: str | Iterable[str], timeout: float = 30.0) -> JSON:
+        """Block until the job has reached one of ``states``: the service's own statuses, or kit states (``running``
+        meaning its process runs, not just queued). Its history counts, so a status shorter than the poll is
+        not missed; AssertionError if it ends in another, TimeoutError after ``timeout``. A job not there yet
+        is waited for. Returns the job as it is now."""
+        wanted = {states} if isinstance(states, str) else set(states)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                seen = self.history(job_id)
+            except KeyError:
+                seen = None
+                if "gone" in wanted:
+                    return {}
+            if seen is not None:
+                ended = {self.STATES[s] for s in seen if s in self.STATES}
+                if wanted & {*seen, *ended} or ("running" in wanted and self.pids(job_id)):
+                    return self.job(job_id)
+                if seen[-1] in self.STATES:
+                    raise AssertionError(f"job {job_id} ended {seen[-1]} before reaching {sorted(wanted)}: "
+                                         f"{self.error(job_id)}")
+            if time.monotonic() > deadline:
+                now = seen[-1] if seen else "absent"
+                raise TimeoutError(f"job {job_id} did not reach {sorted(wanted)} within {timeout}s (it is {now})")
+            time.sleep(0.02)
+
+    @abc.abstractmethod
+    def inject(self, kind: str, job: str | None = None, after: float = 0.0, **kw: Any) -> FaultRule:
+        """A fault for the job ``job`` (struck ``after`` seconds from now when it runs), or for the next job."""
+
+    def _kind(self, kind: Any) -> Any:
+        """The flavor's name of a kit fault kind (other kinds and Fault objects pass unchanged)."""
+        return self.KINDS.get(kind, kind) if isinstance(kind, str) else kind
+
+    @abc.abstractmethod
+    def pids(self, job_id: str) -> list[int]:
+        """The job's live processes (process group leaders), empty when none runs."""
+
+    def pid(self, job_id: str) -> int | None:
+        """The job's live process, None when none runs."""
+        return next(iter(self.pids(job_id)), None)
+
+
+# ----- process groups ---------------------------------------------------------------------------------
+
+
+def spawn(argv: list[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """Start a job's process in a session (and process group) of its own, stdin closed."""
+    popen.setdefault("stdin", subprocess.DEVNULL)
+    return subprocess.Popen(argv, start_new_session=True, **popen)
+
+
+def signal_group(pid: int, sig: int) -> None:
+    """Signal the process group led by ``pid``; nothing when it is gone."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float = 0.0, *,
+               abort: Callable[[], bool] = lambda: False) -> bool:
+    """SIGTERM to the process group, SIGKILL after ``grace`` seconds (at once without one, or as soon as
+    ``abort()`` says so); then reap the process. The SIGKILL goes to the group in any case, so what the
+    process left behind dies with it. True when the process had exited before the SIGKILL."""
+    if grace > 0 and proc.poll() is None:
+        signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while proc.poll() is None and time.monotonic() < deadline and not abort():
+            time.sleep(0.02)
+    exited = proc.poll() is not None
+    signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return exited
+
+
+# ----- faults -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected failure: ``kind`` (one of the flavor's ``KINDS``), ``after`` seconds, ``message``."""
+
+    KINDS: ClassVar[frozenset[str]] = frozenset()
+
+    kind: str
+    after: float = 0.0
+    message: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; expected one of {sorted(self.KINDS)}")
+
+
+@dataclass
+class FaultRule:
+    """A fault waiting for the jobs it matches: ``job`` one name (None: any), ``count`` jobs in all (None:
+    every matching one); ``applied`` lists the jobs it went to."""
+
+    fault: Any
+    job: str | None = None
+    count: int | None = 1
+    applied: list[str] = field(default_factory=list)
+
+    def matches(self, name: str, **facts: Any) -> bool:
+        return self.job is None or self.job == name
+
+    def take(self, name: str, **facts: Any) -> bool:
+        """Whether the rule goes to the job ``name`` (consuming one use)."""
+        if (self.count is not None and self.count <= 0) or not self.matches(name, **facts):
+            return False
+        if self.count is not None:
+            self.count -= 1
+        self.applied.append(name)
+        return True
+
+
+def take_faults(rules: Iterable[FaultRule], name: str, accept: Callable[[Any], bool] = lambda fault: True,
+                **facts: Any) -> list[Any]:
+    """The faults of the rules (those ``accept`` takes) that go to a new job, in registration order."""
+    return [rule.fault for rule in rules if accept(rule.fault) and rule.take(name, **facts)]

@@ -1,0 +1,119 @@
+"""One behaviour, every emulator: the kit's interface (``airflow_stepops.testing._kit``) checked the same way on
+each flavor's emulator, with jobs submitted through the flavor's real hook and client."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from airflow_stepops.testing._kit import Emulator, FaultRule, spawn, stop_group
+
+#: flavor -> (the session fixture of its emulator, the module of its job helpers)
+FLAVORS = {"kubernetes": ("k8s_emulator", "k8sjobs"), "sagemaker": ("sm_emulator", "smjobs"),
+           "vertex": ("vx_emulator", "vxjobs"), "azureml": ("az_emulator", "azjobs"), "modal": ("md_emulator", "mdjobs")}
+
+
+def _add(a: int, b: int) -> int:
+    return a + b
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def _eventually(probe, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (found := probe()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout}s for {what}")
+        time.sleep(0.1)
+    return found
+
+
+def _dead(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie not reaped yet is dead too
+        return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.fixture(params=sorted(FLAVORS))
+def flavor(request):
+    fixture, helpers = FLAVORS[request.param]
+    emulator = request.getfixturevalue(fixture)
+    jobs = importlib.import_module(f"tests.{request.param}.{helpers}")
+    if request.param == "modal":  # its step operator is registered by tests/modal; the kit's own here
+        os.environ["AIRFLOW_CONN_KIT_MODAL_STEP_OPERATOR"] = json.dumps({"conn_type": "stepops_modal", "extra": {
+            "environment": "main", "app_name": "stepops-kit"}})
+        hook = jobs.make_hook("kit_modal_step_operator")
+    else:
+        hook = jobs.make_hook()
+
+    def submit(fn, *args, **kwargs) -> str:
+        spec = jobs.make_spec(hook, fn, *args, task_id=f"kit-{uuid.uuid4().hex[:8]}", **kwargs)
+        return hook.submit(spec)["job_id"]
+
+    return emulator, submit
+
+
+def test_a_job_runs_to_success(flavor):
+    emulator, submit = flavor
+    assert isinstance(emulator, Emulator)
+    job = submit(_add, 1, 2)
+    emulator.wait_for_state(job, "succeeded", timeout=120)
+    assert emulator.state(job) == "succeeded" and emulator.STATES[emulator.status(job)] == "succeeded"
+    assert job in emulator.job_ids and emulator.job_id(emulator.job(job)) == job
+    assert emulator.pids(job) == [] and emulator.pid(job) is None
+    with pytest.raises(AssertionError, match="before reaching"):
+        emulator.wait_for_state(job, "failed", timeout=1)
+
+
+def test_a_failure_strikes_a_running_job(flavor):
+    emulator, submit = flavor
+    job = submit(_sleep, 120)
+    (pid,) = _eventually(lambda: emulator.pids(job), 120, f"{job} to run")
+    assert emulator.state(job) == "running"
+    rule = emulator.inject("failure", job)
+    assert isinstance(rule, FaultRule)
+    emulator.wait_for_state(job, "failed", timeout=60)
+    assert emulator.state(job) == "failed"
+    _eventually(lambda: emulator.pids(job) == [] and _dead(pid), 30, f"the process of {job} to end")
+
+
+def test_a_failure_waits_for_the_next_job(flavor):
+    emulator, submit = flavor
+    emulator.inject("failure")
+    job = submit(_sleep, 120)
+    emulator.wait_for_state(job, "failed", timeout=120)
+
+
+def test_a_preemption_strikes_a_running_job(flavor):
+    emulator, submit = flavor
+    job = submit(_sleep, 120)
+    _eventually(lambda: emulator.pids(job), 120, f"{job} to run")
+    emulator.inject("preemption", job)
+    _eventually(lambda: emulator.pids(job) == [] or emulator.state(job) != "running", 60, f"{job} to be preempted")
+
+
+def test_stop_group_ends_the_whole_group():
+    """What every emulator's runner uses: a job's process and what it started end together."""
+    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
+             "print(flush=True); time.sleep(60)"
+    proc = spawn([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline()  # the child is started
+    assert os.getpgid(proc.pid) == proc.pid != os.getpgid(0)
+    started = time.monotonic()
+    stop_group(proc, grace=5)
+    assert proc.returncode == -signal.SIGTERM and time.monotonic() - started < 5
+    _eventually(lambda: not subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout, 5,
+                "the group to end")
