@@ -85,6 +85,12 @@ def get_provider_info() -> dict[str, Any]:
                     "environment": _field("Environment variables", "object", "Added to every step (no secrets)."),
                     "worker_artifact_path": _field(
                         "Worker path of the pvc:// store", description="Where the claim is mounted on workers."),
+                    "checkpoint_volume_claim": _field(
+                        "Checkpoint volume claim", description="ReadWriteMany PersistentVolumeClaim holding "
+                        "STEPOPS_CHECKPOINT_DIR (default: a pvc:// store's claim)."),
+                    "checkpoint_volume_path": _field(
+                        "Checkpoint path in the claim", description="Directory inside the checkpoint claim.",
+                        default=""),
                     "inline_transfer_max_size": _field(
                         "Max inline transfer size", description='Bundles/outputs up to this size travel in the pod '
                         'spec and log, e.g. "512KiB".'),

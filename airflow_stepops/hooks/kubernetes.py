@@ -185,6 +185,12 @@ class KubernetesStepOperatorHook(StepOperatorHook):
             settings.check_resources(spec.resources)
         except ValueError as exc:
             raise StepOperatorConfigError(f"settings['step_operator.kubernetes'].{exc}") from None
+        if settings.require_checkpoint_dir and manifest.checkpoint_dir(self.config, spec.identity) is None:
+            raise StepOperatorConfigError(
+                f"settings['step_operator.kubernetes'].require_checkpoint_dir: step operator "
+                f"{self.step_operator_conn_id!r} has no durable place for STEPOPS_CHECKPOINT_DIR; set "
+                "\"checkpoint_volume_claim\" (a ReadWriteMany PersistentVolumeClaim) in its connection extras, or "
+                "use a pvc:// artifact_store")
         job = manifest.build_job(identity=spec.identity, config=self.config, settings=settings,
                                  options=merged_pod_options(self.config, settings), resources=spec.resources,
                                  image=self._image(settings), transport_env=transport_env,
@@ -295,6 +301,11 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         from urllib3.exceptions import HTTPError
 
         job = self._build(spec, self.transport_env(spec))
+        if isinstance(spec.settings, KubernetesStepOperatorSettings) and spec.settings.use_spot and \
+                manifest.checkpoint_dir(self.config, spec.identity) is None:
+            self.log.warning("Step %s runs on spot nodes but gets no STEPOPS_CHECKPOINT_DIR: step operator %r has no "
+                             "checkpoint_volume_claim or pvc:// artifact_store, so a retry after a preemption starts "
+                             "over", spec.task_label or job["metadata"]["name"], self.step_operator_conn_id)
         try:
             self._call(self.batch.create_namespaced_job, self.namespace, job)
         except (ApiException, HTTPError) as exc:

@@ -27,7 +27,8 @@ from airflow_stepops.settings.kubernetes import (
     check_labels,
 )
 
-__all__ = ["DNS_LABEL", "build_job", "chunked_env", "identity_annotations", "identity_labels", "job_name", "pod_path"]
+__all__ = ["DNS_LABEL", "build_job", "checkpoint_dir", "chunked_env", "identity_annotations", "identity_labels",
+           "job_name", "pod_path"]
 
 CONTAINER = "step"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "airflow-stepops"}
@@ -36,6 +37,8 @@ STEP_LABEL = f"{LABEL_PREFIX}/step"
 STORE_MOUNT = "/var/run/stepops/store"
 TERMINATION_LOG = "/dev/termination-log"
 STORE_VOLUME = "stepops-artifacts"
+CHECKPOINT_MOUNT = "/var/run/stepops/checkpoints"
+CHECKPOINT_VOLUME = "stepops-checkpoints"
 ENTRY_SOURCE = (Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py").read_text()
 #: seconds after the task's execution_timeout at which Kubernetes itself stops the Job
 TIMEOUT_BACKSTOP_SECONDS = 60
@@ -143,6 +146,45 @@ def _store_mount(config: KubernetesStepOperatorConfig) -> tuple[dict[str, Any], 
     return volume, mount
 
 
+def checkpoint_dir(config: KubernetesStepOperatorConfig, identity: StepIdentity
+                   ) -> tuple[str, tuple[dict[str, Any], dict[str, Any]] | None] | None:
+    """``STEPOPS_CHECKPOINT_DIR`` of a step in its pod, and the volume and mount it needs (None when an
+    existing mount holds it); None when the step operator has no durable place for it.
+
+    The directory is ``<dag>/<run>/<task>/<map index>/run-<run key>`` (``StepIdentity.step_path``, as on Modal)
+    on a PersistentVolumeClaim, plus ``/checkpoints`` beside the try directories of a pvc:// store: the
+    same for every try of one incarnation of the run, so a retry after a preemption finds what the preempted
+    try wrote. Nothing pod-local would do: the retry is a new Job, so a new pod, often on another node (the
+    preempted one's node may be gone: https://kubernetes.io/docs/concepts/workloads/pods/disruptions/), and
+    an emptyDir lives only as long as its pod ("When a Pod is removed from a node for any reason, the data in
+    the emptyDir is deleted permanently", https://kubernetes.io/docs/concepts/storage/volumes/#emptydir). The
+    claim should be ReadWriteMany: a ReadWriteOnce volume is mounted read-write by a single node, so a retry
+    (or a concurrent step) on another node waits for it to be detached from the first
+    (https://kubernetes.io/docs/concepts/storage/persistent-volumes/#access-modes).
+
+    The claim (or ``checkpoint_volume_path`` inside it, through ``subPath``:
+    https://kubernetes.io/docs/concepts/storage/volumes/#using-subpath) is mounted, not the step's own
+    directory: the kubelet creates a missing subPath directory as root, which a non-root step could not write
+    to, so the runtime creates the step's directory itself (runtime/pod_entry.py)."""
+    store = config.pvc_store
+    claim = config.checkpoint_volume_claim
+    if claim is None:
+        if store is None:
+            return None
+        # on the store's claim, beside the step's try directories
+        return identity.step_path(STORE_MOUNT) + "/checkpoints", None
+    if store is not None and store[0] == claim:  # the store's claim, elsewhere: one volume, a second mount
+        volume_name = STORE_VOLUME
+        volume: dict[str, Any] = {}
+    else:
+        volume_name = CHECKPOINT_VOLUME
+        volume = {"name": CHECKPOINT_VOLUME, "persistentVolumeClaim": {"claimName": claim}}
+    mount: dict[str, Any] = {"name": volume_name, "mountPath": CHECKPOINT_MOUNT}
+    if config.checkpoint_volume_path:
+        mount["subPath"] = config.checkpoint_volume_path
+    return identity.step_path(CHECKPOINT_MOUNT), (volume, mount)
+
+
 def pod_path(config: KubernetesStepOperatorConfig, worker_path: str) -> str | None:
     """Where a file of the pvc:// store that workers see at ``worker_path`` is in the step's pod."""
     if config.worker_store_path is None:
@@ -172,6 +214,9 @@ def build_job(
     env += [{"name": "STEPOPS_FLAVOR", "value": "kubernetes"}, {"name": "PYTHONUNBUFFERED", "value": "1"},
             {"name": "STEPOPS_MARKER", "value": name}, {"name": "STEPOPS_TERMINATION_LOG", "value": TERMINATION_LOG},
             *transport_env]
+    checkpoints = checkpoint_dir(config, identity)
+    if checkpoints is not None:
+        env.append({"name": "STEPOPS_CHECKPOINT_DIR", "value": checkpoints[0]})
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": image,
@@ -191,6 +236,11 @@ def build_job(
     if store is not None:
         volumes.append(store[0])
         mounts.append(store[1])
+    if checkpoints is not None and checkpoints[1] is not None:
+        volume, mount = checkpoints[1]
+        if volume:
+            volumes.append(volume)
+        mounts.append(mount)
     if mounts:
         container["volumeMounts"] = mounts
     pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}

@@ -224,12 +224,26 @@ def finished_before(output: str) -> int | None:
     return None
 
 
+def prepare_checkpoint_dir() -> None:
+    """Create ``STEPOPS_CHECKPOINT_DIR`` as the step's own user, so the step can write it at once (on Kubernetes
+    only the claim is mounted: a directory the kubelet made for a subPath would belong to root). A step that
+    does not checkpoint must not fail for it, so a failure is only reported."""
+    path = _env("STEPOPS_CHECKPOINT_DIR")
+    if not path:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        print(f"[stepops] cannot create STEPOPS_CHECKPOINT_DIR {path}: {exc}", file=sys.stderr, flush=True)
+
+
 def main() -> int:
     marker = _env("STEPOPS_MARKER", "step")
     if _env("STEPOPS_OUTPUT_PATH"):
         done = finished_before(_env("STEPOPS_OUTPUT_PATH"))
         if done is not None:
             return done
+    prepare_checkpoint_dir()
     workdir = tempfile.mkdtemp(prefix="stepops-")
     output = _env("STEPOPS_OUTPUT_PATH") or os.path.join(workdir, "output")
     os.makedirs(output, exist_ok=True)

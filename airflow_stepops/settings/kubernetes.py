@@ -16,6 +16,8 @@ from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperat
 
 #: RFC 1123 label: Job, namespace and container names
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+#: RFC 1123 subdomain: PersistentVolumeClaim names (at most 253 characters)
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 #: label values: empty, or alphanumerics with -_. inside
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 #: qualified names (label keys, extended resources): optional DNS prefix and a name part
@@ -162,6 +164,11 @@ class KubernetesStepOperatorSettings(BaseStepOperatorSettings, KubernetesPodOpti
         default=1800, gt=0, description="Fail when a scheduled pod has not started its container this long (large "
         "image pulls count; volumes that cannot mount, container errors)."
     )
+    require_checkpoint_dir: bool = Field(
+        default=False, description="Refuse to submit unless the step operator gives the step a durable "
+        "STEPOPS_CHECKPOINT_DIR (a checkpoint_volume_claim or a pvc:// artifact_store), rather than run a step "
+        "that could not resume after a preemption."
+    )
 
     @field_validator("gpu_resource_name")
     @classmethod
@@ -236,6 +243,17 @@ class KubernetesStepOperatorConfig(BaseStepOperatorConfig, KubernetesPodOptions)
         description="With a pvc:// artifact store: where that claim (its root) is mounted on Airflow workers "
         "and triggerers; the store's path inside the claim is appended.",
     )
+    checkpoint_volume_claim: str | None = Field(
+        default=None,
+        description="PersistentVolumeClaim (ReadWriteMany, so a retry on another node can mount it) holding "
+        "STEPOPS_CHECKPOINT_DIR; default: the claim of a pvc:// artifact_store. Without either, steps get no "
+        "STEPOPS_CHECKPOINT_DIR.",
+    )
+    checkpoint_volume_path: str = Field(
+        default="",
+        description="Directory inside checkpoint_volume_claim under which step checkpoint directories are made "
+        "(default: the claim's root).",
+    )
     inline_transfer_max_size: str = Field(
         default="512KiB",
         description="Bundles and outputs up to this size (compressed) travel in the pod spec and pod log; larger "
@@ -299,6 +317,31 @@ class KubernetesStepOperatorConfig(BaseStepOperatorConfig, KubernetesPodOptions)
         if value is not None and value.startswith("pvc://") and not re.match(r"^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$", value):
             raise ValueError(f"artifact_store: {value!r}: expected pvc://CLAIM/path with a valid claim name")
         return value
+
+    @field_validator("checkpoint_volume_claim")
+    @classmethod
+    def _checkpoint_claim(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) > 253 or not DNS_SUBDOMAIN.match(value)):
+            raise ValueError(f"checkpoint_volume_claim: {value!r} is not a valid PersistentVolumeClaim name (a DNS "
+                             "subdomain: at most 253 lowercase alphanumerics, '-' or '.', starting and ending "
+                             "alphanumeric)")
+        return value
+
+    @field_validator("checkpoint_volume_path")
+    @classmethod
+    def _checkpoint_path(cls, value: str) -> str:
+        # it becomes a volumeMount subPath, which the API server refuses absolute or with '..'; a leading '/'
+        # means the claim's root, as in pvc://CLAIM/path
+        parts = [part for part in value.split("/") if part not in ("", ".")]
+        if ".." in parts:
+            raise ValueError(f"checkpoint_volume_path: {value!r} must be a path inside the claim, without '..'")
+        return "/".join(parts)
+
+    @model_validator(mode="after")
+    def _checkpoint_path_needs_claim(self) -> KubernetesStepOperatorConfig:
+        if self.checkpoint_volume_path and not self.checkpoint_volume_claim:
+            raise ValueError("checkpoint_volume_path: only used with checkpoint_volume_claim")
+        return self
 
     @model_validator(mode="after")
     def _pvc_needs_worker_path(self) -> KubernetesStepOperatorConfig:

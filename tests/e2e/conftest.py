@@ -93,6 +93,9 @@ CONNECTIONS = {
 K8S_STEP_OPERATOR = "k8s_step_operator"
 K8S_NAMESPACE = "steps"
 K8S_CONN_ENVIRONMENT = {"E2E_FROM_CONN": "from-k8s-connection"}  # STEPOPS_* is reserved
+#: the PersistentVolumeClaim (created in the emulator by ``_connections``) that holds the kubernetes steps'
+#: STEPOPS_CHECKPOINT_DIR, as a cluster's ReadWriteMany claim would: the preemption scenario's retry reads it
+K8S_CHECKPOINT_CLAIM = "step-checkpoints"
 #: the sagemaker step operator (registered when moto and the aws extra are installed), its bucket (created by
 #: the ``sm_emulator`` fixture), artifact store and the environment its connection gives every step
 SM_STEP_OPERATOR = "sm_step_operator"
@@ -543,6 +546,17 @@ def _modal_emulator(request: pytest.FixtureRequest) -> Any:
     return request.getfixturevalue("md_emulator")
 
 
+def _k8s_claim(k8s: Any, name: str) -> None:
+    """A ReadWriteMany claim in the step namespace (the emulator's scheduler, like Kubernetes', keeps a pod that
+    names a missing claim Pending)."""
+    from kubernetes import client
+
+    if k8s.get_object("persistentvolumeclaims", K8S_NAMESPACE, name) is None:
+        client.CoreV1Api(k8s.api_client()).create_namespaced_persistent_volume_claim(K8S_NAMESPACE, {
+            "metadata": {"name": name},
+            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
+
+
 def _connections(home: Path, k8s: Any, sm: Any = None, vx: Any = None, az: Any = None,
                  md: Any = None) -> dict[str, dict[str, str]]:
     """The step operator connections of the session, as ``airflow connections import`` reads them."""
@@ -550,9 +564,11 @@ def _connections(home: Path, k8s: Any, sm: Any = None, vx: Any = None, az: Any =
              for conn_id, extras in CONNECTIONS.items()}
     if k8s is not None:  # a kubeconfig of this home: the one tests/conftest.py wrote is another home's
         kubeconfig = k8s.write_kubeconfig(home / "kubeconfig", context="emulator", namespace=K8S_NAMESPACE)
+        _k8s_claim(k8s, K8S_CHECKPOINT_CLAIM)
         found[K8S_STEP_OPERATOR] = {"conn_type": "stepops_kubernetes", "extra": json.dumps({
             "config_file": str(kubeconfig), "kubernetes_context": "emulator", "kubernetes_namespace": K8S_NAMESPACE,
             "image": "registry.local/stepops-python:3", "environment": K8S_CONN_ENVIRONMENT,
+            "checkpoint_volume_claim": K8S_CHECKPOINT_CLAIM, "checkpoint_volume_path": home.name,
             "console_url_template": "https://k8s.example/#/job/{namespace}/{name}"})}
     if sm is not None:
         aws = json.loads(sm.airflow_connection())

@@ -130,7 +130,8 @@ def harnesses(af: Any) -> dict[str, Harness]:
         return {af.cloud.flavor: af.cloud}
     found: dict[str, Harness] = {"local": Local("local", "e2e_step_operator")}
     spot_budget = {"max_runtime_in_seconds": 40, "max_wait_time_in_seconds": 40}
-    candidates = [(af.k8s, Kubernetes("kubernetes", "k8s_step_operator", preemptible={})),
+    candidates = [(af.k8s, Kubernetes("kubernetes", "k8s_step_operator",
+                                      preemptible={"use_spot": True, "require_checkpoint_dir": True})),
                   (af.sm, SageMaker("sagemaker", "sm_step_operator",
                                     preemptible={"use_spot_instances": True, **spot_budget})),
                   (af.vx, Vertex("vertex", "vx_db_step_operator", preemptible={"use_spot": True})),

@@ -608,9 +608,7 @@ def preemptions(suite: Suite) -> dict[str, Run]:
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("flavor", [f for f in flavors(**xfail(
-    "the flavor gives the step no STEPOPS_CHECKPOINT_DIR (KeyError in the step, both tries fail)",
-    "kubernetes")) if f != "local"])  # a local process is never preempted
+@pytest.mark.parametrize("flavor", [f for f in flavors() if f != "local"])  # a local process is never preempted
 def test_preempted_step_raises_step_preempted_error_and_the_retry_sees_its_checkpoint(suite, preemptions, flavor):
     run = suite.run_of(preemptions, flavor)
     final = run.seen["final"]

@@ -21,8 +21,8 @@ def make_hook(conn_id: str = "k8s_step_operator") -> KubernetesStepOperatorHook:
 
 def make_spec(hook: KubernetesStepOperatorHook, fn, *args: Any, task_id: str, try_number: int = 1,
               resources: ResourceSettings | None = None, settings: KubernetesStepOperatorSettings | None = None,
-              refs: list | None = None, **kwargs: Any) -> StepSpec:
-    identity = StepIdentity("k8s_tests", "run-1", task_id, -1, try_number)
+              refs: list | None = None, run_key: str = "", **kwargs: Any) -> StepSpec:
+    identity = StepIdentity("k8s_tests", "run-1", task_id, -1, try_number, run_key)
     prefix = identity.prefix(hook.artifact_root())
     spec = StepSpec(identity=identity, bundle_uri=str(prefix / "bundle"), output_uri=str(prefix / "output"),
                     resources=resources or ResourceSettings(), settings=settings or KubernetesStepOperatorSettings(),

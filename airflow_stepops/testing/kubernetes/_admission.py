@@ -185,17 +185,35 @@ def _check_pod_spec(spec: JSON, field: str) -> list[tuple[str, str]]:
                 causes.append((f"{where}.image", "Required value"))
             causes += _check_resources(container.get("resources") or {}, f"{where}.resources")
             causes += check_env_names(container, where)
+    names: set[str] = set()
     for index, volume in enumerate(spec.get("volumes") or []):
         if not volume.get("name"):
             causes.append((f"{field}.volumes[{index}].name", "Required value"))
-    names = {v.get("name") for v in spec.get("volumes") or []}
+        elif volume["name"] in names:
+            causes.append((f"{field}.volumes[{index}].name", f"Duplicate value: {volume['name']!r}"))
+        names.add(volume.get("name") or "")
     for kind in ("initContainers", "containers"):
         for index, container in enumerate(spec.get(kind) or []):
+            paths: set[str] = set()
             for m_index, mount in enumerate(container.get("volumeMounts") or []):
+                where = f"{field}.{kind}[{index}].volumeMounts[{m_index}]"
                 if mount.get("name") not in names:
-                    causes.append((f"{field}.{kind}[{index}].volumeMounts[{m_index}].name",
-                                   f"Not found: {mount.get('name')!r}"))
+                    causes.append((f"{where}.name", f"Not found: {mount.get('name')!r}"))
+                if mount.get("mountPath") in paths:
+                    causes.append((f"{where}.mountPath", f"Invalid value: {mount['mountPath']!r}: must be unique"))
+                paths.add(mount.get("mountPath") or "")
+                causes += _check_sub_path(mount.get("subPath") or "", f"{where}.subPath")
     return causes
+
+
+def _check_sub_path(path: str, field: str) -> list[tuple[str, str]]:
+    """A subPath is a local descending path (validateLocalDescendingPath in
+    https://github.com/kubernetes/kubernetes/blob/master/pkg/apis/core/validation/validation.go)."""
+    if path.startswith("/"):
+        return [(field, f"Invalid value: {path!r}: must be a relative path")]
+    if ".." in path.split("/"):
+        return [(field, f"Invalid value: {path!r}: must not contain '..'")]
+    return []
 
 
 def _check_resources(resources: JSON, field: str) -> list[tuple[str, str]]:
