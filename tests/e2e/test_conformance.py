@@ -181,11 +181,6 @@ def suite(airflow_env, airflow_services, tmp_path_factory) -> Suite:
     return Suite(airflow_env, airflow_services, tmp_path_factory.mktemp("conformance"), harnesses(airflow_env))
 
 
-def xfail(reason: str, *flavors: str) -> dict[str, Any]:
-    """``{flavor: xfail mark}`` for known defects, to spread into a flavor parametrisation."""
-    return {flavor: pytest.mark.xfail(strict=True, reason=reason) for flavor in flavors}
-
-
 def flavors(**known: Any) -> list[Any]:
     return [pytest.param(flavor, marks=known[flavor]) if flavor in known else flavor for flavor in FLAVORS]
 
