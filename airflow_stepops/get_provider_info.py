@@ -215,6 +215,8 @@ def get_provider_info() -> dict[str, Any]:
                     "pip_packages": _field("pip packages", "array", "Installed into the image."),
                     "secrets": _field("Modal secrets", "array", "Names of Modal secrets every step gets."),
                     "volumes": _field("Modal volumes", "object", "Mount path -> volume name."),
+                    "checkpoint_volume": _field("Checkpoint volume", description="Modal volume holding "
+                                                "STEPOPS_CHECKPOINT_DIR (default: <app name>-checkpoints)."),
                     "region": _field("Region", ["string", "array"], "Default region(s), e.g. us-east."),
                     "cloud": _field("Cloud", description="aws, gcp, oci or auto."),
                     "environment_variables": _field("Environment variables", "object",
