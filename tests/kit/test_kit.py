@@ -95,14 +95,16 @@ def test_a_failure_waits_for_the_next_job(flavor):
     emulator.inject("failure")
     job = submit(_sleep, 120)
     emulator.wait_for_state(job, "failed", timeout=120)
+    assert emulator.state(job) == "failed" and emulator.STATES[emulator.status(job)] == "failed"
 
 
 def test_a_preemption_strikes_a_running_job(flavor):
     emulator, submit = flavor
     job = submit(_sleep, 120)
-    _eventually(lambda: emulator.pids(job), 120, f"{job} to run")
+    (pid,) = _eventually(lambda: emulator.pids(job), 120, f"{job} to run")
     emulator.inject("preemption", job)
-    _eventually(lambda: emulator.pids(job) == [] or emulator.state(job) != "running", 60, f"{job} to be preempted")
+    _eventually(lambda: _dead(pid), 60, f"the process of {job} to be preempted")  # well before its 120 s
+    assert pid not in emulator.pids(job) and emulator.state(job) != "succeeded"
 
 
 def test_stop_group_ends_the_whole_group():

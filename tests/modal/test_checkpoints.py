@@ -185,6 +185,8 @@ def test_background_commits_carry_writes_while_the_task_runs(md_emulator, volume
     commit_interval(0.2)
     call = _spawn_and_wait_written(md_emulator, volume_fn, "background/b.txt", "background")
     _wait(lambda: _committed(md_emulator, "background/b.txt").exists(), timeout=10, what="a background commit")
+    assert md_emulator.call(call.object_id)["state"] == "running"  # committed while the task still runs
+    assert _committed(md_emulator, "background/b.txt").read_text() == "background"
     call.cancel(terminate_containers=True)
 
 
