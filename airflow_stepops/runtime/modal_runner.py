@@ -38,9 +38,6 @@ def run_step(archive: bytes, entry_source: str, env: dict[str, str]) -> bytes:
                 tar.extractall(bundle, filter="data")
             else:  # Python without extraction filters; the archive is our own
                 tar.extractall(bundle)
-        checkpoints = env.get("STEPOPS_CHECKPOINT_DIR")
-        if checkpoints:  # on the checkpoint volume; Modal commits it when the container exits
-            os.makedirs(checkpoints, exist_ok=True)
         child_env = {**os.environ, **env, "STEPOPS_BUNDLE_PATH": bundle, "STEPOPS_OUTPUT_PATH": output,
                      "PYTHONUNBUFFERED": "1"}
         child = subprocess.Popen([sys.executable, "-c", entry_source], env=child_env)
