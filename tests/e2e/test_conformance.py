@@ -326,7 +326,11 @@ def default_switches(airflow_env) -> dict[str, SwitchedRun]:
         found[name] = SwitchedRun(rows[0]["run_id"] if rows else "", result.returncode, result.stdout)
 
     threads = [threading.Thread(target=run, args=(name,), daemon=True) for name in SWITCHES]
-    for thread in threads:
+    for index, thread in enumerate(threads):
+        if index:  # each run first writes every DAG of the folder; two first writes collide on dag.dag_id
+            airflow_env.wait_for(
+                lambda: airflow_env.query("SELECT 1 FROM serialized_dag WHERE dag_id = ?", DEFAULTS_DAG)
+                or not threads[0].is_alive(), timeout=300, message=f"{DEFAULTS_DAG} stored by the first run")
         thread.start()
     for thread in threads:
         thread.join()
