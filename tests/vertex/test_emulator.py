@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -470,6 +471,59 @@ def test_invalid_bodies_answer_invalid_argument(emu, client, parent, session):
             client.create_custom_job(parent=parent, custom_job=job_body("ok", labels=labels))
     with pytest.raises(gexc.BadRequest, match="must be a valid C identifier"):
         client.create_custom_job(parent=parent, custom_job=job_body("ok", env={"MY.VAR": "1"}))
+
+
+def _with_machine(machine: str, accelerator: str | None = None, count: int = 0) -> dict:
+    body = job_body("ok")
+    spec = {"machine_type": machine}
+    if accelerator or count:
+        spec.update(accelerator_type=accelerator or "ACCELERATOR_TYPE_UNSPECIFIED", accelerator_count=count)
+    body["job_spec"]["worker_pool_specs"][0]["machine_spec"] = spec
+    return body
+
+
+def test_machine_and_accelerator_combinations_follow_googles_tables(emu, client, parent):
+    for machine, accelerator, count in (("n1-standard-8", "NVIDIA_TESLA_T4", 1), ("a2-highgpu-4g", "NVIDIA_TESLA_A100", 4),
+                                        ("g2-standard-24", "NVIDIA_L4", 2), ("e2-standard-4", None, 0)):
+        job = client.create_custom_job(parent=parent, custom_job=_with_machine(machine, accelerator, count))
+        assert job.job_spec.worker_pool_specs[0].machine_spec.accelerator_count == count
+    refused = {("e2-standard-8", "NVIDIA_TESLA_T4", 1): 'Accelerator "NVIDIA_TESLA_T4" is not supported for machine '
+                                                        'type "e2-standard-8"',
+               ("n1-standard-4", "NVIDIA_TESLA_K80", 1): "NVIDIA_TESLA_K80",
+               ("a2-highgpu-1g", "NVIDIA_L4", 1): "not supported",
+               ("n1-standard-16", "NVIDIA_TESLA_V100", 1): "accelerator_count",  # 12 vCPUs at most with one V100
+               ("g2-standard-8", "NVIDIA_L4", 2): "accelerator_count",
+               ("n1-standard-8", "NVIDIA_TESLA_T4", 0): "Both `accelerator_type` and `accelerator_count`",
+               ("n1-standard-8", None, 1): "Both `accelerator_type` and `accelerator_count`"}
+    for (machine, accelerator, count), wording in refused.items():
+        with pytest.raises(gexc.BadRequest, match=re.escape(wording)):
+            client.create_custom_job(parent=parent, custom_job=_with_machine(machine, accelerator, count))
+
+
+def test_the_hooks_machine_table_agrees_with_the_emulators_published_one():
+    """Two encodings of Google's tables, written apart: what the hook lets through at parse time, Vertex (as the
+    emulator has it) accepts, and what the hook refuses, Vertex refuses too."""
+    from airflow_stepops.settings.vertex_machines import ACCELERATORS, MACHINE_TYPES, check_machine
+    from airflow_stepops.testing.vertex._machines import machine_spec_errors
+
+    disagreements = []
+    for machine in MACHINE_TYPES:
+        for accelerator in (None, *ACCELERATORS.values()):
+            for count in (0, 1, 2, 4, 8, 16):
+                if (accelerator is None) != (count == 0):
+                    continue
+                try:  # what the hook sends: a fixed-GPU type without a count gets its GPUs filled in
+                    choice = check_machine(machine, accelerator, count or None)
+                except ValueError:
+                    spec = {"machineType": machine, "acceleratorType": accelerator, "acceleratorCount": count}
+                    if not machine_spec_errors(spec, "machine_spec"):
+                        disagreements.append(("the hook refuses what Vertex takes", machine, accelerator, count))
+                    continue
+                sent = {"machineType": choice.machine_type, "acceleratorType": choice.accelerator_type,
+                        "acceleratorCount": choice.accelerator_count}
+                if machine_spec_errors(sent, "machine_spec"):
+                    disagreements.append(("Vertex refuses what the hook sends", sent))
+    assert not disagreements, disagreements
 
 
 # ----- faults -------------------------------------------------------------------------------------------

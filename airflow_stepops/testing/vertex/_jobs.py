@@ -24,6 +24,7 @@ from typing import Any
 
 from airflow_stepops.testing.vertex._errors import ApiError, invalid_argument
 from airflow_stepops.testing.vertex._filters import job_filter
+from airflow_stepops.testing.vertex._machines import machine_spec_errors
 from airflow_stepops.testing.vertex._time import Clock, format_rfc3339
 
 JSON = dict[str, Any]
@@ -166,6 +167,7 @@ def check_custom_job(job: JSON) -> None:
             continue  # an empty spec skips a later pool, as Vertex allows
         if not (pool.get("machineSpec") or {}).get("machineType"):
             found.append((f"{where}.machine_spec.machine_type", "Required field is not set."))
+        found += machine_spec_errors(pool.get("machineSpec") or {}, f"{where}.machine_spec")
         replicas = int(pool.get("replicaCount") or 0)
         if replicas <= 0:
             found.append((f"{where}.replica_count", "Replica count must be a positive number."))
