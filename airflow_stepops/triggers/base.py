@@ -231,4 +231,5 @@ class StepOperatorTrigger(BaseTrigger):
         # the triggerer may cancel on_kill itself soon after; the stop request must still go out
         hook = await self.get_ready_hook()
         await asyncio.shield(hook.acancel(self.handle))
+        self.log.info("Stop of remote job %s requested", self.handle.get("job_id"))
 

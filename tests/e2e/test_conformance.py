@@ -18,12 +18,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
+from .dags.conformance_dags import CANCEL_POLL
 from .harness import Harness, harnesses
 from .steps import deferral_settled, task_runner_process, terminal
 
@@ -103,6 +105,16 @@ class Run:
 
     def log(self, try_number: int = 1, task_id: str | None = None) -> str:
         return self.af.task_log_text(self.dag_id, self.run_id, task_id or self.task_id, try_number)
+
+    def log_entries(self, try_number: int = 1, task_id: str | None = None) -> list[dict[str, Any]]:
+        """The structured lines of the task's log (worker and triggerer files)."""
+        entries = []
+        for line in self.log(try_number, task_id).splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict):
+                    entries.append(entry)
+        return entries
 
     def jobs(self, task_id: str | None = None) -> list[str]:
         return self.h.jobs(self.af, self.dag_id, self.run_id, task_id or self.task_id)
@@ -563,6 +575,13 @@ def test_mark_failed_while_deferred_stops_the_job(suite, cancels, flavor):
     assert run.ti()["state"] == "failed"
     assert "Task killed while deferred: stopping remote job" in run.log(), run.log()[-3000:]
     assert run.jobs() in ([run.seen["job"]], []), run.jobs()  # never a second job
+    # the stop goes out within 2 poll intervals of Airflow recording the state (both times from the services'
+    # own records, so a slow API write queue under load does not count)
+    marked = datetime.fromisoformat(run.ti()["end_date"]).replace(tzinfo=timezone.utc)
+    requested = [datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")) for entry in run.log_entries()
+                 if entry.get("event", "").startswith("Stop of remote job")]
+    assert requested, run.log()[-3000:]
+    assert (requested[0] - marked).total_seconds() <= 2 * CANCEL_POLL, (marked, requested)
 
 
 @pytest.mark.timeout(600)

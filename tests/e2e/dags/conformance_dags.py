@@ -19,6 +19,8 @@ from airflow.sdk import dag, task
 
 FLAVORS: dict[str, dict] = json.loads(os.environ.get("STEPOPS_E2E_FLAVORS", "{}"))
 POLL = 0.5
+#: the poll interval of the step the cancel scenario marks failed: the stop must go out within two of them
+CANCEL_POLL = 3.0
 #: a task queue no triggerer serves (the session's triggerer consumes only ``default``): a step deferring from it
 #: waits until Airflow's own trigger timeout fails it
 NO_TRIGGERER_QUEUE = "conformance-no-triggerer"
@@ -159,7 +161,7 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
         """Steps that run until stopped: by marking them failed, by their execution_timeout, by Airflow's trigger
         timeout (the backstop when no triggerer runs the trigger that enforces the execution_timeout)."""
 
-        @step(poll_interval=2.0)
+        @step(poll_interval=CANCEL_POLL)
         def forever(marker, run_id=None):
             import time
 
