@@ -37,10 +37,11 @@ _SIZE_UNITS: dict[str, int] = {
     "PIB": 2**50,
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
-SIZE_FORMAT_HELP = (
-    'a size such as "512MiB", "32GB", "1.5TB" or a number of bytes; units: B, KB, MB, GB, TB, PB '
-    "(powers of 1000) and KiB, MiB, GiB, TiB, PiB or K, M, G, T (powers of 1024)"
-)
+_UNITS_HELP = "B, KB, MB, GB, TB, PB (powers of 1000) and KiB, MiB, GiB, TiB, PiB or K, M, G, T (powers of 1024)"
+SIZE_FORMAT_HELP = f'a size such as "512MiB", "32GB", "1.5TB" or a number of bytes; units: {_UNITS_HELP}'
+#: ZenML's newer names for fields this model spells the way ZenML's step operator docs do
+_ZENML_NAMES = {"accelerator_count": "gpu_count", "accelerator": "gpu_type",
+                "instance_type": "the flavor's own settings (e.g. instance_type of SageMaker's)"}
 
 # Canonical GPU model names and the spellings users bring from the clouds' own APIs.
 GPU_TYPES: dict[str, tuple[str, ...]] = {
@@ -102,13 +103,24 @@ class ResourceSettings(BaseModel):
     gpu_type: str | None = Field(default=None, description='GPU model, e.g. "A100", "T4", "H100".')
     disk_size: str | None = Field(default=None, description='Local disk, e.g. "100GB".')
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        unknown = [key for key in data if key not in cls.model_fields] if isinstance(data, dict) else []
+        if unknown:
+            hints = "".join(f"; for {k!r} use {_ZENML_NAMES[k]}" for k in unknown if k in _ZENML_NAMES)
+            raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))} of ResourceSettings; allowed: "
+                             f"{', '.join(cls.model_fields)}{hints}")
+        return data
+
     @field_validator("gpu_count", mode="before")
     @classmethod
     def _whole_gpus(cls, value: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, float) or isinstance(value, bool):
-            raise ValueError(f"gpu_count must be a whole number >= 0, got {value!r}")
+        if isinstance(value, (float, bool, str)):
+            raise ValueError("gpu_count must be a whole number >= 0 written as an int, e.g. gpu_count=1 "
+                             "(not a string or a fraction)")
         return value
 
     @field_validator("memory", "disk_size", mode="before")
@@ -116,6 +128,12 @@ class ResourceSettings(BaseModel):
     def _valid_size(cls, value: Any, info: Any) -> Any:
         if value is None:
             return None
+        match = _SIZE_RE.match(value) if isinstance(value, str) else None
+        if not isinstance(value, bool) and isinstance(value, (int, float)) or (match and not match.group(2)):
+            # ZenML's format is a number with a unit; a bare number would mean bytes and starve the step
+            number, name = str(value).strip(), info.field_name
+            raise ValueError(f"{name}={value!r} has no unit (it would mean {number} bytes); write the unit as ZenML "
+                             f'does, e.g. {name}="{number}GB" or {name}="{number}MiB" (units: {_UNITS_HELP})')
         parse_size(value, field=info.field_name)
         return str(value)
 

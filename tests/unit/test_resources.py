@@ -78,3 +78,29 @@ def test_gpu_aliases(alias, canonical):
 def test_gpu_type_with_zero_gpus_is_contradictory():
     with pytest.raises(ValidationError, match="gpu_type='T4' with gpu_count=0"):
         ResourceSettings(gpu_type="T4", gpu_count=0)
+
+
+@pytest.mark.parametrize(("field", "value"), [("memory", 32), ("memory", "32"), ("disk_size", 100), ("disk_size", 1.5)])
+def test_a_size_without_unit_is_refused_with_the_fix(field, value):
+    # ZenML's sizes carry a unit; a bare number used to mean bytes and the step died without memory
+    with pytest.raises(ValidationError, match=rf'{field}=.* has no unit .*e\.g\. {field}="[0-9.]+GB"'):
+        ResourceSettings(**{field: value})
+
+
+def test_a_gpu_count_given_as_a_string_says_how_to_write_it():
+    with pytest.raises(ValidationError, match=r"gpu_count must be a whole number .* e\.g\. gpu_count=1"):
+        ResourceSettings(gpu_count="1")
+
+
+@pytest.mark.parametrize("form", ["class", "dict"])
+def test_an_unknown_field_lists_the_allowed_ones(form):
+    from airflow_stepops.exceptions import StepOperatorConfigError
+    from airflow_stepops.settings.step import parse_step_settings
+
+    allowed = r"allowed: cpu_count, memory, gpu_count, gpu_type, disk_size; for 'accelerator_count' use gpu_count"
+    if form == "class":
+        with pytest.raises(ValidationError, match=rf"unknown field\(s\) 'accelerator_count'.*{allowed}"):
+            ResourceSettings(accelerator_count=1)  # type: ignore[call-arg]
+    else:
+        with pytest.raises(StepOperatorConfigError, match=rf"settings\['resources'\].*'accelerator_count'.*{allowed}"):
+            parse_step_settings({"resources": {"accelerator_count": 1}})
