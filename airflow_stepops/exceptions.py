@@ -25,13 +25,20 @@ class RemoteStepError(AirflowException):
     """The step's own code raised remotely; carries the remote type, message and traceback."""
 
     def __init__(self, remote_type: str, message: str, remote_traceback: str = "") -> None:
+        super().__init__(self._describe(remote_type, message, remote_traceback))
+
+    def _describe(self, remote_type: str, message: str, remote_traceback: str) -> str:
         self.remote_type = remote_type
         self.remote_message = message
         self.remote_traceback = remote_traceback
-        text = f"{remote_type}: {message}"
+        self.text = f"{remote_type}: {message}"
         if remote_traceback:
-            text += f"\n\nRemote traceback:\n{remote_traceback.rstrip()}"
-        super().__init__(text)
+            self.text += f"\n\nRemote traceback:\n{remote_traceback.rstrip()}"
+        return self.text
+
+    def __str__(self) -> str:
+        # the text as given: some builtins render str() their own way (KeyError quotes it into one repr line)
+        return self.text
 
     def __reduce__(self):  # keep picklable despite the custom __init__
         return (rebuild_remote_error, (self.remote_type, self.remote_message, self.remote_traceback))
@@ -66,4 +73,10 @@ def rebuild_remote_error(remote_type: str, message: str, remote_traceback: str =
     try:
         return cls(remote_type, message, remote_traceback)
     except TypeError:  # builtins whose constructor needs specific arguments (UnicodeDecodeError, ...)
+        pass
+    try:
+        error = cls.__new__(cls)  # still that builtin, built without its constructor
+    except TypeError:  # ExceptionGroup validates in __new__: only the remote type's name is kept
         return RemoteStepError(remote_type, message, remote_traceback)
+    error.args = (error._describe(remote_type, message, remote_traceback),)
+    return error
