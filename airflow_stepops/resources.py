@@ -129,7 +129,7 @@ class ResourceSettings(BaseModel):
         if value is None:
             return None
         match = _SIZE_RE.match(value) if isinstance(value, str) else None
-        if not isinstance(value, bool) and isinstance(value, (int, float)) or (match and not match.group(2)):
+        if (not isinstance(value, bool) and isinstance(value, (int, float))) or (match and not match.group(2)):
             # ZenML's format is a number with a unit; a bare number would mean bytes and starve the step
             number, name = str(value).strip(), info.field_name
             raise ValueError(f"{name}={value!r} has no unit (it would mean {number} bytes); write the unit as ZenML "
