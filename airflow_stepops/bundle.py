@@ -186,9 +186,12 @@ def find_unpicklable(fn: Any, args: Any, kwargs: dict[str, Any]) -> str | None:
 
 def build_meta(identity: StepIdentity, *, multiple_outputs: bool, max_result_bytes: int,
                inline_result_max_bytes: int, task_label: str) -> dict[str, Any]:
+    import cloudpickle
+
     return {
         "format_version": bootstrap.FORMAT_VERSION,
         "python_version": list(sys.version_info[:3]),
+        "cloudpickle_version": cloudpickle.__version__,  # the bootstrap checks it before loading the payload
         "multiple_outputs": multiple_outputs,
         "max_result_bytes": max_result_bytes,
         "inline_result_max_bytes": inline_result_max_bytes,

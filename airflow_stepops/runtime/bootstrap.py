@@ -132,6 +132,20 @@ def check_environment(meta: dict) -> None:
         )
 
 
+def check_cloudpickle(meta: dict, cloudpickle) -> str:
+    """Refuse another cloudpickle minor version (its pickles may not load: cloudpickle promises no
+    compatibility across versions, https://github.com/cloudpipe/cloudpickle/issues/479); return the
+    advice to give if another patch version then fails to load the step."""
+    want, have = meta.get("cloudpickle_version"), getattr(cloudpickle, "__version__", "unknown")
+    if not want or want == have:
+        return ""
+    advice = (f"remote cloudpickle {have} differs from the worker's cloudpickle {want} that pickled this step; "
+              f"install the worker's version where steps run (pip install cloudpickle=={want})")
+    if want.split(".")[:2] != have.split(".")[:2]:
+        raise StepEnvironmentError(advice)
+    return advice
+
+
 def _load_cloudpickle():
     try:
         import cloudpickle
@@ -218,8 +232,14 @@ def run(bundle_dir: str, output_dir: str, refs: dict[int, str]) -> int:
             meta = json.load(fh)
         check_environment(meta)
         cloudpickle = _load_cloudpickle()
-        with open(os.path.join(bundle_dir, "payload.pkl"), "rb") as fh:
-            payload = cloudpickle.load(fh)
+        advice = check_cloudpickle(meta, cloudpickle)
+        try:
+            with open(os.path.join(bundle_dir, "payload.pkl"), "rb") as fh:
+                payload = cloudpickle.load(fh)
+        except Exception as exc:
+            if advice:
+                raise StepEnvironmentError(f"{advice}; loading the step failed: {type(exc).__name__}: {exc}") from exc
+            raise
         args = _resolve_refs(list(payload["args"]), refs, cloudpickle)
         kwargs = _resolve_refs(dict(payload["kwargs"]), refs, cloudpickle)
     except BaseException as exc:

@@ -166,3 +166,30 @@ def test_input_artifacts_are_resolved_from_staged_paths(tmp_path):
 @pytest.mark.parametrize("value", [float("nan"), (1, 2), {1: "a"}])
 def test_values_json_cannot_round_trip_are_not_inlined(value):
     assert not bootstrap._is_json_value(value)
+
+
+def _with_cloudpickle_version(bundle_dir: Path, version: str) -> None:
+    meta = json.loads((bundle_dir / "meta.json").read_text())
+    assert meta["cloudpickle_version"] == cloudpickle.__version__  # the worker's version travels in the bundle
+    (bundle_dir / "meta.json").write_text(json.dumps({**meta, "cloudpickle_version": version}))
+
+
+def test_another_cloudpickle_minor_version_fails_saying_what_to_install(tmp_path):
+    bundle_dir, output_dir = _bundle(tmp_path, lambda: 1)
+    _with_cloudpickle_version(bundle_dir, "2.0.0")
+    assert _run_isolated(bundle_dir, output_dir, tmp_path).returncode == 2
+    error = json.loads((output_dir / "error.json").read_text())
+    assert error["type"].endswith("StepEnvironmentError")
+    assert f"remote cloudpickle {cloudpickle.__version__} differs from the worker's cloudpickle 2.0.0" in error["message"]
+    assert "pip install cloudpickle==2.0.0" in error["message"]
+
+
+def test_another_cloudpickle_patch_version_runs_and_names_the_versions_if_loading_fails(tmp_path):
+    major_minor = ".".join(cloudpickle.__version__.split(".")[:2])
+    bundle_dir, output_dir = _bundle(tmp_path, lambda: 1)
+    _with_cloudpickle_version(bundle_dir, f"{major_minor}.999")
+    assert _run_isolated(bundle_dir, output_dir, tmp_path).returncode == 0
+    (bundle_dir / "payload.pkl").write_bytes(b"\x80\x05not a pickle")  # what an incompatible pickle looks like
+    assert _run_isolated(bundle_dir, output_dir, tmp_path).returncode == 2
+    message = json.loads((output_dir / "error.json").read_text())["message"]
+    assert f"pip install cloudpickle=={major_minor}.999" in message and "loading the step failed" in message
