@@ -17,6 +17,10 @@ class StepJobLink(BaseOperatorLink):
     name = "Step job"
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        if getattr(operator, "_handle", None) is None:
+            # the task failed before submitting (Airflow asks for links at the end of every try, on the
+            # worker, with the operator that ran): no XCom to read, so no "XCom not found" error line
+            return ""
         from airflow.sdk.execution_time.xcom import XCom
 
         info = XCom.get_value(ti_key=ti_key, key="stepops_job")
