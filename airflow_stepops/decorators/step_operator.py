@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dis
 import inspect
 from collections.abc import Callable, Collection, Mapping, Sequence
 from functools import lru_cache
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.bases.decorator import DecoratedOperator, task_decorator_factory
 
+from airflow_stepops.argcheck import nested_codes, instruction_line
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.operators.base import StepOperator
 
@@ -25,22 +27,35 @@ PORTABLE_CONTEXT_KEYS = frozenset({
 
 
 @lru_cache(maxsize=4096)
-def _refused_context_parameter(code: Any) -> str | None:
-    """The first parameter naming a worker-only context value (cached per code object: parse budget)."""
+def _refused_context_use(code: Any) -> str | None:
+    """The first parameter naming a worker-only context value, or the first such key read from the
+    ``**kwargs`` parameter (``context["ti"]``, ``context.get("ti")``); cached per code object: parse budget."""
     from airflow.sdk.definitions.context import KNOWN_CONTEXT_KEYS
 
-    names = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
-    return next((n for n in names if n in KNOWN_CONTEXT_KEYS and n not in PORTABLE_CONTEXT_KEYS), None)
+    worker_only = KNOWN_CONTEXT_KEYS - PORTABLE_CONTEXT_KEYS
+    count = code.co_argcount + code.co_kwonlyargcount
+    name = next((f"parameter {n!r}" for n in code.co_varnames[:count] if n in worker_only), None)
+    if name is not None or not code.co_flags & inspect.CO_VARKEYWORDS:
+        return name
+    varkw = code.co_varnames[count + bool(code.co_flags & inspect.CO_VARARGS)]
+    for inner in nested_codes(code):  # nested functions read it as a closure variable
+        loaded = False
+        for ins in dis.get_instructions(inner):
+            if loaded and ins.opname == "LOAD_CONST" and ins.argval in worker_only:
+                return f"{varkw}[{ins.argval!r}] (line {instruction_line(ins, inner)})"
+            method = ins.opname in ("LOAD_ATTR", "LOAD_METHOD") and ins.argval in ("get", "pop", "__getitem__")
+            loaded = (loaded and method) or (ins.opname.startswith(("LOAD_FAST", "LOAD_DEREF")) and ins.argval == varkw)
+    return None
 
 
-def _check_context_parameters(fn: Callable[..., Any]) -> None:
+def _check_context_use(fn: Callable[..., Any]) -> None:
     code = getattr(inspect.unwrap(fn), "__code__", None)
-    name = _refused_context_parameter(code) if code is not None else None
-    if name is not None:
+    use = _refused_context_use(code) if code is not None else None
+    if use is not None:
         raise StepOperatorConfigError(
-            f"parameter {name!r} of {fn.__name__}: the Airflow context value {name!r} does not exist where "
-            f"a step runs; take the values you need as arguments instead (context values a step can "
-            f"receive: {', '.join(sorted(PORTABLE_CONTEXT_KEYS))})"
+            f"{use} of {fn.__name__}: that Airflow context value does not exist where a step runs; take the "
+            f"values you need as arguments instead (context values a step can receive, by parameter name or "
+            f"in its **kwargs: {', '.join(sorted(PORTABLE_CONTEXT_KEYS))})"
         )
 
 
@@ -57,7 +72,7 @@ class _StepOperatorDecoratedOperator(DecoratedOperator, StepOperator):
         op_kwargs: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        _check_context_parameters(python_callable)
+        _check_context_use(python_callable)
         super().__init__(
             python_callable=python_callable,
             op_args=op_args,
@@ -67,10 +82,15 @@ class _StepOperatorDecoratedOperator(DecoratedOperator, StepOperator):
         )
 
     def call_arguments(self, context: Context) -> tuple[list[Any], dict[str, Any]]:
-        """op_args/op_kwargs plus the portable context values the function asks for by name."""
+        """op_args/op_kwargs plus the portable context values the function asks for by name, or all of
+        them when it takes ``**kwargs`` (as a ``@task`` gets the context there)."""
         kwargs = dict(self.op_kwargs)
-        for name in inspect.signature(self.python_callable).parameters:
-            if name in PORTABLE_CONTEXT_KEYS and name not in kwargs and name in context:
+        parameters = inspect.signature(self.python_callable).parameters
+        wanted = set(parameters)
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            wanted |= PORTABLE_CONTEXT_KEYS
+        for name in wanted & PORTABLE_CONTEXT_KEYS:
+            if name not in kwargs and name in context:
                 kwargs[name] = _portable(context[name])  # type: ignore[literal-required]
         return list(self.op_args), kwargs
 

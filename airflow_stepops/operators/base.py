@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
 
-from airflow_stepops.argcheck import check_literal_args_picklable
+from airflow_stepops.argcheck import check_literal_args_picklable, check_step_callable
 from airflow_stepops.exceptions import (
     StepFailedError,
     StepOperatorConfigError,
@@ -107,6 +107,7 @@ class StepOperator(BaseOperator):
         super().__init__(**kwargs)
         if not callable(python_callable):
             raise StepOperatorConfigError(f"python_callable: expected a function, got {type(python_callable).__name__}")
+        check_step_callable(python_callable)
         if step_operator is None:
             if self.flavor is None:
                 raise StepOperatorConfigError(
