@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.bases.decorator import DecoratedOperator, task_decorator_factory
 
-from airflow_stepops.argcheck import nested_codes, instruction_line
+from airflow_stepops.argcheck import instruction_line, nested_codes
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.operators.base import StepOperator
 

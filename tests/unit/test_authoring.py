@@ -125,5 +125,6 @@ def test_a_step_taking_kwargs_receives_the_portable_context_values_only():
 
     task = _declare(uses_context, n=1).operator
     context = {"ds": "2024-01-02", "params": {"scale": 2}, "ti": object(), "dag_run": object(), "run_id": "r"}
-    args, kwargs = task.call_arguments(context)
+    assert task.call_arguments(context)[0] == []
+    kwargs = task.call_arguments(context)[1]
     assert kwargs == {"n": 1, "ds": "2024-01-02", "params": {"scale": 2}, "run_id": "r"}
