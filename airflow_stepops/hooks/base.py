@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from airflow.sdk import BaseHook
 from pydantic import ValidationError
 
-from airflow_stepops.artifacts import ArtifactRef, default_local_store, store_path
+from airflow_stepops.artifacts import ArtifactRef, default_local_store, store_root
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.flavors import FLAVORS, flavor_for_conn_type, get_flavor
@@ -218,7 +218,7 @@ class StepOperatorHook(BaseHook):
         return parse_config(self.flavor, self.step_operator_conn_id, extras)
 
     def artifact_root(self) -> Any:
-        return store_path(self.config.artifact_store or default_local_store())
+        return store_root(self.config.artifact_store or default_local_store())
 
     # ---- to implement per flavor ------------------------------------------------------------
     def render(self, spec: StepSpec) -> dict[str, Any]:
