@@ -94,12 +94,15 @@ class Launcher:
         started = time.time()
         if os.path.exists(self.path("status.json")):  # cancelled before the step could start
             return 0
+        env = dict(self.spec["env"])
+        if self.spec.get("memory_limit_bytes") and self.spec.get("limit_data_segment", True):
+            env["STEPOPS_MEMORY_LIMIT_BYTES"] = str(self.spec["memory_limit_bytes"])  # bootstrap names it
         with open(self.path("step.log"), "ab", buffering=0) as log:
             try:
                 child = subprocess.Popen(
                     self.spec["argv"],
                     cwd=self.spec.get("cwd") or self.job_dir,
-                    env=self.spec["env"],
+                    env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
