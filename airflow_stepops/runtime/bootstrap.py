@@ -250,11 +250,11 @@ def run(bundle_dir: str, output_dir: str, refs: dict[int, str]) -> int:
         value = payload["callable"](*args, **kwargs)
         outputs = write_result(value, output_dir, meta, cloudpickle)
     except BaseException as raised:
-        exc = _explain_memory_error(raised)
+        error = _explain_memory_error(raised)
         sys.stdout.flush()
-        traceback.print_exception(type(exc), exc, exc.__traceback__)
+        traceback.print_exception(type(error), error, error.__traceback__)
         sys.stderr.flush()
-        _write_json(os.path.join(output_dir, ERROR_FILE), {**base, "phase": "run", **_error_record(exc)})
+        _write_json(os.path.join(output_dir, ERROR_FILE), {**base, "phase": "run", **_error_record(error)})
         return 1
     sys.stdout.flush()
     sys.stderr.flush()

@@ -90,7 +90,7 @@ def marked_processes(job_dir: str) -> list[int]:
     return found
 
 
-def _signal(pids: "set[int] | list[int]", sig: int) -> None:
+def _signal(pids: set[int] | list[int], sig: int) -> None:
     for pid in pids:
         try:
             os.kill(pid, sig)

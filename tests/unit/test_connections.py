@@ -35,7 +35,7 @@ def test_operator_hook_and_trigger_refuse_a_non_json_extra(caplog):
             load_step_operator_connection("bad_extra", "local")
     assert caplog.text.count("Failed to deserialize") <= 1  # only Airflow's own lookup logs it, once
     with pytest.raises(StepOperatorConfigError, match=message):
-        LocalStepOperatorHook("bad_extra").config
+        _ = LocalStepOperatorHook("bad_extra").config
     trigger = LocalStepOperatorTrigger(conn_id="bad_extra", handle={"job_dir": "/nonexistent"}, poll_interval=1)
     with pytest.raises(StepOperatorConfigError, match=message):
         asyncio.run(trigger.get_ready_hook())
