@@ -59,9 +59,9 @@ def check_bucket(path: ObjectStoragePath) -> None:
     """Refuse a store whose bucket (or blob container) does not exist, once per process and bucket.
 
     Writing through fsspec would otherwise create it: s3fs, gcsfs and adlfs all make the bucket in
-    ``mkdir(parents=True)``, so a misspelt name silently became a new bucket. One ``info`` call on the
-    bucket: s3fs sends HeadBucket, gcsfs GET ``b/<bucket>``, adlfs Get Container Properties, each
-    mapping "not found" to ``FileNotFoundError``.
+    ``mkdir(parents=True)``, so a misspelt name silently became a new bucket. One call: S3 HeadBucket
+    (s3fs ``info``), GCS objects.list with maxResults=1, Azure Get Container Properties (adlfs ``info``);
+    each client maps "not found" (404) to ``FileNotFoundError``.
     """
     if local_path(path) is not None or not path.bucket:
         return
@@ -69,7 +69,12 @@ def check_bucket(path: ObjectStoragePath) -> None:
     if key in _checked_buckets:
         return
     try:
-        path.fs.info(path.bucket, refresh=True)
+        if path.protocol in ("gs", "gcs"):
+            # list one object: needs only storage.objects.list (roles/storage.objectAdmin has no
+            # storage.buckets.get), and a missing bucket answers 404 (gcsfs: FileNotFoundError)
+            path.fs.call("GET", "b/{}/o", path.bucket, maxResults=1, json_out=True)
+        else:
+            path.fs.info(path.bucket, refresh=True)
     except FileNotFoundError:
         what = "container" if path.protocol in ("abfs", "az", "adl") else "bucket"
         hint = CREATE_HINTS.get(path.protocol, "create it with the storage service's tools").format(bucket=path.bucket)
@@ -77,6 +82,10 @@ def check_bucket(path: ObjectStoragePath) -> None:
             f"artifact_store: the {what} {path.bucket!r} of {str(path)!r} does not exist; step operators never "
             f"create it. Fix the name, or create it once: {hint}"
         ) from None
+    except OSError as exc:  # forbidden to look (a writer need not read bucket metadata): writing will tell
+        import logging
+
+        logging.getLogger(__name__).warning("artifact_store: cannot check that %s exists (%s)", path.bucket, exc)
     _checked_buckets.add(key)
 
 
