@@ -61,7 +61,9 @@ def check_bucket(path: ObjectStoragePath) -> None:
     Writing through fsspec would otherwise create it: s3fs, gcsfs and adlfs all make the bucket in
     ``mkdir(parents=True)``, so a misspelt name silently became a new bucket. One call: S3 HeadBucket
     (s3fs ``info``), GCS objects.list with maxResults=1, Azure Get Container Properties (adlfs ``info``);
-    each client maps "not found" (404) to ``FileNotFoundError``.
+    each client maps "not found" (404) to ``FileNotFoundError``. HeadBucket answers 404 for a missing bucket
+    and 403 without permission (AWS SDK, HeadBucketCommand: "a generic 404 Not Found or 403 Forbidden");
+    a 403 tells nothing, so it is let through.
     """
     if local_path(path) is not None or not path.bucket:
         return
