@@ -10,7 +10,7 @@ import hashlib
 import io
 import os
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from airflow_stepops.exceptions import StepOperatorConfigError
 
@@ -18,6 +18,17 @@ if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
 
 CHUNK = 8 << 20
+#: how to create the bucket or container of a store, by protocol (the message names the missing one)
+CREATE_HINTS = {
+    "s3": "aws s3 mb s3://{bucket}",
+    "gs": "gcloud storage buckets create gs://{bucket}",
+    "gcs": "gcloud storage buckets create gs://{bucket}",
+    "abfs": "az storage container create --name {bucket} --account-name <storage account>",
+    "az": "az storage container create --name {bucket} --account-name <storage account>",
+    "adl": "az storage container create --name {bucket} --account-name <storage account>",
+}
+#: (protocol, conn_id, bucket) of stores seen to exist by this process
+_checked_buckets: set[tuple[str, str | None, str]] = set()
 
 
 def default_local_store() -> str:
@@ -36,6 +47,50 @@ def store_path(uri: str) -> ObjectStoragePath:
         raise StepOperatorConfigError(f"artifact_store: cannot open {uri!r}: {exc}") from exc
 
 
+def store_root(uri: str) -> ObjectStoragePath:
+    """The root of an artifact store, checked to exist: every hook's ``artifact_root`` goes through here
+    before the operator writes anything."""
+    path = store_path(uri)
+    check_bucket(path)
+    return path
+
+
+def check_bucket(path: ObjectStoragePath) -> None:
+    """Refuse a store whose bucket (or blob container) does not exist, once per process and bucket.
+
+    Writing through fsspec would otherwise create it: s3fs, gcsfs and adlfs all make the bucket in
+    ``mkdir(parents=True)``, so a misspelt name silently became a new bucket. One call: S3 HeadBucket
+    (s3fs ``info``), GCS objects.list with maxResults=1, Azure Get Container Properties (adlfs ``info``);
+    each client maps "not found" (404) to ``FileNotFoundError``. HeadBucket answers 404 for a missing bucket
+    and 403 without permission (AWS SDK, HeadBucketCommand: "a generic 404 Not Found or 403 Forbidden");
+    a 403 tells nothing, so it is let through.
+    """
+    if local_path(path) is not None or not path.bucket:
+        return
+    key = (path.protocol, path.conn_id, path.bucket)
+    if key in _checked_buckets:
+        return
+    try:
+        if path.protocol in ("gs", "gcs"):
+            # list one object: needs only storage.objects.list (roles/storage.objectAdmin has no
+            # storage.buckets.get), and a missing bucket answers 404 (gcsfs: FileNotFoundError)
+            path.fs.call("GET", "b/{}/o", path.bucket, maxResults=1, json_out=True)
+        else:
+            path.fs.info(path.bucket, refresh=True)
+    except FileNotFoundError:
+        what = "container" if path.protocol in ("abfs", "az", "adl") else "bucket"
+        hint = CREATE_HINTS.get(path.protocol, "create it with the storage service's tools").format(bucket=path.bucket)
+        raise StepOperatorConfigError(
+            f"artifact_store: the {what} {path.bucket!r} of {str(path)!r} does not exist; step operators never "
+            f"create it. Fix the name, or create it once: {hint}"
+        ) from None
+    except OSError as exc:  # forbidden to look (a writer need not read bucket metadata): writing will tell
+        import logging
+
+        logging.getLogger(__name__).warning("artifact_store: cannot check that %s exists (%s)", path.bucket, exc)
+    _checked_buckets.add(key)
+
+
 def local_path(path: ObjectStoragePath) -> str | None:
     """The filesystem path of a ``file://`` location, None for remote stores."""
     return path.path if path.protocol in ("file", "local", "") else None
@@ -46,7 +101,9 @@ class ArtifactRef:
     """A step result kept in the artifact store; XCom carries only this reference.
 
     Downstream step tasks receive the value itself (the reference is resolved remotely); in a
-    normal task call ``ref.load()``. The sha256 is checked on every read.
+    normal task call ``ref.load()``. The sha256 is checked on every read. Using the reference as if
+    it were the value (indexing, iterating, ``len``, an attribute of the value) raises an error that
+    says so: loading silently would unpickle a possibly huge file wherever a task touched it.
     """
 
     __version__ = 1
@@ -108,6 +165,34 @@ class ArtifactRef:
 
     def __str__(self) -> str:
         return f"ArtifactRef({self.type}, {self.size} bytes, {self.uri})"
+
+    def _not_the_value(self, use: str) -> str:
+        return (f"{use}: this is an ArtifactRef to the step's result ({self.type}, {self.size} bytes) stored at "
+                f"{self.uri}; call .load() to get the value")
+
+    def _refuse(self, use: str) -> NoReturn:
+        raise TypeError(self._not_the_value(use))
+
+    def __getitem__(self, key: Any) -> NoReturn:
+        self._refuse(f"ArtifactRef[{key!r}]")
+
+    def __iter__(self) -> NoReturn:
+        self._refuse("iterating over an ArtifactRef")
+
+    def __len__(self) -> NoReturn:
+        self._refuse("len(ArtifactRef)")
+
+    def __contains__(self, item: Any) -> NoReturn:
+        self._refuse("'in' on an ArtifactRef")
+
+    def __bool__(self) -> bool:  # defined, or bool() would fall back to __len__
+        return True
+
+    def __getattr__(self, name: str) -> NoReturn:
+        # protocol probes (copy, pickle, numpy) and fields not set yet (unpickling) get a plain AttributeError
+        if name.startswith("_") or name in self.__dataclass_fields__:
+            raise AttributeError(name)
+        raise AttributeError(self._not_the_value(f"ArtifactRef has no attribute {name!r}"))
 
 
 class _VerifyingReader(io.RawIOBase):

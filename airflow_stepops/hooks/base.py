@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from airflow.sdk import BaseHook
 from pydantic import ValidationError
 
-from airflow_stepops.artifacts import ArtifactRef, default_local_store, store_path
+from airflow_stepops.artifacts import ArtifactRef, default_local_store, store_root
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.flavors import FLAVORS, flavor_for_conn_type, get_flavor
@@ -138,7 +138,29 @@ def load_step_operator_connection(conn_id: str, expected_flavor: str | None = No
             f"Register one with: airflow connections add {conn_id} --conn-type stepops_<flavor> "
             f"--conn-extra '{{...}}' (flavors: {', '.join(sorted(FLAVORS))})"
         ) from None
-    return _flavor_and_extras(conn_id, conn.conn_type, conn.extra_dejson, expected_flavor)
+    return _flavor_and_extras(conn_id, conn.conn_type, connection_extras(conn_id, conn), expected_flavor)
+
+
+def connection_extras(conn_id: str, conn: Any) -> dict[str, Any]:
+    """The connection's extra as a dict, or one clear error: the one place step operators parse extras.
+
+    Airflow's ``extra_dejson`` logs a non-JSON extra at every access and returns ``{}``, which would run
+    the step with defaults instead of what was configured."""
+    import json
+
+    raw = conn.extra
+    if raw:
+        try:
+            parsed = json.loads(raw) if isinstance(raw, str) else raw
+        except ValueError as exc:
+            raise StepOperatorConfigError(
+                f"connection {conn_id!r} extra: not valid JSON ({exc}); set it to a JSON object, e.g. "
+                f"airflow connections add {conn_id} --conn-type {conn.conn_type} --conn-extra '{{\"key\": \"value\"}}'"
+            ) from None
+        if not isinstance(parsed, dict):
+            raise StepOperatorConfigError(
+                f"connection {conn_id!r} extra: must be a JSON object ({{...}}), got a JSON {type(parsed).__name__}")
+    return dict(conn.extra_dejson or {})  # parsed again by Airflow, which masks secret-looking values
 
 
 def _get_connection(conn_id: str) -> Any:
@@ -218,7 +240,7 @@ class StepOperatorHook(BaseHook):
         return parse_config(self.flavor, self.step_operator_conn_id, extras)
 
     def artifact_root(self) -> Any:
-        return store_path(self.config.artifact_store or default_local_store())
+        return store_root(self.config.artifact_store or default_local_store())
 
     # ---- to implement per flavor ------------------------------------------------------------
     def render(self, spec: StepSpec) -> dict[str, Any]:

@@ -393,12 +393,14 @@ class LocalStepOperatorHook(StepOperatorHook):
 
     @staticmethod
     def _kill_child_group(job_dir: str) -> None:
+        """End the step without its launcher: its process group, then whatever carries its job marker."""
         child = _read_json(os.path.join(job_dir, "child.json"))
         if child and local_launcher.process_start_time(child["pid"]) == child.get("start_time"):
             try:
                 os.killpg(child["pid"], signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        local_launcher.end_step_processes(job_dir)
 
     @staticmethod
     def check_host(handle: JobHandle) -> None:

@@ -24,7 +24,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
-from airflow_stepops.artifacts import store_path
+from airflow_stepops.artifacts import store_path, store_root
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec
@@ -131,7 +131,7 @@ class SageMakerStepOperatorHook(StepOperatorHook):
             raise StepOperatorConfigError(
                 f"artifact_store: step operator {self.step_operator_conn_id!r} needs an s3:// artifact store for "
                 "bundles and results (SageMaker reads its inputs from S3)")
-        return store_path(self.config.artifact_store)
+        return store_root(self.config.artifact_store)
 
     # ---- the request --------------------------------------------------------------------------
     def instance_type(self, spec: StepSpec) -> str:

@@ -223,6 +223,24 @@ def _error_record(exc: BaseException) -> dict:
     }
 
 
+#: set by the local launcher when it applies RLIMIT_DATA: the step's memory limit in bytes
+MEMORY_LIMIT_ENV = "STEPOPS_MEMORY_LIMIT_BYTES"
+
+
+def _explain_memory_error(exc: BaseException) -> BaseException:
+    """A MemoryError from hitting the local memory limit has no message: say which limit and setting."""
+    limit = os.environ.get(MEMORY_LIMIT_ENV, "")
+    if not isinstance(exc, MemoryError) or not limit.isdigit():
+        return exc
+    size = int(limit)
+    shown = f"{size / 2**30:.4g} GiB" if size >= 2**30 else f"{size / 2**20:.4g} MiB"
+    detail = f" ({exc})" if str(exc) else ""
+    explained = MemoryError(f"the step exceeded its memory limit of {shown} (ResourceSettings.memory){detail}; "
+                            "raise resources.memory or make the step use less memory")
+    explained.__cause__ = exc.__cause__
+    return explained.with_traceback(exc.__traceback__)
+
+
 def run(bundle_dir: str, output_dir: str, refs: dict[int, str]) -> int:
     os.makedirs(output_dir, exist_ok=True)
     started = time.time()
@@ -251,11 +269,12 @@ def run(bundle_dir: str, output_dir: str, refs: dict[int, str]) -> int:
     try:
         value = payload["callable"](*args, **kwargs)
         outputs = write_result(value, output_dir, meta, cloudpickle)
-    except BaseException as exc:
+    except BaseException as raised:
+        error = _explain_memory_error(raised)
         sys.stdout.flush()
-        traceback.print_exc()
+        traceback.print_exception(type(error), error, error.__traceback__)
         sys.stderr.flush()
-        _write_json(os.path.join(output_dir, ERROR_FILE), {**base, "phase": "run", **_error_record(exc)})
+        _write_json(os.path.join(output_dir, ERROR_FILE), {**base, "phase": "run", **_error_record(error)})
         return 1
     sys.stdout.flush()
     sys.stderr.flush()

@@ -47,20 +47,86 @@ def process_start_time(pid: int) -> str | None:
     return fields[19]
 
 
-def _group_rss_bytes(pgid: int) -> int:
-    page = os.sysconf("SC_PAGE_SIZE")
-    total = 0
+def _processes() -> dict[int, tuple[int, str, int]]:
+    """pid -> (parent pid, state, resident pages) of every process in /proc."""
+    table = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            table[int(entry)] = (int(fields[1]), fields[0], int(fields[21]))
+    return table
+
+
+def descendants(root: int, table: dict[int, tuple[int, str, int]]) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            found.append(pid)
+            todo.append(pid)
+    return found
+
+
+def marked_processes(job_dir: str) -> list[int]:
+    """Processes whose environment carries this job's ``STEPOPS_JOB_DIR``: the step's, also those that
+    left every process group and tree we know (a launcher that died no longer adopts them)."""
+    marker = b"\0STEPOPS_JOB_DIR=" + os.fsencode(job_dir) + b"\0"
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as fh:
+                    environ = fh.read()
+            except OSError:
+                continue
+            if marker in b"\0" + environ:
+                found.append(int(entry))
+    return found
+
+
+def _signal(pids: set[int] | list[int], sig: int) -> None:
+    for pid in pids:
         try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            total += int(fields[21]) * page
-    return total
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def end_step_processes(job_dir: str, root: int | None = None, rounds: int = 100) -> None:
+    """SIGKILL everything the step started: descendants of ``root`` (the launcher, which adopts orphans)
+    and any process carrying the job's environment marker, until none is left; reap what we adopted."""
+    for _ in range(rounds):
+        table = _processes()
+        tree = set(descendants(root, table)) if root else set()
+        for pid in tree:  # adopted processes that already ended: reap them
+            if table[pid][1] in ("Z", "X") and table[pid][0] == root:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+        alive = {pid for pid in tree | set(marked_processes(job_dir)) if table.get(pid, (0, "R", 0))[1] not in ("Z", "X")}
+        if not alive:
+            return
+        _signal(alive, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants (a double-forked daemon, a ``setsid`` child whose parent exited) children
+    of this process instead of init, so the whole tree the step started stays ours to end. prctl(2):
+    PR_SET_CHILD_SUBREAPER (36), Linux 3.4+."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 class Launcher:
@@ -91,15 +157,19 @@ class Launcher:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        become_subreaper()
         started = time.time()
         if os.path.exists(self.path("status.json")):  # cancelled before the step could start
             return 0
+        env = dict(self.spec["env"])
+        if self.spec.get("memory_limit_bytes") and self.spec.get("limit_data_segment", True):
+            env["STEPOPS_MEMORY_LIMIT_BYTES"] = str(self.spec["memory_limit_bytes"])  # bootstrap names it
         with open(self.path("step.log"), "ab", buffering=0) as log:
             try:
                 child = subprocess.Popen(
                     self.spec["argv"],
                     cwd=self.spec.get("cwd") or self.job_dir,
-                    env=self.spec["env"],
+                    env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -124,8 +194,9 @@ class Launcher:
                 break
             except subprocess.TimeoutExpired:
                 pass
+            self._reap_adopted(child.pid)
             if memory_limit:
-                rss = _group_rss_bytes(child.pid)
+                rss = self._step_rss_bytes()
                 peak_rss = max(peak_rss, rss)
                 if rss > memory_limit and self.stop_reason is None:
                     self.stop_reason = "oom_killed"
@@ -136,8 +207,8 @@ class Launcher:
                 killed_at = self._kill(child, signal.SIGTERM)
             if killed_at is not None and time.time() - killed_at > float(self.spec.get("cancel_grace_seconds", 10)):
                 self._kill(child, signal.SIGKILL)
-        # the step's own children may outlive it; the whole group goes with the step
-        self._kill(child, signal.SIGKILL)
+        # whatever the step started (its group, new sessions, daemons) ends with it
+        end_step_processes(self.job_dir, os.getpid())
         state = self.stop_reason or ("succeeded" if code == 0 else "failed")
         reasons = {
             "oom_killed": f"the step used more than its memory limit of {memory_limit} bytes and was killed",
@@ -157,11 +228,29 @@ class Launcher:
 
     @staticmethod
     def _kill(child: subprocess.Popen, sig: int) -> float:
+        """Signal the step's group and every process below this launcher (it adopts the step's orphans)."""
         try:
             os.killpg(child.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+        _signal(descendants(os.getpid(), _processes()), sig)
         return time.time()
+
+    @staticmethod
+    def _reap_adopted(step_pid: int) -> None:
+        """Adopted orphans that ended are our zombies; the step process itself is left to Popen.wait."""
+        me = os.getpid()
+        for pid, (ppid, state, _) in _processes().items():
+            if ppid == me and state == "Z" and pid != step_pid:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+
+    @staticmethod
+    def _step_rss_bytes() -> int:
+        table = _processes()
+        return sum(table[pid][2] for pid in descendants(os.getpid(), table)) * os.sysconf("SC_PAGE_SIZE")
 
 
 def main(argv: list[str]) -> int:

@@ -95,11 +95,12 @@ def _hook(**extras):
 
 
 def _spec(hook, resources=None, settings=None, refs=(), timeout=None):
+    from airflow_stepops.artifacts import store_path
     from airflow_stepops.bundle import StepIdentity
     from airflow_stepops.hooks.base import StepSpec
 
     identity = StepIdentity("train_dag", "manual__2026-11-24T00:00:00+00:00", "train", -1, 2)
-    prefix = identity.prefix(hook.artifact_root())
+    prefix = identity.prefix(store_path(hook.config.artifact_store))  # artifact_root() would check the bucket
     return StepSpec(identity=identity, bundle_uri=str(prefix / "bundle"), output_uri=str(prefix / "output"),
                     resources=resources or ResourceSettings(), settings=settings or SageMakerStepOperatorSettings(),
                     refs=list(refs), task_label="train_dag.train", timeout_seconds=timeout)

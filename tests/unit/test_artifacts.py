@@ -48,3 +48,22 @@ def test_verifying_reader_is_right_when_the_caller_reuses_its_buffer():
         pass
     reader.drain()
     assert reader.sha256.hexdigest() == hashlib.sha256(blob).hexdigest()
+
+
+def test_using_a_ref_as_the_value_says_to_call_load(tmp_path):
+    """A plain @task gets the ArtifactRef from XCom (Airflow's serde); treating it as the value names .load()."""
+    import copy
+    import pickle
+
+    from airflow.sdk.serde import deserialize, serialize
+
+    stored = _write(tmp_path, {"weights": list(range(100))})
+    ref = deserialize(serialize(stored))  # what XCom hands a downstream task
+    assert ref == stored and bool(ref) and copy.deepcopy(ref) == ref == pickle.loads(pickle.dumps(ref))
+    hint = rf"this is an ArtifactRef to the step's result \(builtins.dict, \d+ bytes\) stored at {ref.uri}; call .load\(\)"
+    for use in (lambda: ref["weights"], lambda: list(ref), lambda: len(ref), lambda: "weights" in ref):
+        with pytest.raises(TypeError, match=hint):
+            use()
+    with pytest.raises(AttributeError, match=rf"ArtifactRef has no attribute 'keys': {hint}"):
+        ref.keys()
+    assert ref.load()["weights"][-1] == 99

@@ -116,6 +116,21 @@ def test_memory_limit_is_hard(tmp_path):
         assert "memory limit" in status.message
 
 
+def test_a_memory_error_under_the_limit_names_the_limit_and_the_setting(tmp_path):
+    hook = make_hook(tmp_path)
+
+    def allocate():
+        return len(bytearray(400 * 2**20))  # past RLIMIT_DATA at once: MemoryError, nothing touched
+
+    handle = hook.submit(make_spec(hook, allocate, resources=ResourceSettings(memory="150MiB")))
+    assert wait_terminal(hook, handle).state is JobState.FAILED
+    error = _result(handle).error
+    assert error["type"] == "builtins.MemoryError"
+    assert error["message"].startswith("the step exceeded its memory limit of 150 MiB (ResourceSettings.memory); "
+                                       "raise resources.memory")
+    assert "MemoryError: the step exceeded its memory limit of 150 MiB" in (Path(handle["job_dir"]) / "step.log").read_text()
+
+
 def test_max_runtime_stops_the_step(tmp_path):
     hook = make_hook(tmp_path)
     spec = make_spec(hook, time.sleep, 60, settings=LocalStepOperatorSettings(max_runtime_in_seconds=1,

@@ -1,0 +1,48 @@
+"""The blob artifact store is checked before anything is written: a missing container is refused (never
+created), and an abfs:// container that the job's datastore does not reach is refused before the bundle
+goes into it. Real adlfs and azure-ai-ml clients against Azurite and the Azure ML emulator."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("azure.ai.ml")
+
+from airflow_stepops.bundle import StepIdentity, build_meta, write_bundle
+from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.hooks.azureml import AzureMLStepOperatorHook
+from airflow_stepops.settings.azureml import AzureMLStepOperatorConfig
+
+
+def _hook(artifact_store: str) -> AzureMLStepOperatorHook:
+    extra = json.loads(os.environ["AIRFLOW_CONN_AZUREML_STEP_OPERATOR"])["extra"]
+    config = AzureMLStepOperatorConfig.model_validate({**extra, "artifact_store": artifact_store})
+    return AzureMLStepOperatorHook("azureml_step_operator", config=config)
+
+
+def _write_as_the_operator_does(hook: AzureMLStepOperatorHook) -> None:
+    identity = StepIdentity("d", "r", "t", -1, 1)
+    meta = build_meta(identity, multiple_outputs=False, max_result_bytes=1, inline_result_max_bytes=1, task_label="t")
+    write_bundle(identity.prefix(hook.artifact_root()) / "bundle", b"payload", meta)
+
+
+def _blobs(az_emulator, container: str) -> list[str] | None:
+    client = az_emulator.blob_service_client().get_container_client(container)
+    return [b.name for b in client.list_blobs()] if client.exists() else None
+
+
+def test_a_missing_container_is_refused_and_not_created(az_emulator):
+    with pytest.raises(StepOperatorConfigError, match=r"container 'stepops-missing' .* does not exist.*"
+                                                      r"az storage container create --name stepops-missing"):
+        _write_as_the_operator_does(_hook("abfs://azurite_storage@stepops-missing/artifacts"))
+    assert _blobs(az_emulator, "stepops-missing") is None
+
+
+def test_a_container_the_datastore_does_not_reach_gets_nothing_written(az_emulator):
+    az_emulator.create_container("stepops-elsewhere")
+    with pytest.raises(StepOperatorConfigError, match=r"datastore: 'workspaceblobstore' points at the container"):
+        _write_as_the_operator_does(_hook("abfs://azurite_storage@stepops-elsewhere/artifacts"))
+    assert _blobs(az_emulator, "stepops-elsewhere") == []
