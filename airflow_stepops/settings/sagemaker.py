@@ -8,6 +8,7 @@ Field names follow ZenML's ``SageMakerStepOperatorSettings`` where they exist (`
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -86,7 +87,8 @@ class SageMakerStepOperatorSettings(BaseStepOperatorSettings, _SageMakerChecks):
         default=None, ge=1, le=16384, description="Storage volume (default: ResourceSettings.disk_size, else 30).")
     use_spot_instances: bool = Field(default=False, description="Managed spot training (checkpoints survive).")
     max_wait_time_in_seconds: int | None = Field(
-        default=None, gt=0, description="With spot: longest total wait + run time (>= max_runtime_in_seconds).")
+        default=None, gt=0, description="With spot: longest total wait + run time (>= max_runtime_in_seconds, "
+        "which it also sets when not given); without spot it is unused (a warning) and dropped.")
     keep_alive_period_in_seconds: int | None = Field(
         default=None, ge=0, le=21600, description="Warm pool: keep the instance this long for the next job.")
     tags: dict[str, str] = Field(default_factory=dict, description="Tags of the training job.")
@@ -120,14 +122,24 @@ class SageMakerStepOperatorSettings(BaseStepOperatorSettings, _SageMakerChecks):
 
     @model_validator(mode="after")
     def _spot(self) -> SageMakerStepOperatorSettings:
-        if self.max_wait_time_in_seconds is not None and not self.use_spot_instances:
-            raise ValueError("max_wait_time_in_seconds: only used with use_spot_instances=True")
-        if self.use_spot_instances and self.max_wait_time_in_seconds is not None and \
-                self.max_wait_time_in_seconds < (self.max_runtime_in_seconds or 86400):
-            raise ValueError(
-                f"max_wait_time_in_seconds={self.max_wait_time_in_seconds} must be >= max_runtime_in_seconds="
-                f"{self.max_runtime_in_seconds or 86400}{'' if self.max_runtime_in_seconds else ' (the default)'}: "
-                "SageMaker counts the spot wait and the training time together")
+        """ZenML's examples give a wait without spot, and a spot wait without a runtime. SageMaker requires
+        MaxWaitTimeInSeconds >= MaxRuntimeInSeconds and uses it only for managed spot training
+        (https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_StoppingCondition.html), so a wait
+        alone bounds the runtime too, and a wait without spot is dropped with a warning."""
+        wait, runtime = self.max_wait_time_in_seconds, self.max_runtime_in_seconds
+        if wait is None:
+            return self
+        if not self.use_spot_instances:
+            warnings.warn(f"max_wait_time_in_seconds={wait} is ignored: SageMaker only uses it with "
+                          "use_spot_instances=True (managed spot training); set use_spot_instances=True to run on "
+                          "spot, or drop max_wait_time_in_seconds", UserWarning, stacklevel=2)
+            self.__dict__["max_wait_time_in_seconds"] = None  # frozen model: set once, while validating
+        elif runtime is None:
+            self.__dict__["max_runtime_in_seconds"] = wait
+        elif wait < runtime:
+            raise ValueError(f"max_wait_time_in_seconds={wait} must be >= max_runtime_in_seconds={runtime}: SageMaker "
+                             f"counts the spot wait and the training time together; set max_wait_time_in_seconds to "
+                             f"at least {runtime}")
         return self
 
     def check_resources(self, resources: Any) -> None:

@@ -48,8 +48,8 @@ def _declare(**kwargs):
     ({"instance_type": "ml.p9.mega"}, None),  # well-formed names are checked against the API before submit
     ({"instance_type": "p3.2xlarge"}, r"instance_type: 'p3.2xlarge' is not a SageMaker instance type"),
     ({"use_spot_instances": True, "max_runtime_in_seconds": 3600, "max_wait_time_in_seconds": 1800},
-     r"max_wait_time_in_seconds=1800 must be >= max_runtime_in_seconds=3600"),
-    ({"max_wait_time_in_seconds": 7200}, r"only used with use_spot_instances=True"),
+     r"max_wait_time_in_seconds=1800 must be >= max_runtime_in_seconds=3600: .*set max_wait_time_in_seconds to at "
+     r"least 3600"),
     ({"volume_size_in_gb": 0}, r"volume_size_in_gb: Input should be greater than or equal to 1"),
     ({"environment": {"A": "x" * 513}}, r"at most 512 characters per value"),
     ({"training_job_overrides": {"RoleArn": "x"}}, r"RoleArn are set by the step operator"),
@@ -125,6 +125,25 @@ def test_the_request_is_valid_for_botocore_and_maps_everything():
         "python3", "/opt/ml/input/data/bundle/sagemaker_entry.py"]
     assert "AWS_ACCESS_KEY_ID" not in request["Environment"] and len(request["TrainingJobName"]) <= 63
     assert {"Key": "stepops:try-number", "Value": "2"} in request["Tags"] and request["VpcConfig"]["Subnets"]
+
+
+@pytest.mark.parametrize(("settings", "stopping"), [
+    # ZenML's "Configure Timeouts": a wait without spot is unused by SageMaker, so it is dropped (with a warning)
+    ({"max_runtime_in_seconds": 3600, "max_wait_time_in_seconds": 7200}, {"MaxRuntimeInSeconds": 3600}),
+    # ZenML's spot example: the wait alone also bounds the runtime (SageMaker wants wait >= runtime)
+    ({"use_spot_instances": True, "max_wait_time_in_seconds": 3600},
+     {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 3600}),
+    ({"use_spot_instances": True, "max_runtime_in_seconds": 7200, "max_wait_time_in_seconds": 86400},
+     {"MaxRuntimeInSeconds": 7200, "MaxWaitTimeInSeconds": 86400}),
+])
+def test_zenml_timeouts_mean_what_zenml_means(settings, stopping, recwarn):
+    hook = _hook()
+    request = hook.render(_spec(hook, settings=SageMakerStepOperatorSettings(**settings)))
+    assert request["StoppingCondition"] == stopping
+    warned = [str(w.message) for w in recwarn if "max_wait_time_in_seconds" in str(w.message)]
+    assert warned == ([] if settings.get("use_spot_instances") else [
+        "max_wait_time_in_seconds=7200 is ignored: SageMaker only uses it with use_spot_instances=True (managed spot "
+        "training); set use_spot_instances=True to run on spot, or drop max_wait_time_in_seconds"])
 
 
 def test_unknown_instance_type_is_refused_before_submitting():
