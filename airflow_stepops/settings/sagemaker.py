@@ -7,6 +7,7 @@ Field names follow ZenML's ``SageMakerStepOperatorSettings`` where they exist (`
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from typing import Any, ClassVar
@@ -18,6 +19,10 @@ from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperat
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+$")
 INSTANCE_NAME = re.compile(r"^ml\.[a-z0-9-]+\.[a-z0-9]+$")
 REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d$")
+#: the KMS key forms both fields that kms_key_id fills accept (ResourceConfig.VolumeKmsKeyId takes no alias,
+#: per its documentation in botocore's model): a key id (multi-Region: mrk-...) or a key ARN
+KMS_KEY = re.compile(r"^(arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:key/)?([0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}|"
+                     r"mrk-[0-9a-f]{32})$")
 #: CreateTrainingJob limits (botocore's service model)
 MAX_ENV_VARS = 100
 MAX_ENV_CHARS = 512
@@ -153,6 +158,34 @@ class SageMakerStepOperatorSettings(BaseStepOperatorSettings, _SageMakerChecks):
                              f"{resources.disk_size}")
 
 
+@functools.cache
+def _request_shape(*path: str) -> dict[str, Any]:
+    """A CreateTrainingJob member's shape in botocore's service model (read, not imported with the SDK)."""
+    from botocore.loaders import create_loader
+
+    shapes = create_loader().load_service_model("sagemaker", "service-2")["shapes"]
+    shape = shapes["CreateTrainingJobRequest"]
+    for name in path:
+        shape = shapes[shape["members"][name]["shape"]]
+    return dict(shape)
+
+
+def check_kms_key(value: str, field: str) -> str:
+    """The pattern and length botocore's model gives both request fields, then the documented forms."""
+    for path in (("ResourceConfig", "VolumeKmsKeyId"), ("OutputDataConfig", "KmsKeyId")):
+        shape = _request_shape(*path)
+        if not (shape.get("min", 0) <= len(value) <= shape.get("max", len(value))) or \
+                not re.fullmatch(shape.get("pattern", ".*"), value):
+            raise ValueError(f"{field}: {value!r} does not match {'.'.join(path)}'s pattern {shape.get('pattern')!r} "
+                             f"(at most {shape.get('max')} characters) in SageMaker's API; give a KMS key id such as "
+                             "1234abcd-12ab-34cd-56ef-1234567890ab or its ARN")
+    if not KMS_KEY.match(value):
+        raise ValueError(f"{field}: {value!r} is not a KMS key id (1234abcd-12ab-34cd-56ef-1234567890ab, or mrk-<32 hex> "
+                         "for a multi-Region key) or key ARN (arn:aws:kms:<region>:<account>:key/<key id>); SageMaker "
+                         "takes no alias for the volume key (ResourceConfig.VolumeKmsKeyId)")
+    return value
+
+
 def check_instance_type(value: str, field: str, *, against_api: bool = False) -> None:
     """At parse time the built-in table or the ``ml.<family>.<size>`` form (no AWS SDK is imported while
     DAGs are parsed); before submitting, ``against_api`` checks botocore's list of training types."""
@@ -202,6 +235,11 @@ class SageMakerStepOperatorConfig(BaseStepOperatorConfig, _SageMakerChecks):
         if not ROLE_ARN.match(value):
             raise ValueError(f"role: {value!r} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)")
         return value
+
+    @field_validator("kms_key_id")
+    @classmethod
+    def _kms(cls, value: str | None) -> str | None:
+        return value if value is None else check_kms_key(value, "kms_key_id")
 
     @field_validator("region_name")
     @classmethod

@@ -11,6 +11,7 @@ from airflow_stepops.settings.sagemaker import SageMakerStepOperatorConfig, Sage
 from airflow_stepops.settings.sagemaker_instances import choose_instance
 
 ROLE = "arn:aws:iam::123456789012:role/stepops-training"
+KEY = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 
 
 @pytest.mark.parametrize(("resources", "expected"), [
@@ -79,11 +80,23 @@ def test_resources_no_instance_can_satisfy_fail_at_parse_time():
     ({"role": ROLE, "artifact_store": "gs://bucket/x"}, r"expected s3://bucket/prefix"),
     ({"role": ROLE, "subnets": ["subnet-1"]}, r"subnets and security_group_ids: give both"),
     ({"role": ROLE, "tags": {"aws:owner": "x"}}, r"tags\['aws:owner'\]"),
+    ({"role": ROLE, "kms_key_id": "my key"}, r"kms_key_id: 'my key' does not match ResourceConfig.VolumeKmsKeyId's "
+     r"pattern '\[a-zA-Z0-9:/_-\]\*'"),
+    ({"role": ROLE, "kms_key_id": "k" * 2049}, r"at most 2048 characters"),
+    ({"role": ROLE, "kms_key_id": "alias/training"}, r"is not a KMS key id .* takes no alias for the volume key"),
+    ({"role": ROLE, "kms_key_id": "arn:aws:kms:eu-west-1:key/1234abcd-12ab-34cd-56ef-1234567890ab"},
+     r"is not a KMS key id"),
     ({"role": ROLE, "tags": {f"t{i}": "v" for i in range(45)}}, r"tags: at most 44 tags \(SageMaker allows 50 and 6 "),
 ])
 def test_bad_connection_extras_are_refused(extras, message):
     with pytest.raises(ValidationError, match=message):
         SageMakerStepOperatorConfig(**extras)
+
+
+@pytest.mark.parametrize("key", [KEY, "1234abcd-12ab-34cd-56ef-1234567890ab", "mrk-1234abcd12ab34cd56ef1234567890ab",
+                                 "arn:aws-us-gov:kms:us-gov-west-1:123456789012:key/mrk-1234abcd12ab34cd56ef1234567890ab"])
+def test_kms_key_forms_sagemaker_documents_are_accepted(key):
+    assert SageMakerStepOperatorConfig(role=ROLE, kms_key_id=key).kms_key_id == key
 
 
 def _hook(**extras):
@@ -108,7 +121,7 @@ def _spec(hook, resources=None, settings=None, refs=(), timeout=None):
 def test_the_request_is_valid_for_botocore_and_maps_everything():
     from airflow_stepops.artifacts import ArtifactRef
 
-    hook = _hook(subnets=["subnet-1"], security_group_ids=["sg-1"], kms_key_id="key-1", tags={"team": "ml"})
+    hook = _hook(subnets=["subnet-1"], security_group_ids=["sg-1"], kms_key_id=KEY, tags={"team": "ml"})
     ref = ArtifactRef(uri="s3://stepops-artifacts/steps/other/output/return_value.pkl", type="x", size=1, sha256="a")
     request = hook.render(_spec(hook, ResourceSettings(cpu_count=8, memory="32GB", gpu_count=1, disk_size="100GB"),
                                 SageMakerStepOperatorSettings(use_spot_instances=True, max_runtime_in_seconds=3600,
@@ -116,7 +129,7 @@ def test_the_request_is_valid_for_botocore_and_maps_everything():
                                                               keep_alive_period_in_seconds=600),
                                 refs=[ref], timeout=1800))
     assert request["ResourceConfig"] == {"InstanceType": "ml.g4dn.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 100,
-                                         "KeepAlivePeriodInSeconds": 600, "VolumeKmsKeyId": "key-1"}
+                                         "KeepAlivePeriodInSeconds": 600, "VolumeKmsKeyId": KEY}
     assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 1860, "MaxWaitTimeInSeconds": 7200}
     assert request["EnableManagedSpotTraining"] is True
     assert request["CheckpointConfig"]["S3Uri"].endswith("/train/-1/checkpoints")  # shared by every try
