@@ -44,7 +44,7 @@ def allowed_fields_hint(model_name: str, name: object = None) -> str:
     fields = _MODEL_FIELDS.get(model_name)
     if not fields:
         return "see the documentation for allowed fields"
-    close = difflib.get_close_matches(str(name), fields, n=1) if name is not None else []
+    close = difflib.get_close_matches(str(name), fields, n=1, cutoff=0.8) if name is not None else []
     return (f"did you mean {close[0]!r}? " if close else "") + f"allowed: {', '.join(fields)}"
 
 

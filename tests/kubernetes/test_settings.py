@@ -38,7 +38,7 @@ def test_step_settings_merge_over_operator_defaults():
         ({"ttl_seconds_after_finished": 0}, "greater than or equal to 60"),
         ({"unschedulable_timeout_seconds": 0}, "greater than 0"),
         ({"service_account_name": "Not_Valid"}, "not a valid Kubernetes name"),
-        ({"instance_type": "ml.p3.2xlarge"}, "Extra inputs are not permitted"),
+        ({"instance_type": "ml.p3.2xlarge"}, r"instance_type\s+unknown field; allowed: "),
     ],
 )
 def test_bad_step_settings_are_refused(kwargs, message):
