@@ -82,9 +82,9 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         """Which credential sources were tried, why each gave nothing, and how to set one."""
         import os
 
-        how = ("set one in the extras of step operator connection {0!r}: \"kubernetes_conn_id\" (a kubernetes "
+        how = (f"set one in the extras of step operator connection {self.step_operator_conn_id!r}: \"kubernetes_conn_id\" (a kubernetes "
                "connection), \"kubernetes_context\" (with \"config_file\" for a kubeconfig elsewhere) or "
-               "\"incluster\": true").format(self.step_operator_conn_id)
+               "\"incluster\": true")
         if creds.get("conn_id") != "kubernetes_default" or self.config.kubernetes_conn_id:
             source = creds.get("conn_id") or f"kubeconfig {creds.get('config_file')}, context {creds.get('cluster_context')}"
             return StepOperatorConfigError(f"kubernetes: no cluster from {source}: {exc}; {how}")

@@ -196,7 +196,7 @@ def test_no_cluster_credentials_names_the_sources_tried(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     hook = KubernetesStepOperatorHook("k8s", config=KubernetesStepOperatorConfig())
     with pytest.raises(StepOperatorConfigError) as err:
-        hook.api_client
+        assert hook.api_client is None  # raises
     assert str(err.value) == (
         "kubernetes: no cluster credentials found; tried Airflow connection 'kubernetes_default' (absent, or without a "
         "kubeconfig); the in-cluster service account (KUBERNETES_SERVICE_HOST is not set: not in a pod); the kubeconfig "
