@@ -167,7 +167,7 @@ def test_without_credentials_the_cncf_default_connection_is_used():
     ({"image_pull_secrets": ["Registry Creds"]}, r"'Registry Creds' is not a Secret name"),
 ])
 def test_pod_spec_fields_are_checked_at_parse_time(kwargs, message):
-    """What the API server would refuse (or, for a typo'd enum, silently not match) fails when the DAG is parsed."""
+    """What the API server would refuse when the Job is created fails when the DAG is parsed instead."""
     with pytest.raises(ValidationError, match=message):
         KubernetesStepOperatorSettings(**kwargs)
     if "spot_toleration" not in kwargs:  # the same pod options as the step operator's defaults
