@@ -70,8 +70,32 @@ class KubernetesStepOperatorHook(StepOperatorHook):
     @cached_property
     def api_client(self) -> Any:
         from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+        from kubernetes.config import ConfigException
 
-        return KubernetesHook(**self._credentials()).get_conn()
+        creds = self._credentials()
+        try:
+            return KubernetesHook(**creds).get_conn()
+        except ConfigException as exc:
+            raise self._no_cluster(creds, exc) from None
+
+    def _no_cluster(self, creds: dict[str, Any], exc: Exception) -> StepOperatorConfigError:
+        """Which credential sources were tried, why each gave nothing, and how to set one."""
+        import os
+
+        how = (f"set one in the extras of step operator connection {self.step_operator_conn_id!r}: \"kubernetes_conn_id\" (a kubernetes "
+               "connection), \"kubernetes_context\" (with \"config_file\" for a kubeconfig elsewhere) or "
+               "\"incluster\": true")
+        if creds.get("conn_id") != "kubernetes_default" or self.config.kubernetes_conn_id:
+            source = creds.get("conn_id") or f"kubeconfig {creds.get('config_file')}, context {creds.get('cluster_context')}"
+            return StepOperatorConfigError(f"kubernetes: no cluster from {source}: {exc}; {how}")
+        kubeconfig = _default_kubeconfig()
+        tried = ["Airflow connection 'kubernetes_default' (absent, or without a kubeconfig)",
+                 "the in-cluster service account (" + ("KUBERNETES_SERVICE_HOST is not set: not in a pod"
+                                                       if not os.environ.get("KUBERNETES_SERVICE_HOST")
+                                                       else "its token could not be read") + ")",
+                 f"the kubeconfig {kubeconfig} (" + (str(exc) if os.path.exists(kubeconfig) else "no such file") + ")"]
+        return StepOperatorConfigError(f"kubernetes: no cluster credentials found; tried {'; '.join(tried)}. "
+                                       f"{how[:1].upper()}{how[1:]}")
 
     @cached_property
     def batch(self) -> Any:

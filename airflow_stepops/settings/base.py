@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from airflow_stepops.resources import parse_size
 
@@ -16,9 +26,8 @@ def format_validation_error(error: ValidationError, where: str) -> str:
     for item in error.errors():
         path = ".".join(str(p) for p in item["loc"]) or "(root)"
         message = item["msg"]
-        if item["type"] == "extra_forbidden":
-            model = error.title
-            message = f"unknown field; {allowed_fields_hint(model)}"
+        if item["type"] == "extra_forbidden":  # a model that does not name them itself (see _Strict)
+            message = f"unknown field; {allowed_fields_hint(error.title, item['loc'][-1])}"
         lines.append(f"{where}.{path}: {message} (got {item.get('input')!r})")
     return "\n".join(lines)
 
@@ -38,18 +47,40 @@ def check_environment(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
-def allowed_fields_hint(model_name: str) -> str:
+def allowed_fields_hint(model_name: str, name: object = None) -> str:
     fields = _MODEL_FIELDS.get(model_name)
-    return f"allowed: {', '.join(fields)}" if fields else "see the documentation for allowed fields"
+    if not fields:
+        return "see the documentation for allowed fields"
+    close = difflib.get_close_matches(str(name), fields, n=1, cutoff=0.8) if name is not None else []
+    return (f"did you mean {close[0]!r}? " if close else "") + f"allowed: {', '.join(fields)}"
 
 
 class _Strict(BaseModel):
+    """Frozen, validated defaults, and unknown fields named with the allowed ones, whether the model is
+    built as ``Model(foo=1)`` or from a dict."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
         _MODEL_FIELDS[cls.__name__] = list(cls.model_fields)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _unknown_fields(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(data)
+        except ValidationError as err:
+            if not any(e["type"] == "extra_forbidden" and len(e["loc"]) == 1 for e in err.errors()):
+                raise
+            errors: list[Any] = [
+                {"type": PydanticCustomError("unknown_field", "unknown field; {hint}",
+                                             {"hint": allowed_fields_hint(cls.__name__, e["loc"][0])}),
+                 "loc": e["loc"], "input": e["input"]}
+                if e["type"] == "extra_forbidden" and len(e["loc"]) == 1 else e
+                for e in err.errors()]
+            raise ValidationError.from_exception_data(err.title, errors) from None
 
 
 class BaseStepOperatorSettings(_Strict):

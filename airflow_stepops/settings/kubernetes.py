@@ -54,6 +54,15 @@ GKE_ACCELERATORS: dict[str, list[str]] = {
     "A100-80GB": ["nvidia-a100-80gb"], "H100": ["nvidia-h100-80gb", "nvidia-h100-mega-80gb"],
     "H200": ["nvidia-h200-141gb"], "B200": ["nvidia-b200"],
 }
+#: Toleration and VolumeMount fields and their enums, as the API reference documents them (Pod v1, "Scheduling"
+#: and "Volumes": https://kubernetes.io/docs/reference/kubernetes-api/workload-resources/pod-v1/)
+TOLERATION_FIELDS = ("key", "operator", "value", "effect", "tolerationSeconds")
+TOLERATION_OPERATORS = ("Exists", "Equal")
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+MOUNT_FIELDS = ("name", "mountPath", "subPath", "subPathExpr", "readOnly", "recursiveReadOnly", "mountPropagation")
+MOUNT_PROPAGATIONS = ("None", "HostToContainer", "Bidirectional")
+#: a resource quantity (https://kubernetes.io/docs/reference/kubernetes-api/common-definitions/quantity/)
+QUANTITY = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?\d+)?$")
 KNOWN_GPU_NODE_LABELS = {"nvidia.com/gpu.product": GFD_PRODUCTS, "cloud.google.com/gke-accelerator": GKE_ACCELERATORS}
 
 
@@ -67,6 +76,76 @@ def check_labels(labels: dict[str, str], field: str) -> dict[str, str]:
             raise ValueError(f"{field}[{key!r}]: {value!r} is not a valid label value (at most 63 characters: "
                              "alphanumerics, '-', '_' or '.', starting and ending alphanumeric)")
     return labels
+
+
+def _one_of(value: Any, allowed: tuple[str, ...], field: str) -> None:
+    if value not in allowed:
+        import difflib
+
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        raise ValueError(f"{field}: {value!r} is not allowed" + (f"; did you mean {close[0]!r}?" if close else "")
+                         + f" (allowed: {', '.join(allowed)})")
+
+
+def check_toleration(toleration: dict[str, Any], field: str) -> dict[str, Any]:
+    """The rules the API server applies to a toleration (ValidateTolerations), checked before submitting."""
+    unknown = sorted(set(toleration) - set(TOLERATION_FIELDS))
+    if unknown:
+        raise ValueError(f"{field}: unknown toleration field {unknown[0]!r} (allowed: {', '.join(TOLERATION_FIELDS)})")
+    operator, key, value = toleration.get("operator") or "Equal", toleration.get("key") or "", toleration.get("value")
+    _one_of(operator, TOLERATION_OPERATORS, f"{field}.operator")
+    if toleration.get("effect"):
+        _one_of(toleration["effect"], TAINT_EFFECTS, f"{field}.effect")
+    if key:
+        check_labels({key: ""}, f"{field}.key")
+    elif operator != "Exists":
+        raise ValueError(f"{field}: a toleration without a key must have operator 'Exists' (it matches every taint)")
+    if operator == "Exists" and value:
+        raise ValueError(f"{field}: operator 'Exists' takes no value (got {value!r}); use operator 'Equal' to match it")
+    if operator == "Equal" and value:
+        check_labels({"x": str(value)}, f"{field}.value")
+    seconds = toleration.get("tolerationSeconds")
+    if seconds is not None and (not isinstance(seconds, int) or toleration.get("effect") != "NoExecute"):
+        raise ValueError(f"{field}.tolerationSeconds: a whole number of seconds, only with effect 'NoExecute'")
+    return toleration
+
+
+def check_quantity(value: Any, field: str) -> None:
+    """A non-negative resource quantity such as 10Gi, 500M or 1.5."""
+    text = str(value)
+    if not QUANTITY.match(text) or text.startswith("-"):
+        raise ValueError(f"{field}: {value!r} is not a non-negative Kubernetes quantity (e.g. 10Gi, 500Mi, 1G)")
+
+
+def check_volume(volume: dict[str, Any], field: str) -> dict[str, Any]:
+    name = volume.get("name")
+    if not isinstance(name, str) or len(name) > 63 or not DNS_LABEL.match(name):
+        raise ValueError(f"{field}.name: {name!r} is not a volume name (an RFC 1123 label: at most 63 lowercase "
+                         "alphanumerics or '-')")
+    sources = [k for k in volume if k != "name"]
+    if len(sources) != 1:
+        raise ValueError(f"{field}: a volume has exactly one source (emptyDir, persistentVolumeClaim, configMap, "
+                         f"secret, ...), got {sources or 'none'}")
+    empty_dir = volume.get("emptyDir") or {}
+    if empty_dir.get("sizeLimit") is not None:
+        check_quantity(empty_dir["sizeLimit"], f"{field}.emptyDir.sizeLimit")
+    return volume
+
+
+def check_volume_mount(mount: dict[str, Any], field: str) -> dict[str, Any]:
+    unknown = sorted(set(mount) - set(MOUNT_FIELDS))
+    if unknown:
+        raise ValueError(f"{field}: unknown volume mount field {unknown[0]!r} (allowed: {', '.join(MOUNT_FIELDS)})")
+    if not isinstance(mount.get("name"), str) or not DNS_LABEL.match(mount["name"]):
+        raise ValueError(f"{field}.name: {mount.get('name')!r} must name a volume (an RFC 1123 label)")
+    if not mount.get("mountPath") or ":" in str(mount["mountPath"]):
+        raise ValueError(f"{field}.mountPath: required, a path without ':' (got {mount.get('mountPath')!r})")
+    sub = str(mount.get("subPath") or "")
+    if sub.startswith("/") or ".." in sub.split("/"):
+        raise ValueError(f"{field}.subPath: {sub!r} must be a relative path without '..'")
+    if mount.get("mountPropagation") is not None:
+        _one_of(mount["mountPropagation"], MOUNT_PROPAGATIONS, f"{field}.mountPropagation")
+    return mount
 
 
 def check_annotations(annotations: dict[str, str], field: str) -> dict[str, str]:
@@ -118,6 +197,30 @@ class KubernetesPodOptions(BaseModel):
     @classmethod
     def _selector(cls, value: dict[str, str]) -> dict[str, str]:
         return check_labels(value, "node_selector")
+
+    @field_validator("tolerations")
+    @classmethod
+    def _tolerations(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [check_toleration(t, f"tolerations[{i}]") for i, t in enumerate(value)]
+
+    @field_validator("volumes")
+    @classmethod
+    def _volumes(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [check_volume(v, f"volumes[{i}]") for i, v in enumerate(value)]
+
+    @field_validator("volume_mounts")
+    @classmethod
+    def _mounts(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [check_volume_mount(m, f"volume_mounts[{i}]") for i, m in enumerate(value)]
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _pull_secrets(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if len(name) > 253 or not DNS_SUBDOMAIN.match(name):
+                raise ValueError(f"image_pull_secrets: {name!r} is not a Secret name (a DNS subdomain: lowercase "
+                                 "alphanumerics, '-' or '.')")
+        return value
 
     @field_validator("service_account_name", "priority_class_name")
     @classmethod
@@ -179,6 +282,11 @@ class KubernetesStepOperatorSettings(BaseStepOperatorSettings, KubernetesPodOpti
                 f"{', '.join(KNOWN_GPU_RESOURCES)} (or another '<vendor-domain>/<name>')"
             )
         return value
+
+    @field_validator("spot_toleration")
+    @classmethod
+    def _spot_toleration(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return value if value is None else check_toleration(value, "spot_toleration")
 
     @field_validator("spot_node_selector")
     @classmethod

@@ -129,6 +129,23 @@ class ModalStepOperatorSettings(BaseStepOperatorSettings):
     def _region(cls, value: str | list[str] | None) -> str | list[str] | None:
         return _check_region(value)
 
+    @field_validator("memory", "ephemeral_disk", mode="before")
+    @classmethod
+    def _mib(cls, value: Any, info: Any) -> Any:
+        """``memory="16GB"`` is a natural slip (ResourceSettings takes sizes): name the unit and the number."""
+        if not isinstance(value, str) or value.strip().isdigit():
+            return value
+        from airflow_stepops.resources import parse_size
+
+        resource = {"memory": "memory", "ephemeral_disk": "disk_size"}[info.field_name]
+        try:
+            mib = math.ceil(parse_size(value, field=info.field_name) / MIB)
+        except ValueError:
+            raise ValueError(f"{info.field_name}: Modal's {info.field_name} is a whole number of MiB, got {value!r}") \
+                from None
+        raise ValueError(f"{info.field_name}: Modal's {info.field_name} is a number of MiB, not a size string; "
+                         f"{value!r} is {mib} MiB: use {info.field_name}={mib}, or ResourceSettings({resource}={value!r})")
+
     @field_validator("memory")
     @classmethod
     def _memory(cls, value: int | None) -> int | None:

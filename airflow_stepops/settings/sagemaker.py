@@ -7,7 +7,9 @@ Field names follow ZenML's ``SageMakerStepOperatorSettings`` where they exist (`
 
 from __future__ import annotations
 
+import functools
 import re
+import warnings
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -17,6 +19,10 @@ from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperat
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+$")
 INSTANCE_NAME = re.compile(r"^ml\.[a-z0-9-]+\.[a-z0-9]+$")
 REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d$")
+#: the KMS key forms both fields that kms_key_id fills accept (ResourceConfig.VolumeKmsKeyId takes no alias,
+#: per its documentation in botocore's model): a key id (multi-Region: mrk-...) or a key ARN
+KMS_KEY = re.compile(r"^(arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:key/)?([0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}|"
+                     r"mrk-[0-9a-f]{32})$")
 #: CreateTrainingJob limits (botocore's service model)
 MAX_ENV_VARS = 100
 MAX_ENV_CHARS = 512
@@ -86,7 +92,8 @@ class SageMakerStepOperatorSettings(BaseStepOperatorSettings, _SageMakerChecks):
         default=None, ge=1, le=16384, description="Storage volume (default: ResourceSettings.disk_size, else 30).")
     use_spot_instances: bool = Field(default=False, description="Managed spot training (checkpoints survive).")
     max_wait_time_in_seconds: int | None = Field(
-        default=None, gt=0, description="With spot: longest total wait + run time (>= max_runtime_in_seconds).")
+        default=None, gt=0, description="With spot: longest total wait + run time (>= max_runtime_in_seconds, "
+        "which it also sets when not given); without spot it is unused (a warning) and dropped.")
     keep_alive_period_in_seconds: int | None = Field(
         default=None, ge=0, le=21600, description="Warm pool: keep the instance this long for the next job.")
     tags: dict[str, str] = Field(default_factory=dict, description="Tags of the training job.")
@@ -120,14 +127,24 @@ class SageMakerStepOperatorSettings(BaseStepOperatorSettings, _SageMakerChecks):
 
     @model_validator(mode="after")
     def _spot(self) -> SageMakerStepOperatorSettings:
-        if self.max_wait_time_in_seconds is not None and not self.use_spot_instances:
-            raise ValueError("max_wait_time_in_seconds: only used with use_spot_instances=True")
-        if self.use_spot_instances and self.max_wait_time_in_seconds is not None and \
-                self.max_wait_time_in_seconds < (self.max_runtime_in_seconds or 86400):
-            raise ValueError(
-                f"max_wait_time_in_seconds={self.max_wait_time_in_seconds} must be >= max_runtime_in_seconds="
-                f"{self.max_runtime_in_seconds or 86400}{'' if self.max_runtime_in_seconds else ' (the default)'}: "
-                "SageMaker counts the spot wait and the training time together")
+        """ZenML's examples give a wait without spot, and a spot wait without a runtime. SageMaker requires
+        MaxWaitTimeInSeconds >= MaxRuntimeInSeconds and uses it only for managed spot training
+        (https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_StoppingCondition.html), so a wait
+        alone bounds the runtime too, and a wait without spot is dropped with a warning."""
+        wait, runtime = self.max_wait_time_in_seconds, self.max_runtime_in_seconds
+        if wait is None:
+            return self
+        if not self.use_spot_instances:
+            warnings.warn(f"max_wait_time_in_seconds={wait} is ignored: SageMaker only uses it with "
+                          "use_spot_instances=True (managed spot training); set use_spot_instances=True to run on "
+                          "spot, or drop max_wait_time_in_seconds", UserWarning, stacklevel=2)
+            self.__dict__["max_wait_time_in_seconds"] = None  # frozen model: set once, while validating
+        elif runtime is None:
+            self.__dict__["max_runtime_in_seconds"] = wait
+        elif wait < runtime:
+            raise ValueError(f"max_wait_time_in_seconds={wait} must be >= max_runtime_in_seconds={runtime}: SageMaker "
+                             f"counts the spot wait and the training time together; set max_wait_time_in_seconds to "
+                             f"at least {runtime}")
         return self
 
     def check_resources(self, resources: Any) -> None:
@@ -139,6 +156,34 @@ class SageMakerStepOperatorSettings(BaseStepOperatorSettings, _SageMakerChecks):
                 self.volume_size_in_gb * 10**9 < resources.disk_bytes:
             raise ValueError(f"volume_size_in_gb={self.volume_size_in_gb} is smaller than resources.disk_size="
                              f"{resources.disk_size}")
+
+
+@functools.cache
+def _request_shape(*path: str) -> dict[str, Any]:
+    """A CreateTrainingJob member's shape in botocore's service model (read, not imported with the SDK)."""
+    from botocore.loaders import create_loader
+
+    shapes = create_loader().load_service_model("sagemaker", "service-2")["shapes"]
+    shape = shapes["CreateTrainingJobRequest"]
+    for name in path:
+        shape = shapes[shape["members"][name]["shape"]]
+    return dict(shape)
+
+
+def check_kms_key(value: str, field: str) -> str:
+    """The pattern and length botocore's model gives both request fields, then the documented forms."""
+    for path in (("ResourceConfig", "VolumeKmsKeyId"), ("OutputDataConfig", "KmsKeyId")):
+        shape = _request_shape(*path)
+        if not (shape.get("min", 0) <= len(value) <= shape.get("max", len(value))) or \
+                not re.fullmatch(shape.get("pattern", ".*"), value):
+            raise ValueError(f"{field}: {value!r} does not match {'.'.join(path)}'s pattern {shape.get('pattern')!r} "
+                             f"(at most {shape.get('max')} characters) in SageMaker's API; give a KMS key id such as "
+                             "1234abcd-12ab-34cd-56ef-1234567890ab or its ARN")
+    if not KMS_KEY.match(value):
+        raise ValueError(f"{field}: {value!r} is not a KMS key id (1234abcd-12ab-34cd-56ef-1234567890ab, or mrk-<32 hex> "
+                         "for a multi-Region key) or key ARN (arn:aws:kms:<region>:<account>:key/<key id>); SageMaker "
+                         "takes no alias for the volume key (ResourceConfig.VolumeKmsKeyId)")
+    return value
 
 
 def check_instance_type(value: str, field: str, *, against_api: bool = False) -> None:
@@ -190,6 +235,11 @@ class SageMakerStepOperatorConfig(BaseStepOperatorConfig, _SageMakerChecks):
         if not ROLE_ARN.match(value):
             raise ValueError(f"role: {value!r} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)")
         return value
+
+    @field_validator("kms_key_id")
+    @classmethod
+    def _kms(cls, value: str | None) -> str | None:
+        return value if value is None else check_kms_key(value, "kms_key_id")
 
     @field_validator("region_name")
     @classmethod

@@ -87,12 +87,14 @@ class _VertexChecks(BaseModel):
 
     @model_validator(mode="after")
     def _machine(self) -> Any:
-        from airflow_stepops.settings.vertex_machines import check_machine
+        from airflow_stepops.settings.vertex_machines import ACCELERATORS, check_machine, machine_hint
 
         machine, acc, count = (getattr(self, n, None) for n in ("machine_type", "accelerator_type",
                                                                 "accelerator_count"))
         if machine is not None:
             check_machine(machine, acc, count)
+        elif acc is not None and acc not in ACCELERATORS.values():  # TPUs and others no machine is chosen for
+            raise ValueError(f"machine_type: required with accelerator_type={acc}; {machine_hint(acc)}")
         elif count and acc is None:
             raise ValueError(f"accelerator_count={count} without accelerator_type or machine_type: name the "
                              "accelerator, or ask for GPUs with ResourceSettings(gpu_count=..., gpu_type=...)")
@@ -141,9 +143,6 @@ class VertexStepOperatorSettings(BaseStepOperatorSettings, _VertexChecks):
             return choice
         if self.accelerator_type is not None:
             names = {v: k for k, v in ACCELERATORS.items()}
-            if self.accelerator_type not in names:
-                raise ValueError(f"machine_type: required with accelerator_type={self.accelerator_type} (no machine "
-                                 "table for it here)")
             if resources.gpu_type and ACCELERATORS.get(resources.gpu_type) != self.accelerator_type:
                 raise ValueError(f"accelerator_type={self.accelerator_type} and resources.gpu_type="
                                  f"{resources.gpu_type} disagree")

@@ -24,6 +24,13 @@ ACCELERATORS: dict[str, str] = {
 #: accelerators Vertex has that no ResourceSettings name maps to: given only as accelerator_type
 EXTRA_ACCELERATORS = ("NVIDIA_H100_MEGA_80GB", "NVIDIA_GB200", "NVIDIA_RTX_PRO_6000", "TPU_V2", "TPU_V3",
                       "TPU_V4_POD", "TPU_V5_LITEPOD")
+#: TPUs: the machine types that carry them in a CustomJob, the chip count following from the type (Vertex AI,
+#: "Configure compute resources for custom training", TPUs:
+#: https://cloud.google.com/vertex-ai/docs/training/configure-compute#tpu; v2/v3 take cloud-tpu with 8)
+TPU_MACHINES: dict[str, tuple[str, ...]] = {
+    "TPU_V2": ("cloud-tpu",), "TPU_V3": ("cloud-tpu",), "TPU_V4_POD": ("ct4p-hightpu-4t",),
+    "TPU_V5_LITEPOD": ("ct5lp-hightpu-1t", "ct5lp-hightpu-4t", "ct5lp-hightpu-8t"),
+}
 RETIRED_ACCELERATORS = {"NVIDIA_TESLA_K80": "K80 GPUs are retired on Vertex AI; use T4 or L4"}
 #: N1 + GPU: accelerator -> {count: (max vCPUs, max memory GB)} (Compute Engine's N1 GPU limits)
 N1_GPU_LIMITS: dict[str, dict[int, tuple[int, int]]] = {
@@ -135,6 +142,8 @@ def accelerator_enum(value: str, field: str = "accelerator_type") -> str:
 
 def machines_for(accelerator: str) -> list[str]:
     """Machine types that take ``accelerator`` (for error messages)."""
+    if accelerator in TPU_MACHINES:
+        return list(TPU_MACHINES[accelerator])
     fixed = [m.name for m in _GPU_TYPES if m.accelerator == accelerator]
     if fixed:
         return fixed
@@ -151,6 +160,15 @@ def allowed_counts(machine: MachineType | None, accelerator: str) -> list[int]:
         limits = N1_GPU_LIMITS[accelerator]
         return [n for n, (cpus, _) in limits.items() if machine is None or machine.vcpus <= cpus]
     return sorted({m.accelerator_count for m in _GPU_TYPES if m.accelerator == accelerator})
+
+
+def machine_hint(accelerator: str) -> str:
+    """What to set as machine_type for an accelerator no ResourceSettings GPU name stands for."""
+    machines = machines_for(accelerator)
+    if machines == ["cloud-tpu"]:
+        return f"use machine_type='cloud-tpu' with accelerator_count=8 for {accelerator}"
+    return (f"use machine_type={' or '.join(repr(m) for m in machines)}" if machines
+            else "see the Vertex AI machine types for it") + f" for {accelerator}"
 
 
 def check_machine(machine_type: str | None, accelerator: str | None, count: int | None,

@@ -38,7 +38,7 @@ def test_step_settings_merge_over_operator_defaults():
         ({"ttl_seconds_after_finished": 0}, "greater than or equal to 60"),
         ({"unschedulable_timeout_seconds": 0}, "greater than 0"),
         ({"service_account_name": "Not_Valid"}, "not a valid Kubernetes name"),
-        ({"instance_type": "ml.p3.2xlarge"}, "Extra inputs are not permitted"),
+        ({"instance_type": "ml.p3.2xlarge"}, r"instance_type\s+unknown field; allowed: "),
     ],
 )
 def test_bad_step_settings_are_refused(kwargs, message):
@@ -144,3 +144,62 @@ def test_active_deadline_from_max_runtime_and_execution_timeout():
 
 def test_without_credentials_the_cncf_default_connection_is_used():
     assert KubernetesStepOperatorConfig().credentials_source().startswith("kubernetes connection 'kubernetes_default'")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"tolerations": [{"key": "gpu", "operator": "Exist"}]},
+     r"tolerations\[0\].operator: 'Exist' is not allowed; did you mean 'Exists'\? \(allowed: Exists, Equal\)"),
+    ({"tolerations": [{"key": "gpu", "effect": "NoSchedul"}]}, r"did you mean 'NoSchedule'\?"),
+    ({"tolerations": [{"key": "gpu", "opertor": "Exists"}]}, r"unknown toleration field 'opertor'"),
+    ({"tolerations": [{"operator": "Equal", "value": "x"}]}, r"without a key must have operator 'Exists'"),
+    ({"tolerations": [{"key": "gpu", "operator": "Exists", "value": "x"}]}, r"operator 'Exists' takes no value"),
+    ({"tolerations": [{"key": "gpu", "value": "a b"}]}, r"tolerations\[0\].value.*not a valid label value"),
+    ({"tolerations": [{"key": "gpu", "tolerationSeconds": 60}]}, r"only with effect 'NoExecute'"),
+    ({"spot_toleration": {"key": "spot", "operator": "exists"}}, r"spot_toleration.operator: 'exists'"),
+    ({"volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "-1Gi"}}]},
+     r"volumes\[0\].emptyDir.sizeLimit: '-1Gi' is not a non-negative Kubernetes quantity"),
+    ({"volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "10 GB"}}]}, r"not a non-negative Kubernetes quantity"),
+    ({"volumes": [{"name": "Scratch", "emptyDir": {}}]}, r"volumes\[0\].name: 'Scratch' is not a volume name"),
+    ({"volumes": [{"name": "data"}]}, r"a volume has exactly one source"),
+    ({"volume_mounts": [{"name": "data", "mountPath": "/data", "subPath": "../x"}]}, r"without '\.\.'"),
+    ({"volume_mounts": [{"name": "data", "mount_path": "/data"}]}, r"unknown volume mount field 'mount_path'"),
+    ({"volume_mounts": [{"name": "data", "mountPath": "/d", "mountPropagation": "Both"}]}, r"mountPropagation"),
+    ({"image_pull_secrets": ["Registry Creds"]}, r"'Registry Creds' is not a Secret name"),
+])
+def test_pod_spec_fields_are_checked_at_parse_time(kwargs, message):
+    """What the API server would refuse when the Job is created fails when the DAG is parsed instead."""
+    with pytest.raises(ValidationError, match=message):
+        KubernetesStepOperatorSettings(**kwargs)
+    if "spot_toleration" not in kwargs:  # the same pod options as the step operator's defaults
+        with pytest.raises(ValidationError, match=message):
+            KubernetesStepOperatorConfig(**kwargs)
+
+
+def test_valid_pod_spec_fields_pass():
+    settings = KubernetesStepOperatorSettings(
+        tolerations=[{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}, {"operator": "Exists"},
+                     {"key": "pool", "operator": "Equal", "value": "a100", "effect": "NoExecute",
+                      "tolerationSeconds": 30}],
+        volumes=[{"name": "scratch", "emptyDir": {"sizeLimit": "10Gi", "medium": "Memory"}},
+                 {"name": "data", "persistentVolumeClaim": {"claimName": "datasets"}}],
+        volume_mounts=[{"name": "data", "mountPath": "/data", "subPath": "v1", "readOnly": True}],
+        image_pull_secrets=["registry-creds"])
+    assert len(settings.tolerations) == 3 and settings.volumes[0]["emptyDir"]["sizeLimit"] == "10Gi"
+
+
+def test_no_cluster_credentials_names_the_sources_tried(monkeypatch, tmp_path):
+    from airflow_stepops.exceptions import StepOperatorConfigError
+    from airflow_stepops.hooks.kubernetes import KubernetesStepOperatorHook
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "AIRFLOW_CONN_KUBERNETES_DEFAULT"):
+        monkeypatch.delenv(name, raising=False)
+    hook = KubernetesStepOperatorHook("k8s", config=KubernetesStepOperatorConfig())
+    with pytest.raises(StepOperatorConfigError) as err:
+        assert hook.api_client is None  # raises
+    assert str(err.value) == (
+        "kubernetes: no cluster credentials found; tried Airflow connection 'kubernetes_default' (absent, or without a "
+        "kubeconfig); the in-cluster service account (KUBERNETES_SERVICE_HOST is not set: not in a pod); the kubeconfig "
+        f"{tmp_path}/.kube/config (no such file). Set one in the extras of step operator connection 'k8s': "
+        "\"kubernetes_conn_id\" (a kubernetes connection), \"kubernetes_context\" (with \"config_file\" for a "
+        "kubeconfig elsewhere) or \"incluster\": true")

@@ -43,6 +43,12 @@ def _operator(**kwargs):
     ({"gpu": ["H100", "h100:2"]}, r"names a GPU type twice"),
     ({"memory": 64}, r"memory: 64 MiB; Modal reserves 128 MiB \(its minimum\) to 344064 MiB"),
     ({"memory": 400_000}, r"memory: 400000 MiB"),
+    ({"memory": "16GB"}, r"memory: Modal's memory is a number of MiB, not a size string; '16GB' is 15259 MiB: use "
+     r"memory=15259, or ResourceSettings\(memory='16GB'\)"),
+    ({"memory": "16GiB"}, r"'16GiB' is 16384 MiB: use memory=16384"),
+    ({"memory": "lots"}, r"memory: Modal's memory is a whole number of MiB, got 'lots'"),
+    ({"ephemeral_disk": "100GiB"}, r"'100GiB' is 102400 MiB: use ephemeral_disk=102400, or "
+     r"ResourceSettings\(disk_size='100GiB'\)"),
     ({"cpu": 0.1}, r"cpu\s+Input should be greater than or equal to 0.125"),
     ({"cpu": 96}, r"cpu\s+Input should be less than or equal to 64"),
     ({"timeout": 90_000}, r"timeout: 90000 s; a Modal function's timeout is 1 s to 86400 s \(24 h\)"),
@@ -52,7 +58,7 @@ def _operator(**kwargs):
     ({"cloud": "azure"}, r"cloud\s+Input should be 'aws', 'gcp', 'oci' or 'auto'"),
     ({"region": "US East"}, r"region: 'US East' is not a Modal region"),
     ({"environment": {"STEPOPS_X": "1"}}, r"reserved for the runtime"),
-    ({"gpus": "T4"}, r"Extra inputs are not permitted"),
+    ({"gpus": "T4"}, r"gpus\s+unknown field; did you mean 'gpu'\? allowed: "),
     ({"ephemeral_disk": 4 * 2**20}, r"ephemeral_disk\s+Input should be less than or equal to 3145728"),
 ])
 def test_bad_settings(kwargs, message):
@@ -131,7 +137,7 @@ def test_zenml_example_parses():
     ({"cloud": "azure"}, r"cloud"),
     ({"environment_variables": {"STEPOPS_FLAVOR": "x"}}, r"reserved for the runtime"),
     ({"environment": {"A": "1"}}, r"environment\s+Input should be a valid string"),
-    ({"token_secret": "as-123"}, r"Extra inputs are not permitted"),
+    ({"token_secret": "as-123"}, r"token_secret\s+unknown field; allowed: "),
 ])
 def test_bad_connection_extras(extra, message):
     with pytest.raises(ValidationError, match=message):

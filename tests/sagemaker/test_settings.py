@@ -11,6 +11,7 @@ from airflow_stepops.settings.sagemaker import SageMakerStepOperatorConfig, Sage
 from airflow_stepops.settings.sagemaker_instances import choose_instance
 
 ROLE = "arn:aws:iam::123456789012:role/stepops-training"
+KEY = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 
 
 @pytest.mark.parametrize(("resources", "expected"), [
@@ -48,8 +49,8 @@ def _declare(**kwargs):
     ({"instance_type": "ml.p9.mega"}, None),  # well-formed names are checked against the API before submit
     ({"instance_type": "p3.2xlarge"}, r"instance_type: 'p3.2xlarge' is not a SageMaker instance type"),
     ({"use_spot_instances": True, "max_runtime_in_seconds": 3600, "max_wait_time_in_seconds": 1800},
-     r"max_wait_time_in_seconds=1800 must be >= max_runtime_in_seconds=3600"),
-    ({"max_wait_time_in_seconds": 7200}, r"only used with use_spot_instances=True"),
+     r"max_wait_time_in_seconds=1800 must be >= max_runtime_in_seconds=3600: .*set max_wait_time_in_seconds to at "
+     r"least 3600"),
     ({"volume_size_in_gb": 0}, r"volume_size_in_gb: Input should be greater than or equal to 1"),
     ({"environment": {"A": "x" * 513}}, r"at most 512 characters per value"),
     ({"training_job_overrides": {"RoleArn": "x"}}, r"RoleArn are set by the step operator"),
@@ -79,11 +80,23 @@ def test_resources_no_instance_can_satisfy_fail_at_parse_time():
     ({"role": ROLE, "artifact_store": "gs://bucket/x"}, r"expected s3://bucket/prefix"),
     ({"role": ROLE, "subnets": ["subnet-1"]}, r"subnets and security_group_ids: give both"),
     ({"role": ROLE, "tags": {"aws:owner": "x"}}, r"tags\['aws:owner'\]"),
+    ({"role": ROLE, "kms_key_id": "my key"}, r"kms_key_id: 'my key' does not match ResourceConfig.VolumeKmsKeyId's "
+     r"pattern '\[a-zA-Z0-9:/_-\]\*'"),
+    ({"role": ROLE, "kms_key_id": "k" * 2049}, r"at most 2048 characters"),
+    ({"role": ROLE, "kms_key_id": "alias/training"}, r"is not a KMS key id .* takes no alias for the volume key"),
+    ({"role": ROLE, "kms_key_id": "arn:aws:kms:eu-west-1:key/1234abcd-12ab-34cd-56ef-1234567890ab"},
+     r"is not a KMS key id"),
     ({"role": ROLE, "tags": {f"t{i}": "v" for i in range(45)}}, r"tags: at most 44 tags \(SageMaker allows 50 and 6 "),
 ])
 def test_bad_connection_extras_are_refused(extras, message):
     with pytest.raises(ValidationError, match=message):
         SageMakerStepOperatorConfig(**extras)
+
+
+@pytest.mark.parametrize("key", [KEY, "1234abcd-12ab-34cd-56ef-1234567890ab", "mrk-1234abcd12ab34cd56ef1234567890ab",
+                                 "arn:aws-us-gov:kms:us-gov-west-1:123456789012:key/mrk-1234abcd12ab34cd56ef1234567890ab"])
+def test_kms_key_forms_sagemaker_documents_are_accepted(key):
+    assert SageMakerStepOperatorConfig(role=ROLE, kms_key_id=key).kms_key_id == key
 
 
 def _hook(**extras):
@@ -109,7 +122,7 @@ def _spec(hook, resources=None, settings=None, refs=(), timeout=None):
 def test_the_request_is_valid_for_botocore_and_maps_everything():
     from airflow_stepops.artifacts import ArtifactRef
 
-    hook = _hook(subnets=["subnet-1"], security_group_ids=["sg-1"], kms_key_id="key-1", tags={"team": "ml"})
+    hook = _hook(subnets=["subnet-1"], security_group_ids=["sg-1"], kms_key_id=KEY, tags={"team": "ml"})
     ref = ArtifactRef(uri="s3://stepops-artifacts/steps/other/output/return_value.pkl", type="x", size=1, sha256="a")
     request = hook.render(_spec(hook, ResourceSettings(cpu_count=8, memory="32GB", gpu_count=1, disk_size="100GB"),
                                 SageMakerStepOperatorSettings(use_spot_instances=True, max_runtime_in_seconds=3600,
@@ -117,7 +130,7 @@ def test_the_request_is_valid_for_botocore_and_maps_everything():
                                                               keep_alive_period_in_seconds=600),
                                 refs=[ref], timeout=1800))
     assert request["ResourceConfig"] == {"InstanceType": "ml.g4dn.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 100,
-                                         "KeepAlivePeriodInSeconds": 600, "VolumeKmsKeyId": "key-1"}
+                                         "KeepAlivePeriodInSeconds": 600, "VolumeKmsKeyId": KEY}
     assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 1860, "MaxWaitTimeInSeconds": 7200}
     assert request["EnableManagedSpotTraining"] is True
     assert request["CheckpointConfig"]["S3Uri"].endswith("/train/-1/checkpoints")  # shared by every try
@@ -126,6 +139,25 @@ def test_the_request_is_valid_for_botocore_and_maps_everything():
         "python3", "/opt/ml/input/data/bundle/sagemaker_entry.py"]
     assert "AWS_ACCESS_KEY_ID" not in request["Environment"] and len(request["TrainingJobName"]) <= 63
     assert {"Key": "stepops:try-number", "Value": "2"} in request["Tags"] and request["VpcConfig"]["Subnets"]
+
+
+@pytest.mark.parametrize(("settings", "stopping"), [
+    # ZenML's "Configure Timeouts": a wait without spot is unused by SageMaker, so it is dropped (with a warning)
+    ({"max_runtime_in_seconds": 3600, "max_wait_time_in_seconds": 7200}, {"MaxRuntimeInSeconds": 3600}),
+    # ZenML's spot example: the wait alone also bounds the runtime (SageMaker wants wait >= runtime)
+    ({"use_spot_instances": True, "max_wait_time_in_seconds": 3600},
+     {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 3600}),
+    ({"use_spot_instances": True, "max_runtime_in_seconds": 7200, "max_wait_time_in_seconds": 86400},
+     {"MaxRuntimeInSeconds": 7200, "MaxWaitTimeInSeconds": 86400}),
+])
+def test_zenml_timeouts_mean_what_zenml_means(settings, stopping, recwarn):
+    hook = _hook()
+    request = hook.render(_spec(hook, settings=SageMakerStepOperatorSettings(**settings)))
+    assert request["StoppingCondition"] == stopping
+    warned = [str(w.message) for w in recwarn if "max_wait_time_in_seconds" in str(w.message)]
+    assert warned == ([] if settings.get("use_spot_instances") else [
+        "max_wait_time_in_seconds=7200 is ignored: SageMaker only uses it with use_spot_instances=True (managed spot "
+        "training); set use_spot_instances=True to run on spot, or drop max_wait_time_in_seconds"])
 
 
 def test_unknown_instance_type_is_refused_before_submitting():

@@ -137,7 +137,7 @@ def test_connection_of_another_type_is_refused(monkeypatch):
 def test_unknown_connection_extra_is_refused(monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_TYPO", '{"conn_type": "stepops_local", "extra": {"pyhton": "/usr/bin/python3"}}')
     op = LocalStepOperator(task_id="t", python_callable=lambda: 1, step_operator="typo")
-    with pytest.raises(StepOperatorConfigError, match=r"connection 'typo' \(stepops_local\) extra.pyhton: unknown field; allowed: .*python"):
+    with pytest.raises(StepOperatorConfigError, match=r"connection 'typo' \(stepops_local\) extra.pyhton: unknown field; did you mean 'python'\? allowed: .*python"):
         op.get_hook()
 
 

@@ -169,3 +169,17 @@ def test_missing_step_operator_for_the_generic_decorator():
                 return 1
 
             step()
+
+
+@pytest.mark.parametrize("model", [getattr(FLAVORS[name], kind)() for name in sorted(FLAVORS)
+                                   for kind in ("settings_model", "config_model")], ids=lambda m: m.__name__)
+def test_unknown_field_in_class_form_lists_allowed_fields(model):
+    """``Settings(foo=1)`` says what ``{"foo": 1}`` says: the field, a close match and every allowed field."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as err:
+        model(max_runtime_in_second=1)
+    line = next(e for e in err.value.errors() if e["loc"] == ("max_runtime_in_second",))
+    assert line["msg"].endswith("allowed: " + ", ".join(model.model_fields))
+    if "max_runtime_in_seconds" in model.model_fields:
+        assert "did you mean 'max_runtime_in_seconds'?" in line["msg"]
