@@ -180,7 +180,7 @@ def render_task(dag_id: str, task_id: str, run_id: str = "render", map_index: in
         task = _unmap_for_render(task, map_index)
     if not isinstance(task, StepOperator):
         raise StepOperatorConfigError(f"task {dag_id}.{task_id} is a {type(task).__name__}, not a step task")
-    hook = task.get_hook()
+    hook = _hook_for(task)
     identity = StepIdentity(dag_id, run_id, task_id, map_index, try_number)
     spec = task.build_spec(hook, identity, refs=[])
     return {
@@ -196,6 +196,19 @@ def render_task(dag_id: str, task_id: str, run_id: str = "render", map_index: in
         "output_uri": spec.output_uri,
         "request": hook.render(spec),
     }
+
+
+def _hook_for(task: Any) -> Any:
+    """The task's hook, its connection read as ``describe`` reads it (Airflow's own look-up is the fallback)."""
+    from airflow_stepops.flavors import get_flavor
+    from airflow_stepops.hooks.base import _flavor_and_extras, parse_config
+
+    found = conns.Registry.load().get(task.step_operator)
+    if found is not None and task._hook is None:
+        flavor, extras = _flavor_and_extras(task.step_operator, found[0], found[1], task.flavor)
+        config = parse_config(flavor, task.step_operator, extras)
+        task._hook = get_flavor(flavor).hook()(step_operator_conn_id=task.step_operator, config=config)
+    return task.get_hook()
 
 
 def _dag_files(folder: str, dag_id: str) -> list[str]:
@@ -258,6 +271,7 @@ def _unmap_for_render(task: Any, map_index: int) -> Any:
 
 
 def cmd_render(ns: argparse.Namespace) -> int:
+    os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")  # not Airflow's INFO lines on parsing
     print(json.dumps(render_task(ns.dag_id, ns.task_id, ns.run_id, ns.map_index), indent=2, default=str))
     return 0
 

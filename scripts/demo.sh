@@ -20,6 +20,10 @@ export AIRFLOW__CORE__DAGS_FOLDER="$PWD/dags_examples"
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__LOGGING__LOGGING_LEVEL="${AIRFLOW__LOGGING__LOGGING_LEVEL:-WARNING}"
 mkdir -p "$AIRFLOW_HOME"
+# the demo home's own configuration, so commands run later with only AIRFLOW_HOME set (stepops render,
+# airflow dags list) see the example DAGs; an existing airflow.cfg is left as it is
+[ -f "$AIRFLOW_HOME/airflow.cfg" ] || printf '[core]\ndags_folder = %s\nload_examples = False\n' \
+  "$AIRFLOW__CORE__DAGS_FOLDER" >"$AIRFLOW_HOME/airflow.cfg"
 "$UV" run --frozen airflow db migrate >"$AIRFLOW_HOME/db-migrate.log" 2>&1 || { cat "$AIRFLOW_HOME/db-migrate.log"; exit 1; }
 case "$FLAVOR" in
   local) ;;
@@ -88,6 +92,8 @@ esac
 STEPOPS_EXAMPLE_STEP_OPERATOR=$("$UV" run --frozen python dags_examples/setup_connections.py "$FLAVOR")
 export STEPOPS_EXAMPLE_STEP_OPERATOR
 echo "Running the mixed pipeline (step operator flavor: $FLAVOR) ..."
-"$UV" run --frozen airflow dags test mixed_pipeline >"$AIRFLOW_HOME/dags-test.log" 2>&1 || {
+# at INFO, the log holds the lines each step streamed; show_run.py prints them beside the job summaries
+AIRFLOW__LOGGING__LOGGING_LEVEL=INFO "$UV" run --frozen airflow dags test mixed_pipeline >"$AIRFLOW_HOME/dags-test.log" 2>&1 || {
   tail -n 80 "$AIRFLOW_HOME/dags-test.log"; echo "demo failed; full log: $AIRFLOW_HOME/dags-test.log"; exit 1; }
-"$UV" run --frozen python dags_examples/show_run.py mixed_pipeline
+"$UV" run --frozen python dags_examples/show_run.py mixed_pipeline "$AIRFLOW_HOME/dags-test.log"
+echo "Full log: $AIRFLOW_HOME/dags-test.log. To use the CLI on this demo: . .venv/bin/activate; export AIRFLOW_HOME=$AIRFLOW_HOME; stepops list"
