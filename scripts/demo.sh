@@ -20,11 +20,12 @@ export AIRFLOW__CORE__DAGS_FOLDER="$PWD/dags_examples"
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__LOGGING__LOGGING_LEVEL="${AIRFLOW__LOGGING__LOGGING_LEVEL:-WARNING}"
 mkdir -p "$AIRFLOW_HOME"
-# the demo home's own configuration, so commands run later with only AIRFLOW_HOME set (stepops render,
-# airflow dags list) see the example DAGs; an existing airflow.cfg is left as it is
-[ -f "$AIRFLOW_HOME/airflow.cfg" ] || printf '[core]\ndags_folder = %s\nload_examples = False\n' \
-  "$AIRFLOW__CORE__DAGS_FOLDER" >"$AIRFLOW_HOME/airflow.cfg"
+NEW_HOME=$([ -f "$AIRFLOW_HOME/airflow.cfg" ] || echo 1)
 "$UV" run --frozen airflow db migrate >"$AIRFLOW_HOME/db-migrate.log" 2>&1 || { cat "$AIRFLOW_HOME/db-migrate.log"; exit 1; }
+# a home this run created gets the demo's settings in its airflow.cfg, so commands run later with only
+# AIRFLOW_HOME set (stepops render, airflow dags list) see the example DAGs; an existing one is left as it is
+[ -z "$NEW_HOME" ] || sed -i -e "s|^dags_folder = .*|dags_folder = $AIRFLOW__CORE__DAGS_FOLDER|" \
+  -e "s|^load_examples = .*|load_examples = False|" "$AIRFLOW_HOME/airflow.cfg"
 case "$FLAVOR" in
   local) ;;
   kubernetes)
