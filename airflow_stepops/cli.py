@@ -1,58 +1,148 @@
 """``stepops``: list, describe and dry-run step operators.
 
 - ``stepops list``                      registered step operators, flavor, where credentials come from
+- ``stepops list --check``              the same, and whether each one's service and artifact store answer
 - ``stepops describe NAME``             a step operator's full configuration (defaults included)
 - ``stepops render DAG_ID TASK_ID``     exactly what would be submitted for a task, without submitting
+
+``list`` and ``describe`` read configuration only: no network, no cloud SDK, and Airflow itself only when
+connections live somewhere other than environment variables and the metadata database (a secrets
+backend), so they answer in about a second. ``render`` and ``list --check`` need Airflow.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
+import time
 from typing import Any
 
-from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops import _cli_connections as conns
+from airflow_stepops._cli_connections import CliError
 
 
-def _describe(conn_id: str) -> dict[str, Any]:
-    from airflow_stepops.flavors import get_flavor
-    from airflow_stepops.hooks.base import load_step_operator_connection, parse_config
+def home_problem(environ: os._Environ[str] | dict[str, str] = os.environ) -> str | None:
+    """Why this process cannot read an Airflow installation; checked before anything imports Airflow,
+    which creates ``~/airflow`` (and a database) when AIRFLOW_HOME is unset."""
+    home = environ.get("AIRFLOW_HOME")
+    demo = "after `make demo`, from the project root: export AIRFLOW_HOME=$PWD/.airflow/demo"
+    if home is None and not os.path.isdir(os.path.expanduser("~/airflow")):
+        return (f"AIRFLOW_HOME is not set and ~/airflow does not exist: stepops reads an existing Airflow "
+                f"installation and does not create one. Point AIRFLOW_HOME at yours ({demo}).")
+    if home is not None and not os.path.isdir(os.path.expanduser(home)):
+        return f"AIRFLOW_HOME={home} does not exist ({demo})."
+    return None
 
-    flavor, extras = load_step_operator_connection(conn_id)
-    config = parse_config(flavor, conn_id, extras)
-    hook = get_flavor(flavor).hook()(step_operator_conn_id=conn_id, config=config)
+
+# ---- list / describe: configuration only ----------------------------------------------------------
+#: what a flavor's client uses when its credential connection does not exist (read in its hook)
+_MISSING_CONN_FALLBACK = {
+    "sagemaker": ("aws_conn_id", "the default AWS credential chain (environment, ~/.aws, instance role)"),
+    "azureml": ("azure_conn_id", "DefaultAzureCredential (environment, managed identity, az login)"),
+    "vertex": ("gcp_conn_id", None),
+    "modal": ("modal_conn_id", "Modal's own token (MODAL_TOKEN_ID / ~/.modal.toml)"),  # for modal_default only
+    "kubernetes": ("kubernetes_conn_id", None),
+}
+
+
+def _credentials(flavor: str, config: Any, registry: conns.Registry) -> str:
+    """``credentials_source()``, with the credential connection it names checked: a missing one is named
+    with what is used instead (or that steps fail)."""
+    text = str(config.credentials_source())
+    field, fallback = _MISSING_CONN_FALLBACK.get(flavor, (None, None))
+    conn_id = getattr(config, field, None) if field else None
+    if not conn_id or registry.get(conn_id) is not None:
+        return text
+    if flavor == "modal" and conn_id != "modal_default":  # the modal provider's hook: only its default is optional
+        fallback = None
+    instead = f"{fallback}: no connection {conn_id!r}" if fallback else f"connection {conn_id!r} does not exist: steps fail"
+    return re.sub(rf"\w+ connection {re.escape(repr(conn_id))}", lambda _: instead, text, count=1)
+
+
+def _artifact_store(flavor: str, config: Any) -> str:
+    if config.artifact_store:
+        return str(config.artifact_store)
+    if flavor in ("local", "kubernetes", "modal"):  # the default store under AIRFLOW_HOME (artifacts.default_local_store)
+        return "file://" + os.path.join(conns.airflow_home(), "stepops", "artifacts")
+    return "(none: required)"
+
+
+def describe(conn_id: str, registry: conns.Registry | None = None) -> dict[str, Any]:
+    """A step operator's configuration, validated, from its connection alone."""
+    from pydantic import ValidationError
+
+    from airflow_stepops.flavors import flavor_for_conn_type
+    from airflow_stepops.settings.base import format_validation_error
+
+    registry = registry or conns.Registry.load()
+    found = registry.get(conn_id)
+    if found is None:
+        known = registry.step_operators()
+        listed = ", ".join(f"{k} ({v})" for k, v in known.items()) or "none"
+        raise CliError(f"no step operator {conn_id!r}; registered step operators: {listed}")
+    conn_type, extras = found
+    flavor = flavor_for_conn_type(conn_type)
+    if flavor is None:
+        raise CliError(f"connection {conn_id!r} has type {conn_type!r}, not a step operator type (stepops_<flavor>)")
+    try:
+        config = flavor.config_model().model_validate(extras)
+    except ValidationError as err:
+        raise CliError(format_validation_error(err, f"connection {conn_id!r} ({conn_type}) extra")) from None
     info: dict[str, Any] = {
         "name": conn_id,
-        "flavor": flavor,
-        "connection_type": get_flavor(flavor).conn_type,
-        "credentials": config.credentials_source(),
-        "artifact_store": str(hook.artifact_root()),
+        "flavor": flavor.name,
+        "connection_type": conn_type,
+        "credentials": _credentials(flavor.name, config, registry),
+        "artifact_store": _artifact_store(flavor.name, config),
         "config": config.model_dump(mode="json"),
-        "settings_class": get_flavor(flavor).settings_class,
-        "operator_class": get_flavor(flavor).operator_class,
+        "settings_class": flavor.settings_class,
+        "operator_class": flavor.operator_class,
     }
-    if hasattr(hook, "jobs_dir"):
-        info["jobs_dir"] = hook.jobs_dir
+    if flavor.name == "local":  # as LocalStepOperatorHook.jobs_dir
+        jobs_dir = getattr(config, "jobs_dir", None)
+        info["jobs_dir"] = (os.path.abspath(os.path.expanduser(jobs_dir)) if jobs_dir
+                            else os.path.join(conns.airflow_home(), "stepops", "local", "jobs"))
     return info
 
 
-def cmd_list(_: argparse.Namespace) -> int:
-    from airflow_stepops.hooks.base import registered_step_operators
+def check(conn_id: str) -> str:
+    """Reach the backend as a step would: its artifact store, and one read of the service's job API (a
+    look-up of a job that does not exist). Needs Airflow and the flavor's client library."""
+    from airflow_stepops.bundle import StepIdentity
+    from airflow_stepops.flavors import get_flavor
+    from airflow_stepops.hooks.base import load_step_operator_connection, parse_config
 
-    known = registered_step_operators()
+    started = time.monotonic()
+    try:
+        flavor, extras = load_step_operator_connection(conn_id)
+        hook = get_flavor(flavor).hook()(step_operator_conn_id=conn_id, config=parse_config(flavor, conn_id, extras))
+        root = hook.artifact_root()
+        root.exists()
+        hook.find_job(StepIdentity("stepops-check", "stepops-check", "stepops-check", -1, 1))
+    except Exception as exc:
+        return "unreachable: " + (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+    return f"ok ({time.monotonic() - started:.1f} s)"
+
+
+def cmd_list(ns: argparse.Namespace) -> int:
+    registry = conns.Registry.load()
+    known = registry.step_operators()
     if not known:
-        print("No step operators registered. Register one, e.g.:\n"
+        print(f"No step operators registered in {conns.airflow_home()}. Register one, e.g.:\n"
               "  airflow connections add local_step_operator --conn-type stepops_local --conn-extra '{}'")
         return 0
-    rows = []
-    for conn_id in known:
+    headers = ("NAME", "FLAVOR", "CREDENTIALS FROM", "ARTIFACT STORE") + (("REACHABLE",) if ns.check else ())
+    rows: list[tuple[str, ...]] = []
+    for conn_id, flavor in known.items():
         try:
-            info = _describe(conn_id)
-            rows.append((conn_id, info["flavor"], info["credentials"], info["artifact_store"]))
-        except StepOperatorConfigError as exc:
-            rows.append((conn_id, known[conn_id], f"INVALID: {exc}".splitlines()[0], ""))
-    headers = ("NAME", "FLAVOR", "CREDENTIALS FROM", "ARTIFACT STORE")
+            info = describe(conn_id, registry)
+            row: tuple[str, ...] = (conn_id, flavor, info["credentials"], info["artifact_store"])
+        except CliError as exc:
+            row = (conn_id, flavor, f"INVALID: {exc}".splitlines()[0], "")
+        rows.append(row + ((check(conn_id) if not row[2].startswith("INVALID") else "",) if ns.check else ()))
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
     for row in [headers, *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -60,10 +150,11 @@ def cmd_list(_: argparse.Namespace) -> int:
 
 
 def cmd_describe(ns: argparse.Namespace) -> int:
-    print(json.dumps(_describe(ns.name), indent=2))
+    print(json.dumps(describe(ns.name), indent=2))
     return 0
 
 
+# ---- render: loads the DAG ------------------------------------------------------------------------
 def _placeholder(value: Any) -> Any:
     from airflow.sdk.definitions._internal.mixins import ResolveMixin
 
@@ -80,6 +171,7 @@ def render_task(dag_id: str, task_id: str, run_id: str = "render", map_index: in
                 try_number: int = 1) -> dict[str, Any]:
     """What ``execute`` would submit for this task; writes and starts nothing."""
     from airflow_stepops.bundle import StepIdentity
+    from airflow_stepops.exceptions import StepOperatorConfigError
     from airflow_stepops.operators.base import StepOperator
 
     task = _load_task(dag_id, task_id)
@@ -88,7 +180,7 @@ def render_task(dag_id: str, task_id: str, run_id: str = "render", map_index: in
         task = _unmap_for_render(task, map_index)
     if not isinstance(task, StepOperator):
         raise StepOperatorConfigError(f"task {dag_id}.{task_id} is a {type(task).__name__}, not a step task")
-    hook = task.get_hook()
+    hook = _hook_for(task)
     identity = StepIdentity(dag_id, run_id, task_id, map_index, try_number)
     spec = task.build_spec(hook, identity, refs=[])
     return {
@@ -106,23 +198,54 @@ def render_task(dag_id: str, task_id: str, run_id: str = "render", map_index: in
     }
 
 
+def _hook_for(task: Any) -> Any:
+    """The task's hook, its connection read as ``describe`` reads it (Airflow's own look-up is the fallback)."""
+    from airflow_stepops.flavors import get_flavor
+    from airflow_stepops.hooks.base import _flavor_and_extras, parse_config
+
+    found = conns.Registry.load().get(task.step_operator)
+    if found is not None and task._hook is None:
+        flavor, extras = _flavor_and_extras(task.step_operator, found[0], found[1], task.flavor)
+        config = parse_config(flavor, task.step_operator, extras)
+        task._hook = get_flavor(flavor).hook()(step_operator_conn_id=task.step_operator, config=config)
+    return task.get_hook()
+
+
+def _dag_files(folder: str, dag_id: str) -> list[str]:
+    """Python files of the DAG folder that name ``dag_id``: parsed first, so rendering one task does not
+    parse every DAG (the whole folder is the fallback)."""
+    found = []
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if name.endswith(".py"):
+                with open(path, encoding="utf-8", errors="replace") as fh:
+                    if dag_id in fh.read():
+                        found.append(path)
+    return found
+
+
 def _load_task(dag_id: str, task_id: str) -> Any:
     from airflow_stepops._compat import airflow_conf, dagbag_class
+    from airflow_stepops.exceptions import StepOperatorConfigError
 
     dags_folder = airflow_conf().get("core", "dags_folder")
     if dags_folder not in sys.path:  # as the DAG processor does for a bundle: sibling modules import
         sys.path.append(dags_folder)
-    bag = dagbag_class()(dag_folder=dags_folder)
-    dag = bag.get_dag(dag_id)
+    dag, bag = None, None
+    for source in [*_dag_files(dags_folder, dag_id), dags_folder]:
+        bag = dagbag_class()(dag_folder=source)
+        dag = bag.get_dag(dag_id)
+        if dag is not None:
+            break
     if dag is None:
-        problems = "; ".join(f"{k}: {v.splitlines()[-1]}" for k, v in bag.import_errors.items())
+        problems = "; ".join(f"{k}: {v.splitlines()[-1]}" for k, v in bag.import_errors.items()) if bag else ""
         raise StepOperatorConfigError(
-            f"DAG {dag_id!r} not found in {bag.dag_folder}" + (f" (import errors: {problems})" if problems else "")
+            f"DAG {dag_id!r} not found in {dags_folder}" + (f" (import errors: {problems})" if problems else "")
         )
     if task_id not in dag.task_dict:
         raise StepOperatorConfigError(f"task {task_id!r} not in DAG {dag_id!r}; tasks: {', '.join(dag.task_ids)}")
-    task = dag.task_dict[task_id]
-    return task
+    return dag.task_dict[task_id]
 
 
 def _is_mapped_step(task: Any) -> bool:
@@ -148,6 +271,7 @@ def _unmap_for_render(task: Any, map_index: int) -> Any:
 
 
 def cmd_render(ns: argparse.Namespace) -> int:
+    os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")  # not Airflow's INFO lines on parsing
     print(json.dumps(render_task(ns.dag_id, ns.task_id, ns.run_id, ns.map_index), indent=2, default=str))
     return 0
 
@@ -156,10 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list registered step operators").set_defaults(func=cmd_list)
-    describe = sub.add_parser("describe", help="show one step operator's configuration")
-    describe.add_argument("name", help="connection id of the step operator")
-    describe.set_defaults(func=cmd_describe)
+    listing = sub.add_parser("list", help="list registered step operators (configuration only)")
+    listing.add_argument("--check", action="store_true",
+                         help="also reach each backend (artifact store, job API) and report whether it answers")
+    listing.set_defaults(func=cmd_list)
+    describe_ = sub.add_parser("describe", help="show one step operator's configuration")
+    describe_.add_argument("name", help="connection id of the step operator")
+    describe_.set_defaults(func=cmd_describe)
     render = sub.add_parser("render", help="print what would be submitted for a task, without submitting")
     render.add_argument("dag_id")
     render.add_argument("task_id")
@@ -171,11 +298,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    problem = home_problem()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
-        return ns.func(ns)
-    except StepOperatorConfigError as exc:
+        return int(ns.func(ns))
+    except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        config_error = getattr(sys.modules.get("airflow_stepops.exceptions"), "StepOperatorConfigError", ())
+        if config_error and isinstance(exc, config_error):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from airflow_stepops.exceptions import StepOperatorConfigError
-
 if TYPE_CHECKING:
     from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings
 
@@ -108,6 +106,8 @@ def get_flavor(name: str) -> Flavor:
     try:
         return FLAVORS[name]
     except KeyError:
+        from airflow_stepops.exceptions import StepOperatorConfigError  # imports Airflow: only when needed
+
         raise StepOperatorConfigError(
             f"unknown step operator flavor {name!r}; available flavors: {', '.join(sorted(FLAVORS))}"
         ) from None

@@ -32,7 +32,7 @@ from benchmarks.common import (
     status_word,
 )
 
-BENCHMARKS = ("parse", "local", "triggerer", "artifacts", "kubernetes", "vertex", "modal")
+BENCHMARKS = ("parse", "local", "triggerer", "artifacts", "kubernetes", "vertex", "modal", "cli")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -81,6 +81,10 @@ def run_one(name: str, workdir: Path, args: argparse.Namespace) -> Section:
             from benchmarks import bench_vertex
 
             section = bench_vertex.run(workdir, steps=args.vertex_steps)
+        elif name == "cli":
+            from benchmarks import bench_cli
+
+            section = bench_cli.run(workdir, quick=args.quick)
         elif name == "modal":
             from benchmarks import bench_modal
 

@@ -20,7 +20,12 @@ export AIRFLOW__CORE__DAGS_FOLDER="$PWD/dags_examples"
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__LOGGING__LOGGING_LEVEL="${AIRFLOW__LOGGING__LOGGING_LEVEL:-WARNING}"
 mkdir -p "$AIRFLOW_HOME"
+NEW_HOME=$([ -f "$AIRFLOW_HOME/airflow.cfg" ] || echo 1)
 "$UV" run --frozen airflow db migrate >"$AIRFLOW_HOME/db-migrate.log" 2>&1 || { cat "$AIRFLOW_HOME/db-migrate.log"; exit 1; }
+# a home this run created gets the demo's settings in its airflow.cfg, so commands run later with only
+# AIRFLOW_HOME set (stepops render, airflow dags list) see the example DAGs; an existing one is left as it is
+[ -z "$NEW_HOME" ] || sed -i -e "s|^dags_folder = .*|dags_folder = $AIRFLOW__CORE__DAGS_FOLDER|" \
+  -e "s|^load_examples = .*|load_examples = False|" "$AIRFLOW_HOME/airflow.cfg"
 case "$FLAVOR" in
   local) ;;
   kubernetes)
@@ -88,6 +93,8 @@ esac
 STEPOPS_EXAMPLE_STEP_OPERATOR=$("$UV" run --frozen python dags_examples/setup_connections.py "$FLAVOR")
 export STEPOPS_EXAMPLE_STEP_OPERATOR
 echo "Running the mixed pipeline (step operator flavor: $FLAVOR) ..."
-"$UV" run --frozen airflow dags test mixed_pipeline >"$AIRFLOW_HOME/dags-test.log" 2>&1 || {
+# at INFO, the log holds the lines each step streamed; show_run.py prints them beside the job summaries
+AIRFLOW__LOGGING__LOGGING_LEVEL=INFO "$UV" run --frozen airflow dags test mixed_pipeline >"$AIRFLOW_HOME/dags-test.log" 2>&1 || {
   tail -n 80 "$AIRFLOW_HOME/dags-test.log"; echo "demo failed; full log: $AIRFLOW_HOME/dags-test.log"; exit 1; }
-"$UV" run --frozen python dags_examples/show_run.py mixed_pipeline
+"$UV" run --frozen python dags_examples/show_run.py mixed_pipeline "$AIRFLOW_HOME/dags-test.log"
+echo "Full log: $AIRFLOW_HOME/dags-test.log. To use the CLI on this demo: . .venv/bin/activate; export AIRFLOW_HOME=$AIRFLOW_HOME; stepops list"

@@ -97,7 +97,13 @@ class SageMakerStepOperatorHook(StepOperatorHook):
     # ---- clients ------------------------------------------------------------------------------
     def _aws_hook(self, client_type: str) -> Any:
         return _aws_hook_class()(aws_conn_id=self.config.aws_conn_id, client_type=client_type,
-                                 region_name=self.config.region_name, api_config=self._botocore_config)
+                                 region_name=self.config.region_name, api_config=self._botocore_config,
+                                 resolved=self._aws_conn_resolved)
+
+    @cached_property
+    def _aws_conn_resolved(self) -> dict[str, str | None]:
+        """The aws connection id once looked up, shared by this step operator's clients (filled by the first)."""
+        return {}
 
     @cached_property
     def _botocore_config(self) -> Any:
@@ -502,15 +508,50 @@ def _aws_hook_class() -> type:
         the aws connection sets itself (``config_kwargs``), merged when a client is made: the connection
         is then read where clients are made (a worker thread for aiobotocore), not on the event loop."""
 
-        def __init__(self, *args: Any, api_config: Any, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, api_config: Any, resolved: dict[str, str | None], **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.api_config = api_config
+            self.resolved = resolved
 
         @property
         def config(self) -> Any:
             return self.api_config.merge(super().config)
 
+        @cached_property
+        def conn_config(self) -> Any:
+            """The connection looked up once per step operator, and only when it exists: AwsBaseHook warns
+            "Unable to find AWS Connection ID" for every client made without it."""
+            if "aws_conn_id" not in self.resolved:
+                self.resolved["aws_conn_id"] = _existing_aws_conn(self.aws_conn_id)
+            self.aws_conn_id = self.resolved["aws_conn_id"]
+            return super().conn_config
+
     return StepOpsAwsHook
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def _existing_aws_conn(conn_id: str | None) -> str | None:
+    """``conn_id`` if that connection exists; else None, which makes AwsBaseHook use boto3's default
+    credential chain (said once per process, at info level)."""
+    from airflow_stepops._compat import AirflowNotFoundException
+    from airflow_stepops.hooks.base import _get_connection
+
+    if not conn_id:
+        return None
+    try:
+        _get_connection(conn_id)
+    except AirflowNotFoundException:
+        if conn_id not in _ANNOUNCED:
+            _ANNOUNCED.add(conn_id)
+            import logging
+
+            logging.getLogger(__name__).info(
+                "No aws connection %r: SageMaker and S3 calls use the default AWS credential chain "
+                "(environment, ~/.aws, instance role)", conn_id)
+        return None
+    return conn_id
 
 
 def _log_request(handle: JobHandle, cursor: Any) -> dict[str, Any]:
