@@ -353,6 +353,10 @@ class VertexEmulator(Emulator):
     def status(self, job_id: str) -> str:
         return self._jobs().find(job_id).state
 
+    def reply_held(self, job_id: str) -> bool:
+        """Whether the create call of a ``lost_create_reply`` job is still holding its reply."""
+        return self._jobs().find(job_id).reply_held
+
     def history(self, job_id: str) -> list[str]:
         return list(self._jobs().find(job_id).history)
 

@@ -58,6 +58,8 @@ class Job:
         self.cancel_requested = threading.Event()
         #: seconds the create call holds its reply before dropping the connection (a ``lost_create_reply``)
         self.lose_reply: float | None = None
+        #: the create call is holding its reply right now
+        self.reply_held = False
 
     @property
     def name(self) -> str:

@@ -100,7 +100,11 @@ class ApiServer:
         body = await _body(request)
         job = self.jobs.create(path["project"], path["location"], body)
         if job.lose_reply is not None:  # the job exists; its creator never hears of it
-            await asyncio.sleep(job.lose_reply)
+            job.reply_held = True
+            try:
+                await asyncio.sleep(job.lose_reply)
+            finally:
+                job.reply_held = False
             if request.transport is not None:
                 request.transport.abort()
             raise asyncio.CancelledError
