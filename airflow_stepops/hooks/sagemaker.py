@@ -626,6 +626,11 @@ def validate_request(request: dict[str, Any]) -> None:
         raise StepOperatorConfigError("the CreateTrainingJob request is invalid:\n" + "\n".join(errors))
 
 
+def shape_errors(shape_name: str, value: Any, path: str) -> list[str]:
+    """``value`` against one shape of the service model (lengths, pattern, enum): settings use it at parse time."""
+    return _constraint_errors(value, _sagemaker_model().shape_for(shape_name), path)
+
+
 def _constraint_errors(value: Any, shape: Any, path: str) -> list[str]:
     meta, kind = shape.metadata, shape.type_name
     if kind == "structure" and isinstance(value, dict):

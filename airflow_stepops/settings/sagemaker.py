@@ -44,6 +44,14 @@ def check_tags(tags: dict[str, str], field: str) -> dict[str, str]:
         if not 1 <= len(key) <= 128 or len(value) > 256 or key.lower().startswith("aws:"):
             raise ValueError(f"{field}[{key!r}]: tag keys are 1-128 characters and not 'aws:...', values at most "
                              "256 characters")
+    if tags:  # the model's TagKey/TagValue patterns, which SageMaker enforces and botocore's validator skips
+        from airflow_stepops.hooks.sagemaker import shape_errors
+
+        errors = [e for key, value in tags.items()
+                  for e in shape_errors("TagKey", key, f"{field} key {key!r}")
+                  + shape_errors("TagValue", str(value), f"{field}[{key!r}]")]
+        if errors:
+            raise ValueError("; ".join(errors) + " (tags hold letters, digits, spaces and _ . : / = + - @)")
     return tags
 
 
