@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 Connection = tuple[str, dict[str, Any]]  # (conn_type, extras)
 PREFIX = "AIRFLOW_CONN_"
@@ -26,8 +26,9 @@ def airflow_home() -> str:
     return os.path.abspath(os.path.expanduser(os.environ.get("AIRFLOW_HOME") or "~/airflow"))
 
 
-def _config() -> configparser.RawConfigParser:
-    parser = configparser.RawConfigParser(strict=False)
+def _config() -> configparser.ConfigParser:
+    """airflow.cfg as Airflow reads it: a ConfigParser, so ``%%`` is ``%`` and ``%(name)s`` interpolates."""
+    parser = configparser.ConfigParser(strict=False)
     parser.read(os.path.expanduser(os.environ.get("AIRFLOW_CONFIG") or os.path.join(airflow_home(), "airflow.cfg")))
     return parser
 
@@ -40,33 +41,62 @@ class _NeedsAirflow(Exception):
     """The configuration uses something only Airflow resolves."""
 
 
-def _option(cfg: configparser.RawConfigParser, section: str, key: str) -> str | None:
-    """Airflow's precedence for the plain forms: ``AIRFLOW__SECTION__KEY``, then airflow.cfg."""
-    env = f"AIRFLOW__{section.upper()}__{key.upper()}"
-    if any(f"{env}_{kind}" in os.environ for kind in ("CMD", "SECRET")) or any(
-            cfg.has_option(section, f"{key}_{kind}") for kind in ("cmd", "secret")):
-        raise _NeedsAirflow(f"{section}.{key} comes from a command or secret")
-    if env in os.environ:
-        return os.environ[env]
-    return cfg.get(section, key) if cfg.has_option(section, key) else None
+def _expand(value: str) -> str:
+    """Airflow's ``expand_env_var``: environment variables and ``~``, until nothing changes."""
+    while True:
+        expanded = os.path.expanduser(os.path.expandvars(value))
+        if expanded == value:
+            return value
+        value = expanded
 
 
-def parse_env_connection(value: str) -> Connection | None:
-    """An ``AIRFLOW_CONN_*`` value: JSON, or a URI whose scheme is the type with ``-`` for ``_``."""
+def _option(cfg: configparser.ConfigParser, section: str, key: str, *fallbacks: str) -> str | None:
+    """Airflow's precedence for the plain forms: ``AIRFLOW__SECTION__KEY``, then airflow.cfg; then the
+    deprecated ``section.key`` names in ``fallbacks`` (e.g. ``core.sql_alchemy_conn``)."""
+    for name in (f"{section}.{key}", *fallbacks):
+        sect, opt = name.split(".")
+        env = f"AIRFLOW__{sect.upper()}__{opt.upper()}"
+        if any(f"{env}_{kind}" in os.environ for kind in ("CMD", "SECRET")) or any(
+                cfg.has_option(sect, f"{opt}_{kind}") for kind in ("cmd", "secret")):
+            raise _NeedsAirflow(f"{sect}.{opt} comes from a command or secret")
+        try:
+            value = os.environ.get(env) or (cfg.get(sect, opt) if cfg.has_option(sect, opt) else None)
+        except configparser.Error as exc:  # an interpolation only Airflow's own parser resolves
+            raise _NeedsAirflow(str(exc)) from None
+        if value:
+            return _expand(value)
+    return None
+
+
+def _extras(conn_id: str, raw: Any) -> dict[str, Any]:
+    """A connection's extra as a dict; a CliError worded as the operator's (hooks/base.connection_extras)."""
+    if not raw:
+        return {}
+    try:
+        parsed = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError as exc:
+        raise CliError(f"connection {conn_id!r} extra: not valid JSON ({exc}); set it to a JSON object") from None
+    if not isinstance(parsed, dict):
+        raise CliError(f"connection {conn_id!r} extra: must be a JSON object ({{...}}), got a JSON "
+                       f"{type(parsed).__name__}")
+    return parsed
+
+
+def parse_env_connection(value: str) -> tuple[str, Any] | None:
+    """An ``AIRFLOW_CONN_*`` value as (type, raw extra): JSON, or a URI whose scheme is the type with ``-``
+    for ``_``; None when not even the type can be read (Airflow fails that look-up too)."""
     value = value.strip()
     if value.startswith("{"):
         try:
             data = json.loads(value)
         except ValueError:
             return None
-        extra = data.get("extra") or {}
-        return str(data.get("conn_type") or ""), json.loads(extra) if isinstance(extra, str) else dict(extra)
+        return (str(data.get("conn_type") or ""), data.get("extra")) if isinstance(data, dict) else None
     if "://" not in value:
         return None
     parts = urlsplit(value)
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    extras = json.loads(query["__extra__"]) if "__extra__" in query else {k: unquote(v) for k, v in query.items()}
-    return parts.scheme.replace("-", "_"), extras
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))  # values come back unquoted
+    return parts.scheme.replace("-", "_"), query["__extra__"] if "__extra__" in query else query
 
 
 def _decrypt(token: str, fernet_key: str | None) -> str:
@@ -78,57 +108,77 @@ def _decrypt(token: str, fernet_key: str | None) -> str:
         token.encode()).decode()
 
 
-def _database_connections() -> dict[str, Connection]:
+def _database_connections() -> dict[str, tuple[str, Any]]:
+    """The metadata database's connections; CliError when it cannot be read."""
     cfg = _config()
-    if _option(cfg, "secrets", "backend") or _option(cfg, "database", "sql_alchemy_schema"):
-        raise _NeedsAirflow("a secrets backend or a database schema is configured")
-    url = _option(cfg, "database", "sql_alchemy_conn") or f"sqlite:///{os.path.join(airflow_home(), 'airflow.db')}"
-    if url.startswith("sqlite:///") and not os.path.exists(url[len("sqlite:///"):]):
+    if _option(cfg, "secrets", "backend") or _option(cfg, "database", "sql_alchemy_schema") or _option(
+            cfg, "database", "sql_alchemy_connect_args") or _option(cfg, "database", "sql_alchemy_engine_args"):
+        raise _NeedsAirflow("a secrets backend, a database schema or engine arguments are configured")
+    url = _option(cfg, "database", "sql_alchemy_conn", "core.sql_alchemy_conn") or \
+        f"sqlite:///{os.path.join(airflow_home(), 'airflow.db')}"
+    if url.startswith("sqlite:///") and not os.path.exists(url[len("sqlite:///"):].split("?", 1)[0]):
         raise CliError(f"no Airflow metadata database at {url[len('sqlite:///'):]}; create it with "
-                                "`airflow db migrate` (make demo does)")
+                       "`airflow db migrate` (make demo does)")
     import sqlalchemy
 
-    engine = sqlalchemy.create_engine(url)
     try:
-        with engine.connect() as db:
-            rows = db.execute(sqlalchemy.text(
-                "SELECT conn_id, conn_type, extra, is_extra_encrypted FROM connection")).all()
-    finally:
-        engine.dispose()
-    fernet_key = _option(cfg, "core", "fernet_key")
-    found = {}
-    for conn_id, conn_type, extra, encrypted in rows:
-        text = _decrypt(extra, fernet_key) if extra and encrypted else extra
+        engine = sqlalchemy.create_engine(url)
         try:
-            extras = json.loads(text) if text else {}
-        except ValueError:
-            extras = {}
-        found[conn_id] = (conn_type or "", extras if isinstance(extras, dict) else {})
-    return found
+            with engine.connect() as db:
+                rows = db.execute(sqlalchemy.text(
+                    "SELECT conn_id, conn_type, extra, is_extra_encrypted FROM connection")).all()
+        finally:
+            engine.dispose()
+    except (ImportError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        where = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CliError(f"cannot read connections from the metadata database {where}: {first} (is it migrated: "
+                       "`airflow db migrate`?)") from None
+    fernet_key = _option(cfg, "core", "fernet_key")
+    return {conn_id: (conn_type or "", _decrypt(extra, fernet_key) if extra and encrypted else extra)
+            for conn_id, conn_type, extra, encrypted in rows}
 
 
 @dataclass
 class Registry:
-    """The connections this process sees; ``direct`` False means Airflow answers every look-up."""
+    """The connections this process sees; ``direct`` False means Airflow answers every look-up.
 
-    connections: dict[str, Connection] = field(default_factory=dict)
+    ``problem``: why the metadata database could not be read; connections from the environment still
+    answer, and a look-up they do not answer raises it."""
+
+    connections: dict[str, tuple[str, Any]] = field(default_factory=dict)
     direct: bool = True
+    problem: str | None = None
 
     @classmethod
     def load(cls) -> Registry:
+        problem = None
         try:
             found = _database_connections()
         except _NeedsAirflow:
             return cls(direct=False)
+        except CliError as exc:
+            found, problem = {}, str(exc)
         for key, value in os.environ.items():  # environment variables come first in Airflow's order
             if key.startswith(PREFIX) and (conn := parse_env_connection(value)) is not None:
                 found[key[len(PREFIX):].lower()] = conn
-        return cls(found)
+        return cls(found, problem=problem)
+
+    def exists(self, conn_id: str) -> bool:
+        if self.direct:
+            return conn_id in self.connections
+        return _airflow_lookup(conn_id) is not None
 
     def get(self, conn_id: str) -> Connection | None:
-        if self.direct:
-            return self.connections.get(conn_id)
-        return _airflow_lookup(conn_id)
+        """(type, extras) of a connection; CliError for an extra that is not a JSON object."""
+        if not self.direct:
+            return _airflow_lookup(conn_id)
+        if conn_id not in self.connections:
+            if self.problem:
+                raise CliError(self.problem)
+            return None
+        conn_type, raw = self.connections[conn_id]
+        return conn_type, _extras(conn_id, raw)
 
     def step_operators(self) -> dict[str, str]:
         """Connection id -> flavor of every step operator connection."""
@@ -138,6 +188,8 @@ class Registry:
             from airflow_stepops.hooks.base import registered_step_operators
 
             return registered_step_operators()
+        if not self.connections and self.problem:
+            raise CliError(self.problem)
         return {k: f.name for k, (t, _) in sorted(self.connections.items()) if (f := flavor_for_conn_type(t))}
 
 

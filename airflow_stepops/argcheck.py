@@ -80,34 +80,56 @@ def instruction_line(ins: dis.Instruction, code: CodeType) -> int:
 
 
 @lru_cache(maxsize=4096)
-def _lookups_in(code: CodeType) -> tuple[str, ...]:
-    """``Variable.get (line 12)``-style findings in one code object (cached per code object: parse budget)."""
+def _lookups_in(code: CodeType) -> tuple[tuple[str, str, int, bool], ...]:
+    """(receiver, attribute, line, receiver is a global) of each ``Variable.get``-style call in one code
+    object (cached per code object: parse budget)."""
     names = (*code.co_names, *code.co_varnames, *code.co_freevars, *code.co_cellvars)
     if _RECEIVERS.isdisjoint(names) and "get_connection" not in names:
         return ()
     found, previous = [], None
     for ins in dis.get_instructions(code):
         if previous is not None and ins.opname in ("LOAD_ATTR", "LOAD_METHOD"):
-            pair = (previous.argval, ins.argval)
-            if pair in _AIRFLOW_LOOKUPS or (str(pair[0]).endswith("Hook") and pair[1] == "get_connection"):
-                found.append(f"{pair[0]}.{pair[1]} (line {instruction_line(ins, code)})")
+            receiver, attribute = previous.argval, ins.argval
+            if (receiver, attribute) in _AIRFLOW_LOOKUPS or (receiver.endswith("Hook") and attribute == "get_connection"):
+                found.append((receiver, attribute, instruction_line(ins, code),
+                              previous.opname in ("LOAD_GLOBAL", "LOAD_NAME")))
         previous = ins if ins.opname.startswith("LOAD_") and isinstance(ins.argval, str) else None
     return tuple(found)
 
 
+def _imported_names(code: CodeType) -> set[str]:
+    """Names a function binds by ``from ... import NAME`` (the local imports a step makes)."""
+    return {ins.argval for inner in nested_codes(code) for ins in dis.get_instructions(inner)
+            if ins.opname == "IMPORT_FROM"}
+
+
+def _from_airflow(value: Any) -> bool:
+    """Whether a module-level name is Airflow's (its class, or a subclass of one of Airflow's)."""
+    kind = value if isinstance(value, type) else type(value)
+    return any(str(getattr(k, "__module__", "")).startswith("airflow.") for k in kind.__mro__)
+
+
 def airflow_lookups(fn: FunctionType) -> list[str]:
     """Reads of Airflow Variables and Connections by ``fn``, its nested functions and the functions of its
-    own module (the DAG file) it calls: all of them travel with the step and run where Airflow is not."""
+    own module (the DAG file) it calls: all of them travel with the step and run where Airflow is not.
+
+    A receiver counts when it is Airflow's: a module-level name bound to Airflow's class (or one that is
+    not bound yet), or a name the step imports itself; the user's own ``Variable`` or a local variable of
+    that name does not."""
     found: list[str] = []
     seen: set[CodeType] = set()
     todo = [fn]
     while todo:
         current = todo.pop()
+        imported = _imported_names(current.__code__)
         for code in nested_codes(current.__code__):
             if code in seen:
                 continue
             seen.add(code)
-            found += [f"{what} in {code.co_name}" for what in _lookups_in(code)]
+            for receiver, attribute, line, is_global in _lookups_in(code):
+                bound = current.__globals__.get(receiver, _from_airflow) if is_global else None
+                if (is_global and (bound is _from_airflow or _from_airflow(bound))) or receiver in imported:
+                    found.append(f"{receiver}.{attribute} (line {line}) in {code.co_name}")
             for name in code.co_names:
                 helper = current.__globals__.get(name)
                 if isinstance(helper, FunctionType) and helper.__module__ == fn.__module__:

@@ -47,16 +47,9 @@ def store_path(uri: str) -> ObjectStoragePath:
         raise StepOperatorConfigError(f"artifact_store: cannot open {uri!r}: {exc}") from exc
 
 
-def store_root(uri: str) -> ObjectStoragePath:
-    """The root of an artifact store, checked to exist: every hook's ``artifact_root`` goes through here
-    before the operator writes anything."""
-    path = store_path(uri)
-    check_bucket(path)
-    return path
-
-
 def check_bucket(path: ObjectStoragePath) -> None:
-    """Refuse a store whose bucket (or blob container) does not exist, once per process and bucket.
+    """Refuse a store whose bucket (or blob container) does not exist, once per process and bucket
+    (the operator calls it through ``hook.check_store()`` before writing a bundle).
 
     Writing through fsspec would otherwise create it: s3fs, gcsfs and adlfs all make the bucket in
     ``mkdir(parents=True)``, so a misspelt name silently became a new bucket. One call: S3 HeadBucket

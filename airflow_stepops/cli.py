@@ -54,7 +54,7 @@ def _credentials(flavor: str, config: Any, registry: conns.Registry) -> str:
     text = str(config.credentials_source())
     field, fallback = _MISSING_CONN_FALLBACK.get(flavor, (None, None))
     conn_id = getattr(config, field, None) if field else None
-    if not conn_id or registry.get(conn_id) is not None:
+    if not conn_id or registry.exists(conn_id):
         return text
     if flavor == "modal" and conn_id != "modal_default":  # the modal provider's hook: only its default is optional
         fallback = None
@@ -119,8 +119,8 @@ def check(conn_id: str) -> str:
     try:
         flavor, extras = load_step_operator_connection(conn_id)
         hook = get_flavor(flavor).hook()(step_operator_conn_id=conn_id, config=parse_config(flavor, conn_id, extras))
-        root = hook.artifact_root()
-        root.exists()
+        hook.check_store()
+        hook.artifact_root().exists()
         hook.find_job(StepIdentity("stepops-check", "stepops-check", "stepops-check", -1, 1))
     except Exception as exc:
         return "unreachable: " + (str(exc).splitlines() or [type(exc).__name__])[0][:300]
@@ -212,16 +212,16 @@ def _hook_for(task: Any) -> Any:
 
 
 def _dag_files(folder: str, dag_id: str) -> list[str]:
-    """Python files of the DAG folder that name ``dag_id``: parsed first, so rendering one task does not
-    parse every DAG (the whole folder is the fallback)."""
+    """The DAG folder's files that name ``dag_id``, found as the DAG processor finds files
+    (``.airflowignore`` honoured): parsed first, so rendering one task does not parse every DAG (the whole
+    folder is the fallback)."""
+    from airflow.utils.file import list_py_file_paths
+
     found = []
-    for root, _, files in os.walk(folder):
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            if name.endswith(".py"):
-                with open(path, encoding="utf-8", errors="replace") as fh:
-                    if dag_id in fh.read():
-                        found.append(path)
+    for path in list_py_file_paths(folder):
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            if dag_id in fh.read():
+                found.append(path)
     return found
 
 

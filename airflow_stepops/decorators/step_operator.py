@@ -27,33 +27,35 @@ PORTABLE_CONTEXT_KEYS = frozenset({
 
 
 @lru_cache(maxsize=4096)
-def _refused_context_use(code: Any) -> str | None:
-    """The first parameter naming a worker-only context value, or the first such key read from the
+def _worker_only_reads(code: Any) -> tuple[tuple[str, str], ...]:
+    """(key, where) of each parameter naming a worker-only context value and each such key read from the
     ``**kwargs`` parameter (``context["ti"]``, ``context.get("ti")``); cached per code object: parse budget."""
     from airflow.sdk.definitions.context import KNOWN_CONTEXT_KEYS
 
     worker_only = KNOWN_CONTEXT_KEYS - PORTABLE_CONTEXT_KEYS
     count = code.co_argcount + code.co_kwonlyargcount
-    name = next((f"parameter {n!r}" for n in code.co_varnames[:count] if n in worker_only), None)
-    if name is not None or not code.co_flags & inspect.CO_VARKEYWORDS:
-        return name
+    found = [(n, f"parameter {n!r}") for n in code.co_varnames[:count] if n in worker_only]
+    if not code.co_flags & inspect.CO_VARKEYWORDS:
+        return tuple(found)
     varkw = code.co_varnames[count + bool(code.co_flags & inspect.CO_VARARGS)]
     for inner in nested_codes(code):  # nested functions read it as a closure variable
         loaded = False
         for ins in dis.get_instructions(inner):
             if loaded and ins.opname == "LOAD_CONST" and ins.argval in worker_only:
-                return f"{varkw}[{ins.argval!r}] (line {instruction_line(ins, inner)})"
+                found.append((ins.argval, f"{varkw}[{ins.argval!r}] (line {instruction_line(ins, inner)})"))
             method = ins.opname in ("LOAD_ATTR", "LOAD_METHOD") and ins.argval in ("get", "pop", "__getitem__")
             loaded = (loaded and method) or (ins.opname.startswith(("LOAD_FAST", "LOAD_DEREF")) and ins.argval == varkw)
-    return None
+    return tuple(found)
 
 
-def _check_context_use(fn: Callable[..., Any]) -> None:
+def _check_context_use(fn: Callable[..., Any], passed: Collection[str]) -> None:
+    """Refuse worker-only context values a step reads, unless the call passes that name itself (a
+    ``fit(task="classification")`` reading ``hp["task"]`` reads its own argument)."""
     code = getattr(inspect.unwrap(fn), "__code__", None)
-    use = _refused_context_use(code) if code is not None else None
-    if use is not None:
+    uses = [where for key, where in (_worker_only_reads(code) if code is not None else ()) if key not in passed]
+    if uses:
         raise StepOperatorConfigError(
-            f"{use} of {fn.__name__}: that Airflow context value does not exist where a step runs; take the "
+            f"{uses[0]} of {fn.__name__}: that Airflow context value does not exist where a step runs; take the "
             f"values you need as arguments instead (context values a step can receive, by parameter name or "
             f"in its **kwargs: {', '.join(sorted(PORTABLE_CONTEXT_KEYS))})"
         )
@@ -72,7 +74,7 @@ class _StepOperatorDecoratedOperator(DecoratedOperator, StepOperator):
         op_kwargs: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        _check_context_use(python_callable)
+        _check_context_use(python_callable, set(op_kwargs or ()))
         super().__init__(
             python_callable=python_callable,
             op_args=op_args,

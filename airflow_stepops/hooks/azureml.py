@@ -21,7 +21,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
-from airflow_stepops.artifacts import store_path, store_root
+from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.azureml_job import (
@@ -154,9 +154,11 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         every request themselves (20 s to connect, 60 s to read, ``ExponentialRetry`` with 3 retries:
         ``azure/storage/blob/_shared/constants.py`` and ``policies.py``)."""
         _quiet_sdk_logs()  # adlfs's blob client logs every request at INFO too
-        root = store_root(self.store.worker_uri)  # the container exists, before anything is written
+        return store_path(self.store.worker_uri)
+
+    def check_store(self) -> None:
+        super().check_store()
         self._check_datastore()
-        return root
 
     def _check_datastore(self) -> None:
         """An abfs:// store is reached by jobs through ``datastore``: it must be the store's container."""

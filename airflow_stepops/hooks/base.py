@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from airflow.sdk import BaseHook
 from pydantic import ValidationError
 
-from airflow_stepops.artifacts import ArtifactRef, default_local_store, store_root
+from airflow_stepops.artifacts import ArtifactRef, check_bucket, default_local_store, store_path
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.flavors import FLAVORS, flavor_for_conn_type, get_flavor
@@ -240,7 +240,12 @@ class StepOperatorHook(BaseHook):
         return parse_config(self.flavor, self.step_operator_conn_id, extras)
 
     def artifact_root(self) -> Any:
-        return store_root(self.config.artifact_store or default_local_store())
+        """Where bundles and results go; no network (``stepops render`` builds a spec with it)."""
+        return store_path(self.config.artifact_store or default_local_store())
+
+    def check_store(self) -> None:
+        """Refuse a store whose bucket or container does not exist, before anything is written to it."""
+        check_bucket(self.artifact_root())
 
     # ---- to implement per flavor ------------------------------------------------------------
     def render(self, spec: StepSpec) -> dict[str, Any]:

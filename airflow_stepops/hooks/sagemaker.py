@@ -24,7 +24,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
-from airflow_stepops.artifacts import store_path, store_root
+from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec
@@ -137,7 +137,7 @@ class SageMakerStepOperatorHook(StepOperatorHook):
             raise StepOperatorConfigError(
                 f"artifact_store: step operator {self.step_operator_conn_id!r} needs an s3:// artifact store for "
                 "bundles and results (SageMaker reads its inputs from S3)")
-        return store_root(self.config.artifact_store)
+        return store_path(self.config.artifact_store)
 
     # ---- the request --------------------------------------------------------------------------
     def instance_type(self, spec: StepSpec) -> str:
@@ -624,11 +624,6 @@ def validate_request(request: dict[str, Any]) -> None:
     errors += _constraint_errors(request, shape, "")
     if errors:
         raise StepOperatorConfigError("the CreateTrainingJob request is invalid:\n" + "\n".join(errors))
-
-
-def shape_errors(shape_name: str, value: Any, path: str) -> list[str]:
-    """``value`` against one shape of the service model (lengths, pattern, enum): settings use it at parse time."""
-    return _constraint_errors(value, _sagemaker_model().shape_for(shape_name), path)
 
 
 def _constraint_errors(value: Any, shape: Any, path: str) -> list[str]:

@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
-from airflow_stepops.artifacts import store_path, store_root
+from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec
@@ -119,7 +119,7 @@ class VertexStepOperatorHook(StepOperatorHook):
         bucket_part = store[len("gs://"):].split("/", 1)[0]
         if "@" not in bucket_part:  # read and write it with the step operator's google connection
             store = f"gs://{self.config.gcp_conn_id}@{store[len('gs://'):]}"
-        return store_root(store)
+        return store_path(store)
 
     def _api_error(self, exc: Exception, action: str) -> Exception:
         from google.api_core import exceptions as gexc

@@ -170,6 +170,7 @@ class StepOperator(BaseOperator):
                           max_result_bytes=hook.config.max_result_bytes,
                           inline_result_max_bytes=hook.config.inline_result_max_bytes, task_label=self.task_label)
         hook.render(spec)  # validates the whole backend request before anything is written or started
+        hook.check_store()
         from airflow_stepops.artifacts import store_path
 
         write_bundle(store_path(spec.bundle_uri), payload, meta)

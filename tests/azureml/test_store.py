@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("azure.ai.ml")
 
-from airflow_stepops.bundle import StepIdentity, build_meta, write_bundle
+from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.azureml import AzureMLStepOperatorHook
 from airflow_stepops.settings.azureml import AzureMLStepOperatorConfig
@@ -24,9 +24,12 @@ def _hook(artifact_store: str) -> AzureMLStepOperatorHook:
 
 
 def _write_as_the_operator_does(hook: AzureMLStepOperatorHook) -> None:
-    identity = StepIdentity("d", "r", "t", -1, 1)
-    meta = build_meta(identity, multiple_outputs=False, max_result_bytes=1, inline_result_max_bytes=1, task_label="t")
-    write_bundle(identity.prefix(hook.artifact_root()) / "bundle", b"payload", meta)
+    """The operator's own bundle writing: validate the request, check the store, write."""
+    from airflow_stepops.operators.azureml import AzureMLStepOperator
+
+    operator = AzureMLStepOperator(task_id="t", python_callable=len, op_args=[[1]],
+                                   step_operator=hook.step_operator_conn_id)
+    operator.write_step_bundle({}, hook, StepIdentity("d", "r", "t", -1, 1))
 
 
 def _blobs(az_emulator, container: str) -> list[str] | None:

@@ -182,3 +182,15 @@ def test_max_wait_exceeded_is_preemption_only_after_an_interruption():
     assert plain.state is JobState.FAILED and plain.details["reason"] == "timed_out"
     spot = job_status({**base, "SecondaryStatusTransitions": [{"Status": "Interrupted"}]}, handle)
     assert spot.state is JobState.PREEMPTED
+
+
+def test_the_parse_time_tag_check_is_the_models_pattern():
+    """settings' tag_text_ok encodes the TagKey/TagValue pattern of botocore's model without loading it at parse
+    time: the two agree on every character class the pattern names and on its neighbours."""
+    from airflow_stepops.hooks.sagemaker import _constraint_errors, _sagemaker_model
+    from airflow_stepops.settings.sagemaker import tag_text_ok
+
+    shape = _sagemaker_model().shape_for("TagValue")
+    samples = [chr(c) for c in range(32, 0x2100)] + ["é", "チーム", "٣", "\u2003", "a~b", "x y", "🙂", "\u00a0", "\t"]
+    differing = [s for s in samples if tag_text_ok(s) != (not _constraint_errors(s, shape, "tag"))]
+    assert not differing, differing[:20]

@@ -8,7 +8,6 @@ import os
 
 import pytest
 
-from airflow_stepops.bundle import build_meta, write_bundle
 from airflow_stepops.exceptions import StepOperatorConfigError
 
 
@@ -21,12 +20,13 @@ def _hook(flavor: str, conn_id: str, artifact_store: str):
 
 
 def _write_as_the_operator_does(hook) -> None:
-    """The operator derives the bundle's place from artifact_root() and then writes it."""
+    """The operator's own bundle writing: validate the request, check the store, write."""
     from airflow_stepops.bundle import StepIdentity
+    from airflow_stepops.flavors import _import, get_flavor
 
-    identity = StepIdentity("d", "r", "t", -1, 1)
-    meta = build_meta(identity, multiple_outputs=False, max_result_bytes=1, inline_result_max_bytes=1, task_label="t")
-    write_bundle(identity.prefix(hook.artifact_root()) / "bundle", b"payload", meta)
+    operator = _import(get_flavor(hook.flavor).operator_class)(task_id="t", python_callable=len, op_args=[[1]],
+                                                               step_operator=hook.step_operator_conn_id)
+    operator.write_step_bundle({}, hook, StepIdentity("d", "r", "t", -1, 1))
 
 
 def test_a_misspelt_s3_bucket_is_refused_and_not_created(sm_emulator):
@@ -55,8 +55,9 @@ def test_a_misspelt_gcs_bucket_is_refused_and_not_created(vx_emulator):
 
 
 def test_a_local_store_directory_is_still_created(tmp_path):
-    from airflow_stepops.artifacts import store_root
+    from airflow_stepops.artifacts import check_bucket, store_path
 
-    root = store_root(f"file://{tmp_path}/new/artifacts")
+    root = store_path(f"file://{tmp_path}/new/artifacts")
+    check_bucket(root)
     (root / "x").mkdir(parents=True)
     assert (tmp_path / "new" / "artifacts" / "x").is_dir()

@@ -84,23 +84,44 @@ CATALOGUE: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 
 
-def _dag_file(decorator_args: str, function: str) -> str:
+#: id -> (decorator arguments, function, call): correct files near the mistakes above, which must still parse
+VALID: dict[str, tuple[str, str, str]] = {
+    "sizes_with_units": ('resources={"memory": "1.5GB", "disk_size": "16Gi", "cpu_count": 2, "gpu_count": 0}', "",
+                         "f()"),
+    "own_kwargs_key_named_like_context": ("", 'def f(**hp):\n    return hp["task"]', 'f(task="classify", lr=0.1)'),
+    "own_variable_class": ("", 'def f():\n    return Variable.get("lr")', "f()"),
+    "local_named_variable": ("", 'def f(cfg=None):\n    Variable = cfg or {}\n    return Variable.get("lr")', "f()"),
+    "dict_get": ("", 'def f(conf=None):\n    return (conf or {}).get("x")', "f()"),
+    "portable_context": ("", "def f(ds=None, params=None, **context):\n    return context['run_id']", "f()"),
+    "sagemaker_unicode_tags": ('settings={"step_operator.sagemaker": {"tags": {"équipe": "données ml"}}}', "", "f()"),
+}
+_OWN_VARIABLE = """
+
+class Variable:
+    @classmethod
+    def get(cls, key):
+        return {"lr": 0.1}[key]
+"""
+
+
+def _dag_file(decorator_args: str, function: str, call: str = "f()") -> str:
     function = function or "def f():\n    return 1"
     args = ", ".join(a for a in ('step_operator="local_step_operator"', decorator_args) if a)
     return textwrap.dedent("""\
         from airflow.sdk import dag, task
-
+        {own}
 
         @dag(schedule=None)
         def catalogue():
             @task.step_operator({args})
         {function}
 
-            f()
+            {call}
 
 
         catalogue()
-        """).format(args=args, function=textwrap.indent(function, "    "))
+        """).format(args=args, function=textwrap.indent(function, "    "), call=call,
+                    own=_OWN_VARIABLE if "Variable.get" in function and "import" not in function and "cfg" not in function else "")
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +144,11 @@ def test_a_mistake_is_refused_when_the_dag_file_is_parsed_naming_the_field(parse
     assert not missing, f"{name}: the error does not name {missing}:\n{parsed[name]}"
 
 
-def test_a_correct_file_parses_cleanly(tmp_path):
+@pytest.mark.parametrize("name", VALID)
+def test_a_correct_file_near_a_mistake_parses_cleanly(tmp_path, name):
     from airflow.dag_processing.dagbag import DagBag
 
-    (tmp_path / "good.py").write_text(_dag_file('resources={"memory": "1GB", "gpu_count": 0}', ""))
+    (tmp_path / f"{name}.py").write_text(_dag_file(*VALID[name]))
     bag = DagBag(dag_folder=str(tmp_path))
-    assert not bag.import_errors and list(bag.dags) == ["catalogue"]
+    assert not bag.import_errors, bag.import_errors
+    assert list(bag.dags) == ["catalogue"]
