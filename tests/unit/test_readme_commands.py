@@ -116,3 +116,34 @@ def test_readme_cli_block_runs_as_written(tmp_path: Path) -> None:
     assert '"task_id": "train_model"' in out and '"flavor": "local"' in out
     assert re.search(r"^local_step_operator .* ok \(", out, re.MULTILINE), out
     assert "RFC3986" not in proc.stderr  # Airflow's warning about the '_' of stepops_local (docs/decisions.md)
+
+
+def test_list_reads_the_database_airflow_reads_and_survives_bad_connections(tmp_path: Path) -> None:
+    """The metadata DB named as Airflow names it ([core] fallback, environment variables expanded, %% for %),
+    other connections that Airflow itself tolerates do not break the listing, and an unreadable DB is a
+    message, not a traceback."""
+    db_home = tmp_path / "db%home"
+    _fake_db(db_home, {"local_step_operator": ("stepops_local", {})})
+    (tmp_path / "airflow.cfg").write_text("[core]\nsql_alchemy_conn = sqlite:///${DB_HOME}%%home/airflow.db\n")
+    env = _env(tmp_path, DB_HOME=str(tmp_path / "db"),
+               AIRFLOW_CONN_OTHER_DB='{"conn_type": "postgres", "host": "h", "extra": "sslmode=require"}',
+               AIRFLOW_CONN_ENV_LOCAL="stepops-local://?jobs_dir=%2Ftmp%2Fa%2520b")
+    listed = _stepops("list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(r"^local_step_operator\s+local", listed.stdout, re.MULTILINE), listed.stdout
+    described = _stepops("describe", "env_local", env=env)
+    assert described.returncode == 0 and '"jobs_dir": "/tmp/a%20b"' in described.stdout, described.stdout
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "airflow.db").write_text("")  # no connection table: never migrated
+    broken = _stepops("list", env=_env(tmp_path / "broken"))
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr, broken.stderr
+    assert "cannot read connections from the metadata database" in broken.stderr and "db migrate" in broken.stderr
+
+
+def test_describe_answers_an_environment_connection_without_a_database(tmp_path: Path) -> None:
+    env = _env(tmp_path, AIRFLOW_CONN_LOCAL_STEP_OPERATOR='{"conn_type": "stepops_local", "extra": {}}')
+    described = _stepops("describe", "local_step_operator", env=env)
+    assert described.returncode == 0 and '"flavor": "local"' in described.stdout, described.stderr
+    missing = _stepops("describe", "elsewhere", env=env)
+    assert missing.returncode == 2 and "no Airflow metadata database" in missing.stderr, missing.stderr
