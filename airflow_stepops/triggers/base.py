@@ -230,6 +230,10 @@ class StepOperatorTrigger(BaseTrigger):
         self.log.info("Task killed while deferred: stopping remote job %s", self.handle.get("job_id"))
         # the triggerer may cancel on_kill itself soon after; the stop request must still go out
         hook = await self.get_ready_hook()
-        await asyncio.shield(hook.acancel(self.handle))
-        self.log.info("Stop of remote job %s requested", self.handle.get("job_id"))
+
+        async def stop() -> None:
+            await hook.acancel(self.handle)
+            self.log.info("Stop of remote job %s requested", self.handle.get("job_id"))
+
+        await asyncio.shield(stop())
 

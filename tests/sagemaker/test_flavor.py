@@ -251,7 +251,9 @@ def test_requests_sagemaker_refuses_are_refused_before_submitting(sm_emulator, m
     from airflow_stepops.exceptions import StepOperatorConfigError
 
     hook = make_hook()
-    bad = SageMakerStepOperatorSettings(tags={"team": "ml~infra"})
+    with pytest.raises(ValueError, match=r"tags: 'ml~infra' has a character SageMaker refuses"):
+        SageMakerStepOperatorSettings(tags={"team": "ml~infra"})  # at parse time already
+    bad = SageMakerStepOperatorSettings.model_construct(tags={"team": "ml~infra"})  # the request check still holds
     with pytest.raises(StepOperatorConfigError, match=r"Tags\[\d+\]\.Value: 'ml~infra' does not match the pattern"):
         hook.render(make_spec(hook, _greet, "x", task_id="bad_tag", settings=bad))
     too_many = make_hook(_connection(monkeypatch, "sm_tagged", tags={f"c{i}": "v" for i in range(30)}))
