@@ -108,23 +108,33 @@ def describe(conn_id: str, registry: conns.Registry | None = None) -> dict[str, 
     return info
 
 
-def check(conn_id: str) -> str:
+def check(conn_id: str, registry: conns.Registry) -> str:
     """Reach the backend as a step would: its artifact store, and one read of the service's job API (a
     look-up of a job that does not exist). Needs Airflow and the flavor's client library."""
     from airflow_stepops.bundle import StepIdentity
-    from airflow_stepops.flavors import get_flavor
-    from airflow_stepops.hooks.base import load_step_operator_connection, parse_config
 
     started = time.monotonic()
     try:
-        flavor, extras = load_step_operator_connection(conn_id)
-        hook = get_flavor(flavor).hook()(step_operator_conn_id=conn_id, config=parse_config(flavor, conn_id, extras))
+        hook = _hook(conn_id, registry)
         hook.check_store()
         hook.artifact_root().exists()
         hook.find_job(StepIdentity("stepops-check", "stepops-check", "stepops-check", -1, 1))
     except Exception as exc:
         return "unreachable: " + (str(exc).splitlines() or [type(exc).__name__])[0][:300]
     return f"ok ({time.monotonic() - started:.1f} s)"
+
+
+def _hook(conn_id: str, registry: conns.Registry, flavor: str | None = None) -> Any:
+    """A step operator's hook, its connection read as ``describe`` reads it (not through Airflow's
+    ``get_connection``, which warns about the ``_`` of every ``stepops_*`` type: docs/decisions.md)."""
+    from airflow_stepops.flavors import get_flavor
+    from airflow_stepops.hooks.base import _flavor_and_extras, parse_config
+
+    found = registry.get(conn_id)
+    if found is None:
+        raise CliError(f"no connection {conn_id!r}")
+    name, extras = _flavor_and_extras(conn_id, found[0], found[1], flavor)
+    return get_flavor(name).hook()(step_operator_conn_id=conn_id, config=parse_config(name, conn_id, extras))
 
 
 def cmd_list(ns: argparse.Namespace) -> int:
@@ -142,7 +152,7 @@ def cmd_list(ns: argparse.Namespace) -> int:
             row: tuple[str, ...] = (conn_id, flavor, info["credentials"], info["artifact_store"])
         except CliError as exc:
             row = (conn_id, flavor, f"INVALID: {exc}".splitlines()[0], "")
-        rows.append(row + ((check(conn_id) if not row[2].startswith("INVALID") else "",) if ns.check else ()))
+        rows.append(row + ((check(conn_id, registry) if not row[2].startswith("INVALID") else "",) if ns.check else ()))
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
     for row in [headers, *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -200,14 +210,9 @@ def render_task(dag_id: str, task_id: str, run_id: str = "render", map_index: in
 
 def _hook_for(task: Any) -> Any:
     """The task's hook, its connection read as ``describe`` reads it (Airflow's own look-up is the fallback)."""
-    from airflow_stepops.flavors import get_flavor
-    from airflow_stepops.hooks.base import _flavor_and_extras, parse_config
-
-    found = conns.Registry.load().get(task.step_operator)
-    if found is not None and task._hook is None:
-        flavor, extras = _flavor_and_extras(task.step_operator, found[0], found[1], task.flavor)
-        config = parse_config(flavor, task.step_operator, extras)
-        task._hook = get_flavor(flavor).hook()(step_operator_conn_id=task.step_operator, config=config)
+    registry = conns.Registry.load()
+    if task._hook is None and registry.exists(task.step_operator):
+        task._hook = _hook(task.step_operator, registry, task.flavor)
     return task.get_hook()
 
 
