@@ -12,18 +12,33 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Flavor:
+    """A backend, declared once: its name (the module of each layer: ``settings/<name>.py``, ``hooks/``,
+    ``operators/``, ``triggers/``), the prefix of its class names and a display name. Class paths, the
+    connection type and the default connection id derive from them; a class kept elsewhere is named."""
+
     name: str
+    prefix: str
     display_name: str
-    settings_class: str
-    config_class: str
-    hook_class: str
-    operator_class: str
-    trigger_class: str
-    default_conn_id: str
+    settings_class: str = ""
+    config_class: str = ""
+    hook_class: str = ""
+    operator_class: str = ""
+    trigger_class: str = ""
+
+    def __post_init__(self) -> None:
+        for attr, layer, suffix in (("settings_class", "settings", "Settings"), ("config_class", "settings", "Config"),
+                                    ("hook_class", "hooks", "Hook"), ("operator_class", "operators", ""),
+                                    ("trigger_class", "triggers", "Trigger")):
+            if not getattr(self, attr):
+                object.__setattr__(self, attr, f"airflow_stepops.{layer}.{self.name}.{self.prefix}StepOperator{suffix}")
 
     @property
     def conn_type(self) -> str:
         return f"stepops_{self.name}"
+
+    @property
+    def default_conn_id(self) -> str:
+        return f"stepops_{self.name}_default"
 
     def settings_model(self) -> type[BaseStepOperatorSettings]:
         return _import(self.settings_class)
@@ -38,68 +53,14 @@ class Flavor:
         return _import(self.trigger_class)
 
 
-FLAVORS: dict[str, Flavor] = {
-    "local": Flavor(
-        name="local",
-        display_name="Local subprocess",
-        settings_class="airflow_stepops.settings.local.LocalStepOperatorSettings",
-        config_class="airflow_stepops.settings.local.LocalStepOperatorConfig",
-        hook_class="airflow_stepops.hooks.local.LocalStepOperatorHook",
-        operator_class="airflow_stepops.operators.local.LocalStepOperator",
-        trigger_class="airflow_stepops.triggers.local.LocalStepOperatorTrigger",
-        default_conn_id="stepops_local_default",
-    ),
-    "kubernetes": Flavor(
-        name="kubernetes",
-        display_name="Kubernetes Job",
-        settings_class="airflow_stepops.settings.kubernetes.KubernetesStepOperatorSettings",
-        config_class="airflow_stepops.settings.kubernetes.KubernetesStepOperatorConfig",
-        hook_class="airflow_stepops.hooks.kubernetes.KubernetesStepOperatorHook",
-        operator_class="airflow_stepops.operators.kubernetes.KubernetesStepOperator",
-        trigger_class="airflow_stepops.triggers.kubernetes.KubernetesStepOperatorTrigger",
-        default_conn_id="stepops_kubernetes_default",
-    ),
-    "sagemaker": Flavor(
-        name="sagemaker",
-        display_name="SageMaker Training Job",
-        settings_class="airflow_stepops.settings.sagemaker.SageMakerStepOperatorSettings",
-        config_class="airflow_stepops.settings.sagemaker.SageMakerStepOperatorConfig",
-        hook_class="airflow_stepops.hooks.sagemaker.SageMakerStepOperatorHook",
-        operator_class="airflow_stepops.operators.sagemaker.SageMakerStepOperator",
-        trigger_class="airflow_stepops.triggers.sagemaker.SageMakerStepOperatorTrigger",
-        default_conn_id="stepops_sagemaker_default",
-    ),
-    "vertex": Flavor(
-        name="vertex",
-        display_name="Vertex AI CustomJob",
-        settings_class="airflow_stepops.settings.vertex.VertexStepOperatorSettings",
-        config_class="airflow_stepops.settings.vertex.VertexStepOperatorConfig",
-        hook_class="airflow_stepops.hooks.vertex.VertexStepOperatorHook",
-        operator_class="airflow_stepops.operators.vertex.VertexStepOperator",
-        trigger_class="airflow_stepops.triggers.vertex.VertexStepOperatorTrigger",
-        default_conn_id="stepops_vertex_default",
-    ),
-    "azureml": Flavor(
-        name="azureml",
-        display_name="Azure ML command job",
-        settings_class="airflow_stepops.settings.azureml.AzureMLStepOperatorSettings",
-        config_class="airflow_stepops.settings.azureml.AzureMLStepOperatorConfig",
-        hook_class="airflow_stepops.hooks.azureml.AzureMLStepOperatorHook",
-        operator_class="airflow_stepops.operators.azureml.AzureMLStepOperator",
-        trigger_class="airflow_stepops.triggers.azureml.AzureMLStepOperatorTrigger",
-        default_conn_id="stepops_azureml_default",
-    ),
-    "modal": Flavor(
-        name="modal",
-        display_name="Modal function call",
-        settings_class="airflow_stepops.settings.modal.ModalStepOperatorSettings",
-        config_class="airflow_stepops.settings.modal.ModalStepOperatorConfig",
-        hook_class="airflow_stepops.hooks.modal.ModalStepOperatorHook",
-        operator_class="airflow_stepops.operators.modal.ModalStepOperator",
-        trigger_class="airflow_stepops.triggers.modal.ModalStepOperatorTrigger",
-        default_conn_id="stepops_modal_default",
-    ),
-}
+FLAVORS: dict[str, Flavor] = {f.name: f for f in (
+    Flavor("local", "Local", "Local subprocess"),
+    Flavor("kubernetes", "Kubernetes", "Kubernetes Job"),
+    Flavor("sagemaker", "SageMaker", "SageMaker Training Job"),
+    Flavor("vertex", "Vertex", "Vertex AI CustomJob"),
+    Flavor("azureml", "AzureML", "Azure ML command job"),
+    Flavor("modal", "Modal", "Modal function call"),
+)}
 
 
 def get_flavor(name: str) -> Flavor:

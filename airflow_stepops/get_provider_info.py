@@ -1,4 +1,4 @@
-"""Provider metadata read by Airflow's providers manager; static so it costs nothing to load.
+"""Provider metadata read by Airflow's providers manager; it imports only the flavor registry (stdlib only).
 
 ``tests/unit/test_provider.py`` checks that every form field here matches the flavor's config model.
 """
@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 from typing import Any
+
+from airflow_stepops.flavors import FLAVORS
 
 
 def _field(label: str, kind: str | list[str] = "string", description: str = "", **schema: Any) -> dict[str, Any]:
@@ -38,6 +40,14 @@ _COMMON_FIELDS = {
 _HIDDEN = ["host", "schema", "login", "password", "port", "extra"]
 
 
+def _connection_type(name: str) -> dict[str, Any]:
+    """What the flavor registry declares of a connection type; the form fields follow per flavor."""
+    flavor = FLAVORS[name]
+    return {"hook-class-name": flavor.hook_class, "hook-name": f"Step operator: {flavor.display_name}",
+            "connection-type": flavor.conn_type,
+            "ui-field-behaviour": {"hidden-fields": _HIDDEN, "relabeling": {}, "placeholders": {}}}
+
+
 def get_provider_info() -> dict[str, Any]:
     return {
         "package-name": "airflow-stepops",
@@ -47,10 +57,7 @@ def get_provider_info() -> dict[str, Any]:
         "versions": ["0.1.0"],
         "connection-types": [
             {
-                "hook-class-name": "airflow_stepops.hooks.local.LocalStepOperatorHook",
-                "hook-name": "Step operator: local subprocess",
-                "connection-type": "stepops_local",
-                "ui-field-behaviour": {"hidden-fields": _HIDDEN, "relabeling": {}, "placeholders": {}},
+                **_connection_type("local"),
                 "conn-fields": {
                     **_COMMON_FIELDS,
                     "python": _field(
@@ -67,10 +74,7 @@ def get_provider_info() -> dict[str, Any]:
                 },
             },
             {
-                "hook-class-name": "airflow_stepops.hooks.kubernetes.KubernetesStepOperatorHook",
-                "hook-name": "Step operator: Kubernetes Job",
-                "connection-type": "stepops_kubernetes",
-                "ui-field-behaviour": {"hidden-fields": _HIDDEN, "relabeling": {}, "placeholders": {}},
+                **_connection_type("kubernetes"),
                 "conn-fields": {
                     **_COMMON_FIELDS,
                     **_api_fields(60),
@@ -111,10 +115,7 @@ def get_provider_info() -> dict[str, Any]:
                 },
             },
             {
-                "hook-class-name": "airflow_stepops.hooks.sagemaker.SageMakerStepOperatorHook",
-                "hook-name": "Step operator: SageMaker Training Job",
-                "connection-type": "stepops_sagemaker",
-                "ui-field-behaviour": {"hidden-fields": _HIDDEN, "relabeling": {}, "placeholders": {}},
+                **_connection_type("sagemaker"),
                 "conn-fields": {
                     **_COMMON_FIELDS,
                     **_api_fields(60, attempts=5),
@@ -133,10 +134,7 @@ def get_provider_info() -> dict[str, Any]:
                 },
             },
             {
-                "hook-class-name": "airflow_stepops.hooks.vertex.VertexStepOperatorHook",
-                "hook-name": "Step operator: Vertex AI CustomJob",
-                "connection-type": "stepops_vertex",
-                "ui-field-behaviour": {"hidden-fields": _HIDDEN, "relabeling": {}, "placeholders": {}},
+                **_connection_type("vertex"),
                 "conn-fields": {
                     **_COMMON_FIELDS,
                     **_api_fields(30),
@@ -165,10 +163,7 @@ def get_provider_info() -> dict[str, Any]:
                 },
             },
             {
-                "hook-class-name": "airflow_stepops.hooks.azureml.AzureMLStepOperatorHook",
-                "hook-name": "Step operator: Azure ML command job",
-                "connection-type": "stepops_azureml",
-                "ui-field-behaviour": {"hidden-fields": _HIDDEN, "relabeling": {}, "placeholders": {}},
+                **_connection_type("azureml"),
                 "conn-fields": {
                     **_COMMON_FIELDS,
                     **_api_fields(60, attempts=4),
@@ -196,10 +191,7 @@ def get_provider_info() -> dict[str, Any]:
                 },
             },
             {
-                "hook-class-name": "airflow_stepops.hooks.modal.ModalStepOperatorHook",
-                "hook-name": "Step operator: Modal function call",
-                "connection-type": "stepops_modal",
-                "ui-field-behaviour": {"hidden-fields": _HIDDEN, "relabeling": {}, "placeholders": {}},
+                **_connection_type("modal"),
                 "conn-fields": {
                     **_COMMON_FIELDS,
                     "modal_conn_id": _field("Modal connection id", description="modal provider connection (token "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from airflow_stepops.flavors import FLAVORS
+
 if TYPE_CHECKING:
     from airflow_stepops.resources import ResourceSettings
     from airflow_stepops.settings.azureml import AzureMLStepOperatorConfig, AzureMLStepOperatorSettings
@@ -18,18 +20,8 @@ _EXPORTS = {
     "ResourceSettings": "airflow_stepops.resources",
     "BaseStepOperatorSettings": "airflow_stepops.settings.base",
     "BaseStepOperatorConfig": "airflow_stepops.settings.base",
-    "LocalStepOperatorSettings": "airflow_stepops.settings.local",
-    "LocalStepOperatorConfig": "airflow_stepops.settings.local",
-    "KubernetesStepOperatorSettings": "airflow_stepops.settings.kubernetes",
-    "KubernetesStepOperatorConfig": "airflow_stepops.settings.kubernetes",
-    "SageMakerStepOperatorSettings": "airflow_stepops.settings.sagemaker",
-    "SageMakerStepOperatorConfig": "airflow_stepops.settings.sagemaker",
-    "VertexStepOperatorSettings": "airflow_stepops.settings.vertex",
-    "VertexStepOperatorConfig": "airflow_stepops.settings.vertex",
-    "AzureMLStepOperatorSettings": "airflow_stepops.settings.azureml",
-    "AzureMLStepOperatorConfig": "airflow_stepops.settings.azureml",
-    "ModalStepOperatorSettings": "airflow_stepops.settings.modal",
-    "ModalStepOperatorConfig": "airflow_stepops.settings.modal",
+    **{path.rpartition(".")[2]: path.rpartition(".")[0] for flavor in FLAVORS.values()
+       for path in (flavor.settings_class, flavor.config_class)},
 }
 
 __all__ = sorted(_EXPORTS)

@@ -70,13 +70,10 @@ class _OtherSettings(BaseStepOperatorSettings):
 @pytest.fixture
 def other_flavor(monkeypatch):
     """A second flavor, registered the way every real flavor is."""
+    local = FLAVORS["local"]
     monkeypatch.setitem(FLAVORS, "other", Flavor(
-        name="other", display_name="Other", settings_class=f"{__name__}._OtherSettings",
-        config_class="airflow_stepops.settings.local.LocalStepOperatorConfig",
-        hook_class="airflow_stepops.hooks.local.LocalStepOperatorHook",
-        operator_class="airflow_stepops.operators.local.LocalStepOperator",
-        trigger_class="airflow_stepops.triggers.local.LocalStepOperatorTrigger",
-        default_conn_id="other_default"))
+        "other", "Other", "Other", settings_class=f"{__name__}._OtherSettings", config_class=local.config_class,
+        hook_class=local.hook_class, operator_class=local.operator_class, trigger_class=local.trigger_class))
 
 
 def test_settings_for_another_flavor_than_the_connection(other_flavor):
