@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, check_environment
 
@@ -198,20 +198,12 @@ class KubernetesPodOptions(BaseModel):
     def _selector(cls, value: dict[str, str]) -> dict[str, str]:
         return check_labels(value, "node_selector")
 
-    @field_validator("tolerations")
+    @field_validator("tolerations", "volumes", "volume_mounts")
     @classmethod
-    def _tolerations(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [check_toleration(t, f"tolerations[{i}]") for i, t in enumerate(value)]
-
-    @field_validator("volumes")
-    @classmethod
-    def _volumes(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [check_volume(v, f"volumes[{i}]") for i, v in enumerate(value)]
-
-    @field_validator("volume_mounts")
-    @classmethod
-    def _mounts(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [check_volume_mount(m, f"volume_mounts[{i}]") for i, m in enumerate(value)]
+    def _pod_spec_items(cls, value: list[dict[str, Any]], info: ValidationInfo) -> list[dict[str, Any]]:
+        field = str(info.field_name)
+        check = {"tolerations": check_toleration, "volumes": check_volume, "volume_mounts": check_volume_mount}[field]
+        return [check(item, f"{field}[{i}]") for i, item in enumerate(value)]
 
     @field_validator("image_pull_secrets")
     @classmethod

@@ -97,7 +97,11 @@ def test_reading_airflow_variables_or_connections_is_refused_naming_the_portable
 
 
 def test_plain_get_calls_are_not_mistaken_for_airflow_look_ups():
-    _declare(_reads_plain_dicts, options={})
+    from airflow_stepops.argcheck import airflow_lookups
+
+    assert airflow_lookups(_reads_plain_dicts) == []
+    declared = _declare(_reads_plain_dicts, options={})  # and the task is declared, not refused
+    assert declared.operator.python_callable is _reads_plain_dicts
 
 
 def _context_ti(**context):
