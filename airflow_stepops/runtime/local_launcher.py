@@ -194,9 +194,10 @@ class Launcher:
                 break
             except subprocess.TimeoutExpired:
                 pass
-            self._reap_adopted(child.pid)
+            table = _processes()  # one look at /proc a tick, for reaping and for the memory limit
+            self._reap_adopted(child.pid, table)
             if memory_limit:
-                rss = self._step_rss_bytes()
+                rss = sum(table[pid][2] for pid in descendants(os.getpid(), table)) * os.sysconf("SC_PAGE_SIZE")
                 peak_rss = max(peak_rss, rss)
                 if rss > memory_limit and self.stop_reason is None:
                     self.stop_reason = "oom_killed"
@@ -237,20 +238,15 @@ class Launcher:
         return time.time()
 
     @staticmethod
-    def _reap_adopted(step_pid: int) -> None:
+    def _reap_adopted(step_pid: int, table: dict[int, tuple[int, str, int]]) -> None:
         """Adopted orphans that ended are our zombies; the step process itself is left to Popen.wait."""
         me = os.getpid()
-        for pid, (ppid, state, _) in _processes().items():
+        for pid, (ppid, state, _) in table.items():
             if ppid == me and state == "Z" and pid != step_pid:
                 try:
                     os.waitpid(pid, os.WNOHANG)
                 except ChildProcessError:
                     pass
-
-    @staticmethod
-    def _step_rss_bytes() -> int:
-        table = _processes()
-        return sum(table[pid][2] for pid in descendants(os.getpid(), table)) * os.sysconf("SC_PAGE_SIZE")
 
 
 def main(argv: list[str]) -> int:
