@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, ClassVar, TypeVar
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
@@ -23,6 +23,22 @@ LOG_TAIL_LINES = 40
 MAX_CONSECUTIVE_POLL_ERRORS = 10
 #: log reads after a job ended, to drain what it still has (each read is capped by the hook)
 MAX_FINAL_LOG_READS = 20
+_T = TypeVar("_T")
+
+
+async def _keeping_cancel_message(call: Coroutine[Any, Any, _T]) -> _T:
+    """Await a backend call so that a cancellation reaches this trigger with its message intact.
+
+    The triggerer tells a user's mark-failed apart from its own shutdown by the cancel message and calls
+    ``on_kill`` only for the first. Client libraries may re-raise a bare ``CancelledError`` instead: asgiref's
+    ``sync_to_async`` (which ``AwsBaseHook.get_async_conn`` awaits) does, and the remote job would then run on.
+    Awaited through a shield, the cancellation lands here with its message; the call is cancelled after."""
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
 
 
 class SharedStatusPoller:
@@ -141,7 +157,7 @@ class StepOperatorTrigger(BaseTrigger):
 
     async def _read_logs_once(self, hook: StepOperatorHook, cursor: Any, tail: deque[str]) -> tuple[Any, int]:
         try:
-            lines, cursor = await hook.aread_logs(self.handle, cursor)
+            lines, cursor = await _keeping_cancel_message(hook.aread_logs(self.handle, cursor))
         except Exception as exc:
             self.log.warning("Could not read remote logs of %s: %s", self.handle.get("job_id"), exc)
             return cursor, 0
@@ -191,7 +207,8 @@ class StepOperatorTrigger(BaseTrigger):
                 try:
                     if remaining is not None and remaining <= 0:
                         raise TimeoutError
-                    status = await asyncio.wait_for(queue.get(), timeout=remaining)
+                    # (shielded: Python 3.11's wait_for drops a cancellation that meets a status at once)
+                    status = await _keeping_cancel_message(asyncio.wait_for(queue.get(), timeout=remaining))
                 except TimeoutError:
                     self.log.error("Step %s passed its execution_timeout: stopping the remote job",
                                    self.handle.get("job_id"))

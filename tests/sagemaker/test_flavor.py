@@ -71,6 +71,50 @@ def test_trigger_on_kill_stops_the_training_job(sm_emulator):
     assert job["TrainingJobStatus"] == "Stopped" and not sm_emulator.pids(handle["job_id"])
 
 
+def test_mark_failed_while_a_log_client_is_being_made_still_stops_the_job(sm_emulator, monkeypatch):
+    """Airflow's triggerer calls on_kill only for a cancellation carrying its user-action message; the AWS hook
+    makes its clients through asgiref's sync_to_async, which re-raises a bare CancelledError. Cancelled there,
+    as Airflow's own trigger runner cancels on mark-failed, the trigger must still stop the job."""
+    import asyncio
+    import threading
+
+    from airflow.jobs.triggerer_job_runner import TriggerRunner
+    from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+    from airflow_stepops.triggers.sagemaker import SageMakerStepOperatorTrigger
+
+    hook = make_hook()
+    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="killed-in-client"))
+    sm_emulator.wait_for_status(handle["job_id"], "Training")
+    making, release = threading.Event(), threading.Event()
+    original = AwsBaseHook._get_async_conn
+
+    def held_log_client(self):
+        if self.client_type == "logs" and not release.is_set():
+            making.set()
+            release.wait(30)
+        return original(self)
+
+    monkeypatch.setattr(AwsBaseHook, "_get_async_conn", held_log_client)
+    monkeypatch.setenv("AIRFLOW_DISABLE_GREENBACK_PORTAL", "true")
+
+    async def main() -> None:
+        runner = TriggerRunner()
+        trigger = SageMakerStepOperatorTrigger(conn_id=hook.step_operator_conn_id, handle=handle, poll_interval=0.2)
+        task = asyncio.create_task(runner.run_trigger(1, trigger))
+        runner.triggers[1] = {"task": task, "name": "killed-in-client", "events": 0, "is_watcher": False}
+        assert await asyncio.to_thread(making.wait, 30), "the trigger never read logs"
+        runner.to_cancel.append(1)  # what the triggerer does when the task instance is marked failed
+        await runner.cancel_triggers()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    job = sm_emulator.wait_for_job(handle["job_id"])
+    assert job["TrainingJobStatus"] == "Stopped", job["TrainingJobStatus"]
+
+
 def test_max_runtime_is_a_timeout(sm_emulator):
     hook = make_hook()
     handle = hook.submit(make_spec(hook, _sleep, 60, task_id="deadline",
