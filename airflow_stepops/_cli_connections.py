@@ -196,7 +196,7 @@ class Registry:
 def _airflow_lookup(conn_id: str) -> Connection | None:
     """Airflow's secrets backends in their order, asked directly: ``Connection.get_connection_from_secrets``
     would also build the connection's URI for its cache, which warns about the ``_`` of every
-    ``stepops_*`` type (see docs/decisions.md)."""
+    ``stepops_*`` type (see docs/decisions/connections-and-cli.md)."""
     from airflow.configuration import ensure_secrets_loaded
 
     for backend in ensure_secrets_loaded():

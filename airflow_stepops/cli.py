@@ -126,7 +126,7 @@ def check(conn_id: str, registry: conns.Registry) -> str:
 
 def _hook(conn_id: str, registry: conns.Registry, flavor: str | None = None) -> Any:
     """A step operator's hook, its connection read as ``describe`` reads it (not through Airflow's
-    ``get_connection``, which warns about the ``_`` of every ``stepops_*`` type: docs/decisions.md)."""
+    ``get_connection``, which warns about the ``_`` of every ``stepops_*`` type: docs/decisions/connections-and-cli.md)."""
     from airflow_stepops.flavors import get_flavor
     from airflow_stepops.hooks.base import _flavor_and_extras, parse_config
 

@@ -115,7 +115,7 @@ def test_readme_cli_block_runs_as_written(tmp_path: Path) -> None:
     assert '"jobs_dir": "' + str(home / "stepops" / "local" / "jobs") in out
     assert '"task_id": "train_model"' in out and '"flavor": "local"' in out
     assert re.search(r"^local_step_operator .* ok \(", out, re.MULTILINE), out
-    assert "RFC3986" not in proc.stderr + proc.stdout  # Airflow's warning about the '_' of stepops_local (docs/decisions.md)
+    assert "RFC3986" not in proc.stderr + proc.stdout  # Airflow's warning about the '_' of stepops_local (docs/decisions/connections-and-cli.md)
 
 
 def test_list_reads_the_database_airflow_reads_and_survives_bad_connections(tmp_path: Path) -> None:
