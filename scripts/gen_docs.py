@@ -2,8 +2,9 @@
 
 A block sits between ``<!-- generated: KIND ARG -->`` and ``<!-- end generated -->``:
 ``connection-extras FLAVOR`` is the table of a flavor's connection extras, read from its config model's
-pydantic fields (name, type, default, ``Field(description=...)``); ``include PATH`` is a file of the
-repository (an example DAG) as a code block. ``python -m scripts.gen_docs`` rewrites them;
+pydantic fields (name, type, default, ``Field(description=...)``), ``step-settings FLAVOR`` the same for
+its per-step settings model and ``resource-settings all`` for ``ResourceSettings``; ``include PATH`` is a
+file of the repository (an example DAG) as a code block. ``python -m scripts.gen_docs`` rewrites them;
 ``--check`` only reports the files that differ (tests/unit/test_docs.py does the same in memory).
 """
 
@@ -45,16 +46,14 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def connection_extras(flavor: str) -> str:
-    """One row per field of the flavor's connection config model, in declaration order."""
-    from airflow_stepops.flavors import FLAVORS
-
-    rows = ["| extra | type | default | description |", "|---|---|---|---|"]
-    for name, field in FLAVORS[flavor].config_model().model_fields.items():
+def _table(model: Any, head: str) -> str:
+    """One row per pydantic field of a model, in declaration order: name, type, default, description."""
+    rows = [f"| {head} | type | default | description |", "|---|---|---|---|"]
+    for name, field in model.model_fields.items():
         if field.is_required():
             default = "**required**"
         elif field.default_factory is not None:
-            default = f"`{json.dumps(field.default_factory())}`"  # type: ignore[call-arg]
+            default = f"`{json.dumps(field.default_factory())}`"
         elif field.default is None:
             default = ""
         else:
@@ -64,6 +63,26 @@ def connection_extras(flavor: str) -> str:
     return "\n".join(rows) + "\n"
 
 
+def connection_extras(flavor: str) -> str:
+    """The extras of a flavor's ``stepops_<flavor>`` connection: its config model."""
+    from airflow_stepops.flavors import FLAVORS
+
+    return _table(FLAVORS[flavor].config_model(), "extra")
+
+
+def step_settings(flavor: str) -> str:
+    """The per-step ``step_operator.<flavor>`` settings: its settings model."""
+    from airflow_stepops.flavors import FLAVORS
+
+    return _table(FLAVORS[flavor].settings_model(), "setting")
+
+
+def resource_settings(_: str) -> str:
+    from airflow_stepops.resources import ResourceSettings
+
+    return _table(ResourceSettings, "setting")
+
+
 def include(path: str) -> str:
     """A repository file as a code block, headed by its path (the file is what the tests run)."""
     source = ROOT / path
@@ -71,7 +90,8 @@ def include(path: str) -> str:
     return f"`{path}`:\n\n```{fence}\n{source.read_text()}```\n"
 
 
-RENDERERS = {"connection-extras": connection_extras, "include": include}
+RENDERERS = {"connection-extras": connection_extras, "step-settings": step_settings,
+             "resource-settings": resource_settings, "include": include}
 
 
 def blocks(text: str) -> list[tuple[str, str]]:
