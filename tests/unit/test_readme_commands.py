@@ -1,5 +1,5 @@
-"""The README's ``stepops`` commands run as written on a demo-like home, and the CLI's promises:
-no ``~/airflow`` created, configuration-only ``list``/``describe``, credentials named as used."""
+"""The documented ``stepops`` commands (docs/cli.md, linked from the README) run as written on a demo-like
+home, and the CLI's promises: no ``~/airflow`` created, configuration-only ``list``/``describe``, credentials named as used."""
 
 from __future__ import annotations
 
@@ -84,18 +84,18 @@ def test_describe_unknown_name_lists_the_registered_ones(tmp_path: Path) -> None
     assert "no step operator 'nope'; registered step operators: sm (sagemaker)" in proc.stderr
 
 
-def _readme_cli_block() -> list[str]:
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## The `stepops` command"):]
+def _cli_block() -> list[str]:
+    text = (REPO / "docs" / "cli.md").read_text()
+    section = text[text.index("# The `stepops` command"):]
     block = re.search(r"```bash\n(.*?)```", section, re.DOTALL)
     assert block is not None
     return [re.sub(r"\s+#\s.*$", "", line).strip() for line in block.group(1).splitlines() if line.strip()]
 
 
 @pytest.mark.slow
-def test_readme_cli_block_runs_as_written(tmp_path: Path) -> None:
+def test_cli_block_runs_as_written(tmp_path: Path) -> None:
     """The demo's set-up (scripts/demo.sh: its airflow.cfg, `airflow db migrate`, the example connection),
-    then the README's block line by line in one shell, from the project root."""
+    then the block of docs/cli.md line by line in one shell, from the project root."""
     home = tmp_path / "demo"
     home.mkdir()
     (home / "airflow.cfg").write_text(f"[core]\ndags_folder = {REPO / 'dags_examples'}\nload_examples = False\n")
@@ -103,7 +103,7 @@ def test_readme_cli_block_runs_as_written(tmp_path: Path) -> None:
     for cmd in (["airflow", "db", "migrate"], [sys.executable, "dags_examples/setup_connections.py", "local"]):
         subprocess.run([str(BIN / cmd[0]) if cmd[0] == "airflow" else cmd[0], *cmd[1:]], env=env, cwd=REPO,
                        check=True, capture_output=True, timeout=600)
-    lines = _readme_cli_block()
+    lines = _cli_block()
     assert lines[:2] == [". .venv/bin/activate", "export AIRFLOW_HOME=$PWD/.airflow/demo"]
     script = "\n".join(["set -e", f"export AIRFLOW_HOME={home}",  # the demo home, at a temporary path
                         *[f"echo '>>> {line}'; {line}" for line in lines[2:]]])

@@ -29,12 +29,17 @@ from airflow_stepops.flavors import FLAVORS
 from airflow_stepops.settings.base import BaseStepOperatorSettings
 
 PAGE = Path(__file__).with_name("zenml_step_operators.txt")
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
 #: a line that starts a code block on the page (the page is plain text: no fences)
 CODE_START = re.compile(r"^(from |import |@|#|def |for |[A-Za-z_][\w.]*(\[[^\]]*\])? = |(zenml|aws|gcloud|az|modal) )")
 SHELL = re.compile(r"^(zenml|aws|gcloud|az|modal) ")
 #: where ZenML's modules live here; zenml.client has no counterpart (Airflow's own UI/API show runs)
 MODULES = {"zenml": __name__, "zenml.config": "airflow_stepops", "zenml.integrations": "airflow_stepops.settings"}
+
+
+def docs_text() -> str:
+    """What a user reads: the README and every page of docs/ (where the equivalents are documented)."""
+    return "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))])
 
 
 @dataclass(frozen=True)
@@ -189,7 +194,7 @@ EXPECTED: dict[int, dict[str, Any]] = {
     23: {"settings": {"sagemaker_settings": {"instance_type": "ml.p3.2xlarge", "use_spot_instances": True,
                                              "max_wait_time_in_seconds": 3600, "max_runtime_in_seconds": 3600},
                       "vertex_settings": {"machine_type": "n1-standard-8", "use_preemptible": True}}},
-    # ZenML's own client: runs are Airflow's (README: "Coming from ZenML")
+    # ZenML's own client: runs are Airflow's (docs/writing-steps.md: "Coming from ZenML")
     24: {"error": r"cannot import name 'Client' from 'zenml.client'", "readme": "airflow tasks states-for-dag-run"},
     # runs (it sets a variable nothing here reads); Airflow's logging level is the counterpart
     28: {"settings": {}, "readme": "AIRFLOW__LOGGING__LOGGING_LEVEL"},
@@ -211,7 +216,7 @@ def test_the_page_is_parsed_into_every_snippet():
 @pytest.mark.parametrize("snippet", PYTHON, ids=lambda s: f"{s.number:02d}-{s.title}")
 def test_python_snippet_works_as_printed(snippet, monkeypatch):
     expected = EXPECTED[snippet.number]
-    assert expected.get("readme", "") in README.read_text()
+    assert expected.get("readme", "") in docs_text()
     if "error" in expected:
         with pytest.raises((StepOperatorConfigError, ValueError, ImportError), match=expected["error"]):
             run(snippet, monkeypatch)
@@ -245,7 +250,7 @@ def test_the_vertex_example_that_vertex_refuses_works_with_the_named_fix():
 def test_shell_snippet_has_its_airflow_equivalent(snippet):
     """``zenml step-operator register NAME --flavor=F --k=v`` is a ``stepops_F`` connection NAME whose extras
     take the same names (and, for real values, validate); other zenml commands have a documented counterpart."""
-    readme = README.read_text()
+    readme = docs_text()
     command = " ".join(line.rstrip("\\").strip() for line in snippet.code.splitlines()
                        if line.strip() and not line.startswith("#"))
     for zenml in re.findall(r"zenml [^#]*?(?=zenml |$)", command):
