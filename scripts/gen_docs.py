@@ -53,11 +53,11 @@ def _table(model: Any, head: str) -> str:
         if field.is_required():
             default = "**required**"
         elif field.default_factory is not None:
-            default = f"`{json.dumps(field.default_factory())}`"
+            default = f"`{json.dumps(field.default_factory(), default=str)}`"
         elif field.default is None:
             default = ""
         else:
-            default = f"`{json.dumps(field.default)}`"
+            default = f"`{json.dumps(field.default, default=str)}`"
         rows.append(f"| `{field.alias or name}` | `{_type(field.annotation)}` | {default} | "
                     f"{_cell(field.description or '')} |")
     return "\n".join(rows) + "\n"
