@@ -1,7 +1,8 @@
 """The registry of flavors: names to dotted paths, so nothing heavy is imported to look one up.
 
-Other packages add flavors through the entry point group ``airflow_stepops.flavors`` (each entry a ``Flavor``),
-read once per process as Airflow reads its providers, so every Airflow component knows them.
+Other packages add flavors through the entry point group ``airflow_stepops.flavors``, each entry a ``Flavor``
+in a module that imports only this one: entries are read while this module loads, once per process, as
+Airflow reads its providers, so every Airflow component knows them.
 """
 
 from __future__ import annotations
@@ -104,10 +105,6 @@ def _register_entry_points() -> None:
                           f"{exc}", stacklevel=2)
 
 
-for _flavor in BUILTIN_FLAVORS:
-    register_flavor(_flavor)
-_register_entry_points()
-
 
 def get_flavor(name: str) -> Flavor:
     try:
@@ -133,3 +130,9 @@ def _import(path: str) -> Any:
 
     module, _, attr = path.rpartition(".")
     return getattr(import_module(module), attr)
+
+
+# last: another package's flavor module may import this one while it loads
+for _flavor in BUILTIN_FLAVORS:
+    register_flavor(_flavor)
+_register_entry_points()
