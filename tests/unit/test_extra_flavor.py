@@ -65,8 +65,9 @@ def test_hook_and_trigger_identity_derive_from_the_flavor():
     assert flavor_for_conn_type("stepops_toy") is TOY
 
 
-def test_register_flavor_refuses_a_second_flavor_of_the_same_name():
+def test_register_flavor_refuses_a_second_flavor_of_the_same_name_and_a_bad_name():
     register_flavor(TOY)  # the same declaration again (an entry point read twice) is fine
+    assert Flavor("toy", "Toy", "Toy", package="toy_stepops").hook_class == "toy_stepops.hooks.toy.ToyStepOperatorHook"
     with pytest.raises(ValueError, match="'toy' is already registered"):
         register_flavor(Flavor("toy", "Other", "Other toy"))
     with pytest.raises(ValueError, match="lowercase letters"):
