@@ -105,7 +105,6 @@ def _register_entry_points() -> None:
                           f"{exc}", stacklevel=2)
 
 
-
 def get_flavor(name: str) -> Flavor:
     try:
         return FLAVORS[name]

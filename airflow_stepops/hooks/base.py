@@ -226,7 +226,8 @@ class StepOperatorHook(BaseHook):
         super().__init_subclass__(**kwargs)
         if "flavor" in cls.__dict__:
             flavor = get_flavor(cls.flavor)
-            cls.conn_type, cls.default_conn_name, cls.hook_name = flavor.conn_type, flavor.default_conn_id, flavor.hook_name
+            cls.conn_type, cls.default_conn_name, cls.hook_name = (flavor.conn_type, flavor.default_conn_id,
+                                                                   flavor.hook_name)
 
     @property
     def log_settle_seconds(self) -> float:

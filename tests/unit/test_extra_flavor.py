@@ -123,11 +123,13 @@ def test_a_step_runs_through_its_operator_hook_and_trigger(monkeypatch, tmp_path
 
 def test_a_package_entry_point_registers_it_in_every_process(tmp_path):
     """As an installed package would: an ``airflow_stepops.flavors`` entry point naming its ``Flavor``, read in
-    a fresh process by provider info, ``stepops list`` / ``describe`` and the conformance suite's flavor list."""
+    a fresh process by provider info, ``stepops list`` / ``describe`` and the conformance suite's flavor list;
+    a broken entry is named and skipped."""
     dist = tmp_path / "toy_stepops-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-stepops\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[airflow_stepops.flavors]\ntoy = toy_stepops:TOY\n")
+    (dist / "entry_points.txt").write_text("[airflow_stepops.flavors]\ntoy = toy_stepops:TOY\n"
+                                           "broken = no_such_package:FLAVOR\n")
     # the declaration alone, as a package keeps it: read while airflow_stepops loads, it imports nothing else
     (tmp_path / "toy_stepops.py").write_text(f"from airflow_stepops.flavors import Flavor\n\nTOY = {TOY!r}\n")
     (tmp_path / "home").mkdir()
@@ -144,6 +146,7 @@ print(FLAVORS)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr
+    assert "flavor entry point broken = no_such_package:FLAVOR (airflow_stepops.flavors) is ignored" in out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == "stepops_toy"
     assert any(line.split()[:2] == ["toy_box", "toy"] for line in lines), out.stdout
