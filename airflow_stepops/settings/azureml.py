@@ -213,8 +213,7 @@ class AzureMLStepOperatorConfig(BaseStepOperatorConfig, _AzureMLChecks):
     compute_target_name: str | None = Field(
         title="Compute target",
         default=None, description="Cluster or compute instance the steps run on; empty: serverless compute.")
-    image: str | None = Field(
-        title="Image", default=None, description="Container image of the steps (Python + cloudpickle).")
+    image: str | None = Field(default=None, description="Container image of the steps (Python + cloudpickle).")
     azureml_environment: str | None = Field(
         title="Registered environment",
         default=None, description="Registered environment instead of an image: azureml:<name>:<version>.")
@@ -222,14 +221,13 @@ class AzureMLStepOperatorConfig(BaseStepOperatorConfig, _AzureMLChecks):
         title="Storage connection id",
         default=None, description="Airflow connection (wasb / adls) workers read and write the artifact store "
         "with, when the artifact_store URI names none.")
-    datastore: str = Field(title="Datastore",
-                           default="workspaceblobstore", description="Datastore the jobs reach an abfs:// "
+    datastore: str = Field(default="workspaceblobstore", description="Datastore the jobs reach an abfs:// "
                            "artifact store through (it must point at the store's container).")
     instance_type: str | None = Field(
         title="Default VM size", default=None, description="Default serverless VM size of this step operator.")
     experiment_name: str | None = Field(
         title="Experiment name", default=None, description="Experiment of every job (default: the DAG id).")
-    tags: dict[str, str] = Field(title="Tags", default_factory=dict, description="Tags of every job.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Tags of every job.")
     environment: dict[str, str] = Field(
         title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
     api_timeout_seconds: float = Field(

@@ -172,17 +172,15 @@ class KubernetesPodOptions(BaseModel):
         title="Service account", default=None, description="Kubernetes service account of the pod.")
     node_selector: dict[str, str] = Field(
         title="Node selector", default_factory=dict, description="nodeSelector of the pod.")
-    tolerations: list[dict[str, Any]] = Field(title="Tolerations", default_factory=list, description="Pod tolerations.")
-    affinity: dict[str, Any] | None = Field(
-        title="Affinity", default=None, description="Pod affinity (Kubernetes JSON).")
-    volumes: list[dict[str, Any]] = Field(title="Volumes", default_factory=list, description="Extra pod volumes.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations.")
+    affinity: dict[str, Any] | None = Field(default=None, description="Pod affinity (Kubernetes JSON).")
+    volumes: list[dict[str, Any]] = Field(default_factory=list, description="Extra pod volumes.")
     volume_mounts: list[dict[str, Any]] = Field(
         title="Volume mounts", default_factory=list, description="Mounts in the step container.")
     image_pull_secrets: list[str] = Field(
         title="Image pull secrets", default_factory=list, description="Names of image pull secrets.")
-    labels: dict[str, str] = Field(title="Labels", default_factory=dict, description="Extra labels of the Job and pod.")
-    annotations: dict[str, str] = Field(
-        title="Annotations", default_factory=dict, description="Extra annotations of the Job and pod.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels of the Job and pod.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations of the Job and pod.")
     priority_class_name: str | None = Field(
         title="Priority class", default=None, description="priorityClassName of the pod.")
     security_context: dict[str, Any] | None = Field(
@@ -349,8 +347,7 @@ class KubernetesStepOperatorConfig(BaseStepOperatorConfig, KubernetesPodOptions)
     incluster: bool = Field(
         title="In cluster", default=False, description="Use the pod's service account (Airflow runs in the cluster).")
     kubernetes_namespace: str = Field(title="Namespace", default="default", description="Namespace of the step Jobs.")
-    image: str | None = Field(
-        title="Image", default=None, description="Container image steps run in (Python + cloudpickle).")
+    image: str | None = Field(default=None, description="Container image steps run in (Python + cloudpickle).")
     environment: dict[str, str] = Field(
         title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
     worker_artifact_path: str | None = Field(

@@ -252,7 +252,7 @@ class ModalStepOperatorConfig(BaseStepOperatorConfig):
     app_name: str = Field(title="App name prefix",
                           default="airflow-stepops", description="Prefix of the Modal apps steps run in "
                           "(one deployed app per image and set of function options).")
-    image: str | None = Field(title="Image", default=None, description="Registry image of the steps (needs Python and "
+    image: str | None = Field(default=None, description="Registry image of the steps (needs Python and "
                               "cloudpickle); default: Modal's debian_slim with python_version.")
     python_version: str | None = Field(title="Python version",
                                        default=None, description="Python of the default image (default: the "
@@ -270,9 +270,8 @@ class ModalStepOperatorConfig(BaseStepOperatorConfig):
                                           default=None, description="Modal volume (created if missing) mounted "
                                           f"at {CHECKPOINT_MOUNT} that holds each step's STEPOPS_CHECKPOINT_DIR "
                                           "(default: <app_name>-checkpoints).")
-    region: str | list[str] | None = Field(title="Region", default=None, description="Default region(s) of the steps.")
-    cloud: Literal["aws", "gcp", "oci", "auto"] | None = Field(
-        title="Cloud", default=None, description="Default cloud.")
+    region: str | list[str] | None = Field(default=None, description="Default region(s) of the steps.")
+    cloud: Literal["aws", "gcp", "oci", "auto"] | None = Field(default=None, description="Default cloud.")
     environment_variables: dict[str, str] = Field(title="Environment variables",
                                                   default_factory=dict, description="Environment of every "
                                                   "step (no secrets: use Modal secrets).")

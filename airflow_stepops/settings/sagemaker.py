@@ -239,7 +239,7 @@ class SageMakerStepOperatorConfig(BaseStepOperatorConfig, _SageMakerChecks):
     security_group_ids: list[str] = Field(
         title="VPC security groups", default_factory=list, description="VPC security groups.")
     kms_key_id: str | None = Field(title="KMS key", default=None, description="KMS key for the volume and the output.")
-    tags: dict[str, str] = Field(title="Tags", default_factory=dict, description="Tags of every training job.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Tags of every training job.")
     environment: dict[str, str] = Field(
         title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
     api_timeout_seconds: float = Field(title="API call timeout (s)",

@@ -174,10 +174,9 @@ class VertexStepOperatorConfig(BaseStepOperatorConfig, _VertexChecks):
     gcp_conn_id: str = Field(title="Google connection id",
                              default="google_cloud_default", description="Google provider connection with the "
                              "credentials.")
-    project: str | None = Field(
-        title="Project", default=None, description="GCP project (default: the google connection's).")
-    location: str = Field(title="Location", description="Vertex AI region, e.g. us-central1.")
-    image: str | None = Field(title="Image", default=None, description="Container image URI (Python + cloudpickle).")
+    project: str | None = Field(default=None, description="GCP project (default: the google connection's).")
+    location: str = Field(description="Vertex AI region, e.g. us-central1.")
+    image: str | None = Field(default=None, description="Container image URI (Python + cloudpickle).")
     service_account: str | None = Field(
         title="Service account", default=None, description="Service account the job runs as.")
     network: str | None = Field(
@@ -188,7 +187,7 @@ class VertexStepOperatorConfig(BaseStepOperatorConfig, _VertexChecks):
         title="KMS key (CMEK)", default=None, description="Cloud KMS key (CMEK) of the job.")
     persistent_resource_id: str | None = Field(
         title="Persistent resource id", default=None, description="Run on this persistent resource.")
-    labels: dict[str, str] = Field(title="Labels", default_factory=dict, description="Labels of every CustomJob.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels of every CustomJob.")
     environment: dict[str, str] = Field(
         title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
     machine_type: str | None = Field(
