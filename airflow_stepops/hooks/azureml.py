@@ -60,9 +60,6 @@ class AzureMLStepOperatorHook(StepOperatorHook):
     """Runs steps as Azure ML command jobs."""
 
     flavor: ClassVar[str] = "azureml"
-    conn_type = "stepops_azureml"
-    default_conn_name = "stepops_azureml_default"
-    hook_name = "Step operator: Azure ML command job"
     default_poll_interval: ClassVar[float] = 15.0
     min_poll_interval: ClassVar[float] = 2.0
 

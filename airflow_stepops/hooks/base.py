@@ -211,6 +211,7 @@ def parse_config(flavor: str, conn_id: str, extras: dict[str, Any]) -> BaseStepO
 class StepOperatorHook(BaseHook):
     """Base hook of one flavor, bound to a registered step operator (an Airflow connection)."""
 
+    #: a flavor's hook names only this; Airflow's conn_type, default_conn_name and hook_name derive from it
     flavor: ClassVar[str] = ""
     conn_name_attr = "step_operator_conn_id"
     default_conn_name = ""
@@ -220,6 +221,13 @@ class StepOperatorHook(BaseHook):
     default_poll_interval: ClassVar[float] = 10.0
     #: first poll delay after a new job; doubles up to the poll interval (cloud APIs: no fast start)
     min_poll_interval: ClassVar[float] = 10.0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "flavor" in cls.__dict__:
+            flavor = get_flavor(cls.flavor)
+            cls.conn_type, cls.default_conn_name, cls.hook_name = (flavor.conn_type, flavor.default_conn_id,
+                                                                   flavor.hook_name)
 
     @property
     def log_settle_seconds(self) -> float:

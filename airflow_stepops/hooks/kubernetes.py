@@ -46,9 +46,6 @@ class KubernetesStepOperatorHook(StepOperatorHook):
     """Runs steps as Kubernetes Jobs; sync client on workers, ``kubernetes_asyncio`` in the triggerer."""
 
     flavor: ClassVar[str] = "kubernetes"
-    conn_type = "stepops_kubernetes"
-    default_conn_name = "stepops_kubernetes_default"
-    hook_name = "Step operator: Kubernetes Job"
     default_poll_interval: ClassVar[float] = 5.0
     min_poll_interval: ClassVar[float] = 0.5
 

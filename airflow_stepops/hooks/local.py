@@ -101,9 +101,6 @@ class LocalStepOperatorHook(StepOperatorHook):
     """Runs steps as detached local processes with CPU, memory and GPU limits applied."""
 
     flavor: ClassVar[str] = "local"
-    conn_type = "stepops_local"
-    default_conn_name = "stepops_local_default"
-    hook_name = "Step operator: local subprocess"
     default_poll_interval: ClassVar[float] = 0.5
     min_poll_interval: ClassVar[float] = 0.02
 

@@ -52,9 +52,6 @@ class ModalStepOperatorHook(StepOperatorHook):
     """Runs steps as calls of a deployed Modal function."""
 
     flavor: ClassVar[str] = "modal"
-    conn_type = "stepops_modal"
-    default_conn_name = "stepops_modal_default"
-    hook_name = "Step operator: Modal function call"
     default_poll_interval: ClassVar[float] = 10.0
     min_poll_interval: ClassVar[float] = 1.0
 

@@ -86,9 +86,6 @@ class SageMakerStepOperatorHook(StepOperatorHook):
     """Runs steps as SageMaker Training Jobs."""
 
     flavor: ClassVar[str] = "sagemaker"
-    conn_type = "stepops_sagemaker"
-    default_conn_name = "stepops_sagemaker_default"
-    hook_name = "Step operator: SageMaker Training Job"
     default_poll_interval: ClassVar[float] = 15.0
     min_poll_interval: ClassVar[float] = 2.0
 

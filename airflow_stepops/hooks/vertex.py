@@ -47,9 +47,6 @@ class VertexStepOperatorHook(StepOperatorHook):
     """Runs steps as Vertex AI CustomJobs."""
 
     flavor: ClassVar[str] = "vertex"
-    conn_type = "stepops_vertex"
-    default_conn_name = "stepops_vertex_default"
-    hook_name = "Step operator: Vertex AI CustomJob"
     default_poll_interval: ClassVar[float] = 15.0
     min_poll_interval: ClassVar[float] = 2.0
 

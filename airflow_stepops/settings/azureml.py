@@ -204,31 +204,41 @@ class AzureMLStepOperatorConfig(BaseStepOperatorConfig, _AzureMLChecks):
 
     flavor: ClassVar[str] = "azureml"
 
-    azure_conn_id: str = Field(default="azure_default", description="microsoft-azure provider connection (type "
+    azure_conn_id: str = Field(title="Azure connection id",
+                               default="azure_default", description="microsoft-azure provider connection (type "
                                "azure) with the credentials; DefaultAzureCredential when it has none.")
-    subscription_id: str = Field(description="Azure subscription of the workspace.")
-    resource_group: str = Field(description="Resource group of the workspace.")
-    workspace_name: str = Field(description="Azure ML workspace.")
+    subscription_id: str = Field(title="Subscription id", description="Azure subscription of the workspace.")
+    resource_group: str = Field(title="Resource group", description="Resource group of the workspace.")
+    workspace_name: str = Field(title="Workspace name", description="Azure ML workspace.")
     compute_target_name: str | None = Field(
+        title="Compute target",
         default=None, description="Cluster or compute instance the steps run on; empty: serverless compute.")
     image: str | None = Field(default=None, description="Container image of the steps (Python + cloudpickle).")
     azureml_environment: str | None = Field(
+        title="Registered environment",
         default=None, description="Registered environment instead of an image: azureml:<name>:<version>.")
     storage_conn_id: str | None = Field(
+        title="Storage connection id",
         default=None, description="Airflow connection (wasb / adls) workers read and write the artifact store "
         "with, when the artifact_store URI names none.")
     datastore: str = Field(default="workspaceblobstore", description="Datastore the jobs reach an abfs:// "
                            "artifact store through (it must point at the store's container).")
-    instance_type: str | None = Field(default=None, description="Default serverless VM size of this step operator.")
-    experiment_name: str | None = Field(default=None, description="Experiment of every job (default: the DAG id).")
+    instance_type: str | None = Field(
+        title="Default VM size", default=None, description="Default serverless VM size of this step operator.")
+    experiment_name: str | None = Field(
+        title="Experiment name", default=None, description="Experiment of every job (default: the DAG id).")
     tags: dict[str, str] = Field(default_factory=dict, description="Tags of every job.")
-    environment: dict[str, str] = Field(default_factory=dict, description="Environment of every step (no secrets).")
+    environment: dict[str, str] = Field(
+        title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
     api_timeout_seconds: float = Field(
+        title="API call timeout (s)",
         default=60.0, gt=0, le=600, description="Seconds one call to Azure ML or the log blob may wait for an answer "
         "before it is retried.")
-    api_max_attempts: int = Field(default=4, ge=1, le=11, description="Attempts of a call that fails on the way, the "
+    api_max_attempts: int = Field(title="API call attempts",
+                                  default=4, ge=1, le=11, description="Attempts of a call that fails on the way, the "
                                   "first included (timeouts, dropped connections, 429 and 5xx answers).")
     console_url_template: str | None = Field(
+        title="Console URL template",
         default=None, description="Link template ({job_name}, {subscription_id}, {resource_group}, "
         "{workspace_name}); default: the job's Azure ML studio URL.")
 

@@ -112,12 +112,15 @@ class BaseStepOperatorConfig(_Strict):
     flavor: ClassVar[str] = ""
 
     artifact_store: str | None = Field(
+        title="Artifact store URI",
         default=None, description="URI where bundles and results live (s3://, gs://, abfs://, file://)."
     )
     max_result_size: str = Field(
+        title="Max result size",
         default="10GB", description="Largest result a step may store; bigger results fail clearly."
     )
     inline_result_max_size: str = Field(
+        title="Max inline (XCom) result size",
         default="48KB", description="JSON results up to this size go to XCom directly; larger become ArtifactRefs."
     )
 

@@ -168,19 +168,26 @@ class KubernetesPodOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    service_account_name: str | None = Field(default=None, description="Kubernetes service account of the pod.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of the pod.")
+    service_account_name: str | None = Field(
+        title="Service account", default=None, description="Kubernetes service account of the pod.")
+    node_selector: dict[str, str] = Field(
+        title="Node selector", default_factory=dict, description="nodeSelector of the pod.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations.")
     affinity: dict[str, Any] | None = Field(default=None, description="Pod affinity (Kubernetes JSON).")
     volumes: list[dict[str, Any]] = Field(default_factory=list, description="Extra pod volumes.")
-    volume_mounts: list[dict[str, Any]] = Field(default_factory=list, description="Mounts in the step container.")
-    image_pull_secrets: list[str] = Field(default_factory=list, description="Names of image pull secrets.")
+    volume_mounts: list[dict[str, Any]] = Field(
+        title="Volume mounts", default_factory=list, description="Mounts in the step container.")
+    image_pull_secrets: list[str] = Field(
+        title="Image pull secrets", default_factory=list, description="Names of image pull secrets.")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels of the Job and pod.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations of the Job and pod.")
-    priority_class_name: str | None = Field(default=None, description="priorityClassName of the pod.")
+    priority_class_name: str | None = Field(
+        title="Priority class", default=None, description="priorityClassName of the pod.")
     security_context: dict[str, Any] | None = Field(
+        title="Pod security context",
         default=None, description="Pod securityContext (e.g. runAsNonRoot, fsGroup, seccompProfile).")
     container_security_context: dict[str, Any] | None = Field(
+        title="Container security context",
         default=None, description="securityContext of the step container (e.g. allowPrivilegeEscalation: false).")
 
     @field_validator("labels")
@@ -330,42 +337,47 @@ class KubernetesStepOperatorConfig(BaseStepOperatorConfig, KubernetesPodOptions)
     flavor: ClassVar[str] = "kubernetes"
 
     kubernetes_conn_id: str | None = Field(
+        title="Kubernetes connection id",
         default=None, description="A cncf-kubernetes 'kubernetes' connection to take cluster credentials from."
     )
-    kubernetes_context: str | None = Field(default=None, description="kubeconfig context to use.")
-    config_file: str | None = Field(default=None, description="Path of a kubeconfig file.")
-    incluster: bool = Field(default=False, description="Use the pod's service account (Airflow runs in the cluster).")
-    kubernetes_namespace: str = Field(default="default", description="Namespace of the step Jobs.")
+    kubernetes_context: str | None = Field(
+        title="kubeconfig context", default=None, description="kubeconfig context to use.")
+    config_file: str | None = Field(
+        title="kubeconfig file path", default=None, description="Path of a kubeconfig file.")
+    incluster: bool = Field(
+        title="In cluster", default=False, description="Use the pod's service account (Airflow runs in the cluster).")
+    kubernetes_namespace: str = Field(title="Namespace", default="default", description="Namespace of the step Jobs.")
     image: str | None = Field(default=None, description="Container image steps run in (Python + cloudpickle).")
-    environment: dict[str, str] = Field(default_factory=dict, description="Environment of every step (no secrets).")
+    environment: dict[str, str] = Field(
+        title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
     worker_artifact_path: str | None = Field(
-        default=None,
+        title="Worker path of the pvc:// store", default=None,
         description="With a pvc:// artifact store: where that claim (its root) is mounted on Airflow workers "
         "and triggerers; the store's path inside the claim is appended.",
     )
     checkpoint_volume_claim: str | None = Field(
-        default=None,
+        title="Checkpoint volume claim", default=None,
         description="PersistentVolumeClaim (ReadWriteMany, so a retry on another node can mount it) holding "
         "STEPOPS_CHECKPOINT_DIR; default: the claim of a pvc:// artifact_store. Without either, steps get no "
         "STEPOPS_CHECKPOINT_DIR.",
     )
     checkpoint_volume_path: str = Field(
-        default="",
+        title="Checkpoint path in the claim", default="",
         description="Directory inside checkpoint_volume_claim under which step checkpoint directories are made "
         "(default: the claim's root).",
     )
     inline_transfer_max_size: str = Field(
-        default="512KiB",
+        title="Max inline transfer size", default="512KiB",
         description="Bundles and outputs up to this size (compressed) travel in the pod spec and pod log; larger "
         "ones through the artifact store.",
     )
     api_timeout_seconds: float = Field(
-        default=60.0, gt=0,
+        title="API call timeout (s)", default=60.0, gt=0,
         description="Seconds one Kubernetes API call may wait for its answer before it is retried (at most 3 more "
         "times, with back-off): a lost reply never hangs a worker or triggerer.",
     )
     console_url_template: str | None = Field(
-        default=None,
+        title="Console URL template", default=None,
         description="Link to a Job in your dashboard, with {namespace} and {name}, e.g. "
         "https://dashboard.example/#/job/{namespace}/{name}",
     )

@@ -26,18 +26,22 @@ class LocalStepOperatorConfig(BaseStepOperatorConfig):
     flavor: ClassVar[str] = "local"
 
     python: str | None = Field(
-        default=None,
+        title="Python interpreter", default=None,
         description="Python interpreter for steps (same major.minor as the worker, with cloudpickle); "
         "default: the worker's own.",
     )
     jobs_dir: str | None = Field(
+        title="Jobs directory",
         default=None, description="Directory of job state; default: $AIRFLOW_HOME/stepops/local/jobs."
     )
-    nvidia_smi: str = Field(default="nvidia-smi", description="nvidia-smi executable used to discover GPUs.")
+    nvidia_smi: str = Field(
+        title="nvidia-smi executable", default="nvidia-smi", description="nvidia-smi executable used to discover GPUs.")
     environment: dict[str, str] = Field(
+        title="Environment variables",
         default_factory=dict, description="Environment variables for every step of this operator."
     )
     job_retention_days: float = Field(
+        title="Job retention (days)",
         default=7, ge=0, description="Job directories (state and logs) of finished steps are removed after "
         "this many days; 0 keeps them forever. Results in the artifact store are not touched."
     )

@@ -223,21 +223,33 @@ class SageMakerStepOperatorConfig(BaseStepOperatorConfig, _SageMakerChecks):
 
     flavor: ClassVar[str] = "sagemaker"
 
-    aws_conn_id: str = Field(default="aws_default", description="Amazon provider connection with the credentials.")
-    region_name: str | None = Field(default=None, description="AWS region (default: the aws connection's).")
-    role: str = Field(description="IAM role ARN the training job runs as (its own identity for S3).")
-    image: str | None = Field(default=None, description="Training image URI (Python + cloudpickle).")
-    instance_type: str | None = Field(default=None, description="Default instance type of this step operator.")
-    subnets: list[str] = Field(default_factory=list, description="VPC subnets of the training job.")
-    security_group_ids: list[str] = Field(default_factory=list, description="VPC security groups.")
-    kms_key_id: str | None = Field(default=None, description="KMS key for the volume and the output.")
+    aws_conn_id: str = Field(
+        title="AWS connection id",
+        default="aws_default", description="Amazon provider connection with the credentials.")
+    region_name: str | None = Field(
+        title="Region", default=None, description="AWS region (default: the aws connection's).")
+    role: str = Field(
+        title="Execution role ARN", description="IAM role ARN the training job runs as (its own identity for S3).")
+    image: str | None = Field(
+        title="Training image", default=None, description="Training image URI (Python + cloudpickle).")
+    instance_type: str | None = Field(
+        title="Default instance type", default=None, description="Default instance type of this step operator.")
+    subnets: list[str] = Field(
+        title="VPC subnets", default_factory=list, description="VPC subnets of the training job.")
+    security_group_ids: list[str] = Field(
+        title="VPC security groups", default_factory=list, description="VPC security groups.")
+    kms_key_id: str | None = Field(title="KMS key", default=None, description="KMS key for the volume and the output.")
     tags: dict[str, str] = Field(default_factory=dict, description="Tags of every training job.")
-    environment: dict[str, str] = Field(default_factory=dict, description="Environment of every step (no secrets).")
-    api_timeout_seconds: float = Field(default=60.0, gt=0, le=900, description="Connect and read timeout of each "
+    environment: dict[str, str] = Field(
+        title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
+    api_timeout_seconds: float = Field(title="API call timeout (s)",
+                                       default=60.0, gt=0, le=900, description="Connect and read timeout of each "
                                        "AWS API call (a lost reply must not hang a worker).")
-    api_max_attempts: int = Field(default=5, ge=1, le=20, description="Attempts of each AWS API call, the first "
+    api_max_attempts: int = Field(title="API call attempts",
+                                  default=5, ge=1, le=20, description="Attempts of each AWS API call, the first "
                                   "included (botocore's standard retry mode).")
-    console_region_url: str = Field(default="https://{region}.console.aws.amazon.com/sagemaker/home?region={region}"
+    console_region_url: str = Field(title="Console URL template",
+                                    default="https://{region}.console.aws.amazon.com/sagemaker/home?region={region}"
                                     "#/jobs/{name}", description="Console link template.")
 
     @field_validator("role")

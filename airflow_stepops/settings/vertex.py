@@ -171,32 +171,47 @@ class VertexStepOperatorConfig(BaseStepOperatorConfig, _VertexChecks):
 
     flavor: ClassVar[str] = "vertex"
 
-    gcp_conn_id: str = Field(default="google_cloud_default", description="Google provider connection with the "
+    gcp_conn_id: str = Field(title="Google connection id",
+                             default="google_cloud_default", description="Google provider connection with the "
                              "credentials.")
     project: str | None = Field(default=None, description="GCP project (default: the google connection's).")
     location: str = Field(description="Vertex AI region, e.g. us-central1.")
     image: str | None = Field(default=None, description="Container image URI (Python + cloudpickle).")
-    service_account: str | None = Field(default=None, description="Service account the job runs as.")
-    network: str | None = Field(default=None, description="VPC network to peer, projects/<number>/global/networks/<name>.")
-    reserved_ip_ranges: list[str] = Field(default_factory=list, description="Reserved IP ranges of the network.")
-    encryption_spec_key_name: str | None = Field(default=None, description="Cloud KMS key (CMEK) of the job.")
-    persistent_resource_id: str | None = Field(default=None, description="Run on this persistent resource.")
+    service_account: str | None = Field(
+        title="Service account", default=None, description="Service account the job runs as.")
+    network: str | None = Field(
+        title="VPC network", default=None, description="VPC network to peer, projects/<number>/global/networks/<name>.")
+    reserved_ip_ranges: list[str] = Field(
+        title="Reserved IP ranges", default_factory=list, description="Reserved IP ranges of the network.")
+    encryption_spec_key_name: str | None = Field(
+        title="KMS key (CMEK)", default=None, description="Cloud KMS key (CMEK) of the job.")
+    persistent_resource_id: str | None = Field(
+        title="Persistent resource id", default=None, description="Run on this persistent resource.")
     labels: dict[str, str] = Field(default_factory=dict, description="Labels of every CustomJob.")
-    environment: dict[str, str] = Field(default_factory=dict, description="Environment of every step (no secrets).")
-    machine_type: str | None = Field(default=None, description="Default machine type of this step operator.")
-    accelerator_type: str | None = Field(default=None, description="Default accelerator of this step operator.")
-    accelerator_count: int | None = Field(default=None, ge=0, description="Default accelerator count.")
-    api_endpoint: str | None = Field(default=None, description="Vertex API endpoint (default: "
+    environment: dict[str, str] = Field(
+        title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
+    machine_type: str | None = Field(
+        title="Default machine type", default=None, description="Default machine type of this step operator.")
+    accelerator_type: str | None = Field(
+        title="Default accelerator", default=None, description="Default accelerator of this step operator.")
+    accelerator_count: int | None = Field(
+        title="Default accelerator count", default=None, ge=0, description="Default accelerator count.")
+    api_endpoint: str | None = Field(title="Vertex API endpoint",
+                                     default=None, description="Vertex API endpoint (default: "
                                      "<location>-aiplatform.googleapis.com).")
-    logging_endpoint: str | None = Field(default=None, description="Cloud Logging endpoint (default: "
+    logging_endpoint: str | None = Field(title="Cloud Logging endpoint",
+                                         default=None, description="Cloud Logging endpoint (default: "
                                          "logging.googleapis.com).")
-    api_timeout_seconds: float = Field(default=30.0, gt=0, le=300, description="Seconds one call to Vertex AI "
+    api_timeout_seconds: float = Field(title="API call timeout (s)",
+                                       default=30.0, gt=0, le=300, description="Seconds one call to Vertex AI "
                                        "or Cloud Logging may take; transient failures are retried for up to four "
                                        "times this long.")
     log_settle_seconds: float = Field(
+        title="Log settle time (s)",
         default=10.0, ge=0, le=60, description="Seconds to wait after a job ends for Cloud Logging to take in its "
         "last lines (entries may arrive late; entries:tail buffers up to 60 s for them).")
     console_url_template: str = Field(
+        title="Console URL template",
         default="https://console.cloud.google.com/vertex-ai/locations/{location}/training/{job_id}/cpu?project="
         "{project}", description="Console link template ({location}, {job_id}, {project}).")
 

@@ -6,4 +6,4 @@ from airflow_stepops.triggers.base import StepOperatorTrigger
 
 
 class AzureMLStepOperatorTrigger(StepOperatorTrigger):
-    hook_class_path = "airflow_stepops.hooks.azureml.AzureMLStepOperatorHook"
+    flavor = "azureml"

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, TypeVar
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.flavors import get_flavor
 from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook
 
 LOG_TAIL_LINES = 40
@@ -111,7 +112,14 @@ class SharedStatusPoller:
 class StepOperatorTrigger(BaseTrigger):
     """Waits for one remote step, streaming its log lines into the task log."""
 
+    #: a flavor's trigger names only this; the hook it polls with derives from it
+    flavor: ClassVar[str] = ""
     hook_class_path: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "flavor" in cls.__dict__:
+            cls.hook_class_path = get_flavor(cls.flavor).hook_class
 
     def __init__(
         self,

@@ -6,4 +6,4 @@ from airflow_stepops.triggers.base import StepOperatorTrigger
 
 
 class KubernetesStepOperatorTrigger(StepOperatorTrigger):
-    hook_class_path = "airflow_stepops.hooks.kubernetes.KubernetesStepOperatorHook"
+    flavor = "kubernetes"

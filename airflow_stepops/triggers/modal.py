@@ -6,4 +6,4 @@ from airflow_stepops.triggers.base import StepOperatorTrigger
 
 
 class ModalStepOperatorTrigger(StepOperatorTrigger):
-    hook_class_path = "airflow_stepops.hooks.modal.ModalStepOperatorHook"
+    flavor = "modal"

@@ -6,4 +6,4 @@ from airflow_stepops.triggers.base import StepOperatorTrigger
 
 
 class VertexStepOperatorTrigger(StepOperatorTrigger):
-    hook_class_path = "airflow_stepops.hooks.vertex.VertexStepOperatorHook"
+    flavor = "vertex"

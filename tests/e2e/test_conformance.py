@@ -25,13 +25,15 @@ from typing import Any
 import psutil
 import pytest
 
+from airflow_stepops.flavors import FLAVORS as REGISTRY
+
 from .dags.conformance_dags import CANCEL_POLL
 from .harness import Harness, harnesses
 from .steps import deferral_settled, task_runner_process, terminal
 
 pytestmark = pytest.mark.slow
 
-FLAVORS = ("local", "kubernetes", "sagemaker", "vertex", "azureml", "modal")
+FLAVORS = tuple(REGISTRY)  # every registered flavor; one without a harness here is skipped
 LINES = 40  # remote log lines the results scenario streams while deferred
 LATE_EVERY, LATE_SECONDS = 3, 1.0  # every third line reaches the log service a second late, where it can
 _WRITES = threading.Lock()  # one API write at a time: SQLite answers concurrent ones "database is locked"
@@ -182,7 +184,7 @@ class Suite:
         if flavor in self.af.unavailable:
             pytest.fail(f"{flavor}: its emulator could not start: {self.af.unavailable[flavor]}")
         if flavor not in self.harnesses:
-            pytest.skip(f"the {flavor} extra is not installed in this environment")
+            pytest.skip(f"no harness runs the {flavor} flavor here (its extra is not installed, or tests/e2e/harness.py has none)")
         run = runs[f"{flavor}/{variant}" if variant else flavor]
         run.check()
         return run
@@ -358,7 +360,7 @@ def test_a_step_without_explicit_deferrable_follows_the_default_switches(airflow
         pytest.fail(f"{flavor}: its emulator could not start: {airflow_env.unavailable[flavor]}")
     harness = harnesses(airflow_env).get(flavor)
     if harness is None:
-        pytest.skip(f"the {flavor} extra is not installed in this environment")
+        pytest.skip(f"no harness runs the {flavor} flavor here (its extra is not installed, or tests/e2e/harness.py has none)")
     run = default_switches[switch]
     assert run.returncode == 0 and run.run_id, run.output[-5000:]
     # the control in the same process: a step saying deferrable=True is deferred, as Airflow shows

@@ -10,16 +10,37 @@ import sys
 import pytest
 
 from airflow_stepops import get_provider_info
-from airflow_stepops.flavors import FLAVORS
+from airflow_stepops._provider_info_gen import TARGET, render
+from airflow_stepops.flavors import BUILTIN_FLAVORS
 
 
-def test_connection_form_fields_match_the_config_models():
-    info = get_provider_info()
-    by_type = {c["connection-type"]: c for c in info["connection-types"]}
-    for flavor in FLAVORS.values():
-        entry = by_type[flavor.conn_type]
-        assert entry["hook-class-name"] == flavor.hook_class
-        assert set(entry["conn-fields"]) == set(flavor.config_model().model_fields), flavor.name
+def test_committed_provider_info_is_the_generators_output():
+    assert TARGET.read_text() == render(), "regenerate it: python -m airflow_stepops._provider_info_gen"
+
+
+def test_provider_info_imports_neither_pydantic_nor_airflow():
+    code = ("import sys; from airflow_stepops import get_provider_info; get_provider_info(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'pydantic', 'airflow'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
+
+
+def test_airflow_providers_manager_sees_each_flavor_with_its_hook_and_form():
+    """What Airflow reads: the connection types and form fields from provider info, and the hook class's
+    conn_type / conn_name_attr / hook_name when it imports the hook (a missing one drops the type)."""
+    from airflow.providers_manager import ProvidersManager
+
+    manager = ProvidersManager()
+    ui = {m.connection_type: m for m in manager.iter_connection_type_hook_ui_metadata()}
+    widgets = manager._connection_form_widgets_from_metadata  # what the connection form shows
+    for flavor in BUILTIN_FLAVORS:
+        hook = manager.hooks[flavor.conn_type]
+        assert hook is not None and (hook.hook_class_name, hook.connection_id_attribute_name, hook.hook_name) == (
+            flavor.hook_class, "step_operator_conn_id", flavor.hook_name), flavor.name
+        assert ui[flavor.conn_type].field_behaviour["hidden_fields"][-1] == "extra"
+        prefix = f"extra__{flavor.conn_type}__"
+        fields = {key[len(prefix):] for key in widgets if key.startswith(prefix)}
+        assert fields == set(flavor.config_model().model_fields), flavor.name
 
 
 def test_every_dotted_path_in_provider_info_imports():
