@@ -1,0 +1,89 @@
+"""Which machine of a cloud's table a step's ``ResourceSettings`` get: the same rule for every flavor.
+
+A flavor's table is data (a row per machine: vCPUs, memory, GPUs, approximate price); this module says
+which rows fit, picks the cheapest, and when none fits names the nearest, so the error shows what exists.
+Imported while DAGs are parsed (settings are checked then): standard library only, besides ``resources``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from airflow_stepops.resources import GPU_TYPES, ResourceSettings
+
+_UNIT_BYTES = {"GiB": 2**30, "GB": 10**9}
+#: a request for "A100" takes either model; "A100-80GB" asks for the 80 GB model only
+_ALSO = {"A100": ("A100-80GB",)}
+
+
+@dataclass(frozen=True)
+class Machine:
+    """One row of a table: a machine type, with the GPUs it carries (or has attached)."""
+
+    name: str
+    vcpus: int
+    memory: float  # in ``unit``, as the cloud states it
+    gpus: Fraction | int = 0  # a fraction on Azure's smaller NVadsA10_v5 sizes: not a GPU
+    gpu_type: str | None = None  # the cloud's own name
+    price: float = 0.0  # USD per hour, approximate: it only ranks the rows
+    unit: str = "GiB"
+    burstable: bool = False  # CPU credits run out under load: not for a step that asks for CPUs
+    named_only: bool = False  # an older GPU: chosen only when its type is asked for by name
+
+    def describe(self) -> str:
+        gpu = f", {self.gpus} x {self.gpu_type}" if self.gpus else ""
+        return f"{self.name} ({self.vcpus} vCPU, {self.memory:g} {self.unit}{gpu}, ~${self.price:.2f}/h)"
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """A cloud's table and the words its errors use (``"Azure ML"``, ``"VM size"``, ``"instance_type"``)."""
+
+    cloud: str
+    kind: str
+    setting: str  # the field that names a machine directly
+    machines: tuple[Machine, ...]
+    gpu_names: dict[str, str] = field(default_factory=dict)  # ResourceSettings' GPU name -> the cloud's
+    exact_gpus: bool = False  # choose exactly the GPU count asked for (else at least as many)
+
+    def _gpu_names(self, wanted: str) -> set[str]:
+        return {self.gpu_names.get(name, name) for name in (wanted, *_ALSO.get(wanted, ()))}
+
+    def offers(self, gpu_type: str) -> bool:
+        return any(m.gpu_type in self._gpu_names(gpu_type) for m in self.machines)
+
+    def shortfall(self, machine: Machine, resources: ResourceSettings, exact: bool = False) -> float:
+        """How far a machine is from fitting, 0 when it fits: the relative shortfall of each resource, plus 1
+        for each thing no size makes up for (another GPU type, GPUs not wanted, burstable CPUs)."""
+        gpus = resources.effective_gpu_count
+        short = sum(float(max(want - have, 0) / want) for want, have in (
+            (resources.cpu_count, machine.vcpus), (resources.memory_bytes, machine.memory * _UNIT_BYTES[machine.unit]),
+            (gpus, machine.gpus)) if want)
+        return short + sum((
+            resources.gpu_type is not None and machine.gpu_type not in self._gpu_names(resources.gpu_type),
+            resources.gpu_count == 0 and machine.gpus > 0, bool(resources.cpu_count and machine.burstable),
+            exact and machine.gpus != gpus))
+
+    def fits(self, machine: Machine, resources: ResourceSettings) -> bool:
+        return self.shortfall(machine, resources) == 0
+
+    def choose(self, resources: ResourceSettings) -> Machine:
+        """The cheapest machine that fits; else an error naming the field, what is offered, or the nearest."""
+        gpus, gpu_type, wanted = resources.effective_gpu_count, resources.gpu_type, resources.model_dump(exclude_none=True)
+        failed, what = f"resources {wanted}: no {self.cloud} {self.kind} fits", f"{self.cloud} {self.kind}s"
+        if gpu_type is not None and not self.offers(gpu_type):
+            raise ValueError(f"{failed}; gpu_type: {gpu_type} is not offered by {what} in the table; GPU types: "
+                             f"{', '.join(sorted(filter(self.offers, GPU_TYPES)))}. Set {self.setting} to choose one yourself")
+        counts = sorted({m.gpus for m in self.machines if m.gpus and (gpu_type is None or m.gpu_type in self._gpu_names(
+            gpu_type))})
+        if self.exact_gpus and gpus and gpus not in counts:
+            raise ValueError(f"gpu_count={gpus}: {self.cloud} offers {self.gpu_names.get(gpu_type or '', gpu_type or 'GPUs')} "
+                             f"in counts of {', '.join(map(str, counts))} per machine")
+        fitting = [m for m in self.machines if self.shortfall(m, resources, self.exact_gpus) == 0
+                   and not (m.named_only and gpu_type is None)]
+        if fitting:
+            return min(fitting, key=lambda m: (m.price, m.vcpus, m.name))
+        nearest = sorted(self.machines, key=lambda m: (self.shortfall(m, resources, self.exact_gpus), m.price))[:3]
+        raise ValueError(f"{failed}; nearest: {'; '.join(m.describe() for m in nearest)}. Ask for less, or set "
+                         f"{self.setting} to choose one yourself")
