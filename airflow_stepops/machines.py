@@ -7,6 +7,7 @@ Imported while DAGs are parsed (settings are checked then): standard library onl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -53,37 +54,41 @@ class Catalogue:
     def offers(self, gpu_type: str) -> bool:
         return any(m.gpu_type in self._gpu_names(gpu_type) for m in self.machines)
 
-    def shortfall(self, machine: Machine, resources: ResourceSettings, exact: bool = False) -> float:
+    def shortfall(self, resources: ResourceSettings, exact: bool = False) -> Callable[[Machine], float]:
         """How far a machine is from fitting, 0 when it fits: the relative shortfall of each resource, plus 1
-        for each thing no size makes up for (another GPU type, GPUs not wanted, burstable CPUs)."""
-        gpus = resources.effective_gpu_count
-        short = sum(float(max(want - have, 0) / want) for want, have in (
-            (resources.cpu_count, machine.vcpus), (resources.memory_bytes, machine.memory * _UNIT_BYTES[machine.unit]),
-            (gpus, machine.gpus)) if want)
-        return short + sum((
-            resources.gpu_type is not None and machine.gpu_type not in self._gpu_names(resources.gpu_type),
-            resources.gpu_count == 0 and machine.gpus > 0, bool(resources.cpu_count and machine.burstable),
-            exact and machine.gpus != gpus))
+        for each thing no size makes up for (another GPU type, GPUs not wanted, burstable CPUs, another count
+        where it must be ``exact``). The request is read once: this runs for every row, at parse time."""
+        cpus, memory, gpus = resources.cpu_count or 0, resources.memory_bytes or 0, resources.effective_gpu_count
+        types = self._gpu_names(resources.gpu_type) if resources.gpu_type else None
+        no_gpus = resources.gpu_count == 0
+
+        def short(m: Machine) -> float:
+            have = m.memory * _UNIT_BYTES[m.unit]
+            return (max(cpus - m.vcpus, 0) / cpus if cpus else 0) + (max(memory - have, 0) / memory if memory else 0) \
+                + (float(max(gpus - m.gpus, 0) / gpus) if gpus else 0) + (types is not None and m.gpu_type not in types) \
+                + (no_gpus and m.gpus > 0) + bool(cpus and m.burstable) + (exact and m.gpus != gpus)
+        return short
 
     def fits(self, machine: Machine, resources: ResourceSettings) -> bool:
-        return self.shortfall(machine, resources) == 0
+        return self.shortfall(resources)(machine) == 0
 
     def choose(self, resources: ResourceSettings) -> Machine:
         """The cheapest machine that fits; else an error naming the field, what is offered, or the nearest."""
-        gpus, gpu_type, wanted = resources.effective_gpu_count, resources.gpu_type, resources.model_dump(exclude_none=True)
-        failed, what = f"resources {wanted}: no {self.cloud} {self.kind} fits", f"{self.cloud} {self.kind}s"
+        gpus, gpu_type, short = resources.effective_gpu_count, resources.gpu_type, self.shortfall(resources, self.exact_gpus)
+        rows = [m for m in self.machines if m.gpus == gpus] if self.exact_gpus else self.machines
+        fitting = [m for m in rows if short(m) == 0 and not (m.named_only and gpu_type is None)]
+        if fitting:
+            return min(fitting, key=lambda m: (m.price, m.vcpus, m.name))
+        failed = f"resources {resources.model_dump(exclude_none=True)}: no {self.cloud} {self.kind} fits"
         if gpu_type is not None and not self.offers(gpu_type):
-            raise ValueError(f"{failed}; gpu_type: {gpu_type} is not offered by {what} in the table; GPU types: "
-                             f"{', '.join(sorted(filter(self.offers, GPU_TYPES)))}. Set {self.setting} to choose one yourself")
+            raise ValueError(f"{failed}; gpu_type: {gpu_type} is not offered by {self.cloud} {self.kind}s in the table; "
+                             f"GPU types: {', '.join(sorted(filter(self.offers, GPU_TYPES)))}. Set {self.setting} to "
+                             "choose one yourself")
         counts = sorted({m.gpus for m in self.machines if m.gpus and (gpu_type is None or m.gpu_type in self._gpu_names(
             gpu_type))})
         if self.exact_gpus and gpus and gpus not in counts:
             raise ValueError(f"gpu_count={gpus}: {self.cloud} offers {self.gpu_names.get(gpu_type or '', gpu_type or 'GPUs')} "
                              f"in counts of {', '.join(map(str, counts))} per machine")
-        fitting = [m for m in self.machines if self.shortfall(m, resources, self.exact_gpus) == 0
-                   and not (m.named_only and gpu_type is None)]
-        if fitting:
-            return min(fitting, key=lambda m: (m.price, m.vcpus, m.name))
-        nearest = sorted(self.machines, key=lambda m: (self.shortfall(m, resources, self.exact_gpus), m.price))[:3]
+        nearest = sorted(self.machines, key=lambda m: (short(m), m.price))[:3]
         raise ValueError(f"{failed}; nearest: {'; '.join(m.describe() for m in nearest)}. Ask for less, or set "
                          f"{self.setting} to choose one yourself")
