@@ -71,10 +71,6 @@ def _general(family: str, per_cpu_gb: float, sizes: tuple[int, ...], cpu_price: 
                     price=round(n * cpu_price + n * per_cpu_gb * gb_price, 4), unit="GB") for n in sizes]
 
 
-def _fixed(name: str, vcpus: int, memory_gb: float, price: float, accelerator: str, count: int) -> Machine:
-    return Machine(name, vcpus, memory_gb, count, accelerator, price, unit="GB")
-
-
 _CPU_TYPES: list[Machine] = [
     *_general("n1-standard", 3.75, (4, 8, 16, 32, 64, 96), 0.0379, 0.0051),
     *_general("n1-highmem", 6.5, (2, 4, 8, 16, 32, 64, 96), 0.0379, 0.0051),
@@ -87,32 +83,25 @@ _CPU_TYPES: list[Machine] = [
     *_general("e2-highcpu", 1, (16, 32), 0.0251, 0.0034),
     *_general("c2-standard", 4, (4, 8, 16, 30, 60), 0.0401, 0.0054),
 ]
-_GPU_TYPES: list[Machine] = [
-    _fixed("g2-standard-4", 4, 16, 0.82, "NVIDIA_L4", 1),
-    _fixed("g2-standard-8", 8, 32, 0.99, "NVIDIA_L4", 1),
-    _fixed("g2-standard-12", 12, 48, 1.16, "NVIDIA_L4", 1),
-    _fixed("g2-standard-16", 16, 64, 1.33, "NVIDIA_L4", 1),
-    _fixed("g2-standard-32", 32, 128, 2.02, "NVIDIA_L4", 1),
-    _fixed("g2-standard-24", 24, 96, 2.31, "NVIDIA_L4", 2),
-    _fixed("g2-standard-48", 48, 192, 4.62, "NVIDIA_L4", 4),
-    _fixed("g2-standard-96", 96, 384, 9.24, "NVIDIA_L4", 8),
-    _fixed("a2-highgpu-1g", 12, 85, 4.22, "NVIDIA_TESLA_A100", 1),
-    _fixed("a2-highgpu-2g", 24, 170, 8.44, "NVIDIA_TESLA_A100", 2),
-    _fixed("a2-highgpu-4g", 48, 340, 16.88, "NVIDIA_TESLA_A100", 4),
-    _fixed("a2-highgpu-8g", 96, 680, 33.77, "NVIDIA_TESLA_A100", 8),
-    _fixed("a2-megagpu-16g", 96, 1360, 63.27, "NVIDIA_TESLA_A100", 16),
-    _fixed("a2-ultragpu-1g", 12, 170, 5.85, "NVIDIA_A100_80GB", 1),
-    _fixed("a2-ultragpu-2g", 24, 340, 11.70, "NVIDIA_A100_80GB", 2),
-    _fixed("a2-ultragpu-4g", 48, 680, 23.41, "NVIDIA_A100_80GB", 4),
-    _fixed("a2-ultragpu-8g", 96, 1360, 46.81, "NVIDIA_A100_80GB", 8),
-    _fixed("a3-highgpu-1g", 26, 234, 12.64, "NVIDIA_H100_80GB", 1),
-    _fixed("a3-highgpu-2g", 52, 468, 25.29, "NVIDIA_H100_80GB", 2),
-    _fixed("a3-highgpu-4g", 104, 936, 50.57, "NVIDIA_H100_80GB", 4),
-    _fixed("a3-highgpu-8g", 208, 1872, 101.14, "NVIDIA_H100_80GB", 8),
-    _fixed("a3-megagpu-8g", 208, 1872, 106.0, "NVIDIA_H100_MEGA_80GB", 8),
-    _fixed("a3-ultragpu-8g", 224, 2952, 123.0, "NVIDIA_H200_141GB", 8),
-    _fixed("a4-highgpu-8g", 224, 3968, 148.0, "NVIDIA_B200", 8),
-]
+#: fixed-GPU families (a2, a3, a4, g2): name, vCPUs, memory GB, GPUs, accelerator, USD per hour
+_GPU_TYPES: list[Machine] = [Machine(*row, unit="GB") for row in (
+    ("g2-standard-4", 4, 16, 1, "NVIDIA_L4", 0.82), ("g2-standard-8", 8, 32, 1, "NVIDIA_L4", 0.99),
+    ("g2-standard-12", 12, 48, 1, "NVIDIA_L4", 1.16), ("g2-standard-16", 16, 64, 1, "NVIDIA_L4", 1.33),
+    ("g2-standard-32", 32, 128, 1, "NVIDIA_L4", 2.02), ("g2-standard-24", 24, 96, 2, "NVIDIA_L4", 2.31),
+    ("g2-standard-48", 48, 192, 4, "NVIDIA_L4", 4.62), ("g2-standard-96", 96, 384, 8, "NVIDIA_L4", 9.24),
+    ("a2-highgpu-1g", 12, 85, 1, "NVIDIA_TESLA_A100", 4.22), ("a2-highgpu-2g", 24, 170, 2, "NVIDIA_TESLA_A100", 8.44),
+    ("a2-highgpu-4g", 48, 340, 4, "NVIDIA_TESLA_A100", 16.88),
+    ("a2-highgpu-8g", 96, 680, 8, "NVIDIA_TESLA_A100", 33.77),
+    ("a2-megagpu-16g", 96, 1360, 16, "NVIDIA_TESLA_A100", 63.27),
+    ("a2-ultragpu-1g", 12, 170, 1, "NVIDIA_A100_80GB", 5.85), ("a2-ultragpu-2g", 24, 340, 2, "NVIDIA_A100_80GB", 11.70),
+    ("a2-ultragpu-4g", 48, 680, 4, "NVIDIA_A100_80GB", 23.41),
+    ("a2-ultragpu-8g", 96, 1360, 8, "NVIDIA_A100_80GB", 46.81),
+    ("a3-highgpu-1g", 26, 234, 1, "NVIDIA_H100_80GB", 12.64), ("a3-highgpu-2g", 52, 468, 2, "NVIDIA_H100_80GB", 25.29),
+    ("a3-highgpu-4g", 104, 936, 4, "NVIDIA_H100_80GB", 50.57),
+    ("a3-highgpu-8g", 208, 1872, 8, "NVIDIA_H100_80GB", 101.14),
+    ("a3-megagpu-8g", 208, 1872, 8, "NVIDIA_H100_MEGA_80GB", 106.0),
+    ("a3-ultragpu-8g", 224, 2952, 8, "NVIDIA_H200_141GB", 123.0), ("a4-highgpu-8g", 224, 3968, 8, "NVIDIA_B200", 148.0),
+)]
 MACHINE_TYPES: dict[str, Machine] = {m.name: m for m in (*_CPU_TYPES, *_GPU_TYPES)}
 KNOWN_FAMILIES = {_family(m) for m in MACHINE_TYPES}
 #: N1 types with GPUs attached, within Compute Engine's limits: candidates like the fixed-GPU types ("any GPU"
