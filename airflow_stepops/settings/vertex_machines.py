@@ -11,7 +11,7 @@ families not in the table (e.g. TPU hosts) are passed to Vertex unchecked.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from airflow_stepops.machines import Catalogue, Machine
 from airflow_stepops.resources import ResourceSettings, normalize_gpu_type
@@ -46,8 +46,7 @@ N1_GPU_PRICE = {"NVIDIA_TESLA_T4": 0.40, "NVIDIA_TESLA_P4": 0.69, "NVIDIA_TESLA_
 MACHINE_NAME = re.compile(r"^[a-z][a-z0-9]*-[a-z0-9]+(-[a-z0-9]+)?$")
 
 
-@dataclass(frozen=True)
-class MachineChoice:
+class MachineChoice(NamedTuple):
     machine_type: str
     accelerator_type: str | None
     accelerator_count: int
@@ -106,8 +105,8 @@ MACHINE_TYPES: dict[str, Machine] = {m.name: m for m in (*_CPU_TYPES, *_GPU_TYPE
 KNOWN_FAMILIES = {_family(m) for m in MACHINE_TYPES}
 #: N1 types with GPUs attached, within Compute Engine's limits: candidates like the fixed-GPU types ("any GPU"
 #: means the common T4 on N1, not the older P4, P100 or V100)
-_N1_WITH_GPUS = [replace(m, gpus=n, gpu_type=acc, price=round(m.price + n * N1_GPU_PRICE[acc], 4),
-                         named_only=acc != "NVIDIA_TESLA_T4")
+_N1_WITH_GPUS = [m._replace(gpus=n, gpu_type=acc, price=round(m.price + n * N1_GPU_PRICE[acc], 4),
+                            named_only=acc != "NVIDIA_TESLA_T4")
                  for acc, limits in N1_GPU_LIMITS.items() for n, (cpus, gb) in limits.items()
                  for m in _CPU_TYPES if _family(m.name) == "n1" and m.vcpus <= cpus and m.memory <= gb]
 CATALOGUE = Catalogue("Vertex AI", "machine type", "machine_type", (*_CPU_TYPES, *_GPU_TYPES, *_N1_WITH_GPUS),
