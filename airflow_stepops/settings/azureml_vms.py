@@ -12,34 +12,12 @@ would only refuse it after the job was created.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from fractions import Fraction
 
-from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.machines import Catalogue, Machine
 
 #: what an Azure VM size name looks like (``Standard_NC24ads_A100_v4``); checked at parse time
 VM_SIZE_NAME = re.compile(r"^Standard_[A-Za-z]+\d+[A-Za-z]*(_[A-Za-z0-9]+)*$", re.I)
-
-
-@dataclass(frozen=True)
-class VmSize:
-    name: str
-    vcpus: int
-    memory_gib: float
-    gpus: Fraction = Fraction(0)  # NVadsA10_v5 sizes below 36 vCPUs have a fraction of one A10
-    gpu_type: str | None = None
-    price: float = 0.0  # USD per hour, approximate
-
-    @property
-    def family(self) -> str:
-        """``Standard_NC24ads_A100_v4`` -> ``NCads_A100_v4`` (letters of the size, and what follows)."""
-        found = re.match(r"(?i)^standard_([a-z]+)\d+([a-z]*)((?:_[a-z0-9]+)*)$", self.name)
-        return f"{found.group(1)}{found.group(2)}{found.group(3)}" if found else self.name
-
-    def describe(self) -> str:
-        gpu = f", {self.gpus} x {self.gpu_type}" if self.gpus else ""
-        return f"{self.name} ({self.vcpus} vCPU, {self.memory_gib:g} GiB{gpu}, ~${self.price:.2f}/h)"
-
 
 _ROWS: list[tuple[str, int, float, Fraction | int, str | None, float]] = [
     # general purpose
@@ -85,9 +63,15 @@ _ROWS: list[tuple[str, int, float, Fraction | int, str | None, float]] = [
     ("Standard_NV36adms_A10_v5", 36, 880, 1, "A10", 4.52),
     ("Standard_NV72ads_A10_v5", 72, 880, 2, "A10", 6.52),
 ]
-VM_SIZES: dict[str, VmSize] = {row[0].lower(): VmSize(row[0], row[1], row[2], Fraction(row[3]), row[4], row[5])
-                               for row in _ROWS}
-GPU_TYPES = sorted({v.gpu_type for v in VM_SIZES.values() if v.gpu_type})
+CATALOGUE = Catalogue("Azure ML", "VM size", "instance_type", tuple(Machine(*row) for row in _ROWS))
+VM_SIZES: dict[str, Machine] = {m.name.lower(): m for m in CATALOGUE.machines}
+choose_vm_size, fits = CATALOGUE.choose, CATALOGUE.fits
+
+
+def family(name: str) -> str:
+    """``Standard_NC24ads_A100_v4`` -> ``NCads_A100_v4`` (letters of the size, and what follows)."""
+    found = re.match(r"(?i)^standard_([a-z]+)\d+([a-z]*)((?:_[a-z0-9]+)*)$", name)
+    return f"{found.group(1)}{found.group(2)}{found.group(3)}" if found else name
 
 
 def check_vm_name(value: str, field: str = "instance_type") -> str:
@@ -98,70 +82,17 @@ def check_vm_name(value: str, field: str = "instance_type") -> str:
     return value
 
 
-def lookup(value: str, field: str = "instance_type") -> VmSize:
+def lookup(value: str, field: str = "instance_type") -> Machine:
     """The table's VM size (case-insensitive), or an error naming the known sizes of its family."""
     check_vm_name(value, field)
     found = VM_SIZES.get(value.lower())
     if found is not None:
         return found
-    family = VmSize(value, 0, 0).family.lower()
+    families = {m.name: family(m.name) for m in CATALOGUE.machines}
     series = re.match(r"(?i)^standard_([a-z]+)", value)
     letters = series.group(1).lower() if series else ""
-    same = [v.name for v in VM_SIZES.values() if v.family.lower() == family] or \
-        [v.name for v in VM_SIZES.values() if letters and v.family.lower().startswith(letters)]
+    same = [n for n, f in families.items() if f.lower() == family(value).lower()] or \
+        [n for n, f in families.items() if letters and f.lower().startswith(letters)]
     hint = f"; sizes of that family: {', '.join(same)}" if same else \
-        f"; known families: {', '.join(sorted({v.family for v in VM_SIZES.values()}))}"
+        f"; known families: {', '.join(sorted(set(families.values())))}"
     raise ValueError(f"{field}: unknown Azure ML VM size {value!r}{hint}")
-
-
-def _gpu_matches(vm: VmSize, wanted: str) -> bool:
-    if vm.gpu_type is None:
-        return False
-    if wanted == "A100":  # any A100; "A100-80GB" asks for the 80 GB model only
-        return vm.gpu_type in ("A100", "A100-80GB")
-    return vm.gpu_type == wanted
-
-
-def fits(vm: VmSize, resources: ResourceSettings) -> bool:
-    if resources.cpu_count is not None and vm.vcpus < resources.cpu_count:
-        return False
-    if resources.memory_bytes is not None and vm.memory_gib * 2**30 < resources.memory_bytes:
-        return False
-    if resources.gpu_count == 0 and vm.gpus:
-        return False
-    if resources.wants_gpu:
-        if vm.gpus < resources.effective_gpu_count:  # a fraction of a GPU is not a GPU
-            return False
-        if resources.gpu_type and not _gpu_matches(vm, resources.gpu_type):
-            return False
-    return True
-
-
-def _shortfall(vm: VmSize, resources: ResourceSettings) -> float:
-    """How far a size is from fitting (0 when it fits): summed relative shortfalls."""
-    short = 0.0
-    if resources.cpu_count:
-        short += max(resources.cpu_count - vm.vcpus, 0) / resources.cpu_count
-    if resources.memory_bytes:
-        short += max(resources.memory_bytes - vm.memory_gib * 2**30, 0) / resources.memory_bytes
-    if resources.wants_gpu:
-        count = resources.effective_gpu_count
-        short += float(max(Fraction(count) - vm.gpus, Fraction(0))) / count
-        if resources.gpu_type and not _gpu_matches(vm, resources.gpu_type):
-            short += 1.0
-    return short
-
-
-def choose_vm_size(resources: ResourceSettings) -> VmSize:
-    """The cheapest VM size of the table with the CPU, memory, GPU count and GPU type asked for."""
-    if resources.gpu_type and resources.gpu_type not in GPU_TYPES and resources.gpu_type != "A100":
-        raise ValueError(f"gpu_type: {resources.gpu_type} is not offered by Azure ML VM sizes in the table; GPU "
-                         f"types: {', '.join(GPU_TYPES)}. Set instance_type to choose a size yourself")
-    fitting = sorted((v for v in VM_SIZES.values() if fits(v, resources)), key=lambda v: (v.price, v.name))
-    if fitting:
-        return fitting[0]
-    nearest = sorted(VM_SIZES.values(), key=lambda v: (_shortfall(v, resources), v.price))[:3]
-    wanted = resources.model_dump(exclude_none=True)
-    raise ValueError(f"resources {wanted}: no Azure ML VM size fits; nearest: "
-                     + "; ".join(v.describe() for v in nearest)
-                     + ". Ask for less, or set instance_type to choose a size yourself")

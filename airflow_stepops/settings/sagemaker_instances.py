@@ -1,4 +1,4 @@
-"""SageMaker training instance types: what each offers, and the cheapest one that fits a step.
+"""SageMaker training instance types: what each offers (the cheapest that fits is ``machines``' choice).
 
 Prices are approximate us-east-1 on-demand list prices per hour for SageMaker training; they only rank
 the candidates (name the instance type yourself to pin a choice). The table covers the common training
@@ -7,29 +7,7 @@ families; any other ``ml.*`` type SageMaker accepts can still be given as ``inst
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from airflow_stepops.resources import ResourceSettings
-
-
-@dataclass(frozen=True)
-class InstanceType:
-    name: str
-    vcpus: int
-    memory_gib: float
-    gpus: int = 0
-    gpu_type: str | None = None
-    price: float = 0.0  # USD per hour, approximate
-
-    @property
-    def burstable(self) -> bool:
-        """T-family CPU credits run out under sustained load: chosen only when no CPU count is asked for."""
-        return self.name.startswith("ml.t")
-
-    def describe(self) -> str:
-        gpu = f", {self.gpus} x {self.gpu_type}" if self.gpus else ""
-        return f"{self.name} ({self.vcpus} vCPU, {self.memory_gib:g} GiB{gpu}, ~${self.price:.2f}/h)"
-
+from airflow_stepops.machines import Catalogue, Machine
 
 _ROWS: list[tuple[str, int, float, int, str | None, float]] = [
     ("ml.t3.medium", 2, 4, 0, None, 0.05), ("ml.t3.large", 2, 8, 0, None, 0.10),
@@ -60,58 +38,7 @@ _ROWS: list[tuple[str, int, float, int, str | None, float]] = [
     ("ml.p4d.24xlarge", 96, 1152, 8, "A100", 37.688), ("ml.p4de.24xlarge", 96, 1152, 8, "A100-80GB", 47.11),
     ("ml.p5.48xlarge", 192, 2048, 8, "H100", 98.32), ("ml.p5e.48xlarge", 192, 2048, 8, "H200", 113.0),
 ]
-INSTANCE_TYPES: dict[str, InstanceType] = {row[0]: InstanceType(*row) for row in _ROWS}
-
-
-def _gpu_matches(instance: InstanceType, wanted: str) -> bool:
-    if instance.gpu_type is None:
-        return False
-    if wanted == "A100":  # any A100; "A100-80GB" asks for the 80 GB model only
-        return instance.gpu_type in ("A100", "A100-80GB")
-    return instance.gpu_type == wanted
-
-
-def fits(instance: InstanceType, resources: ResourceSettings) -> bool:
-    if resources.cpu_count is not None and instance.vcpus < resources.cpu_count:
-        return False
-    if resources.cpu_count is not None and instance.burstable:  # asked-for CPUs must be there all the time
-        return False
-    if resources.memory_bytes is not None and instance.memory_gib * 2**30 < resources.memory_bytes:
-        return False
-    if resources.gpu_count == 0 and instance.gpus:
-        return False
-    if resources.wants_gpu:
-        if instance.gpus < resources.effective_gpu_count:
-            return False
-        if resources.gpu_type and not _gpu_matches(instance, resources.gpu_type):
-            return False
-    return True
-
-
-def _shortfall(instance: InstanceType, resources: ResourceSettings) -> float:
-    """How far an instance is from fitting (0 when it fits): summed relative shortfalls."""
-    short = 0.0
-    if resources.cpu_count:
-        short += max(resources.cpu_count - instance.vcpus, 0) / resources.cpu_count
-    if resources.memory_bytes:
-        short += max(resources.memory_bytes - instance.memory_gib * 2**30, 0) / resources.memory_bytes
-    if resources.wants_gpu:
-        count = resources.effective_gpu_count
-        short += max(count - instance.gpus, 0) / count
-        if resources.gpu_type and not _gpu_matches(instance, resources.gpu_type):
-            short += 1.0
-    return short
-
-
-def choose_instance(resources: ResourceSettings) -> InstanceType:
-    """The cheapest instance of the table that satisfies CPU, memory, GPU count and GPU type."""
-    fitting = sorted((i for i in INSTANCE_TYPES.values() if fits(i, resources)), key=lambda i: (i.price, i.name))
-    if fitting:
-        return fitting[0]
-    nearest = sorted(INSTANCE_TYPES.values(), key=lambda i: (_shortfall(i, resources), i.price))[:3]
-    wanted = resources.model_dump(exclude_none=True)
-    raise ValueError(
-        f"resources {wanted}: no SageMaker training instance type fits; nearest: "
-        + "; ".join(i.describe() for i in nearest)
-        + ". Ask for less, or set instance_type (e.g. for several instances use instance_count)"
-    )
+CATALOGUE = Catalogue("SageMaker", "training instance type", "instance_type", tuple(
+    Machine(*row, burstable=row[0].startswith("ml.t")) for row in _ROWS))  # T-family: CPU credits
+INSTANCE_TYPES: dict[str, Machine] = {m.name: m for m in CATALOGUE.machines}
+choose_instance, fits = CATALOGUE.choose, CATALOGUE.fits

@@ -11,8 +11,9 @@ families not in the table (e.g. TPU hosts) are passed to Vertex unchecked.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
+from airflow_stepops.machines import Catalogue, Machine
 from airflow_stepops.resources import ResourceSettings, normalize_gpu_type
 
 #: ResourceSettings' canonical GPU names -> Vertex's AcceleratorType enum
@@ -45,22 +46,7 @@ N1_GPU_PRICE = {"NVIDIA_TESLA_T4": 0.40, "NVIDIA_TESLA_P4": 0.69, "NVIDIA_TESLA_
 MACHINE_NAME = re.compile(r"^[a-z][a-z0-9]*-[a-z0-9]+(-[a-z0-9]+)?$")
 
 
-@dataclass(frozen=True)
-class MachineType:
-    name: str
-    vcpus: int
-    memory_gb: float
-    price: float  # USD per hour, approximate, GPUs included
-    accelerator: str | None = None  # fixed accelerator of the family (a2, a3, a4, g2)
-    accelerator_count: int = 0
-
-    @property
-    def family(self) -> str:
-        return self.name.split("-", 1)[0]
-
-
-@dataclass(frozen=True)
-class MachineChoice:
+class MachineChoice(NamedTuple):
     machine_type: str
     accelerator_type: str | None
     accelerator_count: int
@@ -74,13 +60,17 @@ class MachineChoice:
         return f"{self.machine_type}{size}{gpu})".replace(" ()", "")
 
 
+def _family(name: str) -> str:
+    return name.split("-", 1)[0]
+
+
 def _general(family: str, per_cpu_gb: float, sizes: tuple[int, ...], cpu_price: float, gb_price: float) -> list[
-        MachineType]:
-    return [MachineType(f"{family}-{n}", n, round(n * per_cpu_gb, 2), round(n * cpu_price + n * per_cpu_gb * gb_price, 4))
-            for n in sizes]
+        Machine]:
+    return [Machine(f"{family}-{n}", n, round(n * per_cpu_gb, 2),
+                    price=round(n * cpu_price + n * per_cpu_gb * gb_price, 4), unit="GB") for n in sizes]
 
 
-_CPU_TYPES: list[MachineType] = [
+_CPU_TYPES: list[Machine] = [
     *_general("n1-standard", 3.75, (4, 8, 16, 32, 64, 96), 0.0379, 0.0051),
     *_general("n1-highmem", 6.5, (2, 4, 8, 16, 32, 64, 96), 0.0379, 0.0051),
     *_general("n1-highcpu", 0.9, (16, 32, 64, 96), 0.0379, 0.0051),
@@ -92,34 +82,35 @@ _CPU_TYPES: list[MachineType] = [
     *_general("e2-highcpu", 1, (16, 32), 0.0251, 0.0034),
     *_general("c2-standard", 4, (4, 8, 16, 30, 60), 0.0401, 0.0054),
 ]
-_GPU_TYPES: list[MachineType] = [
-    MachineType("g2-standard-4", 4, 16, 0.82, "NVIDIA_L4", 1),
-    MachineType("g2-standard-8", 8, 32, 0.99, "NVIDIA_L4", 1),
-    MachineType("g2-standard-12", 12, 48, 1.16, "NVIDIA_L4", 1),
-    MachineType("g2-standard-16", 16, 64, 1.33, "NVIDIA_L4", 1),
-    MachineType("g2-standard-32", 32, 128, 2.02, "NVIDIA_L4", 1),
-    MachineType("g2-standard-24", 24, 96, 2.31, "NVIDIA_L4", 2),
-    MachineType("g2-standard-48", 48, 192, 4.62, "NVIDIA_L4", 4),
-    MachineType("g2-standard-96", 96, 384, 9.24, "NVIDIA_L4", 8),
-    MachineType("a2-highgpu-1g", 12, 85, 4.22, "NVIDIA_TESLA_A100", 1),
-    MachineType("a2-highgpu-2g", 24, 170, 8.44, "NVIDIA_TESLA_A100", 2),
-    MachineType("a2-highgpu-4g", 48, 340, 16.88, "NVIDIA_TESLA_A100", 4),
-    MachineType("a2-highgpu-8g", 96, 680, 33.77, "NVIDIA_TESLA_A100", 8),
-    MachineType("a2-megagpu-16g", 96, 1360, 63.27, "NVIDIA_TESLA_A100", 16),
-    MachineType("a2-ultragpu-1g", 12, 170, 5.85, "NVIDIA_A100_80GB", 1),
-    MachineType("a2-ultragpu-2g", 24, 340, 11.70, "NVIDIA_A100_80GB", 2),
-    MachineType("a2-ultragpu-4g", 48, 680, 23.41, "NVIDIA_A100_80GB", 4),
-    MachineType("a2-ultragpu-8g", 96, 1360, 46.81, "NVIDIA_A100_80GB", 8),
-    MachineType("a3-highgpu-1g", 26, 234, 12.64, "NVIDIA_H100_80GB", 1),
-    MachineType("a3-highgpu-2g", 52, 468, 25.29, "NVIDIA_H100_80GB", 2),
-    MachineType("a3-highgpu-4g", 104, 936, 50.57, "NVIDIA_H100_80GB", 4),
-    MachineType("a3-highgpu-8g", 208, 1872, 101.14, "NVIDIA_H100_80GB", 8),
-    MachineType("a3-megagpu-8g", 208, 1872, 106.0, "NVIDIA_H100_MEGA_80GB", 8),
-    MachineType("a3-ultragpu-8g", 224, 2952, 123.0, "NVIDIA_H200_141GB", 8),
-    MachineType("a4-highgpu-8g", 224, 3968, 148.0, "NVIDIA_B200", 8),
-]
-MACHINE_TYPES: dict[str, MachineType] = {m.name: m for m in (*_CPU_TYPES, *_GPU_TYPES)}
-KNOWN_FAMILIES = {m.family for m in MACHINE_TYPES.values()}
+#: fixed-GPU families (a2, a3, a4, g2): name, vCPUs, memory GB, GPUs, accelerator, USD per hour
+_GPU_TYPES: list[Machine] = [Machine(*row, unit="GB") for row in (
+    ("g2-standard-4", 4, 16, 1, "NVIDIA_L4", 0.82), ("g2-standard-8", 8, 32, 1, "NVIDIA_L4", 0.99),
+    ("g2-standard-12", 12, 48, 1, "NVIDIA_L4", 1.16), ("g2-standard-16", 16, 64, 1, "NVIDIA_L4", 1.33),
+    ("g2-standard-32", 32, 128, 1, "NVIDIA_L4", 2.02), ("g2-standard-24", 24, 96, 2, "NVIDIA_L4", 2.31),
+    ("g2-standard-48", 48, 192, 4, "NVIDIA_L4", 4.62), ("g2-standard-96", 96, 384, 8, "NVIDIA_L4", 9.24),
+    ("a2-highgpu-1g", 12, 85, 1, "NVIDIA_TESLA_A100", 4.22), ("a2-highgpu-2g", 24, 170, 2, "NVIDIA_TESLA_A100", 8.44),
+    ("a2-highgpu-4g", 48, 340, 4, "NVIDIA_TESLA_A100", 16.88),
+    ("a2-highgpu-8g", 96, 680, 8, "NVIDIA_TESLA_A100", 33.77),
+    ("a2-megagpu-16g", 96, 1360, 16, "NVIDIA_TESLA_A100", 63.27),
+    ("a2-ultragpu-1g", 12, 170, 1, "NVIDIA_A100_80GB", 5.85), ("a2-ultragpu-2g", 24, 340, 2, "NVIDIA_A100_80GB", 11.70),
+    ("a2-ultragpu-4g", 48, 680, 4, "NVIDIA_A100_80GB", 23.41),
+    ("a2-ultragpu-8g", 96, 1360, 8, "NVIDIA_A100_80GB", 46.81),
+    ("a3-highgpu-1g", 26, 234, 1, "NVIDIA_H100_80GB", 12.64), ("a3-highgpu-2g", 52, 468, 2, "NVIDIA_H100_80GB", 25.29),
+    ("a3-highgpu-4g", 104, 936, 4, "NVIDIA_H100_80GB", 50.57),
+    ("a3-highgpu-8g", 208, 1872, 8, "NVIDIA_H100_80GB", 101.14),
+    ("a3-megagpu-8g", 208, 1872, 8, "NVIDIA_H100_MEGA_80GB", 106.0),
+    ("a3-ultragpu-8g", 224, 2952, 8, "NVIDIA_H200_141GB", 123.0), ("a4-highgpu-8g", 224, 3968, 8, "NVIDIA_B200", 148.0),
+)]
+MACHINE_TYPES: dict[str, Machine] = {m.name: m for m in (*_CPU_TYPES, *_GPU_TYPES)}
+KNOWN_FAMILIES = {_family(m) for m in MACHINE_TYPES}
+#: N1 types with GPUs attached, within Compute Engine's limits: candidates like the fixed-GPU types ("any GPU"
+#: means the common T4 on N1, not the older P4, P100 or V100)
+_N1_WITH_GPUS = [m._replace(gpus=n, gpu_type=acc, price=round(m.price + n * N1_GPU_PRICE[acc], 4),
+                            named_only=acc != "NVIDIA_TESLA_T4")
+                 for acc, limits in N1_GPU_LIMITS.items() for n, (cpus, gb) in limits.items()
+                 for m in _CPU_TYPES if _family(m.name) == "n1" and m.vcpus <= cpus and m.memory <= gb]
+CATALOGUE = Catalogue("Vertex AI", "machine type", "machine_type", (*_CPU_TYPES, *_GPU_TYPES, *_N1_WITH_GPUS),
+                      ACCELERATORS, exact_gpus=True)  # 3 GPUs would silently bill for 4: an error, not rounded up
 
 
 def accelerator_enum(value: str, field: str = "accelerator_type") -> str:
@@ -144,22 +135,22 @@ def machines_for(accelerator: str) -> list[str]:
     """Machine types that take ``accelerator`` (for error messages)."""
     if accelerator in TPU_MACHINES:
         return list(TPU_MACHINES[accelerator])
-    fixed = [m.name for m in _GPU_TYPES if m.accelerator == accelerator]
+    fixed = [m.name for m in _GPU_TYPES if m.gpu_type == accelerator]
     if fixed:
         return fixed
     if accelerator in N1_GPU_LIMITS:
         limit = max(v for v, _ in N1_GPU_LIMITS[accelerator].values())
-        return [m.name for m in _CPU_TYPES if m.family == "n1" and m.vcpus <= limit]
+        return [m.name for m in _CPU_TYPES if _family(m.name) == "n1" and m.vcpus <= limit]
     return []
 
 
-def allowed_counts(machine: MachineType | None, accelerator: str) -> list[int]:
-    if machine is not None and machine.accelerator:
-        return [machine.accelerator_count]
+def allowed_counts(machine: Machine | None, accelerator: str) -> list[int]:
+    if machine is not None and machine.gpu_type:
+        return [int(machine.gpus)]
     if accelerator in N1_GPU_LIMITS:
         limits = N1_GPU_LIMITS[accelerator]
         return [n for n, (cpus, _) in limits.items() if machine is None or machine.vcpus <= cpus]
-    return sorted({m.accelerator_count for m in _GPU_TYPES if m.accelerator == accelerator})
+    return sorted({int(m.gpus) for m in _GPU_TYPES if m.gpu_type == accelerator})
 
 
 def machine_hint(accelerator: str) -> str:
@@ -180,91 +171,47 @@ def check_machine(machine_type: str | None, accelerator: str | None, count: int 
         raise ValueError(f"{field}: {machine_type!r} is not a Compute Engine machine type name (e.g. n1-standard-8, "
                          "a2-highgpu-1g, g2-standard-8)")
     machine = MACHINE_TYPES.get(machine_type)
-    family = machine_type.split("-", 1)[0]
+    family = _family(machine_type)
     if machine is None and family in KNOWN_FAMILIES:
         same = [m for m in MACHINE_TYPES if m.startswith(machine_type.rsplit("-", 1)[0] + "-")] or \
-            [m for m in MACHINE_TYPES if m.split("-", 1)[0] == family]
+            [m for m in MACHINE_TYPES if _family(m) == family]
         raise ValueError(f"{field}: unknown Vertex AI machine type {machine_type!r}; {family} types: "
                          f"{', '.join(same)}")
     if machine is None:  # a family this table does not cover (e.g. TPU hosts): Vertex decides
         return MachineChoice(machine_type, accelerator, count or (1 if accelerator else 0))
-    acc = accelerator or machine.accelerator
+    acc = accelerator or machine.gpu_type
     if acc is None:
         if count:
             raise ValueError(f"accelerator_count={count} without accelerator_type: name the accelerator (e.g. "
                              "NVIDIA_TESLA_T4) or use a machine type that has one (a2-*, a3-*, g2-*)")
-        return MachineChoice(machine.name, None, 0, machine.vcpus, machine.memory_gb)
-    if machine.accelerator and acc != machine.accelerator:
-        raise ValueError(f"accelerator_type={acc}: {machine.name} comes with {machine.accelerator_count} x "
-                         f"{machine.accelerator}; machine types for {acc}: {', '.join(machines_for(acc)) or 'none'}")
-    if not machine.accelerator and (machine.family != "n1" or acc not in N1_GPU_LIMITS):
+        return MachineChoice(machine.name, None, 0, machine.vcpus, machine.memory)
+    if machine.gpu_type and acc != machine.gpu_type:
+        raise ValueError(f"accelerator_type={acc}: {machine.name} comes with {machine.gpus} x "
+                         f"{machine.gpu_type}; machine types for {acc}: {', '.join(machines_for(acc)) or 'none'}")
+    if not machine.gpu_type and (family != "n1" or acc not in N1_GPU_LIMITS):
         valid = machines_for(acc)
         raise ValueError(f"accelerator_type={acc} cannot be attached to {machine.name}; machine types for {acc}: "
                          f"{', '.join(valid) if valid else 'see the Vertex AI documentation'}")
-    n = count if count is not None else (machine.accelerator_count or 1)
+    n = count if count is not None else (int(machine.gpus) or 1)
     counts = allowed_counts(machine, acc)
     if n not in counts:
         every = sorted(N1_GPU_LIMITS.get(acc, {}))
         hint = f"; {machine.name} has too many vCPUs for fewer GPUs" if every and n in every else ""
         raise ValueError(f"accelerator_count={n} is not allowed for {acc} on {machine.name}; allowed: "
                          f"{', '.join(map(str, counts)) or 'none'}{hint}")
-    if machine.family == "n1" and machine.memory_gb > N1_GPU_LIMITS[acc][n][1]:
+    if family == "n1" and machine.memory > N1_GPU_LIMITS[acc][n][1]:
         raise ValueError(f"{machine.name} has more memory than {n} x {acc} allows ({N1_GPU_LIMITS[acc][n][1]} GB)")
-    return MachineChoice(machine.name, acc, n, machine.vcpus, machine.memory_gb)
-
-
-def _candidates(accelerator: str | None, gpus: int) -> list[tuple[MachineChoice, float]]:
-    out: list[tuple[MachineChoice, float]] = []
-    if gpus == 0:
-        return [(MachineChoice(m.name, None, 0, m.vcpus, m.memory_gb), m.price) for m in _CPU_TYPES]
-    for machine in _GPU_TYPES:
-        if (accelerator is None or machine.accelerator == accelerator) and machine.accelerator_count >= gpus:
-            out.append((MachineChoice(machine.name, machine.accelerator, machine.accelerator_count, machine.vcpus,
-                                      machine.memory_gb), machine.price))
-    for acc, limits in N1_GPU_LIMITS.items():
-        if acc != (accelerator or "NVIDIA_TESLA_T4"):
-            continue  # "any GPU" means the common T4 on N1, not older P4/P100/V100
-        for n, (cpus, mem) in sorted(limits.items()):
-            if n < gpus:
-                continue
-            for machine in _CPU_TYPES:
-                if machine.family == "n1" and machine.vcpus <= cpus and machine.memory_gb <= mem:
-                    out.append((MachineChoice(machine.name, acc, n, machine.vcpus, machine.memory_gb),
-                                machine.price + n * N1_GPU_PRICE[acc]))
-    return out
+    return MachineChoice(machine.name, acc, n, machine.vcpus, machine.memory)
 
 
 def choose_machine(resources: ResourceSettings) -> MachineChoice:
-    """The cheapest machine type (with accelerator) that has the CPU, memory and exact GPU count asked for.
-
-    A GPU count Vertex does not offer is an error, not rounded up: 3 GPUs would silently bill for 4.
-    """
-    gpus = resources.effective_gpu_count
-    accelerator = ACCELERATORS.get(resources.gpu_type) if resources.gpu_type else None
-    if resources.gpu_type and accelerator is None:
-        raise ValueError(f"gpu_type: {resources.gpu_type} is not offered by Vertex AI; GPU types: "
-                         f"{', '.join(ACCELERATORS)}")
-    cpus, memory = resources.cpu_count or 0, (resources.memory_bytes or 0) / 10**9
-    candidates = [(c, p) for c, p in _candidates(accelerator, gpus) if c.accelerator_count == gpus]
-    if not candidates:
-        counts = sorted({c.accelerator_count for c, _ in _candidates(accelerator, 1)})
-        raise ValueError(f"gpu_count={gpus}: Vertex AI offers {accelerator or 'GPUs'} in counts of "
-                         f"{', '.join(map(str, counts))} per machine")
-    fitting = [(c, p) for c, p in candidates if (c.vcpus or 0) >= cpus and (c.memory_gb or 0) >= memory]
-    if not fitting:
-        wanted = ", ".join(f"{k}={v}" for k, v in resources.model_dump(exclude_none=True).items())
-        biggest = sorted(candidates, key=lambda cp: (-(cp[0].vcpus or 0), -(cp[0].memory_gb or 0)))[:3]
-        raise ValueError(f"no Vertex AI machine type in the table has {wanted}; the largest candidates: "
-                         f"{'; '.join(c.describe() for c, _ in biggest)}. Set machine_type to choose one yourself")
-    return min(fitting, key=lambda cp: (cp[1], cp[0].vcpus or 0, cp[0].machine_type))[0]
+    """The cheapest machine type (with accelerator) that has the CPU, memory and exact GPU count asked for."""
+    m = CATALOGUE.choose(resources)
+    return MachineChoice(m.name, m.gpu_type, int(m.gpus), m.vcpus, m.memory)
 
 
 def fits(choice: MachineChoice, resources: ResourceSettings) -> bool:
-    if choice.vcpus is None:
-        return True  # not in the table: trust the user's machine
-    gpus = resources.effective_gpu_count
-    wanted = ACCELERATORS.get(resources.gpu_type) if resources.gpu_type else None
-    return ((choice.vcpus >= (resources.cpu_count or 0))
-            and (choice.memory_gb or 0) >= (resources.memory_bytes or 0) / 10**9
-            and choice.accelerator_count >= gpus
-            and (wanted is None or choice.accelerator_type == wanted))
+    """Whether a checked choice has the resources; a machine type the table lacks is the user's to trust."""
+    return choice.vcpus is None or CATALOGUE.fits(Machine(choice.machine_type, choice.vcpus, choice.memory_gb or 0,
+                                                          choice.accelerator_count, choice.accelerator_type,
+                                                          unit="GB"), resources)

@@ -26,7 +26,8 @@ from airflow_stepops.settings.vertex_machines import check_machine, choose_machi
 ])
 def test_cheapest_machine_that_fits(resources, machine, accelerator, count):
     if accelerator is None and count is None:  # 20 vCPUs is more than 2 V100s allow on N1
-        with pytest.raises(ValueError, match=r"no Vertex AI machine type in the table has"):
+        with pytest.raises(ValueError, match=r"no Vertex AI machine type fits; nearest: n1-highcpu-16 \(16 vCPU, "
+                                             r"14.4 GB, 2 x NVIDIA_TESLA_V100"):
             choose_machine(resources)
         return
     choice = choose_machine(resources)
@@ -37,7 +38,7 @@ def test_cheapest_machine_that_fits(resources, machine, accelerator, count):
     (ResourceSettings(gpu_type="V100", gpu_count=3), r"gpu_count=3: Vertex AI offers NVIDIA_TESLA_V100 in counts of "
                                                        r"1, 2, 4, 8"),
     (ResourceSettings(gpu_type="A10"), r"gpu_type: A10 is not offered by Vertex AI"),
-    (ResourceSettings(cpu_count=500), r"the largest candidates: n1-highmem-96"),
+    (ResourceSettings(cpu_count=500), r"no Vertex AI machine type fits; nearest: n1-highcpu-96 .*set machine_type"),
 ])
 def test_impossible_resources_list_what_exists(resources, message):
     with pytest.raises(ValueError, match=message):
