@@ -19,7 +19,9 @@ from airflow_stepops.hooks.base import JobState
 from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.azureml import AzureMLStepOperatorSettings
 
-from .azjobs import make_hook, make_spec, run_trigger
+from ..flavorjobs import hook_maker, make_spec, run_trigger
+
+make_hook = hook_maker("azureml")
 
 pytestmark = pytest.mark.usefixtures("az_emulator")
 

@@ -3,7 +3,6 @@ each flavor's emulator, with jobs submitted through the flavor's real hook and c
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -16,9 +15,11 @@ import pytest
 
 from airflow_stepops.testing._kit import Emulator, FaultRule, spawn, stop_group
 
-#: flavor -> (the session fixture of its emulator, the module of its job helpers)
-FLAVORS = {"kubernetes": ("k8s_emulator", "k8sjobs"), "sagemaker": ("sm_emulator", "smjobs"),
-           "vertex": ("vx_emulator", "vxjobs"), "azureml": ("az_emulator", "azjobs"), "modal": ("md_emulator", "mdjobs")}
+from ..flavorjobs import make_hook, make_spec
+
+#: flavor -> the session fixture of its emulator
+FLAVORS = {"kubernetes": "k8s_emulator", "sagemaker": "sm_emulator", "vertex": "vx_emulator",
+           "azureml": "az_emulator", "modal": "md_emulator"}
 
 
 def _add(a: int, b: int) -> int:
@@ -49,18 +50,14 @@ def _dead(pid: int) -> bool:
 
 @pytest.fixture(params=sorted(FLAVORS))
 def flavor(request):
-    fixture, helpers = FLAVORS[request.param]
-    emulator = request.getfixturevalue(fixture)
-    jobs = importlib.import_module(f"tests.{request.param}.{helpers}")
+    emulator = request.getfixturevalue(FLAVORS[request.param])
     if request.param == "modal":  # its step operator is registered by tests/modal; the kit's own here
         os.environ["AIRFLOW_CONN_KIT_MODAL_STEP_OPERATOR"] = json.dumps({"conn_type": "stepops_modal", "extra": {
             "environment": "main", "app_name": "stepops-kit"}})
-        hook = jobs.make_hook("kit_modal_step_operator")
-    else:
-        hook = jobs.make_hook()
+    hook = make_hook(request.param, "kit_modal_step_operator" if request.param == "modal" else None)
 
     def submit(fn, *args, **kwargs) -> str:
-        spec = jobs.make_spec(hook, fn, *args, task_id=f"kit-{uuid.uuid4().hex[:8]}", **kwargs)
+        spec = make_spec(hook, fn, *args, task_id=f"kit-{uuid.uuid4().hex[:8]}", **kwargs)
         return hook.submit(spec)["job_id"]
 
     return emulator, submit

@@ -23,7 +23,9 @@ from airflow_stepops.resources import ResourceSettings  # noqa: E402
 from airflow_stepops.settings.kubernetes import KubernetesStepOperatorSettings  # noqa: E402
 from airflow_stepops.testing.kubernetes import FAULT_ANNOTATION  # noqa: E402
 
-from .k8sjobs import make_hook, make_spec, run_trigger  # noqa: E402
+from ..flavorjobs import hook_maker, make_spec, run_trigger  # noqa: E402
+
+make_hook = hook_maker("kubernetes")
 
 pytestmark = pytest.mark.usefixtures("k8s_emulator")
 NS = "steps"

@@ -18,7 +18,9 @@ from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import StepIdentity, read_outcome
 from airflow_stepops.settings.modal import CHECKPOINT_MOUNT, ModalStepOperatorConfig
 
-from .mdjobs import make_hook, make_spec, run_trigger
+from ..flavorjobs import hook_maker, make_spec, run_trigger
+
+make_hook = hook_maker("modal")
 
 pytestmark = pytest.mark.usefixtures("md_emulator", "modal_step_operator")
 

@@ -22,7 +22,9 @@ from airflow_stepops.hooks.base import JobState
 from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.modal import ModalStepOperatorSettings
 
-from .mdjobs import make_hook, make_spec, run_trigger
+from ..flavorjobs import hook_maker, make_spec, run_trigger
+
+make_hook = hook_maker("modal")
 
 pytestmark = pytest.mark.usefixtures("md_emulator", "modal_step_operator")
 

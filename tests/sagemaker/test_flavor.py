@@ -13,7 +13,9 @@ from airflow_stepops.bundle import read_outcome
 from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.sagemaker import SageMakerStepOperatorSettings
 
-from .smjobs import make_hook, make_spec, run_trigger
+from ..flavorjobs import hook_maker, make_spec, run_trigger
+
+make_hook = hook_maker("sagemaker")
 
 pytestmark = pytest.mark.usefixtures("sm_emulator")
 

@@ -16,7 +16,9 @@ from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.vertex import VertexStepOperatorSettings
 
-from .vxjobs import make_hook, make_spec, run_trigger
+from ..flavorjobs import hook_maker, make_spec, run_trigger
+
+make_hook = hook_maker("vertex")
 
 pytestmark = pytest.mark.usefixtures("vx_emulator")
 

@@ -1,0 +1,66 @@
+"""Helpers that submit real steps to a flavor's emulator through its hook, and wait for them the way a
+deferred task does (its trigger). The flavor comes from the hook; the connections are tests/conftest.py's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from airflow_stepops.artifacts import store_path
+from airflow_stepops.bundle import StepIdentity, build_meta, pickle_payload, write_bundle
+from airflow_stepops.flavors import get_flavor
+from airflow_stepops.hooks.base import JobHandle, StepOperatorHook, StepSpec
+from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.settings.base import BaseStepOperatorSettings
+
+#: flavor -> (the DAG id of its test steps, its step operator connection)
+FLAVORS = {"kubernetes": ("k8s_tests", "k8s_step_operator"), "sagemaker": ("sm_tests", "sagemaker_step_operator"),
+           "vertex": ("vx_tests", "vertex_step_operator"), "azureml": ("az_tests", "azureml_step_operator"),
+           "modal": ("md_tests", "modal_step_operator")}
+
+
+def make_hook(flavor: str, conn_id: str | None = None) -> Any:
+    return get_flavor(flavor).hook()(step_operator_conn_id=conn_id or FLAVORS[flavor][1])
+
+
+def hook_maker(flavor: str) -> Callable[..., Any]:
+    """``make_hook`` of one flavor, for its test modules."""
+    return partial(make_hook, flavor)
+
+
+def make_spec(hook: StepOperatorHook, fn: Callable[..., Any], *args: Any, task_id: str, try_number: int = 1,
+              resources: ResourceSettings | None = None, settings: BaseStepOperatorSettings | None = None,
+              refs: list | None = None, timeout_seconds: float | None = None, dag_id: str = "", run_key: str = "",
+              **kwargs: Any) -> StepSpec:
+    """The step's spec, rendered by the hook, with its bundle written where the hook will look for it."""
+    dag_id = dag_id or FLAVORS[hook.flavor][0]
+    identity = StepIdentity(dag_id, "run-1", task_id, -1, try_number, run_key)
+    prefix = identity.prefix(hook.artifact_root())
+    spec = StepSpec(identity=identity, bundle_uri=str(prefix / "bundle"), output_uri=str(prefix / "output"),
+                    resources=resources or ResourceSettings(),
+                    settings=settings or get_flavor(hook.flavor).settings_model()(),
+                    refs=list(refs or []), task_label=f"{dag_id}.{task_id}", timeout_seconds=timeout_seconds)
+    meta = build_meta(identity, multiple_outputs=False, max_result_bytes=10**10, inline_result_max_bytes=48_000,
+                      task_label=spec.task_label)
+    hook.render(spec)
+    write_bundle(store_path(spec.bundle_uri), pickle_payload(fn, list(args), kwargs), meta)
+    return spec
+
+
+def run_trigger(hook: StepOperatorHook, handle: JobHandle, *, deadline: float | None = None,
+                timeout: float = 60) -> dict[str, Any]:
+    """Wait the way a deferred task does; returns the trigger's event payload."""
+    trigger = get_flavor(hook.flavor).trigger()(conn_id=hook.step_operator_conn_id, handle=handle,
+                                                poll_interval=0.5, deadline=deadline)
+
+    async def first() -> dict[str, Any]:
+        async for event in trigger.run():
+            return event.payload
+        raise AssertionError("the trigger ended without an event")
+
+    payload = asyncio.run(asyncio.wait_for(first(), timeout))
+    json.dumps(payload)  # it must be storable in the metadata DB
+    return payload
