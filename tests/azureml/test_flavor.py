@@ -3,7 +3,6 @@ real job processes reading the bundle input and writing the output through Azuri
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import time
@@ -189,18 +188,6 @@ def test_a_user_error_that_speaks_of_timeouts_or_preemption_stays_a_failure(az_e
     assert fn.__name__ != "_raise_timeout" or "timed out" in str(read_outcome(store_path(handle["output_uri"])).error)
 
 
-def test_trigger_on_kill_cancels_the_job(az_emulator):
-    from airflow_stepops.triggers.azureml import AzureMLStepOperatorTrigger
-
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="kill"))
-    az_emulator.wait_for_status(handle["job_id"], "Running")
-    asyncio.run(AzureMLStepOperatorTrigger(conn_id=hook.step_operator_conn_id, handle=handle).on_kill())
-    job = az_emulator.wait_for_status(handle["job_id"], "Canceled")
-    assert job["cancel_requested"] and az_emulator.pids(handle["job_id"]) == []
-    assert hook.get_status(handle).state is JobState.CANCELLED
-
-
 def test_operator_side_cancel_and_status(az_emulator):
     hook = make_hook()
     handle = hook.submit(make_spec(hook, _sleep, 120, task_id="sync_cancel"))
@@ -222,14 +209,6 @@ def test_max_runtime_is_a_timeout(az_emulator):
     assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
     job = az_emulator.job(handle["job_id"])
     assert job["properties"]["limits"]["timeout"] == "PT2S" and job["status"] == "Canceled" and not job["error"]
-
-
-def test_trigger_deadline_cancels_the_job(az_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="trigger_deadline"))
-    event = run_trigger(hook, handle, deadline=time.time() + 3)
-    assert event["status"] == "timeout" and "execution_timeout" in event["message"], event
-    assert az_emulator.wait_for_status(handle["job_id"], "Canceled")["status"] == "Canceled"
 
 
 def test_spot_preemption_is_preemption(az_emulator):

@@ -197,28 +197,6 @@ def _write_pid_and_sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def test_trigger_deadline_deletes_the_job_and_its_process(k8s_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _write_pid_and_sleep, 120, task_id="trigger_deadline"))
-    started = time.time()
-    event = run_trigger(hook, handle, deadline=time.time() + 3)
-    assert event["status"] == "timeout" and time.time() - started < 30
-    assert _gone(k8s_emulator, handle), "the Job or its pod survived the timeout"
-
-
-def test_trigger_on_kill_deletes_the_job(k8s_emulator):
-    import asyncio
-
-    from airflow_stepops.triggers.kubernetes import KubernetesStepOperatorTrigger
-
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _write_pid_and_sleep, 120, task_id="trigger_kill"))
-    _wait_running(hook, handle)
-    trigger = KubernetesStepOperatorTrigger(conn_id=hook.step_operator_conn_id, handle=handle)
-    asyncio.run(trigger.on_kill())
-    assert _gone(k8s_emulator, handle)
-
-
 def test_submit_is_exactly_once_per_try(k8s_emulator):
     hook = make_hook()
     spec = make_spec(hook, _greet, "once", task_id="exactly_once")

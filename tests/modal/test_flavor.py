@@ -93,17 +93,6 @@ def test_remote_exception_fails_the_step(md_emulator):
     assert "bad input 7" in str(read_outcome(store_path(handle["output_uri"])).error)
 
 
-def test_trigger_on_kill_cancels_the_call(md_emulator):
-    from airflow_stepops.triggers.modal import ModalStepOperatorTrigger
-
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="kill"))
-    _wait_running(md_emulator, hook, handle)
-    asyncio.run(ModalStepOperatorTrigger(conn_id=hook.step_operator_conn_id, handle=handle).on_kill())
-    _wait_gone(md_emulator, handle)
-    assert hook.get_status(handle).state is JobState.CANCELLED
-
-
 def test_operator_side_cancel_and_status(md_emulator):
     hook = make_hook()
     handle = hook.submit(make_spec(hook, _sleep, 120, task_id="sync_cancel"))
@@ -237,14 +226,6 @@ def test_artifact_refs_travel_in_the_bundle(md_emulator):
     handle = hook.submit(make_spec(hook, sum, *args, task_id="ref_consumer", refs=refs))
     assert run_trigger(hook, handle)["status"] == "succeeded"
     assert read_outcome(store_path(handle["output_uri"])).value == 6
-
-
-def test_trigger_deadline_cancels_the_call(md_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="trigger_deadline"))
-    event = run_trigger(hook, handle, deadline=time.time() + 3)
-    assert event["status"] == "timeout" and "execution_timeout" in event["message"], event
-    _wait_gone(md_emulator, handle)
 
 
 def test_unknown_secret_is_a_clear_error_before_any_call(monkeypatch, md_emulator):

@@ -60,19 +60,6 @@ def _sleep(seconds: float) -> str:
     return "done"
 
 
-def test_trigger_on_kill_stops_the_training_job(sm_emulator):
-    import asyncio
-
-    from airflow_stepops.triggers.sagemaker import SageMakerStepOperatorTrigger
-
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="kill"))
-    sm_emulator.wait_for_status(handle["job_id"], "Training")
-    asyncio.run(SageMakerStepOperatorTrigger(conn_id=hook.step_operator_conn_id, handle=handle).on_kill())
-    job = sm_emulator.wait_for_job(handle["job_id"])
-    assert job["TrainingJobStatus"] == "Stopped" and not sm_emulator.pids(handle["job_id"])
-
-
 def test_mark_failed_while_a_log_client_is_being_made_still_stops_the_job(sm_emulator, monkeypatch):
     """Airflow's triggerer calls on_kill only for a cancellation carrying its user-action message; the AWS hook
     makes its clients through asgiref's sync_to_async, which re-raises a bare CancelledError. Cancelled there,

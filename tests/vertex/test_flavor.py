@@ -91,17 +91,6 @@ def _sleep(seconds: float) -> str:
     return "done"
 
 
-def test_trigger_on_kill_cancels_the_custom_job(vx_emulator):
-    from airflow_stepops.triggers.vertex import VertexStepOperatorTrigger
-
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="kill"))
-    vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_RUNNING"])
-    asyncio.run(VertexStepOperatorTrigger(conn_id=hook.step_operator_conn_id, handle=handle).on_kill())
-    job = vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_CANCELLED"])
-    assert job["state"] == "JOB_STATE_CANCELLED" and vx_emulator.pid(handle["job_id"]) is None
-
-
 def test_scheduling_timeout_is_a_timeout(vx_emulator):
     hook = make_hook()
     handle = hook.submit(make_spec(hook, _sleep, 60, task_id="deadline",
@@ -340,11 +329,3 @@ def test_operator_side_cancel_and_status(vx_emulator):
     hook.cancel(handle)  # already finished: FAILED_PRECONDITION is not an error here
     unknown = handle["name"][:-1] + ("1" if handle["name"].endswith("0") else "0")  # another job id
     assert hook.get_status({**handle, "name": unknown}).state is JobState.FAILED
-
-
-def test_trigger_deadline_cancels_the_job(vx_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="trigger_deadline"))
-    event = run_trigger(hook, handle, deadline=time.time() + 3)
-    assert event["status"] == "timeout" and "execution_timeout" in event["message"], event
-    assert vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_CANCELLED"])["state"] == "JOB_STATE_CANCELLED"
