@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("modal")
 
-from tests.dags import md_steps
+from tests.dags import flavor_pipelines
 
 from ..unit.test_operator import _run, _xcom
 
@@ -22,7 +22,7 @@ def _function(md, ti) -> dict:
 
 
 def test_pipeline_with_xcoms_artifacts_and_mapping(md_emulator):
-    run, tis = _run(md_steps.md_pipeline)
+    run, tis = _run(flavor_pipelines.md_pipeline)
     assert run.state == "success", {k: ti.state for k, ti in tis.items()}
     assert _xcom(tis["report"]) == {"total": 18, "model": [1, 2, 3], "doubled": [2, 10]}
     ref = _xcom(tis["train"], key="model")

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("moto")
 
-from tests.dags import sm_steps
+from tests.dags import flavor_pipelines
 
 from ..unit.test_operator import _run, _xcom
 
@@ -24,7 +24,7 @@ def _jobs(sm, run_id: str, task_id: str) -> list[dict]:
 
 
 def test_pipeline_with_xcoms_s3_artifacts_and_mapping(sm_emulator):
-    run, tis = _run(sm_steps.sm_pipeline)
+    run, tis = _run(flavor_pipelines.sm_pipeline)
     assert run.state == "success", {k: ti.state for k, ti in tis.items()}
     assert _xcom(tis["report"]) == {"total": 18, "model": [1, 2, 3], "doubled": [2, 10]}
     ref = _xcom(tis["train"], key="model")

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("google.cloud.aiplatform_v1")
 
-from tests.dags import vx_steps
+from tests.dags import flavor_pipelines
 
 from ..unit.test_operator import _run, _xcom
 
@@ -19,7 +19,7 @@ def _jobs(vx, task_id: str, dag_id: str) -> list[dict]:
 
 
 def test_pipeline_with_xcoms_gcs_artifacts_and_mapping(vx_emulator):
-    run, tis = _run(vx_steps.vx_pipeline)
+    run, tis = _run(flavor_pipelines.vx_pipeline)
     assert run.state == "success", {k: ti.state for k, ti in tis.items()}
     assert _xcom(tis["report"]) == {"total": 18, "model": [1, 2, 3], "doubled": [2, 10]}
     ref = _xcom(tis["train"], key="model")
