@@ -50,6 +50,32 @@ def make_spec(hook: StepOperatorHook, fn: Callable[..., Any], *args: Any, task_i
     return spec
 
 
+def sleep_then_return(seconds: float) -> str:
+    """A step that says so, sleeps ``seconds``, then returns ``done``."""
+    import time
+
+    print("sleeping", flush=True)
+    time.sleep(seconds)
+    return "done"
+
+
+def raise_value_error(value: int) -> None:
+    raise ValueError(f"bad input {value}")
+
+
+async def poll_together(hook: StepOperatorHook, handles: list[JobHandle], rounds: int = 60) -> list[list[Any]]:
+    """Poll the jobs as a triggerer's shared poller does (``aget_statuses`` of one hook, every 0.5 s) until all
+    are over; the statuses of every round."""
+    seen = []
+    for _ in range(rounds):
+        statuses = await hook.aget_statuses(handles)
+        seen.append(statuses)
+        if all(not isinstance(s, BaseException) and s.state.terminal for s in statuses):
+            return seen
+        await asyncio.sleep(0.5)
+    raise AssertionError("the jobs did not finish")
+
+
 def run_trigger(hook: StepOperatorHook, handle: JobHandle, *, deadline: float | None = None,
                 timeout: float = 60) -> dict[str, Any]:
     """Wait the way a deferred task does; returns the trigger's event payload."""
