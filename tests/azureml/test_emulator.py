@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +29,8 @@ from airflow_stepops.testing.azureml import (
     StaticTokenCredential,
 )
 from airflow_stepops.testing.azureml._azurite import find_azurite
+
+from ..emulator_process import emulator_process
 
 IMAGE = Environment(image="mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest")
 EMULATOR_KEYS = {"AZUREML_DEV_URL_MFE", "REQUESTS_CA_BUNDLE", "AZURE_STORAGE_CONNECTION_STRING", "IDENTITY_ENDPOINT"}
@@ -412,14 +412,8 @@ print("workspace:", client.workspaces.get(os.environ["AZUREML_WORKSPACE_NAME"]).
 
 
 def test_runs_as_a_process(tmp_path: Path):
-    env_file = tmp_path / "azureml.env"
-    proc = subprocess.Popen([sys.executable, "-m", "airflow_stepops.testing.azureml", "--env-file", str(env_file),
-                             "--container", "data", "--workdir", str(tmp_path / "work")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_until(env_file.exists, timeout=60, what="the env file")
-        # shell-quoted lines (a shell may source the file): KEY='value;with=specials'
-        values = dict(shlex.split(line)[0].split("=", 1) for line in env_file.read_text().splitlines())
+    with emulator_process("azureml", tmp_path / "azureml.env", "--container", "data",
+                          "--workdir", str(tmp_path / "work")) as values:  # shell-quoted: KEY='value;with=specials'
         assert EMULATOR_KEYS <= set(values)
         child_env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE", "IDENTITY", "MSI"))}
         result = subprocess.run([sys.executable, "-c", SDK_CALL], env={**child_env, **values}, capture_output=True,
@@ -429,11 +423,6 @@ def test_runs_as_a_process(tmp_path: Path):
 
         containers = BlobServiceClient.from_connection_string(values["AZURE_STORAGE_CONNECTION_STRING"])
         assert "data" in [c.name for c in containers.list_containers()]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
-    assert "Azure ML emulator serving on https://127.0.0.1:" in out and not env_file.exists()
 
 
 def test_stop_kills_jobs_stops_azurite_and_removes_its_workdir():

@@ -6,7 +6,6 @@ import asyncio
 import io
 import os
 import re
-import signal
 import subprocess
 import sys
 import tarfile
@@ -17,6 +16,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from airflow_stepops.testing.sagemaker import CAPACITY_ERROR, INTERNAL_ERROR, LOG_GROUP, Fault, SageMakerEmulator
+
+from ..emulator_process import emulator_process
 
 BUCKET = "stepops-emulator-tests"
 
@@ -413,23 +414,13 @@ def test_aiobotocore_drives_a_job(sm):
 
 
 def test_runs_as_a_process(tmp_path: Path):
-    env_file = tmp_path / "sagemaker.env"
-    proc = subprocess.Popen([sys.executable, "-m", "airflow_stepops.testing.sagemaker", "--env-file", str(env_file)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_until(env_file.exists, timeout=30, what="the env file")
-        env = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
-        assert env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
-        import boto3
+    import boto3
 
+    with emulator_process("sagemaker", tmp_path / "sagemaker.env") as env:
+        assert env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
         client = boto3.client("sagemaker", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                               aws_access_key_id="testing", aws_secret_access_key="testing")
         assert client.list_training_jobs()["TrainingJobSummaries"] == []
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
-    assert "serving on http://127.0.0.1:" in out and not env_file.exists()
 
 
 def test_importing_the_emulator_does_not_import_airflow():
