@@ -116,3 +116,11 @@ def test_stop_group_ends_the_whole_group():
     assert proc.returncode == -signal.SIGTERM and time.monotonic() - started < 5
     _eventually(lambda: not subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout, 5,
                 "the group to end")
+
+
+@pytest.mark.parametrize("name", sorted(FLAVORS))
+def test_importing_an_emulator_imports_neither_airflow_nor_the_services_sdk(name):
+    """The emulators run where the provider is not installed (``python -m``, a demo's own process)."""
+    code = (f"import sys, airflow_stepops.testing.{name}; sys.exit(any(m == 'airflow' or m.startswith('airflow.') "
+            "or m == 'azure.ai.ml' for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
