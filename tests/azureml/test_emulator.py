@@ -30,7 +30,7 @@ from airflow_stepops.testing.azureml import (
 )
 from airflow_stepops.testing.azureml._azurite import find_azurite
 
-from ..emulator_process import emulator_process
+from ..emulated import emulator_process, eventually
 
 IMAGE = Environment(image="mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest")
 EMULATOR_KEYS = {"AZUREML_DEV_URL_MFE", "REQUESTS_CA_BUNDLE", "AZURE_STORAGE_CONNECTION_STRING", "IDENTITY_ENDPOINT"}
@@ -49,14 +49,6 @@ for key in ("AZUREML_RUN_ID", "AZUREML_ARM_SUBSCRIPTION", "AZUREML_ARM_WORKSPACE
             "PYTHONUNBUFFERED", "STEPOPS_HOST_ONLY"):
     print(key + "=" + os.environ.get(key, "<unset>"))
 """
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def alive(pid: int) -> bool:
@@ -223,7 +215,7 @@ def test_begin_cancel_terminates_the_process(aml, ml_client):
     ml_client.jobs.create_or_update(command(command="trap 'echo got SIGTERM; exit 0' TERM; echo up; sleep 60 & wait",
                                             environment=IMAGE, compute="cpu-cluster", name="emu-cancel"))
     aml.wait_for_status("emu-cancel", "Running")
-    wait_until(lambda: "up" in aml.logs("emu-cancel"), 10, "the process to start")
+    eventually(lambda: "up" in aml.logs("emu-cancel"), 10, "the process to start")
     [pid] = aml.pids("emu-cancel")
     poller = ml_client.jobs.begin_cancel("emu-cancel")
     poller.result(timeout=20)
@@ -430,7 +422,7 @@ def test_stop_kills_jobs_stops_azurite_and_removes_its_workdir():
         emulator.ml_client().jobs.create_or_update(command(command="sleep 60", environment=IMAGE,
                                                            compute="cpu-cluster", name="emu-orphan"))
         emulator.wait_for_status("emu-orphan", "Running")
-        wait_until(lambda: emulator.pids("emu-orphan"), 10, "the job process")
+        eventually(lambda: emulator.pids("emu-orphan"), 10, "the job process")
         [pid] = emulator.pids("emu-orphan")
         workdir, blob_port = emulator.workdir, int(emulator.blob_endpoint.split(":")[2].split("/")[0])
     assert not alive(pid)

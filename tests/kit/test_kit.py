@@ -15,6 +15,7 @@ import pytest
 
 from airflow_stepops.testing._kit import Emulator, FaultRule, spawn, stop_group
 
+from ..emulated import eventually
 from ..flavorjobs import make_hook, make_spec
 
 #: flavor -> the session fixture of its emulator
@@ -28,15 +29,6 @@ def _add(a: int, b: int) -> int:
 
 def _sleep(seconds: float) -> None:
     time.sleep(seconds)
-
-
-def _eventually(probe, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (found := probe()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout}s for {what}")
-        time.sleep(0.1)
-    return found
 
 
 def _dead(pid: int) -> bool:
@@ -78,13 +70,13 @@ def test_a_job_runs_to_success(flavor):
 def test_a_failure_strikes_a_running_job(flavor):
     emulator, submit = flavor
     job = submit(_sleep, 120)
-    (pid,) = _eventually(lambda: emulator.pids(job), 120, f"{job} to run")
+    (pid,) = eventually(lambda: emulator.pids(job), 120, f"{job} to run")
     assert emulator.state(job) == "running"
     rule = emulator.inject("failure", job)
     assert isinstance(rule, FaultRule)
     emulator.wait_for_state(job, "failed", timeout=60)
     assert emulator.state(job) == "failed"
-    _eventually(lambda: emulator.pids(job) == [] and _dead(pid), 30, f"the process of {job} to end")
+    eventually(lambda: emulator.pids(job) == [] and _dead(pid), 30, f"the process of {job} to end")
 
 
 def test_a_failure_waits_for_the_next_job(flavor):
@@ -98,9 +90,9 @@ def test_a_failure_waits_for_the_next_job(flavor):
 def test_a_preemption_strikes_a_running_job(flavor):
     emulator, submit = flavor
     job = submit(_sleep, 120)
-    (pid,) = _eventually(lambda: emulator.pids(job), 120, f"{job} to run")
+    (pid,) = eventually(lambda: emulator.pids(job), 120, f"{job} to run")
     emulator.inject("preemption", job)
-    _eventually(lambda: _dead(pid), 60, f"the process of {job} to be preempted")  # well before its 120 s
+    eventually(lambda: _dead(pid), 60, f"the process of {job} to be preempted")  # well before its 120 s
     assert pid not in emulator.pids(job) and emulator.state(job) != "succeeded"
 
 
@@ -114,7 +106,7 @@ def test_stop_group_ends_the_whole_group():
     started = time.monotonic()
     stop_group(proc, grace=5)
     assert proc.returncode == -signal.SIGTERM and time.monotonic() - started < 5
-    _eventually(lambda: not subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout, 5,
+    eventually(lambda: not subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout, 5,
                 "the group to end")
 
 

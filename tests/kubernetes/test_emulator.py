@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 import pytest
@@ -26,20 +26,9 @@ from kubernetes import client, config, watch  # noqa: E402
 
 from airflow_stepops.testing.kubernetes import FAULT_ANNOTATION, Fault, KubernetesEmulator, NodeSpec  # noqa: E402
 
-T = TypeVar("T")
+from ..emulated import eventually  # noqa: E402
+
 NS = "default"
-
-
-def eventually(probe: Callable[[], T | None], timeout: float = 10.0, what: str = "condition") -> T:
-    """Poll ``probe`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def unique(prefix: str) -> str:
@@ -491,8 +480,6 @@ def test_log_follow_through_watch_in_both_clients(k8s: KubernetesEmulator, batch
             async with awatch.Watch().stream(aclient.CoreV1Api(api).read_namespaced_pod_log, pod, NS) as lines:
                 return [line async for line in lines]
     assert asyncio.run(follow()) == [f"step {i}\n" for i in range(3)]
-
-
 
 
 def test_follow_streams_lines_while_the_process_runs(batch: Any, core: Any) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ..emulator_process import emulator_process
+from ..emulated import emulator_process
 
 pytest.importorskip("modal")
 

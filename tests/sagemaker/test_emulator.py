@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 
 from airflow_stepops.testing.sagemaker import CAPACITY_ERROR, INTERNAL_ERROR, LOG_GROUP, Fault, SageMakerEmulator
 
-from ..emulator_process import emulator_process
+from ..emulated import emulator_process, eventually
 
 BUCKET = "stepops-emulator-tests"
 
@@ -131,23 +131,12 @@ def job_request(name: str, mode: str, *, spot: bool = False, max_runtime: int = 
     return request
 
 
-def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def describe(sagemaker, name: str) -> dict:
     return sagemaker.describe_training_job(TrainingJobName=name)
 
 
 def wait_done(sagemaker, name: str, timeout: float = 30.0) -> dict:
-    return wait_until(lambda: (d := describe(sagemaker, name))["TrainingJobStatus"] in ("Completed", "Failed", "Stopped")
+    return eventually(lambda: (d := describe(sagemaker, name))["TrainingJobStatus"] in ("Completed", "Failed", "Stopped")
                       and d, timeout, f"{name} to finish")
 
 
@@ -196,10 +185,10 @@ def test_job_walks_statuses_streams_logs_and_uploads_the_model(sm, sagemaker, lo
     assert first["SecondaryStatus"] in ("Starting", "Downloading", "Training")
 
     # lines reach CloudWatch Logs while the job still trains
-    streams = wait_until(lambda: log_streams(logs, "emu-walk"), what="the log stream")
+    streams = eventually(lambda: log_streams(logs, "emu-walk"), what="the log stream")
     assert re.fullmatch(r"emu-walk/algo-1-\d{10}", streams[0]["logStreamName"])
     stream = streams[0]["logStreamName"]
-    wait_until(lambda: any(e["message"].startswith("epoch 0") for e in logs.get_log_events(
+    eventually(lambda: any(e["message"].startswith("epoch 0") for e in logs.get_log_events(
         logGroupName=LOG_GROUP, logStreamName=stream, startFromHead=True)["events"]), what="epoch 0 in the logs")
     running = describe(sagemaker, "emu-walk")
     assert (running["TrainingJobStatus"], running["SecondaryStatus"]) == ("InProgress", "Training")
@@ -259,7 +248,7 @@ def test_non_zero_exit_fails_with_an_algorithm_error(sagemaker, logs):
 
 def test_stop_training_job_terminates_the_process_and_keeps_what_it_saved(sm, sagemaker, logs):
     sagemaker.create_training_job(**job_request("emu-stop-me", "sleep"))
-    wait_until(lambda: "sleeping" in log_lines(logs, "emu-stop-me"), what="the job to sleep")
+    eventually(lambda: "sleeping" in log_lines(logs, "emu-stop-me"), what="the job to sleep")
     [pid] = sm.pids("emu-stop-me")
     sagemaker.stop_training_job(TrainingJobName="emu-stop-me")
     stopping = describe(sagemaker, "emu-stop-me")
@@ -288,9 +277,9 @@ def test_max_runtime_stops_the_job(sagemaker):
 
 def test_spot_interruption_restarts_from_the_checkpoint(sm, sagemaker, logs):
     sagemaker.create_training_job(**job_request("emu-spot", "resume", spot=True, max_wait=120, checkpoints=True))
-    wait_until(lambda: "checkpoint saved" in log_lines(logs, "emu-spot"), what="the first checkpoint")
+    eventually(lambda: "checkpoint saved" in log_lines(logs, "emu-spot"), what="the first checkpoint")
     s3 = sm.client("s3")
-    wait_until(lambda: s3.list_objects_v2(Bucket=BUCKET, Prefix="checkpoints/emu-spot/").get("KeyCount"),
+    eventually(lambda: s3.list_objects_v2(Bucket=BUCKET, Prefix="checkpoints/emu-spot/").get("KeyCount"),
                what="the checkpoint synced to S3 while the job runs")
     sm.inject("spot_interruption", "emu-spot")
     done = wait_done(sagemaker, "emu-spot")

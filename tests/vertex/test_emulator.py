@@ -25,7 +25,7 @@ from google.cloud import aiplatform_v1
 
 from airflow_stepops.testing.vertex import VertexEmulator, without_boundary_lookup
 
-from ..emulator_process import emulator_process
+from ..emulated import emulator_process
 
 BUCKET = "stepops-vertex-tests"
 STATE = aiplatform_v1.JobState

@@ -1,4 +1,5 @@
-"""``python -m airflow_stepops.testing.<flavor>`` run as the demo and users run it, for the emulators' own tests."""
+"""Helpers of the emulators' own tests: waiting for what an emulator does, and running one as a process
+(``python -m airflow_stepops.testing.<flavor>``) as the demo and users do."""
 
 from __future__ import annotations
 
@@ -7,9 +8,21 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def eventually(probe: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+    """Poll ``probe`` until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while not (found := probe()):
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.05)
+    return found
 
 
 @contextmanager
