@@ -22,6 +22,7 @@ from airflow_stepops.hooks.base import JobState
 from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.modal import ModalStepOperatorSettings
 
+from ..emulated import eventually
 from ..flavorjobs import hook_maker, make_spec, raise_value_error, run_trigger, sleep_then_return
 
 make_hook = hook_maker("modal")
@@ -271,22 +272,14 @@ def test_log_lines_join_chunks_and_resume_after_the_last_entry():
     assert last == ["ef"]
 
 
-def _wait_running(emulator, hook, handle, timeout: float = 30.0) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if emulator.pid(handle["job_id"]) is not None and hook.get_status(handle).state is JobState.RUNNING:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{handle['job_id']} did not start: {emulator.call(handle['job_id'])}")
+def _wait_running(emulator, hook, handle) -> None:
+    eventually(lambda: emulator.pid(handle["job_id"]) is not None and hook.get_status(handle).state is JobState.RUNNING,
+               what=f"{handle['job_id']} to start")
 
 
-def _wait_gone(emulator, handle, timeout: float = 30.0) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if emulator.pid(handle["job_id"]) is None and hook_state(handle) is JobState.CANCELLED:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{handle['job_id']} was not cancelled: {emulator.call(handle['job_id'])}")
+def _wait_gone(emulator, handle) -> None:
+    eventually(lambda: emulator.pid(handle["job_id"]) is None and hook_state(handle) is JobState.CANCELLED,
+               what=f"{handle['job_id']} to be cancelled")
 
 
 def hook_state(handle) -> JobState:
