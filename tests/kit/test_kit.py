@@ -34,10 +34,10 @@ def _sleep(seconds: float) -> None:
 def _dead(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie not reaped yet is dead too
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (ProcessLookupError, FileNotFoundError):  # gone, or reaped while /proc was read
         return True
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie not reaped yet is dead too
-        return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 @pytest.fixture(params=sorted(FLAVORS))
