@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from airflow_stepops.artifacts import store_path
@@ -90,3 +93,24 @@ def run_trigger(hook: StepOperatorHook, handle: JobHandle, *, deadline: float | 
     payload = asyncio.run(asyncio.wait_for(first(), timeout))
     json.dumps(payload)  # it must be storable in the metadata DB
     return payload
+
+
+def run_example(name: str) -> tuple[Any, dict[str, Any]]:
+    """``dags_examples/<name>.py`` run by Airflow's ``dag.test()``, which must succeed: the run and its task
+    instances."""
+    from airflow_stepops._compat import dagbag_class
+
+    from .unit.test_operator import _run
+
+    examples = Path(__file__).resolve().parents[1] / "dags_examples"
+    run, tis = _run(dagbag_class()(dag_folder=str(examples / f"{name}.py")).get_dag(name))
+    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    return run, tis
+
+
+def render(dag_id: str, task_id: str) -> dict[str, Any]:
+    """What ``stepops render`` prints for a task of the test DAGs (it must submit nothing)."""
+    out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "render", dag_id, task_id],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout[out.stdout.index("{"):])
