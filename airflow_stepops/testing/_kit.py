@@ -18,7 +18,7 @@
 * ``pids(job_id)``: the job's live process group leaders.
 
 ``spawn`` / ``stop_group`` run a job's process in a session of its own and end it with everything it
-started; ``Fault`` and ``FaultRule`` are the base of each flavor's faults.
+started; ``JobThread`` is the base of each flavor's job runner, ``Fault`` and ``FaultRule`` of its faults.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -168,6 +169,69 @@ def stop_group(proc: subprocess.Popen[bytes], grace: float = 0.0, *,
     signal_group(proc.pid, signal.SIGKILL)
     proc.wait()
     return exited
+
+
+class JobThread:
+    """One job run on a thread of its own (``_main``), which other threads wake (a cancel arrived) or shut down
+    (the emulator stops: the job's process group is killed at once, the job keeps its state)."""
+
+    #: the longest the thread sleeps before it looks at the job again
+    TICK = 0.05
+
+    def __init__(self, name: str) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._wake = threading.Event()
+        self._shutdown = False
+        self.thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def wake(self) -> None:
+        """Look at the job again now."""
+        self._wake.set()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._shutdown = True
+        self._wake.set()
+        self._kill()
+        proc = self.proc
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout)  # reaped: no zombie outlives the emulator
+        self.thread.join(timeout)
+
+    def pids(self) -> list[int]:
+        proc = self.proc
+        return [proc.pid] if proc is not None and proc.poll() is None else []
+
+    def pid(self) -> int | None:
+        return next(iter(self.pids()), None)
+
+    def _main(self) -> None:
+        raise NotImplementedError
+
+    def _kill(self) -> None:
+        proc = self.proc
+        if proc is not None:
+            signal_group(proc.pid, signal.SIGKILL)
+
+    def _stopping(self) -> str | None:
+        """Why the job must stop waiting (``shutdown``: the emulator stops; a flavor adds its cancel), or None."""
+        return "shutdown" if self._shutdown else None
+
+    def _pause(self, seconds: float) -> str | None:
+        """Sleep ``seconds`` unless the job must stop first (then ``_stopping``'s reason)."""
+        end = time.monotonic() + seconds
+        while True:
+            reason = self._stopping()
+            if reason is not None:
+                return reason
+            left = end - time.monotonic()
+            if left <= 0:
+                return None
+            self._wake.wait(min(left, self.TICK))
+            self._wake.clear()
 
 
 # ----- faults -----------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ import pytest
 
 pytest.importorskip("azure.ai.ml")
 
-from tests.dags import az_steps
+from tests.dags import flavor_pipelines
 
+from ..flavorjobs import render, run_example
 from ..unit.test_operator import _run, _xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db", "az_emulator")
@@ -19,7 +20,7 @@ def _jobs(az, task_id: str, dag_id: str) -> list[dict]:
 
 
 def test_pipeline_with_xcoms_blob_artifacts_and_mapping(az_emulator):
-    run, tis = _run(az_steps.az_pipeline)
+    run, tis = _run(flavor_pipelines.az_pipeline)
     assert run.state == "success", {k: ti.state for k, ti in tis.items()}
     assert _xcom(tis["report"]) == {"total": 18, "model": [1, 2, 3], "doubled": [2, 10]}
     ref = _xcom(tis["train"], key="model")
@@ -39,14 +40,7 @@ def test_pipeline_with_xcoms_blob_artifacts_and_mapping(az_emulator):
 
 
 def test_azureml_example_dag_runs_on_the_emulator(az_emulator):
-    from pathlib import Path
-
-    from airflow_stepops._compat import dagbag_class
-
-    examples = Path(__file__).resolve().parents[2] / "dags_examples"
-    dag = dagbag_class()(dag_folder=str(examples / "azureml_training.py")).get_dag("azureml_training")
-    run, tis = _run(dag)
-    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    _, tis = run_example("azureml_training")
     assert _xcom(tis["train_on_azureml"]) == {"w": 1.5, "b": 0.25, "epochs": 20}
     assert _xcom(tis["evaluate"]) == 0.0
     train = _jobs(az_emulator, "train_on_azureml", "azureml_training")[-1]
@@ -58,15 +52,8 @@ def test_azureml_example_dag_runs_on_the_emulator(az_emulator):
 
 
 def test_stepops_render_prints_the_job_body(az_emulator):
-    import json
-    import subprocess
-    import sys
-
     before = len(az_emulator.jobs)
-    out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "render", "az_pipeline", "train"],
-                         capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr
-    body = json.loads(out.stdout[out.stdout.index("{"):])
+    body = render("az_pipeline", "train")
     request = body["request"]
     assert body["flavor"] == "azureml" and request["name"].startswith("az_pipeline-train-")
     assert request["properties"]["resources"]["instanceType"] == "Standard_D8s_v3"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +30,8 @@ from airflow_stepops.testing.azureml import (
 )
 from airflow_stepops.testing.azureml._azurite import find_azurite
 
+from ..emulated import emulator_process, eventually
+
 IMAGE = Environment(image="mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest")
 EMULATOR_KEYS = {"AZUREML_DEV_URL_MFE", "REQUESTS_CA_BUNDLE", "AZURE_STORAGE_CONNECTION_STRING", "IDENTITY_ENDPOINT"}
 
@@ -49,14 +49,6 @@ for key in ("AZUREML_RUN_ID", "AZUREML_ARM_SUBSCRIPTION", "AZUREML_ARM_WORKSPACE
             "PYTHONUNBUFFERED", "STEPOPS_HOST_ONLY"):
     print(key + "=" + os.environ.get(key, "<unset>"))
 """
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def alive(pid: int) -> bool:
@@ -223,7 +215,7 @@ def test_begin_cancel_terminates_the_process(aml, ml_client):
     ml_client.jobs.create_or_update(command(command="trap 'echo got SIGTERM; exit 0' TERM; echo up; sleep 60 & wait",
                                             environment=IMAGE, compute="cpu-cluster", name="emu-cancel"))
     aml.wait_for_status("emu-cancel", "Running")
-    wait_until(lambda: "up" in aml.logs("emu-cancel"), 10, "the process to start")
+    eventually(lambda: "up" in aml.logs("emu-cancel"), 10, "the process to start")
     [pid] = aml.pids("emu-cancel")
     poller = ml_client.jobs.begin_cancel("emu-cancel")
     poller.result(timeout=20)
@@ -412,14 +404,8 @@ print("workspace:", client.workspaces.get(os.environ["AZUREML_WORKSPACE_NAME"]).
 
 
 def test_runs_as_a_process(tmp_path: Path):
-    env_file = tmp_path / "azureml.env"
-    proc = subprocess.Popen([sys.executable, "-m", "airflow_stepops.testing.azureml", "--env-file", str(env_file),
-                             "--container", "data", "--workdir", str(tmp_path / "work")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_until(env_file.exists, timeout=60, what="the env file")
-        # shell-quoted lines (a shell may source the file): KEY='value;with=specials'
-        values = dict(shlex.split(line)[0].split("=", 1) for line in env_file.read_text().splitlines())
+    with emulator_process("azureml", tmp_path / "azureml.env", "--container", "data",
+                          "--workdir", str(tmp_path / "work")) as values:  # shell-quoted: KEY='value;with=specials'
         assert EMULATOR_KEYS <= set(values)
         child_env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE", "IDENTITY", "MSI"))}
         result = subprocess.run([sys.executable, "-c", SDK_CALL], env={**child_env, **values}, capture_output=True,
@@ -429,11 +415,6 @@ def test_runs_as_a_process(tmp_path: Path):
 
         containers = BlobServiceClient.from_connection_string(values["AZURE_STORAGE_CONNECTION_STRING"])
         assert "data" in [c.name for c in containers.list_containers()]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
-    assert "Azure ML emulator serving on https://127.0.0.1:" in out and not env_file.exists()
 
 
 def test_stop_kills_jobs_stops_azurite_and_removes_its_workdir():
@@ -441,7 +422,7 @@ def test_stop_kills_jobs_stops_azurite_and_removes_its_workdir():
         emulator.ml_client().jobs.create_or_update(command(command="sleep 60", environment=IMAGE,
                                                            compute="cpu-cluster", name="emu-orphan"))
         emulator.wait_for_status("emu-orphan", "Running")
-        wait_until(lambda: emulator.pids("emu-orphan"), 10, "the job process")
+        eventually(lambda: emulator.pids("emu-orphan"), 10, "the job process")
         [pid] = emulator.pids("emu-orphan")
         workdir, blob_port = emulator.workdir, int(emulator.blob_endpoint.split(":")[2].split("/")[0])
     assert not alive(pid)
@@ -457,9 +438,3 @@ def test_a_missing_azurite_says_to_run_npm_ci(tmp_path, monkeypatch):
     monkeypatch.setenv("AZURITE_BIN", str(tmp_path / "azurite-blob"))
     with pytest.raises(AzuriteNotFoundError, match="npm ci"):
         find_azurite()
-
-
-def test_importing_the_emulator_does_not_import_airflow_or_the_ml_sdk():
-    code = ("import sys, airflow_stepops.testing.azureml; "
-            "sys.exit(any(m in sys.modules for m in ('airflow', 'azure.ai.ml')))")
-    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

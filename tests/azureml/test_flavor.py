@@ -3,7 +3,6 @@ real job processes reading the bundle input and writing the output through Azuri
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import time
@@ -19,7 +18,9 @@ from airflow_stepops.hooks.base import JobState
 from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.azureml import AzureMLStepOperatorSettings
 
-from .azjobs import make_hook, make_spec, run_trigger
+from ..flavorjobs import hook_maker, make_spec, raise_value_error, run_trigger, sleep_then_return
+
+make_hook = hook_maker("azureml")
 
 pytestmark = pytest.mark.usefixtures("az_emulator")
 
@@ -29,18 +30,6 @@ def _greet(name: str) -> dict:
 
     print("hello", name, "from", os.environ["STEPOPS_FLAVOR"], flush=True)
     return {"greeting": f"hi {name}", "bundle": os.environ["STEPOPS_BUNDLE_PATH"]}
-
-
-def _sleep(seconds: float) -> str:
-    import time
-
-    print("sleeping", flush=True)
-    time.sleep(seconds)
-    return "done"
-
-
-def _raise(value: int) -> None:
-    raise ValueError(f"bad input {value}")
 
 
 def test_step_runs_as_a_command_job_with_logs_and_result(az_emulator):
@@ -65,7 +54,7 @@ def test_step_runs_as_a_command_job_with_logs_and_result(az_emulator):
 
 def test_logs_stream_while_the_job_runs(az_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 3, task_id="stream"))
+    handle = hook.submit(make_spec(hook, sleep_then_return, 3, task_id="stream"))
     az_emulator.wait_for_status(handle["job_id"], "Running")
     cursor, lines = None, []
     deadline = time.monotonic() + 20
@@ -159,7 +148,7 @@ def test_sdk_validation_refuses_a_broken_job(az_emulator):
 
 def test_remote_exception_fails_the_step(az_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _raise, 7, task_id="raises"))
+    handle = hook.submit(make_spec(hook, raise_value_error, 7, task_id="raises"))
     event = run_trigger(hook, handle)
     assert event["status"] == "failed", event
     assert "exited with status code 1" in event["message"]
@@ -187,21 +176,9 @@ def test_a_user_error_that_speaks_of_timeouts_or_preemption_stays_a_failure(az_e
     assert fn.__name__ != "_raise_timeout" or "timed out" in str(read_outcome(store_path(handle["output_uri"])).error)
 
 
-def test_trigger_on_kill_cancels_the_job(az_emulator):
-    from airflow_stepops.triggers.azureml import AzureMLStepOperatorTrigger
-
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="kill"))
-    az_emulator.wait_for_status(handle["job_id"], "Running")
-    asyncio.run(AzureMLStepOperatorTrigger(conn_id=hook.step_operator_conn_id, handle=handle).on_kill())
-    job = az_emulator.wait_for_status(handle["job_id"], "Canceled")
-    assert job["cancel_requested"] and az_emulator.pids(handle["job_id"]) == []
-    assert hook.get_status(handle).state is JobState.CANCELLED
-
-
 def test_operator_side_cancel_and_status(az_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="sync_cancel"))
+    handle = hook.submit(make_spec(hook, sleep_then_return, 120, task_id="sync_cancel"))
     az_emulator.wait_for_status(handle["job_id"], "Running")
     assert hook.get_status(handle).state is JobState.RUNNING
     hook.cancel(handle)
@@ -214,7 +191,7 @@ def test_operator_side_cancel_and_status(az_emulator):
 
 def test_max_runtime_is_a_timeout(az_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 60, task_id="deadline",
+    handle = hook.submit(make_spec(hook, sleep_then_return, 60, task_id="deadline",
                                    settings=AzureMLStepOperatorSettings(max_runtime_in_seconds=2)))
     event = run_trigger(hook, handle)
     assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
@@ -222,17 +199,9 @@ def test_max_runtime_is_a_timeout(az_emulator):
     assert job["properties"]["limits"]["timeout"] == "PT2S" and job["status"] == "Canceled" and not job["error"]
 
 
-def test_trigger_deadline_cancels_the_job(az_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="trigger_deadline"))
-    event = run_trigger(hook, handle, deadline=time.time() + 3)
-    assert event["status"] == "timeout" and "execution_timeout" in event["message"], event
-    assert az_emulator.wait_for_status(handle["job_id"], "Canceled")["status"] == "Canceled"
-
-
 def test_spot_preemption_is_preemption(az_emulator):
     hook = make_hook()
-    spec = make_spec(hook, _sleep, 60, task_id="spot", settings=AzureMLStepOperatorSettings(job_tier="Spot"))
+    spec = make_spec(hook, sleep_then_return, 60, task_id="spot", settings=AzureMLStepOperatorSettings(job_tier="Spot"))
     az_emulator.inject("preemption", after=0.5)  # the next job created, 0.5 s into Running
     handle = hook.submit(spec)
     assert handle["spot"] and handle["job_tier"] == "Spot"
@@ -248,7 +217,7 @@ def test_low_priority_cluster_preemption_is_preemption(az_emulator, monkeypatch)
     monkeypatch.setenv("AIRFLOW_CONN_AZ_LOWPRI", json.dumps({"conn_type": "stepops_azureml", "extra": {
         **extra, "compute_target_name": "lowpri-cluster"}}))
     hook = make_hook("az_lowpri")
-    spec = make_spec(hook, _sleep, 60, task_id="lowpri")
+    spec = make_spec(hook, sleep_then_return, 60, task_id="lowpri")
     az_emulator.inject("preemption", after=0.5)
     handle = hook.submit(spec)
     assert handle["spot"] and handle["compute"] == "lowpri-cluster"
@@ -258,7 +227,7 @@ def test_low_priority_cluster_preemption_is_preemption(az_emulator, monkeypatch)
 
 def test_node_loss_on_dedicated_compute_is_a_failure(az_emulator):
     hook = make_hook("azureml_cluster_step_operator")
-    spec = make_spec(hook, _sleep, 60, task_id="node_lost")
+    spec = make_spec(hook, sleep_then_return, 60, task_id="node_lost")
     az_emulator.inject("preemption", after=0.5)
     event = run_trigger(hook, hook.submit(spec))
     assert event["status"] == "failed" and event["details"]["reason"] == "node_failure", event

@@ -3,7 +3,6 @@ each flavor's emulator, with jobs submitted through the flavor's real hook and c
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -16,9 +15,12 @@ import pytest
 
 from airflow_stepops.testing._kit import Emulator, FaultRule, spawn, stop_group
 
-#: flavor -> (the session fixture of its emulator, the module of its job helpers)
-FLAVORS = {"kubernetes": ("k8s_emulator", "k8sjobs"), "sagemaker": ("sm_emulator", "smjobs"),
-           "vertex": ("vx_emulator", "vxjobs"), "azureml": ("az_emulator", "azjobs"), "modal": ("md_emulator", "mdjobs")}
+from ..emulated import eventually
+from ..flavorjobs import make_hook, make_spec
+
+#: flavor -> the session fixture of its emulator
+FLAVORS = {"kubernetes": "k8s_emulator", "sagemaker": "sm_emulator", "vertex": "vx_emulator",
+           "azureml": "az_emulator", "modal": "md_emulator"}
 
 
 def _add(a: int, b: int) -> int:
@@ -29,38 +31,25 @@ def _sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def _eventually(probe, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (found := probe()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout}s for {what}")
-        time.sleep(0.1)
-    return found
-
-
 def _dead(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie not reaped yet is dead too
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (ProcessLookupError, FileNotFoundError):  # gone, or reaped while /proc was read
         return True
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie not reaped yet is dead too
-        return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 @pytest.fixture(params=sorted(FLAVORS))
 def flavor(request):
-    fixture, helpers = FLAVORS[request.param]
-    emulator = request.getfixturevalue(fixture)
-    jobs = importlib.import_module(f"tests.{request.param}.{helpers}")
+    emulator = request.getfixturevalue(FLAVORS[request.param])
     if request.param == "modal":  # its step operator is registered by tests/modal; the kit's own here
         os.environ["AIRFLOW_CONN_KIT_MODAL_STEP_OPERATOR"] = json.dumps({"conn_type": "stepops_modal", "extra": {
             "environment": "main", "app_name": "stepops-kit"}})
-        hook = jobs.make_hook("kit_modal_step_operator")
-    else:
-        hook = jobs.make_hook()
+    hook = make_hook(request.param, "kit_modal_step_operator" if request.param == "modal" else None)
 
     def submit(fn, *args, **kwargs) -> str:
-        spec = jobs.make_spec(hook, fn, *args, task_id=f"kit-{uuid.uuid4().hex[:8]}", **kwargs)
+        spec = make_spec(hook, fn, *args, task_id=f"kit-{uuid.uuid4().hex[:8]}", **kwargs)
         return hook.submit(spec)["job_id"]
 
     return emulator, submit
@@ -81,13 +70,13 @@ def test_a_job_runs_to_success(flavor):
 def test_a_failure_strikes_a_running_job(flavor):
     emulator, submit = flavor
     job = submit(_sleep, 120)
-    (pid,) = _eventually(lambda: emulator.pids(job), 120, f"{job} to run")
+    (pid,) = eventually(lambda: emulator.pids(job), 120, f"{job} to run")
     assert emulator.state(job) == "running"
     rule = emulator.inject("failure", job)
     assert isinstance(rule, FaultRule)
     emulator.wait_for_state(job, "failed", timeout=60)
     assert emulator.state(job) == "failed"
-    _eventually(lambda: emulator.pids(job) == [] and _dead(pid), 30, f"the process of {job} to end")
+    eventually(lambda: emulator.pids(job) == [] and _dead(pid), 30, f"the process of {job} to end")
 
 
 def test_a_failure_waits_for_the_next_job(flavor):
@@ -101,9 +90,9 @@ def test_a_failure_waits_for_the_next_job(flavor):
 def test_a_preemption_strikes_a_running_job(flavor):
     emulator, submit = flavor
     job = submit(_sleep, 120)
-    (pid,) = _eventually(lambda: emulator.pids(job), 120, f"{job} to run")
+    (pid,) = eventually(lambda: emulator.pids(job), 120, f"{job} to run")
     emulator.inject("preemption", job)
-    _eventually(lambda: _dead(pid), 60, f"the process of {job} to be preempted")  # well before its 120 s
+    eventually(lambda: _dead(pid), 60, f"the process of {job} to be preempted")  # well before its 120 s
     assert pid not in emulator.pids(job) and emulator.state(job) != "succeeded"
 
 
@@ -117,5 +106,13 @@ def test_stop_group_ends_the_whole_group():
     started = time.monotonic()
     stop_group(proc, grace=5)
     assert proc.returncode == -signal.SIGTERM and time.monotonic() - started < 5
-    _eventually(lambda: not subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout, 5,
+    eventually(lambda: not subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout, 5,
                 "the group to end")
+
+
+@pytest.mark.parametrize("name", sorted(FLAVORS))
+def test_importing_an_emulator_imports_neither_airflow_nor_the_services_sdk(name):
+    """The emulators run where the provider is not installed (``python -m``, a demo's own process)."""
+    code = (f"import sys, airflow_stepops.testing.{name}; sys.exit(any(m == 'airflow' or m.startswith('airflow.') "
+            "or m == 'azure.ai.ml' for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -14,7 +14,9 @@ from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks import kubernetes_job as manifest
 from airflow_stepops.hooks.base import JobState
 
-from .k8sjobs import make_hook, make_spec, run_trigger
+from ..flavorjobs import hook_maker, make_spec, run_trigger
+
+make_hook = hook_maker("kubernetes")
 
 NS = "steps"
 

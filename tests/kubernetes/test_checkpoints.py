@@ -25,7 +25,9 @@ from airflow_stepops.settings.kubernetes import (  # noqa: E402
     KubernetesStepOperatorSettings,
 )
 
-from .k8sjobs import make_hook, make_spec, run_trigger  # noqa: E402
+from ..flavorjobs import hook_maker, make_spec, run_trigger  # noqa: E402
+
+make_hook = hook_maker("kubernetes")
 
 NS = "steps"
 CLAIM = "step-checkpoints"

@@ -9,6 +9,7 @@ pytest.importorskip("kubernetes")
 from airflow_stepops.hooks import kubernetes_job as manifest
 from tests.dags import k8s_steps
 
+from ..flavorjobs import render, run_example
 from ..unit.test_operator import _run, _xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db", "k8s_emulator")
@@ -47,12 +48,7 @@ def test_failures_preemption_timeout_and_bad_image(k8s_emulator):
 
 
 def test_gpu_training_example_runs_on_the_emulator(k8s_emulator):
-    from airflow_stepops._compat import dagbag_class
-
-    examples = __import__("pathlib").Path(__file__).resolve().parents[2] / "dags_examples"
-    dag = dagbag_class()(dag_folder=str(examples / "kubernetes_training.py")).get_dag("kubernetes_training")
-    run, tis = _run(dag)
-    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    run, tis = run_example("kubernetes_training")
     assert _xcom(tis["gpu_training_step"]) == {"w": 3.0, "b": -0.5}
     [job] = [j for j in _jobs(k8s_emulator, "gpu_training_step")
              if j["metadata"]["annotations"][f"{manifest.LABEL_PREFIX}/run-id"] == run.run_id]
@@ -64,14 +60,7 @@ def test_gpu_training_example_runs_on_the_emulator(k8s_emulator):
 
 
 def test_stepops_render_prints_the_job_manifest_without_creating_it(k8s_emulator):
-    import json
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "render", "k8s_pipeline", "train"],
-                         capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr
-    body = json.loads(out.stdout[out.stdout.index("{"):])
+    body = render("k8s_pipeline", "train")
     job = body["request"]
     assert body["flavor"] == "kubernetes" and job["kind"] == "Job" and job["metadata"]["namespace"] == "steps"
     assert job["metadata"]["annotations"][f"{manifest.LABEL_PREFIX}/run-id"] == "render"

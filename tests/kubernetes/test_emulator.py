@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import textwrap
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 import pytest
@@ -28,20 +26,9 @@ from kubernetes import client, config, watch  # noqa: E402
 
 from airflow_stepops.testing.kubernetes import FAULT_ANNOTATION, Fault, KubernetesEmulator, NodeSpec  # noqa: E402
 
-T = TypeVar("T")
+from ..emulated import eventually  # noqa: E402
+
 NS = "default"
-
-
-def eventually(probe: Callable[[], T | None], timeout: float = 10.0, what: str = "condition") -> T:
-    """Poll ``probe`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def unique(prefix: str) -> str:
@@ -495,8 +482,6 @@ def test_log_follow_through_watch_in_both_clients(k8s: KubernetesEmulator, batch
     assert asyncio.run(follow()) == [f"step {i}\n" for i in range(3)]
 
 
-
-
 def test_follow_streams_lines_while_the_process_runs(batch: Any, core: Any) -> None:
     name = unique("follow")
     script = """
@@ -785,11 +770,6 @@ def test_the_host_environment_does_not_leak_into_pods(batch: Any, core: Any, mon
     finished(batch, name)
     pod = only_pod(core, name).metadata.name
     assert log_text(core, pod) == f"None {pod}\n"
-
-
-def test_the_emulator_does_not_import_airflow() -> None:
-    code = "import sys, airflow_stepops.testing.kubernetes; sys.exit('airflow' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 # ----- kubernetes_asyncio -----------------------------------------------------------------------------

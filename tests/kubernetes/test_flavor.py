@@ -23,7 +23,9 @@ from airflow_stepops.resources import ResourceSettings  # noqa: E402
 from airflow_stepops.settings.kubernetes import KubernetesStepOperatorSettings  # noqa: E402
 from airflow_stepops.testing.kubernetes import FAULT_ANNOTATION  # noqa: E402
 
-from .k8sjobs import make_hook, make_spec, run_trigger  # noqa: E402
+from ..flavorjobs import hook_maker, make_spec, raise_value_error, run_trigger, sleep_then_return  # noqa: E402
+
+make_hook = hook_maker("kubernetes")
 
 pytestmark = pytest.mark.usefixtures("k8s_emulator")
 NS = "steps"
@@ -135,18 +137,10 @@ def test_pods_that_cannot_start_fail_fast_naming_the_reason(k8s_emulator, fault,
     assert _gone(k8s_emulator, handle)
 
 
-def _sleep_then_return(seconds: float) -> str:
-    import time
-
-    print("working", flush=True)
-    time.sleep(seconds)
-    return "done"
-
-
 @pytest.mark.parametrize("fault", ["evicted", "preempted", "node_shutdown"])
 def test_disrupted_pods_are_reported_as_preemption(k8s_emulator, fault):
     hook = make_hook()
-    spec = make_spec(hook, _sleep_then_return, 30, task_id=f"disrupted_{fault}", settings=KubernetesStepOperatorSettings(
+    spec = make_spec(hook, sleep_then_return, 30, task_id=f"disrupted_{fault}", settings=KubernetesStepOperatorSettings(
         annotations={FAULT_ANNOTATION: json.dumps({"kind": fault, "after": 0.5})}))
     handle = hook.submit(spec)
     event = run_trigger(hook, handle)
@@ -156,31 +150,27 @@ def test_disrupted_pods_are_reported_as_preemption(k8s_emulator, fault):
 
 def test_oom_killed_step_names_its_memory_limit(k8s_emulator):
     hook = make_hook()
-    spec = make_spec(hook, _sleep_then_return, 30, task_id="oom", resources=ResourceSettings(memory="256MiB"),
+    spec = make_spec(hook, sleep_then_return, 30, task_id="oom", resources=ResourceSettings(memory="256MiB"),
                      settings=KubernetesStepOperatorSettings(annotations={FAULT_ANNOTATION: json.dumps(
                          {"kind": "oom_killed", "after": 0.5})}))
     event = run_trigger(hook, hook.submit(spec))
     assert event["status"] == "failed" and "OOMKilled" in event["message"] and "256Mi" in event["message"]
 
 
-def _raise(value: int) -> None:
-    raise ValueError(f"bad input {value}")
-
-
 def test_remote_exception_comes_back_through_the_pod_log(k8s_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _raise, 7, task_id="raises"))
+    handle = hook.submit(make_spec(hook, raise_value_error, 7, task_id="raises"))
     event = run_trigger(hook, handle)
     assert event["status"] == "failed" and "exit code 1" in event["message"]
     hook.collect_output(handle)
     outcome = read_outcome(store_path(handle["output_uri"]))
     assert not outcome.ok and outcome.error["type"] == "builtins.ValueError"
-    assert outcome.error["message"] == "bad input 7" and "_raise" in outcome.error["traceback"]
+    assert outcome.error["message"] == "bad input 7" and "raise_value_error" in outcome.error["traceback"]
 
 
 def test_max_runtime_becomes_active_deadline_and_a_timeout(k8s_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep_then_return, 60, task_id="deadline",
+    handle = hook.submit(make_spec(hook, sleep_then_return, 60, task_id="deadline",
                                    settings=KubernetesStepOperatorSettings(max_runtime_in_seconds=1)))
     event = run_trigger(hook, handle)
     assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
@@ -193,28 +183,6 @@ def _write_pid_and_sleep(seconds: float) -> None:
 
     print("pid", os.getpid(), flush=True)
     time.sleep(seconds)
-
-
-def test_trigger_deadline_deletes_the_job_and_its_process(k8s_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _write_pid_and_sleep, 120, task_id="trigger_deadline"))
-    started = time.time()
-    event = run_trigger(hook, handle, deadline=time.time() + 3)
-    assert event["status"] == "timeout" and time.time() - started < 30
-    assert _gone(k8s_emulator, handle), "the Job or its pod survived the timeout"
-
-
-def test_trigger_on_kill_deletes_the_job(k8s_emulator):
-    import asyncio
-
-    from airflow_stepops.triggers.kubernetes import KubernetesStepOperatorTrigger
-
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _write_pid_and_sleep, 120, task_id="trigger_kill"))
-    _wait_running(hook, handle)
-    trigger = KubernetesStepOperatorTrigger(conn_id=hook.step_operator_conn_id, handle=handle)
-    asyncio.run(trigger.on_kill())
-    assert _gone(k8s_emulator, handle)
 
 
 def test_submit_is_exactly_once_per_try(k8s_emulator):
@@ -389,7 +357,7 @@ def test_forbidden_api_answers_end_the_wait_with_a_clear_error(k8s_emulator):
     import asyncio
 
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep_then_return, 2, task_id="forbidden"))
+    handle = hook.submit(make_spec(hook, sleep_then_return, 2, task_id="forbidden"))
     k8s_emulator.fail_requests(403, method="GET", path=r"/namespaces/steps/jobs$", count=None,
                                message='jobs.batch is forbidden: User "airflow" cannot list resource "jobs"')
     try:

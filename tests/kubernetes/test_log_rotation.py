@@ -12,7 +12,9 @@ from airflow_stepops.bundle import read_outcome
 from airflow_stepops.exceptions import StepFailedError
 from airflow_stepops.hooks.base import JobState
 
-from .k8sjobs import make_hook, make_spec
+from ..flavorjobs import hook_maker, make_spec
+
+make_hook = hook_maker("kubernetes")
 
 NS = "steps"
 

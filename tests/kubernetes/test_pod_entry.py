@@ -17,7 +17,9 @@ pytest.importorskip("kubernetes")
 from airflow_stepops.hooks import kubernetes_job as manifest
 from airflow_stepops.hooks.kubernetes_logs import decode_record, extract_output_block, output_record
 
-from .k8sjobs import make_hook, make_spec
+from ..flavorjobs import hook_maker, make_spec
+
+make_hook = hook_maker("kubernetes")
 
 pytestmark = pytest.mark.usefixtures("k8s_emulator")
 

@@ -18,7 +18,10 @@ from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import StepIdentity, read_outcome
 from airflow_stepops.settings.modal import CHECKPOINT_MOUNT, ModalStepOperatorConfig
 
-from .mdjobs import make_hook, make_spec, run_trigger
+from ..emulated import eventually
+from ..flavorjobs import hook_maker, make_spec, run_trigger
+
+make_hook = hook_maker("modal")
 
 pytestmark = pytest.mark.usefixtures("md_emulator", "modal_step_operator")
 
@@ -40,13 +43,6 @@ def commit_interval(md_emulator):
     md_emulator.clear_faults()
 
 
-def _wait(predicate, timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 # ----- the flavor ------------------------------------------------------------------------------------------
 
 
@@ -54,7 +50,6 @@ def _resume(marker: str) -> dict:
     """Restore from the checkpoint dir if an earlier try left one; else checkpoint and wait to be preempted."""
     import json
     import os
-    import time
 
     path = os.path.join(os.environ["STEPOPS_CHECKPOINT_DIR"], "state.json")
     if os.path.exists(path):
@@ -71,7 +66,7 @@ def test_a_preempted_try_leaves_its_checkpoint_to_the_next_try(md_emulator, comm
     commit_interval(None)  # only the commit when the preempted container exits can carry the file
     hook = make_hook()
     first = hook.submit(make_spec(hook, _resume, "try-1", task_id="resumable"))
-    _wait(lambda: "checkpointed" in md_emulator.logs(first["job_id"]), what="the step to checkpoint")
+    eventually(lambda: "checkpointed" in md_emulator.logs(first["job_id"]), what="the step to checkpoint")
     md_emulator.inject("preemption", job=first["job_id"], restart=False)
     event = run_trigger(hook, first)
     assert event["status"] == "preempted", event
@@ -90,7 +85,7 @@ def test_modals_own_restart_of_a_preempted_input_resumes_from_the_checkpoint(md_
     commit_interval(None)
     hook = make_hook()
     handle = hook.submit(make_spec(hook, _resume, "first-container", task_id="restarted"))
-    _wait(lambda: "checkpointed" in md_emulator.logs(handle["job_id"]), what="the step to checkpoint")
+    eventually(lambda: "checkpointed" in md_emulator.logs(handle["job_id"]), what="the step to checkpoint")
     md_emulator.inject("preemption", job=handle["job_id"], restart=True)  # Modal's default: same input, new task
     event = run_trigger(hook, handle)
     assert event["status"] == "succeeded", event
@@ -134,7 +129,6 @@ def _volume_step():
     def run_step(path, mode, seconds):
         import os
         import signal
-        import time
 
         if mode == "read":
             return open(path).read() if os.path.exists(path) else None
@@ -168,7 +162,7 @@ def _committed(md_emulator, rel: str) -> Path:
 
 def _spawn_and_wait_written(md_emulator, volume_fn, rel: str, mode: str, seconds: float = 120):
     call = volume_fn.spawn(f"{MOUNT}/{rel}", mode, seconds)
-    _wait(lambda: "wrote " in "".join(md_emulator.logs(call.object_id)), what="the write")
+    eventually(lambda: "wrote " in "".join(md_emulator.logs(call.object_id)), what="the write")
     return call
 
 
@@ -184,7 +178,7 @@ def test_writes_stay_in_the_task_until_a_commit_and_the_exit_commits_them(md_emu
 def test_background_commits_carry_writes_while_the_task_runs(md_emulator, volume_fn, commit_interval):
     commit_interval(0.2)
     call = _spawn_and_wait_written(md_emulator, volume_fn, "background/b.txt", "background")
-    _wait(lambda: _committed(md_emulator, "background/b.txt").exists(), timeout=10, what="a background commit")
+    eventually(lambda: _committed(md_emulator, "background/b.txt").exists(), timeout=10, what="a background commit")
     assert md_emulator.call(call.object_id)["state"] == "running"  # committed while the task still runs
     assert _committed(md_emulator, "background/b.txt").read_text() == "background"
     call.cancel(terminate_containers=True)
@@ -198,7 +192,7 @@ def test_a_preempted_container_that_exits_commits_and_a_killed_one_does_not(md_e
     for call in (graceful, stubborn):
         md_emulator.inject("preemption", job=call.object_id, restart=False)
     for call in (graceful, stubborn):
-        _wait(lambda c=call: md_emulator.call(c.object_id)["state"] == "terminated", what="the preemption")
+        eventually(lambda c=call: md_emulator.call(c.object_id)["state"] == "terminated", what="the preemption")
     assert _committed(md_emulator, "preempt/graceful.txt").read_text() == "graceful"  # exit on SIGTERM: committed
     assert not _committed(md_emulator, "preempt/stubborn.txt").exists()  # SIGKILL after the grace period: lost
     assert volume_fn.remote(f"{MOUNT}/preempt/stubborn.txt", "read", 0) is None

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 pytest.importorskip("modal")
 
-from tests.dags import md_steps
+from tests.dags import flavor_pipelines
 
+from ..flavorjobs import render, run_example
 from ..unit.test_operator import _run, _xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db", "md_emulator", "modal_step_operator")
@@ -22,7 +21,7 @@ def _function(md, ti) -> dict:
 
 
 def test_pipeline_with_xcoms_artifacts_and_mapping(md_emulator):
-    run, tis = _run(md_steps.md_pipeline)
+    run, tis = _run(flavor_pipelines.md_pipeline)
     assert run.state == "success", {k: ti.state for k, ti in tis.items()}
     assert _xcom(tis["report"]) == {"total": 18, "model": [1, 2, 3], "doubled": [2, 10]}
     ref = _xcom(tis["train"], key="model")
@@ -36,14 +35,7 @@ def test_pipeline_with_xcoms_artifacts_and_mapping(md_emulator):
 
 
 def test_modal_example_dag_runs_on_the_emulator(md_emulator):
-    from pathlib import Path
-
-    from airflow_stepops._compat import dagbag_class
-
-    examples = Path(__file__).resolve().parents[2] / "dags_examples"
-    dag = dagbag_class()(dag_folder=str(examples / "modal_training.py")).get_dag("modal_training")
-    run, tis = _run(dag)
-    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    _, tis = run_example("modal_training")
     assert _xcom(tis["train_on_modal"]) == {"w": 1.5, "b": 0.25, "epochs": 20}
     assert _xcom(tis["evaluate"]) == 0.0
     train = _function(md_emulator, tis["train_on_modal"])
@@ -55,14 +47,8 @@ def test_modal_example_dag_runs_on_the_emulator(md_emulator):
 
 
 def test_stepops_render_prints_the_function_options(md_emulator):
-    import subprocess
-    import sys
-
     before = md_emulator.requests.count("FunctionMap")
-    out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "render", "md_pipeline", "evaluate"],
-                         capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr
-    body = json.loads(out.stdout[out.stdout.index("{"):])
+    body = render("md_pipeline", "evaluate")
     request = body["request"]
     assert body["flavor"] == "modal" and request["function"] == "run_step"
     assert request["options"]["gpu"] == "A100-80GB:2" and request["options"]["timeout"] == 900

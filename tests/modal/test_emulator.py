@@ -7,9 +7,6 @@ import asyncio
 import json
 import os
 import pickle
-import shlex
-import signal
-import subprocess
 import sys
 import time
 import traceback
@@ -19,6 +16,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+
+from ..emulated import emulator_process
 
 pytest.importorskip("modal")
 
@@ -41,7 +40,6 @@ def _steps():
 
     def run_step(bundle, source, env):
         import os
-        import sys
         import time
 
         if source == "env":
@@ -521,17 +519,8 @@ def test_async_client_paths(md_emulator, deployed):
 
 
 def test_module_serves_until_terminated_and_writes_the_env_file(tmp_path, monkeypatch):
-    env_file = tmp_path / "modal.env"
-    proc = subprocess.Popen([sys.executable, "-m", "airflow_stepops.testing.modal", "--env-file", str(env_file),
-                             "--secret", "hf-token=HF_TOKEN=hf_cli", "--stop-grace-period", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not env_file.exists():
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            assert time.monotonic() < deadline, "the env file did not appear"
-            time.sleep(0.1)
-        values = dict(line.split("=", 1) for line in shlex.split(env_file.read_text()))
+    with emulator_process("modal", tmp_path / "modal.env", "--secret", "hf-token=HF_TOKEN=hf_cli",
+                          "--stop-grace-period", "1") as values:
         assert set(values) == {"MODAL_SERVER_URL", "MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "MODAL_ENVIRONMENT",
                                "AIRFLOW_CONN_MODAL_DEFAULT"}
         conn = json.loads(values["AIRFLOW_CONN_MODAL_DEFAULT"])
@@ -545,10 +534,6 @@ def test_module_serves_until_terminated_and_writes_the_env_file(tmp_path, monkey
         assert secret.object_id.startswith("st-")
         with pytest.raises(modal.exception.AuthError):
             modal.Client.from_credentials(values["MODAL_TOKEN_ID"], "as-wrong").hello()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(20)
-    assert code == 0 and not env_file.exists()
 
 
 def test_named_dicts_put_and_get(md_emulator):

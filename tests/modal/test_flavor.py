@@ -22,7 +22,10 @@ from airflow_stepops.hooks.base import JobState
 from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.modal import ModalStepOperatorSettings
 
-from .mdjobs import make_hook, make_spec, run_trigger
+from ..emulated import eventually
+from ..flavorjobs import hook_maker, make_spec, raise_value_error, run_trigger, sleep_then_return
+
+make_hook = hook_maker("modal")
 
 pytestmark = pytest.mark.usefixtures("md_emulator", "modal_step_operator")
 
@@ -32,14 +35,6 @@ def _greet(name: str) -> dict:
 
     print("hello", name, "from", os.environ["STEPOPS_FLAVOR"], "on", os.environ.get("MODAL_GPU", "cpu"), flush=True)
     return {"greeting": f"hi {name}", "team": os.environ.get("TEAM"), "task": os.environ.get("MODAL_TASK_ID")}
-
-
-def _sleep(seconds: float) -> str:
-    import time
-
-    print("sleeping", flush=True)
-    time.sleep(seconds)
-    return "done"
 
 
 def test_step_runs_as_a_modal_call_with_logs_and_result(md_emulator):
@@ -78,33 +73,18 @@ def test_zenml_settings_and_gpu_fallback(md_emulator):
     assert function["gpu"] == ["H100", "A100-80GB"] and function["memory_mb"] == 16384
 
 
-def _raise(value: int) -> None:
-    raise ValueError(f"bad input {value}")
-
-
 def test_remote_exception_fails_the_step(md_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _raise, 7, task_id="raises"))
+    handle = hook.submit(make_spec(hook, raise_value_error, 7, task_id="raises"))
     event = run_trigger(hook, handle)
     assert event["status"] == "failed", event
     assert any("ValueError: bad input 7" in line for line in event["log_tail"]), event["log_tail"]
     assert "bad input 7" in str(read_outcome(store_path(handle["output_uri"])).error)
 
 
-def test_trigger_on_kill_cancels_the_call(md_emulator):
-    from airflow_stepops.triggers.modal import ModalStepOperatorTrigger
-
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="kill"))
-    _wait_running(md_emulator, hook, handle)
-    asyncio.run(ModalStepOperatorTrigger(conn_id=hook.step_operator_conn_id, handle=handle).on_kill())
-    _wait_gone(md_emulator, handle)
-    assert hook.get_status(handle).state is JobState.CANCELLED
-
-
 def test_operator_side_cancel_and_status(md_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="sync_cancel"))
+    handle = hook.submit(make_spec(hook, sleep_then_return, 120, task_id="sync_cancel"))
     _wait_running(md_emulator, hook, handle)
     status = hook.get_status(handle)
     assert status.state is JobState.RUNNING and status.details["modal_task_id"].startswith("ta-")
@@ -116,7 +96,7 @@ def test_operator_side_cancel_and_status(md_emulator):
 
 def test_timeout_is_a_timeout(md_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 60, task_id="deadline",
+    handle = hook.submit(make_spec(hook, sleep_then_return, 60, task_id="deadline",
                                    settings=ModalStepOperatorSettings(timeout=2)))
     event = run_trigger(hook, handle)
     assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
@@ -124,13 +104,13 @@ def test_timeout_is_a_timeout(md_emulator):
 
 def test_preemption_is_restarted_by_modal_or_reported(md_emulator):
     hook = make_hook()
-    restarted = hook.submit(make_spec(hook, _sleep, 2, task_id="preempted_restart"))
+    restarted = hook.submit(make_spec(hook, sleep_then_return, 2, task_id="preempted_restart"))
     _wait_running(md_emulator, hook, restarted)
     md_emulator.inject("preemption", job=restarted["job_id"], after=0.3, restart=True)
     event = run_trigger(hook, restarted)
     assert event["status"] == "succeeded", event
     assert any(line.startswith("[system]") and "preempt" in line.lower() for line in event["log_tail"]), event
-    given_up = hook.submit(make_spec(hook, _sleep, 60, task_id="preempted_final"))
+    given_up = hook.submit(make_spec(hook, sleep_then_return, 60, task_id="preempted_final"))
     _wait_running(md_emulator, hook, given_up)
     md_emulator.inject("preemption", job=given_up["job_id"], after=0.3, restart=False)
     event = run_trigger(hook, given_up)
@@ -237,14 +217,6 @@ def test_artifact_refs_travel_in_the_bundle(md_emulator):
     assert read_outcome(store_path(handle["output_uri"])).value == 6
 
 
-def test_trigger_deadline_cancels_the_call(md_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="trigger_deadline"))
-    event = run_trigger(hook, handle, deadline=time.time() + 3)
-    assert event["status"] == "timeout" and "execution_timeout" in event["message"], event
-    _wait_gone(md_emulator, handle)
-
-
 def test_unknown_secret_is_a_clear_error_before_any_call(monkeypatch, md_emulator):
     monkeypatch.setenv("AIRFLOW_CONN_MODAL_NO_SECRET", json.dumps({"conn_type": "stepops_modal", "extra": {
         "app_name": "stepops-tests", "secrets": ["does-not-exist"], "environment": "main"}}))
@@ -300,22 +272,14 @@ def test_log_lines_join_chunks_and_resume_after_the_last_entry():
     assert last == ["ef"]
 
 
-def _wait_running(emulator, hook, handle, timeout: float = 30.0) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if emulator.pid(handle["job_id"]) is not None and hook.get_status(handle).state is JobState.RUNNING:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{handle['job_id']} did not start: {emulator.call(handle['job_id'])}")
+def _wait_running(emulator, hook, handle) -> None:
+    eventually(lambda: emulator.pid(handle["job_id"]) is not None and hook.get_status(handle).state is JobState.RUNNING,
+               what=f"{handle['job_id']} to start")
 
 
-def _wait_gone(emulator, handle, timeout: float = 30.0) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if emulator.pid(handle["job_id"]) is None and hook_state(handle) is JobState.CANCELLED:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{handle['job_id']} was not cancelled: {emulator.call(handle['job_id'])}")
+def _wait_gone(emulator, handle) -> None:
+    eventually(lambda: emulator.pid(handle["job_id"]) is None and hook_state(handle) is JobState.CANCELLED,
+               what=f"{handle['job_id']} to be cancelled")
 
 
 def hook_state(handle) -> JobState:
@@ -325,7 +289,7 @@ def hook_state(handle) -> JobState:
 def test_each_call_is_recorded_so_a_later_try_finds_it(md_emulator):
     """Without a task state store (Airflow 3.1/3.2), the record of calls is how a retry finds the call."""
     hook = make_hook()
-    spec = make_spec(hook, _sleep, 1, task_id="recorded")
+    spec = make_spec(hook, sleep_then_return, 1, task_id="recorded")
     assert hook.find_job(spec.identity) is None
     handle = hook.submit(spec)
     found = make_hook().find_job(spec.identity)
@@ -451,7 +415,7 @@ def test_an_expired_output_is_reported_as_modal_reports_it(md_emulator):
 def test_preemption_is_told_by_modals_status_not_by_words(md_emulator):
     """A failure whose text speaks of preemption (it may carry the step's own output) is a failure."""
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 60, task_id="says_preempted"))
+    handle = hook.submit(make_spec(hook, sleep_then_return, 60, task_id="says_preempted"))
     _wait_running(md_emulator, hook, handle)
     md_emulator.inject("failure", job=handle["job_id"], message="Runner interrupted due to worker preemption")
     event = run_trigger(hook, handle)

@@ -6,8 +6,9 @@ import pytest
 
 pytest.importorskip("moto")
 
-from tests.dags import sm_steps
+from tests.dags import flavor_pipelines
 
+from ..flavorjobs import render, run_example
 from ..unit.test_operator import _run, _xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db", "sm_emulator")
@@ -24,7 +25,7 @@ def _jobs(sm, run_id: str, task_id: str) -> list[dict]:
 
 
 def test_pipeline_with_xcoms_s3_artifacts_and_mapping(sm_emulator):
-    run, tis = _run(sm_steps.sm_pipeline)
+    run, tis = _run(flavor_pipelines.sm_pipeline)
     assert run.state == "success", {k: ti.state for k, ti in tis.items()}
     assert _xcom(tis["report"]) == {"total": 18, "model": [1, 2, 3], "doubled": [2, 10]}
     ref = _xcom(tis["train"], key="model")
@@ -40,14 +41,7 @@ def test_pipeline_with_xcoms_s3_artifacts_and_mapping(sm_emulator):
 
 
 def test_sagemaker_example_dag_runs_on_the_emulator(sm_emulator):
-    from pathlib import Path
-
-    from airflow_stepops._compat import dagbag_class
-
-    examples = Path(__file__).resolve().parents[2] / "dags_examples"
-    dag = dagbag_class()(dag_folder=str(examples / "sagemaker_training.py")).get_dag("sagemaker_training")
-    run, tis = _run(dag)
-    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    run, tis = run_example("sagemaker_training")
     assert _xcom(tis["train_on_sagemaker"]) == {"w": 1.5, "b": 0.25, "epochs": 20}
     [job] = _jobs(sm_emulator, run.run_id, "train_on_sagemaker")
     assert job["EnableManagedSpotTraining"] is True and job["ResourceConfig"]["InstanceType"] == "ml.p3.2xlarge"
@@ -55,15 +49,8 @@ def test_sagemaker_example_dag_runs_on_the_emulator(sm_emulator):
 
 
 def test_stepops_render_prints_the_create_training_job_request(sm_emulator):
-    import json
-    import subprocess
-    import sys
-
     before = len(sm_emulator.jobs)
-    out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "render", "sm_pipeline", "train"],
-                         capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr
-    body = json.loads(out.stdout[out.stdout.index("{"):])
+    body = render("sm_pipeline", "train")
     request = body["request"]
     assert body["flavor"] == "sagemaker" and request["ResourceConfig"]["InstanceType"] == "ml.m5.2xlarge"
     assert request["RoleArn"].startswith("arn:aws:iam::") and request["InputDataConfig"][0]["ChannelName"] == "bundle"

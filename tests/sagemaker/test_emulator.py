@@ -6,9 +6,6 @@ import asyncio
 import io
 import os
 import re
-import signal
-import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -17,6 +14,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from airflow_stepops.testing.sagemaker import CAPACITY_ERROR, INTERNAL_ERROR, LOG_GROUP, Fault, SageMakerEmulator
+
+from ..emulated import emulator_process, eventually
 
 BUCKET = "stepops-emulator-tests"
 
@@ -132,23 +131,12 @@ def job_request(name: str, mode: str, *, spot: bool = False, max_runtime: int = 
     return request
 
 
-def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def describe(sagemaker, name: str) -> dict:
     return sagemaker.describe_training_job(TrainingJobName=name)
 
 
 def wait_done(sagemaker, name: str, timeout: float = 30.0) -> dict:
-    return wait_until(lambda: (d := describe(sagemaker, name))["TrainingJobStatus"] in ("Completed", "Failed", "Stopped")
+    return eventually(lambda: (d := describe(sagemaker, name))["TrainingJobStatus"] in ("Completed", "Failed", "Stopped")
                       and d, timeout, f"{name} to finish")
 
 
@@ -197,10 +185,10 @@ def test_job_walks_statuses_streams_logs_and_uploads_the_model(sm, sagemaker, lo
     assert first["SecondaryStatus"] in ("Starting", "Downloading", "Training")
 
     # lines reach CloudWatch Logs while the job still trains
-    streams = wait_until(lambda: log_streams(logs, "emu-walk"), what="the log stream")
+    streams = eventually(lambda: log_streams(logs, "emu-walk"), what="the log stream")
     assert re.fullmatch(r"emu-walk/algo-1-\d{10}", streams[0]["logStreamName"])
     stream = streams[0]["logStreamName"]
-    wait_until(lambda: any(e["message"].startswith("epoch 0") for e in logs.get_log_events(
+    eventually(lambda: any(e["message"].startswith("epoch 0") for e in logs.get_log_events(
         logGroupName=LOG_GROUP, logStreamName=stream, startFromHead=True)["events"]), what="epoch 0 in the logs")
     running = describe(sagemaker, "emu-walk")
     assert (running["TrainingJobStatus"], running["SecondaryStatus"]) == ("InProgress", "Training")
@@ -260,7 +248,7 @@ def test_non_zero_exit_fails_with_an_algorithm_error(sagemaker, logs):
 
 def test_stop_training_job_terminates_the_process_and_keeps_what_it_saved(sm, sagemaker, logs):
     sagemaker.create_training_job(**job_request("emu-stop-me", "sleep"))
-    wait_until(lambda: "sleeping" in log_lines(logs, "emu-stop-me"), what="the job to sleep")
+    eventually(lambda: "sleeping" in log_lines(logs, "emu-stop-me"), what="the job to sleep")
     [pid] = sm.pids("emu-stop-me")
     sagemaker.stop_training_job(TrainingJobName="emu-stop-me")
     stopping = describe(sagemaker, "emu-stop-me")
@@ -289,9 +277,9 @@ def test_max_runtime_stops_the_job(sagemaker):
 
 def test_spot_interruption_restarts_from_the_checkpoint(sm, sagemaker, logs):
     sagemaker.create_training_job(**job_request("emu-spot", "resume", spot=True, max_wait=120, checkpoints=True))
-    wait_until(lambda: "checkpoint saved" in log_lines(logs, "emu-spot"), what="the first checkpoint")
+    eventually(lambda: "checkpoint saved" in log_lines(logs, "emu-spot"), what="the first checkpoint")
     s3 = sm.client("s3")
-    wait_until(lambda: s3.list_objects_v2(Bucket=BUCKET, Prefix="checkpoints/emu-spot/").get("KeyCount"),
+    eventually(lambda: s3.list_objects_v2(Bucket=BUCKET, Prefix="checkpoints/emu-spot/").get("KeyCount"),
                what="the checkpoint synced to S3 while the job runs")
     sm.inject("spot_interruption", "emu-spot")
     done = wait_done(sagemaker, "emu-spot")
@@ -413,26 +401,10 @@ def test_aiobotocore_drives_a_job(sm):
 
 
 def test_runs_as_a_process(tmp_path: Path):
-    env_file = tmp_path / "sagemaker.env"
-    proc = subprocess.Popen([sys.executable, "-m", "airflow_stepops.testing.sagemaker", "--env-file", str(env_file)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_until(env_file.exists, timeout=30, what="the env file")
-        env = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
-        assert env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
-        import boto3
+    import boto3
 
+    with emulator_process("sagemaker", tmp_path / "sagemaker.env") as env:
+        assert env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
         client = boto3.client("sagemaker", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                               aws_access_key_id="testing", aws_secret_access_key="testing")
         assert client.list_training_jobs()["TrainingJobSummaries"] == []
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
-    assert "serving on http://127.0.0.1:" in out and not env_file.exists()
-
-
-def test_importing_the_emulator_does_not_import_airflow():
-    code = ("import sys, airflow_stepops.testing.sagemaker as m; m.SageMakerEmulator; "
-            "sys.exit(any(n == 'airflow' or n.startswith('airflow.') for n in sys.modules))")
-    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

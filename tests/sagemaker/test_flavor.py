@@ -13,7 +13,9 @@ from airflow_stepops.bundle import read_outcome
 from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.sagemaker import SageMakerStepOperatorSettings
 
-from .smjobs import make_hook, make_spec, run_trigger
+from ..flavorjobs import hook_maker, make_spec, poll_together, raise_value_error, run_trigger, sleep_then_return
+
+make_hook = hook_maker("sagemaker")
 
 pytestmark = pytest.mark.usefixtures("sm_emulator")
 
@@ -38,37 +40,12 @@ def test_step_runs_as_a_training_job_with_logs_and_result(sm_emulator):
     assert hook.console_url(handle).endswith(f"#/jobs/{handle['job_id']}")
 
 
-def _raise(value: int) -> None:
-    raise ValueError(f"bad input {value}")
-
-
 def test_remote_exception_is_the_failure_reason(sm_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _raise, 7, task_id="raises"))
+    handle = hook.submit(make_spec(hook, raise_value_error, 7, task_id="raises"))
     event = run_trigger(hook, handle)
     assert event["status"] == "failed" and "ValueError: bad input 7" in event["message"], event
     assert any("Traceback" in line for line in event["log_tail"])
-
-
-def _sleep(seconds: float) -> str:
-    import time
-
-    print("sleeping", flush=True)
-    time.sleep(seconds)
-    return "done"
-
-
-def test_trigger_on_kill_stops_the_training_job(sm_emulator):
-    import asyncio
-
-    from airflow_stepops.triggers.sagemaker import SageMakerStepOperatorTrigger
-
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="kill"))
-    sm_emulator.wait_for_status(handle["job_id"], "Training")
-    asyncio.run(SageMakerStepOperatorTrigger(conn_id=hook.step_operator_conn_id, handle=handle).on_kill())
-    job = sm_emulator.wait_for_job(handle["job_id"])
-    assert job["TrainingJobStatus"] == "Stopped" and not sm_emulator.pids(handle["job_id"])
 
 
 def test_mark_failed_while_a_log_client_is_being_made_still_stops_the_job(sm_emulator, monkeypatch):
@@ -84,7 +61,7 @@ def test_mark_failed_while_a_log_client_is_being_made_still_stops_the_job(sm_emu
     from airflow_stepops.triggers.sagemaker import SageMakerStepOperatorTrigger
 
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="killed-in-client"))
+    handle = hook.submit(make_spec(hook, sleep_then_return, 120, task_id="killed-in-client"))
     sm_emulator.wait_for_status(handle["job_id"], "Training")
     making, release = threading.Event(), threading.Event()
     original = AwsBaseHook._get_async_conn
@@ -117,7 +94,7 @@ def test_mark_failed_while_a_log_client_is_being_made_still_stops_the_job(sm_emu
 
 def test_max_runtime_is_a_timeout(sm_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 60, task_id="deadline",
+    handle = hook.submit(make_spec(hook, sleep_then_return, 60, task_id="deadline",
                                    settings=SageMakerStepOperatorSettings(max_runtime_in_seconds=2)))
     event = run_trigger(hook, handle)
     assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
@@ -206,21 +183,11 @@ def test_shared_polling_describes_only_jobs_that_changed(sm_emulator):
     from airflow_stepops.hooks.base import JobState
 
     hook = make_hook()
-    handles = [hook.submit(make_spec(hook, _sleep, 4, task_id=f"shared_{i}")) for i in range(4)]
+    handles = [hook.submit(make_spec(hook, sleep_then_return, 4, task_id=f"shared_{i}")) for i in range(4)]
     poller = make_hook()  # one hook instance, as a triggerer's shared poller keeps
 
-    async def rounds() -> list[list]:
-        seen = []
-        for _ in range(60):
-            statuses = await poller.aget_statuses(handles)
-            seen.append(statuses)
-            if all(not isinstance(s, BaseException) and s.state.terminal for s in statuses):
-                return seen
-            await asyncio.sleep(0.5)
-        raise AssertionError("the jobs did not finish")
-
     before = len(sm_emulator.requests(action="DescribeTrainingJob"))
-    seen = asyncio.run(rounds())
+    seen = asyncio.run(poll_together(poller, handles))
     describes = len(sm_emulator.requests(action="DescribeTrainingJob")) - before
     assert all(s.state is JobState.SUCCEEDED for s in seen[-1])
     assert len(seen) >= 6 and describes < len(seen) * len(handles) / 2, (describes, len(seen))
@@ -246,13 +213,13 @@ def _remote_error(hook, handle) -> BaseException:
 
 def test_remote_exception_reaches_the_caller_as_itself(sm_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _raise, 7, task_id="raises_back"))
+    handle = hook.submit(make_spec(hook, raise_value_error, 7, task_id="raises_back"))
     event = run_trigger(hook, handle)
     assert event["status"] == "failed" and "stepops-error" not in event["message"], event
     assert "ModelArtifacts" not in sm_emulator.describe(handle["job_id"])  # /opt/ml/model is not kept
     error = _remote_error(hook, handle)
     assert isinstance(error, ValueError) and error.remote_message == "bad input 7"
-    assert "in _raise" in error.remote_traceback and 'raise ValueError(f"bad input {value}")' in error.remote_traceback
+    assert "in raise_value_error" in error.remote_traceback and 'raise ValueError(f"bad input {value}")' in error.remote_traceback
 
 
 def test_a_long_remote_error_fits_failure_reason(sm_emulator):
@@ -326,7 +293,7 @@ def test_identity_is_never_assumed(sm_emulator):
     from airflow_stepops.hooks.sagemaker import job_name
 
     hook = make_hook()
-    spec = make_spec(hook, _sleep, 30, task_id="identity")
+    spec = make_spec(hook, sleep_then_return, 30, task_id="identity")
     handle = hook.submit(spec)
     sm_emulator.fail_requests("AccessDeniedException", action="ListTags", count=1, message="not allowed")
     with pytest.raises(StepOperatorConfigError, match="list the tags .* AccessDeniedException"):

@@ -6,8 +6,9 @@ import pytest
 
 pytest.importorskip("google.cloud.aiplatform_v1")
 
-from tests.dags import vx_steps
+from tests.dags import flavor_pipelines
 
+from ..flavorjobs import render, run_example
 from ..unit.test_operator import _run, _xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db", "vx_emulator")
@@ -19,7 +20,7 @@ def _jobs(vx, task_id: str, dag_id: str) -> list[dict]:
 
 
 def test_pipeline_with_xcoms_gcs_artifacts_and_mapping(vx_emulator):
-    run, tis = _run(vx_steps.vx_pipeline)
+    run, tis = _run(flavor_pipelines.vx_pipeline)
     assert run.state == "success", {k: ti.state for k, ti in tis.items()}
     assert _xcom(tis["report"]) == {"total": 18, "model": [1, 2, 3], "doubled": [2, 10]}
     ref = _xcom(tis["train"], key="model")
@@ -36,14 +37,7 @@ def test_pipeline_with_xcoms_gcs_artifacts_and_mapping(vx_emulator):
 
 
 def test_vertex_example_dag_runs_on_the_emulator(vx_emulator):
-    from pathlib import Path
-
-    from airflow_stepops._compat import dagbag_class
-
-    examples = Path(__file__).resolve().parents[2] / "dags_examples"
-    dag = dagbag_class()(dag_folder=str(examples / "vertex_training.py")).get_dag("vertex_training")
-    run, tis = _run(dag)
-    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    _, tis = run_example("vertex_training")
     assert _xcom(tis["train_on_vertex"]) == {"w": 1.5, "b": 0.25, "epochs": 20}
     assert _xcom(tis["evaluate"]) == 0.0
     train = _jobs(vx_emulator, "train_on_vertex", "vertex_training")[-1]
@@ -55,15 +49,8 @@ def test_vertex_example_dag_runs_on_the_emulator(vx_emulator):
 
 
 def test_stepops_render_prints_the_custom_job_body(vx_emulator):
-    import json
-    import subprocess
-    import sys
-
     before = len(vx_emulator.jobs)
-    out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "render", "vx_pipeline", "train"],
-                         capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr
-    body = json.loads(out.stdout[out.stdout.index("{"):])
+    body = render("vx_pipeline", "train")
     request = body["request"]
     assert body["flavor"] == "vertex" and request["displayName"].startswith("vx-pipeline-train-")
     assert request["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]["machineType"] == "e2-standard-8"

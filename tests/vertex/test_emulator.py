@@ -7,10 +7,6 @@ import asyncio
 import json
 import os
 import re
-import shlex
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -28,6 +24,8 @@ from google.auth.transport.requests import AuthorizedSession, Request
 from google.cloud import aiplatform_v1
 
 from airflow_stepops.testing.vertex import VertexEmulator, without_boundary_lookup
+
+from ..emulated import emulator_process
 
 BUCKET = "stepops-vertex-tests"
 STATE = aiplatform_v1.JobState
@@ -641,19 +639,8 @@ def test_stop_kills_jobs_and_their_children_and_removes_the_workdir():
 
 
 def test_python_m_entry_point_writes_env_and_stops_on_sigterm(tmp_path: Path):
-    env_file = tmp_path / "vertex.env"
-    proc = subprocess.Popen([sys.executable, "-m", "airflow_stepops.testing.vertex", "--env-file", str(env_file),
-                             "--bucket", "entry-bucket", "--stop-grace-period", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not env_file.exists():
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            assert time.monotonic() < deadline, "no env file"
-            time.sleep(0.1)
-        # shell-quoted, as `set -a; . vertex.env` in scripts/demo.sh reads it
-        env = {key: shlex.split(value)[0] for key, value in
-               (line.split("=", 1) for line in env_file.read_text().splitlines())}
+    with emulator_process("vertex", tmp_path / "vertex.env", "--bucket", "entry-bucket",
+                          "--stop-grace-period", "1") as env:  # shell-quoted, as scripts/demo.sh sources it
         assert set(env) >= {"STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT", "STEPOPS_VERTEX_EMULATOR_API",
                             "STEPOPS_VERTEX_EMULATOR_LOGGING", "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"}
         uri = urlsplit(env["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"])
@@ -669,10 +656,3 @@ def test_python_m_entry_point_writes_env_and_stops_on_sigterm(tmp_path: Path):
         assert list(jobs.list_custom_jobs(parent=parent)) == []
         listed = requests.get(f"{env['STORAGE_EMULATOR_HOST']}/storage/v1/b", timeout=10).json()
         assert [b["name"] for b in listed["items"]] == ["entry-bucket"]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
-        assert not env_file.exists()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

@@ -16,7 +16,9 @@ from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.vertex import VertexStepOperatorSettings
 
-from .vxjobs import make_hook, make_spec, run_trigger
+from ..flavorjobs import hook_maker, make_spec, poll_together, raise_value_error, run_trigger, sleep_then_return
+
+make_hook = hook_maker("vertex")
 
 pytestmark = pytest.mark.usefixtures("vx_emulator")
 
@@ -67,13 +69,9 @@ def test_every_rendered_body_parses_into_the_proto():
     assert pool.container_spec.command[1] == env["STEPOPS_BUNDLE_PATH"] + "/pod_entry.py"
 
 
-def _raise(value: int) -> None:
-    raise ValueError(f"bad input {value}")
-
-
 def test_remote_exception_fails_the_step(vx_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _raise, 7, task_id="raises"))
+    handle = hook.submit(make_spec(hook, raise_value_error, 7, task_id="raises"))
     event = run_trigger(hook, handle)
     assert event["status"] == "failed", event
     assert any("ValueError: bad input 7" in line for line in event["log_tail"])
@@ -81,28 +79,9 @@ def test_remote_exception_fails_the_step(vx_emulator):
     assert "bad input 7" in str(outcome.error)
 
 
-def _sleep(seconds: float) -> str:
-    import time
-
-    print("sleeping", flush=True)
-    time.sleep(seconds)
-    return "done"
-
-
-def test_trigger_on_kill_cancels_the_custom_job(vx_emulator):
-    from airflow_stepops.triggers.vertex import VertexStepOperatorTrigger
-
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="kill"))
-    vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_RUNNING"])
-    asyncio.run(VertexStepOperatorTrigger(conn_id=hook.step_operator_conn_id, handle=handle).on_kill())
-    job = vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_CANCELLED"])
-    assert job["state"] == "JOB_STATE_CANCELLED" and vx_emulator.pid(handle["job_id"]) is None
-
-
 def test_scheduling_timeout_is_a_timeout(vx_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 60, task_id="deadline",
+    handle = hook.submit(make_spec(hook, sleep_then_return, 60, task_id="deadline",
                                    settings=VertexStepOperatorSettings(max_runtime_in_seconds=2)))
     event = run_trigger(hook, handle)
     assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
@@ -178,7 +157,7 @@ def test_a_worker_restart_after_the_step_finished_does_not_run_it_again(vx_emula
 
 def test_spot_preemption_is_preemption(vx_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 60, task_id="spot",
+    handle = hook.submit(make_spec(hook, sleep_then_return, 60, task_id="spot",
                                    settings=VertexStepOperatorSettings(use_spot=True)))
     vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_RUNNING"])
     vx_emulator.inject("preemption", job=handle["job_id"], after=0.5)
@@ -188,7 +167,7 @@ def test_spot_preemption_is_preemption(vx_emulator):
 
 def test_outcomes_come_from_error_codes_not_from_message_words(vx_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 60, task_id="wordy_failure"))
+    handle = hook.submit(make_spec(hook, sleep_then_return, 60, task_id="wordy_failure"))
     vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_RUNNING"])
     vx_emulator.inject("failure", job=handle["job_id"], code=13, after=0.2,
                        message="step output: preempted? timed out! Resources are insufficient in region")
@@ -300,22 +279,12 @@ def test_shared_polling_lists_instead_of_reading_every_job(vx_emulator):
     from airflow_stepops.hooks.base import JobState
 
     hook = make_hook()
-    handles = [hook.submit(make_spec(hook, _sleep, 3, task_id=f"shared_{i}")) for i in range(4)]
+    handles = [hook.submit(make_spec(hook, sleep_then_return, 3, task_id=f"shared_{i}")) for i in range(4)]
     poller = make_hook()  # one hook instance, as a triggerer's shared poller keeps
-
-    async def rounds() -> list[list]:
-        seen = []
-        for _ in range(60):
-            statuses = await poller.aget_statuses(handles)
-            seen.append(statuses)
-            if all(not isinstance(s, BaseException) and s.state.terminal for s in statuses):
-                return seen
-            await asyncio.sleep(0.5)
-        raise AssertionError("the jobs did not finish")
 
     before = len(vx_emulator.requests)
     started = time.time()
-    seen = asyncio.run(rounds())
+    seen = asyncio.run(poll_together(poller, handles))
     calls = vx_emulator.requests[before:]
     gets = [r for r in calls if r["method"] == "GET" and "/customJobs/" in r["path"]]
     assert all(s.state is JobState.SUCCEEDED for s in seen[-1]), seen[-1]
@@ -328,7 +297,7 @@ def test_operator_side_cancel_and_status(vx_emulator):
     from airflow_stepops.hooks.base import JobState
 
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="sync_cancel"))
+    handle = hook.submit(make_spec(hook, sleep_then_return, 120, task_id="sync_cancel"))
     vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_RUNNING"])
     assert hook.get_status(handle).state is JobState.RUNNING
     hook.cancel(handle)
@@ -338,11 +307,3 @@ def test_operator_side_cancel_and_status(vx_emulator):
     hook.cancel(handle)  # already finished: FAILED_PRECONDITION is not an error here
     unknown = handle["name"][:-1] + ("1" if handle["name"].endswith("0") else "0")  # another job id
     assert hook.get_status({**handle, "name": unknown}).state is JobState.FAILED
-
-
-def test_trigger_deadline_cancels_the_job(vx_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _sleep, 120, task_id="trigger_deadline"))
-    event = run_trigger(hook, handle, deadline=time.time() + 3)
-    assert event["status"] == "timeout" and "execution_timeout" in event["message"], event
-    assert vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_CANCELLED"])["state"] == "JOB_STATE_CANCELLED"

@@ -10,21 +10,15 @@ the file on exit). Needs Azurite: ``npm ci`` in the repository first::
 
 from __future__ import annotations
 
-import argparse
-import shlex
-import signal
-import threading
 from pathlib import Path
 
+from airflow_stepops.testing import _cli
 from airflow_stepops.testing.azureml import AzureMLEmulator
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m airflow_stepops.testing.azureml", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env-file", type=Path, help="write the environment here (KEY=VALUE lines, shell-quoted)")
+    parser = _cli.parser("azureml", __doc__)
     parser.add_argument("--container", action="append", default=[], help="blob container to create (repeatable)")
-    parser.add_argument("--port", type=int, default=0, help="REST server port on 127.0.0.1 (default: a free one)")
     parser.add_argument("--azurite-port", type=int, default=0, help="Azurite blob port (default: a free one)")
     parser.add_argument("--subscription-id", default="00000000-0000-0000-0000-000000000000")
     parser.add_argument("--resource-group", default="stepops-rg")
@@ -34,28 +28,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="SIGTERM-to-SIGKILL wait when jobs are cancelled or time out (seconds)")
     parser.add_argument("--workdir", type=Path, help="where blobs and job directories go (default: a temporary one)")
     ns = parser.parse_args(argv)
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    with AzureMLEmulator(ns.subscription_id, ns.resource_group, ns.workspace_name, ns.location,
-                         stop_grace_period=ns.stop_grace_period, workdir=ns.workdir, port=ns.port,
-                         azurite_port=ns.azurite_port) as emulator:
+
+    def ready(emulator: AzureMLEmulator) -> str:
         for container in ns.container:
             emulator.create_container(container)
-        # shell-quoted: the storage connection string has ';' and '=', and a shell may source the file
-        lines = [f"{key}={shlex.quote(value)}" for key, value in emulator.env().items()]
-        if ns.env_file:
-            tmp = ns.env_file.with_name(ns.env_file.name + ".tmp")
-            tmp.write_text("\n".join(lines) + "\n")
-            tmp.replace(ns.env_file)  # appears complete: callers wait for the file
-        print(f"Azure ML emulator serving on {emulator.base_url} (workspace {ns.workspace_name}); "
-              f"Azurite blobs on {emulator.blob_endpoint}", flush=True)
-        for key, value in emulator.env().items():
-            print(f"export {key}={shlex.quote(value)}", flush=True)
-        stop.wait()
-    if ns.env_file:
-        ns.env_file.unlink(missing_ok=True)
-    return 0
+        return (f"Azure ML emulator serving on {emulator.base_url} (workspace {ns.workspace_name}); "
+                f"Azurite blobs on {emulator.blob_endpoint}")
+
+    return _cli.serve(AzureMLEmulator(ns.subscription_id, ns.resource_group, ns.workspace_name, ns.location,
+                                      stop_grace_period=ns.stop_grace_period, workdir=ns.workdir, port=ns.port,
+                                      azurite_port=ns.azurite_port), ready, env_file=ns.env_file)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from airflow_stepops.testing._kit import signal_group, spawn, stop_group
+from airflow_stepops.testing._kit import JobThread, signal_group, spawn, stop_group
 from airflow_stepops.testing.azureml._config import EmulatorConfig
 from airflow_stepops.testing.azureml._faults import (
     JSON,
@@ -38,7 +38,6 @@ from airflow_stepops.testing.azureml._transfer import BlobLocation, DataError, S
 from airflow_stepops.testing.azureml._validate import OPTIONAL_PART, PLACEHOLDER, parse_timeout
 
 logger = logging.getLogger(__name__)
-_TICK = 0.05
 
 
 @dataclass
@@ -76,28 +75,18 @@ def resolve_command(command: str, paths: dict[str, dict[str, str]]) -> str:
     return PLACEHOLDER.sub(lambda m: paths[m.group(1)][m.group(2)], command)
 
 
-class JobRunner:
+class JobRunner(JobThread):
     """Runs one job on its own thread; see the module docstring."""
 
     def __init__(self, job: Job, faults: list[Fault], ctx: RunContext) -> None:
         self.job, self.ctx, self.config = job, ctx, ctx.config
         self.faults = list(faults)
         self.dir = ctx.root / job.name
-        self.proc: subprocess.Popen[bytes] | None = None
         self.log: JobLog | None = None
-        self._wake = threading.Event()
-        self._shutdown = False
         self._began: float | None = None  # when the user process started
-        self.thread = threading.Thread(target=self._main, name=f"azureml-job-{job.name}", daemon=True)
+        super().__init__(f"azureml-job-{job.name}")
 
     # ----- control (other threads) ------------------------------------------------------------------
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def wake(self) -> None:
-        """Look at the job again now (a cancel arrived)."""
-        self._wake.set()
 
     def strike(self, fault: Fault) -> None:
         """A ``preemption`` or ``failure`` given to the job after it was created: ``after`` seconds from now
@@ -107,21 +96,6 @@ class JobRunner:
             fault = replace(fault, after=time.monotonic() - began + fault.after)
         self.faults.append(fault)
         self._wake.set()
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """The emulator stops: kill the process group now and end the thread (the job keeps its status)."""
-        self._shutdown = True
-        self._wake.set()
-        proc = self.proc
-        if proc is not None:
-            signal_group(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout)  # reaped: no zombie outlives the emulator
-        self.thread.join(timeout)
-
-    def pids(self) -> list[int]:
-        proc = self.proc
-        return [proc.pid] if proc is not None and proc.poll() is None else []
 
     def log_lines(self) -> list[str]:
         return self.log.lines() if self.log is not None else []
@@ -136,32 +110,13 @@ class JobRunner:
             logger.exception("the Azure ML emulator failed running job %s", self.job.name)
             self.job.transition("Failed", error={"code": "SystemError", "message": f"The emulator failed: {exc}"})
         finally:
-            proc = self.proc
-            if proc is not None:
-                signal_group(proc.pid, signal.SIGKILL)
+            self._kill()
             if self.log is not None:
                 with contextlib.suppress(Exception):
                     self.log.close()
 
-    def _interrupted(self) -> str | None:
-        if self._shutdown:
-            return "shutdown"
-        if self.job.cancel_requested:
-            return "canceled"
-        return None
-
-    def _pause(self, seconds: float) -> str | None:
-        """Sleep ``seconds`` unless the job is cancelled or the emulator stops (then why)."""
-        end = time.monotonic() + seconds
-        while True:
-            reason = self._interrupted()
-            if reason is not None:
-                return reason
-            left = end - time.monotonic()
-            if left <= 0:
-                return None
-            self._wake.wait(min(left, _TICK))
-            self._wake.clear()
+    def _stopping(self) -> str | None:
+        return super()._stopping() or ("canceled" if self.job.cancel_requested else None)
 
     def _run(self) -> Outcome:
         job = self.job
@@ -292,7 +247,7 @@ class JobRunner:
                 self._terminate()
                 outcome = Outcome("struck", error=self._strike_error(strike))
             else:
-                self._wake.wait(_TICK)
+                self._wake.wait(self.TICK)
                 self._wake.clear()
         signal_group(self.proc.pid, signal.SIGKILL)  # what the process left behind goes with the node
         reader.join(5)

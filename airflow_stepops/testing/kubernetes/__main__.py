@@ -8,11 +8,9 @@ operator at that kubeconfig (``config_file`` and ``kubernetes_context``) to run 
 
 from __future__ import annotations
 
-import argparse
-import signal
-import threading
 from pathlib import Path
 
+from airflow_stepops.testing import _cli
 from airflow_stepops.testing.kubernetes import KubernetesEmulator, NodeSpec
 
 #: the emulated node looks like a spot node with 4 A100s, so GPU and spot examples schedule
@@ -20,12 +18,10 @@ DEFAULT_NODE_LABELS = {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB", "karpe
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m airflow_stepops.testing.kubernetes", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _cli.parser("kubernetes", __doc__)
     parser.add_argument("--kubeconfig", required=True, type=Path, help="where to write the kubeconfig")
     parser.add_argument("--context", default="stepops-emulator", help="context name in the kubeconfig")
     parser.add_argument("--namespace", action="append", default=[], help="namespace to create (repeatable)")
-    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
     parser.add_argument("--grace-period-cap", type=float, default=5.0,
                         help="longest SIGTERM-to-SIGKILL wait when pods are deleted (seconds)")
     parser.add_argument("--node-label", action="append", default=[], metavar="KEY=VALUE",
@@ -38,19 +34,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--node-label {item!r}: expected KEY=VALUE")
         labels[key] = value
     namespaces = tuple(dict.fromkeys(["default", *ns.namespace]))
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    with KubernetesEmulator(port=ns.port, namespaces=namespaces, grace_period_cap=ns.grace_period_cap,
-                            node=NodeSpec(labels=labels)) as k8s:
+
+    def ready(k8s: KubernetesEmulator) -> str:
         tmp = ns.kubeconfig.with_name(ns.kubeconfig.name + ".tmp")
         k8s.write_kubeconfig(tmp, context=ns.context, namespace=namespaces[-1])
         tmp.replace(ns.kubeconfig)  # appears complete: callers wait for the file
-        print(f"Kubernetes emulator serving on {k8s.url}; kubeconfig {ns.kubeconfig} (context {ns.context})",
-              flush=True)
-        stop.wait()
-    ns.kubeconfig.unlink(missing_ok=True)
-    return 0
+        return f"Kubernetes emulator serving on {k8s.url}; kubeconfig {ns.kubeconfig} (context {ns.context})"
+
+    return _cli.serve(KubernetesEmulator(port=ns.port, namespaces=namespaces, grace_period_cap=ns.grace_period_cap,
+                                         node=NodeSpec(labels=labels)), ready, written=ns.kubeconfig)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import threading
@@ -47,7 +46,7 @@ from typing import Any
 from modal._utils.blob_utils import MAX_ASYNC_OBJECT_SIZE_BYTES, MAX_OBJECT_SIZE_BYTES
 from modal_proto import api_pb2
 
-from airflow_stepops.testing._kit import signal_group, spawn, stop_group
+from airflow_stepops.testing._kit import JobThread, spawn, stop_group
 from airflow_stepops.testing.modal import _faults as F
 from airflow_stepops.testing.modal._blobs import BlobStore
 from airflow_stepops.testing.modal._calls import STATE_OF_STATUS, Call
@@ -60,7 +59,6 @@ from airflow_stepops.testing.modal._volumes import VolumeMount
 logger = logging.getLogger(__name__)
 
 GR = api_pb2.GenericResult
-_TICK = 0.05
 CONTAINER_MODULE = "airflow_stepops.testing.modal._container"
 
 
@@ -95,45 +93,23 @@ class _Strike:
     given_at: float
 
 
-class CallRunner:
+class CallRunner(JobThread):
     """Runs one function call on its own thread; see the module docstring."""
 
     def __init__(self, call: Call, ctx: RunContext, faults: list[F.Fault]) -> None:
         self.call, self.ctx = call, ctx
         now = time.monotonic()
         self._strikes = [_Strike(f, now) for f in faults]
-        self.proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._shutdown = False
-        self.thread = threading.Thread(target=self._main, name=f"modal-call-{call.id}", daemon=True)
+        super().__init__(f"modal-call-{call.id}")
 
     # ----- control (other threads) ----------------------------------------------------------------
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def wake(self) -> None:
-        self._wake.set()
 
     def strike(self, fault: F.Fault) -> None:
         """Give the live call a fault (``after`` counts from now or from when its attempt started, the later)."""
         with self._lock:
             self._strikes.append(_Strike(fault, time.monotonic()))
         self._wake.set()
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """The emulator stops: kill the process group now and end the thread (the call keeps its state)."""
-        self._shutdown = True
-        self._wake.set()
-        proc = self.proc
-        if proc is not None:
-            signal_group(proc.pid, signal.SIGKILL)
-        self.thread.join(timeout)
-
-    def pid(self) -> int | None:
-        proc = self.proc
-        return proc.pid if proc is not None and proc.poll() is None else None
 
     def _faults(self, *kinds: str) -> list[_Strike]:
         with self._lock:
@@ -154,9 +130,7 @@ class CallRunner:
             self.call.finish("failure", GR(status=GR.GENERIC_STATUS_INTERNAL_FAILURE,
                                            exception=f"The Modal emulator failed: {exc!r}"))
         finally:
-            proc = self.proc
-            if proc is not None:
-                signal_group(proc.pid, signal.SIGKILL)
+            self._kill()
 
     def _log(self, text: str, task_id: str = "") -> None:
         call = self.call
@@ -164,19 +138,8 @@ class CallRunner:
                             function_id=call.function_id, function_call_id=call.id, input_id=call.input_id,
                             task_id=task_id)
 
-    def _pause(self, seconds: float) -> str | None:
-        """Sleep unless the call is cancelled or the emulator stops first (then which)."""
-        end = time.monotonic() + seconds
-        while True:
-            if self._shutdown:
-                return "shutdown"
-            if self.call.cancel_requested.is_set():
-                return "cancel"
-            left = end - time.monotonic()
-            if left <= 0:
-                return None
-            self._wake.wait(min(left, _TICK))
-            self._wake.clear()
+    def _stopping(self) -> str | None:
+        return super()._stopping() or ("cancel" if self.call.cancel_requested.is_set() else None)
 
     def _run(self) -> None:
         first = True
@@ -209,7 +172,7 @@ class CallRunner:
             left = began + self.ctx.queue_seconds + slow - time.monotonic()
             if left <= 0:
                 break
-            why = self._pause(min(left, _TICK))
+            why = self._pause(min(left, self.TICK))
             if why is not None:
                 return why
         told = False
@@ -221,7 +184,7 @@ class CallRunner:
                 wanted = ", ".join(fn.resources.gpu_config.gpu_type for fn in self.call.ranked)
                 self._log(F.NO_CAPACITY.format(gpu=wanted))
                 told = True
-            why = self._pause(_TICK)
+            why = self._pause(self.TICK)
             if why is not None:
                 return why
 
@@ -349,7 +312,7 @@ class CallRunner:
             if background and interval is not None and now - last_commit >= interval:
                 self._commit(background, task_id)
                 last_commit = time.monotonic()
-            self._wake.wait(_TICK)
+            self._wake.wait(self.TICK)
             self._wake.clear()
 
     def _struck(self, fault: F.Fault, task_id: str, proc: subprocess.Popen[bytes]) -> Outcome:

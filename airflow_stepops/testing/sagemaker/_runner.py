@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_stepops.testing._images import IMAGE_PYTHONS
-from airflow_stepops.testing._kit import signal_group, spawn, stop_group
+from airflow_stepops.testing._kit import JobThread, signal_group, spawn, stop_group
 from airflow_stepops.testing.sagemaker._config import EmulatorConfig
 from airflow_stepops.testing.sagemaker._faults import INTERNAL_ERROR, Fault
 from airflow_stepops.testing.sagemaker._jobs import MESSAGES, TERMINAL, TrainingJob
@@ -50,7 +50,6 @@ from airflow_stepops.testing.sagemaker._transfer import (
 
 logger = logging.getLogger(__name__)
 
-_TICK = 0.05
 
 
 @dataclass
@@ -90,18 +89,15 @@ def _rewriter(mapping: list[tuple[str, str]]) -> Callable[[str], str]:
 
 
 
-class JobRunner:
+class JobRunner(JobThread):
     """Runs one training job on its own thread; see the module docstring for what it does."""
 
     def __init__(self, job: TrainingJob, faults: list[Fault], ctx: RunContext) -> None:
         self.job, self.ctx, self.config = job, ctx, ctx.config
         self.faults = list(faults)
-        self.proc: subprocess.Popen[bytes] | None = None
         self.run_dirs: list[Path] = []
         self.streams: list[str] = []
-        self._wake = threading.Event()
         self._lock = threading.Lock()
-        self._shutdown = False
         self._disruptions: list[tuple[float, Fault]] = []
         self._runtime_used = 0.0
         self._billable = 0.0
@@ -109,16 +105,9 @@ class JobRunner:
         self._created = time.monotonic()
         max_wait = job.max_wait
         self._wait_deadline = self._created + max_wait if max_wait is not None else None
-        self.thread = threading.Thread(target=self._main, name=f"sagemaker-job-{job.name}", daemon=True)
+        super().__init__(f"sagemaker-job-{job.name}")
 
     # ----- control (other threads) ----------------------------------------------------------------
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def wake(self) -> None:
-        """Look at the job again now (StopTrainingJob arrived)."""
-        self._wake.set()
 
     def disrupt(self, fault: Fault) -> None:
         """Strike the job ``fault.after`` seconds from now, or once it trains when it does not yet."""
@@ -127,19 +116,6 @@ class JobRunner:
         with self._lock:
             self._disruptions.append((time.monotonic() + fault.after, fault))
         self._wake.set()
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """The emulator stops: kill the process group at once and end the thread (the job keeps its status)."""
-        self._shutdown = True
-        self._wake.set()
-        proc = self.proc
-        if proc is not None:
-            signal_group(proc.pid, signal.SIGKILL)
-        self.thread.join(timeout)
-
-    def pids(self) -> list[int]:
-        proc = self.proc
-        return [proc.pid] if proc is not None and proc.poll() is None else []
 
     # ----- the job --------------------------------------------------------------------------------
 
@@ -156,11 +132,9 @@ class JobRunner:
             self.job.finish("Failed", "Failed", MESSAGES["failed"],
                             failure_reason=f"InternalServerError: the emulator failed: {exc}")
         finally:
-            proc = self.proc
-            if proc is not None:
-                signal_group(proc.pid, signal.SIGKILL)
+            self._kill()
 
-    def _interrupting(self) -> str | None:
+    def _stopping(self) -> str | None:
         if self._shutdown:
             return "shutdown"
         if self.job.stop_requested:
@@ -168,19 +142,6 @@ class JobRunner:
         if self._wait_deadline is not None and time.monotonic() >= self._wait_deadline:
             return "max_wait"
         return None
-
-    def _pause(self, seconds: float) -> str | None:
-        """Sleep ``seconds`` unless the job is stopped or runs out of time first (then the reason)."""
-        end = time.monotonic() + seconds
-        while True:
-            reason = self._interrupting()
-            if reason is not None:
-                return reason
-            left = end - time.monotonic()
-            if left <= 0:
-                return None
-            self._wake.wait(min(left, _TICK))
-            self._wake.clear()
 
     def _run(self) -> Outcome:
         job, config = self.job, self.config
@@ -197,7 +158,7 @@ class JobRunner:
         attempt = 0
         while True:
             attempt += 1
-            reason = self._interrupting()
+            reason = self._stopping()
             if reason is not None:
                 return Outcome(reason)  # no process ran on this instance: nothing to upload
             job.transition("Starting", MESSAGES["preparing" if attempt == 1 else "restarting"])
@@ -382,7 +343,7 @@ class JobRunner:
                 if self._checkpoints is not None and now >= next_sync:
                     self._checkpoints.sync()
                     next_sync = time.monotonic() + config.checkpoint_sync_interval
-                self._wake.wait(_TICK)
+                self._wake.wait(self.TICK)
                 self._wake.clear()
         self._runtime_used += time.monotonic() - started
         if outcome.kind in ("max_runtime", "max_wait"):

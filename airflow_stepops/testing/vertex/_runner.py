@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_stepops.testing._images import IMAGE_PYTHONS
-from airflow_stepops.testing._kit import signal_group, spawn, stop_group
+from airflow_stepops.testing._kit import JobThread, spawn, stop_group
 from airflow_stepops.testing.vertex import _faults as F
 from airflow_stepops.testing.vertex._errors import job_error
 from airflow_stepops.testing.vertex._gcs import FakeGcsServer
@@ -43,7 +42,6 @@ from airflow_stepops.testing.vertex._time import Clock
 logger = logging.getLogger(__name__)
 
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
-_TICK = 0.05
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)s$")
 
 
@@ -91,48 +89,26 @@ def parse_duration(text: str | None) -> float | None:
     return float(found.group(1)) if found else None
 
 
-class JobRunner:
+class JobRunner(JobThread):
     """Runs one custom job on its own thread; see the module docstring."""
 
     def __init__(self, job: Job, ctx: RunContext, faults: list[F.Fault]) -> None:
         self.job, self.ctx = job, ctx
         self.faults = list(faults)
         self.dir = ctx.jobs_root / job.id
-        self.proc: subprocess.Popen[bytes] | None = None
         self.uploaded: list[str] = []
         self.downloaded: list[str] = []
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self.running_since: float | None = None
-        self._shutdown = False
-        self.thread = threading.Thread(target=self._main, name=f"vertex-job-{job.id}", daemon=True)
+        super().__init__(f"vertex-job-{job.id}")
 
     # ----- control (other threads) ----------------------------------------------------------------
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def wake(self) -> None:
-        self._wake.set()
 
     def strike(self, fault: F.Fault) -> None:
         """Give a live job a fault (its ``after`` counts from when it started RUNNING)."""
         with self._lock:
             self.faults.append(fault)
         self._wake.set()
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """The emulator stops: kill the process group now and end the thread (the job keeps its state)."""
-        self._shutdown = True
-        self._wake.set()
-        proc = self.proc
-        if proc is not None:
-            signal_group(proc.pid, signal.SIGKILL)
-        self.thread.join(timeout)
-
-    def pid(self) -> int | None:
-        proc = self.proc
-        return proc.pid if proc is not None and proc.poll() is None else None
 
     def _faults(self, *kinds: str) -> list[F.Fault]:
         with self._lock:
@@ -147,9 +123,7 @@ class JobRunner:
             logger.exception("the Vertex emulator failed running custom job %s", self.job.id)
             outcome = Outcome("JOB_STATE_FAILED", job_error("INTERNAL", f"The Vertex AI emulator failed: {exc}"))
         finally:
-            proc = self.proc
-            if proc is not None:
-                signal_group(proc.pid, signal.SIGKILL)
+            self._kill()
         if outcome is None:
             return  # shut down: the job keeps the state it had
         try:
@@ -162,19 +136,8 @@ class JobRunner:
     def _log(self, text: str, severity: str = "INFO") -> None:
         self.ctx.logs.write(self.job.id, text, severity=severity, task=SERVICE)
 
-    def _pause(self, seconds: float) -> str | None:
-        """Sleep unless the job is cancelled or the emulator stops first (then which)."""
-        end = time.monotonic() + seconds
-        while True:
-            if self._shutdown:
-                return "shutdown"
-            if self.job.cancel_requested.is_set():
-                return "cancel"
-            left = end - time.monotonic()
-            if left <= 0:
-                return None
-            self._wake.wait(min(left, _TICK))
-            self._wake.clear()
+    def _stopping(self) -> str | None:
+        return super()._stopping() or ("cancel" if self.job.cancel_requested.is_set() else None)
 
     def _interrupted(self, why: str) -> Outcome | None:
         return None if why == "shutdown" else Outcome("JOB_STATE_CANCELLED", job_error("CANCELLED", F.CANCELED))
@@ -239,7 +202,7 @@ class JobRunner:
                 - time.monotonic()
             if left <= 0:
                 return None
-            why = self._pause(min(left, _TICK))
+            why = self._pause(min(left, self.TICK))
             if why is not None:
                 return why
 
@@ -327,7 +290,7 @@ class JobRunner:
             elif strike is not None:
                 outcome = self._struck(strike, spot)
             else:
-                self._wake.wait(_TICK)
+                self._wake.wait(self.TICK)
                 self._wake.clear()
                 continue
             break

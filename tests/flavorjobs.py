@@ -1,0 +1,116 @@
+"""Helpers that submit real steps to a flavor's emulator through its hook, and wait for them the way a
+deferred task does (its trigger). The flavor comes from the hook; the connections are tests/conftest.py's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from airflow_stepops.artifacts import store_path
+from airflow_stepops.bundle import StepIdentity, build_meta, pickle_payload, write_bundle
+from airflow_stepops.flavors import get_flavor
+from airflow_stepops.hooks.base import JobHandle, StepOperatorHook, StepSpec
+from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.settings.base import BaseStepOperatorSettings
+
+#: flavor -> (the DAG id of its test steps, its step operator connection)
+FLAVORS = {"kubernetes": ("k8s_tests", "k8s_step_operator"), "sagemaker": ("sm_tests", "sagemaker_step_operator"),
+           "vertex": ("vx_tests", "vertex_step_operator"), "azureml": ("az_tests", "azureml_step_operator"),
+           "modal": ("md_tests", "modal_step_operator")}
+
+
+def make_hook(flavor: str, conn_id: str | None = None) -> Any:
+    return get_flavor(flavor).hook()(step_operator_conn_id=conn_id or FLAVORS[flavor][1])
+
+
+def hook_maker(flavor: str) -> Callable[..., Any]:
+    """``make_hook`` of one flavor, for its test modules."""
+    return partial(make_hook, flavor)
+
+
+def make_spec(hook: StepOperatorHook, fn: Callable[..., Any], *args: Any, task_id: str, try_number: int = 1,
+              resources: ResourceSettings | None = None, settings: BaseStepOperatorSettings | None = None,
+              refs: list | None = None, timeout_seconds: float | None = None, dag_id: str = "", run_key: str = "",
+              **kwargs: Any) -> StepSpec:
+    """The step's spec, rendered by the hook, with its bundle written where the hook will look for it."""
+    dag_id = dag_id or FLAVORS[hook.flavor][0]
+    identity = StepIdentity(dag_id, "run-1", task_id, -1, try_number, run_key)
+    prefix = identity.prefix(hook.artifact_root())
+    spec = StepSpec(identity=identity, bundle_uri=str(prefix / "bundle"), output_uri=str(prefix / "output"),
+                    resources=resources or ResourceSettings(),
+                    settings=settings or get_flavor(hook.flavor).settings_model()(),
+                    refs=list(refs or []), task_label=f"{dag_id}.{task_id}", timeout_seconds=timeout_seconds)
+    meta = build_meta(identity, multiple_outputs=False, max_result_bytes=10**10, inline_result_max_bytes=48_000,
+                      task_label=spec.task_label)
+    hook.render(spec)
+    write_bundle(store_path(spec.bundle_uri), pickle_payload(fn, list(args), kwargs), meta)
+    return spec
+
+
+def sleep_then_return(seconds: float) -> str:
+    """A step that says so, sleeps ``seconds``, then returns ``done``."""
+    import time
+
+    print("sleeping", flush=True)
+    time.sleep(seconds)
+    return "done"
+
+
+def raise_value_error(value: int) -> None:
+    raise ValueError(f"bad input {value}")
+
+
+async def poll_together(hook: StepOperatorHook, handles: list[JobHandle], rounds: int = 60) -> list[list[Any]]:
+    """Poll the jobs as a triggerer's shared poller does (``aget_statuses`` of one hook, every 0.5 s) until all
+    are over; the statuses of every round."""
+    seen = []
+    for _ in range(rounds):
+        statuses = await hook.aget_statuses(handles)
+        seen.append(statuses)
+        if all(not isinstance(s, BaseException) and s.state.terminal for s in statuses):
+            return seen
+        await asyncio.sleep(0.5)
+    raise AssertionError("the jobs did not finish")
+
+
+def run_trigger(hook: StepOperatorHook, handle: JobHandle, *, deadline: float | None = None,
+                timeout: float = 60) -> dict[str, Any]:
+    """Wait the way a deferred task does; returns the trigger's event payload."""
+    trigger = get_flavor(hook.flavor).trigger()(conn_id=hook.step_operator_conn_id, handle=handle,
+                                                poll_interval=0.5, deadline=deadline)
+
+    async def first() -> dict[str, Any]:
+        async for event in trigger.run():
+            return event.payload
+        raise AssertionError("the trigger ended without an event")
+
+    payload = asyncio.run(asyncio.wait_for(first(), timeout))
+    json.dumps(payload)  # it must be storable in the metadata DB
+    return payload
+
+
+def run_example(name: str) -> tuple[Any, dict[str, Any]]:
+    """``dags_examples/<name>.py`` run by Airflow's ``dag.test()``, which must succeed: the run and its task
+    instances."""
+    from airflow_stepops._compat import dagbag_class
+
+    from .unit.test_operator import _run
+
+    examples = Path(__file__).resolve().parents[1] / "dags_examples"
+    run, tis = _run(dagbag_class()(dag_folder=str(examples / f"{name}.py")).get_dag(name))
+    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    return run, tis
+
+
+def render(dag_id: str, task_id: str) -> dict[str, Any]:
+    """What ``stepops render`` prints for a task of the test DAGs (it must submit nothing)."""
+    out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "render", dag_id, task_id],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout[out.stdout.index("{"):])
