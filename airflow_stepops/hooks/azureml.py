@@ -72,11 +72,11 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         from airflow.providers.microsoft.azure.utils import get_sync_default_azure_credential
 
         from airflow_stepops._compat import AirflowNotFoundException
-        from airflow_stepops.hooks.base import _get_connection
+        from airflow_stepops.connections import get_connection
 
         _quiet_sdk_logs()
         try:
-            conn = _get_connection(self.config.azure_conn_id)
+            conn = get_connection(self.config.azure_conn_id)
         except AirflowNotFoundException:
             conn = None
         extras = dict(conn.extra_dejson or {}) if conn is not None else {}
@@ -315,10 +315,15 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         if not result.passed:
             raise StepOperatorConfigError(f"the Azure ML command job is invalid: {result.error_messages}")
 
+    def build_request(self, spec: StepSpec) -> Any:
+        job = self.build_job(spec)
+        self.validate(job)
+        return job
+
     def render(self, spec: StepSpec) -> dict[str, Any]:
         from azure.ai.ml.entities._job.to_rest_functions import to_rest_job_object
 
-        self.validate(self.build_job(spec))
+        self.build_request(spec)
         job = self.build_job(spec, resolved=True)
         self.validate(job)
         body = to_rest_job_object(job).as_dict()
@@ -412,15 +417,10 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         return handle
 
     def submit(self, spec: StepSpec) -> JobHandle:
-        self.render(spec)
+        job = self.prepare(spec)
         self._check_datastore()
         info = self._check_compute(spec)
         self._stage(spec)
-        existing = self.find_job(spec.identity)  # a second worker of the same try may have just submitted
-        if existing is not None:
-            self.log.info("Azure ML job %s of this try already exists: re-attaching", existing["job_id"])
-            return existing
-        job = self.build_job(spec)
         try:
             created = self.ml_client.jobs.create_or_update(job)
         except Exception as exc:

@@ -42,6 +42,11 @@ API_ATTEMPTS = 4
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 
+#: where ``build_request`` leaves the bundle's transport to ``submit``
+TRANSPORT_STANDIN = {"name": "STEPOPS_BUNDLE_PARTS", "value": "<the bundle: pod spec, volume or store, chosen at "
+                     "submit by its size>"}
+
+
 class KubernetesStepOperatorHook(StepOperatorHook):
     """Runs steps as Kubernetes Jobs; sync client on workers, ``kubernetes_asyncio`` in the triggerer."""
 
@@ -197,7 +202,9 @@ class KubernetesStepOperatorHook(StepOperatorHook):
             )
         return image
 
-    def _build(self, spec: StepSpec, transport_env: list[dict[str, Any]]) -> dict[str, Any]:
+    def build_request(self, spec: StepSpec) -> dict[str, Any]:
+        """The Job with a stand-in for how the pod gets its bundle: ``submit`` chooses that by the bundle's
+        size, once it is written."""
         settings = spec.settings
         if not isinstance(settings, KubernetesStepOperatorSettings):
             raise StepOperatorConfigError(f"settings: expected KubernetesStepOperatorSettings, got "
@@ -214,7 +221,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
                 "use a pvc:// artifact_store")
         job = manifest.build_job(identity=spec.identity, config=self.config, settings=settings,
                                  options=merged_pod_options(self.config, settings), resources=spec.resources,
-                                 image=self._image(settings), transport_env=transport_env,
+                                 image=self._image(settings), transport_env=[TRANSPORT_STANDIN],
                                  timeout_seconds=spec.timeout_seconds)
         handle_info = {"output_uri": spec.output_uri, "transport": "volume" if self.config.pvc_store else "inline",
                        "unschedulable_timeout": settings.unschedulable_timeout_seconds,
@@ -229,9 +236,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         return job
 
     def render(self, spec: StepSpec) -> dict[str, Any]:
-        placeholder = [{"name": "STEPOPS_BUNDLE_PARTS", "value": "<the bundle: pod spec, volume or store, "
-                        "chosen at submit by its size>"}]
-        job = self._build(spec, placeholder)
+        job = self.build_request(spec)
         container = job["spec"]["template"]["spec"]["containers"][0]
         container["command"] = [*container["command"][:2], "<source of airflow_stepops/runtime/pod_entry.py>"]
         return job
@@ -321,7 +326,10 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
-        job = self._build(spec, self.transport_env(spec))
+        job = self.prepare(spec)
+        env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+        at = env.index(TRANSPORT_STANDIN)
+        env[at:at + 1] = self.transport_env(spec)
         if isinstance(spec.settings, KubernetesStepOperatorSettings) and spec.settings.use_spot and \
                 manifest.checkpoint_dir(self.config, spec.identity) is None:
             self.log.warning("Step %s runs on spot nodes but gets no STEPOPS_CHECKPOINT_DIR: step operator %r has no "

@@ -20,8 +20,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import StepIdentity
@@ -133,7 +134,7 @@ class ModalStepOperatorHook(StepOperatorHook):
                 # steps share the deployed function)
                 "STEPOPS_CHECKPOINT_DIR": spec.identity.step_path(CHECKPOINT_MOUNT)}
 
-    def render(self, spec: StepSpec) -> dict[str, Any]:
+    def build_request(self, spec: StepSpec) -> dict[str, Any]:
         options = self.options(spec)
         return {"app_name": app_name(self.config, options), "function": FUNCTION_NAME,
                 "environment": self.environment, "options": options,
@@ -180,9 +181,10 @@ class ModalStepOperatorHook(StepOperatorHook):
         record = self._read_record(identity)
         if not str(record.get("job_id", "")).startswith("fc-"):
             return None
-        handle = {key: record.get(key) for key in RECORDED}
-        handle.update(flavor="modal", conn_id=self.step_operator_conn_id, try_number=identity.try_number,
-                      step_digest=identity.digest, output_uri=str(identity.prefix(self.artifact_root()) / "output"))
+        handle = cast(JobHandle, {**{key: record.get(key) for key in RECORDED}, "flavor": "modal",
+                                  "conn_id": self.step_operator_conn_id, "try_number": identity.try_number,
+                                  "step_digest": identity.digest,
+                                  "output_uri": str(identity.prefix(self.artifact_root()) / "output")})
         status = self.get_status(handle)
         if status.state.terminal:
             self.log.info("Modal call %s of step try %s is over (%s): not re-attaching", handle["job_id"],
@@ -202,7 +204,7 @@ class ModalStepOperatorHook(StepOperatorHook):
             record = None
         return record if isinstance(record, dict) else {}
 
-    def _record(self, identity: StepIdentity, handle: JobHandle) -> None:
+    def _record(self, identity: StepIdentity, handle: Mapping[str, Any]) -> None:
         """Write the handle to the record of calls (each RPC bounded), as on Airflow 3.1/3.2 it is the only one."""
         try:
             modal_call.dict_put(self.client, self._calls.object_id, identity.digest,
@@ -235,8 +237,8 @@ class ModalStepOperatorHook(StepOperatorHook):
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def submit(self, spec: StepSpec) -> JobHandle:
-        options = self.options(spec)
-        name = app_name(self.config, options)
+        request = self.prepare(spec)
+        options, name = request["options"], request["app_name"]
         try:
             function = deployed_function(self.client, self.environment, name, options, self.log)
         except Exception as exc:
@@ -245,7 +247,7 @@ class ModalStepOperatorHook(StepOperatorHook):
         key = self._spawn_key(spec.identity)
         try:
             call_id = modal_call.spawn(self.client, function, (archive, ENTRY_SOURCE.read_text(),
-                                                               self._environment(spec)), key)
+                                                               request["call"]["args"][2]), key)
         except Exception as exc:
             raise self._api_error(exc, f"call {name}.{FUNCTION_NAME}") from exc
         gpu = options.get("gpu")
@@ -253,7 +255,7 @@ class ModalStepOperatorHook(StepOperatorHook):
                       ", ".join(f"{k}={v}" for k, v in options.items() if k in ("gpu", "cpu", "memory", "timeout",
                                                                                "region", "cloud")) or "defaults",
                       len(archive))
-        handle = {"flavor": "modal", "job_id": call_id, "app_name": name, "spawned_at": time.time(), "spawn_key": key,
+        handle: JobHandle = {"flavor": "modal", "job_id": call_id, "app_name": name, "spawned_at": time.time(), "spawn_key": key,
                   "function_id": getattr(function, "object_id", None), "environment": self.environment,
                   "output_uri": spec.output_uri, "conn_id": self.step_operator_conn_id,
                   "try_number": spec.identity.try_number, "timeout": options["timeout"],

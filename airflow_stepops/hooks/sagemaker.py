@@ -250,10 +250,6 @@ class SageMakerStepOperatorHook(StepOperatorHook):
         }
         if cfg.subnets:
             request["VpcConfig"] = {"Subnets": list(cfg.subnets), "SecurityGroupIds": list(cfg.security_group_ids)}
-        return request
-
-    def render(self, spec: StepSpec) -> dict[str, Any]:
-        request = self.build_request(spec)
         validate_request(request)
         return request
 
@@ -324,7 +320,7 @@ class SageMakerStepOperatorHook(StepOperatorHook):
     def submit(self, spec: StepSpec) -> JobHandle:
         from botocore.exceptions import ClientError
 
-        request = self.render(spec)
+        request = self.prepare(spec)
         self._stage(spec, request)
         try:
             self.sagemaker.create_training_job(**request)
@@ -533,12 +529,12 @@ def _existing_aws_conn(conn_id: str | None) -> str | None:
     """``conn_id`` if that connection exists; else None, which makes AwsBaseHook use boto3's default
     credential chain (said once per process, at info level)."""
     from airflow_stepops._compat import AirflowNotFoundException
-    from airflow_stepops.hooks.base import _get_connection
+    from airflow_stepops.connections import get_connection
 
     if not conn_id:
         return None
     try:
-        _get_connection(conn_id)
+        get_connection(conn_id)
     except AirflowNotFoundException:
         if conn_id not in _ANNOUNCED:
             _ANNOUNCED.add(conn_id)

@@ -173,7 +173,7 @@ class VertexStepOperatorHook(StepOperatorHook):
                                                                    "stage": ref.uri}
         return refs
 
-    def build_body(self, spec: StepSpec) -> dict[str, Any]:
+    def build_request(self, spec: StepSpec) -> dict[str, Any]:
         import json
 
         cfg, settings = self.config, self._settings(spec)
@@ -231,10 +231,6 @@ class VertexStepOperatorHook(StepOperatorHook):
                                 "labels": {**cfg.labels, **settings.labels, **identity_labels(spec.identity)}}
         if cfg.encryption_spec_key_name:
             body["encryptionSpec"] = {"kmsKeyName": cfg.encryption_spec_key_name}
-        return body
-
-    def render(self, spec: StepSpec) -> dict[str, Any]:
-        body = self.build_body(spec)
         validate_body(body)
         return body
 
@@ -282,12 +278,8 @@ class VertexStepOperatorHook(StepOperatorHook):
         return self._handle(job, str(identity.prefix(self.artifact_root()) / "output"), identity.try_number)
 
     def submit(self, spec: StepSpec) -> JobHandle:
-        body = self.render(spec)
+        body = self.prepare(spec)
         self._stage(spec)
-        existing = self.find_job(spec.identity)  # a second worker of the same try may have just submitted
-        if existing is not None:
-            self.log.info("CustomJob %s of this try already exists: re-attaching", existing["job_id"])
-            return existing
         try:  # no retry: a second create would make a second job
             job = self._json(self.jobs.create_custom_job(parent=self.parent, custom_job=validate_body(body),
                                                          timeout=self.config.api_timeout_seconds))
