@@ -42,6 +42,7 @@ from airflow_stepops.settings.azureml import (
     AzureMLStepOperatorSettings,
     tier_with_cluster,
 )
+from airflow_stepops.timestamps import epoch
 
 ENTRY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py"
 PROVIDER = "Microsoft.MachineLearningServices"
@@ -450,8 +451,8 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         if status in ("Completed", "Failed", "Canceled"):  # why and when it ended: run history (errors heal)
             run = self.ml_client.jobs._runs_operations.get_run(handle["job_id"])
             run_error = getattr(run, "error", None)
-            details = {"started_at": _epoch(getattr(run, "start_time_utc", None)),
-                       "finished_at": _epoch(getattr(run, "end_time_utc", None))}
+            details = {"started_at": epoch(getattr(run, "start_time_utc", None)),
+                       "finished_at": epoch(getattr(run, "end_time_utc", None))}
         timeout = getattr(getattr(job, "limits", None), "timeout", None)
         return job_state(status, run_error, handle, details, float(timeout) if timeout else None)
 
@@ -502,15 +503,3 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         return ("https://ml.azure.com/runs/{job_name}?wsid=/subscriptions/{subscription_id}/resourcegroups/"
                 "{resource_group}/workspaces/{workspace_name}").format(**fields)
 
-
-def _epoch(value: Any) -> float | None:
-    if value is None:
-        return None
-    if hasattr(value, "timestamp"):
-        return float(value.timestamp())
-    from datetime import datetime
-
-    try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None

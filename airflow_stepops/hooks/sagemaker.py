@@ -37,6 +37,7 @@ from airflow_stepops.settings.sagemaker import (
     SageMakerStepOperatorSettings,
     check_instance_type,
 )
+from airflow_stepops.timestamps import epoch
 
 ENTRY_SOURCES = (Path(pod_entry.__file__), Path(sagemaker_entry.__file__))
 ML = "/opt/ml"
@@ -674,7 +675,7 @@ def job_status(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
     if job is None:
         return JobStatus(JobState.FAILED, f"training job {name} does not exist", {"reason": "job_missing"})
     status, secondary = job.get("TrainingJobStatus"), job.get("SecondaryStatus") or ""
-    details = {"started_at": _epoch(job.get("TrainingStartTime")), "finished_at": _epoch(job.get("TrainingEndTime")),
+    details = {"started_at": epoch(job.get("TrainingStartTime")), "finished_at": epoch(job.get("TrainingEndTime")),
                "instance_type": (job.get("ResourceConfig") or {}).get("InstanceType"),
                "spot": bool(job.get("EnableManagedSpotTraining")), "secondary_status": secondary,
                "billable_seconds": job.get("BillableTimeInSeconds")}
@@ -709,14 +710,4 @@ def job_status(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
         return JobStatus(JobState.QUEUED, f"{secondary}: {message}".rstrip(": "), details)
     return JobStatus(JobState.RUNNING, f"{secondary}: {message}".rstrip(": "), details)
 
-
-def _epoch(value: Any) -> float | None:
-    if value is None:
-        return None
-    if hasattr(value, "timestamp"):
-        return float(value.timestamp())
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
 

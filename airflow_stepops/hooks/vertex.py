@@ -23,7 +23,6 @@ from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, S
 from airflow_stepops.hooks.vertex_job import (
     STEP_LABEL,
     display_name,
-    epoch,
     identity_labels,
     job_state,
     mount_path,
@@ -35,6 +34,7 @@ from airflow_stepops.settings.vertex import (
     VertexStepOperatorConfig,
     VertexStepOperatorSettings,
 )
+from airflow_stepops.timestamps import epoch
 
 ENTRY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py"
 DEFAULT_DISK_GB = 100

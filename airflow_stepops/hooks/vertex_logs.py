@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from airflow_stepops.hooks.vertex_job import epoch
+from airflow_stepops.timestamps import epoch
 
 PAGE_SIZE = 1000
 MAX_PAGES = 10
