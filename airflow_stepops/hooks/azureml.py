@@ -34,7 +34,7 @@ from airflow_stepops.hooks.azureml_job import (
     job_state,
     parse_store,
 )
-from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec
+from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec, settings_as
 from airflow_stepops.settings.azureml import (
     MAX_DISPLAY_NAME,
     MAX_TAGS,
@@ -174,22 +174,15 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         self.__dict__["_datastore_checked"] = True
 
     # ---- the job ------------------------------------------------------------------------------
-    @staticmethod
-    def _settings(spec: StepSpec) -> AzureMLStepOperatorSettings:
-        if not isinstance(spec.settings, AzureMLStepOperatorSettings):
-            raise StepOperatorConfigError(f"settings: expected AzureMLStepOperatorSettings, got "
-                                          f"{type(spec.settings).__name__}")
-        return spec.settings
-
     def compute_target(self, spec: StepSpec) -> str | None:
-        settings = self._settings(spec)
+        settings = settings_as(spec, AzureMLStepOperatorSettings)
         if settings.compute_target_name is not None:
             return settings.compute_target_name or None  # "" is serverless
         return self.config.compute_target_name
 
     def vm_size(self, spec: StepSpec) -> Any:
         """The serverless VM size of the step (None on a compute target)."""
-        cfg, settings = self.config, self._settings(spec)
+        cfg, settings = self.config, settings_as(spec, AzureMLStepOperatorSettings)
         compute = self.compute_target(spec)
         if compute:
             if settings.job_tier:
@@ -217,14 +210,10 @@ class AzureMLStepOperatorHook(StepOperatorHook):
                 return cfg.azureml_environment
             _, name, version = cfg.azureml_environment.split(":", 2)
             return f"{self.workspace_id}/environments/{name}/versions/{version}"
-        if not cfg.image:
-            raise StepOperatorConfigError(
-                f"image: step operator {self.step_operator_conn_id!r} has neither an image nor an "
-                "azureml_environment; set \"image\" to an image with Python {0}.{1} and cloudpickle, or "
-                "\"azureml_environment\" to azureml:<name>:<version>".format(*__import__("sys").version_info[:2]))
         from azure.ai.ml.entities import Environment
 
-        environment = Environment(image=cfg.image)  # anonymous: CliV2AnonymousEnvironment, version = its hash
+        image = self.require_image(cfg.image, ", or \"azureml_environment\" to azureml:<name>:<version>")
+        environment = Environment(image=image)  # anonymous: CliV2AnonymousEnvironment, version = its hash
         if not resolved:
             return environment
         return f"{self.workspace_id}/environments/{environment.name}/versions/{environment.version}"
@@ -246,7 +235,7 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         from azure.ai.ml import Input, Output, command
         from azure.ai.ml.entities import JobResourceConfiguration, QueueSettings
 
-        cfg, settings = self.config, self._settings(spec)
+        cfg, settings = self.config, settings_as(spec, AzureMLStepOperatorSettings)
         environment = self._environment(resolved)
         vm = self.vm_size(spec)
         compute = self.compute_target(spec)

@@ -7,16 +7,18 @@ Hooks are the only modules that talk to a backend. The operator and the trigger 
 from __future__ import annotations
 
 import asyncio
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
-from typing import Any, ClassVar, TypedDict
+from typing import Any, ClassVar, TypedDict, TypeVar
 
 from airflow.sdk import BaseHook
 
 from airflow_stepops.artifacts import ArtifactRef, check_bucket, default_local_store, store_path
 from airflow_stepops.bundle import StepIdentity
+from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings
 
@@ -113,6 +115,16 @@ class StepSpec:
     request: Any = field(default=None, repr=False, compare=False)
 
 
+_Settings = TypeVar("_Settings", bound=BaseStepOperatorSettings)
+
+
+def settings_as(spec: StepSpec, model: type[_Settings]) -> _Settings:
+    """The step's settings as the hook's flavor reads them (the operator picked them for this flavor)."""
+    if not isinstance(spec.settings, model):
+        raise StepOperatorConfigError(f"settings: expected {model.__name__}, got {type(spec.settings).__name__}")
+    return spec.settings
+
+
 class StepOperatorHook(BaseHook, ABC):
     """Base hook of one flavor, bound to a registered step operator (an Airflow connection).
 
@@ -164,6 +176,15 @@ class StepOperatorHook(BaseHook, ABC):
         from airflow_stepops.connections import load_config
 
         return load_config(self.step_operator_conn_id, self.flavor)[1]
+
+    def require_image(self, image: str | None, or_else: str = "") -> str:
+        """``image``, or the error of a step operator without one (``or_else``: another way to set it)."""
+        if not image:
+            raise StepOperatorConfigError(
+                f"image: step operator {self.step_operator_conn_id!r} has no container image; set \"image\" in the "
+                f"connection extras to an image with Python {sys.version_info[0]}.{sys.version_info[1]} and "
+                f"cloudpickle{or_else}")
+        return image
 
     def artifact_root(self) -> Any:
         """Where bundles and results go; no network (``stepops render`` builds a spec with it)."""

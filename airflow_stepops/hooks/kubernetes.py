@@ -23,13 +23,14 @@ from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepFailedError, StepOperatorConfigError
 from airflow_stepops.hooks import kubernetes_job as manifest
 from airflow_stepops.hooks import kubernetes_logs as logs
-from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec
+from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec, settings_as
 from airflow_stepops.hooks.kubernetes_status import container_status, interpret, latest_pod
 from airflow_stepops.settings.kubernetes import (
     KubernetesStepOperatorConfig,
     KubernetesStepOperatorSettings,
     merged_pod_options,
 )
+from airflow_stepops.settings.step import settings_error
 
 HANDLE_ANNOTATION = f"{manifest.LABEL_PREFIX}/handle"
 #: steps selected by one list call (``step in (...)``; keeps the URL short)
@@ -192,27 +193,14 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         return None
 
     # ---- the Job ------------------------------------------------------------------------------
-    def _image(self, settings: KubernetesStepOperatorSettings) -> str:
-        image = settings.image or self.config.image
-        if not image:
-            raise StepOperatorConfigError(
-                f"image: step operator {self.step_operator_conn_id!r} has no container image; set \"image\" in the "
-                "connection extras or KubernetesStepOperatorSettings(image=...) to an image with Python "
-                "{0}.{1} and cloudpickle".format(*__import__("sys").version_info[:2])
-            )
-        return image
-
     def build_request(self, spec: StepSpec) -> dict[str, Any]:
         """The Job with a stand-in for how the pod gets its bundle: ``submit`` chooses that by the bundle's
         size, once it is written."""
-        settings = spec.settings
-        if not isinstance(settings, KubernetesStepOperatorSettings):
-            raise StepOperatorConfigError(f"settings: expected KubernetesStepOperatorSettings, got "
-                                          f"{type(settings).__name__}")
+        settings = settings_as(spec, KubernetesStepOperatorSettings)
         try:
             settings.check_resources(spec.resources)
         except ValueError as exc:
-            raise StepOperatorConfigError(f"settings['step_operator.kubernetes'].{exc}") from None
+            raise settings_error("kubernetes", exc) from None
         if settings.require_checkpoint_dir and manifest.checkpoint_dir(self.config, spec.identity) is None:
             raise StepOperatorConfigError(
                 f"settings['step_operator.kubernetes'].require_checkpoint_dir: step operator "
@@ -221,7 +209,9 @@ class KubernetesStepOperatorHook(StepOperatorHook):
                 "use a pvc:// artifact_store")
         job = manifest.build_job(identity=spec.identity, config=self.config, settings=settings,
                                  options=merged_pod_options(self.config, settings), resources=spec.resources,
-                                 image=self._image(settings), transport_env=[TRANSPORT_STANDIN],
+                                 image=self.require_image(settings.image or self.config.image,
+                                                          ", or KubernetesStepOperatorSettings(image=...)"),
+                                 transport_env=[TRANSPORT_STANDIN],
                                  timeout_seconds=spec.timeout_seconds)
         handle_info = {"output_uri": spec.output_uri, "transport": "volume" if self.config.pvc_store else "inline",
                        "unschedulable_timeout": settings.unschedulable_timeout_seconds,

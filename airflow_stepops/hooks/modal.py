@@ -28,7 +28,7 @@ from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks import modal_call
-from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec
+from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec, settings_as
 from airflow_stepops.hooks.modal_function import (
     ENTRY_SOURCE,
     FUNCTION_NAME,
@@ -37,6 +37,7 @@ from airflow_stepops.hooks.modal_function import (
     function_options,
 )
 from airflow_stepops.settings.modal import CHECKPOINT_MOUNT, ModalStepOperatorConfig, ModalStepOperatorSettings
+from airflow_stepops.settings.step import settings_error
 
 BUNDLE_FILES = ("payload.pkl", "bootstrap.py", "meta.json")
 SUCCESS = 1  # modal_proto GenericResult.GENERIC_STATUS_SUCCESS (not imported at module load)
@@ -111,23 +112,16 @@ class ModalStepOperatorHook(StepOperatorHook):
         return exc
 
     # ---- the request --------------------------------------------------------------------------
-    def _settings(self, spec: StepSpec) -> ModalStepOperatorSettings:
-        if not isinstance(spec.settings, ModalStepOperatorSettings):
-            raise StepOperatorConfigError(f"settings: expected ModalStepOperatorSettings, got "
-                                          f"{type(spec.settings).__name__}")
-        return spec.settings
-
     def options(self, spec: StepSpec) -> dict[str, Any]:
         try:
-            return function_options(self.config, self._settings(spec), spec.resources,
+            return function_options(self.config, settings_as(spec, ModalStepOperatorSettings), spec.resources,
                                     "{}.{}".format(*sys.version_info[:2]), spec.timeout_seconds)
         except ValueError as exc:
-            where = "" if str(exc).startswith("resources") else "settings['step_operator.modal']."
-            raise StepOperatorConfigError(f"{where}{exc}") from None
+            raise settings_error("modal", exc) from None
 
     def _environment(self, spec: StepSpec) -> dict[str, str]:
         refs = {str(i): {"inline": f"refs/{i}.pkl"} for i in range(len(spec.refs))}
-        return {**self.config.environment_variables, **self._settings(spec).environment,
+        return {**self.config.environment_variables, **settings_as(spec, ModalStepOperatorSettings).environment,
                 "STEPOPS_FLAVOR": "modal", "STEPOPS_REFS": json.dumps(refs),
                 # on the checkpoint volume, the same for every try of the task instance: what a preempted try
                 # wrote there and Modal committed is what the retry's container mounts (a call argument, so
@@ -255,14 +249,15 @@ class ModalStepOperatorHook(StepOperatorHook):
                       ", ".join(f"{k}={v}" for k, v in options.items() if k in ("gpu", "cpu", "memory", "timeout",
                                                                                "region", "cloud")) or "defaults",
                       len(archive))
-        handle: JobHandle = {"flavor": "modal", "job_id": call_id, "app_name": name, "spawned_at": time.time(), "spawn_key": key,
-                  "function_id": getattr(function, "object_id", None), "environment": self.environment,
-                  "output_uri": spec.output_uri, "conn_id": self.step_operator_conn_id,
-                  "try_number": spec.identity.try_number, "timeout": options["timeout"],
-                  "gpu": gpu if isinstance(gpu, str) or gpu is None else list(gpu), "memory": options.get("memory"),
-                  "spot": not options.get("nonpreemptible"),
-                  "instance_type": gpu if isinstance(gpu, str) else (", ".join(gpu) if gpu else "cpu"),
-                  "step_digest": spec.identity.digest}
+        handle: JobHandle = {
+            "flavor": "modal", "job_id": call_id, "app_name": name, "spawned_at": time.time(), "spawn_key": key,
+            "function_id": getattr(function, "object_id", None), "environment": self.environment,
+            "output_uri": spec.output_uri, "conn_id": self.step_operator_conn_id,
+            "try_number": spec.identity.try_number,
+            "timeout": options["timeout"], "gpu": gpu if isinstance(gpu, str) or gpu is None else list(gpu),
+            "memory": options.get("memory"), "spot": not options.get("nonpreemptible"),
+            "instance_type": gpu if isinstance(gpu, str) else (", ".join(gpu) if gpu else "cpu"),
+            "step_digest": spec.identity.digest}
         self._record(spec.identity, handle)
         return handle
 

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
-from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec
+from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec, settings_as
 from airflow_stepops.runtime import pod_entry, sagemaker_entry
 from airflow_stepops.settings.sagemaker import (
     MAX_ENV_CHARS,
@@ -143,7 +143,7 @@ class SageMakerStepOperatorHook(StepOperatorHook):
         for; else the cheapest type of the table that has it."""
         from airflow_stepops.settings.sagemaker_instances import INSTANCE_TYPES, choose_instance, fits
 
-        settings, default = self._settings(spec), self.config.instance_type
+        settings, default = settings_as(spec, SageMakerStepOperatorSettings), self.config.instance_type
         try:
             if settings.instance_type:
                 check_instance_type(settings.instance_type, "instance_type", against_api=True)
@@ -163,15 +163,8 @@ class SageMakerStepOperatorHook(StepOperatorHook):
                       spec.task_label or job_name(spec.identity), picked.describe())
         return picked.name
 
-    @staticmethod
-    def _settings(spec: StepSpec) -> SageMakerStepOperatorSettings:
-        if not isinstance(spec.settings, SageMakerStepOperatorSettings):
-            raise StepOperatorConfigError(f"settings: expected SageMakerStepOperatorSettings, got "
-                                          f"{type(spec.settings).__name__}")
-        return spec.settings
-
     def _channels_and_refs(self, spec: StepSpec) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        settings = self._settings(spec)
+        settings = settings_as(spec, SageMakerStepOperatorSettings)
         channels = [_channel("bundle", _s3_prefix(spec.bundle_uri))]
         refs: dict[str, Any] = {}
         free = MAX_CHANNELS - 1 - len(settings.input_channels)
@@ -186,14 +179,8 @@ class SageMakerStepOperatorHook(StepOperatorHook):
         return channels, refs
 
     def build_request(self, spec: StepSpec) -> dict[str, Any]:
-        settings = self._settings(spec)
+        settings = settings_as(spec, SageMakerStepOperatorSettings)
         cfg = self.config
-        image = cfg.image
-        if not image:
-            raise StepOperatorConfigError(
-                f"image: step operator {self.step_operator_conn_id!r} has no training image; set \"image\" in the "
-                "connection extras to an image URI with Python {0}.{1} and cloudpickle".format(
-                    *__import__("sys").version_info[:2]))
         channels, refs = self._channels_and_refs(spec)
         prefix = spec.output_uri.rsplit("/", 1)[0]
         runtime = settings.max_runtime_in_seconds or DEFAULT_MAX_RUNTIME
@@ -236,7 +223,7 @@ class SageMakerStepOperatorHook(StepOperatorHook):
             "TrainingJobName": job_name(spec.identity),
             "RoleArn": cfg.role,
             "AlgorithmSpecification": {
-                "TrainingImage": image, "TrainingInputMode": "File",
+                "TrainingImage": self.require_image(cfg.image), "TrainingInputMode": "File",
                 "ContainerEntrypoint": ["python3", f"{ML}/input/data/bundle/sagemaker_entry.py"],
             },
             "InputDataConfig": channels,

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
-from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec
+from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec, settings_as
 from airflow_stepops.hooks.vertex_job import (
     STEP_LABEL,
     display_name,
@@ -140,17 +140,10 @@ class VertexStepOperatorHook(StepOperatorHook):
                                                   timeout=4 * timeout)}
 
     # ---- the request --------------------------------------------------------------------------
-    @staticmethod
-    def _settings(spec: StepSpec) -> VertexStepOperatorSettings:
-        if not isinstance(spec.settings, VertexStepOperatorSettings):
-            raise StepOperatorConfigError(f"settings: expected VertexStepOperatorSettings, got "
-                                          f"{type(spec.settings).__name__}")
-        return spec.settings
-
     def machine(self, spec: StepSpec) -> Any:
         from airflow_stepops.settings.vertex_machines import check_machine
 
-        cfg, settings = self.config, self._settings(spec)
+        cfg, settings = self.config, settings_as(spec, VertexStepOperatorSettings)
         try:
             default = check_machine(cfg.machine_type, cfg.accelerator_type, cfg.accelerator_count) \
                 if cfg.machine_type else None
@@ -176,12 +169,7 @@ class VertexStepOperatorHook(StepOperatorHook):
     def build_request(self, spec: StepSpec) -> dict[str, Any]:
         import json
 
-        cfg, settings = self.config, self._settings(spec)
-        if not cfg.image:
-            raise StepOperatorConfigError(
-                f"image: step operator {self.step_operator_conn_id!r} has no container image; set \"image\" in the "
-                "connection extras to an image with Python {0}.{1} and cloudpickle".format(
-                    *__import__("sys").version_info[:2]))
+        cfg, settings = self.config, settings_as(spec, VertexStepOperatorSettings)
         bundle, output = mount_path(spec.bundle_uri), mount_path(spec.output_uri)
         if bundle is None or output is None:
             raise StepOperatorConfigError(f"artifact_store: Vertex needs a gs:// store, got {spec.bundle_uri!r}")
@@ -214,7 +202,8 @@ class VertexStepOperatorHook(StepOperatorHook):
             "workerPoolSpecs": [{
                 "machineSpec": machine_spec, "replicaCount": "1",
                 "diskSpec": {"bootDiskType": settings.boot_disk_type or "pd-ssd", "bootDiskSizeGb": disk},
-                "containerSpec": {"imageUri": cfg.image, "command": ["python3", f"{bundle}/pod_entry.py"],
+                "containerSpec": {"imageUri": self.require_image(cfg.image),
+                                  "command": ["python3", f"{bundle}/pod_entry.py"],
                                   "env": [{"name": k, "value": v} for k, v in env.items()]},
             }],
             "scheduling": scheduling,

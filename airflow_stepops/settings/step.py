@@ -151,9 +151,14 @@ def parse_step_settings(
         try:
             flavor_settings.check_resources(resources_)
         except ValueError as exc:
-            where = "" if str(exc).startswith("resources") else f"settings['step_operator.{flavor_settings.flavor}']."
-            raise StepOperatorConfigError(f"{where}{exc}") from None
+            raise settings_error(flavor_settings.flavor, exc) from None
     return StepSettings(resources=resources_, flavor_settings=flavor_settings)
+
+
+def settings_error(flavor: str, exc: ValueError) -> StepOperatorConfigError:
+    """A flavor settings check's error, named by where the conflict is: the resources or the flavor settings."""
+    where = "" if str(exc).startswith("resources") else f"settings['step_operator.{flavor}']."
+    return StepOperatorConfigError(f"{where}{exc}")
 
 
 def _check_with_defaults(flavor: str | None, resources: ResourceSettings) -> None:
