@@ -390,16 +390,6 @@ class KubernetesStepOperatorHook(StepOperatorHook):
                 return ""
             raise
 
-    def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        if not (isinstance(cursor, dict) and cursor.get("pod")):  # a step's Job has one pod (backoffLimit 0)
-            pod = latest_pod(self._pods(handle))
-            if pod is None:
-                return [], cursor
-            cursor = logs.fresh_cursor(cursor, pod["metadata"]["name"])
-        text = self._pod_log(cursor["pod"], handle["namespace"], timestamps=True,
-                             **logs.since_seconds(cursor))
-        return logs.new_lines(text, cursor, handle["job_id"])
-
     def collect_output(self, handle: JobHandle) -> None:
         """Write the output the pod returned (inline transport) to the artifact store: from its
         termination message, or from the pod log block that message names by sha256. The kubelet rotates

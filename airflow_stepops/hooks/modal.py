@@ -377,12 +377,6 @@ class ModalStepOperatorHook(StepOperatorHook):
             shutil.copyfileobj(source, target, 8 << 20)
         partial.rename(output / name)
 
-    def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        cursor = dict(cursor or {})
-        batches, cursor["app_id"] = modal_call.log_batches(self.client, handle["job_id"], cursor.get("app_id", ""),
-                                                           cursor.get("entry_id", ""))
-        return self._lines(handle, batches, cursor)
-
     def console_url(self, handle: JobHandle) -> str | None:
         return self.config.console_url_template.format(
             call_id=handle["job_id"], app_name=handle.get("app_name") or "", environment=handle.get("environment")

@@ -341,24 +341,6 @@ class SageMakerStepOperatorHook(StepOperatorHook):
             if not _not_found(exc) and exc.response.get("Error", {}).get("Code") != "ValidationException":
                 raise
 
-    def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        from botocore.exceptions import ClientError
-
-        logs = self._aws_hook("logs").conn
-        request = _log_request(handle, cursor)
-        events: list[dict[str, Any]] = []
-        try:
-            for _ in range(MAX_LOG_PAGES):
-                page = logs.filter_log_events(**request)
-                events += page.get("events", [])
-                if not page.get("nextToken"):
-                    break
-                request["nextToken"] = page["nextToken"]
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":  # no log group yet
-                raise
-        return _new_lines(events, cursor)
-
     def collect_output(self, handle: JobHandle) -> None:
         """Unpack the job's model.tar.gz (the container's /opt/ml/model) into the step's output, or the
         error record a failed step left in FailureReason."""

@@ -326,17 +326,6 @@ class VertexStepOperatorHook(StepOperatorHook):
         except (gexc.NotFound, gexc.BadRequest):
             pass  # gone, or already finished (FAILED_PRECONDITION, a 400 over REST)
 
-    def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        from google.auth.transport.requests import AuthorizedSession
-
-        from airflow_stepops.hooks.vertex_logs import logging_url, read_entries
-
-        session = self.__dict__.get("_log_session")
-        if session is None:
-            session = self.__dict__["_log_session"] = AuthorizedSession(self.credentials)
-        return read_entries(session, logging_url(self.config.logging_endpoint), handle.get("project") or self.project,
-                            handle["job_id"], cursor, timeout=self.config.api_timeout_seconds)
-
     def console_url(self, handle: JobHandle) -> str | None:
         return self.config.console_url_template.format(location=handle.get("location") or self.location,
                                                        job_id=handle["job_id"],
