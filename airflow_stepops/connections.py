@@ -10,11 +10,10 @@ import json
 import os
 from typing import Any
 
-from pydantic import ValidationError
-
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.flavors import FLAVORS, flavor_for_conn_type, get_flavor
-from airflow_stepops.settings.base import BaseStepOperatorConfig, format_validation_error
+from airflow_stepops.settings.base import BaseStepOperatorConfig
+from airflow_stepops.settings.step import validated
 
 
 def registered_step_operators() -> dict[str, str]:
@@ -153,10 +152,5 @@ def flavor_and_extras(conn_id: str, conn_type: str | None, extras: dict[str, Any
 
 
 def parse_config(flavor: str, conn_id: str, extras: dict[str, Any]) -> BaseStepOperatorConfig:
-    model = get_flavor(flavor).config_model()
-    try:
-        return model.model_validate(extras)
-    except ValidationError as err:
-        raise StepOperatorConfigError(
-            format_validation_error(err, f"connection {conn_id!r} ({get_flavor(flavor).conn_type}) extra")
-        ) from None
+    spec = get_flavor(flavor)
+    return validated(spec.config_model(), extras, f"connection {conn_id!r} ({spec.conn_type}) extra")
