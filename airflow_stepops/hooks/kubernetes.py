@@ -9,6 +9,7 @@ log block it names) when small, through a mounted PersistentVolumeClaim (``pvc:/
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import io
 import json
@@ -316,7 +317,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
-        job = self.prepare(spec)
+        job = copy.deepcopy(self.prepare(spec))  # the prepared Job keeps its stand-in: submit may run again
         env = job["spec"]["template"]["spec"]["containers"][0]["env"]
         at = env.index(TRANSPORT_STANDIN)
         env[at:at + 1] = self.transport_env(spec)
