@@ -269,6 +269,12 @@ class VertexStepOperatorHook(StepOperatorHook):
     def submit(self, spec: StepSpec) -> JobHandle:
         body = self.prepare(spec)
         self._stage(spec)
+        # Vertex assigns job ids and CustomJob create takes no request id: nothing refuses a second job of this
+        # try, so the look-up the operator made before writing the bundle is made once more, right before create
+        existing = self.find_job(spec.identity)
+        if existing is not None:
+            self.log.info("CustomJob %s of this try already exists: re-attaching", existing["job_id"])
+            return existing
         try:  # no retry: a second create would make a second job
             job = self._json(self.jobs.create_custom_job(parent=self.parent, custom_job=validate_body(body),
                                                          timeout=self.config.api_timeout_seconds))
