@@ -19,6 +19,7 @@ from airflow.sdk import BaseHook
 from airflow_stepops.artifacts import ArtifactRef, check_bucket, default_local_store, store_path
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.flavors import get_flavor
 from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings
 
@@ -141,13 +142,6 @@ class StepOperatorHook(BaseHook, ABC):
     #: first poll delay after a new job; doubles up to the poll interval (cloud APIs: no fast start)
     min_poll_interval: ClassVar[float] = 10.0
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "flavor" in cls.__dict__:
-            flavor = get_flavor(cls.flavor)
-            cls.conn_type, cls.default_conn_name, cls.hook_name = (flavor.conn_type, flavor.default_conn_id,
-                                                                   flavor.hook_name)
-
     @property
     def log_settle_seconds(self) -> float:
         """Seconds a log service may still deliver lines after the job ended (ingestion delay): the trigger
@@ -163,6 +157,10 @@ class StepOperatorHook(BaseHook, ABC):
         if cls.flavor and missing:
             raise TypeError(f"{cls.__qualname__} (flavor {cls.flavor!r}) does not implement the hook contract: "
                             f"{', '.join(missing)} missing")
+        if "flavor" in cls.__dict__:
+            flavor = get_flavor(cls.flavor)
+            cls.conn_type, cls.default_conn_name, cls.hook_name = (flavor.conn_type, flavor.default_conn_id,
+                                                                   flavor.hook_name)
 
     def __init__(self, step_operator_conn_id: str | None = None,
                  config: BaseStepOperatorConfig | None = None, **kwargs: Any) -> None:
