@@ -69,7 +69,7 @@ def _option(cfg: configparser.ConfigParser, section: str, key: str, *fallbacks: 
 
 
 def _extras(conn_id: str, raw: Any) -> dict[str, Any]:
-    """A connection's extra as a dict; a CliError worded as the operator's (hooks/base.connection_extras)."""
+    """A connection's extra as a dict; a CliError worded as the operator's (connections.connection_extras)."""
     if not raw:
         return {}
     try:
@@ -185,7 +185,7 @@ class Registry:
         from airflow_stepops.flavors import flavor_for_conn_type
 
         if not self.direct:
-            from airflow_stepops.hooks.base import registered_step_operators
+            from airflow_stepops.connections import registered_step_operators
 
             return registered_step_operators()
         if not self.connections and self.problem:

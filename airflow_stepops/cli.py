@@ -127,13 +127,13 @@ def check(conn_id: str, registry: conns.Registry) -> str:
 def _hook(conn_id: str, registry: conns.Registry, flavor: str | None = None) -> Any:
     """A step operator's hook, its connection read as ``describe`` reads it (not through Airflow's
     ``get_connection``, which warns about the ``_`` of every ``stepops_*`` type: docs/decisions/connections-and-cli.md)."""
+    from airflow_stepops.connections import flavor_and_extras, parse_config
     from airflow_stepops.flavors import get_flavor
-    from airflow_stepops.hooks.base import _flavor_and_extras, parse_config
 
     found = registry.get(conn_id)
     if found is None:
         raise CliError(f"no connection {conn_id!r}")
-    name, extras = _flavor_and_extras(conn_id, found[0], found[1], flavor)
+    name, extras = flavor_and_extras(conn_id, found[0], found[1], flavor)
     return get_flavor(name).hook()(step_operator_conn_id=conn_id, config=parse_config(name, conn_id, extras))
 
 

@@ -34,7 +34,7 @@ from airflow_stepops.hooks.azureml_job import (
     job_state,
     parse_store,
 )
-from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec
+from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec, settings_as
 from airflow_stepops.settings.azureml import (
     MAX_DISPLAY_NAME,
     MAX_TAGS,
@@ -42,6 +42,7 @@ from airflow_stepops.settings.azureml import (
     AzureMLStepOperatorSettings,
     tier_with_cluster,
 )
+from airflow_stepops.timestamps import epoch
 
 ENTRY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py"
 PROVIDER = "Microsoft.MachineLearningServices"
@@ -72,11 +73,11 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         from airflow.providers.microsoft.azure.utils import get_sync_default_azure_credential
 
         from airflow_stepops._compat import AirflowNotFoundException
-        from airflow_stepops.hooks.base import _get_connection
+        from airflow_stepops.connections import get_connection
 
         _quiet_sdk_logs()
         try:
-            conn = _get_connection(self.config.azure_conn_id)
+            conn = get_connection(self.config.azure_conn_id)
         except AirflowNotFoundException:
             conn = None
         extras = dict(conn.extra_dejson or {}) if conn is not None else {}
@@ -173,22 +174,15 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         self.__dict__["_datastore_checked"] = True
 
     # ---- the job ------------------------------------------------------------------------------
-    @staticmethod
-    def _settings(spec: StepSpec) -> AzureMLStepOperatorSettings:
-        if not isinstance(spec.settings, AzureMLStepOperatorSettings):
-            raise StepOperatorConfigError(f"settings: expected AzureMLStepOperatorSettings, got "
-                                          f"{type(spec.settings).__name__}")
-        return spec.settings
-
     def compute_target(self, spec: StepSpec) -> str | None:
-        settings = self._settings(spec)
+        settings = settings_as(spec, AzureMLStepOperatorSettings)
         if settings.compute_target_name is not None:
             return settings.compute_target_name or None  # "" is serverless
         return self.config.compute_target_name
 
     def vm_size(self, spec: StepSpec) -> Any:
         """The serverless VM size of the step (None on a compute target)."""
-        cfg, settings = self.config, self._settings(spec)
+        cfg, settings = self.config, settings_as(spec, AzureMLStepOperatorSettings)
         compute = self.compute_target(spec)
         if compute:
             if settings.job_tier:
@@ -216,14 +210,10 @@ class AzureMLStepOperatorHook(StepOperatorHook):
                 return cfg.azureml_environment
             _, name, version = cfg.azureml_environment.split(":", 2)
             return f"{self.workspace_id}/environments/{name}/versions/{version}"
-        if not cfg.image:
-            raise StepOperatorConfigError(
-                f"image: step operator {self.step_operator_conn_id!r} has neither an image nor an "
-                "azureml_environment; set \"image\" to an image with Python {0}.{1} and cloudpickle, or "
-                "\"azureml_environment\" to azureml:<name>:<version>".format(*__import__("sys").version_info[:2]))
         from azure.ai.ml.entities import Environment
 
-        environment = Environment(image=cfg.image)  # anonymous: CliV2AnonymousEnvironment, version = its hash
+        image = self.require_image(cfg.image, ", or \"azureml_environment\" to azureml:<name>:<version>")
+        environment = Environment(image=image)  # anonymous: CliV2AnonymousEnvironment, version = its hash
         if not resolved:
             return environment
         return f"{self.workspace_id}/environments/{environment.name}/versions/{environment.version}"
@@ -245,7 +235,7 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         from azure.ai.ml import Input, Output, command
         from azure.ai.ml.entities import JobResourceConfiguration, QueueSettings
 
-        cfg, settings = self.config, self._settings(spec)
+        cfg, settings = self.config, settings_as(spec, AzureMLStepOperatorSettings)
         environment = self._environment(resolved)
         vm = self.vm_size(spec)
         compute = self.compute_target(spec)
@@ -315,10 +305,15 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         if not result.passed:
             raise StepOperatorConfigError(f"the Azure ML command job is invalid: {result.error_messages}")
 
+    def build_request(self, spec: StepSpec) -> Any:
+        job = self.build_job(spec)
+        self.validate(job)
+        return job
+
     def render(self, spec: StepSpec) -> dict[str, Any]:
         from azure.ai.ml.entities._job.to_rest_functions import to_rest_job_object
 
-        self.validate(self.build_job(spec))
+        self.build_request(spec)
         job = self.build_job(spec, resolved=True)
         self.validate(job)
         body = to_rest_job_object(job).as_dict()
@@ -412,15 +407,10 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         return handle
 
     def submit(self, spec: StepSpec) -> JobHandle:
-        self.render(spec)
+        job = self.prepare(spec)
         self._check_datastore()
         info = self._check_compute(spec)
         self._stage(spec)
-        existing = self.find_job(spec.identity)  # a second worker of the same try may have just submitted
-        if existing is not None:
-            self.log.info("Azure ML job %s of this try already exists: re-attaching", existing["job_id"])
-            return existing
-        job = self.build_job(spec)
         try:
             created = self.ml_client.jobs.create_or_update(job)
         except Exception as exc:
@@ -450,8 +440,8 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         if status in ("Completed", "Failed", "Canceled"):  # why and when it ended: run history (errors heal)
             run = self.ml_client.jobs._runs_operations.get_run(handle["job_id"])
             run_error = getattr(run, "error", None)
-            details = {"started_at": _epoch(getattr(run, "start_time_utc", None)),
-                       "finished_at": _epoch(getattr(run, "end_time_utc", None))}
+            details = {"started_at": epoch(getattr(run, "start_time_utc", None)),
+                       "finished_at": epoch(getattr(run, "end_time_utc", None))}
         timeout = getattr(getattr(job, "limits", None), "timeout", None)
         return job_state(status, run_error, handle, details, float(timeout) if timeout else None)
 
@@ -502,15 +492,3 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         return ("https://ml.azure.com/runs/{job_name}?wsid=/subscriptions/{subscription_id}/resourcegroups/"
                 "{resource_group}/workspaces/{workspace_name}").format(**fields)
 
-
-def _epoch(value: Any) -> float | None:
-    if value is None:
-        return None
-    if hasattr(value, "timestamp"):
-        return float(value.timestamp())
-    from datetime import datetime
-
-    try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None

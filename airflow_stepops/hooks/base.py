@@ -7,23 +7,69 @@ Hooks are the only modules that talk to a backend. The operator and the trigger 
 from __future__ import annotations
 
 import asyncio
-import os
+import sys
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict, TypeVar
 
 from airflow.sdk import BaseHook
-from pydantic import ValidationError
 
 from airflow_stepops.artifacts import ArtifactRef, check_bucket, default_local_store, store_path
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
-from airflow_stepops.flavors import FLAVORS, flavor_for_conn_type, get_flavor
+from airflow_stepops.flavors import get_flavor
 from airflow_stepops.resources import ResourceSettings
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, format_validation_error
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings
 
-JobHandle = dict[str, Any]
+
+class _JobKeys(TypedDict):
+    flavor: str
+    job_id: str
+
+
+class JobHandle(_JobKeys, total=False):
+    """A submitted job as JSON: kept in the task state store and in the trigger's kwargs, so it must
+    outlive the process that made it. The first group is what the shared lifecycle reads."""
+
+    output_uri: str
+    conn_id: str
+    try_number: int
+    submitted_at: float  # set by the operator
+    attached_by_try: int  # set by the operator: the try that waits on the job now
+    spot: bool
+    instance_type: str | None
+    # kubernetes
+    namespace: str
+    step: str
+    transport: str
+    unschedulable_timeout: float
+    start_timeout: float
+    memory_limit: str | None
+    # sagemaker, vertex
+    region: str
+    name: str
+    project: str
+    location: str
+    machine_type: str | None
+    # azureml
+    job_tier: str | None
+    compute: str | None
+    studio_url: str | None
+    # local
+    job_dir: str
+    host: str
+    # modal
+    app_name: str
+    spawned_at: float
+    spawn_key: str
+    function_id: str | None
+    environment: str | None
+    timeout: int
+    gpu: Any
+    memory: int | None
+    step_digest: str
 
 
 class JobState(str, Enum):
@@ -66,150 +112,24 @@ class StepSpec:
     task_label: str = ""
     #: the task's execution_timeout: Airflow enforces it, backends may add it as their own backstop
     timeout_seconds: float | None = None
+    #: the validated backend request, built once by ``StepOperatorHook.prepare``
+    request: Any = field(default=None, repr=False, compare=False)
 
 
-def registered_step_operators() -> dict[str, str]:
-    """Connection id -> flavor of every step operator this process can see (DB and env)."""
-    found: dict[str, str] = {}
-    prefix = "AIRFLOW_CONN_"
-    for key, value in os.environ.items():
-        if key.startswith(prefix):
-            conn_type = _conn_type_of_env(value)
-            flavor = flavor_for_conn_type(conn_type)
-            if flavor:
-                found[key[len(prefix):].lower()] = flavor.name
-    if _inside_task():  # workers do not talk to the metadata DB; the CLI lists everything
-        return dict(sorted(found.items()))
-    try:
-        from airflow.models import Connection
-        from airflow.utils.session import create_session
-
-        with create_session() as session:
-            rows = session.query(Connection.conn_id, Connection.conn_type).filter(
-                Connection.conn_type.like("stepops_%")
-            )
-            for conn_id, conn_type in rows:
-                flavor = flavor_for_conn_type(conn_type)
-                if flavor:
-                    found[conn_id] = flavor.name
-    except Exception:
-        pass
-    return dict(sorted(found.items()))
+_Settings = TypeVar("_Settings", bound=BaseStepOperatorSettings)
 
 
-def _inside_task() -> bool:
-    from airflow.sdk.execution_time import task_runner
-
-    return getattr(task_runner, "SUPERVISOR_COMMS", None) is not None
-
-
-def _conn_type_of_env(value: str) -> str | None:
-    value = value.strip()
-    if value.startswith("{"):
-        import json
-
-        try:
-            return json.loads(value).get("conn_type")
-        except ValueError:
-            return None
-    scheme = value.split("://", 1)[0]
-    return scheme.replace("-", "_") if "://" in value else None
+def settings_as(spec: StepSpec, model: type[_Settings]) -> _Settings:
+    """The step's settings as the hook's flavor reads them (the operator picked them for this flavor)."""
+    if not isinstance(spec.settings, model):
+        raise StepOperatorConfigError(f"settings: expected {model.__name__}, got {type(spec.settings).__name__}")
+    return spec.settings
 
 
-def _registered_hint() -> str:
-    known = registered_step_operators()
-    where = " visible to this worker (run `stepops list` for all)" if _inside_task() else ""
-    if not known:
-        return f"no step operators are registered{where}"
-    return f"registered step operators{where}: " + ", ".join(f"{k} ({v})" for k, v in known.items())
+class StepOperatorHook(BaseHook, ABC):
+    """Base hook of one flavor, bound to a registered step operator (an Airflow connection).
 
-
-def load_step_operator_connection(conn_id: str, expected_flavor: str | None = None) -> tuple[str, dict[str, Any]]:
-    """Return (flavor, extras) of a step operator connection, or raise a clear error."""
-    from airflow_stepops._compat import AirflowNotFoundException
-
-    try:
-        conn = _get_connection(conn_id)
-    except AirflowNotFoundException:
-        if expected_flavor and conn_id == get_flavor(expected_flavor).default_conn_id:
-            return expected_flavor, {}
-        raise StepOperatorConfigError(
-            f"step_operator {conn_id!r}: no Airflow connection with this id; {_registered_hint()}. "
-            f"Register one with: airflow connections add {conn_id} --conn-type stepops_<flavor> "
-            f"--conn-extra '{{...}}' (flavors: {', '.join(sorted(FLAVORS))})"
-        ) from None
-    return _flavor_and_extras(conn_id, conn.conn_type, connection_extras(conn_id, conn), expected_flavor)
-
-
-def connection_extras(conn_id: str, conn: Any) -> dict[str, Any]:
-    """The connection's extra as a dict, or one clear error: the one place step operators parse extras.
-
-    Airflow's ``extra_dejson`` logs a non-JSON extra at every access and returns ``{}``, which would run
-    the step with defaults instead of what was configured."""
-    import json
-
-    raw = conn.extra
-    if raw:
-        try:
-            parsed = json.loads(raw) if isinstance(raw, str) else raw
-        except ValueError as exc:
-            raise StepOperatorConfigError(
-                f"connection {conn_id!r} extra: not valid JSON ({exc}); set it to a JSON object, e.g. "
-                f"airflow connections add {conn_id} --conn-type {conn.conn_type} --conn-extra '{{\"key\": \"value\"}}'"
-            ) from None
-        if not isinstance(parsed, dict):
-            raise StepOperatorConfigError(
-                f"connection {conn_id!r} extra: must be a JSON object ({{...}}), got a JSON {type(parsed).__name__}")
-    return dict(conn.extra_dejson or {})  # parsed again by Airflow, which masks secret-looking values
-
-
-def _get_connection(conn_id: str) -> Any:
-    """The connection from the task SDK, or from Airflow's secrets backends and metadata DB when
-    called outside a task (``stepops`` CLI, DAG processor)."""
-    from airflow_stepops._compat import AirflowNotFoundException
-
-    try:
-        return BaseHook.get_connection(conn_id)
-    except AirflowNotFoundException:
-        if _inside_task():
-            raise
-    try:
-        from airflow.models.connection import Connection
-    except ImportError:
-        raise AirflowNotFoundException(conn_id) from None
-    return Connection.get_connection_from_secrets(conn_id)
-
-
-def _flavor_and_extras(conn_id: str, conn_type: str | None, extras: dict[str, Any],
-                       expected_flavor: str | None) -> tuple[str, dict[str, Any]]:
-    flavor = flavor_for_conn_type(conn_type)
-    if flavor is None:
-        allowed = ", ".join(f.conn_type for f in FLAVORS.values())
-        raise StepOperatorConfigError(
-            f"step_operator {conn_id!r}: connection type {conn_type!r} is not a step operator; "
-            f"step operator connections have one of the types: {allowed}"
-        )
-    if expected_flavor and flavor.name != expected_flavor:
-        raise StepOperatorConfigError(
-            f"step_operator {conn_id!r} is of flavor {flavor.name!r} but this operator runs "
-            f"{expected_flavor!r} steps; use {flavor.operator_class.rsplit('.', 1)[1]} or "
-            "@task.step_operator, or a step operator of the right flavor"
-        )
-    return flavor.name, dict(extras or {})
-
-
-def parse_config(flavor: str, conn_id: str, extras: dict[str, Any]) -> BaseStepOperatorConfig:
-    model = get_flavor(flavor).config_model()
-    try:
-        return model.model_validate(extras)
-    except ValidationError as err:
-        raise StepOperatorConfigError(
-            format_validation_error(err, f"connection {conn_id!r} ({get_flavor(flavor).conn_type}) extra")
-        ) from None
-
-
-class StepOperatorHook(BaseHook):
-    """Base hook of one flavor, bound to a registered step operator (an Airflow connection)."""
+    A flavor implements the abstract methods; a hook class missing one cannot be instantiated."""
 
     #: a flavor's hook names only this; Airflow's conn_type, default_conn_name and hook_name derive from it
     flavor: ClassVar[str] = ""
@@ -222,18 +142,25 @@ class StepOperatorHook(BaseHook):
     #: first poll delay after a new job; doubles up to the poll interval (cloud APIs: no fast start)
     min_poll_interval: ClassVar[float] = 10.0
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "flavor" in cls.__dict__:
-            flavor = get_flavor(cls.flavor)
-            cls.conn_type, cls.default_conn_name, cls.hook_name = (flavor.conn_type, flavor.default_conn_id,
-                                                                   flavor.hook_name)
-
     @property
     def log_settle_seconds(self) -> float:
         """Seconds a log service may still deliver lines after the job ended (ingestion delay): the trigger
         reads once more after this long before it reports the end, so late last lines are not lost."""
         return 0.0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A flavor's hook (one that names its flavor) implements the whole contract, checked as it is
+        defined rather than when a step first runs."""
+        super().__init_subclass__(**kwargs)
+        missing = sorted(name for name in StepOperatorHook.__abstractmethods__
+                         if getattr(getattr(cls, name), "__isabstractmethod__", False))
+        if cls.flavor and missing:
+            raise TypeError(f"{cls.__qualname__} (flavor {cls.flavor!r}) does not implement the hook contract: "
+                            f"{', '.join(missing)} missing")
+        if "flavor" in cls.__dict__:
+            flavor = get_flavor(cls.flavor)
+            cls.conn_type, cls.default_conn_name, cls.hook_name = (flavor.conn_type, flavor.default_conn_id,
+                                                                   flavor.hook_name)
 
     def __init__(self, step_operator_conn_id: str | None = None,
                  config: BaseStepOperatorConfig | None = None, **kwargs: Any) -> None:
@@ -244,8 +171,18 @@ class StepOperatorHook(BaseHook):
 
     @cached_property
     def config(self) -> BaseStepOperatorConfig:
-        _, extras = load_step_operator_connection(self.step_operator_conn_id, self.flavor)
-        return parse_config(self.flavor, self.step_operator_conn_id, extras)
+        from airflow_stepops.connections import load_config
+
+        return load_config(self.step_operator_conn_id, self.flavor)[1]
+
+    def require_image(self, image: str | None, or_else: str = "") -> str:
+        """``image``, or the error of a step operator without one (``or_else``: another way to set it)."""
+        if not image:
+            raise StepOperatorConfigError(
+                f"image: step operator {self.step_operator_conn_id!r} has no container image; set \"image\" in the "
+                f"connection extras to an image with Python {sys.version_info[0]}.{sys.version_info[1]} and "
+                f"cloudpickle{or_else}")
+        return image
 
     def artifact_root(self) -> Any:
         """Where bundles and results go; no network (``stepops render`` builds a spec with it)."""
@@ -256,25 +193,38 @@ class StepOperatorHook(BaseHook):
         check_bucket(self.artifact_root())
 
     # ---- to implement per flavor ------------------------------------------------------------
-    def render(self, spec: StepSpec) -> dict[str, Any]:
-        """The exact request that ``submit`` would send, as JSON (for ``stepops render``)."""
-        raise NotImplementedError
+    @abstractmethod
+    def build_request(self, spec: StepSpec) -> Any:
+        """The backend request ``submit`` sends, validated: a bad setting raises StepOperatorConfigError."""
 
+    @abstractmethod
     def find_job(self, identity: StepIdentity) -> JobHandle | None:
         """The job of exactly this identity (same try) if it exists: re-attach instead of submitting."""
-        raise NotImplementedError
 
+    @abstractmethod
     def submit(self, spec: StepSpec) -> JobHandle:
-        raise NotImplementedError
+        """Start the job of ``prepare(spec)``; the operator has looked for an existing one already."""
 
-    def get_status(self, handle: JobHandle) -> JobStatus:
-        raise NotImplementedError
+    @abstractmethod
+    def get_status(self, handle: JobHandle) -> JobStatus: ...
 
-    def cancel(self, handle: JobHandle) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def cancel(self, handle: JobHandle) -> None: ...
+
+    def prepare(self, spec: StepSpec) -> Any:
+        """The step's request, built and validated once per submission: the operator prepares it before
+        anything is written or started, ``submit`` sends the same one."""
+        if spec.request is None:
+            spec.request = self.build_request(spec)
+        return spec.request
+
+    def render(self, spec: StepSpec) -> dict[str, Any]:
+        """The exact request that ``submit`` would send, as JSON (for ``stepops render``)."""
+        return dict(self.build_request(spec))
 
     def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        """New log lines since ``cursor`` and the cursor to pass next time."""
+        """New log lines since ``cursor`` and the cursor to pass next time (``aread_logs`` runs it in a
+        thread unless the flavor reads its logs asynchronously)."""
         return [], cursor
 
     def console_url(self, handle: JobHandle) -> str | None:

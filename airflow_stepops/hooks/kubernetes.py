@@ -9,6 +9,7 @@ log block it names) when small, through a mounted PersistentVolumeClaim (``pvc:/
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import io
 import json
@@ -23,13 +24,14 @@ from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepFailedError, StepOperatorConfigError
 from airflow_stepops.hooks import kubernetes_job as manifest
 from airflow_stepops.hooks import kubernetes_logs as logs
-from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec
+from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec, settings_as
 from airflow_stepops.hooks.kubernetes_status import container_status, interpret, latest_pod
 from airflow_stepops.settings.kubernetes import (
     KubernetesStepOperatorConfig,
     KubernetesStepOperatorSettings,
     merged_pod_options,
 )
+from airflow_stepops.settings.step import settings_error
 
 HANDLE_ANNOTATION = f"{manifest.LABEL_PREFIX}/handle"
 #: steps selected by one list call (``step in (...)``; keeps the URL short)
@@ -40,6 +42,11 @@ BUNDLE_FILES = ("payload.pkl", "bootstrap.py", "meta.json")
 #: contributors/devel/sig-architecture/api-conventions.md#http-status-codes)
 API_ATTEMPTS = 4
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+
+
+#: where ``build_request`` leaves the bundle's transport to ``submit``
+TRANSPORT_STANDIN = {"name": "STEPOPS_BUNDLE_PARTS", "value": "<the bundle: pod spec, volume or store, chosen at "
+                     "submit by its size>"}
 
 
 class KubernetesStepOperatorHook(StepOperatorHook):
@@ -187,25 +194,14 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         return None
 
     # ---- the Job ------------------------------------------------------------------------------
-    def _image(self, settings: KubernetesStepOperatorSettings) -> str:
-        image = settings.image or self.config.image
-        if not image:
-            raise StepOperatorConfigError(
-                f"image: step operator {self.step_operator_conn_id!r} has no container image; set \"image\" in the "
-                "connection extras or KubernetesStepOperatorSettings(image=...) to an image with Python "
-                "{0}.{1} and cloudpickle".format(*__import__("sys").version_info[:2])
-            )
-        return image
-
-    def _build(self, spec: StepSpec, transport_env: list[dict[str, Any]]) -> dict[str, Any]:
-        settings = spec.settings
-        if not isinstance(settings, KubernetesStepOperatorSettings):
-            raise StepOperatorConfigError(f"settings: expected KubernetesStepOperatorSettings, got "
-                                          f"{type(settings).__name__}")
+    def build_request(self, spec: StepSpec) -> dict[str, Any]:
+        """The Job with a stand-in for how the pod gets its bundle: ``submit`` chooses that by the bundle's
+        size, once it is written."""
+        settings = settings_as(spec, KubernetesStepOperatorSettings)
         try:
             settings.check_resources(spec.resources)
         except ValueError as exc:
-            raise StepOperatorConfigError(f"settings['step_operator.kubernetes'].{exc}") from None
+            raise settings_error("kubernetes", exc) from None
         if settings.require_checkpoint_dir and manifest.checkpoint_dir(self.config, spec.identity) is None:
             raise StepOperatorConfigError(
                 f"settings['step_operator.kubernetes'].require_checkpoint_dir: step operator "
@@ -214,7 +210,9 @@ class KubernetesStepOperatorHook(StepOperatorHook):
                 "use a pvc:// artifact_store")
         job = manifest.build_job(identity=spec.identity, config=self.config, settings=settings,
                                  options=merged_pod_options(self.config, settings), resources=spec.resources,
-                                 image=self._image(settings), transport_env=transport_env,
+                                 image=self.require_image(settings.image or self.config.image,
+                                                          ", or KubernetesStepOperatorSettings(image=...)"),
+                                 transport_env=[TRANSPORT_STANDIN],
                                  timeout_seconds=spec.timeout_seconds)
         handle_info = {"output_uri": spec.output_uri, "transport": "volume" if self.config.pvc_store else "inline",
                        "unschedulable_timeout": settings.unschedulable_timeout_seconds,
@@ -229,9 +227,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         return job
 
     def render(self, spec: StepSpec) -> dict[str, Any]:
-        placeholder = [{"name": "STEPOPS_BUNDLE_PARTS", "value": "<the bundle: pod spec, volume or store, "
-                        "chosen at submit by its size>"}]
-        job = self._build(spec, placeholder)
+        job = self.build_request(spec)
         container = job["spec"]["template"]["spec"]["containers"][0]
         container["command"] = [*container["command"][:2], "<source of airflow_stepops/runtime/pod_entry.py>"]
         return job
@@ -321,7 +317,10 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
-        job = self._build(spec, self.transport_env(spec))
+        job = copy.deepcopy(self.prepare(spec))  # the prepared Job keeps its stand-in: submit may run again
+        env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+        at = env.index(TRANSPORT_STANDIN)
+        env[at:at + 1] = self.transport_env(spec)
         if isinstance(spec.settings, KubernetesStepOperatorSettings) and spec.settings.use_spot and \
                 manifest.checkpoint_dir(self.config, spec.identity) is None:
             self.log.warning("Step %s runs on spot nodes but gets no STEPOPS_CHECKPOINT_DIR: step operator %r has no "
@@ -391,16 +390,6 @@ class KubernetesStepOperatorHook(StepOperatorHook):
             if exc.status in (400, 404):  # not started yet, or gone
                 return ""
             raise
-
-    def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        if not (isinstance(cursor, dict) and cursor.get("pod")):  # a step's Job has one pod (backoffLimit 0)
-            pod = latest_pod(self._pods(handle))
-            if pod is None:
-                return [], cursor
-            cursor = logs.fresh_cursor(cursor, pod["metadata"]["name"])
-        text = self._pod_log(cursor["pod"], handle["namespace"], timestamps=True,
-                             **logs.since_seconds(cursor))
-        return logs.new_lines(text, cursor, handle["job_id"])
 
     def collect_output(self, handle: JobHandle) -> None:
         """Write the output the pod returned (inline transport) to the artifact store: from its

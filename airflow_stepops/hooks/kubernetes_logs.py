@@ -18,10 +18,10 @@ import base64
 import binascii
 import hashlib
 import math
-import re
 import time
-from datetime import datetime
 from typing import Any
+
+from airflow_stepops.timestamps import epoch
 
 #: seconds re-read before the newest line seen, to cover lines written out of order and clock skew
 OVERLAP_SECONDS = 10
@@ -29,21 +29,10 @@ MAX_LINES_PER_READ = 5000
 #: remembered line keys at most; past it, lines up to the oldest one forgotten count as shown (a
 #: "floor"): only a line written more than that many lines late could be missed, none is repeated
 MAX_REMEMBERED = 20000
-_STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)$")
 
 
 def block_prefix(marker: str) -> str:
     return f"::stepops-output:{marker}:"
-
-
-def parse_stamp(stamp: str) -> float | None:
-    """Seconds since the epoch of an RFC 3339 timestamp with up to nanoseconds and any offset."""
-    match = _STAMP.match(stamp)
-    if not match:
-        return None
-    whole, fraction, zone = match.groups()
-    base = datetime.fromisoformat(whole + ("+00:00" if zone == "Z" else zone)).timestamp()
-    return base + (int((fraction or "0").ljust(9, "0")) / 1e9)
 
 
 def fresh_cursor(cursor: Any, pod: str) -> dict[str, Any]:
@@ -77,7 +66,7 @@ def new_lines(text: str, cursor: dict[str, Any], marker: str, now: float | None 
         if not raw:
             continue
         stamp, _, line = raw.partition(" ")
-        when = parse_stamp(stamp)
+        when = epoch(stamp)
         if when is None:  # not a log line of the kubelet's format: show it as it is
             lines.append(raw)
             continue
@@ -98,7 +87,7 @@ def new_lines(text: str, cursor: dict[str, Any], marker: str, now: float | None 
             lines.append(shown.rstrip("\r").rsplit("\r", 1)[-1])
     # remember only keys inside the window the next read can return again
     horizon = (float(newest) if newest is not None else now) - OVERLAP_SECONDS - 5
-    kept = sorted([(parse_stamp(key.split("|", 1)[0]) or 0.0, key) for key in (cursor.get("seen") or [])] + keys)
+    kept = sorted([(epoch(key.split("|", 1)[0]) or 0.0, key) for key in (cursor.get("seen") or [])] + keys)
     kept = [(when, key) for when, key in kept if when >= horizon]
     if len(kept) > MAX_REMEMBERED:
         floor = max(float(floor or 0.0), kept[-MAX_REMEMBERED - 1][0])

@@ -8,10 +8,10 @@ preemption, not a user error.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from airflow_stepops.hooks.base import JobState, JobStatus
+from airflow_stepops.timestamps import epoch
 
 #: container waiting reasons that do not heal by waiting (ImagePullBackOff: a pull failed and was retried)
 FAIL_FAST_REASONS = ("ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError")
@@ -20,12 +20,6 @@ PERMANENT_PULL_ERRORS = ("not found", "manifest unknown", "unauthorized", "denie
                          "repository does not exist", "invalid reference format")
 DISRUPTION_REASONS = ("PreemptionByScheduler", "DeletionByTaintManager", "EvictionByEvictionAPI",
                       "DeletionByPodGC", "TerminationByKubelet")
-
-
-def epoch(stamp: str | None) -> float | None:
-    if not stamp:
-        return None
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:

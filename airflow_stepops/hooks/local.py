@@ -271,12 +271,12 @@ class LocalStepOperatorHook(StepOperatorHook):
             "cancel_grace_seconds": settings.cancel_grace_period_seconds,
         }
 
-    def render(self, spec: StepSpec) -> dict[str, Any]:
+    def build_request(self, spec: StepSpec) -> dict[str, Any]:
         job_dir = self.job_dir(spec.identity)
-        launch = self._launch_spec(spec, job_dir)
-        # submit() right after render() (the operator validates first) reuses this plan
-        self.__dict__["_rendered"] = (job_dir, launch)
-        return {"flavor": "local", "job_dir": job_dir, **{k: v for k, v in launch.items() if k != "launcher"}}
+        return {"job_dir": job_dir, **self._launch_spec(spec, job_dir)}
+
+    def render(self, spec: StepSpec) -> dict[str, Any]:
+        return {"flavor": "local", **{k: v for k, v in self.build_request(spec).items() if k != "launcher"}}
 
     # ---- lifecycle --------------------------------------------------------------------------
     def _handle(self, identity: StepIdentity, job_dir: str, output_uri: str) -> JobHandle:
@@ -291,9 +291,8 @@ class LocalStepOperatorHook(StepOperatorHook):
         return self._handle(identity, job_dir, spec["output_uri"])
 
     def submit(self, spec: StepSpec) -> JobHandle:
-        job_dir = self.job_dir(spec.identity)
-        rendered = self.__dict__.pop("_rendered", None)
-        launch = rendered[1] if rendered and rendered[0] == job_dir else self._launch_spec(spec, job_dir)
+        launch = self.prepare(spec)
+        job_dir = launch["job_dir"]
         os.makedirs(self.jobs_dir, mode=0o700, exist_ok=True)
         try:
             os.mkdir(job_dir, mode=0o700)  # atomic: exactly one submitter wins for this identity

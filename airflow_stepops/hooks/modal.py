@@ -20,14 +20,15 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks import modal_call
-from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec
+from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec, settings_as
 from airflow_stepops.hooks.modal_function import (
     ENTRY_SOURCE,
     FUNCTION_NAME,
@@ -36,6 +37,7 @@ from airflow_stepops.hooks.modal_function import (
     function_options,
 )
 from airflow_stepops.settings.modal import CHECKPOINT_MOUNT, ModalStepOperatorConfig, ModalStepOperatorSettings
+from airflow_stepops.settings.step import settings_error
 
 BUNDLE_FILES = ("payload.pkl", "bootstrap.py", "meta.json")
 SUCCESS = 1  # modal_proto GenericResult.GENERIC_STATUS_SUCCESS (not imported at module load)
@@ -110,30 +112,23 @@ class ModalStepOperatorHook(StepOperatorHook):
         return exc
 
     # ---- the request --------------------------------------------------------------------------
-    def _settings(self, spec: StepSpec) -> ModalStepOperatorSettings:
-        if not isinstance(spec.settings, ModalStepOperatorSettings):
-            raise StepOperatorConfigError(f"settings: expected ModalStepOperatorSettings, got "
-                                          f"{type(spec.settings).__name__}")
-        return spec.settings
-
     def options(self, spec: StepSpec) -> dict[str, Any]:
         try:
-            return function_options(self.config, self._settings(spec), spec.resources,
+            return function_options(self.config, settings_as(spec, ModalStepOperatorSettings), spec.resources,
                                     "{}.{}".format(*sys.version_info[:2]), spec.timeout_seconds)
         except ValueError as exc:
-            where = "" if str(exc).startswith("resources") else "settings['step_operator.modal']."
-            raise StepOperatorConfigError(f"{where}{exc}") from None
+            raise settings_error("modal", exc) from None
 
     def _environment(self, spec: StepSpec) -> dict[str, str]:
         refs = {str(i): {"inline": f"refs/{i}.pkl"} for i in range(len(spec.refs))}
-        return {**self.config.environment_variables, **self._settings(spec).environment,
+        return {**self.config.environment_variables, **settings_as(spec, ModalStepOperatorSettings).environment,
                 "STEPOPS_FLAVOR": "modal", "STEPOPS_REFS": json.dumps(refs),
                 # on the checkpoint volume, the same for every try of the task instance: what a preempted try
                 # wrote there and Modal committed is what the retry's container mounts (a call argument, so
                 # steps share the deployed function)
                 "STEPOPS_CHECKPOINT_DIR": spec.identity.step_path(CHECKPOINT_MOUNT)}
 
-    def render(self, spec: StepSpec) -> dict[str, Any]:
+    def build_request(self, spec: StepSpec) -> dict[str, Any]:
         options = self.options(spec)
         return {"app_name": app_name(self.config, options), "function": FUNCTION_NAME,
                 "environment": self.environment, "options": options,
@@ -180,9 +175,10 @@ class ModalStepOperatorHook(StepOperatorHook):
         record = self._read_record(identity)
         if not str(record.get("job_id", "")).startswith("fc-"):
             return None
-        handle = {key: record.get(key) for key in RECORDED}
-        handle.update(flavor="modal", conn_id=self.step_operator_conn_id, try_number=identity.try_number,
-                      step_digest=identity.digest, output_uri=str(identity.prefix(self.artifact_root()) / "output"))
+        handle = cast(JobHandle, {**{key: record.get(key) for key in RECORDED}, "flavor": "modal",
+                                  "conn_id": self.step_operator_conn_id, "try_number": identity.try_number,
+                                  "step_digest": identity.digest,
+                                  "output_uri": str(identity.prefix(self.artifact_root()) / "output")})
         status = self.get_status(handle)
         if status.state.terminal:
             self.log.info("Modal call %s of step try %s is over (%s): not re-attaching", handle["job_id"],
@@ -202,7 +198,7 @@ class ModalStepOperatorHook(StepOperatorHook):
             record = None
         return record if isinstance(record, dict) else {}
 
-    def _record(self, identity: StepIdentity, handle: JobHandle) -> None:
+    def _record(self, identity: StepIdentity, handle: Mapping[str, Any]) -> None:
         """Write the handle to the record of calls (each RPC bounded), as on Airflow 3.1/3.2 it is the only one."""
         try:
             modal_call.dict_put(self.client, self._calls.object_id, identity.digest,
@@ -235,8 +231,8 @@ class ModalStepOperatorHook(StepOperatorHook):
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def submit(self, spec: StepSpec) -> JobHandle:
-        options = self.options(spec)
-        name = app_name(self.config, options)
+        request = self.prepare(spec)
+        options, name = request["options"], request["app_name"]
         try:
             function = deployed_function(self.client, self.environment, name, options, self.log)
         except Exception as exc:
@@ -245,7 +241,7 @@ class ModalStepOperatorHook(StepOperatorHook):
         key = self._spawn_key(spec.identity)
         try:
             call_id = modal_call.spawn(self.client, function, (archive, ENTRY_SOURCE.read_text(),
-                                                               self._environment(spec)), key)
+                                                               request["call"]["args"][2]), key)
         except Exception as exc:
             raise self._api_error(exc, f"call {name}.{FUNCTION_NAME}") from exc
         gpu = options.get("gpu")
@@ -253,14 +249,15 @@ class ModalStepOperatorHook(StepOperatorHook):
                       ", ".join(f"{k}={v}" for k, v in options.items() if k in ("gpu", "cpu", "memory", "timeout",
                                                                                "region", "cloud")) or "defaults",
                       len(archive))
-        handle = {"flavor": "modal", "job_id": call_id, "app_name": name, "spawned_at": time.time(), "spawn_key": key,
-                  "function_id": getattr(function, "object_id", None), "environment": self.environment,
-                  "output_uri": spec.output_uri, "conn_id": self.step_operator_conn_id,
-                  "try_number": spec.identity.try_number, "timeout": options["timeout"],
-                  "gpu": gpu if isinstance(gpu, str) or gpu is None else list(gpu), "memory": options.get("memory"),
-                  "spot": not options.get("nonpreemptible"),
-                  "instance_type": gpu if isinstance(gpu, str) else (", ".join(gpu) if gpu else "cpu"),
-                  "step_digest": spec.identity.digest}
+        handle: JobHandle = {
+            "flavor": "modal", "job_id": call_id, "app_name": name, "spawned_at": time.time(), "spawn_key": key,
+            "function_id": getattr(function, "object_id", None), "environment": self.environment,
+            "output_uri": spec.output_uri, "conn_id": self.step_operator_conn_id,
+            "try_number": spec.identity.try_number,
+            "timeout": options["timeout"], "gpu": gpu if isinstance(gpu, str) or gpu is None else list(gpu),
+            "memory": options.get("memory"), "spot": not options.get("nonpreemptible"),
+            "instance_type": gpu if isinstance(gpu, str) else (", ".join(gpu) if gpu else "cpu"),
+            "step_digest": spec.identity.digest}
         self._record(spec.identity, handle)
         return handle
 
@@ -379,12 +376,6 @@ class ModalStepOperatorHook(StepOperatorHook):
         with partial.open("wb") as target:
             shutil.copyfileobj(source, target, 8 << 20)
         partial.rename(output / name)
-
-    def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        cursor = dict(cursor or {})
-        batches, cursor["app_id"] = modal_call.log_batches(self.client, handle["job_id"], cursor.get("app_id", ""),
-                                                           cursor.get("entry_id", ""))
-        return self._lines(handle, batches, cursor)
 
     def console_url(self, handle: JobHandle) -> str | None:
         return self.config.console_url_template.format(

@@ -359,10 +359,6 @@ def dict_drop(client: Any, dict_id: str, key: str) -> None:
     _synchronized(_dict_drop)(client, dict_id, key)
 
 
-def log_batches(client: Any, call_id: str, app_id: str, after: str) -> tuple[list[Any], str]:
-    return _synchronized(_log_batches)(client, call_id, app_id, after)  # type: ignore[no-any-return]
-
-
 async def alog_batches(client: Any, call_id: str, app_id: str, after: str) -> tuple[list[Any], str]:
     return await _synchronized(_log_batches).aio(client, call_id, app_id, after)  # type: ignore[no-any-return]
 

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
-from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec
+from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec, settings_as
 from airflow_stepops.runtime import pod_entry, sagemaker_entry
 from airflow_stepops.settings.sagemaker import (
     MAX_ENV_CHARS,
@@ -37,6 +37,7 @@ from airflow_stepops.settings.sagemaker import (
     SageMakerStepOperatorSettings,
     check_instance_type,
 )
+from airflow_stepops.timestamps import epoch
 
 ENTRY_SOURCES = (Path(pod_entry.__file__), Path(sagemaker_entry.__file__))
 ML = "/opt/ml"
@@ -142,7 +143,7 @@ class SageMakerStepOperatorHook(StepOperatorHook):
         for; else the cheapest type of the table that has it."""
         from airflow_stepops.settings.sagemaker_instances import INSTANCE_TYPES, choose_instance, fits
 
-        settings, default = self._settings(spec), self.config.instance_type
+        settings, default = settings_as(spec, SageMakerStepOperatorSettings), self.config.instance_type
         try:
             if settings.instance_type:
                 check_instance_type(settings.instance_type, "instance_type", against_api=True)
@@ -162,15 +163,8 @@ class SageMakerStepOperatorHook(StepOperatorHook):
                       spec.task_label or job_name(spec.identity), picked.describe())
         return picked.name
 
-    @staticmethod
-    def _settings(spec: StepSpec) -> SageMakerStepOperatorSettings:
-        if not isinstance(spec.settings, SageMakerStepOperatorSettings):
-            raise StepOperatorConfigError(f"settings: expected SageMakerStepOperatorSettings, got "
-                                          f"{type(spec.settings).__name__}")
-        return spec.settings
-
     def _channels_and_refs(self, spec: StepSpec) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        settings = self._settings(spec)
+        settings = settings_as(spec, SageMakerStepOperatorSettings)
         channels = [_channel("bundle", _s3_prefix(spec.bundle_uri))]
         refs: dict[str, Any] = {}
         free = MAX_CHANNELS - 1 - len(settings.input_channels)
@@ -185,14 +179,8 @@ class SageMakerStepOperatorHook(StepOperatorHook):
         return channels, refs
 
     def build_request(self, spec: StepSpec) -> dict[str, Any]:
-        settings = self._settings(spec)
+        settings = settings_as(spec, SageMakerStepOperatorSettings)
         cfg = self.config
-        image = cfg.image
-        if not image:
-            raise StepOperatorConfigError(
-                f"image: step operator {self.step_operator_conn_id!r} has no training image; set \"image\" in the "
-                "connection extras to an image URI with Python {0}.{1} and cloudpickle".format(
-                    *__import__("sys").version_info[:2]))
         channels, refs = self._channels_and_refs(spec)
         prefix = spec.output_uri.rsplit("/", 1)[0]
         runtime = settings.max_runtime_in_seconds or DEFAULT_MAX_RUNTIME
@@ -235,7 +223,7 @@ class SageMakerStepOperatorHook(StepOperatorHook):
             "TrainingJobName": job_name(spec.identity),
             "RoleArn": cfg.role,
             "AlgorithmSpecification": {
-                "TrainingImage": image, "TrainingInputMode": "File",
+                "TrainingImage": self.require_image(cfg.image), "TrainingInputMode": "File",
                 "ContainerEntrypoint": ["python3", f"{ML}/input/data/bundle/sagemaker_entry.py"],
             },
             "InputDataConfig": channels,
@@ -250,10 +238,6 @@ class SageMakerStepOperatorHook(StepOperatorHook):
         }
         if cfg.subnets:
             request["VpcConfig"] = {"Subnets": list(cfg.subnets), "SecurityGroupIds": list(cfg.security_group_ids)}
-        return request
-
-    def render(self, spec: StepSpec) -> dict[str, Any]:
-        request = self.build_request(spec)
         validate_request(request)
         return request
 
@@ -324,7 +308,7 @@ class SageMakerStepOperatorHook(StepOperatorHook):
     def submit(self, spec: StepSpec) -> JobHandle:
         from botocore.exceptions import ClientError
 
-        request = self.render(spec)
+        request = self.prepare(spec)
         self._stage(spec, request)
         try:
             self.sagemaker.create_training_job(**request)
@@ -356,24 +340,6 @@ class SageMakerStepOperatorHook(StepOperatorHook):
         except ClientError as exc:
             if not _not_found(exc) and exc.response.get("Error", {}).get("Code") != "ValidationException":
                 raise
-
-    def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        from botocore.exceptions import ClientError
-
-        logs = self._aws_hook("logs").conn
-        request = _log_request(handle, cursor)
-        events: list[dict[str, Any]] = []
-        try:
-            for _ in range(MAX_LOG_PAGES):
-                page = logs.filter_log_events(**request)
-                events += page.get("events", [])
-                if not page.get("nextToken"):
-                    break
-                request["nextToken"] = page["nextToken"]
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":  # no log group yet
-                raise
-        return _new_lines(events, cursor)
 
     def collect_output(self, handle: JobHandle) -> None:
         """Unpack the job's model.tar.gz (the container's /opt/ml/model) into the step's output, or the
@@ -533,12 +499,12 @@ def _existing_aws_conn(conn_id: str | None) -> str | None:
     """``conn_id`` if that connection exists; else None, which makes AwsBaseHook use boto3's default
     credential chain (said once per process, at info level)."""
     from airflow_stepops._compat import AirflowNotFoundException
-    from airflow_stepops.hooks.base import _get_connection
+    from airflow_stepops.connections import get_connection
 
     if not conn_id:
         return None
     try:
-        _get_connection(conn_id)
+        get_connection(conn_id)
     except AirflowNotFoundException:
         if conn_id not in _ANNOUNCED:
             _ANNOUNCED.add(conn_id)
@@ -678,7 +644,7 @@ def job_status(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
     if job is None:
         return JobStatus(JobState.FAILED, f"training job {name} does not exist", {"reason": "job_missing"})
     status, secondary = job.get("TrainingJobStatus"), job.get("SecondaryStatus") or ""
-    details = {"started_at": _epoch(job.get("TrainingStartTime")), "finished_at": _epoch(job.get("TrainingEndTime")),
+    details = {"started_at": epoch(job.get("TrainingStartTime")), "finished_at": epoch(job.get("TrainingEndTime")),
                "instance_type": (job.get("ResourceConfig") or {}).get("InstanceType"),
                "spot": bool(job.get("EnableManagedSpotTraining")), "secondary_status": secondary,
                "billable_seconds": job.get("BillableTimeInSeconds")}
@@ -713,14 +679,4 @@ def job_status(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
         return JobStatus(JobState.QUEUED, f"{secondary}: {message}".rstrip(": "), details)
     return JobStatus(JobState.RUNNING, f"{secondary}: {message}".rstrip(": "), details)
 
-
-def _epoch(value: Any) -> float | None:
-    if value is None:
-        return None
-    if hasattr(value, "timestamp"):
-        return float(value.timestamp())
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
 

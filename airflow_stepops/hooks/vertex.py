@@ -19,11 +19,10 @@ from typing import Any, ClassVar
 from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
-from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec
+from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec, settings_as
 from airflow_stepops.hooks.vertex_job import (
     STEP_LABEL,
     display_name,
-    epoch,
     identity_labels,
     job_state,
     mount_path,
@@ -35,6 +34,7 @@ from airflow_stepops.settings.vertex import (
     VertexStepOperatorConfig,
     VertexStepOperatorSettings,
 )
+from airflow_stepops.timestamps import epoch
 
 ENTRY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py"
 DEFAULT_DISK_GB = 100
@@ -140,17 +140,10 @@ class VertexStepOperatorHook(StepOperatorHook):
                                                   timeout=4 * timeout)}
 
     # ---- the request --------------------------------------------------------------------------
-    @staticmethod
-    def _settings(spec: StepSpec) -> VertexStepOperatorSettings:
-        if not isinstance(spec.settings, VertexStepOperatorSettings):
-            raise StepOperatorConfigError(f"settings: expected VertexStepOperatorSettings, got "
-                                          f"{type(spec.settings).__name__}")
-        return spec.settings
-
     def machine(self, spec: StepSpec) -> Any:
         from airflow_stepops.settings.vertex_machines import check_machine
 
-        cfg, settings = self.config, self._settings(spec)
+        cfg, settings = self.config, settings_as(spec, VertexStepOperatorSettings)
         try:
             default = check_machine(cfg.machine_type, cfg.accelerator_type, cfg.accelerator_count) \
                 if cfg.machine_type else None
@@ -173,15 +166,10 @@ class VertexStepOperatorHook(StepOperatorHook):
                                                                    "stage": ref.uri}
         return refs
 
-    def build_body(self, spec: StepSpec) -> dict[str, Any]:
+    def build_request(self, spec: StepSpec) -> dict[str, Any]:
         import json
 
-        cfg, settings = self.config, self._settings(spec)
-        if not cfg.image:
-            raise StepOperatorConfigError(
-                f"image: step operator {self.step_operator_conn_id!r} has no container image; set \"image\" in the "
-                "connection extras to an image with Python {0}.{1} and cloudpickle".format(
-                    *__import__("sys").version_info[:2]))
+        cfg, settings = self.config, settings_as(spec, VertexStepOperatorSettings)
         bundle, output = mount_path(spec.bundle_uri), mount_path(spec.output_uri)
         if bundle is None or output is None:
             raise StepOperatorConfigError(f"artifact_store: Vertex needs a gs:// store, got {spec.bundle_uri!r}")
@@ -214,7 +202,8 @@ class VertexStepOperatorHook(StepOperatorHook):
             "workerPoolSpecs": [{
                 "machineSpec": machine_spec, "replicaCount": "1",
                 "diskSpec": {"bootDiskType": settings.boot_disk_type or "pd-ssd", "bootDiskSizeGb": disk},
-                "containerSpec": {"imageUri": cfg.image, "command": ["python3", f"{bundle}/pod_entry.py"],
+                "containerSpec": {"imageUri": self.require_image(cfg.image),
+                                  "command": ["python3", f"{bundle}/pod_entry.py"],
                                   "env": [{"name": k, "value": v} for k, v in env.items()]},
             }],
             "scheduling": scheduling,
@@ -231,10 +220,6 @@ class VertexStepOperatorHook(StepOperatorHook):
                                 "labels": {**cfg.labels, **settings.labels, **identity_labels(spec.identity)}}
         if cfg.encryption_spec_key_name:
             body["encryptionSpec"] = {"kmsKeyName": cfg.encryption_spec_key_name}
-        return body
-
-    def render(self, spec: StepSpec) -> dict[str, Any]:
-        body = self.build_body(spec)
         validate_body(body)
         return body
 
@@ -282,9 +267,11 @@ class VertexStepOperatorHook(StepOperatorHook):
         return self._handle(job, str(identity.prefix(self.artifact_root()) / "output"), identity.try_number)
 
     def submit(self, spec: StepSpec) -> JobHandle:
-        body = self.render(spec)
+        body = self.prepare(spec)
         self._stage(spec)
-        existing = self.find_job(spec.identity)  # a second worker of the same try may have just submitted
+        # Vertex assigns job ids and CustomJob create takes no request id: nothing refuses a second job of this
+        # try, so the look-up the operator made before writing the bundle is made once more, right before create
+        existing = self.find_job(spec.identity)
         if existing is not None:
             self.log.info("CustomJob %s of this try already exists: re-attaching", existing["job_id"])
             return existing
@@ -344,17 +331,6 @@ class VertexStepOperatorHook(StepOperatorHook):
             self.log.info("Cancelling Vertex AI CustomJob %s", handle["job_id"])
         except (gexc.NotFound, gexc.BadRequest):
             pass  # gone, or already finished (FAILED_PRECONDITION, a 400 over REST)
-
-    def read_logs(self, handle: JobHandle, cursor: Any) -> tuple[list[str], Any]:
-        from google.auth.transport.requests import AuthorizedSession
-
-        from airflow_stepops.hooks.vertex_logs import logging_url, read_entries
-
-        session = self.__dict__.get("_log_session")
-        if session is None:
-            session = self.__dict__["_log_session"] = AuthorizedSession(self.credentials)
-        return read_entries(session, logging_url(self.config.logging_endpoint), handle.get("project") or self.project,
-                            handle["job_id"], cursor, timeout=self.config.api_timeout_seconds)
 
     def console_url(self, handle: JobHandle) -> str | None:
         return self.config.console_url_template.format(location=handle.get("location") or self.location,

@@ -13,6 +13,7 @@ from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus
 from airflow_stepops.settings.vertex import LABEL_PREFIX, check_labels
+from airflow_stepops.timestamps import epoch
 
 GCS_MOUNT = "/gcs/"
 #: the step try's identity, looked up before submitting (Vertex assigns job ids itself)
@@ -138,16 +139,3 @@ def _ran_past_timeout(job: dict[str, Any]) -> bool:
     except ValueError:
         return False
 
-
-def epoch(stamp: str | None) -> float | None:
-    """RFC 3339 (``2026-01-02T03:04:05.123456789Z``, nanoseconds allowed) -> seconds since the epoch."""
-    if not stamp:
-        return None
-    from datetime import datetime
-
-    head, _, frac = stamp.rstrip("Z").partition(".")
-    try:
-        seconds = datetime.fromisoformat(head + "+00:00").timestamp()
-    except ValueError:
-        return None
-    return seconds + (float(f"0.{frac}") if frac.isdigit() else 0.0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from airflow_stepops.hooks.vertex_job import epoch
+from airflow_stepops.timestamps import epoch
 
 PAGE_SIZE = 1000
 MAX_PAGES = 10
@@ -68,41 +68,10 @@ def entry_text(entry: dict[str, Any]) -> str:
     return str(payload.get("message", payload)).rstrip("\n")
 
 
-def read_entries(session: Any, url: str, project: str, job_id: str, cursor: Any,
-                 timeout: float = 30.0) -> tuple[list[str], Any]:
-    """Sync: ``session`` is a ``google.auth.transport.requests.AuthorizedSession``. A call that fails
-    transiently (5xx, no answer within ``timeout``) is tried again, at most ``ATTEMPTS`` times."""
-    import time
-
-    import requests
-
-    cursor, out, token = dict(cursor or {}), [], None
-    request = list_request(project, job_id, cursor, None)  # one filter for all pages: tokens belong to it
-    for _ in range(MAX_PAGES):
-        for attempt in range(ATTEMPTS):
-            try:
-                response = session.post(url, json={**request, **({"pageToken": token} if token else {})},
-                                        timeout=timeout)
-                if response.status_code < 500 or attempt == ATTEMPTS - 1:
-                    break
-            except (requests.ConnectionError, requests.Timeout):
-                if attempt == ATTEMPTS - 1:
-                    raise
-            time.sleep(2**attempt)
-        response.raise_for_status()
-        page = response.json()
-        lines, cursor = take(page.get("entries") or [], cursor)
-        out += lines
-        token = page.get("nextPageToken")
-        if not token:
-            break
-    return out, {**cursor, "behind": bool(token)}
-
-
 async def aread_entries(session: Any, url: str, token: str, project: str, job_id: str,
                         cursor: Any) -> tuple[list[str], Any]:
-    """Async: ``session`` is an ``aiohttp.ClientSession`` (with its timeout); ``token`` a bearer token.
-    Transient failures are tried again as in ``read_entries``."""
+    """``session`` is an ``aiohttp.ClientSession`` (with its timeout); ``token`` a bearer token. A call that
+    fails transiently (5xx, a dropped connection, no answer in time) is tried again, at most ``ATTEMPTS`` times."""
     import asyncio
 
     import aiohttp

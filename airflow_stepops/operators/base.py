@@ -13,7 +13,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from airflow.sdk import BaseOperator
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from airflow_stepops.bundle import StepIdentity
     from airflow_stepops.hooks.base import JobHandle, StepOperatorHook, StepSpec
+    from airflow_stepops.triggers.base import StepEvent
 
 #: task_state_store key of the current job handle (kept across retries of one task instance)
 STATE_KEY = "stepops_job"
@@ -133,10 +134,9 @@ class StepOperator(BaseOperator):
     def get_hook(self) -> StepOperatorHook:
         """The hook of this step's flavor, bound to its connection (validated)."""
         if self._hook is None:
-            from airflow_stepops.hooks.base import load_step_operator_connection, parse_config
+            from airflow_stepops.connections import load_config
 
-            flavor, extras = load_step_operator_connection(self.step_operator, self.flavor)
-            config = parse_config(flavor, self.step_operator, extras)
+            flavor, config = load_config(self.step_operator, self.flavor)
             self._hook = get_flavor(flavor).hook()(step_operator_conn_id=self.step_operator, config=config)
         return self._hook
 
@@ -169,7 +169,7 @@ class StepOperator(BaseOperator):
         meta = build_meta(identity, multiple_outputs=bool(self.multiple_outputs),
                           max_result_bytes=hook.config.max_result_bytes,
                           inline_result_max_bytes=hook.config.inline_result_max_bytes, task_label=self.task_label)
-        hook.render(spec)  # validates the whole backend request before anything is written or started
+        hook.prepare(spec)  # the whole backend request, validated before anything is written or started
         hook.check_store()
         from airflow_stepops.artifacts import store_path
 
@@ -195,34 +195,34 @@ class StepOperator(BaseOperator):
 
         store = context.get("task_state_store")  # type: ignore[call-overload]
         identity = StepIdentity.from_context(context, _run_key(store, context))
-        previous = store.get(STATE_KEY) if store is not None else None
-        if isinstance(previous, dict) and previous.get("conn_id") == self.step_operator:
-            if self._reattachable(hook, previous, allow_succeeded=True):
-                adopted = {**previous, "attached_by_try": identity.try_number}
-                if store is not None:  # an older try still being killed must not stop it now
-                    store.set(STATE_KEY, adopted)
-                return adopted
-        else:
-            # no stored handle (Airflow < 3.3, or the worker died between submit and storing it):
-            # look for earlier tries' jobs by their deterministic names
-            for try_number in range(identity.try_number - 1, 0, -1):
-                earlier = hook.find_job(identity.for_try(try_number))
-                if earlier and self._reattachable(hook, earlier, allow_succeeded=False):
-                    earlier = {**earlier, "attached_by_try": identity.try_number}
-                    if store is not None:
-                        store.set(STATE_KEY, earlier)
-                    return earlier
+        handle = self._earlier_job(hook, _stored_handle(store), identity) or self._job_of_this_try(
+            context, hook, identity)
+        handle = {**handle, "attached_by_try": identity.try_number}
+        if store is not None:  # an older try still being killed must not stop it now
+            store.set(STATE_KEY, cast(Any, handle))
+        return handle
+
+    def _earlier_job(self, hook: StepOperatorHook, previous: JobHandle | None,
+                     identity: StepIdentity) -> JobHandle | None:
+        """An earlier try's job still worth waiting for: the stored one, else (no stored handle: Airflow < 3.3,
+        or the worker died between submit and storing it) one found by its deterministic name."""
+        if previous is not None and previous.get("conn_id") == self.step_operator:
+            return previous if self._reattachable(hook, previous, allow_succeeded=True) else None
+        for try_number in range(identity.try_number - 1, 0, -1):
+            earlier = hook.find_job(identity.for_try(try_number))
+            if earlier and self._reattachable(hook, earlier, allow_succeeded=False):
+                return earlier
+        return None
+
+    def _job_of_this_try(self, context: Context, hook: StepOperatorHook, identity: StepIdentity) -> JobHandle:
         handle = hook.find_job(identity)
         if handle is not None:
             self.log.info("Job %s of this try already exists: re-attaching", handle.get("job_id"))
-        else:
-            spec = self.write_step_bundle(context, hook, identity)
-            handle = {**hook.submit(spec), "submitted_at": time.time()}
-            self.log.info("Submitted step %s to %s step operator %r as job %s", self.task_label, hook.flavor,
-                          self.step_operator, handle.get("job_id"))
-        handle = {**handle, "attached_by_try": identity.try_number}
-        if store is not None:
-            store.set(STATE_KEY, handle)
+            return handle
+        spec = self.write_step_bundle(context, hook, identity)
+        handle = {**hook.submit(spec), "submitted_at": time.time()}
+        self.log.info("Submitted step %s to %s step operator %r as job %s", self.task_label, hook.flavor,
+                      self.step_operator, handle.get("job_id"))
         return handle
 
     # ---- the lifecycle ----------------------------------------------------------------------
@@ -276,11 +276,10 @@ class StepOperator(BaseOperator):
                 "will not stop its remote job; upgrade Airflow or run with deferrable=False"
             )
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
-        handle = event["handle"]
+    def execute_complete(self, context: Context, event: StepEvent) -> Any:
+        # read leniently: an event a trigger of an older release sent may lack the newer keys
+        handle, status, details = event["handle"], event["status"], event.get("details") or {}
         self._handle = handle
-        status = event["status"]
-        details = event.get("details") or {}
         hook = self.get_hook()
         from airflow_stepops.artifacts import store_path
         from airflow_stepops.bundle import read_outcome
@@ -344,10 +343,9 @@ class StepOperator(BaseOperator):
         # Airflow ended the deferral without an event of the trigger: its own trigger timeout passed (the
         # backstop to the execution_timeout the trigger enforces: no triggerer ran the trigger in time) or the
         # trigger crashed. Airflow does not call a trigger's on_kill then, so the job still runs: stop it here.
-        store = context.get("task_state_store")  # type: ignore[call-overload]
-        handle = store.get(STATE_KEY) if store is not None else None
-        job_id = handle.get("job_id") if isinstance(handle, dict) else None
-        if isinstance(handle, dict):
+        handle = _stored_handle(context.get("task_state_store"))  # type: ignore[call-overload]
+        job_id = handle.get("job_id") if handle is not None else None
+        if handle is not None:
             self._handle = handle
             self.log.warning("The deferral ended without the trigger reporting on job %s: stopping it", job_id)
             self._cancel_quietly(self.get_hook(), handle)
@@ -403,6 +401,11 @@ class StepOperator(BaseOperator):
                     and (current.get("attached_by_try") or 0) > mine)
 
 
+def _stored_handle(store: Any) -> JobHandle | None:
+    value = store.get(STATE_KEY) if store is not None else None
+    return cast("JobHandle", value) if isinstance(value, dict) else None
+
+
 def _run_key(store: Any, context: Context) -> str:
     """A key unique to this incarnation of the dag run and stable across its tries and workers.
 
@@ -421,13 +424,13 @@ def _run_key(store: Any, context: Context) -> str:
     return hashlib.sha256(started.isoformat().encode()).hexdigest()[:12] if started else ""
 
 
-async def _first_event(trigger: Any) -> dict[str, Any]:
+async def _first_event(trigger: Any) -> StepEvent:
     async for event in trigger.run():
         return event.payload
     raise StepFailedError("the trigger ended without an event")
 
 
-def _tail(event: dict[str, Any]) -> str:
+def _tail(event: StepEvent) -> str:
     lines = event.get("log_tail") or []
     return ("\nLast remote log lines:\n" + "\n".join(lines)) if lines else ""
 

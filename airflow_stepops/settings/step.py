@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.flavors import FLAVORS, get_flavor
@@ -18,6 +18,7 @@ from airflow_stepops.settings.base import BaseStepOperatorSettings, format_valid
 
 RESOURCES_KEY = "resources"
 FLAVOR_KEY_PREFIX = "step_operator."
+_Model = TypeVar("_Model", bound=BaseModel)
 
 
 def _allowed_keys() -> str:
@@ -56,14 +57,19 @@ class StepSettings:
         return data
 
 
+def validated(model: type[_Model], data: Mapping[str, Any], where: str) -> _Model:
+    """``data`` as ``model``, or one error naming ``where`` and each wrong field."""
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as err:
+        raise StepOperatorConfigError(format_validation_error(err, where)) from None
+
+
 def validate_resources(value: Any, where: str) -> ResourceSettings:
     if isinstance(value, ResourceSettings):
         return value
     if isinstance(value, Mapping):
-        try:
-            return ResourceSettings.model_validate(dict(value))
-        except ValidationError as err:
-            raise StepOperatorConfigError(format_validation_error(err, where)) from None
+        return validated(ResourceSettings, value, where)
     raise StepOperatorConfigError(
         f"{where}: expected ResourceSettings(...) or a dict of its fields, got {type(value).__name__}"
     )
@@ -79,10 +85,7 @@ def _flavor_settings(flavor: str, value: Any, where: str) -> BaseStepOperatorSet
             )
         return value
     if isinstance(value, Mapping):
-        try:
-            return model.model_validate(dict(value))
-        except ValidationError as err:
-            raise StepOperatorConfigError(format_validation_error(err, where)) from None
+        return validated(model, value, where)
     raise StepOperatorConfigError(f"{where}: expected {model.__name__}(...) or a dict, got {type(value).__name__}")
 
 
@@ -151,9 +154,14 @@ def parse_step_settings(
         try:
             flavor_settings.check_resources(resources_)
         except ValueError as exc:
-            where = "" if str(exc).startswith("resources") else f"settings['step_operator.{flavor_settings.flavor}']."
-            raise StepOperatorConfigError(f"{where}{exc}") from None
+            raise settings_error(flavor_settings.flavor, exc) from None
     return StepSettings(resources=resources_, flavor_settings=flavor_settings)
+
+
+def settings_error(flavor: str, exc: ValueError) -> StepOperatorConfigError:
+    """A flavor settings check's error, named by where the conflict is: the resources or the flavor settings."""
+    where = "" if str(exc).startswith("resources") else f"settings['step_operator.{flavor}']."
+    return StepOperatorConfigError(f"{where}{exc}")
 
 
 def _check_with_defaults(flavor: str | None, resources: ResourceSettings) -> None:

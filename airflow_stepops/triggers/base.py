@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Coroutine
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypedDict, TypeVar
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
@@ -25,6 +25,16 @@ MAX_CONSECUTIVE_POLL_ERRORS = 10
 #: log reads after a job ended, to drain what it still has (each read is capped by the hook)
 MAX_FINAL_LOG_READS = 20
 _T = TypeVar("_T")
+
+
+class StepEvent(TypedDict):
+    """The payload of a step trigger's one event, which ``StepOperator.execute_complete`` reads."""
+
+    status: str  # a JobState value, "timeout" (the trigger stopped the job) or "error" (it lost track)
+    message: str
+    handle: JobHandle
+    log_tail: list[str]  # the last remote log lines, for the error message
+    details: dict[str, Any]  # the final JobStatus.details
 
 
 async def _keeping_cancel_message(call: Coroutine[Any, Any, _T]) -> _T:
@@ -194,9 +204,11 @@ class StepOperatorTrigger(BaseTrigger):
         except Exception as exc:
             self.log.warning("Could not collect the output of %s yet: %s", self.handle.get("job_id"), exc)
 
-    def _event(self, status: str, message: str, tail: deque[str], **extra: Any) -> TriggerEvent:
-        return TriggerEvent({"status": status, "message": message, "handle": self.handle,
-                             "log_tail": list(tail), **extra})
+    def _event(self, status: str, message: str, tail: deque[str], details: dict[str, Any] | None = None
+               ) -> TriggerEvent:
+        event = StepEvent(status=status, message=message, handle=self.handle, log_tail=list(tail),
+                          details=details or {})
+        return TriggerEvent(event)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         try:

@@ -16,9 +16,9 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 from airflow_stepops.artifacts import local_path, store_path  # noqa: E402
 from airflow_stepops.bundle import StepIdentity, read_outcome  # noqa: E402
+from airflow_stepops.connections import parse_config  # noqa: E402
 from airflow_stepops.exceptions import StepOperatorConfigError  # noqa: E402
 from airflow_stepops.hooks import kubernetes_job as manifest  # noqa: E402
-from airflow_stepops.hooks.base import parse_config  # noqa: E402
 from airflow_stepops.resources import ResourceSettings  # noqa: E402
 from airflow_stepops.settings.kubernetes import (  # noqa: E402
     KubernetesStepOperatorConfig,

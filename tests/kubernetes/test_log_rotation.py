@@ -3,6 +3,7 @@ kubelet rotates them), and incremental reads of them lose and repeat nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -55,7 +56,7 @@ def _follow(hook, handle) -> list[str]:
     streamed, cursor = [], None
     while True:
         done = hook.get_status(handle)
-        lines, cursor = hook.read_logs(handle, cursor)
+        lines, cursor = asyncio.run(hook.aread_logs(handle, cursor))
         streamed += lines
         if done.state.terminal and not lines:
             assert done.state is JobState.SUCCEEDED, done

@@ -12,10 +12,10 @@ from airflow_stepops.hooks.kubernetes_logs import (
     extract_output_block,
     fresh_cursor,
     new_lines,
-    parse_stamp,
     since_seconds,
 )
 from airflow_stepops.hooks.kubernetes_status import interpret
+from airflow_stepops.timestamps import epoch
 
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 
@@ -28,10 +28,10 @@ def _stamp(offset: float) -> str:
 
 
 def test_timestamps_with_offsets_and_trimmed_nanoseconds():
-    assert parse_stamp("2027-01-15T08:00:00Z") == T0
-    assert parse_stamp("2027-01-15T10:00:00.5+02:00") == T0 + 0.5
-    assert abs(parse_stamp("2027-01-15T08:00:00.123456789Z") - (T0 + 0.123456789)) < 1e-6
-    assert parse_stamp("unable to retrieve container logs") is None
+    assert epoch("2027-01-15T08:00:00Z") == T0
+    assert epoch("2027-01-15T10:00:00.5+02:00") == T0 + 0.5
+    assert abs(epoch("2027-01-15T08:00:00.123456789Z") - (T0 + 0.123456789)) < 1e-6
+    assert epoch("unable to retrieve container logs") is None
 
 
 def test_log_reads_lose_and_repeat_nothing():

@@ -164,7 +164,7 @@ def test_unknown_instance_type_is_refused_before_submitting():
     hook = _hook()
     with pytest.raises(StepOperatorConfigError, match=r"unknown SageMaker training instance type 'ml.p9.mega'"):
         hook.render(_spec(hook, settings=SageMakerStepOperatorSettings(instance_type="ml.p9.mega")))
-    with pytest.raises(StepOperatorConfigError, match="image: step operator 'sm' has no training image"):
+    with pytest.raises(StepOperatorConfigError, match="image: step operator 'sm' has no container image"):
         from airflow_stepops.hooks.sagemaker import SageMakerStepOperatorHook
 
         bare = SageMakerStepOperatorHook(step_operator_conn_id="sm", config=SageMakerStepOperatorConfig(

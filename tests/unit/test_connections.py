@@ -25,7 +25,7 @@ def bad_extra(monkeypatch):
 
 @pytest.mark.usefixtures("bad_extra")
 def test_operator_hook_and_trigger_refuse_a_non_json_extra(caplog):
-    from airflow_stepops.hooks.base import load_step_operator_connection
+    from airflow_stepops.connections import load_step_operator_connection
     from airflow_stepops.hooks.local import LocalStepOperatorHook
     from airflow_stepops.triggers.local import LocalStepOperatorTrigger
 

@@ -116,7 +116,7 @@ def test_artifact_ref_survives_airflow_serde():
 
 
 def test_unknown_connection_lists_registered_step_operators(monkeypatch):
-    from airflow_stepops.hooks.base import load_step_operator_connection
+    from airflow_stepops.connections import load_step_operator_connection
 
     monkeypatch.setenv("AIRFLOW_CONN_GPU_BOX", '{"conn_type": "stepops_local"}')
     with pytest.raises(StepOperatorConfigError) as info:
@@ -127,7 +127,7 @@ def test_unknown_connection_lists_registered_step_operators(monkeypatch):
 
 
 def test_connection_of_another_type_is_refused(monkeypatch):
-    from airflow_stepops.hooks.base import load_step_operator_connection
+    from airflow_stepops.connections import load_step_operator_connection
 
     monkeypatch.setenv("AIRFLOW_CONN_MY_S3", '{"conn_type": "aws"}')
     with pytest.raises(StepOperatorConfigError, match=r"connection type 'aws' is not a step operator; .*stepops_local"):

@@ -180,3 +180,22 @@ def test_unknown_field_in_class_form_lists_allowed_fields(model):
     assert line["msg"].endswith("allowed: " + ", ".join(model.model_fields))
     if "max_runtime_in_seconds" in model.model_fields:
         assert "did you mean 'max_runtime_in_seconds'?" in line["msg"]
+
+
+def test_parse_time_settings_import_nothing_above_them():
+    """Settings are the bottom layer: validating every flavor's settings loads no hook, operator, trigger or
+    connection lookup (and so nothing of a backend's SDK)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from airflow_stepops.flavors import FLAVORS
+from airflow_stepops.settings.step import parse_step_settings
+for name in FLAVORS:
+    parse_step_settings({"resources": {"cpu_count": 1}, f"step_operator.{name}": {}})
+print(sorted(m for m in sys.modules if m.startswith(("airflow_stepops.hooks", "airflow_stepops.operators",
+                                                      "airflow_stepops.triggers", "airflow_stepops.connections"))))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
