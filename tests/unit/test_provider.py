@@ -29,12 +29,13 @@ def test_airflow_providers_manager_sees_each_flavor_with_its_hook_and_form():
     """What Airflow reads: the connection types and form fields from provider info, and the hook class's
     conn_type / conn_name_attr / hook_name when it imports the hook (a missing one drops the type)."""
     from airflow.providers_manager import ProvidersManager
+    from airflow.sdk.providers_manager_runtime import ProvidersManagerTaskRuntime
 
     manager = ProvidersManager()
     ui = {m.connection_type: m for m in manager.iter_connection_type_hook_ui_metadata()}
     widgets = manager._connection_form_widgets_from_metadata  # what the connection form shows
     for flavor in BUILTIN_FLAVORS:
-        hook = manager.hooks[flavor.conn_type]
+        hook = ProvidersManagerTaskRuntime().hooks[flavor.conn_type]
         assert hook is not None and (hook.hook_class_name, hook.connection_id_attribute_name, hook.hook_name) == (
             flavor.hook_class, "step_operator_conn_id", flavor.hook_name), flavor.name
         assert ui[flavor.conn_type].field_behaviour["hidden_fields"][-1] == "extra"
