@@ -35,6 +35,8 @@ def test_runtime_imports_only_the_standard_library():
             names = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module == "airflow_stepops.runtime":  # on the worker
+                names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module or ""]
             for name in names:
