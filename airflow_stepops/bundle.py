@@ -3,8 +3,9 @@
 Layout under the artifact store, one directory per try so a retry never overwrites what an
 earlier try's job may still be reading::
 
-    <store>/<dag_id>/<run_id>/<task_id>/<map_index>/try-<n>-<run key>/bundle/{meta.json,payload.pkl,bootstrap.py}
-    <store>/<dag_id>/<run_id>/<task_id>/<map_index>/try-<n>-<run key>/output/{result.json|error.json,*.pkl}
+    <store>/<dag_id>/<run_id>/<task_id>/<map_index>/try-<n>-<run key>/{bundle,output}/
+
+with the files ``runtime/protocol.py`` names.
 """
 
 from __future__ import annotations
@@ -15,20 +16,20 @@ import os
 import re
 import sys
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from airflow_stepops.artifacts import ArtifactRef
+from airflow_stepops.artifacts import CHUNK, ArtifactRef, store_path
 from airflow_stepops.exceptions import StepOperatorConfigError
-from airflow_stepops.runtime import bootstrap
+from airflow_stepops.runtime import protocol
 
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
 
-RUNTIME_SOURCE = Path(bootstrap.__file__)
+RUNTIME_DIR = Path(protocol.__file__).parent
 _UNSAFE = re.compile(r"[^A-Za-z0-9._:+=-]")
 
 
@@ -95,7 +96,7 @@ class StepIdentity:
 
 def _marker(refs: list[ArtifactRef], ref: ArtifactRef) -> dict[str, int]:
     refs.append(ref)
-    return {bootstrap.REF_MARKER: len(refs) - 1}
+    return {protocol.REF_MARKER: len(refs) - 1}
 
 
 def replace_refs(value: Any, refs: list[ArtifactRef], depth: int = 0) -> Any:
@@ -185,11 +186,11 @@ def find_unpicklable(fn: Any, args: Any, kwargs: dict[str, Any]) -> str | None:
 
 
 def build_meta(identity: StepIdentity, *, multiple_outputs: bool, max_result_bytes: int,
-               inline_result_max_bytes: int, task_label: str) -> dict[str, Any]:
+               inline_result_max_bytes: int, task_label: str) -> protocol.Meta:
     import cloudpickle
 
     return {
-        "format_version": bootstrap.FORMAT_VERSION,
+        "format_version": protocol.FORMAT_VERSION,
         "python_version": list(sys.version_info[:3]),
         "cloudpickle_version": cloudpickle.__version__,  # the bootstrap checks it before loading the payload
         "multiple_outputs": multiple_outputs,
@@ -200,12 +201,36 @@ def build_meta(identity: StepIdentity, *, multiple_outputs: bool, max_result_byt
     }
 
 
-def write_bundle(bundle_dir: ObjectStoragePath, payload: bytes, meta: dict[str, Any]) -> None:
+def write_bundle(bundle_dir: ObjectStoragePath, payload: bytes, meta: protocol.Meta) -> None:
     bundle_dir.mkdir(parents=True, exist_ok=True)
-    (bundle_dir / "payload.pkl").write_bytes(payload)
-    (bundle_dir / "bootstrap.py").write_bytes(RUNTIME_SOURCE.read_bytes())
+    (bundle_dir / protocol.PAYLOAD_FILE).write_bytes(payload)
+    for name in (protocol.BOOTSTRAP_FILE, protocol.PROTOCOL_FILE):
+        (bundle_dir / name).write_bytes((RUNTIME_DIR / name).read_bytes())
     # meta.json last: its presence means the bundle is complete
-    (bundle_dir / "meta.json").write_text(json.dumps(meta))
+    (bundle_dir / protocol.META_FILE).write_text(json.dumps(meta))
+
+
+def stage(bundle_uri: str, refs: Mapping[int | str, ArtifactRef] = {}, listing: protocol.Refs | None = None) -> None:
+    """Put beside a written bundle what a remote job reads from its directory: the entry program, the input
+    artifacts ``refs`` (by index) the job cannot reach where they are, and ``listing`` when the job's
+    environment has no room for it."""
+    bundle = store_path(bundle_uri)
+    (bundle / protocol.ENTRY_FILE).write_bytes((RUNTIME_DIR / protocol.ENTRY_FILE).read_bytes())
+    for index, ref in refs.items():
+        with ref.open() as src, (bundle / protocol.staged_ref(index)).open("wb") as dst:
+            while chunk := src.read(CHUNK):
+                dst.write(chunk)
+    if listing is not None:
+        (bundle / protocol.REFS_FILE).write_text(json.dumps(listing))
+
+
+def entry_program() -> str:
+    """``entry.py`` as one program for ``python -c`` (nothing is beside it there), with ``protocol.py`` run
+    first as the module ``protocol`` it imports."""
+    source = {name: (RUNTIME_DIR / name).read_text() for name in (protocol.PROTOCOL_FILE, protocol.ENTRY_FILE)}
+    return ("import sys, types\nsys.modules['protocol'] = module = types.ModuleType('protocol')\n"
+            f"exec(compile({source[protocol.PROTOCOL_FILE]!r}, 'protocol.py', 'exec'), module.__dict__)\n"
+            f"exec(compile({source[protocol.ENTRY_FILE]!r}, 'entry.py', 'exec'), {{'__name__': '__main__'}})\n")
 
 
 @dataclass
@@ -215,7 +240,7 @@ class StepOutcome:
     ok: bool
     outputs: dict[str, Any] = field(default_factory=dict)
     multiple_outputs: bool = False
-    error: dict[str, Any] | None = None
+    error: protocol.Error | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -224,10 +249,10 @@ class StepOutcome:
 
 
 def read_outcome(output_dir: ObjectStoragePath) -> StepOutcome | None:
-    """Parse result.json or error.json; None if the runtime left neither."""
-    result_file = output_dir / bootstrap.RESULT_FILE
+    """Parse the result or error record; None if the runtime left neither."""
+    result_file = output_dir / protocol.RESULT_FILE
     if result_file.exists():
-        data = json.loads(result_file.read_text())
+        data: protocol.Result = json.loads(result_file.read_text())
         outputs: dict[str, Any] = {}
         for name, entry in data["outputs"].items():
             if entry["kind"] == "json":
@@ -239,7 +264,7 @@ def read_outcome(output_dir: ObjectStoragePath) -> StepOutcome | None:
                 )
         info = {k: v for k, v in data.items() if k not in ("outputs",)}
         return StepOutcome(ok=True, outputs=outputs, multiple_outputs=data.get("multiple_outputs", False), info=info)
-    error_file = output_dir / bootstrap.ERROR_FILE
+    error_file = output_dir / protocol.ERROR_FILE
     if error_file.exists():
         return StepOutcome(ok=False, error=json.loads(error_file.read_text()))
     return None

@@ -245,7 +245,7 @@ def read_worker(path: Path, size: int, file_size: int, type_name: str, sha256: s
     import cloudpickle
 
     from airflow_stepops.artifacts import ArtifactRef
-    from airflow_stepops.runtime import bootstrap
+    from airflow_stepops.runtime import bootstrap, protocol
 
     ref = ArtifactRef(uri=f"file://{path}", type=type_name, size=file_size, sha256=sha256)
 
@@ -265,7 +265,7 @@ def read_worker(path: Path, size: int, file_size: int, type_name: str, sha256: s
 
     def runtime_input() -> Any:
         """What a downstream step does with a staged input artifact."""
-        return bootstrap._resolve_refs([{bootstrap.REF_MARKER: 0}], {0: str(path)}, cloudpickle)[0]
+        return bootstrap._resolve_refs([{protocol.REF_MARKER: 0}], {0: str(path)}, cloudpickle)[0]
 
     def single_pass() -> Any:
         """What-if: unpickle and verify the sha256 in one pass."""

@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from airflow_stepops.runtime.protocol import META_FILE, RESULT_FILE
 from benchmarks.common import (
     Section,
     airflow_env,
@@ -142,10 +143,10 @@ def job_events(job_dir: Path) -> dict[str, Any]:
     bundle = Path(argv[argv.index("--bundle") + 1])
     output = Path(argv[argv.index("--output") + 1])
     status = json.loads((job_dir / "status.json").read_text())
-    result = json.loads((output / "result.json").read_text())
-    return {"bundle_written": _mtime(bundle / "meta.json"), "spec_written": _mtime(job_dir / "spec.json"),
+    result = json.loads((output / RESULT_FILE).read_text())
+    return {"bundle_written": _mtime(bundle / META_FILE), "spec_written": _mtime(job_dir / "spec.json"),
             "launcher_ready": _mtime(job_dir / "launcher.json"), "step_started": _mtime(job_dir / "child.json"),
-            "result_written": _mtime(output / "result.json"), "status_recorded": float(status["finished_at"]),
+            "result_written": _mtime(output / RESULT_FILE), "status_recorded": float(status["finished_at"]),
             "value": result["outputs"]["return_value"].get("value")}
 
 

@@ -73,6 +73,7 @@ json.dump(written, open(sys.argv[2], "w"))
 def make_job_dirs(root: Path, n: int) -> list[dict[str, Any]]:
     """Create ``n`` running-looking local job directories; return their handles."""
     from airflow_stepops.runtime.local_launcher import process_start_time
+    from airflow_stepops.runtime.protocol import BOOTSTRAP_FILE, Env
 
     pid = os.getpid()
     launcher = json.dumps({"pid": pid, "start_time": process_start_time(pid)})
@@ -80,12 +81,12 @@ def make_job_dirs(root: Path, n: int) -> list[dict[str, Any]]:
     for i in range(n):
         job_dir = root / f"bench_triggerer-step_{i:05d}-t1-{i:010x}"
         job_dir.mkdir(parents=True)
-        spec = {"argv": [sys.executable, str(job_dir / "bootstrap.py"), "--bundle", str(job_dir / "bundle"),
+        spec = {"argv": [sys.executable, str(job_dir / BOOTSTRAP_FILE), "--bundle", str(job_dir / "bundle"),
                          "--output", str(job_dir / "output")],
                 "cwd": None, "cpu_ids": [i % 2], "memory_limit_bytes": 1 << 30, "limit_address_space": True,
                 "gpus": None, "max_runtime_seconds": None, "nice": 0, "cancel_grace_seconds": 10.0,
                 "env": {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", ""),
-                        "STEPOPS_FLAVOR": "local", "STEPOPS_JOB_DIR": str(job_dir), "PYTHONUNBUFFERED": "1",
+                        Env.FLAVOR: "local", Env.JOB_DIR: str(job_dir), "PYTHONUNBUFFERED": "1",
                         **{k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                             "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                                             "RAYON_NUM_THREADS", "TF_NUM_INTRAOP_THREADS")}},

@@ -18,11 +18,10 @@ import logging
 import math
 import shlex
 from functools import cached_property
-from pathlib import Path
 from typing import Any, ClassVar
 
 from airflow_stepops.artifacts import store_path
-from airflow_stepops.bundle import StepIdentity
+from airflow_stepops.bundle import StepIdentity, stage
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.azureml_job import (
     STEP_TAG,
@@ -35,6 +34,8 @@ from airflow_stepops.hooks.azureml_job import (
     parse_store,
 )
 from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec, settings_as
+from airflow_stepops.runtime import protocol
+from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.settings.azureml import (
     MAX_DISPLAY_NAME,
     MAX_TAGS,
@@ -44,7 +45,6 @@ from airflow_stepops.settings.azureml import (
 )
 from airflow_stepops.timestamps import epoch
 
-ENTRY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py"
 PROVIDER = "Microsoft.MachineLearningServices"
 #: the SDK's and azure-core's chatter (every request and header at INFO, experimental-class notices)
 _QUIET_LOGGERS = ("azure.core.pipeline.policies.http_logging_policy", "azure.identity", "azure.ai.ml",
@@ -252,17 +252,17 @@ class AzureMLStepOperatorHook(StepOperatorHook):
                 inputs[f"ref_{index}"] = Input(type="uri_file", path=ref_inputs[index], mode="ro_mount")
                 refs[index] = {"path": f"${{{{inputs.ref_{index}}}}}"}
             else:
-                refs[index] = {"path": f"${{{{inputs.bundle}}}}/refs/{index}.pkl"}
+                refs[index] = {"path": f"${{{{inputs.bundle}}}}/{protocol.staged_ref(index)}"}
         outputs = {"output": Output(type="uri_folder", path=output_uri, mode="rw_mount"),
                    # where a step keeps state that must survive a preemption (the next try finds it)
                    "checkpoints": Output(type="uri_folder", path=f"{step_root}/checkpoints", mode="rw_mount")}
-        exports = {"STEPOPS_BUNDLE_PATH": "${{inputs.bundle}}", "STEPOPS_OUTPUT_PATH": "${{outputs.output}}",
-                   "STEPOPS_CHECKPOINT_DIR": "${{outputs.checkpoints}}"}
+        exports = {Env.BUNDLE_PATH: "${{inputs.bundle}}", Env.OUTPUT_PATH: "${{outputs.output}}",
+                   Env.CHECKPOINT_DIR: "${{outputs.checkpoints}}"}
         line = "export " + " ".join(f'{k}="{v}"' for k, v in exports.items())
         if refs:
-            line += f" STEPOPS_REFS={shlex.quote(json.dumps(refs, separators=(',', ':')))}"
-        command_line = f'{line}; exec python3 "${{{{inputs.bundle}}}}/pod_entry.py"'
-        env = {**cfg.environment, **settings.variables, "STEPOPS_FLAVOR": "azureml", "PYTHONUNBUFFERED": "1"}
+            line += f" {Env.REFS}={shlex.quote(json.dumps(refs, separators=(',', ':')))}"
+        command_line = f'{line}; exec python3 "${{{{inputs.bundle}}}}/{protocol.ENTRY_FILE}"'
+        env = {**cfg.environment, **settings.variables, Env.FLAVOR: "azureml", "PYTHONUNBUFFERED": "1"}
         runtime = settings.max_runtime_in_seconds
         if spec.timeout_seconds:  # a backstop to Airflow's own execution_timeout
             backstop = math.ceil(spec.timeout_seconds) + 60
@@ -318,15 +318,6 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         self.validate(job)
         body = to_rest_job_object(job).as_dict()
         return dict(json.loads(json.dumps(body, default=str)))
-
-    def _stage(self, spec: StepSpec) -> None:
-        """Put the entry point, and input artifacts from other stores, into the bundle."""
-        bundle = store_path(spec.bundle_uri)
-        (bundle / "pod_entry.py").write_bytes(ENTRY_SOURCE.read_bytes())
-        for index in self._refs(spec)[1]:
-            with spec.refs[int(index)].open() as src, (bundle / "refs" / f"{index}.pkl").open("wb") as dst:
-                while chunk := src.read(8 << 20):
-                    dst.write(chunk)
 
     def _compute_info(self, name: str) -> dict[str, Any]:
         """Size and tier of a compute target (looked up once per hook)."""
@@ -410,7 +401,7 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         job = self.prepare(spec)
         self._check_datastore()
         info = self._check_compute(spec)
-        self._stage(spec)
+        stage(spec.bundle_uri, {int(index): spec.refs[int(index)] for index in self._refs(spec)[1]})
         try:
             created = self.ml_client.jobs.create_or_update(job)
         except Exception as exc:

@@ -26,6 +26,8 @@ from airflow_stepops.hooks import kubernetes_job as manifest
 from airflow_stepops.hooks import kubernetes_logs as logs
 from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec, settings_as
 from airflow_stepops.hooks.kubernetes_status import container_status, interpret, latest_pod
+from airflow_stepops.runtime import protocol
+from airflow_stepops.runtime.protocol import BUNDLE_FILES, Env
 from airflow_stepops.settings.kubernetes import (
     KubernetesStepOperatorConfig,
     KubernetesStepOperatorSettings,
@@ -36,7 +38,6 @@ from airflow_stepops.settings.step import settings_error
 HANDLE_ANNOTATION = f"{manifest.LABEL_PREFIX}/handle"
 #: steps selected by one list call (``step in (...)``; keeps the URL short)
 STEPS_PER_LIST = 100
-BUNDLE_FILES = ("payload.pkl", "bootstrap.py", "meta.json")
 #: tries of one API call; timeouts, broken connections, 429 and 5xx are retried with back-off, the
 #: answers the API conventions call retryable (https://github.com/kubernetes/community/blob/master/
 #: contributors/devel/sig-architecture/api-conventions.md#http-status-codes)
@@ -45,7 +46,7 @@ RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 
 #: where ``build_request`` leaves the bundle's transport to ``submit``
-TRANSPORT_STANDIN = {"name": "STEPOPS_BUNDLE_PARTS", "value": "<the bundle: pod spec, volume or store, chosen at "
+TRANSPORT_STANDIN = {"name": Env.BUNDLE_PARTS, "value": "<the bundle: pod spec, volume or store, chosen at "
                      "submit by its size>"}
 
 
@@ -205,7 +206,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         if settings.require_checkpoint_dir and manifest.checkpoint_dir(self.config, spec.identity) is None:
             raise StepOperatorConfigError(
                 f"settings['step_operator.kubernetes'].require_checkpoint_dir: step operator "
-                f"{self.step_operator_conn_id!r} has no durable place for STEPOPS_CHECKPOINT_DIR; set "
+                f"{self.step_operator_conn_id!r} has no durable place for {Env.CHECKPOINT_DIR}; set "
                 "\"checkpoint_volume_claim\" (a ReadWriteMany PersistentVolumeClaim) in its connection extras, or "
                 "use a pvc:// artifact_store")
         job = manifest.build_job(identity=spec.identity, config=self.config, settings=settings,
@@ -229,7 +230,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
     def render(self, spec: StepSpec) -> dict[str, Any]:
         job = self.build_request(spec)
         container = job["spec"]["template"]["spec"]["containers"][0]
-        container["command"] = [*container["command"][:2], "<source of airflow_stepops/runtime/pod_entry.py>"]
+        container["command"] = [*container["command"][:2], "<airflow_stepops/runtime/entry.py>"]
         return job
 
     def _bundle_archive(self, files: dict[str, bytes]) -> bytes:
@@ -243,7 +244,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         return buffer.getvalue()
 
     def transport_env(self, spec: StepSpec) -> list[dict[str, Any]]:
-        """How the pod gets its bundle and inputs and returns its output (see runtime/pod_entry.py)."""
+        """How the pod gets its bundle and inputs and returns its output (see runtime/entry.py)."""
         bundle = store_path(spec.bundle_uri)
         output = store_path(spec.output_uri)
         if self.config.pvc_store is not None:
@@ -255,33 +256,34 @@ class KubernetesStepOperatorHook(StepOperatorHook):
                 in_pod = manifest.pod_path(self.config, where) if where else None
                 if in_pod is None:  # an input from another store: stage it on the volume
                     (bundle / "refs").mkdir(parents=True, exist_ok=True)
-                    ref.copy_to(f"{bundle_dir}/refs/{index}.pkl")
-                    in_pod = manifest.pod_path(self.config, f"{bundle_dir}/refs/{index}.pkl")
+                    ref.copy_to(f"{bundle_dir}/{protocol.staged_ref(index)}")
+                    in_pod = manifest.pod_path(self.config, f"{bundle_dir}/{protocol.staged_ref(index)}")
                 refs[str(index)] = {"path": in_pod}
-            return [{"name": "STEPOPS_BUNDLE_PATH", "value": manifest.pod_path(self.config, bundle_dir)},
-                    {"name": "STEPOPS_OUTPUT_PATH", "value": manifest.pod_path(self.config, output_dir)},
-                    {"name": "STEPOPS_REFS", "value": json.dumps(refs)}]
+            return [{"name": Env.BUNDLE_PATH, "value": manifest.pod_path(self.config, bundle_dir)},
+                    {"name": Env.OUTPUT_PATH, "value": manifest.pod_path(self.config, output_dir)},
+                    {"name": Env.REFS, "value": json.dumps(refs)}]
         limit = self.config.inline_transfer_max_bytes
         files = {name: (bundle / name).read_bytes() for name in BUNDLE_FILES}
         raw = sum(len(data) for data in files.values())
         ref_sizes = sum(ref.size for ref in spec.refs)
-        env: list[dict[str, Any]] = [{"name": "STEPOPS_BUNDLE_URI", "value": spec.bundle_uri},
-                                     {"name": "STEPOPS_OUTPUT_URI", "value": spec.output_uri},
-                                     {"name": "STEPOPS_INLINE_MAX_BYTES", "value": str(limit)}]
+        env: list[dict[str, Any]] = [{"name": Env.BUNDLE_URI, "value": spec.bundle_uri},
+                                     {"name": Env.OUTPUT_URI, "value": spec.output_uri},
+                                     {"name": Env.INLINE_MAX_BYTES, "value": str(limit)}]
         by_uri = {str(i): {"uri": ref.uri} for i, ref in enumerate(spec.refs)}
         attempts = []
         if spec.refs and raw + ref_sizes <= 8 * limit:
-            inline_refs = {f"refs/{i}.pkl": ref.path.read_bytes() for i, ref in enumerate(spec.refs)}
-            attempts.append(({**files, **inline_refs}, {str(i): {"inline": f"refs/{i}.pkl"} for i in range(len(spec.refs))}))
+            inline_refs = {protocol.staged_ref(i): ref.path.read_bytes() for i, ref in enumerate(spec.refs)}
+            attempts.append(({**files, **inline_refs}, {str(i): {"inline": protocol.staged_ref(i)}
+                                                        for i in range(len(spec.refs))}))
         if raw <= 8 * limit:
             attempts.append((files, by_uri))
         for contents, refs_env in attempts:
             archive = self._bundle_archive(contents)
             if len(archive) <= limit:
                 text = base64.b64encode(archive).decode()
-                return [*manifest.chunked_env("STEPOPS_BUNDLE", text),
-                        {"name": "STEPOPS_BUNDLE_SHA256", "value": hashlib.sha256(archive).hexdigest()},
-                        {"name": "STEPOPS_REFS", "value": json.dumps(refs_env)}, *env]
+                return [*manifest.chunked_env(Env.BUNDLE, text),
+                        {"name": Env.BUNDLE_SHA256, "value": hashlib.sha256(archive).hexdigest()},
+                        {"name": Env.REFS, "value": json.dumps(refs_env)}, *env]
         if not spec.bundle_uri.startswith("file://"):
             raise StepOperatorConfigError(
                 f"the step's bundle ({raw} bytes with its inputs) is larger than inline_transfer_max_size="
@@ -290,7 +292,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
                 "pass large inputs as artifacts of a pvc:// store")
         self.log.info("Bundle of %d bytes is larger than inline_transfer_max_size: the pod reads it from %s",
                       raw, spec.bundle_uri)
-        return [{"name": "STEPOPS_REFS", "value": json.dumps(by_uri)}, *env]
+        return [{"name": Env.REFS, "value": json.dumps(by_uri)}, *env]
 
     def _handle(self, job: dict[str, Any]) -> JobHandle:
         meta = job["metadata"]
@@ -323,9 +325,9 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         env[at:at + 1] = self.transport_env(spec)
         if isinstance(spec.settings, KubernetesStepOperatorSettings) and spec.settings.use_spot and \
                 manifest.checkpoint_dir(self.config, spec.identity) is None:
-            self.log.warning("Step %s runs on spot nodes but gets no STEPOPS_CHECKPOINT_DIR: step operator %r has no "
+            self.log.warning("Step %s runs on spot nodes but gets no %s: step operator %r has no "
                              "checkpoint_volume_claim or pvc:// artifact_store, so a retry after a preemption starts "
-                             "over", spec.task_label or job["metadata"]["name"], self.step_operator_conn_id)
+                             "over", spec.task_label or job["metadata"]["name"], Env.CHECKPOINT_DIR, self.step_operator_conn_id)
         try:
             self._call(self.batch.create_namespaced_job, self.namespace, job)
         except (ApiException, HTTPError) as exc:
@@ -400,7 +402,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         if handle.get("transport") != "inline":
             return
         output = store_path(handle["output_uri"])
-        if (output / "result.json").exists() or (output / "error.json").exists():
+        if any((output / name).exists() for name in protocol.OUTCOME_FILES):
             return
         pod = latest_pod(self._pods(handle))
         terminated = (container_status(pod).get("state") or {}).get("terminated") if pod else None
@@ -423,7 +425,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         output.mkdir(parents=True, exist_ok=True)
         with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
             members = sorted((m for m in tar.getmembers() if m.isfile() and "/" not in m.name),
-                             key=lambda m: m.name in ("result.json", "error.json"))
+                             key=lambda m: m.name in protocol.OUTCOME_FILES)
             for member in members:
                 source = tar.extractfile(member)
                 assert source is not None

@@ -13,11 +13,11 @@ from __future__ import annotations
 import copy
 import math
 import re
-from pathlib import Path
 from typing import Any
 
-from airflow_stepops.bundle import StepIdentity
+from airflow_stepops.bundle import StepIdentity, entry_program
 from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.settings.kubernetes import (
     DNS_LABEL,
     KubernetesPodOptions,
@@ -39,7 +39,7 @@ TERMINATION_LOG = "/dev/termination-log"
 STORE_VOLUME = "stepops-artifacts"
 CHECKPOINT_MOUNT = "/var/run/stepops/checkpoints"
 CHECKPOINT_VOLUME = "stepops-checkpoints"
-ENTRY_SOURCE = (Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py").read_text()
+ENTRY_PROGRAM = entry_program()
 #: seconds after the task's execution_timeout at which Kubernetes itself stops the Job
 TIMEOUT_BACKSTOP_SECONDS = 60
 #: largest single environment value we write (Linux refuses single strings over 128 KiB in exec)
@@ -148,7 +148,7 @@ def _store_mount(config: KubernetesStepOperatorConfig) -> tuple[dict[str, Any], 
 
 def checkpoint_dir(config: KubernetesStepOperatorConfig, identity: StepIdentity
                    ) -> tuple[str, tuple[dict[str, Any], dict[str, Any]] | None] | None:
-    """``STEPOPS_CHECKPOINT_DIR`` of a step in its pod, and the volume and mount it needs (None when an
+    """``Env.CHECKPOINT_DIR`` of a step in its pod, and the volume and mount it needs (None when an
     existing mount holds it); None when the step operator has no durable place for it.
 
     The directory is ``<dag>/<run>/<task>/<map index>/run-<run key>`` (``StepIdentity.step_path``, as on Modal)
@@ -165,7 +165,7 @@ def checkpoint_dir(config: KubernetesStepOperatorConfig, identity: StepIdentity
     The claim (or ``checkpoint_volume_path`` inside it, through ``subPath``:
     https://kubernetes.io/docs/concepts/storage/volumes/#using-subpath) is mounted, not the step's own
     directory: the kubelet creates a missing subPath directory as root, which a non-root step could not write
-    to, so the runtime creates the step's directory itself (runtime/pod_entry.py)."""
+    to, so the runtime creates the step's directory itself (runtime/entry.py)."""
     store = config.pvc_store
     claim = config.checkpoint_volume_claim
     if claim is None:
@@ -211,16 +211,16 @@ def build_job(
     labels = {**options.labels, **identity_labels(identity)}
     annotations = {**options.annotations, **identity_annotations(identity)}
     env = [{"name": k, "value": v} for k, v in {**config.environment, **settings.environment}.items()]
-    env += [{"name": "STEPOPS_FLAVOR", "value": "kubernetes"}, {"name": "PYTHONUNBUFFERED", "value": "1"},
-            {"name": "STEPOPS_MARKER", "value": name}, {"name": "STEPOPS_TERMINATION_LOG", "value": TERMINATION_LOG},
+    env += [{"name": Env.FLAVOR, "value": "kubernetes"}, {"name": "PYTHONUNBUFFERED", "value": "1"},
+            {"name": Env.MARKER, "value": name}, {"name": Env.TERMINATION_LOG, "value": TERMINATION_LOG},
             *transport_env]
     checkpoints = checkpoint_dir(config, identity)
     if checkpoints is not None:
-        env.append({"name": "STEPOPS_CHECKPOINT_DIR", "value": checkpoints[0]})
+        env.append({"name": Env.CHECKPOINT_DIR, "value": checkpoints[0]})
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": image,
-        "command": ["python3", "-c", ENTRY_SOURCE],
+        "command": ["python3", "-c", ENTRY_PROGRAM],
         "env": env,
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",

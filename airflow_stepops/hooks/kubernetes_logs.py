@@ -5,7 +5,7 @@ reaching back a little further than the newest line seen, and drop what was alre
 recognised by (timestamp, text, occurrence), so identical timestamps, stdout and stderr lines out of
 order, and node clocks ahead of ours lose nothing and repeat nothing.
 
-The pod's output comes back through its termination message (see ``runtime/pod_entry.py``), whose
+The pod's output comes back through its termination message (see ``runtime/entry.py``), whose
 last line is a record carrying ``::stepops-output:<job name>:``: the output itself when small, else
 the sha256 and size of a block printed at the end of the pod log. Block lines carry the same prefix;
 they are data, never shown as log, and are found anywhere in a line (a step's last line may lack its
@@ -21,6 +21,7 @@ import math
 import time
 from typing import Any
 
+from airflow_stepops.runtime.protocol import OUTPUT_PREFIX
 from airflow_stepops.timestamps import epoch
 
 #: seconds re-read before the newest line seen, to cover lines written out of order and clock skew
@@ -32,7 +33,7 @@ MAX_REMEMBERED = 20000
 
 
 def block_prefix(marker: str) -> str:
-    return f"::stepops-output:{marker}:"
+    return OUTPUT_PREFIX.format(marker=marker)
 
 
 def fresh_cursor(cursor: Any, pod: str) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from airflow_stepops.artifacts import local_path, store_path
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepFailedError, StepOperatorConfigError
 from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec
-from airflow_stepops.runtime import local_launcher
+from airflow_stepops.runtime import local_launcher, protocol
+from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.settings.local import LocalStepOperatorConfig, LocalStepOperatorSettings
 
 LAUNCHER = os.path.abspath(local_launcher.__file__)
@@ -250,12 +251,12 @@ class LocalStepOperatorHook(StepOperatorHook):
         if bundle_dir is None or output_dir is None:
             raise StepOperatorConfigError("artifact_store: the local flavor needs a file:// artifact store")
         plan = self.plan_resources(spec, job_dir)
-        argv = [python, os.path.join(bundle_dir, "bootstrap.py"), "--bundle", bundle_dir, "--output", output_dir]
+        argv = [python, os.path.join(bundle_dir, protocol.BOOTSTRAP_FILE), "--bundle", bundle_dir, "--output", output_dir]
         for index, ref in enumerate(spec.refs):
-            path = local_path(ref.path) or os.path.join(job_dir, "refs", f"{index}.pkl")
+            path = local_path(ref.path) or os.path.join(job_dir, protocol.staged_ref(index))
             argv += ["--ref", f"{index}={path}"]
         step_env = {**self.config.environment, **settings.environment, **plan["env"],
-                    "STEPOPS_FLAVOR": "local", "STEPOPS_JOB_DIR": job_dir, "PYTHONUNBUFFERED": "1"}
+                    Env.FLAVOR: "local", Env.JOB_DIR: job_dir, "PYTHONUNBUFFERED": "1"}
         return {
             "python": python,
             "launcher": [python, LAUNCHER, job_dir, "--detach"],
@@ -310,7 +311,7 @@ class LocalStepOperatorHook(StepOperatorHook):
         for index, ref in enumerate(spec.refs):
             if local_path(ref.path) is None:
                 os.makedirs(os.path.join(job_dir, "refs"), exist_ok=True)
-                ref.copy_to(os.path.join(job_dir, "refs", f"{index}.pkl"))
+                ref.copy_to(os.path.join(job_dir, protocol.staged_ref(index)))
         env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
         env.update(launch["step_env"])
         launcher_spec = {**{k: launch[k] for k in ("argv", "cwd", "cpu_ids", "memory_limit_bytes",

@@ -2,7 +2,7 @@
 
 Credentials come from the modal provider's ``ModalHook`` (a ``modal`` connection, default
 ``modal_default``; without one, Modal's own ``MODAL_TOKEN_ID``/``MODAL_TOKEN_SECRET`` or
-``~/.modal.toml``). The function (``runtime/modal_runner.run_step``) is deployed once per set of options
+``~/.modal.toml``). The function (``runtime/entry.run_step``) is deployed once per set of options
 (see ``modal_function``); the bundle is the call's argument and the output its return value, so no
 artifact store has to be reachable from Modal and no credentials of ours travel. A spawned call runs on
 after the worker hands the wait to the triggerer, which reads its status with the same client.
@@ -25,21 +25,21 @@ from functools import cached_property
 from typing import Any, ClassVar, cast
 
 from airflow_stepops.artifacts import store_path
-from airflow_stepops.bundle import StepIdentity
+from airflow_stepops.bundle import RUNTIME_DIR, StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks import modal_call
 from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec, settings_as
 from airflow_stepops.hooks.modal_function import (
-    ENTRY_SOURCE,
     FUNCTION_NAME,
     app_name,
     deployed_function,
     function_options,
 )
+from airflow_stepops.runtime import protocol
+from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.settings.modal import CHECKPOINT_MOUNT, ModalStepOperatorConfig, ModalStepOperatorSettings
 from airflow_stepops.settings.step import settings_error
 
-BUNDLE_FILES = ("payload.pkl", "bootstrap.py", "meta.json")
 SUCCESS = 1  # modal_proto GenericResult.GENERIC_STATUS_SUCCESS (not imported at module load)
 #: what the record of calls keeps of a handle (the rest is rebuilt from the step operator and the try)
 RECORDED = ("job_id", "app_name", "function_id", "environment", "spawned_at", "timeout", "gpu", "memory", "spot",
@@ -120,32 +120,32 @@ class ModalStepOperatorHook(StepOperatorHook):
             raise settings_error("modal", exc) from None
 
     def _environment(self, spec: StepSpec) -> dict[str, str]:
-        refs = {str(i): {"inline": f"refs/{i}.pkl"} for i in range(len(spec.refs))}
+        refs = {str(i): {"inline": protocol.staged_ref(i)} for i in range(len(spec.refs))}
         return {**self.config.environment_variables, **settings_as(spec, ModalStepOperatorSettings).environment,
-                "STEPOPS_FLAVOR": "modal", "STEPOPS_REFS": json.dumps(refs),
+                Env.FLAVOR: "modal", Env.REFS: json.dumps(refs),
                 # on the checkpoint volume, the same for every try of the task instance: what a preempted try
                 # wrote there and Modal committed is what the retry's container mounts (a call argument, so
                 # steps share the deployed function)
-                "STEPOPS_CHECKPOINT_DIR": spec.identity.step_path(CHECKPOINT_MOUNT)}
+                Env.CHECKPOINT_DIR: spec.identity.step_path(CHECKPOINT_MOUNT)}
 
     def build_request(self, spec: StepSpec) -> dict[str, Any]:
         options = self.options(spec)
         return {"app_name": app_name(self.config, options), "function": FUNCTION_NAME,
                 "environment": self.environment, "options": options,
-                "call": {"method": "spawn", "args": ["<gzip-tar of the step's bundle and input artifacts>",
-                                                     "<source of airflow_stepops/runtime/pod_entry.py>",
+                "call": {"method": "spawn", "args": ["<gzip-tar of the step's bundle, entry.py and input artifacts>",
                                                      self._environment(spec)]}}
 
     def _bundle_archive(self, spec: StepSpec) -> bytes:
-        """The bundle and input artifacts as one gzip-tar: the call's first argument."""
+        """The bundle, the entry program and the input artifacts as one gzip-tar: the call's first argument."""
         bundle = store_path(spec.bundle_uri)
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
-            for name in BUNDLE_FILES:
+            for name in protocol.BUNDLE_FILES:
                 self._add(tar, name, (bundle / name).read_bytes())
+            self._add(tar, protocol.ENTRY_FILE, (RUNTIME_DIR / protocol.ENTRY_FILE).read_bytes())
             for index, ref in enumerate(spec.refs):
                 with ref.open() as source:
-                    self._add(tar, f"refs/{index}.pkl", source.read())
+                    self._add(tar, protocol.staged_ref(index), source.read())
         return buffer.getvalue()
 
     @staticmethod
@@ -240,8 +240,7 @@ class ModalStepOperatorHook(StepOperatorHook):
         archive = self._bundle_archive(spec)
         key = self._spawn_key(spec.identity)
         try:
-            call_id = modal_call.spawn(self.client, function, (archive, ENTRY_SOURCE.read_text(),
-                                                               request["call"]["args"][2]), key)
+            call_id = modal_call.spawn(self.client, function, (archive, request["call"]["args"][1]), key)
         except Exception as exc:
             raise self._api_error(exc, f"call {name}.{FUNCTION_NAME}") from exc
         gpu = options.get("gpu")
@@ -339,7 +338,7 @@ class ModalStepOperatorHook(StepOperatorHook):
         streamed through a temporary file and unpacked member by member: it may be large, and in the
         triggerer many steps share one process."""
         output = store_path(handle["output_uri"])
-        if (output / "result.json").exists() or (output / "error.json").exists():
+        if any((output / name).exists() for name in protocol.OUTCOME_FILES):
             return
         with tempfile.TemporaryDirectory(prefix="stepops-modal-") as tmp:
             raw = os.path.join(tmp, "result")
@@ -348,7 +347,7 @@ class ModalStepOperatorHook(StepOperatorHook):
                 return
             error = modal_call.step_error(item.result)
             if error is not None:
-                self._write(output, "error.json", io.BytesIO(json.dumps(error).encode()))
+                self._write(output, protocol.ERROR_FILE, io.BytesIO(json.dumps(error).encode()))
             elif item.result.status == SUCCESS:
                 with modal_call.open_output(raw, item.data_format) as archive, \
                         tarfile.open(fileobj=archive, mode="r|gz") as tar:
@@ -358,7 +357,7 @@ class ModalStepOperatorHook(StepOperatorHook):
                             continue
                         source = tar.extractfile(member)
                         assert source is not None
-                        if member.name in ("result.json", "error.json"):  # they mark completion: last
+                        if member.name in protocol.OUTCOME_FILES:  # they mark completion: last
                             finals.append((member.name, source.read()))
                         else:
                             self._write(output, member.name, source)

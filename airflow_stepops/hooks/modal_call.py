@@ -364,14 +364,14 @@ async def alog_batches(client: Any, call_id: str, app_id: str, after: str) -> tu
 
 
 def step_error(result: Any) -> dict[str, Any] | None:
-    """The step's ``error.json`` that ``modal_runner`` put in the text of a failed call's exception."""
+    """The step's error record that ``entry.run_step`` put in the text of a failed call's exception."""
     import base64
     import json
     import re
 
-    from airflow_stepops.runtime.modal_runner import ERROR_MARKER
+    from airflow_stepops.runtime.protocol import CALL_ERROR_MARKER
 
-    found = re.search(re.escape(ERROR_MARKER) + r"([A-Za-z0-9+/=]+)", result.exception or "")
+    found = re.search(re.escape(CALL_ERROR_MARKER) + r"([A-Za-z0-9+/=]+)", result.exception or "")
     if not found:
         return None
     try:

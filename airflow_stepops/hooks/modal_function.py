@@ -18,7 +18,6 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from airflow_stepops.hooks import modal_call
@@ -30,15 +29,14 @@ from airflow_stepops.settings.modal import (
 )
 
 FUNCTION_NAME = "run_step"
-ENTRY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py"
 _deployed: dict[tuple[str, ...], Any] = {}
 _deploy_lock = threading.Lock()
 
 
 def runner_source() -> str:
-    from airflow_stepops.runtime import modal_runner
+    from airflow_stepops.runtime import entry, protocol
 
-    return inspect.getsource(modal_runner)
+    return inspect.getsource(entry) + inspect.getsource(protocol)
 
 
 #: a step without its own timeout gets its Airflow execution_timeout (plus a minute) rounded up to one of
@@ -85,7 +83,7 @@ def function_options(config: ModalStepOperatorConfig, settings: ModalStepOperato
         "cloud": settings.cloud or config.cloud,
         "secrets": sorted(config.secrets),
         "volumes": dict(sorted(config.volumes.items())),
-        # every step's STEPOPS_CHECKPOINT_DIR lives on this volume (created if missing, unlike "volumes")
+        # every step's Env.CHECKPOINT_DIR lives on this volume (created if missing, unlike "volumes")
         "checkpoint_volume": {CHECKPOINT_MOUNT: config.checkpoint_volume_name},
         "nonpreemptible": settings.nonpreemptible or None,
         "retries": 0,  # a retry is Airflow's decision (a new try, with its own call)
@@ -159,17 +157,20 @@ def _deployed_meanwhile(modal: Any, client: Any, environment: str | None, name: 
 
 @contextlib.contextmanager
 def runner_by_value() -> Iterator[Any]:
-    """While deploying, ``run_step`` is pickled by value by Modal's own (vendored) cloudpickle, so images
-    need no airflow_stepops; registering with the PyPI cloudpickle would not reach Modal's copy."""
+    """While deploying, ``entry.run_step`` is pickled by value (with ``protocol``, which it uses) by Modal's own
+    (vendored) cloudpickle, so images need no airflow_stepops; registering with the PyPI cloudpickle would not
+    reach Modal's copy."""
     from modal._vendor import cloudpickle as modal_cloudpickle
 
-    from airflow_stepops.runtime import modal_runner
+    from airflow_stepops.runtime import entry, protocol
 
-    modal_cloudpickle.register_pickle_by_value(modal_runner)
+    for module in (entry, protocol):
+        modal_cloudpickle.register_pickle_by_value(module)
     try:
-        yield modal_runner.run_step
+        yield entry.run_step
     finally:
-        modal_cloudpickle.unregister_pickle_by_value(modal_runner)
+        for module in (entry, protocol):
+            modal_cloudpickle.unregister_pickle_by_value(module)
 
 
 def _deploy(modal: Any, client: Any, environment: str | None, name: str, options: dict[str, Any], log: Any) -> Any:

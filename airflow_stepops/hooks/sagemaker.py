@@ -5,7 +5,7 @@ Credentials come from the amazon provider's ``AwsBaseHook`` (an ``aws`` connecti
 bundle reaches the container as the ``bundle`` input channel (S3 prefix), input artifacts in S3 as
 channels of their own, and the output comes back through the job's model artifact
 (``/opt/ml/model`` -> ``model.tar.gz``), which the hook unpacks into the step's output prefix; a failed
-step's error record comes back in ``FailureReason`` (see ``runtime/sagemaker_entry``). The container runs with
+step's error record comes back in ``FailureReason`` (see ``runtime/entry.py``). The container runs with
 the job's IAM role; no credentials of ours are put in the request.
 """
 
@@ -21,14 +21,14 @@ import re
 import tarfile
 import zlib
 from functools import cached_property
-from pathlib import Path
 from typing import Any, ClassVar
 
 from airflow_stepops.artifacts import store_path
-from airflow_stepops.bundle import StepIdentity
+from airflow_stepops.bundle import StepIdentity, stage
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec, settings_as
-from airflow_stepops.runtime import pod_entry, sagemaker_entry
+from airflow_stepops.runtime import protocol
+from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.settings.sagemaker import (
     MAX_ENV_CHARS,
     MAX_ENV_VARS,
@@ -39,8 +39,8 @@ from airflow_stepops.settings.sagemaker import (
 )
 from airflow_stepops.timestamps import epoch
 
-ENTRY_SOURCES = (Path(pod_entry.__file__), Path(sagemaker_entry.__file__))
 ML = "/opt/ml"
+BUNDLE = f"{ML}/input/data/bundle"
 DEFAULT_VOLUME_GB = 30
 DEFAULT_MAX_RUNTIME = 86400
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
@@ -163,10 +163,10 @@ class SageMakerStepOperatorHook(StepOperatorHook):
                       spec.task_label or job_name(spec.identity), picked.describe())
         return picked.name
 
-    def _channels_and_refs(self, spec: StepSpec) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def _channels_and_refs(self, spec: StepSpec) -> tuple[list[dict[str, Any]], protocol.Refs]:
         settings = settings_as(spec, SageMakerStepOperatorSettings)
         channels = [_channel("bundle", _s3_prefix(spec.bundle_uri))]
-        refs: dict[str, Any] = {}
+        refs: protocol.Refs = {}
         free = MAX_CHANNELS - 1 - len(settings.input_channels)
         for index, ref in enumerate(spec.refs):
             if ref.uri.startswith("s3://") and free > 0:
@@ -174,7 +174,7 @@ class SageMakerStepOperatorHook(StepOperatorHook):
                 refs[str(index)] = {"path": f"{ML}/input/data/ref{index}/{ref.uri.rsplit('/', 1)[-1]}"}
                 free -= 1
             else:  # not in S3, or channels used up: staged into the bundle
-                refs[str(index)] = {"path": f"{ML}/input/data/bundle/refs/{index}.pkl", "stage": ref.uri}
+                refs[str(index)] = {"path": f"{BUNDLE}/{protocol.staged_ref(index)}"}
         channels += [_channel(name, _s3_prefix(uri)) for name, uri in sorted(settings.input_channels.items())]
         return channels, refs
 
@@ -197,16 +197,15 @@ class SageMakerStepOperatorHook(StepOperatorHook):
             resource_config["KeepAlivePeriodInSeconds"] = settings.keep_alive_period_in_seconds
         if cfg.kms_key_id:
             resource_config["VolumeKmsKeyId"] = cfg.kms_key_id
-        env = {**cfg.environment, **settings.environment, "STEPOPS_FLAVOR": "sagemaker", "PYTHONUNBUFFERED": "1",
-               "STEPOPS_BUNDLE_PATH": f"{ML}/input/data/bundle", "STEPOPS_OUTPUT_PATH": f"{ML}/model",
-               "STEPOPS_FAILURE_FILE": f"{ML}/output/failure",
+        env = {**cfg.environment, **settings.environment, Env.FLAVOR: "sagemaker", "PYTHONUNBUFFERED": "1",
+               Env.BUNDLE_PATH: BUNDLE, Env.OUTPUT_PATH: f"{ML}/model", Env.FAILURE_FILE: f"{ML}/output/failure",
                # where a step keeps state that must survive a spot interruption (synced to S3 by SageMaker)
-               "STEPOPS_CHECKPOINT_DIR": f"{ML}/checkpoints"}
-        refs_json = json.dumps({k: {"path": v["path"]} for k, v in refs.items()})
+               Env.CHECKPOINT_DIR: f"{ML}/checkpoints"}
+        refs_json = json.dumps(refs)
         if len(refs_json) <= MAX_ENV_CHARS:
-            env["STEPOPS_REFS"] = refs_json
+            env[Env.REFS] = refs_json
         else:
-            env["STEPOPS_REFS_FILE"] = f"{ML}/input/data/bundle/refs.json"
+            env[Env.REFS_FILE] = f"{BUNDLE}/{protocol.REFS_FILE}"
         if len(env) > MAX_ENV_VARS:
             raise StepOperatorConfigError(f"environment: SageMaker allows {MAX_ENV_VARS} variables, this step has "
                                           f"{len(env)}")
@@ -224,7 +223,7 @@ class SageMakerStepOperatorHook(StepOperatorHook):
             "RoleArn": cfg.role,
             "AlgorithmSpecification": {
                 "TrainingImage": self.require_image(cfg.image), "TrainingInputMode": "File",
-                "ContainerEntrypoint": ["python3", f"{ML}/input/data/bundle/sagemaker_entry.py"],
+                "ContainerEntrypoint": ["python3", f"{BUNDLE}/{protocol.ENTRY_FILE}"],
             },
             "InputDataConfig": channels,
             "OutputDataConfig": output,
@@ -240,21 +239,6 @@ class SageMakerStepOperatorHook(StepOperatorHook):
             request["VpcConfig"] = {"Subnets": list(cfg.subnets), "SecurityGroupIds": list(cfg.security_group_ids)}
         validate_request(request)
         return request
-
-    def _stage(self, spec: StepSpec, request: dict[str, Any]) -> None:
-        """Put the entry point, input artifacts from other stores and a large ref list into the bundle."""
-        bundle = store_path(spec.bundle_uri)
-        for source in ENTRY_SOURCES:
-            (bundle / source.name).write_bytes(source.read_bytes())
-        _, refs = self._channels_and_refs(spec)
-        for index, ref in enumerate(spec.refs):
-            source = refs[str(index)].get("stage")
-            if source:
-                with ref.open() as src, (bundle / "refs" / f"{index}.pkl").open("wb") as dst:
-                    while chunk := src.read(8 << 20):
-                        dst.write(chunk)
-        if "STEPOPS_REFS_FILE" in request["Environment"]:
-            (bundle / "refs.json").write_text(json.dumps({k: {"path": v["path"]} for k, v in refs.items()}))
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def _handle(self, name: str, output_uri: str, try_number: int, spot: bool, instance_type: str) -> JobHandle:
@@ -309,7 +293,9 @@ class SageMakerStepOperatorHook(StepOperatorHook):
         from botocore.exceptions import ClientError
 
         request = self.prepare(spec)
-        self._stage(spec, request)
+        _, refs = self._channels_and_refs(spec)  # inputs not in S3 channels are staged into the bundle
+        stage(spec.bundle_uri, {i: ref for i, ref in enumerate(spec.refs) if refs[str(i)]["path"].startswith(BUNDLE)},
+              refs if Env.REFS_FILE in request["Environment"] else None)
         try:
             self.sagemaker.create_training_job(**request)
         except Exception as exc:
@@ -345,19 +331,19 @@ class SageMakerStepOperatorHook(StepOperatorHook):
         """Unpack the job's model.tar.gz (the container's /opt/ml/model) into the step's output, or the
         error record a failed step left in FailureReason."""
         output = store_path(handle["output_uri"])
-        if (output / "result.json").exists() or (output / "error.json").exists():
+        if any((output / name).exists() for name in protocol.OUTCOME_FILES):
             return
         job = self._describe(handle["job_id"])
         model = ((job or {}).get("ModelArtifacts") or {}).get("S3ModelArtifacts")
         if not model:
             error = failure_record((job or {}).get("FailureReason") or "")
             if error is not None and (job or {}).get("TrainingJobStatus") == "Failed":
-                (output / "error.json").write_text(json.dumps(error))
+                (output / protocol.ERROR_FILE).write_text(json.dumps(error))
             return
         archive = store_path(model).read_bytes()
         with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
             members = sorted((m for m in tar.getmembers() if m.isfile() and "/" not in m.name.lstrip("./")),
-                             key=lambda m: m.name.lstrip("./") in ("result.json", "error.json"))
+                             key=lambda m: m.name.lstrip("./") in protocol.OUTCOME_FILES)
             for member in members:
                 source = tar.extractfile(member)
                 assert source is not None
@@ -544,8 +530,8 @@ def _new_lines(events: list[dict[str, Any]], cursor: Any) -> tuple[list[str], di
 
 
 def failure_record(reason: str) -> dict[str, Any] | None:
-    """The error record ``sagemaker_entry`` put in the failure file, if FailureReason holds it whole."""
-    found = re.search(re.escape(sagemaker_entry.MARKER) + r"([A-Za-z0-9+/=]+)", reason)
+    """The error record ``entry.py`` put in the failure file, if FailureReason holds it whole."""
+    found = re.search(re.escape(protocol.FAILURE_MARKER) + r"([A-Za-z0-9+/=]+)", reason)
     if found is None:
         return None
     try:
@@ -653,7 +639,7 @@ def job_status(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
     if status == "Completed":
         return JobStatus(JobState.SUCCEEDED, message, details)
     if status == "Failed":
-        reason = (job.get("FailureReason") or message).split(sagemaker_entry.MARKER, 1)[0].rstrip()
+        reason = (job.get("FailureReason") or message).split(protocol.FAILURE_MARKER, 1)[0].rstrip()
         # FailureReason starts with SageMaker's error class ("CapacityError: Unable to provision ...",
         # "AlgorithmError: <the step's failure file>"): only that class is read, never the text after it,
         # which may be the step's own output

@@ -13,11 +13,10 @@ from __future__ import annotations
 import math
 import time
 from functools import cached_property
-from pathlib import Path
 from typing import Any, ClassVar
 
 from airflow_stepops.artifacts import store_path
-from airflow_stepops.bundle import StepIdentity
+from airflow_stepops.bundle import StepIdentity, stage
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec, settings_as
 from airflow_stepops.hooks.vertex_job import (
@@ -29,6 +28,8 @@ from airflow_stepops.hooks.vertex_job import (
     step_filter,
     validate_body,
 )
+from airflow_stepops.runtime import protocol
+from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.settings.vertex import (
     MAX_TIMEOUT_SECONDS,
     VertexStepOperatorConfig,
@@ -36,7 +37,6 @@ from airflow_stepops.settings.vertex import (
 )
 from airflow_stepops.timestamps import epoch
 
-ENTRY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "pod_entry.py"
 DEFAULT_DISK_GB = 100
 MAX_LIST_PAGES = 10
 #: after a create whose reply was lost, look the job up this many times (1, 2, 4, 8 s apart) before giving up
@@ -158,13 +158,10 @@ class VertexStepOperatorHook(StepOperatorHook):
                           spec.task_label or display_name(spec.identity), choice.describe())
         return choice
 
-    def _refs(self, spec: StepSpec, bundle: str) -> dict[str, dict[str, str]]:
-        refs: dict[str, dict[str, str]] = {}
-        for index, ref in enumerate(spec.refs):
-            mounted = mount_path(ref.uri)
-            refs[str(index)] = {"path": mounted} if mounted else {"path": f"{bundle}/refs/{index}.pkl",
-                                                                   "stage": ref.uri}
-        return refs
+    def _refs(self, spec: StepSpec, bundle: str) -> protocol.Refs:
+        """Inputs on GCS are read through the job's /gcs mount; the others are staged into the bundle."""
+        return {str(index): {"path": mount_path(ref.uri) or f"{bundle}/{protocol.staged_ref(index)}"}
+                for index, ref in enumerate(spec.refs)}
 
     def build_request(self, spec: StepSpec) -> dict[str, Any]:
         import json
@@ -175,11 +172,10 @@ class VertexStepOperatorHook(StepOperatorHook):
             raise StepOperatorConfigError(f"artifact_store: Vertex needs a gs:// store, got {spec.bundle_uri!r}")
         machine = self.machine(spec)
         step_root = output.rsplit("/", 2)[0]  # .../<map index>: shared by all tries of the step
-        env = {**cfg.environment, **settings.environment, "STEPOPS_FLAVOR": "vertex", "PYTHONUNBUFFERED": "1",
-               "STEPOPS_BUNDLE_PATH": bundle, "STEPOPS_OUTPUT_PATH": output,
+        env = {**cfg.environment, **settings.environment, Env.FLAVOR: "vertex", "PYTHONUNBUFFERED": "1",
+               Env.BUNDLE_PATH: bundle, Env.OUTPUT_PATH: output,
                # where a step keeps state that must survive a Spot preemption (the next try finds it)
-               "STEPOPS_CHECKPOINT_DIR": f"{step_root}/checkpoints",
-               "STEPOPS_REFS": json.dumps({k: {"path": v["path"]} for k, v in self._refs(spec, bundle).items()})}
+               Env.CHECKPOINT_DIR: f"{step_root}/checkpoints", Env.REFS: json.dumps(self._refs(spec, bundle))}
         runtime = settings.max_runtime_in_seconds or MAX_TIMEOUT_SECONDS
         if spec.timeout_seconds:
             runtime = min(runtime, math.ceil(spec.timeout_seconds) + 60)  # backstop to Airflow's own timeout
@@ -194,7 +190,7 @@ class VertexStepOperatorHook(StepOperatorHook):
         # ("Restart workers during the training job"; "Handle training errors"); disableRetries also overrides
         # restartJobOnWorkerRestart to false: https://cloud.google.com/vertex-ai/docs/reference/rest/v1/
         # CustomJobSpec#Scheduling. VM maintenance still restarts the worker: the runtime then finds this try's
-        # outcome already written and does not run the step again (runtime/pod_entry.py).
+        # outcome already written and does not run the step again (runtime/entry.py).
         scheduling: dict[str, Any] = {"timeout": f"{runtime}s", "disableRetries": True}
         if settings.spot:
             scheduling["strategy"] = "SPOT"
@@ -203,7 +199,7 @@ class VertexStepOperatorHook(StepOperatorHook):
                 "machineSpec": machine_spec, "replicaCount": "1",
                 "diskSpec": {"bootDiskType": settings.boot_disk_type or "pd-ssd", "bootDiskSizeGb": disk},
                 "containerSpec": {"imageUri": self.require_image(cfg.image),
-                                  "command": ["python3", f"{bundle}/pod_entry.py"],
+                                  "command": ["python3", f"{bundle}/{protocol.ENTRY_FILE}"],
                                   "env": [{"name": k, "value": v} for k, v in env.items()]},
             }],
             "scheduling": scheduling,
@@ -222,16 +218,6 @@ class VertexStepOperatorHook(StepOperatorHook):
             body["encryptionSpec"] = {"kmsKeyName": cfg.encryption_spec_key_name}
         validate_body(body)
         return body
-
-    def _stage(self, spec: StepSpec) -> None:
-        """Put the entry point and input artifacts from other stores into the bundle."""
-        bundle = store_path(spec.bundle_uri)
-        (bundle / "pod_entry.py").write_bytes(ENTRY_SOURCE.read_bytes())
-        for index, source in self._refs(spec, spec.bundle_uri).items():
-            if "stage" in source:
-                with spec.refs[int(index)].open() as src, (bundle / "refs" / f"{index}.pkl").open("wb") as dst:
-                    while chunk := src.read(8 << 20):
-                        dst.write(chunk)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def _handle(self, job: dict[str, Any], output_uri: str, try_number: int) -> JobHandle:
@@ -268,7 +254,7 @@ class VertexStepOperatorHook(StepOperatorHook):
 
     def submit(self, spec: StepSpec) -> JobHandle:
         body = self.prepare(spec)
-        self._stage(spec)
+        stage(spec.bundle_uri, {i: ref for i, ref in enumerate(spec.refs) if not mount_path(ref.uri)})
         # Vertex assigns job ids and CustomJob create takes no request id: nothing refuses a second job of this
         # try, so the look-up the operator made before writing the bundle is made once more, right before create
         existing = self.find_job(spec.identity)

@@ -20,10 +20,10 @@ import time
 import traceback
 from typing import Any
 
-FORMAT_VERSION = 1
-REF_MARKER = "__stepops_artifact__"
-RESULT_FILE = "result.json"
-ERROR_FILE = "error.json"
+if __name__.startswith("airflow_stepops."):  # imported on the worker
+    from airflow_stepops.runtime import protocol
+else:  # run from a job's bundle: protocol.py is beside this file
+    import protocol  # type: ignore[import-not-found,no-redef]
 
 
 class StepEnvironmentError(Exception):
@@ -117,10 +117,10 @@ class _HashingWriter(io.RawIOBase):
 
 
 def check_environment(meta: dict) -> None:
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") != protocol.FORMAT_VERSION:
         raise StepEnvironmentError(
             f"bundle format {meta.get('format_version')!r} is not supported by this runtime "
-            f"(format {FORMAT_VERSION}); use the same airflow-stepops version on both sides"
+            f"(format {protocol.FORMAT_VERSION}); use the same airflow-stepops version on both sides"
         )
     want = tuple(meta["python_version"][:2])
     have = tuple(sys.version_info[:2])
@@ -162,8 +162,8 @@ def _resolve_refs(value, refs: dict[int, str], cloudpickle, depth: int = 0):
     if depth > 64:
         return value
     if type(value) is dict:
-        if set(value) == {REF_MARKER}:
-            index = value[REF_MARKER]
+        if set(value) == {protocol.REF_MARKER}:
+            index = value[protocol.REF_MARKER]
             path = refs.get(index)
             if path is None:
                 raise StepEnvironmentError(f"input artifact #{index} was not staged for this job")
@@ -223,13 +223,9 @@ def _error_record(exc: BaseException) -> dict:
     }
 
 
-#: set by the local launcher when it applies RLIMIT_DATA: the step's memory limit in bytes
-MEMORY_LIMIT_ENV = "STEPOPS_MEMORY_LIMIT_BYTES"
-
-
 def _explain_memory_error(exc: BaseException) -> BaseException:
     """A MemoryError from hitting the local memory limit has no message: say which limit and setting."""
-    limit = os.environ.get(MEMORY_LIMIT_ENV, "")
+    limit = os.environ.get(protocol.Env.MEMORY_LIMIT_BYTES, "")  # set by the local launcher
     if not isinstance(exc, MemoryError) or not limit.isdigit():
         return exc
     size = int(limit)
@@ -244,15 +240,15 @@ def _explain_memory_error(exc: BaseException) -> BaseException:
 def run(bundle_dir: str, output_dir: str, refs: dict[int, str]) -> int:
     os.makedirs(output_dir, exist_ok=True)
     started = time.time()
-    base = {"format_version": FORMAT_VERSION, "host": socket.gethostname(), "python": sys.version.split()[0]}
+    base = {"format_version": protocol.FORMAT_VERSION, "host": socket.gethostname(), "python": sys.version.split()[0]}
     try:
-        with open(os.path.join(bundle_dir, "meta.json"), encoding="utf-8") as fh:
+        with open(os.path.join(bundle_dir, protocol.META_FILE), encoding="utf-8") as fh:
             meta = json.load(fh)
         check_environment(meta)
         cloudpickle = _load_cloudpickle()
         advice = check_cloudpickle(meta, cloudpickle)
         try:
-            with open(os.path.join(bundle_dir, "payload.pkl"), "rb") as fh:
+            with open(os.path.join(bundle_dir, protocol.PAYLOAD_FILE), "rb") as fh:
                 payload = cloudpickle.load(fh)
         except Exception as exc:
             if advice:
@@ -261,7 +257,7 @@ def run(bundle_dir: str, output_dir: str, refs: dict[int, str]) -> int:
         args = _resolve_refs(list(payload["args"]), refs, cloudpickle)
         kwargs = _resolve_refs(dict(payload["kwargs"]), refs, cloudpickle)
     except BaseException as exc:
-        _write_json(os.path.join(output_dir, ERROR_FILE), {**base, "phase": "load", **_error_record(exc)})
+        _write_json(os.path.join(output_dir, protocol.ERROR_FILE), {**base, "phase": "load", **_error_record(exc)})
         print(f"[stepops] cannot start step: {_qualname(exc)}: {exc}", file=sys.stderr, flush=True)
         return 2
 
@@ -274,12 +270,12 @@ def run(bundle_dir: str, output_dir: str, refs: dict[int, str]) -> int:
         sys.stdout.flush()
         traceback.print_exception(type(error), error, error.__traceback__)
         sys.stderr.flush()
-        _write_json(os.path.join(output_dir, ERROR_FILE), {**base, "phase": "run", **_error_record(error)})
+        _write_json(os.path.join(output_dir, protocol.ERROR_FILE), {**base, "phase": "run", **_error_record(error)})
         return 1
     sys.stdout.flush()
     sys.stderr.flush()
     _write_json(
-        os.path.join(output_dir, RESULT_FILE),
+        os.path.join(output_dir, protocol.RESULT_FILE),
         {**base, "multiple_outputs": bool(meta.get("multiple_outputs")), "outputs": outputs,
          "duration_seconds": round(time.time() - started, 3)},
     )

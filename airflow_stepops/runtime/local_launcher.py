@@ -24,6 +24,11 @@ import subprocess
 import sys
 import time
 
+if __name__.startswith("airflow_stepops."):  # imported by the local hook
+    from airflow_stepops.runtime import protocol
+else:  # run as a script from this directory
+    import protocol  # type: ignore[import-not-found,no-redef]
+
 POLL_SECONDS = 0.2
 
 
@@ -74,9 +79,9 @@ def descendants(root: int, table: dict[int, tuple[int, str, int]]) -> list[int]:
 
 
 def marked_processes(job_dir: str) -> list[int]:
-    """Processes whose environment carries this job's ``STEPOPS_JOB_DIR``: the step's, also those that
+    """Processes whose environment carries this job's ``Env.JOB_DIR``: the step's, also those that
     left every process group and tree we know (a launcher that died no longer adopts them)."""
-    marker = b"\0STEPOPS_JOB_DIR=" + os.fsencode(job_dir) + b"\0"
+    marker = b"\0" + os.fsencode(f"{protocol.Env.JOB_DIR}={job_dir}") + b"\0"
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != os.getpid():
@@ -163,7 +168,7 @@ class Launcher:
             return 0
         env = dict(self.spec["env"])
         if self.spec.get("memory_limit_bytes") and self.spec.get("limit_data_segment", True):
-            env["STEPOPS_MEMORY_LIMIT_BYTES"] = str(self.spec["memory_limit_bytes"])  # bootstrap names it
+            env[protocol.Env.MEMORY_LIMIT_BYTES] = str(self.spec["memory_limit_bytes"])  # bootstrap names it
         with open(self.path("step.log"), "ab", buffering=0) as log:
             try:
                 child = subprocess.Popen(

@@ -18,6 +18,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from airflow_stepops.resources import parse_size
+from airflow_stepops.runtime.protocol import Env
 
 
 def format_validation_error(error: ValidationError, where: str) -> str:
@@ -42,8 +43,8 @@ def check_environment(value: dict[str, str]) -> dict[str, str]:
         if not _ENV_NAME.match(name):
             raise ValueError(f"environment: {name!r} is not a valid variable name (a letter or '_', then "
                              "letters, digits, '_', '.' or '-')")
-        if name.upper().startswith("STEPOPS_"):
-            raise ValueError(f"environment: {name!r}: names starting with STEPOPS_ are reserved for the runtime")
+        if name.upper().startswith(Env.PREFIX):
+            raise ValueError(f"environment: {name!r}: names starting with {Env.PREFIX} are reserved for the runtime")
     return value
 
 

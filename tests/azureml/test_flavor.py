@@ -16,6 +16,7 @@ from airflow_stepops.bundle import read_outcome, replace_refs
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.base import JobState
 from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.runtime.protocol import staged_ref
 from airflow_stepops.settings.azureml import AzureMLStepOperatorSettings
 
 from ..flavorjobs import hook_maker, make_spec, raise_value_error, run_trigger, sleep_then_return
@@ -326,7 +327,7 @@ def test_artifact_refs_in_the_store_are_job_inputs_others_are_staged(az_emulator
     spec = make_spec(hook, total, *args, task_id="ref_consumer", refs=refs)
     props = hook.render(spec)["properties"]
     assert props["inputs"]["ref_0"]["uri"].startswith("azureml://datastores/workspaceblobstore/paths/artifacts/")
-    assert "ref_1" not in props["inputs"] and "${{inputs.bundle}}/refs/1.pkl" in props["command"]
+    assert "ref_1" not in props["inputs"] and "${{inputs.bundle}}/" + staged_ref(1) in props["command"]
     handle = hook.submit(spec)
     assert run_trigger(hook, handle)["status"] == "succeeded"
     assert read_outcome(store_path(handle["output_uri"])).value == 36

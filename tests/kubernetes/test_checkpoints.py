@@ -20,6 +20,7 @@ from airflow_stepops.connections import parse_config  # noqa: E402
 from airflow_stepops.exceptions import StepOperatorConfigError  # noqa: E402
 from airflow_stepops.hooks import kubernetes_job as manifest  # noqa: E402
 from airflow_stepops.resources import ResourceSettings  # noqa: E402
+from airflow_stepops.runtime.protocol import Env  # noqa: E402
 from airflow_stepops.settings.kubernetes import (  # noqa: E402
     KubernetesStepOperatorConfig,
     KubernetesStepOperatorSettings,
@@ -54,20 +55,20 @@ def _pod(job: dict) -> tuple[dict, dict[str, str]]:
 def test_a_pvc_store_holds_the_checkpoints_beside_the_try_directories():
     config = KubernetesStepOperatorConfig(**STORE)
     first, env = _pod(_job(config, _identity(1)))
-    assert env["STEPOPS_CHECKPOINT_DIR"] == (f"{manifest.STORE_MOUNT}/train_dag/manual__2025-01-01T00:00:00+00:00/"
+    assert env[Env.CHECKPOINT_DIR] == (f"{manifest.STORE_MOUNT}/train_dag/manual__2025-01-01T00:00:00+00:00/"
                                              "train/-1/run-k1/checkpoints")
     assert [v["name"] for v in first["volumes"]] == [manifest.STORE_VOLUME]  # the store's mount holds it
     # the worker sees it where the bundle prefix of the step lives
     prefix = _identity(1).prefix(store_path("file://" + str(config.worker_store_path)))
     assert manifest.pod_path(config, str(local_path(prefix.parent / "run-k1" / "checkpoints"))) == \
-        env["STEPOPS_CHECKPOINT_DIR"]
+        env[Env.CHECKPOINT_DIR]
 
 
 def test_every_try_of_one_run_shares_the_directory_and_nothing_else_does():
     config = KubernetesStepOperatorConfig(checkpoint_volume_claim=CLAIM)
 
     def where(identity: StepIdentity) -> str:
-        return _pod(_job(config, identity))[1]["STEPOPS_CHECKPOINT_DIR"]
+        return _pod(_job(config, identity))[1][Env.CHECKPOINT_DIR]
 
     assert where(_identity(1)) == where(_identity(2)) == where(_identity(5))
     assert where(_identity(1, run_key="k2")) != where(_identity(1))  # a run re-created under the same run_id
@@ -81,25 +82,25 @@ def test_a_dedicated_claim_is_mounted_with_its_path_as_sub_path():
     assert pod["volumes"] == [{"name": manifest.CHECKPOINT_VOLUME, "persistentVolumeClaim": {"claimName": CLAIM}}]
     assert pod["containers"][0]["volumeMounts"] == [
         {"name": manifest.CHECKPOINT_VOLUME, "mountPath": manifest.CHECKPOINT_MOUNT, "subPath": "teams/ml"}]
-    assert env["STEPOPS_CHECKPOINT_DIR"].startswith(manifest.CHECKPOINT_MOUNT + "/train_dag/")
+    assert env[Env.CHECKPOINT_DIR].startswith(manifest.CHECKPOINT_MOUNT + "/train_dag/")
 
 
 def test_a_dedicated_claim_wins_over_the_store_and_the_stores_claim_is_one_volume():
     other = _pod(_job(KubernetesStepOperatorConfig(**STORE, checkpoint_volume_claim=CLAIM), _identity()))
     assert [v["persistentVolumeClaim"]["claimName"] for v in other[0]["volumes"]] == ["step-data", CLAIM]
-    assert other[1]["STEPOPS_CHECKPOINT_DIR"].startswith(manifest.CHECKPOINT_MOUNT + "/")
+    assert other[1][Env.CHECKPOINT_DIR].startswith(manifest.CHECKPOINT_MOUNT + "/")
     same, env = _pod(_job(KubernetesStepOperatorConfig(**STORE, checkpoint_volume_claim="step-data",
                                                        checkpoint_volume_path="ckpt"), _identity()))
     assert [v["name"] for v in same["volumes"]] == [manifest.STORE_VOLUME]
     assert [(m["name"], m["mountPath"], m.get("subPath")) for m in same["containers"][0]["volumeMounts"]] == [
         (manifest.STORE_VOLUME, manifest.STORE_MOUNT, "artifacts"),
         (manifest.STORE_VOLUME, manifest.CHECKPOINT_MOUNT, "ckpt")]
-    assert env["STEPOPS_CHECKPOINT_DIR"].startswith(manifest.CHECKPOINT_MOUNT + "/")
+    assert env[Env.CHECKPOINT_DIR].startswith(manifest.CHECKPOINT_MOUNT + "/")
 
 
 def test_without_a_durable_place_the_step_gets_no_checkpoint_dir():
     pod, env = _pod(_job(KubernetesStepOperatorConfig(), _identity()))
-    assert "STEPOPS_CHECKPOINT_DIR" not in env and "volumes" not in pod
+    assert Env.CHECKPOINT_DIR not in env and "volumes" not in pod
 
 
 # ---- bad input -------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from airflow_stepops.bundle import read_outcome  # noqa: E402
 from airflow_stepops.exceptions import StepOperatorConfigError  # noqa: E402
 from airflow_stepops.hooks import kubernetes_job as manifest  # noqa: E402
 from airflow_stepops.resources import ResourceSettings  # noqa: E402
+from airflow_stepops.runtime.protocol import OUTPUT_PREFIX, REF_MARKER, Env, staged_ref  # noqa: E402
 from airflow_stepops.settings.kubernetes import KubernetesStepOperatorSettings  # noqa: E402
 from airflow_stepops.testing.kubernetes import FAULT_ANNOTATION  # noqa: E402
 
@@ -80,7 +81,7 @@ def test_step_runs_as_a_validated_job_with_logs_and_an_inline_result(k8s_emulato
     event = run_trigger(hook, handle)
     assert event["status"] == "succeeded", event
     assert "hello ada from kubernetes" in event["log_tail"]
-    assert not any("stepops-output" in line for line in event["log_tail"])  # data is not shown as log
+    assert not any(OUTPUT_PREFIX.format(marker="") in line for line in event["log_tail"])  # data is not shown as log
     # the trigger already secured the output from the pod log, before the task resumes on a worker
     assert read_outcome(store_path(handle["output_uri"])).value == {"greeting": "hi ada", "threads": "2"}
 
@@ -216,7 +217,7 @@ def test_large_bundles_results_and_inputs_go_through_the_artifact_store(k8s_emul
     handle = hook.submit(make_spec(hook, _digest, big, task_id="big_bundle"))
     job = _job(k8s_emulator, handle)
     env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["STEPOPS_BUNDLE_URI"] == handle["output_uri"].rsplit("/", 1)[0] + "/bundle"
+    assert env[Env.BUNDLE_URI] == handle["output_uri"].rsplit("/", 1)[0] + "/bundle"
     assert run_trigger(hook, handle)["status"] == "succeeded"
     hook.collect_output(handle)
     assert read_outcome(store_path(handle["output_uri"])).value == hashlib.sha256(big).hexdigest()
@@ -226,12 +227,10 @@ def test_large_bundles_results_and_inputs_go_through_the_artifact_store(k8s_emul
     hook.collect_output(producer)
     ref = read_outcome(store_path(producer["output_uri"])).value
     assert ref.size > 2 << 20 and ref.uri.startswith("file://")
-    from airflow_stepops.bundle import bootstrap
-
-    consumer = hook.submit(make_spec(hook, _digest, {bootstrap.REF_MARKER: 0}, task_id="big_input", refs=[ref]))
+    consumer = hook.submit(make_spec(hook, _digest, {REF_MARKER: 0}, task_id="big_input", refs=[ref]))
     consumer_env = {e["name"]: e.get("value") for e in
                     _job(k8s_emulator, consumer)["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert json.loads(consumer_env["STEPOPS_REFS"]) == {"0": {"uri": ref.uri}}
+    assert json.loads(consumer_env[Env.REFS]) == {"0": {"uri": ref.uri}}
     assert run_trigger(hook, consumer)["status"] == "succeeded"
     hook.collect_output(consumer)
     assert read_outcome(store_path(consumer["output_uri"])).value == hashlib.sha256(ref.load()).hexdigest()
@@ -246,19 +245,17 @@ def _describe(value) -> list:
 
 
 def test_small_artifacts_travel_inline_both_ways(k8s_emulator):
-    from airflow_stepops.bundle import bootstrap
-
     hook = make_hook()
     producer = hook.submit(make_spec(hook, _make_set, task_id="small_ref"))
     assert run_trigger(hook, producer)["status"] == "succeeded"
     hook.collect_output(producer)
     ref = read_outcome(store_path(producer["output_uri"])).value
     assert ref.type == "builtins.set"
-    consumer = hook.submit(make_spec(hook, _describe, {bootstrap.REF_MARKER: 0}, task_id="small_ref_input",
+    consumer = hook.submit(make_spec(hook, _describe, {REF_MARKER: 0}, task_id="small_ref_input",
                                      refs=[ref]))
     env = {e["name"]: e.get("value") for e in
            _job(k8s_emulator, consumer)["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert json.loads(env["STEPOPS_REFS"]) == {"0": {"inline": "refs/0.pkl"}} and int(env["STEPOPS_BUNDLE_PARTS"]) >= 1
+    assert json.loads(env[Env.REFS]) == {"0": {"inline": staged_ref(0)}} and int(env[Env.BUNDLE_PARTS]) >= 1
     assert run_trigger(hook, consumer)["status"] == "succeeded"
     hook.collect_output(consumer)
     assert read_outcome(store_path(consumer["output_uri"])).value == ["a", "b", "set"]
@@ -279,7 +276,7 @@ def test_pvc_artifact_store_is_mounted_into_the_pod(k8s_emulator):
     pod = job["spec"]["template"]["spec"]
     assert pod["volumes"] == [{"name": "stepops-artifacts", "persistentVolumeClaim": {"claimName": "step-data"}}]
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
-    assert env["STEPOPS_OUTPUT_PATH"].startswith("/var/run/stepops/store/k8s_tests/")
+    assert env[Env.OUTPUT_PATH].startswith("/var/run/stepops/store/k8s_tests/")
     assert run_trigger(hook, handle)["status"] == "succeeded"
     hook.collect_output(handle)  # nothing to collect: the pod wrote to the volume
     ref = read_outcome(store_path(handle["output_uri"])).value

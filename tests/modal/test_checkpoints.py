@@ -16,6 +16,7 @@ import modal
 
 from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import StepIdentity, read_outcome
+from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.settings.modal import CHECKPOINT_MOUNT, ModalStepOperatorConfig
 
 from ..emulated import eventually
@@ -95,10 +96,10 @@ def test_modals_own_restart_of_a_preempted_input_resumes_from_the_checkpoint(md_
 def test_the_checkpoint_dir_is_per_task_instance_and_run_and_travels_with_the_call():
     hook = make_hook()
     spec = make_spec(hook, _resume, "x", task_id="train")
-    env = hook.render(spec)["call"]["args"][2]
-    assert env["STEPOPS_CHECKPOINT_DIR"] == f"{CHECKPOINT_MOUNT}/md_tests/run-1/train/-1"
+    env = hook.render(spec)["call"]["args"][1]
+    assert env[Env.CHECKPOINT_DIR] == f"{CHECKPOINT_MOUNT}/md_tests/run-1/train/-1"
     again = hook._environment(make_spec(hook, _resume, "x", task_id="train", try_number=3))
-    assert again["STEPOPS_CHECKPOINT_DIR"] == env["STEPOPS_CHECKPOINT_DIR"]  # every try: the same directory
+    assert again[Env.CHECKPOINT_DIR] == env[Env.CHECKPOINT_DIR]  # every try: the same directory
     assert hook.options(spec)["checkpoint_volume"] == {CHECKPOINT_MOUNT: "stepops-tests-checkpoints"}
     # a run deleted and made again under the same run id has a new run key: it starts without checkpoints
     identity = StepIdentity("d", "manual__2024-01-01T00:00:00+00:00", "t/x", 2, 1, run_key="k1")

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.settings.modal import ModalStepOperatorConfig, ModalStepOperatorSettings
 
 
@@ -168,8 +169,8 @@ def test_render_prints_the_function_options():
 
     assert options["image"]["pip_install"] == ["torch==2.5.0", f"cloudpickle=={cloudpickle.__version__}"]
     assert options["single_use_containers"] is True  # no warm GPU container left billing after the step
-    env = body["call"]["args"][2]
-    assert env["TEAM"] == "ml" and env["SEED"] == "1" and env["STEPOPS_FLAVOR"] == "modal"
+    env = body["call"]["args"][1]
+    assert env["TEAM"] == "ml" and env["SEED"] == "1" and env[Env.FLAVOR] == "modal"
     # other options, other app; same options, same app (the deployment is shared)
     same = hook.render(spec)
     assert same["app_name"] == body["app_name"]

@@ -11,6 +11,7 @@ pytest.importorskip("moto")
 from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import read_outcome
 from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.runtime.protocol import FAILURE_MARKER
 from airflow_stepops.settings.sagemaker import SageMakerStepOperatorSettings
 
 from ..flavorjobs import hook_maker, make_spec, poll_together, raise_value_error, run_trigger, sleep_then_return
@@ -215,7 +216,7 @@ def test_remote_exception_reaches_the_caller_as_itself(sm_emulator):
     hook = make_hook()
     handle = hook.submit(make_spec(hook, raise_value_error, 7, task_id="raises_back"))
     event = run_trigger(hook, handle)
-    assert event["status"] == "failed" and "stepops-error" not in event["message"], event
+    assert event["status"] == "failed" and FAILURE_MARKER not in event["message"], event
     assert "ModelArtifacts" not in sm_emulator.describe(handle["job_id"])  # /opt/ml/model is not kept
     error = _remote_error(hook, handle)
     assert isinstance(error, ValueError) and error.remote_message == "bad input 7"
@@ -226,7 +227,7 @@ def test_a_long_remote_error_fits_failure_reason(sm_emulator):
     import hashlib
 
     from airflow_stepops.hooks.sagemaker import failure_record
-    from airflow_stepops.runtime.sagemaker_entry import encode_failure
+    from airflow_stepops.runtime.entry import encode_failure
 
     hook = make_hook()
     handle = hook.submit(make_spec(hook, _raise_deep, 60, task_id="raises_deep"))

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.runtime.protocol import ENTRY_FILE
 from airflow_stepops.settings.sagemaker import SageMakerStepOperatorConfig, SageMakerStepOperatorSettings
 from airflow_stepops.settings.sagemaker_instances import choose_instance
 
@@ -136,7 +137,7 @@ def test_the_request_is_valid_for_botocore_and_maps_everything():
     assert request["CheckpointConfig"]["S3Uri"].endswith("/train/-1/checkpoints")  # shared by every try
     assert [c["ChannelName"] for c in request["InputDataConfig"]] == ["bundle", "ref0"]
     assert request["AlgorithmSpecification"]["ContainerEntrypoint"] == [
-        "python3", "/opt/ml/input/data/bundle/sagemaker_entry.py"]
+        "python3", f"/opt/ml/input/data/bundle/{ENTRY_FILE}"]
     assert "AWS_ACCESS_KEY_ID" not in request["Environment"] and len(request["TrainingJobName"]) <= 63
     assert {"Key": "stepops:try-number", "Value": "2"} in request["Tags"] and request["VpcConfig"]["Subnets"]
 

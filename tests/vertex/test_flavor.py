@@ -14,6 +14,7 @@ from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import read_outcome
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.runtime.protocol import ENTRY_FILE, Env
 from airflow_stepops.settings.vertex import VertexStepOperatorSettings
 
 from ..flavorjobs import hook_maker, make_spec, poll_together, raise_value_error, run_trigger, sleep_then_return
@@ -65,8 +66,8 @@ def test_every_rendered_body_parses_into_the_proto():
     assert job.job_spec.scheduling.disable_retries  # Airflow owns retries, not Vertex
     assert pool.disk_spec.boot_disk_size_gb == 200 and pool.disk_spec.boot_disk_type == "pd-standard"
     env = {e.name: e.value for e in pool.container_spec.env}
-    assert env["STEPOPS_OUTPUT_PATH"].startswith("/gcs/stepops-tests/") and "@" not in env["STEPOPS_OUTPUT_PATH"]
-    assert pool.container_spec.command[1] == env["STEPOPS_BUNDLE_PATH"] + "/pod_entry.py"
+    assert env[Env.OUTPUT_PATH].startswith("/gcs/stepops-tests/") and "@" not in env[Env.OUTPUT_PATH]
+    assert pool.container_spec.command[1] == env[Env.BUNDLE_PATH] + "/" + ENTRY_FILE
 
 
 def test_remote_exception_fails_the_step(vx_emulator):
@@ -255,7 +256,7 @@ def test_gcs_artifact_refs_are_read_in_place(vx_emulator):
     spec = make_spec(hook, total, *args, task_id="ref_consumer", refs=refs)
     body = hook.render(spec)
     env = {e["name"]: e["value"] for e in body["jobSpec"]["workerPoolSpecs"][0]["containerSpec"]["env"]}
-    assert '"/gcs/stepops-tests/' in env["STEPOPS_REFS"]
+    assert '"/gcs/stepops-tests/' in env[Env.REFS]
     handle = hook.submit(spec)
     assert run_trigger(hook, handle)["status"] == "succeeded"
     assert read_outcome(store_path(handle["output_uri"])).value == 6

@@ -46,6 +46,7 @@ from typing import Any
 from modal._utils.blob_utils import MAX_ASYNC_OBJECT_SIZE_BYTES, MAX_OBJECT_SIZE_BYTES
 from modal_proto import api_pb2
 
+from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.testing._kit import JobThread, spawn, stop_group
 from airflow_stepops.testing.modal import _faults as F
 from airflow_stepops.testing.modal._blobs import BlobStore
@@ -374,7 +375,7 @@ class CallRunner(JobThread):
                                     input_id=call.input_id, task_id=task_id)
 
     def _env(self, fn: api_pb2.Function, task_id: str, gpu: str | None, attempt: Path) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STEPOPS_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(Env.PREFIX)}
         paths = [p for p in sys.path if p and os.path.isdir(p)]
         if env.get("PYTHONPATH"):
             paths.append(env["PYTHONPATH"])
