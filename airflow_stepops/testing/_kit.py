@@ -2,7 +2,8 @@
 
 ``Emulator`` is what tests (and the conformance harness) may rely on for any flavor:
 
-* ``start()`` / ``stop()`` (or ``with``): ``stop()`` kills every job process group and is idempotent;
+* ``start()`` / ``stop()`` (or ``with``): ``stop()`` kills every job process group and is idempotent (a
+  flavor writes ``_start``, undone by its ``_teardown`` should it fail, and owns ``workdir`` when it made it);
 * ``jobs``: the jobs as the service would list them (its own JSON), ``job_id(job)`` the id of one of them,
   ``job(job_id)`` one job (KeyError when unknown);
 * ``status(job_id)``: the service's own word (``JOB_STATE_RUNNING``, ``Completed``, ``success``...);
@@ -26,18 +27,25 @@ from __future__ import annotations
 import abc
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar
 
 JSON = dict[str, Any]
 STATES = ("running", "succeeded", "failed", "cancelled", "gone")
 #: the fault kinds every flavor takes
 KIT_KINDS = ("preemption", "failure")
+C = TypeVar("C")
+R = TypeVar("R")
+FT = TypeVar("FT", bound="Fault")
+E = TypeVar("E", bound="Emulator")
 
 
 class Emulator(abc.ABC):
@@ -47,14 +55,51 @@ class Emulator(abc.ABC):
     STATES: ClassVar[dict[str, str]] = {}
     #: kit fault kinds -> the flavor's own, where the service names them otherwise
     KINDS: ClassVar[dict[str, str]] = {}
+    #: where job directories (and the rest) go; ``stop()`` removes it when ``_open_workdir`` made it
+    workdir: Path | None = None
+    _owns_workdir = False
+    _up = False
+
+    def start(self: E) -> E:
+        """``_start``; when it fails, ``_teardown`` undoes what it did and the error goes on."""
+        if self._up:
+            raise RuntimeError("the emulator is already running")
+        self._up = True
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Kill every job's process group, stop the servers, remove an own workdir; idempotent. Jobs keep the
+        state they had."""
+        self._teardown()
+        self._up = False
 
     @abc.abstractmethod
-    def start(self) -> Any: ...
+    def _start(self) -> None: ...
 
     @abc.abstractmethod
-    def stop(self) -> None: ...
+    def _teardown(self) -> None:
+        """Undo whatever of ``_start`` was done; idempotent."""
 
-    def __enter__(self) -> Any:
+    def _open_workdir(self, wanted: str | os.PathLike[str] | None, flavor: str) -> Path:
+        """``wanted`` (made if missing), else a new temporary directory the emulator owns."""
+        if wanted:
+            self.workdir = Path(wanted).resolve()
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.workdir, self._owns_workdir = Path(tempfile.mkdtemp(prefix=f"stepops-{flavor}-")), True
+        return self.workdir
+
+    def _close_workdir(self) -> None:
+        if self.workdir is not None and self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir, self._owns_workdir = None, False
+
+    def __enter__(self: E) -> E:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -130,6 +175,11 @@ class Emulator(abc.ABC):
     def _kind(self, kind: Any) -> Any:
         """The flavor's name of a kit fault kind (other kinds and Fault objects pass unchanged)."""
         return self.KINDS.get(kind, kind) if isinstance(kind, str) else kind
+
+    def _fault(self, fault_type: type[FT], kind: FT | str, after: float, **kw: Any) -> FT:
+        """A ``fault_type`` of the kind (its flavor name) and ``kw``, or the Fault given."""
+        kind = self._kind(kind)
+        return fault_type(kind, after=after, **kw) if isinstance(kind, str) else kind
 
     @abc.abstractmethod
     def pids(self, job_id: str) -> list[int]:
@@ -234,7 +284,28 @@ class JobThread:
             self._wake.clear()
 
 
-# ----- faults -----------------------------------------------------------------------------------------
+# ----- settings and faults ----------------------------------------------------------------------------
+
+
+def configured(config: C, settings: Mapping[str, Any]) -> C:
+    """``config`` (a dataclass) with ``settings`` replaced; TypeError naming any that is not one of its fields."""
+    unknown = set(settings) - {f.name for f in fields(config)}  # type: ignore[arg-type]
+    if unknown:
+        raise TypeError(f"unknown emulator settings {sorted(unknown)}")
+    return replace(config, **settings)  # type: ignore[type-var]
+
+
+class _Faulted(Protocol):
+    lock: Any
+    faults: list[Any]
+
+
+def add_fault(server: _Faulted, fault: R) -> R:
+    """Queue a request fault on a server (under its lock); the fault, to watch or clear."""
+    with server.lock:
+        server.faults.append(fault)
+    return fault
+
 
 
 @dataclass(frozen=True)
@@ -273,6 +344,11 @@ class FaultRule:
             self.count -= 1
         self.applied.append(name)
         return True
+
+    @classmethod
+    def struck(cls, fault: Any, job: str, **kw: Any) -> Any:
+        """The record of a fault given at once to the job ``job`` (nothing left to take)."""
+        return cls(fault, job, 0, [job], **kw)
 
 
 def take_faults(rules: Iterable[FaultRule], name: str, accept: Callable[[Any], bool] = lambda fault: True,

@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+
+async def serve_app(app: web.Application, port: int = 0,
+                    ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on 127.0.0.1:``port`` (0: a free one); its runner (``cleanup()`` ends it) and port."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context).start()
+    return runner, int(runner.addresses[0][1])
 
 
 class LoopThread:
@@ -46,13 +58,14 @@ class LoopThread:
             raise RuntimeError(f"{what} failed to start") from (ready[0] if ready else None)
         self.loop, self.thread = loop, thread
 
-    def stop(self, shutdown: Callable[[], Awaitable[None]]) -> None:
-        """Run ``shutdown`` on the loop, then stop the loop and its thread; idempotent."""
+    def stop(self, shutdown: Callable[[], Awaitable[None]], timeout: float = 30) -> None:
+        """Run ``shutdown`` on the loop (``timeout`` seconds at most), then stop the loop and its thread;
+        idempotent."""
         loop, thread = self.loop, self.thread
         if loop is None or thread is None:
             return
         try:
-            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(30)
+            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout)
         finally:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(30)

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import ssl
-import tempfile
 import threading
-from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from aiohttp import web
+
 from airflow_stepops.testing._images import write_python_shims
-from airflow_stepops.testing._kit import Emulator
+from airflow_stepops.testing._kit import Emulator, add_fault, configured
+from airflow_stepops.testing._loop_thread import LoopThread, serve_app
 from airflow_stepops.testing.azureml._auth import IDENTITY_HEADER, AsyncStaticTokenCredential, StaticTokenCredential
 from airflow_stepops.testing.azureml._azurite import Azurite
 from airflow_stepops.testing.azureml._config import ComputeSpec, EmulatorConfig
 from airflow_stepops.testing.azureml._faults import JSON, RUNNING_KINDS, Fault, FaultRule, RequestFault
 from airflow_stepops.testing.azureml._jobs import Job, iso
 from airflow_stepops.testing.azureml._runner import RunContext
-from airflow_stepops.testing.azureml._server import ApiServer, ServerThread
+from airflow_stepops.testing.azureml._server import ApiServer
 from airflow_stepops.testing.azureml._service import Service
 from airflow_stepops.testing.azureml._tls import TlsFiles, write_tls_files
 from airflow_stepops.testing.azureml._transfer import Storage
@@ -28,7 +28,6 @@ from airflow_stepops.testing.azureml._workspace import Workspace
 
 #: the variable azure-ai-ml reads (when an MLClient is built) for the base URL of every ARM client
 MFE_URL_ENV = "AZUREML_DEV_URL_MFE"
-_CONFIG_FIELDS = {f.name for f in fields(EmulatorConfig)}
 _ENV_LOCK = threading.Lock()
 
 
@@ -47,19 +46,15 @@ class AzureMLEmulator(Emulator):
                  stop_grace_period: float = 2.0, queue_seconds: float = 0.3, prepare_seconds: float = 0.3,
                  workdir: str | os.PathLike[str] | None = None, *, port: int = 0, azurite_port: int = 0,
                  **settings: Any) -> None:
-        unknown = set(settings) - _CONFIG_FIELDS
-        if unknown:
-            raise TypeError(f"unknown emulator settings {sorted(unknown)}")
-        self.config = replace(EmulatorConfig(), subscription_id=subscription_id, resource_group=resource_group,
-                              workspace_name=workspace_name, location=location, stop_grace_period=stop_grace_period,
-                              queue_seconds=queue_seconds, prepare_seconds=prepare_seconds,
-                              workdir=str(workdir) if workdir is not None else None, **settings)
+        self.config = configured(EmulatorConfig(), dict(
+            subscription_id=subscription_id, resource_group=resource_group, workspace_name=workspace_name,
+            location=location, stop_grace_period=stop_grace_period, queue_seconds=queue_seconds,
+            prepare_seconds=prepare_seconds, workdir=str(workdir) if workdir is not None else None, **settings))
         self._wanted_port = port
         self._wanted_azurite_port = azurite_port
-        self.workdir: Path | None = None
-        self._owns_workdir = False
         self._azurite: Azurite | None = None
-        self._server: ServerThread | None = None
+        self._serving = LoopThread("azureml-emulator-api")
+        self._http: web.AppRunner | None = None
         self._api: ApiServer | None = None
         self._service: Service | None = None
         self._storage: Storage | None = None
@@ -69,24 +64,11 @@ class AzureMLEmulator(Emulator):
 
     # ----- lifecycle --------------------------------------------------------------------------------
 
-    def start(self) -> AzureMLEmulator:
-        try:
-            self._start()
-        except BaseException:
-            self._teardown()
-            raise
-        return self
-
     def _start(self) -> None:
         cfg = self.config
-        if cfg.workdir:
-            self.workdir = Path(cfg.workdir).resolve()
-            self.workdir.mkdir(parents=True, exist_ok=True)
-        else:
-            self.workdir = Path(tempfile.mkdtemp(prefix="stepops-azureml-"))
-            self._owns_workdir = True
-        self._tls = write_tls_files(self.workdir / "tls")
-        self._azurite = Azurite(self.workdir / "azurite", self._wanted_azurite_port)
+        workdir = self._open_workdir(cfg.workdir, "azureml")
+        self._tls = write_tls_files(workdir / "tls")
+        self._azurite = Azurite(workdir / "azurite", self._wanted_azurite_port)
         self._azurite.start()
         workspace = Workspace(cfg, "", {})
         datastores = {"workspaceblobstore": f"azureml-blobstore-{workspace.workspace_id}",
@@ -95,37 +77,37 @@ class AzureMLEmulator(Emulator):
         self._storage = Storage(self._azurite.connection_string, self._azurite.port, workspace.datastores)
         for container in datastores.values():
             self._storage.ensure_container(container)
-        shims = self.workdir / "bin"
+        shims = workdir / "bin"
         write_python_shims(shims)
-        ctx = RunContext(cfg, self._storage, self.workdir / "jobs", shims, datastores["workspaceartifactstore"])
+        ctx = RunContext(cfg, self._storage, workdir / "jobs", shims, datastores["workspaceartifactstore"])
         ctx.root.mkdir(parents=True, exist_ok=True)
         self._service = Service(workspace, ctx)
         self._api = ApiServer(self._service)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(str(self._tls.cert), str(self._tls.key))
-        self._server = ServerThread(self._api.app(), context, self._wanted_port)
-        self.port = self._server.start()
+        app = self._api.app()
+
+        async def startup() -> None:
+            self._http, self.port = await serve_app(app, self._wanted_port, context)
+
+        self._serving.start(startup, f"the Azure ML emulator's server (127.0.0.1:{self._wanted_port})")
         workspace.base_url = self._api.base_url = self.base_url
         ctx.base_env.update({"AZUREML_SERVICE_ENDPOINT": self.base_url,
                              "AZUREML_DISCOVERY_SERVICE_ENDPOINT": f"{self.base_url}/discovery",
                              "AZUREML_WORKSPACE_ID": workspace.workspace_id})
 
-    def stop(self) -> None:
-        """Kill every job's processes, stop the server and Azurite, remove an own workdir; idempotent."""
-        self._teardown()
-
     def _teardown(self) -> None:
         if self._service is not None:
             self._service.shutdown()
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
+        self._serving.stop(self._stop_http)
         if self._azurite is not None:
             self._azurite.stop()
             self._azurite = None
-        if self.workdir is not None and self._owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self._owns_workdir = False
+        self._close_workdir()
+
+    async def _stop_http(self) -> None:
+        if self._http is not None:
+            await self._http.cleanup()
 
     # ----- where things are ---------------------------------------------------------------------------
 
@@ -229,7 +211,7 @@ class AzureMLEmulator(Emulator):
         service = self._running(self._service)
         if job is not None and kind in RUNNING_KINDS and job in service.runners:
             service.runner(job).strike(fault)
-            return FaultRule(fault, job, 0, applied=[job])
+            return FaultRule.struck(fault, job)
         rule = FaultRule(fault, job, count)
         service.add_rule(rule)
         return rule
@@ -238,21 +220,15 @@ class AzureMLEmulator(Emulator):
                       *, method: str | None = None, message: str | None = None) -> RequestFault:
         """Answer the next ``times`` API requests whose path (with query) contains ``path_contains`` with an
         ARM error ``code`` and HTTP ``status_code`` (429 and 503 carry ``Retry-After: 1``)."""
-        return self._add_request_fault(RequestFault(status_code, code, times, path_contains, method, message))
+        return add_fault(self._running(self._api), RequestFault(status_code, code, times, path_contains, method, message))
 
     def lose_replies(self, how: str = "drop", times: int | None = 1, path_contains: str | None = None, *,
                      method: str | None = None, hang_seconds: float = 30.0) -> RequestFault:
         """Carry out the next ``times`` matching API requests but lose their replies: ``drop`` closes the
         connection, ``hang`` answers nothing for ``hang_seconds`` (e.g. ``lose_replies("drop", method="PUT",
         path_contains="/jobs/")``: the job is created, the client never hears of it)."""
-        return self._add_request_fault(RequestFault(0, "", times, path_contains, method, lose_reply=how,
-                                                    hang_seconds=hang_seconds))
-
-    def _add_request_fault(self, fault: RequestFault) -> RequestFault:
-        api = self._running(self._api)
-        with api.lock:
-            api.faults.append(fault)
-        return fault
+        return add_fault(self._running(self._api), RequestFault(0, "", times, path_contains, method, lose_reply=how,
+                                                                hang_seconds=hang_seconds))
 
     def clear_faults(self) -> None:
         service, api = self._running(self._service), self._running(self._api)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import ssl
 import threading
 import time
 import uuid
@@ -350,46 +349,3 @@ class ApiServer:
 
     async def _health(self, request: web.Request, p: dict[str, str]) -> web.Response:
         return _json({"status": "ok"})
-
-
-class ServerThread:
-    """Runs an aiohttp application with TLS on 127.0.0.1 in a daemon thread with its own event loop."""
-
-    def __init__(self, app: web.Application, ssl_context: ssl.SSLContext, port: int = 0) -> None:
-        self.app, self.ssl_context, self.port = app, ssl_context, port
-        self.loop = asyncio.new_event_loop()
-        self._runner: web.AppRunner | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="azureml-emulator-api", daemon=True)
-
-    def start(self) -> int:
-        self._thread.start()
-        self._ready.wait(30)
-        if self._error is not None:
-            raise RuntimeError(f"the Azure ML emulator could not listen on 127.0.0.1:{self.port}") from self._error
-        if not self._ready.is_set():
-            raise RuntimeError("the Azure ML emulator's server did not start")
-        return self.port
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-            self.loop.run_until_complete(self._runner.setup())
-            site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context)
-            self.loop.run_until_complete(site.start())
-            self.port = int(self._runner.addresses[0][1])
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(self._runner.cleanup())
-        self.loop.close()
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)

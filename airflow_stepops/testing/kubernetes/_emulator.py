@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from aiohttp import web
 
-from airflow_stepops.testing._kit import Emulator
+from airflow_stepops.testing._kit import Emulator, configured
+from airflow_stepops.testing._loop_thread import LoopThread, serve_app
 from airflow_stepops.testing.kubernetes._cluster import Cluster
 from airflow_stepops.testing.kubernetes._config import EmulatorConfig
 from airflow_stepops.testing.kubernetes._faults import RUNNING_KINDS, Fault, FaultRule
@@ -25,7 +23,6 @@ from airflow_stepops.testing.kubernetes._store import JOBS, PODS, RESOURCES, Res
 from airflow_stepops.testing.kubernetes._util import JSON, deep
 
 T = TypeVar("T")
-_CONFIG_FIELDS = {f.name for f in fields(EmulatorConfig)}
 
 
 def _resource(kind: str) -> Resource:
@@ -51,81 +48,34 @@ class KubernetesEmulator(Emulator):
     KINDS: ClassVar[dict[str, str]] = {"preemption": "evicted", "failure": "oom_killed"}
 
     def __init__(self, config: EmulatorConfig | None = None, *, port: int = 0, **settings: Any) -> None:
-        unknown = set(settings) - _CONFIG_FIELDS
-        if unknown:
-            raise TypeError(f"unknown emulator settings {sorted(unknown)}")
-        self.config = replace(config or EmulatorConfig(), **settings)
+        self.config = configured(config or EmulatorConfig(), settings)
         self._wanted_port = port
         self.port = 0
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._root: Path | None = None
+        self._serving = LoopThread("stepops-kubernetes-emulator")
         self._runner: web.AppRunner | None = None
         self.cluster: Cluster
         self.server: ApiServer
 
     # ----- lifecycle --------------------------------------------------------------------------------
 
-    def start(self) -> KubernetesEmulator:
-        if self._thread is not None:
-            raise RuntimeError("the emulator is already running")
-        self._root = Path(tempfile.mkdtemp(prefix="stepops-k8s-"))
-        self._loop = asyncio.new_event_loop()
-        ready: list[BaseException | None] = []
-        started = threading.Event()
-
-        def run() -> None:
-            assert self._loop is not None
-            asyncio.set_event_loop(self._loop)
-            try:
-                self._loop.run_until_complete(self._startup())
-                ready.append(None)
-            except BaseException as exc:  # reported to start()'s caller
-                ready.append(exc)
-            started.set()
-            if ready[0] is None:
-                self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, name="stepops-kubernetes-emulator", daemon=True)
-        self._thread.start()
-        started.wait(60)
-        if not ready or ready[0] is not None:
-            self._thread.join(5)
-            self._loop.close()
-            self._thread = None
-            shutil.rmtree(self._root, ignore_errors=True)
-            raise RuntimeError("the Kubernetes emulator failed to start") from (ready[0] if ready else None)
-        return self
+    def _start(self) -> None:
+        self._open_workdir(None, "k8s")
+        self._serving.start(self._startup, "the Kubernetes emulator")
 
     async def _startup(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._root is not None
-        self.cluster = Cluster(Store(), self.config, loop)
-        self.cluster.kubelet = Kubelet(self.cluster, self._root, lambda: self.port)
+        assert self.workdir is not None
+        self.cluster = Cluster(Store(), self.config, asyncio.get_running_loop())
+        self.cluster.kubelet = Kubelet(self.cluster, self.workdir, lambda: self.port)
         self.cluster.jobs = JobController(self.cluster)
         self.cluster.bootstrap()
         self.server = ApiServer(self.cluster)
-        self._runner = web.AppRunner(self.server.app(), access_log=None, shutdown_timeout=2.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self._wanted_port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self._runner, self.port = await serve_app(self.server.app(), self._wanted_port)
         self.server.address = f"127.0.0.1:{self.port}"
 
-    def stop(self) -> None:
-        """Kill every pod process, close streams and the server, end the thread; idempotent."""
-        if self._thread is None or self._loop is None:
-            return
-        future = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
-        try:
-            future.result(60)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(30)
-            self._loop.close()
-            self._thread = None
-            if self._root is not None:
-                shutil.rmtree(self._root, ignore_errors=True)
+    def _teardown(self) -> None:
+        """Kill every pod process, close streams and the server, end the thread."""
+        self._serving.stop(self._shutdown, timeout=60)
+        self._close_workdir()
 
     async def _shutdown(self) -> None:
         self.server.closing = True
@@ -145,14 +95,15 @@ class KubernetesEmulator(Emulator):
 
     def _call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the emulator's loop (all state lives there) and return its result."""
-        if self._loop is None or self._thread is None:
+        loop, thread = self._serving.loop, self._serving.thread
+        if loop is None or thread is None:
             raise RuntimeError("the emulator is not running")
-        if threading.current_thread() is self._thread:
+        if threading.current_thread() is thread:
             return fn()
 
         async def call() -> T:
             return fn()
-        return asyncio.run_coroutine_threadsafe(call(), self._loop).result(30)
+        return asyncio.run_coroutine_threadsafe(call(), loop).result(30)
 
     # ----- clients ----------------------------------------------------------------------------------
 
@@ -203,8 +154,8 @@ class KubernetesEmulator(Emulator):
                          namespace: str = "default") -> Path:
         """Write ``kubeconfig()`` (JSON, which is YAML) to ``path`` or into the emulator's directory."""
         if path is None:
-            assert self._root is not None
-            path = self._root / f"kubeconfig-{context}"
+            assert self.workdir is not None
+            path = self.workdir / f"kubeconfig-{context}"
         path = Path(path)
         path.write_text(json.dumps(self.kubeconfig(context, namespace), indent=2))
         return path
@@ -215,16 +166,16 @@ class KubernetesEmulator(Emulator):
                pod_prefix: str | None = None, count: int | None = 1, **fields: Any) -> FaultRule:
         """Give a fault (a ``Fault``, or its kind and ``fields``) to the next ``count`` new pods matching (None:
         every matching pod). A running-pod fault for a Job whose pod runs strikes it ``after`` seconds from now."""
-        kind = self._kind(kind)
-        fault = Fault(kind, after=after, **fields) if isinstance(kind, str) else kind
+        fault = self._fault(Fault, kind, after, **fields)
         if job is not None and fault.kind in RUNNING_KINDS:
             found = self._find(job)
             pods = [p for p in self._pods(found) if self._pod_pids(p)] if found else []
             if pods:
                 namespace, name = found["metadata"]["namespace"], found["metadata"]["name"]
+                loop = self._serving.loop
+                assert loop is not None
                 for pod in pods:
-                    assert self._loop is not None
-                    self._loop.call_soon_threadsafe(self._loop.call_later, fault.after, self._strike, namespace,
+                    loop.call_soon_threadsafe(loop.call_later, fault.after, self._strike, namespace,
                                                     pod["metadata"]["name"], fault)
                 return FaultRule(fault, name, 0, [p["metadata"]["name"] for p in pods], namespace=namespace)
             job, namespace = (job.rsplit("/", 1)[::-1] if "/" in job else (job, namespace))

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import shutil
 import socket
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, ClassVar
@@ -16,8 +14,8 @@ from aiohttp import web
 from grpclib.const import Status
 from grpclib.server import Server
 
-from airflow_stepops.testing._kit import Emulator, take_faults
-from airflow_stepops.testing._loop_thread import LoopThread
+from airflow_stepops.testing._kit import Emulator, add_fault, take_faults
+from airflow_stepops.testing._loop_thread import LoopThread, serve_app
 from airflow_stepops.testing.modal import _faults as F
 from airflow_stepops.testing.modal._blobs import BlobStore
 from airflow_stepops.testing.modal._calls import Call, CallStore
@@ -63,11 +61,9 @@ class ModalEmulator(Emulator):
         self.token_id = token_id or f"ak-{secrets.token_hex(10)}"
         self.token_secret = token_secret or f"as-{secrets.token_hex(16)}"
         self.multipart_threshold, self.part_size = multipart_threshold, part_size
-        self._wanted_workdir = Path(workdir) if workdir is not None else None
+        self._wanted_workdir = workdir
         self._wanted_port, self._wanted_blob_port = port, blob_port
         self.port = self.blob_port = 0
-        self.workdir: Path | None = None
-        self._owns_workdir = False
         self._lock = threading.Lock()
         self._runners: dict[str, CallRunner] = {}
         self._rules: list[F.FaultRule] = []
@@ -83,54 +79,29 @@ class ModalEmulator(Emulator):
 
     # ----- lifecycle --------------------------------------------------------------------------------
 
-    def start(self) -> ModalEmulator:
-        if self._serving.running:
-            raise RuntimeError("the emulator is already running")
-        try:
-            if self._wanted_workdir is not None:
-                self.workdir = self._wanted_workdir
-                self.workdir.mkdir(parents=True, exist_ok=True)
-            else:
-                self.workdir = Path(tempfile.mkdtemp(prefix="stepops-modal-"))
-                self._owns_workdir = True
-            self._registry = Registry(self.workdir / "volumes")
-            self._blobs = BlobStore(self.workdir / "blobs", self.multipart_threshold, self.part_size)
-            self._servicer = ModalServicer(self._registry, self._calls, self._blobs, self._logs,
-                                           token_id=self.token_id, token_secret=self.token_secret,
-                                           on_call=self._call_created, on_cancel=self._call_cancelled)
-            self._ctx = RunContext(self._registry, self._blobs, self._logs, self.workdir / "calls",
-                                   self.stop_grace_period, self.queue_seconds, self._blocked_gpus,
-                                   lambda: self.volume_commit_interval)
-            self._serve()
-        except BaseException:
-            self._teardown()
-            raise
-        return self
-
-    def _serve(self) -> None:
-        assert self._servicer is not None and self._blobs is not None
+    def _start(self) -> None:
+        workdir = self._open_workdir(self._wanted_workdir, "modal")
+        self._registry = Registry(workdir / "volumes")
+        self._blobs = BlobStore(workdir / "blobs", self.multipart_threshold, self.part_size)
+        self._servicer = ModalServicer(self._registry, self._calls, self._blobs, self._logs,
+                                       token_id=self.token_id, token_secret=self.token_secret,
+                                       on_call=self._call_created, on_cancel=self._call_cancelled)
+        self._ctx = RunContext(self._registry, self._blobs, self._logs, workdir / "calls",
+                               self.stop_grace_period, self.queue_seconds, self._blocked_gpus,
+                               lambda: self.volume_commit_interval)
 
         async def startup() -> None:
-            assert self._servicer is not None and self._blobs is not None
+            assert self._servicer is not None and self._blobs is not None  # for mypy: set above
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", self._wanted_port))
             self.port = sock.getsockname()[1]
             self._grpc = Server([self._servicer])
             await self._grpc.start(sock=sock)
-            self._http = web.AppRunner(self._blobs.app(), access_log=None, shutdown_timeout=2.0)
-            await self._http.setup()
-            site = web.TCPSite(self._http, "127.0.0.1", self._wanted_blob_port)
-            await site.start()
-            self.blob_port = self._http.addresses[0][1]
+            self._http, self.blob_port = await serve_app(self._blobs.app(), self._wanted_blob_port)
             self._blobs.base_url = f"http://127.0.0.1:{self.blob_port}"
 
         self._serving.start(startup, "the Modal emulator's servers")
-
-    def stop(self) -> None:
-        """Kill every call's process group, stop both servers, remove an own workdir; idempotent. Calls keep
-        the state they had."""
-        self._teardown()
 
     def _teardown(self) -> None:
         with self._lock:
@@ -149,9 +120,7 @@ class ModalEmulator(Emulator):
                 await self._http.cleanup()
 
         self._serving.stop(shutdown)
-        if self.workdir is not None and self._owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir, self._owns_workdir = None, False
+        self._close_workdir()
 
     # ----- the servicer's calls (event loop thread) -------------------------------------------------
 
@@ -241,27 +210,19 @@ class ModalEmulator(Emulator):
         with self._lock:
             runner = self._runners[found.id]
         runner.strike(fault)
-        return F.FaultRule(fault, found.id, 0, [found.id])
+        return F.FaultRule.struck(fault, found.id)
 
     def fail_requests(self, status: Status = Status.UNAVAILABLE, times: int | None = 1, method: str | None = None,
                       *, message: str | None = None) -> F.RequestFault:
         """Answer the next ``times`` calls (None: all) of the RPC ``method`` (e.g. ``"FunctionMap"``; None: any)
         with gRPC ``status``. The client retries UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, INTERNAL and UNKNOWN
         (three retries by default)."""
-        fault = F.RequestFault(status, times, method, message or "")
-        servicer = self._svc()
-        with servicer.lock:
-            servicer.faults.append(fault)
-        return fault
+        return add_fault(self._svc(), F.RequestFault(status, times, method, message or ""))
 
     def lose_replies(self, method: str, times: int | None = 1) -> F.RequestFault:
         """Do what the next ``times`` calls (None: all) of RPC ``method`` ask, but never answer them: a reply
         lost on the way, which the client only notices by timing out."""
-        fault = F.RequestFault(Status.UNAVAILABLE, times, method, lose_reply=True)
-        servicer = self._svc()
-        with servicer.lock:
-            servicer.faults.append(fault)
-        return fault
+        return add_fault(self._svc(), F.RequestFault(Status.UNAVAILABLE, times, method, lose_reply=True))
 
     def clear_faults(self) -> None:
         with self._lock:

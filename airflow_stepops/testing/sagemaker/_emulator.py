@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import threading
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 from airflow_stepops.testing._images import write_python_shims
-from airflow_stepops.testing._kit import Emulator, take_faults
+from airflow_stepops.testing._kit import Emulator, add_fault, configured, take_faults
 from airflow_stepops.testing.sagemaker import _moto_patches
 from airflow_stepops.testing.sagemaker._config import EmulatorConfig
 from airflow_stepops.testing.sagemaker._faults import RUNNING_KINDS, Fault, FaultRule
@@ -19,8 +17,6 @@ from airflow_stepops.testing.sagemaker._jobs import JSON, TERMINAL, TrainingJob
 from airflow_stepops.testing.sagemaker._logs import LOG_GROUP
 from airflow_stepops.testing.sagemaker._runner import JobRunner, RunContext
 from airflow_stepops.testing.sagemaker._server import INTERNAL_AGENT, ApiFault, MotoServer
-
-_CONFIG_FIELDS = {f.name for f in fields(EmulatorConfig)}
 
 
 class SageMakerEmulator(Emulator):
@@ -39,15 +35,10 @@ class SageMakerEmulator(Emulator):
     _active_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, config: EmulatorConfig | None = None, *, port: int = 0, **settings: Any) -> None:
-        unknown = set(settings) - _CONFIG_FIELDS
-        if unknown:
-            raise TypeError(f"unknown emulator settings {sorted(unknown)}")
-        self.config = replace(config or EmulatorConfig(), **settings)
+        self.config = configured(config or EmulatorConfig(), settings)
         self._wanted_port = port
         self.port = 0
         self._server: MotoServer | None = None
-        self._root: Path | None = None
-        self._owns_root = False
         self._lock = threading.Lock()
         self._runners: dict[str, JobRunner] = {}
         self._rules: list[FaultRule] = []
@@ -60,36 +51,27 @@ class SageMakerEmulator(Emulator):
             if SageMakerEmulator._active is not None:
                 raise RuntimeError("a SageMaker emulator already runs in this process (moto's state is per process)")
             SageMakerEmulator._active = self
-        try:
-            _moto_patches.apply()
-            if self.config.reset_moto:
-                from moto.moto_api._internal.models import moto_api_backend
+        return super().start()
 
-                moto_api_backend.reset()
-            if self.config.job_root:
-                self._root = Path(self.config.job_root)
-                self._root.mkdir(parents=True, exist_ok=True)
-            else:
-                self._root = Path(tempfile.mkdtemp(prefix="stepops-sagemaker-"))
-                self._owns_root = True
-            self._server = MotoServer(self._wanted_port)
-            self._server.start()
-            self.port = self._server.get_host_and_port()[1]
-            shims = self._root / "bin"
-            write_python_shims(shims)
-            self._ctx = RunContext(self.config, self.client("s3", internal=True), self.client("logs", internal=True),
-                                   self._root, shims, self.env())
-            _moto_patches.set_listener(self)
-        except BaseException:
-            self._teardown()
-            raise
-        return self
+    def _start(self) -> None:
+        _moto_patches.apply()
+        if self.config.reset_moto:
+            from moto.moto_api._internal.models import moto_api_backend
+
+            moto_api_backend.reset()
+        root = self._open_workdir(self.config.job_root, "sagemaker")
+        self._server = MotoServer(self._wanted_port)
+        self._server.start()
+        self.port = self._server.get_host_and_port()[1]
+        shims = root / "bin"
+        write_python_shims(shims)
+        self._ctx = RunContext(self.config, self.client("s3", internal=True), self.client("logs", internal=True),
+                               root, shims, self.env())
+        _moto_patches.set_listener(self)
 
     def stop(self) -> None:
-        """Kill every job process, stop the server; idempotent. Jobs keep the status they had."""
-        if SageMakerEmulator._active is not self:
-            return
-        self._teardown()
+        if SageMakerEmulator._active is self:  # moto's one emulator of this process
+            super().stop()
 
     def _teardown(self) -> None:
         _moto_patches.set_listener(None)
@@ -103,18 +85,14 @@ class SageMakerEmulator(Emulator):
             except Exception:
                 pass
             self._server = None
-        if self._root is not None and self._owns_root:
-            shutil.rmtree(self._root, ignore_errors=True)
+        self._close_workdir()
         with SageMakerEmulator._active_lock:
             if SageMakerEmulator._active is self:
                 SageMakerEmulator._active = None
 
     def configure(self, **settings: Any) -> EmulatorConfig:
         """Change settings (fields of ``EmulatorConfig``) for the jobs created from now on; the old ones."""
-        unknown = set(settings) - _CONFIG_FIELDS
-        if unknown:
-            raise TypeError(f"unknown emulator settings {sorted(unknown)}")
-        old, self.config = self.config, replace(self.config, **settings)
+        old, self.config = self.config, configured(self.config, settings)
         if self._ctx is not None:
             self._ctx = replace(self._ctx, config=self.config)
         return old
@@ -174,11 +152,10 @@ class SageMakerEmulator(Emulator):
         """Give a fault (a ``Fault``, or its kind and ``fields``; ``preemption`` is ``spot_interruption``) to the
         next ``count`` new jobs matching (None: every one). A ``spot_interruption`` or ``failure`` for a job
         that exists strikes it ``after`` seconds from now (or once it trains, when it does not yet)."""
-        kind = self._kind(kind)
-        chosen = Fault(kind, after=after, **fields) if isinstance(kind, str) else kind
+        chosen = self._fault(Fault, kind, after, **fields)
         if job is not None and chosen.kind in RUNNING_KINDS and job in self._runners:
             self._runner(job).disrupt(chosen)
-            return FaultRule(chosen, job, 0, [job])
+            return FaultRule.struck(chosen, job)
         rule = FaultRule(chosen, job, count, job_prefix=job_prefix)
         with self._lock:
             self._rules.append(rule)
@@ -187,21 +164,13 @@ class SageMakerEmulator(Emulator):
     def fail_requests(self, code: str = "ThrottlingException", *, status: int = 400, service: str | None = None,
                       action: str | None = None, count: int | None = 1, message: str | None = None) -> ApiFault:
         """Answer the next ``count`` matching API requests with the error ``code`` (see ``ApiFault``)."""
-        fault = ApiFault(code, status, service, action, count, message or "Rate exceeded")
-        gateway = self._gateway()
-        with gateway.lock:
-            gateway.faults.append(fault)
-        return fault
+        return add_fault(self._gateway(), ApiFault(code, status, service, action, count, message or "Rate exceeded"))
 
     def lose_replies(self, action: str, *, service: str = "sagemaker", count: int | None = 1,
                      hold: float = 30.0) -> ApiFault:
         """Serve the next ``count`` ``action`` requests but hold their replies ``hold`` seconds, as if lost
         (a CreateTrainingJob creates its job all the same)."""
-        fault = ApiFault("", 200, service, action, count, "", hold=hold)
-        gateway = self._gateway()
-        with gateway.lock:
-            gateway.faults.append(fault)
-        return fault
+        return add_fault(self._gateway(), ApiFault("", 200, service, action, count, "", hold=hold))
 
     def clear_faults(self) -> None:
         with self._lock:

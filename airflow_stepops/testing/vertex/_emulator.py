@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,8 +12,8 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from airflow_stepops.testing._images import write_python_shims
-from airflow_stepops.testing._kit import Emulator
-from airflow_stepops.testing._loop_thread import LoopThread
+from airflow_stepops.testing._kit import Emulator, add_fault
+from airflow_stepops.testing._loop_thread import LoopThread, serve_app
 from airflow_stepops.testing.vertex import _faults as F
 from airflow_stepops.testing.vertex._auth import UNIVERSE_DOMAIN, ServiceAccount, without_boundary_lookup
 from airflow_stepops.testing.vertex._errors import DEFAULT_STATUS, ApiError
@@ -63,11 +61,9 @@ class VertexEmulator(Emulator):
         self.stop_grace_period = stop_grace_period
         self.queue_seconds, self.pending_seconds = queue_seconds, pending_seconds
         self._list_lag = list_lag
-        self._wanted_workdir = Path(workdir) if workdir is not None else None
+        self._wanted_workdir = workdir
         self._wanted_port = port
         self.port = 0
-        self.workdir: Path | None = None
-        self._owns_workdir = False
         self._lock = threading.Lock()
         self._runners: dict[str, JobRunner] = {}
         self._rules: list[F.FaultRule] = []
@@ -83,51 +79,25 @@ class VertexEmulator(Emulator):
 
     # ----- lifecycle --------------------------------------------------------------------------------
 
-    def start(self) -> VertexEmulator:
-        if self._serving.running:
-            raise RuntimeError("the emulator is already running")
-        try:
-            if self._wanted_workdir is not None:
-                self.workdir = self._wanted_workdir
-                self.workdir.mkdir(parents=True, exist_ok=True)
-            else:
-                self.workdir = Path(tempfile.mkdtemp(prefix="stepops-vertex-"))
-                self._owns_workdir = True
-            self._gcs = FakeGcsServer(self.workdir / "fake-gcs-server.log")
-            self._gcs.start()
-            self._logs = LogStore(self.project, self.project_number, self.location, self._clock)
-            self._service = JobService(self.project, self.project_number, self.location, self._clock,
-                                       self._admit, self._job_created, self._job_cancelled)
-            self._service.list_lag = self._list_lag
-            self._server = ApiServer(self._service, self._logs, self._account, lambda: self.token_uri)
-            self._serve()
-            shims = self.workdir / "bin"
-            write_python_shims(shims)
-            self._ctx = RunContext(self.project, self.project_number, self.location, self.stop_grace_period,
-                                   self.queue_seconds, self.pending_seconds, self._gcs, self._logs, self._clock,
-                                   self.workdir / "jobs", shims, self._job_env())
-        except BaseException:
-            self._teardown()
-            raise
-        return self
-
-    def _serve(self) -> None:
-        assert self._server is not None
+    def _start(self) -> None:
+        workdir = self._open_workdir(self._wanted_workdir, "vertex")
+        self._gcs = FakeGcsServer(workdir / "fake-gcs-server.log")
+        self._gcs.start()
+        self._logs = LogStore(self.project, self.project_number, self.location, self._clock)
+        self._service = JobService(self.project, self.project_number, self.location, self._clock,
+                                   self._admit, self._job_created, self._job_cancelled)
+        self._service.list_lag = self._list_lag
+        server = self._server = ApiServer(self._service, self._logs, self._account, lambda: self.token_uri)
 
         async def startup() -> None:
-            assert self._server is not None
-            self._runner = web.AppRunner(self._server.app(), access_log=None, shutdown_timeout=2.0)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", self._wanted_port)
-            await site.start()
-            self.port = self._runner.addresses[0][1]
+            self._runner, self.port = await serve_app(server.app(), self._wanted_port)
 
         self._serving.start(startup, "the Vertex AI emulator's server")
-
-    def stop(self) -> None:
-        """Kill every job process (and its children), stop both servers, remove an own workdir; idempotent.
-        Jobs keep the state they had."""
-        self._teardown()
+        shims = workdir / "bin"
+        write_python_shims(shims)
+        self._ctx = RunContext(self.project, self.project_number, self.location, self.stop_grace_period,
+                               self.queue_seconds, self.pending_seconds, self._gcs, self._logs, self._clock,
+                               workdir / "jobs", shims, self._job_env())
 
     def _teardown(self) -> None:
         with self._lock:
@@ -143,9 +113,7 @@ class VertexEmulator(Emulator):
         if self._gcs is not None:
             self._gcs.stop()
             self._gcs = None
-        if self.workdir is not None and self._owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir, self._owns_workdir = None, False
+        self._close_workdir()
 
     # ----- the job service's calls (request thread) -----------------------------------------------
 
@@ -293,18 +261,14 @@ class VertexEmulator(Emulator):
         if kind in ("slow_start", "stockout") and state not in ("JOB_STATE_QUEUED", "JOB_STATE_PENDING"):
             raise ValueError(f"a {kind} fault cannot strike custom job {job}: it is {state}")
         runner.strike(fault)
-        return F.FaultRule(fault, runner.job.id, 0, [runner.job.id])
+        return F.FaultRule.struck(fault, runner.job.id)
 
     def fail_requests(self, status_code: int, status: str | None = None, times: int | None = 1,
                       path_contains: str | None = None, *, method: str | None = None,
                       message: str | None = None) -> F.ApiFault:
         """Answer the next ``times`` matching API requests (None: all) with Google's error JSON."""
-        fault = F.ApiFault(status_code, status or DEFAULT_STATUS.get(status_code, "UNKNOWN"), times,
-                           path_contains, method, message or "")
-        server = self._api()
-        with server.lock:
-            server.faults.append(fault)
-        return fault
+        return add_fault(self._api(), F.ApiFault(status_code, status or DEFAULT_STATUS.get(status_code, "UNKNOWN"),
+                                                 times, path_contains, method, message or ""))
 
     def clear_faults(self) -> None:
         with self._lock:
