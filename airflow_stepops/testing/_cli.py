@@ -15,14 +15,20 @@ from typing import TypeVar
 E = TypeVar("E")
 
 
-def parser(flavor: str, doc: str | None) -> argparse.ArgumentParser:
-    """The command's parser, with the ``--port`` and ``--env-file`` options every emulator has."""
+def parser(flavor: str, doc: str | None, grace: float = 5.0) -> argparse.ArgumentParser:
+    """The command's parser, with the options every emulator has: ``--port``; but for Kubernetes (which
+    publishes a kubeconfig and caps pods' own grace periods) ``--env-file``, ``--stop-grace-period`` (default
+    ``grace``) and ``--workdir``."""
     parser = argparse.ArgumentParser(prog=f"python -m airflow_stepops.testing.{flavor}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
-    if flavor != "kubernetes":  # it publishes a kubeconfig instead
+    if flavor != "kubernetes":
         parser.add_argument("--env-file", type=Path,
                             help="write the environment here (KEY=VALUE lines, shell-quoted)")
+        parser.add_argument("--stop-grace-period", type=float, default=grace,
+                            help="SIGTERM-to-SIGKILL wait when a job is cancelled, times out or is preempted (s)")
+        parser.add_argument("--workdir", *(["--job-root"] if flavor == "sagemaker" else []), type=Path,
+                            help="where job directories go (default: a temporary one, removed on exit)")
     return parser
 
 

@@ -10,23 +10,18 @@ the file on exit). Needs Azurite: ``npm ci`` in the repository first::
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from airflow_stepops.testing import _cli
 from airflow_stepops.testing.azureml import AzureMLEmulator
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _cli.parser("azureml", __doc__)
+    parser = _cli.parser("azureml", __doc__, grace=2.0)
     parser.add_argument("--container", action="append", default=[], help="blob container to create (repeatable)")
     parser.add_argument("--azurite-port", type=int, default=0, help="Azurite blob port (default: a free one)")
     parser.add_argument("--subscription-id", default="00000000-0000-0000-0000-000000000000")
     parser.add_argument("--resource-group", default="stepops-rg")
     parser.add_argument("--workspace-name", default="stepops-ws")
     parser.add_argument("--location", default="eastus")
-    parser.add_argument("--stop-grace-period", type=float, default=2.0,
-                        help="SIGTERM-to-SIGKILL wait when jobs are cancelled or time out (seconds)")
-    parser.add_argument("--workdir", type=Path, help="where blobs and job directories go (default: a temporary one)")
     ns = parser.parse_args(argv)
 
     def ready(emulator: AzureMLEmulator) -> str:

@@ -49,6 +49,13 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return web.Response(text=json.dumps(body), status=status, headers=headers, content_type="application/json")
 
 
+def _found(body: Any, kind: str, name: str) -> web.Response:
+    """``body`` as JSON; ARM's 404 for the ``kind`` named ``name`` when there is none."""
+    if body is None:
+        raise not_found(kind, name)
+    return _json(body)
+
+
 def _error(exc: ApiError) -> web.Response:
     return _json(exc.body(), exc.status, {"x-ms-error-code": exc.code, **exc.headers})
 
@@ -209,16 +216,10 @@ class ApiServer:
         return _json({"value": [self.workspace.datastore(n) for n in names]})
 
     async def _datastore(self, request: web.Request, p: dict[str, str]) -> web.Response:
-        found = self.workspace.datastore(p["name"])
-        if found is None:
-            raise not_found("Datastore", p["name"])
-        return _json(found)
+        return _found(self.workspace.datastore(p["name"]), "Datastore", p["name"])
 
     async def _datastore_secrets(self, request: web.Request, p: dict[str, str]) -> web.Response:
-        found = self.workspace.datastore_secrets(p["name"])
-        if found is None:
-            raise not_found("Datastore", p["name"])
-        return _json(found)
+        return _found(self.workspace.datastore_secrets(p["name"]), "Datastore", p["name"])
 
     async def _computes(self, request: web.Request, p: dict[str, str]) -> web.Response:
         with self.workspace.lock:
@@ -226,10 +227,7 @@ class ApiServer:
         return _json({"value": [self.workspace.compute(n) for n in names]})
 
     async def _compute(self, request: web.Request, p: dict[str, str]) -> web.Response:
-        found = self.workspace.compute(p["name"])
-        if found is None:
-            raise not_found("Compute", p["name"])
-        return _json(found)
+        return _found(self.workspace.compute(p["name"]), "Compute", p["name"])
 
     async def _environment_versions(self, request: web.Request, p: dict[str, str]) -> web.Response:
         return _json({"value": self.workspace.environment_versions(p["name"])})
@@ -240,10 +238,8 @@ class ApiServer:
         return _json(resource, 201 if created else 200)
 
     async def _environment(self, request: web.Request, p: dict[str, str]) -> web.Response:
-        found = self.workspace.environment(p["name"], p["version"])
-        if found is None:
-            raise not_found("Environment", f"{p['name']}:{p['version']}")
-        return _json(found)
+        return _found(self.workspace.environment(p["name"], p["version"]), "Environment",
+                      f"{p['name']}:{p['version']}")
 
     # ----- ARM: jobs --------------------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ environment the ``modal`` client needs; ``--env-file`` also writes ``env()`` and
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from airflow_stepops.testing import _cli
 from airflow_stepops.testing.modal import ModalEmulator
@@ -28,12 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _cli.parser("modal", __doc__)
     parser.add_argument("--secret", action="append", default=[], type=_secret, metavar="NAME=KEY=VALUE",
                         help="a key of a named secret in the main environment (repeatable)")
-    parser.add_argument("--stop-grace-period", type=float, default=5.0,
-                        help="SIGTERM-to-SIGKILL wait when calls are cancelled, time out or are preempted (s)")
     parser.add_argument("--queue-seconds", type=float, default=0.2, help="how long an input stays pending (s)")
     parser.add_argument("--volume-commit-interval", type=float, default=5.0,
                         help="seconds between background commits of a running call's volume changes")
-    parser.add_argument("--workdir", type=Path, help="where call directories and volumes go (default: a temporary one)")
     ns = parser.parse_args(argv)
     secrets: dict[str, dict[str, str]] = {}
     for name, key, value in ns.secret:

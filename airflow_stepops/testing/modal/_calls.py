@@ -14,10 +14,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from grpclib import GRPCError, Status
 from modal_proto import api_pb2
 
-from airflow_stepops.testing.modal._ids import new_id, new_input_id
+from airflow_stepops.testing.modal._ids import lookup, new_id, new_input_id
 
 GR = api_pb2.GenericResult
 #: end state -> the result status an output carries
@@ -141,11 +140,7 @@ class CallStore:
 
     def get(self, call_id: str) -> Call:
         """The call; NOT_FOUND (a gRPC error, as the server answers) when there is none."""
-        with self._lock:
-            call = self._calls.get(call_id)
-        if call is None:
-            raise GRPCError(Status.NOT_FOUND, f"Function call {call_id} not found")
-        return call
+        return lookup(self._calls, self._lock, "Function call", call_id)
 
     def get_or_none(self, call_id: str) -> Call | None:
         with self._lock:

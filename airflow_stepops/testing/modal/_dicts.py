@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from grpclib import GRPCError, Status
 
-from airflow_stepops.testing.modal._ids import new_id
+from airflow_stepops.testing.modal._ids import lookup, new_id
 
 
 @dataclass
@@ -36,11 +36,7 @@ class DictStore:
             return created
 
     def of(self, dict_id: str) -> Dict:
-        with self.lock:
-            found = self.dicts.get(dict_id)
-        if found is None:
-            raise GRPCError(Status.NOT_FOUND, f"Dict {dict_id} not found")
-        return found
+        return lookup(self.dicts, self.lock, "Dict", dict_id)
 
     def update(self, dict_id: str, entries: list[tuple[bytes, bytes]], if_not_exists: bool) -> bool:
         """Set the entries; with ``if_not_exists`` nothing is set when any key exists (False)."""

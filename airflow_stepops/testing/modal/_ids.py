@@ -9,6 +9,13 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
+
+from grpclib import GRPCError, Status
+
+T = TypeVar("T")
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _lock = threading.Lock()
@@ -32,3 +39,12 @@ def new_id(prefix: str) -> str:
 
 def new_input_id() -> str:
     return f"in-{_ulid()}:{time.time_ns() // 1_000_000}-0"
+
+
+def lookup(table: Mapping[str, T], lock: AbstractContextManager[Any], kind: str, object_id: str) -> T:
+    """``table[object_id]`` (read under ``lock``); NOT_FOUND ``<kind> <id> not found`` (as the server answers)."""
+    with lock:
+        found = table.get(object_id)
+    if found is None:
+        raise GRPCError(Status.NOT_FOUND, f"{kind} {object_id} not found")
+    return found

@@ -23,7 +23,7 @@ from modal._utils.blob_utils import MAX_ASYNC_OBJECT_SIZE_BYTES, MAX_OBJECT_SIZE
 from modal_proto import api_pb2
 
 from airflow_stepops.testing.modal import _limits
-from airflow_stepops.testing.modal._ids import new_id
+from airflow_stepops.testing.modal._ids import lookup, new_id
 
 DEFAULT_ENVIRONMENT = "main"
 IMAGE_BUILDER_VERSION = "2025.06"
@@ -121,11 +121,7 @@ class Registry:
             return app
 
     def app(self, app_id: str) -> App:
-        with self.lock:
-            app = self.apps.get(app_id)
-        if app is None:
-            raise GRPCError(Status.NOT_FOUND, f"App {app_id} not found")
-        return app
+        return lookup(self.apps, self.lock, "App", app_id)
 
     def deployed_app(self, name: str, environment: str) -> App | None:
         environment = self.environment(environment)
@@ -163,11 +159,7 @@ class Registry:
             return image
 
     def image(self, image_id: str) -> Image:
-        with self.lock:
-            image = self.images.get(image_id)
-        if image is None:
-            raise GRPCError(Status.NOT_FOUND, f"Image {image_id} not found")
-        return image
+        return lookup(self.images, self.lock, "Image", image_id)
 
     def image_layers(self, image_id: str) -> list[Image]:
         """The image and the images it is built on, base first."""

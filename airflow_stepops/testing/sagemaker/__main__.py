@@ -9,8 +9,6 @@ that environment as ``KEY=VALUE`` lines once the server is up::
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from airflow_stepops.testing import _cli
 from airflow_stepops.testing.sagemaker import SageMakerEmulator
 
@@ -18,12 +16,9 @@ from airflow_stepops.testing.sagemaker import SageMakerEmulator
 def main(argv: list[str] | None = None) -> int:
     parser = _cli.parser("sagemaker", __doc__)
     parser.add_argument("--region", default="us-east-1", help="region of the printed environment")
-    parser.add_argument("--stop-grace-period", type=float, default=5.0,
-                        help="SIGTERM-to-SIGKILL wait when jobs are stopped or time out (seconds)")
-    parser.add_argument("--job-root", type=Path, help="where job directories go (default: a temporary one)")
     ns = parser.parse_args(argv)
     return _cli.serve(SageMakerEmulator(port=ns.port, region=ns.region, stop_grace_period=ns.stop_grace_period,
-                                        job_root=str(ns.job_root) if ns.job_root else None),
+                                        job_root=str(ns.workdir) if ns.workdir else None),
                       lambda sm: f"SageMaker emulator (S3, SageMaker, CloudWatch Logs) serving on {sm.endpoint_url}",
                       env_file=ns.env_file)
 

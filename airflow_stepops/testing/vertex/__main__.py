@@ -10,8 +10,6 @@ service-account key) as ``KEY=VALUE`` lines once everything is up::
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from airflow_stepops.testing import _cli
 from airflow_stepops.testing.vertex import VertexEmulator
 
@@ -21,9 +19,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project", default="stepops-tests", help="the project id jobs run in")
     parser.add_argument("--location", default="us-central1", help="the one location served")
     parser.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
-    parser.add_argument("--stop-grace-period", type=float, default=5.0,
-                        help="SIGTERM-to-SIGKILL wait when jobs are cancelled, time out or are preempted (s)")
-    parser.add_argument("--workdir", type=Path, help="where job directories go (default: a temporary one)")
     ns = parser.parse_args(argv)
 
     def ready(emu: VertexEmulator) -> str:

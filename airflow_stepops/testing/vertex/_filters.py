@@ -149,11 +149,15 @@ class _JobFilter:
         return test
 
     def _expression(self) -> Predicate:
-        parts = [self._sequence()]
-        while self._peek()[0] == "AND":
+        return self._joined(self._sequence, "AND", all)
+
+    def _joined(self, part: Callable[[], Predicate], keyword: str, combine: Callable[[Any], bool]) -> Predicate:
+        """``part`` (``keyword`` ``part``)*, true when ``combine`` (all / any) of the parts is."""
+        parts = [part()]
+        while self._peek()[0] == keyword:
             self.pos += 1
-            parts.append(self._sequence())
-        return parts[0] if len(parts) == 1 else (lambda job: all(p(job) for p in parts))
+            parts.append(part())
+        return parts[0] if len(parts) == 1 else (lambda job: combine(p(job) for p in parts))
 
     def _sequence(self) -> Predicate:
         parts = [self._factor()]
@@ -162,11 +166,7 @@ class _JobFilter:
         return parts[0] if len(parts) == 1 else (lambda job: all(p(job) for p in parts))
 
     def _factor(self) -> Predicate:
-        parts = [self._term()]
-        while self._peek()[0] == "OR":
-            self.pos += 1
-            parts.append(self._term())
-        return parts[0] if len(parts) == 1 else (lambda job: any(p(job) for p in parts))
+        return self._joined(self._term, "OR", any)
 
     def _term(self) -> Predicate:
         kind, value = self._peek()
