@@ -40,8 +40,6 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 JSON = dict[str, Any]
 STATES = ("running", "succeeded", "failed", "cancelled", "gone")
-#: the fault kinds every flavor takes
-KIT_KINDS = ("preemption", "failure")
 C = TypeVar("C")
 R = TypeVar("R")
 FT = TypeVar("FT", bound="Fault")

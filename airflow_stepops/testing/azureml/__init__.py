@@ -62,7 +62,7 @@ straight from ``<account>.blob.core.windows.net``), ``jobs.download``, job delet
 metrics, data and model assets, mounts (inputs are always downloaded), identities and RBAC.
 """
 
-from airflow_stepops.testing.azureml._auth import AsyncStaticTokenCredential, StaticTokenCredential
+from airflow_stepops.testing.azureml._auth import StaticTokenCredential
 from airflow_stepops.testing.azureml._azurite import ACCOUNT_KEY, ACCOUNT_NAME, AzuriteNotFoundError
 from airflow_stepops.testing.azureml._config import ComputeSpec, EmulatorConfig
 from airflow_stepops.testing.azureml._emulator import MFE_URL_ENV, AzureMLEmulator
@@ -76,5 +76,5 @@ from airflow_stepops.testing.azureml._faults import (
 )
 
 __all__ = ["ACCOUNT_KEY", "ACCOUNT_NAME", "MFE_URL_ENV", "NODE_LOST_ERROR", "PREEMPTION_ERROR", "ApiError",
-           "AsyncStaticTokenCredential", "AzureMLEmulator", "AzuriteNotFoundError", "ComputeSpec", "EmulatorConfig",
-           "Fault", "FaultRule", "RequestFault", "StaticTokenCredential"]
+           "AzureMLEmulator", "AzuriteNotFoundError", "ComputeSpec", "EmulatorConfig", "Fault", "FaultRule",
+           "RequestFault", "StaticTokenCredential"]

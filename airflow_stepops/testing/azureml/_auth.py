@@ -2,9 +2,8 @@
 
 A token is an unsigned JWT (``alg: none``) whose claims carry the audience asked for, the emulator's
 tenant (``tid``: ``MLClient`` decodes it to append ``&tid=`` to studio URLs) and principal.
-``StaticTokenCredential`` (sync) and ``AsyncStaticTokenCredential`` implement azure-core's
-``TokenCredential`` / ``SupportsTokenInfo`` protocols (and their async twins) like ``azure.identity``
-credentials do, context management and ``close()`` included. Processes that build their own
+``StaticTokenCredential`` implements azure-core's ``TokenCredential`` / ``SupportsTokenInfo`` protocols
+like ``azure.identity`` credentials do, context management and ``close()`` included. Processes that build their own
 ``azure.identity`` credential get tokens from the emulator's managed-identity endpoint instead
 (``IDENTITY_ENDPOINT`` / ``IDENTITY_HEADER`` of ``env()``: ``ManagedIdentityCredential`` and
 ``DefaultAzureCredential`` use it).
@@ -75,29 +74,6 @@ class StaticTokenCredential:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class AsyncStaticTokenCredential:
-    """The async twin of ``StaticTokenCredential`` (azure-core's ``AsyncTokenCredential``)."""
-
-    def __init__(self) -> None:
-        self._sync = StaticTokenCredential()
-
-    async def get_token(self, *scopes: str, claims: str | None = None, tenant_id: str | None = None,
-                        enable_cae: bool = False, **kwargs: Any) -> AccessToken:
-        return self._sync.get_token(*scopes)
-
-    async def get_token_info(self, *scopes: str, options: Any = None) -> AccessTokenInfo:
-        return self._sync.get_token_info(*scopes)
-
-    async def close(self) -> None:
-        pass
-
-    async def __aenter__(self) -> AsyncStaticTokenCredential:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
 
 def managed_identity_answer(resource: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from aiohttp import web
 from airflow_stepops.testing._images import write_python_shims
 from airflow_stepops.testing._kit import Emulator, add_fault, configured
 from airflow_stepops.testing._loop_thread import LoopThread, serve_app
-from airflow_stepops.testing.azureml._auth import IDENTITY_HEADER, AsyncStaticTokenCredential, StaticTokenCredential
+from airflow_stepops.testing.azureml._auth import IDENTITY_HEADER, StaticTokenCredential
 from airflow_stepops.testing.azureml._azurite import Azurite
 from airflow_stepops.testing.azureml._config import ComputeSpec, EmulatorConfig
 from airflow_stepops.testing.azureml._faults import JSON, RUNNING_KINDS, Fault, FaultRule, RequestFault
@@ -156,9 +156,6 @@ class AzureMLEmulator(Emulator):
     def credential(self) -> StaticTokenCredential:
         """A ``TokenCredential`` with static emulator tokens (the server accepts any bearer token)."""
         return self._credential
-
-    def async_credential(self) -> AsyncStaticTokenCredential:
-        return AsyncStaticTokenCredential()
 
     def ml_client(self, credential: Any = None, **kwargs: Any) -> Any:
         """An ``azure.ai.ml.MLClient`` on the emulator's workspace. ``AZUREML_DEV_URL_MFE`` is set while

@@ -81,10 +81,6 @@ def _int(query: Any, name: str) -> int | None:
         raise bad_request(f"invalid value for {name}: {value!r}")
 
 
-def _what(res: Resource) -> str:
-    return f"{res.plural}.{res.group}" if res.group else res.plural
-
-
 class ApiServer:
     """Routes requests to the cluster; keeps a request log and the injected API faults."""
 

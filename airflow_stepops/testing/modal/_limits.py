@@ -24,8 +24,6 @@ MAX_TIMEOUT_SECS = 24 * 60 * 60
 #: "The results of a .spawn() are accessible via FunctionCall.get() for up to 7 days after completion. After
 #: this period, we return an expired response." (https://modal.com/docs/guide/job-queue)
 OUTPUT_RETENTION_SECS = 7 * 24 * 60 * 60
-DEFAULT_MILLI_CPU = 125
-DEFAULT_MEMORY_MB = 128
 
 
 def check_function(fn: api_pb2.Function) -> None:
