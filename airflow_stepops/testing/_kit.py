@@ -293,6 +293,19 @@ def configured(config: C, settings: Mapping[str, Any]) -> C:
     return replace(config, **settings)  # type: ignore[type-var]
 
 
+def take_request_fault(faults: Iterable[Any], matches: Callable[[Any], bool], uses: str = "times") -> Any:
+    """The first request fault not used up (its ``uses`` field counts the requests left, None: no end) that
+    ``matches`` the request, one use taken and counted in its ``hits``; None when there is none."""
+    for fault in faults:
+        left = getattr(fault, uses)
+        if (left is None or left > 0) and matches(fault):
+            if left is not None:
+                setattr(fault, uses, left - 1)
+            fault.hits += 1
+            return fault
+    return None
+
+
 class _Faulted(Protocol):
     lock: Any
     faults: list[Any]

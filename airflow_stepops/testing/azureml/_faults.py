@@ -201,8 +201,6 @@ class RequestFault:
             raise ValueError(f"lose_reply must be one of {sorted(LOST_REPLIES)}, not {self.lose_reply!r}")
 
     def matches(self, method: str, path_qs: str) -> bool:
-        if self.times is not None and self.times <= 0:
-            return False
         if self.method and method.upper() != self.method.upper():
             return False
         return self.path_contains is None or self.path_contains.lower() in path_qs.lower()

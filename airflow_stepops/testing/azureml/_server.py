@@ -32,6 +32,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from airflow_stepops.testing._kit import take_request_fault
 from airflow_stepops.testing.azureml._auth import IDENTITY_HEADER, managed_identity_answer
 from airflow_stepops.testing.azureml._faults import JSON, ApiError, RequestFault, not_found
 from airflow_stepops.testing.azureml._jobs import STD_LOG
@@ -142,11 +143,7 @@ class ApiServer:
                     break
         if not internal:
             with self.lock:
-                fault = next((f for f in self.faults if f.matches(request.method, request.path_qs)), None)
-                if fault is not None:
-                    fault.hits += 1
-                    if fault.times is not None:
-                        fault.times -= 1
+                fault = take_request_fault(self.faults, lambda f: f.matches(request.method, request.path_qs))
             if fault is not None and fault.lose_reply is None:
                 raise fault.error()
         else:

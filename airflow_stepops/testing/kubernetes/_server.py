@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from airflow_stepops.testing._kit import take_request_fault
 from airflow_stepops.testing.kubernetes._cluster import Cluster
 from airflow_stepops.testing.kubernetes._store import JOBS, PODS, RESOURCES, Resource, Watcher
 from airflow_stepops.testing.kubernetes._util import (
@@ -51,10 +52,9 @@ class ApiFault:
     after_commit: bool = False
     message: str = "emulator: injected API error"
     delay: float = 0.0  # seconds the (real) answer is held: a client that times out first loses the reply
+    hits: int = 0
 
     def matches(self, request: web.Request) -> bool:
-        if self.count is not None and self.count <= 0:
-            return False
         if self.method and request.method != self.method.upper():
             return False
         return self.path is None or re.search(self.path, request.path) is not None
@@ -102,9 +102,7 @@ class ApiServer:
         self.requests.append(record)
         response: web.StreamResponse
         token = self.cluster.config.token
-        fault = next((f for f in self.faults if f.matches(request)), None)
-        if fault is not None and fault.count is not None:
-            fault.count -= 1
+        fault = take_request_fault(self.faults, lambda f: f.matches(request), "count")
         if token and request.headers.get("Authorization") != f"Bearer {token}" and request.path not in (
                 "/healthz", "/livez", "/readyz"):
             response = web.json_response(ApiError(401, "Unauthorized", "Unauthorized").status(), status=401)

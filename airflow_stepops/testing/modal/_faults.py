@@ -83,13 +83,3 @@ class RequestFault:
     message: str = ""
     hits: int = 0
     lose_reply: bool = False
-
-    def take(self, method: str) -> bool:
-        if self.times is not None and self.times <= 0:
-            return False
-        if self.method is not None and self.method != method:
-            return False
-        self.hits += 1
-        if self.times is not None:
-            self.times -= 1
-        return True

@@ -25,6 +25,7 @@ from grpclib import GRPCError, Status
 from grpclib.server import Stream
 from modal_proto import api_grpc, api_pb2
 
+from airflow_stepops.testing._kit import take_request_fault
 from airflow_stepops.testing.modal._blobs import BlobStore
 from airflow_stepops.testing.modal._calls import TERMINAL, Call, CallStore
 from airflow_stepops.testing.modal._dicts import DictStore
@@ -75,7 +76,7 @@ class ModalServicer(api_grpc.ModalClientBase):
             try:
                 self._authenticate(stream)
                 with self.lock:
-                    fault = next((f for f in self.faults if f.take(method)), None)
+                    fault = take_request_fault(self.faults, lambda f: f.method in (None, method))
                 if fault is not None and fault.lose_reply:
                     record["status"] = "LOST"
                     await func(cast("Stream[Any, Any]", _Unanswered(stream)))

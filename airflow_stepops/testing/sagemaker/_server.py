@@ -21,6 +21,8 @@ from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
 from werkzeug.serving import make_server
 
+from airflow_stepops.testing._kit import take_request_fault
+
 #: appended to the User-Agent of the emulator's own clients, so their requests are told apart
 INTERNAL_AGENT = "stepops-sagemaker-emulator"
 
@@ -48,8 +50,6 @@ class ApiFault:
     hold: float = 0.0
 
     def matches(self, service: str | None, action: str | None) -> bool:
-        if self.count is not None and self.count <= 0:
-            return False
         return (self.service is None or self.service == service) and (self.action is None or self.action == action)
 
 
@@ -74,11 +74,7 @@ class Gateway:
         fault = None
         if not internal:
             with self.lock:
-                fault = next((f for f in self.faults if f.matches(service, action)), None)
-                if fault is not None:
-                    fault.hits += 1
-                    if fault.count is not None:
-                        fault.count -= 1
+                fault = take_request_fault(self.faults, lambda f: f.matches(service, action), "count")
         if fault is not None and not fault.hold:
             record["status"] = fault.status
             self._record(record)

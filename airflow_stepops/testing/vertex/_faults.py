@@ -103,14 +103,6 @@ class ApiFault:
     message: str = ""
     hits: int = 0
 
-    def take(self, method: str, path: str) -> bool:
-        if self.times is not None and self.times <= 0:
-            return False
-        if self.method is not None and self.method.upper() != method.upper():
-            return False
-        if self.path_contains is not None and self.path_contains not in path:
-            return False
-        self.hits += 1
-        if self.times is not None:
-            self.times -= 1
-        return True
+    def matches(self, method: str, path: str) -> bool:
+        return ((self.method is None or self.method.upper() == method.upper())
+                and (self.path_contains is None or self.path_contains in path))

@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from airflow_stepops.testing._kit import take_request_fault
 from airflow_stepops.testing.vertex._auth import AuthError, ServiceAccount
 from airflow_stepops.testing.vertex._errors import DEFAULT_MESSAGE, ApiError, invalid_argument
 from airflow_stepops.testing.vertex._faults import ApiFault
@@ -70,7 +71,7 @@ class ApiServer:
 
     def _fault(self, request: web.Request) -> ApiFault | None:
         with self.lock:
-            return next((f for f in self.faults if f.take(request.method, request.path)), None)
+            return take_request_fault(self.faults, lambda f: f.matches(request.method, request.path))
 
     async def _dispatch(self, request: web.Request) -> web.Response:
         fault = self._fault(request)
