@@ -92,6 +92,13 @@ class Emulator(abc.ABC):
             self.workdir, self._owns_workdir = Path(tempfile.mkdtemp(prefix=f"stepops-{flavor}-")), True
         return self.workdir
 
+    @staticmethod
+    def _running(value: R | None) -> R:
+        """``value``, a part ``start()`` makes; RuntimeError before it (or after ``stop()``)."""
+        if value is None:
+            raise RuntimeError("the emulator is not running")
+        return value
+
     def _close_workdir(self) -> None:
         if self.workdir is not None and self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -293,12 +293,6 @@ class AzureMLEmulator(Emulator):
         """The job's output lines so far (``user_logs/std_log.txt``)."""
         return self._running(self._service).runner(name).log_lines()
 
-    @staticmethod
-    def _running(value: Any) -> Any:
-        if value is None:
-            raise RuntimeError("the Azure ML emulator is not running")
-        return value
-
 
 def _snapshot(job: Job) -> JSON:
     with job.lock:

@@ -270,14 +270,10 @@ class ModalEmulator(Emulator):
     # ----- inspection -------------------------------------------------------------------------------
 
     def _reg(self) -> Registry:
-        if self._registry is None:
-            raise RuntimeError("the emulator is not running")
-        return self._registry
+        return self._running(self._registry)
 
     def _svc(self) -> ModalServicer:
-        if self._servicer is None:
-            raise RuntimeError("the emulator is not running")
-        return self._servicer
+        return self._running(self._servicer)
 
     @property
     def requests(self) -> list[str]:
@@ -297,10 +293,7 @@ class ModalEmulator(Emulator):
     def blob_uploads(self) -> list[JSON]:
         """What clients uploaded to blob storage, oldest first: blob id, size, number of parts (1 for a single
         PUT)."""
-        blobs = self._blobs
-        if blobs is None:
-            raise RuntimeError("the emulator is not running")
-        return blobs.uploaded()
+        return self._running(self._blobs).uploaded()
 
     @property
     def apps(self) -> list[JSON]:

@@ -182,9 +182,7 @@ class SageMakerEmulator(Emulator):
     # ----- inspection -------------------------------------------------------------------------------
 
     def _gateway(self) -> Any:
-        if self._server is None:
-            raise RuntimeError("the emulator is not running")
-        return self._server.gateway
+        return self._running(self._server).gateway
 
     def _runner(self, name: str) -> JobRunner:
         with self._lock:

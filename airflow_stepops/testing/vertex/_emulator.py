@@ -161,9 +161,7 @@ class VertexEmulator(Emulator):
 
     @property
     def gcs_endpoint(self) -> str:
-        if self._gcs is None:
-            raise RuntimeError("the emulator is not running")
-        return self._gcs.endpoint
+        return self._running(self._gcs).endpoint
 
     def service_account_info(self) -> dict[str, str]:
         """A service-account key (JSON as a dict) whose ``token_uri`` is the emulator's token endpoint."""
@@ -214,9 +212,7 @@ class VertexEmulator(Emulator):
 
     def create_bucket(self, name: str) -> str:
         """Make a bucket (no-op if it exists); returns ``gs://<name>``."""
-        if self._gcs is None:
-            raise RuntimeError("the emulator is not running")
-        self._gcs.create_bucket(name, self.project)
+        self._running(self._gcs).create_bucket(name, self.project)
         return f"gs://{name}"
 
     @property
@@ -227,9 +223,7 @@ class VertexEmulator(Emulator):
 
     @late_logs.setter
     def late_logs(self, value: tuple[int, float] | None) -> None:
-        if self._logs is None:
-            raise RuntimeError("the emulator is not running")
-        self._logs.late = value
+        self._running(self._logs).late = value
 
     @property
     def list_lag(self) -> float:
@@ -267,8 +261,9 @@ class VertexEmulator(Emulator):
                       path_contains: str | None = None, *, method: str | None = None,
                       message: str | None = None) -> F.ApiFault:
         """Answer the next ``times`` matching API requests (None: all) with Google's error JSON."""
-        return add_fault(self._api(), F.ApiFault(status_code, status or DEFAULT_STATUS.get(status_code, "UNKNOWN"),
-                                                 times, path_contains, method, message or ""))
+        status = status or DEFAULT_STATUS.get(status_code, "UNKNOWN")
+        return add_fault(self._running(self._server), F.ApiFault(status_code, status, times, path_contains, method,
+                                                                 message or ""))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -279,15 +274,8 @@ class VertexEmulator(Emulator):
 
     # ----- inspection -------------------------------------------------------------------------------
 
-    def _api(self) -> ApiServer:
-        if self._server is None:
-            raise RuntimeError("the emulator is not running")
-        return self._server
-
     def _jobs(self) -> JobService:
-        if self._service is None:
-            raise RuntimeError("the emulator is not running")
-        return self._service
+        return self._running(self._service)
 
     def _runner_of(self, job_id: str) -> JobRunner:
         job = self._jobs().find(job_id)
@@ -297,7 +285,7 @@ class VertexEmulator(Emulator):
     @property
     def requests(self) -> list[JSON]:
         """The API requests served (method, path, query, status, time), oldest first."""
-        server = self._api()
+        server = self._running(self._server)
         with server.lock:
             return [dict(r) for r in server.records]
 
@@ -345,7 +333,5 @@ class VertexEmulator(Emulator):
 
     def log_entries(self, job_id: str | None = None) -> list[JSON]:
         """The LogEntry JSON of one job (or all), oldest first."""
-        if self._logs is None:
-            raise RuntimeError("the emulator is not running")
         key = self._jobs().find(job_id).id if job_id is not None else None
-        return self._logs.entries(key)
+        return self._running(self._logs).entries(key)
