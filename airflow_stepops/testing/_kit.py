@@ -92,17 +92,17 @@ class Emulator(abc.ABC):
             self.workdir, self._owns_workdir = Path(tempfile.mkdtemp(prefix=f"stepops-{flavor}-")), True
         return self.workdir
 
+    def _close_workdir(self) -> None:
+        if self.workdir is not None and self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir, self._owns_workdir = None, False
+
     @staticmethod
     def _running(value: R | None) -> R:
         """``value``, a part ``start()`` makes; RuntimeError before it (or after ``stop()``)."""
         if value is None:
             raise RuntimeError("the emulator is not running")
         return value
-
-    def _close_workdir(self) -> None:
-        if self.workdir is not None and self._owns_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir, self._owns_workdir = None, False
 
     def __enter__(self: E) -> E:
         return self.start()
@@ -323,7 +323,6 @@ def add_fault(server: _Faulted, fault: R) -> R:
     with server.lock:
         server.faults.append(fault)
     return fault
-
 
 
 @dataclass(frozen=True)
