@@ -11,17 +11,15 @@ the file on exit). Needs Azurite: ``npm ci`` in the repository first::
 from __future__ import annotations
 
 from airflow_stepops.testing import _cli
-from airflow_stepops.testing.azureml import AzureMLEmulator
+from airflow_stepops.testing.azureml import AzureMLEmulator, EmulatorConfig
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _cli.parser("azureml", __doc__, grace=2.0)
     parser.add_argument("--container", action="append", default=[], help="blob container to create (repeatable)")
     parser.add_argument("--azurite-port", type=int, default=0, help="Azurite blob port (default: a free one)")
-    parser.add_argument("--subscription-id", default="00000000-0000-0000-0000-000000000000")
-    parser.add_argument("--resource-group", default="stepops-rg")
-    parser.add_argument("--workspace-name", default="stepops-ws")
-    parser.add_argument("--location", default="eastus")
+    for name in ("subscription_id", "resource_group", "workspace_name", "location"):  # the workspace served
+        parser.add_argument(f"--{name.replace('_', '-')}", default=getattr(EmulatorConfig, name))
     ns = parser.parse_args(argv)
 
     def ready(emulator: AzureMLEmulator) -> str:

@@ -176,7 +176,7 @@ class KubernetesEmulator(Emulator):
                 assert loop is not None
                 for pod in pods:
                     loop.call_soon_threadsafe(loop.call_later, fault.after, self._strike, namespace,
-                                                    pod["metadata"]["name"], fault)
+                                              pod["metadata"]["name"], fault)
                 return FaultRule(fault, name, 0, [p["metadata"]["name"] for p in pods], namespace=namespace)
             job, namespace = (job.rsplit("/", 1)[::-1] if "/" in job else (job, namespace))
         rule = FaultRule(fault, job, count, namespace=namespace, pod_prefix=pod_prefix)
