@@ -57,6 +57,9 @@ class Emulator(abc.ABC):
     workdir: Path | None = None
     _owns_workdir = False
     _up = False
+    #: the job runners by job id, where a flavor keeps them here (guarded by ``_lock``)
+    _runners: dict[str, JobThread]
+    _lock: threading.Lock
 
     def start(self: E) -> E:
         """``_start``; when it fails, ``_teardown`` undoes what it did and the error goes on."""
@@ -103,6 +106,19 @@ class Emulator(abc.ABC):
         if value is None:
             raise RuntimeError("the emulator is not running")
         return value
+
+    def _each_runner(self, method: str) -> None:
+        """Call ``method`` (``wake``, ``shutdown``) of every job runner, outside the lock (they take it)."""
+        with self._lock:
+            runners = list(self._runners.values())
+        for runner in runners:
+            getattr(runner, method)()
+
+    def _wake(self, job_id: str) -> None:
+        """A cancel arrived for the job: its runner looks at it now."""
+        runner = self._runners.get(job_id)
+        if runner is not None:
+            runner.wake()
 
     def __enter__(self: E) -> E:
         return self.start()

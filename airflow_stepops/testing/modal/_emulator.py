@@ -85,7 +85,7 @@ class ModalEmulator(Emulator):
         self._blobs = BlobStore(workdir / "blobs", self.multipart_threshold, self.part_size)
         self._servicer = ModalServicer(self._registry, self._calls, self._blobs, self._logs,
                                        token_id=self.token_id, token_secret=self.token_secret,
-                                       on_call=self._call_created, on_cancel=self._call_cancelled)
+                                       on_call=self._call_created, on_cancel=lambda call: self._wake(call.id))
         self._ctx = RunContext(self._registry, self._blobs, self._logs, workdir / "calls",
                                self.stop_grace_period, self.queue_seconds, self._blocked_gpus,
                                lambda: self.volume_commit_interval)
@@ -104,10 +104,7 @@ class ModalEmulator(Emulator):
         self._serving.start(startup, "the Modal emulator's servers")
 
     def _teardown(self) -> None:
-        with self._lock:
-            runners = list(self._runners.values())
-        for runner in runners:
-            runner.shutdown()
+        self._each_runner("shutdown")
 
         async def shutdown() -> None:
             if self._grpc is not None:
@@ -131,11 +128,6 @@ class ModalEmulator(Emulator):
             runner = CallRunner(call, self._ctx, faults)
             self._runners[call.id] = runner
         runner.start()
-
-    def _call_cancelled(self, call: Call) -> None:
-        runner = self._runners.get(call.id)
-        if runner is not None:
-            runner.wake()
 
     def _blocked_gpus(self) -> set[str]:
         with self._lock:
@@ -191,22 +183,19 @@ class ModalEmulator(Emulator):
         """A fault (see ``Fault``) for the call ``job`` (it must exist and not be over), or for the next
         ``count`` calls made (None: every one); ``no_capacity`` holds for every call until cleared."""
         fault = F.Fault(kind, after=after, **kw)
-        call = job
         rule = F.FaultRule(fault, count=count)
-        if call is None or kind == "no_capacity":
+        if job is None or kind == "no_capacity":
             with self._lock:
                 self._rules.append(rule)
-                runners = list(self._runners.values())
-            for runner in runners:
-                runner.wake()
+            self._each_runner("wake")
             return rule
-        found = self._calls.get_or_none(call)
+        found = self._calls.get_or_none(job)
         if found is None:
-            raise KeyError(f"no function call {call}")
+            raise KeyError(f"no function call {job}")
         if found.over:
-            raise ValueError(f"function call {call} is already over ({found.state})")
+            raise ValueError(f"function call {job} is already over ({found.state})")
         if kind == "slow_start" and found.state != "pending":
-            raise ValueError(f"a slow_start fault cannot strike function call {call}: it is {found.state}")
+            raise ValueError(f"a slow_start fault cannot strike function call {job}: it is {found.state}")
         with self._lock:
             runner = self._runners[found.id]
         runner.strike(fault)
@@ -227,12 +216,10 @@ class ModalEmulator(Emulator):
     def clear_faults(self) -> None:
         with self._lock:
             self._rules.clear()
-            runners = list(self._runners.values())
         if self._servicer is not None:
             with self._servicer.lock:
                 self._servicer.faults.clear()
-        for runner in runners:
-            runner.wake()
+        self._each_runner("wake")
 
     @property
     def uncounted_queue_seconds(self) -> float:

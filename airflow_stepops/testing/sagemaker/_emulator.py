@@ -75,10 +75,7 @@ class SageMakerEmulator(Emulator):
 
     def _teardown(self) -> None:
         _moto_patches.set_listener(None)
-        with self._lock:
-            runners = list(self._runners.values())
-        for runner in runners:
-            runner.shutdown()
+        self._each_runner("shutdown")
         if self._server is not None:
             try:
                 self._server.stop()
@@ -107,9 +104,7 @@ class SageMakerEmulator(Emulator):
         runner.start()
 
     def job_stop_requested(self, job: TrainingJob) -> None:
-        runner = self._runners.get(job.name)
-        if runner is not None:
-            runner.wake()
+        self._wake(job.name)
 
     # ----- clients ----------------------------------------------------------------------------------
 

@@ -85,7 +85,7 @@ class VertexEmulator(Emulator):
         self._gcs.start()
         self._logs = LogStore(self.project, self.project_number, self.location, self._clock)
         self._service = JobService(self.project, self.project_number, self.location, self._clock,
-                                   self._admit, self._job_created, self._job_cancelled)
+                                   self._admit, self._job_created, lambda job: self._wake(job.id))
         self._service.list_lag = self._list_lag
         server = self._server = ApiServer(self._service, self._logs, self._account, lambda: self.token_uri)
 
@@ -100,10 +100,7 @@ class VertexEmulator(Emulator):
                                workdir / "jobs", shims, self._job_env())
 
     def _teardown(self) -> None:
-        with self._lock:
-            runners = list(self._runners.values())
-        for runner in runners:
-            runner.shutdown()
+        self._each_runner("shutdown")
 
         async def shutdown() -> None:
             if self._runner is not None:
@@ -137,11 +134,6 @@ class VertexEmulator(Emulator):
             runner = JobRunner(job, self._ctx, faults)
             self._runners[job.id] = runner
         runner.start()
-
-    def _job_cancelled(self, job: Job) -> None:
-        runner = self._runners.get(job.id)
-        if runner is not None:
-            runner.wake()
 
     # ----- endpoints and clients --------------------------------------------------------------------
 
