@@ -276,9 +276,6 @@ class JobThread:
         proc = self.proc
         return [proc.pid] if proc is not None and proc.poll() is None else []
 
-    def pid(self) -> int | None:
-        return next(iter(self.pids()), None)
-
     def _main(self) -> None:
         raise NotImplementedError
 

@@ -348,8 +348,7 @@ class ModalEmulator(Emulator):
             runner = self._runners.get(call_id)
         if runner is None:
             raise KeyError(f"no function call {call_id}")
-        pid = runner.pid()
-        return [] if pid is None else [pid]
+        return runner.pids()
 
     def logs(self, call_id: str, *, system: bool = False) -> list[str]:
         """The call's output lines so far (stdout and stderr, newline stripped); with ``system`` also the

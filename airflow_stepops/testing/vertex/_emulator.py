@@ -309,8 +309,7 @@ class VertexEmulator(Emulator):
 
     def pids(self, job_id: str) -> list[int]:
         """The live process of a job (its process group leader), empty when none runs."""
-        pid = self._runner_of(job_id).pid()
-        return [] if pid is None else [pid]
+        return self._runner_of(job_id).pids()
 
     def job_dir(self, job_id: str) -> Path:
         """``<workdir>/jobs/<id>/``: ``gcs/`` (stands for ``/gcs``), ``home/``, ``tmp/``."""
