@@ -29,6 +29,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -240,6 +241,32 @@ def stop_group(proc: subprocess.Popen[bytes], grace: float = 0.0, *,
     signal_group(proc.pid, signal.SIGKILL)
     proc.wait()
     return exited
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(argv: Callable[[int], list[str]], port: int, log: Path, ready: Callable[[int], bool], what: str,
+                 timeout: float = 30.0) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a server program (``argv(port)``, in a group of its own, output appended to ``log``) on ``port``, or
+    on a free one in up to three tries (a free port can be taken before the server binds it); the process and
+    its port once ``ready(port)``. End it with ``stop_group``."""
+    for _attempt in range(1 if port else 3):
+        chosen = port or free_port()
+        with open(log, "ab") as out:
+            proc = spawn(argv(chosen), stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            if ready(chosen):
+                return proc, chosen
+            time.sleep(0.05)
+        stop_group(proc, grace=5)
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    raise RuntimeError(f"{what} did not start on 127.0.0.1:{chosen}:\n{tail}")
 
 
 class JobThread:

