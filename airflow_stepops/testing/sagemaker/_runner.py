@@ -51,7 +51,6 @@ from airflow_stepops.testing.sagemaker._transfer import (
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class RunContext:
     """What every runner shares: settings, the emulator's own clients, paths and the job base env."""
