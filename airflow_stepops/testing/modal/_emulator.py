@@ -189,9 +189,7 @@ class ModalEmulator(Emulator):
                 self._rules.append(rule)
             self._each_runner("wake")
             return rule
-        found = self._calls.get_or_none(job)
-        if found is None:
-            raise KeyError(f"no function call {job}")
+        found = self._call(job)
         if found.over:
             raise ValueError(f"function call {job} is already over ({found.state})")
         if kind == "slow_start" and found.state != "pending":
@@ -249,12 +247,15 @@ class ModalEmulator(Emulator):
     def age(self, call_id: str, seconds: float) -> None:
         """Make a call look ``seconds`` older (its creation, start and end): a call that ended more than 7 days
         ago has lost its output, as on Modal."""
+        self._call(call_id).age(seconds)
+
+    # ----- inspection -------------------------------------------------------------------------------
+
+    def _call(self, call_id: str) -> Call:
         found = self._calls.get_or_none(call_id)
         if found is None:
             raise KeyError(f"no function call {call_id}")
-        found.age(seconds)
-
-    # ----- inspection -------------------------------------------------------------------------------
+        return found
 
     def _reg(self) -> Registry:
         return self._running(self._registry)
@@ -323,10 +324,7 @@ class ModalEmulator(Emulator):
         """One call: id, input_id, function, state (pending, running, success, failure, init_failure, timeout,
         terminated), status (the result's GenericStatus name), history, task_id(s), gpu granted, created_at /
         started_at / finished_at (epoch seconds), exit_code, attempts, exception. KeyError if unknown."""
-        found = self._calls.get_or_none(call_id)
-        if found is None:
-            raise KeyError(f"no function call {call_id}")
-        return found.snapshot()
+        return self._call(call_id).snapshot()
 
     call = job
 
