@@ -4,6 +4,7 @@ deferred task does (its trigger). The flavor comes from the hook; the connection
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from airflow_stepops.artifacts import store_path
+from airflow_stepops.artifacts import ArtifactRef, store_path
 from airflow_stepops.bundle import StepIdentity, build_meta, pickle_payload, write_bundle
 from airflow_stepops.flavors import get_flavor
 from airflow_stepops.hooks.base import JobHandle, StepOperatorHook, StepSpec
@@ -51,6 +52,29 @@ def make_spec(hook: StepOperatorHook, fn: Callable[..., Any], *args: Any, task_i
     hook.render(spec)
     write_bundle(store_path(spec.bundle_uri), pickle_payload(fn, list(args), kwargs), meta)
     return spec
+
+
+def declare(flavor: str, **kwargs: Any) -> None:
+    """Declare a step task of ``flavor`` as a DAG file does: errors here are DAG parse (import) errors."""
+    from airflow.sdk import DAG, task
+
+    with DAG(f"{flavor}_parse_checks", schedule=None):
+        @task.step_operator(step_operator=FLAVORS[flavor][1], **kwargs)
+        def step() -> None:
+            pass
+
+        step()
+
+
+def stored_ref(hook: StepOperatorHook, value: Any, task_id: str = "ref_source") -> ArtifactRef:
+    """``value`` as an artifact an earlier step left in the hook's artifact store."""
+    import cloudpickle
+
+    path = store_path(make_spec(hook, int, task_id=task_id).output_uri).parent / "ref.pkl"
+    data = cloudpickle.dumps(value)
+    path.write_bytes(data)
+    return ArtifactRef(uri=str(path), type=f"{type(value).__module__}.{type(value).__qualname__}", size=len(data),
+                       sha256=hashlib.sha256(data).hexdigest())
 
 
 def sleep_then_return(seconds: float) -> str:
