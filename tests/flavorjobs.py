@@ -24,6 +24,9 @@ from airflow_stepops.settings.base import BaseStepOperatorSettings
 FLAVORS = {"kubernetes": ("k8s_tests", "k8s_step_operator"), "sagemaker": ("sm_tests", "sagemaker_step_operator"),
            "vertex": ("vx_tests", "vertex_step_operator"), "azureml": ("az_tests", "azureml_step_operator"),
            "modal": ("md_tests", "modal_step_operator")}
+#: flavor -> the session fixture of its emulator (tests/conftest.py)
+EMULATORS = {"kubernetes": "k8s_emulator", "sagemaker": "sm_emulator", "vertex": "vx_emulator",
+             "azureml": "az_emulator", "modal": "md_emulator"}
 
 
 def make_hook(flavor: str, conn_id: str | None = None) -> Any:

@@ -19,7 +19,7 @@ from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.runtime.protocol import staged_ref
 from airflow_stepops.settings.azureml import AzureMLStepOperatorSettings
 
-from ..flavorjobs import hook_maker, make_spec, raise_value_error, run_trigger, sleep_then_return
+from ..flavorjobs import hook_maker, make_spec, run_trigger, sleep_then_return
 
 make_hook = hook_maker("azureml")
 
@@ -147,16 +147,6 @@ def test_sdk_validation_refuses_a_broken_job(az_emulator):
         hook.validate(job)
 
 
-def test_remote_exception_fails_the_step(az_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, raise_value_error, 7, task_id="raises"))
-    event = run_trigger(hook, handle)
-    assert event["status"] == "failed", event
-    assert "exited with status code 1" in event["message"]
-    assert any("ValueError: bad input 7" in line for line in event["log_tail"])
-    assert "bad input 7" in str(read_outcome(store_path(handle["output_uri"])).error)
-
-
 def _raise_timeout() -> None:
     print("connecting to the feature store", flush=True)
     raise TimeoutError("connection to feature-store:5432 timed out after JobTimeout limits.timeout")
@@ -175,29 +165,6 @@ def test_a_user_error_that_speaks_of_timeouts_or_preemption_stays_a_failure(az_e
     assert event["status"] == "failed" and "reason" not in event["details"], event
     assert event["details"]["error_code"] == "UserError"
     assert fn.__name__ != "_raise_timeout" or "timed out" in str(read_outcome(store_path(handle["output_uri"])).error)
-
-
-def test_operator_side_cancel_and_status(az_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, sleep_then_return, 120, task_id="sync_cancel"))
-    az_emulator.wait_for_status(handle["job_id"], "Running")
-    assert hook.get_status(handle).state is JobState.RUNNING
-    hook.cancel(handle)
-    az_emulator.wait_for_status(handle["job_id"], "Canceled")
-    assert hook.get_status(handle).state is JobState.CANCELLED and az_emulator.pids(handle["job_id"]) == []
-    hook.cancel(handle)  # already finished: quiet
-    status = hook.get_status({**handle, "job_id": handle["job_id"] + "-gone"})
-    assert status.state is JobState.FAILED and status.details["reason"] == "job_missing"
-
-
-def test_max_runtime_is_a_timeout(az_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, sleep_then_return, 60, task_id="deadline",
-                                   settings=AzureMLStepOperatorSettings(max_runtime_in_seconds=2)))
-    event = run_trigger(hook, handle)
-    assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
-    job = az_emulator.job(handle["job_id"])
-    assert job["properties"]["limits"]["timeout"] == "PT2S" and job["status"] == "Canceled" and not job["error"]
 
 
 def test_spot_preemption_is_preemption(az_emulator):
@@ -242,18 +209,6 @@ def test_quota_error_is_a_clear_error_and_nothing_runs(az_emulator):
     with pytest.raises(StepOperatorConfigError, match=r"Azure ML refused to create the command job .*quota"):
         hook.submit(spec)
     assert hook.find_job(spec.identity) is None and len(az_emulator.jobs) == before
-
-
-def test_submit_is_exactly_once_per_try(az_emulator):
-    hook = make_hook()
-    spec = make_spec(hook, _greet, "once", task_id="exactly_once")
-    first = hook.submit(spec)
-    again = make_hook().submit(spec)
-    assert again["job_id"] == first["job_id"] and hook.find_job(spec.identity)["job_id"] == first["job_id"]
-    tagged = [j for j in az_emulator.jobs if j["properties"]["tags"].get("stepops-step") == spec.identity.digest[:40]]
-    assert len(tagged) == 1
-    assert hook.find_job(spec.identity.for_try(2)) is None
-    assert run_trigger(hook, first)["status"] == "succeeded"
 
 
 def test_a_create_whose_replies_are_lost_ends_with_one_job_and_its_handle(az_emulator, monkeypatch):

@@ -3,7 +3,6 @@ each flavor's emulator, with jobs submitted through the flavor's real hook and c
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,11 +15,7 @@ import pytest
 from airflow_stepops.testing._kit import Emulator, FaultRule, spawn, stop_group
 
 from ..emulated import eventually
-from ..flavorjobs import make_hook, make_spec
-
-#: flavor -> the session fixture of its emulator
-FLAVORS = {"kubernetes": "k8s_emulator", "sagemaker": "sm_emulator", "vertex": "vx_emulator",
-           "azureml": "az_emulator", "modal": "md_emulator"}
+from ..flavorjobs import EMULATORS, make_hook, make_spec
 
 
 def _add(a: int, b: int) -> int:
@@ -40,13 +35,12 @@ def _dead(pid: int) -> bool:
         return True
 
 
-@pytest.fixture(params=sorted(FLAVORS))
+@pytest.fixture(params=sorted(EMULATORS))
 def flavor(request):
-    emulator = request.getfixturevalue(FLAVORS[request.param])
-    if request.param == "modal":  # its step operator is registered by tests/modal; the kit's own here
-        os.environ["AIRFLOW_CONN_KIT_MODAL_STEP_OPERATOR"] = json.dumps({"conn_type": "stepops_modal", "extra": {
-            "environment": "main", "app_name": "stepops-kit"}})
-    hook = make_hook(request.param, "kit_modal_step_operator" if request.param == "modal" else None)
+    emulator = request.getfixturevalue(EMULATORS[request.param])
+    if request.param == "modal":
+        request.getfixturevalue("modal_step_operator")
+    hook = make_hook(request.param)
 
     def submit(fn, *args, **kwargs) -> str:
         spec = make_spec(hook, fn, *args, task_id=f"kit-{uuid.uuid4().hex[:8]}", **kwargs)
@@ -110,7 +104,7 @@ def test_stop_group_ends_the_whole_group():
                 "the group to end")
 
 
-@pytest.mark.parametrize("name", sorted(FLAVORS))
+@pytest.mark.parametrize("name", sorted(EMULATORS))
 def test_importing_an_emulator_imports_neither_airflow_nor_the_services_sdk(name):
     """The emulators run where the provider is not installed (``python -m``, a demo's own process)."""
     code = (f"import sys, airflow_stepops.testing.{name}; sys.exit(any(m == 'airflow' or m.startswith('airflow.') "

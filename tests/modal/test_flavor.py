@@ -23,7 +23,7 @@ from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.modal import ModalStepOperatorSettings
 
 from ..emulated import eventually
-from ..flavorjobs import hook_maker, make_spec, raise_value_error, run_trigger, sleep_then_return
+from ..flavorjobs import hook_maker, make_spec, run_trigger, sleep_then_return
 
 make_hook = hook_maker("modal")
 
@@ -71,35 +71,6 @@ def test_zenml_settings_and_gpu_fallback(md_emulator):
     assert any("from modal on A100-80GB" in line for line in event["log_tail"]), event["log_tail"]
     function = md_emulator.function(handle["app_name"], "run_step")
     assert function["gpu"] == ["H100", "A100-80GB"] and function["memory_mb"] == 16384
-
-
-def test_remote_exception_fails_the_step(md_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, raise_value_error, 7, task_id="raises"))
-    event = run_trigger(hook, handle)
-    assert event["status"] == "failed", event
-    assert any("ValueError: bad input 7" in line for line in event["log_tail"]), event["log_tail"]
-    assert "bad input 7" in str(read_outcome(store_path(handle["output_uri"])).error)
-
-
-def test_operator_side_cancel_and_status(md_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, sleep_then_return, 120, task_id="sync_cancel"))
-    _wait_running(md_emulator, hook, handle)
-    status = hook.get_status(handle)
-    assert status.state is JobState.RUNNING and status.details["modal_task_id"].startswith("ta-")
-    hook.cancel(handle)
-    _wait_gone(md_emulator, handle)
-    assert hook.get_status(handle).state is JobState.CANCELLED
-    hook.cancel(handle)  # already finished: quiet
-
-
-def test_timeout_is_a_timeout(md_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, sleep_then_return, 60, task_id="deadline",
-                                   settings=ModalStepOperatorSettings(timeout=2)))
-    event = run_trigger(hook, handle)
-    assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
 
 
 def test_preemption_is_restarted_by_modal_or_reported(md_emulator):
@@ -275,15 +246,6 @@ def test_log_lines_join_chunks_and_resume_after_the_last_entry():
 def _wait_running(emulator, hook, handle) -> None:
     eventually(lambda: emulator.pid(handle["job_id"]) is not None and hook.get_status(handle).state is JobState.RUNNING,
                what=f"{handle['job_id']} to start")
-
-
-def _wait_gone(emulator, handle) -> None:
-    eventually(lambda: emulator.pid(handle["job_id"]) is None and hook_state(handle) is JobState.CANCELLED,
-               what=f"{handle['job_id']} to be cancelled")
-
-
-def hook_state(handle) -> JobState:
-    return make_hook().get_status(handle).state
 
 
 def test_each_call_is_recorded_so_a_later_try_finds_it(md_emulator):

@@ -41,14 +41,6 @@ def test_step_runs_as_a_training_job_with_logs_and_result(sm_emulator):
     assert hook.console_url(handle).endswith(f"#/jobs/{handle['job_id']}")
 
 
-def test_remote_exception_is_the_failure_reason(sm_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, raise_value_error, 7, task_id="raises"))
-    event = run_trigger(hook, handle)
-    assert event["status"] == "failed" and "ValueError: bad input 7" in event["message"], event
-    assert any("Traceback" in line for line in event["log_tail"])
-
-
 def test_mark_failed_while_a_log_client_is_being_made_still_stops_the_job(sm_emulator, monkeypatch):
     """Airflow's triggerer calls on_kill only for a cancellation carrying its user-action message; the AWS hook
     makes its clients through asgiref's sync_to_async, which re-raises a bare CancelledError. Cancelled there,
@@ -91,14 +83,6 @@ def test_mark_failed_while_a_log_client_is_being_made_still_stops_the_job(sm_emu
     asyncio.run(main())
     job = sm_emulator.wait_for_job(handle["job_id"])
     assert job["TrainingJobStatus"] == "Stopped", job["TrainingJobStatus"]
-
-
-def test_max_runtime_is_a_timeout(sm_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, sleep_then_return, 60, task_id="deadline",
-                                   settings=SageMakerStepOperatorSettings(max_runtime_in_seconds=2)))
-    event = run_trigger(hook, handle)
-    assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
 
 
 def test_insufficient_capacity_is_preemption(sm_emulator):
@@ -149,17 +133,6 @@ def test_spot_interruption_resumes_from_the_checkpoint(sm_emulator):
     assert event["status"] == "succeeded", event
     result = read_outcome(store_path(handle["output_uri"])).value
     assert result["epoch"] == 6 and result["starts"] == 2  # restarted once, from its checkpoint
-
-
-def test_submit_is_exactly_once_per_try(sm_emulator):
-    hook = make_hook()
-    spec = make_spec(hook, _greet, "once", task_id="exactly_once")
-    first = hook.submit(spec)
-    again = hook.submit(spec)
-    assert again["job_id"] == first["job_id"] and hook.find_job(spec.identity)["job_id"] == first["job_id"]
-    assert len([j for j in sm_emulator.jobs if j["TrainingJobName"] == first["job_id"]]) == 1
-    assert hook.find_job(spec.identity.for_try(2)) is None
-    assert run_trigger(hook, first)["status"] == "succeeded"
 
 
 def test_a_missing_region_is_a_clear_error(monkeypatch):

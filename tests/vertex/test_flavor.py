@@ -17,7 +17,7 @@ from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.runtime.protocol import ENTRY_FILE, Env
 from airflow_stepops.settings.vertex import VertexStepOperatorSettings
 
-from ..flavorjobs import hook_maker, make_spec, poll_together, raise_value_error, run_trigger, sleep_then_return
+from ..flavorjobs import hook_maker, make_spec, poll_together, run_trigger, sleep_then_return
 
 make_hook = hook_maker("vertex")
 
@@ -68,24 +68,6 @@ def test_every_rendered_body_parses_into_the_proto():
     env = {e.name: e.value for e in pool.container_spec.env}
     assert env[Env.OUTPUT_PATH].startswith("/gcs/stepops-tests/") and "@" not in env[Env.OUTPUT_PATH]
     assert pool.container_spec.command[1] == env[Env.BUNDLE_PATH] + "/" + ENTRY_FILE
-
-
-def test_remote_exception_fails_the_step(vx_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, raise_value_error, 7, task_id="raises"))
-    event = run_trigger(hook, handle)
-    assert event["status"] == "failed", event
-    assert any("ValueError: bad input 7" in line for line in event["log_tail"])
-    outcome = read_outcome(store_path(handle["output_uri"]))
-    assert "bad input 7" in str(outcome.error)
-
-
-def test_scheduling_timeout_is_a_timeout(vx_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, sleep_then_return, 60, task_id="deadline",
-                                   settings=VertexStepOperatorSettings(max_runtime_in_seconds=2)))
-    event = run_trigger(hook, handle)
-    assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
 
 
 def _chatty(lines: int) -> None:
@@ -193,18 +175,6 @@ def test_quota_error_is_a_clear_error_and_nothing_runs(vx_emulator):
     assert hook.find_job(spec.identity) is None
 
 
-def test_submit_is_exactly_once_per_try(vx_emulator):
-    hook = make_hook()
-    spec = make_spec(hook, _greet, "once", task_id="exactly_once")
-    first = hook.submit(spec)
-    again = make_hook().submit(spec)
-    assert again["job_id"] == first["job_id"] and hook.find_job(spec.identity)["job_id"] == first["job_id"]
-    labelled = [j for j in vx_emulator.jobs if j["labels"].get("stepops-step") == spec.identity.digest[:40]]
-    assert len(labelled) == 1
-    assert hook.find_job(spec.identity.for_try(2)) is None
-    assert run_trigger(hook, first)["status"] == "succeeded"
-
-
 def _fast_hook(monkeypatch, conn_id: str = "vx_fast_timeout"):
     import json
     import os
@@ -292,19 +262,3 @@ def test_shared_polling_lists_instead_of_reading_every_job(vx_emulator):
     assert len(gets) == len(handles), gets  # each job read once; every later round is one list call
     assert len(calls) <= len(handles) + len(seen), (len(calls), len(seen), time.time() - started)
 
-
-def test_operator_side_cancel_and_status(vx_emulator):
-    """``on_kill`` of a non-deferred step: the sync client cancels; cancelling a finished job is quiet."""
-    from airflow_stepops.hooks.base import JobState
-
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, sleep_then_return, 120, task_id="sync_cancel"))
-    vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_RUNNING"])
-    assert hook.get_status(handle).state is JobState.RUNNING
-    hook.cancel(handle)
-    vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_CANCELLED"])
-    status = hook.get_status(handle)
-    assert status.state is JobState.CANCELLED and vx_emulator.pid(handle["job_id"]) is None
-    hook.cancel(handle)  # already finished: FAILED_PRECONDITION is not an error here
-    unknown = handle["name"][:-1] + ("1" if handle["name"].endswith("0") else "0")  # another job id
-    assert hook.get_status({**handle, "name": unknown}).state is JobState.FAILED
