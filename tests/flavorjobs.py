@@ -69,14 +69,15 @@ def declare(flavor: str, **kwargs: Any) -> None:
         step()
 
 
-def stored_ref(hook: StepOperatorHook, value: Any, task_id: str = "ref_source") -> ArtifactRef:
-    """``value`` as an artifact an earlier step left in the hook's artifact store."""
+def stored_ref(hook: StepOperatorHook, value: Any, local: Path | None = None) -> ArtifactRef:
+    """``value`` as an artifact an earlier step left in the hook's artifact store, or at a ``local`` path."""
     import cloudpickle
 
-    path = store_path(make_spec(hook, int, task_id=task_id).output_uri).parent / "ref.pkl"
+    path = local or store_path(make_spec(hook, int, task_id="ref_source").output_uri).parent / "ref.pkl"
     data = cloudpickle.dumps(value)
     path.write_bytes(data)
-    return ArtifactRef(uri=str(path), type=f"{type(value).__module__}.{type(value).__qualname__}", size=len(data),
+    return ArtifactRef(uri=f"file://{path}" if local else str(path), size=len(data),
+                       type=f"{type(value).__module__}.{type(value).__qualname__}",
                        sha256=hashlib.sha256(data).hexdigest())
 
 

@@ -3,7 +3,6 @@ real job processes reading the bundle input and writing the output through Azuri
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 
@@ -11,7 +10,7 @@ import pytest
 
 pytest.importorskip("azure.ai.ml")
 
-from airflow_stepops.artifacts import ArtifactRef, store_path
+from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import read_outcome, replace_refs
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.base import JobState
@@ -19,7 +18,7 @@ from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.runtime.protocol import staged_ref
 from airflow_stepops.settings.azureml import AzureMLStepOperatorSettings
 
-from ..flavorjobs import hook_maker, make_spec, run_trigger, sleep_then_return
+from ..flavorjobs import hook_maker, make_spec, run_trigger, sleep_then_return, stored_ref
 
 make_hook = hook_maker("azureml")
 
@@ -252,27 +251,9 @@ def test_a_job_of_another_step_with_the_name_is_not_taken(az_emulator, monkeypat
         hook.find_job(other.identity)
 
 
-def _ref(hook, task_id: str, value: object) -> ArtifactRef:
-    import cloudpickle
-
-    source = make_spec(hook, _greet, "ref", task_id=task_id)
-    path = store_path(source.output_uri).parent / "ref.pkl"
-    data = cloudpickle.dumps(value)
-    path.write_bytes(data)
-    return ArtifactRef(uri=str(path), type=type(value).__module__ + "." + type(value).__qualname__,
-                       size=len(data), sha256=hashlib.sha256(data).hexdigest())
-
-
 def test_artifact_refs_in_the_store_are_job_inputs_others_are_staged(az_emulator, tmp_path):
-    import cloudpickle
-
     hook = make_hook()
-    in_store = _ref(hook, "ref_source", [1, 2, 3])
-    local = tmp_path / "local.pkl"
-    data = cloudpickle.dumps([10, 20])
-    local.write_bytes(data)
-    elsewhere = ArtifactRef(uri=f"file://{local}", type="builtins.list", size=len(data),
-                            sha256=hashlib.sha256(data).hexdigest())
+    in_store, elsewhere = stored_ref(hook, [1, 2, 3]), stored_ref(hook, [10, 20], tmp_path / "local.pkl")
 
     def total(a: list, b: list) -> int:
         return sum(a) + sum(b)

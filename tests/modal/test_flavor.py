@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("modal")
 
 from airflow_stepops.artifacts import store_path
-from airflow_stepops.bundle import read_outcome
+from airflow_stepops.bundle import read_outcome, replace_refs
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks import modal_call
 from airflow_stepops.hooks.base import JobState
@@ -23,7 +23,7 @@ from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.modal import ModalStepOperatorSettings
 
 from ..emulated import eventually
-from ..flavorjobs import hook_maker, make_spec, run_trigger, sleep_then_return
+from ..flavorjobs import hook_maker, make_spec, run_trigger, sleep_then_return, stored_ref
 
 make_hook = hook_maker("modal")
 
@@ -168,21 +168,9 @@ def _load(value):
 
 
 def test_artifact_refs_travel_in_the_bundle(md_emulator):
-    import hashlib
-
-    import cloudpickle
-
-    from airflow_stepops.artifacts import ArtifactRef
-    from airflow_stepops.bundle import replace_refs
-
     hook = make_hook()
-    source = make_spec(hook, _greet, "ref", task_id="ref_source")
-    ref_path = store_path(source.output_uri).parent / "ref.pkl"
-    data = cloudpickle.dumps([1, 2, 3])
-    ref_path.write_bytes(data)
-    ref = ArtifactRef(uri=str(ref_path), type="builtins.list", size=len(data), sha256=hashlib.sha256(data).hexdigest())
     refs: list = []
-    args = replace_refs([ref], refs)
+    args = replace_refs([stored_ref(hook, [1, 2, 3])], refs)
     handle = hook.submit(make_spec(hook, sum, *args, task_id="ref_consumer", refs=refs))
     assert run_trigger(hook, handle)["status"] == "succeeded"
     assert read_outcome(store_path(handle["output_uri"])).value == 6

@@ -11,13 +11,13 @@ import pytest
 pytest.importorskip("google.cloud.aiplatform_v1")
 
 from airflow_stepops.artifacts import store_path
-from airflow_stepops.bundle import read_outcome
+from airflow_stepops.bundle import read_outcome, replace_refs
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.runtime.protocol import ENTRY_FILE, Env
 from airflow_stepops.settings.vertex import VertexStepOperatorSettings
 
-from ..flavorjobs import hook_maker, make_spec, poll_together, run_trigger, sleep_then_return
+from ..flavorjobs import hook_maker, make_spec, poll_together, run_trigger, sleep_then_return, stored_ref
 
 make_hook = hook_maker("vertex")
 
@@ -203,29 +203,10 @@ def test_a_lost_create_reply_finds_the_job_instead_of_hanging_or_creating_anothe
 
 
 def test_gcs_artifact_refs_are_read_in_place(vx_emulator):
-    from airflow_stepops.artifacts import ArtifactRef
-
     hook = make_hook()
-    source = make_spec(hook, _greet, "ref", task_id="ref_source")
-    ref_path = store_path(source.output_uri).parent / "ref.pkl"
-    import hashlib
-
-    import cloudpickle
-
-    data = cloudpickle.dumps([1, 2, 3])
-    ref_path.write_bytes(data)
-    ref = ArtifactRef(uri=str(ref_path), type="builtins.list", size=len(data), sha256=hashlib.sha256(data).hexdigest())
-
-    def total(values: list) -> int:
-        return sum(values)
-
-    from airflow_stepops.bundle import replace_refs
-
     refs: list = []
-    args = replace_refs([ref], refs)
-    spec = make_spec(hook, total, *args, task_id="ref_consumer", refs=refs)
-    body = hook.render(spec)
-    env = {e["name"]: e["value"] for e in body["jobSpec"]["workerPoolSpecs"][0]["containerSpec"]["env"]}
+    spec = make_spec(hook, sum, *replace_refs([stored_ref(hook, [1, 2, 3])], refs), task_id="ref_consumer", refs=refs)
+    env = {e["name"]: e["value"] for e in hook.render(spec)["jobSpec"]["workerPoolSpecs"][0]["containerSpec"]["env"]}
     assert '"/gcs/stepops-tests/' in env[Env.REFS]
     handle = hook.submit(spec)
     assert run_trigger(hook, handle)["status"] == "succeeded"
