@@ -136,6 +136,22 @@ def run_example(name: str) -> tuple[Any, dict[str, Any]]:
     return run, tis
 
 
+def run_pipeline(dag: Any, flavor: str) -> tuple[Any, dict[str, Any], ArtifactRef, dict[str, Any]]:
+    """A pipeline of tests/dags/flavor_pipelines.py run by ``dag.test()``, which must compute what it computes,
+    its model handed on as an artifact, its ``train`` step run by ``flavor``: the run, its task instances, that
+    artifact and the job record of ``train``."""
+    from .unit.test_operator import _run, _xcom
+
+    run, tis = _run(dag)
+    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert _xcom(tis["report"]) == {"total": 18, "model": [1, 2, 3], "doubled": [2, 10]}
+    ref = _xcom(tis["train"], key="model")
+    assert ref.type == "builtins.frozenset" and ref.load() == frozenset({1, 2, 3})
+    record = _xcom(tis["train"], key="stepops_job")
+    assert record["flavor"] == flavor, record
+    return run, tis, ref, record
+
+
 def render(dag_id: str, task_id: str) -> dict[str, Any]:
     """What ``stepops render`` prints for a task of the test DAGs (it must submit nothing)."""
     out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "render", dag_id, task_id],

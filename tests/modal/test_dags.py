@@ -8,8 +8,8 @@ pytest.importorskip("modal")
 
 from tests.dags import flavor_pipelines
 
-from ..flavorjobs import render, run_example
-from ..unit.test_operator import _run, _xcom
+from ..flavorjobs import render, run_example, run_pipeline
+from ..unit.test_operator import _xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db", "md_emulator", "modal_step_operator")
 
@@ -21,11 +21,7 @@ def _function(md, ti) -> dict:
 
 
 def test_pipeline_with_xcoms_artifacts_and_mapping(md_emulator):
-    run, tis = _run(flavor_pipelines.md_pipeline)
-    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
-    assert _xcom(tis["report"]) == {"total": 18, "model": [1, 2, 3], "doubled": [2, 10]}
-    ref = _xcom(tis["train"], key="model")
-    assert ref.type == "builtins.frozenset" and ref.load() == frozenset({1, 2, 3})
+    _, tis, _, _ = run_pipeline(flavor_pipelines.md_pipeline, "modal")
     train = _function(md_emulator, tis["train"])
     assert train["milli_cpu"] == 2000 and train["memory_mb"] == 4096
     evaluate = _function(md_emulator, tis["evaluate"])

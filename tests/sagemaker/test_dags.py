@@ -8,8 +8,8 @@ pytest.importorskip("moto")
 
 from tests.dags import flavor_pipelines
 
-from ..flavorjobs import render, run_example
-from ..unit.test_operator import _run, _xcom
+from ..flavorjobs import render, run_example, run_pipeline
+from ..unit.test_operator import _xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db", "sm_emulator")
 
@@ -25,18 +25,14 @@ def _jobs(sm, run_id: str, task_id: str) -> list[dict]:
 
 
 def test_pipeline_with_xcoms_s3_artifacts_and_mapping(sm_emulator):
-    run, tis = _run(flavor_pipelines.sm_pipeline)
-    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
-    assert _xcom(tis["report"]) == {"total": 18, "model": [1, 2, 3], "doubled": [2, 10]}
-    ref = _xcom(tis["train"], key="model")
-    assert ref.uri.startswith("s3://stepops-tests/artifacts/sm_pipeline/") and ref.type == "builtins.frozenset"
+    run, _, ref, record = run_pipeline(flavor_pipelines.sm_pipeline, "sagemaker")
+    assert ref.uri.startswith("s3://stepops-tests/artifacts/sm_pipeline/")
     [train_job] = _jobs(sm_emulator, run.run_id, "train")
     assert train_job["ResourceConfig"]["InstanceType"] == "ml.m5.2xlarge"  # cheapest with 8 CPUs, 32 GB
     [evaluate_job] = _jobs(sm_emulator, run.run_id, "evaluate")
     assert evaluate_job["ResourceConfig"]["InstanceType"] == "ml.g5.xlarge"
     assert [c["ChannelName"] for c in evaluate_job["InputDataConfig"]] == ["bundle", "ref0"]
-    record = _xcom(tis["train"], key="stepops_job")
-    assert record["flavor"] == "sagemaker" and record["instance_type"] == "ml.m5.2xlarge"
+    assert record["instance_type"] == "ml.m5.2xlarge"
     assert record["console_url"].endswith(f"#/jobs/{record['job_id']}")
 
 

@@ -8,8 +8,8 @@ pytest.importorskip("google.cloud.aiplatform_v1")
 
 from tests.dags import flavor_pipelines
 
-from ..flavorjobs import render, run_example
-from ..unit.test_operator import _run, _xcom
+from ..flavorjobs import render, run_example, run_pipeline
+from ..unit.test_operator import _xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db", "vx_emulator")
 
@@ -20,19 +20,14 @@ def _jobs(vx, task_id: str, dag_id: str) -> list[dict]:
 
 
 def test_pipeline_with_xcoms_gcs_artifacts_and_mapping(vx_emulator):
-    run, tis = _run(flavor_pipelines.vx_pipeline)
-    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
-    assert _xcom(tis["report"]) == {"total": 18, "model": [1, 2, 3], "doubled": [2, 10]}
-    ref = _xcom(tis["train"], key="model")
+    _, _, ref, record = run_pipeline(flavor_pipelines.vx_pipeline, "vertex")
     assert ref.uri.startswith("gs://google_cloud_default@stepops-tests/artifacts/vx_pipeline/")
-    assert ref.type == "builtins.frozenset" and ref.load() == frozenset({1, 2, 3})
     train_job = _jobs(vx_emulator, "train", "vx_pipeline")[-1]
     assert train_job["jobSpec"]["workerPoolSpecs"][0]["machineSpec"] == {"machineType": "e2-standard-8"}
     evaluate_job = _jobs(vx_emulator, "evaluate", "vx_pipeline")[-1]
     assert evaluate_job["labels"]["stage"] == "eval"
     assert evaluate_job["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]["acceleratorType"] == "NVIDIA_TESLA_A100"
-    record = _xcom(tis["train"], key="stepops_job")
-    assert record["flavor"] == "vertex" and record["machine_type"] == "e2-standard-8"
+    assert record["machine_type"] == "e2-standard-8"
     assert record["console_url"].endswith(f"/training/{record['job_id']}/cpu?project={vx_emulator.project}")
 
 
