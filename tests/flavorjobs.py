@@ -123,16 +123,17 @@ def run_trigger(hook: StepOperatorHook, handle: JobHandle, *, deadline: float | 
     return payload
 
 
-def run_example(name: str) -> tuple[Any, dict[str, Any]]:
-    """``dags_examples/<name>.py`` run by Airflow's ``dag.test()``, which must succeed: the run and its task
-    instances."""
+def run_example(name: str, **returns: Any) -> tuple[Any, dict[str, Any]]:
+    """``dags_examples/<name>.py`` run by Airflow's ``dag.test()``, which must succeed, each task named in
+    ``returns`` returning that: the run and its task instances."""
     from airflow_stepops._compat import dagbag_class
 
-    from .unit.test_operator import _run
+    from .unit.test_operator import _run, _xcom
 
     examples = Path(__file__).resolve().parents[1] / "dags_examples"
     run, tis = _run(dagbag_class()(dag_folder=str(examples / f"{name}.py")).get_dag(name))
     assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert {task_id: _xcom(tis[task_id]) for task_id in returns} == returns
     return run, tis
 
 

@@ -48,8 +48,7 @@ def test_failures_preemption_timeout_and_bad_image(k8s_emulator):
 
 
 def test_gpu_training_example_runs_on_the_emulator(k8s_emulator):
-    run, tis = run_example("kubernetes_training")
-    assert _xcom(tis["gpu_training_step"]) == {"w": 3.0, "b": -0.5}
+    run, tis = run_example("kubernetes_training", gpu_training_step={"w": 3.0, "b": -0.5})
     [job] = [j for j in _jobs(k8s_emulator, "gpu_training_step")
              if j["metadata"]["annotations"][f"{manifest.LABEL_PREFIX}/run-id"] == run.run_id]
     pod = job["spec"]["template"]["spec"]

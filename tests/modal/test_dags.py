@@ -31,9 +31,7 @@ def test_pipeline_with_xcoms_artifacts_and_mapping(md_emulator):
 
 
 def test_modal_example_dag_runs_on_the_emulator(md_emulator):
-    _, tis = run_example("modal_training")
-    assert _xcom(tis["train_on_modal"]) == {"w": 1.5, "b": 0.25, "epochs": 20}
-    assert _xcom(tis["evaluate"]) == 0.0
+    _, tis = run_example("modal_training", train_on_modal={"w": 1.5, "b": 0.25, "epochs": 20}, evaluate=0.0)
     train = _function(md_emulator, tis["train_on_modal"])
     assert train["gpu"] == ["ANY"] and train["milli_cpu"] == 4000 and train["memory_mb"] == 16384
     evaluate = _function(md_emulator, tis["evaluate"])

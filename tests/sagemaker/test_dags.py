@@ -9,7 +9,6 @@ pytest.importorskip("moto")
 from tests.dags import flavor_pipelines
 
 from ..flavorjobs import render, run_example, run_pipeline
-from ..unit.test_operator import _xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db", "sm_emulator")
 
@@ -37,8 +36,7 @@ def test_pipeline_with_xcoms_s3_artifacts_and_mapping(sm_emulator):
 
 
 def test_sagemaker_example_dag_runs_on_the_emulator(sm_emulator):
-    run, tis = run_example("sagemaker_training")
-    assert _xcom(tis["train_on_sagemaker"]) == {"w": 1.5, "b": 0.25, "epochs": 20}
+    run, _ = run_example("sagemaker_training", train_on_sagemaker={"w": 1.5, "b": 0.25, "epochs": 20})
     [job] = _jobs(sm_emulator, run.run_id, "train_on_sagemaker")
     assert job["EnableManagedSpotTraining"] is True and job["ResourceConfig"]["InstanceType"] == "ml.p3.2xlarge"
     assert job["StoppingCondition"]["MaxWaitTimeInSeconds"] >= job["StoppingCondition"]["MaxRuntimeInSeconds"]

@@ -9,7 +9,6 @@ pytest.importorskip("google.cloud.aiplatform_v1")
 from tests.dags import flavor_pipelines
 
 from ..flavorjobs import render, run_example, run_pipeline
-from ..unit.test_operator import _xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db", "vx_emulator")
 
@@ -32,9 +31,7 @@ def test_pipeline_with_xcoms_gcs_artifacts_and_mapping(vx_emulator):
 
 
 def test_vertex_example_dag_runs_on_the_emulator(vx_emulator):
-    _, tis = run_example("vertex_training")
-    assert _xcom(tis["train_on_vertex"]) == {"w": 1.5, "b": 0.25, "epochs": 20}
-    assert _xcom(tis["evaluate"]) == 0.0
+    run_example("vertex_training", train_on_vertex={"w": 1.5, "b": 0.25, "epochs": 20}, evaluate=0.0)
     train = _jobs(vx_emulator, "train_on_vertex", "vertex_training")[-1]
     assert train["jobSpec"]["scheduling"]["strategy"] == "SPOT"
     assert train["jobSpec"]["workerPoolSpecs"][0]["machineSpec"] == {
