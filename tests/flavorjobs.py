@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -29,7 +30,20 @@ EMULATORS = {"kubernetes": "k8s_emulator", "sagemaker": "sm_emulator", "vertex":
              "azureml": "az_emulator", "modal": "md_emulator"}
 
 
-def make_hook(flavor: str, conn_id: str | None = None) -> Any:
+def connection_like(monkeypatch: Any, conn_id: str, like: str, **extra: Any) -> str:
+    """Register the step operator ``conn_id``: the connection ``like`` with ``extra`` over its extras (None drops
+    one)."""
+    conn = json.loads(os.environ[f"AIRFLOW_CONN_{like.upper()}"])
+    conn["extra"] = {k: v for k, v in {**conn["extra"], **extra}.items() if v is not None}
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(conn))
+    return conn_id
+
+
+def make_hook(flavor: str, conn_id: str | None = None, monkeypatch: Any = None, like: str = "", **extra: Any) -> Any:
+    """The hook of ``flavor``'s test step operator, or of ``conn_id``: given ``monkeypatch``, registered first as
+    the connection ``like`` (the flavor's) with ``extra`` over its extras."""
+    if monkeypatch is not None:
+        connection_like(monkeypatch, str(conn_id), like or FLAVORS[flavor][1], **extra)
     return get_flavor(flavor).hook()(step_operator_conn_id=conn_id or FLAVORS[flavor][1])
 
 

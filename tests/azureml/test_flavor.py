@@ -178,12 +178,8 @@ def test_spot_preemption_is_preemption(az_emulator):
 
 
 def test_low_priority_cluster_preemption_is_preemption(az_emulator, monkeypatch):
-    import os
-
-    extra = json.loads(os.environ["AIRFLOW_CONN_AZUREML_CLUSTER_STEP_OPERATOR"])["extra"]
-    monkeypatch.setenv("AIRFLOW_CONN_AZ_LOWPRI", json.dumps({"conn_type": "stepops_azureml", "extra": {
-        **extra, "compute_target_name": "lowpri-cluster"}}))
-    hook = make_hook("az_lowpri")
+    hook = make_hook("az_lowpri", monkeypatch=monkeypatch, like="azureml_cluster_step_operator",
+                     compute_target_name="lowpri-cluster")
     spec = make_spec(hook, sleep_then_return, 60, task_id="lowpri")
     az_emulator.inject("preemption", after=0.5)
     handle = hook.submit(spec)
@@ -213,15 +209,11 @@ def test_quota_error_is_a_clear_error_and_nothing_runs(az_emulator):
 def test_a_create_whose_replies_are_lost_ends_with_one_job_and_its_handle(az_emulator, monkeypatch):
     """Azure ML makes the job but no reply arrives (every retry hangs too): the hook gives up on the calls
     within its deadline and finds the job by its name, instead of waiting for azure-core's 300 s read timeout."""
-    import os
     import threading
 
     from airflow_stepops.hooks.azureml_job import job_name
 
-    extra = json.loads(os.environ["AIRFLOW_CONN_AZUREML_STEP_OPERATOR"])["extra"]
-    monkeypatch.setenv("AIRFLOW_CONN_AZ_IMPATIENT", json.dumps({"conn_type": "stepops_azureml", "extra": {
-        **extra, "api_timeout_seconds": 2, "api_max_attempts": 2}}))
-    hook = make_hook("az_impatient")
+    hook = make_hook("az_impatient", monkeypatch=monkeypatch, api_timeout_seconds=2, api_max_attempts=2)
     spec = make_spec(hook, _greet, "lost", task_id="lost_reply")
     name = job_name(spec.identity)
     fault = az_emulator.lose_replies("hang", times=None, method="PUT", path_contains=f"/jobs/{name}", hang_seconds=90)
@@ -291,15 +283,10 @@ def test_abfs_store_on_a_cluster(az_emulator):
     ({"artifact_store": None}, r"artifact_store: step operator 'az_bad' needs a blob artifact store"),
 ])
 def test_config_errors_are_clear_and_nothing_is_submitted(az_emulator, monkeypatch, extra, message):
-    import os
-
-    base = json.loads(os.environ["AIRFLOW_CONN_AZUREML_STEP_OPERATOR"])["extra"]
     container = az_emulator.datastores["workspaceblobstore"]
-    merged = {**base, **{k: v.format(container=container) if isinstance(v, str) else v for k, v in extra.items()}}
-    monkeypatch.setenv("AIRFLOW_CONN_AZ_BAD", json.dumps({"conn_type": "stepops_azureml", "extra": {
-        k: v for k, v in merged.items() if v is not None}}))
+    hook = make_hook("az_bad", monkeypatch=monkeypatch, **{
+        k: v.format(container=container) if isinstance(v, str) else v for k, v in extra.items()})
     before = len(az_emulator.jobs)
-    hook = make_hook("az_bad")
     with pytest.raises(StepOperatorConfigError, match=message):
         good = make_hook()
         spec = make_spec(good, _greet, "x", task_id="bad_config")
@@ -341,7 +328,6 @@ def test_cluster_too_small_for_the_resources(az_emulator):
 
 
 def _checkpointed(epochs: int) -> dict:
-    import json
     import os
 
     path = os.path.join(os.environ["STEPOPS_CHECKPOINT_DIR"], "state.json")

@@ -222,16 +222,6 @@ def test_a_long_remote_error_fits_failure_reason(sm_emulator):
     assert failure_record(f"AlgorithmError: {text[:-40]}") is None  # a cut record is no record
 
 
-def _connection(monkeypatch, conn_id: str, **extra) -> str:
-    import json
-    import os
-
-    base = json.loads(os.environ["AIRFLOW_CONN_SAGEMAKER_STEP_OPERATOR"])
-    base["extra"].update(extra)
-    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(base))
-    return conn_id
-
-
 def test_requests_sagemaker_refuses_are_refused_before_submitting(sm_emulator, monkeypatch):
     from airflow_stepops.exceptions import StepOperatorConfigError
 
@@ -241,7 +231,7 @@ def test_requests_sagemaker_refuses_are_refused_before_submitting(sm_emulator, m
     bad = SageMakerStepOperatorSettings.model_construct(tags={"team": "ml~infra"})  # the request check still holds
     with pytest.raises(StepOperatorConfigError, match=r"Tags\[\d+\]\.Value: 'ml~infra' does not match the pattern"):
         hook.render(make_spec(hook, _greet, "x", task_id="bad_tag", settings=bad))
-    too_many = make_hook(_connection(monkeypatch, "sm_tagged", tags={f"c{i}": "v" for i in range(30)}))
+    too_many = make_hook("sm_tagged", monkeypatch=monkeypatch, tags={f"c{i}": "v" for i in range(30)})
     with pytest.raises(StepOperatorConfigError, match="tags: SageMaker allows 50 tags a job and 6 are the step's"):
         too_many.render(make_spec(too_many, _greet, "x", task_id="tags", settings=SageMakerStepOperatorSettings(
             tags={f"s{i}": "v" for i in range(20)})))
@@ -282,7 +272,7 @@ def test_identity_is_never_assumed(sm_emulator):
 
 
 def test_a_lost_create_reply_resolves_to_the_one_job(sm_emulator, monkeypatch):
-    hook = make_hook(_connection(monkeypatch, "sm_fast", api_timeout_seconds=1, api_max_attempts=2))
+    hook = make_hook("sm_fast", monkeypatch=monkeypatch, api_timeout_seconds=1, api_max_attempts=2)
     for index, lost in enumerate((1, None)):  # a retry meets the job (ResourceInUse); every reply lost
         spec = make_spec(hook, _greet, "lost", task_id=f"lost_reply_{index}")
         fault = sm_emulator.lose_replies("CreateTrainingJob", count=lost, hold=20)

@@ -175,18 +175,9 @@ def test_quota_error_is_a_clear_error_and_nothing_runs(vx_emulator):
     assert hook.find_job(spec.identity) is None
 
 
-def _fast_hook(monkeypatch, conn_id: str = "vx_fast_timeout"):
-    import json
-    import os
-
-    extra = {**json.loads(os.environ["AIRFLOW_CONN_VERTEX_STEP_OPERATOR"])["extra"], "api_timeout_seconds": 1}
-    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({"conn_type": "stepops_vertex", "extra": extra}))
-    return make_hook(conn_id)
-
-
 @pytest.mark.parametrize("held", [0.0, 20.0], ids=["connection_dropped", "reply_never_sent"])
 def test_a_lost_create_reply_finds_the_job_instead_of_hanging_or_creating_another(vx_emulator, monkeypatch, held):
-    hook = _fast_hook(monkeypatch)
+    hook = make_hook("vx_fast_timeout", monkeypatch=monkeypatch, api_timeout_seconds=1)
     spec = make_spec(hook, _greet, "lost", task_id=f"lost_reply_{int(held)}")
     vx_emulator.inject("lost_create_reply", duration=held)
     vx_emulator.list_lag = 1.5  # and the new job shows up in lists only a while later
