@@ -96,9 +96,9 @@ def test_bad_kubernetes_step_settings_fail_at_parse_time(kwargs, message):
 
 
 def test_gpu_type_on_a_custom_node_label_needs_its_values():
+    custom = {"gpu_type_node_label": "gpu-model", "gpu_type_node_values": {"nvidia-tesla-t4": ["t4"]}}
     declare("kubernetes", settings={"resources": ResourceSettings(gpu_count=1, gpu_type="t4"),
-                       "step_operator.kubernetes": KubernetesStepOperatorSettings(
-                           gpu_type_node_label="gpu-model", gpu_type_node_values={"nvidia-tesla-t4": ["t4"]})})
+                                    "step_operator.kubernetes": KubernetesStepOperatorSettings(**custom)})
     settings = KubernetesStepOperatorSettings(gpu_type_node_label="cloud.google.com/gke-accelerator")
     assert settings.gpu_node_values("L4") == ["nvidia-l4"]
 

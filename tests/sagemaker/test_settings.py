@@ -59,10 +59,10 @@ def test_bad_sagemaker_settings_fail_at_parse_time(settings, message):
 def test_resources_no_instance_can_satisfy_fail_at_parse_time():
     with pytest.raises(StepOperatorConfigError, match="no SageMaker training instance type fits"):
         declare("sagemaker", settings={"resources": ResourceSettings(gpu_count=2, gpu_type="K80"),
-                           "step_operator.sagemaker": SageMakerStepOperatorSettings()})
+                                    "step_operator.sagemaker": SageMakerStepOperatorSettings()})
     with pytest.raises(StepOperatorConfigError, match="volume_size_in_gb=10 is smaller than resources.disk_size"):
         declare("sagemaker", settings={"resources": ResourceSettings(disk_size="50GB"),
-                           "step_operator.sagemaker": SageMakerStepOperatorSettings(volume_size_in_gb=10)})
+                                    "step_operator.sagemaker": SageMakerStepOperatorSettings(volume_size_in_gb=10)})
 
 
 @pytest.mark.parametrize(("extras", "message"), [

@@ -142,7 +142,7 @@ def test_zenml_examples_parse():
                                           accelerator_count=2)
     assert settings.machine_for(ResourceSettings()).describe() == "n1-standard-8 (8 vCPU, 30 GB, 2 x NVIDIA_TESLA_V100)"
     declare("vertex", settings={"step_operator.vertex": {"machine_type": "a2-highgpu-1g", "disk_size_gb": 200,
-                                                "use_preemptible": True}})
+                                                          "use_preemptible": True}})
     assert VertexStepOperatorSettings(use_preemptible=True).spot
     # an accelerator without a machine type: the smallest machine for it
     assert VertexStepOperatorSettings(accelerator_type="L4", accelerator_count=2).machine_for(
