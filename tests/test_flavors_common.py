@@ -7,6 +7,7 @@ import pytest
 
 from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import read_outcome
+from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.flavors import get_flavor
 from airflow_stepops.hooks.base import JobState
 from airflow_stepops.hooks.kubernetes_job import STEP_LABEL
@@ -61,6 +62,18 @@ def test_a_remote_exception_fails_the_step_and_comes_back_whole(flavor, says, em
     error = read_outcome(store_path(handle["output_uri"])).error
     assert (error["type"], error["message"]) == ("builtins.ValueError", "bad input 7")
     assert "in raise_value_error" in error["traceback"]
+
+
+@pytest.mark.parametrize(("flavor", "refusal"), [("azureml", "Azure ML refused to create the command job"),
+                                                 ("vertex", "Vertex AI refused to create the CustomJob")])
+def test_quota_error_is_a_clear_error_and_nothing_runs(flavor, refusal, emulator):
+    hook = make_hook(flavor)
+    spec = make_spec(hook, sleep_then_return, 0, task_id="quota")
+    before = len(emulator.job_ids)
+    emulator.inject("quota_exceeded")
+    with pytest.raises(StepOperatorConfigError, match=f"{refusal} .*quota"):
+        hook.submit(spec)
+    assert hook.find_job(spec.identity) is None and len(emulator.job_ids) == before
 
 
 #: flavor -> how many jobs its emulator holds for a submitted step try

@@ -196,16 +196,6 @@ def test_node_loss_on_dedicated_compute_is_a_failure(az_emulator):
     assert event["status"] == "failed" and event["details"]["reason"] == "node_failure", event
 
 
-def test_quota_error_is_a_clear_error_and_nothing_runs(az_emulator):
-    hook = make_hook()
-    spec = make_spec(hook, _greet, "x", task_id="quota")
-    before = len(az_emulator.jobs)
-    az_emulator.inject("quota_exceeded")
-    with pytest.raises(StepOperatorConfigError, match=r"Azure ML refused to create the command job .*quota"):
-        hook.submit(spec)
-    assert hook.find_job(spec.identity) is None and len(az_emulator.jobs) == before
-
-
 def test_a_create_whose_replies_are_lost_ends_with_one_job_and_its_handle(az_emulator, monkeypatch):
     """Azure ML makes the job but no reply arrives (every retry hangs too): the hook gives up on the calls
     within its deadline and finds the job by its name, instead of waiting for azure-core's 300 s read timeout."""

@@ -166,15 +166,6 @@ def test_stockout_is_preemption(vx_emulator):
     assert event["status"] == "preempted" and event["details"]["reason"] == "capacity", event
 
 
-def test_quota_error_is_a_clear_error_and_nothing_runs(vx_emulator):
-    hook = make_hook()
-    spec = make_spec(hook, _greet, "x", task_id="quota")
-    vx_emulator.inject("quota_exceeded")
-    with pytest.raises(StepOperatorConfigError, match=r"Vertex AI refused to create the CustomJob .*quota"):
-        hook.submit(spec)
-    assert hook.find_job(spec.identity) is None
-
-
 @pytest.mark.parametrize("held", [0.0, 20.0], ids=["connection_dropped", "reply_never_sent"])
 def test_a_lost_create_reply_finds_the_job_instead_of_hanging_or_creating_another(vx_emulator, monkeypatch, held):
     hook = make_hook("vx_fast_timeout", monkeypatch=monkeypatch, api_timeout_seconds=1)
