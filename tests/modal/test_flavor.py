@@ -421,41 +421,27 @@ def _within(seconds: float, fn, *args):
     return out
 
 
-def test_a_lost_spawn_reply_finds_the_one_call_in_bounded_time(md_emulator, monkeypatch):
-    """Modal made the call but its reply was lost: the spawn is sent again under the step try's key and
-    gets that call, neither a second one nor a hang."""
-    monkeypatch.setattr(modal_call, "ATTEMPT_TIMEOUT", 1.0)
+@pytest.mark.parametrize("lost", [1, None], ids=["one_reply_lost", "every_reply_lost"])
+def test_a_lost_spawn_reply_ends_with_the_one_call_in_bounded_time(md_emulator, monkeypatch, lost):
+    """Modal made the call but its reply was lost: the spawn is sent again under the step try's key and gets
+    that call, neither a second one nor a hang. Every reply lost: the spawn gives up in bounded time; the same try,
+    sent again (by another worker), gets the call Modal made under the recorded key instead of a second one."""
+    monkeypatch.setattr(modal_call, "ATTEMPT_TIMEOUT", 1.0 if lost else 0.5)
+    if not lost:
+        monkeypatch.setattr(modal_call, "TOTAL_TIMEOUT", 3.0)
     hook = make_hook()
-    spec = make_spec(hook, _greet, "lost", task_id="lost_reply")
-    hook.submit(make_spec(hook, _greet, "warm", task_id="warm"))  # the app is deployed
+    spec = make_spec(hook, _greet, "lost", task_id=f"lost_reply_{lost}")
+    hook.submit(make_spec(hook, _greet, "warm", task_id=f"warm_{lost}"))  # the app is deployed
     before = len(md_emulator.calls)
-    md_emulator.lose_replies("FunctionMap", times=1)
+    md_emulator.lose_replies("FunctionMap", times=lost)
     try:
         out = _within(15, hook.submit, spec)
     finally:
         md_emulator.clear_faults()
-    handle = out["value"]
-    assert [call["id"] for call in md_emulator.calls[before:]] == [handle["job_id"]]
-    assert run_trigger(hook, handle)["status"] == "succeeded"
-
-
-def test_a_spawn_never_answered_fails_in_bounded_time_and_the_try_finds_its_call(md_emulator, monkeypatch):
-    """Every reply lost: the spawn gives up in bounded time; the same try, sent again (by another worker),
-    gets the call Modal made under the recorded key instead of a second one."""
-    monkeypatch.setattr(modal_call, "ATTEMPT_TIMEOUT", 0.5)
-    monkeypatch.setattr(modal_call, "TOTAL_TIMEOUT", 3.0)
-    hook = make_hook()
-    spec = make_spec(hook, _greet, "again", task_id="never_answered")
-    hook.submit(make_spec(hook, _greet, "warm", task_id="warm_again"))  # the app is deployed
-    before = len(md_emulator.calls)
-    md_emulator.lose_replies("FunctionMap", times=None)
-    try:
-        out = _within(15, hook.submit, spec)
-    finally:
-        md_emulator.clear_faults()
-    assert isinstance(out.get("error"), TimeoutError), out
-    assert len(md_emulator.calls) == before + 1  # Modal made the call once, however often it was asked
-    handle = make_hook().submit(spec)
+    if not lost:
+        assert isinstance(out.get("error"), TimeoutError), out
+        assert len(md_emulator.calls) == before + 1  # Modal made the call once, however often it was asked
+    handle = out["value"] if lost else make_hook().submit(spec)
     assert [call["id"] for call in md_emulator.calls[before:]] == [handle["job_id"]]
     assert run_trigger(hook, handle)["status"] == "succeeded"
 

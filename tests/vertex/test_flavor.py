@@ -79,30 +79,21 @@ def _chatty(lines: int) -> None:
     time.sleep(2.5)  # late lines arrive while the job still runs
 
 
-def test_log_lines_ingested_late_and_out_of_order_are_shown_once(vx_emulator):
+@pytest.mark.parametrize(("lines", "late"), [(15, (3, 1.0)), (3, (1, 4.0))], ids=["out_of_order", "after_the_end"])
+def test_log_lines_ingested_late_are_shown_once(vx_emulator, lines, late):
+    """Every third line reaching Cloud Logging a second late; or every line 4 s late, after the job has ended and
+    within the connection's log_settle_seconds (2 s) of its end."""
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _chatty, 15, task_id="late_logs"))
-    vx_emulator.late_logs = (3, 1.0)  # every third line reaches Cloud Logging a second late
+    handle = hook.submit(make_spec(hook, _chatty, lines, task_id=f"late_logs_{lines}"))
+    vx_emulator.late_logs = late
     try:
         event = run_trigger(hook, handle)
     finally:
         vx_emulator.late_logs = None
     assert event["status"] == "succeeded", event
     shown = [line for line in event["log_tail"] if line.startswith("line ")]
-    assert sorted(shown, key=lambda line: int(line.split()[1])) == [f"line {i}" for i in range(15)], shown
-
-
-def test_last_lines_ingested_after_the_job_ended_are_shown(vx_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _chatty, 3, task_id="late_last_lines"))
-    vx_emulator.late_logs = (1, 4.0)  # every line reaches Cloud Logging 4 s late, after the job has ended,
-    # and within the connection's log_settle_seconds (2 s) of its end
-    try:
-        event = run_trigger(hook, handle)
-    finally:
-        vx_emulator.late_logs = None
-    assert event["status"] == "succeeded", event
-    assert [line for line in event["log_tail"] if line.startswith("line ")] == ["line 0", "line 1", "line 2"]
+    in_order = shown if late[0] == 1 else sorted(shown, key=lambda line: int(line.split()[1]))
+    assert in_order == [f"line {i}" for i in range(lines)], shown
 
 
 def _count_runs(path: str) -> int:
