@@ -104,6 +104,17 @@ def sleep_then_return(seconds: float) -> str:
     return "done"
 
 
+def print_lines(lines: int, pause: float = 0.02, linger: float = 0.0) -> int:
+    """A step that prints ``line 0``, ``line 1``, ... ``pause`` s apart, then runs ``linger`` s more."""
+    import time
+
+    for i in range(lines):
+        print(f"line {i}", flush=True)
+        time.sleep(pause)
+    time.sleep(linger)
+    return lines
+
+
 def raise_value_error(value: int) -> None:
     raise ValueError(f"bad input {value}")
 

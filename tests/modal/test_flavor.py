@@ -23,7 +23,7 @@ from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.modal import ModalStepOperatorSettings
 
 from ..emulated import eventually
-from ..flavorjobs import hook_maker, make_spec, run_trigger, sleep_then_return, stored_ref
+from ..flavorjobs import hook_maker, make_spec, print_lines, run_trigger, sleep_then_return, stored_ref
 
 make_hook = hook_maker("modal")
 
@@ -372,21 +372,12 @@ def test_preemption_is_told_by_modals_status_not_by_words(md_emulator):
     assert event["status"] == "failed" and event["details"]["modal_status"] == "failure", event
 
 
-def _count(lines: int) -> int:
-    import time
-
-    for i in range(lines):
-        print(f"line {i}", flush=True)
-        time.sleep(0.02)
-    return lines
-
-
 def test_late_log_lines_are_neither_lost_nor_repeated(md_emulator):
     """Modal may take a line in after lines written later: followed by entry id, it still comes, once."""
     hook = make_hook()
     md_emulator.late_logs(every=3, seconds=0.3)
     try:
-        handle = hook.submit(make_spec(hook, _count, 60, task_id="late_logs"))
+        handle = hook.submit(make_spec(hook, print_lines, 60, task_id="late_logs"))
         lines: list[str] = []
         cursor = None
         for _ in range(10_000):  # as the trigger reads: while it runs, then until a read brings nothing

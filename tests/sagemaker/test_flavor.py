@@ -14,7 +14,15 @@ from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.runtime.protocol import FAILURE_MARKER
 from airflow_stepops.settings.sagemaker import SageMakerStepOperatorSettings
 
-from ..flavorjobs import hook_maker, make_spec, poll_together, raise_value_error, run_trigger, sleep_then_return
+from ..flavorjobs import (
+    hook_maker,
+    make_spec,
+    poll_together,
+    print_lines,
+    raise_value_error,
+    run_trigger,
+    sleep_then_return,
+)
 
 make_hook = hook_maker("sagemaker")
 
@@ -286,15 +294,6 @@ def test_a_lost_create_reply_resolves_to_the_one_job(sm_emulator, monkeypatch):
         assert run_trigger(hook, handle)["status"] == "succeeded"
 
 
-def _count(lines: int) -> str:
-    import time
-
-    for number in range(lines):
-        print(f"line {number}", flush=True)
-        time.sleep(0.04)
-    return "counted"
-
-
 def test_late_log_events_are_shown_once(sm_emulator):
     import asyncio
     from collections import Counter
@@ -302,7 +301,7 @@ def test_late_log_events_are_shown_once(sm_emulator):
     hook = make_hook()
     old = sm_emulator.configure(late_log_every=4, late_log_delay=1.2)
     try:
-        handle = hook.submit(make_spec(hook, _count, 80, task_id="late_logs"))
+        handle = hook.submit(make_spec(hook, print_lines, 80, 0.04, task_id="late_logs"))
         lines: list[str] = []
         cursor, done = None, 0
         while done < 3:  # until three reads after the job ended

@@ -17,7 +17,7 @@ from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.runtime.protocol import ENTRY_FILE, Env
 from airflow_stepops.settings.vertex import VertexStepOperatorSettings
 
-from ..flavorjobs import hook_maker, make_spec, poll_together, run_trigger, sleep_then_return, stored_ref
+from ..flavorjobs import hook_maker, make_spec, poll_together, print_lines, run_trigger, sleep_then_return, stored_ref
 
 make_hook = hook_maker("vertex")
 
@@ -70,21 +70,12 @@ def test_every_rendered_body_parses_into_the_proto():
     assert pool.container_spec.command[1] == env[Env.BUNDLE_PATH] + "/" + ENTRY_FILE
 
 
-def _chatty(lines: int) -> None:
-    import time
-
-    for i in range(lines):
-        print(f"line {i}", flush=True)
-        time.sleep(0.1)
-    time.sleep(2.5)  # late lines arrive while the job still runs
-
-
 @pytest.mark.parametrize(("lines", "late"), [(15, (3, 1.0)), (3, (1, 4.0))], ids=["out_of_order", "after_the_end"])
 def test_log_lines_ingested_late_are_shown_once(vx_emulator, lines, late):
-    """Every third line reaching Cloud Logging a second late; or every line 4 s late, after the job has ended and
-    within the connection's log_settle_seconds (2 s) of its end."""
+    """Every third line reaching Cloud Logging a second late (while the job still runs); or every line 4 s late,
+    after the job has ended and within the connection's log_settle_seconds (2 s) of its end."""
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _chatty, lines, task_id=f"late_logs_{lines}"))
+    handle = hook.submit(make_spec(hook, print_lines, lines, 0.1, 2.5, task_id=f"late_logs_{lines}"))
     vx_emulator.late_logs = late
     try:
         event = run_trigger(hook, handle)
