@@ -13,18 +13,19 @@ import time
 import pytest
 
 pytest.importorskip("kubernetes")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
+pytest.importorskip("kubernetes_validate")
 
-from airflow_stepops.artifacts import store_path  # noqa: E402
-from airflow_stepops.bundle import read_outcome  # noqa: E402
-from airflow_stepops.exceptions import StepOperatorConfigError  # noqa: E402
-from airflow_stepops.hooks import kubernetes_job as manifest  # noqa: E402
-from airflow_stepops.resources import ResourceSettings  # noqa: E402
-from airflow_stepops.runtime.protocol import OUTPUT_PREFIX, REF_MARKER, Env, staged_ref  # noqa: E402
-from airflow_stepops.settings.kubernetes import KubernetesStepOperatorSettings  # noqa: E402
-from airflow_stepops.testing.kubernetes import FAULT_ANNOTATION  # noqa: E402
+from airflow_stepops.artifacts import store_path
+from airflow_stepops.bundle import read_outcome
+from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.hooks import kubernetes_job as manifest
+from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.runtime.protocol import OUTPUT_PREFIX, REF_MARKER, Env, staged_ref
+from airflow_stepops.settings.kubernetes import KubernetesStepOperatorSettings
+from airflow_stepops.testing.kubernetes import FAULT_ANNOTATION
 
-from ..flavorjobs import hook_maker, make_spec, run_trigger, sleep_then_return  # noqa: E402
+from ..flavorjobs import hook_maker, make_spec, run_trigger, sleep_then_return
+from .conftest import validate_job
 
 make_hook = hook_maker("kubernetes")
 
@@ -34,14 +35,6 @@ NS = "steps"
 
 def _job(k8s, handle):
     return k8s.get_object("jobs", NS, handle["job_id"])
-
-
-def validate_job(job: dict) -> None:
-    """The Job as stored, minus server-set fields, against the Kubernetes 1.33 OpenAPI schema."""
-    body = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {
-        k: v for k, v in job["metadata"].items() if k in ("name", "namespace", "labels", "annotations")},
-        "spec": job["spec"]}
-    kubernetes_validate.validate(body, "1.33", strict=True)
 
 
 def _gone(k8s, handle, timeout=20.0) -> bool:
