@@ -178,9 +178,13 @@ def run_pipeline(dag: Any, flavor: str) -> tuple[Any, dict[str, Any], ArtifactRe
     return run, tis, ref, record
 
 
-def render(dag_id: str, task_id: str) -> dict[str, Any]:
-    """What ``stepops render`` prints for a task of the test DAGs (it must submit nothing)."""
+def render(emulator: Any, flavor: str, dag_id: str, task_id: str) -> dict[str, Any]:
+    """The request ``stepops render`` prints for a task of the test DAGs, one of ``flavor``: it must submit
+    nothing to the flavor's ``emulator``."""
+    before = set(emulator.job_ids)
     out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "render", dag_id, task_id],
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout[out.stdout.index("{"):])
+    body = json.loads(out.stdout[out.stdout.index("{"):])
+    assert body["flavor"] == flavor and set(emulator.job_ids) <= before, body
+    return body["request"]
