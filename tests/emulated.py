@@ -25,6 +25,19 @@ def eventually(probe: Callable[[], T], timeout: float = 30.0, what: str = "condi
     return found
 
 
+def gone(*pids: int) -> bool:
+    """Whether every one of these processes has ended (a zombie not reaped yet has too)."""
+    import psutil
+
+    def ended(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    return all(ended(pid) for pid in pids)
+
+
 @contextmanager
 def emulator_process(flavor: str, env_file: Path, *args: str, timeout: float = 60) -> Iterator[dict[str, str]]:
     """The environment it publishes (read as a shell reads the file) while it serves; on leaving, SIGTERM: it

@@ -14,7 +14,7 @@ import pytest
 
 from airflow_stepops.testing._kit import Emulator, FaultRule, spawn, stop_group
 
-from ..emulated import eventually
+from ..emulated import eventually, gone
 from ..flavorjobs import EMULATORS, make_hook, make_spec
 
 
@@ -24,15 +24,6 @@ def _add(a: int, b: int) -> int:
 
 def _sleep(seconds: float) -> None:
     time.sleep(seconds)
-
-
-def _dead(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        with open(f"/proc/{pid}/stat") as stat:  # a zombie not reaped yet is dead too
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (ProcessLookupError, FileNotFoundError):  # gone, or reaped while /proc was read
-        return True
 
 
 @pytest.fixture(params=sorted(EMULATORS))
@@ -70,7 +61,7 @@ def test_a_failure_strikes_a_running_job(flavor):
     assert isinstance(rule, FaultRule)
     emulator.wait_for_state(job, "failed", timeout=60)
     assert emulator.state(job) == "failed"
-    eventually(lambda: emulator.pids(job) == [] and _dead(pid), 30, f"the process of {job} to end")
+    eventually(lambda: emulator.pids(job) == [] and gone(pid), 30, f"the process of {job} to end")
 
 
 def test_a_failure_waits_for_the_next_job(flavor):
@@ -86,7 +77,7 @@ def test_a_preemption_strikes_a_running_job(flavor):
     job = submit(_sleep, 120)
     (pid,) = eventually(lambda: emulator.pids(job), 120, f"{job} to run")
     emulator.inject("preemption", job)
-    eventually(lambda: _dead(pid), 60, f"the process of {job} to be preempted")  # well before its 120 s
+    eventually(lambda: gone(pid), 60, f"the process of {job} to be preempted")  # well before its 120 s
     assert pid not in emulator.pids(job) and emulator.state(job) != "succeeded"
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ..emulated import emulator_process
+from ..emulated import emulator_process, gone
 
 pytest.importorskip("modal")
 
@@ -145,15 +145,6 @@ def raw_outputs(client, call_id: str) -> api_pb2.FunctionGetOutputsResponse:
 
 def count(emu, method: str) -> int:
     return emu.requests.count(method)
-
-
-def gone(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def running_pid(emu, call_id: str) -> int:

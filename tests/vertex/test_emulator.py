@@ -25,7 +25,7 @@ from google.cloud import aiplatform_v1
 
 from airflow_stepops.testing.vertex import VertexEmulator, without_boundary_lookup
 
-from ..emulated import emulator_process
+from ..emulated import emulator_process, gone
 
 BUCKET = "stepops-vertex-tests"
 STATE = aiplatform_v1.JobState
@@ -140,15 +140,6 @@ def running_pid(emu, job: str) -> int:
     pid = emu.pid(job)
     assert pid is not None
     return pid
-
-
-def gone(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 # ----- auth ---------------------------------------------------------------------------------------------
