@@ -95,30 +95,6 @@ def stored_ref(hook: StepOperatorHook, value: Any, local: Path | None = None) ->
                        sha256=hashlib.sha256(data).hexdigest())
 
 
-def sleep_then_return(seconds: float) -> str:
-    """A step that says so, sleeps ``seconds``, then returns ``done``."""
-    import time
-
-    print("sleeping", flush=True)
-    time.sleep(seconds)
-    return "done"
-
-
-def print_lines(lines: int, pause: float = 0.02, linger: float = 0.0) -> int:
-    """A step that prints ``line 0``, ``line 1``, ... ``pause`` s apart, then runs ``linger`` s more."""
-    import time
-
-    for i in range(lines):
-        print(f"line {i}", flush=True)
-        time.sleep(pause)
-    time.sleep(linger)
-    return lines
-
-
-def raise_value_error(value: int) -> None:
-    raise ValueError(f"bad input {value}")
-
-
 async def poll_together(hook: StepOperatorHook, handles: list[JobHandle], rounds: int = 60) -> list[list[Any]]:
     """Poll the jobs as a triggerer's shared poller does (``aget_statuses`` of one hook, every 0.5 s) until all
     are over; the statuses of every round."""

@@ -13,7 +13,8 @@ from airflow_stepops.hooks.base import JobState
 from airflow_stepops.hooks.kubernetes_job import STEP_LABEL
 
 from .emulated import eventually
-from .flavorjobs import EMULATORS, make_hook, make_spec, raise_value_error, run_trigger, sleep_then_return
+from .flavorjobs import EMULATORS, make_hook, make_spec, run_trigger
+from .steps import raise_value_error, sleep_then_return
 
 REMOTE = sorted(EMULATORS)
 

@@ -18,23 +18,17 @@ from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.runtime.protocol import staged_ref
 from airflow_stepops.settings.azureml import AzureMLStepOperatorSettings
 
-from ..flavorjobs import hook_maker, make_spec, run_trigger, sleep_then_return, stored_ref
+from ..flavorjobs import hook_maker, make_spec, run_trigger, stored_ref
+from ..steps import greet, sleep_then_return
 
 make_hook = hook_maker("azureml")
 
 pytestmark = pytest.mark.usefixtures("az_emulator")
 
 
-def _greet(name: str) -> dict:
-    import os
-
-    print("hello", name, "from", os.environ["STEPOPS_FLAVOR"], flush=True)
-    return {"greeting": f"hi {name}", "bundle": os.environ["STEPOPS_BUNDLE_PATH"]}
-
-
 def test_step_runs_as_a_command_job_with_logs_and_result(az_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _greet, "ada", task_id="greet",
+    handle = hook.submit(make_spec(hook, greet, "ada", task_id="greet",
                                    resources=ResourceSettings(gpu_type="T4", memory="16GB")))
     event = run_trigger(hook, handle)
     assert event["status"] == "succeeded", event
@@ -113,13 +107,13 @@ def test_every_rendered_job_passes_the_sdk_validation(az_emulator):
         (cluster, {"settings": AzureMLStepOperatorSettings(compute_target_name="", job_tier="Premium")}),
     ]
     for index, (h, kwargs) in enumerate(cases):
-        spec = make_spec(h, _greet, "x", task_id=f"render_{index}", **kwargs)
+        spec = make_spec(h, greet, "x", task_id=f"render_{index}", **kwargs)
         job = h.build_job(spec)
         assert job._validate(raise_error=True).passed
         body = h.render(spec)
         assert body["name"] == job.name and body["properties"]["jobType"] == "Command"
         assert Job._from_rest_object(to_rest_job_object(h.build_job(spec, resolved=True))).name == job.name
-    first = make_spec(hook, _greet, "x", task_id="render_0", **cases[0][1])
+    first = make_spec(hook, greet, "x", task_id="render_0", **cases[0][1])
     props = hook.render(first)["properties"]
     assert props["resources"] == {"instanceCount": 1, "instanceType": "Standard_NC24ads_A100_v4", "shmSize": "16g",
                                   "properties": {}}
@@ -127,7 +121,7 @@ def test_every_rendered_job_passes_the_sdk_validation(az_emulator):
     assert props["environmentVariables"]["MODE"] == "train" and props["experimentName"] == "exp-1"
     assert props["environmentId"].endswith("/environments/CliV2AnonymousEnvironment/versions/" +
                                            props["environmentId"].rsplit("/", 1)[-1])
-    on_cluster = cluster.render(make_spec(cluster, _greet, "x", task_id="render_2", **cases[2][1]))["properties"]
+    on_cluster = cluster.render(make_spec(cluster, greet, "x", task_id="render_2", **cases[2][1]))["properties"]
     assert on_cluster["computeId"].endswith("/computes/cpu-cluster") and "instanceType" not in on_cluster["resources"]
 
 
@@ -135,7 +129,7 @@ def test_sdk_validation_refuses_a_broken_job(az_emulator):
     from azure.ai.ml.entities import QueueSettings
 
     hook = make_hook()
-    spec = make_spec(hook, _greet, "x", task_id="broken")
+    spec = make_spec(hook, greet, "x", task_id="broken")
     job = hook.build_job(spec)
     job.queue_settings = QueueSettings(job_tier="bogus")
     with pytest.raises(StepOperatorConfigError, match=r"the Azure ML command job is invalid: .*'bogus'"):
@@ -204,7 +198,7 @@ def test_a_create_whose_replies_are_lost_ends_with_one_job_and_its_handle(az_emu
     from airflow_stepops.hooks.azureml_job import job_name
 
     hook = make_hook("az_impatient", monkeypatch=monkeypatch, api_timeout_seconds=2, api_max_attempts=2)
-    spec = make_spec(hook, _greet, "lost", task_id="lost_reply")
+    spec = make_spec(hook, greet, "lost", task_id="lost_reply")
     name = job_name(spec.identity)
     fault = az_emulator.lose_replies("hang", times=None, method="PUT", path_contains=f"/jobs/{name}", hang_seconds=90)
     result: dict = {}
@@ -224,9 +218,9 @@ def test_a_job_of_another_step_with_the_name_is_not_taken(az_emulator, monkeypat
     from airflow_stepops.hooks import azureml_job
 
     hook = make_hook()
-    spec = make_spec(hook, _greet, "x", task_id="name_clash")
+    spec = make_spec(hook, greet, "x", task_id="name_clash")
     taken = hook.submit(spec)
-    other = make_spec(hook, _greet, "y", task_id="name_clash_other")
+    other = make_spec(hook, greet, "y", task_id="name_clash_other")
     monkeypatch.setattr("airflow_stepops.hooks.azureml.job_name", lambda identity: taken["job_id"])
     assert azureml_job.job_name(other.identity) != taken["job_id"]
     with pytest.raises(StepOperatorConfigError, match="belongs to another step"):
@@ -253,7 +247,7 @@ def test_artifact_refs_in_the_store_are_job_inputs_others_are_staged(az_emulator
 
 def test_abfs_store_on_a_cluster(az_emulator):
     hook = make_hook("azureml_cluster_step_operator")
-    handle = hook.submit(make_spec(hook, _greet, "bo", task_id="cluster"))
+    handle = hook.submit(make_spec(hook, greet, "bo", task_id="cluster"))
     assert handle["compute"] == "cpu-cluster" and not handle["spot"]
     assert run_trigger(hook, handle)["status"] == "succeeded"
     assert read_outcome(store_path(handle["output_uri"])).value["greeting"] == "hi bo"
@@ -279,7 +273,7 @@ def test_config_errors_are_clear_and_nothing_is_submitted(az_emulator, monkeypat
     before = len(az_emulator.jobs)
     with pytest.raises(StepOperatorConfigError, match=message):
         good = make_hook()
-        spec = make_spec(good, _greet, "x", task_id="bad_config")
+        spec = make_spec(good, greet, "x", task_id="bad_config")
         spec.bundle_uri = str(spec.identity.prefix(hook.artifact_root()) / "bundle")
         spec.output_uri = str(spec.identity.prefix(hook.artifact_root()) / "output")
         hook.submit(spec)
@@ -292,10 +286,10 @@ def test_what_azure_ml_refuses_is_refused_before_submitting_and_long_labels_fit(
     before = len(az_emulator.jobs)
     many = AzureMLStepOperatorSettings(tags={f"t{i}": "v" for i in range(45)})  # + team + 6 identity tags
     with pytest.raises(StepOperatorConfigError, match=r"make 52; an Azure ML job takes at most 50"):
-        make_spec(hook, _greet, "x", task_id="many_tags", settings=many)
+        make_spec(hook, greet, "x", task_id="many_tags", settings=many)
     assert len(az_emulator.jobs) == before
     long_dag = "7" + "d" * 199  # a leading digit: the name gets a "step-" prefix, and keeps its digest
-    spec = make_spec(hook, _greet, "x", task_id="t" * 100, dag_id=long_dag)
+    spec = make_spec(hook, greet, "x", task_id="t" * 100, dag_id=long_dag)
     handle = hook.submit(spec)
     job = az_emulator.job(handle["job_id"])
     assert len(handle["job_id"]) == 255 and handle["job_id"].endswith(f"-t1-{spec.identity.digest[:10]}")
@@ -307,12 +301,12 @@ def test_job_tier_with_a_cluster_is_refused_before_submitting(az_emulator):
     hook = make_hook("azureml_cluster_step_operator")
     with pytest.raises(StepOperatorConfigError, match=r"job_tier=Spot: job tiers are for serverless compute, but "
                                                       r"the step runs on the compute target 'cpu-cluster'"):
-        make_spec(hook, _greet, "x", task_id="tier_cluster", settings=AzureMLStepOperatorSettings(job_tier="Spot"))
+        make_spec(hook, greet, "x", task_id="tier_cluster", settings=AzureMLStepOperatorSettings(job_tier="Spot"))
 
 
 def test_cluster_too_small_for_the_resources(az_emulator):
     hook = make_hook("azureml_cluster_step_operator")
-    spec = make_spec(hook, _greet, "x", task_id="small_cluster", resources=ResourceSettings(gpu_count=1))
+    spec = make_spec(hook, greet, "x", task_id="small_cluster", resources=ResourceSettings(gpu_count=1))
     with pytest.raises(StepOperatorConfigError, match=r"'cpu-cluster' runs on Standard_DS3_v2 .* does not have"):
         hook.submit(spec)
 

@@ -24,7 +24,8 @@ from airflow_stepops.runtime.protocol import OUTPUT_PREFIX, REF_MARKER, Env, sta
 from airflow_stepops.settings.kubernetes import KubernetesStepOperatorSettings
 from airflow_stepops.testing.kubernetes import FAULT_ANNOTATION
 
-from ..flavorjobs import hook_maker, make_spec, run_trigger, sleep_then_return
+from ..flavorjobs import hook_maker, make_spec, run_trigger
+from ..steps import sleep_then_return
 from .conftest import validate_job
 
 make_hook = hook_maker("kubernetes")

@@ -23,7 +23,8 @@ from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.modal import ModalStepOperatorSettings
 
 from ..emulated import eventually
-from ..flavorjobs import hook_maker, make_spec, print_lines, run_trigger, sleep_then_return, stored_ref
+from ..flavorjobs import hook_maker, make_spec, run_trigger, stored_ref
+from ..steps import print_lines, sleep_then_return
 
 make_hook = hook_maker("modal")
 

@@ -14,36 +14,22 @@ from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.runtime.protocol import FAILURE_MARKER
 from airflow_stepops.settings.sagemaker import SageMakerStepOperatorSettings
 
-from ..flavorjobs import (
-    hook_maker,
-    make_spec,
-    poll_together,
-    print_lines,
-    raise_value_error,
-    run_trigger,
-    sleep_then_return,
-)
+from ..flavorjobs import hook_maker, make_spec, poll_together, run_trigger
+from ..steps import greet, print_lines, raise_value_error, sleep_then_return
 
 make_hook = hook_maker("sagemaker")
 
 pytestmark = pytest.mark.usefixtures("sm_emulator")
 
 
-def _greet(name: str) -> dict:
-    import os
-
-    print("hello", name, "from", os.environ["STEPOPS_FLAVOR"], flush=True)
-    return {"greeting": f"hi {name}"}
-
-
 def test_step_runs_as_a_training_job_with_logs_and_result(sm_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _greet, "ada", task_id="greet",
+    handle = hook.submit(make_spec(hook, greet, "ada", task_id="greet",
                                    resources=ResourceSettings(cpu_count=2, memory="4GiB")))
     event = run_trigger(hook, handle)
     assert event["status"] == "succeeded", event
     assert "hello ada from sagemaker" in event["log_tail"]
-    assert read_outcome(store_path(handle["output_uri"])).value == {"greeting": "hi ada"}
+    assert read_outcome(store_path(handle["output_uri"])).value["greeting"] == "hi ada"
     job = sm_emulator.describe(handle["job_id"])
     assert job["ResourceConfig"]["InstanceType"] == "ml.m5.large"  # the connection's default
     assert hook.console_url(handle).endswith(f"#/jobs/{handle['job_id']}")
@@ -95,7 +81,7 @@ def test_mark_failed_while_a_log_client_is_being_made_still_stops_the_job(sm_emu
 
 def test_insufficient_capacity_is_preemption(sm_emulator):
     hook = make_hook()
-    spec = make_spec(hook, _greet, "x", task_id="capacity")
+    spec = make_spec(hook, greet, "x", task_id="capacity")
     sm_emulator.inject("insufficient_capacity", job=f"sm-tests-capacity-t1-{spec.identity.digest[:10]}")
     event = run_trigger(hook, hook.submit(spec))
     assert event["status"] == "preempted" and "CapacityError" in event["message"], event
@@ -156,7 +142,7 @@ def test_a_missing_region_is_a_clear_error(monkeypatch):
         "artifact_store": "s3://stepops-tests/artifacts"}}))
     hook = make_hook("sm_no_region")
     with pytest.raises(StepOperatorConfigError, match="region_name: step operator 'sm_no_region' has no AWS region"):
-        hook.submit(make_spec(hook, _greet, "x", task_id="no_region"))
+        hook.submit(make_spec(hook, greet, "x", task_id="no_region"))
 
 
 def test_shared_polling_describes_only_jobs_that_changed(sm_emulator):
@@ -238,10 +224,10 @@ def test_requests_sagemaker_refuses_are_refused_before_submitting(sm_emulator, m
         SageMakerStepOperatorSettings(tags={"team": "ml~infra"})  # at parse time already
     bad = SageMakerStepOperatorSettings.model_construct(tags={"team": "ml~infra"})  # the request check still holds
     with pytest.raises(StepOperatorConfigError, match=r"Tags\[\d+\]\.Value: 'ml~infra' does not match the pattern"):
-        hook.render(make_spec(hook, _greet, "x", task_id="bad_tag", settings=bad))
+        hook.render(make_spec(hook, greet, "x", task_id="bad_tag", settings=bad))
     too_many = make_hook("sm_tagged", monkeypatch=monkeypatch, tags={f"c{i}": "v" for i in range(30)})
     with pytest.raises(StepOperatorConfigError, match="tags: SageMaker allows 50 tags a job and 6 are the step's"):
-        too_many.render(make_spec(too_many, _greet, "x", task_id="tags", settings=SageMakerStepOperatorSettings(
+        too_many.render(make_spec(too_many, greet, "x", task_id="tags", settings=SageMakerStepOperatorSettings(
             tags={f"s{i}": "v" for i in range(20)})))
 
 
@@ -251,7 +237,7 @@ def test_identity_tags_are_valid_tag_values(sm_emulator):
     from airflow_stepops.bundle import StepIdentity
 
     hook = make_hook()
-    spec = make_spec(hook, _greet, "tilde", task_id="tilde_run")
+    spec = make_spec(hook, greet, "tilde", task_id="tilde_run")
     identity = StepIdentity(spec.identity.dag_id, "manual__2026-12-07~retry", "tilde_run", -1, 1)
     handle = hook.submit(dataclasses.replace(spec, identity=identity))
     tags = {t["Key"]: t["Value"] for t in sm_emulator.client("sagemaker").list_tags(
@@ -271,7 +257,7 @@ def test_identity_is_never_assumed(sm_emulator):
     with pytest.raises(StepOperatorConfigError, match="list the tags .* AccessDeniedException"):
         hook.find_job(spec.identity)  # not "ours" for want of tags, nor "not ours"
     hook.cancel(handle)
-    stranger = make_spec(hook, _greet, "x", task_id="stranger")
+    stranger = make_spec(hook, greet, "x", task_id="stranger")
     request = hook.render(stranger)
     sm_emulator.client("sagemaker").create_training_job(**{**request, "Tags": [{"Key": "team", "Value": "other"}]})
     assert job_name(stranger.identity) == request["TrainingJobName"]
@@ -282,7 +268,7 @@ def test_identity_is_never_assumed(sm_emulator):
 def test_a_lost_create_reply_resolves_to_the_one_job(sm_emulator, monkeypatch):
     hook = make_hook("sm_fast", monkeypatch=monkeypatch, api_timeout_seconds=1, api_max_attempts=2)
     for index, lost in enumerate((1, None)):  # a retry meets the job (ResourceInUse); every reply lost
-        spec = make_spec(hook, _greet, "lost", task_id=f"lost_reply_{index}")
+        spec = make_spec(hook, greet, "lost", task_id=f"lost_reply_{index}")
         fault = sm_emulator.lose_replies("CreateTrainingJob", count=lost, hold=20)
         started = time.monotonic()
         try:

@@ -17,23 +17,17 @@ from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.runtime.protocol import ENTRY_FILE, Env
 from airflow_stepops.settings.vertex import VertexStepOperatorSettings
 
-from ..flavorjobs import hook_maker, make_spec, poll_together, print_lines, run_trigger, sleep_then_return, stored_ref
+from ..flavorjobs import hook_maker, make_spec, poll_together, run_trigger, stored_ref
+from ..steps import greet, print_lines, sleep_then_return
 
 make_hook = hook_maker("vertex")
 
 pytestmark = pytest.mark.usefixtures("vx_emulator")
 
 
-def _greet(name: str) -> dict:
-    import os
-
-    print("hello", name, "from", os.environ["STEPOPS_FLAVOR"], flush=True)
-    return {"greeting": f"hi {name}", "bundle": os.environ["STEPOPS_BUNDLE_PATH"]}
-
-
 def test_step_runs_as_a_custom_job_with_logs_and_result(vx_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _greet, "ada", task_id="greet",
+    handle = hook.submit(make_spec(hook, greet, "ada", task_id="greet",
                                    resources=ResourceSettings(gpu_type="L4", memory="16GB")))
     event = run_trigger(hook, handle)
     assert event["status"] == "succeeded", event
@@ -53,7 +47,7 @@ def test_every_rendered_body_parses_into_the_proto():
     from google.cloud.aiplatform_v1.types import CustomJob
 
     hook = make_hook()
-    spec = make_spec(hook, _greet, "x", task_id="render", timeout_seconds=600,
+    spec = make_spec(hook, greet, "x", task_id="render", timeout_seconds=600,
                      settings=VertexStepOperatorSettings(machine_type="n1-standard-8", accelerator_type="T4",
                                                          accelerator_count=2, use_spot=True, disk_size_gb=200,
                                                          boot_disk_type="pd-standard", labels={"cost": "r_d"}))
@@ -142,7 +136,7 @@ def test_outcomes_come_from_error_codes_not_from_message_words(vx_emulator):
 
 def test_stockout_is_preemption(vx_emulator):
     hook = make_hook()
-    spec = make_spec(hook, _greet, "x", task_id="stockout")
+    spec = make_spec(hook, greet, "x", task_id="stockout")
     vx_emulator.inject("stockout")
     event = run_trigger(hook, hook.submit(spec))
     assert event["status"] == "preempted" and event["details"]["reason"] == "capacity", event
@@ -151,7 +145,7 @@ def test_stockout_is_preemption(vx_emulator):
 @pytest.mark.parametrize("held", [0.0, 20.0], ids=["connection_dropped", "reply_never_sent"])
 def test_a_lost_create_reply_finds_the_job_instead_of_hanging_or_creating_another(vx_emulator, monkeypatch, held):
     hook = make_hook("vx_fast_timeout", monkeypatch=monkeypatch, api_timeout_seconds=1)
-    spec = make_spec(hook, _greet, "lost", task_id=f"lost_reply_{int(held)}")
+    spec = make_spec(hook, greet, "lost", task_id=f"lost_reply_{int(held)}")
     vx_emulator.inject("lost_create_reply", duration=held)
     vx_emulator.list_lag = 1.5  # and the new job shows up in lists only a while later
     try:
@@ -188,7 +182,7 @@ def test_missing_project_is_a_clear_error(monkeypatch, vx_emulator):
     monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
     hook = make_hook("vx_no_project")
     with pytest.raises(StepOperatorConfigError, match="project: step operator 'vx_no_project' has no GCP project"):
-        hook.submit(make_spec(hook, _greet, "x", task_id="no_project"))
+        hook.submit(make_spec(hook, greet, "x", task_id="no_project"))
 
 
 def test_shared_polling_lists_instead_of_reading_every_job(vx_emulator):
