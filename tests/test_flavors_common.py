@@ -115,4 +115,5 @@ def test_operator_side_cancel_and_status(flavor, emulator):
     if flavor != "modal":  # a job that is not there is a failure
         key = "name" if flavor == "vertex" else "job_id"
         other = handle[key][:-1] + ("1" if handle[key].endswith("0") else "0")
-        assert hook.get_status({**handle, key: other}).state is JobState.FAILED
+        missing = hook.get_status({**handle, key: other})
+        assert missing.state is JobState.FAILED and missing.details["reason"] == "job_missing", missing
