@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -23,6 +23,27 @@ def eventually(probe: Callable[[], T], timeout: float = 30.0, what: str = "condi
         assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
         time.sleep(0.05)
     return found
+
+
+def running_pid(emulator: Any, job_id: str) -> int:
+    """The job's process, once it runs."""
+    emulator.wait_for_state(job_id, "running")
+    pid = emulator.pid(job_id)
+    assert pid is not None
+    return pid
+
+
+def gone(*pids: int) -> bool:
+    """Whether every one of these processes has ended (a zombie not reaped yet has too)."""
+    import psutil
+
+    def ended(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    return all(ended(pid) for pid in pids)
 
 
 @contextmanager

@@ -4,7 +4,9 @@ deferred task does (its trigger). The flavor comes from the hook; the connection
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -12,7 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from airflow_stepops.artifacts import store_path
+from airflow_stepops.artifacts import ArtifactRef, store_path
 from airflow_stepops.bundle import StepIdentity, build_meta, pickle_payload, write_bundle
 from airflow_stepops.flavors import get_flavor
 from airflow_stepops.hooks.base import JobHandle, StepOperatorHook, StepSpec
@@ -23,9 +25,25 @@ from airflow_stepops.settings.base import BaseStepOperatorSettings
 FLAVORS = {"kubernetes": ("k8s_tests", "k8s_step_operator"), "sagemaker": ("sm_tests", "sagemaker_step_operator"),
            "vertex": ("vx_tests", "vertex_step_operator"), "azureml": ("az_tests", "azureml_step_operator"),
            "modal": ("md_tests", "modal_step_operator")}
+#: flavor -> the session fixture of its emulator (tests/conftest.py)
+EMULATORS = {"kubernetes": "k8s_emulator", "sagemaker": "sm_emulator", "vertex": "vx_emulator",
+             "azureml": "az_emulator", "modal": "md_emulator"}
 
 
-def make_hook(flavor: str, conn_id: str | None = None) -> Any:
+def connection_like(monkeypatch: Any, conn_id: str, like: str, **extra: Any) -> str:
+    """Register the step operator ``conn_id``: the connection ``like`` with ``extra`` over its extras (None drops
+    one)."""
+    conn = json.loads(os.environ[f"AIRFLOW_CONN_{like.upper()}"])
+    conn["extra"] = {k: v for k, v in {**conn["extra"], **extra}.items() if v is not None}
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(conn))
+    return conn_id
+
+
+def make_hook(flavor: str, conn_id: str | None = None, monkeypatch: Any = None, like: str = "", **extra: Any) -> Any:
+    """The hook of ``flavor``'s test step operator, or of ``conn_id``: given ``monkeypatch``, registered first as
+    the connection ``like`` (the flavor's) with ``extra`` over its extras."""
+    if monkeypatch is not None:
+        connection_like(monkeypatch, str(conn_id), like or FLAVORS[flavor][1], **extra)
     return get_flavor(flavor).hook()(step_operator_conn_id=conn_id or FLAVORS[flavor][1])
 
 
@@ -53,17 +71,28 @@ def make_spec(hook: StepOperatorHook, fn: Callable[..., Any], *args: Any, task_i
     return spec
 
 
-def sleep_then_return(seconds: float) -> str:
-    """A step that says so, sleeps ``seconds``, then returns ``done``."""
-    import time
+def declare(flavor: str, **kwargs: Any) -> None:
+    """Declare a step task of ``flavor`` as a DAG file does: errors here are DAG parse (import) errors."""
+    from airflow.sdk import DAG, task
 
-    print("sleeping", flush=True)
-    time.sleep(seconds)
-    return "done"
+    with DAG(f"{flavor}_parse_checks", schedule=None):
+        @task.step_operator(step_operator=FLAVORS[flavor][1], **kwargs)
+        def step() -> None:
+            pass
+
+        step()
 
 
-def raise_value_error(value: int) -> None:
-    raise ValueError(f"bad input {value}")
+def stored_ref(hook: StepOperatorHook, value: Any, local: Path | None = None) -> ArtifactRef:
+    """``value`` as an artifact an earlier step left in the hook's artifact store, or at a ``local`` path."""
+    import cloudpickle
+
+    path = local or store_path(make_spec(hook, int, task_id="ref_source").output_uri).parent / "ref.pkl"
+    data = cloudpickle.dumps(value)
+    path.write_bytes(data)
+    return ArtifactRef(uri=f"file://{path}" if local else str(path), size=len(data),
+                       type=f"{type(value).__module__}.{type(value).__qualname__}",
+                       sha256=hashlib.sha256(data).hexdigest())
 
 
 async def poll_together(hook: StepOperatorHook, handles: list[JobHandle], rounds: int = 60) -> list[list[Any]]:
@@ -95,22 +124,43 @@ def run_trigger(hook: StepOperatorHook, handle: JobHandle, *, deadline: float | 
     return payload
 
 
-def run_example(name: str) -> tuple[Any, dict[str, Any]]:
-    """``dags_examples/<name>.py`` run by Airflow's ``dag.test()``, which must succeed: the run and its task
-    instances."""
+def run_example(name: str, **returns: Any) -> tuple[Any, dict[str, Any]]:
+    """``dags_examples/<name>.py`` run by Airflow's ``dag.test()``, which must succeed, each task named in
+    ``returns`` returning that: the run and its task instances."""
     from airflow_stepops._compat import dagbag_class
 
-    from .unit.test_operator import _run
+    from .unit.test_operator import _run, _xcom
 
     examples = Path(__file__).resolve().parents[1] / "dags_examples"
     run, tis = _run(dagbag_class()(dag_folder=str(examples / f"{name}.py")).get_dag(name))
     assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert {task_id: _xcom(tis[task_id]) for task_id in returns} == returns
     return run, tis
 
 
-def render(dag_id: str, task_id: str) -> dict[str, Any]:
-    """What ``stepops render`` prints for a task of the test DAGs (it must submit nothing)."""
+def run_pipeline(dag: Any, flavor: str) -> tuple[Any, dict[str, Any], ArtifactRef, dict[str, Any]]:
+    """A pipeline of tests/dags/flavor_pipelines.py run by ``dag.test()``, which must compute what it computes,
+    its model handed on as an artifact, its ``train`` step run by ``flavor``: the run, its task instances, that
+    artifact and the job record of ``train``."""
+    from .unit.test_operator import _run, _xcom
+
+    run, tis = _run(dag)
+    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert _xcom(tis["report"]) == {"total": 18, "model": [1, 2, 3], "doubled": [2, 10]}
+    ref = _xcom(tis["train"], key="model")
+    assert ref.type == "builtins.frozenset" and ref.load() == frozenset({1, 2, 3})
+    record = _xcom(tis["train"], key="stepops_job")
+    assert record["flavor"] == flavor, record
+    return run, tis, ref, record
+
+
+def render(emulator: Any, flavor: str, dag_id: str, task_id: str) -> dict[str, Any]:
+    """The request ``stepops render`` prints for a task of the test DAGs, one of ``flavor``: it must submit
+    nothing to the flavor's ``emulator``."""
+    before = set(emulator.job_ids)
     out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "render", dag_id, task_id],
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout[out.stdout.index("{"):])
+    body = json.loads(out.stdout[out.stdout.index("{"):])
+    assert body["flavor"] == flavor and set(emulator.job_ids) <= before, body
+    return body["request"]

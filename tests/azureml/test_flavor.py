@@ -3,7 +3,6 @@ real job processes reading the bundle input and writing the output through Azuri
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 
@@ -11,7 +10,7 @@ import pytest
 
 pytest.importorskip("azure.ai.ml")
 
-from airflow_stepops.artifacts import ArtifactRef, store_path
+from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import read_outcome, replace_refs
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks.base import JobState
@@ -19,23 +18,17 @@ from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.runtime.protocol import staged_ref
 from airflow_stepops.settings.azureml import AzureMLStepOperatorSettings
 
-from ..flavorjobs import hook_maker, make_spec, raise_value_error, run_trigger, sleep_then_return
+from ..flavorjobs import hook_maker, make_spec, run_trigger, stored_ref
+from ..steps import greet, sleep_then_return
 
 make_hook = hook_maker("azureml")
 
 pytestmark = pytest.mark.usefixtures("az_emulator")
 
 
-def _greet(name: str) -> dict:
-    import os
-
-    print("hello", name, "from", os.environ["STEPOPS_FLAVOR"], flush=True)
-    return {"greeting": f"hi {name}", "bundle": os.environ["STEPOPS_BUNDLE_PATH"]}
-
-
 def test_step_runs_as_a_command_job_with_logs_and_result(az_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _greet, "ada", task_id="greet",
+    handle = hook.submit(make_spec(hook, greet, "ada", task_id="greet",
                                    resources=ResourceSettings(gpu_type="T4", memory="16GB")))
     event = run_trigger(hook, handle)
     assert event["status"] == "succeeded", event
@@ -114,13 +107,13 @@ def test_every_rendered_job_passes_the_sdk_validation(az_emulator):
         (cluster, {"settings": AzureMLStepOperatorSettings(compute_target_name="", job_tier="Premium")}),
     ]
     for index, (h, kwargs) in enumerate(cases):
-        spec = make_spec(h, _greet, "x", task_id=f"render_{index}", **kwargs)
+        spec = make_spec(h, greet, "x", task_id=f"render_{index}", **kwargs)
         job = h.build_job(spec)
         assert job._validate(raise_error=True).passed
         body = h.render(spec)
         assert body["name"] == job.name and body["properties"]["jobType"] == "Command"
         assert Job._from_rest_object(to_rest_job_object(h.build_job(spec, resolved=True))).name == job.name
-    first = make_spec(hook, _greet, "x", task_id="render_0", **cases[0][1])
+    first = make_spec(hook, greet, "x", task_id="render_0", **cases[0][1])
     props = hook.render(first)["properties"]
     assert props["resources"] == {"instanceCount": 1, "instanceType": "Standard_NC24ads_A100_v4", "shmSize": "16g",
                                   "properties": {}}
@@ -128,7 +121,7 @@ def test_every_rendered_job_passes_the_sdk_validation(az_emulator):
     assert props["environmentVariables"]["MODE"] == "train" and props["experimentName"] == "exp-1"
     assert props["environmentId"].endswith("/environments/CliV2AnonymousEnvironment/versions/" +
                                            props["environmentId"].rsplit("/", 1)[-1])
-    on_cluster = cluster.render(make_spec(cluster, _greet, "x", task_id="render_2", **cases[2][1]))["properties"]
+    on_cluster = cluster.render(make_spec(cluster, greet, "x", task_id="render_2", **cases[2][1]))["properties"]
     assert on_cluster["computeId"].endswith("/computes/cpu-cluster") and "instanceType" not in on_cluster["resources"]
 
 
@@ -136,7 +129,7 @@ def test_sdk_validation_refuses_a_broken_job(az_emulator):
     from azure.ai.ml.entities import QueueSettings
 
     hook = make_hook()
-    spec = make_spec(hook, _greet, "x", task_id="broken")
+    spec = make_spec(hook, greet, "x", task_id="broken")
     job = hook.build_job(spec)
     job.queue_settings = QueueSettings(job_tier="bogus")
     with pytest.raises(StepOperatorConfigError, match=r"the Azure ML command job is invalid: .*'bogus'"):
@@ -145,16 +138,6 @@ def test_sdk_validation_refuses_a_broken_job(az_emulator):
     job.command = None
     with pytest.raises(StepOperatorConfigError, match=r"the Azure ML command job is invalid: .*command"):
         hook.validate(job)
-
-
-def test_remote_exception_fails_the_step(az_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, raise_value_error, 7, task_id="raises"))
-    event = run_trigger(hook, handle)
-    assert event["status"] == "failed", event
-    assert "exited with status code 1" in event["message"]
-    assert any("ValueError: bad input 7" in line for line in event["log_tail"])
-    assert "bad input 7" in str(read_outcome(store_path(handle["output_uri"])).error)
 
 
 def _raise_timeout() -> None:
@@ -177,29 +160,6 @@ def test_a_user_error_that_speaks_of_timeouts_or_preemption_stays_a_failure(az_e
     assert fn.__name__ != "_raise_timeout" or "timed out" in str(read_outcome(store_path(handle["output_uri"])).error)
 
 
-def test_operator_side_cancel_and_status(az_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, sleep_then_return, 120, task_id="sync_cancel"))
-    az_emulator.wait_for_status(handle["job_id"], "Running")
-    assert hook.get_status(handle).state is JobState.RUNNING
-    hook.cancel(handle)
-    az_emulator.wait_for_status(handle["job_id"], "Canceled")
-    assert hook.get_status(handle).state is JobState.CANCELLED and az_emulator.pids(handle["job_id"]) == []
-    hook.cancel(handle)  # already finished: quiet
-    status = hook.get_status({**handle, "job_id": handle["job_id"] + "-gone"})
-    assert status.state is JobState.FAILED and status.details["reason"] == "job_missing"
-
-
-def test_max_runtime_is_a_timeout(az_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, sleep_then_return, 60, task_id="deadline",
-                                   settings=AzureMLStepOperatorSettings(max_runtime_in_seconds=2)))
-    event = run_trigger(hook, handle)
-    assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
-    job = az_emulator.job(handle["job_id"])
-    assert job["properties"]["limits"]["timeout"] == "PT2S" and job["status"] == "Canceled" and not job["error"]
-
-
 def test_spot_preemption_is_preemption(az_emulator):
     hook = make_hook()
     spec = make_spec(hook, sleep_then_return, 60, task_id="spot", settings=AzureMLStepOperatorSettings(job_tier="Spot"))
@@ -212,12 +172,8 @@ def test_spot_preemption_is_preemption(az_emulator):
 
 
 def test_low_priority_cluster_preemption_is_preemption(az_emulator, monkeypatch):
-    import os
-
-    extra = json.loads(os.environ["AIRFLOW_CONN_AZUREML_CLUSTER_STEP_OPERATOR"])["extra"]
-    monkeypatch.setenv("AIRFLOW_CONN_AZ_LOWPRI", json.dumps({"conn_type": "stepops_azureml", "extra": {
-        **extra, "compute_target_name": "lowpri-cluster"}}))
-    hook = make_hook("az_lowpri")
+    hook = make_hook("az_lowpri", monkeypatch=monkeypatch, like="azureml_cluster_step_operator",
+                     compute_target_name="lowpri-cluster")
     spec = make_spec(hook, sleep_then_return, 60, task_id="lowpri")
     az_emulator.inject("preemption", after=0.5)
     handle = hook.submit(spec)
@@ -234,41 +190,15 @@ def test_node_loss_on_dedicated_compute_is_a_failure(az_emulator):
     assert event["status"] == "failed" and event["details"]["reason"] == "node_failure", event
 
 
-def test_quota_error_is_a_clear_error_and_nothing_runs(az_emulator):
-    hook = make_hook()
-    spec = make_spec(hook, _greet, "x", task_id="quota")
-    before = len(az_emulator.jobs)
-    az_emulator.inject("quota_exceeded")
-    with pytest.raises(StepOperatorConfigError, match=r"Azure ML refused to create the command job .*quota"):
-        hook.submit(spec)
-    assert hook.find_job(spec.identity) is None and len(az_emulator.jobs) == before
-
-
-def test_submit_is_exactly_once_per_try(az_emulator):
-    hook = make_hook()
-    spec = make_spec(hook, _greet, "once", task_id="exactly_once")
-    first = hook.submit(spec)
-    again = make_hook().submit(spec)
-    assert again["job_id"] == first["job_id"] and hook.find_job(spec.identity)["job_id"] == first["job_id"]
-    tagged = [j for j in az_emulator.jobs if j["properties"]["tags"].get("stepops-step") == spec.identity.digest[:40]]
-    assert len(tagged) == 1
-    assert hook.find_job(spec.identity.for_try(2)) is None
-    assert run_trigger(hook, first)["status"] == "succeeded"
-
-
 def test_a_create_whose_replies_are_lost_ends_with_one_job_and_its_handle(az_emulator, monkeypatch):
     """Azure ML makes the job but no reply arrives (every retry hangs too): the hook gives up on the calls
     within its deadline and finds the job by its name, instead of waiting for azure-core's 300 s read timeout."""
-    import os
     import threading
 
     from airflow_stepops.hooks.azureml_job import job_name
 
-    extra = json.loads(os.environ["AIRFLOW_CONN_AZUREML_STEP_OPERATOR"])["extra"]
-    monkeypatch.setenv("AIRFLOW_CONN_AZ_IMPATIENT", json.dumps({"conn_type": "stepops_azureml", "extra": {
-        **extra, "api_timeout_seconds": 2, "api_max_attempts": 2}}))
-    hook = make_hook("az_impatient")
-    spec = make_spec(hook, _greet, "lost", task_id="lost_reply")
+    hook = make_hook("az_impatient", monkeypatch=monkeypatch, api_timeout_seconds=2, api_max_attempts=2)
+    spec = make_spec(hook, greet, "lost", task_id="lost_reply")
     name = job_name(spec.identity)
     fault = az_emulator.lose_replies("hang", times=None, method="PUT", path_contains=f"/jobs/{name}", hang_seconds=90)
     result: dict = {}
@@ -288,36 +218,18 @@ def test_a_job_of_another_step_with_the_name_is_not_taken(az_emulator, monkeypat
     from airflow_stepops.hooks import azureml_job
 
     hook = make_hook()
-    spec = make_spec(hook, _greet, "x", task_id="name_clash")
+    spec = make_spec(hook, greet, "x", task_id="name_clash")
     taken = hook.submit(spec)
-    other = make_spec(hook, _greet, "y", task_id="name_clash_other")
+    other = make_spec(hook, greet, "y", task_id="name_clash_other")
     monkeypatch.setattr("airflow_stepops.hooks.azureml.job_name", lambda identity: taken["job_id"])
     assert azureml_job.job_name(other.identity) != taken["job_id"]
     with pytest.raises(StepOperatorConfigError, match="belongs to another step"):
         hook.find_job(other.identity)
 
 
-def _ref(hook, task_id: str, value: object) -> ArtifactRef:
-    import cloudpickle
-
-    source = make_spec(hook, _greet, "ref", task_id=task_id)
-    path = store_path(source.output_uri).parent / "ref.pkl"
-    data = cloudpickle.dumps(value)
-    path.write_bytes(data)
-    return ArtifactRef(uri=str(path), type=type(value).__module__ + "." + type(value).__qualname__,
-                       size=len(data), sha256=hashlib.sha256(data).hexdigest())
-
-
 def test_artifact_refs_in_the_store_are_job_inputs_others_are_staged(az_emulator, tmp_path):
-    import cloudpickle
-
     hook = make_hook()
-    in_store = _ref(hook, "ref_source", [1, 2, 3])
-    local = tmp_path / "local.pkl"
-    data = cloudpickle.dumps([10, 20])
-    local.write_bytes(data)
-    elsewhere = ArtifactRef(uri=f"file://{local}", type="builtins.list", size=len(data),
-                            sha256=hashlib.sha256(data).hexdigest())
+    in_store, elsewhere = stored_ref(hook, [1, 2, 3]), stored_ref(hook, [10, 20], tmp_path / "local.pkl")
 
     def total(a: list, b: list) -> int:
         return sum(a) + sum(b)
@@ -335,7 +247,7 @@ def test_artifact_refs_in_the_store_are_job_inputs_others_are_staged(az_emulator
 
 def test_abfs_store_on_a_cluster(az_emulator):
     hook = make_hook("azureml_cluster_step_operator")
-    handle = hook.submit(make_spec(hook, _greet, "bo", task_id="cluster"))
+    handle = hook.submit(make_spec(hook, greet, "bo", task_id="cluster"))
     assert handle["compute"] == "cpu-cluster" and not handle["spot"]
     assert run_trigger(hook, handle)["status"] == "succeeded"
     assert read_outcome(store_path(handle["output_uri"])).value["greeting"] == "hi bo"
@@ -355,18 +267,13 @@ def test_abfs_store_on_a_cluster(az_emulator):
     ({"artifact_store": None}, r"artifact_store: step operator 'az_bad' needs a blob artifact store"),
 ])
 def test_config_errors_are_clear_and_nothing_is_submitted(az_emulator, monkeypatch, extra, message):
-    import os
-
-    base = json.loads(os.environ["AIRFLOW_CONN_AZUREML_STEP_OPERATOR"])["extra"]
     container = az_emulator.datastores["workspaceblobstore"]
-    merged = {**base, **{k: v.format(container=container) if isinstance(v, str) else v for k, v in extra.items()}}
-    monkeypatch.setenv("AIRFLOW_CONN_AZ_BAD", json.dumps({"conn_type": "stepops_azureml", "extra": {
-        k: v for k, v in merged.items() if v is not None}}))
+    hook = make_hook("az_bad", monkeypatch=monkeypatch, **{
+        k: v.format(container=container) if isinstance(v, str) else v for k, v in extra.items()})
     before = len(az_emulator.jobs)
-    hook = make_hook("az_bad")
     with pytest.raises(StepOperatorConfigError, match=message):
         good = make_hook()
-        spec = make_spec(good, _greet, "x", task_id="bad_config")
+        spec = make_spec(good, greet, "x", task_id="bad_config")
         spec.bundle_uri = str(spec.identity.prefix(hook.artifact_root()) / "bundle")
         spec.output_uri = str(spec.identity.prefix(hook.artifact_root()) / "output")
         hook.submit(spec)
@@ -379,10 +286,10 @@ def test_what_azure_ml_refuses_is_refused_before_submitting_and_long_labels_fit(
     before = len(az_emulator.jobs)
     many = AzureMLStepOperatorSettings(tags={f"t{i}": "v" for i in range(45)})  # + team + 6 identity tags
     with pytest.raises(StepOperatorConfigError, match=r"make 52; an Azure ML job takes at most 50"):
-        make_spec(hook, _greet, "x", task_id="many_tags", settings=many)
+        make_spec(hook, greet, "x", task_id="many_tags", settings=many)
     assert len(az_emulator.jobs) == before
     long_dag = "7" + "d" * 199  # a leading digit: the name gets a "step-" prefix, and keeps its digest
-    spec = make_spec(hook, _greet, "x", task_id="t" * 100, dag_id=long_dag)
+    spec = make_spec(hook, greet, "x", task_id="t" * 100, dag_id=long_dag)
     handle = hook.submit(spec)
     job = az_emulator.job(handle["job_id"])
     assert len(handle["job_id"]) == 255 and handle["job_id"].endswith(f"-t1-{spec.identity.digest[:10]}")
@@ -394,18 +301,17 @@ def test_job_tier_with_a_cluster_is_refused_before_submitting(az_emulator):
     hook = make_hook("azureml_cluster_step_operator")
     with pytest.raises(StepOperatorConfigError, match=r"job_tier=Spot: job tiers are for serverless compute, but "
                                                       r"the step runs on the compute target 'cpu-cluster'"):
-        make_spec(hook, _greet, "x", task_id="tier_cluster", settings=AzureMLStepOperatorSettings(job_tier="Spot"))
+        make_spec(hook, greet, "x", task_id="tier_cluster", settings=AzureMLStepOperatorSettings(job_tier="Spot"))
 
 
 def test_cluster_too_small_for_the_resources(az_emulator):
     hook = make_hook("azureml_cluster_step_operator")
-    spec = make_spec(hook, _greet, "x", task_id="small_cluster", resources=ResourceSettings(gpu_count=1))
+    spec = make_spec(hook, greet, "x", task_id="small_cluster", resources=ResourceSettings(gpu_count=1))
     with pytest.raises(StepOperatorConfigError, match=r"'cpu-cluster' runs on Standard_DS3_v2 .* does not have"):
         hook.submit(spec)
 
 
 def _checkpointed(epochs: int) -> dict:
-    import json
     import os
 
     path = os.path.join(os.environ["STEPOPS_CHECKPOINT_DIR"], "state.json")

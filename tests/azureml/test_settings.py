@@ -10,6 +10,8 @@ from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.azureml import AzureMLStepOperatorConfig, AzureMLStepOperatorSettings
 from airflow_stepops.settings.azureml_vms import choose_vm_size, lookup
 
+from ..flavorjobs import declare
+
 WORKSPACE = {"subscription_id": "00000000-0000-0000-0000-000000000000", "resource_group": "rg",
              "workspace_name": "stepops-ws"}
 
@@ -55,17 +57,6 @@ def test_unknown_vm_sizes(size, message):
     assert lookup("standard_d4s_v3").name == "Standard_D4s_v3"
 
 
-def _declare(**kwargs):
-    from airflow.sdk import DAG, task
-
-    with DAG("azureml_parse_checks", schedule=None):
-        @task.step_operator(step_operator="azureml_step_operator", **kwargs)
-        def step() -> None:
-            pass
-
-        step()
-
-
 @pytest.mark.parametrize(("settings", "message"), [
     ({"instance_type": "D4s_v3"}, r"'D4s_v3' is not an Azure VM size"),
     ({"job_tier": "Cheap"}, r"job_tier: 'Cheap' is not an Azure ML job tier; allowed: Spot, Basic, Standard, Premium"),
@@ -85,7 +76,7 @@ def _declare(**kwargs):
 ])
 def test_bad_settings_fail_at_parse_time(settings, message):
     with pytest.raises((StepOperatorConfigError, ValidationError, ValueError), match=message):
-        _declare(settings={"step_operator.azureml": settings})
+        declare("azureml", settings={"step_operator.azureml": settings})
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -96,7 +87,7 @@ def test_bad_settings_fail_at_parse_time(settings, message):
 ])
 def test_resources_are_checked_at_parse_time(kwargs, message):
     with pytest.raises((StepOperatorConfigError, ValidationError, ValueError), match=message):
-        _declare(**kwargs)
+        declare("azureml", **kwargs)
 
 
 def test_settings_normalize_and_merge():
@@ -107,7 +98,7 @@ def test_settings_normalize_and_merge():
     assert settings.vm_for(ResourceSettings()).name == "Standard_D4s_v3"
     assert settings.vm_for(ResourceSettings(), "Standard_E8s_v3").name == "Standard_E8s_v3"  # operator default
     assert settings.vm_for(ResourceSettings(gpu_count=1), "Standard_E8s_v3").name == "Standard_NC4as_T4_v3"
-    _declare(settings={"step_operator.azureml": AzureMLStepOperatorSettings(
+    declare("azureml", settings={"step_operator.azureml": AzureMLStepOperatorSettings(
         instance_type="Standard_NC6s_v3", job_tier="Spot", max_runtime_in_seconds=3600)},
         resources=ResourceSettings(gpu_type="V100"))
 

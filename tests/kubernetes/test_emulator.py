@@ -26,7 +26,7 @@ from kubernetes import client, config, watch  # noqa: E402
 
 from airflow_stepops.testing.kubernetes import FAULT_ANNOTATION, Fault, KubernetesEmulator, NodeSpec  # noqa: E402
 
-from ..emulated import eventually  # noqa: E402
+from ..emulated import eventually, gone  # noqa: E402
 
 NS = "default"
 
@@ -114,15 +114,6 @@ def running_pids(core: Any, job: str) -> tuple[Any, list[int]]:
         text = log_text(core, pods[0].metadata.name)
         return (pods[0], [int(p) for p in text.split()]) if text.strip() else None
     return eventually(probe, what=f"job {job} to print its pids")
-
-
-def gone(pids: list[int]) -> bool:
-    def dead(pid: int) -> bool:
-        try:
-            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-    return all(dead(pid) for pid in pids)
 
 
 # ----- the happy path ---------------------------------------------------------------------------------
@@ -341,7 +332,7 @@ def test_foreground_delete_kills_the_process_group_and_removes_pods(batch: Any, 
     name = unique("kill")
     batch.create_namespaced_job(NS, job_manifest(name, SLEEPER))
     _, pids = running_pids(core, name)
-    assert not gone(pids)
+    assert not gone(*pids)
 
     raw = batch.delete_namespaced_job(name, NS, propagation_policy="Foreground", _preload_content=False)
     response = json.loads(raw.data)  # the Job, held by the foregroundDeletion finalizer until its pods are gone
@@ -351,7 +342,7 @@ def test_foreground_delete_kills_the_process_group_and_removes_pods(batch: Any, 
     eventually(lambda: not core.list_namespaced_pod(NS, label_selector=f"job-name={name}").items, what="pods gone")
     eventually(lambda: not batch.list_namespaced_job(NS, field_selector=f"metadata.name={name}").items,
                what="job gone")
-    eventually(lambda: gone(pids), 5, "the processes to die")
+    eventually(lambda: gone(*pids), 5, "the processes to die")
 
 
 def test_background_delete_removes_the_job_at_once(batch: Any, core: Any) -> None:
@@ -363,7 +354,7 @@ def test_background_delete_removes_the_job_at_once(batch: Any, core: Any) -> Non
     with pytest.raises(client.ApiException):
         batch.read_namespaced_job(name, NS)
     eventually(lambda: not core.list_namespaced_pod(NS, label_selector=f"job-name={name}").items, what="pods gone")
-    eventually(lambda: gone(pids), 5, "the processes to die")
+    eventually(lambda: gone(*pids), 5, "the processes to die")
 
 
 def test_default_delete_orphans_the_pod_like_batch_v1_does(batch: Any, core: Any) -> None:
@@ -374,11 +365,11 @@ def test_default_delete_orphans_the_pod_like_batch_v1_does(batch: Any, core: Any
     eventually(lambda: not batch.list_namespaced_job(NS, field_selector=f"metadata.name={name}").items)
     orphan = eventually(lambda: (p := core.read_namespaced_pod(pod.metadata.name, NS)).metadata.owner_references
                         is None and p)
-    assert orphan.status.phase == "Running" and not gone(pids)
+    assert orphan.status.phase == "Running" and not gone(*pids)
 
     core.delete_namespaced_pod(pod.metadata.name, NS)
     eventually(lambda: not core.list_namespaced_pod(NS, label_selector=f"job-name={name}").items, what="pod gone")
-    eventually(lambda: gone(pids), 5, "the processes to die")
+    eventually(lambda: gone(*pids), 5, "the processes to die")
 
 
 def test_sigterm_is_honoured_within_the_grace_period(batch: Any, core: Any) -> None:
@@ -405,7 +396,7 @@ def test_sigterm_is_honoured_within_the_grace_period(batch: Any, core: Any) -> N
     last = [p for p in seen if p.metadata.name == pod.metadata.name][-1]
     assert last.metadata.deletion_timestamp is not None
     assert last.status.container_statuses[0].state.terminated.exit_code == 0
-    assert gone(pids)
+    assert gone(*pids)
 
 
 def test_active_deadline_fails_the_job_and_kills_the_process(batch: Any, core: Any) -> None:
@@ -418,7 +409,7 @@ def test_active_deadline_fails_the_job_and_kills_the_process(batch: Any, core: A
     assert (failed.reason, failed.message) == ("DeadlineExceeded", "Job was active longer than specified deadline")
     assert 2 <= time.monotonic() - started < 6
     assert not job.status.active
-    eventually(lambda: gone(pids), 5, "the processes to die")
+    eventually(lambda: gone(*pids), 5, "the processes to die")
     assert job.status.failed == 1
 
 
@@ -455,7 +446,7 @@ def test_patch_replace_and_suspend(batch: Any, core: Any) -> None:
     resumed = batch.read_namespaced_job(name, NS)
     assert not condition(resumed, "Suspended") and resumed.status.active == 1
     batch.patch_namespaced_job(name, NS, {"spec": {"suspend": True}})
-    eventually(lambda: gone(pids), 5, "the suspended pod's processes to die")
+    eventually(lambda: gone(*pids), 5, "the suspended pod's processes to die")
     eventually(lambda: not core.list_namespaced_pod(NS, label_selector=f"job-name={name}").items)
     suspended = batch.read_namespaced_job(name, NS)
     assert condition(suspended, "Suspended") and not suspended.status.failed and not condition(suspended, "Failed")
@@ -615,7 +606,7 @@ def test_eviction_and_node_shutdown(k8s: KubernetesEmulator, batch: Any, core: A
     target = next(c for c in pod.status.conditions if c.type == "DisruptionTarget")
     assert (target.status, target.reason) == ("True", disruption)
     assert pod.status.container_statuses[0].state.terminated.exit_code in (137, 143)
-    eventually(lambda: gone(pids), 5, "the processes to die")
+    eventually(lambda: gone(*pids), 5, "the processes to die")
 
 
 def test_preemption_marks_and_deletes_the_pod(k8s: KubernetesEmulator, batch: Any, core: Any) -> None:
@@ -634,7 +625,7 @@ def test_preemption_marks_and_deletes_the_pod(k8s: KubernetesEmulator, batch: An
     target = next(c for c in final.status.conditions if c.type == "DisruptionTarget")
     assert target.reason == "PreemptionByScheduler" and final.status.phase == "Failed"
     assert condition(finished(batch, name), "Failed").reason == "BackoffLimitExceeded"
-    assert gone(pids)
+    assert gone(*pids)
 
 
 def test_pod_failure_policy_ignores_disruptions(k8s: KubernetesEmulator, batch: Any, core: Any) -> None:
@@ -829,7 +820,7 @@ def test_async_foreground_delete_kills_the_process(k8s: KubernetesEmulator, core
 
     pids = asyncio.run(scenario())
     assert pids
-    assert eventually(lambda: gone(pids), 5, "the processes to die")
+    assert eventually(lambda: gone(*pids), 5, "the processes to die")
 
 
 # ----- configuration and lifecycle --------------------------------------------------------------------
@@ -883,6 +874,6 @@ def test_stop_leaves_no_process_or_thread() -> None:
             time.sleep(0.1)
     watcher.join(5)
     assert not watcher.is_alive(), "open watches end when the emulator stops"
-    assert gone(pids)
+    assert gone(*pids)
     eventually(lambda: set(threading.enumerate()) <= threads_before, 5, "the emulator's threads to end")
     assert not [c for c in psutil.Process().children(recursive=True) if c.pid in pids]

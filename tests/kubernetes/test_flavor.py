@@ -13,18 +13,20 @@ import time
 import pytest
 
 pytest.importorskip("kubernetes")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
+pytest.importorskip("kubernetes_validate")
 
-from airflow_stepops.artifacts import store_path  # noqa: E402
-from airflow_stepops.bundle import read_outcome  # noqa: E402
-from airflow_stepops.exceptions import StepOperatorConfigError  # noqa: E402
-from airflow_stepops.hooks import kubernetes_job as manifest  # noqa: E402
-from airflow_stepops.resources import ResourceSettings  # noqa: E402
-from airflow_stepops.runtime.protocol import OUTPUT_PREFIX, REF_MARKER, Env, staged_ref  # noqa: E402
-from airflow_stepops.settings.kubernetes import KubernetesStepOperatorSettings  # noqa: E402
-from airflow_stepops.testing.kubernetes import FAULT_ANNOTATION  # noqa: E402
+from airflow_stepops.artifacts import store_path
+from airflow_stepops.bundle import read_outcome
+from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.hooks import kubernetes_job as manifest
+from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.runtime.protocol import OUTPUT_PREFIX, REF_MARKER, Env, staged_ref
+from airflow_stepops.settings.kubernetes import KubernetesStepOperatorSettings
+from airflow_stepops.testing.kubernetes import FAULT_ANNOTATION
 
-from ..flavorjobs import hook_maker, make_spec, raise_value_error, run_trigger, sleep_then_return  # noqa: E402
+from ..flavorjobs import hook_maker, make_spec, run_trigger
+from ..steps import sleep_then_return
+from .conftest import validate_job
 
 make_hook = hook_maker("kubernetes")
 
@@ -34,14 +36,6 @@ NS = "steps"
 
 def _job(k8s, handle):
     return k8s.get_object("jobs", NS, handle["job_id"])
-
-
-def validate_job(job: dict) -> None:
-    """The Job as stored, minus server-set fields, against the Kubernetes 1.33 OpenAPI schema."""
-    body = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {
-        k: v for k, v in job["metadata"].items() if k in ("name", "namespace", "labels", "annotations")},
-        "spec": job["spec"]}
-    kubernetes_validate.validate(body, "1.33", strict=True)
 
 
 def _gone(k8s, handle, timeout=20.0) -> bool:
@@ -158,43 +152,12 @@ def test_oom_killed_step_names_its_memory_limit(k8s_emulator):
     assert event["status"] == "failed" and "OOMKilled" in event["message"] and "256Mi" in event["message"]
 
 
-def test_remote_exception_comes_back_through_the_pod_log(k8s_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, raise_value_error, 7, task_id="raises"))
-    event = run_trigger(hook, handle)
-    assert event["status"] == "failed" and "exit code 1" in event["message"]
-    hook.collect_output(handle)
-    outcome = read_outcome(store_path(handle["output_uri"]))
-    assert not outcome.ok and outcome.error["type"] == "builtins.ValueError"
-    assert outcome.error["message"] == "bad input 7" and "raise_value_error" in outcome.error["traceback"]
-
-
-def test_max_runtime_becomes_active_deadline_and_a_timeout(k8s_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, sleep_then_return, 60, task_id="deadline",
-                                   settings=KubernetesStepOperatorSettings(max_runtime_in_seconds=1)))
-    event = run_trigger(hook, handle)
-    assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
-    assert "activeDeadlineSeconds=1" in event["message"]
-
-
 def _write_pid_and_sleep(seconds: float) -> None:
     import os
     import time
 
     print("pid", os.getpid(), flush=True)
     time.sleep(seconds)
-
-
-def test_submit_is_exactly_once_per_try(k8s_emulator):
-    hook = make_hook()
-    spec = make_spec(hook, _greet, "once", task_id="exactly_once")
-    first = hook.submit(spec)
-    again = hook.submit(spec)  # e.g. a worker that died after creating the Job
-    assert again["job_id"] == first["job_id"] and hook.find_job(spec.identity)["job_id"] == first["job_id"]
-    assert len(k8s_emulator.list_objects("jobs", NS, f"{manifest.STEP_LABEL}={first['step']}")) == 1
-    assert hook.find_job(spec.identity.for_try(2)) is None
-    assert run_trigger(hook, first)["status"] == "succeeded"
 
 
 def _make_bytes(size: int) -> bytes:

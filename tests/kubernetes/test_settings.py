@@ -13,6 +13,8 @@ from airflow_stepops.settings.kubernetes import (
     merged_pod_options,
 )
 
+from ..flavorjobs import declare
+
 
 def test_step_settings_merge_over_operator_defaults():
     config = KubernetesStepOperatorConfig(
@@ -68,18 +70,6 @@ def test_credentials_source_is_described():
     assert described == "default kubeconfig, context 'gpu'"
 
 
-def _declare(**kwargs):
-    """Declare a step task as a DAG file does: errors here are DAG parse (import) errors."""
-    from airflow.sdk import DAG, task
-
-    with DAG("k8s_parse_checks", schedule=None):
-        @task.step_operator(step_operator="k8s_step_operator", **kwargs)
-        def step() -> None:
-            pass
-
-        step()
-
-
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -102,13 +92,13 @@ def test_bad_kubernetes_step_settings_fail_at_parse_time(kwargs, message):
     from airflow_stepops.exceptions import StepOperatorConfigError
 
     with pytest.raises(StepOperatorConfigError, match=message):
-        _declare(**kwargs)
+        declare("kubernetes", **kwargs)
 
 
 def test_gpu_type_on_a_custom_node_label_needs_its_values():
-    _declare(settings={"resources": ResourceSettings(gpu_count=1, gpu_type="t4"),
-                       "step_operator.kubernetes": KubernetesStepOperatorSettings(
-                           gpu_type_node_label="gpu-model", gpu_type_node_values={"nvidia-tesla-t4": ["t4"]})})
+    custom = {"gpu_type_node_label": "gpu-model", "gpu_type_node_values": {"nvidia-tesla-t4": ["t4"]}}
+    declare("kubernetes", settings={"resources": ResourceSettings(gpu_count=1, gpu_type="t4"),
+                                    "step_operator.kubernetes": KubernetesStepOperatorSettings(**custom)})
     settings = KubernetesStepOperatorSettings(gpu_type_node_label="cloud.google.com/gke-accelerator")
     assert settings.gpu_node_values("L4") == ["nvidia-l4"]
 

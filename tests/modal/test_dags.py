@@ -8,8 +8,8 @@ pytest.importorskip("modal")
 
 from tests.dags import flavor_pipelines
 
-from ..flavorjobs import render, run_example
-from ..unit.test_operator import _run, _xcom
+from ..flavorjobs import render, run_example, run_pipeline
+from ..unit.test_operator import _xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db", "md_emulator", "modal_step_operator")
 
@@ -21,11 +21,7 @@ def _function(md, ti) -> dict:
 
 
 def test_pipeline_with_xcoms_artifacts_and_mapping(md_emulator):
-    run, tis = _run(flavor_pipelines.md_pipeline)
-    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
-    assert _xcom(tis["report"]) == {"total": 18, "model": [1, 2, 3], "doubled": [2, 10]}
-    ref = _xcom(tis["train"], key="model")
-    assert ref.type == "builtins.frozenset" and ref.load() == frozenset({1, 2, 3})
+    _, tis, _, _ = run_pipeline(flavor_pipelines.md_pipeline, "modal")
     train = _function(md_emulator, tis["train"])
     assert train["milli_cpu"] == 2000 and train["memory_mb"] == 4096
     evaluate = _function(md_emulator, tis["evaluate"])
@@ -35,9 +31,7 @@ def test_pipeline_with_xcoms_artifacts_and_mapping(md_emulator):
 
 
 def test_modal_example_dag_runs_on_the_emulator(md_emulator):
-    _, tis = run_example("modal_training")
-    assert _xcom(tis["train_on_modal"]) == {"w": 1.5, "b": 0.25, "epochs": 20}
-    assert _xcom(tis["evaluate"]) == 0.0
+    _, tis = run_example("modal_training", train_on_modal={"w": 1.5, "b": 0.25, "epochs": 20}, evaluate=0.0)
     train = _function(md_emulator, tis["train_on_modal"])
     assert train["gpu"] == ["ANY"] and train["milli_cpu"] == 4000 and train["memory_mb"] == 16384
     evaluate = _function(md_emulator, tis["evaluate"])
@@ -47,9 +41,6 @@ def test_modal_example_dag_runs_on_the_emulator(md_emulator):
 
 
 def test_stepops_render_prints_the_function_options(md_emulator):
-    before = md_emulator.requests.count("FunctionMap")
-    body = render("md_pipeline", "evaluate")
-    request = body["request"]
-    assert body["flavor"] == "modal" and request["function"] == "run_step"
+    request = render(md_emulator, "modal", "md_pipeline", "evaluate")
+    assert request["function"] == "run_step"
     assert request["options"]["gpu"] == "A100-80GB:2" and request["options"]["timeout"] == 900
-    assert md_emulator.requests.count("FunctionMap") == before  # nothing was called

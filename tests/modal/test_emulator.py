@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ..emulated import emulator_process
+from ..emulated import emulator_process, gone, running_pid
 
 pytest.importorskip("modal")
 
@@ -145,22 +145,6 @@ def raw_outputs(client, call_id: str) -> api_pb2.FunctionGetOutputsResponse:
 
 def count(emu, method: str) -> int:
     return emu.requests.count(method)
-
-
-def gone(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def running_pid(emu, call_id: str) -> int:
-    emu.wait_for_call(call_id, "running")
-    pid = emu.pid(call_id)
-    assert pid is not None
-    return pid
 
 
 # ----- client, auth, deploy -----------------------------------------------------------------------------

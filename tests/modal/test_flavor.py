@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("modal")
 
 from airflow_stepops.artifacts import store_path
-from airflow_stepops.bundle import read_outcome
+from airflow_stepops.bundle import read_outcome, replace_refs
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks import modal_call
 from airflow_stepops.hooks.base import JobState
@@ -23,7 +23,8 @@ from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.modal import ModalStepOperatorSettings
 
 from ..emulated import eventually
-from ..flavorjobs import hook_maker, make_spec, raise_value_error, run_trigger, sleep_then_return
+from ..flavorjobs import hook_maker, make_spec, run_trigger, stored_ref
+from ..steps import print_lines, sleep_then_return
 
 make_hook = hook_maker("modal")
 
@@ -71,35 +72,6 @@ def test_zenml_settings_and_gpu_fallback(md_emulator):
     assert any("from modal on A100-80GB" in line for line in event["log_tail"]), event["log_tail"]
     function = md_emulator.function(handle["app_name"], "run_step")
     assert function["gpu"] == ["H100", "A100-80GB"] and function["memory_mb"] == 16384
-
-
-def test_remote_exception_fails_the_step(md_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, raise_value_error, 7, task_id="raises"))
-    event = run_trigger(hook, handle)
-    assert event["status"] == "failed", event
-    assert any("ValueError: bad input 7" in line for line in event["log_tail"]), event["log_tail"]
-    assert "bad input 7" in str(read_outcome(store_path(handle["output_uri"])).error)
-
-
-def test_operator_side_cancel_and_status(md_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, sleep_then_return, 120, task_id="sync_cancel"))
-    _wait_running(md_emulator, hook, handle)
-    status = hook.get_status(handle)
-    assert status.state is JobState.RUNNING and status.details["modal_task_id"].startswith("ta-")
-    hook.cancel(handle)
-    _wait_gone(md_emulator, handle)
-    assert hook.get_status(handle).state is JobState.CANCELLED
-    hook.cancel(handle)  # already finished: quiet
-
-
-def test_timeout_is_a_timeout(md_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, sleep_then_return, 60, task_id="deadline",
-                                   settings=ModalStepOperatorSettings(timeout=2)))
-    event = run_trigger(hook, handle)
-    assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
 
 
 def test_preemption_is_restarted_by_modal_or_reported(md_emulator):
@@ -197,21 +169,9 @@ def _load(value):
 
 
 def test_artifact_refs_travel_in_the_bundle(md_emulator):
-    import hashlib
-
-    import cloudpickle
-
-    from airflow_stepops.artifacts import ArtifactRef
-    from airflow_stepops.bundle import replace_refs
-
     hook = make_hook()
-    source = make_spec(hook, _greet, "ref", task_id="ref_source")
-    ref_path = store_path(source.output_uri).parent / "ref.pkl"
-    data = cloudpickle.dumps([1, 2, 3])
-    ref_path.write_bytes(data)
-    ref = ArtifactRef(uri=str(ref_path), type="builtins.list", size=len(data), sha256=hashlib.sha256(data).hexdigest())
     refs: list = []
-    args = replace_refs([ref], refs)
+    args = replace_refs([stored_ref(hook, [1, 2, 3])], refs)
     handle = hook.submit(make_spec(hook, sum, *args, task_id="ref_consumer", refs=refs))
     assert run_trigger(hook, handle)["status"] == "succeeded"
     assert read_outcome(store_path(handle["output_uri"])).value == 6
@@ -275,15 +235,6 @@ def test_log_lines_join_chunks_and_resume_after_the_last_entry():
 def _wait_running(emulator, hook, handle) -> None:
     eventually(lambda: emulator.pid(handle["job_id"]) is not None and hook.get_status(handle).state is JobState.RUNNING,
                what=f"{handle['job_id']} to start")
-
-
-def _wait_gone(emulator, handle) -> None:
-    eventually(lambda: emulator.pid(handle["job_id"]) is None and hook_state(handle) is JobState.CANCELLED,
-               what=f"{handle['job_id']} to be cancelled")
-
-
-def hook_state(handle) -> JobState:
-    return make_hook().get_status(handle).state
 
 
 def test_each_call_is_recorded_so_a_later_try_finds_it(md_emulator):
@@ -422,21 +373,12 @@ def test_preemption_is_told_by_modals_status_not_by_words(md_emulator):
     assert event["status"] == "failed" and event["details"]["modal_status"] == "failure", event
 
 
-def _count(lines: int) -> int:
-    import time
-
-    for i in range(lines):
-        print(f"line {i}", flush=True)
-        time.sleep(0.02)
-    return lines
-
-
 def test_late_log_lines_are_neither_lost_nor_repeated(md_emulator):
     """Modal may take a line in after lines written later: followed by entry id, it still comes, once."""
     hook = make_hook()
     md_emulator.late_logs(every=3, seconds=0.3)
     try:
-        handle = hook.submit(make_spec(hook, _count, 60, task_id="late_logs"))
+        handle = hook.submit(make_spec(hook, print_lines, 60, task_id="late_logs"))
         lines: list[str] = []
         cursor = None
         for _ in range(10_000):  # as the trigger reads: while it runs, then until a read brings nothing
@@ -471,41 +413,27 @@ def _within(seconds: float, fn, *args):
     return out
 
 
-def test_a_lost_spawn_reply_finds_the_one_call_in_bounded_time(md_emulator, monkeypatch):
-    """Modal made the call but its reply was lost: the spawn is sent again under the step try's key and
-    gets that call, neither a second one nor a hang."""
-    monkeypatch.setattr(modal_call, "ATTEMPT_TIMEOUT", 1.0)
+@pytest.mark.parametrize("lost", [1, None], ids=["one_reply_lost", "every_reply_lost"])
+def test_a_lost_spawn_reply_ends_with_the_one_call_in_bounded_time(md_emulator, monkeypatch, lost):
+    """Modal made the call but its reply was lost: the spawn is sent again under the step try's key and gets
+    that call, neither a second one nor a hang. Every reply lost: the spawn gives up in bounded time; the same try,
+    sent again (by another worker), gets the call Modal made under the recorded key instead of a second one."""
+    monkeypatch.setattr(modal_call, "ATTEMPT_TIMEOUT", 1.0 if lost else 0.5)
+    if not lost:
+        monkeypatch.setattr(modal_call, "TOTAL_TIMEOUT", 3.0)
     hook = make_hook()
-    spec = make_spec(hook, _greet, "lost", task_id="lost_reply")
-    hook.submit(make_spec(hook, _greet, "warm", task_id="warm"))  # the app is deployed
+    spec = make_spec(hook, _greet, "lost", task_id=f"lost_reply_{lost}")
+    hook.submit(make_spec(hook, _greet, "warm", task_id=f"warm_{lost}"))  # the app is deployed
     before = len(md_emulator.calls)
-    md_emulator.lose_replies("FunctionMap", times=1)
+    md_emulator.lose_replies("FunctionMap", times=lost)
     try:
         out = _within(15, hook.submit, spec)
     finally:
         md_emulator.clear_faults()
-    handle = out["value"]
-    assert [call["id"] for call in md_emulator.calls[before:]] == [handle["job_id"]]
-    assert run_trigger(hook, handle)["status"] == "succeeded"
-
-
-def test_a_spawn_never_answered_fails_in_bounded_time_and_the_try_finds_its_call(md_emulator, monkeypatch):
-    """Every reply lost: the spawn gives up in bounded time; the same try, sent again (by another worker),
-    gets the call Modal made under the recorded key instead of a second one."""
-    monkeypatch.setattr(modal_call, "ATTEMPT_TIMEOUT", 0.5)
-    monkeypatch.setattr(modal_call, "TOTAL_TIMEOUT", 3.0)
-    hook = make_hook()
-    spec = make_spec(hook, _greet, "again", task_id="never_answered")
-    hook.submit(make_spec(hook, _greet, "warm", task_id="warm_again"))  # the app is deployed
-    before = len(md_emulator.calls)
-    md_emulator.lose_replies("FunctionMap", times=None)
-    try:
-        out = _within(15, hook.submit, spec)
-    finally:
-        md_emulator.clear_faults()
-    assert isinstance(out.get("error"), TimeoutError), out
-    assert len(md_emulator.calls) == before + 1  # Modal made the call once, however often it was asked
-    handle = make_hook().submit(spec)
+    if not lost:
+        assert isinstance(out.get("error"), TimeoutError), out
+        assert len(md_emulator.calls) == before + 1  # Modal made the call once, however often it was asked
+    handle = out["value"] if lost else make_hook().submit(spec)
     assert [call["id"] for call in md_emulator.calls[before:]] == [handle["job_id"]]
     assert run_trigger(hook, handle)["status"] == "succeeded"
 

@@ -10,16 +10,7 @@ from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.settings.modal import ModalStepOperatorConfig, ModalStepOperatorSettings
 
-
-def _declare(**kwargs):
-    from airflow.sdk import DAG, task
-
-    with DAG("modal_parse_checks", schedule=None):
-        @task.step_operator(step_operator="modal_step_operator", **kwargs)
-        def step() -> None:
-            pass
-
-        step()
+from ..flavorjobs import declare
 
 
 def _operator(**kwargs):
@@ -90,7 +81,7 @@ def test_bad_settings(kwargs, message):
 ])
 def test_bad_input_fails_when_the_dag_is_parsed(kwargs, message):
     with pytest.raises(StepOperatorConfigError, match=message):
-        _declare(**kwargs)
+        declare("modal", **kwargs)
 
 
 def test_the_modal_operator_checks_resources_without_modal_settings():
@@ -123,7 +114,7 @@ def test_resources_map_onto_function_options(resources, settings, expected):
 def test_zenml_example_parses():
     settings = ModalStepOperatorSettings(gpu="any", cpu=4.0, memory=16384)
     assert (settings.gpu, settings.cpu, settings.memory) == ("any", 4.0, 16384)
-    _declare(settings={"step_operator.modal": settings})
+    declare("modal", settings={"step_operator.modal": settings})
     assert ModalStepOperatorSettings(max_runtime_in_seconds=600).effective_timeout == 600
     assert ModalStepOperatorSettings(gpu="h100!:2").gpu == "H100!:2"
 

@@ -8,8 +8,7 @@ pytest.importorskip("moto")
 
 from tests.dags import flavor_pipelines
 
-from ..flavorjobs import render, run_example
-from ..unit.test_operator import _run, _xcom
+from ..flavorjobs import render, run_example, run_pipeline
 
 pytestmark = pytest.mark.usefixtures("airflow_db", "sm_emulator")
 
@@ -25,33 +24,25 @@ def _jobs(sm, run_id: str, task_id: str) -> list[dict]:
 
 
 def test_pipeline_with_xcoms_s3_artifacts_and_mapping(sm_emulator):
-    run, tis = _run(flavor_pipelines.sm_pipeline)
-    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
-    assert _xcom(tis["report"]) == {"total": 18, "model": [1, 2, 3], "doubled": [2, 10]}
-    ref = _xcom(tis["train"], key="model")
-    assert ref.uri.startswith("s3://stepops-tests/artifacts/sm_pipeline/") and ref.type == "builtins.frozenset"
+    run, _, ref, record = run_pipeline(flavor_pipelines.sm_pipeline, "sagemaker")
+    assert ref.uri.startswith("s3://stepops-tests/artifacts/sm_pipeline/")
     [train_job] = _jobs(sm_emulator, run.run_id, "train")
     assert train_job["ResourceConfig"]["InstanceType"] == "ml.m5.2xlarge"  # cheapest with 8 CPUs, 32 GB
     [evaluate_job] = _jobs(sm_emulator, run.run_id, "evaluate")
     assert evaluate_job["ResourceConfig"]["InstanceType"] == "ml.g5.xlarge"
     assert [c["ChannelName"] for c in evaluate_job["InputDataConfig"]] == ["bundle", "ref0"]
-    record = _xcom(tis["train"], key="stepops_job")
-    assert record["flavor"] == "sagemaker" and record["instance_type"] == "ml.m5.2xlarge"
+    assert record["instance_type"] == "ml.m5.2xlarge"
     assert record["console_url"].endswith(f"#/jobs/{record['job_id']}")
 
 
 def test_sagemaker_example_dag_runs_on_the_emulator(sm_emulator):
-    run, tis = run_example("sagemaker_training")
-    assert _xcom(tis["train_on_sagemaker"]) == {"w": 1.5, "b": 0.25, "epochs": 20}
+    run, _ = run_example("sagemaker_training", train_on_sagemaker={"w": 1.5, "b": 0.25, "epochs": 20})
     [job] = _jobs(sm_emulator, run.run_id, "train_on_sagemaker")
     assert job["EnableManagedSpotTraining"] is True and job["ResourceConfig"]["InstanceType"] == "ml.p3.2xlarge"
     assert job["StoppingCondition"]["MaxWaitTimeInSeconds"] >= job["StoppingCondition"]["MaxRuntimeInSeconds"]
 
 
 def test_stepops_render_prints_the_create_training_job_request(sm_emulator):
-    before = len(sm_emulator.jobs)
-    body = render("sm_pipeline", "train")
-    request = body["request"]
-    assert body["flavor"] == "sagemaker" and request["ResourceConfig"]["InstanceType"] == "ml.m5.2xlarge"
+    request = render(sm_emulator, "sagemaker", "sm_pipeline", "train")
+    assert request["ResourceConfig"]["InstanceType"] == "ml.m5.2xlarge"
     assert request["RoleArn"].startswith("arn:aws:iam::") and request["InputDataConfig"][0]["ChannelName"] == "bundle"
-    assert len(sm_emulator.jobs) == before  # nothing was submitted

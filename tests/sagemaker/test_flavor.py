@@ -14,39 +14,25 @@ from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.runtime.protocol import FAILURE_MARKER
 from airflow_stepops.settings.sagemaker import SageMakerStepOperatorSettings
 
-from ..flavorjobs import hook_maker, make_spec, poll_together, raise_value_error, run_trigger, sleep_then_return
+from ..flavorjobs import hook_maker, make_spec, poll_together, run_trigger
+from ..steps import greet, print_lines, raise_value_error, sleep_then_return
 
 make_hook = hook_maker("sagemaker")
 
 pytestmark = pytest.mark.usefixtures("sm_emulator")
 
 
-def _greet(name: str) -> dict:
-    import os
-
-    print("hello", name, "from", os.environ["STEPOPS_FLAVOR"], flush=True)
-    return {"greeting": f"hi {name}"}
-
-
 def test_step_runs_as_a_training_job_with_logs_and_result(sm_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _greet, "ada", task_id="greet",
+    handle = hook.submit(make_spec(hook, greet, "ada", task_id="greet",
                                    resources=ResourceSettings(cpu_count=2, memory="4GiB")))
     event = run_trigger(hook, handle)
     assert event["status"] == "succeeded", event
     assert "hello ada from sagemaker" in event["log_tail"]
-    assert read_outcome(store_path(handle["output_uri"])).value == {"greeting": "hi ada"}
+    assert read_outcome(store_path(handle["output_uri"])).value["greeting"] == "hi ada"
     job = sm_emulator.describe(handle["job_id"])
     assert job["ResourceConfig"]["InstanceType"] == "ml.m5.large"  # the connection's default
     assert hook.console_url(handle).endswith(f"#/jobs/{handle['job_id']}")
-
-
-def test_remote_exception_is_the_failure_reason(sm_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, raise_value_error, 7, task_id="raises"))
-    event = run_trigger(hook, handle)
-    assert event["status"] == "failed" and "ValueError: bad input 7" in event["message"], event
-    assert any("Traceback" in line for line in event["log_tail"])
 
 
 def test_mark_failed_while_a_log_client_is_being_made_still_stops_the_job(sm_emulator, monkeypatch):
@@ -93,17 +79,9 @@ def test_mark_failed_while_a_log_client_is_being_made_still_stops_the_job(sm_emu
     assert job["TrainingJobStatus"] == "Stopped", job["TrainingJobStatus"]
 
 
-def test_max_runtime_is_a_timeout(sm_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, sleep_then_return, 60, task_id="deadline",
-                                   settings=SageMakerStepOperatorSettings(max_runtime_in_seconds=2)))
-    event = run_trigger(hook, handle)
-    assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
-
-
 def test_insufficient_capacity_is_preemption(sm_emulator):
     hook = make_hook()
-    spec = make_spec(hook, _greet, "x", task_id="capacity")
+    spec = make_spec(hook, greet, "x", task_id="capacity")
     sm_emulator.inject("insufficient_capacity", job=f"sm-tests-capacity-t1-{spec.identity.digest[:10]}")
     event = run_trigger(hook, hook.submit(spec))
     assert event["status"] == "preempted" and "CapacityError" in event["message"], event
@@ -151,17 +129,6 @@ def test_spot_interruption_resumes_from_the_checkpoint(sm_emulator):
     assert result["epoch"] == 6 and result["starts"] == 2  # restarted once, from its checkpoint
 
 
-def test_submit_is_exactly_once_per_try(sm_emulator):
-    hook = make_hook()
-    spec = make_spec(hook, _greet, "once", task_id="exactly_once")
-    first = hook.submit(spec)
-    again = hook.submit(spec)
-    assert again["job_id"] == first["job_id"] and hook.find_job(spec.identity)["job_id"] == first["job_id"]
-    assert len([j for j in sm_emulator.jobs if j["TrainingJobName"] == first["job_id"]]) == 1
-    assert hook.find_job(spec.identity.for_try(2)) is None
-    assert run_trigger(hook, first)["status"] == "succeeded"
-
-
 def test_a_missing_region_is_a_clear_error(monkeypatch):
     import json
 
@@ -175,7 +142,7 @@ def test_a_missing_region_is_a_clear_error(monkeypatch):
         "artifact_store": "s3://stepops-tests/artifacts"}}))
     hook = make_hook("sm_no_region")
     with pytest.raises(StepOperatorConfigError, match="region_name: step operator 'sm_no_region' has no AWS region"):
-        hook.submit(make_spec(hook, _greet, "x", task_id="no_region"))
+        hook.submit(make_spec(hook, greet, "x", task_id="no_region"))
 
 
 def test_shared_polling_describes_only_jobs_that_changed(sm_emulator):
@@ -249,16 +216,6 @@ def test_a_long_remote_error_fits_failure_reason(sm_emulator):
     assert failure_record(f"AlgorithmError: {text[:-40]}") is None  # a cut record is no record
 
 
-def _connection(monkeypatch, conn_id: str, **extra) -> str:
-    import json
-    import os
-
-    base = json.loads(os.environ["AIRFLOW_CONN_SAGEMAKER_STEP_OPERATOR"])
-    base["extra"].update(extra)
-    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(base))
-    return conn_id
-
-
 def test_requests_sagemaker_refuses_are_refused_before_submitting(sm_emulator, monkeypatch):
     from airflow_stepops.exceptions import StepOperatorConfigError
 
@@ -267,10 +224,10 @@ def test_requests_sagemaker_refuses_are_refused_before_submitting(sm_emulator, m
         SageMakerStepOperatorSettings(tags={"team": "ml~infra"})  # at parse time already
     bad = SageMakerStepOperatorSettings.model_construct(tags={"team": "ml~infra"})  # the request check still holds
     with pytest.raises(StepOperatorConfigError, match=r"Tags\[\d+\]\.Value: 'ml~infra' does not match the pattern"):
-        hook.render(make_spec(hook, _greet, "x", task_id="bad_tag", settings=bad))
-    too_many = make_hook(_connection(monkeypatch, "sm_tagged", tags={f"c{i}": "v" for i in range(30)}))
+        hook.render(make_spec(hook, greet, "x", task_id="bad_tag", settings=bad))
+    too_many = make_hook("sm_tagged", monkeypatch=monkeypatch, tags={f"c{i}": "v" for i in range(30)})
     with pytest.raises(StepOperatorConfigError, match="tags: SageMaker allows 50 tags a job and 6 are the step's"):
-        too_many.render(make_spec(too_many, _greet, "x", task_id="tags", settings=SageMakerStepOperatorSettings(
+        too_many.render(make_spec(too_many, greet, "x", task_id="tags", settings=SageMakerStepOperatorSettings(
             tags={f"s{i}": "v" for i in range(20)})))
 
 
@@ -280,7 +237,7 @@ def test_identity_tags_are_valid_tag_values(sm_emulator):
     from airflow_stepops.bundle import StepIdentity
 
     hook = make_hook()
-    spec = make_spec(hook, _greet, "tilde", task_id="tilde_run")
+    spec = make_spec(hook, greet, "tilde", task_id="tilde_run")
     identity = StepIdentity(spec.identity.dag_id, "manual__2026-12-07~retry", "tilde_run", -1, 1)
     handle = hook.submit(dataclasses.replace(spec, identity=identity))
     tags = {t["Key"]: t["Value"] for t in sm_emulator.client("sagemaker").list_tags(
@@ -300,7 +257,7 @@ def test_identity_is_never_assumed(sm_emulator):
     with pytest.raises(StepOperatorConfigError, match="list the tags .* AccessDeniedException"):
         hook.find_job(spec.identity)  # not "ours" for want of tags, nor "not ours"
     hook.cancel(handle)
-    stranger = make_spec(hook, _greet, "x", task_id="stranger")
+    stranger = make_spec(hook, greet, "x", task_id="stranger")
     request = hook.render(stranger)
     sm_emulator.client("sagemaker").create_training_job(**{**request, "Tags": [{"Key": "team", "Value": "other"}]})
     assert job_name(stranger.identity) == request["TrainingJobName"]
@@ -309,9 +266,9 @@ def test_identity_is_never_assumed(sm_emulator):
 
 
 def test_a_lost_create_reply_resolves_to_the_one_job(sm_emulator, monkeypatch):
-    hook = make_hook(_connection(monkeypatch, "sm_fast", api_timeout_seconds=1, api_max_attempts=2))
+    hook = make_hook("sm_fast", monkeypatch=monkeypatch, api_timeout_seconds=1, api_max_attempts=2)
     for index, lost in enumerate((1, None)):  # a retry meets the job (ResourceInUse); every reply lost
-        spec = make_spec(hook, _greet, "lost", task_id=f"lost_reply_{index}")
+        spec = make_spec(hook, greet, "lost", task_id=f"lost_reply_{index}")
         fault = sm_emulator.lose_replies("CreateTrainingJob", count=lost, hold=20)
         started = time.monotonic()
         try:
@@ -323,15 +280,6 @@ def test_a_lost_create_reply_resolves_to_the_one_job(sm_emulator, monkeypatch):
         assert run_trigger(hook, handle)["status"] == "succeeded"
 
 
-def _count(lines: int) -> str:
-    import time
-
-    for number in range(lines):
-        print(f"line {number}", flush=True)
-        time.sleep(0.04)
-    return "counted"
-
-
 def test_late_log_events_are_shown_once(sm_emulator):
     import asyncio
     from collections import Counter
@@ -339,7 +287,7 @@ def test_late_log_events_are_shown_once(sm_emulator):
     hook = make_hook()
     old = sm_emulator.configure(late_log_every=4, late_log_delay=1.2)
     try:
-        handle = hook.submit(make_spec(hook, _count, 80, task_id="late_logs"))
+        handle = hook.submit(make_spec(hook, print_lines, 80, 0.04, task_id="late_logs"))
         lines: list[str] = []
         cursor, done = None, 0
         while done < 3:  # until three reads after the job ended

@@ -11,6 +11,8 @@ from airflow_stepops.runtime.protocol import ENTRY_FILE
 from airflow_stepops.settings.sagemaker import SageMakerStepOperatorConfig, SageMakerStepOperatorSettings
 from airflow_stepops.settings.sagemaker_instances import choose_instance
 
+from ..flavorjobs import declare
+
 ROLE = "arn:aws:iam::123456789012:role/stepops-training"
 KEY = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 
@@ -35,17 +37,6 @@ def test_no_instance_fits_lists_the_nearest():
         choose_instance(ResourceSettings(gpu_count=16, gpu_type="H100"))
 
 
-def _declare(**kwargs):
-    from airflow.sdk import DAG, task
-
-    with DAG("sagemaker_parse_checks", schedule=None):
-        @task.step_operator(step_operator="sagemaker_step_operator", **kwargs)
-        def step() -> None:
-            pass
-
-        step()
-
-
 @pytest.mark.parametrize(("settings", "message"), [
     ({"instance_type": "ml.p9.mega"}, None),  # well-formed names are checked against the API before submit
     ({"instance_type": "p3.2xlarge"}, r"instance_type: 'p3.2xlarge' is not a SageMaker instance type"),
@@ -59,19 +50,19 @@ def _declare(**kwargs):
 ])
 def test_bad_sagemaker_settings_fail_at_parse_time(settings, message):
     if message is None:
-        _declare(settings={"step_operator.sagemaker": settings})
+        declare("sagemaker", settings={"step_operator.sagemaker": settings})
         return
     with pytest.raises(StepOperatorConfigError, match=message):
-        _declare(settings={"step_operator.sagemaker": settings})
+        declare("sagemaker", settings={"step_operator.sagemaker": settings})
 
 
 def test_resources_no_instance_can_satisfy_fail_at_parse_time():
     with pytest.raises(StepOperatorConfigError, match="no SageMaker training instance type fits"):
-        _declare(settings={"resources": ResourceSettings(gpu_count=2, gpu_type="K80"),
-                           "step_operator.sagemaker": SageMakerStepOperatorSettings()})
+        declare("sagemaker", settings={"resources": ResourceSettings(gpu_count=2, gpu_type="K80"),
+                                    "step_operator.sagemaker": SageMakerStepOperatorSettings()})
     with pytest.raises(StepOperatorConfigError, match="volume_size_in_gb=10 is smaller than resources.disk_size"):
-        _declare(settings={"resources": ResourceSettings(disk_size="50GB"),
-                           "step_operator.sagemaker": SageMakerStepOperatorSettings(volume_size_in_gb=10)})
+        declare("sagemaker", settings={"resources": ResourceSettings(disk_size="50GB"),
+                                    "step_operator.sagemaker": SageMakerStepOperatorSettings(volume_size_in_gb=10)})
 
 
 @pytest.mark.parametrize(("extras", "message"), [

@@ -8,8 +8,7 @@ pytest.importorskip("google.cloud.aiplatform_v1")
 
 from tests.dags import flavor_pipelines
 
-from ..flavorjobs import render, run_example
-from ..unit.test_operator import _run, _xcom
+from ..flavorjobs import render, run_example, run_pipeline
 
 pytestmark = pytest.mark.usefixtures("airflow_db", "vx_emulator")
 
@@ -20,26 +19,19 @@ def _jobs(vx, task_id: str, dag_id: str) -> list[dict]:
 
 
 def test_pipeline_with_xcoms_gcs_artifacts_and_mapping(vx_emulator):
-    run, tis = _run(flavor_pipelines.vx_pipeline)
-    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
-    assert _xcom(tis["report"]) == {"total": 18, "model": [1, 2, 3], "doubled": [2, 10]}
-    ref = _xcom(tis["train"], key="model")
+    _, _, ref, record = run_pipeline(flavor_pipelines.vx_pipeline, "vertex")
     assert ref.uri.startswith("gs://google_cloud_default@stepops-tests/artifacts/vx_pipeline/")
-    assert ref.type == "builtins.frozenset" and ref.load() == frozenset({1, 2, 3})
     train_job = _jobs(vx_emulator, "train", "vx_pipeline")[-1]
     assert train_job["jobSpec"]["workerPoolSpecs"][0]["machineSpec"] == {"machineType": "e2-standard-8"}
     evaluate_job = _jobs(vx_emulator, "evaluate", "vx_pipeline")[-1]
     assert evaluate_job["labels"]["stage"] == "eval"
     assert evaluate_job["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]["acceleratorType"] == "NVIDIA_TESLA_A100"
-    record = _xcom(tis["train"], key="stepops_job")
-    assert record["flavor"] == "vertex" and record["machine_type"] == "e2-standard-8"
+    assert record["machine_type"] == "e2-standard-8"
     assert record["console_url"].endswith(f"/training/{record['job_id']}/cpu?project={vx_emulator.project}")
 
 
 def test_vertex_example_dag_runs_on_the_emulator(vx_emulator):
-    _, tis = run_example("vertex_training")
-    assert _xcom(tis["train_on_vertex"]) == {"w": 1.5, "b": 0.25, "epochs": 20}
-    assert _xcom(tis["evaluate"]) == 0.0
+    run_example("vertex_training", train_on_vertex={"w": 1.5, "b": 0.25, "epochs": 20}, evaluate=0.0)
     train = _jobs(vx_emulator, "train_on_vertex", "vertex_training")[-1]
     assert train["jobSpec"]["scheduling"]["strategy"] == "SPOT"
     assert train["jobSpec"]["workerPoolSpecs"][0]["machineSpec"] == {
@@ -49,9 +41,6 @@ def test_vertex_example_dag_runs_on_the_emulator(vx_emulator):
 
 
 def test_stepops_render_prints_the_custom_job_body(vx_emulator):
-    before = len(vx_emulator.jobs)
-    body = render("vx_pipeline", "train")
-    request = body["request"]
-    assert body["flavor"] == "vertex" and request["displayName"].startswith("vx-pipeline-train-")
+    request = render(vx_emulator, "vertex", "vx_pipeline", "train")
+    assert request["displayName"].startswith("vx-pipeline-train-")
     assert request["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]["machineType"] == "e2-standard-8"
-    assert len(vx_emulator.jobs) == before  # nothing was submitted

@@ -25,7 +25,7 @@ from google.cloud import aiplatform_v1
 
 from airflow_stepops.testing.vertex import VertexEmulator, without_boundary_lookup
 
-from ..emulated import emulator_process
+from ..emulated import emulator_process, gone, running_pid
 
 BUCKET = "stepops-vertex-tests"
 STATE = aiplatform_v1.JobState
@@ -132,23 +132,6 @@ def entries(emu, session, filter_: str, **body) -> dict:
                         json={"resourceNames": [f"projects/{emu.project}"], "filter": filter_, **body})
     assert resp.status_code == 200, resp.text
     return resp.json()
-
-
-def running_pid(emu, job: str) -> int:
-    """The job's process (a job is RUNNING once its process exists)."""
-    emu.wait_for_state(job, "JOB_STATE_RUNNING")
-    pid = emu.pid(job)
-    assert pid is not None
-    return pid
-
-
-def gone(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 # ----- auth ---------------------------------------------------------------------------------------------

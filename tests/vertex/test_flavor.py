@@ -11,29 +11,23 @@ import pytest
 pytest.importorskip("google.cloud.aiplatform_v1")
 
 from airflow_stepops.artifacts import store_path
-from airflow_stepops.bundle import read_outcome
+from airflow_stepops.bundle import read_outcome, replace_refs
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.runtime.protocol import ENTRY_FILE, Env
 from airflow_stepops.settings.vertex import VertexStepOperatorSettings
 
-from ..flavorjobs import hook_maker, make_spec, poll_together, raise_value_error, run_trigger, sleep_then_return
+from ..flavorjobs import hook_maker, make_spec, poll_together, run_trigger, stored_ref
+from ..steps import greet, print_lines, sleep_then_return
 
 make_hook = hook_maker("vertex")
 
 pytestmark = pytest.mark.usefixtures("vx_emulator")
 
 
-def _greet(name: str) -> dict:
-    import os
-
-    print("hello", name, "from", os.environ["STEPOPS_FLAVOR"], flush=True)
-    return {"greeting": f"hi {name}", "bundle": os.environ["STEPOPS_BUNDLE_PATH"]}
-
-
 def test_step_runs_as_a_custom_job_with_logs_and_result(vx_emulator):
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, _greet, "ada", task_id="greet",
+    handle = hook.submit(make_spec(hook, greet, "ada", task_id="greet",
                                    resources=ResourceSettings(gpu_type="L4", memory="16GB")))
     event = run_trigger(hook, handle)
     assert event["status"] == "succeeded", event
@@ -53,7 +47,7 @@ def test_every_rendered_body_parses_into_the_proto():
     from google.cloud.aiplatform_v1.types import CustomJob
 
     hook = make_hook()
-    spec = make_spec(hook, _greet, "x", task_id="render", timeout_seconds=600,
+    spec = make_spec(hook, greet, "x", task_id="render", timeout_seconds=600,
                      settings=VertexStepOperatorSettings(machine_type="n1-standard-8", accelerator_type="T4",
                                                          accelerator_count=2, use_spot=True, disk_size_gb=200,
                                                          boot_disk_type="pd-standard", labels={"cost": "r_d"}))
@@ -70,57 +64,21 @@ def test_every_rendered_body_parses_into_the_proto():
     assert pool.container_spec.command[1] == env[Env.BUNDLE_PATH] + "/" + ENTRY_FILE
 
 
-def test_remote_exception_fails_the_step(vx_emulator):
+@pytest.mark.parametrize(("lines", "late"), [(15, (3, 1.0)), (3, (1, 4.0))], ids=["out_of_order", "after_the_end"])
+def test_log_lines_ingested_late_are_shown_once(vx_emulator, lines, late):
+    """Every third line reaching Cloud Logging a second late (while the job still runs); or every line 4 s late,
+    after the job has ended and within the connection's log_settle_seconds (2 s) of its end."""
     hook = make_hook()
-    handle = hook.submit(make_spec(hook, raise_value_error, 7, task_id="raises"))
-    event = run_trigger(hook, handle)
-    assert event["status"] == "failed", event
-    assert any("ValueError: bad input 7" in line for line in event["log_tail"])
-    outcome = read_outcome(store_path(handle["output_uri"]))
-    assert "bad input 7" in str(outcome.error)
-
-
-def test_scheduling_timeout_is_a_timeout(vx_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, sleep_then_return, 60, task_id="deadline",
-                                   settings=VertexStepOperatorSettings(max_runtime_in_seconds=2)))
-    event = run_trigger(hook, handle)
-    assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
-
-
-def _chatty(lines: int) -> None:
-    import time
-
-    for i in range(lines):
-        print(f"line {i}", flush=True)
-        time.sleep(0.1)
-    time.sleep(2.5)  # late lines arrive while the job still runs
-
-
-def test_log_lines_ingested_late_and_out_of_order_are_shown_once(vx_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _chatty, 15, task_id="late_logs"))
-    vx_emulator.late_logs = (3, 1.0)  # every third line reaches Cloud Logging a second late
+    handle = hook.submit(make_spec(hook, print_lines, lines, 0.1, 2.5, task_id=f"late_logs_{lines}"))
+    vx_emulator.late_logs = late
     try:
         event = run_trigger(hook, handle)
     finally:
         vx_emulator.late_logs = None
     assert event["status"] == "succeeded", event
     shown = [line for line in event["log_tail"] if line.startswith("line ")]
-    assert sorted(shown, key=lambda line: int(line.split()[1])) == [f"line {i}" for i in range(15)], shown
-
-
-def test_last_lines_ingested_after_the_job_ended_are_shown(vx_emulator):
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, _chatty, 3, task_id="late_last_lines"))
-    vx_emulator.late_logs = (1, 4.0)  # every line reaches Cloud Logging 4 s late, after the job has ended,
-    # and within the connection's log_settle_seconds (2 s) of its end
-    try:
-        event = run_trigger(hook, handle)
-    finally:
-        vx_emulator.late_logs = None
-    assert event["status"] == "succeeded", event
-    assert [line for line in event["log_tail"] if line.startswith("line ")] == ["line 0", "line 1", "line 2"]
+    in_order = shown if late[0] == 1 else sorted(shown, key=lambda line: int(line.split()[1]))
+    assert in_order == [f"line {i}" for i in range(lines)], shown
 
 
 def _count_runs(path: str) -> int:
@@ -178,46 +136,16 @@ def test_outcomes_come_from_error_codes_not_from_message_words(vx_emulator):
 
 def test_stockout_is_preemption(vx_emulator):
     hook = make_hook()
-    spec = make_spec(hook, _greet, "x", task_id="stockout")
+    spec = make_spec(hook, greet, "x", task_id="stockout")
     vx_emulator.inject("stockout")
     event = run_trigger(hook, hook.submit(spec))
     assert event["status"] == "preempted" and event["details"]["reason"] == "capacity", event
 
 
-def test_quota_error_is_a_clear_error_and_nothing_runs(vx_emulator):
-    hook = make_hook()
-    spec = make_spec(hook, _greet, "x", task_id="quota")
-    vx_emulator.inject("quota_exceeded")
-    with pytest.raises(StepOperatorConfigError, match=r"Vertex AI refused to create the CustomJob .*quota"):
-        hook.submit(spec)
-    assert hook.find_job(spec.identity) is None
-
-
-def test_submit_is_exactly_once_per_try(vx_emulator):
-    hook = make_hook()
-    spec = make_spec(hook, _greet, "once", task_id="exactly_once")
-    first = hook.submit(spec)
-    again = make_hook().submit(spec)
-    assert again["job_id"] == first["job_id"] and hook.find_job(spec.identity)["job_id"] == first["job_id"]
-    labelled = [j for j in vx_emulator.jobs if j["labels"].get("stepops-step") == spec.identity.digest[:40]]
-    assert len(labelled) == 1
-    assert hook.find_job(spec.identity.for_try(2)) is None
-    assert run_trigger(hook, first)["status"] == "succeeded"
-
-
-def _fast_hook(monkeypatch, conn_id: str = "vx_fast_timeout"):
-    import json
-    import os
-
-    extra = {**json.loads(os.environ["AIRFLOW_CONN_VERTEX_STEP_OPERATOR"])["extra"], "api_timeout_seconds": 1}
-    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({"conn_type": "stepops_vertex", "extra": extra}))
-    return make_hook(conn_id)
-
-
 @pytest.mark.parametrize("held", [0.0, 20.0], ids=["connection_dropped", "reply_never_sent"])
 def test_a_lost_create_reply_finds_the_job_instead_of_hanging_or_creating_another(vx_emulator, monkeypatch, held):
-    hook = _fast_hook(monkeypatch)
-    spec = make_spec(hook, _greet, "lost", task_id=f"lost_reply_{int(held)}")
+    hook = make_hook("vx_fast_timeout", monkeypatch=monkeypatch, api_timeout_seconds=1)
+    spec = make_spec(hook, greet, "lost", task_id=f"lost_reply_{int(held)}")
     vx_emulator.inject("lost_create_reply", duration=held)
     vx_emulator.list_lag = 1.5  # and the new job shows up in lists only a while later
     try:
@@ -233,29 +161,10 @@ def test_a_lost_create_reply_finds_the_job_instead_of_hanging_or_creating_anothe
 
 
 def test_gcs_artifact_refs_are_read_in_place(vx_emulator):
-    from airflow_stepops.artifacts import ArtifactRef
-
     hook = make_hook()
-    source = make_spec(hook, _greet, "ref", task_id="ref_source")
-    ref_path = store_path(source.output_uri).parent / "ref.pkl"
-    import hashlib
-
-    import cloudpickle
-
-    data = cloudpickle.dumps([1, 2, 3])
-    ref_path.write_bytes(data)
-    ref = ArtifactRef(uri=str(ref_path), type="builtins.list", size=len(data), sha256=hashlib.sha256(data).hexdigest())
-
-    def total(values: list) -> int:
-        return sum(values)
-
-    from airflow_stepops.bundle import replace_refs
-
     refs: list = []
-    args = replace_refs([ref], refs)
-    spec = make_spec(hook, total, *args, task_id="ref_consumer", refs=refs)
-    body = hook.render(spec)
-    env = {e["name"]: e["value"] for e in body["jobSpec"]["workerPoolSpecs"][0]["containerSpec"]["env"]}
+    spec = make_spec(hook, sum, *replace_refs([stored_ref(hook, [1, 2, 3])], refs), task_id="ref_consumer", refs=refs)
+    env = {e["name"]: e["value"] for e in hook.render(spec)["jobSpec"]["workerPoolSpecs"][0]["containerSpec"]["env"]}
     assert '"/gcs/stepops-tests/' in env[Env.REFS]
     handle = hook.submit(spec)
     assert run_trigger(hook, handle)["status"] == "succeeded"
@@ -273,7 +182,7 @@ def test_missing_project_is_a_clear_error(monkeypatch, vx_emulator):
     monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
     hook = make_hook("vx_no_project")
     with pytest.raises(StepOperatorConfigError, match="project: step operator 'vx_no_project' has no GCP project"):
-        hook.submit(make_spec(hook, _greet, "x", task_id="no_project"))
+        hook.submit(make_spec(hook, greet, "x", task_id="no_project"))
 
 
 def test_shared_polling_lists_instead_of_reading_every_job(vx_emulator):
@@ -292,19 +201,3 @@ def test_shared_polling_lists_instead_of_reading_every_job(vx_emulator):
     assert len(gets) == len(handles), gets  # each job read once; every later round is one list call
     assert len(calls) <= len(handles) + len(seen), (len(calls), len(seen), time.time() - started)
 
-
-def test_operator_side_cancel_and_status(vx_emulator):
-    """``on_kill`` of a non-deferred step: the sync client cancels; cancelling a finished job is quiet."""
-    from airflow_stepops.hooks.base import JobState
-
-    hook = make_hook()
-    handle = hook.submit(make_spec(hook, sleep_then_return, 120, task_id="sync_cancel"))
-    vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_RUNNING"])
-    assert hook.get_status(handle).state is JobState.RUNNING
-    hook.cancel(handle)
-    vx_emulator.wait_for_state(handle["job_id"], ["JOB_STATE_CANCELLED"])
-    status = hook.get_status(handle)
-    assert status.state is JobState.CANCELLED and vx_emulator.pid(handle["job_id"]) is None
-    hook.cancel(handle)  # already finished: FAILED_PRECONDITION is not an error here
-    unknown = handle["name"][:-1] + ("1" if handle["name"].endswith("0") else "0")  # another job id
-    assert hook.get_status({**handle, "name": unknown}).state is JobState.FAILED

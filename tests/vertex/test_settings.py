@@ -10,6 +10,8 @@ from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.vertex import VertexStepOperatorConfig, VertexStepOperatorSettings
 from airflow_stepops.settings.vertex_machines import check_machine, choose_machine
 
+from ..flavorjobs import declare
+
 
 @pytest.mark.parametrize(("resources", "machine", "accelerator", "count"), [
     (ResourceSettings(cpu_count=2), "e2-highmem-2", None, 0),
@@ -71,17 +73,6 @@ def test_fixed_gpu_machine_implies_its_accelerator():
     assert check_machine("ct5lp-hightpu-4t", "TPU_V5_LITEPOD", 4).machine_type == "ct5lp-hightpu-4t"  # not in table
 
 
-def _declare(**kwargs):
-    from airflow.sdk import DAG, task
-
-    with DAG("vertex_parse_checks", schedule=None):
-        @task.step_operator(step_operator="vertex_step_operator", **kwargs)
-        def step() -> None:
-            pass
-
-        step()
-
-
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"settings": {"step_operator.vertex": {"accelerator_type": "NVIDIA_TESLA_K80"}}}, r"K80 GPUs are retired"),
     ({"settings": {"step_operator.vertex": {"accelerator_type": "TPU_V9"}}},
@@ -120,7 +111,7 @@ def _declare(**kwargs):
 ])
 def test_bad_settings_fail_at_parse_time(kwargs, message):
     with pytest.raises((StepOperatorConfigError, ValidationError, ValueError), match=message):
-        _declare(**kwargs)
+        declare("vertex", **kwargs)
 
 
 def test_labels_follow_googles_rules():
@@ -150,8 +141,8 @@ def test_zenml_examples_parse():
     settings = VertexStepOperatorSettings(machine_type="n1-standard-8", accelerator_type="NVIDIA_TESLA_V100",
                                           accelerator_count=2)
     assert settings.machine_for(ResourceSettings()).describe() == "n1-standard-8 (8 vCPU, 30 GB, 2 x NVIDIA_TESLA_V100)"
-    _declare(settings={"step_operator.vertex": {"machine_type": "a2-highgpu-1g", "disk_size_gb": 200,
-                                                "use_preemptible": True}})
+    declare("vertex", settings={"step_operator.vertex": {"machine_type": "a2-highgpu-1g", "disk_size_gb": 200,
+                                                          "use_preemptible": True}})
     assert VertexStepOperatorSettings(use_preemptible=True).spot
     # an accelerator without a machine type: the smallest machine for it
     assert VertexStepOperatorSettings(accelerator_type="L4", accelerator_count=2).machine_for(

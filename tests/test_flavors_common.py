@@ -1,0 +1,119 @@
+"""Promises every remote flavor keeps, written once and checked for each against its emulator through the
+flavor's real hook and trigger. What only one flavor promises stays in tests/<flavor>/."""
+
+from __future__ import annotations
+
+import pytest
+
+from airflow_stepops.artifacts import store_path
+from airflow_stepops.bundle import read_outcome
+from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.flavors import get_flavor
+from airflow_stepops.hooks.base import JobState
+from airflow_stepops.hooks.kubernetes_job import STEP_LABEL
+
+from .emulated import eventually
+from .flavorjobs import EMULATORS, make_hook, make_spec, run_trigger
+from .steps import raise_value_error, sleep_then_return
+
+REMOTE = sorted(EMULATORS)
+
+
+@pytest.fixture
+def emulator(request, flavor):
+    """The session emulator behind ``flavor``'s step operator; the Jobs of the kubernetes flavor are checked
+    against the Kubernetes schema afterwards, as in tests/kubernetes."""
+    pytest.importorskip({"kubernetes": "kubernetes", "sagemaker": "moto", "vertex": "google.cloud.aiplatform_v1",
+                         "azureml": "azure.ai.ml", "modal": "modal"}[flavor])
+    emulator = request.getfixturevalue(EMULATORS[flavor])
+    if flavor == "modal":
+        request.getfixturevalue("modal_step_operator")
+    yield emulator
+    if flavor == "kubernetes":
+        from .kubernetes.conftest import validate_new_jobs
+
+        validate_new_jobs(emulator)
+
+
+@pytest.mark.parametrize("flavor", REMOTE)
+def test_max_runtime_is_a_timeout(flavor, emulator):
+    limit = "timeout" if flavor == "modal" else "max_runtime_in_seconds"
+    hook = make_hook(flavor)
+    handle = hook.submit(make_spec(hook, sleep_then_return, 60, task_id="deadline",
+                                   settings=get_flavor(flavor).settings_model()(**{limit: 2})))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and event["details"]["reason"] == "timed_out", event
+    if flavor == "kubernetes":  # the limit is the Job's own
+        assert "activeDeadlineSeconds=2" in event["message"]
+    if flavor == "azureml":  # the limit is the job's own, which Azure ML cancels: no error of the step
+        job = emulator.job(handle["job_id"])
+        assert job["properties"]["limits"]["timeout"] == "PT2S" and job["status"] == "Canceled" and not job["error"]
+
+
+@pytest.mark.parametrize(("flavor", "says"), [
+    ("kubernetes", "exit code 1"), ("sagemaker", "ValueError: bad input 7"), ("vertex", ""),
+    ("azureml", "exited with status code 1"), ("modal", "")])
+def test_a_remote_exception_fails_the_step_and_comes_back_whole(flavor, says, emulator):
+    hook = make_hook(flavor)
+    handle = hook.submit(make_spec(hook, raise_value_error, 7, task_id="raises"))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and says in event["message"], event
+    assert any("ValueError: bad input 7" in line for line in event["log_tail"]), event["log_tail"]
+    hook.collect_output(handle)  # as the operator's execute_complete does
+    error = read_outcome(store_path(handle["output_uri"])).error
+    assert (error["type"], error["message"]) == ("builtins.ValueError", "bad input 7")
+    assert "in raise_value_error" in error["traceback"]
+
+
+@pytest.mark.parametrize(("flavor", "refusal"), [("azureml", "Azure ML refused to create the command job"),
+                                                 ("vertex", "Vertex AI refused to create the CustomJob")])
+def test_quota_error_is_a_clear_error_and_nothing_runs(flavor, refusal, emulator):
+    hook = make_hook(flavor)
+    spec = make_spec(hook, sleep_then_return, 0, task_id="quota")
+    before = len(emulator.job_ids)
+    emulator.inject("quota_exceeded")
+    with pytest.raises(StepOperatorConfigError, match=f"{refusal} .*quota"):
+        hook.submit(spec)
+    assert hook.find_job(spec.identity) is None and len(emulator.job_ids) == before
+
+
+#: flavor -> how many jobs its emulator holds for a submitted step try
+JOBS_OF_TRY = {
+    "kubernetes": lambda k8s, spec, handle: len(k8s.list_objects("jobs", "steps", f"{STEP_LABEL}={handle['step']}")),
+    "sagemaker": lambda sm, spec, handle: [j["TrainingJobName"] for j in sm.jobs].count(handle["job_id"]),
+    "vertex": lambda vx, spec, handle: [j["labels"].get("stepops-step") for j in vx.jobs].count(
+        spec.identity.digest[:40]),
+    "azureml": lambda az, spec, handle: [j["properties"]["tags"].get("stepops-step") for j in az.jobs].count(
+        spec.identity.digest[:40])}
+
+
+@pytest.mark.parametrize("flavor", sorted(JOBS_OF_TRY))
+def test_submit_is_exactly_once_per_try(flavor, emulator):
+    hook = make_hook(flavor)
+    spec = make_spec(hook, sleep_then_return, 0, task_id="exactly_once")
+    first = hook.submit(spec)
+    again = make_hook(flavor).submit(spec)  # e.g. a worker that died after creating the job
+    assert again["job_id"] == first["job_id"] and hook.find_job(spec.identity)["job_id"] == first["job_id"]
+    assert JOBS_OF_TRY[flavor](emulator, spec, first) == 1
+    assert hook.find_job(spec.identity.for_try(2)) is None
+    assert run_trigger(hook, first)["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("flavor", ["azureml", "modal", "vertex"])
+def test_operator_side_cancel_and_status(flavor, emulator):
+    """``on_kill`` of a non-deferred step: the sync client cancels; cancelling a finished job is quiet."""
+    hook = make_hook(flavor)
+    handle = hook.submit(make_spec(hook, sleep_then_return, 120, task_id="sync_cancel"))
+    eventually(lambda: hook.get_status(handle).state is JobState.RUNNING and emulator.pids(handle["job_id"]),
+               what="the step to start")
+    assert flavor != "modal" or hook.get_status(handle).details["modal_task_id"].startswith("ta-")
+    hook.cancel(handle)
+    emulator.wait_for_state(handle["job_id"], "cancelled")
+    assert hook.get_status(handle).state is JobState.CANCELLED
+    eventually(lambda: emulator.pids(handle["job_id"]) == [], 10, "the step's process to end")
+    hook.cancel(handle)  # already finished: quiet
+    if flavor != "modal":  # a job that is not there is a failure
+        key = "name" if flavor == "vertex" else "job_id"
+        other = handle[key][:-1] + ("1" if handle[key].endswith("0") else "0")
+        missing = hook.get_status({**handle, key: other})
+        assert missing.state is JobState.FAILED and missing.details["reason"] == "job_missing", missing
