@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, check_environment
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, env_field
 
 #: tag keys the flavor sets itself (the step's identity, for exactly-once look-ups)
 TAG_PREFIX = "stepops-"
@@ -113,9 +113,8 @@ class AzureMLStepOperatorSettings(BaseStepOperatorSettings, _AzureMLChecks):
         "Premium.")
     shm_size: str | None = Field(default=None, description="Shared memory of the container, e.g. \"16g\" "
                                  "(Azure ML's default: 2g).")
-    environment_variables: dict[str, str] = Field(
-        default_factory=dict, description="Environment variables of the step (merged over the step operator's "
-        "environment; no secrets).")
+    environment_variables: EnvVars = Field(default_factory=dict, description="Environment variables of the step "
+                                           "(merged over the step operator's environment; no secrets).")
     experiment_name: str | None = Field(default=None, description="Experiment of the job (default: the DAG id).")
     tags: dict[str, str] = Field(default_factory=dict, description="Tags of the job.")
     max_runtime_in_seconds: int | None = Field(
@@ -135,11 +134,6 @@ class AzureMLStepOperatorSettings(BaseStepOperatorSettings, _AzureMLChecks):
     @classmethod
     def _shm(cls, value: str | None) -> str | None:
         return normalize_shm_size(value)
-
-    @field_validator("environment_variables")
-    @classmethod
-    def _env_vars(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_environment(value)
 
     @model_validator(mode="after")
     def _tier_needs_serverless(self) -> AzureMLStepOperatorSettings:
@@ -228,8 +222,7 @@ class AzureMLStepOperatorConfig(BaseStepOperatorConfig, _AzureMLChecks):
     experiment_name: str | None = Field(
         title="Experiment name", default=None, description="Experiment of every job (default: the DAG id).")
     tags: dict[str, str] = Field(default_factory=dict, description="Tags of every job.")
-    environment: dict[str, str] = Field(
-        title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
+    environment: EnvVars = env_field()
     api_timeout_seconds: float = Field(
         title="API call timeout (s)",
         default=60.0, gt=0, le=600, description="Seconds one call to Azure ML or the log blob may wait for an answer "
@@ -286,11 +279,6 @@ class AzureMLStepOperatorConfig(BaseStepOperatorConfig, _AzureMLChecks):
                              "expected azureml://datastores/<datastore>/paths/<prefix> or abfs://[<storage conn "
                              f"id>@]<container>/<prefix> (also abfss://, az://), got {value!r}")
         return value
-
-    @field_validator("environment")
-    @classmethod
-    def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_environment(value)
 
     @model_validator(mode="after")
     def _one_environment(self) -> AzureMLStepOperatorConfig:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -46,6 +47,15 @@ def check_environment(value: dict[str, str]) -> dict[str, str]:
         if name.upper().startswith(Env.PREFIX):
             raise ValueError(f"environment: {name!r}: names starting with {Env.PREFIX} are reserved for the runtime")
     return value
+
+
+#: environment variables: a field of this type refuses names no backend takes (see ``check_environment``)
+EnvVars = Annotated[dict[str, str], AfterValidator(check_environment)]
+
+
+def env_field(description: str = "Environment of every step (no secrets).", title: str = "Environment variables") -> Any:
+    """The ``environment`` field of a step operator's configuration: empty by default."""
+    return Field(title=title, default_factory=dict, description=description)
 
 
 def allowed_fields_hint(model_name: str, name: object = None) -> str:
@@ -94,14 +104,7 @@ class BaseStepOperatorSettings(_Strict):
     max_runtime_in_seconds: int | None = Field(
         default=None, gt=0, description="Hard limit enforced by the backend; the job is stopped after it."
     )
-    environment: dict[str, str] = Field(
-        default_factory=dict, description="Extra environment variables for the step (no secrets)."
-    )
-
-    @field_validator("environment")
-    @classmethod
-    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_environment(value)
+    environment: EnvVars = Field(default_factory=dict, description="Extra environment variables for the step (no secrets).")
 
     def check_resources(self, resources: Any) -> None:
         """Refuse ``ResourceSettings`` this flavor cannot honour with these settings (parse time)."""

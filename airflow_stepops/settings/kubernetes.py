@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, check_environment
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, env_field
 
 #: RFC 1123 label: Job, namespace and container names
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -348,8 +348,7 @@ class KubernetesStepOperatorConfig(BaseStepOperatorConfig, KubernetesPodOptions)
         title="In cluster", default=False, description="Use the pod's service account (Airflow runs in the cluster).")
     kubernetes_namespace: str = Field(title="Namespace", default="default", description="Namespace of the step Jobs.")
     image: str | None = Field(default=None, description="Container image steps run in (Python + cloudpickle).")
-    environment: dict[str, str] = Field(
-        title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
+    environment: EnvVars = env_field()
     worker_artifact_path: str | None = Field(
         title="Worker path of the pvc:// store", default=None,
         description="With a pvc:// artifact store: where that claim (its root) is mounted on Airflow workers "
@@ -381,11 +380,6 @@ class KubernetesStepOperatorConfig(BaseStepOperatorConfig, KubernetesPodOptions)
         description="Link to a Job in your dashboard, with {namespace} and {name}, e.g. "
         "https://dashboard.example/#/job/{namespace}/{name}",
     )
-
-    @field_validator("environment")
-    @classmethod
-    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_environment(value)
 
     @field_validator("inline_transfer_max_size")
     @classmethod

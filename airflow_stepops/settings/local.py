@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, check_environment
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, env_field
 
 
 class LocalStepOperatorSettings(BaseStepOperatorSettings):
@@ -36,20 +36,12 @@ class LocalStepOperatorConfig(BaseStepOperatorConfig):
     )
     nvidia_smi: str = Field(
         title="nvidia-smi executable", default="nvidia-smi", description="nvidia-smi executable used to discover GPUs.")
-    environment: dict[str, str] = Field(
-        title="Environment variables",
-        default_factory=dict, description="Environment variables for every step of this operator."
-    )
+    environment: EnvVars = env_field("Environment variables for every step of this operator.")
     job_retention_days: float = Field(
         title="Job retention (days)",
         default=7, ge=0, description="Job directories (state and logs) of finished steps are removed after "
         "this many days; 0 keeps them forever. Results in the artifact store are not touched."
     )
-
-    @field_validator("environment")
-    @classmethod
-    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_environment(value)
 
     @field_validator("artifact_store")
     @classmethod

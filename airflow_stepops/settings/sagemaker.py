@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, check_environment
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, env_field
 
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+$")
 INSTANCE_NAME = re.compile(r"^ml\.[a-z0-9-]+\.[a-z0-9]+$")
@@ -59,7 +59,7 @@ def tag_text_ok(text: str) -> bool:
 
 
 def check_sagemaker_environment(env: dict[str, str], field: str) -> dict[str, str]:
-    check_environment(env)
+    """SageMaker's own limits, after ``check_environment`` (the field's type)."""
     for key, value in env.items():
         if not re.match(r"^[a-zA-Z_][a-zA-Z0-9_]*$", key) or len(key) > MAX_ENV_CHARS:
             raise ValueError(f"{field}: {key!r} is not a valid SageMaker environment variable name "
@@ -240,8 +240,7 @@ class SageMakerStepOperatorConfig(BaseStepOperatorConfig, _SageMakerChecks):
         title="VPC security groups", default_factory=list, description="VPC security groups.")
     kms_key_id: str | None = Field(title="KMS key", default=None, description="KMS key for the volume and the output.")
     tags: dict[str, str] = Field(default_factory=dict, description="Tags of every training job.")
-    environment: dict[str, str] = Field(
-        title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
+    environment: EnvVars = env_field()
     api_timeout_seconds: float = Field(title="API call timeout (s)",
                                        default=60.0, gt=0, le=900, description="Connect and read timeout of each "
                                        "AWS API call (a lost reply must not hang a worker).")

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, check_environment
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, env_field
 
 #: Labels (https://cloud.google.com/resource-manager/docs/labels-overview#requirements, linked from the
 #: CustomJob.labels reference): at most 64 per resource; keys 1-63 characters starting with a lowercase or
@@ -76,10 +76,11 @@ class _VertexChecks(BaseModel):
     def _labels(cls, value: dict[str, str]) -> dict[str, str]:
         return check_labels(value, "labels")
 
-    @field_validator("environment", check_fields=False)
+    @field_validator("environment", mode="before", check_fields=False)
     @classmethod
-    def _c_identifiers(cls, value: dict[str, str]) -> dict[str, str]:
-        bad = [name for name in value if not ENV_NAME.match(name)]
+    def _c_identifiers(cls, value: Any) -> Any:
+        """Before the field's type, so this flavor's narrower rule is the one named."""
+        bad = [n for n in value if isinstance(n, str) and not ENV_NAME.match(n)] if isinstance(value, dict) else []
         if bad:
             raise ValueError(f"environment: {bad[0]!r}: Vertex AI takes C identifiers as variable names "
                              "(letters, digits and '_', not starting with a digit)")
@@ -188,8 +189,7 @@ class VertexStepOperatorConfig(BaseStepOperatorConfig, _VertexChecks):
     persistent_resource_id: str | None = Field(
         title="Persistent resource id", default=None, description="Run on this persistent resource.")
     labels: dict[str, str] = Field(default_factory=dict, description="Labels of every CustomJob.")
-    environment: dict[str, str] = Field(
-        title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
+    environment: EnvVars = env_field()
     machine_type: str | None = Field(
         title="Default machine type", default=None, description="Default machine type of this step operator.")
     accelerator_type: str | None = Field(
@@ -237,11 +237,6 @@ class VertexStepOperatorConfig(BaseStepOperatorConfig, _VertexChecks):
             raise ValueError(f"artifact_store: Vertex reads and writes Cloud Storage through /gcs/<bucket>; expected "
                              f"gs://bucket/prefix (or gs://<google conn id>@bucket/prefix), got {value!r}")
         return value
-
-    @field_validator("environment")
-    @classmethod
-    def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_environment(value)
 
     @field_validator("service_account")
     @classmethod
