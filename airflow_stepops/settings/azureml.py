@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, env_field
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, env_field, matches
 
 #: tag keys the flavor sets itself (the step's identity, for exactly-once look-ups)
 TAG_PREFIX = "stepops-"
@@ -86,13 +86,9 @@ class _AzureMLChecks(BaseModel):
                              "and '-', starting with a letter); leave it empty for serverless compute")
         return value
 
-    @field_validator("experiment_name", check_fields=False)
-    @classmethod
-    def _experiment(cls, value: str | None) -> str | None:
-        if value is not None and not EXPERIMENT_NAME.match(value):
-            raise ValueError(f"experiment_name: {value!r} is not a valid experiment name (letters, digits, '_' and "
-                             "'-', starting with a letter or digit, at most 255 characters)")
-        return value
+    _experiment = matches(
+        "experiment_name", EXPERIMENT_NAME, "a valid experiment name (letters, digits, '_' and '-', starting with a "
+        "letter or digit, at most 255 characters)")
 
 
 class AzureMLStepOperatorSettings(BaseStepOperatorSettings, _AzureMLChecks):
@@ -235,12 +231,7 @@ class AzureMLStepOperatorConfig(BaseStepOperatorConfig, _AzureMLChecks):
         default=None, description="Link template ({job_name}, {subscription_id}, {resource_group}, "
         "{workspace_name}); default: the job's Azure ML studio URL.")
 
-    @field_validator("subscription_id")
-    @classmethod
-    def _subscription(cls, value: str) -> str:
-        if not SUBSCRIPTION_ID.match(value):
-            raise ValueError(f"subscription_id: {value!r} is not an Azure subscription id (a GUID)")
-        return value
+    _subscription = matches("subscription_id", SUBSCRIPTION_ID, "an Azure subscription id (a GUID)")
 
     @field_validator("resource_group")
     @classmethod
@@ -250,26 +241,18 @@ class AzureMLStepOperatorConfig(BaseStepOperatorConfig, _AzureMLChecks):
                              "'_', '-', '.', '(' and ')')")
         return value
 
-    @field_validator("workspace_name")
-    @classmethod
-    def _workspace(cls, value: str) -> str:
-        if not WORKSPACE_NAME.match(value):
-            raise ValueError(f"workspace_name: {value!r} is not an Azure ML workspace name (3-33 letters, digits, "
-                             "'_' and '-', starting with a letter or digit)")
-        return value
+    _workspace = matches(
+        "workspace_name", WORKSPACE_NAME, "an Azure ML workspace name (3-33 letters, digits, '_' and '-', starting "
+        "with a letter or digit)")
 
     @field_validator("compute_target_name", mode="before")
     @classmethod
     def _empty_is_serverless(cls, value: Any) -> Any:
         return None if value == "" else value
 
-    @field_validator("azureml_environment")
-    @classmethod
-    def _environment_ref(cls, value: str | None) -> str | None:
-        if value is not None and not AZUREML_ENVIRONMENT.match(value):
-            raise ValueError(f"azureml_environment: {value!r} is not a registered environment reference; expected "
-                             "azureml:<name>:<version>")
-        return value
+    _environment_ref = matches(
+        "azureml_environment", AZUREML_ENVIRONMENT, "a registered environment reference; expected "
+        "azureml:<name>:<version>")
 
     @field_validator("artifact_store")
     @classmethod

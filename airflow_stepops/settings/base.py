@@ -53,9 +53,19 @@ def check_environment(value: dict[str, str]) -> dict[str, str]:
 EnvVars = Annotated[dict[str, str], AfterValidator(check_environment)]
 
 
-def env_field(description: str = "Environment of every step (no secrets).", title: str = "Environment variables") -> Any:
+def env_field(description: str = "Environment of every step (no secrets).") -> Any:
     """The ``environment`` field of a step operator's configuration: empty by default."""
-    return Field(title=title, default_factory=dict, description=description)
+    return Field(title="Environment variables", default_factory=dict, description=description)
+
+
+def matches(field: str, pattern: re.Pattern[str], allowed: str) -> Any:
+    """A validator of ``field`` (None passes): a value ``pattern`` does not match is refused as
+    ``<field>: <value> is not <allowed>``."""
+    def check(cls: Any, value: str | None) -> str | None:
+        if value is not None and not pattern.match(value):
+            raise ValueError(f"{field}: {value!r} is not {allowed}")
+        return value
+    return field_validator(field, check_fields=False)(classmethod(check))
 
 
 def allowed_fields_hint(model_name: str, name: object = None) -> str:
@@ -104,7 +114,8 @@ class BaseStepOperatorSettings(_Strict):
     max_runtime_in_seconds: int | None = Field(
         default=None, gt=0, description="Hard limit enforced by the backend; the job is stopped after it."
     )
-    environment: EnvVars = Field(default_factory=dict, description="Extra environment variables for the step (no secrets).")
+    environment: EnvVars = Field(default_factory=dict, description="Extra environment variables for the step "
+                                 "(no secrets).")
 
     def check_resources(self, resources: Any) -> None:
         """Refuse ``ResourceSettings`` this flavor cannot honour with these settings (parse time)."""

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, env_field
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, env_field, matches
 
 #: Modal's GPU types and how many of each one container may have (Modal's GPU guide). "ANY" lets Modal
 #: pick among its smaller GPUs, which include the A10 (at most 4), so 4 is the most it can promise.
@@ -278,13 +278,9 @@ class ModalStepOperatorConfig(BaseStepOperatorConfig):
         default="https://modal.com/id/{call_id}", description="Link to a step's call ({call_id}, {app_name}, "
         "{function_id}, {environment}).")
 
-    @field_validator("app_name")
-    @classmethod
-    def _app_name(cls, value: str) -> str:
-        if not _APP_NAME.match(value):
-            raise ValueError(f"app_name: {value!r} is not a Modal app name prefix (1-48 letters, digits, '.', '_' "
-                             "and '-', starting with a letter or digit)")
-        return value
+    _app_name = matches(
+        "app_name", _APP_NAME, "a Modal app name prefix (1-48 letters, digits, '.', '_' and '-', starting with a "
+        "letter or digit)")
 
     @field_validator("python_version")
     @classmethod
@@ -316,13 +312,9 @@ class ModalStepOperatorConfig(BaseStepOperatorConfig):
                                  "mounted (name it with checkpoint_volume instead)")
         return value
 
-    @field_validator("checkpoint_volume")
-    @classmethod
-    def _checkpoint_volume(cls, value: str | None) -> str | None:
-        if value is not None and not _OBJECT_NAME.match(value):
-            raise ValueError(f"checkpoint_volume: {value!r} is not a Modal volume name (1-64 letters, digits, '.', "
-                             "'_' and '-', starting with a letter or digit)")
-        return value
+    _checkpoint_volume = matches(
+        "checkpoint_volume", _OBJECT_NAME, "a Modal volume name (1-64 letters, digits, '.', '_' and '-', starting "
+        "with a letter or digit)")
 
     @model_validator(mode="after")
     def _checkpoint_volume_once(self) -> ModalStepOperatorConfig:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, env_field
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, env_field, matches
 
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+$")
 INSTANCE_NAME = re.compile(r"^ml\.[a-z0-9-]+\.[a-z0-9]+$")
@@ -251,24 +251,14 @@ class SageMakerStepOperatorConfig(BaseStepOperatorConfig, _SageMakerChecks):
                                     default="https://{region}.console.aws.amazon.com/sagemaker/home?region={region}"
                                     "#/jobs/{name}", description="Console link template.")
 
-    @field_validator("role")
-    @classmethod
-    def _role(cls, value: str) -> str:
-        if not ROLE_ARN.match(value):
-            raise ValueError(f"role: {value!r} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)")
-        return value
+    _role = matches("role", ROLE_ARN, "an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)")
 
     @field_validator("kms_key_id")
     @classmethod
     def _kms(cls, value: str | None) -> str | None:
         return value if value is None else check_kms_key(value, "kms_key_id")
 
-    @field_validator("region_name")
-    @classmethod
-    def _region(cls, value: str | None) -> str | None:
-        if value is not None and not REGION.match(value):
-            raise ValueError(f"region_name: {value!r} is not an AWS region name (e.g. us-east-1)")
-        return value
+    _region = matches("region_name", REGION, "an AWS region name (e.g. us-east-1)")
 
     @field_validator("artifact_store")
     @classmethod

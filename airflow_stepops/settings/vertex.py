@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, env_field
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, env_field, matches
 
 #: Labels (https://cloud.google.com/resource-manager/docs/labels-overview#requirements, linked from the
 #: CustomJob.labels reference): at most 64 per resource; keys 1-63 characters starting with a lowercase or
@@ -215,20 +215,10 @@ class VertexStepOperatorConfig(BaseStepOperatorConfig, _VertexChecks):
         default="https://console.cloud.google.com/vertex-ai/locations/{location}/training/{job_id}/cpu?project="
         "{project}", description="Console link template ({location}, {job_id}, {project}).")
 
-    @field_validator("location")
-    @classmethod
-    def _location(cls, value: str) -> str:
-        if not LOCATION.match(value):
-            raise ValueError(f"location: {value!r} is not a Vertex AI region (e.g. us-central1, europe-west4)")
-        return value
+    _location = matches("location", LOCATION, "a Vertex AI region (e.g. us-central1, europe-west4)")
 
-    @field_validator("project")
-    @classmethod
-    def _project(cls, value: str | None) -> str | None:
-        if value is not None and not PROJECT.match(value):
-            raise ValueError(f"project: {value!r} is not a GCP project id (6-30 lowercase letters, digits and '-', "
-                             "starting with a letter)")
-        return value
+    _project = matches(
+        "project", PROJECT, "a GCP project id (6-30 lowercase letters, digits and '-', starting with a letter)")
 
     @field_validator("artifact_store")
     @classmethod
