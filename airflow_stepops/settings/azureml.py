@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, env_field, matches
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, checked_by, matches
 
 #: tag keys the flavor sets itself (the step's identity, for exactly-once look-ups)
 TAG_PREFIX = "stepops-"
@@ -73,10 +73,7 @@ class _AzureMLChecks(BaseModel):
 
         return None if value is None else check_vm_name(value)
 
-    @field_validator("tags", check_fields=False)
-    @classmethod
-    def _tags(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_tags(value, "tags")
+    _tags = checked_by(check_tags, "tags")
 
     @field_validator("compute_target_name", check_fields=False)
     @classmethod
@@ -218,7 +215,8 @@ class AzureMLStepOperatorConfig(BaseStepOperatorConfig, _AzureMLChecks):
     experiment_name: str | None = Field(
         title="Experiment name", default=None, description="Experiment of every job (default: the DAG id).")
     tags: dict[str, str] = Field(default_factory=dict, description="Tags of every job.")
-    environment: EnvVars = env_field()
+    environment: EnvVars = Field(
+        title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
     api_timeout_seconds: float = Field(
         title="API call timeout (s)",
         default=60.0, gt=0, le=600, description="Seconds one call to Azure ML or the log blob may wait for an answer "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, ClassVar
 
 from pydantic import (
@@ -53,9 +54,9 @@ def check_environment(value: dict[str, str]) -> dict[str, str]:
 EnvVars = Annotated[dict[str, str], AfterValidator(check_environment)]
 
 
-def env_field(description: str = "Environment of every step (no secrets).") -> Any:
-    """The ``environment`` field of a step operator's configuration: empty by default."""
-    return Field(title="Environment variables", default_factory=dict, description=description)
+def checked_by(check: Callable[[Any, str], Any], field: str) -> Any:
+    """A validator of ``field``: ``check(value, field)``, whose errors name the field."""
+    return field_validator(field, check_fields=False)(classmethod(lambda cls, value: check(value, field)))
 
 
 def matches(field: str, pattern: re.Pattern[str], allowed: str) -> Any:

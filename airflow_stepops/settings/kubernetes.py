@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, env_field
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, checked_by
 
 #: RFC 1123 label: Job, namespace and container names
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -190,20 +190,11 @@ class KubernetesPodOptions(BaseModel):
         title="Container security context",
         default=None, description="securityContext of the step container (e.g. allowPrivilegeEscalation: false).")
 
-    @field_validator("labels")
-    @classmethod
-    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_labels(value, "labels")
+    _labels = checked_by(check_labels, "labels")
 
-    @field_validator("annotations")
-    @classmethod
-    def _annotations(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_annotations(value, "annotations")
+    _annotations = checked_by(check_annotations, "annotations")
 
-    @field_validator("node_selector")
-    @classmethod
-    def _selector(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_labels(value, "node_selector")
+    _selector = checked_by(check_labels, "node_selector")
 
     @field_validator("tolerations", "volumes", "volume_mounts")
     @classmethod
@@ -287,10 +278,7 @@ class KubernetesStepOperatorSettings(BaseStepOperatorSettings, KubernetesPodOpti
     def _spot_toleration(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         return value if value is None else check_toleration(value, "spot_toleration")
 
-    @field_validator("spot_node_selector")
-    @classmethod
-    def _spot_selector(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_labels(value, "spot_node_selector")
+    _spot_selector = checked_by(check_labels, "spot_node_selector")
 
     @field_validator("gpu_type_node_label")
     @classmethod
@@ -348,7 +336,8 @@ class KubernetesStepOperatorConfig(BaseStepOperatorConfig, KubernetesPodOptions)
         title="In cluster", default=False, description="Use the pod's service account (Airflow runs in the cluster).")
     kubernetes_namespace: str = Field(title="Namespace", default="default", description="Namespace of the step Jobs.")
     image: str | None = Field(default=None, description="Container image steps run in (Python + cloudpickle).")
-    environment: EnvVars = env_field()
+    environment: EnvVars = Field(
+        title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
     worker_artifact_path: str | None = Field(
         title="Worker path of the pvc:// store", default=None,
         description="With a pvc:// artifact store: where that claim (its root) is mounted on Airflow workers "

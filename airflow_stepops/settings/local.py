@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, env_field
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars
 
 
 class LocalStepOperatorSettings(BaseStepOperatorSettings):
@@ -36,7 +36,8 @@ class LocalStepOperatorConfig(BaseStepOperatorConfig):
     )
     nvidia_smi: str = Field(
         title="nvidia-smi executable", default="nvidia-smi", description="nvidia-smi executable used to discover GPUs.")
-    environment: EnvVars = env_field("Environment variables for every step of this operator.")
+    environment: EnvVars = Field(title="Environment variables", default_factory=dict,
+                                 description="Environment variables for every step of this operator.")
     job_retention_days: float = Field(
         title="Job retention (days)",
         default=7, ge=0, description="Job directories (state and logs) of finished steps are removed after "

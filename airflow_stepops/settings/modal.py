@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, env_field, matches
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, matches
 
 #: Modal's GPU types and how many of each one container may have (Modal's GPU guide). "ANY" lets Modal
 #: pick among its smaller GPUs, which include the A10 (at most 4), so 4 is the most it can promise.
@@ -272,7 +272,8 @@ class ModalStepOperatorConfig(BaseStepOperatorConfig):
                                           "(default: <app_name>-checkpoints).")
     region: str | list[str] | None = Field(default=None, description="Default region(s) of the steps.")
     cloud: Literal["aws", "gcp", "oci", "auto"] | None = Field(default=None, description="Default cloud.")
-    environment_variables: EnvVars = env_field("Environment of every step (no secrets: use Modal secrets).")
+    environment_variables: EnvVars = Field(title="Environment variables", default_factory=dict,
+                                           description="Environment of every step (no secrets: use Modal secrets).")
     console_url_template: str = Field(
         title="Console URL template",
         default="https://modal.com/id/{call_id}", description="Link to a step's call ({call_id}, {app_name}, "

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, env_field, matches
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, checked_by, matches
 
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+$")
 INSTANCE_NAME = re.compile(r"^ml\.[a-z0-9-]+\.[a-z0-9]+$")
@@ -80,15 +80,9 @@ class _SageMakerChecks(BaseModel):
             check_instance_type(value, "instance_type")
         return value
 
-    @field_validator("tags", check_fields=False)
-    @classmethod
-    def _tags(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_tags(value, "tags")
+    _tags = checked_by(check_tags, "tags")
 
-    @field_validator("environment", check_fields=False)
-    @classmethod
-    def _sm_env(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_sagemaker_environment(value, "environment")
+    _sm_env = checked_by(check_sagemaker_environment, "environment")
 
 
 class SageMakerStepOperatorSettings(BaseStepOperatorSettings, _SageMakerChecks):
@@ -240,7 +234,8 @@ class SageMakerStepOperatorConfig(BaseStepOperatorConfig, _SageMakerChecks):
         title="VPC security groups", default_factory=list, description="VPC security groups.")
     kms_key_id: str | None = Field(title="KMS key", default=None, description="KMS key for the volume and the output.")
     tags: dict[str, str] = Field(default_factory=dict, description="Tags of every training job.")
-    environment: EnvVars = env_field()
+    environment: EnvVars = Field(
+        title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
     api_timeout_seconds: float = Field(title="API call timeout (s)",
                                        default=60.0, gt=0, le=900, description="Connect and read timeout of each "
                                        "AWS API call (a lost reply must not hang a worker).")

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, env_field, matches
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, checked_by, matches
 
 #: Labels (https://cloud.google.com/resource-manager/docs/labels-overview#requirements, linked from the
 #: CustomJob.labels reference): at most 64 per resource; keys 1-63 characters starting with a lowercase or
@@ -71,10 +71,7 @@ class _VertexChecks(BaseModel):
 
         return None if value is None else accelerator_enum(value)
 
-    @field_validator("labels", check_fields=False)
-    @classmethod
-    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_labels(value, "labels")
+    _labels = checked_by(check_labels, "labels")
 
     @field_validator("environment", mode="before", check_fields=False)
     @classmethod
@@ -189,7 +186,8 @@ class VertexStepOperatorConfig(BaseStepOperatorConfig, _VertexChecks):
     persistent_resource_id: str | None = Field(
         title="Persistent resource id", default=None, description="Run on this persistent resource.")
     labels: dict[str, str] = Field(default_factory=dict, description="Labels of every CustomJob.")
-    environment: EnvVars = env_field()
+    environment: EnvVars = Field(
+        title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
     machine_type: str | None = Field(
         title="Default machine type", default=None, description="Default machine type of this step operator.")
     accelerator_type: str | None = Field(
