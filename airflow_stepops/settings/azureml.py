@@ -205,9 +205,8 @@ class AzureMLStepOperatorConfig(BaseStepOperatorConfig, _AzureMLChecks):
         title="Registered environment",
         default=None, description="Registered environment instead of an image: azureml:<name>:<version>.")
     storage_conn_id: str | None = Field(
-        title="Storage connection id",
-        default=None, description="Airflow connection (wasb / adls) workers read and write the artifact store "
-        "with, when the artifact_store URI names none.")
+        title="Storage connection id", default=None, description="Airflow connection (wasb / adls) workers read and "
+        "write the artifact store with, when the artifact_store URI names none.")
     datastore: str = Field(default="workspaceblobstore", description="Datastore the jobs reach an abfs:// "
                            "artifact store through (it must point at the store's container).")
     instance_type: str | None = Field(
@@ -218,16 +217,14 @@ class AzureMLStepOperatorConfig(BaseStepOperatorConfig, _AzureMLChecks):
     environment: EnvVars = Field(
         title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
     api_timeout_seconds: float = Field(
-        title="API call timeout (s)",
-        default=60.0, gt=0, le=600, description="Seconds one call to Azure ML or the log blob may wait for an answer "
-        "before it is retried.")
+        title="API call timeout (s)", default=60.0, gt=0, le=600, description="Seconds one call to Azure ML or the "
+        "log blob may wait for an answer before it is retried.")
     api_max_attempts: int = Field(title="API call attempts",
                                   default=4, ge=1, le=11, description="Attempts of a call that fails on the way, the "
                                   "first included (timeouts, dropped connections, 429 and 5xx answers).")
     console_url_template: str | None = Field(
-        title="Console URL template",
-        default=None, description="Link template ({job_name}, {subscription_id}, {resource_group}, "
-        "{workspace_name}); default: the job's Azure ML studio URL.")
+        title="Console URL template", default=None, description="Link template ({job_name}, {subscription_id}, "
+        "{resource_group}, {workspace_name}); default: the job's Azure ML studio URL.")
 
     _subscription = matches("subscription_id", SUBSCRIPTION_ID, "an Azure subscription id (a GUID)")
 

@@ -113,8 +113,7 @@ class BaseStepOperatorSettings(_Strict):
     resources_checkable_alone: ClassVar[bool] = False
 
     max_runtime_in_seconds: int | None = Field(
-        default=None, gt=0, description="Hard limit enforced by the backend; the job is stopped after it."
-    )
+        default=None, gt=0, description="Hard limit enforced by the backend; the job is stopped after it.")
     environment: EnvVars = Field(default_factory=dict, description="Extra environment variables for the step "
                                  "(no secrets).")
 
@@ -128,17 +127,14 @@ class BaseStepOperatorConfig(_Strict):
     flavor: ClassVar[str] = ""
 
     artifact_store: str | None = Field(
-        title="Artifact store URI",
-        default=None, description="URI where bundles and results live (s3://, gs://, abfs://, file://)."
-    )
+        title="Artifact store URI", default=None, description="URI where bundles and results live (s3://, gs://, "
+        "abfs://, file://).")
     max_result_size: str = Field(
-        title="Max result size",
-        default="10GB", description="Largest result a step may store; bigger results fail clearly."
-    )
+        title="Max result size", default="10GB", description="Largest result a step may store; bigger results fail "
+        "clearly.")
     inline_result_max_size: str = Field(
-        title="Max inline (XCom) result size",
-        default="48KB", description="JSON results up to this size go to XCom directly; larger become ArtifactRefs."
-    )
+        title="Max inline (XCom) result size", default="48KB", description="JSON results up to this size go to XCom "
+        "directly; larger become ArtifactRefs.")
 
     @field_validator("max_result_size", "inline_result_max_size")
     @classmethod

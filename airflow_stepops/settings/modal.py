@@ -243,9 +243,8 @@ class ModalStepOperatorConfig(BaseStepOperatorConfig):
     flavor: ClassVar[str] = "modal"
 
     modal_conn_id: str | None = Field(
-        title="Modal connection id",
-        default="modal_default", description="modal provider connection (token id and secret); without it, "
-        "Modal's own MODAL_TOKEN_ID/MODAL_TOKEN_SECRET or ~/.modal.toml.")
+        title="Modal connection id", default="modal_default", description="modal provider connection (token id and "
+        "secret); without it, Modal's own MODAL_TOKEN_ID/MODAL_TOKEN_SECRET or ~/.modal.toml.")
     environment: str | None = Field(title="Modal environment",
                                     default=None, description="Modal environment (default: the modal "
                                     "connection's, else Modal's own default).")
@@ -254,18 +253,16 @@ class ModalStepOperatorConfig(BaseStepOperatorConfig):
                           "(one deployed app per image and set of function options).")
     image: str | None = Field(default=None, description="Registry image of the steps (needs Python and "
                               "cloudpickle); default: Modal's debian_slim with python_version.")
-    python_version: str | None = Field(title="Python version",
-                                       default=None, description="Python of the default image (default: the "
-                                       "worker's, which the bundle needs); with image, the image's Python "
-                                       "when it has none of its own (add_python).")
+    python_version: str | None = Field(
+        title="Python version", default=None, description="Python of the default image (default: the worker's, which "
+        "the bundle needs); with image, the image's Python when it has none of its own (add_python).")
     pip_packages: list[str] = Field(
         title="pip packages", default_factory=list, description="pip packages added to the image.")
     secrets: list[str] = Field(title="Modal secrets",
                                default_factory=list, description="Modal secrets (names) every step gets as "
                                "environment variables.")
-    volumes: dict[str, str] = Field(title="Modal volumes",
-                                    default_factory=dict, description="Modal volumes to mount: path → "
-                                    "volume name.")
+    volumes: dict[str, str] = Field(
+        title="Modal volumes", default_factory=dict, description="Modal volumes to mount: path → volume name.")
     checkpoint_volume: str | None = Field(title="Checkpoint volume",
                                           default=None, description="Modal volume (created if missing) mounted "
                                           f"at {CHECKPOINT_MOUNT} that holds each step's STEPOPS_CHECKPOINT_DIR "
@@ -275,9 +272,8 @@ class ModalStepOperatorConfig(BaseStepOperatorConfig):
     environment_variables: EnvVars = Field(title="Environment variables", default_factory=dict,
                                            description="Environment of every step (no secrets: use Modal secrets).")
     console_url_template: str = Field(
-        title="Console URL template",
-        default="https://modal.com/id/{call_id}", description="Link to a step's call ({call_id}, {app_name}, "
-        "{function_id}, {environment}).")
+        title="Console URL template", default="https://modal.com/id/{call_id}", description="Link to a step's call "
+        "({call_id}, {app_name}, {function_id}, {environment}).")
 
     _app_name = matches(
         "app_name", _APP_NAME, "a Modal app name prefix (1-48 letters, digits, '.', '_' and '-', starting with a "

@@ -200,10 +200,9 @@ class VertexStepOperatorConfig(BaseStepOperatorConfig, _VertexChecks):
     logging_endpoint: str | None = Field(title="Cloud Logging endpoint",
                                          default=None, description="Cloud Logging endpoint (default: "
                                          "logging.googleapis.com).")
-    api_timeout_seconds: float = Field(title="API call timeout (s)",
-                                       default=30.0, gt=0, le=300, description="Seconds one call to Vertex AI "
-                                       "or Cloud Logging may take; transient failures are retried for up to four "
-                                       "times this long.")
+    api_timeout_seconds: float = Field(
+        title="API call timeout (s)", default=30.0, gt=0, le=300, description="Seconds one call to Vertex AI or Cloud "
+        "Logging may take; transient failures are retried for up to four times this long.")
     log_settle_seconds: float = Field(
         title="Log settle time (s)",
         default=10.0, ge=0, le=60, description="Seconds to wait after a job ends for Cloud Logging to take in its "
