@@ -259,12 +259,15 @@ def run_worker(module: str, args: Sequence[object], *, env: Mapping[str, str] | 
 
 
 # ---- deferred steps: triggers on one event loop, polling shared or not ----------------------------
-async def wait_triggers(triggers: Iterable[Any]) -> list[str]:
-    """Run the triggers on this event loop, as a triggerer does, until each fires; their final statuses."""
+async def wait_triggers(triggers: Iterable[Any], on_event: Callable[[Any, Any], None] | None = None) -> list[str]:
+    """Run the triggers on this event loop, as a triggerer does, until each fires (``on_event(trigger, event)``
+    the moment it does); their final statuses."""
     import asyncio
 
     async def wait_one(trigger: Any) -> str:
         async for event in trigger.run():
+            if on_event is not None:
+                on_event(trigger, event)
             return str(event.payload["status"])
         return "none"
 
@@ -272,14 +275,14 @@ async def wait_triggers(triggers: Iterable[Any]) -> list[str]:
 
 
 def run_triggers(make: Callable[[Any, float], Any], handles: list[dict[str, Any]], interval: float,
-                 shared: bool) -> tuple[list[str], float]:
+                 shared: bool, on_event: Callable[[Any, Any], None] | None = None) -> tuple[list[str], float]:
     """Wait for one trigger per handle (``make(handle, poll_interval)``); their statuses and the wall time.
     Unshared: each trigger polls at a slightly different interval, so none shares a poller."""
     import asyncio
 
     async def main() -> list[str]:
-        return await wait_triggers(make(h, interval if shared else interval * (1 + (i + 1) * 1e-9))
-                                   for i, h in enumerate(handles))
+        return await wait_triggers((make(h, interval if shared else interval * (1 + (i + 1) * 1e-9))
+                                    for i, h in enumerate(handles)), on_event)
 
     t0 = time.time()
     states = asyncio.run(main())
