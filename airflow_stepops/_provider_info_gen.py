@@ -72,12 +72,12 @@ def shared(info: dict[str, Any]) -> dict[str, Any]:
         for name, value in entry["conn-fields"].items():
             if name not in common and any(t["conn-fields"].get(name) == value for t in types[i + 1:]):
                 consts.setdefault(f"_{name.upper()}", value)
-    return consts
+    return {name: value for name, value in consts.items() if value}  # an empty one would stand for every {}
 
 
 def _literal(value: Any, consts: dict[str, Any], indent: int = 0, depth: int = 0) -> str:
-    """``repr`` laid out one connection field, option or list of names a line, so a change shows as a one-line diff; a value
-    of ``consts`` (a run of its items, for a dict) is written as its name."""
+    """``repr`` laid out one connection field, option or list of names a line, so a change shows as a one-line
+    diff; a value of ``consts`` (a run of its items, for a dict) is written as its name."""
     names = [n for n, c in consts.items() if c == value]
     if names:
         return names[0]
