@@ -61,14 +61,44 @@ def provider_info() -> dict[str, Any]:
     }
 
 
-def _literal(value: Any, indent: int = 0, depth: int = 0) -> str:
-    """``repr`` laid out one connection field or option a line, so a change shows as a one-line diff."""
+def shared(info: dict[str, Any]) -> dict[str, Any]:
+    """What the connection types repeat, to be written once: the form behaviour, the fields every built-in
+    flavor has alike, and each other field value two or more flavors have alike."""
+    types = info["connection-types"]
+    first = types[0]["conn-fields"]
+    common = {k: v for k, v in first.items() if all(t["conn-fields"].get(k) == v for t in types)}
+    consts: dict[str, Any] = {"_UI": types[0]["ui-field-behaviour"], "_COMMON_FIELDS": common}
+    for i, entry in enumerate(types):
+        for name, value in entry["conn-fields"].items():
+            if name not in common and any(t["conn-fields"].get(name) == value for t in types[i + 1:]):
+                consts.setdefault(f"_{name.upper()}", value)
+    return {name: value for name, value in consts.items() if value}  # an empty one would stand for every {}
+
+
+def _literal(value: Any, consts: dict[str, Any], indent: int = 0, depth: int = 0) -> str:
+    """``repr`` laid out one connection field, option or list of names a line, so a change shows as a one-line
+    diff; a value of ``consts`` (a run of its items, for a dict) is written as its name."""
+    names = [n for n, c in consts.items() if c == value]
+    if names:
+        return names[0]
     flat = repr(value)
-    if depth >= 4 or not isinstance(value, (dict, list)) or len(flat) + indent <= 120:
+    names_only = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if depth >= 4 or not isinstance(value, (dict, list)) or len(flat) + indent <= 120 or names_only:
         return flat
     pad = " " * (indent + 4)
-    items = ([f"{k!r}: {_literal(v, indent + 4, depth + 1)}" for k, v in value.items()] if isinstance(value, dict)
-             else [_literal(v, indent + 4, depth + 1) for v in value])
+    if isinstance(value, list):
+        items = [_literal(v, consts, indent + 4, depth + 1) for v in value]
+    else:
+        items, rest = [], list(value.items())
+        while rest:
+            run = next((n for n, c in consts.items() if isinstance(c, dict) and c and
+                        list(c.items()) == rest[:len(c)]), None)
+            if run:
+                items.append(f"**{run}")
+                rest = rest[len(consts[run]):]
+            else:
+                (k, v), *rest = rest
+                items.append(f"{k!r}: {_literal(v, consts, indent + 4, depth + 1)}")
     body = "".join(f"{pad}{item},\n" for item in items)
     return ("{\n" if isinstance(value, dict) else "[\n") + body + " " * indent + ("}" if isinstance(value, dict) else "]")
 
@@ -79,18 +109,19 @@ _TEMPLATE = '''\
 
 from __future__ import annotations
 
-import copy
+import json
 from typing import Any
 
 from airflow_stepops.flavors import FLAVORS
 
+{consts}
 _INFO: dict[str, Any] = {info}
 
 
 def get_provider_info() -> dict[str, Any]:
     """The built-in flavors' metadata, plus the connection types of flavors other packages register (entry
     point group ``airflow_stepops.flavors``): named, with their settings in the connection's JSON extra."""
-    info = copy.deepcopy(_INFO)
+    info = json.loads(json.dumps(_INFO))  # a fresh copy, sharing no dict between connection types
     known = {{c["connection-type"] for c in info["connection-types"]}}
     info["connection-types"] += [f.connection_type() for f in FLAVORS.values() if f.conn_type not in known]
     return info
@@ -98,7 +129,11 @@ def get_provider_info() -> dict[str, Any]:
 
 
 def render() -> str:
-    return _TEMPLATE.format(info=_literal(provider_info()))
+    info = provider_info()
+    consts = shared(info)
+    lines = [f"{name}: dict[str, Any] = {_literal(value, {}, depth=3 + (name != '_COMMON_FIELDS'))}\n"
+             for name, value in consts.items()]
+    return _TEMPLATE.format(consts="".join(lines), info=_literal(info, consts))
 
 
 if __name__ == "__main__":

@@ -3,10 +3,18 @@
 
 from __future__ import annotations
 
-import copy
+import json
 from typing import Any
 
 from airflow_stepops.flavors import FLAVORS
+
+_UI: dict[str, Any] = {'hidden-fields': ['host', 'schema', 'login', 'password', 'port', 'extra'], 'relabeling': {}, 'placeholders': {}}
+_COMMON_FIELDS: dict[str, Any] = {
+    'artifact_store': {'label': 'Artifact store URI', 'schema': {'type': ['string', 'null']}, 'description': 'URI where bundles and results live (s3://, gs://, abfs://, file://).'},
+    'max_result_size': {'label': 'Max result size', 'schema': {'type': ['string', 'null'], 'default': '10GB'}, 'description': 'Largest result a step may store; bigger results fail clearly.'},
+    'inline_result_max_size': {'label': 'Max inline (XCom) result size', 'schema': {'type': ['string', 'null'], 'default': '48KB'}, 'description': 'JSON results up to this size go to XCom directly; larger become ArtifactRefs.'},
+}
+_ENVIRONMENT: dict[str, Any] = {'label': 'Environment variables', 'schema': {'type': ['object', 'null']}, 'description': 'Environment of every step (no secrets).'}
 
 _INFO: dict[str, Any] = {
     'package-name': 'airflow-stepops',
@@ -18,15 +26,9 @@ _INFO: dict[str, Any] = {
             'hook-class-name': 'airflow_stepops.hooks.local.LocalStepOperatorHook',
             'hook-name': 'Step operator: Local subprocess',
             'connection-type': 'stepops_local',
-            'ui-field-behaviour': {
-                'hidden-fields': ['host', 'schema', 'login', 'password', 'port', 'extra'],
-                'relabeling': {},
-                'placeholders': {},
-            },
+            'ui-field-behaviour': _UI,
             'conn-fields': {
-                'artifact_store': {'label': 'Artifact store URI', 'schema': {'type': ['string', 'null']}, 'description': 'URI where bundles and results live (s3://, gs://, abfs://, file://).'},
-                'max_result_size': {'label': 'Max result size', 'schema': {'type': ['string', 'null'], 'default': '10GB'}, 'description': 'Largest result a step may store; bigger results fail clearly.'},
-                'inline_result_max_size': {'label': 'Max inline (XCom) result size', 'schema': {'type': ['string', 'null'], 'default': '48KB'}, 'description': 'JSON results up to this size go to XCom directly; larger become ArtifactRefs.'},
+                **_COMMON_FIELDS,
                 'python': {'label': 'Python interpreter', 'schema': {'type': ['string', 'null']}, 'description': "Python interpreter for steps (same major.minor as the worker, with cloudpickle); default: the worker's own."},
                 'jobs_dir': {'label': 'Jobs directory', 'schema': {'type': ['string', 'null']}, 'description': 'Directory of job state; default: $AIRFLOW_HOME/stepops/local/jobs.'},
                 'nvidia_smi': {'label': 'nvidia-smi executable', 'schema': {'type': ['string', 'null'], 'default': 'nvidia-smi'}, 'description': 'nvidia-smi executable used to discover GPUs.'},
@@ -38,11 +40,7 @@ _INFO: dict[str, Any] = {
             'hook-class-name': 'airflow_stepops.hooks.kubernetes.KubernetesStepOperatorHook',
             'hook-name': 'Step operator: Kubernetes Job',
             'connection-type': 'stepops_kubernetes',
-            'ui-field-behaviour': {
-                'hidden-fields': ['host', 'schema', 'login', 'password', 'port', 'extra'],
-                'relabeling': {},
-                'placeholders': {},
-            },
+            'ui-field-behaviour': _UI,
             'conn-fields': {
                 'service_account_name': {'label': 'Service account', 'schema': {'type': ['string', 'null']}, 'description': 'Kubernetes service account of the pod.'},
                 'node_selector': {'label': 'Node selector', 'schema': {'type': ['object', 'null']}, 'description': 'nodeSelector of the pod.'},
@@ -56,16 +54,14 @@ _INFO: dict[str, Any] = {
                 'priority_class_name': {'label': 'Priority class', 'schema': {'type': ['string', 'null']}, 'description': 'priorityClassName of the pod.'},
                 'security_context': {'label': 'Pod security context', 'schema': {'type': ['object', 'null']}, 'description': 'Pod securityContext (e.g. runAsNonRoot, fsGroup, seccompProfile).'},
                 'container_security_context': {'label': 'Container security context', 'schema': {'type': ['object', 'null']}, 'description': 'securityContext of the step container (e.g. allowPrivilegeEscalation: false).'},
-                'artifact_store': {'label': 'Artifact store URI', 'schema': {'type': ['string', 'null']}, 'description': 'URI where bundles and results live (s3://, gs://, abfs://, file://).'},
-                'max_result_size': {'label': 'Max result size', 'schema': {'type': ['string', 'null'], 'default': '10GB'}, 'description': 'Largest result a step may store; bigger results fail clearly.'},
-                'inline_result_max_size': {'label': 'Max inline (XCom) result size', 'schema': {'type': ['string', 'null'], 'default': '48KB'}, 'description': 'JSON results up to this size go to XCom directly; larger become ArtifactRefs.'},
+                **_COMMON_FIELDS,
                 'kubernetes_conn_id': {'label': 'Kubernetes connection id', 'schema': {'type': ['string', 'null']}, 'description': "A cncf-kubernetes 'kubernetes' connection to take cluster credentials from."},
                 'kubernetes_context': {'label': 'kubeconfig context', 'schema': {'type': ['string', 'null']}, 'description': 'kubeconfig context to use.'},
                 'config_file': {'label': 'kubeconfig file path', 'schema': {'type': ['string', 'null']}, 'description': 'Path of a kubeconfig file.'},
                 'incluster': {'label': 'In cluster', 'schema': {'type': ['boolean', 'null'], 'default': False}, 'description': "Use the pod's service account (Airflow runs in the cluster)."},
                 'kubernetes_namespace': {'label': 'Namespace', 'schema': {'type': ['string', 'null'], 'default': 'default'}, 'description': 'Namespace of the step Jobs.'},
                 'image': {'label': 'Image', 'schema': {'type': ['string', 'null']}, 'description': 'Container image steps run in (Python + cloudpickle).'},
-                'environment': {'label': 'Environment variables', 'schema': {'type': ['object', 'null']}, 'description': 'Environment of every step (no secrets).'},
+                'environment': _ENVIRONMENT,
                 'worker_artifact_path': {'label': 'Worker path of the pvc:// store', 'schema': {'type': ['string', 'null']}, 'description': "With a pvc:// artifact store: where that claim (its root) is mounted on Airflow workers and triggerers; the store's path inside the claim is appended."},
                 'checkpoint_volume_claim': {'label': 'Checkpoint volume claim', 'schema': {'type': ['string', 'null']}, 'description': 'PersistentVolumeClaim (ReadWriteMany, so a retry on another node can mount it) holding STEPOPS_CHECKPOINT_DIR; default: the claim of a pvc:// artifact_store. Without either, steps get no STEPOPS_CHECKPOINT_DIR.'},
                 'checkpoint_volume_path': {'label': 'Checkpoint path in the claim', 'schema': {'type': ['string', 'null'], 'default': ''}, 'description': "Directory inside checkpoint_volume_claim under which step checkpoint directories are made (default: the claim's root)."},
@@ -78,15 +74,9 @@ _INFO: dict[str, Any] = {
             'hook-class-name': 'airflow_stepops.hooks.sagemaker.SageMakerStepOperatorHook',
             'hook-name': 'Step operator: SageMaker Training Job',
             'connection-type': 'stepops_sagemaker',
-            'ui-field-behaviour': {
-                'hidden-fields': ['host', 'schema', 'login', 'password', 'port', 'extra'],
-                'relabeling': {},
-                'placeholders': {},
-            },
+            'ui-field-behaviour': _UI,
             'conn-fields': {
-                'artifact_store': {'label': 'Artifact store URI', 'schema': {'type': ['string', 'null']}, 'description': 'URI where bundles and results live (s3://, gs://, abfs://, file://).'},
-                'max_result_size': {'label': 'Max result size', 'schema': {'type': ['string', 'null'], 'default': '10GB'}, 'description': 'Largest result a step may store; bigger results fail clearly.'},
-                'inline_result_max_size': {'label': 'Max inline (XCom) result size', 'schema': {'type': ['string', 'null'], 'default': '48KB'}, 'description': 'JSON results up to this size go to XCom directly; larger become ArtifactRefs.'},
+                **_COMMON_FIELDS,
                 'aws_conn_id': {'label': 'AWS connection id', 'schema': {'type': ['string', 'null'], 'default': 'aws_default'}, 'description': 'Amazon provider connection with the credentials.'},
                 'region_name': {'label': 'Region', 'schema': {'type': ['string', 'null']}, 'description': "AWS region (default: the aws connection's)."},
                 'role': {'label': 'Execution role ARN', 'schema': {'type': ['string', 'null']}, 'description': 'IAM role ARN the training job runs as (its own identity for S3).'},
@@ -96,7 +86,7 @@ _INFO: dict[str, Any] = {
                 'security_group_ids': {'label': 'VPC security groups', 'schema': {'type': ['array', 'null']}, 'description': 'VPC security groups.'},
                 'kms_key_id': {'label': 'KMS key', 'schema': {'type': ['string', 'null']}, 'description': 'KMS key for the volume and the output.'},
                 'tags': {'label': 'Tags', 'schema': {'type': ['object', 'null']}, 'description': 'Tags of every training job.'},
-                'environment': {'label': 'Environment variables', 'schema': {'type': ['object', 'null']}, 'description': 'Environment of every step (no secrets).'},
+                'environment': _ENVIRONMENT,
                 'api_timeout_seconds': {'label': 'API call timeout (s)', 'schema': {'type': ['number', 'null'], 'default': 60.0}, 'description': 'Connect and read timeout of each AWS API call (a lost reply must not hang a worker).'},
                 'api_max_attempts': {'label': 'API call attempts', 'schema': {'type': ['integer', 'null'], 'default': 5}, 'description': "Attempts of each AWS API call, the first included (botocore's standard retry mode)."},
                 'console_region_url': {'label': 'Console URL template', 'schema': {'type': ['string', 'null'], 'default': 'https://{region}.console.aws.amazon.com/sagemaker/home?region={region}#/jobs/{name}'}, 'description': 'Console link template.'},
@@ -106,15 +96,9 @@ _INFO: dict[str, Any] = {
             'hook-class-name': 'airflow_stepops.hooks.vertex.VertexStepOperatorHook',
             'hook-name': 'Step operator: Vertex AI CustomJob',
             'connection-type': 'stepops_vertex',
-            'ui-field-behaviour': {
-                'hidden-fields': ['host', 'schema', 'login', 'password', 'port', 'extra'],
-                'relabeling': {},
-                'placeholders': {},
-            },
+            'ui-field-behaviour': _UI,
             'conn-fields': {
-                'artifact_store': {'label': 'Artifact store URI', 'schema': {'type': ['string', 'null']}, 'description': 'URI where bundles and results live (s3://, gs://, abfs://, file://).'},
-                'max_result_size': {'label': 'Max result size', 'schema': {'type': ['string', 'null'], 'default': '10GB'}, 'description': 'Largest result a step may store; bigger results fail clearly.'},
-                'inline_result_max_size': {'label': 'Max inline (XCom) result size', 'schema': {'type': ['string', 'null'], 'default': '48KB'}, 'description': 'JSON results up to this size go to XCom directly; larger become ArtifactRefs.'},
+                **_COMMON_FIELDS,
                 'gcp_conn_id': {'label': 'Google connection id', 'schema': {'type': ['string', 'null'], 'default': 'google_cloud_default'}, 'description': 'Google provider connection with the credentials.'},
                 'project': {'label': 'Project', 'schema': {'type': ['string', 'null']}, 'description': "GCP project (default: the google connection's)."},
                 'location': {'label': 'Location', 'schema': {'type': ['string', 'null']}, 'description': 'Vertex AI region, e.g. us-central1.'},
@@ -125,7 +109,7 @@ _INFO: dict[str, Any] = {
                 'encryption_spec_key_name': {'label': 'KMS key (CMEK)', 'schema': {'type': ['string', 'null']}, 'description': 'Cloud KMS key (CMEK) of the job.'},
                 'persistent_resource_id': {'label': 'Persistent resource id', 'schema': {'type': ['string', 'null']}, 'description': 'Run on this persistent resource.'},
                 'labels': {'label': 'Labels', 'schema': {'type': ['object', 'null']}, 'description': 'Labels of every CustomJob.'},
-                'environment': {'label': 'Environment variables', 'schema': {'type': ['object', 'null']}, 'description': 'Environment of every step (no secrets).'},
+                'environment': _ENVIRONMENT,
                 'machine_type': {'label': 'Default machine type', 'schema': {'type': ['string', 'null']}, 'description': 'Default machine type of this step operator.'},
                 'accelerator_type': {'label': 'Default accelerator', 'schema': {'type': ['string', 'null']}, 'description': 'Default accelerator of this step operator.'},
                 'accelerator_count': {'label': 'Default accelerator count', 'schema': {'type': ['integer', 'null']}, 'description': 'Default accelerator count.'},
@@ -140,15 +124,9 @@ _INFO: dict[str, Any] = {
             'hook-class-name': 'airflow_stepops.hooks.azureml.AzureMLStepOperatorHook',
             'hook-name': 'Step operator: Azure ML command job',
             'connection-type': 'stepops_azureml',
-            'ui-field-behaviour': {
-                'hidden-fields': ['host', 'schema', 'login', 'password', 'port', 'extra'],
-                'relabeling': {},
-                'placeholders': {},
-            },
+            'ui-field-behaviour': _UI,
             'conn-fields': {
-                'artifact_store': {'label': 'Artifact store URI', 'schema': {'type': ['string', 'null']}, 'description': 'URI where bundles and results live (s3://, gs://, abfs://, file://).'},
-                'max_result_size': {'label': 'Max result size', 'schema': {'type': ['string', 'null'], 'default': '10GB'}, 'description': 'Largest result a step may store; bigger results fail clearly.'},
-                'inline_result_max_size': {'label': 'Max inline (XCom) result size', 'schema': {'type': ['string', 'null'], 'default': '48KB'}, 'description': 'JSON results up to this size go to XCom directly; larger become ArtifactRefs.'},
+                **_COMMON_FIELDS,
                 'azure_conn_id': {'label': 'Azure connection id', 'schema': {'type': ['string', 'null'], 'default': 'azure_default'}, 'description': 'microsoft-azure provider connection (type azure) with the credentials; DefaultAzureCredential when it has none.'},
                 'subscription_id': {'label': 'Subscription id', 'schema': {'type': ['string', 'null']}, 'description': 'Azure subscription of the workspace.'},
                 'resource_group': {'label': 'Resource group', 'schema': {'type': ['string', 'null']}, 'description': 'Resource group of the workspace.'},
@@ -161,7 +139,7 @@ _INFO: dict[str, Any] = {
                 'instance_type': {'label': 'Default VM size', 'schema': {'type': ['string', 'null']}, 'description': 'Default serverless VM size of this step operator.'},
                 'experiment_name': {'label': 'Experiment name', 'schema': {'type': ['string', 'null']}, 'description': 'Experiment of every job (default: the DAG id).'},
                 'tags': {'label': 'Tags', 'schema': {'type': ['object', 'null']}, 'description': 'Tags of every job.'},
-                'environment': {'label': 'Environment variables', 'schema': {'type': ['object', 'null']}, 'description': 'Environment of every step (no secrets).'},
+                'environment': _ENVIRONMENT,
                 'api_timeout_seconds': {'label': 'API call timeout (s)', 'schema': {'type': ['number', 'null'], 'default': 60.0}, 'description': 'Seconds one call to Azure ML or the log blob may wait for an answer before it is retried.'},
                 'api_max_attempts': {'label': 'API call attempts', 'schema': {'type': ['integer', 'null'], 'default': 4}, 'description': 'Attempts of a call that fails on the way, the first included (timeouts, dropped connections, 429 and 5xx answers).'},
                 'console_url_template': {'label': 'Console URL template', 'schema': {'type': ['string', 'null']}, 'description': "Link template ({job_name}, {subscription_id}, {resource_group}, {workspace_name}); default: the job's Azure ML studio URL."},
@@ -171,15 +149,9 @@ _INFO: dict[str, Any] = {
             'hook-class-name': 'airflow_stepops.hooks.modal.ModalStepOperatorHook',
             'hook-name': 'Step operator: Modal function call',
             'connection-type': 'stepops_modal',
-            'ui-field-behaviour': {
-                'hidden-fields': ['host', 'schema', 'login', 'password', 'port', 'extra'],
-                'relabeling': {},
-                'placeholders': {},
-            },
+            'ui-field-behaviour': _UI,
             'conn-fields': {
-                'artifact_store': {'label': 'Artifact store URI', 'schema': {'type': ['string', 'null']}, 'description': 'URI where bundles and results live (s3://, gs://, abfs://, file://).'},
-                'max_result_size': {'label': 'Max result size', 'schema': {'type': ['string', 'null'], 'default': '10GB'}, 'description': 'Largest result a step may store; bigger results fail clearly.'},
-                'inline_result_max_size': {'label': 'Max inline (XCom) result size', 'schema': {'type': ['string', 'null'], 'default': '48KB'}, 'description': 'JSON results up to this size go to XCom directly; larger become ArtifactRefs.'},
+                **_COMMON_FIELDS,
                 'modal_conn_id': {'label': 'Modal connection id', 'schema': {'type': ['string', 'null'], 'default': 'modal_default'}, 'description': "modal provider connection (token id and secret); without it, Modal's own MODAL_TOKEN_ID/MODAL_TOKEN_SECRET or ~/.modal.toml."},
                 'environment': {'label': 'Modal environment', 'schema': {'type': ['string', 'null']}, 'description': "Modal environment (default: the modal connection's, else Modal's own default)."},
                 'app_name': {'label': 'App name prefix', 'schema': {'type': ['string', 'null'], 'default': 'airflow-stepops'}, 'description': 'Prefix of the Modal apps steps run in (one deployed app per image and set of function options).'},
@@ -209,40 +181,19 @@ _INFO: dict[str, Any] = {
     'hooks': [
         {
             'integration-name': 'Step Operators',
-            'python-modules': [
-                'airflow_stepops.hooks.local',
-                'airflow_stepops.hooks.kubernetes',
-                'airflow_stepops.hooks.sagemaker',
-                'airflow_stepops.hooks.vertex',
-                'airflow_stepops.hooks.azureml',
-                'airflow_stepops.hooks.modal',
-            ],
+            'python-modules': ['airflow_stepops.hooks.local', 'airflow_stepops.hooks.kubernetes', 'airflow_stepops.hooks.sagemaker', 'airflow_stepops.hooks.vertex', 'airflow_stepops.hooks.azureml', 'airflow_stepops.hooks.modal'],
         },
     ],
     'operators': [
         {
             'integration-name': 'Step Operators',
-            'python-modules': [
-                'airflow_stepops.operators.local',
-                'airflow_stepops.operators.kubernetes',
-                'airflow_stepops.operators.sagemaker',
-                'airflow_stepops.operators.vertex',
-                'airflow_stepops.operators.azureml',
-                'airflow_stepops.operators.modal',
-            ],
+            'python-modules': ['airflow_stepops.operators.local', 'airflow_stepops.operators.kubernetes', 'airflow_stepops.operators.sagemaker', 'airflow_stepops.operators.vertex', 'airflow_stepops.operators.azureml', 'airflow_stepops.operators.modal'],
         },
     ],
     'triggers': [
         {
             'integration-name': 'Step Operators',
-            'python-modules': [
-                'airflow_stepops.triggers.local',
-                'airflow_stepops.triggers.kubernetes',
-                'airflow_stepops.triggers.sagemaker',
-                'airflow_stepops.triggers.vertex',
-                'airflow_stepops.triggers.azureml',
-                'airflow_stepops.triggers.modal',
-            ],
+            'python-modules': ['airflow_stepops.triggers.local', 'airflow_stepops.triggers.kubernetes', 'airflow_stepops.triggers.sagemaker', 'airflow_stepops.triggers.vertex', 'airflow_stepops.triggers.azureml', 'airflow_stepops.triggers.modal'],
         },
     ],
     'integrations': [
@@ -258,7 +209,7 @@ _INFO: dict[str, Any] = {
 def get_provider_info() -> dict[str, Any]:
     """The built-in flavors' metadata, plus the connection types of flavors other packages register (entry
     point group ``airflow_stepops.flavors``): named, with their settings in the connection's JSON extra."""
-    info = copy.deepcopy(_INFO)
+    info = json.loads(json.dumps(_INFO))  # a fresh copy, sharing no dict between connection types
     known = {c["connection-type"] for c in info["connection-types"]}
     info["connection-types"] += [f.connection_type() for f in FLAVORS.values() if f.conn_type not in known]
     return info

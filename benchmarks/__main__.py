@@ -7,6 +7,7 @@ and a summary, and writes everything as JSON to ``benchmarks/results/``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -32,7 +33,12 @@ from benchmarks.common import (
     status_word,
 )
 
-BENCHMARKS = ("parse", "local", "triggerer", "artifacts", "kubernetes", "vertex", "modal", "cli")
+#: each benchmark (module ``benchmarks.bench_<name>``) and its ``run`` keyword arguments' command-line options
+RUN_OPTIONS: dict[str, dict[str, str]] = {
+    "parse": {"quick": "quick"}, "local": {"quick": "quick"}, "triggerer": {"triggers": "triggers"},
+    "artifacts": {"size": "size", "quick": "quick"}, "kubernetes": {"steps": "k8s_steps"},
+    "vertex": {"steps": "vertex_steps"}, "modal": {"steps": "modal_steps"}, "cli": {"quick": "quick"}}
+BENCHMARKS = tuple(RUN_OPTIONS)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -61,38 +67,8 @@ def run_one(name: str, workdir: Path, args: argparse.Namespace) -> Section:
     """Run one benchmark, turning a crash into a section with an error."""
     started = time.perf_counter()
     try:
-        if name == "parse":
-            from benchmarks import bench_parse
-
-            section = bench_parse.run(workdir, quick=args.quick)
-        elif name == "local":
-            from benchmarks import bench_local
-
-            section = bench_local.run(workdir, quick=args.quick)
-        elif name == "triggerer":
-            from benchmarks import bench_triggerer
-
-            section = bench_triggerer.run(workdir, triggers=args.triggers)
-        elif name == "kubernetes":
-            from benchmarks import bench_kubernetes
-
-            section = bench_kubernetes.run(workdir, steps=args.k8s_steps)
-        elif name == "vertex":
-            from benchmarks import bench_vertex
-
-            section = bench_vertex.run(workdir, steps=args.vertex_steps)
-        elif name == "cli":
-            from benchmarks import bench_cli
-
-            section = bench_cli.run(workdir, quick=args.quick)
-        elif name == "modal":
-            from benchmarks import bench_modal
-
-            section = bench_modal.run(workdir, steps=args.modal_steps)
-        else:
-            from benchmarks import bench_artifacts
-
-            section = bench_artifacts.run(workdir, size=args.size, quick=args.quick)
+        module = importlib.import_module(f"benchmarks.bench_{name}")
+        section = module.run(workdir, **{key: getattr(args, option) for key, option in RUN_OPTIONS[name].items()})
     except Exception as exc:
         section = Section(name, "did not complete", error=f"{type(exc).__name__}: {exc}")
         section.notes.append("traceback: " + " | ".join(traceback.format_exc().strip().splitlines()[-6:]))

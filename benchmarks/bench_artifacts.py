@@ -81,15 +81,24 @@ def payload_len(value: Any) -> int:
     return int(getattr(value, "nbytes", None) or len(value))
 
 
-class OverlappedHashingWriter(io.RawIOBase):
-    """What-if: like the runtime's hashing writer, but sha256 runs in a thread while the file is written."""
+class _ThreadHash:
+    """sha256 of what passes through the open binary file ``fh``, updated in a second thread, in order."""
 
     def __init__(self, fh: Any) -> None:
-        """Wrap the open binary file ``fh``."""
         self._fh = fh
         self.sha256 = hashlib.sha256()
         self._pool = ThreadPoolExecutor(1)
         self._pending: Future[None] | None = None
+
+    def _sync(self) -> None:
+        """Wait for the pending hash update, keeping updates in order."""
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+
+class OverlappedHashingWriter(_ThreadHash, io.RawIOBase):
+    """What-if: like the runtime's hashing writer, but sha256 runs in a thread while the file is written."""
 
     def writable(self) -> bool:
         """Raw writers must say so."""
@@ -106,33 +115,14 @@ class OverlappedHashingWriter(io.RawIOBase):
         self._sync()  # the caller may reuse its buffer once we return
         return view.nbytes
 
-    def _sync(self) -> None:
-        """Wait for the pending hash update, keeping updates in order."""
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
-
     def finish(self) -> str:
         """Return the hex digest (all updates are done when ``write`` returns)."""
         self._pool.shutdown()
         return self.sha256.hexdigest()
 
 
-class HashingReader:
+class HashingReader(_ThreadHash):
     """What-if: a file wrapper for ``cloudpickle.load`` that hashes what it reads, in a second thread."""
-
-    def __init__(self, fh: Any) -> None:
-        """Wrap the open binary file ``fh``."""
-        self._fh = fh
-        self.sha256 = hashlib.sha256()
-        self._pool = ThreadPoolExecutor(1)
-        self._pending: Future[None] | None = None
-
-    def _sync(self) -> None:
-        """Wait for the pending hash update, keeping updates in order."""
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
 
     def read(self, n: int = -1) -> bytes:
         """Read and hash ``n`` bytes."""

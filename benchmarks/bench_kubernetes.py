@@ -12,14 +12,12 @@ event loop, as in a triggerer. The emulator counts every API request served. Sce
 
 from __future__ import annotations
 
-import asyncio
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Section, airflow_env, budget_check, emit, fmt_time, progress, ratio, run_worker
+from benchmarks.common import Section, emit, polling_rows, polling_scenarios, run_triggers
 
 INTERVAL = 1.0  # poll interval of the scenario (the flavor's default is 5 s; shorter keeps the run short)
 SLEEP = 6.0  # seconds each pod runs
@@ -83,23 +81,9 @@ def worker(n: int, shared: bool) -> dict[str, Any]:
             batch.create_namespaced_job("default", job)
             handles.append(handle)
         served_before = len(k8s.requests())
-        finished: list[float] = []
-
-        async def wait_one(trigger: KubernetesStepOperatorTrigger) -> str:
-            async for event in trigger.run():
-                finished.append(time.time())
-                return str(event.payload["status"])
-            return "none"
-
-        async def main() -> list[str]:
-            triggers = [KubernetesStepOperatorTrigger(
-                conn_id="k8s_bench", handle=h, poll_interval=INTERVAL if shared else INTERVAL * (1 + (i + 1) * 1e-9))
-                for i, h in enumerate(handles)]
-            return list(await asyncio.gather(*(wait_one(t) for t in triggers)))
-
-        t0 = time.time()
-        states = asyncio.run(main())
-        wall = time.time() - t0
+        states, wall = run_triggers(lambda h, p: KubernetesStepOperatorTrigger(conn_id="k8s_bench", handle=h,
+                                                                               poll_interval=p), handles, INTERVAL,
+                                    shared)
         served = k8s.requests()[served_before:]
     counts = Counter(_kind(r) for r in served)
     return {"n": n, "shared": shared, "wall": wall, "states": sorted(set(states)), "requests": dict(counts),
@@ -109,44 +93,18 @@ def worker(n: int, shared: bool) -> dict[str, Any]:
 def run(workdir: Path, *, steps: int = 100) -> Section:
     """Run the scenarios and build the table."""
     section = Section("kubernetes", f"{steps} deferred Kubernetes steps: API requests with shared polling")
-    small = max(steps // 10, 1)
-    scenarios = [(small, True), (steps, True), (steps, False)]
-    progress(f"kubernetes: {small} and {steps} shared, {steps} unshared triggers (pods run {SLEEP:.0f} s)")
-    home = workdir / "airflow-home-kubernetes"
-    results = [run_worker("benchmarks.bench_kubernetes", ["worker", n, int(shared)], env=airflow_env(home))
-               for n, shared in scenarios]
-    for res in results:
-        if res["states"] != ["succeeded"]:
-            raise RuntimeError(f"scenario {res['n']} shared={res['shared']}: states {res['states']}")
-    few, many, unshared = results
-
-    def status_calls(res: dict[str, Any]) -> int:
-        return res["requests"].get("job lists", 0) + res["requests"].get("pod lists", 0) + res["requests"].get(
-            "other", 0)
-
-    def per_round(res: dict[str, Any]) -> float:
-        return status_calls(res) / max(res["wall"] / INTERVAL, 1)
-
-    growth = ratio(per_round(many), per_round(few))
-    section.add(f"status requests per poll interval: {steps} vs {small} steps (shared)", f"{per_round(many):.2f}",
-                f"{per_round(few):.2f}", growth, "~1x (not steps)", budget_check(growth, 1.5, at_most=True))
-    section.add(f"status requests, {steps} steps: shared vs unshared", f"{status_calls(many):,}",
-                f"{status_calls(unshared):,}", ratio(status_calls(many), status_calls(unshared)))
-    section.add(f"log reads, {steps} steps (per running step per round, both modes)",
-                f"{many['requests'].get('log reads', 0):,}", f"{unshared['requests'].get('log reads', 0):,}")
-    section.add("pod lookups (first log read, output collection: two per step)", f"{many['requests'].get('pod lookups', 0):,}",
-                f"{unshared['requests'].get('pod lookups', 0):,}")
-    section.add("all API requests (shared vs unshared)", f"{many['total']:,}", f"{unshared['total']:,}",
-                ratio(many["total"], unshared["total"]))
-    section.add("wall until all complete (shared vs unshared)", fmt_time(many["wall"]), fmt_time(unshared["wall"]),
-                ratio(many["wall"], unshared["wall"]))
+    small, results = polling_scenarios(workdir, "kubernetes", steps, f"pods run {SLEEP:.0f} s")
+    polling_rows(section, steps, small, results, INTERVAL,
+                 lambda res: sum(res["requests"].get(k, 0) for k in ("job lists", "pod lists", "other")),
+                 (f"log reads, {steps} steps (per running step per round, both modes)", "log reads"),
+                 ("pod lookups (first log read, output collection: two per step)", "pod lookups"))
     section.notes += [
         f"poll interval {INTERVAL:.0f} s; each pod runs `sleep {SLEEP:.0f}`; requests counted by the emulator.",
         "status requests = Job and pod lists (shared: two per namespace and per 100 steps per round); "
         "besides them each step looks its pod up twice: before its first log read and to collect its output.",
         "log reads stay per step: each running step's new lines are fetched every round.",
     ]
-    section.data = {"scenarios": results, "interval": INTERVAL, "sleep": SLEEP}
+    section.data["sleep"] = SLEEP
     return section
 
 

@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Section, airflow_env, emit, fmt_time, progress, ratio, run_worker
+from benchmarks.common import Section, airflow_env, emit, fmt_time, progress, ratio, run_worker, wait_triggers
 
 INTERVAL = 1.0  # poll interval of the scenario (the flavor's default is 10 s; shorter keeps the run short)
 SLEEP = 6.0  # seconds each call runs
@@ -66,13 +66,8 @@ def _spawn(n: int, workdir: Path) -> list[dict[str, Any]]:
 async def _flavor(handles: list[dict[str, Any]]) -> list[str]:
     from airflow_stepops.triggers.modal import ModalStepOperatorTrigger
 
-    async def wait_one(trigger: ModalStepOperatorTrigger) -> str:
-        async for event in trigger.run():
-            return str(event.payload["status"])
-        return "none"
-
-    triggers = [ModalStepOperatorTrigger(conn_id="md_bench", handle=h, poll_interval=INTERVAL) for h in handles]
-    return list(await asyncio.gather(*(wait_one(t) for t in triggers)))
+    return await wait_triggers(ModalStepOperatorTrigger(conn_id="md_bench", handle=h, poll_interval=INTERVAL)
+                               for h in handles)
 
 
 async def _public(handles: list[dict[str, Any]]) -> list[str]:

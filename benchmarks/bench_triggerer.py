@@ -16,7 +16,6 @@ in each status call are counted by wrapping the hook's methods in the worker pro
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -41,6 +40,7 @@ from benchmarks.common import (
     ratio,
     reset_peak_rss,
     rss_bytes,
+    run_triggers,
     run_worker,
 )
 
@@ -156,22 +156,12 @@ def run_scenario(root: Path, n: int, shared: bool, counters: Counters) -> dict[s
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root / "plan.json"), str(root / "written.json")])
     done: dict[str, tuple[float, str]] = {}
 
-    async def wait_one(trigger: LocalStepOperatorTrigger) -> None:
-        """Run one trigger to its first event and record when it came."""
-        async for event in trigger.run():
-            done[trigger.handle["job_dir"]] = (time.time(), event.payload["status"])
-            return
-
-    async def main() -> None:
-        """Create every trigger on this loop and wait for all of them."""
-        triggers = [LocalStepOperatorTrigger(conn_id="stepops_local_default", handle=h,
-                                             poll_interval=INTERVAL if shared else INTERVAL * (1 + (i + 1) * 1e-9))
-                    for i, h in enumerate(handles)]
-        await asyncio.gather(*(wait_one(t) for t in triggers))
+    def record(trigger: LocalStepOperatorTrigger, event: Any) -> None:
+        done[trigger.handle["job_dir"]] = (time.time(), event.payload["status"])
 
     t0 = time.time()
-    asyncio.run(main())
-    wall = time.time() - t0
+    _, wall = run_triggers(lambda h, p: LocalStepOperatorTrigger(conn_id="stepops_local_default", handle=h,
+                                                                 poll_interval=p), handles, INTERVAL, shared, record)
     cpu = cpu_seconds() - cpu_before
     peak = peak_rss_bytes()
     writer.wait(timeout=60)

@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +161,16 @@ def progress(message: str) -> None:
 
 
 # ---- memory probes (Linux /proc; fall back to getrusage) --------------------------------------
+def _status_bytes(field_name: str) -> int:
+    """A ``kB`` field of /proc/self/status in bytes; where unavailable, the peak RSS getrusage reports."""
+    kib = _status_kib(field_name)
+    if kib is None:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return kib * 1024
+
+
 def _status_kib(field_name: str) -> int | None:
     """A ``kB`` field of /proc/self/status, None where unavailable."""
     try:
@@ -173,12 +183,7 @@ def _status_kib(field_name: str) -> int | None:
 
 def rss_bytes() -> int:
     """Current resident set size of this process."""
-    kib = _status_kib("VmRSS")
-    if kib is None:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return kib * 1024
+    return _status_bytes("VmRSS")
 
 
 def reset_peak_rss() -> bool:
@@ -193,12 +198,7 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_bytes() -> int:
     """Peak resident set size since the last ``reset_peak_rss`` (or since start)."""
-    kib = _status_kib("VmHWM")
-    if kib is None:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return kib * 1024
+    return _status_bytes("VmHWM")
 
 
 def cpu_seconds() -> float:
@@ -245,7 +245,7 @@ class WorkerError(RuntimeError):
     """A benchmark worker subprocess failed or printed no result."""
 
 
-def run_worker(module: str, args: Sequence[str], *, env: Mapping[str, str] | None = None,
+def run_worker(module: str, args: Sequence[object], *, env: Mapping[str, str] | None = None,
                timeout: float = 600) -> dict[str, Any]:
     """Run ``python -m module args...`` and return the JSON it emitted with ``emit``."""
     cmd = [sys.executable, "-m", module, *map(str, args)]
@@ -256,3 +256,71 @@ def run_worker(module: str, args: Sequence[str], *, env: Mapping[str, str] | Non
             return json.loads(line[len(RESULT_MARKER):])
     tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
     raise WorkerError(f"{' '.join(cmd[2:4])} exited with {proc.returncode} and no result:\n{tail}")
+
+
+# ---- deferred steps: triggers on one event loop, polling shared or not ----------------------------
+async def wait_triggers(triggers: Iterable[Any], on_event: Callable[[Any, Any], None] | None = None) -> list[str]:
+    """Run the triggers on this event loop, as a triggerer does, until each fires (``on_event(trigger, event)``
+    the moment it does); their final statuses."""
+    import asyncio
+
+    async def wait_one(trigger: Any) -> str:
+        async for event in trigger.run():
+            if on_event is not None:
+                on_event(trigger, event)
+            return str(event.payload["status"])
+        return "none"
+
+    return list(await asyncio.gather(*(wait_one(t) for t in list(triggers))))
+
+
+def run_triggers(make: Callable[[Any, float], Any], handles: list[dict[str, Any]], interval: float,
+                 shared: bool, on_event: Callable[[Any, Any], None] | None = None) -> tuple[list[str], float]:
+    """Wait for one trigger per handle (``make(handle, poll_interval)``); their statuses and the wall time.
+    Unshared: each trigger polls at a slightly different interval, so none shares a poller."""
+    import asyncio
+
+    async def main() -> list[str]:
+        return await wait_triggers((make(h, interval if shared else interval * (1 + (i + 1) * 1e-9))
+                                    for i, h in enumerate(handles)), on_event)
+
+    t0 = time.time()
+    states = asyncio.run(main())
+    return states, time.time() - t0
+
+
+def polling_scenarios(workdir: Path, flavor: str, steps: int, what: str) -> tuple[int, list[dict[str, Any]]]:
+    """Run ``benchmarks.bench_<flavor> worker`` for N/10 and N shared and N unshared triggers; the small N and
+    the three results, every step of which succeeded."""
+    small = max(steps // 10, 1)
+    progress(f"{flavor}: {small} and {steps} shared, {steps} unshared triggers ({what})")
+    home = workdir / f"airflow-home-{flavor}"
+    results = [run_worker(f"benchmarks.bench_{flavor}", ["worker", n, int(shared)], env=airflow_env(home))
+               for n, shared in [(small, True), (steps, True), (steps, False)]]
+    for res in results:
+        if res["states"] != ["succeeded"]:
+            raise RuntimeError(f"scenario {res['n']} shared={res['shared']}: states {res['states']}")
+    return small, results
+
+
+def polling_rows(section: Section, steps: int, small: int, results: list[dict[str, Any]], interval: float,
+                 status_calls: Callable[[dict[str, Any]], int], *log_rows: tuple[str, str]) -> None:
+    """The rows of a shared-polling benchmark: status requests per round (N/10 vs N steps) and in all (shared
+    vs unshared), then ``(metric, request kind)`` rows of log reads, then all requests and the wall time."""
+    few, many, unshared = results
+
+    def per_round(res: dict[str, Any]) -> float:
+        return status_calls(res) / max(res["wall"] / interval, 1)
+
+    growth = ratio(per_round(many), per_round(few))
+    section.add(f"status requests per poll interval: {steps} vs {small} steps (shared)", f"{per_round(many):.2f}",
+                f"{per_round(few):.2f}", growth, "~1x (not steps)", budget_check(growth, 1.5, at_most=True))
+    section.add(f"status requests, {steps} steps: shared vs unshared", f"{status_calls(many):,}",
+                f"{status_calls(unshared):,}", ratio(status_calls(many), status_calls(unshared)))
+    for metric, kind in log_rows:
+        section.add(metric, f"{many['requests'].get(kind, 0):,}", f"{unshared['requests'].get(kind, 0):,}")
+    section.add("all API requests (shared vs unshared)", f"{many['total']:,}", f"{unshared['total']:,}",
+                ratio(many["total"], unshared["total"]))
+    section.add("wall until all complete (shared vs unshared)", fmt_time(many["wall"]), fmt_time(unshared["wall"]),
+                ratio(many["wall"], unshared["wall"]))
+    section.data = {"scenarios": results, "interval": interval}

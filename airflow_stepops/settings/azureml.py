@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, check_environment
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, checked_by, matches
 
 #: tag keys the flavor sets itself (the step's identity, for exactly-once look-ups)
 TAG_PREFIX = "stepops-"
@@ -73,10 +73,7 @@ class _AzureMLChecks(BaseModel):
 
         return None if value is None else check_vm_name(value)
 
-    @field_validator("tags", check_fields=False)
-    @classmethod
-    def _tags(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_tags(value, "tags")
+    _tags = checked_by(check_tags, "tags")
 
     @field_validator("compute_target_name", check_fields=False)
     @classmethod
@@ -86,13 +83,9 @@ class _AzureMLChecks(BaseModel):
                              "and '-', starting with a letter); leave it empty for serverless compute")
         return value
 
-    @field_validator("experiment_name", check_fields=False)
-    @classmethod
-    def _experiment(cls, value: str | None) -> str | None:
-        if value is not None and not EXPERIMENT_NAME.match(value):
-            raise ValueError(f"experiment_name: {value!r} is not a valid experiment name (letters, digits, '_' and "
-                             "'-', starting with a letter or digit, at most 255 characters)")
-        return value
+    _experiment = matches(
+        "experiment_name", EXPERIMENT_NAME, "a valid experiment name (letters, digits, '_' and '-', starting with a "
+        "letter or digit, at most 255 characters)")
 
 
 class AzureMLStepOperatorSettings(BaseStepOperatorSettings, _AzureMLChecks):
@@ -113,9 +106,8 @@ class AzureMLStepOperatorSettings(BaseStepOperatorSettings, _AzureMLChecks):
         "Premium.")
     shm_size: str | None = Field(default=None, description="Shared memory of the container, e.g. \"16g\" "
                                  "(Azure ML's default: 2g).")
-    environment_variables: dict[str, str] = Field(
-        default_factory=dict, description="Environment variables of the step (merged over the step operator's "
-        "environment; no secrets).")
+    environment_variables: EnvVars = Field(default_factory=dict, description="Environment variables of the step "
+                                           "(merged over the step operator's environment; no secrets).")
     experiment_name: str | None = Field(default=None, description="Experiment of the job (default: the DAG id).")
     tags: dict[str, str] = Field(default_factory=dict, description="Tags of the job.")
     max_runtime_in_seconds: int | None = Field(
@@ -135,11 +127,6 @@ class AzureMLStepOperatorSettings(BaseStepOperatorSettings, _AzureMLChecks):
     @classmethod
     def _shm(cls, value: str | None) -> str | None:
         return normalize_shm_size(value)
-
-    @field_validator("environment_variables")
-    @classmethod
-    def _env_vars(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_environment(value)
 
     @model_validator(mode="after")
     def _tier_needs_serverless(self) -> AzureMLStepOperatorSettings:
@@ -218,9 +205,8 @@ class AzureMLStepOperatorConfig(BaseStepOperatorConfig, _AzureMLChecks):
         title="Registered environment",
         default=None, description="Registered environment instead of an image: azureml:<name>:<version>.")
     storage_conn_id: str | None = Field(
-        title="Storage connection id",
-        default=None, description="Airflow connection (wasb / adls) workers read and write the artifact store "
-        "with, when the artifact_store URI names none.")
+        title="Storage connection id", default=None, description="Airflow connection (wasb / adls) workers read and "
+        "write the artifact store with, when the artifact_store URI names none.")
     datastore: str = Field(default="workspaceblobstore", description="Datastore the jobs reach an abfs:// "
                            "artifact store through (it must point at the store's container).")
     instance_type: str | None = Field(
@@ -228,26 +214,19 @@ class AzureMLStepOperatorConfig(BaseStepOperatorConfig, _AzureMLChecks):
     experiment_name: str | None = Field(
         title="Experiment name", default=None, description="Experiment of every job (default: the DAG id).")
     tags: dict[str, str] = Field(default_factory=dict, description="Tags of every job.")
-    environment: dict[str, str] = Field(
+    environment: EnvVars = Field(
         title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
     api_timeout_seconds: float = Field(
-        title="API call timeout (s)",
-        default=60.0, gt=0, le=600, description="Seconds one call to Azure ML or the log blob may wait for an answer "
-        "before it is retried.")
+        title="API call timeout (s)", default=60.0, gt=0, le=600, description="Seconds one call to Azure ML or the "
+        "log blob may wait for an answer before it is retried.")
     api_max_attempts: int = Field(title="API call attempts",
                                   default=4, ge=1, le=11, description="Attempts of a call that fails on the way, the "
                                   "first included (timeouts, dropped connections, 429 and 5xx answers).")
     console_url_template: str | None = Field(
-        title="Console URL template",
-        default=None, description="Link template ({job_name}, {subscription_id}, {resource_group}, "
-        "{workspace_name}); default: the job's Azure ML studio URL.")
+        title="Console URL template", default=None, description="Link template ({job_name}, {subscription_id}, "
+        "{resource_group}, {workspace_name}); default: the job's Azure ML studio URL.")
 
-    @field_validator("subscription_id")
-    @classmethod
-    def _subscription(cls, value: str) -> str:
-        if not SUBSCRIPTION_ID.match(value):
-            raise ValueError(f"subscription_id: {value!r} is not an Azure subscription id (a GUID)")
-        return value
+    _subscription = matches("subscription_id", SUBSCRIPTION_ID, "an Azure subscription id (a GUID)")
 
     @field_validator("resource_group")
     @classmethod
@@ -257,26 +236,18 @@ class AzureMLStepOperatorConfig(BaseStepOperatorConfig, _AzureMLChecks):
                              "'_', '-', '.', '(' and ')')")
         return value
 
-    @field_validator("workspace_name")
-    @classmethod
-    def _workspace(cls, value: str) -> str:
-        if not WORKSPACE_NAME.match(value):
-            raise ValueError(f"workspace_name: {value!r} is not an Azure ML workspace name (3-33 letters, digits, "
-                             "'_' and '-', starting with a letter or digit)")
-        return value
+    _workspace = matches(
+        "workspace_name", WORKSPACE_NAME, "an Azure ML workspace name (3-33 letters, digits, '_' and '-', starting "
+        "with a letter or digit)")
 
     @field_validator("compute_target_name", mode="before")
     @classmethod
     def _empty_is_serverless(cls, value: Any) -> Any:
         return None if value == "" else value
 
-    @field_validator("azureml_environment")
-    @classmethod
-    def _environment_ref(cls, value: str | None) -> str | None:
-        if value is not None and not AZUREML_ENVIRONMENT.match(value):
-            raise ValueError(f"azureml_environment: {value!r} is not a registered environment reference; expected "
-                             "azureml:<name>:<version>")
-        return value
+    _environment_ref = matches(
+        "azureml_environment", AZUREML_ENVIRONMENT, "a registered environment reference; expected "
+        "azureml:<name>:<version>")
 
     @field_validator("artifact_store")
     @classmethod
@@ -286,11 +257,6 @@ class AzureMLStepOperatorConfig(BaseStepOperatorConfig, _AzureMLChecks):
                              "expected azureml://datastores/<datastore>/paths/<prefix> or abfs://[<storage conn "
                              f"id>@]<container>/<prefix> (also abfss://, az://), got {value!r}")
         return value
-
-    @field_validator("environment")
-    @classmethod
-    def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_environment(value)
 
     @model_validator(mode="after")
     def _one_environment(self) -> AzureMLStepOperatorConfig:

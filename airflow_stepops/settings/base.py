@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -46,6 +48,25 @@ def check_environment(value: dict[str, str]) -> dict[str, str]:
         if name.upper().startswith(Env.PREFIX):
             raise ValueError(f"environment: {name!r}: names starting with {Env.PREFIX} are reserved for the runtime")
     return value
+
+
+#: environment variables: a field of this type refuses names no backend takes (see ``check_environment``)
+EnvVars = Annotated[dict[str, str], AfterValidator(check_environment)]
+
+
+def checked_by(check: Callable[[Any, str], Any], field: str) -> Any:
+    """A validator of ``field``: ``check(value, field)``, whose errors name the field."""
+    return field_validator(field, check_fields=False)(classmethod(lambda cls, value: check(value, field)))
+
+
+def matches(field: str, pattern: re.Pattern[str], allowed: str) -> Any:
+    """A validator of ``field`` (None passes): a value ``pattern`` does not match is refused as
+    ``<field>: <value> is not <allowed>``."""
+    def check(cls: Any, value: str | None) -> str | None:
+        if value is not None and not pattern.match(value):
+            raise ValueError(f"{field}: {value!r} is not {allowed}")
+        return value
+    return field_validator(field, check_fields=False)(classmethod(check))
 
 
 def allowed_fields_hint(model_name: str, name: object = None) -> str:
@@ -92,16 +113,9 @@ class BaseStepOperatorSettings(_Strict):
     resources_checkable_alone: ClassVar[bool] = False
 
     max_runtime_in_seconds: int | None = Field(
-        default=None, gt=0, description="Hard limit enforced by the backend; the job is stopped after it."
-    )
-    environment: dict[str, str] = Field(
-        default_factory=dict, description="Extra environment variables for the step (no secrets)."
-    )
-
-    @field_validator("environment")
-    @classmethod
-    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_environment(value)
+        default=None, gt=0, description="Hard limit enforced by the backend; the job is stopped after it.")
+    environment: EnvVars = Field(default_factory=dict, description="Extra environment variables for the step "
+                                 "(no secrets).")
 
     def check_resources(self, resources: Any) -> None:
         """Refuse ``ResourceSettings`` this flavor cannot honour with these settings (parse time)."""
@@ -113,17 +127,14 @@ class BaseStepOperatorConfig(_Strict):
     flavor: ClassVar[str] = ""
 
     artifact_store: str | None = Field(
-        title="Artifact store URI",
-        default=None, description="URI where bundles and results live (s3://, gs://, abfs://, file://)."
-    )
+        title="Artifact store URI", default=None, description="URI where bundles and results live (s3://, gs://, "
+        "abfs://, file://).")
     max_result_size: str = Field(
-        title="Max result size",
-        default="10GB", description="Largest result a step may store; bigger results fail clearly."
-    )
+        title="Max result size", default="10GB", description="Largest result a step may store; bigger results fail "
+        "clearly.")
     inline_result_max_size: str = Field(
-        title="Max inline (XCom) result size",
-        default="48KB", description="JSON results up to this size go to XCom directly; larger become ArtifactRefs."
-    )
+        title="Max inline (XCom) result size", default="48KB", description="JSON results up to this size go to XCom "
+        "directly; larger become ArtifactRefs.")
 
     @field_validator("max_result_size", "inline_result_max_size")
     @classmethod

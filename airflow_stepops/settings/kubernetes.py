@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, check_environment
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, checked_by
 
 #: RFC 1123 label: Job, namespace and container names
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -190,20 +190,11 @@ class KubernetesPodOptions(BaseModel):
         title="Container security context",
         default=None, description="securityContext of the step container (e.g. allowPrivilegeEscalation: false).")
 
-    @field_validator("labels")
-    @classmethod
-    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_labels(value, "labels")
+    _labels = checked_by(check_labels, "labels")
 
-    @field_validator("annotations")
-    @classmethod
-    def _annotations(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_annotations(value, "annotations")
+    _annotations = checked_by(check_annotations, "annotations")
 
-    @field_validator("node_selector")
-    @classmethod
-    def _selector(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_labels(value, "node_selector")
+    _selector = checked_by(check_labels, "node_selector")
 
     @field_validator("tolerations", "volumes", "volume_mounts")
     @classmethod
@@ -237,40 +228,30 @@ class KubernetesStepOperatorSettings(BaseStepOperatorSettings, KubernetesPodOpti
     image: str | None = Field(default=None, description="Container image for this step (overrides the operator's).")
     gpu_resource_name: str = Field(default="nvidia.com/gpu", description="Extended resource that counts GPUs.")
     gpu_type_node_label: str = Field(
-        default="nvidia.com/gpu.product",
-        description="Node label that tells the GPU model (set by NVIDIA's GPU feature discovery).",
-    )
+        default="nvidia.com/gpu.product", description="Node label that tells the GPU model (set by NVIDIA's GPU "
+        "feature discovery).")
     gpu_type_node_values: dict[str, list[str]] = Field(
-        default_factory=dict,
-        description="Node label values per gpu_type, e.g. {'A100': ['NVIDIA-A100-SXM4-40GB']}; default: the "
-        "values GPU feature discovery reports for common models.",
-    )
+        default_factory=dict, description="Node label values per gpu_type, e.g. {'A100': ['NVIDIA-A100-SXM4-40GB']}; "
+        "default: the values GPU feature discovery reports for common models.")
     use_spot: bool = Field(default=False, description="Run on spot/preemptible nodes.")
     spot_node_selector: dict[str, str] = Field(
-        default_factory=lambda: {"karpenter.sh/capacity-type": "spot"},
-        description="nodeSelector added when use_spot (EKS: eks.amazonaws.com/capacityType=SPOT, "
-        "GKE: cloud.google.com/gke-spot=true).",
-    )
+        default_factory=lambda: {"karpenter.sh/capacity-type": "spot"}, description="nodeSelector added when use_spot "
+        "(EKS: eks.amazonaws.com/capacityType=SPOT, GKE: cloud.google.com/gke-spot=true).")
     spot_toleration: dict[str, Any] | None = Field(
-        default=None, description="Toleration added when use_spot, for tainted spot node pools."
-    )
+        default=None, description="Toleration added when use_spot, for tainted spot node pools.")
     ttl_seconds_after_finished: int | None = Field(
-        default=3600, ge=60, description="Job ttlSecondsAfterFinished (at least 60: Airflow reads the finished "
-        "pod's log for the step's output)."
-    )
+        default=3600, ge=60, description="Job ttlSecondsAfterFinished (at least 60: Airflow reads the finished pod's "
+        "log for the step's output).")
     unschedulable_timeout_seconds: int = Field(
         default=900, gt=0, description="Fail when no pod is created, or it stays unschedulable, this long (e.g. no "
-        "node has the GPU); leave room for node auto-scaling, which takes minutes for GPU nodes."
-    )
+        "node has the GPU); leave room for node auto-scaling, which takes minutes for GPU nodes.")
     start_timeout_seconds: int = Field(
         default=1800, gt=0, description="Fail when a scheduled pod has not started its container this long (large "
-        "image pulls count; volumes that cannot mount, container errors)."
-    )
+        "image pulls count; volumes that cannot mount, container errors).")
     require_checkpoint_dir: bool = Field(
         default=False, description="Refuse to submit unless the step operator gives the step a durable "
-        "STEPOPS_CHECKPOINT_DIR (a checkpoint_volume_claim or a pvc:// artifact_store), rather than run a step "
-        "that could not resume after a preemption."
-    )
+        "STEPOPS_CHECKPOINT_DIR (a checkpoint_volume_claim or a pvc:// artifact_store), rather than run a step that "
+        "could not resume after a preemption.")
 
     @field_validator("gpu_resource_name")
     @classmethod
@@ -287,10 +268,7 @@ class KubernetesStepOperatorSettings(BaseStepOperatorSettings, KubernetesPodOpti
     def _spot_toleration(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         return value if value is None else check_toleration(value, "spot_toleration")
 
-    @field_validator("spot_node_selector")
-    @classmethod
-    def _spot_selector(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_labels(value, "spot_node_selector")
+    _spot_selector = checked_by(check_labels, "spot_node_selector")
 
     @field_validator("gpu_type_node_label")
     @classmethod
@@ -337,9 +315,8 @@ class KubernetesStepOperatorConfig(BaseStepOperatorConfig, KubernetesPodOptions)
     flavor: ClassVar[str] = "kubernetes"
 
     kubernetes_conn_id: str | None = Field(
-        title="Kubernetes connection id",
-        default=None, description="A cncf-kubernetes 'kubernetes' connection to take cluster credentials from."
-    )
+        title="Kubernetes connection id", default=None, description="A cncf-kubernetes 'kubernetes' connection to "
+        "take cluster credentials from.")
     kubernetes_context: str | None = Field(
         title="kubeconfig context", default=None, description="kubeconfig context to use.")
     config_file: str | None = Field(
@@ -348,44 +325,29 @@ class KubernetesStepOperatorConfig(BaseStepOperatorConfig, KubernetesPodOptions)
         title="In cluster", default=False, description="Use the pod's service account (Airflow runs in the cluster).")
     kubernetes_namespace: str = Field(title="Namespace", default="default", description="Namespace of the step Jobs.")
     image: str | None = Field(default=None, description="Container image steps run in (Python + cloudpickle).")
-    environment: dict[str, str] = Field(
+    environment: EnvVars = Field(
         title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
     worker_artifact_path: str | None = Field(
-        title="Worker path of the pvc:// store", default=None,
-        description="With a pvc:// artifact store: where that claim (its root) is mounted on Airflow workers "
-        "and triggerers; the store's path inside the claim is appended.",
-    )
+        title="Worker path of the pvc:// store", default=None, description="With a pvc:// artifact store: where that "
+        "claim (its root) is mounted on Airflow workers and triggerers; the store's path inside the claim is "
+        "appended.")
     checkpoint_volume_claim: str | None = Field(
-        title="Checkpoint volume claim", default=None,
-        description="PersistentVolumeClaim (ReadWriteMany, so a retry on another node can mount it) holding "
-        "STEPOPS_CHECKPOINT_DIR; default: the claim of a pvc:// artifact_store. Without either, steps get no "
-        "STEPOPS_CHECKPOINT_DIR.",
-    )
+        title="Checkpoint volume claim", default=None, description="PersistentVolumeClaim (ReadWriteMany, so a retry "
+        "on another node can mount it) holding STEPOPS_CHECKPOINT_DIR; default: the claim of a pvc:// artifact_store. "
+        "Without either, steps get no STEPOPS_CHECKPOINT_DIR.")
     checkpoint_volume_path: str = Field(
-        title="Checkpoint path in the claim", default="",
-        description="Directory inside checkpoint_volume_claim under which step checkpoint directories are made "
-        "(default: the claim's root).",
-    )
+        title="Checkpoint path in the claim", default="", description="Directory inside checkpoint_volume_claim under "
+        "which step checkpoint directories are made (default: the claim's root).")
     inline_transfer_max_size: str = Field(
-        title="Max inline transfer size", default="512KiB",
-        description="Bundles and outputs up to this size (compressed) travel in the pod spec and pod log; larger "
-        "ones through the artifact store.",
-    )
+        title="Max inline transfer size", default="512KiB", description="Bundles and outputs up to this size "
+        "(compressed) travel in the pod spec and pod log; larger ones through the artifact store.")
     api_timeout_seconds: float = Field(
-        title="API call timeout (s)", default=60.0, gt=0,
-        description="Seconds one Kubernetes API call may wait for its answer before it is retried (at most 3 more "
-        "times, with back-off): a lost reply never hangs a worker or triggerer.",
-    )
+        title="API call timeout (s)", default=60.0, gt=0, description="Seconds one Kubernetes API call may wait for "
+        "its answer before it is retried (at most 3 more times, with back-off): a lost reply never hangs a worker or "
+        "triggerer.")
     console_url_template: str | None = Field(
-        title="Console URL template", default=None,
-        description="Link to a Job in your dashboard, with {namespace} and {name}, e.g. "
-        "https://dashboard.example/#/job/{namespace}/{name}",
-    )
-
-    @field_validator("environment")
-    @classmethod
-    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_environment(value)
+        title="Console URL template", default=None, description="Link to a Job in your dashboard, with {namespace} "
+        "and {name}, e.g. https://dashboard.example/#/job/{namespace}/{name}")
 
     @field_validator("inline_transfer_max_size")
     @classmethod

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, check_environment
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars
 
 
 class LocalStepOperatorSettings(BaseStepOperatorSettings):
@@ -16,8 +16,7 @@ class LocalStepOperatorSettings(BaseStepOperatorSettings):
 
     nice: int = Field(default=0, ge=0, le=19, description="Scheduling niceness added to the step process.")
     cancel_grace_period_seconds: float = Field(
-        default=10.0, ge=0, description="Time between SIGTERM and SIGKILL when the step is stopped."
-    )
+        default=10.0, ge=0, description="Time between SIGTERM and SIGKILL when the step is stopped.")
 
 
 class LocalStepOperatorConfig(BaseStepOperatorConfig):
@@ -26,30 +25,19 @@ class LocalStepOperatorConfig(BaseStepOperatorConfig):
     flavor: ClassVar[str] = "local"
 
     python: str | None = Field(
-        title="Python interpreter", default=None,
-        description="Python interpreter for steps (same major.minor as the worker, with cloudpickle); "
-        "default: the worker's own.",
-    )
+        title="Python interpreter", default=None, description="Python interpreter for steps (same major.minor as the "
+        "worker, with cloudpickle); default: the worker's own.")
     jobs_dir: str | None = Field(
-        title="Jobs directory",
-        default=None, description="Directory of job state; default: $AIRFLOW_HOME/stepops/local/jobs."
-    )
+        title="Jobs directory", default=None, description="Directory of job state; default: "
+        "$AIRFLOW_HOME/stepops/local/jobs.")
     nvidia_smi: str = Field(
         title="nvidia-smi executable", default="nvidia-smi", description="nvidia-smi executable used to discover GPUs.")
-    environment: dict[str, str] = Field(
-        title="Environment variables",
-        default_factory=dict, description="Environment variables for every step of this operator."
-    )
+    environment: EnvVars = Field(title="Environment variables", default_factory=dict,
+                                 description="Environment variables for every step of this operator.")
     job_retention_days: float = Field(
-        title="Job retention (days)",
-        default=7, ge=0, description="Job directories (state and logs) of finished steps are removed after "
-        "this many days; 0 keeps them forever. Results in the artifact store are not touched."
-    )
-
-    @field_validator("environment")
-    @classmethod
-    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_environment(value)
+        title="Job retention (days)", default=7, ge=0, description="Job directories (state and logs) of finished "
+        "steps are removed after this many days; 0 keeps them forever. Results in the artifact store are not "
+        "touched.")
 
     @field_validator("artifact_store")
     @classmethod

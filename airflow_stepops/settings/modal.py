@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, check_environment
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, matches
 
 #: Modal's GPU types and how many of each one container may have (Modal's GPU guide). "ANY" lets Modal
 #: pick among its smaller GPUs, which include the A10 (at most 4), so 4 is the most it can promise.
@@ -243,9 +243,8 @@ class ModalStepOperatorConfig(BaseStepOperatorConfig):
     flavor: ClassVar[str] = "modal"
 
     modal_conn_id: str | None = Field(
-        title="Modal connection id",
-        default="modal_default", description="modal provider connection (token id and secret); without it, "
-        "Modal's own MODAL_TOKEN_ID/MODAL_TOKEN_SECRET or ~/.modal.toml.")
+        title="Modal connection id", default="modal_default", description="modal provider connection (token id and "
+        "secret); without it, Modal's own MODAL_TOKEN_ID/MODAL_TOKEN_SECRET or ~/.modal.toml.")
     environment: str | None = Field(title="Modal environment",
                                     default=None, description="Modal environment (default: the modal "
                                     "connection's, else Modal's own default).")
@@ -254,39 +253,31 @@ class ModalStepOperatorConfig(BaseStepOperatorConfig):
                           "(one deployed app per image and set of function options).")
     image: str | None = Field(default=None, description="Registry image of the steps (needs Python and "
                               "cloudpickle); default: Modal's debian_slim with python_version.")
-    python_version: str | None = Field(title="Python version",
-                                       default=None, description="Python of the default image (default: the "
-                                       "worker's, which the bundle needs); with image, the image's Python "
-                                       "when it has none of its own (add_python).")
+    python_version: str | None = Field(
+        title="Python version", default=None, description="Python of the default image (default: the worker's, which "
+        "the bundle needs); with image, the image's Python when it has none of its own (add_python).")
     pip_packages: list[str] = Field(
         title="pip packages", default_factory=list, description="pip packages added to the image.")
     secrets: list[str] = Field(title="Modal secrets",
                                default_factory=list, description="Modal secrets (names) every step gets as "
                                "environment variables.")
-    volumes: dict[str, str] = Field(title="Modal volumes",
-                                    default_factory=dict, description="Modal volumes to mount: path → "
-                                    "volume name.")
+    volumes: dict[str, str] = Field(
+        title="Modal volumes", default_factory=dict, description="Modal volumes to mount: path → volume name.")
     checkpoint_volume: str | None = Field(title="Checkpoint volume",
                                           default=None, description="Modal volume (created if missing) mounted "
                                           f"at {CHECKPOINT_MOUNT} that holds each step's STEPOPS_CHECKPOINT_DIR "
                                           "(default: <app_name>-checkpoints).")
     region: str | list[str] | None = Field(default=None, description="Default region(s) of the steps.")
     cloud: Literal["aws", "gcp", "oci", "auto"] | None = Field(default=None, description="Default cloud.")
-    environment_variables: dict[str, str] = Field(title="Environment variables",
-                                                  default_factory=dict, description="Environment of every "
-                                                  "step (no secrets: use Modal secrets).")
+    environment_variables: EnvVars = Field(title="Environment variables", default_factory=dict,
+                                           description="Environment of every step (no secrets: use Modal secrets).")
     console_url_template: str = Field(
-        title="Console URL template",
-        default="https://modal.com/id/{call_id}", description="Link to a step's call ({call_id}, {app_name}, "
-        "{function_id}, {environment}).")
+        title="Console URL template", default="https://modal.com/id/{call_id}", description="Link to a step's call "
+        "({call_id}, {app_name}, {function_id}, {environment}).")
 
-    @field_validator("app_name")
-    @classmethod
-    def _app_name(cls, value: str) -> str:
-        if not _APP_NAME.match(value):
-            raise ValueError(f"app_name: {value!r} is not a Modal app name prefix (1-48 letters, digits, '.', '_' "
-                             "and '-', starting with a letter or digit)")
-        return value
+    _app_name = matches(
+        "app_name", _APP_NAME, "a Modal app name prefix (1-48 letters, digits, '.', '_' and '-', starting with a "
+        "letter or digit)")
 
     @field_validator("python_version")
     @classmethod
@@ -318,13 +309,9 @@ class ModalStepOperatorConfig(BaseStepOperatorConfig):
                                  "mounted (name it with checkpoint_volume instead)")
         return value
 
-    @field_validator("checkpoint_volume")
-    @classmethod
-    def _checkpoint_volume(cls, value: str | None) -> str | None:
-        if value is not None and not _OBJECT_NAME.match(value):
-            raise ValueError(f"checkpoint_volume: {value!r} is not a Modal volume name (1-64 letters, digits, '.', "
-                             "'_' and '-', starting with a letter or digit)")
-        return value
+    _checkpoint_volume = matches(
+        "checkpoint_volume", _OBJECT_NAME, "a Modal volume name (1-64 letters, digits, '.', '_' and '-', starting "
+        "with a letter or digit)")
 
     @model_validator(mode="after")
     def _checkpoint_volume_once(self) -> ModalStepOperatorConfig:
@@ -342,11 +329,6 @@ class ModalStepOperatorConfig(BaseStepOperatorConfig):
     @classmethod
     def _region(cls, value: str | list[str] | None) -> str | list[str] | None:
         return _check_region(value)
-
-    @field_validator("environment_variables")
-    @classmethod
-    def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_environment(value)
 
     def credentials_source(self) -> str:
         if self.modal_conn_id:

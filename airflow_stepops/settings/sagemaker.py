@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, check_environment
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, checked_by, matches
 
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+$")
 INSTANCE_NAME = re.compile(r"^ml\.[a-z0-9-]+\.[a-z0-9]+$")
@@ -59,7 +59,7 @@ def tag_text_ok(text: str) -> bool:
 
 
 def check_sagemaker_environment(env: dict[str, str], field: str) -> dict[str, str]:
-    check_environment(env)
+    """SageMaker's own limits, after ``check_environment`` (the field's type)."""
     for key, value in env.items():
         if not re.match(r"^[a-zA-Z_][a-zA-Z0-9_]*$", key) or len(key) > MAX_ENV_CHARS:
             raise ValueError(f"{field}: {key!r} is not a valid SageMaker environment variable name "
@@ -80,15 +80,9 @@ class _SageMakerChecks(BaseModel):
             check_instance_type(value, "instance_type")
         return value
 
-    @field_validator("tags", check_fields=False)
-    @classmethod
-    def _tags(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_tags(value, "tags")
+    _tags = checked_by(check_tags, "tags")
 
-    @field_validator("environment", check_fields=False)
-    @classmethod
-    def _sm_env(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_sagemaker_environment(value, "environment")
+    _sm_env = checked_by(check_sagemaker_environment, "environment")
 
 
 class SageMakerStepOperatorSettings(BaseStepOperatorSettings, _SageMakerChecks):
@@ -240,7 +234,7 @@ class SageMakerStepOperatorConfig(BaseStepOperatorConfig, _SageMakerChecks):
         title="VPC security groups", default_factory=list, description="VPC security groups.")
     kms_key_id: str | None = Field(title="KMS key", default=None, description="KMS key for the volume and the output.")
     tags: dict[str, str] = Field(default_factory=dict, description="Tags of every training job.")
-    environment: dict[str, str] = Field(
+    environment: EnvVars = Field(
         title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
     api_timeout_seconds: float = Field(title="API call timeout (s)",
                                        default=60.0, gt=0, le=900, description="Connect and read timeout of each "
@@ -252,24 +246,14 @@ class SageMakerStepOperatorConfig(BaseStepOperatorConfig, _SageMakerChecks):
                                     default="https://{region}.console.aws.amazon.com/sagemaker/home?region={region}"
                                     "#/jobs/{name}", description="Console link template.")
 
-    @field_validator("role")
-    @classmethod
-    def _role(cls, value: str) -> str:
-        if not ROLE_ARN.match(value):
-            raise ValueError(f"role: {value!r} is not an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)")
-        return value
+    _role = matches("role", ROLE_ARN, "an IAM role ARN (arn:aws:iam::<12-digit account>:role/<name>)")
 
     @field_validator("kms_key_id")
     @classmethod
     def _kms(cls, value: str | None) -> str | None:
         return value if value is None else check_kms_key(value, "kms_key_id")
 
-    @field_validator("region_name")
-    @classmethod
-    def _region(cls, value: str | None) -> str | None:
-        if value is not None and not REGION.match(value):
-            raise ValueError(f"region_name: {value!r} is not an AWS region name (e.g. us-east-1)")
-        return value
+    _region = matches("region_name", REGION, "an AWS region name (e.g. us-east-1)")
 
     @field_validator("artifact_store")
     @classmethod

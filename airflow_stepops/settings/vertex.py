@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, check_environment
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, checked_by, matches
 
 #: Labels (https://cloud.google.com/resource-manager/docs/labels-overview#requirements, linked from the
 #: CustomJob.labels reference): at most 64 per resource; keys 1-63 characters starting with a lowercase or
@@ -71,15 +71,13 @@ class _VertexChecks(BaseModel):
 
         return None if value is None else accelerator_enum(value)
 
-    @field_validator("labels", check_fields=False)
-    @classmethod
-    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_labels(value, "labels")
+    _labels = checked_by(check_labels, "labels")
 
-    @field_validator("environment", check_fields=False)
+    @field_validator("environment", mode="before", check_fields=False)
     @classmethod
-    def _c_identifiers(cls, value: dict[str, str]) -> dict[str, str]:
-        bad = [name for name in value if not ENV_NAME.match(name)]
+    def _c_identifiers(cls, value: Any) -> Any:
+        """Before the field's type, so this flavor's narrower rule is the one named."""
+        bad = [n for n in value if isinstance(n, str) and not ENV_NAME.match(n)] if isinstance(value, dict) else []
         if bad:
             raise ValueError(f"environment: {bad[0]!r}: Vertex AI takes C identifiers as variable names "
                              "(letters, digits and '_', not starting with a digit)")
@@ -188,7 +186,7 @@ class VertexStepOperatorConfig(BaseStepOperatorConfig, _VertexChecks):
     persistent_resource_id: str | None = Field(
         title="Persistent resource id", default=None, description="Run on this persistent resource.")
     labels: dict[str, str] = Field(default_factory=dict, description="Labels of every CustomJob.")
-    environment: dict[str, str] = Field(
+    environment: EnvVars = Field(
         title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
     machine_type: str | None = Field(
         title="Default machine type", default=None, description="Default machine type of this step operator.")
@@ -202,10 +200,9 @@ class VertexStepOperatorConfig(BaseStepOperatorConfig, _VertexChecks):
     logging_endpoint: str | None = Field(title="Cloud Logging endpoint",
                                          default=None, description="Cloud Logging endpoint (default: "
                                          "logging.googleapis.com).")
-    api_timeout_seconds: float = Field(title="API call timeout (s)",
-                                       default=30.0, gt=0, le=300, description="Seconds one call to Vertex AI "
-                                       "or Cloud Logging may take; transient failures are retried for up to four "
-                                       "times this long.")
+    api_timeout_seconds: float = Field(
+        title="API call timeout (s)", default=30.0, gt=0, le=300, description="Seconds one call to Vertex AI or Cloud "
+        "Logging may take; transient failures are retried for up to four times this long.")
     log_settle_seconds: float = Field(
         title="Log settle time (s)",
         default=10.0, ge=0, le=60, description="Seconds to wait after a job ends for Cloud Logging to take in its "
@@ -215,20 +212,10 @@ class VertexStepOperatorConfig(BaseStepOperatorConfig, _VertexChecks):
         default="https://console.cloud.google.com/vertex-ai/locations/{location}/training/{job_id}/cpu?project="
         "{project}", description="Console link template ({location}, {job_id}, {project}).")
 
-    @field_validator("location")
-    @classmethod
-    def _location(cls, value: str) -> str:
-        if not LOCATION.match(value):
-            raise ValueError(f"location: {value!r} is not a Vertex AI region (e.g. us-central1, europe-west4)")
-        return value
+    _location = matches("location", LOCATION, "a Vertex AI region (e.g. us-central1, europe-west4)")
 
-    @field_validator("project")
-    @classmethod
-    def _project(cls, value: str | None) -> str | None:
-        if value is not None and not PROJECT.match(value):
-            raise ValueError(f"project: {value!r} is not a GCP project id (6-30 lowercase letters, digits and '-', "
-                             "starting with a letter)")
-        return value
+    _project = matches(
+        "project", PROJECT, "a GCP project id (6-30 lowercase letters, digits and '-', starting with a letter)")
 
     @field_validator("artifact_store")
     @classmethod
@@ -237,11 +224,6 @@ class VertexStepOperatorConfig(BaseStepOperatorConfig, _VertexChecks):
             raise ValueError(f"artifact_store: Vertex reads and writes Cloud Storage through /gcs/<bucket>; expected "
                              f"gs://bucket/prefix (or gs://<google conn id>@bucket/prefix), got {value!r}")
         return value
-
-    @field_validator("environment")
-    @classmethod
-    def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_environment(value)
 
     @field_validator("service_account")
     @classmethod
