@@ -186,7 +186,7 @@ def find_unpicklable(fn: Any, args: Any, kwargs: dict[str, Any]) -> str | None:
 
 
 def build_meta(identity: StepIdentity, *, multiple_outputs: bool, max_result_bytes: int,
-               inline_result_max_bytes: int, task_label: str) -> protocol.Meta:
+               inline_result_max_bytes: int, task_label: str, requirements: str = "") -> protocol.Meta:
     import cloudpickle
 
     return {
@@ -198,6 +198,7 @@ def build_meta(identity: StepIdentity, *, multiple_outputs: bool, max_result_byt
         "inline_result_max_bytes": inline_result_max_bytes,
         "task_label": task_label,
         "identity": asdict(identity),
+        "requirements": requirements,
     }
 
 

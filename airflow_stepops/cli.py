@@ -204,6 +204,8 @@ def render_task(dag_id: str, task_id: str, run_id: str = "render", map_index: in
             f"step_operator.{hook.flavor}": spec.settings.model_dump(mode="json")},
         "bundle_uri": spec.bundle_uri,
         "output_uri": spec.output_uri,
+        "image": hook.image(spec),
+        "install": hook.install_plan(spec, task.requirements_text()),
         "request": hook.render(spec),
     }
 

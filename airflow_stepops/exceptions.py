@@ -21,6 +21,10 @@ class StepFailedError(AirflowException):
     """The remote job failed without a Python exception from the step (crash, OOM kill, cancel)."""
 
 
+class StepRequirementsError(StepFailedError):
+    """The job could not install the step's ``requirements`` (pip failed, or the image has no pip)."""
+
+
 class RemoteStepError(AirflowException):
     """The step's own code raised remotely; carries the remote type, message and traceback."""
 
@@ -52,13 +56,17 @@ _BUILTIN_EXCEPTIONS = {
 _REMOTE_CLASSES: dict[str, type[RemoteStepError]] = {}
 
 
-def rebuild_remote_error(remote_type: str, message: str, remote_traceback: str = "") -> RemoteStepError:
+def rebuild_remote_error(remote_type: str, message: str, remote_traceback: str = "") -> AirflowException:
     """Build the exception to raise for a remote one.
 
-    A remote builtin exception (``ValueError`` ...) comes back as a class that is both a
+    An error of this module (the runtime failing, not the step: e.g. ``StepRequirementsError``) is raised as
+    itself. A remote builtin exception (``ValueError`` ...) comes back as a class that is both a
     ``RemoteStepError`` and that builtin, so ``except ValueError`` in callers and retry policies
     keeps working. Other types are carried by name only: remote bytes are never unpickled.
     """
+    own = globals().get(remote_type.removeprefix(f"{__name__}."))
+    if remote_type.startswith(f"{__name__}.") and isinstance(own, type) and issubclass(own, StepFailedError):
+        return own(f"{message}\n\n{remote_traceback.rstrip()}" if remote_traceback else message)
     short = remote_type.removeprefix("builtins.")
     builtin = _BUILTIN_EXCEPTIONS.get(short)
     if builtin is None or builtin is Exception:

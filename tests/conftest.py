@@ -57,9 +57,20 @@ def airflow_db(airflow_home: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def package_index(tmp_path_factory: pytest.TempPathFactory):
+    """A package index on 127.0.0.1 with ``stepops-probe`` and the workers' cloudpickle (tests/package_index.py):
+    jobs install ``requirements`` from it, never from the internet."""
+    from .package_index import probe_index
+
+    with probe_index(tmp_path_factory.mktemp("package-index")) as index:
+        yield index
+
+
+@pytest.fixture(scope="session")
 def k8s_emulator(airflow_home: Path):
     """One Kubernetes emulator per session, registered as the step operators ``k8s_step_operator``
-    (namespace ``steps``, inline transport) and ``k8s_pvc_step_operator`` (a ``pvc://`` store)."""
+    (namespace ``steps``, inline transport) and ``k8s_pvc_step_operator`` (a ``pvc://`` store on the claim
+    ``step-data``)."""
     pytest.importorskip("kubernetes")
     from airflow_stepops.testing.kubernetes import KubernetesEmulator, NodeSpec
 
@@ -68,6 +79,11 @@ def k8s_emulator(airflow_home: Path):
     with KubernetesEmulator(grace_period_cap=1, namespaces=("default", "steps"), node=node,
                             pvc_root=airflow_home / "k8s-pvc") as k8s:
         kubeconfig = k8s.write_kubeconfig(airflow_home / "kubeconfig", context="emulator", namespace="steps")
+        from kubernetes import client
+
+        client.CoreV1Api(k8s.api_client()).create_namespaced_persistent_volume_claim("steps", {
+            "metadata": {"name": "step-data"},
+            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
         common = {"config_file": str(kubeconfig), "kubernetes_context": "emulator", "kubernetes_namespace": "steps",
                   "image": "registry.local/stepops-python:3", "console_url_template":
                   "https://k8s.example/#/job/{namespace}/{name}"}

@@ -18,6 +18,7 @@ from airflow_stepops.artifacts import ArtifactRef, store_path
 from airflow_stepops.bundle import StepIdentity, build_meta, pickle_payload, write_bundle
 from airflow_stepops.flavors import get_flavor
 from airflow_stepops.hooks.base import JobHandle, StepOperatorHook, StepSpec
+from airflow_stepops.requirements import requirements_text
 from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.base import BaseStepOperatorSettings
 
@@ -65,7 +66,8 @@ def make_spec(hook: StepOperatorHook, fn: Callable[..., Any], *args: Any, task_i
                     settings=settings or get_flavor(hook.flavor).settings_model()(),
                     refs=list(refs or []), task_label=f"{dag_id}.{task_id}", timeout_seconds=timeout_seconds)
     meta = build_meta(identity, multiple_outputs=False, max_result_bytes=10**10, inline_result_max_bytes=48_000,
-                      task_label=spec.task_label)
+                      task_label=spec.task_label,
+                      requirements=requirements_text(getattr(spec.settings, "requirements", None), None))
     hook.render(spec)
     write_bundle(store_path(spec.bundle_uri), pickle_payload(fn, list(args), kwargs), meta)
     return spec

@@ -33,3 +33,10 @@ def print_lines(lines: int, pause: float = 0.02, linger: float = 0.0) -> int:
 
 def raise_value_error(value: int) -> None:
     raise ValueError(f"bad input {value}")
+
+
+def import_probe() -> str:
+    """Needs ``stepops-probe``, which only the step's ``requirements`` install (tests/package_index.py)."""
+    import stepops_probe  # type: ignore[import-not-found]
+
+    return str(stepops_probe.VALUE)

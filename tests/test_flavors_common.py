@@ -7,14 +7,17 @@ import pytest
 
 from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import read_outcome
-from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.exceptions import StepOperatorConfigError, StepRequirementsError, rebuild_remote_error
 from airflow_stepops.flavors import get_flavor
 from airflow_stepops.hooks.base import JobState
 from airflow_stepops.hooks.kubernetes_job import STEP_LABEL
+from airflow_stepops.images import python_image, worker_python
+from airflow_stepops.runtime import protocol
 
 from .emulated import eventually
 from .flavorjobs import EMULATORS, make_hook, make_spec, run_trigger
-from .steps import raise_value_error, sleep_then_return
+from .package_index import PROBE, PROBE_VALUE
+from .steps import import_probe, raise_value_error, sleep_then_return
 
 REMOTE = sorted(EMULATORS)
 
@@ -117,3 +120,61 @@ def test_operator_side_cancel_and_status(flavor, emulator):
         other = handle[key][:-1] + ("1" if handle[key].endswith("0") else "0")
         missing = hook.get_status({**handle, key: other})
         assert missing.state is JobState.FAILED and missing.details["reason"] == "job_missing", missing
+
+
+#: the flavors whose steps run in a container image
+CONTAINER = sorted(JOBS_OF_TRY)
+
+
+def plain_image_hook(flavor, monkeypatch, index):
+    """A step operator of ``flavor`` that names no image, its jobs installing from the tests' package index
+    (Kubernetes: with a pvc:// store, whose claim keeps installed requirements)."""
+    like = "k8s_pvc_step_operator" if flavor == "kubernetes" else ""
+    return make_hook(flavor, f"{flavor}_default_image", monkeypatch, like=like, image=None,
+                     environment={"PIP_INDEX_URL": index.url})
+
+
+def with_requirements(flavor, requirements):
+    """``flavor``'s settings with ``requirements`` (SageMaker: in a warm pool, whose cache keeps them)."""
+    pool = {"keep_alive_period_in_seconds": 600} if flavor == "sagemaker" else {}
+    return get_flavor(flavor).settings_model()(requirements=requirements, **pool)
+
+
+def finished(hook, spec, timeout=180):
+    """Submit ``spec``, wait as a deferred task does: the event, and what the step left."""
+    handle = hook.submit(spec)
+    event = run_trigger(hook, handle, timeout=timeout)
+    hook.collect_output(handle)
+    return event, read_outcome(store_path(handle["output_uri"]))
+
+
+@pytest.mark.parametrize("flavor", CONTAINER)
+def test_requirements_install_when_the_job_starts_on_the_default_image_and_are_cached(
+        flavor, emulator, package_index, monkeypatch):
+    hook = plain_image_hook(flavor, monkeypatch, package_index)
+    spec = make_spec(hook, import_probe, task_id="requirements", settings=with_requirements(flavor, [f"{PROBE}==1.0"]))
+    image = hook.image(spec)
+    assert (f"-py{worker_python().replace('.', '')}-" in image if flavor == "sagemaker" else image == python_image())
+    event, outcome = finished(hook, spec)
+    log = "\n".join(event["log_tail"])
+    assert event["status"] == "succeeded" and outcome.value == PROBE_VALUE, (event, outcome)
+    assert "the image has no cloudpickle" in log and "requirements: installed in" in log, log
+    again = make_spec(hook, import_probe, task_id="requirements_again",
+                      settings=with_requirements(flavor, [f"{PROBE}==1.0"]))
+    event, outcome = finished(hook, again)
+    log = "\n".join(event["log_tail"])
+    assert outcome.value == PROBE_VALUE and "reused the install cached" in log and "pip install" not in log, log
+
+
+@pytest.mark.parametrize("flavor", CONTAINER)
+def test_a_requirement_pip_cannot_install_fails_the_step_naming_it(flavor, emulator, package_index, monkeypatch):
+    hook = plain_image_hook(flavor, monkeypatch, package_index)
+    spec = make_spec(hook, import_probe, task_id="unknown_requirement",
+                     settings=with_requirements(flavor, ["stepops-no-such-package==1.0"]))
+    event, outcome = finished(hook, spec)
+    assert event["status"] == "failed" and outcome is not None and outcome.error, event
+    error = outcome.error
+    assert (error["type"], error["phase"]) == (protocol.REQUIREMENTS_TYPE, "install"), error
+    raised = rebuild_remote_error(error["type"], error["message"], error.get("traceback", ""))
+    assert isinstance(raised, StepRequirementsError)
+    assert "stepops-no-such-package==1.0" in str(raised) and "exit code 1" in str(raised), raised

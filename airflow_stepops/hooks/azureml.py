@@ -203,7 +203,14 @@ class AzureMLStepOperatorHook(StepOperatorHook):
                           spec.task_label or job_name(spec.identity), vm.describe())
         return vm
 
-    def _environment(self, resolved: bool) -> Any:
+    def image(self, spec: StepSpec) -> str | None:
+        return self.config.azureml_environment or super().image(spec)
+
+    def requirements_cache(self, spec: StepSpec) -> str | None:
+        """A read-write mounted output under the artifact store: installed requirements outlive the job."""
+        return "${{outputs.requirements_cache}}"
+
+    def _environment(self, spec: StepSpec, resolved: bool) -> Any:
         cfg = self.config
         if cfg.azureml_environment:
             if not resolved:
@@ -212,8 +219,7 @@ class AzureMLStepOperatorHook(StepOperatorHook):
             return f"{self.workspace_id}/environments/{name}/versions/{version}"
         from azure.ai.ml.entities import Environment
 
-        image = self.require_image(cfg.image, ", or \"azureml_environment\" to azureml:<name>:<version>")
-        environment = Environment(image=image)  # anonymous: CliV2AnonymousEnvironment, version = its hash
+        environment = Environment(image=self.image(spec))  # anonymous: CliV2AnonymousEnvironment, version = its hash
         if not resolved:
             return environment
         return f"{self.workspace_id}/environments/{environment.name}/versions/{environment.version}"
@@ -236,7 +242,7 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         from azure.ai.ml.entities import JobResourceConfiguration, QueueSettings
 
         cfg, settings = self.config, settings_as(spec, AzureMLStepOperatorSettings)
-        environment = self._environment(resolved)
+        environment = self._environment(spec, resolved)
         vm = self.vm_size(spec)
         compute = self.compute_target(spec)
         bundle_uri, output_uri = self.store.job_uri(spec.bundle_uri), self.store.job_uri(spec.output_uri)
@@ -255,9 +261,13 @@ class AzureMLStepOperatorHook(StepOperatorHook):
                 refs[index] = {"path": f"${{{{inputs.bundle}}}}/{protocol.staged_ref(index)}"}
         outputs = {"output": Output(type="uri_folder", path=output_uri, mode="rw_mount"),
                    # where a step keeps state that must survive a preemption (the next try finds it)
-                   "checkpoints": Output(type="uri_folder", path=f"{step_root}/checkpoints", mode="rw_mount")}
+                   "checkpoints": Output(type="uri_folder", path=f"{step_root}/checkpoints", mode="rw_mount"),
+                   "requirements_cache": Output(type="uri_folder", mode="rw_mount",
+                                                path=self.store.job_uri(str(self.artifact_root() / ".stepops"
+                                                                            / "requirements")))}
         exports = {Env.BUNDLE_PATH: "${{inputs.bundle}}", Env.OUTPUT_PATH: "${{outputs.output}}",
-                   Env.CHECKPOINT_DIR: "${{outputs.checkpoints}}"}
+                   Env.CHECKPOINT_DIR: "${{outputs.checkpoints}}",
+                   Env.REQUIREMENTS_CACHE: str(self.requirements_cache(spec))}
         line = "export " + " ".join(f'{k}="{v}"' for k, v in exports.items())
         if refs:
             line += f" {Env.REFS}={shlex.quote(json.dumps(refs, separators=(',', ':')))}"

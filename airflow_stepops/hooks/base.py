@@ -7,7 +7,6 @@ Hooks are the only modules that talk to a backend. The operator and the trigger 
 from __future__ import annotations
 
 import asyncio
-import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
@@ -21,7 +20,7 @@ from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.flavors import get_flavor
 from airflow_stepops.resources import ResourceSettings
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings
+from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, ContainerStepSettings
 
 
 class _JobKeys(TypedDict):
@@ -175,14 +174,32 @@ class StepOperatorHook(BaseHook, ABC):
 
         return load_config(self.step_operator_conn_id, self.flavor)[1]
 
-    def require_image(self, image: str | None, or_else: str = "") -> str:
-        """``image``, or the error of a step operator without one (``or_else``: another way to set it)."""
-        if not image:
-            raise StepOperatorConfigError(
-                f"image: step operator {self.step_operator_conn_id!r} has no container image; set \"image\" in the "
-                f"connection extras to an image with Python {sys.version_info[0]}.{sys.version_info[1]} and "
-                f"cloudpickle{or_else}")
-        return image
+    def image(self, spec: StepSpec) -> str | None:
+        """The image the step runs in: the configured one, else the flavor's default for the workers' Python
+        (None: the flavor runs no image of ours)."""
+        configured = getattr(spec.settings, "image", None) or getattr(self.config, "image", None)
+        return configured or (self.default_image(spec) if isinstance(spec.settings, ContainerStepSettings) else None)
+
+    def default_image(self, spec: StepSpec) -> str:
+        """Docker Hub's slim image of the workers' Python; a flavor whose service cannot pull it says otherwise."""
+        from airflow_stepops.images import python_image
+
+        return python_image()
+
+    def requirements_cache(self, spec: StepSpec) -> str | None:
+        """A directory the job sees that outlives it, where installed requirements wait for the next job with the
+        same ones (``Env.REQUIREMENTS_CACHE``); None where the backend keeps nothing between jobs."""
+        return None
+
+    def install_plan(self, spec: StepSpec, requirements: str) -> dict[str, Any]:
+        """What the job installs before the step runs, for ``stepops render``."""
+        import cloudpickle
+
+        cache = self.requirements_cache(spec)
+        return {"requirements": [line for line in requirements.splitlines() if line.strip()],
+                "cloudpickle": f"{cloudpickle.__version__}, installed when the image has none or another minor "
+                               "version",
+                "cache": cache or "none: this step operator keeps nothing between jobs, each job installs"}
 
     def artifact_root(self) -> Any:
         """Where bundles and results go; no network (``stepops render`` builds a spec with it)."""

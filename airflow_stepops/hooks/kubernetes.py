@@ -211,8 +211,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
                 "use a pvc:// artifact_store")
         job = manifest.build_job(identity=spec.identity, config=self.config, settings=settings,
                                  options=merged_pod_options(self.config, settings), resources=spec.resources,
-                                 image=self.require_image(settings.image or self.config.image,
-                                                          ", or KubernetesStepOperatorSettings(image=...)"),
+                                 image=str(self.image(spec)),
                                  transport_env=[TRANSPORT_STANDIN],
                                  timeout_seconds=spec.timeout_seconds)
         handle_info = {"output_uri": spec.output_uri, "transport": "volume" if self.config.pvc_store else "inline",
@@ -226,6 +225,9 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         except ValueError as exc:
             raise StepOperatorConfigError(f"the Job of step {spec.task_label}: {exc}") from None
         return job
+
+    def requirements_cache(self, spec: StepSpec) -> str | None:
+        return manifest.requirements_cache(self.config)
 
     def render(self, spec: StepSpec) -> dict[str, Any]:
         job = self.build_request(spec)

@@ -39,6 +39,8 @@ TERMINATION_LOG = "/dev/termination-log"
 STORE_VOLUME = "stepops-artifacts"
 CHECKPOINT_MOUNT = "/var/run/stepops/checkpoints"
 CHECKPOINT_VOLUME = "stepops-checkpoints"
+#: under a claim's mount: installed requirements kept for the next pod (``Env.REQUIREMENTS_CACHE``)
+REQUIREMENTS_CACHE_DIR = "/.stepops/requirements"
 ENTRY_PROGRAM = entry_program()
 #: seconds after the task's execution_timeout at which Kubernetes itself stops the Job
 TIMEOUT_BACKSTOP_SECONDS = 60
@@ -185,6 +187,16 @@ def checkpoint_dir(config: KubernetesStepOperatorConfig, identity: StepIdentity
     return identity.step_path(CHECKPOINT_MOUNT), (volume, mount)
 
 
+def requirements_cache(config: KubernetesStepOperatorConfig) -> str | None:
+    """``Env.REQUIREMENTS_CACHE`` in the pod: on the claim of a pvc:// store or of the checkpoints, which outlive
+    the pod (nothing pod-local does); None without one."""
+    if config.pvc_store is not None:
+        return STORE_MOUNT + REQUIREMENTS_CACHE_DIR
+    if config.checkpoint_volume_claim is not None:
+        return CHECKPOINT_MOUNT + REQUIREMENTS_CACHE_DIR
+    return None
+
+
 def pod_path(config: KubernetesStepOperatorConfig, worker_path: str) -> str | None:
     """Where a file of the pvc:// store that workers see at ``worker_path`` is in the step's pod."""
     if config.worker_store_path is None:
@@ -217,6 +229,9 @@ def build_job(
     checkpoints = checkpoint_dir(config, identity)
     if checkpoints is not None:
         env.append({"name": Env.CHECKPOINT_DIR, "value": checkpoints[0]})
+    cache = requirements_cache(config)
+    if cache is not None:
+        env.append({"name": Env.REQUIREMENTS_CACHE, "value": cache})
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": image,

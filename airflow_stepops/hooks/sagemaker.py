@@ -41,6 +41,7 @@ from airflow_stepops.timestamps import epoch
 
 ML = "/opt/ml"
 BUNDLE = f"{ML}/input/data/bundle"
+WARM_POOL_CACHE = f"{ML}/sagemaker/warmpoolcache"
 DEFAULT_VOLUME_GB = 30
 DEFAULT_MAX_RUNTIME = 86400
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
@@ -138,6 +139,25 @@ class SageMakerStepOperatorHook(StepOperatorHook):
         return store_path(self.config.artifact_store)
 
     # ---- the request --------------------------------------------------------------------------
+    def default_image(self, spec: StepSpec) -> str:
+        """The PyTorch training Deep Learning Container of the workers' Python (SageMaker pulls only from ECR)."""
+        from airflow_stepops.images import sagemaker_image
+        from airflow_stepops.settings.sagemaker_instances import INSTANCE_TYPES
+
+        machine = INSTANCE_TYPES.get(self.instance_type(spec))
+        try:
+            return sagemaker_image(self.region, gpu=bool(machine and machine.gpus))
+        except ValueError as exc:
+            raise StepOperatorConfigError(str(exc)) from None
+
+    def requirements_cache(self, spec: StepSpec) -> str | None:
+        """SageMaker keeps a directory between the jobs of a warm pool (``keep_alive_period_in_seconds``): "The
+        location of the persistent cache is /opt/ml/sagemaker/warmpoolcache"
+        (https://docs.aws.amazon.com/sagemaker/latest/dg/train-warm-pools.html); nothing without one."""
+        if settings_as(spec, SageMakerStepOperatorSettings).keep_alive_period_in_seconds:
+            return f"{WARM_POOL_CACHE}/stepops-requirements"
+        return None
+
     def instance_type(self, spec: StepSpec) -> str:
         """The step's ``instance_type``; else the operator's default when it has what ResourceSettings ask
         for; else the cheapest type of the table that has it."""
@@ -201,6 +221,9 @@ class SageMakerStepOperatorHook(StepOperatorHook):
                Env.BUNDLE_PATH: BUNDLE, Env.OUTPUT_PATH: f"{ML}/model", Env.FAILURE_FILE: f"{ML}/output/failure",
                # where a step keeps state that must survive a spot interruption (synced to S3 by SageMaker)
                Env.CHECKPOINT_DIR: f"{ML}/checkpoints"}
+        cache = self.requirements_cache(spec)
+        if cache:
+            env[Env.REQUIREMENTS_CACHE] = cache
         refs_json = json.dumps(refs)
         if len(refs_json) <= MAX_ENV_CHARS:
             env[Env.REFS] = refs_json
@@ -222,7 +245,7 @@ class SageMakerStepOperatorHook(StepOperatorHook):
             "TrainingJobName": job_name(spec.identity),
             "RoleArn": cfg.role,
             "AlgorithmSpecification": {
-                "TrainingImage": self.require_image(cfg.image), "TrainingInputMode": "File",
+                "TrainingImage": self.image(spec), "TrainingInputMode": "File",
                 "ContainerEntrypoint": ["python3", f"{BUNDLE}/{protocol.ENTRY_FILE}"],
             },
             "InputDataConfig": channels,

@@ -158,6 +158,10 @@ class VertexStepOperatorHook(StepOperatorHook):
                           spec.task_label or display_name(spec.identity), choice.describe())
         return choice
 
+    def requirements_cache(self, spec: StepSpec) -> str | None:
+        """Under the artifact store, which every job mounts at /gcs: installed requirements outlive the job."""
+        return mount_path(str(self.artifact_root() / ".stepops" / "requirements"))
+
     def _refs(self, spec: StepSpec, bundle: str) -> protocol.Refs:
         """Inputs on GCS are read through the job's /gcs mount; the others are staged into the bundle."""
         return {str(index): {"path": mount_path(ref.uri) or f"{bundle}/{protocol.staged_ref(index)}"}
@@ -175,7 +179,8 @@ class VertexStepOperatorHook(StepOperatorHook):
         env = {**cfg.environment, **settings.environment, Env.FLAVOR: "vertex", "PYTHONUNBUFFERED": "1",
                Env.BUNDLE_PATH: bundle, Env.OUTPUT_PATH: output,
                # where a step keeps state that must survive a Spot preemption (the next try finds it)
-               Env.CHECKPOINT_DIR: f"{step_root}/checkpoints", Env.REFS: json.dumps(self._refs(spec, bundle))}
+               Env.CHECKPOINT_DIR: f"{step_root}/checkpoints", Env.REFS: json.dumps(self._refs(spec, bundle)),
+               Env.REQUIREMENTS_CACHE: str(self.requirements_cache(spec))}
         runtime = settings.max_runtime_in_seconds or MAX_TIMEOUT_SECONDS
         if spec.timeout_seconds:
             runtime = min(runtime, math.ceil(spec.timeout_seconds) + 60)  # backstop to Airflow's own timeout
@@ -198,7 +203,7 @@ class VertexStepOperatorHook(StepOperatorHook):
             "workerPoolSpecs": [{
                 "machineSpec": machine_spec, "replicaCount": "1",
                 "diskSpec": {"bootDiskType": settings.boot_disk_type or "pd-ssd", "bootDiskSizeGb": disk},
-                "containerSpec": {"imageUri": self.require_image(cfg.image),
+                "containerSpec": {"imageUri": self.image(spec),
                                   "command": ["python3", f"{bundle}/{protocol.ENTRY_FILE}"],
                                   "env": [{"name": k, "value": v} for k, v in env.items()]},
             }],

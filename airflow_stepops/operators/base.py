@@ -125,12 +125,27 @@ class StepOperator(BaseOperator):
         # plain attribute writes: BaseOperator.__setattr__ bookkeeping is only needed for template
         # fields and reassigned init arguments, and it is a noticeable share of DAG parse time
         object.__setattr__(self, "step_settings", parse_step_settings(settings, resources, flavor=self.flavor))
+        self.requirements_text()  # a missing or malformed requirements file is a DAG import error
         object.__setattr__(self, "deferrable", deferrable)
         object.__setattr__(self, "poll_interval", poll_interval)
         if not kwargs.get("_airflow_mapped_validation_only"):
             check_literal_args_picklable(python_callable, self.op_args, self.op_kwargs)
 
     # ---- prepare ----------------------------------------------------------------------------
+    def requirements_text(self) -> str:
+        """The step's ``requirements`` as the text its job installs; a requirements file is read relative to the
+        DAG file's folder."""
+        value = getattr(self.step_settings.flavor_settings, "requirements", None)
+        if not value:
+            return ""
+        from airflow_stepops.requirements import requirements_text
+
+        folder = self.dag.folder if self.has_dag() else None
+        try:
+            return requirements_text(value, folder)
+        except ValueError as exc:
+            raise StepOperatorConfigError(f"settings['step_operator.{self.step_settings.flavor}'].{exc}") from None
+
     def get_hook(self) -> StepOperatorHook:
         """The hook of this step's flavor, bound to its connection (validated)."""
         if self._hook is None:
@@ -168,7 +183,8 @@ class StepOperator(BaseOperator):
         payload = pickle_payload(self.python_callable, args, kwargs)
         meta = build_meta(identity, multiple_outputs=bool(self.multiple_outputs),
                           max_result_bytes=hook.config.max_result_bytes,
-                          inline_result_max_bytes=hook.config.inline_result_max_bytes, task_label=self.task_label)
+                          inline_result_max_bytes=hook.config.inline_result_max_bytes, task_label=self.task_label,
+                          requirements=self.requirements_text())
         hook.prepare(spec)  # the whole backend request, validated before anything is written or started
         hook.check_store()
         from airflow_stepops.artifacts import store_path

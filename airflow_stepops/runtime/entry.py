@@ -26,7 +26,10 @@ the output could not be shipped.
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
+import importlib.metadata
+import importlib.util
 import io
 import json
 import os
@@ -34,8 +37,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import tempfile
+import time
 import zlib
 
 if __name__.startswith("airflow_stepops."):  # imported on the worker
@@ -134,6 +139,111 @@ def stage_refs(bundle: str, workdir: str) -> list[str]:
     return argv
 
 
+#: pip without prompts, without its warning about running as root (images often do) and without looking for a
+#: newer pip (https://pip.pypa.io/en/stable/topics/configuration/#environment-variables)
+PIP_ENV = {"PIP_NO_INPUT": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_ROOT_USER_ACTION": "ignore"}
+
+
+class InstallError(Exception):
+    """The step's requirements could not be installed."""
+
+
+def _cloudpickle_to_install(want: str) -> str:
+    """``cloudpickle==<the workers'>`` when this interpreter has none (a plain Python image) or another minor version
+    (a framework image's own), whose pickles the bootstrap would refuse; else ""."""
+    if not want:
+        return ""
+    try:
+        have = importlib.metadata.version("cloudpickle")
+    except importlib.metadata.PackageNotFoundError:
+        print(f"[stepops] the image has no cloudpickle: installing the workers' cloudpickle {want}", flush=True)
+        return f"cloudpickle=={want}"
+    if have.split(".")[:2] == want.split(".")[:2]:
+        return ""
+    print(f"[stepops] the image has cloudpickle {have}, the workers {want}: installing cloudpickle {want} for the "
+          "step", flush=True)
+    return f"cloudpickle=={want}"
+
+
+def requirements_to_install(meta: dict) -> str:
+    """The step's requirements, plus the workers' cloudpickle where the image's cannot load the step."""
+    text = str(meta.get("requirements") or "").strip()
+    cloudpickle = _cloudpickle_to_install(str(meta.get("cloudpickle_version") or ""))
+    if cloudpickle and (text or importlib.util.find_spec("pip") is not None):  # without pip the bootstrap says
+        text += "\n" + cloudpickle                                              # which cloudpickle to install
+    return text.strip()
+
+
+def _cache_key(text: str) -> str:
+    """Installed packages are reusable by a job with the same requirements on the same Python and platform."""
+    return hashlib.sha256(f"{sys.implementation.cache_tag}|{sysconfig.get_platform()}|{text}".encode()).hexdigest()[:24]
+
+
+def install_requirements(bundle: str, workdir: str) -> str | None:
+    """Install what the step needs into a directory put first on its ``sys.path`` (``None``: nothing to install),
+    from the cache directory (``Env.REQUIREMENTS_CACHE``) when an earlier job left the same install there."""
+    with open(os.path.join(bundle, protocol.META_FILE), encoding="utf-8") as fh:
+        meta = json.load(fh)
+    if list(meta.get("python_version", [])[:2]) != list(sys.version_info[:2]):
+        return None  # the bootstrap refuses this interpreter, naming the Python to use: installing is no use
+    text = requirements_to_install(meta)
+    if not text:
+        return None
+    started, target = time.monotonic(), os.path.join(workdir, "site")
+    cache = _env(Env.REQUIREMENTS_CACHE)
+    cached = os.path.join(cache, _cache_key(text) + ".tar.gz") if cache else ""
+    if cached and os.path.exists(cached):
+        with open(cached, "rb") as fh:
+            _extract(fh.read(), target)
+        print(f"[stepops] requirements: reused the install cached at {cached} "
+              f"({time.monotonic() - started:.1f} s)", flush=True)
+        return target
+    _pip_install(text, workdir, target)
+    print(f"[stepops] requirements: installed in {time.monotonic() - started:.1f} s", flush=True)
+    if cached:
+        _keep(target, cached)
+    return target
+
+
+def _pip_install(text: str, workdir: str, target: str) -> None:
+    """``pip install --target``, its output streamed to the log as it comes; InstallError naming what failed."""
+    if importlib.util.find_spec("pip") is None:
+        raise InstallError(f"{sys.executable} (Python {sys.version.split()[0]}) has no pip, so the step's "
+                           "requirements cannot be installed; use an image with pip (e.g. the default image: leave "
+                           "\"image\" unset), or install the requirements into the image")
+    listing = os.path.join(workdir, "requirements.txt")
+    with open(listing, "w", encoding="utf-8") as fh:
+        fh.write(text + "\n")
+    print(f"[stepops] requirements: pip install --target <site> -r requirements.txt: "
+          f"{'; '.join(line for line in text.splitlines() if line.strip())}", flush=True)
+    argv = [sys.executable, "-m", "pip", "install", "--target", target, "-r", listing]
+    tail: collections.deque[str] = collections.deque(maxlen=12)
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                             env={**os.environ, **PIP_ENV})
+    assert child.stdout is not None
+    for line in child.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        tail.append(line.rstrip())
+    code = child.wait()
+    if code:
+        raise InstallError(f"pip could not install the step's requirements (exit code {code}); its last lines:\n"
+                           + "\n".join(tail))
+
+
+def _keep(target: str, cached: str) -> None:
+    """Leave the install for the next job; a cache that cannot be written only costs the next job an install."""
+    partial = f"{cached}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        with open(partial, "wb") as fh:
+            fh.write(_archive(target, level=1))
+        os.replace(partial, cached)  # whole or absent: a job reading the cache never sees half an archive
+        print(f"[stepops] requirements: cached at {cached} for later jobs", flush=True)
+    except OSError as exc:
+        print(f"[stepops] requirements: cannot cache the install at {cached}: {exc}", file=sys.stderr, flush=True)
+
+
 def run_child(argv: list[str], env: dict[str, str] | None = None) -> int:
     """Run ``argv``; SIGTERM/SIGINT (the kubelet or Modal stopping the container) are passed on so the step can
     clean up or checkpoint."""
@@ -152,9 +262,9 @@ def run_child(argv: list[str], env: dict[str, str] | None = None) -> int:
     return 128 - code if code < 0 else code
 
 
-def _archive(directory: str) -> bytes:
+def _archive(directory: str, level: int = 6) -> bytes:
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=level) as tar:
         for name in sorted(os.listdir(directory)):
             tar.add(os.path.join(directory, name), arcname=name)
     return buffer.getvalue()
@@ -315,14 +425,24 @@ def run(marker: str) -> int:
     try:
         bundle = stage_bundle(workdir)
         refs = stage_refs(bundle, workdir)
+        site = install_requirements(bundle, workdir)
+    except InstallError as exc:
+        print(f"[stepops] {exc}", file=sys.stderr, flush=True)
+        with open(os.path.join(output, protocol.ERROR_FILE), "w", encoding="utf-8") as fh:
+            json.dump({"type": protocol.REQUIREMENTS_TYPE, "message": str(exc), "traceback": "",
+                       "phase": "install"}, fh)
+        code = 2
     except Exception as exc:
         print(f"[stepops] cannot stage the step: {exc}", file=sys.stderr, flush=True)
         with open(os.path.join(output, protocol.ERROR_FILE), "w", encoding="utf-8") as fh:
             json.dump({**_failure_record(f"cannot stage the step bundle: {exc}"), "phase": "load"}, fh)
         code = 2
     else:
+        env = None
+        if site:  # first on the step's sys.path, before the image's own packages
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [site, _env("PYTHONPATH")]))}
         code = run_child([sys.executable, os.path.join(bundle, protocol.BOOTSTRAP_FILE), "--bundle", bundle,
-                          "--output", output, *refs])
+                          "--output", output, *refs], env)
     sys.stdout.flush()
     sys.stderr.flush()
     if _env(Env.OUTPUT_PATH):

@@ -30,6 +30,8 @@ ERROR_FILE = "error.json"
 OUTCOME_FILES = (RESULT_FILE, ERROR_FILE)
 #: the type an error record names when the runtime itself, not the step, failed
 FAILED_TYPE = "airflow_stepops.exceptions.StepFailedError"
+#: the type an error record names when the step's requirements could not be installed
+REQUIREMENTS_TYPE = "airflow_stepops.exceptions.StepRequirementsError"
 #: a job's output record (Kubernetes termination message and log block): ``OUTPUT_PREFIX`` with the job's marker
 OUTPUT_PREFIX = "::stepops-output:{marker}:"
 #: the error record in a SageMaker failure reason: ``FAILURE_MARKER`` then base64 zlib JSON
@@ -64,6 +66,8 @@ class Env:
     #: inputs: ``Refs`` as JSON, or the path of a file holding it
     REFS = "STEPOPS_REFS"
     REFS_FILE = "STEPOPS_REFS_FILE"
+    #: a directory that outlives the job, where installed requirements are kept for the next job (optional)
+    REQUIREMENTS_CACHE = "STEPOPS_REQUIREMENTS_CACHE"
     #: where the step keeps state that must survive a preemption (the step reads it)
     CHECKPOINT_DIR = "STEPOPS_CHECKPOINT_DIR"
     #: SageMaker: where its failure reason goes
@@ -84,6 +88,8 @@ class Meta(TypedDict):
     inline_result_max_bytes: int
     task_label: str
     identity: dict[str, Any]
+    #: pip requirements installed before the step runs (requirements.txt syntax; "" for none)
+    requirements: str
 
 
 class Output(TypedDict, total=False):
@@ -107,12 +113,13 @@ class Result(TypedDict, total=False):
 
 
 class Error(TypedDict, total=False):
-    """``error.json``; ``phase`` is load (bad bundle or environment), run (the step raised) or transfer."""
+    """``error.json``; ``phase`` is install (requirements), load (bad bundle or environment), run (the step
+    raised) or transfer."""
 
     format_version: int
     host: str
     python: str
-    phase: Literal["load", "run", "transfer"]
+    phase: Literal["install", "load", "run", "transfer"]
     type: str
     message: str
     traceback: str

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, checked_by, matches
+from airflow_stepops.settings.base import BaseStepOperatorConfig, ContainerStepSettings, EnvVars, checked_by, matches
 
 #: tag keys the flavor sets itself (the step's identity, for exactly-once look-ups)
 TAG_PREFIX = "stepops-"
@@ -88,7 +88,7 @@ class _AzureMLChecks(BaseModel):
         "letter or digit, at most 255 characters)")
 
 
-class AzureMLStepOperatorSettings(BaseStepOperatorSettings, _AzureMLChecks):
+class AzureMLStepOperatorSettings(ContainerStepSettings, _AzureMLChecks):
     """Per-step options of the azureml flavor."""
 
     flavor: ClassVar[str] = "azureml"

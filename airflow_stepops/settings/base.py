@@ -19,6 +19,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from airflow_stepops.images import check_image
 from airflow_stepops.resources import parse_size
 from airflow_stepops.runtime.protocol import Env
 
@@ -121,6 +122,28 @@ class BaseStepOperatorSettings(_Strict):
         """Refuse ``ResourceSettings`` this flavor cannot honour with these settings (parse time)."""
 
 
+def _check_requirements(value: list[str] | str | None) -> list[str] | str | None:
+    from airflow_stepops.requirements import check_list
+
+    if isinstance(value, str):
+        if not value.strip() or "\n" in value:
+            raise ValueError(f"requirements: {value!r} is not a file path; give the path of a requirements file "
+                             "or a list of requirements")
+        return value
+    return None if value is None else check_list(value)
+
+
+class ContainerStepSettings(BaseStepOperatorSettings):
+    """Settings of the flavors whose steps run in a container image."""
+
+    requirements: Annotated[list[str] | str | None, AfterValidator(_check_requirements)] = Field(
+        default=None, description="Python packages pip installs when the job starts, before the step runs: a list "
+        "of requirement specifiers, or the path of a requirements file (relative to the DAG file's folder), "
+        "shipped with the step. Kept in the step operator's cache where the backend offers one.")
+
+    _image = checked_by(check_image, "image")  # the flavors with a per-step image
+
+
 class BaseStepOperatorConfig(_Strict):
     """A registered step operator: the extras of an Airflow connection of type ``stepops_<flavor>``."""
 
@@ -135,6 +158,8 @@ class BaseStepOperatorConfig(_Strict):
     inline_result_max_size: str = Field(
         title="Max inline (XCom) result size", default="48KB", description="JSON results up to this size go to XCom "
         "directly; larger become ArtifactRefs.")
+
+    _image = checked_by(check_image, "image")  # the flavors with an image
 
     @field_validator("max_result_size", "inline_result_max_size")
     @classmethod

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, checked_by
+from airflow_stepops.settings.base import BaseStepOperatorConfig, ContainerStepSettings, EnvVars, checked_by
 
 #: RFC 1123 label: Job, namespace and container names
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -220,7 +220,7 @@ class KubernetesPodOptions(BaseModel):
         return value
 
 
-class KubernetesStepOperatorSettings(BaseStepOperatorSettings, KubernetesPodOptions):
+class KubernetesStepOperatorSettings(ContainerStepSettings, KubernetesPodOptions):
     """Per-step options of the kubernetes flavor."""
 
     flavor: ClassVar[str] = "kubernetes"

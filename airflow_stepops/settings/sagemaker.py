@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, checked_by, matches
+from airflow_stepops.settings.base import BaseStepOperatorConfig, ContainerStepSettings, EnvVars, checked_by, matches
 
 ROLE_ARN = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-_/]+$")
 INSTANCE_NAME = re.compile(r"^ml\.[a-z0-9-]+\.[a-z0-9]+$")
@@ -85,7 +85,7 @@ class _SageMakerChecks(BaseModel):
     _sm_env = checked_by(check_sagemaker_environment, "environment")
 
 
-class SageMakerStepOperatorSettings(BaseStepOperatorSettings, _SageMakerChecks):
+class SageMakerStepOperatorSettings(ContainerStepSettings, _SageMakerChecks):
     """Per-step options of the sagemaker flavor."""
 
     flavor: ClassVar[str] = "sagemaker"
@@ -100,7 +100,8 @@ class SageMakerStepOperatorSettings(BaseStepOperatorSettings, _SageMakerChecks):
         default=None, gt=0, description="With spot: longest total wait + run time (>= max_runtime_in_seconds, "
         "which it also sets when not given); without spot it is unused (a warning) and dropped.")
     keep_alive_period_in_seconds: int | None = Field(
-        default=None, ge=0, le=21600, description="Warm pool: keep the instance this long for the next job.")
+        default=None, ge=0, le=3600, description="Warm pool: keep the instance, and the requirements installed on it, "
+        "this long for the next job with the same instance settings (not with spot).")
     tags: dict[str, str] = Field(default_factory=dict, description="Tags of the training job.")
     input_channels: dict[str, str] = Field(
         default_factory=dict, description="Extra input channels: name -> s3:// prefix, mounted at "
@@ -129,6 +130,15 @@ class SageMakerStepOperatorSettings(BaseStepOperatorSettings, _SageMakerChecks):
             raise ValueError(f"training_job_overrides: {', '.join(owned)} are set by the step operator; use the "
                              "settings fields instead")
         return value
+
+    @model_validator(mode="after")
+    def _warm_pool(self) -> SageMakerStepOperatorSettings:
+        """"You can't use warm pools with ... Spot Instances"
+        (https://docs.aws.amazon.com/sagemaker/latest/dg/train-warm-pools.html)."""
+        if self.keep_alive_period_in_seconds and self.use_spot_instances:
+            raise ValueError("keep_alive_period_in_seconds: SageMaker keeps no warm pool for managed spot training; "
+                             "drop keep_alive_period_in_seconds or use_spot_instances")
+        return self
 
     @model_validator(mode="after")
     def _spot(self) -> SageMakerStepOperatorSettings:

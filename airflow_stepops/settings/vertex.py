@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, EnvVars, checked_by, matches
+from airflow_stepops.settings.base import BaseStepOperatorConfig, ContainerStepSettings, EnvVars, checked_by, matches
 
 #: Labels (https://cloud.google.com/resource-manager/docs/labels-overview#requirements, linked from the
 #: CustomJob.labels reference): at most 64 per resource; keys 1-63 characters starting with a lowercase or
@@ -99,7 +99,7 @@ class _VertexChecks(BaseModel):
         return self
 
 
-class VertexStepOperatorSettings(BaseStepOperatorSettings, _VertexChecks):
+class VertexStepOperatorSettings(ContainerStepSettings, _VertexChecks):
     """Per-step options of the vertex flavor."""
 
     flavor: ClassVar[str] = "vertex"

@@ -179,12 +179,6 @@ def _wait_for(path: Path, timeout: float = 30.0) -> None:
 @pytest.mark.parametrize("conn_id", ["k8s_ckpt_step_operator", "k8s_pvc_step_operator"])
 def test_the_retry_of_a_preempted_step_finds_its_checkpoint(checkpointing, conn_id):
     k8s = checkpointing
-    if conn_id == "k8s_pvc_step_operator" and k8s.get_object("persistentvolumeclaims", NS, "step-data") is None:
-        from kubernetes import client
-
-        client.CoreV1Api(k8s.api_client()).create_namespaced_persistent_volume_claim(NS, {
-            "metadata": {"name": "step-data"},
-            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
     hook = make_hook(conn_id)
     task_id = f"resume_{conn_id}"
     spot = KubernetesStepOperatorSettings(use_spot=True, require_checkpoint_dir=True)

@@ -225,13 +225,6 @@ def test_small_artifacts_travel_inline_both_ways(k8s_emulator):
 
 
 def test_pvc_artifact_store_is_mounted_into_the_pod(k8s_emulator):
-    from kubernetes import client
-
-    core = client.CoreV1Api(k8s_emulator.api_client())
-    if k8s_emulator.get_object("persistentvolumeclaims", NS, "step-data") is None:
-        core.create_namespaced_persistent_volume_claim(NS, {
-            "metadata": {"name": "step-data"},
-            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
     hook = make_hook("k8s_pvc_step_operator")
     handle = hook.submit(make_spec(hook, _make_bytes, 1 << 20, task_id="pvc"))
     job = _job(k8s_emulator, handle)

@@ -7,6 +7,7 @@ mistake is in the function, its body.
 
 from __future__ import annotations
 
+import sys
 import textwrap
 from pathlib import Path
 
@@ -58,6 +59,18 @@ CATALOGUE: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "azureml_unknown_field": ('settings={"step_operator.azureml": {"vm_size": "Standard_NC6"}}', "",
                               ("vm_size", "instance_type")),
     "modal_memory_with_unit": ('settings={"step_operator.modal": {"memory": "16GB"}}', "", ("memory", "MiB")),
+    "requirements_file_missing": ('settings={"step_operator.sagemaker": {"requirements": "missing-reqs.txt"}}', "",
+                                  ("requirements", "missing-reqs.txt", "does not exist", "DAG file's folder")),
+    "requirements_bad_specifier": ('settings={"step_operator.vertex": {"requirements": ["numpy>>1.0"]}}', "",
+                                   ("requirements[0]", "numpy>>1.0", "requirement specifier")),
+    "requirements_include": ('settings={"step_operator.kubernetes": {"requirements": ["-r other.txt"]}}', "",
+                             ("requirements[0]", "-r other.txt", "does not travel")),
+    "requirements_local_path": ('settings={"step_operator.azureml": {"requirements": ["./my_pkg"]}}', "",
+                                ("requirements[0]", "./my_pkg", "local paths")),
+    "requirements_file_includes": ('settings={"step_operator.azureml": {"requirements": "includes.txt"}}', "",
+                                   ("includes.txt, line 2", "-c constraints.txt", "does not travel")),
+    "kubernetes_image_other_python": ('settings={"step_operator.kubernetes": {"image": "python:3.9-slim"}}', "",
+                                      ("image", "Python 3.9", f"Python {sys.version_info[0]}.{sys.version_info[1]}")),
     "modal_unknown_gpu": ('settings={"step_operator.modal": {"gpu": "Z999"}}', "", ("gpu",)),
     "kubernetes_toleration_exist": ('settings={"step_operator.kubernetes": {"tolerations": [{"key": "gpu", '
                                     '"operator": "Exist", "effect": "NoSchedule"}]}}', "",
@@ -93,6 +106,11 @@ VALID: dict[str, tuple[str, str, str]] = {
     "local_named_variable": ("", 'def f(cfg=None):\n    Variable = cfg or {}\n    return Variable.get("lr")', "f()"),
     "dict_get": ("", 'def f(conf=None):\n    return (conf or {}).get("x")', "f()"),
     "portable_context": ("", "def f(ds=None, params=None, **context):\n    return context['run_id']", "f()"),
+    "requirements_file_beside_the_dag": ('settings={"step_operator.vertex": {"requirements": "requirements.txt"}}',
+                                         "", "f()"),
+    "requirements_list": ('settings={"step_operator.sagemaker": {"requirements": ["numpy>=1.26", '
+                          '"torch==2.4.*; python_version >= \'3.10\'", "--extra-index-url https://pypi.example/simple"]}}',
+                          "", "f()"),
     "sagemaker_unicode_tags": ('settings={"step_operator.sagemaker": {"tags": {"équipe": "données ml"}}}', "", "f()"),
 }
 _OWN_VARIABLE = """
@@ -130,6 +148,7 @@ def parsed(tmp_path_factory) -> dict[str, str]:
     from airflow.dag_processing.dagbag import DagBag
 
     folder: Path = tmp_path_factory.mktemp("catalogue")
+    (folder / "includes.txt").write_text("numpy\n-c constraints.txt\n")
     for name, (decorator_args, function, _) in CATALOGUE.items():
         (folder / f"{name}.py").write_text(_dag_file(decorator_args, function))
     bag = DagBag(dag_folder=str(folder))
@@ -149,6 +168,7 @@ def test_a_correct_file_near_a_mistake_parses_cleanly(tmp_path, name):
     from airflow.dag_processing.dagbag import DagBag
 
     (tmp_path / f"{name}.py").write_text(_dag_file(*VALID[name]))
+    (tmp_path / "requirements.txt").write_text("# what the step needs\nnumpy>=1.26  # arrays\n--prefer-binary\n")
     bag = DagBag(dag_folder=str(tmp_path))
     assert not bag.import_errors, bag.import_errors
     assert list(bag.dags) == ["catalogue"]

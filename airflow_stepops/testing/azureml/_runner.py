@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from airflow_stepops.testing._images import shims_for
 from airflow_stepops.testing._kit import JobThread, signal_group, spawn, stop_group
 from airflow_stepops.testing.azureml._config import EmulatorConfig
 from airflow_stepops.testing.azureml._faults import (
@@ -78,8 +79,9 @@ def resolve_command(command: str, paths: dict[str, dict[str, str]]) -> str:
 class JobRunner(JobThread):
     """Runs one job on its own thread; see the module docstring."""
 
-    def __init__(self, job: Job, faults: list[Fault], ctx: RunContext) -> None:
+    def __init__(self, job: Job, faults: list[Fault], ctx: RunContext, image: str | None = None) -> None:
         self.job, self.ctx, self.config = job, ctx, ctx.config
+        self.image = image  # what python3 on the job's PATH is (testing._images)
         self.faults = list(faults)
         self.dir = ctx.root / job.name
         self.log: JobLog | None = None
@@ -196,7 +198,7 @@ class JobRunner(JobThread):
         command = resolve_command(request["command"], paths)
         sub, rg, ws = config.subscription_id, config.resource_group, config.workspace_name
         env = {
-            "PATH": f"{self.ctx.shims}{os.pathsep}{os.environ.get('PATH', '/usr/local/bin:/usr/bin:/bin')}",
+            "PATH": f"{shims_for(self.image, self.ctx.shims)}{os.pathsep}{os.environ.get('PATH', '/usr/local/bin:/usr/bin:/bin')}",
             "HOME": str(self.dir / "home"), "TMPDIR": str(self.dir / "tmp"), "PYTHONUNBUFFERED": "1",
             "LANG": "C.UTF-8",
             "AZUREML_RUN_ID": job.name, "AZUREML_ROOT_RUN_ID": job.name,

@@ -75,7 +75,7 @@ class Service:
             spot = tier == "Spot" or bool(spec and spec.low_priority)
             job = Job(name, props, workspace_path=ws.path, location=ws.config.location,
                       run_number=len(self.jobs) + 1, spot=spot, compute_name=compute_name)
-            runner = JobRunner(job, faults, self.ctx)
+            runner = JobRunner(job, faults, self.ctx, ws.environment_image(props.get("environmentId") or ""))
             self.jobs[name] = job
             self.runners[name] = runner
             self.operations[job.cancel_operation] = name

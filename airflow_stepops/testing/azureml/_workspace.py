@@ -161,6 +161,12 @@ class Workspace:
         with self.lock:
             return [copy.deepcopy(v) for (n, _), v in self.environments.items() if n == name]
 
+    def environment_image(self, environment_id: str) -> str | None:
+        """The Docker image of the environment an ARM id names (None for one built otherwise)."""
+        segments = environment_id.strip("/").split("/")
+        found = self.environment(segments[9], segments[11]) if len(segments) >= 12 else None
+        return ((found or {}).get("properties") or {}).get("image")
+
     def environment_exists(self, environment_id: str) -> bool:
         segments = environment_id.strip("/").split("/")
         if len(segments) < 12 or segments[8].lower() != "environments" or segments[10].lower() != "versions":

@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from airflow_stepops.testing._images import write_missing_shims
+from airflow_stepops.testing._images import python_for, shims_for, write_missing_shims
 from airflow_stepops.testing._kit import signal_group
 from airflow_stepops.testing.kubernetes._cluster import Cluster
 from airflow_stepops.testing.kubernetes._faults import Fault, faults_for
@@ -878,8 +878,8 @@ class Kubelet:
             raise _ConfigError("emulator: the container has no command or args (images are not run, only commands)")
         alias = self.config.command_aliases.get(argv[0]) or (
             self.config.command_aliases.get(os.path.basename(argv[0])) if argv[0].startswith("/") else None)
-        if alias:
-            argv[0] = alias
+        if alias:  # a user's image runs the host's interpreter; a plain Python image its own (testing._images)
+            argv[0] = python_for(container.get("image")) if alias == sys.executable else alias
         rootfs = runtime.workdir / "rootfs"
         working = container.get("workingDir")
         cwd = rootfs
@@ -892,7 +892,7 @@ class Kubelet:
         meta, namespace = pod["metadata"], pod["metadata"]["namespace"]
         base = dict(os.environ) if self.config.inherit_env else {
             "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "LANG": "C.UTF-8"}
-        base["PATH"] = f"{self._shims}{os.pathsep}{base.get('PATH', '')}"
+        base["PATH"] = f"{shims_for(container.get('image'), self._shims)}{os.pathsep}{base.get('PATH', '')}"
         base.update(HOME=str(runtime.workdir / "rootfs"), HOSTNAME=meta["name"],
                     KUBERNETES_SERVICE_HOST="127.0.0.1", KUBERNETES_SERVICE_PORT=str(self._port()),
                     KUBERNETES_PORT=f"tcp://127.0.0.1:{self._port()}")

@@ -17,6 +17,7 @@ from airflow_stepops.testing.sagemaker._jobs import JSON, TERMINAL, TrainingJob
 from airflow_stepops.testing.sagemaker._logs import LOG_GROUP
 from airflow_stepops.testing.sagemaker._runner import JobRunner, RunContext
 from airflow_stepops.testing.sagemaker._server import INTERNAL_AGENT, ApiFault, MotoServer
+from airflow_stepops.testing.sagemaker._warmpool import WarmPools
 
 
 class SageMakerEmulator(Emulator):
@@ -66,7 +67,7 @@ class SageMakerEmulator(Emulator):
         shims = root / "bin"
         write_python_shims(shims)
         self._ctx = RunContext(self.config, self.client("s3", internal=True), self.client("logs", internal=True),
-                               root, shims, self.env())
+                               root, shims, self.env(), WarmPools(root / "warm-pools"))
         _moto_patches.set_listener(self)
 
     def stop(self) -> None:

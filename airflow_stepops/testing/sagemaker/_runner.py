@@ -24,7 +24,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import deque
@@ -33,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from airflow_stepops.testing._images import IMAGE_PYTHONS
+from airflow_stepops.testing._images import IMAGE_PYTHONS, python_for, shims_for
 from airflow_stepops.testing._kit import JobThread, signal_group, spawn, stop_group
+from airflow_stepops.testing.sagemaker import _warmpool as warmpool
 from airflow_stepops.testing.sagemaker._config import EmulatorConfig
 from airflow_stepops.testing.sagemaker._faults import INTERNAL_ERROR, Fault
 from airflow_stepops.testing.sagemaker._jobs import MESSAGES, TERMINAL, TrainingJob
@@ -47,6 +47,7 @@ from airflow_stepops.testing.sagemaker._transfer import (
     tarball,
     upload_file,
 )
+from airflow_stepops.testing.sagemaker._warmpool import WarmPools
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class RunContext:
     root: Path
     shims: Path
     aws_env: dict[str, str]
+    pools: WarmPools
 
 
 @dataclass
@@ -86,8 +88,6 @@ def _rewriter(mapping: list[tuple[str, str]]) -> Callable[[str], str]:
     return lambda text: pattern.sub(lambda m: table[m.group(1)], text)
 
 
-
-
 class JobRunner(JobThread):
     """Runs one training job on its own thread; see the module docstring for what it does."""
 
@@ -104,6 +104,7 @@ class JobRunner(JobThread):
         self._created = time.monotonic()
         max_wait = job.max_wait
         self._wait_deadline = self._created + max_wait if max_wait is not None else None
+        self._pool: Path | None = None  # the warm pool cache of this job's instance
         super().__init__(f"sagemaker-job-{job.name}")
 
     # ----- control (other threads) ----------------------------------------------------------------
@@ -120,7 +121,9 @@ class JobRunner(JobThread):
 
     def _main(self) -> None:
         try:
+            self._pool = self.ctx.pools.acquire(self.job.request)
             outcome = self._run()
+            self._release_pool()  # the pool waits for the next job once this one is over, before it says so
         except Exception as exc:
             logger.exception("the SageMaker emulator failed running training job %s", self.job.name)
             outcome = Outcome("failed", reason=f"InternalServerError: the emulator failed: {exc}")
@@ -132,6 +135,11 @@ class JobRunner(JobThread):
                             failure_reason=f"InternalServerError: the emulator failed: {exc}")
         finally:
             self._kill()
+            self._release_pool()
+
+    def _release_pool(self) -> None:
+        self.ctx.pools.release(self.job.request, self._pool)
+        self._pool = None
 
     def _stopping(self) -> str | None:
         if self._shutdown:
@@ -271,18 +279,23 @@ class JobRunner(JobThread):
         local = (request.get("CheckpointConfig") or {}).get("LocalPath")
         if local and not local.startswith("/opt/ml"):
             mapping.append((local, str(self._checkpoint_dir(base))))
+        if self._pool is not None:
+            mapping.append((warmpool.CACHE, str(self._pool)))
         rewrite = _rewriter(mapping)
         argv = [rewrite(str(part)) for part in entrypoint + list(spec.get("ContainerArguments") or [])]
+        image = spec.get("TrainingImage")
         if os.path.basename(argv[0]) in IMAGE_PYTHONS:  # other names resolve on PATH: the image's shims
-            argv[0] = sys.executable
+            argv[0] = python_for(image)
         region = self.job.arn.split(":")[3]
         # a minimal base, not the host's environment: PATH (python shims first), HOME and TMPDIR of the run,
         # unbuffered Python output (as SageMaker's framework images set it, so logs flow while training),
         # what SageMaker itself sets, and credentials for the emulator standing in for the execution role
-        env = {"PATH": f"{self.ctx.shims}{os.pathsep}{os.environ.get('PATH', os.defpath)}", "LANG": "C.UTF-8",
+        env = {"PATH": f"{shims_for(image, self.ctx.shims)}{os.pathsep}{os.environ.get('PATH', os.defpath)}", "LANG": "C.UTF-8",
                "HOME": str(base / "root"), "TMPDIR": str(base / "tmp"), "PYTHONUNBUFFERED": "1",
                **self.ctx.aws_env, "TRAINING_JOB_NAME": self.job.name, "TRAINING_JOB_ARN": self.job.arn,
                "AWS_REGION": region, "AWS_DEFAULT_REGION": region, **self.config.env}
+        if self._pool is not None:
+            env[warmpool.ENV] = str(self._pool)
         env.update({str(k): rewrite(str(v)) for k, v in (request.get("Environment") or {}).items()})
         return argv, env
 

@@ -22,14 +22,13 @@ import logging
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from airflow_stepops.testing._images import IMAGE_PYTHONS
+from airflow_stepops.testing._images import IMAGE_PYTHONS, python_for, shims_for
 from airflow_stepops.testing._kit import JobThread, spawn, stop_group
 from airflow_stepops.testing.vertex import _faults as F
 from airflow_stepops.testing.vertex._errors import job_error
@@ -223,7 +222,7 @@ class JobRunner(JobThread):
         texts = raw + list(job_env.values())
         ctx = self.ctx
         env = {
-            "PATH": f"{ctx.shims}{os.pathsep}{os.environ.get('PATH', os.defpath)}",
+            "PATH": f"{shims_for(container.get('imageUri'), ctx.shims)}{os.pathsep}{os.environ.get('PATH', os.defpath)}",
             "HOME": str(self.dir / "home"), "TMPDIR": str(self.dir / "tmp"), "PYTHONUNBUFFERED": "1",
             "LANG": "C.UTF-8", "CLOUD_ML_JOB_ID": self.job.id, "CLOUD_ML_PROJECT_ID": ctx.project,
             "CLOUD_ML_REGION": ctx.location,
@@ -238,7 +237,7 @@ class JobRunner(JobThread):
         env.update({k: mount.rewrite(v) for k, v in job_env.items()})
         argv = [mount.rewrite(_expand(a, env)) for a in raw]
         if os.path.basename(argv[0]) in IMAGE_PYTHONS:  # other names resolve on PATH: the image's shims
-            argv[0] = sys.executable
+            argv[0] = python_for(container.get("imageUri"))
         return argv, env, texts
 
     def _train(self, argv: list[str], env: dict[str, str]) -> Outcome | None:
