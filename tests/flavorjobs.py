@@ -157,12 +157,12 @@ def run_pipeline(dag: Any, flavor: str) -> tuple[Any, dict[str, Any], ArtifactRe
 
 
 def render(emulator: Any, flavor: str, dag_id: str, task_id: str) -> dict[str, Any]:
-    """The request ``stepops render`` prints for a task of the test DAGs, one of ``flavor``: it must submit
-    nothing to the flavor's ``emulator``."""
+    """What ``stepops render`` prints for a task of the test DAGs, one of ``flavor`` (its ``request``, ``image``,
+    ``install`` ...): it must submit nothing to the flavor's ``emulator``."""
     before = set(emulator.job_ids)
     out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "render", dag_id, task_id],
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
     body = json.loads(out.stdout[out.stdout.index("{"):])
     assert body["flavor"] == flavor and set(emulator.job_ids) <= before, body
-    return body["request"]
+    return body

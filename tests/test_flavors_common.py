@@ -3,6 +3,8 @@ flavor's real hook and trigger. What only one flavor promises stays in tests/<fl
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from airflow_stepops.artifacts import store_path
@@ -15,7 +17,7 @@ from airflow_stepops.images import python_image, worker_python
 from airflow_stepops.runtime import protocol
 
 from .emulated import eventually
-from .flavorjobs import EMULATORS, make_hook, make_spec, run_trigger
+from .flavorjobs import EMULATORS, make_hook, make_spec, render, run_trigger
 from .package_index import PROBE, PROBE_VALUE
 from .steps import import_probe, raise_value_error, sleep_then_return
 
@@ -178,3 +180,16 @@ def test_a_requirement_pip_cannot_install_fails_the_step_naming_it(flavor, emula
     raised = rebuild_remote_error(error["type"], error["message"], error.get("traceback", ""))
     assert isinstance(raised, StepRequirementsError)
     assert "stepops-no-such-package==1.0" in str(raised) and "exit code 1" in str(raised), raised
+
+
+@pytest.mark.parametrize("flavor", CONTAINER)
+def test_render_shows_the_default_image_and_the_install_step(flavor, emulator, package_index, monkeypatch, airflow_db):
+    hook = plain_image_hook(flavor, monkeypatch, package_index)  # the step operator of tests/dags/requirements_steps.py
+    body = render(emulator, flavor, "requirements_steps", f"on_{flavor}")
+    spec = make_spec(hook, import_probe, task_id=f"on_{flavor}", settings=with_requirements(flavor, [f"{PROBE}==1.0"]))
+    assert body["image"] == hook.image(spec), body
+    assert flavor == "azureml" or body["image"] in json.dumps(body["request"])  # Azure ML: an environment of it
+    install = body["install"]
+    assert install["requirements"] == ["# what the steps of requirements_steps.py install", f"{PROBE}==1.0",
+                                       "--prefer-binary"], install
+    assert install["cache"] == hook.requirements_cache(spec) and install["cache"].startswith(("/", "${{")), install

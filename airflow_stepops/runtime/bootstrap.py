@@ -146,13 +146,13 @@ def check_cloudpickle(meta: dict, cloudpickle) -> str:
     return advice
 
 
-def _load_cloudpickle():
+def _load_cloudpickle(want: str):
     try:
         import cloudpickle
     except ImportError:
         raise StepEnvironmentError(
-            f"cloudpickle is not installed for {sys.executable}; install it in the step image "
-            "(pip install cloudpickle)"
+            f"cloudpickle is not installed for {sys.executable} (and there is no pip to install it); install the "
+            f"workers' version in the step image (pip install cloudpickle=={want})"
         ) from None
     return cloudpickle
 
@@ -245,7 +245,7 @@ def run(bundle_dir: str, output_dir: str, refs: dict[int, str]) -> int:
         with open(os.path.join(bundle_dir, protocol.META_FILE), encoding="utf-8") as fh:
             meta = json.load(fh)
         check_environment(meta)
-        cloudpickle = _load_cloudpickle()
+        cloudpickle = _load_cloudpickle(meta.get("cloudpickle_version", ""))
         advice = check_cloudpickle(meta, cloudpickle)
         try:
             with open(os.path.join(bundle_dir, protocol.PAYLOAD_FILE), "rb") as fh:

@@ -200,7 +200,8 @@ class AzureMLStepOperatorConfig(BaseStepOperatorConfig, _AzureMLChecks):
     compute_target_name: str | None = Field(
         title="Compute target",
         default=None, description="Cluster or compute instance the steps run on; empty: serverless compute.")
-    image: str | None = Field(default=None, description="Container image of the steps (Python + cloudpickle).")
+    image: str | None = Field(default=None, description="Container image of the steps, with the workers' "
+                              "Python (default: python:<major.minor>-slim; cloudpickle is installed when missing).")
     azureml_environment: str | None = Field(
         title="Registered environment",
         default=None, description="Registered environment instead of an image: azureml:<name>:<version>.")

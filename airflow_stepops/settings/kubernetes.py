@@ -324,7 +324,8 @@ class KubernetesStepOperatorConfig(BaseStepOperatorConfig, KubernetesPodOptions)
     incluster: bool = Field(
         title="In cluster", default=False, description="Use the pod's service account (Airflow runs in the cluster).")
     kubernetes_namespace: str = Field(title="Namespace", default="default", description="Namespace of the step Jobs.")
-    image: str | None = Field(default=None, description="Container image steps run in (Python + cloudpickle).")
+    image: str | None = Field(default=None, description="Container image steps run in, with the workers' Python "
+                              "(default: python:<major.minor>-slim; cloudpickle is installed when missing).")
     environment: EnvVars = Field(
         title="Environment variables", default_factory=dict, description="Environment of every step (no secrets).")
     worker_artifact_path: str | None = Field(

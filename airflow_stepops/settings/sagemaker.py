@@ -235,7 +235,8 @@ class SageMakerStepOperatorConfig(BaseStepOperatorConfig, _SageMakerChecks):
     role: str = Field(
         title="Execution role ARN", description="IAM role ARN the training job runs as (its own identity for S3).")
     image: str | None = Field(
-        title="Training image", default=None, description="Training image URI (Python + cloudpickle).")
+        title="Training image", default=None, description="Training image URI in ECR, with the workers' Python "
+        "(default: the PyTorch training Deep Learning Container of that Python).")
     instance_type: str | None = Field(
         title="Default instance type", default=None, description="Default instance type of this step operator.")
     subnets: list[str] = Field(

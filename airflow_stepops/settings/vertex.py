@@ -174,7 +174,8 @@ class VertexStepOperatorConfig(BaseStepOperatorConfig, _VertexChecks):
                              "credentials.")
     project: str | None = Field(default=None, description="GCP project (default: the google connection's).")
     location: str = Field(description="Vertex AI region, e.g. us-central1.")
-    image: str | None = Field(default=None, description="Container image URI (Python + cloudpickle).")
+    image: str | None = Field(default=None, description="Container image URI, with the workers' Python (default: "
+                              "python:<major.minor>-slim; cloudpickle is installed when missing).")
     service_account: str | None = Field(
         title="Service account", default=None, description="Service account the job runs as.")
     network: str | None = Field(

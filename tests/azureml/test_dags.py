@@ -44,7 +44,7 @@ def test_azureml_example_dag_runs_on_the_emulator(az_emulator):
 
 
 def test_stepops_render_prints_the_job_body(az_emulator):
-    request = render(az_emulator, "azureml", "az_pipeline", "train")
+    request = render(az_emulator, "azureml", "az_pipeline", "train")["request"]
     assert request["name"].startswith("az_pipeline-train-")
     assert request["properties"]["resources"]["instanceType"] == "Standard_D8s_v3"
     assert request["properties"]["inputs"]["bundle"]["uri"].startswith("azureml://datastores/workspaceblobstore/")

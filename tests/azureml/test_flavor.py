@@ -260,7 +260,7 @@ def test_abfs_store_on_a_cluster(az_emulator):
     ({"workspace_name": None}, r"extra.workspace_name: Field required"),
     ({"resource_group": None}, r"extra.resource_group: Field required"),
     ({"subscription_id": None}, r"extra.subscription_id: Field required"),
-    ({"image": None}, r"image: step operator 'az_bad' has no container image; .* or \"azureml_environment\" to"),
+    ({"image": "python:3.6-slim"}, r"image: 'python:3.6-slim' has Python 3.6, but the Airflow workers run Python "),
     ({"compute_target_name": "no-such-cluster"}, r"workspace 'stepops-ws' has no compute 'no-such-cluster'"),
     ({"datastore": "workspaceartifactstore", "artifact_store": "abfs://azurite_storage@{container}/x"},
      r"datastore: 'workspaceartifactstore' points at the container 'azureml'"),

@@ -59,7 +59,7 @@ def test_gpu_training_example_runs_on_the_emulator(k8s_emulator):
 
 
 def test_stepops_render_prints_the_job_manifest_without_creating_it(k8s_emulator):
-    job = render(k8s_emulator, "kubernetes", "k8s_pipeline", "train")
+    job = render(k8s_emulator, "kubernetes", "k8s_pipeline", "train")["request"]
     assert job["kind"] == "Job" and job["metadata"]["namespace"] == "steps"
     assert job["metadata"]["annotations"][f"{manifest.LABEL_PREFIX}/run-id"] == "render"
     assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] == {"cpu": "2", "memory": "1Gi"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import pytest
@@ -246,8 +247,9 @@ def test_render_validates_before_anything_is_created(k8s_emulator, monkeypatch):
     assert job["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["python3", "-c"]
     monkeypatch.setenv("AIRFLOW_CONN_K8S_NO_IMAGE", json.dumps({"conn_type": "stepops_kubernetes", "extra": {
         "config_file": os.environ["AIRFLOW_HOME"] + "/kubeconfig", "kubernetes_namespace": NS}}))
-    with pytest.raises(StepOperatorConfigError, match=r"image: step operator 'k8s_no_image' has no container image"):
-        make_spec(make_hook("k8s_no_image"), _greet, "x", task_id="no_image")
+    bare = make_hook("k8s_no_image")  # no image: the default one of the workers' Python
+    container = bare.render(make_spec(bare, _greet, "x", task_id="no_image"))["spec"]["template"]["spec"]["containers"]
+    assert container[0]["image"] == f"python:{sys.version_info[0]}.{sys.version_info[1]}-slim"
     assert k8s_emulator.list_objects("jobs", NS, f"{manifest.LABEL_PREFIX}/task-id=no_image") == []
 
 

@@ -41,6 +41,6 @@ def test_modal_example_dag_runs_on_the_emulator(md_emulator):
 
 
 def test_stepops_render_prints_the_function_options(md_emulator):
-    request = render(md_emulator, "modal", "md_pipeline", "evaluate")
+    request = render(md_emulator, "modal", "md_pipeline", "evaluate")["request"]
     assert request["function"] == "run_step"
     assert request["options"]["gpu"] == "A100-80GB:2" and request["options"]["timeout"] == 900

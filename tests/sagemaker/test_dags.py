@@ -43,6 +43,6 @@ def test_sagemaker_example_dag_runs_on_the_emulator(sm_emulator):
 
 
 def test_stepops_render_prints_the_create_training_job_request(sm_emulator):
-    request = render(sm_emulator, "sagemaker", "sm_pipeline", "train")
+    request = render(sm_emulator, "sagemaker", "sm_pipeline", "train")["request"]
     assert request["ResourceConfig"]["InstanceType"] == "ml.m5.2xlarge"
     assert request["RoleArn"].startswith("arn:aws:iam::") and request["InputDataConfig"][0]["ChannelName"] == "bundle"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import sys
+
 import pytest
 from pydantic import ValidationError
 
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.resources import ResourceSettings
-from airflow_stepops.runtime.protocol import ENTRY_FILE
+from airflow_stepops.runtime.protocol import ENTRY_FILE, Env
 from airflow_stepops.settings.sagemaker import SageMakerStepOperatorConfig, SageMakerStepOperatorSettings
 from airflow_stepops.settings.sagemaker_instances import choose_instance
 
@@ -118,11 +121,10 @@ def test_the_request_is_valid_for_botocore_and_maps_everything():
     ref = ArtifactRef(uri="s3://stepops-artifacts/steps/other/output/return_value.pkl", type="x", size=1, sha256="a")
     request = hook.render(_spec(hook, ResourceSettings(cpu_count=8, memory="32GB", gpu_count=1, disk_size="100GB"),
                                 SageMakerStepOperatorSettings(use_spot_instances=True, max_runtime_in_seconds=3600,
-                                                              max_wait_time_in_seconds=7200,
-                                                              keep_alive_period_in_seconds=600),
+                                                              max_wait_time_in_seconds=7200),
                                 refs=[ref], timeout=1800))
     assert request["ResourceConfig"] == {"InstanceType": "ml.g4dn.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 100,
-                                         "KeepAlivePeriodInSeconds": 600, "VolumeKmsKeyId": KEY}
+                                         "VolumeKmsKeyId": KEY}
     assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 1860, "MaxWaitTimeInSeconds": 7200}
     assert request["EnableManagedSpotTraining"] is True
     assert request["CheckpointConfig"]["S3Uri"].endswith("/train/-1/checkpoints")  # shared by every try
@@ -152,16 +154,32 @@ def test_zenml_timeouts_mean_what_zenml_means(settings, stopping, recwarn):
         "training); set use_spot_instances=True to run on spot, or drop max_wait_time_in_seconds"])
 
 
+def test_a_warm_pool_keeps_installed_requirements_and_is_not_for_spot():
+    hook = _hook()
+    request = hook.render(_spec(hook, settings=SageMakerStepOperatorSettings(keep_alive_period_in_seconds=600)))
+    assert request["ResourceConfig"]["KeepAlivePeriodInSeconds"] == 600
+    assert request["Environment"][Env.REQUIREMENTS_CACHE].startswith("/opt/ml/sagemaker/warmpoolcache/")
+    assert Env.REQUIREMENTS_CACHE not in hook.render(_spec(hook))["Environment"]
+    with pytest.raises(ValueError, match="keep_alive_period_in_seconds: SageMaker keeps no warm pool for managed spot"):
+        SageMakerStepOperatorSettings(keep_alive_period_in_seconds=600, use_spot_instances=True)
+    with pytest.raises(ValueError, match="keep_alive_period_in_seconds"):
+        SageMakerStepOperatorSettings(keep_alive_period_in_seconds=3601)  # AWS's maximum is an hour
+
+
 def test_unknown_instance_type_is_refused_before_submitting():
     hook = _hook()
     with pytest.raises(StepOperatorConfigError, match=r"unknown SageMaker training instance type 'ml.p9.mega'"):
         hook.render(_spec(hook, settings=SageMakerStepOperatorSettings(instance_type="ml.p9.mega")))
-    with pytest.raises(StepOperatorConfigError, match="image: step operator 'sm' has no container image"):
-        from airflow_stepops.hooks.sagemaker import SageMakerStepOperatorHook
+    from airflow_stepops.hooks.sagemaker import SageMakerStepOperatorHook
 
-        bare = SageMakerStepOperatorHook(step_operator_conn_id="sm", config=SageMakerStepOperatorConfig(
-            role=ROLE, artifact_store="s3://b/p"))
-        bare.render(_spec(bare))
+    bare = SageMakerStepOperatorHook(step_operator_conn_id="sm", config=SageMakerStepOperatorConfig(  # no image
+        role=ROLE, artifact_store="s3://b/p", region_name="eu-south-1"))
+    python = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    gpu = bare.render(_spec(bare, settings=SageMakerStepOperatorSettings(instance_type="ml.g5.xlarge")))
+    assert re.fullmatch(rf"692866216735\.dkr\.ecr\.eu-south-1\.amazonaws\.com/pytorch-training:[\d.]+-gpu-{python}-"
+                        r"cu\d+-ubuntu[\d.]+-sagemaker", gpu["AlgorithmSpecification"]["TrainingImage"]), gpu
+    cpu = bare.render(_spec(bare, settings=SageMakerStepOperatorSettings(instance_type="ml.m5.xlarge")))
+    assert f"-cpu-{python}-" in cpu["AlgorithmSpecification"]["TrainingImage"]
 
 
 def test_max_wait_exceeded_is_preemption_only_after_an_interruption():

@@ -41,6 +41,6 @@ def test_vertex_example_dag_runs_on_the_emulator(vx_emulator):
 
 
 def test_stepops_render_prints_the_custom_job_body(vx_emulator):
-    request = render(vx_emulator, "vertex", "vx_pipeline", "train")
+    request = render(vx_emulator, "vertex", "vx_pipeline", "train")["request"]
     assert request["displayName"].startswith("vx-pipeline-train-")
     assert request["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]["machineType"] == "e2-standard-8"

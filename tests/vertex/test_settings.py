@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from pydantic import ValidationError
 
@@ -182,6 +184,7 @@ def test_settings_are_checked_in_the_hook_too():
     spec_cpu = StepSpec(identity=spec.identity, bundle_uri=spec.bundle_uri, output_uri=spec.output_uri,
                         resources=ResourceSettings(), settings=VertexStepOperatorSettings())
     assert hook.machine(spec_cpu).machine_type == "n1-standard-4"
-    with pytest.raises(StepOperatorConfigError, match=r"image: step operator 'v' has no container image"):
-        VertexStepOperatorHook("v", config=VertexStepOperatorConfig(location="us-central1", project="p-1234",
-                                                                    artifact_store="gs://bkt/p")).render(spec)
+    bare = VertexStepOperatorHook("v", config=VertexStepOperatorConfig(location="us-central1", project="p-1234",
+                                                                       artifact_store="gs://bkt/p"))  # no image
+    container = bare.render(spec)["jobSpec"]["workerPoolSpecs"][0]["containerSpec"]
+    assert container["imageUri"] == f"python:{sys.version_info[0]}.{sys.version_info[1]}-slim"
