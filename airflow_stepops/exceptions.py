@@ -9,6 +9,16 @@ class StepOperatorConfigError(ValueError):
     """Invalid settings, connection or arguments: raised before anything is submitted."""
 
 
+class StepCapacityError(StepOperatorConfigError):
+    """The backend has no capacity for the step (insufficient capacity, stockout, quota, unschedulable, queued past
+    ``max_queue_seconds``): nothing of the step ran. ``reason`` is one of ``hooks.base.CAPACITY_REASONS``; with a
+    list of step operators the step moves on to the next one."""
+
+    def __init__(self, message: str, reason: str = "insufficient_capacity") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class StepPreemptedError(AirflowException):
     """The backend took the machine away (spot/preemptible capacity, eviction): not a user error."""
 

@@ -4,6 +4,7 @@ flavor's real hook and trigger. What only one flavor promises stays in tests/<fl
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -193,3 +194,19 @@ def test_render_shows_the_default_image_and_the_install_step(flavor, emulator, p
     assert install["requirements"] == ["# what the steps of requirements_steps.py install", f"{PROBE}==1.0",
                                        "--prefer-binary"], install
     assert install["cache"] == hook.requirements_cache(spec) and install["cache"].startswith(("/", "${{")), install
+
+
+def test_a_dag_of_steps_with_requirements_runs_on_every_container_flavor(request, package_index, monkeypatch,
+                                                                         airflow_db):
+    """The operator reads the requirements file beside the DAG file and ships it: each step imports the package."""
+    from airflow_stepops._compat import dagbag_class
+
+    from .unit.test_operator import _run, _xcom
+
+    for flavor in CONTAINER:
+        request.getfixturevalue(EMULATORS[flavor])
+        plain_image_hook(flavor, monkeypatch, package_index)
+    dags = Path(__file__).parent / "dags"
+    run, tis = _run(dagbag_class()(dag_folder=str(dags / "requirements_steps.py")).get_dag("requirements_steps"))
+    assert run.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert {task_id: _xcom(ti) for task_id, ti in tis.items()} == {f"on_{f}": PROBE_VALUE for f in CONTAINER}

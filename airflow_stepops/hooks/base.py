@@ -37,6 +37,10 @@ class JobHandle(_JobKeys, total=False):
     try_number: int
     submitted_at: float  # set by the operator
     attached_by_try: int  # set by the operator: the try that waits on the job now
+    attempt: int  # set by the operator: the attempt within the try (preemptions and failover start new ones)
+    candidate: int  # set by the operator: the index of the step operator in the step's list
+    on_demand: bool  # the attempt runs on on-demand capacity
+    max_queue_seconds: float | None  # the trigger stops a job queued longer (no service mechanism for it)
     spot: bool
     instance_type: str | None
     # kubernetes
@@ -69,6 +73,13 @@ class JobHandle(_JobKeys, total=False):
     gpu: Any
     memory: int | None
     step_digest: str
+
+
+#: ``JobStatus.details["reason"]`` of a job that failed for want of capacity (state FAILED): the service had none,
+#: the quota was spent, the pod could not be scheduled, or the job stayed queued past ``max_queue_seconds``. Nothing
+#: of the step ran: with a list of step operators, the step moves on to the next one. A job that lost its capacity
+#: while running is PREEMPTED (reason "preempted") instead.
+CAPACITY_REASONS = frozenset({"insufficient_capacity", "stockout", "quota_exceeded", "unschedulable", "queue_timeout"})
 
 
 class JobState(str, Enum):
@@ -111,6 +122,10 @@ class StepSpec:
     task_label: str = ""
     #: the task's execution_timeout: Airflow enforces it, backends may add it as their own backstop
     timeout_seconds: float | None = None
+    #: run on on-demand capacity even where the settings ask for spot (escalation after preemptions)
+    on_demand: bool = False
+    #: how long the job may wait for capacity before it counts as a capacity failure (None: no limit of ours)
+    max_queue_seconds: float | None = None
     #: the validated backend request, built once by ``StepOperatorHook.prepare``
     request: Any = field(default=None, repr=False, compare=False)
 
@@ -185,6 +200,15 @@ class StepOperatorHook(BaseHook, ABC):
         from airflow_stepops.images import python_image
 
         return python_image()
+
+    def spot(self, spec: StepSpec) -> bool:
+        """Whether the step's request runs on spot/preemptible capacity when ``spec.on_demand`` is False (the
+        default escalation policy depends on it)."""
+        return False
+
+    def check_on_demand(self, spec: StepSpec) -> None:
+        """Refuse (StepOperatorConfigError) a step whose escalation to on-demand capacity this step operator cannot
+        honour as configured, before anything is submitted."""
 
     def requirements_cache(self, spec: StepSpec) -> str | None:
         """A directory the job sees that outlives it, where installed requirements wait for the next job with the
