@@ -40,6 +40,8 @@ class JobHandle(_JobKeys, total=False):
     attempt: int  # set by the operator: the attempt within the try (preemptions and failover start new ones)
     candidate: int  # set by the operator: the index of the step operator in the step's list
     on_demand: bool  # the attempt runs on on-demand capacity
+    preemptions: int  # set by the operator: preemptions (and capacity failures) before this attempt
+    history: list[dict[str, Any]]  # set by the operator: the attempts before this one, for the summary
     max_queue_seconds: float | None  # the trigger stops a job queued longer (no service mechanism for it)
     spot: bool
     instance_type: str | None

@@ -609,37 +609,67 @@ def test_airflow_trigger_timeout_stops_the_job_and_raises_step_timeout_error(sui
 
 
 # ---------------------------------------------------------------------------------------------
-# preemption: StepPreemptedError, and the retry sees what the preempted try checkpointed
+# preemption: new jobs within the try, resuming from the checkpoint, on-demand at the end of the budget
 # ---------------------------------------------------------------------------------------------
+def preempt_each(run: Run, times: int) -> None:
+    """Preempt the task's jobs as they checkpoint, ``times`` of them, then wait for the task to end."""
+    line = f"[{run.h.flavor}] conformance-checkpointed"
+    for number in range(1, times + 1):
+        run.watch(lambda row, n=number: terminal(row) or (run.log().count(line) >= n and len(run.jobs()) >= n))
+        job = run.jobs()[number - 1]
+        run.seen.setdefault("preempted", []).append(job)
+        run.h.preempt(run.af, job)
+    run.seen["final"] = run.watch(terminal)
+
+
 @pytest.fixture(scope="module")
 def preemptions(suite: Suite) -> dict[str, Run]:
     def drive(run: Run) -> None:
-        if run.h.preemptible is None:
-            return
-        run.trigger()
-        line = f"[{run.h.flavor}] conformance-checkpointed"
-        run.watch(lambda row: terminal(row) or line in run.log())
-        (job,) = run.jobs()
-        run.seen["job"] = job
-        run.h.preempt(run.af, job)
-        run.seen["final"] = run.watch(lambda row: row["try_number"] == 2 and terminal(row))
+        if run.h.preemptible is not None:
+            preempt_each(run.trigger(), 2)
 
     return suite.drive("preempt", "resume", drive)
 
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("flavor", [f for f in flavors() if f != "local"])  # a local process is never preempted
-def test_preempted_step_raises_step_preempted_error_and_the_retry_sees_its_checkpoint(suite, preemptions, flavor):
+def test_preempted_twice_then_succeeds_within_one_try_from_its_checkpoint_on_demand_at_last(suite, preemptions,
+                                                                                             flavor):
     run = suite.run_of(preemptions, flavor)
     final = run.seen["final"]
-    assert final["state"] == "success", run.log(1)[-3000:] + run.log(2)[-3000:]
-    first = json.loads((run.folder / "resume.1.json").read_text())
-    assert first["types"] == ["StepPreemptedError"], first
+    assert (final["state"], final["try_number"]) == ("success", 1), run.log()[-4000:]
     pids = run.invocations()
-    assert len(pids) == 2, pids  # try 1's job, then try 2's: a new job, not the preempted one again
-    assert run.af.xcom(run.dag_id, run.run_id, "resume") == {"restored": {"pid": pids[0]}}
+    assert len(pids) == 3, pids  # three jobs of one try: the preempted two and the one that finished
+    assert run.af.xcom(run.dag_id, run.run_id, "resume") == {"restored": {"pids": pids[:2]}}
     jobs = run.jobs()
-    assert len(jobs) == 2 and jobs[0] == run.seen["job"], jobs
+    assert len(jobs) == 3 and jobs[:2] == run.seen["preempted"], jobs
+    summary = run.af.xcom(run.dag_id, run.run_id, "resume", key="stepops_job")
+    assert summary["attempt"] == 3 and summary["on_demand"] is True, summary
+    assert [(a["attempt"], a["outcome"], a["on_demand"]) for a in summary["attempts"]] == [
+        (1, "preempted", False), (2, "preempted", False)], summary["attempts"]
+    assert all(a["lost_seconds"] is not None and a["lost_seconds"] >= 0 for a in summary["attempts"])
+    assert [run.h.on_demand(run.af, job) for job in jobs] == [False, False, True]  # what the service was asked
+    assert run.log().count("attempt 1 of the preemption budget") == 1, run.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def budgets(suite: Suite) -> dict[str, Run]:
+    def drive(run: Run) -> None:
+        if run.h.preemptible is not None:
+            preempt_each(run.trigger(), 2)
+
+    return suite.drive("budget", "exhausted", drive)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("flavor", [f for f in flavors() if f != "local"])
+def test_a_spent_preemption_budget_raises_step_preempted_error_in_the_first_try(suite, budgets, flavor):
+    run = suite.run_of(budgets, flavor)
+    assert (run.seen["final"]["state"], run.seen["final"]["try_number"]) == ("failed", 1), run.log()[-4000:]
+    seen = json.loads((run.folder / "exhausted.1.json").read_text())
+    assert seen["types"] == ["StepPreemptedError"] and "preemption_retries=1" in seen["text"], seen
+    assert run.jobs() == run.seen["preempted"], run.jobs()  # two jobs, no third
+    assert [run.h.on_demand(run.af, job) for job in run.jobs()] == [False, False]  # on_preemption="retry"
 
 
 @pytest.mark.timeout(600)
