@@ -235,7 +235,22 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
 
         exhausted(MARKER, SETTLED)
 
-    for factory in (results, errors, reattach, cancel) + ((preempt, budget) if settings is not None else ()):
+    @dag(dag_id=f"{prefix}_between", schedule=None, catchup=False, tags=["stepops-conformance"])
+    def between():
+        """Waits on its worker (so the test can kill the worker while an attempt runs) for the release file."""
+
+        @step(deferrable=False, retries=1, retry_delay=timedelta(seconds=1),
+              settings={f"step_operator.{flavor}": settings or {}})
+        def attempts(marker, release, run_id=None):
+            import os
+
+            _begin(f"{prefix}_between", "attempts", marker, release, run_id)
+            print("conformance-checkpointed", flush=True)
+            return {"pid": os.getpid()}
+
+        attempts(MARKER, RELEASE)
+
+    for factory in (results, errors, reattach, cancel) + ((preempt, budget, between) if settings is not None else ()):
         factory()
 
 
