@@ -324,3 +324,22 @@ def test_a_create_refused_for_quota_is_a_capacity_error_and_nothing_runs(flavor,
         hook.submit(spec)
     assert raised.value.reason == "quota_exceeded"
     assert hook.find_job(spec.identity) is None and len(emulator.job_ids) == before
+
+
+def test_a_modal_call_waiting_for_a_gpu_type_without_capacity_is_a_queue_timeout(request):
+    """Modal fails no call for want of GPUs, it keeps it waiting: max_queue_seconds turns that into a capacity
+    failure."""
+    from airflow_stepops.settings.modal import ModalStepOperatorSettings
+
+    pytest.importorskip("modal")
+    emulator = request.getfixturevalue(EMULATORS["modal"])
+    request.getfixturevalue("modal_step_operator")
+    hook = make_hook("modal")
+    spec = make_spec(hook, sleep_then_return, 0, task_id="no_h100", settings=ModalStepOperatorSettings(gpu="H100"))
+    spec.max_queue_seconds = 1.5
+    emulator.inject("no_capacity", gpu="H100")
+    try:
+        event = run_trigger(hook, hook.submit(spec))
+    finally:
+        emulator.clear_faults()
+    assert event["status"] == "failed" and event["details"]["reason"] == "queue_timeout", event

@@ -265,8 +265,9 @@ class ModalStepOperatorHook(StepOperatorHook):
             "memory": options.get("memory"), "spot": not options.get("nonpreemptible"),
             "instance_type": gpu if isinstance(gpu, str) else (", ".join(gpu) if gpu else "cpu"),
             "step_digest": spec.identity.digest}
-        # Modal keeps an input waiting while no container of the function can be had (no capacity of its GPU type,
-        # a concurrency limit): it fails no call for want of capacity, so max_queue_seconds is the trigger's
+        # Modal keeps an input waiting while no container of the function can be had: it schedules the function "on
+        # each requested GPU type in order" as capacity fluctuates (https://modal.com/docs/examples/gpu_fallbacks)
+        # and fails no call for want of capacity, so max_queue_seconds is the trigger's to enforce
         with_queue_limit(handle, spec)
         self._record(spec.identity, handle)
         return handle
