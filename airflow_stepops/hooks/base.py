@@ -135,6 +135,21 @@ class StepSpec:
 _Settings = TypeVar("_Settings", bound=BaseStepOperatorSettings)
 
 
+def with_queue_limit(handle: JobHandle, spec: StepSpec) -> JobHandle:
+    """``handle`` carrying the step's ``max_queue_seconds``, which the trigger enforces while the job is queued."""
+    if spec.max_queue_seconds is not None:
+        handle["max_queue_seconds"] = spec.max_queue_seconds
+    return handle
+
+
+def capacity_failure(message: str, reason: str, details: dict[str, Any] | None = None) -> JobStatus:
+    """A job that failed for want of capacity (nothing of the step ran): FAILED with ``reason`` in
+    ``CAPACITY_REASONS``."""
+    if reason not in CAPACITY_REASONS:
+        raise ValueError(f"reason {reason!r} is not one of {sorted(CAPACITY_REASONS)}")
+    return JobStatus(JobState.FAILED, message, {**(details or {}), "reason": reason})
+
+
 def settings_as(spec: StepSpec, model: type[_Settings]) -> _Settings:
     """The step's settings as the hook's flavor reads them (the operator picked them for this flavor)."""
     if not isinstance(spec.settings, model):

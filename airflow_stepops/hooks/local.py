@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from airflow_stepops.artifacts import local_path, store_path
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepFailedError, StepOperatorConfigError
-from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec
+from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec, with_queue_limit
 from airflow_stepops.runtime import local_launcher, protocol
 from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.settings.local import LocalStepOperatorConfig, LocalStepOperatorSettings
@@ -301,7 +301,7 @@ class LocalStepOperatorHook(StepOperatorHook):
             existing = self.find_job(spec.identity)
             if existing is not None:
                 self.log.info("Job directory %s already exists: re-attaching", job_dir)
-                return existing
+                return with_queue_limit(existing, spec)
             if time.time() - os.path.getmtime(job_dir) < HALF_MADE_GRACE_SECONDS:
                 raise StepOperatorConfigError(
                     f"another submitter is preparing {job_dir} right now; not starting a second job"
@@ -340,7 +340,7 @@ class LocalStepOperatorHook(StepOperatorHook):
             raise StepFailedError(f"{failure} (see {os.path.join(job_dir, 'launcher.log')})")
         self.log.info("Started local step in %s (cpus=%s, memory_limit=%s, gpus=%s)", job_dir,
                       launch["cpu_ids"], launch["memory_limit_bytes"], launch["gpus"])
-        return self._handle(spec.identity, job_dir, spec.output_uri)
+        return with_queue_limit(self._handle(spec.identity, job_dir, spec.output_uri), spec)
 
     def _immutable_json(self, job_dir: str, name: str) -> dict[str, Any] | None:
         """spec.json and launcher.json never change once written: read each once per hook."""
