@@ -630,7 +630,8 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
         az, md = _azureml_emulator(request, unavailable), _modal_emulator(request)
         af = AirflowEnv(home=home, env=_session_env(home, api_port, sm, vx, az, md), api_port=api_port, k8s=k8s,
                         sm=sm, vx=vx, az=az, md=md, unavailable=unavailable)
-    af.env["STEPOPS_E2E_FLAVORS"] = json.dumps({flavor: {"conn_id": h.conn_id, "preemptible": h.preemptible}
+    af.env["STEPOPS_E2E_FLAVORS"] = json.dumps({flavor: {"conn_id": h.conn_id, "preemptible": h.preemptible,
+                                                         "short": h.short_of_capacity}
                                                 for flavor, h in harnesses(af).items()})
     af.cli("db", "migrate", timeout=300)
     # all step operators in one `airflow connections import` (each CLI call costs seconds)

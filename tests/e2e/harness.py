@@ -32,6 +32,8 @@ class Harness:
     #: settings a step needs to be preemptible (spot capacity...), as ``step_operator.<flavor>`` settings;
     #: None: the flavor has no preemption (the scenario does not apply)
     preemptible: dict[str, Any] | None = None
+    #: settings a step needs for ``deny_capacity`` to fail it for want of capacity
+    short_of_capacity: dict[str, Any] | None = None
 
     def jobs(self, af: Any, dag_id: str, run_id: str, task_id: str) -> list[str]:
         """Ids of every job of one task instance (any try), oldest first."""
@@ -46,6 +48,14 @@ class Harness:
 
     def preempt(self, af: Any, job_id: str) -> None:
         self.emulator.inject("preemption", job_id)
+
+    def deny_capacity(self, dag_id: str) -> None:
+        """The next job of ``dag_id`` finds no capacity (with the settings ``short_of_capacity``)."""
+        raise NotImplementedError
+
+    def hold_queued(self) -> None:
+        """The next job waits for capacity for two minutes."""
+        self.emulator.inject("slow_start", duration=120)
 
     def record(self, job_id: str) -> dict:
         """The job as the emulator holds it (its request, as the service was asked)."""
@@ -81,6 +91,10 @@ class Kubernetes(Harness):
         wanted = {f"{K8S_LABEL}/dag-id": dag_id, f"{K8S_LABEL}/run-id": run_id, f"{K8S_LABEL}/task-id": task_id}
         return meta["namespace"] == K8S_NS and wanted.items() <= (meta.get("annotations") or {}).items()
 
+    def deny_capacity(self, dag_id):  # no node can take the pod
+        self.emulator.inject("unschedulable", message="0/1 nodes are available: 1 Insufficient nvidia.com/gpu.",
+                             duration=None)
+
     def on_demand(self, af, job_id):  # the spot node selector (the settings' default) is gone
         selector = self.record(job_id)["spec"]["template"]["spec"].get("nodeSelector") or {}
         return selector.get("karpenter.sh/capacity-type") != "spot"
@@ -107,6 +121,9 @@ class SageMaker(Harness):
     def on_demand(self, af, job_id):
         return not self.emulator.job(job_id).get("EnableManagedSpotTraining")
 
+    def deny_capacity(self, dag_id):  # jobs are named <dag>-<task>-...
+        self.emulator.inject("insufficient_capacity", job_prefix=dag_id.replace("_", "-"))
+
 
 class Vertex(Harness):
     def owns(self, job, dag_id, run_id, task_id):  # label values: lower case, at most 63 characters
@@ -121,6 +138,9 @@ class Vertex(Harness):
     def on_demand(self, af, job_id):
         return (self.record(job_id)["jobSpec"].get("scheduling") or {}).get("strategy") != "SPOT"
 
+    def deny_capacity(self, dag_id):
+        self.emulator.inject("stockout", after=0.2)
+
 
 class AzureML(Harness):
     def owns(self, job, dag_id, run_id, task_id):
@@ -129,6 +149,9 @@ class AzureML(Harness):
 
     def on_demand(self, af, job_id):
         return (self.record(job_id)["properties"].get("queueSettings") or {}).get("jobTier") != "Spot"
+
+    def deny_capacity(self, dag_id):  # Azure ML fails no job for want of capacity; it refuses one over quota
+        self.emulator.inject("quota_exceeded")
 
 
 class Modal(Harness):
@@ -144,6 +167,9 @@ class Modal(Harness):
         self.emulator.late_logs(every, seconds)
         return True
 
+    def deny_capacity(self, dag_id):  # Modal fails no call for want of capacity: it stays queued (max_queue_seconds)
+        self.emulator.inject("slow_start", duration=120)
+
     def on_demand(self, af, job_id):  # the options of the function the call was made to
         call = self.emulator.job(job_id)
         return next(f for f in self.emulator.functions if f["id"] == call["function_id"])["nonpreemptible"]
@@ -156,12 +182,16 @@ def harnesses(af: Any) -> dict[str, Harness]:
     found: dict[str, Harness] = {"local": Local("local", "e2e_step_operator")}
     spot_budget = {"max_runtime_in_seconds": 40, "max_wait_time_in_seconds": 40}
     candidates = [(af.k8s, Kubernetes("kubernetes", "k8s_step_operator",
-                                      preemptible={"use_spot": True, "require_checkpoint_dir": True})),
+                                      preemptible={"use_spot": True, "require_checkpoint_dir": True},
+                                      short_of_capacity={"unschedulable_timeout_seconds": 2})),
                   (af.sm, SageMaker("sagemaker", "sm_step_operator",
-                                    preemptible={"use_spot_instances": True, **spot_budget})),
-                  (af.vx, Vertex("vertex", "vx_db_step_operator", preemptible={"use_spot": True})),
-                  (af.az, AzureML("azureml", "az_db_step_operator", preemptible={"job_tier": "Spot"})),
-                  (af.md, Modal("modal", "md_step_operator", preemptible={}))]
+                                    preemptible={"use_spot_instances": True, **spot_budget}, short_of_capacity={})),
+                  (af.vx, Vertex("vertex", "vx_db_step_operator", preemptible={"use_spot": True},
+                                 short_of_capacity={})),
+                  (af.az, AzureML("azureml", "az_db_step_operator", preemptible={"job_tier": "Spot"},
+                                  short_of_capacity={})),
+                  (af.md, Modal("modal", "md_step_operator", preemptible={},
+                                short_of_capacity={"max_queue_seconds": 4}))]
     for emulator, harness in candidates:
         if emulator is not None:
             harness.emulator = emulator

@@ -618,12 +618,19 @@ def test_airflow_trigger_timeout_stops_the_job_and_raises_step_timeout_error(sui
 # preemption: new jobs within the try, resuming from the checkpoint, on-demand at the end of the budget
 # ---------------------------------------------------------------------------------------------
 def preempt_each(run: Run, times: int) -> None:
-    """Preempt the task's jobs as they checkpoint, ``times`` of them, then wait for the task to end."""
+    """Preempt the task's jobs as they checkpoint, ``times`` of them (noting whether each was asked for on-demand
+    capacity: a preempted Kubernetes Job is deleted), then wait for the task to end."""
     line = f"[{run.h.flavor}] conformance-checkpointed"
+    preempted: list[str] = run.seen.setdefault("preempted", [])
     for number in range(1, times + 1):
-        run.watch(lambda row, n=number: terminal(row) or (run.log().count(line) >= n and len(run.jobs()) >= n))
-        job = run.jobs()[number - 1]
-        run.seen.setdefault("preempted", []).append(job)
+        def ready(row: dict[str, Any], n: int = number) -> bool:
+            return terminal(row) or (len(run.invocations()) >= n and run.log().count(line) >= n
+                                     and any(job not in preempted for job in run.jobs()))
+
+        run.watch(ready)
+        job = next(job for job in run.jobs() if job not in preempted)
+        run.seen.setdefault("on_demand", []).append(run.h.on_demand(run.af, job))
+        preempted.append(job)
         run.h.preempt(run.af, job)
     run.seen["final"] = run.watch(terminal)
 
@@ -647,14 +654,15 @@ def test_preempted_twice_then_succeeds_within_one_try_from_its_checkpoint_on_dem
     pids = run.invocations()
     assert len(pids) == 3, pids  # three jobs of one try: the preempted two and the one that finished
     assert run.af.xcom(run.dag_id, run.run_id, "resume") == {"restored": {"pids": pids[:2]}}
-    jobs = run.jobs()
-    assert len(jobs) == 3 and jobs[:2] == run.seen["preempted"], jobs
     summary = run.af.xcom(run.dag_id, run.run_id, "resume", key="stepops_job")
+    last = summary["job_id"]
+    assert len({*run.seen["preempted"], last}) == 3 and set(run.jobs()) <= {*run.seen["preempted"], last}, run.jobs()
     assert summary["attempt"] == 3 and summary["on_demand"] is True, summary
     assert [(a["attempt"], a["outcome"], a["on_demand"]) for a in summary["attempts"]] == [
         (1, "preempted", False), (2, "preempted", False)], summary["attempts"]
     assert all(a["lost_seconds"] is not None and a["lost_seconds"] >= 0 for a in summary["attempts"])
-    assert [run.h.on_demand(run.af, job) for job in jobs] == [False, False, True]  # what the service was asked
+    assert [*run.seen["on_demand"], run.h.on_demand(run.af, last)] == [False, False, True]  # what the service
+    # was asked for: spot, spot, then on-demand for the budget's last attempt
     assert run.log().count("attempt 1 of the preemption budget") == 1, run.log()[-3000:]
 
 
@@ -674,8 +682,8 @@ def test_a_spent_preemption_budget_raises_step_preempted_error_in_the_first_try(
     assert (run.seen["final"]["state"], run.seen["final"]["try_number"]) == ("failed", 1), run.log()[-4000:]
     seen = json.loads((run.folder / "exhausted.1.json").read_text())
     assert seen["types"] == ["StepPreemptedError"] and "preemption_retries=1" in seen["text"], seen
-    assert run.jobs() == run.seen["preempted"], run.jobs()  # two jobs, no third
-    assert [run.h.on_demand(run.af, job) for job in run.jobs()] == [False, False]  # on_preemption="retry"
+    assert set(run.jobs()) <= set(run.seen["preempted"]) and len(run.invocations()) == 2, run.jobs()  # no third
+    assert run.seen["on_demand"] == [False, False]  # on_preemption="retry"
 
 
 @pytest.fixture(scope="module")
@@ -690,15 +698,15 @@ def betweens(suite: Suite) -> dict[str, Run]:
                                                           and bool(run.invocations())))
         first = run.jobs()[0]
         run.h.preempt(run.af, first)
-        run.af.wait_for(lambda: len(run.jobs()) == 2 and len(run.invocations()) == 2, timeout=180,
-                        message="attempt 2's job to start")
+        second = run.af.wait_for(lambda: len(run.invocations()) == 2 and next(
+            (job for job in run.jobs() if job != first), None), timeout=180, message="attempt 2's job to start")
         runner = run.af.wait_for(lambda: task_runner_process(started), timeout=30, message="the task runner")
         runner.send_signal(signal.SIGSTOP)
         handle = run.af.wait_for(lambda: (h := run.stored_handle()) and h.get("attempt") == 2 and h, timeout=30,
                                  message="attempt 2 to be stored")
         run.store_handle({**{k: v for k, v in handle.items() if k != "job_id"}, "pending": True})
         runner.send_signal(signal.SIGKILL)
-        run.seen["jobs"] = run.jobs()
+        run.seen["jobs"] = [first, second]  # a preempted Kubernetes Job is deleted: the jobs seen
         run.watch(lambda row: terminal(row) or (row["try_number"] == 2 and "Re-attaching to job" in run.log(2)))
         run.release.touch()
         run.seen["final"] = run.watch(terminal)
@@ -714,8 +722,76 @@ def test_a_worker_killed_between_attempts_leaves_one_live_job(suite, betweens, f
     final, try2 = run.seen["final"], run.log(2)
     assert (final["state"], final["try_number"]) == ("success", 2), try2[-5000:]
     assert f"Re-attaching to job {second} of try 1" in try2 and "Submitted step" not in try2, try2[-5000:]
-    assert run.jobs() == [first, second]  # the preempted job and attempt 2's: no job of try 2
+    assert set(run.jobs()) <= {first, second} and second in run.jobs()  # no job of try 2
     assert run.af.xcom(run.dag_id, run.run_id, "attempts") == {"pid": run.invocations()[1]}
+
+
+# ---------------------------------------------------------------------------------------------
+# failover: a list of step operators; capacity failures move on, the step's own errors do not
+# ---------------------------------------------------------------------------------------------
+def failover(suite: Suite, scenario: str, task_id: str, prepare: Callable[[Run], None]) -> dict[str, Run]:
+    def drive(run: Run) -> None:
+        if run.h.short_of_capacity is None:
+            return
+        prepare(run)
+        run.trigger()
+        run.seen["final"] = run.watch(terminal)
+
+    return suite.drive(scenario, task_id, drive)
+
+
+@pytest.fixture(scope="module")
+def moves(suite: Suite) -> dict[str, Run]:
+    return failover(suite, "failover_moved", "moved", lambda run: run.h.deny_capacity(run.dag_id))
+
+
+@pytest.fixture(scope="module")
+def queues(suite: Suite) -> dict[str, Run]:
+    return failover(suite, "failover_queued", "moved", lambda run: run.h.hold_queued())
+
+
+def _moved_on(run: Run, outcomes: set[str]) -> dict[str, Any]:
+    assert run.seen["final"]["state"] == "success", run.log()[-4000:]
+    summary = run.af.xcom(run.dag_id, run.run_id, "moved", key="stepops_job")
+    assert (summary["step_operator"], summary["flavor"], summary["attempt"]) == ("e2e_step_operator", "local", 2)
+    (passed,) = summary["attempts"]
+    assert (passed["step_operator"], passed["flavor"]) == (run.h.conn_id, run.h.flavor), passed
+    assert passed["outcome"] in outcomes, passed
+    assert run.af.xcom(run.dag_id, run.run_id, "moved")["flavor"] == "local"
+    assert all(run.h.state(run.af, job) != "running" for job in run.jobs()), run.jobs()  # nothing left behind
+    return passed
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("flavor", [f for f in flavors() if f != "local"])
+def test_a_capacity_failure_on_the_first_step_operator_runs_the_step_on_the_next(suite, moves, flavor):
+    run = suite.run_of(moves, flavor)
+    _moved_on(run, {"insufficient_capacity", "stockout", "quota_exceeded", "unschedulable", "queue_timeout"})
+    assert re.search(r"moving on to (step operator )?'e2e_step_operator'", run.log()), run.log()[-3000:]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("flavor", [f for f in flavors() if f != "local"])
+def test_a_job_queued_past_max_queue_seconds_moves_on_to_the_next_step_operator(suite, queues, flavor):
+    run = suite.run_of(queues, flavor)
+    assert _moved_on(run, {"queue_timeout", "unschedulable"})["lost_seconds"] >= 4
+    assert len(run.jobs()) <= 1  # the queued job, stopped (a stopped Kubernetes Job is deleted)
+
+
+@pytest.fixture(scope="module")
+def owns(suite: Suite) -> dict[str, Run]:
+    return failover(suite, "failover_owned", "raises", lambda run: None)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("flavor", [f for f in flavors() if f != "local"])
+def test_the_steps_own_error_on_the_first_step_operator_does_not_fail_over(suite, owns, flavor):
+    run = suite.run_of(owns, flavor)
+    assert run.seen["final"]["state"] == "failed", run.log()[-4000:]
+    seen = json.loads((run.folder / "raises.1.json").read_text())
+    assert "ValueError" in seen["types"] and "bad input on the first step operator" in seen["text"], seen
+    assert len(run.invocations()) == 1 and len(run.jobs()) <= 1, (run.invocations(), run.jobs())
+    assert not suite.harnesses["local"].jobs(run.af, run.dag_id, run.run_id, "raises")  # never on the next one
 
 
 @pytest.mark.timeout(600)

@@ -46,7 +46,7 @@ def record_exception(context):
         json.dump(seen, fh)
 
 
-def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
+def conformance(flavor: str, conn_id: str, settings: dict | None, short: dict | None = None) -> None:
     prefix = f"conformance_{flavor}"
     step = functools.partial(task.step_operator, step_operator=conn_id, poll_interval=POLL)
 
@@ -250,8 +250,48 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
 
         attempts(MARKER, RELEASE)
 
+    #: this flavor's step operator first, then the local one
+    candidates = [conn_id, "e2e_step_operator"]
+
+    def failover_dags() -> None:
+        """``failover_moved``: no capacity on this flavor's step operator, the step runs on the next one;
+        ``failover_queued``: queued past max_queue_seconds, likewise; ``failover_owned``: the step's own error on
+        the first step operator fails it there."""
+
+        def runs_here(scenario, task_id):
+            def fn(marker, run_id=None):
+                import os
+
+                _begin(f"{prefix}_{scenario}", task_id, marker, "", run_id)
+                return {"pid": os.getpid(), "flavor": os.environ.get("STEPOPS_FLAVOR")}
+            fn.__name__ = task_id
+            return fn
+
+        def moved_dag(scenario, **extra):
+            @dag(dag_id=f"{prefix}_{scenario}", schedule=None, catchup=False, tags=["stepops-conformance"])
+            def moves():
+                step(step_operator=candidates, **extra)(runs_here(scenario, "moved"))(MARKER)
+
+            moves()
+
+        moved_dag("failover_moved", settings={f"step_operator.{flavor}": short or {}})
+        moved_dag("failover_queued", max_queue_seconds=4)
+
+        @dag(dag_id=f"{prefix}_failover_owned", schedule=None, catchup=False, tags=["stepops-conformance"])
+        def owned():
+            @step(step_operator=candidates, on_failure_callback=record_exception)
+            def raises(marker, run_id=None):
+                _begin(f"{prefix}_failover_owned", "raises", marker, "", run_id)
+                raise ValueError("bad input on the first step operator")
+
+            raises(MARKER)
+
+        owned()
+
     for factory in (results, errors, reattach, cancel) + ((preempt, budget, between) if settings is not None else ()):
         factory()
+    if short is not None:
+        failover_dags()
 
 
 def default_deferrable(flavors: dict[str, dict]) -> None:
@@ -281,5 +321,5 @@ def default_deferrable(flavors: dict[str, dict]) -> None:
 
 
 for _flavor, _spec in FLAVORS.items():
-    conformance(_flavor, _spec["conn_id"], _spec.get("preemptible"))
+    conformance(_flavor, _spec["conn_id"], _spec.get("preemptible"), _spec.get("short"))
 default_deferrable(FLAVORS)
