@@ -569,6 +569,8 @@ def _connections(home: Path, k8s: Any, sm: Any = None, vx: Any = None, az: Any =
             "config_file": str(kubeconfig), "kubernetes_context": "emulator", "kubernetes_namespace": K8S_NAMESPACE,
             "image": "registry.local/stepops-python:3", "environment": K8S_CONN_ENVIRONMENT,
             "checkpoint_volume_claim": K8S_CHECKPOINT_CLAIM, "checkpoint_volume_path": home.name,
+            # the emulator's one node stands for the on-demand pool too: its zone label selects it
+            "on_demand_pod_overrides": {"node_selector": {"topology.kubernetes.io/zone": "emulator-a"}},
             "console_url_template": "https://k8s.example/#/job/{namespace}/{name}"})}
     if sm is not None:
         aws = json.loads(sm.airflow_connection())

@@ -71,6 +71,14 @@ CATALOGUE: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                    ("includes.txt, line 2", "-c constraints.txt", "does not travel")),
     "kubernetes_image_other_python": ('settings={"step_operator.kubernetes": {"image": "python:3.9-slim"}}', "",
                                       ("image", "Python 3.9", f"Python {sys.version_info[0]}.{sys.version_info[1]}")),
+    "preemption_retries_negative": ("preemption_retries=-1", "", ("preemption_retries", "greater than or equal to 0")),
+    "on_preemption_unknown": ('on_preemption="spot_forever"', "", ("on_preemption", "on_demand_last")),
+    "max_queue_seconds_zero": ("max_queue_seconds=0", "", ("max_queue_seconds", "greater than 0")),
+    "settings_preemption_retries_negative": ('settings={"step_operator.vertex": {"preemption_retries": -2}}', "",
+                                             ("preemption_retries",)),
+    "step_operator_list_empty": ("step_operator=[]", "", ("step_operator", "non-empty list")),
+    "step_operator_list_twice": ('step_operator=["a_gpu", "b_gpu", "a_gpu"]', "", ("step_operator", "'a_gpu'",
+                                                                                     "twice")),
     "modal_unknown_gpu": ('settings={"step_operator.modal": {"gpu": "Z999"}}', "", ("gpu",)),
     "kubernetes_toleration_exist": ('settings={"step_operator.kubernetes": {"tolerations": [{"key": "gpu", '
                                     '"operator": "Exist", "effect": "NoSchedule"}]}}', "",
@@ -111,6 +119,11 @@ VALID: dict[str, tuple[str, str, str]] = {
     "requirements_list": ('settings={"step_operator.sagemaker": {"requirements": ["numpy>=1.26", '
                           '"torch==2.4.*; python_version >= \'3.10\'", "--extra-index-url https://pypi.example/simple"]}}',
                           "", "f()"),
+    "failover_list_with_settings_per_flavor": ('step_operator=["sagemaker_gpu", "vertex_gpu"], preemption_retries=2, '
+                                               'on_preemption="on_demand", max_queue_seconds=600, settings={'
+                                               '"step_operator.sagemaker": {"use_spot_instances": True}, '
+                                               '"step_operator.vertex": {"use_spot": True, "preemption_retries": 1}}',
+                                               "", "f()"),
     "sagemaker_unicode_tags": ('settings={"step_operator.sagemaker": {"tags": {"équipe": "données ml"}}}', "", "f()"),
 }
 _OWN_VARIABLE = """
@@ -124,7 +137,8 @@ class Variable:
 
 def _dag_file(decorator_args: str, function: str, call: str = "f()") -> str:
     function = function or "def f():\n    return 1"
-    args = ", ".join(a for a in ('step_operator="local_step_operator"', decorator_args) if a)
+    own = 'step_operator="local_step_operator"' if "step_operator=" not in decorator_args else ""
+    args = ", ".join(a for a in (own, decorator_args) if a)
     return textwrap.dedent("""\
         from airflow.sdk import dag, task
         {own}
