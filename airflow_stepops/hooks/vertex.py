@@ -197,8 +197,10 @@ class VertexStepOperatorHook(StepOperatorHook):
         # CustomJobSpec#Scheduling. VM maintenance still restarts the worker: the runtime then finds this try's
         # outcome already written and does not run the step again (runtime/entry.py).
         scheduling: dict[str, Any] = {"timeout": f"{runtime}s", "disableRetries": True}
-        if settings.spot:
-            scheduling["strategy"] = "SPOT"
+        # Scheduling.strategy: SPOT uses Spot VMs, STANDARD "uses regular on-demand resources" (an on-demand attempt
+        # says so explicitly): https://cloud.google.com/php/docs/reference/cloud-ai-platform/latest/V1.Scheduling.Strategy
+        if self.spot(spec):
+            scheduling["strategy"] = "STANDARD" if spec.on_demand else "SPOT"
         job_spec: dict[str, Any] = {
             "workerPoolSpecs": [{
                 "machineSpec": machine_spec, "replicaCount": "1",
@@ -223,6 +225,9 @@ class VertexStepOperatorHook(StepOperatorHook):
             body["encryptionSpec"] = {"kmsKeyName": cfg.encryption_spec_key_name}
         validate_body(body)
         return body
+
+    def spot(self, spec: StepSpec) -> bool:
+        return settings_as(spec, VertexStepOperatorSettings).spot
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def _handle(self, job: dict[str, Any], output_uri: str, try_number: int) -> JobHandle:
@@ -265,6 +270,7 @@ class VertexStepOperatorHook(StepOperatorHook):
         existing = self.find_job(spec.identity)
         if existing is not None:
             self.log.info("CustomJob %s of this try already exists: re-attaching", existing["job_id"])
+            existing["on_demand"] = spec.on_demand
             return existing
         try:  # no retry: a second create would make a second job
             job = self._json(self.jobs.create_custom_job(parent=self.parent, custom_job=validate_body(body),
@@ -275,13 +281,17 @@ class VertexStepOperatorHook(StepOperatorHook):
             found = self._created_despite(exc, spec.identity)
             if found is None:
                 raise
+            found["on_demand"] = spec.on_demand
             return found
         machine = body["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]
         self.log.info("Created Vertex AI CustomJob %s (%s%s%s)", job["name"], machine["machineType"],
                       f", {machine['acceleratorCount']} x {machine['acceleratorType']}"
                       if machine.get("acceleratorType") else "",
-                      ", spot" if body["jobSpec"]["scheduling"].get("strategy") == "SPOT" else "")
-        return self._handle(job, spec.output_uri, spec.identity.try_number)
+                      ", spot" if body["jobSpec"]["scheduling"].get("strategy") == "SPOT" else
+                      ", on-demand" if spec.on_demand else "")
+        handle = self._handle(job, spec.output_uri, spec.identity.try_number)
+        handle["on_demand"] = spec.on_demand
+        return handle
 
     def _created_despite(self, exc: Exception, identity: StepIdentity) -> JobHandle | None:
         """The job of a create whose reply was lost (timeout, dropped connection, 5xx): Vertex may have made
