@@ -53,6 +53,9 @@ class StepIdentity:
     #: unique to one incarnation of the dag run (the operator keeps it in the task state store): job names
     #: are permanent on some services, and a run re-created with the same run_id must not meet old jobs
     run_key: str = ""
+    #: the attempt within the try: a preempted job, or one on a step operator without capacity, is followed by a
+    #: new job of the next attempt (names and directories of attempt 1 carry no attempt)
+    attempt: int = 1
 
     @classmethod
     def from_context(cls, context: Any, run_key: str = "") -> StepIdentity:
@@ -61,17 +64,22 @@ class StepIdentity:
         return cls(ti.dag_id, ti.run_id, ti.task_id, -1 if map_index is None else map_index, ti.try_number, run_key)
 
     def for_try(self, try_number: int) -> StepIdentity:
-        return replace(self, try_number=try_number)
+        return replace(self, try_number=try_number, attempt=1)
+
+    def with_attempt(self, attempt: int) -> StepIdentity:
+        return replace(self, attempt=attempt)
 
     @property
     def digest(self) -> str:
-        raw = json.dumps([self.dag_id, self.run_id, self.task_id, self.map_index, self.try_number, self.run_key])
+        parts: list[Any] = [self.dag_id, self.run_id, self.task_id, self.map_index, self.try_number, self.run_key]
+        raw = json.dumps([*parts, self.attempt] if self.attempt > 1 else parts)
         return hashlib.sha256(raw.encode()).hexdigest()
 
     def job_name(self, max_length: int = 63, allowed: str = r"[^a-z0-9-]") -> str:
         """Readable, deterministic name: ``<dag>-<task>-<map>-t<try>-<hash>`` cut to ``max_length``."""
-        suffix = f"-m{self.map_index}-t{self.try_number}-{self.digest[:10]}" if self.map_index >= 0 else (
-            f"-t{self.try_number}-{self.digest[:10]}"
+        attempt = f"a{self.attempt}" if self.attempt > 1 else ""
+        suffix = f"-m{self.map_index}-t{self.try_number}{attempt}-{self.digest[:10]}" if self.map_index >= 0 else (
+            f"-t{self.try_number}{attempt}-{self.digest[:10]}"
         )
         stem = re.sub(allowed, "-", f"{self.dag_id}-{self.task_id}".lower()).strip("-") or "step"
         stem = re.sub("-+", "-", stem)[: max_length - len(suffix)].rstrip("-")
@@ -90,8 +98,9 @@ class StepIdentity:
         path = root
         for part in (self.dag_id, self.run_id, self.task_id, str(self.map_index)):
             path = path / _path_component(part)
-        return path / (f"try-{self.try_number}-{_path_component(self.run_key)}" if self.run_key
-                       else f"try-{self.try_number}")
+        attempt = f"-a{self.attempt}" if self.attempt > 1 else ""  # beside the try's others: same depth
+        return path / (f"try-{self.try_number}-{_path_component(self.run_key)}{attempt}" if self.run_key
+                       else f"try-{self.try_number}{attempt}")
 
 
 def _marker(refs: list[ArtifactRef], ref: ArtifactRef) -> dict[str, int]:

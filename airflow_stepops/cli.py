@@ -190,32 +190,49 @@ def render_task(dag_id: str, task_id: str, run_id: str = "render", map_index: in
         task = _unmap_for_render(task, map_index)
     if not isinstance(task, StepOperator):
         raise StepOperatorConfigError(f"task {dag_id}.{task_id} is a {type(task).__name__}, not a step task")
-    hook = _hook_for(task)
     identity = StepIdentity(dag_id, run_id, task_id, map_index, try_number)
-    spec = task.build_spec(hook, identity, refs=[])
+    candidates = [_candidate(task, _hook_for(task, conn_id), identity) for conn_id in task.step_operators]
+    first = candidates[0]
     return {
         "dag_id": dag_id,
         "task_id": task_id,
         "step_operator": task.step_operator,
-        "flavor": hook.flavor,
+        "flavor": first["flavor"],
         "callable": f"{task.python_callable.__module__}.{task.python_callable.__qualname__}",
         "arguments": {"op_args": _placeholder(task.op_args), "op_kwargs": _placeholder(task.op_kwargs)},
         "settings": task.step_settings.to_json() | {
-            f"step_operator.{hook.flavor}": spec.settings.model_dump(mode="json")},
-        "bundle_uri": spec.bundle_uri,
-        "output_uri": spec.output_uri,
-        "image": hook.image(spec),
-        "install": hook.install_plan(spec, task.requirements_text()),
-        "request": hook.render(spec),
+            f"step_operator.{c['flavor']}": c.pop("settings") for c in candidates},
+        **{k: v for k, v in first.items() if k not in ("step_operator", "flavor")},
+        **({"candidates": candidates} if len(candidates) > 1 else {}),
     }
 
 
-def _hook_for(task: Any) -> Any:
-    """The task's hook, its connection read as ``describe`` reads it (Airflow's own look-up is the fallback)."""
+def _candidate(task: Any, hook: Any, identity: Any) -> dict[str, Any]:
+    """One step operator of the task: what its first attempt submits and, when a preemption can escalate the
+    step to on-demand capacity there, what that attempt submits."""
+    spec = task.build_spec(hook, identity, refs=[])
+    image = hook.image(spec)
+    found = {"step_operator": hook.step_operator_conn_id, "flavor": hook.flavor,
+             "settings": spec.settings.model_dump(mode="json"), "bundle_uri": spec.bundle_uri,
+             "output_uri": spec.output_uri, "image": image,
+             "install": hook.install_plan(spec, task.requirements_text(hook.flavor)) if image else None,
+             "request": hook.render(spec)}
+    policy = task.policy(hook)
+    if policy.on_demand_after(policy.retries, hook.spot(spec)):
+        escalated = task.build_spec(hook, identity.with_attempt(policy.retries + 1), refs=[],
+                                    preemptions=policy.retries)
+        found["on_demand_request"] = hook.render(escalated)
+    return found
+
+
+def _hook_for(task: Any, conn_id: str) -> Any:
+    """The hook of one of the task's step operators, its connection read as ``describe`` reads it (Airflow's own
+    look-up is the fallback)."""
     registry = conns.Registry.load()
-    if task._hook is None and registry.exists(task.step_operator):
-        task._hook = _hook(task.step_operator, registry, task.flavor)
-    return task.get_hook()
+    hooks = task.__dict__.setdefault("_hooks", {})
+    if conn_id not in hooks and registry.exists(conn_id):
+        hooks[conn_id] = _hook(conn_id, registry, task.flavor)
+    return task.get_hook(conn_id)
 
 
 def _dag_files(folder: str, dag_id: str) -> list[str]:

@@ -212,6 +212,139 @@ def test_a_dag_of_steps_with_requirements_runs_on_every_container_flavor(request
     assert {task_id: _xcom(ti) for task_id, ti in tis.items()} == {f"on_{f}": PROBE_VALUE for f in CONTAINER}
 
 
+# capacity failures ------------------------------------------------------------------------------------------------
+# A job that never got capacity is FAILED with a reason of CAPACITY_REASONS (the operator moves such a step to its
+# next step operator); one that waited longer than max_queue_seconds is stopped and reported as "queue_timeout".
+
+def _capacity_fault(flavor, emulator):
+    """Inject ``flavor``'s fault of a job that gets no capacity; the settings the step needs for it."""
+    if flavor == "kubernetes":  # no node can take the pod
+        emulator.inject("unschedulable", message="0/1 nodes are available: 1 Insufficient nvidia.com/gpu.",
+                        duration=None)
+        return get_flavor(flavor).settings_model()(unschedulable_timeout_seconds=1)
+    if flavor == "sagemaker":
+        emulator.inject("insufficient_capacity", job_prefix="sm-tests-capacity-fault")
+    else:
+        emulator.inject("stockout", after=0.2)
+    return None
+
+
+#: flavor -> the reason its capacity fault is reported with. Azure ML and Modal fail no job for want of capacity:
+#: their jobs wait queued (see hooks/azureml.py QUOTA_CODES, hooks/modal.py submit), which max_queue_seconds bounds.
+CAPACITY_FAULTS = {"kubernetes": "unschedulable", "sagemaker": "insufficient_capacity", "vertex": "stockout"}
+
+
+@pytest.mark.parametrize("flavor", sorted(CAPACITY_FAULTS))
+def test_a_job_without_capacity_fails_with_a_capacity_reason(flavor, emulator):
+    from airflow_stepops.hooks.base import CAPACITY_REASONS
+
+    hook = make_hook(flavor)
+    spec = make_spec(hook, sleep_then_return, 0, task_id="capacity_fault", settings=_capacity_fault(flavor, emulator))
+    handle = hook.submit(spec)
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and event["details"]["reason"] == CAPACITY_FAULTS[flavor], event
+    status = hook.get_status(handle) if flavor != "kubernetes" else None  # (the pending Job was deleted)
+    assert status is None or (status.state is JobState.FAILED and status.details["reason"] in CAPACITY_REASONS)
+
+
+#: flavor -> whether a job of its emulator is gone or stopped (what the trigger's cancel leaves)
+def _stopped(flavor, emulator, spec, handle):
+    if flavor == "kubernetes":
+        return JOBS_OF_TRY["kubernetes"](emulator, spec, handle) == 0
+    emulator.wait_for_state(handle["job_id"], "cancelled")
+    return True
+
+
+@pytest.mark.parametrize("flavor", REMOTE)
+def test_a_job_queued_past_max_queue_seconds_is_stopped_as_a_queue_timeout(flavor, emulator):
+    import time
+
+    hook = make_hook(flavor)
+    spec = make_spec(hook, sleep_then_return, 0, task_id="queue_timeout")
+    spec.max_queue_seconds = 1.5
+    emulator.inject("slow_start", duration=120)
+    handle = hook.submit(spec)
+    assert handle["max_queue_seconds"] == 1.5
+    handle["submitted_at"] = time.time()  # as the operator records it
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and event["details"]["reason"] == "queue_timeout", event
+    assert "max_queue_seconds=1.5" in event["message"], event
+    assert eventually(lambda: _stopped(flavor, emulator, spec, handle), what="the queued job to be stopped")
+
+
+@pytest.mark.parametrize("flavor", REMOTE)
+def test_the_queue_limit_counts_from_submission_across_trigger_restarts(flavor, emulator):
+    """A triggerer that restarts (a new trigger for the same handle) does not restart the clock."""
+    import time
+
+    hook = make_hook(flavor)
+    spec = make_spec(hook, sleep_then_return, 0, task_id="queue_timeout_restart")
+    spec.max_queue_seconds = 30
+    emulator.inject("slow_start", duration=120)
+    handle = {**hook.submit(spec), "submitted_at": time.time() - 60}
+    started = time.monotonic()
+    event = run_trigger(hook, handle)
+    assert event["details"]["reason"] == "queue_timeout" and time.monotonic() - started < 20, event
+
+
+def test_a_pod_unschedulable_past_max_queue_seconds_is_a_queue_timeout_of_the_kubernetes_flavor(request):
+    """Kubernetes' own mechanism: the shorter of unschedulable_timeout_seconds and max_queue_seconds decides."""
+    emulator = request.getfixturevalue(EMULATORS["kubernetes"])
+    hook = make_hook("kubernetes")
+    spec = make_spec(hook, sleep_then_return, 0, task_id="unschedulable_queue")
+    spec.max_queue_seconds = 1
+    emulator.inject("unschedulable", message="0/1 nodes are available: 1 Insufficient cpu.", duration=None)
+    handle = hook.submit(spec)
+    status = eventually(lambda: (s := hook.get_status(handle)).state.terminal and s, what="the pod to time out")
+    assert status.state is JobState.FAILED and status.details["reason"] == "queue_timeout", status
+    assert "max_queue_seconds=1" in status.message and status.details["stop_job"], status
+    hook.cancel(handle)
+
+
+#: flavor -> how its emulator refuses a create for quota
+QUOTA_REFUSALS = {
+    "azureml": lambda emu: emu.inject("quota_exceeded"),
+    "vertex": lambda emu: emu.inject("quota_exceeded"),
+    "sagemaker": lambda emu: emu.fail_requests(
+        "ResourceLimitExceeded", action="CreateTrainingJob",
+        message="The account-level service limit 'ml.m5.large for training job usage' is 0 Instances, with current "
+                "utilization of 0 Instances and a request delta of 1 Instances. Please use AWS Service Quotas to "
+                "request an increase for this quota.")}
+
+
+@pytest.mark.parametrize("flavor", sorted(QUOTA_REFUSALS))
+def test_a_create_refused_for_quota_is_a_capacity_error_and_nothing_runs(flavor, emulator):
+    from airflow_stepops.exceptions import StepCapacityError
+
+    hook = make_hook(flavor)
+    spec = make_spec(hook, sleep_then_return, 0, task_id="quota_capacity")
+    before = len(emulator.job_ids)
+    QUOTA_REFUSALS[flavor](emulator)
+    with pytest.raises(StepCapacityError, match="quota") as raised:
+        hook.submit(spec)
+    assert raised.value.reason == "quota_exceeded"
+    assert hook.find_job(spec.identity) is None and len(emulator.job_ids) == before
+
+
+def test_a_modal_call_waiting_for_a_gpu_type_without_capacity_is_a_queue_timeout(request):
+    """Modal fails no call for want of GPUs, it keeps it waiting: max_queue_seconds turns that into a capacity
+    failure."""
+    from airflow_stepops.settings.modal import ModalStepOperatorSettings
+
+    pytest.importorskip("modal")
+    emulator = request.getfixturevalue(EMULATORS["modal"])
+    request.getfixturevalue("modal_step_operator")
+    hook = make_hook("modal")
+    spec = make_spec(hook, sleep_then_return, 0, task_id="no_h100", settings=ModalStepOperatorSettings(gpu="H100"))
+    spec.max_queue_seconds = 1.5
+    emulator.inject("no_capacity", gpu="H100")
+    try:
+        event = run_trigger(hook, hook.submit(spec))
+    finally:
+        emulator.clear_faults()
+    assert event["status"] == "failed" and event["details"]["reason"] == "queue_timeout", event
+
+
 # on-demand escalation ----------------------------------------------------------------------------------------------
 
 #: flavor -> (settings that ask for spot capacity, connection extras the on-demand attempt needs)

@@ -22,10 +22,11 @@ from typing import Any, ClassVar
 
 from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import StepIdentity, stage
-from airflow_stepops.exceptions import StepOperatorConfigError
+from airflow_stepops.exceptions import StepCapacityError, StepOperatorConfigError
 from airflow_stepops.hooks.azureml_job import (
     STEP_TAG,
     BlobStore,
+    _error_of,
     check_name,
     experiment_name,
     identity_tags,
@@ -33,7 +34,7 @@ from airflow_stepops.hooks.azureml_job import (
     job_state,
     parse_store,
 )
-from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec, settings_as
+from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec, settings_as, with_queue_limit
 from airflow_stepops.runtime import protocol
 from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.settings.azureml import (
@@ -464,7 +465,10 @@ class AzureMLStepOperatorHook(StepOperatorHook):
                 self.log.info("Azure ML job %s exists although its create failed (%s): re-attaching",
                               existing["job_id"], type(exc).__name__)
                 existing["on_demand"] = spec.on_demand
-                return existing
+                return with_queue_limit(existing, spec)
+            if _error_codes(exc) & QUOTA_CODES:
+                raise StepCapacityError(f"{self._api_error(exc, 'create the command job')} (quota exceeded)",
+                                        reason="quota_exceeded") from exc
             raise self._api_error(exc, "create the command job") from exc
         low_priority = str(info.get("tier") or "") == "low_priority"
         handle = self._handle(created, spec.output_uri, spec.identity.try_number,
@@ -474,7 +478,7 @@ class AzureMLStepOperatorHook(StepOperatorHook):
                       handle["instance_type"] or f"compute {handle['compute']}",
                       ", Spot tier" if handle["job_tier"] == "Spot" else ", low priority" if low_priority else
                       ", on-demand" if spec.on_demand else "")
-        return handle
+        return with_queue_limit(handle, spec)
 
     def get_status(self, handle: JobHandle) -> JobStatus:
         job = self._get(handle["job_id"])
@@ -537,3 +541,21 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         return ("https://ml.azure.com/runs/{job_name}?wsid=/subscriptions/{subscription_id}/resourcegroups/"
                 "{resource_group}/workspaces/{workspace_name}").format(**fields)
 
+
+
+#: Codes of a create refused for the subscription's core quota: "Job submission to AzureML Compute encountered an
+#: Exception with status code JobNodeCountExceedsCoreQuota, The specified subscription has a Standard DSv2 family
+#: vCPU quota of 2 ..." (github.com/MicrosoftLearning/mslearn-dp100/issues/35). A job that merely finds no free
+#: nodes is not refused: it stays Queued (github.com/dotnet/machinelearning-modelbuilder/issues/546), which
+#: max_queue_seconds bounds.
+QUOTA_CODES = frozenset({"JobNodeCountExceedsCoreQuota"})
+
+
+def _error_codes(exc: Exception) -> set[str]:
+    """Every code of an ARM error answer (root, ``innerError`` chain, ``details``), never its message."""
+    response = getattr(exc, "response", None)
+    try:
+        body = response.json() if response is not None else None
+    except Exception:
+        body = None
+    return _error_of(body)[0] if isinstance(body, dict) else set()

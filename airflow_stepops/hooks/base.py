@@ -40,6 +40,8 @@ class JobHandle(_JobKeys, total=False):
     attempt: int  # set by the operator: the attempt within the try (preemptions and failover start new ones)
     candidate: int  # set by the operator: the index of the step operator in the step's list
     on_demand: bool  # the attempt runs on on-demand capacity
+    preemptions: int  # set by the operator: preemptions (and capacity failures) before this attempt
+    history: list[dict[str, Any]]  # set by the operator: the attempts before this one, for the summary
     max_queue_seconds: float | None  # the trigger stops a job queued longer (no service mechanism for it)
     spot: bool
     instance_type: str | None
@@ -131,6 +133,21 @@ class StepSpec:
 
 
 _Settings = TypeVar("_Settings", bound=BaseStepOperatorSettings)
+
+
+def with_queue_limit(handle: JobHandle, spec: StepSpec) -> JobHandle:
+    """``handle`` carrying the step's ``max_queue_seconds``, which the trigger enforces while the job is queued."""
+    if spec.max_queue_seconds is not None:
+        handle["max_queue_seconds"] = spec.max_queue_seconds
+    return handle
+
+
+def capacity_failure(message: str, reason: str, details: dict[str, Any] | None = None) -> JobStatus:
+    """A job that failed for want of capacity (nothing of the step ran): FAILED with ``reason`` in
+    ``CAPACITY_REASONS``."""
+    if reason not in CAPACITY_REASONS:
+        raise ValueError(f"reason {reason!r} is not one of {sorted(CAPACITY_REASONS)}")
+    return JobStatus(JobState.FAILED, message, {**(details or {}), "reason": reason})
 
 
 def settings_as(spec: StepSpec, model: type[_Settings]) -> _Settings:

@@ -218,6 +218,8 @@ class KubernetesStepOperatorHook(StepOperatorHook):
                        "unschedulable_timeout": settings.unschedulable_timeout_seconds,
                        "start_timeout": settings.start_timeout_seconds,
                        "spot": settings.use_spot and not spec.on_demand, "on_demand": spec.on_demand,
+                       # the unschedulable timeout of the step's pod is also its queue limit (the shorter one)
+                       **({"max_queue_seconds": spec.max_queue_seconds} if spec.max_queue_seconds is not None else {}),
                        "memory_limit": ((job["spec"]["template"]["spec"]["containers"][0].get("resources") or {})
                                         .get("limits") or {}).get("memory")}
         job["metadata"]["annotations"][HANDLE_ANNOTATION] = json.dumps(handle_info, sort_keys=True)
@@ -377,7 +379,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         status = interpret(job, pods, name=f"{handle['namespace']}/{handle['job_id']}", now=time.time(),
                            unschedulable_timeout=float(handle.get("unschedulable_timeout") or 900),
                            start_timeout=float(handle.get("start_timeout") or 1800),
-                           memory_limit=handle.get("memory_limit"))
+                           memory_limit=handle.get("memory_limit"), max_queue=handle.get("max_queue_seconds"))
         status.details.setdefault("spot", bool(handle.get("spot")))
         return status
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_stepops.hooks.base import JobState, JobStatus
+from airflow_stepops.hooks.base import JobState, JobStatus, capacity_failure
 from airflow_stepops.timestamps import epoch
 
 #: container waiting reasons that do not heal by waiting (ImagePullBackOff: a pull failed and was retried)
@@ -86,9 +86,16 @@ def _cannot_start(waiting: dict[str, Any]) -> bool:
     return reason == "ErrImagePull" and any(text in message for text in PERMANENT_PULL_ERRORS)
 
 
+def _queue_limit(unschedulable_timeout: float, max_queue: float | None) -> tuple[float, str, str]:
+    """How long a pod may wait for a node: (seconds, the capacity reason when it waited that long, the setting)."""
+    if max_queue is not None and max_queue < unschedulable_timeout:
+        return max_queue, "queue_timeout", f"max_queue_seconds={max_queue:g}"
+    return unschedulable_timeout, "unschedulable", f"unschedulable_timeout_seconds={unschedulable_timeout:g}"
+
+
 def interpret(job: dict[str, Any] | None, pods: list[dict[str, Any]], *, name: str, now: float,
               unschedulable_timeout: float, start_timeout: float = 1800,
-              memory_limit: str | None = None) -> JobStatus:
+              memory_limit: str | None = None, max_queue: float | None = None) -> JobStatus:
     if job is None:
         return JobStatus(JobState.FAILED, f"Job {name} no longer exists: it was deleted outside Airflow or "
                          "removed by its ttlSecondsAfterFinished", {"reason": "job_missing"})
@@ -113,13 +120,15 @@ def interpret(job: dict[str, Any] | None, pods: list[dict[str, Any]], *, name: s
         return JobStatus(JobState.FAILED, text, {**details, **extra})
     if (job.get("metadata") or {}).get("deletionTimestamp"):
         return JobStatus(JobState.CANCELLED, f"Job {name} is being deleted", details)
+    limit, reason, setting = _queue_limit(unschedulable_timeout, max_queue)
     if pod is None:
         created = epoch((job.get("metadata") or {}).get("creationTimestamp")) or now
-        if now - created >= unschedulable_timeout:
-            return JobStatus(JobState.FAILED, f"Job {name} has had no pod for {now - created:.0f}s "
-                             f"(unschedulable_timeout_seconds={unschedulable_timeout:g}): the Job controller cannot "
-                             "create it; a quota, an admission policy or a missing service account is the usual "
-                             "cause", {**details, "reason": "no_pod", "stop_job": True})
+        if now - created >= limit:
+            # the Job's status says nothing structured about why (a ResourceQuota refusal is only an Event's
+            # text), so this is "unschedulable", not "quota_exceeded"
+            return capacity_failure(f"Job {name} has had no pod for {now - created:.0f}s ({setting}): the Job "
+                                    "controller cannot create it; a quota, an admission policy or a missing service "
+                                    "account is the usual cause", reason, {**details, "stop_job": True})
         return JobStatus(JobState.QUEUED, "waiting for the Job controller to create the pod", details)
     phase = (pod.get("status") or {}).get("phase")
     waiting = (container_status(pod).get("state") or {}).get("waiting") or {}
@@ -133,10 +142,12 @@ def interpret(job: dict[str, Any] | None, pods: list[dict[str, Any]], *, name: s
             and scheduled.get("reason") == "Unschedulable":
         since = epoch(pod["metadata"].get("creationTimestamp")) or now
         message = scheduled.get("message") or "no node can run the pod"
-        if now - since >= unschedulable_timeout:
-            return JobStatus(JobState.FAILED, f"pod {pod['metadata']['name']} stayed unschedulable for "
-                             f"{now - since:.0f}s (unschedulable_timeout_seconds={unschedulable_timeout:g}): "
-                             f"{message}", {**details, "reason": "Unschedulable", "stop_job": True})
+        if now - since >= limit:
+            # PodScheduled=False with reason Unschedulable: "the scheduler cannot schedule the Pod right now, for
+            # example due to lack of resources" (https://kubernetes.io/docs/concepts/workloads/pods/pod-lifecycle/
+            # #pod-conditions)
+            return capacity_failure(f"pod {pod['metadata']['name']} stayed unschedulable for {now - since:.0f}s "
+                                    f"({setting}): {message}", reason, {**details, "stop_job": True})
         return JobStatus(JobState.QUEUED, f"unschedulable: {message}", details)
     if phase == "Pending":
         since = epoch(scheduled.get("lastTransitionTime") if scheduled else None) or \

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from airflow_stepops.artifacts import local_path, store_path
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepFailedError, StepOperatorConfigError
-from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec
+from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec, with_queue_limit
 from airflow_stepops.runtime import local_launcher, protocol
 from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.settings.local import LocalStepOperatorConfig, LocalStepOperatorSettings
@@ -302,7 +302,7 @@ class LocalStepOperatorHook(StepOperatorHook):
             if existing is not None:
                 self.log.info("Job directory %s already exists: re-attaching", job_dir)
                 existing["on_demand"] = spec.on_demand
-                return existing
+                return with_queue_limit(existing, spec)
             if time.time() - os.path.getmtime(job_dir) < HALF_MADE_GRACE_SECONDS:
                 raise StepOperatorConfigError(
                     f"another submitter is preparing {job_dir} right now; not starting a second job"
@@ -343,7 +343,7 @@ class LocalStepOperatorHook(StepOperatorHook):
                       launch["cpu_ids"], launch["memory_limit_bytes"], launch["gpus"])
         handle = self._handle(spec.identity, job_dir, spec.output_uri)
         handle["on_demand"] = spec.on_demand  # a host is never spot capacity: spot() stays False
-        return handle
+        return with_queue_limit(handle, spec)
 
     def _immutable_json(self, job_dir: str, name: str) -> dict[str, Any] | None:
         """spec.json and launcher.json never change once written: read each once per hook."""

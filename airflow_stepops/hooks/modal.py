@@ -28,7 +28,15 @@ from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import RUNTIME_DIR, StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.hooks import modal_call
-from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec, settings_as
+from airflow_stepops.hooks.base import (
+    JobHandle,
+    JobState,
+    JobStatus,
+    StepOperatorHook,
+    StepSpec,
+    settings_as,
+    with_queue_limit,
+)
 from airflow_stepops.hooks.modal_function import (
     FUNCTION_NAME,
     app_name,
@@ -43,7 +51,7 @@ from airflow_stepops.settings.step import settings_error
 SUCCESS = 1  # modal_proto GenericResult.GENERIC_STATUS_SUCCESS (not imported at module load)
 #: what the record of calls keeps of a handle (the rest is rebuilt from the step operator and the try)
 RECORDED = ("job_id", "app_name", "function_id", "environment", "spawned_at", "timeout", "gpu", "memory", "spot",
-            "on_demand", "instance_type", "step_digest", "spawn_key")
+            "on_demand", "instance_type", "step_digest", "spawn_key", "max_queue_seconds")
 _CLIENTS: dict[tuple[Any, ...], Any] = {}
 _CLIENTS_LOCK = threading.Lock()
 #: calls a hook remembers (start times, ended calls) before it starts over
@@ -274,6 +282,10 @@ class ModalStepOperatorHook(StepOperatorHook):
             "memory": options.get("memory"), "spot": not options.get("nonpreemptible"), "on_demand": spec.on_demand,
             "instance_type": gpu if isinstance(gpu, str) else (", ".join(gpu) if gpu else "cpu"),
             "step_digest": spec.identity.digest}
+        # Modal keeps an input waiting while no container of the function can be had: it schedules the function "on
+        # each requested GPU type in order" as capacity fluctuates (https://modal.com/docs/examples/gpu_fallbacks)
+        # and fails no call for want of capacity, so max_queue_seconds is the trigger's to enforce
+        with_queue_limit(handle, spec)
         self._record(spec.identity, handle)
         return handle
 

@@ -25,8 +25,17 @@ from typing import Any, ClassVar
 
 from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import StepIdentity, stage
-from airflow_stepops.exceptions import StepOperatorConfigError
-from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec, settings_as
+from airflow_stepops.exceptions import StepCapacityError, StepOperatorConfigError
+from airflow_stepops.hooks.base import (
+    JobHandle,
+    JobState,
+    JobStatus,
+    StepOperatorHook,
+    StepSpec,
+    capacity_failure,
+    settings_as,
+    with_queue_limit,
+)
 from airflow_stepops.runtime import protocol
 from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.settings.sagemaker import (
@@ -52,6 +61,12 @@ LIST_OVERLAP_SECONDS = 30
 MAX_LIST_PAGES = 10
 #: secondary statuses that mean the capacity went away, not that the step failed
 PREEMPTION_STATUSES = ("Interrupted",)
+#: FailureReason classes of a job SageMaker could not get instances for ("CapacityError: Unable to provision
+#: requested ML compute capacity. Please retry using a different ML instance type.")
+CAPACITY_ERROR_CLASSES = ("CapacityError:", "InsufficientCapacityError:")
+#: StoppingCondition.MaxPendingTimeInSeconds: min 1800, max 2419200 in botocore's SageMaker service model
+#: (https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_StoppingCondition.html)
+MAX_PENDING_RANGE = (1800, 2419200)
 #: how much earlier than the newest event read a log event may be stamped and still be shown: events
 #: reach CloudWatch Logs late and FilterLogEvents sorts by event timestamp, so every read looks back
 #: this far and drops the event ids it has shown
@@ -207,6 +222,9 @@ class SageMakerStepOperatorHook(StepOperatorHook):
         if spec.timeout_seconds:
             runtime = min(runtime, math.ceil(spec.timeout_seconds) + 60)  # backstop to Airflow's own timeout
         stopping: dict[str, Any] = {"MaxRuntimeInSeconds": runtime}
+        if spec.max_queue_seconds is not None and MAX_PENDING_RANGE[0] <= spec.max_queue_seconds <= MAX_PENDING_RANGE[1]:
+            # SageMaker's own queue limit where the value is one it allows; otherwise the trigger enforces it
+            stopping["MaxPendingTimeInSeconds"] = math.ceil(spec.max_queue_seconds)
         # on-demand: no managed spot, and no MaxWaitTimeInSeconds (it is only valid with managed spot training:
         # https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_StoppingCondition.html)
         spot = self.spot(spec) and not spec.on_demand
@@ -288,8 +306,14 @@ class SageMakerStepOperatorHook(StepOperatorHook):
     def _client_error(self, exc: Any, action: str) -> StepOperatorConfigError | None:
         code = exc.response.get("Error", {}).get("Code", "")
         message = exc.response.get("Error", {}).get("Message", "")
+        if code == "ResourceLimitExceeded":
+            # the account's service quota for the instance type ("The account-level service limit 'ml.p3.2xlarge for
+            # training job usage' is 0 Instances", aws/sagemaker-python-sdk#35; the error is listed for
+            # CreateTrainingJob: https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_CreateTrainingJob.html)
+            return StepCapacityError(f"SageMaker refused to {action}: quota exceeded: {code}: {message}",
+                                     reason="quota_exceeded")
         if code in ("AccessDeniedException", "UnrecognizedClientException", "InvalidSignatureException",
-                    "ExpiredTokenException", "ValidationException", "ResourceLimitExceeded"):
+                    "ExpiredTokenException", "ValidationException"):
             return StepOperatorConfigError(f"SageMaker refused to {action} ({self.config.credentials_source()}): "
                                            f"{code}: {message}")
         return None
@@ -337,14 +361,14 @@ class SageMakerStepOperatorHook(StepOperatorHook):
             self.log.info("Training job %s already exists (%s): re-attaching", request["TrainingJobName"],
                           type(exc).__name__)
             existing["on_demand"] = spec.on_demand
-            return existing
+            return with_queue_limit(existing, spec)
         self.log.info("Created SageMaker training job %s (%s x %s%s)", request["TrainingJobName"],
                       request["ResourceConfig"]["InstanceCount"], request["ResourceConfig"]["InstanceType"],
                       ", spot" if request["EnableManagedSpotTraining"] else "")
         handle = self._handle(request["TrainingJobName"], spec.output_uri, spec.identity.try_number,
                               request["EnableManagedSpotTraining"], request["ResourceConfig"]["InstanceType"])
         handle["on_demand"] = spec.on_demand
-        return handle
+        return with_queue_limit(handle, spec)
 
     def get_status(self, handle: JobHandle) -> JobStatus:
         return job_status(self._describe(handle["job_id"]), handle)
@@ -675,10 +699,16 @@ def job_status(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
         # FailureReason starts with SageMaker's error class ("CapacityError: Unable to provision ...",
         # "AlgorithmError: <the step's failure file>"): only that class is read, never the text after it,
         # which may be the step's own output
-        if reason.startswith("CapacityError:"):
-            return JobStatus(JobState.PREEMPTED, reason, {**details, "reason": "capacity"})
+        # (CapacityError: github.com/DIAGNijmegen/rse-grand-challenge/issues/2631, aws/sagemaker-pytorch-training-
+        # toolkit#171): SageMaker could not provision the instances, so nothing of the step ran
+        if reason.startswith(CAPACITY_ERROR_CLASSES):
+            return capacity_failure(reason, "insufficient_capacity", details)
         return JobStatus(JobState.FAILED, reason, details)
     if status == "Stopped":
+        if _pending_past_limit(job):
+            return capacity_failure(f"the job waited for capacity past StoppingCondition.MaxPendingTimeInSeconds "
+                                    f"({job['StoppingCondition']['MaxPendingTimeInSeconds']} s) and SageMaker stopped "
+                                    f"it", "queue_timeout", details)
         if secondary == "MaxRuntimeExceeded":
             return JobStatus(JobState.FAILED, f"the job ran past MaxRuntimeInSeconds and SageMaker stopped it: "
                              f"{message}", {**details, "reason": "timed_out"})
@@ -698,3 +728,15 @@ def job_status(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
     return JobStatus(JobState.RUNNING, f"{secondary}: {message}".rstrip(": "), details)
 
 
+
+
+def _pending_past_limit(job: dict[str, Any]) -> bool:
+    """Whether a stopped job never started training and was stopped after pending its whole
+    ``MaxPendingTimeInSeconds`` ("the maximum length of time ... that a training or compilation job can be pending
+    before it is stopped", https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_StoppingCondition.html).
+    SageMaker names no secondary status for it, so the timestamps tell."""
+    limit = (job.get("StoppingCondition") or {}).get("MaxPendingTimeInSeconds")
+    created, ended = epoch(job.get("CreationTime")), epoch(job.get("TrainingEndTime") or job.get("LastModifiedTime"))
+    if not limit or job.get("TrainingStartTime") or created is None or ended is None:
+        return False
+    return ended - created >= float(limit)

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 
 from airflow_stepops.artifacts import store_path
 from airflow_stepops.bundle import StepIdentity, stage
-from airflow_stepops.exceptions import StepOperatorConfigError
-from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec, settings_as
+from airflow_stepops.exceptions import StepCapacityError, StepOperatorConfigError
+from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec, settings_as, with_queue_limit
 from airflow_stepops.hooks.vertex_job import (
     STEP_LABEL,
     display_name,
@@ -201,6 +201,10 @@ class VertexStepOperatorHook(StepOperatorHook):
         # says so explicitly): https://cloud.google.com/php/docs/reference/cloud-ai-platform/latest/V1.Scheduling.Strategy
         if self.spot(spec):
             scheduling["strategy"] = "STANDARD" if spec.on_demand else "SPOT"
+        # max_queue_seconds: Vertex's own scheduling.maxWaitDuration applies only with the DWS FLEX_START strategy
+        # ("the maximum duration that a job will wait for the requested resources to be provisioned if the scheduling
+        # strategy is set to [Strategy.DWS_FLEX_START]", https://cloud.google.com/vertex-ai/docs/reference/rest/v1/
+        # CustomJobSpec#Scheduling), which the step operator does not use: the trigger enforces it
         job_spec: dict[str, Any] = {
             "workerPoolSpecs": [{
                 "machineSpec": machine_spec, "replicaCount": "1",
@@ -271,18 +275,18 @@ class VertexStepOperatorHook(StepOperatorHook):
         if existing is not None:
             self.log.info("CustomJob %s of this try already exists: re-attaching", existing["job_id"])
             existing["on_demand"] = spec.on_demand
-            return existing
+            return with_queue_limit(existing, spec)
         try:  # no retry: a second create would make a second job
             job = self._json(self.jobs.create_custom_job(parent=self.parent, custom_job=validate_body(body),
                                                          timeout=self.config.api_timeout_seconds))
         except Exception as exc:
             if not _reply_lost(exc):
-                raise self._api_error(exc, "create the CustomJob") from exc
+                raise self._create_error(exc) from exc
             found = self._created_despite(exc, spec.identity)
             if found is None:
                 raise
             found["on_demand"] = spec.on_demand
-            return found
+            return with_queue_limit(found, spec)
         machine = body["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]
         self.log.info("Created Vertex AI CustomJob %s (%s%s%s)", job["name"], machine["machineType"],
                       f", {machine['acceleratorCount']} x {machine['acceleratorType']}"
@@ -291,7 +295,19 @@ class VertexStepOperatorHook(StepOperatorHook):
                       ", on-demand" if spec.on_demand else "")
         handle = self._handle(job, spec.output_uri, spec.identity.try_number)
         handle["on_demand"] = spec.on_demand
-        return handle
+        return with_queue_limit(handle, spec)
+
+    def _create_error(self, exc: Exception) -> Exception:
+        """A refused create: HTTP 429 RESOURCE_EXHAUSTED is the project's quota for what the job asks ("The following
+        quota metrics exceed quota limits: aiplatform.googleapis.com/custom_model_training_nvidia_l4_gpus",
+        github.com/GoogleCloudPlatform/stable-diffusion-on-gcp/issues/12; 429 is RESOURCE_EXHAUSTED in
+        https://cloud.google.com/apis/design/errors#handling_errors): a capacity error, nothing was made."""
+        from google.api_core import exceptions as gexc
+
+        if isinstance(exc, gexc.TooManyRequests):
+            return StepCapacityError(f"Vertex AI refused to create the CustomJob ({self.config.credentials_source()}, "
+                                     f"{self.parent}): quota exceeded: {exc.message}", reason="quota_exceeded")
+        return self._api_error(exc, "create the CustomJob")
 
     def _created_despite(self, exc: Exception, identity: StepIdentity) -> JobHandle | None:
         """The job of a create whose reply was lost (timeout, dropped connection, 5xx): Vertex may have made

@@ -11,7 +11,7 @@ from typing import Any
 
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
-from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus
+from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, capacity_failure
 from airflow_stepops.settings.vertex import LABEL_PREFIX, check_labels
 from airflow_stepops.timestamps import epoch
 
@@ -19,9 +19,13 @@ GCS_MOUNT = "/gcs/"
 #: the step try's identity, looked up before submitting (Vertex assigns job ids itself)
 STEP_LABEL = f"{LABEL_PREFIX}step"
 MAX_DISPLAY_NAME = 128
-#: google.rpc.Code values that mean the capacity went away, not that the step failed: a preempted Spot job
-#: "fails with a STOCKOUT error" (https://cloud.google.com/vertex-ai/docs/training/use-spot-vms), i.e.
-#: RESOURCE_EXHAUSTED. Outcomes are told apart by error.code and state only: messages can carry user output.
+#: google.rpc.Code values that mean there was no capacity, not that the step failed: a job that never got its VMs
+#: ends RESOURCE_EXHAUSTED ("Resources are insufficient in region", the stockout of
+#: https://cloud.google.com/vertex-ai/docs/general/troubleshooting, github.com/openreview/openreview-expertise/
+#: issues/401) and a preempted Spot job "fails with a STOCKOUT error" too
+#: (https://cloud.google.com/vertex-ai/docs/training/use-spot-vms): a job that had started (``startTime``) on Spot
+#: VMs was preempted, any other is a capacity failure. Outcomes are told apart by error.code, state and times only:
+#: messages can carry user output.
 CAPACITY_CODES = (8, 14)  # RESOURCE_EXHAUSTED, UNAVAILABLE
 DEADLINE_EXCEEDED = 4
 
@@ -107,10 +111,12 @@ def job_state(job: dict[str, Any] | None, handle: JobHandle) -> JobStatus:
     if state == "JOB_STATE_CANCELLED":
         return JobStatus(JobState.CANCELLED, text or "cancelled", details)
     if state in ("JOB_STATE_FAILED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_EXPIRED"):
-        if code in CAPACITY_CODES:
-            reason = "preempted" if spot else "capacity"
-            return JobStatus(JobState.PREEMPTED, f"{'the Spot VM was reclaimed' if spot else 'no capacity'}: "
-                             f"{text}", {**details, "reason": reason, "error_code": code})
+        if code in CAPACITY_CODES and spot and job.get("startTime"):
+            return JobStatus(JobState.PREEMPTED, f"the Spot VM was reclaimed: {text}",
+                             {**details, "reason": "preempted", "error_code": code})
+        if code in CAPACITY_CODES:  # no VM was ever had: nothing of the step ran
+            return capacity_failure(f"no capacity for the job (stockout): {text}", "stockout",
+                                    {**details, "error_code": code})
         if state == "JOB_STATE_EXPIRED":
             return JobStatus(JobState.FAILED, f"the job waited past scheduling.maxWaitDuration for resources: "
                              f"{text}", {**details, "reason": "expired"})

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 from airflow.sdk import BaseOperator
 
 from airflow_stepops.argcheck import check_literal_args_picklable, check_step_callable
+from airflow_stepops.capacity import CapacityPolicy
 from airflow_stepops.exceptions import (
+    StepCapacityError,
     StepFailedError,
     StepOperatorConfigError,
     StepPreemptedError,
@@ -28,6 +30,7 @@ from airflow_stepops.exceptions import (
 from airflow_stepops.flavors import get_flavor
 from airflow_stepops.links import StepJobLink
 from airflow_stepops.resources import ResourceSettings
+from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.settings.step import StepSettings, parse_step_settings
 
 if TYPE_CHECKING:
@@ -89,6 +92,8 @@ class StepOperator(BaseOperator):
     _hook: StepOperatorHook | None = None
     _state_store: Any = None
     step_settings: StepSettings
+    step_operators: list[str]
+    capacity: CapacityPolicy
     deferrable: bool | None
     poll_interval: float | None
 
@@ -98,44 +103,44 @@ class StepOperator(BaseOperator):
         python_callable: Callable[..., Any],
         op_args: Collection[Any] | None = None,
         op_kwargs: Mapping[str, Any] | None = None,
-        step_operator: str | None = None,
+        step_operator: str | Sequence[str] | None = None,
         settings: Mapping[str, Any] | None = None,
         resources: ResourceSettings | Mapping[str, Any] | None = None,
         deferrable: bool | None = None,
         poll_interval: float | None = None,
+        preemption_retries: int | None = None,
+        on_preemption: str | None = None,
+        max_queue_seconds: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if not callable(python_callable):
             raise StepOperatorConfigError(f"python_callable: expected a function, got {type(python_callable).__name__}")
         check_step_callable(python_callable)
-        if step_operator is None:
-            if self.flavor is None:
-                raise StepOperatorConfigError(
-                    "step_operator: required; give the id of a registered step operator (an Airflow "
-                    "connection of type stepops_<flavor>), e.g. step_operator='local_step_operator'"
-                )
-            step_operator = get_flavor(self.flavor).default_conn_id
+        candidates = _candidates(step_operator, self.flavor)
         if poll_interval is not None and poll_interval <= 0:
             raise StepOperatorConfigError(f"poll_interval: must be > 0 seconds, got {poll_interval!r}")
         self.python_callable = python_callable
         self.op_args: Collection[Any] = list(op_args or [])
         self.op_kwargs: Mapping[str, Any] = dict(op_kwargs or {})
-        self.step_operator = step_operator
+        self.step_operator = candidates[0]
         # plain attribute writes: BaseOperator.__setattr__ bookkeeping is only needed for template
         # fields and reassigned init arguments, and it is a noticeable share of DAG parse time
+        object.__setattr__(self, "step_operators", candidates)
+        object.__setattr__(self, "capacity", _capacity_arguments(preemption_retries, on_preemption, max_queue_seconds))
         object.__setattr__(self, "step_settings", parse_step_settings(settings, resources, flavor=self.flavor))
-        self.requirements_text()  # a missing or malformed requirements file is a DAG import error
+        for flavor in self.step_settings.by_flavor:  # a missing or malformed requirements file: a DAG import error
+            self.requirements_text(flavor)
         object.__setattr__(self, "deferrable", deferrable)
         object.__setattr__(self, "poll_interval", poll_interval)
         if not kwargs.get("_airflow_mapped_validation_only"):
             check_literal_args_picklable(python_callable, self.op_args, self.op_kwargs)
 
     # ---- prepare ----------------------------------------------------------------------------
-    def requirements_text(self) -> str:
-        """The step's ``requirements`` as the text its job installs; a requirements file is read relative to the
-        DAG file's folder."""
-        value = getattr(self.step_settings.flavor_settings, "requirements", None)
+    def requirements_text(self, flavor: str) -> str:
+        """The ``requirements`` of the step's ``flavor`` settings as the text its job installs; a requirements file
+        is read relative to the DAG file's folder."""
+        value = getattr(self.step_settings.by_flavor.get(flavor), "requirements", None)
         if not value:
             return ""
         from airflow_stepops.requirements import requirements_text
@@ -144,16 +149,37 @@ class StepOperator(BaseOperator):
         try:
             return requirements_text(value, folder)
         except ValueError as exc:
-            raise StepOperatorConfigError(f"settings['step_operator.{self.step_settings.flavor}'].{exc}") from None
+            raise StepOperatorConfigError(f"settings['step_operator.{flavor}'].{exc}") from None
 
-    def get_hook(self) -> StepOperatorHook:
-        """The hook of this step's flavor, bound to its connection (validated)."""
-        if self._hook is None:
+    def get_hook(self, step_operator: str | None = None) -> StepOperatorHook:
+        """The hook of ``step_operator`` (default: the step's first), bound to its connection (validated)."""
+        if self._hook is not None and step_operator in (None, self._hook.step_operator_conn_id):
+            return self._hook
+        conn_id = step_operator or self.step_operator
+        hooks: dict[str, StepOperatorHook] = self.__dict__.setdefault("_hooks", {})
+        if conn_id not in hooks:
             from airflow_stepops.connections import load_config
 
-            flavor, config = load_config(self.step_operator, self.flavor)
-            self._hook = get_flavor(flavor).hook()(step_operator_conn_id=self.step_operator, config=config)
-        return self._hook
+            flavor, config = load_config(conn_id, self.flavor)
+            hooks[conn_id] = get_flavor(flavor).hook()(step_operator_conn_id=conn_id, config=config)
+        if conn_id == self.step_operator:
+            self._hook = hooks[conn_id]
+        return hooks[conn_id]
+
+    def policy(self, hook: StepOperatorHook) -> CapacityPolicy:
+        """The capacity policy on ``hook``'s step operator: the arguments over its flavor's settings."""
+        return self.capacity.over(self.step_settings.for_flavor(hook.flavor))
+
+    def check_step_operators(self, identity: StepIdentity) -> None:
+        """Before anything is submitted: every step operator of the step exists, the step's settings are for their
+        flavors, and where a preemption may escalate to on-demand capacity, that step operator can provide it."""
+        hooks = [self.get_hook(conn) for conn in self.step_operators]
+        self.step_settings.check_flavors({hook.step_operator_conn_id: hook.flavor for hook in hooks})
+        for hook in hooks:
+            policy, spec = self.policy(hook), self.build_spec(hook, identity, [])
+            if policy.on_demand_after(policy.retries, hook.spot(spec)):
+                spec.on_demand = True
+                hook.check_on_demand(spec)
 
     def call_arguments(self, context: Context) -> tuple[list[Any], dict[str, Any]]:
         """Arguments for the callable; the decorated variant adds context-keyed parameters."""
@@ -163,28 +189,35 @@ class StepOperator(BaseOperator):
     def task_label(self) -> str:
         return f"{self.dag_id}.{self.task_id}" if self.has_dag() else self.task_id
 
-    def build_spec(self, hook: StepOperatorHook, identity: StepIdentity, refs: list[Any]) -> StepSpec:
+    def build_spec(self, hook: StepOperatorHook, identity: StepIdentity, refs: list[Any],
+                   preemptions: int = 0) -> StepSpec:
+        """The step's spec on ``hook``'s step operator; after ``preemptions`` preemptions it may be on-demand."""
         from airflow_stepops.hooks.base import StepSpec
 
-        flavor_settings = self.step_settings.for_flavor(hook.flavor, step_operator=self.step_operator)
         prefix = identity.prefix(hook.artifact_root())
         timeout = self.execution_timeout
-        return StepSpec(identity=identity, bundle_uri=str(prefix / "bundle"), output_uri=str(prefix / "output"),
-                        resources=self.step_settings.resources, settings=flavor_settings, refs=refs,
-                        task_label=self.task_label, timeout_seconds=timeout.total_seconds() if timeout else None)
+        spec = StepSpec(identity=identity, bundle_uri=str(prefix / "bundle"), output_uri=str(prefix / "output"),
+                        resources=self.step_settings.resources, settings=self.step_settings.for_flavor(hook.flavor),
+                        refs=refs, task_label=self.task_label,
+                        timeout_seconds=timeout.total_seconds() if timeout else None)
+        policy = self.policy(hook)
+        spec.max_queue_seconds = policy.max_queue_seconds
+        spec.on_demand = bool(preemptions) and policy.on_demand_after(preemptions, hook.spot(spec))
+        return spec
 
-    def write_step_bundle(self, context: Context, hook: StepOperatorHook, identity: StepIdentity) -> StepSpec:
+    def write_step_bundle(self, context: Context, hook: StepOperatorHook, identity: StepIdentity,
+                          preemptions: int = 0) -> StepSpec:
         from airflow_stepops.bundle import build_meta, pickle_payload, replace_refs, write_bundle
 
         args, kwargs = self.call_arguments(context)
         refs: list[Any] = []
         args, kwargs = replace_refs(args, refs), replace_refs(kwargs, refs)
-        spec = self.build_spec(hook, identity, refs)
+        spec = self.build_spec(hook, identity, refs, preemptions)
         payload = pickle_payload(self.python_callable, args, kwargs)
         meta = build_meta(identity, multiple_outputs=bool(self.multiple_outputs),
                           max_result_bytes=hook.config.max_result_bytes,
                           inline_result_max_bytes=hook.config.inline_result_max_bytes, task_label=self.task_label,
-                          requirements=self.requirements_text())
+                          requirements=self.requirements_text(hook.flavor))
         hook.prepare(spec)  # the whole backend request, validated before anything is written or started
         hook.check_store()
         from airflow_stepops.artifacts import store_path
@@ -206,46 +239,94 @@ class StepOperator(BaseOperator):
             return True
         return False
 
-    def find_or_submit(self, context: Context, hook: StepOperatorHook) -> JobHandle:
+    def find_or_submit(self, context: Context) -> JobHandle:
+        """The job to wait for: an earlier try's still worth it, else attempt 1 of this try (exactly once)."""
         from airflow_stepops.bundle import StepIdentity
 
         store = context.get("task_state_store")  # type: ignore[call-overload]
         identity = StepIdentity.from_context(context, _run_key(store, context))
-        handle = self._earlier_job(hook, _stored_handle(store), identity) or self._job_of_this_try(
-            context, hook, identity)
+        handle = self._earlier_job(_stored_handle(store), identity)
+        if handle is None:
+            self.check_step_operators(identity)
+            return self._attempt(context, identity, candidate=0, attempt=1, preemptions=0, history=[])
         handle = {**handle, "attached_by_try": identity.try_number}
         if store is not None:  # an older try still being killed must not stop it now
             store.set(STATE_KEY, cast(Any, handle))
         return handle
 
-    def _earlier_job(self, hook: StepOperatorHook, previous: JobHandle | None,
-                     identity: StepIdentity) -> JobHandle | None:
-        """An earlier try's job still worth waiting for: the stored one, else (no stored handle: Airflow < 3.3,
-        or the worker died between submit and storing it) one found by its deterministic name."""
-        if previous is not None and previous.get("conn_id") == self.step_operator:
+    def _earlier_job(self, previous: JobHandle | None, identity: StepIdentity) -> JobHandle | None:
+        """An earlier try's job still worth waiting for: the stored one (or, when the worker died between storing
+        an attempt and storing its job, the job of that attempt found by its deterministic name), else (no stored
+        handle: Airflow < 3.3, or the worker died between submit and storing it) one found by its name."""
+        if previous is not None and previous.get("conn_id") in self.step_operators:
+            hook = self.get_hook(previous["conn_id"])
+            if previous.get("pending"):
+                found = hook.find_job(identity.for_try(int(previous.get("try_number") or identity.try_number))
+                                      .with_attempt(int(previous.get("attempt") or 1)))
+                if found is None:
+                    return None
+                previous = cast("JobHandle", {**{k: v for k, v in previous.items() if k != "pending"}, **found})
             return previous if self._reattachable(hook, previous, allow_succeeded=True) else None
+        hook = self.get_hook()
         for try_number in range(identity.try_number - 1, 0, -1):
             earlier = hook.find_job(identity.for_try(try_number))
             if earlier and self._reattachable(hook, earlier, allow_succeeded=False):
-                return earlier
+                return cast("JobHandle", {**earlier, "conn_id": self.step_operator, "candidate": 0, "attempt": 1})
         return None
 
-    def _job_of_this_try(self, context: Context, hook: StepOperatorHook, identity: StepIdentity) -> JobHandle:
+    def _attempt(self, context: Context, identity: StepIdentity, *, candidate: int, attempt: int, preemptions: int,
+                 history: list[dict[str, Any]]) -> JobHandle:
+        """Submit (or find: exactly once) attempt ``attempt`` of this try on step operator ``candidate``; a step
+        operator that refuses it for want of capacity passes it on to the next one."""
+        from airflow_stepops.exceptions import StepCapacityError
+
+        store = context.get("task_state_store")  # type: ignore[call-overload]
+        conn_id = self.step_operators[candidate]
+        hook = self.get_hook(conn_id)
+        identity = identity.with_attempt(attempt)
+        place = {"conn_id": conn_id, "candidate": candidate, "attempt": attempt, "preemptions": preemptions,
+                 "history": history, "try_number": identity.try_number}
+        if store is not None:  # a worker dying before the job is stored leaves this: the next try looks it up
+            store.set(STATE_KEY, cast(Any, {**place, "pending": True, "flavor": hook.flavor}))
+        try:
+            handle = self._job_of_this_try(context, hook, identity, preemptions)
+        except StepCapacityError as exc:
+            record = {"attempt": attempt, "step_operator": conn_id, "flavor": hook.flavor, "job_id": None,
+                      "outcome": exc.reason, "message": str(exc)[:500]}
+            if candidate + 1 < len(self.step_operators):
+                self.log.warning("Step operator %r has no capacity for the step (%s): %s; moving on to %r", conn_id,
+                                 exc.reason, exc, self.step_operators[candidate + 1])
+                return self._attempt(context, identity, candidate=candidate + 1, attempt=attempt + 1,
+                                     preemptions=preemptions, history=[*history, record])
+            raise StepCapacityError(_passed_over([*history, record]), exc.reason) from exc
+        handle = cast("JobHandle", {**handle, **place, "attached_by_try": identity.try_number})
+        if store is not None:
+            store.set(STATE_KEY, cast(Any, handle))
+        return handle
+
+    def _job_of_this_try(self, context: Context, hook: StepOperatorHook, identity: StepIdentity,
+                         preemptions: int = 0) -> JobHandle:
         handle = hook.find_job(identity)
         if handle is not None:
             self.log.info("Job %s of this try already exists: re-attaching", handle.get("job_id"))
             return handle
-        spec = self.write_step_bundle(context, hook, identity)
-        handle = {**hook.submit(spec), "submitted_at": time.time()}
-        self.log.info("Submitted step %s to %s step operator %r as job %s", self.task_label, hook.flavor,
-                      self.step_operator, handle.get("job_id"))
-        return handle
+        spec = self.write_step_bundle(context, hook, identity, preemptions)
+        handle = {**hook.submit(spec), "submitted_at": time.time(), "on_demand": spec.on_demand,
+                  "max_queue_seconds": spec.max_queue_seconds}
+        self.log.info("Submitted step %s to %s step operator %r as job %s%s", self.task_label, hook.flavor,
+                      hook.step_operator_conn_id, handle.get("job_id"),
+                      f" (attempt {identity.attempt}{', on-demand' if spec.on_demand else ''})"
+                      if identity.attempt > 1 else "")
+        return cast("JobHandle", handle)
 
     # ---- the lifecycle ----------------------------------------------------------------------
     def execute(self, context: Context) -> Any:
-        hook = self.get_hook()
         object.__setattr__(self, "_state_store", context.get("task_state_store"))  # type: ignore[call-overload]
-        handle = self.find_or_submit(context, hook)
+        return self._wait(context, self.find_or_submit(context))
+
+    def _wait(self, context: Context, handle: JobHandle) -> Any:
+        """Wait for ``handle``'s job: deferred (the trigger), or here polling with the same code."""
+        hook = self.get_hook(handle.get("conn_id"))
         self._handle = handle
         self._record(context, hook, handle, {}, final=False)
         trigger = self.make_trigger(hook, handle, context)
@@ -262,6 +343,39 @@ class StepOperator(BaseOperator):
             raise
         return self.execute_complete(context, event)
 
+    def _next_attempt(self, context: Context, hook: StepOperatorHook, event: StepEvent) -> JobHandle | None:
+        """The job that follows a preempted one (within the preemption budget) or one that found no capacity (on
+        the next step operator, else within the budget), or None when the event is the step's outcome."""
+        from airflow_stepops.bundle import StepIdentity
+        from airflow_stepops.hooks.base import CAPACITY_REASONS
+
+        handle, status, details = event["handle"], event["status"], event.get("details") or {}
+        capacity = status == "failed" and details.get("reason") in CAPACITY_REASONS
+        if status != "preempted" and not capacity:
+            return None
+        record = _attempt_record(hook, handle, event)
+        history = [*(handle.get("history") or []), record]
+        candidate, attempt = int(handle.get("candidate") or 0), int(handle.get("attempt") or 1)
+        preemptions = int(handle.get("preemptions") or 0)
+        store = context.get("task_state_store")  # type: ignore[call-overload]
+        identity = StepIdentity.from_context(context, _run_key(store, context))
+        if capacity and candidate + 1 < len(self.step_operators):
+            self.log.warning("Job %s on %r found no capacity (%s): %s; moving on to step operator %r",
+                             handle.get("job_id"), hook.step_operator_conn_id, record["outcome"],
+                             event.get("message"), self.step_operators[candidate + 1])
+            return self._attempt(context, identity, candidate=candidate + 1, attempt=attempt + 1,
+                                 preemptions=preemptions, history=history)
+        budget = self.policy(hook).retries
+        if preemptions >= budget:
+            handle["history"] = history  # the summary lists every attempt
+            return None
+        self.log.warning("Job %s was %s (%s) after %ss; attempt %d of the preemption budget (preemption_retries="
+                         "%d) follows as a new job, resuming from %s", handle.get("job_id"),
+                         "preempted" if status == "preempted" else "short of capacity", event.get("message"),
+                         record.get("lost_seconds"), preemptions + 1, budget, Env.CHECKPOINT_DIR)
+        return self._attempt(context, identity, candidate=candidate, attempt=attempt + 1,
+                             preemptions=preemptions + 1, history=history)
+
     def make_trigger(self, hook: StepOperatorHook, handle: JobHandle, context: Context) -> Any:
         deadline = None
         if self.execution_timeout is not None:
@@ -269,7 +383,7 @@ class StepOperator(BaseOperator):
             begun = start.timestamp() if start else time.time()
             deadline = begun + self.execution_timeout.total_seconds()
         trigger_cls = get_flavor(hook.flavor).trigger()
-        return trigger_cls(conn_id=self.step_operator, handle=handle,
+        return trigger_cls(conn_id=hook.step_operator_conn_id, handle=handle,
                            poll_interval=self.poll_interval or hook.default_poll_interval, deadline=deadline)
 
     @staticmethod
@@ -296,7 +410,10 @@ class StepOperator(BaseOperator):
         # read leniently: an event a trigger of an older release sent may lack the newer keys
         handle, status, details = event["handle"], event["status"], event.get("details") or {}
         self._handle = handle
-        hook = self.get_hook()
+        hook = self.get_hook(handle.get("conn_id"))
+        following = self._next_attempt(context, hook, event)
+        if following is not None:
+            return self._wait(context, following)
         from airflow_stepops.artifacts import store_path
         from airflow_stepops.bundle import read_outcome
 
@@ -332,8 +449,17 @@ class StepOperator(BaseOperator):
             raise StepTimeoutError(f"job {handle.get('job_id')}: {message}" + _tail(event))
         if status == "preempted":
             raise StepPreemptedError(
-                f"job {handle.get('job_id')} was preempted by {hook.flavor}: {message}; retry it" + _tail(event)
+                f"job {handle.get('job_id')} was preempted by {hook.flavor}: {message}; the preemption budget is spent "
+                f"(preemption_retries={self.policy(hook).retries}, {len(handle.get('history') or [])} attempts: "
+                f"{_passed_over(handle.get('history') or [])}); raise preemption_retries, set on_preemption="
+                "'on_demand_last', or add a step operator to the list" + _tail(event)
             )
+        from airflow_stepops.hooks.base import CAPACITY_REASONS
+
+        if status == "failed" and details.get("reason") in CAPACITY_REASONS:
+            raise StepCapacityError(f"job {handle.get('job_id')} on {hook.step_operator_conn_id!r} found no capacity: "
+                                    f"{message}; {_passed_over(handle.get('history') or [])}" + _tail(event),
+                                    str(details["reason"]))
         if status == "failed":
             outcome = read_outcome(store_path(handle["output_uri"]))
             if outcome is not None and outcome.error:
@@ -361,10 +487,10 @@ class StepOperator(BaseOperator):
         # trigger crashed. Airflow does not call a trigger's on_kill then, so the job still runs: stop it here.
         handle = _stored_handle(context.get("task_state_store"))  # type: ignore[call-overload]
         job_id = handle.get("job_id") if handle is not None else None
-        if handle is not None:
+        if handle is not None and job_id:
             self._handle = handle
             self.log.warning("The deferral ended without the trigger reporting on job %s: stopping it", job_id)
-            self._cancel_quietly(self.get_hook(), handle)
+            self._cancel_quietly(self.get_hook(handle.get("conn_id")), handle)
         if (next_kwargs or {}).get("error") != TRIGGER_TIMEOUT:
             return super().resume_execution(next_method, next_kwargs, context)
         stopped = f"remote job {job_id} was stopped" if job_id else "no stored job to stop"
@@ -376,8 +502,11 @@ class StepOperator(BaseOperator):
     def _record(self, context: Context, hook: StepOperatorHook, handle: JobHandle, details: dict[str, Any],
                 final: bool = True) -> None:
         """Flavor, job id, console URL and (when finished) durations: XCom for the extra link, and the log."""
-        info = {"flavor": hook.flavor, "step_operator": self.step_operator, "job_id": handle.get("job_id"),
+        info = {"flavor": hook.flavor, "step_operator": hook.step_operator_conn_id, "job_id": handle.get("job_id"),
                 "console_url": hook.console_url(handle), **{k: v for k, v in details.items() if v is not None}}
+        if handle.get("attempt", 1) > 1 or handle.get("history"):
+            info.update(attempt=handle.get("attempt", 1), on_demand=bool(handle.get("on_demand")),
+                        attempts=list(handle.get("history") or []))
         submitted, started, finished = handle.get("submitted_at"), details.get("started_at"), details.get("finished_at")
         if submitted and started:
             info["queued_seconds"] = round(max(started - submitted, 0.0), 3)
@@ -401,7 +530,7 @@ class StepOperator(BaseOperator):
                           self._handle.get("job_id"))
             return
         self.log.info("Task killed: stopping remote job %s", self._handle.get("job_id"))
-        self._cancel_quietly(self.get_hook(), self._handle)
+        self._cancel_quietly(self.get_hook(self._handle.get("conn_id")), self._handle)
 
     def _still_owns_job(self) -> bool:
         """False when a newer try of this task instance re-attached to our job in the meantime."""
@@ -415,6 +544,58 @@ class StepOperator(BaseOperator):
             return True
         return not (isinstance(current, dict) and current.get("job_id") == handle.get("job_id")
                     and (current.get("attached_by_try") or 0) > mine)
+
+
+def _candidates(value: Any, flavor: str | None) -> list[str]:
+    """The step operators of a step, in the order they are tried: one id, or a list of them."""
+    if value is None:
+        if flavor is None:
+            raise StepOperatorConfigError(
+                "step_operator: required; give the id of a registered step operator (an Airflow "
+                "connection of type stepops_<flavor>), e.g. step_operator='local_step_operator', or a list of them "
+                "tried in order when one has no capacity, e.g. ['sagemaker_gpu', 'vertex_gpu']"
+            )
+        return [get_flavor(flavor).default_conn_id]
+    names = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else []
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise StepOperatorConfigError(
+            f"step_operator: expected the id of a registered step operator or a non-empty list of them (tried in "
+            f"order when one has no capacity), got {value!r}")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise StepOperatorConfigError(f"step_operator: {twice[0]!r} is listed twice; give each step operator once")
+    return names
+
+
+def _capacity_arguments(preemption_retries: Any, on_preemption: Any, max_queue_seconds: Any) -> CapacityPolicy:
+    from pydantic import ValidationError
+
+    from airflow_stepops.settings.base import format_validation_error
+
+    given = {k: v for k, v in {"preemption_retries": preemption_retries, "on_preemption": on_preemption,
+                               "max_queue_seconds": max_queue_seconds}.items() if v is not None}
+    try:
+        return CapacityPolicy(**given)
+    except ValidationError as err:
+        raise StepOperatorConfigError(format_validation_error(err, "arguments").replace("arguments.", "")) from None
+
+
+def _attempt_record(hook: StepOperatorHook, handle: JobHandle, event: StepEvent) -> dict[str, Any]:
+    """One attempt of the step for its summary: where it ran, how it ended and the time it lost."""
+    details = event.get("details") or {}
+    began = details.get("started_at") or handle.get("submitted_at")
+    ended = details.get("finished_at") or time.time()
+    ran_on = {k: v for k, v in details.items() if k not in ("reason", "started_at", "finished_at", "stop_job")
+              and isinstance(v, (str, int, float, bool))}
+    return {"attempt": handle.get("attempt", 1), "step_operator": hook.step_operator_conn_id, "flavor": hook.flavor,
+            "job_id": handle.get("job_id"), "on_demand": bool(handle.get("on_demand")),
+            "outcome": details.get("reason") or event["status"], "message": str(event.get("message") or "")[:500],
+            "ran_on": ran_on, "lost_seconds": round(max(ended - began, 0.0), 1) if began else None}
+
+
+def _passed_over(history: list[dict[str, Any]]) -> str:
+    return "; ".join(f"attempt {r.get('attempt')} on {r.get('step_operator')!r}: {r.get('outcome')}"
+                     for r in history) or "no earlier attempt"
 
 
 def _stored_handle(store: Any) -> JobHandle | None:

@@ -19,6 +19,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from airflow_stepops.capacity import CapacityFields
 from airflow_stepops.images import check_image
 from airflow_stepops.resources import parse_size
 from airflow_stepops.runtime.protocol import Env
@@ -106,7 +107,7 @@ class _Strict(BaseModel):
             raise ValidationError.from_exception_data(err.title, errors) from None
 
 
-class BaseStepOperatorSettings(_Strict):
+class BaseStepOperatorSettings(_Strict, CapacityFields):
     """Per-step settings of one flavor, given as ``settings={"step_operator.<flavor>": ...}``."""
 
     flavor: ClassVar[str] = ""

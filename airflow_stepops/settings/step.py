@@ -28,32 +28,32 @@ def _allowed_keys() -> str:
 
 @dataclass(frozen=True)
 class StepSettings:
-    """Validated settings of one step: resources plus at most one flavor's settings."""
+    """Validated settings of one step: resources plus the settings of each flavor its step operators may have (a
+    step with a list of step operators has one per flavor of the list)."""
 
     resources: ResourceSettings = field(default_factory=ResourceSettings)
-    flavor_settings: BaseStepOperatorSettings | None = None
+    by_flavor: Mapping[str, BaseStepOperatorSettings] = field(default_factory=dict)
 
-    @property
-    def flavor(self) -> str | None:
-        return None if self.flavor_settings is None else self.flavor_settings.flavor
+    def for_flavor(self, flavor: str) -> BaseStepOperatorSettings:
+        """The flavor's settings (defaults if none were given)."""
+        found = self.by_flavor.get(flavor)
+        return found if found is not None else get_flavor(flavor).settings_model()()
 
-    def for_flavor(self, flavor: str, *, step_operator: str) -> BaseStepOperatorSettings:
-        """The flavor's settings (defaults if none were given); refuse another flavor's settings."""
-        if self.flavor_settings is None:
-            return get_flavor(flavor).settings_model()()
-        if self.flavor_settings.flavor != flavor:
+    def check_flavors(self, flavors: Mapping[str, str]) -> None:
+        """Refuse settings of a flavor none of the step operators (``flavors``: id -> flavor) has."""
+        unused = sorted(set(self.by_flavor) - set(flavors.values()))
+        if unused:
+            have = ", ".join(f"{conn!r} ({flavor})" for conn, flavor in flavors.items())
             raise StepOperatorConfigError(
-                f"settings: 'step_operator.{self.flavor_settings.flavor}' settings were given, but step "
-                f"operator {step_operator!r} is of flavor {flavor!r}; use 'step_operator.{flavor}' "
-                f"({get_flavor(flavor).settings_model().__name__}) or pick a {self.flavor_settings.flavor} "
-                "step operator"
-            )
-        return self.flavor_settings
+                f"settings: 'step_operator.{unused[0]}' settings were given, but no step operator of the step is of "
+                f"flavor {unused[0]!r} (step operators: {have}); use the key of their flavor "
+                f"({', '.join(sorted({repr(FLAVOR_KEY_PREFIX + f) for f in flavors.values()}))}) or add a "
+                f"{unused[0]} step operator")
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {RESOURCES_KEY: self.resources.model_dump(exclude_none=True)}
-        if self.flavor_settings is not None:
-            data[FLAVOR_KEY_PREFIX + self.flavor_settings.flavor] = self.flavor_settings.model_dump(mode="json")
+        for flavor, settings in self.by_flavor.items():
+            data[FLAVOR_KEY_PREFIX + flavor] = settings.model_dump(mode="json")
         return data
 
 
@@ -135,27 +135,27 @@ def parse_step_settings(
         else:
             raise StepOperatorConfigError(f"settings: unknown key {key!r}; allowed keys: {_allowed_keys()}")
 
-    if len(found) > 1:
-        names = ", ".join(sorted(repr(s.flavor) for s in found))
+    by_flavor: dict[str, BaseStepOperatorSettings] = {}
+    for given in found:
+        if given.flavor in by_flavor:
+            raise StepOperatorConfigError(f"settings: the {given.flavor} settings were given twice (as "
+                                          "'step_operator' and as 'step_operator.<flavor>'); give them once")
+        by_flavor[given.flavor] = given
+    other = sorted(set(by_flavor) - {flavor}) if flavor else []
+    if other:
         raise StepOperatorConfigError(
-            f"settings: settings for several flavors ({names}) were given, but a step runs on one step "
-            "operator; keep only the settings of its flavor"
-        )
-    flavor_settings = found[0] if found else None
-    if flavor and flavor_settings is not None and flavor_settings.flavor != flavor:
-        raise StepOperatorConfigError(
-            f"settings: 'step_operator.{flavor_settings.flavor}' settings were given to a {flavor} step "
+            f"settings: 'step_operator.{other[0]}' settings were given to a {flavor} step "
             f"operator; use 'step_operator.{flavor}'"
         )
     resources_ = parsed_resources or ResourceSettings()
-    if flavor_settings is None:
+    if not by_flavor:
         _check_with_defaults(flavor, resources_)
-    else:
+    for flavor_settings in by_flavor.values():
         try:
             flavor_settings.check_resources(resources_)
         except ValueError as exc:
             raise settings_error(flavor_settings.flavor, exc) from None
-    return StepSettings(resources=resources_, flavor_settings=flavor_settings)
+    return StepSettings(resources=resources_, by_flavor=by_flavor)
 
 
 def settings_error(flavor: str, exc: ValueError) -> StepOperatorConfigError:

@@ -221,6 +221,10 @@ class StepOperatorTrigger(BaseTrigger):
         cursor = self.log_cursor
         tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         errors = 0
+        # a job may wait for capacity this long (from its submission, so a restarted triggerer keeps the clock)
+        max_queue = self.handle.get("max_queue_seconds")
+        queued_since = float(self.handle.get("submitted_at") or time.time())
+        started = False
         try:
             while True:
                 remaining = None if self.deadline is None else self.deadline - time.time()
@@ -247,6 +251,10 @@ class StepOperatorTrigger(BaseTrigger):
                         return
                     continue
                 errors = 0
+                started = started or status.state is not JobState.QUEUED  # (a restart after a preemption is no wait)
+                if max_queue is not None and not started and time.time() - queued_since > max_queue:
+                    yield await self._queue_timeout(hook, status, float(max_queue), cursor, tail)
+                    return
                 if status.state is not JobState.QUEUED:
                     cursor = await self._stream_logs(hook, cursor, tail)
                 if status.state.terminal:
@@ -261,6 +269,18 @@ class StepOperatorTrigger(BaseTrigger):
                     return
         finally:
             poller.unsubscribe(token)
+
+    async def _queue_timeout(self, hook: StepOperatorHook, status: JobStatus, max_queue: float, cursor: Any,
+                             tail: deque[str]) -> TriggerEvent:
+        """The job waited for capacity longer than ``max_queue_seconds``: stop it and report a capacity failure
+        (FAILED, reason ``queue_timeout``), as a failed job is reported."""
+        message = (f"the job waited for capacity longer than max_queue_seconds={max_queue:g} "
+                   f"({status.message or 'queued'}) and was stopped")
+        self.log.error("Step %s: %s", self.handle.get("job_id"), message)
+        await asyncio.shield(hook.acancel(self.handle))
+        await self._stream_logs(hook, cursor, tail)
+        details = {**status.details, "reason": "queue_timeout", "max_queue_seconds": max_queue}
+        return self._event(JobState.FAILED.value, message, tail, details=details)
 
     async def on_kill(self) -> None:
         """Mark-failed / clear of a deferred step (Airflow >= 3.3): stop the remote job."""

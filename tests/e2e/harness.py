@@ -47,6 +47,14 @@ class Harness:
     def preempt(self, af: Any, job_id: str) -> None:
         self.emulator.inject("preemption", job_id)
 
+    def record(self, job_id: str) -> dict:
+        """The job as the emulator holds it (its request, as the service was asked)."""
+        return next(job for job in self.emulator.jobs if self.emulator.job_id(job) == job_id)
+
+    def on_demand(self, af: Any, job_id: str) -> bool:
+        """Whether the job was asked for on-demand capacity (not spot or preemptible)."""
+        raise NotImplementedError
+
     def late_logs(self, every: int, seconds: float) -> bool:
         """From now on every ``every``-th log line (0: none) reaches the log service ``seconds`` late, behind
         later lines; False where the service has no ingestion delay (the log is the process's own stream)."""
@@ -73,6 +81,10 @@ class Kubernetes(Harness):
         wanted = {f"{K8S_LABEL}/dag-id": dag_id, f"{K8S_LABEL}/run-id": run_id, f"{K8S_LABEL}/task-id": task_id}
         return meta["namespace"] == K8S_NS and wanted.items() <= (meta.get("annotations") or {}).items()
 
+    def on_demand(self, af, job_id):  # the spot node selector (the settings' default) is gone
+        selector = self.record(job_id)["spec"]["template"]["spec"].get("nodeSelector") or {}
+        return selector.get("karpenter.sh/capacity-type") != "spot"
+
 
 class SageMaker(Harness):
     def owns(self, job, dag_id, run_id, task_id):
@@ -92,6 +104,9 @@ class SageMaker(Harness):
         self.emulator.configure(late_log_every=every, late_log_delay=seconds)
         return True
 
+    def on_demand(self, af, job_id):
+        return not self.emulator.job(job_id).get("EnableManagedSpotTraining")
+
 
 class Vertex(Harness):
     def owns(self, job, dag_id, run_id, task_id):  # label values: lower case, at most 63 characters
@@ -103,11 +118,17 @@ class Vertex(Harness):
         self.emulator.late_logs = (every, seconds) if every else None
         return True
 
+    def on_demand(self, af, job_id):
+        return (self.record(job_id)["jobSpec"].get("scheduling") or {}).get("strategy") != "SPOT"
+
 
 class AzureML(Harness):
     def owns(self, job, dag_id, run_id, task_id):
         return {"stepops-dag": dag_id, "stepops-run": run_id,
                 "stepops-task": task_id}.items() <= (job["properties"].get("tags") or {}).items()
+
+    def on_demand(self, af, job_id):
+        return (self.record(job_id)["properties"].get("queueSettings") or {}).get("jobTier") != "Spot"
 
 
 class Modal(Harness):
@@ -122,6 +143,10 @@ class Modal(Harness):
     def late_logs(self, every, seconds):
         self.emulator.late_logs(every, seconds)
         return True
+
+    def on_demand(self, af, job_id):  # the options of the function the call was made to
+        call = self.emulator.job(job_id)
+        return next(f for f in self.emulator.functions if f["id"] == call["function_id"])["nonpreemptible"]
 
 
 def harnesses(af: Any) -> dict[str, Harness]:

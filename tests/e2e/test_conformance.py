@@ -129,6 +129,12 @@ class Run:
                              "AND map_index = -1 AND key = 'stepops_job'", self.dag_id, self.run_id, self.task_id)
         return json.loads(rows[0]["value"]) if rows else None
 
+    def store_handle(self, handle: dict[str, Any]) -> None:
+        """Put ``handle`` in the task state store as the stored job handle of the task instance."""
+        with contextlib.closing(sqlite3.connect(self.af.db_path, timeout=60)) as db, db:
+            db.execute("UPDATE task_state_store SET value = ? WHERE dag_id = ? AND run_id = ? AND task_id = ? "
+                       "AND key = 'stepops_job'", (json.dumps(handle), self.dag_id, self.run_id, self.task_id))
+
     def forget_handle(self) -> None:
         """What a worker killed between submitting and storing the handle leaves: no stored handle."""
         with contextlib.closing(sqlite3.connect(self.af.db_path, timeout=60)) as db, db:
@@ -609,37 +615,107 @@ def test_airflow_trigger_timeout_stops_the_job_and_raises_step_timeout_error(sui
 
 
 # ---------------------------------------------------------------------------------------------
-# preemption: StepPreemptedError, and the retry sees what the preempted try checkpointed
+# preemption: new jobs within the try, resuming from the checkpoint, on-demand at the end of the budget
 # ---------------------------------------------------------------------------------------------
+def preempt_each(run: Run, times: int) -> None:
+    """Preempt the task's jobs as they checkpoint, ``times`` of them, then wait for the task to end."""
+    line = f"[{run.h.flavor}] conformance-checkpointed"
+    for number in range(1, times + 1):
+        run.watch(lambda row, n=number: terminal(row) or (run.log().count(line) >= n and len(run.jobs()) >= n))
+        job = run.jobs()[number - 1]
+        run.seen.setdefault("preempted", []).append(job)
+        run.h.preempt(run.af, job)
+    run.seen["final"] = run.watch(terminal)
+
+
 @pytest.fixture(scope="module")
 def preemptions(suite: Suite) -> dict[str, Run]:
     def drive(run: Run) -> None:
-        if run.h.preemptible is None:
-            return
-        run.trigger()
-        line = f"[{run.h.flavor}] conformance-checkpointed"
-        run.watch(lambda row: terminal(row) or line in run.log())
-        (job,) = run.jobs()
-        run.seen["job"] = job
-        run.h.preempt(run.af, job)
-        run.seen["final"] = run.watch(lambda row: row["try_number"] == 2 and terminal(row))
+        if run.h.preemptible is not None:
+            preempt_each(run.trigger(), 2)
 
     return suite.drive("preempt", "resume", drive)
 
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("flavor", [f for f in flavors() if f != "local"])  # a local process is never preempted
-def test_preempted_step_raises_step_preempted_error_and_the_retry_sees_its_checkpoint(suite, preemptions, flavor):
+def test_preempted_twice_then_succeeds_within_one_try_from_its_checkpoint_on_demand_at_last(suite, preemptions,
+                                                                                             flavor):
     run = suite.run_of(preemptions, flavor)
     final = run.seen["final"]
-    assert final["state"] == "success", run.log(1)[-3000:] + run.log(2)[-3000:]
-    first = json.loads((run.folder / "resume.1.json").read_text())
-    assert first["types"] == ["StepPreemptedError"], first
+    assert (final["state"], final["try_number"]) == ("success", 1), run.log()[-4000:]
     pids = run.invocations()
-    assert len(pids) == 2, pids  # try 1's job, then try 2's: a new job, not the preempted one again
-    assert run.af.xcom(run.dag_id, run.run_id, "resume") == {"restored": {"pid": pids[0]}}
+    assert len(pids) == 3, pids  # three jobs of one try: the preempted two and the one that finished
+    assert run.af.xcom(run.dag_id, run.run_id, "resume") == {"restored": {"pids": pids[:2]}}
     jobs = run.jobs()
-    assert len(jobs) == 2 and jobs[0] == run.seen["job"], jobs
+    assert len(jobs) == 3 and jobs[:2] == run.seen["preempted"], jobs
+    summary = run.af.xcom(run.dag_id, run.run_id, "resume", key="stepops_job")
+    assert summary["attempt"] == 3 and summary["on_demand"] is True, summary
+    assert [(a["attempt"], a["outcome"], a["on_demand"]) for a in summary["attempts"]] == [
+        (1, "preempted", False), (2, "preempted", False)], summary["attempts"]
+    assert all(a["lost_seconds"] is not None and a["lost_seconds"] >= 0 for a in summary["attempts"])
+    assert [run.h.on_demand(run.af, job) for job in jobs] == [False, False, True]  # what the service was asked
+    assert run.log().count("attempt 1 of the preemption budget") == 1, run.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def budgets(suite: Suite) -> dict[str, Run]:
+    def drive(run: Run) -> None:
+        if run.h.preemptible is not None:
+            preempt_each(run.trigger(), 2)
+
+    return suite.drive("budget", "exhausted", drive)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("flavor", [f for f in flavors() if f != "local"])
+def test_a_spent_preemption_budget_raises_step_preempted_error_in_the_first_try(suite, budgets, flavor):
+    run = suite.run_of(budgets, flavor)
+    assert (run.seen["final"]["state"], run.seen["final"]["try_number"]) == ("failed", 1), run.log()[-4000:]
+    seen = json.loads((run.folder / "exhausted.1.json").read_text())
+    assert seen["types"] == ["StepPreemptedError"] and "preemption_retries=1" in seen["text"], seen
+    assert run.jobs() == run.seen["preempted"], run.jobs()  # two jobs, no third
+    assert [run.h.on_demand(run.af, job) for job in run.jobs()] == [False, False]  # on_preemption="retry"
+
+
+@pytest.fixture(scope="module")
+def betweens(suite: Suite) -> dict[str, Run]:
+    """A worker killed between storing attempt 2 and storing its job: the stored record says only which attempt
+    was on its way (the runner is stopped once the job exists, and the record put back to that moment)."""
+    def drive(run: Run) -> None:
+        if run.h.preemptible is None:
+            return
+        run.trigger()
+        started = run.watch(lambda row: terminal(row) or (row["state"] == "running" and len(run.jobs()) == 1
+                                                          and bool(run.invocations())))
+        first = run.jobs()[0]
+        run.h.preempt(run.af, first)
+        run.af.wait_for(lambda: len(run.jobs()) == 2 and len(run.invocations()) == 2, timeout=180,
+                        message="attempt 2's job to start")
+        runner = run.af.wait_for(lambda: task_runner_process(started), timeout=30, message="the task runner")
+        runner.send_signal(signal.SIGSTOP)
+        handle = run.af.wait_for(lambda: (h := run.stored_handle()) and h.get("attempt") == 2 and h, timeout=30,
+                                 message="attempt 2 to be stored")
+        run.store_handle({**{k: v for k, v in handle.items() if k != "job_id"}, "pending": True})
+        runner.send_signal(signal.SIGKILL)
+        run.seen["jobs"] = run.jobs()
+        run.watch(lambda row: terminal(row) or (row["try_number"] == 2 and "Re-attaching to job" in run.log(2)))
+        run.release.touch()
+        run.seen["final"] = run.watch(terminal)
+
+    return suite.drive("between", "attempts", drive)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("flavor", [f for f in flavors() if f != "local"])
+def test_a_worker_killed_between_attempts_leaves_one_live_job(suite, betweens, flavor):
+    run = suite.run_of(betweens, flavor)
+    first, second = run.seen["jobs"]
+    final, try2 = run.seen["final"], run.log(2)
+    assert (final["state"], final["try_number"]) == ("success", 2), try2[-5000:]
+    assert f"Re-attaching to job {second} of try 1" in try2 and "Submitted step" not in try2, try2[-5000:]
+    assert run.jobs() == [first, second]  # the preempted job and attempt 2's: no job of try 2
+    assert run.af.xcom(run.dag_id, run.run_id, "attempts") == {"pid": run.invocations()[1]}
 
 
 @pytest.mark.timeout(600)

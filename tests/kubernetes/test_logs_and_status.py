@@ -116,6 +116,22 @@ def test_a_job_without_a_pod_fails_after_the_unschedulable_timeout():
     assert _status(_job(T0), [], T0 + 60).state is JobState.QUEUED
     failed = _status(_job(T0), [], T0 + 901)
     assert failed.state is JobState.FAILED and failed.details["stop_job"] and "no pod" in failed.message
+    assert failed.details["reason"] == "unschedulable"  # the Job's status names no quota: a capacity failure
+
+
+def test_max_queue_seconds_shortens_the_unschedulable_timeout_and_names_itself():
+    unschedulable = _pod(T0, "Pending")
+    unschedulable["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                              "message": "0/1 nodes are available: 1 Insufficient cpu."}]
+    status = interpret(_job(T0), [unschedulable], name="ns/j", now=T0 + 61, unschedulable_timeout=900,
+                       max_queue=60)
+    assert status.state is JobState.FAILED and status.details["reason"] == "queue_timeout", status
+    assert "max_queue_seconds=60" in status.message and "Insufficient cpu" in status.message
+    longer = interpret(_job(T0), [unschedulable], name="ns/j", now=T0 + 901, unschedulable_timeout=900,
+                       max_queue=3600)
+    assert longer.details["reason"] == "unschedulable" and "unschedulable_timeout_seconds=900" in longer.message
+    assert interpret(_job(T0), [], name="ns/j", now=T0 + 61, unschedulable_timeout=900,
+                     max_queue=60).details["reason"] == "queue_timeout"
 
 
 def test_a_scheduled_pod_that_never_starts_fails_after_the_start_timeout():

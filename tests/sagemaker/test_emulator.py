@@ -341,6 +341,9 @@ def test_create_refuses_what_the_api_reference_refuses(sm, sagemaker):
     refused = {"emu-refused-tilde": {"Tags": [{"Key": "run", "Value": "manual__2026~1"}]},
                "emu-refused-51-tags": {"Tags": [{"Key": f"k{i}", "Value": "v"} for i in range(51)]},
                "emu-refused-env": {"Environment": {"BAD-KEY": "x"}},
+               # (botocore checks the minimum, 1800, itself; the maximum is the service's)
+               "emu-refused-pending": {"StoppingCondition": {"MaxRuntimeInSeconds": 60,
+                                                             "MaxPendingTimeInSeconds": 2419201}},
                "emu_refused_name": {}}
     for name, change in refused.items():
         with pytest.raises(ClientError) as error:

@@ -79,12 +79,13 @@ def test_mark_failed_while_a_log_client_is_being_made_still_stops_the_job(sm_emu
     assert job["TrainingJobStatus"] == "Stopped", job["TrainingJobStatus"]
 
 
-def test_insufficient_capacity_is_preemption(sm_emulator):
+def test_insufficient_capacity_is_a_capacity_failure(sm_emulator):
     hook = make_hook()
     spec = make_spec(hook, greet, "x", task_id="capacity")
     sm_emulator.inject("insufficient_capacity", job=f"sm-tests-capacity-t1-{spec.identity.digest[:10]}")
     event = run_trigger(hook, hook.submit(spec))
-    assert event["status"] == "preempted" and "CapacityError" in event["message"], event
+    assert event["status"] == "failed" and "CapacityError" in event["message"], event
+    assert event["details"]["reason"] == "insufficient_capacity", event
 
 
 def _raise_like_capacity() -> None:
@@ -95,6 +96,7 @@ def test_a_step_error_naming_capacity_is_no_preemption(sm_emulator):
     hook = make_hook()
     event = run_trigger(hook, hook.submit(make_spec(hook, _raise_like_capacity, task_id="fake_capacity")))
     assert event["status"] == "failed" and "ValueError: CapacityError" in event["message"], event
+    assert "reason" not in event["details"], event
 
 
 def _resume_from_checkpoint(epochs: int) -> dict:

@@ -204,3 +204,32 @@ def test_the_parse_time_tag_check_is_the_models_pattern():
     samples = [chr(c) for c in range(32, 0x2100)] + ["é", "チーム", "٣", "\u2003", "a~b", "x y", "🙂", "\u00a0", "\t"]
     differing = [s for s in samples if tag_text_ok(s) != (not _constraint_errors(s, shape, "tag"))]
     assert not differing, differing[:20]
+
+
+def test_max_queue_seconds_is_max_pending_time_where_sagemaker_allows_the_value():
+    """StoppingCondition.MaxPendingTimeInSeconds takes 1800..2419200 (botocore's model): other values are left to
+    the trigger, never sent."""
+    hook = _hook()
+    for value, sent in ((600, None), (1800.5, 1801), (7200, 7200), (2419201, None)):
+        spec = _spec(hook)
+        spec.max_queue_seconds = value
+        assert hook.render(spec)["StoppingCondition"].get("MaxPendingTimeInSeconds") == sent, value
+
+
+def test_a_job_stopped_after_pending_its_max_pending_time_is_a_queue_timeout():
+    from datetime import datetime, timedelta, timezone
+
+    from airflow_stepops.hooks.base import JobState
+    from airflow_stepops.hooks.sagemaker import job_status
+
+    created = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    job = {"TrainingJobStatus": "Stopped", "SecondaryStatus": "Stopped", "CreationTime": created,
+           "LastModifiedTime": created + timedelta(seconds=1801),
+           "StoppingCondition": {"MaxRuntimeInSeconds": 60, "MaxPendingTimeInSeconds": 1800}}
+    status = job_status(job, {"job_id": "j"})
+    assert status.state is JobState.FAILED and status.details["reason"] == "queue_timeout", status
+    ran = job_status({**job, "TrainingStartTime": created + timedelta(seconds=5)}, {"job_id": "j"})
+    assert ran.state is JobState.CANCELLED  # it had its instances: a stop of ours
+    failed = job_status({"TrainingJobStatus": "Failed", "FailureReason": "CapacityError: Unable to provision "
+                         "requested ML compute capacity."}, {"job_id": "j"})
+    assert failed.state is JobState.FAILED and failed.details["reason"] == "insufficient_capacity"

@@ -84,7 +84,7 @@ def test_settings_dict_is_validated_at_parse_time():
     from airflow_stepops.settings.step import parse_step_settings
 
     parsed = parse_step_settings({"step_operator.toy": {"nice": 3}}, None, flavor="toy")
-    assert isinstance(parsed.flavor_settings, ToySettings) and parsed.flavor_settings.nice == 3
+    assert isinstance(parsed.for_flavor("toy"), ToySettings) and parsed.for_flavor("toy").nice == 3
     with pytest.raises(StepOperatorConfigError, match=r"step_operator.toy.*nicee: unknown field; did you mean 'nice'"):
         ToyStepOperator(task_id="t", python_callable=lambda: 1, settings={"step_operator.toy": {"nicee": 3}})
     with pytest.raises(StepOperatorConfigError, match=r"allowed keys: .*step_operator\.toy"):

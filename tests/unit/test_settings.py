@@ -17,14 +17,14 @@ def test_zenml_style_dict_and_models():
         {"resources": ResourceSettings(cpu_count=2), "step_operator.local": LocalStepOperatorSettings(nice=5)}
     )
     assert parsed.resources.cpu_count == 2
-    assert parsed.flavor == "local"
-    assert parsed.for_flavor("local", step_operator="x").nice == 5
+    assert list(parsed.by_flavor) == ["local"]
+    assert parsed.for_flavor("local").nice == 5
 
 
 def test_dicts_are_validated_into_models():
     parsed = parse_step_settings({"resources": {"memory": "2GB"}, "step_operator.local": {"max_runtime_in_seconds": 5}})
     assert parsed.resources.memory_bytes == 2 * 10**9
-    assert parsed.flavor_settings.max_runtime_in_seconds == 5
+    assert parsed.for_flavor("local").max_runtime_in_seconds == 5
 
 
 def test_resources_shorthand():
@@ -78,8 +78,9 @@ def other_flavor(monkeypatch):
 
 def test_settings_for_another_flavor_than_the_connection(other_flavor):
     parsed = parse_step_settings({"step_operator.other": {}})
-    with pytest.raises(StepOperatorConfigError, match=r"'step_operator.other' settings were given, but step operator 'gpu' is of flavor 'local'"):
-        parsed.for_flavor("local", step_operator="gpu")
+    with pytest.raises(StepOperatorConfigError, match=r"'step_operator.other' settings were given, but no step operator "
+                                                      r"of the step is of flavor 'other' \(step operators: 'gpu' \(local\)\)"):
+        parsed.check_flavors({"gpu": "local"})
 
 
 def test_settings_for_another_flavor_than_the_operator_class(other_flavor):
@@ -87,9 +88,10 @@ def test_settings_for_another_flavor_than_the_operator_class(other_flavor):
         parse_step_settings({"step_operator.other": {}}, flavor="local")
 
 
-def test_settings_for_several_flavors(other_flavor):
-    with pytest.raises(StepOperatorConfigError, match="settings for several flavors"):
-        parse_step_settings({"step_operator.other": {}, "step_operator.local": {}})
+def test_settings_for_several_flavors_serve_a_list_of_step_operators(other_flavor):
+    parsed = parse_step_settings({"step_operator.other": {}, "step_operator.local": {"nice": 2}})
+    assert parsed.for_flavor("local").nice == 2 and set(parsed.by_flavor) == {"other", "local"}
+    parsed.check_flavors({"a": "local", "b": "other"})
 
 
 def test_wrong_settings_class_for_key(other_flavor):
@@ -98,7 +100,7 @@ def test_wrong_settings_class_for_key(other_flavor):
 
 
 def test_step_operator_key_takes_a_settings_object():
-    assert parse_step_settings({"step_operator": LocalStepOperatorSettings()}).flavor == "local"
+    assert list(parse_step_settings({"step_operator": LocalStepOperatorSettings()}).by_flavor) == ["local"]
     with pytest.raises(StepOperatorConfigError, match=r"step_operator\.<flavor>"):
         parse_step_settings({"step_operator": {"nice": 1}})
 

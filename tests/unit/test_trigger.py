@@ -116,3 +116,36 @@ def test_one_broken_job_does_not_fail_the_others(tmp_path):
     good_event, bad_event = asyncio.run(main())
     assert good_event["status"] == "succeeded"
     assert bad_event["status"] == "error" and "status polling failed" in bad_event["message"]
+
+
+def _reported_as(hook, states):
+    """``hook`` whose status polls report ``states`` first (then the job's real state)."""
+    from airflow_stepops.hooks.base import JobStatus
+
+    real, left = hook.aget_statuses, list(states)
+
+    async def statuses(handles):
+        if left:
+            return [JobStatus(left.pop(0), "held", {}) for _ in handles]
+        return await real(handles)
+
+    hook.aget_statuses = statuses
+    return hook
+
+
+def test_a_job_queued_past_max_queue_seconds_since_submission_is_stopped(tmp_path):
+    hook = _reported_as(make_hook(tmp_path), [JobState.QUEUED] * 1000)
+    handle = hook.submit(make_spec(hook, time.sleep, 60, settings=LocalStepOperatorSettings(cancel_grace_period_seconds=1)))
+    handle = {**handle, "max_queue_seconds": 5, "submitted_at": time.time() - 6}  # a triggerer restarted meanwhile
+    event = asyncio.run(_first(_trigger(hook, handle)))
+    assert event["status"] == "failed" and event["details"] == {"reason": "queue_timeout", "max_queue_seconds": 5}
+    assert "max_queue_seconds=5" in event["message"]
+    assert wait_terminal(hook, handle, timeout=10).state is JobState.CANCELLED
+
+
+def test_a_job_queued_again_after_it_ran_is_no_queue_timeout(tmp_path):
+    hook = _reported_as(make_hook(tmp_path), [JobState.RUNNING, JobState.QUEUED, JobState.QUEUED])
+    handle = hook.submit(make_spec(hook, int, 7))
+    handle = {**handle, "max_queue_seconds": 1, "submitted_at": time.time() - 60}
+    event = asyncio.run(_first(_trigger(hook, handle)))
+    assert event["status"] == "succeeded", event

@@ -134,12 +134,13 @@ def test_outcomes_come_from_error_codes_not_from_message_words(vx_emulator):
     assert event["status"] == "failed" and "reason" not in event["details"], event
 
 
-def test_stockout_is_preemption(vx_emulator):
+def test_stockout_is_a_capacity_failure(vx_emulator):
     hook = make_hook()
     spec = make_spec(hook, greet, "x", task_id="stockout")
     vx_emulator.inject("stockout")
     event = run_trigger(hook, hook.submit(spec))
-    assert event["status"] == "preempted" and event["details"]["reason"] == "capacity", event
+    assert event["status"] == "failed" and event["details"]["reason"] == "stockout", event
+    assert event["details"]["error_code"] == 8, event
 
 
 @pytest.mark.parametrize("held", [0.0, 20.0], ids=["connection_dropped", "reply_never_sent"])

@@ -38,6 +38,7 @@ MESSAGES = {
     "stopped": "Training job stopped",
     "max_runtime": "Training job exceeded MaxRuntimeInSeconds provided",
     "max_wait": "Training job exceeded MaxWaitTimeInSeconds provided",
+    "max_pending": "Training job exceeded MaxPendingTimeInSeconds provided",
     "interrupted": "Spot instance interrupted; waiting for capacity to restart the training job",
 }
 
@@ -94,6 +95,12 @@ class TrainingJob:
     def max_runtime(self) -> float:
         """MaxRuntimeInSeconds; SageMaker's default is one day."""
         return float((self.request.get("StoppingCondition") or {}).get("MaxRuntimeInSeconds") or 86400)
+
+    @property
+    def max_pending(self) -> float | None:
+        """StoppingCondition.MaxPendingTimeInSeconds: how long the job may wait for its instances."""
+        value = (self.request.get("StoppingCondition") or {}).get("MaxPendingTimeInSeconds")
+        return float(value) if value else None
 
     @property
     def max_wait(self) -> float | None:

@@ -157,6 +157,11 @@ def _check_request(request: JSON) -> None:
         if len(str(value)) > 512:
             fail(value, "environment", "Map value must satisfy constraint: [Member must have length less than "
                  "or equal to 512]")
+    pending = (request.get("StoppingCondition") or {}).get("MaxPendingTimeInSeconds")
+    if pending is not None and not 1800 <= pending <= 2419200:  # the range of StoppingCondition's API reference
+        fail(pending, "stoppingCondition.maxPendingTimeInSeconds",
+             "Member must have value greater than or equal to 1800" if pending < 1800 else
+             "Member must have value less than or equal to 2419200")
     if errors:
         count = f"{len(errors)} validation error{'s' if len(errors) > 1 else ''} detected"
         raise _validation(f"{count}: {'; '.join(errors)}")

@@ -104,6 +104,8 @@ class JobRunner(JobThread):
         self._created = time.monotonic()
         max_wait = job.max_wait
         self._wait_deadline = self._created + max_wait if max_wait is not None else None
+        max_pending = job.max_pending
+        self._pending_deadline = self._created + max_pending if max_pending is not None else None
         self._pool: Path | None = None  # the warm pool cache of this job's instance
         super().__init__(f"sagemaker-job-{job.name}")
 
@@ -148,6 +150,9 @@ class JobRunner(JobThread):
             return "stopped"
         if self._wait_deadline is not None and time.monotonic() >= self._wait_deadline:
             return "max_wait"
+        if self._pending_deadline is not None and self.job.training_start_time is None and \
+                time.monotonic() >= self._pending_deadline:
+            return "max_pending"  # still waiting for its instances: SageMaker stops it
         return None
 
     def _run(self) -> Outcome:
@@ -385,7 +390,8 @@ class JobRunner(JobThread):
             kind = "stopped"  # StopTrainingJob arrived as the process ended: SageMaker reports Stopped
         stopped = {"stopped": ("Stopped", MESSAGES["stopped"]),
                    "max_runtime": ("MaxRuntimeExceeded", MESSAGES["max_runtime"]),
-                   "max_wait": ("MaxWaitTimeExceeded", MESSAGES["max_wait"])}
+                   "max_wait": ("MaxWaitTimeExceeded", MESSAGES["max_wait"]),
+                   "max_pending": ("Stopped", MESSAGES["max_pending"])}
         ml = self.run_dirs[-1] / "opt" / "ml" if self.run_dirs else None
         billable = self._billable
         if (kind == "exited" and outcome.exit_code == 0) or (kind in stopped and outcome.trained):

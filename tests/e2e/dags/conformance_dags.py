@@ -194,10 +194,10 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
 
     @dag(dag_id=f"{prefix}_preempt", schedule=None, catchup=False, tags=["stepops-conformance"])
     def preempt():
-        """Checkpoints, then waits to be preempted; the retry returns what it finds in the checkpoint dir."""
+        """Checkpoints its invocation, then waits to be preempted; the third attempt returns the checkpoint. With a
+        budget of two preemptions and spot capacity, that attempt runs on-demand (``on_demand_last``)."""
 
-        @step(retries=1, retry_delay=timedelta(seconds=1), on_retry_callback=record_exception,
-              settings={f"step_operator.{flavor}": settings or {}})
+        @step(preemption_retries=2, settings={f"step_operator.{flavor}": settings or {}})
         def resume(marker, settled, run_id=None):
             import json
             import os
@@ -205,18 +205,52 @@ def conformance(flavor: str, conn_id: str, settings: dict | None) -> None:
 
             _begin(f"{prefix}_preempt", "resume", marker, settled, run_id)
             path = os.path.join(os.environ["STEPOPS_CHECKPOINT_DIR"], "state.json")
+            state = {"pids": []}
             if os.path.exists(path):
                 with open(path, encoding="utf-8") as fh:
-                    return {"restored": json.load(fh)}
+                    state = json.load(fh)
+            if len(state["pids"]) >= 2:
+                return {"restored": state}
+            state["pids"].append(os.getpid())
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w", encoding="utf-8") as fh:
-                json.dump({"pid": os.getpid()}, fh)
+                json.dump(state, fh)
             print("conformance-checkpointed", flush=True)
             time.sleep(600)
 
         resume(MARKER, SETTLED)
 
-    for factory in (results, errors, reattach, cancel) + ((preempt,) if settings is not None else ()):
+    @dag(dag_id=f"{prefix}_budget", schedule=None, catchup=False, tags=["stepops-conformance"])
+    def budget():
+        """Waits to be preempted, past a budget of one preemption on the same capacity."""
+
+        @step(preemption_retries=1, on_preemption="retry", on_failure_callback=record_exception,
+              settings={f"step_operator.{flavor}": settings or {}})
+        def exhausted(marker, settled, run_id=None):
+            import time
+
+            _begin(f"{prefix}_budget", "exhausted", marker, settled, run_id)
+            print("conformance-checkpointed", flush=True)
+            time.sleep(600)
+
+        exhausted(MARKER, SETTLED)
+
+    @dag(dag_id=f"{prefix}_between", schedule=None, catchup=False, tags=["stepops-conformance"])
+    def between():
+        """Waits on its worker (so the test can kill the worker while an attempt runs) for the release file."""
+
+        @step(deferrable=False, retries=1, retry_delay=timedelta(seconds=1),
+              settings={f"step_operator.{flavor}": settings or {}})
+        def attempts(marker, release, run_id=None):
+            import os
+
+            _begin(f"{prefix}_between", "attempts", marker, release, run_id)
+            print("conformance-checkpointed", flush=True)
+            return {"pid": os.getpid()}
+
+        attempts(MARKER, RELEASE)
+
+    for factory in (results, errors, reattach, cancel) + ((preempt, budget, between) if settings is not None else ()):
         factory()
 
 
