@@ -68,6 +68,7 @@ _INFO: dict[str, Any] = {
                 'inline_transfer_max_size': {'label': 'Max inline transfer size', 'schema': {'type': ['string', 'null'], 'default': '512KiB'}, 'description': 'Bundles and outputs up to this size (compressed) travel in the pod spec and pod log; larger ones through the artifact store.'},
                 'api_timeout_seconds': {'label': 'API call timeout (s)', 'schema': {'type': ['number', 'null'], 'default': 60.0}, 'description': 'Seconds one Kubernetes API call may wait for its answer before it is retried (at most 3 more times, with back-off): a lost reply never hangs a worker or triggerer.'},
                 'console_url_template': {'label': 'Console URL template', 'schema': {'type': ['string', 'null']}, 'description': 'Link to a Job in your dashboard, with {namespace} and {name}, e.g. https://dashboard.example/#/job/{namespace}/{name}'},
+                'on_demand_pod_overrides': {'label': 'On-demand pod overrides', 'schema': {'type': ['object', 'null']}, 'description': 'For attempts escalated to on-demand capacity (steps with use_spot): node_selector, tolerations and affinity of on-demand nodes, which replace the spot node selector and toleration, e.g. {"node_selector": {"karpenter.sh/capacity-type": "on-demand"}}.'},
             },
         },
         {
@@ -132,6 +133,7 @@ _INFO: dict[str, Any] = {
                 'resource_group': {'label': 'Resource group', 'schema': {'type': ['string', 'null']}, 'description': 'Resource group of the workspace.'},
                 'workspace_name': {'label': 'Workspace name', 'schema': {'type': ['string', 'null']}, 'description': 'Azure ML workspace.'},
                 'compute_target_name': {'label': 'Compute target', 'schema': {'type': ['string', 'null']}, 'description': 'Cluster or compute instance the steps run on; empty: serverless compute.'},
+                'on_demand_compute_target_name': {'label': 'On-demand compute target', 'schema': {'type': ['string', 'null']}, 'description': 'Dedicated (not low-priority) cluster that attempts escalated to on-demand capacity run on, when the steps run on a compute target; empty: the same compute target (serverless steps move from the Spot to the Standard job tier instead).'},
                 'image': {'label': 'Image', 'schema': {'type': ['string', 'null']}, 'description': "Container image of the steps, with the workers' Python (default: python:<major.minor>-slim; cloudpickle is installed when missing)."},
                 'azureml_environment': {'label': 'Registered environment', 'schema': {'type': ['string', 'null']}, 'description': 'Registered environment instead of an image: azureml:<name>:<version>.'},
                 'storage_conn_id': {'label': 'Storage connection id', 'schema': {'type': ['string', 'null']}, 'description': 'Airflow connection (wasb / adls) workers read and write the artifact store with, when the artifact_store URI names none.'},

@@ -343,3 +343,36 @@ def test_a_modal_call_waiting_for_a_gpu_type_without_capacity_is_a_queue_timeout
     finally:
         emulator.clear_faults()
     assert event["status"] == "failed" and event["details"]["reason"] == "queue_timeout", event
+
+
+# on-demand escalation ----------------------------------------------------------------------------------------------
+
+#: flavor -> (settings that ask for spot capacity, connection extras the on-demand attempt needs)
+SPOT_SETTINGS = {"sagemaker": ({"use_spot_instances": True}, {}), "vertex": ({"use_spot": True}, {}),
+                 "azureml": ({"job_tier": "Spot"}, {}), "modal": ({}, {}),
+                 "kubernetes": ({"use_spot": True}, {"on_demand_pod_overrides": {
+                     "node_selector": {"karpenter.sh/capacity-type": "on-demand"}}})}
+#: flavor -> whether a rendered request runs on spot capacity (True), on-demand capacity (False)
+RENDERED_SPOT = {
+    "sagemaker": lambda r: r["EnableManagedSpotTraining"] and "MaxWaitTimeInSeconds" in r["StoppingCondition"],
+    "vertex": lambda r: {"SPOT": True, "STANDARD": False}[r["jobSpec"]["scheduling"]["strategy"]],
+    "azureml": lambda r: {"Spot": True, "Standard": False}[r["properties"]["queueSettings"]["jobTier"]],
+    "kubernetes": lambda r: {"spot": True, "on-demand": False}[
+        r["spec"]["template"]["spec"]["nodeSelector"]["karpenter.sh/capacity-type"]],
+    "modal": lambda r: not r["options"].get("nonpreemptible"),
+}
+
+
+@pytest.mark.parametrize("flavor", REMOTE)
+def test_a_spot_step_renders_on_demand_when_escalated(flavor, emulator, monkeypatch):
+    settings, extras = SPOT_SETTINGS[flavor]
+    hook = make_hook(flavor, f"{flavor}_on_demand", monkeypatch, **extras)
+    spec = make_spec(hook, sleep_then_return, 0, task_id="escalated",
+                     settings=get_flavor(flavor).settings_model()(**settings))
+    assert hook.spot(spec) is True
+    assert RENDERED_SPOT[flavor](hook.render(spec)) is True
+    hook.check_on_demand(spec)  # what the connection gives is enough to escalate
+    spec.on_demand = True
+    on_demand = hook.render(spec)
+    assert RENDERED_SPOT[flavor](on_demand) is False, on_demand
+    assert hook.spot(spec) is True  # what the settings ask for, whatever the attempt runs on

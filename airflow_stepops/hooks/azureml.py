@@ -175,11 +175,42 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         self.__dict__["_datastore_checked"] = True
 
     # ---- the job ------------------------------------------------------------------------------
-    def compute_target(self, spec: StepSpec) -> str | None:
+    def compute_target(self, spec: StepSpec, *, on_demand: bool | None = None) -> str | None:
+        """The compute the step runs on (None: serverless); an attempt on on-demand capacity (``on_demand``,
+        default ``spec.on_demand``) runs on the connection's ``on_demand_compute_target_name`` when it names one."""
         settings = settings_as(spec, AzureMLStepOperatorSettings)
         if settings.compute_target_name is not None:
-            return settings.compute_target_name or None  # "" is serverless
-        return self.config.compute_target_name
+            compute = settings.compute_target_name or None  # "" is serverless
+        else:
+            compute = self.config.compute_target_name
+        if compute and (spec.on_demand if on_demand is None else on_demand):
+            return self.config.on_demand_compute_target_name or compute
+        return compute
+
+    def _low_priority(self, compute: str) -> bool:
+        """Whether the cluster's nodes are low priority (preemptible): its ``tier`` (AmlCompute ``vmPriority``), read
+        with one GET per hook; a job cannot choose its node priority on a cluster, the cluster has one
+        (https://learn.microsoft.com/en-us/azure/machine-learning/how-to-use-low-priority-batch: "Per-job
+        configuration isn't possible")."""
+        return str(self._compute_info(compute).get("tier") or "") == "low_priority"
+
+    def spot(self, spec: StepSpec) -> bool:
+        """Serverless: the Spot job tier. On a cluster: whether its nodes are low priority (looked up once)."""
+        compute = self.compute_target(spec, on_demand=False)
+        if compute:
+            return self._low_priority(compute)
+        return settings_as(spec, AzureMLStepOperatorSettings).spot
+
+    def check_on_demand(self, spec: StepSpec) -> None:
+        """Serverless steps move to the Standard tier; on a low-priority cluster an on-demand attempt needs a
+        dedicated cluster: the connection's ``on_demand_compute_target_name``."""
+        compute = self.compute_target(spec, on_demand=False)
+        if compute and not self.config.on_demand_compute_target_name and self._low_priority(compute):
+            raise StepOperatorConfigError(
+                f"the step runs on the low-priority cluster {compute!r}, whose nodes cannot be made on-demand for one "
+                f"job: set \"on_demand_compute_target_name\" in the connection extras of {self.step_operator_conn_id!r} "
+                "to a dedicated cluster for on-demand attempts, or run the step on serverless compute "
+                "(compute_target_name=\"\", job_tier=\"Spot\")")
 
     def vm_size(self, spec: StepSpec) -> Any:
         """The serverless VM size of the step (None on a compute target)."""
@@ -295,10 +326,20 @@ class AzureMLStepOperatorHook(StepOperatorHook):
             tags=tags,
             description=f"airflow-stepops step {spec.task_label or name} (try {spec.identity.try_number})",
             timeout=runtime,
-            queue_settings=QueueSettings(job_tier=settings.job_tier.lower()) if settings.job_tier else None,
+            queue_settings=QueueSettings(job_tier=self._job_tier(spec)) if settings.job_tier else None,
         )
         job.resources = resources
         return job
+
+    @staticmethod
+    def _job_tier(spec: StepSpec) -> str | None:
+        """queueSettings.jobTier of a serverless step: an on-demand attempt of a Spot step runs on the Standard tier,
+        the tier of dedicated VMs (tiers Spot, Basic, Standard, Premium:
+        https://learn.microsoft.com/en-us/python/api/azure-ai-ml/azure.ai.ml.entities.queuesettings)."""
+        tier = settings_as(spec, AzureMLStepOperatorSettings).job_tier
+        if tier == "Spot" and spec.on_demand:
+            tier = "Standard"
+        return tier.lower() if tier else None
 
     def validate(self, job: Any) -> None:
         """azure-ai-ml's own validation, as ``jobs.create_or_update`` runs it: the Command node's schema
@@ -423,6 +464,7 @@ class AzureMLStepOperatorHook(StepOperatorHook):
             if existing is not None:
                 self.log.info("Azure ML job %s exists although its create failed (%s): re-attaching",
                               existing["job_id"], type(exc).__name__)
+                existing["on_demand"] = spec.on_demand
                 return with_queue_limit(existing, spec)
             if _error_codes(exc) & QUOTA_CODES:
                 raise StepCapacityError(f"{self._api_error(exc, 'create the command job')} (quota exceeded)",
@@ -431,9 +473,11 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         low_priority = str(info.get("tier") or "") == "low_priority"
         handle = self._handle(created, spec.output_uri, spec.identity.try_number,
                               spot=True if low_priority else None)
+        handle["on_demand"] = spec.on_demand
         self.log.info("Created Azure ML command job %s (%s%s)", created.name,
                       handle["instance_type"] or f"compute {handle['compute']}",
-                      ", Spot tier" if handle["job_tier"] == "Spot" else ", low priority" if low_priority else "")
+                      ", Spot tier" if handle["job_tier"] == "Spot" else ", low priority" if low_priority else
+                      ", on-demand" if spec.on_demand else "")
         return with_queue_limit(handle, spec)
 
     def get_status(self, handle: JobHandle) -> JobStatus:

@@ -213,10 +213,11 @@ class KubernetesStepOperatorHook(StepOperatorHook):
                                  options=merged_pod_options(self.config, settings), resources=spec.resources,
                                  image=str(self.image(spec)),
                                  transport_env=[TRANSPORT_STANDIN],
-                                 timeout_seconds=spec.timeout_seconds)
+                                 timeout_seconds=spec.timeout_seconds, on_demand=spec.on_demand)
         handle_info = {"output_uri": spec.output_uri, "transport": "volume" if self.config.pvc_store else "inline",
                        "unschedulable_timeout": settings.unschedulable_timeout_seconds,
-                       "start_timeout": settings.start_timeout_seconds, "spot": settings.use_spot,
+                       "start_timeout": settings.start_timeout_seconds,
+                       "spot": settings.use_spot and not spec.on_demand, "on_demand": spec.on_demand,
                        # the unschedulable timeout of the step's pod is also its queue limit (the shorter one)
                        **({"max_queue_seconds": spec.max_queue_seconds} if spec.max_queue_seconds is not None else {}),
                        "memory_limit": ((job["spec"]["template"]["spec"]["containers"][0].get("resources") or {})
@@ -230,6 +231,18 @@ class KubernetesStepOperatorHook(StepOperatorHook):
 
     def requirements_cache(self, spec: StepSpec) -> str | None:
         return manifest.requirements_cache(self.config)
+
+    def spot(self, spec: StepSpec) -> bool:
+        return settings_as(spec, KubernetesStepOperatorSettings).use_spot
+
+    def check_on_demand(self, spec: StepSpec) -> None:
+        """Without the spot node selector a pod may still land on a spot node: an on-demand attempt needs the
+        connection to say which nodes are on-demand."""
+        if self.spot(spec) and self.config.on_demand_pod_overrides is None:
+            raise StepOperatorConfigError(
+                f"step operator {self.step_operator_conn_id!r} cannot move a use_spot step to on-demand nodes: set "
+                "\"on_demand_pod_overrides\" in the connection extras (node_selector, tolerations, affinity of the "
+                "on-demand nodes, e.g. {\"node_selector\": {\"karpenter.sh/capacity-type\": \"on-demand\"}})")
 
     def render(self, spec: StepSpec) -> dict[str, Any]:
         job = self.build_request(spec)
@@ -328,7 +341,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
         at = env.index(TRANSPORT_STANDIN)
         env[at:at + 1] = self.transport_env(spec)
         if isinstance(spec.settings, KubernetesStepOperatorSettings) and spec.settings.use_spot and \
-                manifest.checkpoint_dir(self.config, spec.identity) is None:
+                not spec.on_demand and manifest.checkpoint_dir(self.config, spec.identity) is None:
             self.log.warning("Step %s runs on spot nodes but gets no %s: step operator %r has no "
                              "checkpoint_volume_claim or pvc:// artifact_store, so a retry after a preemption starts "
                              "over", spec.task_label or job["metadata"]["name"], Env.CHECKPOINT_DIR, self.step_operator_conn_id)

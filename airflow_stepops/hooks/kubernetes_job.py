@@ -217,8 +217,10 @@ def build_job(
     image: str,
     transport_env: list[dict[str, Any]],
     timeout_seconds: float | None = None,
+    on_demand: bool = False,
 ) -> dict[str, Any]:
-    """The Job manifest (JSON) for one try of one step."""
+    """The Job manifest (JSON) for one try of one step; ``on_demand``: a spot step's attempt escalated to on-demand
+    capacity, placed by the connection's ``on_demand_pod_overrides`` instead of the spot node selector."""
     name = job_name(identity)
     labels = {**options.labels, **identity_labels(identity)}
     annotations = {**options.annotations, **identity_annotations(identity)}
@@ -263,7 +265,17 @@ def build_job(
         pod_spec["serviceAccountName"] = options.service_account_name
     node_selector = dict(options.node_selector)
     tolerations = list(options.tolerations)
-    if settings.use_spot:
+    affinity = options.affinity
+    overrides = config.on_demand_pod_overrides
+    if settings.use_spot and on_demand:
+        # the scheduler places a pod only on nodes whose labels match its nodeSelector and whose taints it tolerates
+        # (https://kubernetes.io/docs/concepts/scheduling-eviction/assign-pod-node/#nodeselector): without the spot
+        # selector and with the on-demand one, the pod lands on on-demand nodes
+        if overrides is not None:
+            node_selector.update(overrides.node_selector)
+            tolerations.extend(dict(t) for t in overrides.tolerations)
+            affinity = overrides.affinity if overrides.affinity is not None else affinity
+    elif settings.use_spot:
         node_selector.update(settings.spot_node_selector)
         if settings.spot_toleration:
             tolerations.append(dict(settings.spot_toleration))
@@ -273,7 +285,6 @@ def build_job(
         pod_spec["nodeSelector"] = node_selector
     if tolerations:
         pod_spec["tolerations"] = tolerations
-    affinity = options.affinity
     if resources.gpu_type:
         affinity = _with_gpu_type(affinity, settings.gpu_type_node_label, settings.gpu_node_values(resources.gpu_type))
     if affinity:

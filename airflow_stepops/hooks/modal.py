@@ -51,7 +51,7 @@ from airflow_stepops.settings.step import settings_error
 SUCCESS = 1  # modal_proto GenericResult.GENERIC_STATUS_SUCCESS (not imported at module load)
 #: what the record of calls keeps of a handle (the rest is rebuilt from the step operator and the try)
 RECORDED = ("job_id", "app_name", "function_id", "environment", "spawned_at", "timeout", "gpu", "memory", "spot",
-            "instance_type", "step_digest", "spawn_key", "max_queue_seconds")
+            "on_demand", "instance_type", "step_digest", "spawn_key", "max_queue_seconds")
 _CLIENTS: dict[tuple[Any, ...], Any] = {}
 _CLIENTS_LOCK = threading.Lock()
 #: calls a hook remembers (start times, ended calls) before it starts over
@@ -123,9 +123,26 @@ class ModalStepOperatorHook(StepOperatorHook):
     def options(self, spec: StepSpec) -> dict[str, Any]:
         try:
             return function_options(self.config, settings_as(spec, ModalStepOperatorSettings), spec.resources,
-                                    "{}.{}".format(*sys.version_info[:2]), spec.timeout_seconds)
+                                    "{}.{}".format(*sys.version_info[:2]), spec.timeout_seconds,
+                                    on_demand=spec.on_demand)
         except ValueError as exc:
             raise settings_error("modal", exc) from None
+
+    def spot(self, spec: StepSpec) -> bool:
+        """Modal preempts functions unless they are ``nonpreemptible`` (https://modal.com/docs/guide/preemption)."""
+        return not settings_as(spec, ModalStepOperatorSettings).nonpreemptible
+
+    def check_on_demand(self, spec: StepSpec) -> None:
+        """"The nonpreemptible parameter is not supported for GPU Functions"
+        (https://modal.com/docs/guide/preemption): a GPU step cannot move to on-demand capacity on Modal, whatever
+        the connection says."""
+        gpu = self.options(spec).get("gpu")
+        if gpu and self.spot(spec):
+            raise StepOperatorConfigError(
+                f"step operator {self.step_operator_conn_id!r} cannot run this GPU step ({gpu}) on-demand: Modal "
+                "runs GPU functions on preemptible capacity only (nonpreemptible is not supported for GPU "
+                "functions); no connection field changes that: give the step another step operator for on-demand "
+                "attempts, or let it stay on Modal's preemptible capacity")
 
     def _environment(self, spec: StepSpec) -> dict[str, str]:
         refs = {str(i): {"inline": protocol.staged_ref(i)} for i in range(len(spec.refs))}
@@ -262,7 +279,7 @@ class ModalStepOperatorHook(StepOperatorHook):
             "output_uri": spec.output_uri, "conn_id": self.step_operator_conn_id,
             "try_number": spec.identity.try_number,
             "timeout": options["timeout"], "gpu": gpu if isinstance(gpu, str) or gpu is None else list(gpu),
-            "memory": options.get("memory"), "spot": not options.get("nonpreemptible"),
+            "memory": options.get("memory"), "spot": not options.get("nonpreemptible"), "on_demand": spec.on_demand,
             "instance_type": gpu if isinstance(gpu, str) else (", ".join(gpu) if gpu else "cpu"),
             "step_digest": spec.identity.digest}
         # Modal keeps an input waiting while no container of the function can be had: it schedules the function "on

@@ -58,8 +58,12 @@ def _names_cloudpickle(requirement: str) -> bool:
 
 
 def function_options(config: ModalStepOperatorConfig, settings: ModalStepOperatorSettings,
-                     resources: Any, python_version: str, execution_timeout: float | None = None) -> dict[str, Any]:
+                     resources: Any, python_version: str, execution_timeout: float | None = None,
+                     on_demand: bool = False) -> dict[str, Any]:
     """The deployed function's options as JSON: what ``stepops render`` prints and what names the app.
+
+    ``on_demand``: an attempt escalated to on-demand capacity runs ``nonpreemptible`` (Modal does not preempt such
+    containers: https://modal.com/docs/guide/preemption); the options name the app, so it is another app.
 
     The default image gets the worker's Python (the bundle's pickles need the same major.minor) and the
     worker's cloudpickle version; a registry image brings its own Python (``python_version`` adds one).
@@ -85,7 +89,7 @@ def function_options(config: ModalStepOperatorConfig, settings: ModalStepOperato
         "volumes": dict(sorted(config.volumes.items())),
         # every step's Env.CHECKPOINT_DIR lives on this volume (created if missing, unlike "volumes")
         "checkpoint_volume": {CHECKPOINT_MOUNT: config.checkpoint_volume_name},
-        "nonpreemptible": settings.nonpreemptible or None,
+        "nonpreemptible": settings.nonpreemptible or on_demand or None,
         "retries": 0,  # a retry is Airflow's decision (a new try, with its own call)
         "single_use_containers": True,  # no warm GPU left billing, no state left for the next step
     }

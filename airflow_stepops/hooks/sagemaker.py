@@ -225,7 +225,10 @@ class SageMakerStepOperatorHook(StepOperatorHook):
         if spec.max_queue_seconds is not None and MAX_PENDING_RANGE[0] <= spec.max_queue_seconds <= MAX_PENDING_RANGE[1]:
             # SageMaker's own queue limit where the value is one it allows; otherwise the trigger enforces it
             stopping["MaxPendingTimeInSeconds"] = math.ceil(spec.max_queue_seconds)
-        if settings.use_spot_instances:
+        # on-demand: no managed spot, and no MaxWaitTimeInSeconds (it is only valid with managed spot training:
+        # https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_StoppingCondition.html)
+        spot = self.spot(spec) and not spec.on_demand
+        if spot:
             stopping["MaxWaitTimeInSeconds"] = max(settings.max_wait_time_in_seconds or 2 * runtime, runtime)
         volume = settings.volume_size_in_gb or (math.ceil(spec.resources.disk_bytes / 10**9)
                                                 if spec.resources.disk_bytes else DEFAULT_VOLUME_GB)
@@ -270,7 +273,7 @@ class SageMakerStepOperatorHook(StepOperatorHook):
             "OutputDataConfig": output,
             "ResourceConfig": resource_config,
             "StoppingCondition": stopping,
-            "EnableManagedSpotTraining": settings.use_spot_instances,
+            "EnableManagedSpotTraining": spot,
             "CheckpointConfig": {"S3Uri": f"{prefix.rsplit('/', 1)[0]}/checkpoints", "LocalPath": f"{ML}/checkpoints"},
             "Environment": env,
             "Tags": [{"Key": k, "Value": v} for k, v in tags.items()],
@@ -280,6 +283,9 @@ class SageMakerStepOperatorHook(StepOperatorHook):
             request["VpcConfig"] = {"Subnets": list(cfg.subnets), "SecurityGroupIds": list(cfg.security_group_ids)}
         validate_request(request)
         return request
+
+    def spot(self, spec: StepSpec) -> bool:
+        return settings_as(spec, SageMakerStepOperatorSettings).use_spot_instances
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def _handle(self, name: str, output_uri: str, try_number: int, spot: bool, instance_type: str) -> JobHandle:
@@ -354,13 +360,15 @@ class SageMakerStepOperatorHook(StepOperatorHook):
                        else None) or exc
             self.log.info("Training job %s already exists (%s): re-attaching", request["TrainingJobName"],
                           type(exc).__name__)
+            existing["on_demand"] = spec.on_demand
             return with_queue_limit(existing, spec)
         self.log.info("Created SageMaker training job %s (%s x %s%s)", request["TrainingJobName"],
                       request["ResourceConfig"]["InstanceCount"], request["ResourceConfig"]["InstanceType"],
                       ", spot" if request["EnableManagedSpotTraining"] else "")
-        return with_queue_limit(self._handle(request["TrainingJobName"], spec.output_uri, spec.identity.try_number,
-                                             request["EnableManagedSpotTraining"],
-                                             request["ResourceConfig"]["InstanceType"]), spec)
+        handle = self._handle(request["TrainingJobName"], spec.output_uri, spec.identity.try_number,
+                              request["EnableManagedSpotTraining"], request["ResourceConfig"]["InstanceType"])
+        handle["on_demand"] = spec.on_demand
+        return with_queue_limit(handle, spec)
 
     def get_status(self, handle: JobHandle) -> JobStatus:
         return job_status(self._describe(handle["job_id"]), handle)

@@ -197,8 +197,10 @@ class VertexStepOperatorHook(StepOperatorHook):
         # CustomJobSpec#Scheduling. VM maintenance still restarts the worker: the runtime then finds this try's
         # outcome already written and does not run the step again (runtime/entry.py).
         scheduling: dict[str, Any] = {"timeout": f"{runtime}s", "disableRetries": True}
-        if settings.spot:
-            scheduling["strategy"] = "SPOT"
+        # Scheduling.strategy: SPOT uses Spot VMs, STANDARD "uses regular on-demand resources" (an on-demand attempt
+        # says so explicitly): https://cloud.google.com/php/docs/reference/cloud-ai-platform/latest/V1.Scheduling.Strategy
+        if self.spot(spec):
+            scheduling["strategy"] = "STANDARD" if spec.on_demand else "SPOT"
         # max_queue_seconds: Vertex's own scheduling.maxWaitDuration applies only with the DWS FLEX_START strategy
         # ("the maximum duration that a job will wait for the requested resources to be provisioned if the scheduling
         # strategy is set to [Strategy.DWS_FLEX_START]", https://cloud.google.com/vertex-ai/docs/reference/rest/v1/
@@ -227,6 +229,9 @@ class VertexStepOperatorHook(StepOperatorHook):
             body["encryptionSpec"] = {"kmsKeyName": cfg.encryption_spec_key_name}
         validate_body(body)
         return body
+
+    def spot(self, spec: StepSpec) -> bool:
+        return settings_as(spec, VertexStepOperatorSettings).spot
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def _handle(self, job: dict[str, Any], output_uri: str, try_number: int) -> JobHandle:
@@ -269,6 +274,7 @@ class VertexStepOperatorHook(StepOperatorHook):
         existing = self.find_job(spec.identity)
         if existing is not None:
             self.log.info("CustomJob %s of this try already exists: re-attaching", existing["job_id"])
+            existing["on_demand"] = spec.on_demand
             return with_queue_limit(existing, spec)
         try:  # no retry: a second create would make a second job
             job = self._json(self.jobs.create_custom_job(parent=self.parent, custom_job=validate_body(body),
@@ -279,13 +285,17 @@ class VertexStepOperatorHook(StepOperatorHook):
             found = self._created_despite(exc, spec.identity)
             if found is None:
                 raise
+            found["on_demand"] = spec.on_demand
             return with_queue_limit(found, spec)
         machine = body["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]
         self.log.info("Created Vertex AI CustomJob %s (%s%s%s)", job["name"], machine["machineType"],
                       f", {machine['acceleratorCount']} x {machine['acceleratorType']}"
                       if machine.get("acceleratorType") else "",
-                      ", spot" if body["jobSpec"]["scheduling"].get("strategy") == "SPOT" else "")
-        return with_queue_limit(self._handle(job, spec.output_uri, spec.identity.try_number), spec)
+                      ", spot" if body["jobSpec"]["scheduling"].get("strategy") == "SPOT" else
+                      ", on-demand" if spec.on_demand else "")
+        handle = self._handle(job, spec.output_uri, spec.identity.try_number)
+        handle["on_demand"] = spec.on_demand
+        return with_queue_limit(handle, spec)
 
     def _create_error(self, exc: Exception) -> Exception:
         """A refused create: HTTP 429 RESOURCE_EXHAUSTED is the project's quota for what the job asks ("The following

@@ -200,6 +200,11 @@ class AzureMLStepOperatorConfig(BaseStepOperatorConfig, _AzureMLChecks):
     compute_target_name: str | None = Field(
         title="Compute target",
         default=None, description="Cluster or compute instance the steps run on; empty: serverless compute.")
+    on_demand_compute_target_name: str | None = Field(
+        title="On-demand compute target",
+        default=None, description="Dedicated (not low-priority) cluster that attempts escalated to on-demand "
+        "capacity run on, when the steps run on a compute target; empty: the same compute target (serverless steps "
+        "move from the Spot to the Standard job tier instead).")
     image: str | None = Field(default=None, description="Container image of the steps, with the workers' "
                               "Python (default: python:<major.minor>-slim; cloudpickle is installed when missing).")
     azureml_environment: str | None = Field(
@@ -241,10 +246,18 @@ class AzureMLStepOperatorConfig(BaseStepOperatorConfig, _AzureMLChecks):
         "workspace_name", WORKSPACE_NAME, "an Azure ML workspace name (3-33 letters, digits, '_' and '-', starting "
         "with a letter or digit)")
 
-    @field_validator("compute_target_name", mode="before")
+    @field_validator("compute_target_name", "on_demand_compute_target_name", mode="before")
     @classmethod
     def _empty_is_serverless(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("on_demand_compute_target_name")
+    @classmethod
+    def _on_demand_compute(cls, value: str | None) -> str | None:
+        if value and not COMPUTE_NAME.match(value):
+            raise ValueError(f"on_demand_compute_target_name: {value!r} is not an Azure ML compute name (2-32 "
+                             "letters, digits and '-', starting with a letter)")
+        return value
 
     _environment_ref = matches(
         "azureml_environment", AZUREML_ENVIRONMENT, "a registered environment reference; expected "

@@ -220,6 +220,29 @@ class KubernetesPodOptions(BaseModel):
         return value
 
 
+class KubernetesOnDemandPodOverrides(BaseModel):
+    """Where the pod of an attempt escalated to on-demand capacity goes: these replace the step's spot node selector
+    and toleration (``use_spot``), e.g. ``{"node_selector": {"karpenter.sh/capacity-type": "on-demand"}}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="nodeSelector entries added to the pod (over the step's own).")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations added to the pod.")
+    affinity: dict[str, Any] | None = Field(
+        default=None, description="Pod affinity (Kubernetes JSON), replacing the step's own.")
+
+    @field_validator("node_selector")
+    @classmethod
+    def _selector(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_labels(value, "on_demand_pod_overrides.node_selector")
+
+    @field_validator("tolerations")
+    @classmethod
+    def _tolerations(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [check_toleration(item, f"on_demand_pod_overrides.tolerations[{i}]") for i, item in enumerate(value)]
+
+
 class KubernetesStepOperatorSettings(ContainerStepSettings, KubernetesPodOptions):
     """Per-step options of the kubernetes flavor."""
 
@@ -349,6 +372,10 @@ class KubernetesStepOperatorConfig(BaseStepOperatorConfig, KubernetesPodOptions)
     console_url_template: str | None = Field(
         title="Console URL template", default=None, description="Link to a Job in your dashboard, with {namespace} "
         "and {name}, e.g. https://dashboard.example/#/job/{namespace}/{name}")
+    on_demand_pod_overrides: KubernetesOnDemandPodOverrides | None = Field(
+        title="On-demand pod overrides", default=None, description="For attempts escalated to on-demand capacity "
+        "(steps with use_spot): node_selector, tolerations and affinity of on-demand nodes, which replace the spot "
+        "node selector and toleration, e.g. {\"node_selector\": {\"karpenter.sh/capacity-type\": \"on-demand\"}}.")
 
     @field_validator("inline_transfer_max_size")
     @classmethod

@@ -183,9 +183,11 @@ def test_low_priority_cluster_preemption_is_preemption(az_emulator, monkeypatch)
 
 
 def test_node_loss_on_dedicated_compute_is_a_failure(az_emulator):
+    from airflow_stepops.hooks.azureml_job import job_name
+
     hook = make_hook("azureml_cluster_step_operator")
     spec = make_spec(hook, sleep_then_return, 60, task_id="node_lost")
-    az_emulator.inject("preemption", after=0.5)
+    az_emulator.inject("preemption", job=job_name(spec.identity), after=0.5)  # dedicated nodes: only when named
     event = run_trigger(hook, hook.submit(spec))
     assert event["status"] == "failed" and event["details"]["reason"] == "node_failure", event
 
@@ -331,3 +333,48 @@ def test_a_retry_sees_the_checkpoints_of_the_try_before(az_emulator):
     second = hook.submit(make_spec(hook, _checkpointed, 6, task_id="checkpoints", try_number=2))
     assert run_trigger(hook, second)["status"] == "succeeded"
     assert read_outcome(store_path(second["output_uri"])).value == {"epoch": 4, "starts": 2}
+
+
+def test_an_escalated_serverless_attempt_runs_on_the_standard_tier_and_no_preemption_strikes_it(az_emulator):
+    hook = make_hook()
+    spec = make_spec(hook, sleep_then_return, 2, task_id="escalated", settings=AzureMLStepOperatorSettings(job_tier="Spot"))
+    spec.on_demand = True
+    hook.check_on_demand(spec)  # serverless: the Standard tier needs nothing more
+    rule = az_emulator.inject("preemption", after=0.5, count=None)  # every new job on preemptible capacity
+    try:
+        handle = hook.submit(spec)
+        event = run_trigger(hook, handle)
+    finally:
+        az_emulator.clear_faults()
+    assert (handle["spot"], handle["on_demand"], handle["job_tier"]) == (False, True, "Standard"), handle
+    assert event["status"] == "succeeded" and rule.applied == [], event
+    assert az_emulator.job(handle["job_id"])["properties"]["queueSettings"]["jobTier"] == "Standard"
+
+
+def test_escalating_from_a_low_priority_cluster_needs_a_dedicated_one(az_emulator, monkeypatch):
+    lowpri = {"like": "azureml_cluster_step_operator", "compute_target_name": "lowpri-cluster"}
+    hook = make_hook("az_lowpri_only", monkeypatch=monkeypatch, **lowpri)
+    spec = make_spec(hook, sleep_then_return, 1, task_id="lowpri_escalated")
+    assert hook.spot(spec) is True  # the cluster's nodes are low priority
+    with pytest.raises(StepOperatorConfigError, match=r"the step runs on the low-priority cluster 'lowpri-cluster'.*"
+                       r"set \"on_demand_compute_target_name\" in the connection extras of 'az_lowpri_only'"):
+        hook.check_on_demand(spec)
+    dedicated = make_hook("azureml_cluster_step_operator")
+    assert dedicated.spot(spec) is False
+    dedicated.check_on_demand(spec)  # a dedicated cluster is on-demand already
+
+    hook = make_hook("az_lowpri_escalating", monkeypatch=monkeypatch, on_demand_compute_target_name="cpu-cluster",
+                     **lowpri)
+    spec = make_spec(hook, sleep_then_return, 1, task_id="lowpri_escalated", try_number=2)
+    hook.check_on_demand(spec)
+    spec.on_demand = True
+    handle = hook.submit(spec)
+    assert (handle["compute"], handle["spot"], handle["on_demand"]) == ("cpu-cluster", False, True), handle
+    assert run_trigger(hook, handle)["status"] == "succeeded"
+
+
+def test_on_demand_compute_target_name_is_a_compute_name(az_emulator, monkeypatch):
+    hook = make_hook("az_bad_on_demand", monkeypatch=monkeypatch, on_demand_compute_target_name="9 bad")
+    with pytest.raises(StepOperatorConfigError, match=r"on_demand_compute_target_name: '9 bad' is not an Azure ML "
+                       "compute name"):
+        hook.config  # noqa: B018

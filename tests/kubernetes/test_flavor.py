@@ -336,3 +336,42 @@ def test_a_large_bundle_on_an_object_store_is_refused_before_submitting(k8s_emul
                        r"read the memory:// artifact store"):
         hook.submit(spec)
     assert k8s_emulator.list_objects("jobs", NS, f"{manifest.LABEL_PREFIX}/task-id=object_store_big") == []
+
+
+ON_DEMAND = {"node_selector": {"karpenter.sh/capacity-type": "on-demand"},
+             "tolerations": [{"key": "on-demand", "operator": "Exists", "effect": "NoSchedule"}]}
+
+
+def test_escalating_a_spot_step_needs_on_demand_pod_overrides(k8s_emulator, monkeypatch):
+    spot = KubernetesStepOperatorSettings(use_spot=True)
+    hook = make_hook()
+    spec = make_spec(hook, _greet, "x", task_id="no_overrides", settings=spot)
+    with pytest.raises(StepOperatorConfigError, match=r"'k8s_step_operator' cannot move a use_spot step to "
+                       r"on-demand nodes: set \"on_demand_pod_overrides\" in the connection extras"):
+        hook.check_on_demand(spec)
+    hook.check_on_demand(make_spec(hook, _greet, "x", task_id="not_spot"))  # nothing to escalate
+    make_hook("k8s_on_demand", monkeypatch=monkeypatch, on_demand_pod_overrides=ON_DEMAND).check_on_demand(spec)
+
+
+def test_on_demand_pod_overrides_are_checked_like_pod_options(k8s_emulator, monkeypatch):
+    hook = make_hook("k8s_bad_overrides", monkeypatch=monkeypatch,
+                     on_demand_pod_overrides={"tolerations": [{"operator": "Equal", "effect": "NoSchedule"}]})
+    with pytest.raises(StepOperatorConfigError, match=r"on_demand_pod_overrides.tolerations\[0\]: a toleration "
+                       r"without a key must have operator 'Exists'"):
+        hook.config  # noqa: B018
+
+
+def test_an_escalated_step_leaves_the_spot_nodes(k8s_emulator, monkeypatch):
+    """The on-demand attempt's pod selects the on-demand nodes instead of the spot ones: on a cluster of spot nodes
+    only (the emulator's node) the scheduler finds none for it."""
+    hook = make_hook("k8s_on_demand", monkeypatch=monkeypatch, on_demand_pod_overrides=ON_DEMAND)
+    spec = make_spec(hook, _greet, "x", task_id="escalated",
+                     settings=KubernetesStepOperatorSettings(use_spot=True, unschedulable_timeout_seconds=1))
+    spec.on_demand = True
+    handle = hook.submit(spec)
+    assert (handle["on_demand"], handle["spot"]) == (True, False), handle
+    pod_spec = _job(k8s_emulator, handle)["spec"]["template"]["spec"]
+    assert pod_spec["nodeSelector"] == {"karpenter.sh/capacity-type": "on-demand"}, pod_spec
+    assert ON_DEMAND["tolerations"][0] in pod_spec["tolerations"]
+    event = run_trigger(hook, handle)
+    assert event["status"] == "failed" and "didn't match Pod's node affinity/selector" in event["message"], event

@@ -472,3 +472,29 @@ def test_a_lost_reply_while_collecting_a_large_result_is_bounded(md_emulator, mo
     assert "error" not in out, out
     assert len(_load(read_outcome(store_path(handle["output_uri"])).value)) == 100_000
     assert any(r["method"] == "BlobGet" and r["status"] == "LOST" for r in md_emulator.request_log)
+
+
+def test_an_escalated_attempt_is_nonpreemptible_and_no_preemption_strikes_it(md_emulator):
+    hook = make_hook()
+    spot = make_spec(hook, sleep_then_return, 1, task_id="escalated")
+    spec = make_spec(hook, sleep_then_return, 1, task_id="escalated", try_number=2)
+    spec.on_demand = True
+    assert hook.prepare(spec)["app_name"] != hook.render(spot)["app_name"]  # other options, another app
+    rule = md_emulator.inject("preemption", after=0.3, restart=False, count=None)  # every new preemptible call
+    try:
+        handle = hook.submit(spec)
+        event = run_trigger(hook, handle)
+    finally:
+        md_emulator.clear_faults()
+    assert (handle["spot"], handle["on_demand"]) == (False, True), handle
+    assert event["status"] == "succeeded" and rule.applied == [], event
+    assert md_emulator.function(handle["app_name"], "run_step", handle["environment"])["nonpreemptible"] is True
+
+
+def test_a_gpu_step_cannot_escalate_on_modal():
+    hook = make_hook()
+    spec = make_spec(hook, sleep_then_return, 0, task_id="gpu_escalated", resources=ResourceSettings(gpu_count=1))
+    with pytest.raises(StepOperatorConfigError, match=r"cannot run this GPU step \(.+\) on-demand: Modal runs GPU "
+                       r"functions on preemptible capacity only"):
+        hook.check_on_demand(spec)
+    hook.check_on_demand(make_spec(hook, sleep_then_return, 0, task_id="cpu_escalated"))

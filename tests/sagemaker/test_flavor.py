@@ -302,3 +302,20 @@ def test_late_log_events_are_shown_once(sm_emulator):
     counted = Counter(line for line in lines if line.startswith("line "))
     assert counted == Counter(f"line {n}" for n in range(80)), sorted(set(counted.items()) ^ {
         (f"line {n}", 1) for n in range(80)})
+
+
+def test_an_escalated_attempt_runs_without_managed_spot_and_no_interruption_strikes_it(sm_emulator):
+    hook = make_hook()
+    spec = make_spec(hook, sleep_then_return, 2, task_id="escalated",
+                     settings=SageMakerStepOperatorSettings(use_spot_instances=True, max_wait_time_in_seconds=7200))
+    spec.on_demand = True
+    rule = sm_emulator.inject("spot_interruption", after=0.5, count=None)  # every new managed spot job
+    try:
+        handle = hook.submit(spec)
+        event = run_trigger(hook, handle, timeout=120)
+    finally:
+        sm_emulator.clear_faults()
+    assert (handle["spot"], handle["on_demand"]) == (False, True), handle
+    assert event["status"] == "succeeded" and rule.applied == [], event
+    job = hook.sagemaker.describe_training_job(TrainingJobName=handle["job_id"])
+    assert job["EnableManagedSpotTraining"] is False and "MaxWaitTimeInSeconds" not in job["StoppingCondition"]

@@ -556,8 +556,12 @@ def test_preemption_of_a_spot_job_uploads_and_fails_with_stockout(emu, client, p
     key = started_file[len(f"/gcs/{BUCKET}/"):]
     assert emu.storage_client().bucket(BUCKET).blob(key).download_as_text() == "started"
 
-    emu.inject("preemption", after=0.3)  # the next job, not on Spot VMs: a lost VM
+    rule = emu.inject("preemption", after=0.3, count=None)  # new jobs: only Spot ones are preempted
+    standard = client.create_custom_job(parent=parent, custom_job=job_body("logs", scheduling={"strategy": "STANDARD"}))
+    assert emu.wait_for_state(standard.name, "JOB_STATE_SUCCEEDED") and rule.applied == []
+    emu.clear_faults()
     job = client.create_custom_job(parent=parent, custom_job=job_body("sleep"))
+    emu.inject("preemption", job=job.name, after=0.3)  # given to a job not on Spot VMs: a lost VM
     final = emu.wait_for_state(job.name, "JOB_STATE_FAILED")
     assert final["error"]["code"] == 13
 

@@ -202,3 +202,18 @@ def test_shared_polling_lists_instead_of_reading_every_job(vx_emulator):
     assert len(gets) == len(handles), gets  # each job read once; every later round is one list call
     assert len(calls) <= len(handles) + len(seen), (len(calls), len(seen), time.time() - started)
 
+
+
+def test_an_escalated_attempt_runs_on_standard_capacity_and_no_spot_preemption_strikes_it(vx_emulator):
+    hook = make_hook()
+    spec = make_spec(hook, sleep_then_return, 2, task_id="escalated", settings=VertexStepOperatorSettings(use_spot=True))
+    spec.on_demand = True
+    rule = vx_emulator.inject("preemption", after=0.5, count=None)  # every new SPOT job
+    try:
+        handle = hook.submit(spec)
+        event = run_trigger(hook, handle)
+    finally:
+        vx_emulator.clear_faults()
+    assert (handle["spot"], handle["on_demand"]) == (False, True), handle
+    assert event["status"] == "succeeded" and rule.applied == [], event
+    assert vx_emulator.job(handle["job_id"])["jobSpec"]["scheduling"]["strategy"] == "STANDARD"

@@ -201,7 +201,8 @@ class AzureMLEmulator(Emulator):
     def inject(self, kind: str, job: str | None = None, after: float = 0.0, *, count: int | None = 1,
                **kw: Any) -> FaultRule:
         """Give the fault ``kind`` (see ``Fault``) to the job named ``job``, or to the next created job when
-        None; ``count`` jobs in all (None: every matching job). ``kw``: ``duration``, ``message``, ``quota``,
+        None; ``count`` jobs in all (None: every matching job; a ``preemption`` for jobs not named goes to
+        Spot-tier and low-priority jobs only). ``kw``: ``duration``, ``message``, ``quota``,
         ``status_code``. A ``preemption`` or ``failure`` for a job that exists strikes it ``after`` seconds from
         now (or into ``Running``, when it has not started yet)."""
         fault = Fault(kind, after=after, **kw)

@@ -19,7 +19,6 @@ from airflow_stepops.testing.azureml._faults import (
     immutable_job,
     not_found,
     quota_error,
-    take_faults,
 )
 from airflow_stepops.testing.azureml._jobs import TERMINAL, Job
 from airflow_stepops.testing.azureml._runner import JobRunner, RunContext
@@ -63,16 +62,21 @@ class Service:
                     raise immutable_job(changed)
                 existing.update_mutable(props)
                 return existing.arm(), 200
-            faults = take_faults(self.rules, name)
-            quota = next((f for f in faults if f.kind == "quota_exceeded"), None)
             compute_name = ws.compute_name(props["computeId"]) if props.get("computeId") else None
-            if quota is not None:
-                spec = ws.compute_spec(compute_name) if compute_name else None
-                vm_size = (props["resources"].get("instanceType") or (spec.vm_size if spec else "STANDARD_DS3_V2"))
-                raise quota_error(vm_size, props["resources"]["instanceCount"], quota.quota, quota.status_code)
             spec = ws.compute_spec(compute_name) if compute_name else None
             tier = (props.get("queueSettings") or {}).get("jobTier")
             spot = tier == "Spot" or bool(spec and spec.low_priority)
+            # a preemption waiting for new jobs goes to preemptible capacity only (Spot tier, low-priority nodes):
+            # low-priority VMs "might be preempted at any time", dedicated ones are not
+            # (https://learn.microsoft.com/en-us/azure/machine-learning/how-to-use-low-priority-batch), and only the
+            # Spot job tier runs serverless jobs on such capacity; one given to a job by name strikes it all the
+            # same (a dedicated node is lost: NodeFailure)
+            faults = [rule.fault for rule in self.rules
+                      if (spot or rule.fault.kind != "preemption" or rule.job == name) and rule.take(name)]
+            quota = next((f for f in faults if f.kind == "quota_exceeded"), None)
+            if quota is not None:
+                vm_size = (props["resources"].get("instanceType") or (spec.vm_size if spec else "STANDARD_DS3_V2"))
+                raise quota_error(vm_size, props["resources"]["instanceCount"], quota.quota, quota.status_code)
             job = Job(name, props, workspace_path=ws.path, location=ws.config.location,
                       run_number=len(self.jobs) + 1, spot=spot, compute_name=compute_name)
             runner = JobRunner(job, faults, self.ctx, ws.environment_image(props.get("environmentId") or ""))

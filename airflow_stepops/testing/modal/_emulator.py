@@ -124,7 +124,11 @@ class ModalEmulator(Emulator):
     def _call_created(self, call: Call) -> None:
         assert self._ctx is not None
         with self._lock:
-            faults = take_faults(self._rules, call.id, lambda fault: fault.kind != "no_capacity")
+            # Modal does not preempt a nonpreemptible function's containers (https://modal.com/docs/guide/preemption):
+            # a preemption waiting for new calls goes to preemptible ones only
+            preemptible = not any(f.scheduler_placement.nonpreemptible for f in call.ranked)
+            faults = take_faults(self._rules, call.id, lambda fault: fault.kind != "no_capacity" and (
+                preemptible or fault.kind != "preemption"))
             runner = CallRunner(call, self._ctx, faults)
             self._runners[call.id] = runner
         runner.start()
@@ -181,7 +185,8 @@ class ModalEmulator(Emulator):
     def inject(self, kind: str, job: str | None = None, after: float = 0.0, *, count: int | None = 1,
                **kw: Any) -> F.FaultRule:
         """A fault (see ``Fault``) for the call ``job`` (it must exist and not be over), or for the next
-        ``count`` calls made (None: every one); ``no_capacity`` holds for every call until cleared."""
+        ``count`` calls made (None: every one; a ``preemption`` goes to calls of preemptible functions only);
+        ``no_capacity`` holds for every call until cleared."""
         fault = F.Fault(kind, after=after, **kw)
         rule = F.FaultRule(fault, count=count)
         if job is None or kind == "no_capacity":

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from airflow_stepops.testing._images import write_python_shims
-from airflow_stepops.testing._kit import Emulator, add_fault, configured, take_faults
+from airflow_stepops.testing._kit import Emulator, add_fault, configured
 from airflow_stepops.testing.sagemaker import _moto_patches
 from airflow_stepops.testing.sagemaker._config import EmulatorConfig
 from airflow_stepops.testing.sagemaker._faults import RUNNING_KINDS, Fault, FaultRule
@@ -100,7 +100,13 @@ class SageMakerEmulator(Emulator):
     def job_created(self, job: TrainingJob) -> None:
         assert self._ctx is not None
         with self._lock:
-            runner = JobRunner(job, take_faults(self._rules, job.name), self._ctx)
+            # a spot interruption waiting for new jobs goes to managed spot jobs only (on-demand instances are not
+            # reclaimed: https://docs.aws.amazon.com/sagemaker/latest/dg/model-managed-spot-training.html); one
+            # given to a job by name strikes it all the same (an on-demand job fails with InternalServerError)
+            faults = [rule.fault for rule in self._rules
+                      if (job.spot or rule.fault.kind != "spot_interruption" or rule.job == job.name)
+                      and rule.take(job.name)]
+            runner = JobRunner(job, faults, self._ctx)
             self._runners[job.name] = runner
         runner.start()
 
@@ -146,7 +152,8 @@ class SageMakerEmulator(Emulator):
     def inject(self, kind: Fault | str, job: str | None = None, after: float = 0.0, *, job_prefix: str | None = None,
                count: int | None = 1, **fields: Any) -> FaultRule:
         """Give a fault (a ``Fault``, or its kind and ``fields``; ``preemption`` is ``spot_interruption``) to the
-        next ``count`` new jobs matching (None: every one). A ``spot_interruption`` or ``failure`` for a job
+        next ``count`` new jobs matching (None: every one; a ``spot_interruption`` for jobs not named goes to managed
+        spot jobs only, as on-demand instances are not reclaimed). A ``spot_interruption`` or ``failure`` for a job
         that exists strikes it ``after`` seconds from now (or once it trains, when it does not yet)."""
         chosen = self._fault(Fault, kind, after, **fields)
         if job is not None and chosen.kind in RUNNING_KINDS and job in self._runners:

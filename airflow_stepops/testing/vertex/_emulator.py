@@ -124,12 +124,17 @@ class VertexEmulator(Emulator):
 
     def _job_created(self, job: Job) -> None:
         assert self._ctx is not None
+        # a preemption waiting for new jobs goes to Spot VMs only: "Spot VMs ... can be preempted", standard VMs
+        # are not (https://cloud.google.com/vertex-ai/docs/training/use-spot-vms); a job on STANDARD capacity
+        # (an escalated attempt) leaves the rule for the next Spot job
+        spot = (job.spec().get("scheduling") or {}).get("strategy") == "SPOT"
         with self._lock:
             faults = []
             for rule in self._rules:
                 if rule.fault.kind == "lost_create_reply" and job.lose_reply is None and rule.take(job.id):
                     job.lose_reply = rule.fault.duration
-                elif rule.fault.kind not in ("quota_exceeded", "lost_create_reply") and rule.take(job.id):
+                elif rule.fault.kind not in ("quota_exceeded", "lost_create_reply") and \
+                        (spot or rule.fault.kind != "preemption") and rule.take(job.id):
                     faults.append(rule.fault)
             runner = JobRunner(job, self._ctx, faults)
             self._runners[job.id] = runner
@@ -233,7 +238,8 @@ class VertexEmulator(Emulator):
     def inject(self, kind: str, job: str | None = None, after: float = 0.0, *, count: int | None = 1,
                **kw: Any) -> F.FaultRule:
         """A fault (see ``Fault``) for the job ``job`` (id or name; it must exist and not be over), or for the
-        next ``count`` created jobs (None: every one); ``quota_exceeded`` always strikes create calls."""
+        next ``count`` created jobs (None: every one; a ``preemption`` goes to SPOT jobs only, a job given one by
+        name that is not on Spot VMs loses its VM instead); ``quota_exceeded`` always strikes create calls."""
         fault = F.Fault(kind, after=after, **kw)
         rule = F.FaultRule(fault, count=count)
         if job is None or kind in ("quota_exceeded", "lost_create_reply"):
