@@ -129,20 +129,10 @@ class ModalStepOperatorHook(StepOperatorHook):
             raise settings_error("modal", exc) from None
 
     def spot(self, spec: StepSpec) -> bool:
-        """Modal preempts functions unless they are ``nonpreemptible`` (https://modal.com/docs/guide/preemption)."""
-        return not settings_as(spec, ModalStepOperatorSettings).nonpreemptible
-
-    def check_on_demand(self, spec: StepSpec) -> None:
-        """"The nonpreemptible parameter is not supported for GPU Functions"
-        (https://modal.com/docs/guide/preemption): a GPU step cannot move to on-demand capacity on Modal, whatever
-        the connection says."""
-        gpu = self.options(spec).get("gpu")
-        if gpu and self.spot(spec):
-            raise StepOperatorConfigError(
-                f"step operator {self.step_operator_conn_id!r} cannot run this GPU step ({gpu}) on-demand: Modal "
-                "runs GPU functions on preemptible capacity only (nonpreemptible is not supported for GPU "
-                "functions); no connection field changes that: give the step another step operator for on-demand "
-                "attempts, or let it stay on Modal's preemptible capacity")
+        """Modal preempts functions unless they are ``nonpreemptible`` (https://modal.com/docs/guide/preemption),
+        which "is not supported for GPU Functions" (same page): a GPU step has no on-demand capacity to escalate to
+        on Modal, so its attempts after a preemption stay where they are, as ``on_preemption="retry"``."""
+        return not settings_as(spec, ModalStepOperatorSettings).nonpreemptible and not self.options(spec).get("gpu")
 
     def _environment(self, spec: StepSpec) -> dict[str, str]:
         refs = {str(i): {"inline": protocol.staged_ref(i)} for i in range(len(spec.refs))}

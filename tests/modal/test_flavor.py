@@ -491,10 +491,7 @@ def test_an_escalated_attempt_is_nonpreemptible_and_no_preemption_strikes_it(md_
     assert md_emulator.function(handle["app_name"], "run_step", handle["environment"])["nonpreemptible"] is True
 
 
-def test_a_gpu_step_cannot_escalate_on_modal():
+def test_a_gpu_step_has_no_on_demand_capacity_to_escalate_to_on_modal():
     hook = make_hook()
     spec = make_spec(hook, sleep_then_return, 0, task_id="gpu_escalated", resources=ResourceSettings(gpu_count=1))
-    with pytest.raises(StepOperatorConfigError, match=r"cannot run this GPU step \(.+\) on-demand: Modal runs GPU "
-                       r"functions on preemptible capacity only"):
-        hook.check_on_demand(spec)
-    hook.check_on_demand(make_spec(hook, sleep_then_return, 0, task_id="cpu_escalated"))
+    assert not hook.spot(spec) and hook.spot(make_spec(hook, sleep_then_return, 0, task_id="cpu_escalated"))
