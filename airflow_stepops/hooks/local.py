@@ -301,7 +301,6 @@ class LocalStepOperatorHook(StepOperatorHook):
             existing = self.find_job(spec.identity)
             if existing is not None:
                 self.log.info("Job directory %s already exists: re-attaching", job_dir)
-                existing["on_demand"] = spec.on_demand
                 return with_queue_limit(existing, spec)
             if time.time() - os.path.getmtime(job_dir) < HALF_MADE_GRACE_SECONDS:
                 raise StepOperatorConfigError(
@@ -342,7 +341,6 @@ class LocalStepOperatorHook(StepOperatorHook):
         self.log.info("Started local step in %s (cpus=%s, memory_limit=%s, gpus=%s)", job_dir,
                       launch["cpu_ids"], launch["memory_limit_bytes"], launch["gpus"])
         handle = self._handle(spec.identity, job_dir, spec.output_uri)
-        handle["on_demand"] = spec.on_demand  # a host is never spot capacity: spot() stays False
         return with_queue_limit(handle, spec)
 
     def _immutable_json(self, job_dir: str, name: str) -> dict[str, Any] | None:
