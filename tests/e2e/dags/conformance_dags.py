@@ -65,6 +65,15 @@ def conformance(flavor: str, conn_id: str, settings: dict | None, short: dict | 
                and time.monotonic() < deadline):
             time.sleep(0.2)
 
+    def _checkpointed(marker):
+        """Note, beside the marker, that this invocation has checkpointed (the test preempts it then)."""
+        import os
+
+        print("conformance-checkpointed", flush=True)
+        if marker and os.path.isdir(os.path.dirname(marker)):
+            with open(f"{marker}.checkpointed", "a", encoding="utf-8") as fh:
+                fh.write(f"{os.getpid()}\n")
+
     @dag(dag_id=f"{prefix}_results", schedule=None, catchup=False, tags=["stepops-conformance"])
     def results():
         """Small JSON to XCom, multiple_outputs, a large non-JSON result passed on as the value, mapping,
@@ -215,7 +224,7 @@ def conformance(flavor: str, conn_id: str, settings: dict | None, short: dict | 
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w", encoding="utf-8") as fh:
                 json.dump(state, fh)
-            print("conformance-checkpointed", flush=True)
+            _checkpointed(marker)
             time.sleep(600)
 
         resume(MARKER, SETTLED)
@@ -230,7 +239,7 @@ def conformance(flavor: str, conn_id: str, settings: dict | None, short: dict | 
             import time
 
             _begin(f"{prefix}_budget", "exhausted", marker, settled, run_id)
-            print("conformance-checkpointed", flush=True)
+            _checkpointed(marker)
             time.sleep(600)
 
         exhausted(MARKER, SETTLED)
