@@ -4,6 +4,7 @@ flavor's real hook and trigger. What only one flavor promises stays in tests/<fl
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -376,3 +377,47 @@ def test_a_spot_step_renders_on_demand_when_escalated(flavor, emulator, monkeypa
     on_demand = hook.render(spec)
     assert RENDERED_SPOT[flavor](on_demand) is False, on_demand
     assert hook.spot(spec) is True  # what the settings ask for, whatever the attempt runs on
+
+
+# failover and escalation, before anything is submitted ------------------------------------------------------------
+def test_render_shows_every_step_operator_of_a_list_and_its_on_demand_request(sm_emulator, vx_emulator, airflow_db):
+    before = set(vx_emulator.job_ids)
+    body = render(sm_emulator, "sagemaker", "failover_steps", "fit")
+    sagemaker, vertex = body["candidates"]
+    assert (sagemaker["step_operator"], vertex["step_operator"]) == ("sagemaker_step_operator", "vertex_step_operator")
+    assert sagemaker["request"]["EnableManagedSpotTraining"] is True
+    assert sagemaker["on_demand_request"]["EnableManagedSpotTraining"] is False  # the budget's last attempt
+    assert vertex["request"]["jobSpec"]["scheduling"]["strategy"] == "SPOT"
+    assert vertex["on_demand_request"]["jobSpec"]["scheduling"]["strategy"] == "STANDARD"
+    assert body["request"] == sagemaker["request"] and set(vx_emulator.job_ids) <= before  # nothing submitted
+
+
+def _step(step_operator, **kwargs):
+    from airflow_stepops.operators.base import StepOperator
+
+    return StepOperator(task_id="capacity_checks", python_callable=sleep_then_return, step_operator=step_operator,
+                        **kwargs)
+
+
+@pytest.mark.parametrize(("step_operator", "settings", "says"), [
+    (["k8s_step_operator", "no_such_operator"], {}, "'no_such_operator': no Airflow connection"),
+    (["k8s_step_operator"], {"step_operator.vertex": {"use_spot": True}},
+     "'step_operator.vertex' settings were given, but no step operator of the step is of flavor 'vertex'"),
+    (["k8s_step_operator"], {"step_operator.kubernetes": {"use_spot": True}}, "on_demand_pod_overrides"),
+])
+def test_what_a_list_of_step_operators_cannot_do_is_refused_before_submitting(k8s_emulator, step_operator, settings,
+                                                                              says):
+    from airflow_stepops.bundle import StepIdentity
+
+    before = set(k8s_emulator.job_ids)
+    with pytest.raises(StepOperatorConfigError, match=re.escape(says)):
+        _step(step_operator, settings=settings).check_step_operators(StepIdentity("d", "r", "t", -1, 1))
+    assert set(k8s_emulator.job_ids) == before
+
+
+def test_a_spot_step_that_only_retries_needs_no_on_demand_overrides(k8s_emulator):
+    from airflow_stepops.bundle import StepIdentity
+
+    _step(["k8s_step_operator"], on_preemption="retry",
+          settings={"step_operator.kubernetes": {"use_spot": True}}).check_step_operators(
+        StepIdentity("d", "r", "t", -1, 1))
