@@ -53,6 +53,7 @@ Tests that only need ``airflow dags test`` run before the ones that need the ser
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import importlib.metadata
 import importlib.util
@@ -694,7 +695,7 @@ class Services:
     stopped: bool = False
     _events_lock: threading.Lock = field(default_factory=threading.Lock)
     _events_offset: int = 0
-    _executor_events: set[str] = field(default_factory=set)
+    _executor_events: collections.Counter[str] = field(default_factory=collections.Counter)
 
     @property
     def base_url(self) -> str:
@@ -813,9 +814,10 @@ class Services:
         return run_id
 
     def executor_event_seen(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1,
-                            map_index: int = -1) -> bool:
-        """Whether the scheduler has taken in the executor's event for this task try (its log says so); the
-        scheduler's log is read on from where the last call stopped."""
+                            map_index: int = -1, times: int = 1) -> bool:
+        """Whether the scheduler has taken in ``times`` executor events for this task try (its log says so: one
+        per worker that ran it, e.g. one per deferral); the scheduler's log is read on from where the last call
+        stopped."""
         key = (f"TaskInstanceKey(dag_id='{dag_id}', task_id='{task_id}', run_id='{run_id}', "
                f"try_number={try_number}, map_index={map_index})")
         with self._events_lock:
@@ -825,7 +827,7 @@ class Services:
             end = chunk.rfind(b"\n") + 1  # whole lines only
             self._events_offset += end
             self._executor_events.update(_EXECUTOR_EVENT.findall(chunk[:end].decode(errors="replace")))
-            return key in self._executor_events
+            return self._executor_events[key] >= times
 
     def mark_ti(self, dag_id: str, run_id: str, task_id: str, state: str) -> Any:
         return self.api("PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}", {"new_state": state})

@@ -12,7 +12,8 @@ def terminal(row: dict) -> bool:
     return row["state"] in TERMINAL_TI_STATES
 
 
-def deferral_settled(services, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> bool:
+def deferral_settled(services, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1,
+                     deferrals: int = 1) -> bool:
     """The scheduler has processed the executor's "success" of the worker that deferred this try.
 
     Until then the trigger must not fire: Airflow 3.3's scheduler fails the try ("state mismatch") when that
@@ -20,7 +21,7 @@ def deferral_settled(services, dag_id: str, run_id: str, task_id: str, try_numbe
     ~1.5 s after deferring; apache/airflow#66374, #71580, #72716). Tests hold their steps until this is
     true before letting them end (``Run.trigger`` releases every deferred step of a run once it is).
     """
-    return services.executor_event_seen(dag_id, run_id, task_id, try_number, map_index)
+    return services.executor_event_seen(dag_id, run_id, task_id, try_number, map_index, times=deferrals)
 
 
 def task_runner_process(ti_row: dict) -> psutil.Process | None:

@@ -623,9 +623,10 @@ def preempt_each(run: Run, times: int) -> None:
     checkpointed = Path(f"{run.marker}.checkpointed")
     preempted: list[str] = run.seen.setdefault("preempted", [])
     for number in range(1, times + 1):
-        def ready(row: dict[str, Any], n: int = number) -> bool:
+        def ready(row: dict[str, Any], n: int = number) -> bool:  # attempt n's deferral (the n-th) settled
             done = len(checkpointed.read_text().split()) if checkpointed.exists() else 0
-            return terminal(row) or (done >= n and any(job not in preempted for job in run.jobs()))
+            return terminal(row) or (done >= n and any(job not in preempted for job in run.jobs()) and deferral_settled(
+                run.services, run.dag_id, run.run_id, run.task_id, 1, deferrals=n))
 
         run.watch(ready)
         job = next(job for job in run.jobs() if job not in preempted)
