@@ -40,10 +40,12 @@ DLC_ACCOUNTS = {"af-south-1": "626614931356", "ap-east-1": "871362719292", "ap-e
                 "us-gov-west-1": "442386744353"}
 DLC_ACCOUNT = "763104351884"
 
-#: the Python an image's name promises: Docker Hub ``python:3.11...``, or a ``py311`` part of a tag
-#: (Deep Learning Containers ``...-py311-...``, Vertex AI's prebuilt ``...py310``)
-_PYTHON_REPO = re.compile(r"(?:^|/)python:(\d+)\.(\d+)")
-_PY_TAG = re.compile(r"(?:^|[-.])py(\d)(\d{1,2})(?=[-.]|$)")
+#: the Python an image's name promises: Docker Hub's official ``python:3.11...`` (also through ``docker.io`` or a
+#: mirror's ``library/``; another registry's repository named ``python`` is someone else's), or a ``py311`` part of
+#: its last component (Deep Learning Containers ``...-py311-...``, Vertex AI's prebuilt ``pytorch-gpu.2-1.py310``)
+_PYTHON_REPO = re.compile(r"^(?:(?:docker\.io|index\.docker\.io|registry-1\.docker\.io)/)?(?:library/)?python:(3)\.(\d+)"
+                          r"|/library/python:(3)\.(\d+)")
+_PY_TAG = re.compile(r"(?:^|[-.:])py(3)(\d{1,2})(?=[-.:@]|$)")
 
 
 def worker_python() -> str:
@@ -70,9 +72,9 @@ def image_python(image: str) -> str | None:
     """The Python major.minor that ``image``'s name promises, if it names one."""
     repo = _PYTHON_REPO.search(image)
     if repo:
-        return f"{repo.group(1)}.{repo.group(2)}"
-    tag = image.rsplit("/", 1)[-1].partition(":")[2].split("@")[0]
-    py = _PY_TAG.search(tag)
+        major, minor = [g for g in repo.groups() if g is not None]
+        return f"{major}.{minor}"
+    py = _PY_TAG.search(image.rsplit("/", 1)[-1].split("@")[0])
     return f"{py.group(1)}.{py.group(2)}" if py else None
 
 

@@ -8,6 +8,7 @@ no ``-r``/``-c`` includes, editable installs or local paths. Checked when the DA
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,17 +16,22 @@ from pathlib import Path
 _INCLUDES = ("-r", "--requirement", "-c", "--constraint", "-e", "--editable")
 #: pip options a requirements file may carry (https://pip.pypa.io/en/stable/reference/requirements-file-format/)
 _OPTIONS = ("-i", "--index-url", "--extra-index-url", "--no-index", "-f", "--find-links", "--pre",
-            "--prefer-binary", "--only-binary", "--no-binary", "--trusted-host", "--use-feature")
+            "--prefer-binary", "--only-binary", "--no-binary", "--trusted-host", "--use-feature", "--require-hashes")
+#: options that take a location: it must be a URL the job can reach
+_LOCATIONS = ("-i", "--index-url", "--extra-index-url", "-f", "--find-links")
+#: a requirement given as a URL (https://.../pkg.whl, git+https://...), which pip takes on a line of its own
+_URL = re.compile(r"^(https?|git\+[a-z]+)://")
+_COMMENT = re.compile(r"(^|\s)#.*$")
 
 
 def check_line(line: str, where: str) -> None:
     """Refuse a line pip would refuse or the job could not honour, naming it and what is allowed."""
     from packaging.requirements import InvalidRequirement, Requirement
 
-    text = line.split(" #", 1)[0].strip()
-    if not text or text.startswith("#"):
+    text = _COMMENT.sub("", line).strip()
+    if not text:
         return
-    option = text.split("=", 1)[0].split()[0]
+    option, _, value = text.replace("=", " ", 1).partition(" ")
     if option in _INCLUDES:
         raise ValueError(f"{where}: {line!r} names another file, which does not travel with the step; list its "
                          "requirements here instead")
@@ -33,9 +39,17 @@ def check_line(line: str, where: str) -> None:
         if option not in _OPTIONS:
             raise ValueError(f"{where}: {line!r}: pip option {option!r} is not allowed here; allowed: "
                              f"{', '.join(_OPTIONS)}")
+        if option in _LOCATIONS and not _URL.match(value.strip()):
+            raise ValueError(f"{where}: {line!r}: {option} must be a URL the job can reach (local paths do not "
+                             "travel with the step)")
         return
+    if _URL.match(text):
+        return
+    if "file:" in text:
+        raise ValueError(f"{where}: {line!r} names a local file, which does not travel with the step; publish the "
+                         "package to an index, or use a 'name @ https://...' URL")
     try:
-        Requirement(text.split(" --hash", 1)[0].strip())
+        Requirement(re.split(r"\s--", text, maxsplit=1)[0].strip())  # per-requirement options: --hash, ...
     except InvalidRequirement as exc:
         hint = (" (local paths do not travel with the step: publish the package to an index, or use a "
                 "'name @ https://...' URL)" if os.sep in text or text.startswith(".") else "")
@@ -67,8 +81,18 @@ def read_file(value: str, folder: str | None, where: str = "requirements") -> st
     """The checked text of the requirements file ``value``."""
     path = resolve_file(value, folder, where)
     text = path.read_text(encoding="utf-8")
+    joined, first = "", 1
     for number, line in enumerate(text.splitlines(), start=1):
-        check_line(line, f"{where} ({path.name}, line {number})")
+        if not joined:
+            first = number
+        joined += line
+        if line.endswith("\\"):  # continued on the next line (pip-compile --generate-hashes writes these)
+            joined = joined[:-1] + " "
+            continue
+        check_line(joined, f"{where} ({path.name}, line {first})")
+        joined = ""
+    if joined:
+        check_line(joined, f"{where} ({path.name}, line {first})")
     return text
 
 

@@ -237,7 +237,9 @@ class StepOperatorHook(BaseHook, ABC):
         import cloudpickle
 
         cache = self.requirements_cache(spec)
-        return {"requirements": [line for line in requirements.splitlines() if line.strip()],
+        from airflow_stepops.runtime.protocol import masked
+
+        return {"requirements": [line for line in masked(requirements).splitlines() if line.strip()],
                 "cloudpickle": f"{cloudpickle.__version__}, installed when the image has none or another minor "
                                "version",
                 "cache": cache or "none: this step operator keeps nothing between jobs, each job installs"}

@@ -175,8 +175,10 @@ class StepOperator(BaseOperator):
         flavors, and where a preemption may escalate to on-demand capacity, that step operator can provide it."""
         hooks = [self.get_hook(conn) for conn in self.step_operators]
         self.step_settings.check_flavors({hook.step_operator_conn_id: hook.flavor for hook in hooks})
-        for hook in hooks:
+        for index, hook in enumerate(hooks):
             policy, spec = self.policy(hook), self.build_spec(hook, identity, [])
+            if index:  # the first one's request is built before its bundle is written
+                hook.build_request(spec)
             if policy.on_demand_after(policy.retries, hook.spot(spec)):
                 spec.on_demand = True
                 hook.check_on_demand(spec)
@@ -298,7 +300,12 @@ class StepOperator(BaseOperator):
                                  exc.reason, exc, self.step_operators[candidate + 1])
                 return self._attempt(context, identity, candidate=candidate + 1, attempt=attempt + 1,
                                      preemptions=preemptions, history=[*history, record])
-            raise StepCapacityError(_passed_over([*history, record]), exc.reason) from exc
+            if preemptions < self.policy(hook).retries:  # the last step operator: as its jobs' capacity failures
+                self.log.warning("Step operator %r has no capacity for the step (%s): %s; trying it again as attempt "
+                                 "%d", conn_id, exc.reason, exc, attempt + 1)
+                return self._attempt(context, identity, candidate=candidate, attempt=attempt + 1,
+                                     preemptions=preemptions + 1, history=[*history, record])
+            raise StepCapacityError(f"{exc} ({_passed_over([*history, record])})", exc.reason) from exc
         handle = cast("JobHandle", {**handle, **place, "attached_by_try": identity.try_number})
         if store is not None:
             store.set(STATE_KEY, cast(Any, handle))
@@ -311,8 +318,8 @@ class StepOperator(BaseOperator):
             self.log.info("Job %s of this try already exists: re-attaching", handle.get("job_id"))
             return handle
         spec = self.write_step_bundle(context, hook, identity, preemptions)
-        handle = {**hook.submit(spec), "submitted_at": time.time(), "on_demand": spec.on_demand,
-                  "max_queue_seconds": spec.max_queue_seconds}
+        # the hook puts max_queue_seconds in the handle where the trigger, not the service, enforces it
+        handle = {**hook.submit(spec), "submitted_at": time.time(), "on_demand": spec.on_demand}
         self.log.info("Submitted step %s to %s step operator %r as job %s%s", self.task_label, hook.flavor,
                       hook.step_operator_conn_id, handle.get("job_id"),
                       f" (attempt {identity.attempt}{', on-demand' if spec.on_demand else ''})"

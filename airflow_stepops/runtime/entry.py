@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
 import io
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -165,60 +167,83 @@ def _cloudpickle_to_install(want: str) -> str:
     return f"cloudpickle=={want}"
 
 
-def requirements_to_install(meta: dict) -> str:
-    """The step's requirements, plus the workers' cloudpickle where the image's cannot load the step."""
-    text = str(meta.get("requirements") or "").strip()
-    cloudpickle = _cloudpickle_to_install(str(meta.get("cloudpickle_version") or ""))
-    if cloudpickle and (text or importlib.util.find_spec("pip") is not None):  # without pip the bootstrap says
-        text += "\n" + cloudpickle                                              # which cloudpickle to install
-    return text.strip()
-
-
-def _cache_key(text: str) -> str:
-    """Installed packages are reusable by a job with the same requirements on the same Python and platform."""
-    return hashlib.sha256(f"{sys.implementation.cache_tag}|{sysconfig.get_platform()}|{text}".encode()).hexdigest()[:24]
+def _cache_key(*texts: str) -> str:
+    """Installed packages are reusable by a job with the same requirements on the same Python, platform and C
+    library (wheels built for glibc do not load on musl, nor on an older glibc)."""
+    where = f"{sys.implementation.cache_tag}|{sysconfig.get_platform()}|{'-'.join(platform.libc_ver())}"
+    return hashlib.sha256("|".join((where, *texts)).encode()).hexdigest()[:24]
 
 
 def install_requirements(bundle: str, workdir: str) -> str | None:
-    """Install what the step needs into a directory put first on its ``sys.path`` (``None``: nothing to install),
-    from the cache directory (``Env.REQUIREMENTS_CACHE``) when an earlier job left the same install there."""
+    """Install what the step needs into a directory put first on its ``sys.path`` (``None``: nothing to install):
+    its requirements, and the workers' cloudpickle where the image's cannot load the step (a separate install:
+    a requirements file in hash-checking mode must not meet an unhashed line). From the cache directory
+    (``Env.REQUIREMENTS_CACHE``) when an earlier job left the same install there."""
     with open(os.path.join(bundle, protocol.META_FILE), encoding="utf-8") as fh:
         meta = json.load(fh)
     if list(meta.get("python_version", [])[:2]) != list(sys.version_info[:2]):
         return None  # the bootstrap refuses this interpreter, naming the Python to use: installing is no use
-    text = requirements_to_install(meta)
-    if not text:
+    requirements = str(meta.get("requirements") or "").strip()
+    cloudpickle = _cloudpickle_to_install(str(meta.get("cloudpickle_version") or ""))
+    if cloudpickle and not requirements and importlib.util.find_spec("pip") is None:
+        cloudpickle = ""  # nothing can install it: the bootstrap names the cloudpickle to put in the image
+    if not (requirements or cloudpickle):
         return None
     started, target = time.monotonic(), os.path.join(workdir, "site")
     cache = _env(Env.REQUIREMENTS_CACHE)
-    cached = os.path.join(cache, _cache_key(text) + ".tar.gz") if cache else ""
-    if cached and os.path.exists(cached):
-        with open(cached, "rb") as fh:
-            _extract(fh.read(), target)
+    cached = os.path.join(cache, _cache_key(requirements, cloudpickle) + ".tar.gz") if cache else ""
+    if cached and _reuse(cached, target):
         print(f"[stepops] requirements: reused the install cached at {cached} "
               f"({time.monotonic() - started:.1f} s)", flush=True)
         return target
-    _pip_install(text, workdir, target)
+    if requirements:
+        _pip_install(["-r", _listing(requirements, workdir)], protocol.masked(requirements).splitlines(), target)
+    if cloudpickle:
+        _pip_install(["--no-deps", cloudpickle], [cloudpickle], target)
     print(f"[stepops] requirements: installed in {time.monotonic() - started:.1f} s", flush=True)
     if cached:
         _keep(target, cached)
     return target
 
 
-def _pip_install(text: str, workdir: str, target: str) -> None:
+def _listing(requirements: str, workdir: str) -> str:
+    path = os.path.join(workdir, "requirements.txt")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(requirements + "\n")
+    return path
+
+
+def _reuse(cached: str, target: str) -> bool:
+    """Unpack a cached install; one that cannot be read (cut, corrupt) is set aside and installed afresh."""
+    if not os.path.exists(cached):
+        return False
+    try:
+        with tarfile.open(cached, mode="r:gz") as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(target, filter="data")
+            else:  # Python without extraction filters; the archive is our own
+                tar.extractall(target)
+        return True
+    except Exception as exc:
+        print(f"[stepops] requirements: the cached install {cached} cannot be read ({exc}); installing afresh",
+              file=sys.stderr, flush=True)
+        shutil.rmtree(target, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.remove(cached)
+        return False
+
+
+def _pip_install(args: list[str], shown: list[str], target: str) -> None:
     """``pip install --target``, its output streamed to the log as it comes; InstallError naming what failed."""
     if importlib.util.find_spec("pip") is None:
         raise InstallError(f"{sys.executable} (Python {sys.version.split()[0]}) has no pip, so the step's "
                            "requirements cannot be installed; use an image with pip (e.g. the default image: leave "
                            "\"image\" unset), or install the requirements into the image")
-    listing = os.path.join(workdir, "requirements.txt")
-    with open(listing, "w", encoding="utf-8") as fh:
-        fh.write(text + "\n")
-    print(f"[stepops] requirements: pip install --target <site> -r requirements.txt: "
-          f"{'; '.join(line for line in text.splitlines() if line.strip())}", flush=True)
-    argv = [sys.executable, "-m", "pip", "install", "--target", target, "-r", listing]
+    print(f"[stepops] requirements: pip install --target <site>: {'; '.join(x for x in shown if x.strip())}",
+          flush=True)
     tail: collections.deque[str] = collections.deque(maxlen=12)
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+    child = subprocess.Popen([sys.executable, "-m", "pip", "install", "--target", target, *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                              env={**os.environ, **PIP_ENV})
     assert child.stdout is not None
     for line in child.stdout:
@@ -232,15 +257,20 @@ def _pip_install(text: str, workdir: str, target: str) -> None:
 
 
 def _keep(target: str, cached: str) -> None:
-    """Leave the install for the next job; a cache that cannot be written only costs the next job an install."""
-    partial = f"{cached}.{os.getpid()}.tmp"
+    """Leave the install for the next job, streamed to a file of this job's own and renamed whole: a job reading
+    the cache never sees half an archive. A cache that cannot be written only costs the next job an install."""
+    partial = ""
     try:
         os.makedirs(os.path.dirname(cached), exist_ok=True)
-        with open(partial, "wb") as fh:
-            fh.write(_archive(target, level=1))
-        os.replace(partial, cached)  # whole or absent: a job reading the cache never sees half an archive
+        fd, partial = tempfile.mkstemp(dir=os.path.dirname(cached), prefix=".install-", suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh, tarfile.open(fileobj=fh, mode="w:gz", compresslevel=1) as tar:
+            for name in sorted(os.listdir(target)):
+                tar.add(os.path.join(target, name), arcname=name)
+        os.replace(partial, cached)
         print(f"[stepops] requirements: cached at {cached} for later jobs", flush=True)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
         print(f"[stepops] requirements: cannot cache the install at {cached}: {exc}", file=sys.stderr, flush=True)
 
 
@@ -262,9 +292,9 @@ def run_child(argv: list[str], env: dict[str, str] | None = None) -> int:
     return 128 - code if code < 0 else code
 
 
-def _archive(directory: str, level: int = 6) -> bytes:
+def _archive(directory: str) -> bytes:
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=level) as tar:
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:
         for name in sorted(os.listdir(directory)):
             tar.add(os.path.join(directory, name), arcname=name)
     return buffer.getvalue()

@@ -40,6 +40,14 @@ FAILURE_MARKER = "stepops-error/1:"
 CALL_ERROR_MARKER = "stepops-error:"
 
 
+def masked(text: str) -> str:
+    """``text`` with the credentials of its URLs (``https://user:token@host``) masked: requirements may name a
+    private index that way, and they are shown in logs and by ``stepops render``."""
+    import re
+
+    return re.sub(r"(://)[^/@\s]+@", r"\1****@", text)
+
+
 def staged_ref(index: int | str) -> str:
     """Where, relative to the bundle directory, input artifact ``index`` is staged."""
     return f"refs/{index}.pkl"

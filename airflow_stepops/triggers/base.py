@@ -251,7 +251,9 @@ class StepOperatorTrigger(BaseTrigger):
                         return
                     continue
                 errors = 0
-                started = started or status.state is not JobState.QUEUED  # (a restart after a preemption is no wait)
+                # a job that ran is no longer waiting for capacity, whatever it reports now (a SageMaker spot job
+                # restarting after an interruption is queued again, with its start time)
+                started = started or status.state is not JobState.QUEUED or bool(status.details.get("started_at"))
                 if max_queue is not None and not started and time.time() - queued_since > max_queue:
                     yield await self._queue_timeout(hook, status, float(max_queue), cursor, tail)
                     return

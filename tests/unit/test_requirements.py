@@ -21,7 +21,9 @@ from ..package_index import build_wheel
 @pytest.mark.parametrize("line", ["numpy", "numpy>=1.26,<3", "torch==2.4.*; python_version >= '3.10'",
                                   "pkg[extra] @ https://example.com/pkg-1.0-py3-none-any.whl", "# a comment", "",
                                   "--extra-index-url https://pypi.example/simple", "numpy==2.0 --hash=sha256:abc",
-                                  "scipy  # inline comment"])
+                                  "scipy  # inline comment", "numpy==1.26.4\t# pinned", "--require-hashes",
+                                  "https://example.com/foo-1.0-py3-none-any.whl",
+                                  "git+https://github.com/psf/requests#egg=requests"])
 def test_requirement_lines_pip_takes_are_accepted(line):
     check_line(line, "requirements[0]")
 
@@ -30,7 +32,9 @@ def test_requirement_lines_pip_takes_are_accepted(line):
                                             ("-r base.txt", "names another file"),
                                             ("--constraint=c.txt", "names another file"),
                                             ("-e .", "names another file"), ("../lib/mypkg", "local paths"),
-                                            ("--user", "'--user' is not allowed here")])
+                                            ("--user", "'--user' is not allowed here"),
+                                            ("foo @ file:///home/me/foo.whl", "names a local file"),
+                                            ("--find-links ./wheels", "must be a URL the job can reach")])
 def test_requirement_lines_the_job_could_not_honour_are_refused(line, says):
     with pytest.raises(ValueError, match="requirements\\[0\\]") as caught:
         check_line(line, "requirements[0]")
@@ -40,6 +44,9 @@ def test_requirement_lines_the_job_could_not_honour_are_refused(line, says):
 def test_a_requirements_file_is_read_relative_to_the_dag_folder(tmp_path):
     (tmp_path / "reqs.txt").write_text("numpy\n")
     assert requirements_text("reqs.txt", str(tmp_path)) == "numpy\n"
+    hashed = "numpy==1.26.4 \\\n    --hash=sha256:aaa \\\n    --hash=sha256:bbb\n--require-hashes\n"  # pip-compile's
+    (tmp_path / "hashed.txt").write_text(hashed)
+    assert requirements_text("hashed.txt", str(tmp_path)) == hashed
     assert requirements_text(["numpy", "scipy"], None) == "numpy\nscipy\n"
     with pytest.raises(ValueError, match="'other.txt' does not exist"):
         requirements_text("other.txt", str(tmp_path))
@@ -103,3 +110,31 @@ def test_without_requirements_or_pip_a_missing_cloudpickle_is_named_by_the_boots
     done, output = _run_entry(python, tmp_path)
     error = json.loads((output / protocol.ERROR_FILE).read_text())
     assert done.returncode == 2 and error["phase"] == "load" and "pip install cloudpickle" in error["message"], error
+
+
+def test_a_cached_install_that_cannot_be_read_is_installed_afresh(tmp_path, package_index):
+    import cloudpickle
+
+    from airflow_stepops.runtime.entry import _cache_key
+
+    python = _image(tmp_path / "image")  # Python and pip only, like python:3.x-slim
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    broken = cache / f"{_cache_key('stepops-probe==1.0', f'cloudpickle=={cloudpickle.__version__}')}.tar.gz"
+    broken.write_bytes(b"\x1f\x8b cut short")
+    done, _ = _run_entry(python, tmp_path, requirements="stepops-probe==1.0\n", PIP_INDEX_URL=package_index.url,
+                              **{Env.REQUIREMENTS_CACHE: str(cache)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "cannot be read" in done.stderr and "requirements: installed in" in done.stdout
+    import tarfile
+
+    with tarfile.open(broken) as tar:  # replaced by the fresh install
+        assert any(name.startswith("stepops_probe") for name in tar.getnames())
+
+
+def test_index_credentials_are_masked_in_the_log(tmp_path, package_index):
+    python = _image(tmp_path / "image")
+    done, _ = _run_entry(python, tmp_path, requirements="--extra-index-url https://deploy:s3cret@pypi.example/simple\n"
+                         "stepops-probe==1.0\n", PIP_INDEX_URL=package_index.url, PIP_TIMEOUT="1", PIP_RETRIES="0")
+    assert "s3cret" not in done.stdout.split("pip install --target")[1].splitlines()[0]
+    assert "https://****@pypi.example/simple" in done.stdout
