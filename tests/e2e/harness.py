@@ -95,6 +95,10 @@ class Kubernetes(Harness):
         self.emulator.inject("unschedulable", message="0/1 nodes are available: 1 Insufficient nvidia.com/gpu.",
                              duration=None)
 
+    def hold_queued(self):  # waiting for capacity is a pod no node takes yet (a scheduled one pulling its image got it)
+        self.emulator.inject("unschedulable", message="0/1 nodes are available: 1 Insufficient nvidia.com/gpu.",
+                             duration=120)
+
     def on_demand(self, af, job_id):  # the spot node selector (the settings' default) is gone
         selector = self.record(job_id)["spec"]["template"]["spec"].get("nodeSelector") or {}
         return selector.get("karpenter.sh/capacity-type") != "spot"
