@@ -85,7 +85,10 @@ def k8s_emulator(airflow_home: Path):
             "metadata": {"name": "step-data"},
             "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
         common = {"config_file": str(kubeconfig), "kubernetes_context": "emulator", "kubernetes_namespace": "steps",
-                  "image": "registry.local/stepops-python:3", "console_url_template":
+                  "image": "registry.local/stepops-python:3",
+                  # the emulator's one node stands for the on-demand pool too: its zone label selects it
+                  "on_demand_pod_overrides": {"node_selector": {"topology.kubernetes.io/zone": "emulator-a"}},
+                  "console_url_template":
                   "https://k8s.example/#/job/{namespace}/{name}"}
         os.environ["AIRFLOW_CONN_K8S_STEP_OPERATOR"] = json.dumps(
             {"conn_type": "stepops_kubernetes", "extra": common})

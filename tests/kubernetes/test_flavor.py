@@ -344,9 +344,9 @@ ON_DEMAND = {"node_selector": {"karpenter.sh/capacity-type": "on-demand"},
 
 def test_escalating_a_spot_step_needs_on_demand_pod_overrides(k8s_emulator, monkeypatch):
     spot = KubernetesStepOperatorSettings(use_spot=True)
-    hook = make_hook()
+    hook = make_hook("k8s_no_overrides", monkeypatch=monkeypatch, on_demand_pod_overrides=None)
     spec = make_spec(hook, _greet, "x", task_id="no_overrides", settings=spot)
-    with pytest.raises(StepOperatorConfigError, match=r"'k8s_step_operator' cannot move a use_spot step to "
+    with pytest.raises(StepOperatorConfigError, match=r"'k8s_no_overrides' cannot move a use_spot step to "
                        r"on-demand nodes: set \"on_demand_pod_overrides\" in the connection extras"):
         hook.check_on_demand(spec)
     hook.check_on_demand(make_spec(hook, _greet, "x", task_id="not_spot"))  # nothing to escalate
