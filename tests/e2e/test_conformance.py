@@ -636,13 +636,18 @@ def preempt_each(run: Run, times: int) -> None:
     run.seen["final"] = run.watch(terminal)
 
 
-@pytest.fixture(scope="module")
-def preemptions(suite: Suite) -> dict[str, Run]:
+def preempted_twice(suite: Suite, scenario: str, task_id: str) -> dict[str, Run]:
+    """Run ``scenario`` on every flavor with preemption, its task's first two jobs preempted."""
     def drive(run: Run) -> None:
         if run.h.preemptible is not None:
             preempt_each(run.trigger(), 2)
 
-    return suite.drive("preempt", "resume", drive)
+    return suite.drive(scenario, task_id, drive)
+
+
+@pytest.fixture(scope="module")
+def preemptions(suite: Suite) -> dict[str, Run]:
+    return preempted_twice(suite, "preempt", "resume")
 
 
 @pytest.mark.timeout(900)
@@ -669,11 +674,7 @@ def test_preempted_twice_then_succeeds_within_one_try_from_its_checkpoint_on_dem
 
 @pytest.fixture(scope="module")
 def budgets(suite: Suite) -> dict[str, Run]:
-    def drive(run: Run) -> None:
-        if run.h.preemptible is not None:
-            preempt_each(run.trigger(), 2)
-
-    return suite.drive("budget", "exhausted", drive)
+    return preempted_twice(suite, "budget", "exhausted")
 
 
 @pytest.mark.timeout(900)
