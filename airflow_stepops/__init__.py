@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from airflow_stepops.artifacts import ArtifactRef
     from airflow_stepops.exceptions import (
         RemoteStepError,
+        StepCapacityError,
+        StepCostLimitError,
         StepFailedError,
         StepOperatorConfigError,
         StepPreemptedError,
@@ -26,6 +28,8 @@ _EXPORTS = {
     "ResourceSettings": "airflow_stepops.resources",
     "ArtifactRef": "airflow_stepops.artifacts",
     "RemoteStepError": "airflow_stepops.exceptions",
+    "StepCapacityError": "airflow_stepops.exceptions",
+    "StepCostLimitError": "airflow_stepops.exceptions",
     "StepFailedError": "airflow_stepops.exceptions",
     "StepOperatorConfigError": "airflow_stepops.exceptions",
     "StepPreemptedError": "airflow_stepops.exceptions",

@@ -6,11 +6,16 @@ import os
 from typing import Any
 
 try:
-    from airflow.sdk.exceptions import AirflowException, AirflowNotFoundException
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowNotFoundException
 except ImportError:  # Airflow < 3.2
-    from airflow.exceptions import AirflowException, AirflowNotFoundException  # type: ignore[no-redef]
+    from airflow.exceptions import (  # type: ignore[no-redef]
+        AirflowException,
+        AirflowFailException,
+        AirflowNotFoundException,
+    )
 
-__all__ = ["AirflowException", "AirflowNotFoundException", "airflow_conf", "airflow_home", "dagbag_class"]
+__all__ = ["AirflowException", "AirflowFailException", "AirflowNotFoundException", "airflow_conf", "airflow_home",
+           "dagbag_class"]
 
 
 def airflow_conf() -> Any:

@@ -1,5 +1,5 @@
-"""What a step does when capacity fails it: the preemption budget, escalation to on-demand capacity, and how long
-a job may queue before the step moves on to its next step operator.
+"""What a step does when capacity fails it, and what it may spend: the preemption budget, escalation to on-demand
+capacity, how long a job may queue before the step moves on to its next step operator, and ``max_cost``.
 
 The same fields are arguments of the operators and ``@task.step_operator`` and settings of every flavor; an
 argument wins over the flavor's setting, which wins over the default.
@@ -33,6 +33,10 @@ class CapacityFields(BaseModel):
     max_queue_seconds: float | None = Field(
         default=None, gt=0, description="How long a job may wait for capacity before that counts as a capacity "
         "failure (the next step operator of a list is tried).")
+    max_cost: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="The most the step may cost, every attempt included, "
+        "in the currency of the step operator's prices: refused before submitting when it cannot fit or its price "
+        "is unknown; stopped (StepCostLimitError) when its accrued cost reaches it.")
 
 
 class CapacityPolicy(CapacityFields):

@@ -208,20 +208,37 @@ def render_task(dag_id: str, task_id: str, run_id: str = "render", map_index: in
 
 
 def _candidate(task: Any, hook: Any, identity: Any) -> dict[str, Any]:
-    """One step operator of the task: what its first attempt submits and, when a preemption can escalate the
-    step to on-demand capacity there, what that attempt submits."""
-    spec = task.build_spec(hook, identity, refs=[])
+    """One step operator of the task: what its first attempt submits and costs and, when a preemption can escalate
+    the step to on-demand capacity there, what that attempt submits and costs."""
+
+    spec = task.build_spec(hook, identity, refs=[], priced=True)
     image = hook.image(spec)
     found = {"step_operator": hook.step_operator_conn_id, "flavor": hook.flavor,
              "settings": spec.settings.model_dump(mode="json"), "bundle_uri": spec.bundle_uri,
              "output_uri": spec.output_uri, "image": image,
              "install": hook.install_plan(spec, task.requirements_text(hook.flavor)) if image else None,
-             "request": hook.render(spec)}
+             "request": hook.render(spec), "cost": _cost(task, hook, spec)}
     policy = task.policy(hook)
     if policy.on_demand_after(policy.retries, hook.spot(spec)):
         escalated = task.build_spec(hook, identity.with_attempt(policy.retries + 1), refs=[],
-                                    preemptions=policy.retries)
+                                    preemptions=policy.retries, priced=True)
         found["on_demand_request"] = hook.render(escalated)
+        found["on_demand_cost"] = _cost(task, hook, escalated)
+    return found
+
+
+def _cost(task: Any, hook: Any, spec: Any) -> dict[str, Any]:
+    """The attempt's estimate and, under ``max_cost``, whether the step fits in it (what ``execute`` would refuse)."""
+    from airflow_stepops.cost import estimate
+
+    found = estimate(hook, spec)
+    limit = task.policy(hook).max_cost
+    if limit is not None:
+        try:
+            task.check_cost(hook, spec)
+            found["max_cost"] = {"limit": limit, "runtime_within_seconds": spec.cost_seconds}
+        except Exception as exc:  # StepCostLimitError: shown, as execute would raise it
+            found["max_cost"] = {"limit": limit, "refused": str(exc)}
     return found
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from airflow_stepops._compat import AirflowException
+from airflow_stepops._compat import AirflowException, AirflowFailException
 
 
 class StepOperatorConfigError(ValueError):
@@ -29,6 +29,11 @@ class StepTimeoutError(AirflowException):
 
 class StepFailedError(AirflowException):
     """The remote job failed without a Python exception from the step (crash, OOM kill, cancel)."""
+
+
+class StepCostLimitError(StepFailedError, AirflowFailException):
+    """The step would cost, or did cost, its ``max_cost``: refused before submitting (it cannot fit, or its price is
+    unknown), or stopped when its accrued cost reached the limit. Not retried: a retry would spend it again."""
 
 
 class StepRequirementsError(StepFailedError):

@@ -13,6 +13,7 @@ _COMMON_FIELDS: dict[str, Any] = {
     'artifact_store': {'label': 'Artifact store URI', 'schema': {'type': ['string', 'null']}, 'description': 'URI where bundles and results live (s3://, gs://, abfs://, file://).'},
     'max_result_size': {'label': 'Max result size', 'schema': {'type': ['string', 'null'], 'default': '10GB'}, 'description': 'Largest result a step may store; bigger results fail clearly.'},
     'inline_result_max_size': {'label': 'Max inline (XCom) result size', 'schema': {'type': ['string', 'null'], 'default': '48KB'}, 'description': 'JSON results up to this size go to XCom directly; larger become ArtifactRefs.'},
+    'prices': {'label': 'Prices', 'schema': {'type': ['object', 'string', 'null']}, 'description': 'Prices for cost estimates, max_cost and the recorded cost, over the flavor\'s list prices: {"currency": "USD", "discount": 0.2, "machines": {"<type>": {"on_demand": 1.2, "spot": 0.4}}, "on_demand": {"cpu_hour": 0.04, "memory_gib_hour": 0.005, "gpu_hour": {"A100": 2.9}}, "spot": {...}}, or the path or URI of a JSON file of that shape.'},
 }
 _ENVIRONMENT: dict[str, Any] = {'label': 'Environment variables', 'schema': {'type': ['object', 'null']}, 'description': 'Environment of every step (no secrets).'}
 

@@ -1,7 +1,8 @@
 """Which machine of a cloud's table a step's ``ResourceSettings`` get: the same rule for every flavor.
 
-A flavor's table is data (a row per machine: vCPUs, memory, GPUs, approximate price); this module says
-which rows fit, picks the cheapest, and when none fits names the nearest, so the error shows what exists.
+A flavor's table is data (a row per machine: vCPUs, memory, GPUs, on-demand and spot list prices, whose
+provenance is the table's ``prices.PriceTable``); this module says which rows fit, picks the cheapest, and when
+none fits names the nearest, so the error shows what exists.
 Imported while DAGs are parsed (settings are checked then): standard library only, besides ``resources``.
 """
 
@@ -27,10 +28,11 @@ class Machine(NamedTuple):
     memory: float  # in ``unit``, as the cloud states it
     gpus: Fraction | int = 0  # a fraction on Azure's smaller NVadsA10_v5 sizes: not a GPU
     gpu_type: str | None = None  # the cloud's own name
-    price: float = 0.0  # USD per hour, approximate: it only ranks the rows
+    price: float = 0.0  # on-demand list price per hour, in the table's currency (prices.PriceTable)
     unit: str = "GiB"
     burstable: bool = False  # CPU credits run out under load: not for a step that asks for CPUs
     named_only: bool = False  # an older GPU: chosen only when its type is asked for by name
+    spot_price: float | None = None  # spot/preemptible list price per hour (None: not in the table)
 
     def describe(self) -> str:
         gpu = f", {self.gpus} x {self.gpu_type}" if self.gpus else ""

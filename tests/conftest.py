@@ -23,6 +23,8 @@ sys.path.insert(0, str(REPO / "tests" / "dags"))  # as Airflow does for its DAGs
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO")
 os.environ["AIRFLOW_CONN_LOCAL_STEP_OPERATOR"] = '{"conn_type": "stepops_local", "extra": {}}'
+os.environ["AIRFLOW_CONN_PRICED_LOCAL"] = json.dumps({"conn_type": "stepops_local", "extra": {
+    "prices": {"on_demand": {"cpu_hour": 3.6, "memory_gib_hour": 0.36}}}})
 # gcsfs probes buckets over gRPC unless told not to, which fake-gcs-server (the Vertex emulator's GCS)
 # does not answer; it reads this when imported
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")

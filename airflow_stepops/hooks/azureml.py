@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shlex
 from functools import cached_property
 from typing import Any, ClassVar
@@ -35,6 +34,7 @@ from airflow_stepops.hooks.azureml_job import (
     parse_store,
 )
 from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec, settings_as, with_queue_limit
+from airflow_stepops.prices import Price, machine_price
 from airflow_stepops.runtime import protocol
 from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.settings.azureml import (
@@ -212,6 +212,18 @@ class AzureMLStepOperatorHook(StepOperatorHook):
                 "to a dedicated cluster for on-demand attempts, or run the step on serverless compute "
                 "(compute_target_name=\"\", job_tier=\"Spot\")")
 
+    def price(self, spec: StepSpec) -> Price:
+        """The VM size's rate (serverless: the step's; on a cluster: the cluster's), at the Spot tier's or a
+        low-priority cluster's price when the attempt runs there."""
+        from airflow_stepops.settings.azureml_vms import PRICES, VM_SIZES
+
+        vm, compute = self.vm_size(spec), self.compute_target(spec)
+        name = vm.name if vm is not None else str(self._compute_info(compute).get("size") or "") if compute else ""
+        if not name:
+            return Price.missing(f"the size of compute {compute!r} is not known")
+        return machine_price(PRICES, VM_SIZES.get(name.lower()), name, spot=self.spot(spec) and not spec.on_demand,
+                             prices=self.prices())
+
     def vm_size(self, spec: StepSpec) -> Any:
         """The serverless VM size of the step (None on a compute target)."""
         cfg, settings = self.config, settings_as(spec, AzureMLStepOperatorSettings)
@@ -305,10 +317,7 @@ class AzureMLStepOperatorHook(StepOperatorHook):
             line += f" {Env.REFS}={shlex.quote(json.dumps(refs, separators=(',', ':')))}"
         command_line = f'{line}; exec python3 "${{{{inputs.bundle}}}}/{protocol.ENTRY_FILE}"'
         env = {**cfg.environment, **settings.variables, Env.FLAVOR: "azureml", "PYTHONUNBUFFERED": "1"}
-        runtime = settings.max_runtime_in_seconds
-        if spec.timeout_seconds:  # a backstop to Airflow's own execution_timeout
-            backstop = math.ceil(spec.timeout_seconds) + 60
-            runtime = min(runtime, backstop) if runtime else backstop
+        runtime = self.max_runtime(spec)
         resources = JobResourceConfiguration(instance_count=settings.instance_count,
                                              instance_type=vm.name if vm is not None else None,
                                              shm_size=settings.shm_size)

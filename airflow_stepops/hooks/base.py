@@ -7,6 +7,7 @@ Hooks are the only modules that talk to a backend. The operator and the trigger 
 from __future__ import annotations
 
 import asyncio
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
@@ -19,6 +20,7 @@ from airflow_stepops.artifacts import ArtifactRef, check_bucket, default_local_s
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepOperatorConfigError
 from airflow_stepops.flavors import get_flavor
+from airflow_stepops.prices import Price, Prices, overrides
 from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.settings.base import BaseStepOperatorConfig, BaseStepOperatorSettings, ContainerStepSettings
 
@@ -42,6 +44,8 @@ class JobHandle(_JobKeys, total=False):
     on_demand: bool  # the attempt runs on on-demand capacity
     preemptions: int  # set by the operator: preemptions (and capacity failures) before this attempt
     history: list[dict[str, Any]]  # set by the operator: the attempts before this one, for the summary
+    cost: dict[str, Any]  # set by the operator: the attempt's price and its share of max_cost (cost.AttemptCost)
+    order: list[str]  # set by the operator: the step operators in the order they are tried
     max_queue_seconds: float | None  # the trigger stops a job queued longer (no service mechanism for it)
     spot: bool
     instance_type: str | None
@@ -128,8 +132,22 @@ class StepSpec:
     on_demand: bool = False
     #: how long the job may wait for capacity before it counts as a capacity failure (None: no limit of ours)
     max_queue_seconds: float | None = None
+    #: the attempt's price (set by the operator where it needs it: max_cost, estimates)
+    price: Price | None = field(default=None, repr=False, compare=False)
+    #: the longest this attempt may run within what ``max_cost`` leaves it (None: no max_cost)
+    cost_seconds: int | None = None
     #: the validated backend request, built once by ``StepOperatorHook.prepare``
     request: Any = field(default=None, repr=False, compare=False)
+
+
+    def backstop(self, limit: float | None, *, timeout_margin: int | None = 60) -> int | None:
+        """The runtime limit a backend enforces, the smallest of: ``limit`` (the settings' or the service's own),
+        the task's execution_timeout plus ``timeout_margin`` (Airflow enforces it; the backend's copy stops the
+        step when Airflow cannot; None: not added) and the runtime ``max_cost`` leaves the attempt."""
+        timeout = math.ceil(self.timeout_seconds) + timeout_margin if self.timeout_seconds and \
+            timeout_margin is not None else None
+        found = [int(value) for value in (limit, timeout, self.cost_seconds) if value]
+        return min(found) if found else None
 
 
 _Settings = TypeVar("_Settings", bound=BaseStepOperatorSettings)
@@ -226,6 +244,30 @@ class StepOperatorHook(BaseHook, ABC):
     def check_on_demand(self, spec: StepSpec) -> None:
         """Refuse (StepOperatorConfigError) a step whose escalation to on-demand capacity this step operator cannot
         honour as configured, before anything is submitted."""
+
+    def price(self, spec: StepSpec) -> Price:
+        """What an hour of the attempt ``spec`` describes costs on this step operator (spot or on-demand as it
+        runs): the connection's ``prices`` where they name it, else the flavor's table; ``Price.missing`` (with the
+        reason) where neither knows."""
+        return Price.missing(f"the {self.flavor} flavor has no price table")
+
+    def prices(self) -> Prices | None:
+        """The connection's ``prices`` (read from their file where they name one)."""
+        from pydantic import ValidationError
+
+        from airflow_stepops.settings.base import format_validation_error
+
+        try:
+            return overrides(self.config.prices)
+        except ValidationError as err:
+            raise StepOperatorConfigError(format_validation_error(err, f"{self.step_operator_conn_id}: prices")) \
+                from None
+        except ValueError as exc:
+            raise StepOperatorConfigError(f"{self.step_operator_conn_id}: {exc}") from None
+
+    def max_runtime(self, spec: StepSpec) -> int | None:
+        """The longest the backend lets the attempt run (its request's limit; None: none)."""
+        return spec.backstop(spec.settings.max_runtime_in_seconds)
 
     def requirements_cache(self, spec: StepSpec) -> str | None:
         """A directory the job sees that outlives it, where installed requirements wait for the next job with the

@@ -26,6 +26,7 @@ from airflow_stepops.hooks import kubernetes_job as manifest
 from airflow_stepops.hooks import kubernetes_logs as logs
 from airflow_stepops.hooks.base import JobHandle, JobStatus, StepOperatorHook, StepSpec, settings_as
 from airflow_stepops.hooks.kubernetes_status import container_status, interpret, latest_pod
+from airflow_stepops.prices import Price, resource_price
 from airflow_stepops.runtime import protocol
 from airflow_stepops.runtime.protocol import BUNDLE_FILES, Env
 from airflow_stepops.settings.kubernetes import (
@@ -213,7 +214,7 @@ class KubernetesStepOperatorHook(StepOperatorHook):
                                  options=merged_pod_options(self.config, settings), resources=spec.resources,
                                  image=str(self.image(spec)),
                                  transport_env=[TRANSPORT_STANDIN],
-                                 timeout_seconds=spec.timeout_seconds, on_demand=spec.on_demand)
+                                 max_runtime=self.max_runtime(spec), on_demand=spec.on_demand)
         handle_info = {"output_uri": spec.output_uri, "transport": "volume" if self.config.pvc_store else "inline",
                        "unschedulable_timeout": settings.unschedulable_timeout_seconds,
                        "start_timeout": settings.start_timeout_seconds,
@@ -234,6 +235,18 @@ class KubernetesStepOperatorHook(StepOperatorHook):
 
     def spot(self, spec: StepSpec) -> bool:
         return settings_as(spec, KubernetesStepOperatorSettings).use_spot
+
+    def max_runtime(self, spec: StepSpec) -> int | None:
+        return spec.backstop(settings_as(spec, KubernetesStepOperatorSettings).max_runtime_in_seconds,
+                             timeout_margin=manifest.TIMEOUT_BACKSTOP_SECONDS)
+
+    def price(self, spec: StepSpec) -> Price:
+        """What the pod requests, at the connection's prices per CPU-, GiB- and GPU-hour (a cluster has no list
+        price of its own)."""
+        resources, spot = spec.resources, self.spot(spec) and not spec.on_demand
+        return resource_price(self.prices(), spot=spot, cpus=resources.cpu_count, memory_gib=resources.get_memory(),
+                              gpus=resources.effective_gpu_count if resources.wants_gpu else 0,
+                              gpu_type=resources.gpu_type, where=f"step operator {self.step_operator_conn_id!r}")
 
     def check_on_demand(self, spec: StepSpec) -> None:
         """Without the spot node selector a pod may still land on a spot node: an on-demand attempt needs the

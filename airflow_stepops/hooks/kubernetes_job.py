@@ -11,7 +11,6 @@ is reported as preemption.
 from __future__ import annotations
 
 import copy
-import math
 import re
 from typing import Any
 
@@ -126,16 +125,6 @@ def _with_gpu_type(affinity: dict[str, Any] | None, label: str, values: list[str
     return affinity
 
 
-def active_deadline(settings: KubernetesStepOperatorSettings, timeout_seconds: float | None) -> int | None:
-    """``max_runtime_in_seconds`` exactly; the task's execution_timeout (which Airflow enforces by
-    deleting the Job) plus a margin, so the cluster stops the step even if Airflow is gone."""
-    limits = [settings.max_runtime_in_seconds]
-    if timeout_seconds:
-        limits.append(math.ceil(timeout_seconds) + TIMEOUT_BACKSTOP_SECONDS)
-    found = [limit for limit in limits if limit]
-    return min(found) if found else None
-
-
 def _store_mount(config: KubernetesStepOperatorConfig) -> tuple[dict[str, Any], dict[str, Any]] | None:
     pvc = config.pvc_store
     if pvc is None:
@@ -216,7 +205,7 @@ def build_job(
     resources: ResourceSettings,
     image: str,
     transport_env: list[dict[str, Any]],
-    timeout_seconds: float | None = None,
+    max_runtime: int | None = None,
     on_demand: bool = False,
 ) -> dict[str, Any]:
     """The Job manifest (JSON) for one try of one step; ``on_demand``: a spot step's attempt escalated to on-demand
@@ -304,9 +293,8 @@ def build_job(
         ]},
         "template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec},
     }
-    deadline = active_deadline(settings, timeout_seconds)
-    if deadline:
-        spec["activeDeadlineSeconds"] = deadline
+    if max_runtime:  # max_runtime_in_seconds, the execution_timeout's backstop, what max_cost leaves
+        spec["activeDeadlineSeconds"] = max_runtime
     if settings.ttl_seconds_after_finished is not None:
         spec["ttlSecondsAfterFinished"] = settings.ttl_seconds_after_finished
     return {

@@ -20,6 +20,7 @@ from airflow_stepops.artifacts import local_path, store_path
 from airflow_stepops.bundle import StepIdentity
 from airflow_stepops.exceptions import StepFailedError, StepOperatorConfigError
 from airflow_stepops.hooks.base import JobHandle, JobState, JobStatus, StepOperatorHook, StepSpec, with_queue_limit
+from airflow_stepops.prices import Price, resource_price
 from airflow_stepops.runtime import local_launcher, protocol
 from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.settings.local import LocalStepOperatorConfig, LocalStepOperatorSettings
@@ -267,10 +268,20 @@ class LocalStepOperatorHook(StepOperatorHook):
             "memory_limit_bytes": plan["memory_limit_bytes"],
             "limit_data_segment": not plan["gpus"],
             "gpus": plan["gpus"],
-            "max_runtime_seconds": settings.max_runtime_in_seconds,
+            "max_runtime_seconds": self.max_runtime(spec),
             "nice": settings.nice,
             "cancel_grace_seconds": settings.cancel_grace_period_seconds,
         }
+
+    def max_runtime(self, spec: StepSpec) -> int | None:
+        return spec.backstop(spec.settings.max_runtime_in_seconds, timeout_margin=None)  # Airflow's own host
+
+    def price(self, spec: StepSpec) -> Price:
+        """What the step reserves of this host, at the connection's prices (a host has no list price)."""
+        resources = spec.resources
+        return resource_price(self.prices(), spot=False, cpus=resources.cpu_count, memory_gib=resources.get_memory(),
+                              gpus=resources.effective_gpu_count if resources.wants_gpu else 0,
+                              gpu_type=resources.gpu_type, where=f"step operator {self.step_operator_conn_id!r}")
 
     def build_request(self, spec: StepSpec) -> dict[str, Any]:
         job_dir = self.job_dir(spec.identity)

@@ -43,9 +43,15 @@ from airflow_stepops.hooks.modal_function import (
     deployed_function,
     function_options,
 )
+from airflow_stepops.prices import Price
 from airflow_stepops.runtime import protocol
 from airflow_stepops.runtime.protocol import Env
-from airflow_stepops.settings.modal import CHECKPOINT_MOUNT, ModalStepOperatorConfig, ModalStepOperatorSettings
+from airflow_stepops.settings.modal import (
+    CHECKPOINT_MOUNT,
+    MIN_TIMEOUT,
+    ModalStepOperatorConfig,
+    ModalStepOperatorSettings,
+)
 from airflow_stepops.settings.step import settings_error
 
 SUCCESS = 1  # modal_proto GenericResult.GENERIC_STATUS_SUCCESS (not imported at module load)
@@ -122,11 +128,22 @@ class ModalStepOperatorHook(StepOperatorHook):
     # ---- the request --------------------------------------------------------------------------
     def options(self, spec: StepSpec) -> dict[str, Any]:
         try:
-            return function_options(self.config, settings_as(spec, ModalStepOperatorSettings), spec.resources,
-                                    "{}.{}".format(*sys.version_info[:2]), spec.timeout_seconds,
-                                    on_demand=spec.on_demand)
+            options = function_options(self.config, settings_as(spec, ModalStepOperatorSettings), spec.resources,
+                                       "{}.{}".format(*sys.version_info[:2]), spec.timeout_seconds,
+                                       on_demand=spec.on_demand)
         except ValueError as exc:
             raise settings_error("modal", exc) from None
+        if spec.cost_seconds:  # what max_cost leaves the attempt (a function of its own: the timeout names the app)
+            options["timeout"] = min(options["timeout"], max(spec.cost_seconds, MIN_TIMEOUT))
+        return options
+
+    def max_runtime(self, spec: StepSpec) -> int:
+        return int(self.options(spec)["timeout"])
+
+    def price(self, spec: StepSpec) -> Price:
+        from airflow_stepops.settings.modal_prices import function_price
+
+        return function_price(self.options(spec), self.prices())
 
     def spot(self, spec: StepSpec) -> bool:
         """Modal preempts functions unless they are ``nonpreemptible`` (https://modal.com/docs/guide/preemption),

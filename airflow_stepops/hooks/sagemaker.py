@@ -36,6 +36,7 @@ from airflow_stepops.hooks.base import (
     settings_as,
     with_queue_limit,
 )
+from airflow_stepops.prices import Price, machine_price
 from airflow_stepops.runtime import protocol
 from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.settings.sagemaker import (
@@ -218,9 +219,7 @@ class SageMakerStepOperatorHook(StepOperatorHook):
         cfg = self.config
         channels, refs = self._channels_and_refs(spec)
         prefix = spec.output_uri.rsplit("/", 1)[0]
-        runtime = settings.max_runtime_in_seconds or DEFAULT_MAX_RUNTIME
-        if spec.timeout_seconds:
-            runtime = min(runtime, math.ceil(spec.timeout_seconds) + 60)  # backstop to Airflow's own timeout
+        runtime = self.max_runtime(spec)
         stopping: dict[str, Any] = {"MaxRuntimeInSeconds": runtime}
         if spec.max_queue_seconds is not None and MAX_PENDING_RANGE[0] <= spec.max_queue_seconds <= MAX_PENDING_RANGE[1]:
             # SageMaker's own queue limit where the value is one it allows; otherwise the trigger enforces it
@@ -286,6 +285,24 @@ class SageMakerStepOperatorHook(StepOperatorHook):
 
     def spot(self, spec: StepSpec) -> bool:
         return settings_as(spec, SageMakerStepOperatorSettings).use_spot_instances
+
+    def max_runtime(self, spec: StepSpec) -> int:
+        return spec.backstop(settings_as(spec, SageMakerStepOperatorSettings).max_runtime_in_seconds
+                             or DEFAULT_MAX_RUNTIME) or DEFAULT_MAX_RUNTIME
+
+    def price(self, spec: StepSpec) -> Price:
+        """The instance type's on-demand rate, spot or not: managed spot training bills that rate for
+        ``BillableTimeInSeconds`` per instance, which leaves out the interrupted and waiting time ("Multiply
+        BillableTimeInSeconds by the number of instances (InstanceCount)", savings "(1 - BillableTimeInSeconds /
+        TrainingTimeInSeconds) * 100": https://docs.aws.amazon.com/sagemaker/latest/APIReference/
+        API_DescribeTrainingJob.html)."""
+        from airflow_stepops.settings.sagemaker_instances import INSTANCE_TYPES, PRICES
+
+        name = self.instance_type(spec)
+        spot = self.spot(spec) and not spec.on_demand
+        return machine_price(PRICES, INSTANCE_TYPES.get(name), name, spot=spot, prices=self.prices(),
+                             count=settings_as(spec, SageMakerStepOperatorSettings).instance_count,
+                             spot_billing=" (billed at the on-demand rate for BillableTimeInSeconds)" if spot else "")
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def _handle(self, name: str, output_uri: str, try_number: int, spot: bool, instance_type: str) -> JobHandle:

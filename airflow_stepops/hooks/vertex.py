@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -28,6 +29,7 @@ from airflow_stepops.hooks.vertex_job import (
     step_filter,
     validate_body,
 )
+from airflow_stepops.prices import Price, machine_price
 from airflow_stepops.runtime import protocol
 from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.settings.vertex import (
@@ -181,9 +183,7 @@ class VertexStepOperatorHook(StepOperatorHook):
                # where a step keeps state that must survive a Spot preemption (the next try finds it)
                Env.CHECKPOINT_DIR: f"{step_root}/checkpoints", Env.REFS: json.dumps(self._refs(spec, bundle)),
                Env.REQUIREMENTS_CACHE: str(self.requirements_cache(spec))}
-        runtime = settings.max_runtime_in_seconds or MAX_TIMEOUT_SECONDS
-        if spec.timeout_seconds:
-            runtime = min(runtime, math.ceil(spec.timeout_seconds) + 60)  # backstop to Airflow's own timeout
+        runtime = self.max_runtime(spec)
         machine_spec: dict[str, Any] = {"machineType": machine.machine_type}
         if machine.accelerator_type:
             machine_spec.update(acceleratorType=machine.accelerator_type, acceleratorCount=machine.accelerator_count)
@@ -232,6 +232,29 @@ class VertexStepOperatorHook(StepOperatorHook):
 
     def spot(self, spec: StepSpec) -> bool:
         return settings_as(spec, VertexStepOperatorSettings).spot
+
+    def max_runtime(self, spec: StepSpec) -> int:
+        return spec.backstop(settings_as(spec, VertexStepOperatorSettings).max_runtime_in_seconds
+                             or MAX_TIMEOUT_SECONDS) or MAX_TIMEOUT_SECONDS
+
+    def price(self, spec: StepSpec) -> Price:
+        """The machine type's rate, plus its accelerators' where they are attached (N1); Spot VMs are "billed by
+        job duration and machine type", not while queued or preempted
+        (https://cloud.google.com/vertex-ai/docs/training/use-spot-vms)."""
+        from airflow_stepops.settings import vertex_machines as table
+
+        choice, spot, prices = self.machine(spec), self.spot(spec) and not spec.on_demand, self.prices()
+        machine = machine_price(table.PRICES, table.MACHINE_TYPES.get(choice.machine_type), choice.machine_type,
+                                spot=spot, prices=prices)
+        if choice.accelerator_type is None or choice.machine_type not in table.MACHINE_TYPES or \
+                table.MACHINE_TYPES[choice.machine_type].gpus:  # a fixed-GPU type's price includes its GPUs
+            return machine
+        attached = table.attached_gpu(choice.accelerator_type)
+        gpus = machine_price(table.PRICES, attached, choice.accelerator_type, spot=spot, prices=prices,
+                             count=choice.accelerator_count)
+        if machine.per_hour is None or gpus.per_hour is None:
+            return machine if machine.per_hour is None else gpus
+        return replace(machine, per_hour=machine.per_hour + gpus.per_hour, basis=f"{machine.basis} + {gpus.basis}")
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def _handle(self, job: dict[str, Any], output_uri: str, try_number: int) -> JobHandle:

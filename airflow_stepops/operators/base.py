@@ -21,6 +21,7 @@ from airflow_stepops.argcheck import check_literal_args_picklable, check_step_ca
 from airflow_stepops.capacity import CapacityPolicy
 from airflow_stepops.exceptions import (
     StepCapacityError,
+    StepCostLimitError,
     StepFailedError,
     StepOperatorConfigError,
     StepPreemptedError,
@@ -51,6 +52,8 @@ TRIGGER_FAIL = "__fail__"
 TRIGGER_TIMEOUT = "Trigger timeout"
 #: Airflow's trigger timeout passes this long after the step's execution_timeout
 DEFER_TIMEOUT_MARGIN_SECONDS = 30
+#: how a list of step operators is ordered: as given, or by the step's price on each
+FAILOVER_ORDERS = ("given", "cheapest")
 
 
 def _default_deferrable() -> bool:
@@ -77,6 +80,10 @@ class StepOperator(BaseOperator):
     :param resources: shorthand for ``settings["resources"]``
     :param deferrable: wait in the triggerer (default True, honouring ``[operators] default_deferrable``)
     :param poll_interval: seconds between status polls (default: the flavor's own, e.g. 0.5 for local)
+    :param preemption_retries, on_preemption, max_queue_seconds, max_cost: the capacity and cost policy
+        (``airflow_stepops.capacity``), over the flavor's settings of the same names
+    :param failover_order: ``"given"`` (default) tries a list of step operators in its order, ``"cheapest"`` in the
+        order of their prices for the step (those without a known price last)
     """
 
     #: set by flavor subclasses; None means "whatever flavor the connection has"
@@ -94,6 +101,7 @@ class StepOperator(BaseOperator):
     step_settings: StepSettings
     step_operators: list[str]
     capacity: CapacityPolicy
+    failover_order: str
     deferrable: bool | None
     poll_interval: float | None
 
@@ -111,6 +119,8 @@ class StepOperator(BaseOperator):
         preemption_retries: int | None = None,
         on_preemption: str | None = None,
         max_queue_seconds: float | None = None,
+        max_cost: float | None = None,
+        failover_order: str = "given",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -120,6 +130,9 @@ class StepOperator(BaseOperator):
         candidates = _candidates(step_operator, self.flavor)
         if poll_interval is not None and poll_interval <= 0:
             raise StepOperatorConfigError(f"poll_interval: must be > 0 seconds, got {poll_interval!r}")
+        if failover_order not in FAILOVER_ORDERS:
+            raise StepOperatorConfigError(f"failover_order: {failover_order!r} is not one of "
+                                          f"{', '.join(map(repr, FAILOVER_ORDERS))}")
         self.python_callable = python_callable
         self.op_args: Collection[Any] = list(op_args or [])
         self.op_kwargs: Mapping[str, Any] = dict(op_kwargs or {})
@@ -127,7 +140,11 @@ class StepOperator(BaseOperator):
         # plain attribute writes: BaseOperator.__setattr__ bookkeeping is only needed for template
         # fields and reassigned init arguments, and it is a noticeable share of DAG parse time
         object.__setattr__(self, "step_operators", candidates)
-        object.__setattr__(self, "capacity", _capacity_arguments(preemption_retries, on_preemption, max_queue_seconds))
+        object.__setattr__(self, "capacity", _capacity_arguments(preemption_retries=preemption_retries,
+                                                                 on_preemption=on_preemption,
+                                                                 max_queue_seconds=max_queue_seconds,
+                                                                 max_cost=max_cost))
+        object.__setattr__(self, "failover_order", failover_order)
         object.__setattr__(self, "step_settings", parse_step_settings(settings, resources, flavor=self.flavor))
         for flavor in self.step_settings.by_flavor:  # a missing or malformed requirements file: a DAG import error
             self.requirements_text(flavor)
@@ -172,16 +189,51 @@ class StepOperator(BaseOperator):
 
     def check_step_operators(self, identity: StepIdentity) -> None:
         """Before anything is submitted: every step operator of the step exists, the step's settings are for their
-        flavors, and where a preemption may escalate to on-demand capacity, that step operator can provide it."""
+        flavors, where a preemption may escalate to on-demand capacity, that step operator can provide it, and the
+        step fits in its ``max_cost`` there. Logs what each attempt may cost, and orders the step operators by
+        price when ``failover_order="cheapest"``."""
+        from airflow_stepops.cost import describe, estimate
+
         hooks = [self.get_hook(conn) for conn in self.step_operators]
         self.step_settings.check_flavors({hook.step_operator_conn_id: hook.flavor for hook in hooks})
+        rates: dict[str, float] = {}
         for index, hook in enumerate(hooks):
-            policy, spec = self.policy(hook), self.build_spec(hook, identity, [])
+            policy, spec = self.policy(hook), self.build_spec(hook, identity, [], priced=True)
             if index:  # the first one's request is built before its bundle is written
                 hook.build_request(spec)
+            self.check_cost(hook, spec)
+            self.log.info("Cost on step operator %r: %s", hook.step_operator_conn_id, describe(estimate(hook, spec)))
+            if spec.price is not None and spec.price.per_hour is not None:
+                rates[hook.step_operator_conn_id] = spec.price.per_hour
             if policy.on_demand_after(policy.retries, hook.spot(spec)):
-                spec.on_demand = True
-                hook.check_on_demand(spec)
+                escalated = self.build_spec(hook, identity, [], preemptions=policy.retries, priced=True)
+                hook.check_on_demand(escalated)
+                self.check_cost(hook, escalated)
+                self.log.info("Cost on step operator %r once escalated to on-demand capacity: %s",
+                              hook.step_operator_conn_id, describe(estimate(hook, escalated)))
+        if self.failover_order == "cheapest" and len(hooks) > 1:
+            order = sorted(self.step_operators, key=lambda conn: (conn not in rates, rates.get(conn, 0.0)))
+            self.log.info("Step operators in the order of their prices for the step: %s", ", ".join(order))
+            object.__setattr__(self, "step_operators", order)
+
+    def check_cost(self, hook: StepOperatorHook, spec: StepSpec, spent: float = 0.0) -> None:
+        """Refuse (StepCostLimitError) an attempt ``max_cost`` cannot pay for: its price is unknown, or what is left
+        of the limit does not cover the service's minimum charge."""
+        limit = self.policy(hook).max_cost
+        if limit is None or spec.price is None:
+            return
+        where = f"step operator {hook.step_operator_conn_id!r}"
+        if spec.price.per_hour is None:
+            raise StepCostLimitError(
+                f"max_cost={limit:g}: the price of the step on {where} is unknown ({spec.price.unknown}); the step "
+                "is not run rather than run without its cost limit")
+        if not spec.cost_seconds:
+            left = f"what is left of max_cost={limit:g} after earlier attempts ({limit - spent:.6f})" if spent \
+                else f"max_cost={limit:g}"
+            raise StepCostLimitError(
+                f"{left} does not pay for the least the step can be billed on {where}: "
+                f"{spec.price.basis} at {spec.price.per_hour:g} {spec.price.currency}/h, billed per "
+                f"{spec.price.increment_seconds} s, at least {max(spec.price.minimum_seconds, 1)} s")
 
     def call_arguments(self, context: Context) -> tuple[list[Any], dict[str, Any]]:
         """Arguments for the callable; the decorated variant adds context-keyed parameters."""
@@ -192,8 +244,10 @@ class StepOperator(BaseOperator):
         return f"{self.dag_id}.{self.task_id}" if self.has_dag() else self.task_id
 
     def build_spec(self, hook: StepOperatorHook, identity: StepIdentity, refs: list[Any],
-                   preemptions: int = 0) -> StepSpec:
-        """The step's spec on ``hook``'s step operator; after ``preemptions`` preemptions it may be on-demand."""
+                   preemptions: int = 0, spent: float = 0.0, priced: bool = False) -> StepSpec:
+        """The step's spec on ``hook``'s step operator; after ``preemptions`` preemptions it may be on-demand. Priced
+        (``spec.price``) when asked or under ``max_cost``, which with ``spent`` by earlier attempts gives the attempt
+        its runtime (``spec.cost_seconds``)."""
         from airflow_stepops.hooks.base import StepSpec
 
         prefix = identity.prefix(hook.artifact_root())
@@ -205,16 +259,21 @@ class StepOperator(BaseOperator):
         policy = self.policy(hook)
         spec.max_queue_seconds = policy.max_queue_seconds
         spec.on_demand = bool(preemptions) and policy.on_demand_after(preemptions, hook.spot(spec))
+        if priced or policy.max_cost is not None:
+            spec.price = hook.price(spec)
+        if policy.max_cost is not None and spec.price is not None:
+            spec.cost_seconds = spec.price.seconds_within(policy.max_cost - spent) or None
         return spec
 
     def write_step_bundle(self, context: Context, hook: StepOperatorHook, identity: StepIdentity,
-                          preemptions: int = 0) -> StepSpec:
+                          preemptions: int = 0, spent: float = 0.0) -> StepSpec:
         from airflow_stepops.bundle import build_meta, pickle_payload, replace_refs, write_bundle
 
         args, kwargs = self.call_arguments(context)
         refs: list[Any] = []
         args, kwargs = replace_refs(args, refs), replace_refs(kwargs, refs)
-        spec = self.build_spec(hook, identity, refs, preemptions)
+        spec = self.build_spec(hook, identity, refs, preemptions, spent, priced=True)
+        self.check_cost(hook, spec, spent)
         payload = pickle_payload(self.python_callable, args, kwargs)
         meta = build_meta(identity, multiple_outputs=bool(self.multiple_outputs),
                           max_result_bytes=hook.config.max_result_bytes,
@@ -280,6 +339,7 @@ class StepOperator(BaseOperator):
                  history: list[dict[str, Any]]) -> JobHandle:
         """Submit (or find: exactly once) attempt ``attempt`` of this try on step operator ``candidate``; a step
         operator that refuses it for want of capacity passes it on to the next one."""
+        from airflow_stepops.cost import spent
         from airflow_stepops.exceptions import StepCapacityError
 
         store = context.get("task_state_store")  # type: ignore[call-overload]
@@ -287,11 +347,11 @@ class StepOperator(BaseOperator):
         hook = self.get_hook(conn_id)
         identity = identity.with_attempt(attempt)
         place = {"conn_id": conn_id, "candidate": candidate, "attempt": attempt, "preemptions": preemptions,
-                 "history": history, "try_number": identity.try_number}
+                 "history": history, "try_number": identity.try_number, "order": list(self.step_operators)}
         if store is not None:  # a worker dying before the job is stored leaves this: the next try looks it up
             store.set(STATE_KEY, cast(Any, {**place, "pending": True, "flavor": hook.flavor}))
         try:
-            handle = self._job_of_this_try(context, hook, identity, preemptions)
+            handle = self._job_of_this_try(context, hook, identity, preemptions, spent(history))
         except StepCapacityError as exc:
             record = {"attempt": attempt, "step_operator": conn_id, "flavor": hook.flavor, "job_id": None,
                       "outcome": exc.reason, "message": str(exc)[:500]}
@@ -312,14 +372,19 @@ class StepOperator(BaseOperator):
         return handle
 
     def _job_of_this_try(self, context: Context, hook: StepOperatorHook, identity: StepIdentity,
-                         preemptions: int = 0) -> JobHandle:
-        handle = hook.find_job(identity)
-        if handle is not None:
-            self.log.info("Job %s of this try already exists: re-attaching", handle.get("job_id"))
-            return handle
-        spec = self.write_step_bundle(context, hook, identity, preemptions)
+                         preemptions: int = 0, spent: float = 0.0) -> JobHandle:
+        from airflow_stepops.cost import handle_cost
+
+        found = hook.find_job(identity)
+        spec = None if found is not None else self.write_step_bundle(context, hook, identity, preemptions, spent)
+        if spec is None:  # the job of this attempt exists: its price as the attempt was submitted
+            spec = self.build_spec(hook, identity, [], preemptions, spent, priced=True)
+        cost = handle_cost(spec, self.policy(hook).max_cost, spent, hook.max_runtime(spec))
+        if found is not None:
+            self.log.info("Job %s of this try already exists: re-attaching", found.get("job_id"))
+            return cast("JobHandle", {**found, "cost": cost})
         # the hook puts max_queue_seconds in the handle where the trigger, not the service, enforces it
-        handle = {**hook.submit(spec), "submitted_at": time.time(), "on_demand": spec.on_demand}
+        handle = {**hook.submit(spec), "submitted_at": time.time(), "on_demand": spec.on_demand, "cost": cost}
         self.log.info("Submitted step %s to %s step operator %r as job %s%s", self.task_label, hook.flavor,
                       hook.step_operator_conn_id, handle.get("job_id"),
                       f" (attempt {identity.attempt}{', on-demand' if spec.on_demand else ''})"
@@ -333,6 +398,7 @@ class StepOperator(BaseOperator):
 
     def _wait(self, context: Context, handle: JobHandle) -> Any:
         """Wait for ``handle``'s job: deferred (the trigger), or here polling with the same code."""
+        self._follow_order(handle)
         hook = self.get_hook(handle.get("conn_id"))
         self._handle = handle
         self._record(context, hook, handle, {}, final=False)
@@ -417,6 +483,7 @@ class StepOperator(BaseOperator):
         # read leniently: an event a trigger of an older release sent may lack the newer keys
         handle, status, details = event["handle"], event["status"], event.get("details") or {}
         self._handle = handle
+        self._follow_order(handle)
         hook = self.get_hook(handle.get("conn_id"))
         following = self._next_attempt(context, hook, event)
         if following is not None:
@@ -450,6 +517,12 @@ class StepOperator(BaseOperator):
             return outcome.value
         self._record(context, hook, handle, details)
         message = event.get("message") or ""
+        cost = handle.get("cost") or {}
+        if status == "cost_limit" or (status == "failed" and details.get("reason") == "timed_out"
+                                      and cost.get("backend_limit_is_cost")):
+            raise StepCostLimitError(
+                f"job {handle.get('job_id')} was stopped at max_cost={cost.get('max_cost'):g}: {message}; the step is "
+                "not retried (a retry would spend it again)" + _tail(event))
         if status == "timeout":
             raise StepTimeoutError(f"{message} (job {handle.get('job_id')})" + _tail(event))
         if status == "failed" and details.get("reason") == "timed_out":
@@ -479,6 +552,11 @@ class StepOperator(BaseOperator):
         # status "error": we lost track of the job; stop it rather than let it run unobserved
         self._cancel_quietly(hook, handle)
         raise StepFailedError(f"waiting for job {handle.get('job_id')} failed: {message}" + _tail(event))
+
+    def _follow_order(self, handle: JobHandle) -> None:
+        """The step operators in the order the step's first attempt chose (``failover_order="cheapest"``)."""
+        if handle.get("order"):
+            object.__setattr__(self, "step_operators", list(handle["order"]))
 
     @staticmethod
     def _forget_job(context: Context) -> None:
@@ -520,8 +598,44 @@ class StepOperator(BaseOperator):
         if started and finished:
             info["run_seconds"] = round(finished - started, 3)
         if final:
+            info.update(self._costs(context, hook, handle, details))
             self.log.info("Step job summary: %s", info)
         context["ti"].xcom_push(key=XCOM_JOB_KEY, value=info)
+
+    def _costs(self, context: Context, hook: StepOperatorHook, handle: JobHandle, details: dict[str, Any]
+               ) -> dict[str, Any]:
+        """``cost``: what this try's attempts were billed (the last one's rate and billed time); ``charges``: every
+        attempt of every try of the task instance (earlier tries' kept in the task state store), which
+        ``stepops cost`` adds up."""
+        from airflow_stepops.cost import CHARGES_KEY, charge, total
+
+        ended = details.get("finished_at") or time.time()
+        last = {"attempt": handle.get("attempt", 1), "step_operator": hook.step_operator_conn_id, "flavor": hook.flavor,
+                "job_id": handle.get("job_id"), "on_demand": bool(handle.get("on_demand")), "ended_at": round(ended, 3),
+                "cost": charge(handle, details, ended=ended)}
+        attempts = [*(handle.get("history") or []), last]
+        billed: dict[str, Any] = cast("dict[str, Any]", last["cost"] or {})
+        cost = total(attempts) | {k: v for k, v in billed.items() if k in ("rate_per_hour", "basis")}
+        if not billed:
+            cost["why"] = "the job's price was not recorded (it was found by its name, without a stored handle)"
+        elif billed["amount"] is None:
+            cost["why"] = (handle.get("cost") or {}).get("price", {}).get("unknown", "")
+        try_number = int(handle.get("attached_by_try") or handle.get("try_number") or 1)
+        mine: list[dict[str, Any]] = [
+            {"try": try_number, **{k: a.get(k) for k in ("attempt", "step_operator", "flavor", "job_id", "on_demand",
+                                                         "ended_at")}, **(a.get("cost") or {})}
+            for a in attempts if a.get("job_id")]
+        store = context.get("task_state_store")  # type: ignore[call-overload]
+        earlier = store.get(CHARGES_KEY) if store is not None else None
+        charges = [c for c in (earlier if isinstance(earlier, list) else [])
+                   if isinstance(c, dict) and c.get("try") != try_number] + mine
+        if store is not None:
+            store.set(CHARGES_KEY, cast(Any, charges))
+        amount = cost.get("amount")
+        self.log.info("Step cost: %s", f"{amount:.6f} {cost['currency']} ({len(attempts)} attempt(s), "
+                      f"{cost['billed_seconds']} s billed)" if isinstance(amount, float) else f"{amount} "
+                      f"({cost.get('why') or cost.get('by_currency')})")
+        return {"cost": cost, "charges": charges}
 
     def _cancel_quietly(self, hook: StepOperatorHook, handle: JobHandle) -> None:
         try:
@@ -574,13 +688,12 @@ def _candidates(value: Any, flavor: str | None) -> list[str]:
     return names
 
 
-def _capacity_arguments(preemption_retries: Any, on_preemption: Any, max_queue_seconds: Any) -> CapacityPolicy:
+def _capacity_arguments(**arguments: Any) -> CapacityPolicy:
     from pydantic import ValidationError
 
     from airflow_stepops.settings.base import format_validation_error
 
-    given = {k: v for k, v in {"preemption_retries": preemption_retries, "on_preemption": on_preemption,
-                               "max_queue_seconds": max_queue_seconds}.items() if v is not None}
+    given = {k: v for k, v in arguments.items() if v is not None}
     try:
         return CapacityPolicy(**given)
     except ValidationError as err:
@@ -588,7 +701,9 @@ def _capacity_arguments(preemption_retries: Any, on_preemption: Any, max_queue_s
 
 
 def _attempt_record(hook: StepOperatorHook, handle: JobHandle, event: StepEvent) -> dict[str, Any]:
-    """One attempt of the step for its summary: where it ran, how it ended and the time it lost."""
+    """One attempt of the step for its summary: where it ran, how it ended, the time it lost and what it cost."""
+    from airflow_stepops.cost import charge
+
     details = event.get("details") or {}
     began = details.get("started_at") or handle.get("submitted_at")
     ended = details.get("finished_at") or time.time()
@@ -597,7 +712,8 @@ def _attempt_record(hook: StepOperatorHook, handle: JobHandle, event: StepEvent)
     return {"attempt": handle.get("attempt", 1), "step_operator": hook.step_operator_conn_id, "flavor": hook.flavor,
             "job_id": handle.get("job_id"), "on_demand": bool(handle.get("on_demand")),
             "outcome": details.get("reason") or event["status"], "message": str(event.get("message") or "")[:500],
-            "ran_on": ran_on, "lost_seconds": round(max(ended - began, 0.0), 1) if began else None}
+            "ran_on": ran_on, "lost_seconds": round(max(ended - began, 0.0), 1) if began else None,
+            "ended_at": round(ended, 3), "cost": charge(handle, details, ended=ended)}
 
 
 def _passed_over(history: list[dict[str, Any]]) -> str:

@@ -1,13 +1,23 @@
 """SageMaker training instance types: what each offers (the cheapest that fits is ``machines``' choice).
 
-Prices are approximate us-east-1 on-demand list prices per hour for SageMaker training; they only rank
-the candidates (name the instance type yourself to pin a choice). The table covers the common training
-families; any other ``ml.*`` type SageMaker accepts can still be given as ``instance_type``.
+Prices are us-east-1 on-demand list prices per hour for SageMaker training, used for cost estimates as well as
+to choose a type; where and when they were read is in ``PRICES``. There are no spot prices (``spot_price`` is
+None for every row): managed spot training is billed at the on-demand rate for the job's BillableTimeInSeconds
+(DescribeTrainingJob: multiply BillableTimeInSeconds by InstanceCount; the saving is 1 - BillableTimeInSeconds /
+TrainingTimeInSeconds), so a spot step costs the on-demand price times its billable time. The table covers the
+common training families; any other ``ml.*`` type SageMaker accepts can still be given as ``instance_type``.
 """
 
 from __future__ import annotations
 
 from airflow_stepops.machines import Catalogue, Machine
+from airflow_stepops.prices import PriceTable
+
+#: Billing: per second, no minimum. The pricing page (https://aws.amazon.com/sagemaker/pricing/) states on-demand
+#: pricing has no minimum fees; per-second metering is as third-party breakdowns state it, not quoted from AWS here.
+#: The date is when the table was written (2026-11); its rows were not re-read against the page since.
+PRICES = PriceTable("us-east-1", "2026-11", "https://aws.amazon.com/sagemaker/pricing/", increment_seconds=1,
+                    minimum_seconds=0)
 
 _ROWS: list[tuple[str, int, float, int, str | None, float]] = [
     ("ml.t3.medium", 2, 4, 0, None, 0.05), ("ml.t3.large", 2, 8, 0, None, 0.10),

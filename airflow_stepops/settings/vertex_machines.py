@@ -3,9 +3,13 @@
 Vertex refuses a CustomJob whose accelerator does not go with its machine type only after it is
 submitted (or, for some combinations, after minutes in the queue), so the combinations are checked
 here, at DAG parse time. Fixed-GPU families (a2, a3, a4, g2) carry their accelerator and count in the
-machine type; N1 types take T4, V100, P100 or P4 with a vCPU limit per GPU count. Prices are
-approximate us-central1 on-demand list prices per hour; they only rank candidates. Machine types of
-families not in the table (e.g. TPU hosts) are passed to Vertex unchecked.
+machine type; N1 types take T4, V100, P100 or P4 with a vCPU limit per GPU count. Prices are us-central1
+on-demand list prices per hour for Vertex AI custom training, used for cost estimates as well as to choose a
+machine; where and when they were read is in ``PRICES``. There are no spot prices (``spot_price`` is None):
+Vertex AI's own Spot VM prices for custom training were not found, and Compute Engine's spot prices are not
+Vertex's (Vertex's custom-training prices differ from Compute Engine's), so a spot step's cost is unknown unless
+the connection's prices give it. Machine types of families not in the table (e.g. TPU hosts) are passed to
+Vertex unchecked.
 """
 
 from __future__ import annotations
@@ -14,8 +18,14 @@ import re
 from typing import NamedTuple
 
 from airflow_stepops.machines import Catalogue, Machine
+from airflow_stepops.prices import PriceTable
 from airflow_stepops.resources import ResourceSettings, normalize_gpu_type
 
+#: Billing increment UNVERIFIED: custom training is commonly said to be billed in 30-second increments with a
+#: 1-minute minimum, but no source for it was found (a search of the stored docs and pages, 2026-12); increment 1 s
+#: and no minimum until one is. The date is when the table was written (2026-11); its rows were not re-read since.
+PRICES = PriceTable("us-central1", "2026-11", "https://cloud.google.com/vertex-ai/pricing", increment_seconds=1,
+                    minimum_seconds=0)
 #: ResourceSettings' canonical GPU names -> Vertex's AcceleratorType enum
 ACCELERATORS: dict[str, str] = {
     "T4": "NVIDIA_TESLA_T4", "P4": "NVIDIA_TESLA_P4", "V100": "NVIDIA_TESLA_V100", "P100": "NVIDIA_TESLA_P100",
@@ -40,7 +50,7 @@ N1_GPU_LIMITS: dict[str, dict[int, tuple[int, int]]] = {
     "NVIDIA_TESLA_V100": {1: (12, 78), 2: (24, 156), 4: (48, 312), 8: (96, 624)},
     "NVIDIA_TESLA_P100": {1: (16, 104), 2: (32, 208), 4: (64, 208)},
 }
-#: USD per GPU hour (approximate), to rank N1 + GPU candidates against the fixed-GPU families
+#: USD per GPU hour (on-demand list price, ``PRICES``), added to the N1 machine's price for N1 + GPU candidates
 N1_GPU_PRICE = {"NVIDIA_TESLA_T4": 0.40, "NVIDIA_TESLA_P4": 0.69, "NVIDIA_TESLA_V100": 2.83,
                 "NVIDIA_TESLA_P100": 1.67}
 MACHINE_NAME = re.compile(r"^[a-z][a-z0-9]*-[a-z0-9]+(-[a-z0-9]+)?$")
@@ -215,3 +225,9 @@ def fits(choice: MachineChoice, resources: ResourceSettings) -> bool:
     return choice.vcpus is None or CATALOGUE.fits(Machine(choice.machine_type, choice.vcpus, choice.memory_gb or 0,
                                                           choice.accelerator_count, choice.accelerator_type,
                                                           unit="GB"), resources)
+
+
+def attached_gpu(accelerator: str) -> Machine | None:
+    """One GPU attached to an N1 machine type, as a row of the price table (None: not priced)."""
+    price = N1_GPU_PRICE.get(accelerator)
+    return None if price is None else Machine(accelerator, 0, 0, 1, accelerator, price, unit="GB")

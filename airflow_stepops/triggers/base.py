@@ -24,13 +24,16 @@ LOG_TAIL_LINES = 40
 MAX_CONSECUTIVE_POLL_ERRORS = 10
 #: log reads after a job ended, to drain what it still has (each read is capped by the hook)
 MAX_FINAL_LOG_READS = 20
+#: the trigger stops a job this long before the run time max_cost leaves it, so that stopping it (and the service's
+#: rounding up of billed time) does not carry its charge past the limit; the backend's own limit is the exact one
+COST_STOP_MARGIN_SECONDS = 2.0
 _T = TypeVar("_T")
 
 
 class StepEvent(TypedDict):
     """The payload of a step trigger's one event, which ``StepOperator.execute_complete`` reads."""
 
-    status: str  # a JobState value, "timeout" (the trigger stopped the job) or "error" (it lost track)
+    status: str  # a JobState value, "timeout" or "cost_limit" (the trigger stopped the job), "error" (it lost track)
     message: str
     handle: JobHandle
     log_tail: list[str]  # the last remote log lines, for the error message
@@ -148,6 +151,7 @@ class StepOperatorTrigger(BaseTrigger):
         self.deadline = deadline
         self.log_cursor = log_cursor
         self.hook_class = hook_class or self.hook_class_path
+        self._started_at: float | None = None  # when the job started, as its status says
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -225,20 +229,20 @@ class StepOperatorTrigger(BaseTrigger):
         max_queue = self.handle.get("max_queue_seconds")
         queued_since = float(self.handle.get("submitted_at") or time.time())
         started = False
+        # the run time max_cost leaves this attempt, counted from its start (as the service bills it)
+        cost_seconds = (self.handle.get("cost") or {}).get("limit_seconds")
+        cost_deadline: float | None = None
         try:
             while True:
-                remaining = None if self.deadline is None else self.deadline - time.time()
+                ends = [d for d in (self.deadline, cost_deadline) if d is not None]
+                remaining = min(ends) - time.time() if ends else None
                 try:
                     if remaining is not None and remaining <= 0:
                         raise TimeoutError
                     # (shielded: Python 3.11's wait_for drops a cancellation that meets a status at once)
                     status = await _keeping_cancel_message(asyncio.wait_for(queue.get(), timeout=remaining))
                 except TimeoutError:
-                    self.log.error("Step %s passed its execution_timeout: stopping the remote job",
-                                   self.handle.get("job_id"))
-                    await asyncio.shield(hook.acancel(self.handle))
-                    cursor = await self._stream_logs(hook, cursor, tail)
-                    yield self._event("timeout", "the step ran past its execution_timeout and was stopped", tail)
+                    yield await self._stop_at_limit(hook, cost_deadline, cursor, tail)
                     return
                 if isinstance(status, StepOperatorConfigError):  # will not heal by waiting
                     yield self._event("error", str(status), tail)
@@ -254,6 +258,10 @@ class StepOperatorTrigger(BaseTrigger):
                 # a job that ran is no longer waiting for capacity, whatever it reports now (a SageMaker spot job
                 # restarting after an interruption is queued again, with its start time)
                 started = started or status.state is not JobState.QUEUED or bool(status.details.get("started_at"))
+                if started and cost_seconds is not None and cost_deadline is None:
+                    self._started_at = float(status.details.get("started_at") or time.time())
+                    cost_deadline = self._started_at + max(
+                        float(cost_seconds) - COST_STOP_MARGIN_SECONDS, 1.0)
                 if max_queue is not None and not started and time.time() - queued_since > max_queue:
                     yield await self._queue_timeout(hook, status, float(max_queue), cursor, tail)
                     return
@@ -271,6 +279,21 @@ class StepOperatorTrigger(BaseTrigger):
                     return
         finally:
             poller.unsubscribe(token)
+
+    async def _stop_at_limit(self, hook: StepOperatorHook, cost_deadline: float | None, cursor: Any,
+                             tail: deque[str]) -> TriggerEvent:
+        """The execution_timeout passed, or the run time ``max_cost`` leaves the attempt: stop the job."""
+        cost = cost_deadline is not None and (self.deadline is None or cost_deadline <= self.deadline)
+        what = "its accrued cost reached max_cost" if cost else "the step ran past its execution_timeout"
+        self.log.error("Step %s: %s: stopping the remote job", self.handle.get("job_id"), what)
+        await asyncio.shield(hook.acancel(self.handle))
+        await self._stream_logs(hook, cursor, tail)
+        if not cost:
+            return self._event("timeout", f"{what} and was stopped", tail)
+        limit = self.handle.get("cost") or {}
+        spent = f", after {limit['spent_before']:g} spent by earlier attempts" if limit.get("spent_before") else ""
+        return self._event("cost_limit", f"{what} ({limit.get('limit_seconds')} s of run time{spent}) and was stopped",
+                           tail, details={"started_at": self._started_at, "finished_at": time.time()})
 
     async def _queue_timeout(self, hook: StepOperatorHook, status: JobStatus, max_queue: float, cursor: Any,
                              tail: deque[str]) -> TriggerEvent:

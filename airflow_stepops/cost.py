@@ -1,0 +1,92 @@
+"""What a step costs: the estimate before launch, the share of ``max_cost`` an attempt may spend, and the charge of
+each attempt once it ended, as the job summary and ``stepops cost`` record it.
+
+An attempt's price is fixed when it is submitted (``hooks.base.StepOperatorHook.price``) and travels in its job
+handle (``handle["cost"]``), so the trigger can stop the job when it has spent its share and the charge is computed
+with the price the attempt was started at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any
+
+from airflow_stepops.prices import Price
+
+if TYPE_CHECKING:
+    from airflow_stepops.hooks.base import JobHandle, StepOperatorHook, StepSpec
+
+#: task_state_store key of the charges of the task instance's earlier tries (XComs do not outlive a try)
+CHARGES_KEY = "stepops_charges"
+
+
+def estimate(hook: StepOperatorHook, spec: StepSpec) -> dict[str, Any]:
+    """The rate of the attempt ``spec`` describes and the most it can cost: the rate over its maximum runtime."""
+    price = spec.price or hook.price(spec)
+    runtime = hook.max_runtime(spec)
+    found = {**price.to_json(), "max_runtime_seconds": runtime}
+    if price.per_hour is not None:
+        found["most"] = price.cost(price.billed_seconds(runtime)) if runtime else "unbounded (no maximum runtime)"
+    return found
+
+
+def describe(found: dict[str, Any]) -> str:
+    """An estimate as a log line."""
+    if found["rate_per_hour"] == "unknown":
+        return f"{found['basis']}: price unknown ({found['why']})"
+    most = found["most"]
+    most = f"{most:.4f} {found['currency']} over its {found['max_runtime_seconds']} s maximum runtime" \
+        if isinstance(most, float) else most
+    return f"{found['basis']}: {found['rate_per_hour']:g} {found['currency']}/h, at most {most}"
+
+
+def handle_cost(spec: StepSpec, max_cost: float | None, spent: float, max_runtime: int | None) -> dict[str, Any]:
+    """What an attempt's handle carries: its price and, under ``max_cost``, the run time its share allows."""
+    price = spec.price
+    return {"price": dataclasses.asdict(price) if price else None, "max_cost": max_cost, "spent_before": spent,
+            "limit_seconds": spec.cost_seconds,
+            # the backend's own runtime limit is max_cost's: its "timed out" is the cost limit
+            "backend_limit_is_cost": spec.cost_seconds is not None and spec.cost_seconds == max_runtime}
+
+
+def price_of(handle: JobHandle) -> Price | None:
+    found = (handle.get("cost") or {}).get("price")
+    return Price(**found) if found else None
+
+
+def charge(handle: JobHandle, details: dict[str, Any], *, ended: float | None = None) -> dict[str, Any] | None:
+    """What the attempt of ``handle`` was billed: the service's billed seconds where it reports them (SageMaker's
+    ``BillableTimeInSeconds``), else its run time rounded as the service bills it; None without a price."""
+    price = price_of(handle)
+    if price is None:
+        return None
+    started = details.get("started_at")
+    billable = details.get("billable_seconds")
+    if billable is not None:
+        seconds = int(billable)
+    elif started:
+        seconds = price.billed_seconds(float(details.get("finished_at") or ended or time.time()) - float(started))
+    else:
+        seconds = 0  # it never started: nothing was billed
+    return {"amount": price.cost(seconds), "currency": price.currency, "billed_seconds": seconds,
+            "rate_per_hour": price.per_hour, "basis": price.basis}
+
+
+def spent(history: list[dict[str, Any]]) -> float:
+    """What the earlier attempts of this try cost (their known charges)."""
+    return round(sum(float((record.get("cost") or {}).get("amount") or 0) for record in history), 6)
+
+
+def total(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sum of attempts' charges, or why there is none: a price was unknown, or they are in several currencies."""
+    charges = [record.get("cost") for record in records]
+    known = [c for c in charges if c and c.get("amount") is not None]
+    currencies = sorted({c["currency"] for c in known})
+    if len(known) < len(charges):
+        return {"amount": "unknown", "why": "the price of an attempt is unknown; give prices in the connection"}
+    if len(currencies) > 1:
+        return {"amount": "mixed", "by_currency": {cur: round(sum(c["amount"] for c in known if c["currency"] == cur),
+                                                              6) for cur in currencies}}
+    return {"amount": round(sum(c["amount"] for c in known), 6), "currency": currencies[0] if currencies else "USD",
+            "billed_seconds": sum(c["billed_seconds"] for c in known)}
