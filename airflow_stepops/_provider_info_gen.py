@@ -52,7 +52,7 @@ def provider_info() -> dict[str, Any]:
                 "version_added": "0.1.0", "type": "boolean", "example": None, "default": "True"}}}},
         "task-decorators": [
             {"name": "step_operator", "class-name": "airflow_stepops.decorators.step_operator.step_operator_task"}],
-        "extra-links": ["airflow_stepops.links.StepJobLink"],
+        "extra-links": ["airflow_stepops.links.StepJobLink", "airflow_stepops.links.StepCostLink"],
         "hooks": modules("hook_class"),
         "operators": modules("operator_class"),
         "triggers": modules("trigger_class"),

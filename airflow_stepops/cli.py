@@ -1,13 +1,15 @@
-"""``stepops``: list, describe and dry-run step operators.
+"""``stepops``: list, describe and dry-run step operators, and add up what steps cost.
 
 - ``stepops list``                      registered step operators, flavor, where credentials come from
 - ``stepops list --check``              the same, and whether each one's service and artifact store answer
 - ``stepops describe NAME``             a step operator's full configuration (defaults included)
-- ``stepops render DAG_ID TASK_ID``     exactly what would be submitted for a task, without submitting
+- ``stepops render DAG_ID TASK_ID``     exactly what would be submitted for a task, and what it may cost
+- ``stepops cost [--by run|dag|task|step_operator|day] [--since 7d] [--dag DAG_ID] [--format table|csv|json]``
+                                        what steps cost, from the job summaries in the metadata database
 
 ``list`` and ``describe`` read configuration only: no network, no cloud SDK, and Airflow itself only when
 connections live somewhere other than environment variables and the metadata database (a secrets
-backend), so they answer in about a second. ``render`` and ``list --check`` need Airflow.
+backend), so they answer in about a second. ``render``, ``cost`` and ``list --check`` need Airflow.
 """
 
 from __future__ import annotations
@@ -317,6 +319,19 @@ def cmd_render(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cost(ns: argparse.Namespace) -> int:
+    from airflow_stepops import ledger
+
+    try:
+        since = ledger.parse_since(ns.since) if ns.since else None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
+    rows = ledger.ledger(list(ledger.charges(ns.dag, since)), ns.by)
+    print(ledger.render(rows, ns.format))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -334,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--run-id", default="render")
     render.add_argument("--map-index", type=int, default=-1)
     render.set_defaults(func=cmd_render)
+    cost = sub.add_parser("cost", help="what steps cost, per DAG run, DAG, task, step operator or day")
+    cost.add_argument("--by", choices=["run", "dag", "task", "step_operator", "day"], default="run",
+                      help="the grouping (default: run)")
+    cost.add_argument("--since", help="charges of attempts that ended since: 2026-12-01, 2026-12-01T08:00, 7d, 12h")
+    cost.add_argument("--dag", help="one DAG's steps only")
+    cost.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    cost.set_defaults(func=cmd_cost)
     return parser
 
 

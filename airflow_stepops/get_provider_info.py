@@ -180,7 +180,7 @@ _INFO: dict[str, Any] = {
         },
     },
     'task-decorators': [{'name': 'step_operator', 'class-name': 'airflow_stepops.decorators.step_operator.step_operator_task'}],
-    'extra-links': ['airflow_stepops.links.StepJobLink'],
+    'extra-links': ['airflow_stepops.links.StepJobLink', 'airflow_stepops.links.StepCostLink'],
     'hooks': [
         {
             'integration-name': 'Step Operators',

@@ -1,4 +1,4 @@
-"""Extra link from a step task to its job in the backend's console."""
+"""Extra links from a step task to its job in the backend's console, and to the billing console its cost shows in."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ class StepJobLink(BaseOperatorLink):
     """Opens the remote job (SageMaker, Vertex, Azure ML, Kubernetes dashboard, Modal...)."""
 
     name = "Step job"
+    key = "console_url"
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
         if getattr(operator, "_handle", None) is None:
@@ -25,5 +26,12 @@ class StepJobLink(BaseOperatorLink):
 
         info = XCom.get_value(ti_key=ti_key, key="stepops_job")
         if isinstance(info, dict):
-            return info.get("console_url") or ""
+            return info.get(self.key) or ""
         return ""
+
+
+class StepCostLink(StepJobLink):
+    """Opens the service's billing console where the step's charges show (the job summary has its cost)."""
+
+    name = "Step cost"
+    key = "cost_url"

@@ -539,6 +539,11 @@ class AzureMLStepOperatorHook(StepOperatorHook):
         session.mount("http://", HTTPAdapter(max_retries=retry))
         return session
 
+    def cost_url(self, handle: JobHandle) -> str | None:
+        cfg = self.config
+        return (f"https://portal.azure.com/#@/resource/subscriptions/{cfg.subscription_id}/resourceGroups/"
+                f"{cfg.resource_group}/costanalysis")
+
     def console_url(self, handle: JobHandle) -> str | None:
         cfg = self.config
         fields = {"job_name": handle["job_id"], "subscription_id": cfg.subscription_id,

@@ -332,6 +332,10 @@ class StepOperatorHook(BaseHook, ABC):
     def console_url(self, handle: JobHandle) -> str | None:
         return None
 
+    def cost_url(self, handle: JobHandle) -> str | None:
+        """The service's billing console, where the job's charges show (None: the service bills nothing itself)."""
+        return None
+
     def collect_output(self, handle: JobHandle) -> None:
         """Bring a finished job's output into the artifact store, for backends that return it
         some other way (the Kubernetes pod log); the operator calls it before reading the result."""

@@ -417,6 +417,9 @@ class ModalStepOperatorHook(StepOperatorHook):
             call_id=handle["job_id"], app_name=handle.get("app_name") or "", environment=handle.get("environment")
             or "", function_id=handle.get("function_id") or "")
 
+    def cost_url(self, handle: JobHandle) -> str | None:
+        return "https://modal.com/settings/usage"
+
     # ---- async (triggerer) --------------------------------------------------------------------
     async def _aclient(self) -> Any:
         """The client, built in a thread: in the triggerer, reading the modal connection on the event loop

@@ -426,6 +426,9 @@ class SageMakerStepOperatorHook(StepOperatorHook):
         return self.config.console_region_url.format(region=handle.get("region") or self.region,
                                                      name=handle["job_id"])
 
+    def cost_url(self, handle: JobHandle) -> str | None:
+        return "https://console.aws.amazon.com/cost-management/home#/cost-explorer"
+
     # ---- async (triggerer) --------------------------------------------------------------------
     async def aget_statuses(self, handles: list[JobHandle]) -> list[JobStatus | BaseException]:
         """SageMaker has no batch describe: one ``ListTrainingJobs`` of the jobs modified since the last

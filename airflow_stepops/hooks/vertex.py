@@ -377,6 +377,9 @@ class VertexStepOperatorHook(StepOperatorHook):
                                                        job_id=handle["job_id"],
                                                        project=handle.get("project") or self.project)
 
+    def cost_url(self, handle: JobHandle) -> str | None:
+        return f"https://console.cloud.google.com/billing/linkedaccount?project={handle.get('project') or self.project}"
+
     # ---- async (triggerer) --------------------------------------------------------------------
     async def _token(self) -> str:
         """A valid access token. The google connection is read, and the token refreshed, in a thread: in

@@ -29,7 +29,7 @@ from airflow_stepops.exceptions import (
     rebuild_remote_error,
 )
 from airflow_stepops.flavors import get_flavor
-from airflow_stepops.links import StepJobLink
+from airflow_stepops.links import StepCostLink, StepJobLink
 from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.runtime.protocol import Env
 from airflow_stepops.settings.step import StepSettings, parse_step_settings
@@ -92,7 +92,7 @@ class StepOperator(BaseOperator):
     template_fields: Sequence[str] = ("op_args", "op_kwargs")
     template_fields_renderers = {"op_args": "py", "op_kwargs": "py"}
     shallow_copy_attrs: Sequence[str] = ("python_callable",)
-    operator_extra_links = (StepJobLink(),)
+    operator_extra_links = (StepJobLink(), StepCostLink())
     ui_color = "#d8e8f8"
     # class-level defaults: per-instance assignment through BaseOperator.__setattr__ costs parse time
     _handle: JobHandle | None = None
@@ -598,7 +598,7 @@ class StepOperator(BaseOperator):
         if started and finished:
             info["run_seconds"] = round(finished - started, 3)
         if final:
-            info.update(self._costs(context, hook, handle, details))
+            info.update(self._costs(context, hook, handle, details), cost_url=hook.cost_url(handle))
             self.log.info("Step job summary: %s", info)
         context["ti"].xcom_push(key=XCOM_JOB_KEY, value=info)
 
