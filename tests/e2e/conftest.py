@@ -79,7 +79,7 @@ import psutil
 import pytest
 
 from . import cloud
-from .harness import harnesses
+from .harness import COST_RUN_SECONDS, PRICES, harnesses
 
 E2E_DIR = Path(__file__).resolve().parent
 DAGS_DIR = E2E_DIR / "dags"
@@ -87,7 +87,7 @@ DAGS_DIR = E2E_DIR / "dags"
 #: step operator connections of the session: (conn id, extras)
 CONNECTIONS = {
     "local_step_operator": {},  # default extras: needed by dags_examples/mixed_pipeline.py
-    "e2e_step_operator": {"environment": {"E2E_FROM_CONN": "from-e2e-connection"}},
+    "e2e_step_operator": {"environment": {"E2E_FROM_CONN": "from-e2e-connection"}, "prices": PRICES},
 }
 #: the kubernetes step operator (registered when the kubernetes extra is installed), its namespace
 #: and the environment its connection gives every step
@@ -572,6 +572,7 @@ def _connections(home: Path, k8s: Any, sm: Any = None, vx: Any = None, az: Any =
             "checkpoint_volume_claim": K8S_CHECKPOINT_CLAIM, "checkpoint_volume_path": home.name,
             # the emulator's one node stands for the on-demand pool too: its zone label selects it
             "on_demand_pod_overrides": {"node_selector": {"topology.kubernetes.io/zone": "emulator-a"}},
+            "prices": PRICES,
             "console_url_template": "https://k8s.example/#/job/{namespace}/{name}"})}
     if sm is not None:
         aws = json.loads(sm.airflow_connection())
@@ -634,7 +635,8 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
         af = AirflowEnv(home=home, env=_session_env(home, api_port, sm, vx, az, md), api_port=api_port, k8s=k8s,
                         sm=sm, vx=vx, az=az, md=md, unavailable=unavailable)
     af.env["STEPOPS_E2E_FLAVORS"] = json.dumps({flavor: {"conn_id": h.conn_id, "preemptible": h.preemptible,
-                                                         "short": h.short_of_capacity}
+                                                         "short": h.short_of_capacity,
+                                                         "max_cost": h.max_cost(COST_RUN_SECONDS)}
                                                 for flavor, h in harnesses(af).items()})
     af.cli("db", "migrate", timeout=300)
     # all step operators in one `airflow connections import` (each CLI call costs seconds)

@@ -17,8 +17,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from airflow_stepops.prices import Price, Prices
+from airflow_stepops.resources import ResourceSettings
+
 K8S_NS = "steps"
 K8S_LABEL = "stepops.airflow.apache.org"
+#: the ``prices`` of the step operators without a price table (local, Kubernetes): 3.6 an hour, 0.001 a second
+PRICES = {"on_demand": {"hour": 3.6}, "spot": {"hour": 1.2}}
+#: the run time the cancel scenario's ``over_budget`` step's max_cost pays for (beyond the least the service bills)
+COST_RUN_SECONDS = 12
 
 
 @dataclass
@@ -34,6 +41,20 @@ class Harness:
     preemptible: dict[str, Any] | None = None
     #: settings a step needs for ``deny_capacity`` to fail it for want of capacity
     short_of_capacity: dict[str, Any] | None = None
+    #: the "Step cost" link of its steps: the service's billing console (None: the service bills nothing itself)
+    cost_link: str | None = None
+
+    def price(self) -> Price:
+        """What an hour of a step with default settings costs on the step operator (its table's price, or the
+        connection's ``PRICES``)."""
+        from airflow_stepops.prices import resource_price
+
+        return resource_price(Prices.model_validate(PRICES), spot=False, cpus=None, memory_gib=None)
+
+    def max_cost(self, seconds: float) -> float:
+        """A ``max_cost`` that pays for ``seconds`` of run time beyond the least the service bills."""
+        price = self.price()
+        return round(float(price.per_hour or 0) * (price.minimum_seconds + seconds) / 3600, 9)
 
     def jobs(self, af: Any, dag_id: str, run_id: str, task_id: str) -> list[str]:
         """Ids of every job of one task instance (any try), oldest first."""
@@ -128,6 +149,12 @@ class SageMaker(Harness):
     def deny_capacity(self, dag_id):  # jobs are named <dag>-<task>-...
         self.emulator.inject("insufficient_capacity", job_prefix=dag_id.replace("_", "-"))
 
+    def price(self):  # the connection's instance_type (tests/e2e/conftest.py)
+        from airflow_stepops.prices import machine_price
+        from airflow_stepops.settings.sagemaker_instances import INSTANCE_TYPES, PRICES
+
+        return machine_price(PRICES, INSTANCE_TYPES["ml.m5.large"], "ml.m5.large", spot=False)
+
 
 class Vertex(Harness):
     def owns(self, job, dag_id, run_id, task_id):  # label values: lower case, at most 63 characters
@@ -145,6 +172,14 @@ class Vertex(Harness):
     def deny_capacity(self, dag_id):
         self.emulator.inject("stockout", after=0.2)
 
+    def price(self):
+        from airflow_stepops.prices import machine_price
+        from airflow_stepops.settings.vertex import VertexStepOperatorSettings
+        from airflow_stepops.settings.vertex_machines import MACHINE_TYPES, PRICES
+
+        name = VertexStepOperatorSettings().machine_for(ResourceSettings(), None).machine_type
+        return machine_price(PRICES, MACHINE_TYPES[name], name, spot=False)
+
 
 class AzureML(Harness):
     def owns(self, job, dag_id, run_id, task_id):
@@ -156,6 +191,14 @@ class AzureML(Harness):
 
     def deny_capacity(self, dag_id):  # Azure ML fails no job for want of capacity; it refuses one over quota
         self.emulator.inject("quota_exceeded")
+
+    def price(self):
+        from airflow_stepops.prices import machine_price
+        from airflow_stepops.settings.azureml import AzureMLStepOperatorSettings
+        from airflow_stepops.settings.azureml_vms import PRICES
+
+        vm = AzureMLStepOperatorSettings().vm_for(ResourceSettings(), None)
+        return machine_price(PRICES, vm, vm.name, spot=False)
 
 
 class Modal(Harness):
@@ -174,6 +217,11 @@ class Modal(Harness):
     def deny_capacity(self, dag_id):  # Modal fails no call for want of capacity: it stays queued (max_queue_seconds)
         self.emulator.inject("slow_start", duration=120)
 
+    def price(self):  # the default reservation
+        from airflow_stepops.settings.modal_prices import function_price
+
+        return function_price({}, None)
+
     def on_demand(self, af, job_id):  # the options of the function the call was made to
         call = self.emulator.job(job_id)
         return next(f for f in self.emulator.functions if f["id"] == call["function_id"])["nonpreemptible"]
@@ -185,17 +233,22 @@ def harnesses(af: Any) -> dict[str, Harness]:
         return {af.cloud.flavor: af.cloud}
     found: dict[str, Harness] = {"local": Local("local", "e2e_step_operator")}
     spot_budget = {"max_runtime_in_seconds": 40, "max_wait_time_in_seconds": 40}
+    vertex = Vertex("vertex", "vx_db_step_operator", preemptible={"use_spot": True}, short_of_capacity={})
+    azure = AzureML("azureml", "az_db_step_operator", preemptible={"job_tier": "Spot"}, short_of_capacity={})
     candidates = [(af.k8s, Kubernetes("kubernetes", "k8s_step_operator",
                                       preemptible={"use_spot": True, "require_checkpoint_dir": True},
                                       short_of_capacity={"unschedulable_timeout_seconds": 2})),
                   (af.sm, SageMaker("sagemaker", "sm_step_operator",
-                                    preemptible={"use_spot_instances": True, **spot_budget}, short_of_capacity={})),
-                  (af.vx, Vertex("vertex", "vx_db_step_operator", preemptible={"use_spot": True},
-                                 short_of_capacity={})),
-                  (af.az, AzureML("azureml", "az_db_step_operator", preemptible={"job_tier": "Spot"},
-                                  short_of_capacity={})),
+                                    preemptible={"use_spot_instances": True, **spot_budget}, short_of_capacity={},
+                                    cost_link="https://console.aws.amazon.com/cost-management/home#/cost-explorer")),
+                  (af.vx, vertex), (af.az, azure),
                   (af.md, Modal("modal", "md_step_operator", preemptible={},
-                                short_of_capacity={"max_queue_seconds": 4}))]
+                                short_of_capacity={"max_queue_seconds": 4}, cost_link="https://modal.com/settings/usage"))]
+    if af.vx is not None:
+        vertex.cost_link = f"https://console.cloud.google.com/billing/linkedaccount?project={af.vx.project}"
+    if af.az is not None:
+        azure.cost_link = (f"https://portal.azure.com/#@/resource/subscriptions/{af.az.config.subscription_id}/"
+                           f"resourceGroups/{af.az.config.resource_group}/costanalysis")
     for emulator, harness in candidates:
         if emulator is not None:
             harness.emulator = emulator

@@ -14,6 +14,8 @@ import json
 import re
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +30,7 @@ import pytest
 from airflow_stepops.flavors import FLAVORS as REGISTRY
 
 from .dags.conformance_dags import CANCEL_POLL
-from .harness import Harness, harnesses
+from .harness import COST_RUN_SECONDS, Harness, harnesses
 from .steps import deferral_settled, task_runner_process, terminal
 
 pytestmark = pytest.mark.slow
@@ -255,6 +257,29 @@ def test_results_reach_xcom_and_downstream_steps(suite, results, flavor):
     # each step ran as one job of the emulator
     for task_id in ("produce", "big", "consume"):
         assert len(run.jobs(task_id)) == 1, (task_id, run.jobs(task_id))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_every_step_records_what_it_cost_and_the_ledger_adds_it_up(suite, results, flavor):
+    run = suite.run_of(results, flavor)
+    af, dag_id, run_id = run.af, run.dag_id, run.run_id
+    billed: dict[str, float] = {}
+    for task_id, map_index in af.task_instances(dag_id, run_id):
+        summary = af.xcom(dag_id, run_id, task_id, key="stepops_job", map_index=map_index)
+        cost, rate = summary["cost"], run.h.price().per_hour
+        assert cost["currency"] == "USD" and cost["rate_per_hour"] == pytest.approx(rate), (task_id, cost)
+        assert cost["amount"] == pytest.approx(rate * cost["billed_seconds"] / 3600, abs=1e-6), (task_id, cost)
+        assert cost["billed_seconds"] >= 1 and summary["cost_url"] == run.h.cost_link, (task_id, summary)
+        (charge,) = summary["charges"]  # one attempt of one try
+        assert (charge["try"], charge["job_id"], charge["amount"]) == (1, summary["job_id"], cost["amount"]), charge
+        billed[task_id] = round(billed.get(task_id, 0.0) + charge["amount"], 6)
+    out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "cost", "--dag", dag_id, "--by", "task",
+                          "--format", "json"], env=af.env, cwd=af.home, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout[out.stdout.index("["):])
+    assert {row["task_id"]: row["amount"] for row in rows} == pytest.approx(billed), rows
+    assert all(row["currency"] == "USD" and not row["unpriced_attempts"] for row in rows), rows
 
 
 def _waited_on_the_worker(run: Run, task_id: str, map_index: int = -1) -> None:
@@ -571,6 +596,7 @@ def cancels(suite: Suite) -> dict[str, Run]:
         run.af.wait_for(stopped, timeout=60, interval=0.1, message=lambda: f"{job} to be stopped\n{run.log()[-3000:]}")
         run.seen["timed"] = run.watch(terminal, task_id="timed")
         run.seen["unserved"] = run.watch(terminal, task_id="unserved")
+        run.seen["over_budget"] = run.watch(terminal, task_id="over_budget")
 
     return suite.drive("cancel", "forever", drive)
 
@@ -794,6 +820,24 @@ def test_the_steps_own_error_on_the_first_step_operator_does_not_fail_over(suite
     assert "ValueError" in seen["types"] and "bad input on the first step operator" in seen["text"], seen
     assert len(run.invocations()) == 1 and len(run.jobs()) <= 1, (run.invocations(), run.jobs())
     assert not suite.harnesses["local"].jobs(run.af, run.dag_id, run.run_id, "raises")  # never on the next one
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_a_step_whose_accrued_cost_reaches_max_cost_is_stopped_with_step_cost_limit_error(suite, cancels, flavor):
+    run = suite.run_of(cancels, flavor)
+    final, log = run.seen["over_budget"], run.log(task_id="over_budget")
+    assert (final["state"], final["try_number"]) == ("failed", 1), log[-3000:]
+    seen = _seen_exception(run, "over_budget")
+    assert "StepCostLimitError" in seen["types"] and "max_cost" in seen["text"], seen
+    jobs = run.jobs("over_budget")  # one job, stopped (a stopped Kubernetes Job is deleted)
+    assert len(jobs) <= 1 and all(run.h.state(run.af, job) in ("cancelled", "gone", "failed") for job in jobs), jobs
+    pid = int((run.folder / "over_budget.pid").read_text())
+    run.af.wait_for(lambda: run.af.process_gone(pid), timeout=30, message=f"{flavor}: the step over budget to stop")
+    summary = run.af.xcom(run.dag_id, run.run_id, "over_budget", key="stepops_job")
+    limit, cost = run.h.max_cost(COST_RUN_SECONDS), summary["cost"]
+    assert 0 < cost["amount"] <= limit and cost["billed_seconds"] > 0, (limit, summary)
+    assert cost["amount"] == pytest.approx(cost["rate_per_hour"] * cost["billed_seconds"] / 3600, abs=1e-6), cost
 
 
 @pytest.mark.timeout(600)

@@ -34,19 +34,26 @@ SETTLED = ("{% if dag_run.conf.get('errors') %}{{ dag_run.conf['errors'] }}/sett
 
 def record_exception(context):
     """on_failure_callback: what the task saw of the remote exception, for the test to read."""
-    from airflow_stepops import RemoteStepError, StepFailedError, StepPreemptedError, StepTimeoutError
+    from airflow_stepops import (
+        RemoteStepError,
+        StepCostLimitError,
+        StepFailedError,
+        StepPreemptedError,
+        StepTimeoutError,
+    )
 
     exc = context["exception"]
     kinds = {"ValueError": ValueError, "RuntimeError": RuntimeError, "RemoteStepError": RemoteStepError,
              "StepFailedError": StepFailedError, "StepTimeoutError": StepTimeoutError,
-             "StepPreemptedError": StepPreemptedError}
+             "StepPreemptedError": StepPreemptedError, "StepCostLimitError": StepCostLimitError}
     seen = {"types": sorted(name for name, cls in kinds.items() if isinstance(exc, cls)), "text": str(exc)}
     out = context["dag_run"].conf["errors"]
     with open(f"{out}/{context['ti'].task_id}.{context['ti'].try_number}.json", "w", encoding="utf-8") as fh:
         json.dump(seen, fh)
 
 
-def conformance(flavor: str, conn_id: str, settings: dict | None, short: dict | None = None) -> None:
+def conformance(flavor: str, conn_id: str, settings: dict | None, short: dict | None = None,
+                max_cost: float | None = None) -> None:
     prefix = f"conformance_{flavor}"
     step = functools.partial(task.step_operator, step_operator=conn_id, poll_interval=POLL)
 
@@ -197,9 +204,21 @@ def conformance(flavor: str, conn_id: str, settings: dict | None, short: dict | 
                 fh.write(str(os.getpid()))
             time.sleep(600)
 
+        @step(max_cost=max_cost, on_failure_callback=record_exception)
+        def over_budget(pid_file, run_id=None):
+            """Runs until its accrued cost reaches max_cost (about 12 s of run time, at the step operator's prices)."""
+            import os
+            import time
+
+            _begin(f"{prefix}_cancel", "over_budget", "", "", run_id)
+            with open(pid_file, "w", encoding="utf-8") as fh:
+                fh.write(str(os.getpid()))
+            time.sleep(600)
+
         forever(MARKER)
         timed("{{ dag_run.conf.get('errors', '') }}/timed.pid")
         unserved("{{ dag_run.conf.get('errors', '') }}/unserved.pid")
+        over_budget("{{ dag_run.conf.get('errors', '') }}/over_budget.pid")
 
     @dag(dag_id=f"{prefix}_preempt", schedule=None, catchup=False, tags=["stepops-conformance"])
     def preempt():
@@ -337,5 +356,5 @@ def default_deferrable(flavors: dict[str, dict]) -> None:
 
 
 for _flavor, _spec in FLAVORS.items():
-    conformance(_flavor, _spec["conn_id"], _spec.get("preemptible"), _spec.get("short"))
+    conformance(_flavor, _spec["conn_id"], _spec.get("preemptible"), _spec.get("short"), _spec.get("max_cost"))
 default_deferrable(FLAVORS)
