@@ -259,7 +259,7 @@ def test_results_reach_xcom_and_downstream_steps(suite, results, flavor):
         assert len(run.jobs(task_id)) == 1, (task_id, run.jobs(task_id))
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_every_step_records_what_it_cost_and_the_ledger_adds_it_up(suite, results, flavor):
     run = suite.run_of(results, flavor)
