@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
@@ -75,22 +76,32 @@ class Prices(BaseModel):
 
 
 @lru_cache(maxsize=32)
-def _read_file(uri: str) -> Prices:
+def _read_file(uri: str, modified: float | None) -> Prices:
+    from pydantic import ValidationError
+
     from airflow_stepops.artifacts import store_path
+    from airflow_stepops.settings.base import format_validation_error
 
     path = store_path(uri if "://" in uri else f"file://{uri}")
     try:
-        data = json.loads(path.read_text())
+        return Prices.model_validate(json.loads(path.read_text()))
+    except ValidationError as err:
+        raise ValueError(format_validation_error(err, f"prices (the price file {uri!r})")) from None
     except (OSError, ValueError) as exc:
         raise ValueError(f"prices: cannot read the price file {uri!r}: {exc}") from None
-    return Prices.model_validate(data)
 
 
 def overrides(value: Prices | str | None) -> Prices | None:
-    """A connection's ``prices``: given inline, or the path (or fsspec URI) of a JSON file of the same shape."""
+    """A connection's ``prices``: given inline, or the path (or fsspec URI) of a JSON file of the same shape (a
+    local file is read again when it changes)."""
     if value is None or isinstance(value, Prices):
         return value
-    return _read_file(value)
+    local = value[len("file://"):] if value.startswith("file://") else None if "://" in value else value
+    try:
+        modified = os.stat(local).st_mtime if local else None
+    except OSError:
+        modified = None
+    return _read_file(value, modified)
 
 
 @dataclass(frozen=True)
@@ -178,6 +189,8 @@ def resource_price(prices: Prices | None, *, spot: bool, cpus: float | None, mem
     if rates is None:
         return Price.missing(f"{where} gives no {capacity} prices (prices.{'spot' if spot else 'on_demand'}: "
                              "cpu_hour, memory_gib_hour, gpu_hour)", basis)
+    if spot and prices is not None and prices.spot is None:
+        basis += " (at on-demand rates: the prices give no spot rates)"
     hourly = rates.hour
     for amount, rate, field, ask in ((cpus, rates.cpu_hour, "cpu_hour", "resources.cpu_count"),
                                      (memory_gib, rates.memory_gib_hour, "memory_gib_hour", "resources.memory")):
@@ -190,5 +203,5 @@ def resource_price(prices: Prices | None, *, spot: bool, cpus: float | None, mem
         if rate is None:
             return Price.missing(f"prices.gpu_hour names no price for {gpu_type or 'any GPU'} (nor '*')", basis)
         hourly += gpus * rate
-    return Price(hourly, prices.currency if prices else "USD", basis, f"{where}'s prices",
+    return Price(hourly, prices.currency if prices else "USD", basis, f"the prices of {where}",
                  increment_seconds=increment_seconds)

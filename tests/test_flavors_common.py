@@ -432,3 +432,145 @@ def test_a_spot_step_that_only_retries_needs_no_on_demand_overrides(k8s_emulator
     _step(["k8s_step_operator"], on_preemption="retry",
           settings={"step_operator.kubernetes": {"use_spot": True}}).check_step_operators(
         StepIdentity("d", "r", "t", -1, 1))
+
+
+# cost ---------------------------------------------------------------------------------------------------------------
+# Every flavor prices a step (its table, or for Kubernetes the connection's prices), refuses a max_cost that cannot pay
+# for the least it bills before anything is submitted, puts the run time max_cost leaves into its request, and its
+# trigger stops the job when that run time is spent ("cost_limit").
+
+#: what the cost tests' steps reserve (Kubernetes prices exactly this)
+COST_RESOURCES = {"cpu_count": 1, "memory": "1GiB"}
+K8S_PRICES = {"on_demand": {"cpu_hour": 0.9, "memory_gib_hour": 0.09}}
+
+
+def _priced_hook(flavor, monkeypatch):
+    """``flavor``'s step operator; Kubernetes' with ``prices`` (a cluster has no list price)."""
+    if flavor == "kubernetes":
+        return make_hook(flavor, "k8s_priced", monkeypatch, prices=K8S_PRICES)
+    return make_hook(flavor)
+
+
+def _cost_step(hook, **kwargs):
+    return _step([hook.step_operator_conn_id], resources=COST_RESOURCES, **kwargs)
+
+
+def _cost_spec(hook, task_id, seconds):
+    from airflow_stepops.resources import ResourceSettings
+
+    return make_spec(hook, sleep_then_return, seconds, task_id=task_id, resources=ResourceSettings(**COST_RESOURCES))
+
+
+@pytest.mark.parametrize("flavor", REMOTE)
+def test_the_estimate_of_a_step_is_its_rate_over_its_maximum_runtime(flavor, emulator, monkeypatch):
+    from airflow_stepops.cost import estimate
+
+    hook = _priced_hook(flavor, monkeypatch)
+    spec = _cost_spec(hook, "estimate", 0)
+    price = hook.price(spec)
+    found = estimate(hook, spec)
+    assert price.per_hour and price.per_hour > 0 and found["rate_per_hour"] == round(price.per_hour, 6), found
+    assert found["currency"] == "USD" and found["basis"] and found["source"], found
+    runtime = found["max_runtime_seconds"]
+    assert runtime == hook.max_runtime(spec), found
+    if runtime is None:  # Kubernetes and Azure ML set no runtime limit of their own
+        assert flavor in ("kubernetes", "azureml") and found["most"] == "unbounded (no maximum runtime)", found
+    else:
+        assert found["most"] == pytest.approx(price.per_hour * price.billed_seconds(runtime) / 3600, abs=1e-6)
+    limit = "timeout" if flavor == "modal" else "max_runtime_in_seconds"
+    spec.settings = get_flavor(flavor).settings_model()(**{limit: 1800})
+    found = estimate(hook, spec)
+    assert found["max_runtime_seconds"] == 1800 and found["most"] == pytest.approx(price.per_hour / 2, abs=1e-6), found
+    if flavor == "kubernetes":
+        assert price.per_hour == pytest.approx(0.9 + 0.09) and "'k8s_priced'" in found["source"]
+
+
+@pytest.mark.parametrize("flavor", REMOTE)
+def test_a_max_cost_too_small_is_refused_before_anything_is_submitted(flavor, emulator, monkeypatch):
+    from airflow_stepops.bundle import StepIdentity
+    from airflow_stepops.exceptions import StepCostLimitError
+
+    hook = _priced_hook(flavor, monkeypatch)
+    before = set(emulator.job_ids)
+    with pytest.raises(StepCostLimitError, match=rf"max_cost=1e-07 does not pay for the least the step can be "
+                                                 rf"billed on step operator '{hook.step_operator_conn_id}'"):
+        _cost_step(hook, max_cost=1e-7).check_step_operators(StepIdentity("d", "r", "cost_refused", -1, 1))
+    assert set(emulator.job_ids) == before
+
+
+def test_an_unpriced_kubernetes_step_operator_refuses_max_cost_naming_the_missing_prices(k8s_emulator):
+    from airflow_stepops.bundle import StepIdentity
+    from airflow_stepops.exceptions import StepCostLimitError
+
+    before = set(k8s_emulator.job_ids)
+    with pytest.raises(StepCostLimitError, match=r"max_cost=5: the price of the step on step operator "
+                                                 r"'k8s_step_operator' is unknown .*no on-demand prices "
+                                                 r"\(prices\.on_demand"):
+        _step(["k8s_step_operator"], max_cost=5, resources=COST_RESOURCES).check_step_operators(
+            StepIdentity("d", "r", "cost_unpriced", -1, 1))
+    assert set(k8s_emulator.job_ids) == before
+
+
+#: flavor -> the run time limit of a submitted job, as its emulator received it
+RUNTIME_LIMITS = {
+    "sagemaker": lambda sm, handle: sm.job(handle["job_id"])["StoppingCondition"]["MaxRuntimeInSeconds"],
+    "vertex": lambda vx, handle: int(vx.job(handle["job_id"])["jobSpec"]["scheduling"]["timeout"].rstrip("s")),
+    "azureml": lambda az, handle: az.job(handle["job_id"])["properties"]["limits"]["timeout"],
+    "kubernetes": lambda k8s, handle: [j["spec"].get("activeDeadlineSeconds") for j in k8s.list_objects(
+        "jobs", "steps", f"{STEP_LABEL}={handle['step']}")],
+    "modal": lambda md, handle: md.function(handle["app_name"], "run_step")["timeout_secs"]}
+#: flavor -> RUNTIME_LIMITS of a job limited to 5 s
+FIVE_SECONDS = {"sagemaker": 5, "vertex": 5, "azureml": "PT5S", "kubernetes": [5], "modal": 5}
+
+
+@pytest.mark.parametrize("flavor", REMOTE)
+def test_a_step_that_spends_its_max_cost_is_stopped_by_the_trigger(flavor, emulator, monkeypatch):
+    import time
+
+    from airflow_stepops.cost import handle_cost
+
+    hook = _priced_hook(flavor, monkeypatch)
+    spec = _cost_spec(hook, "cost_stop", 60)
+    rate = hook.price(spec).per_hour
+    # Azure ML bills at least a minute: no max_cost buys less, so its 5 s are set as the operator would compute them
+    seconds = 60 if flavor == "azureml" else 5
+    max_cost = rate * seconds / 3600 * 1.0001
+    built = _cost_step(hook, max_cost=max_cost).build_spec(hook, spec.identity, [])
+    assert built.cost_seconds == seconds and built.price.per_hour == rate, built
+    spec.price, spec.cost_seconds = built.price, 5
+    assert hook.max_runtime(spec) == 5
+    handle = {**hook.submit(spec), "submitted_at": time.time()}
+    handle["cost"] = handle_cost(spec, max_cost, 0.0, hook.max_runtime(spec))
+    assert RUNTIME_LIMITS[flavor](emulator, handle) == FIVE_SECONDS[flavor]  # the backend's own backstop
+    event = run_trigger(hook, handle)
+    assert event["status"] == "cost_limit", event
+    assert "its accrued cost reached max_cost (5 s of run time)" in event["message"], event
+    details = event["details"]
+    assert 2.5 <= details["finished_at"] - details["started_at"] < 5, details  # 2 s before the limit
+    assert eventually(lambda: _stopped(flavor, emulator, spec, handle), what="the job to be stopped")
+    if flavor != "kubernetes":
+        assert eventually(lambda: emulator.pids(handle["job_id"]) == [], 15, "the step's process to end")
+
+
+@pytest.mark.parametrize("flavor", REMOTE)
+def test_the_charge_of_a_finished_step_is_its_rate_times_its_billed_seconds(flavor, emulator, monkeypatch):
+    from airflow_stepops.cost import charge, handle_cost
+
+    hook = _priced_hook(flavor, monkeypatch)
+    spec = _cost_spec(hook, "cost_charge", 1)
+    spec.price = hook.price(spec)
+    handle = hook.submit(spec)
+    handle["cost"] = handle_cost(spec, None, 0.0, hook.max_runtime(spec))
+    event = run_trigger(hook, handle)
+    assert event["status"] == "succeeded", event
+    charged = charge(handle, event["details"])
+    rate, billed = spec.price.per_hour, charged["billed_seconds"]
+    assert billed > 0 and charged["rate_per_hour"] == rate and charged["currency"] == "USD", charged
+    assert charged["amount"] == round(rate * billed / 3600, 6), charged
+    if flavor == "sagemaker":  # the service's own billed seconds
+        assert billed == emulator.job(handle["job_id"])["BillableTimeInSeconds"] >= 1
+    elif flavor == "azureml":  # at least a minute
+        assert billed == 60
+    else:
+        details = event["details"]
+        assert billed == spec.price.billed_seconds(details["finished_at"] - details["started_at"]) >= 1, details
