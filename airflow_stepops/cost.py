@@ -65,8 +65,9 @@ def charge(handle: JobHandle, details: dict[str, Any], *, ended: float | None = 
     billable = details.get("billable_seconds")
     if billable is not None:
         seconds = int(billable)
-    elif started:
-        seconds = price.billed_seconds(float(details.get("finished_at") or ended or time.time()) - float(started))
+    elif started:  # a job that ran is billed at least one increment (timestamps of a second's resolution may tie)
+        seconds = price.billed_seconds(max(float(details.get("finished_at") or ended or time.time()) - float(started),
+                                           1e-3))
     else:
         seconds = 0  # it never started: nothing was billed
     return {"amount": price.cost(seconds), "currency": price.currency, "billed_seconds": seconds,
