@@ -91,11 +91,13 @@ def _read_file(uri: str, modified: float | None) -> Prices:
         raise ValueError(f"prices: cannot read the price file {uri!r}: {exc}") from None
 
 
-def overrides(value: Prices | str | None) -> Prices | None:
+def overrides(value: Prices | dict[str, Any] | str | None) -> Prices | None:
     """A connection's ``prices``: given inline, or the path (or fsspec URI) of a JSON file of the same shape (a
     local file is read again when it changes)."""
     if value is None or isinstance(value, Prices):
         return value
+    if isinstance(value, dict):
+        return Prices.model_validate(value)
     local = value[len("file://"):] if value.startswith("file://") else None if "://" in value else value
     try:
         modified = os.stat(local).st_mtime if local else None

@@ -21,7 +21,6 @@ from pydantic_core import PydanticCustomError
 
 from airflow_stepops.capacity import CapacityFields
 from airflow_stepops.images import check_image
-from airflow_stepops.prices import Prices
 from airflow_stepops.resources import parse_size
 from airflow_stepops.runtime.protocol import Env
 
@@ -161,7 +160,7 @@ class BaseStepOperatorConfig(_Strict):
         title="Max inline (XCom) result size", default="48KB", description="JSON results up to this size go to XCom "
         "directly; larger become ArtifactRefs.")
 
-    prices: Prices | str | None = Field(
+    prices: dict[str, Any] | str | None = Field(
         title="Prices", default=None, description="Prices for cost estimates, max_cost and the recorded cost, over "
         "the flavor's list prices: {\"currency\": \"USD\", \"discount\": 0.2, \"machines\": {\"<type>\": "
         "{\"on_demand\": 1.2, \"spot\": 0.4}}, \"on_demand\": {\"cpu_hour\": 0.04, \"memory_gib_hour\": 0.005, "
@@ -171,10 +170,18 @@ class BaseStepOperatorConfig(_Strict):
 
     @field_validator("prices")
     @classmethod
-    def _prices_file(cls, value: Prices | str | None) -> Prices | str | None:
+    def _prices(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | str | None:
+        """Checked when the connection is read (``prices.Prices``, imported then: DAG files never need it)."""
         if isinstance(value, str) and not value.strip().lower().endswith(".json"):
             raise ValueError(f"prices: {value!r} is not a JSON file's path or URI; give the prices as an object "
                              "or the path of a .json file")
+        if isinstance(value, dict):
+            from airflow_stepops.prices import Prices
+
+            try:
+                Prices.model_validate(value)
+            except ValidationError as err:
+                raise ValueError(format_validation_error(err, "prices")) from None
         return value
 
     @field_validator("max_result_size", "inline_result_max_size")
