@@ -16,6 +16,7 @@ from airflow_stepops.flavors import get_flavor
 from airflow_stepops.hooks.base import JobState
 from airflow_stepops.hooks.kubernetes_job import STEP_LABEL
 from airflow_stepops.images import python_image, worker_python
+from airflow_stepops.resources import ResourceSettings
 from airflow_stepops.runtime import protocol
 
 from .emulated import eventually
@@ -574,3 +575,36 @@ def test_the_charge_of_a_finished_step_is_its_rate_times_its_billed_seconds(flav
     else:
         details = event["details"]
         assert billed == spec.price.billed_seconds(details["finished_at"] - details["started_at"]) >= 1, details
+
+
+@pytest.mark.parametrize("flavor", ["local", *REMOTE])
+def test_render_shows_the_rate_the_most_an_attempt_can_cost_and_what_max_cost_pays_for(flavor, request, monkeypatch,
+                                                                                       airflow_db):
+    """``stepops render`` of a step with max_cost=50 and a two-hour execution_timeout (tests/dags/cost_steps.py)."""
+    from .dags.cost_steps import ESTIMATED
+
+    emulator = request.getfixturevalue(EMULATORS[flavor]) if flavor != "local" else None
+    if flavor == "modal":
+        request.getfixturevalue("modal_step_operator")
+    hook = _priced_hook(flavor, monkeypatch) if flavor != "local" else make_hook("local", ESTIMATED["local"])
+    body = render(emulator, flavor, "cost_estimates", f"on_{flavor}") if emulator is not None else _render_local()
+    cost = body["cost"]
+    spec = make_spec(hook, int, task_id=f"on_{flavor}", dag_id="cost_estimates", timeout_seconds=7200,
+                     resources=ResourceSettings(cpu_count=1, memory="1GiB"))
+    price = hook.price(spec)
+    rate, spec.cost_seconds = price.per_hour, price.seconds_within(50.0)
+    assert rate and cost["rate_per_hour"] == pytest.approx(rate) and cost["currency"] == "USD", cost
+    runtime = cost["max_runtime_seconds"]
+    assert runtime and runtime == hook.max_runtime(spec), cost  # the limit the request carries (max_cost's too)
+    assert cost["most"] == pytest.approx(rate * runtime / 3600, rel=1e-3, abs=1e-6), cost
+    assert cost["max_cost"]["limit"] == 50.0 and cost["max_cost"]["runtime_within_seconds"] > 0, cost
+
+
+def _render_local():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "render", "cost_estimates", "on_local"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout[out.stdout.index("{"):])

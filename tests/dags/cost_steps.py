@@ -4,8 +4,11 @@ cannot pay for."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from airflow.sdk import DAG, task
 
+HOURS_2 = timedelta(hours=2)
 PRICED = {"step_operator": "priced_local", "poll_interval": 0.2, "resources": {"cpu_count": 1, "memory": "1GiB"}}
 
 with DAG("cost_steps", schedule=None) as cost_steps:
@@ -29,3 +32,18 @@ with DAG("cost_steps", schedule=None) as cost_steps:
     paid()
     stopped()
     refused()
+
+
+#: one step per flavor, for ``stepops render``: its estimate, and the run time its max_cost pays for
+ESTIMATED = {"local": "priced_local", "kubernetes": "k8s_priced", "sagemaker": "sagemaker_step_operator",
+             "vertex": "vertex_step_operator", "azureml": "azureml_step_operator", "modal": "modal_step_operator"}
+
+
+def estimated() -> int:
+    return 1
+
+
+with DAG("cost_estimates", schedule=None) as cost_estimates:
+    for _flavor, _conn in ESTIMATED.items():
+        task.step_operator(task_id=f"on_{_flavor}", step_operator=_conn, max_cost=50.0, execution_timeout=HOURS_2,
+                           resources={"cpu_count": 1, "memory": "1GiB"})(estimated)()
