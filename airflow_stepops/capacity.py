@@ -34,8 +34,8 @@ class CapacityFields(BaseModel):
         default=None, gt=0, description="How long a job may wait for capacity before that counts as a capacity "
         "failure (the next step operator of a list is tried).")
     max_cost: float | None = Field(
-        default=None, gt=0, allow_inf_nan=False, strict=True, description="The most the step may cost, every attempt included, "
-        "in the currency of the step operator's prices: refused before submitting when it cannot fit or its price "
+        default=None, gt=0, allow_inf_nan=False, strict=True, description="The most the step may cost, every attempt and retry "
+        "included, in the currency of the step operator's prices: refused before submitting when it cannot fit or its price "
         "is unknown; stopped (StepCostLimitError) when its accrued cost reaches it.")
 
 

@@ -68,24 +68,56 @@ def charge(handle: JobHandle, details: dict[str, Any], *, ended: float | None = 
     elif started:  # a job that ran is billed at least one increment (timestamps of a second's resolution may tie)
         seconds = price.billed_seconds(max(float(details.get("finished_at") or ended or time.time()) - float(started),
                                            1e-3))
+    elif details.get("start_unknown"):  # the trigger lost track before it saw the job: it may have run
+        return {"amount": None, "currency": price.currency, "billed_seconds": 0, "rate_per_hour": price.per_hour,
+                "basis": price.basis, "why": "whether the job ran is not known"}
     else:
         seconds = 0  # it never started: nothing was billed
-    return {"amount": price.cost(seconds), "currency": price.currency, "billed_seconds": seconds,
-            "rate_per_hour": price.per_hour, "basis": price.basis}
+    found = {"amount": price.cost(seconds), "currency": price.currency, "billed_seconds": seconds,
+             "rate_per_hour": price.per_hour, "basis": price.basis}
+    return found if price.per_hour is not None else {**found, "why": price.unknown}
 
 
-def spent(history: list[dict[str, Any]]) -> float:
-    """What the earlier attempts of this try cost (their known charges)."""
-    return round(sum(float((record.get("cost") or {}).get("amount") or 0) for record in history), 6)
+def attempt_charge(handle: JobHandle, flavor: str, details: dict[str, Any], ended: float) -> dict[str, Any]:
+    """One ended attempt as the ledger keeps it: which job, where, and what it was billed."""
+    billed = charge(handle, details, ended=ended) or {
+        "amount": None, "billed_seconds": 0, "why": "the job's price was not recorded (it was found by its name, "
+        "without a stored handle)"}
+    return {"try": int(handle.get("attached_by_try") or handle.get("try_number") or 1),
+            "attempt": handle.get("attempt", 1), "step_operator": handle.get("conn_id"), "flavor": flavor,
+            "job_id": handle.get("job_id"), "on_demand": bool(handle.get("on_demand")), "ended_at": round(ended, 3),
+            **billed}
 
 
-def total(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The sum of attempts' charges, or why there is none: a price was unknown, or they are in several currencies."""
-    charges = [record.get("cost") for record in records]
-    known = [c for c in charges if c and c.get("amount") is not None]
+def record_charge(store: Any, found: dict[str, Any]) -> list[dict[str, Any]]:
+    """``found`` added to the task instance's charges in the task state store (one per job: a job re-attached by a
+    later try is counted once); every charge kept."""
+    kept = store.get(CHARGES_KEY) if store is not None else None
+    charges = [c for c in (kept if isinstance(kept, list) else []) if isinstance(c, dict)
+               and c.get("job_id") != found.get("job_id")] + [found]
+    if store is not None:
+        store.set(CHARGES_KEY, charges)
+    return charges
+
+
+def stored_charges(store: Any) -> list[dict[str, Any]]:
+    kept = store.get(CHARGES_KEY) if store is not None else None
+    return [c for c in kept if isinstance(c, dict)] if isinstance(kept, list) else []
+
+
+def spent(charges: list[dict[str, Any]]) -> float:
+    """What the attempts so far cost (their known charges)."""
+    return round(sum(float(c.get("amount") or 0) for c in charges), 6)
+
+
+def total(charges: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sum of charges, or why there is none: a price was unknown, or they are in several currencies."""
+    charges = [c for c in charges if c.get("job_id")]  # a refusal at create had no job
+    known = [c for c in charges if c.get("amount") is not None]
     currencies = sorted({c["currency"] for c in known})
     if len(known) < len(charges):
-        return {"amount": "unknown", "why": "the price of an attempt is unknown; give prices in the connection"}
+        why = next((c.get("why") for c in charges if c.get("amount") is None and c.get("why")), None)
+        return {"amount": "unknown", "why": why or "the price of an attempt is unknown; give prices in the connection"}
     if len(currencies) > 1:
         return {"amount": "mixed", "by_currency": {cur: round(sum(c["amount"] for c in known if c["currency"] == cur),
                                                               6) for cur in currencies}}

@@ -200,6 +200,8 @@ def resource_price(prices: Prices | None, *, spot: bool, cpus: float | None, mem
             if not amount:
                 return Price.missing(f"prices.{field} is set but the step reserves none: set {ask}", basis)
             hourly += amount * rate
+        elif amount and rate is None:
+            return Price.missing(f"the step reserves what prices.{field} prices, and it is not given", basis)
     if gpus:
         rate = rates.gpu_hour.get(gpu_type or "", rates.gpu_hour.get("*"))
         if rate is None:

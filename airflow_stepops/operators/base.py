@@ -351,7 +351,7 @@ class StepOperator(BaseOperator):
         if store is not None:  # a worker dying before the job is stored leaves this: the next try looks it up
             store.set(STATE_KEY, cast(Any, {**place, "pending": True, "flavor": hook.flavor}))
         try:
-            handle = self._job_of_this_try(context, hook, identity, preemptions, spent(history))
+            handle = self._job_of_this_try(context, hook, identity, preemptions, spent(self._charges(context, history)))
         except StepCapacityError as exc:
             record = {"attempt": attempt, "step_operator": conn_id, "flavor": hook.flavor, "job_id": None,
                       "outcome": exc.reason, "message": str(exc)[:500]}
@@ -485,6 +485,7 @@ class StepOperator(BaseOperator):
         self._handle = handle
         self._follow_order(handle)
         hook = self.get_hook(handle.get("conn_id"))
+        self._charge(context, hook, handle, details)  # the attempt ended: its charge is kept whatever follows
         following = self._next_attempt(context, hook, event)
         if following is not None:
             return self._wait(context, following)
@@ -575,7 +576,9 @@ class StepOperator(BaseOperator):
         if handle is not None and job_id:
             self._handle = handle
             self.log.warning("The deferral ended without the trigger reporting on job %s: stopping it", job_id)
-            self._cancel_quietly(self.get_hook(handle.get("conn_id")), handle)
+            hook = self.get_hook(handle.get("conn_id"))
+            self._cancel_quietly(hook, handle)
+            self._charge(context, hook, handle, {"start_unknown": True})  # it may have run: counted, unpriced
         if (next_kwargs or {}).get("error") != TRIGGER_TIMEOUT:
             return super().resume_execution(next_method, next_kwargs, context)
         stopped = f"remote job {job_id} was stopped" if job_id else "no stored job to stop"
@@ -599,6 +602,8 @@ class StepOperator(BaseOperator):
             info["run_seconds"] = round(finished - started, 3)
         if final:
             info.update(self._costs(context, hook, handle, details), cost_url=hook.cost_url(handle))
+        elif (charges := self._charges(context, [])):  # a try that ends before its summary still shows them
+            info["charges"] = charges
             self.log.info("Step job summary: %s", info)
         context["ti"].xcom_push(key=XCOM_JOB_KEY, value=info)
 
@@ -607,35 +612,41 @@ class StepOperator(BaseOperator):
         """``cost``: what this try's attempts were billed (the last one's rate and billed time); ``charges``: every
         attempt of every try of the task instance (earlier tries' kept in the task state store), which
         ``stepops cost`` adds up."""
-        from airflow_stepops.cost import CHARGES_KEY, charge, total
+        from airflow_stepops.cost import total
 
-        ended = details.get("finished_at") or time.time()
-        last = {"attempt": handle.get("attempt", 1), "step_operator": hook.step_operator_conn_id, "flavor": hook.flavor,
-                "job_id": handle.get("job_id"), "on_demand": bool(handle.get("on_demand")), "ended_at": round(ended, 3),
-                "cost": charge(handle, details, ended=ended)}
-        attempts = [*(handle.get("history") or []), last]
-        billed: dict[str, Any] = cast("dict[str, Any]", last["cost"] or {})
-        cost = total(attempts) | {k: v for k, v in billed.items() if k in ("rate_per_hour", "basis")}
-        if not billed:
-            cost["why"] = "the job's price was not recorded (it was found by its name, without a stored handle)"
-        elif billed["amount"] is None:
-            cost["why"] = (handle.get("cost") or {}).get("price", {}).get("unknown", "")
+        charges = self._charges(context, handle.get("history") or [], self.__dict__.get("_last_charge"))
         try_number = int(handle.get("attached_by_try") or handle.get("try_number") or 1)
-        mine: list[dict[str, Any]] = [
-            {"try": try_number, **{k: a.get(k) for k in ("attempt", "step_operator", "flavor", "job_id", "on_demand",
-                                                         "ended_at")}, **(a.get("cost") or {})}
-            for a in attempts if a.get("job_id")]
-        store = context.get("task_state_store")  # type: ignore[call-overload]
-        earlier = store.get(CHARGES_KEY) if store is not None else None
-        charges = [c for c in (earlier if isinstance(earlier, list) else [])
-                   if isinstance(c, dict) and c.get("try") != try_number] + mine
-        if store is not None:
-            store.set(CHARGES_KEY, cast(Any, charges))
+        mine = [c for c in charges if c.get("try") == try_number]
+        last = next((c for c in charges if c.get("job_id") == handle.get("job_id")), {})
+        cost = total(mine) | {k: v for k, v in last.items() if k in ("rate_per_hour", "basis")}
         amount = cost.get("amount")
-        self.log.info("Step cost: %s", f"{amount:.6f} {cost['currency']} ({len(attempts)} attempt(s), "
+        self.log.info("Step cost: %s", f"{amount:.6f} {cost['currency']} ({len(mine)} attempt(s), "
                       f"{cost['billed_seconds']} s billed)" if isinstance(amount, float) else f"{amount} "
                       f"({cost.get('why') or cost.get('by_currency')})")
         return {"cost": cost, "charges": charges}
+
+    def _charge(self, context: Context, hook: StepOperatorHook, handle: JobHandle, details: dict[str, Any]) -> None:
+        """Keep the charge of the attempt of ``handle``, which ended, in the task state store."""
+        from airflow_stepops.cost import attempt_charge, record_charge
+
+        found = attempt_charge(handle, hook.flavor, details, float(details.get("finished_at") or time.time()))
+        self.__dict__["_last_charge"] = found
+        record_charge(context.get("task_state_store"), found)  # type: ignore[call-overload]
+
+    @staticmethod
+    def _charges(context: Context, history: list[dict[str, Any]], last: dict[str, Any] | None = None
+                 ) -> list[dict[str, Any]]:
+        """Every ended attempt's charge of the task instance: the task state store's; without one (Airflow < 3.3)
+        this try's: the attempts the handle carries and ``last``."""
+        from airflow_stepops.cost import stored_charges
+
+        store = context.get("task_state_store")  # type: ignore[call-overload]
+        if store is not None:
+            return stored_charges(store)
+        found = [{"try": r.get("try"), **{k: r.get(k) for k in ("attempt", "step_operator", "flavor", "job_id",
+                                                                "on_demand", "ended_at")}, **(r.get("cost") or {})}
+                 for r in history]
+        return [*found, last] if last else found
 
     def _cancel_quietly(self, hook: StepOperatorHook, handle: JobHandle) -> None:
         try:
@@ -709,7 +720,8 @@ def _attempt_record(hook: StepOperatorHook, handle: JobHandle, event: StepEvent)
     ended = details.get("finished_at") or time.time()
     ran_on = {k: v for k, v in details.items() if k not in ("reason", "started_at", "finished_at", "stop_job")
               and isinstance(v, (str, int, float, bool))}
-    return {"attempt": handle.get("attempt", 1), "step_operator": hook.step_operator_conn_id, "flavor": hook.flavor,
+    return {"try": int(handle.get("attached_by_try") or handle.get("try_number") or 1),
+            "attempt": handle.get("attempt", 1), "step_operator": hook.step_operator_conn_id, "flavor": hook.flavor,
             "job_id": handle.get("job_id"), "on_demand": bool(handle.get("on_demand")),
             "outcome": details.get("reason") or event["status"], "message": str(event.get("message") or "")[:500],
             "ran_on": ran_on, "lost_seconds": round(max(ended - began, 0.0), 1) if began else None,

@@ -151,7 +151,8 @@ class StepOperatorTrigger(BaseTrigger):
         self.deadline = deadline
         self.log_cursor = log_cursor
         self.hook_class = hook_class or self.hook_class_path
-        self._started_at: float | None = None  # when the job started, as its status says
+        self._started_at: float | None = None  # when the job started, as its status says (or earliest it could)
+        self._statuses = 0  # statuses this trigger has seen
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -210,8 +211,14 @@ class StepOperatorTrigger(BaseTrigger):
 
     def _event(self, status: str, message: str, tail: deque[str], details: dict[str, Any] | None = None
                ) -> TriggerEvent:
-        event = StepEvent(status=status, message=message, handle=self.handle, log_tail=list(tail),
-                          details=details or {})
+        details = dict(details or {})
+        if self._started_at is not None and not details.get("started_at"):
+            details["started_at"] = self._started_at
+        if status in ("timeout", "error", "cost_limit"):  # the trigger's own word: what it knows of the run
+            details.setdefault("finished_at", time.time())
+            if self._started_at is None and not self._statuses:  # it may have run: its charge is unknown, not 0
+                details["start_unknown"] = True
+        event = StepEvent(status=status, message=message, handle=self.handle, log_tail=list(tail), details=details)
         return TriggerEvent(event)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
@@ -255,11 +262,17 @@ class StepOperatorTrigger(BaseTrigger):
                         return
                     continue
                 errors = 0
+                self._statuses += 1
                 # a job that ran is no longer waiting for capacity, whatever it reports now (a SageMaker spot job
                 # restarting after an interruption is queued again, with its start time)
+                was_queued = self._statuses > 1 and not started
                 started = started or status.state is not JobState.QUEUED or bool(status.details.get("started_at"))
-                if started and cost_seconds is not None and cost_deadline is None:
-                    self._started_at = float(status.details.get("started_at") or time.time())
+                if started and self._started_at is None:
+                    # without the service's start time: now, if this trigger saw it queued; else (a restarted
+                    # triggerer) the earliest it can have started, its submission
+                    self._started_at = float(status.details.get("started_at") or (
+                        time.time() if was_queued else self.handle.get("submitted_at") or time.time()))
+                if self._started_at is not None and cost_seconds is not None and cost_deadline is None:
                     cost_deadline = self._started_at + max(
                         float(cost_seconds) - COST_STOP_MARGIN_SECONDS, 1.0)
                 if max_queue is not None and not started and time.time() - queued_since > max_queue:

@@ -29,9 +29,25 @@ with DAG("cost_steps", schedule=None) as cost_steps:
     def refused() -> None:
         pass
 
+    @task.step_operator(**PRICED, execution_timeout=timedelta(seconds=3))
+    def timed_out() -> None:  # stopped at its execution_timeout: its run is still billed
+        import time
+
+        time.sleep(120)
+
+    @task.step_operator(**PRICED, max_cost=0.0066, retries=1, retry_delay=timedelta(0))  # 6 s
+    def retried() -> None:
+        """Fails after 3 s billed: its retry gets the 3 s left of its budget, and is stopped before it fails."""
+        import time
+
+        time.sleep(2.5)
+        raise ValueError("the step fails")
+
     paid()
     stopped()
     refused()
+    timed_out()
+    retried()
 
 
 #: one step per flavor, for ``stepops render``: its estimate, and the run time its max_cost pays for

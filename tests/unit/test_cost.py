@@ -248,15 +248,17 @@ def test_a_job_that_never_started_costs_nothing_and_one_without_a_price_has_no_c
 
 
 def test_total_of_attempts():
-    usd = {"amount": 0.5, "currency": "USD", "billed_seconds": 10}
-    assert cost.total([{"cost": usd}, {"cost": {**usd, "amount": 0.25}}]) == {
+    usd = {"job_id": "j1", "amount": 0.5, "currency": "USD", "billed_seconds": 10}
+    assert cost.total([usd, {**usd, "job_id": "j2", "amount": 0.25}]) == {
         "amount": 0.75, "currency": "USD", "billed_seconds": 20}
-    assert cost.total([{"cost": usd}, {"cost": None}])["amount"] == "unknown"
-    assert cost.total([{"cost": usd}, {"cost": {**usd, "amount": None}}])["amount"] == "unknown"
-    mixed = cost.total([{"cost": usd}, {"cost": {**usd, "currency": "EUR", "amount": 0.1}}, {"cost": usd}])
+    unknown = cost.total([usd, {**usd, "job_id": "j2", "amount": None, "why": "not in the table"}])
+    assert unknown == {"amount": "unknown", "why": "not in the table"}
+    mixed = cost.total([usd, {**usd, "job_id": "j2", "currency": "EUR", "amount": 0.1}, {**usd, "job_id": "j3"}])
     assert mixed == {"amount": "mixed", "by_currency": {"EUR": 0.1, "USD": 1.0}}
     assert cost.total([]) == {"amount": 0, "currency": "USD", "billed_seconds": 0}
-    assert cost.spent([{"cost": usd}, {"cost": None}, {}]) == 0.5
+    # a step operator that refused the job at create (no job) neither costs nor makes the total unknown
+    assert cost.total([{"job_id": None, "amount": None}, usd])["amount"] == 0.5
+    assert cost.spent([usd, {**usd, "amount": None}, {}]) == 0.5
 
 
 # max_cost and failover_order: bad inputs ---------------------------------------------------------------------
@@ -454,7 +456,8 @@ def test_cost_steps_dag_pays_stops_and_refuses(capfd):
     started = time.time()
     _, tis = _run(cost_steps.cost_steps)
     states = {task_id: ti.state for task_id, ti in tis.items()}
-    assert states == {"paid": "success", "stopped": "failed", "refused": "failed"}, states
+    assert states == {"paid": "success", "stopped": "failed", "refused": "failed", "timed_out": "failed",
+                      "retried": "failed"}, states
     rate = 1 * 3.6 + 1 * 0.36
 
     paid = _xcom(tis["paid"], key="stepops_job")
@@ -483,6 +486,13 @@ def test_cost_steps_dag_pays_stops_and_refuses(capfd):
                and p.stat().st_mtime >= started - 1]
     assert [p.name for p in jobs.iterdir() if p.name.startswith("cost_steps-paid-t1-")], "no job dir of paid"
     assert refused == [], refused
+    timed = _xcom(tis["timed_out"], key="stepops_job")  # stopped by Airflow's timeout: its run is billed all the same
+    assert timed["cost"]["billed_seconds"] >= 3 and timed["cost"]["amount"] > 0, timed
+    retried = _xcom(tis["retried"], key="stepops_job")  # the summary of try 2 lists both tries' charges
+    assert tis["retried"].try_number == 2 and [c["try"] for c in retried["charges"]] == [1, 2], retried
+    first, second = retried["charges"]
+    assert first["billed_seconds"] == 3 and second["billed_seconds"] < 3, retried  # try 2 got what try 1 left
+    assert first["amount"] + second["amount"] <= 0.0066, retried
     out = capfd.readouterr()
     log = out.out + out.err  # the tasks' logs (the failure of each, with its exception)
     assert "StepCostLimitError" in log and "was stopped at max_cost=0.004" in log, log[-3000:]

@@ -70,7 +70,7 @@ def test_stepops_cost_adds_up_the_charges_the_steps_recorded(capsys):
 
     _, tis = _run(cost_steps)
     recorded = {task_id: sum(c["amount"] for c in _xcom(tis[task_id], "stepops_job")["charges"])
-                for task_id in ("paid", "stopped")}
+                for task_id in ("paid", "stopped", "timed_out", "retried")}
     assert all(amount > 0 for amount in recorded.values()), recorded
     capsys.readouterr()  # what the run printed
     assert cli.main(["cost", "--dag", "cost_steps", "--by", "task", "--format", "json"]) == 0
