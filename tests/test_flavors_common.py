@@ -533,9 +533,10 @@ def test_a_step_that_spends_its_max_cost_is_stopped_by_the_trigger(flavor, emula
     hook = _priced_hook(flavor, monkeypatch)
     spec = _cost_spec(hook, "cost_stop", 60)
     rate = hook.price(spec).per_hour
-    # Azure ML bills at least a minute: no max_cost buys less, so its 5 s are set as the operator would compute them
+    # Azure ML bills at least a minute: no max_cost buys less, so its 5 s are set as the operator would compute them;
+    # SageMaker bills up to 120 s to stop a job, which max_cost keeps back
     seconds = 60 if flavor == "azureml" else 5
-    max_cost = rate * seconds / 3600 * 1.0001
+    max_cost = rate * (seconds + hook.stop_billing_seconds) / 3600 * 1.0001
     built = _cost_step(hook, max_cost=max_cost).build_spec(hook, spec.identity, [])
     assert built.cost_seconds == seconds and built.price.per_hour == rate, built
     spec.price, spec.cost_seconds = built.price, 5

@@ -190,6 +190,8 @@ class StepOperatorHook(BaseHook, ABC):
     default_poll_interval: ClassVar[float] = 10.0
     #: first poll delay after a new job; doubles up to the poll interval (cloud APIs: no fast start)
     min_poll_interval: ClassVar[float] = 10.0
+    #: seconds a stopped job may still be billed while the service stops it: ``max_cost`` keeps them in reserve
+    stop_billing_seconds: ClassVar[int] = 0
 
     @property
     def log_settle_seconds(self) -> float:

@@ -104,6 +104,10 @@ class SageMakerStepOperatorHook(StepOperatorHook):
     """Runs steps as SageMaker Training Jobs."""
 
     flavor: ClassVar[str] = "sagemaker"
+    #: "SageMaker sends the algorithm the SIGTERM signal, which delays job termination for 120 seconds", on a stop and
+    #: at MaxRuntimeInSeconds alike (https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_StopTrainingJob.html,
+    #: API_StoppingCondition.html)
+    stop_billing_seconds: ClassVar[int] = 120
     default_poll_interval: ClassVar[float] = 15.0
     min_poll_interval: ClassVar[float] = 2.0
 

@@ -230,10 +230,12 @@ class StepOperator(BaseOperator):
         if not spec.cost_seconds:
             left = f"what is left of max_cost={limit:g} after earlier attempts ({limit - spent:.6f})" if spent \
                 else f"max_cost={limit:g}"
+            stopping = f", and {hook.stop_billing_seconds} s billed while it is stopped" if hook.stop_billing_seconds \
+                else ""
             raise StepCostLimitError(
                 f"{left} does not pay for the least the step can be billed on {where}: "
                 f"{spec.price.basis} at {spec.price.per_hour:g} {spec.price.currency}/h, billed per "
-                f"{spec.price.increment_seconds} s, at least {max(spec.price.minimum_seconds, 1)} s")
+                f"{spec.price.increment_seconds} s, at least {max(spec.price.minimum_seconds, 1)} s{stopping}")
 
     def call_arguments(self, context: Context) -> tuple[list[Any], dict[str, Any]]:
         """Arguments for the callable; the decorated variant adds context-keyed parameters."""
@@ -261,8 +263,9 @@ class StepOperator(BaseOperator):
         spec.on_demand = bool(preemptions) and policy.on_demand_after(preemptions, hook.spot(spec))
         if priced or policy.max_cost is not None:
             spec.price = hook.price(spec)
-        if policy.max_cost is not None and spec.price is not None:
-            spec.cost_seconds = spec.price.seconds_within(policy.max_cost - spent) or None
+        if policy.max_cost is not None and spec.price is not None:  # what the service bills to stop it kept back
+            spec.cost_seconds = max(spec.price.seconds_within(policy.max_cost - spent) - hook.stop_billing_seconds,
+                                    0) or None
         return spec
 
     def write_step_bundle(self, context: Context, hook: StepOperatorHook, identity: StepIdentity,

@@ -52,9 +52,12 @@ class Harness:
         return resource_price(Prices.model_validate(PRICES), spot=False, cpus=None, memory_gib=None)
 
     def max_cost(self, seconds: float) -> float:
-        """A ``max_cost`` that pays for ``seconds`` of run time beyond the least the service bills."""
-        price = self.price()
-        return round(float(price.per_hour or 0) * (price.minimum_seconds + seconds) / 3600, 9)
+        """A ``max_cost`` that pays for ``seconds`` of run time beyond the least the service bills and what it bills
+        to stop a job."""
+        from airflow_stepops.flavors import get_flavor
+
+        price, stopping = self.price(), get_flavor(self.flavor).hook().stop_billing_seconds
+        return round(float(price.per_hour or 0) * (price.minimum_seconds + stopping + seconds) / 3600, 9)
 
     def jobs(self, af: Any, dag_id: str, run_id: str, task_id: str) -> list[str]:
         """Ids of every job of one task instance (any try), oldest first."""
