@@ -309,7 +309,7 @@ class StepOperator(BaseOperator):
 
         store = context.get("task_state_store")  # type: ignore[call-overload]
         identity = StepIdentity.from_context(context, _run_key(store, context))
-        handle = self._earlier_job(_stored_handle(store), identity)
+        handle = self._earlier_job(context, _stored_handle(store), identity)
         if handle is None:
             self.check_step_operators(identity)
             return self._attempt(context, identity, candidate=0, attempt=1, preemptions=0, history=[])
@@ -318,18 +318,20 @@ class StepOperator(BaseOperator):
             store.set(STATE_KEY, cast(Any, handle))
         return handle
 
-    def _earlier_job(self, previous: JobHandle | None, identity: StepIdentity) -> JobHandle | None:
+    def _earlier_job(self, context: Context, previous: JobHandle | None, identity: StepIdentity) -> JobHandle | None:
         """An earlier try's job still worth waiting for: the stored one (or, when the worker died between storing
         an attempt and storing its job, the job of that attempt found by its deterministic name), else (no stored
         handle: Airflow < 3.3, or the worker died between submit and storing it) one found by its name."""
         if previous is not None and previous.get("conn_id") in self.step_operators:
             hook = self.get_hook(previous["conn_id"])
             if previous.get("pending"):
-                found = hook.find_job(identity.for_try(int(previous.get("try_number") or identity.try_number))
-                                      .with_attempt(int(previous.get("attempt") or 1)))
+                attempt = identity.for_try(int(previous.get("try_number") or identity.try_number)).with_attempt(
+                    int(previous.get("attempt") or 1))
+                found = hook.find_job(attempt)
                 if found is None:
                     return None
-                previous = cast("JobHandle", {**{k: v for k, v in previous.items() if k != "pending"}, **found})
+                previous = cast("JobHandle", {**{k: v for k, v in previous.items() if k != "pending"}, **found,
+                                              "cost": self._cost_of(context, hook, attempt, previous)})
             return previous if self._reattachable(hook, previous, allow_succeeded=True) else None
         hook = self.get_hook()
         for try_number in range(identity.try_number - 1, 0, -1):
@@ -337,6 +339,16 @@ class StepOperator(BaseOperator):
             if earlier and self._reattachable(hook, earlier, allow_succeeded=False):
                 return cast("JobHandle", {**earlier, "conn_id": self.step_operator, "candidate": 0, "attempt": 1})
         return None
+
+    def _cost_of(self, context: Context, hook: StepOperatorHook, identity: StepIdentity, place: JobHandle
+                 ) -> dict[str, Any]:
+        """The price of the attempt ``place`` stood for (re-attaching to its job after its worker died before the job
+        was stored), and its share of max_cost, as its submission computed them."""
+        from airflow_stepops.cost import handle_cost, spent
+
+        charges = spent(self._charges(context, place.get("history") or []))
+        spec = self.build_spec(hook, identity, [], int(place.get("preemptions") or 0), charges, priced=True)
+        return handle_cost(spec, self.policy(hook).max_cost, charges, hook.max_runtime(spec))
 
     def _attempt(self, context: Context, identity: StepIdentity, *, candidate: int, attempt: int, preemptions: int,
                  history: list[dict[str, Any]]) -> JobHandle:
