@@ -196,23 +196,26 @@ class StepOperator(BaseOperator):
 
         hooks = [self.get_hook(conn) for conn in self.step_operators]
         self.step_settings.check_flavors({hook.step_operator_conn_id: hook.flavor for hook in hooks})
-        rates: dict[str, float] = {}
+        rates: dict[str, tuple[str, float]] = {}
+        cheapest = self.failover_order == "cheapest" and len(hooks) > 1
         for index, hook in enumerate(hooks):
             policy, spec = self.policy(hook), self.build_spec(hook, identity, [], priced=True)
-            if index:  # the first one's request is built before its bundle is written
+            if index or cheapest:  # the first one's request is built before its bundle is written
                 hook.build_request(spec)
             self.check_cost(hook, spec)
             self.log.info("Cost on step operator %r: %s", hook.step_operator_conn_id, describe(estimate(hook, spec)))
             if spec.price is not None and spec.price.per_hour is not None:
-                rates[hook.step_operator_conn_id] = spec.price.per_hour
+                rates[hook.step_operator_conn_id] = (spec.price.currency, spec.price.per_hour)
             if policy.on_demand_after(policy.retries, hook.spot(spec)):
                 escalated = self.build_spec(hook, identity, [], preemptions=policy.retries, priced=True)
                 hook.check_on_demand(escalated)
                 self.check_cost(hook, escalated)
                 self.log.info("Cost on step operator %r once escalated to on-demand capacity: %s",
                               hook.step_operator_conn_id, describe(estimate(hook, escalated)))
-        if self.failover_order == "cheapest" and len(hooks) > 1:
-            order = sorted(self.step_operators, key=lambda conn: (conn not in rates, rates.get(conn, 0.0)))
+        if cheapest:  # those without a price, or priced in another currency than the first priced one, last
+            currency = next((rates[conn][0] for conn in self.step_operators if conn in rates), "")
+            order = sorted(self.step_operators, key=lambda conn: (rates.get(conn, ("", 0.0))[0] != currency,
+                                                                  rates.get(conn, ("", 0.0))[1]))
             self.log.info("Step operators in the order of their prices for the step: %s", ", ".join(order))
             object.__setattr__(self, "step_operators", order)
 

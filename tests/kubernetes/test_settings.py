@@ -123,13 +123,22 @@ def test_pvc_store_needs_the_worker_mount_path():
         KubernetesStepOperatorConfig(inline_transfer_max_size="4MiB")
 
 
-def test_active_deadline_from_max_runtime_and_execution_timeout():
-    from airflow_stepops.hooks.kubernetes_job import TIMEOUT_BACKSTOP_SECONDS, active_deadline
+def test_active_deadline_from_max_runtime_execution_timeout_and_max_cost():
+    from airflow_stepops.hooks.base import StepSpec
+    from airflow_stepops.hooks.kubernetes import KubernetesStepOperatorHook
+    from airflow_stepops.hooks.kubernetes_job import TIMEOUT_BACKSTOP_SECONDS
 
-    assert active_deadline(KubernetesStepOperatorSettings(), None) is None
-    assert active_deadline(KubernetesStepOperatorSettings(max_runtime_in_seconds=600), None) == 600
-    assert active_deadline(KubernetesStepOperatorSettings(), 99.5) == 100 + TIMEOUT_BACKSTOP_SECONDS
-    assert active_deadline(KubernetesStepOperatorSettings(max_runtime_in_seconds=600), 30) == 30 + TIMEOUT_BACKSTOP_SECONDS
+    def deadline(timeout=None, cost_seconds=None, **settings):
+        spec = StepSpec(identity=None, bundle_uri="", output_uri="", resources=None,
+                        settings=KubernetesStepOperatorSettings(**settings), timeout_seconds=timeout,
+                        cost_seconds=cost_seconds)
+        return KubernetesStepOperatorHook.max_runtime(None, spec)
+
+    assert deadline() is None
+    assert deadline(max_runtime_in_seconds=600) == 600
+    assert deadline(99.5) == 100 + TIMEOUT_BACKSTOP_SECONDS
+    assert deadline(30, max_runtime_in_seconds=600) == 30 + TIMEOUT_BACKSTOP_SECONDS
+    assert deadline(30, cost_seconds=20, max_runtime_in_seconds=600) == 20  # what max_cost leaves the attempt
 
 
 def test_without_credentials_the_cncf_default_connection_is_used():
