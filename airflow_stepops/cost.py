@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow_stepops.prices import Price
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
 #: task_state_store key of the charges of the task instance's earlier tries (XComs do not outlive a try)
 CHARGES_KEY = "stepops_charges"
+_T = TypeVar("_T")
 
 
 def estimate(hook: StepOperatorHook, spec: StepSpec) -> dict[str, Any]:
@@ -89,25 +91,35 @@ def attempt_charge(handle: JobHandle, flavor: str, details: dict[str, Any], ende
             **billed}
 
 
+def _in_store(call: Callable[[], _T]) -> _T:
+    """A task state store call. Airflow's in-process runner (``airflow dags test``) unsets its supervisor comms
+    while it serves another thread's request (``InProcessSupervisorComms.send``), and a call landing then fails to
+    import them: it is made again."""
+    for _ in range(49):
+        try:
+            return call()
+        except ImportError:
+            time.sleep(0.02)
+    return call()
+
+
 def record_charge(store: Any, found: dict[str, Any]) -> list[dict[str, Any]]:
     """``found`` added to the task instance's charges in the task state store (one per job: a job re-attached by a
     later try is counted once); every charge kept."""
-    kept = store.get(CHARGES_KEY) if store is not None else None
-    charges = [c for c in (kept if isinstance(kept, list) else []) if isinstance(c, dict)
-               and c.get("job_id") != found.get("job_id")] + [found]
+    charges = [c for c in stored_charges(store) if c.get("job_id") != found.get("job_id")] + [found]
     if store is not None:
-        store.set(CHARGES_KEY, charges)
+        _in_store(lambda: store.set(CHARGES_KEY, charges))
     return charges
 
 
 def stored_charges(store: Any) -> list[dict[str, Any]]:
-    kept = store.get(CHARGES_KEY) if store is not None else None
+    kept = _in_store(lambda: store.get(CHARGES_KEY)) if store is not None else None
     return [c for c in kept if isinstance(c, dict)] if isinstance(kept, list) else []
 
 
 def spent(charges: list[dict[str, Any]]) -> float:
     """What the attempts so far cost (their known charges)."""
-    return round(sum(float(c.get("amount") or 0) for c in charges), 6)
+    return round(sum(float(c.get("amount") or 0) for c in charges), 9)
 
 
 def total(charges: list[dict[str, Any]]) -> dict[str, Any]:
@@ -120,6 +132,6 @@ def total(charges: list[dict[str, Any]]) -> dict[str, Any]:
         return {"amount": "unknown", "why": why or "the price of an attempt is unknown; give prices in the connection"}
     if len(currencies) > 1:
         return {"amount": "mixed", "by_currency": {cur: round(sum(c["amount"] for c in known if c["currency"] == cur),
-                                                              6) for cur in currencies}}
-    return {"amount": round(sum(c["amount"] for c in known), 6), "currency": currencies[0] if currencies else "USD",
+                                                              9) for cur in currencies}}
+    return {"amount": round(sum(c["amount"] for c in known), 9), "currency": currencies[0] if currencies else "USD",
             "billed_seconds": sum(c["billed_seconds"] for c in known)}

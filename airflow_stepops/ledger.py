@@ -72,7 +72,7 @@ def ledger(found: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
         if currency is None:
             row["unpriced_attempts"] += 1
         else:
-            row["amount"] = round(row["amount"] + float(charge["amount"]), 6)
+            row["amount"] = round(row["amount"] + float(charge["amount"]), 9)
     return sorted(rows.values(), key=lambda r: tuple(str(r[k]) for k in (*keys, "currency")))
 
 

@@ -130,7 +130,7 @@ class Price:
         return max(math.ceil(seconds / step - 1e-9) * step, self.minimum_seconds)
 
     def cost(self, billed_seconds: float) -> float | None:
-        return None if self.per_hour is None else round(self.per_hour * billed_seconds / 3600, 6)
+        return None if self.per_hour is None else round(self.per_hour * billed_seconds / 3600, 9)
 
     def seconds_within(self, budget: float) -> int:
         """The longest billed run time that costs at most ``budget`` (0: not even the minimum charge fits)."""

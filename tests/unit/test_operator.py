@@ -258,8 +258,19 @@ def test_a_succeeded_job_whose_output_the_backend_cannot_return_fails_with_the_b
         op.execute_complete({}, {"status": "succeeded", "handle": handle})
 
 
+class StateStore(dict):
+    """The task state store's interface (``context["task_state_store"]``), in memory."""
+
+    def set(self, key, value, **_):
+        self[key] = value
+
+    def delete(self, key):
+        self.pop(key, None)
+
+
 def test_airflow_trigger_timeout_stops_the_job_and_raises_step_timeout_error(tmp_path):
     """Airflow resumes a task whose trigger timeout passed into ``__fail__`` and calls no trigger on_kill."""
+    from airflow_stepops.cost import CHARGES_KEY
     from airflow_stepops.exceptions import StepTimeoutError
     from airflow_stepops.hooks.base import JobState
     from airflow_stepops.operators.base import STATE_KEY
@@ -273,10 +284,12 @@ def test_airflow_trigger_timeout_stops_the_job_and_raises_step_timeout_error(tmp
     wait_running(hook, handle)
     op = LocalStepOperator(task_id="t", python_callable=lambda: 1, queue="gpu")
     op._hook = hook  # a fresh operator, as in the worker Airflow starts to fail the task: no handle in memory
-    store = {STATE_KEY: {**handle, "attached_by_try": 1}}
+    store = StateStore({STATE_KEY: {**handle, "attached_by_try": 1}})
     with pytest.raises(StepTimeoutError, match=rf"trigger timeout.*'gpu'.*job {handle['job_id']} was stopped"):
         op.resume_execution("__fail__", {"error": "Trigger timeout"}, {"task_state_store": store})
     assert wait_terminal(hook, handle, timeout=15).state is JobState.CANCELLED
+    (charge,) = store[CHARGES_KEY]  # whether it ran is not known here: counted, not priced as nothing
+    assert charge["job_id"] == handle["job_id"] and charge["amount"] is None, charge
 
 
 def test_a_crashed_trigger_stops_the_job_and_keeps_airflows_error(tmp_path):
@@ -296,7 +309,7 @@ def test_a_crashed_trigger_stops_the_job_and_keeps_airflows_error(tmp_path):
     op._hook = hook
     with pytest.raises(TaskDeferralError, match="Trigger failure"):
         op.resume_execution("__fail__", {"error": "Trigger failure", "traceback": ["boom"]},
-                            {"task_state_store": {STATE_KEY: handle}})
+                            {"task_state_store": StateStore({STATE_KEY: handle})})
     assert wait_terminal(hook, handle, timeout=15).state is JobState.CANCELLED
 
 
