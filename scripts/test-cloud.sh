@@ -13,6 +13,6 @@ case " $FLAVORS " in
 esac
 shift
 UV=$(scripts/ensure-uv.sh)
-"$UV" sync --frozen --quiet --extra kubernetes --extra aws --extra gcp --extra azure --extra modal
+"$UV" sync --frozen --quiet --extra kubernetes --extra aws --extra gcp --extra azure --extra modal --extra openlineage
 # tests/e2e/cloud.py reads the flavor's variables; the Airflow processes get only what it passes on
 STEPOPS_CLOUD_FLAVOR="$FLAVOR" "$UV" run --frozen pytest tests/e2e/test_conformance.py "$@"

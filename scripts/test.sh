@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 unset STEPOPS_CLOUD_FLAVOR  # make test always runs the emulators (make test-cloud sets it)
 UV=$(scripts/ensure-uv.sh)
-"$UV" sync --frozen --quiet --extra kubernetes --extra aws --extra gcp --extra azure --extra modal
+"$UV" sync --frozen --quiet --extra kubernetes --extra aws --extra gcp --extra azure --extra modal --extra openlineage
 # Azurite (the Azure ML emulator's blob storage) comes from npm, pinned in package-lock.json
 if [ ! -x node_modules/.bin/azurite-blob ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   command -v npm >/dev/null 2>&1 || { echo "npm is needed for the Azure ML emulator (Azurite): install Node.js 20+"; exit 1; }

@@ -46,6 +46,7 @@ class JobHandle(_JobKeys, total=False):
     history: list[dict[str, Any]]  # set by the operator: the attempts before this one, for the summary
     cost: dict[str, Any]  # set by the operator: the attempt's price and its share of max_cost (cost.AttemptCost)
     order: list[str]  # set by the operator: the step operators in the order they are tried
+    inputs: list[str]  # set by the operator: the URIs of the artifacts the step reads (lineage)
     max_queue_seconds: float | None  # the trigger stops a job queued longer (no service mechanism for it)
     spot: bool
     instance_type: str | None

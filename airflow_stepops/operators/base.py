@@ -402,7 +402,8 @@ class StepOperator(BaseOperator):
             self.log.info("Job %s of this try already exists: re-attaching", found.get("job_id"))
             return cast("JobHandle", {**found, "cost": cost})
         # the hook puts max_queue_seconds in the handle where the trigger, not the service, enforces it
-        handle = {**hook.submit(spec), "submitted_at": time.time(), "on_demand": spec.on_demand, "cost": cost}
+        handle = {**hook.submit(spec), "submitted_at": time.time(), "on_demand": spec.on_demand, "cost": cost,
+                  "inputs": [ref.uri for ref in spec.refs]}  # for lineage
         self.log.info("Submitted step %s to %s step operator %r as job %s%s", self.task_label, hook.flavor,
                       hook.step_operator_conn_id, handle.get("job_id"),
                       f" (attempt {identity.attempt}{', on-demand' if spec.on_demand else ''})"
@@ -533,6 +534,10 @@ class StepOperator(BaseOperator):
                           _summary(outcome.value))
             self._record(context, hook, handle, details)
             self._forget_job(context)  # a cleared task must run again, not re-use this job
+            from airflow_stepops.artifacts import ArtifactRef
+
+            self.__dict__["_result_uri"] = outcome.value.uri if isinstance(outcome.value, ArtifactRef) \
+                else handle["output_uri"]
             return outcome.value
         self._record(context, hook, handle, details)
         message = event.get("message") or ""
@@ -665,6 +670,28 @@ class StepOperator(BaseOperator):
                                                                 "on_demand", "ended_at")}, **(r.get("cost") or {})}
                  for r in history]
         return [*found, last] if last else found
+
+    # ---- OpenLineage (read by its provider, when installed) ----------------------------------
+    def _channels(self) -> list[str]:
+        """Data a step's settings hand its job directly (SageMaker's ``input_channels``)."""
+        return [uri for settings in self.step_settings.by_flavor.values()
+                for uri in (getattr(settings, "input_channels", None) or {}).values()]
+
+    def get_openlineage_facets_on_start(self) -> Any:
+        from airflow_stepops.lineage import operator_lineage
+
+        return operator_lineage(None, inputs=self._channels())
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        from airflow_stepops.lineage import operator_lineage
+
+        result = self.__dict__.get("_result_uri")
+        return operator_lineage(self._handle, inputs=self._channels(), outputs=[result] if result else [])
+
+    def get_openlineage_facets_on_failure(self, task_instance: Any) -> Any:
+        from airflow_stepops.lineage import operator_lineage
+
+        return operator_lineage(self._handle, inputs=self._channels())
 
     def _cancel_quietly(self, hook: StepOperatorHook, handle: JobHandle) -> None:
         try:
