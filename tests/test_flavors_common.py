@@ -568,7 +568,7 @@ def test_the_charge_of_a_finished_step_is_its_rate_times_its_billed_seconds(flav
     charged = charge(handle, event["details"])
     rate, billed = spec.price.per_hour, charged["billed_seconds"]
     assert billed > 0 and charged["rate_per_hour"] == rate and charged["currency"] == "USD", charged
-    assert charged["amount"] == round(rate * billed / 3600, 6), charged
+    assert charged["amount"] == round(rate * billed / 3600, 9), charged
     if flavor == "sagemaker":  # the service's own billed seconds
         assert billed == emulator.job(handle["job_id"])["BillableTimeInSeconds"] >= 1
     elif flavor == "azureml":  # at least a minute

@@ -273,7 +273,7 @@ def test_every_step_records_what_it_cost_and_the_ledger_adds_it_up(suite, result
         assert cost["billed_seconds"] >= 1 and summary["cost_url"] == run.h.cost_link, (task_id, summary)
         (charge,) = summary["charges"]  # one attempt of one try
         assert (charge["try"], charge["job_id"], charge["amount"]) == (1, summary["job_id"], cost["amount"]), charge
-        billed[task_id] = round(billed.get(task_id, 0.0) + charge["amount"], 6)
+        billed[task_id] = round(billed.get(task_id, 0.0) + charge["amount"], 9)
     out = subprocess.run([sys.executable, "-m", "airflow_stepops.cli", "cost", "--dag", dag_id, "--by", "task",
                           "--format", "json"], env=af.env, cwd=af.home, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
