@@ -148,7 +148,7 @@ MD_ENVIRONMENT = "main"
 MD_APP_NAME = "stepops-e2e"
 MD_CONN_ENVIRONMENT = {"E2E_FROM_CONN": "from-md-connection"}
 #: the conformance DAGs of each flavor (tests/e2e/dags/conformance_dags.py), which the services must have parsed
-CONFORMANCE_SCENARIOS = ("results", "errors", "reattach", "cancel")  # and "preempt" where a flavor has it
+CONFORMANCE_SCENARIOS = ("results", "errors", "reattach", "cancel", "cost")  # and "preempt" where a flavor has it
 
 _LAST_SERVICES_USER: list[str] = []  # node id of the last test that uses the live services
 

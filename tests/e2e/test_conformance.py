@@ -596,9 +596,17 @@ def cancels(suite: Suite) -> dict[str, Run]:
         run.af.wait_for(stopped, timeout=60, interval=0.1, message=lambda: f"{job} to be stopped\n{run.log()[-3000:]}")
         run.seen["timed"] = run.watch(terminal, task_id="timed")
         run.seen["unserved"] = run.watch(terminal, task_id="unserved")
-        run.seen["over_budget"] = run.watch(terminal, task_id="over_budget")
 
     return suite.drive("cancel", "forever", drive)
+
+
+@pytest.fixture(scope="module")
+def costs(suite: Suite) -> dict[str, Run]:
+    def drive(run: Run) -> None:
+        run.trigger()
+        run.seen["over_budget"] = run.watch(terminal)
+
+    return suite.drive("cost", "over_budget", drive)
 
 
 @pytest.mark.timeout(600)
@@ -824,8 +832,8 @@ def test_the_steps_own_error_on_the_first_step_operator_does_not_fail_over(suite
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("flavor", FLAVORS)
-def test_a_step_whose_accrued_cost_reaches_max_cost_is_stopped_with_step_cost_limit_error(suite, cancels, flavor):
-    run = suite.run_of(cancels, flavor)
+def test_a_step_whose_accrued_cost_reaches_max_cost_is_stopped_with_step_cost_limit_error(suite, costs, flavor):
+    run = suite.run_of(costs, flavor)
     final, log = run.seen["over_budget"], run.log(task_id="over_budget")
     assert (final["state"], final["try_number"]) == ("failed", 1), log[-3000:]
     seen = _seen_exception(run, "over_budget")

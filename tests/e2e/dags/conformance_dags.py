@@ -204,20 +204,24 @@ def conformance(flavor: str, conn_id: str, settings: dict | None, short: dict | 
                 fh.write(str(os.getpid()))
             time.sleep(600)
 
+        forever(MARKER)
+        timed("{{ dag_run.conf.get('errors', '') }}/timed.pid")
+        unserved("{{ dag_run.conf.get('errors', '') }}/unserved.pid")
+
+    @dag(dag_id=f"{prefix}_cost", schedule=None, catchup=False, tags=["stepops-conformance"])
+    def cost():
+        """Runs until its accrued cost reaches max_cost (about 12 s of run time, at the step operator's prices)."""
+
         @step(max_cost=max_cost, on_failure_callback=record_exception)
         def over_budget(pid_file, run_id=None):
-            """Runs until its accrued cost reaches max_cost (about 12 s of run time, at the step operator's prices)."""
             import os
             import time
 
-            _begin(f"{prefix}_cancel", "over_budget", "", "", run_id)
+            _begin(f"{prefix}_cost", "over_budget", "", "", run_id)
             with open(pid_file, "w", encoding="utf-8") as fh:
                 fh.write(str(os.getpid()))
             time.sleep(600)
 
-        forever(MARKER)
-        timed("{{ dag_run.conf.get('errors', '') }}/timed.pid")
-        unserved("{{ dag_run.conf.get('errors', '') }}/unserved.pid")
         over_budget("{{ dag_run.conf.get('errors', '') }}/over_budget.pid")
 
     @dag(dag_id=f"{prefix}_preempt", schedule=None, catchup=False, tags=["stepops-conformance"])
@@ -323,7 +327,7 @@ def conformance(flavor: str, conn_id: str, settings: dict | None, short: dict | 
 
         owned()
 
-    for factory in (results, errors, reattach, cancel) + ((preempt, budget, between) if settings is not None else ()):
+    for factory in (results, errors, reattach, cancel, cost) + ((preempt, budget, between) if settings is not None else ()):
         factory()
     if short is not None:
         failover_dags()
