@@ -36,6 +36,7 @@ from .steps import deferral_settled, task_runner_process, terminal
 pytestmark = pytest.mark.slow
 
 FLAVORS = tuple(REGISTRY)  # every registered flavor; one without a harness here is skipped
+COST_LATE_SECONDS = 5  # how late a max_cost stop may come on a loaded 2-core machine (see docs/limitations.md)
 LINES = 40  # remote log lines the results scenario streams while deferred
 LATE_EVERY, LATE_SECONDS = 3, 1.0  # every third line reaches the log service a second late, where it can
 _WRITES = threading.Lock()  # one API write at a time: SQLite answers concurrent ones "database is locked"
@@ -844,7 +845,9 @@ def test_a_step_whose_accrued_cost_reaches_max_cost_is_stopped_with_step_cost_li
     run.af.wait_for(lambda: run.af.process_gone(pid), timeout=30, message=f"{flavor}: the step over budget to stop")
     summary = run.af.xcom(run.dag_id, run.run_id, "over_budget", key="stepops_job")
     limit, cost = run.h.max_cost(COST_RUN_SECONDS), summary["cost"]
-    assert 0 < cost["amount"] <= limit and cost["billed_seconds"] > 0, (limit, summary)
+    # the trigger learns of the start at a poll: under load the stop may come a few seconds past the limit
+    late = cost["rate_per_hour"] * COST_LATE_SECONDS / 3600
+    assert 0 < cost["amount"] <= limit + late and cost["billed_seconds"] > 0, (limit, summary)
     assert cost["amount"] == pytest.approx(cost["rate_per_hour"] * cost["billed_seconds"] / 3600, abs=1e-6), cost
 
 
